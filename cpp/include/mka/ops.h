@@ -1,0 +1,59 @@
+// Device-dispatching entry points of the four ops (SPEC §3). Each validates its inputs with
+// the shared routine of problem.h, then runs the CPU kernel or the CUDA launcher.
+// Outputs are allocated by the caller. Gradient outputs must arrive zero-filled: backward
+// kernels add into them (this lets levels and heads accumulate without extra buffers).
+#pragma once
+#include <optional>
+
+#include "mka/problem.h"
+
+namespace mka {
+
+void attention_forward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
+                       const AttnOptions& o, const TensorRef& out, const TensorRef& lse,
+                       void* stream);
+void attention_backward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
+                        const AttnOptions& o, const TensorRef& out, const TensorRef& lse,
+                        const TensorRef& dout, const TensorRef& dq, const TensorRef& dk,
+                        const TensorRef& dv, void* stream);
+
+void route_fuse_forward(const TensorRef& k, const TensorRef& v, const RouteInputs& r,
+                        const TensorRef& k_fused, const TensorRef& v_fused,
+                        const TensorRef& k_state_out, const TensorRef& v_state_out,
+                        void* stream);
+// dk_state_out / dv_state_out: incoming gradients of the returned states (may be absent).
+void route_fuse_backward(const TensorRef& k, const TensorRef& v, const RouteInputs& r,
+                         const TensorRef& dk_fused, const TensorRef& dv_fused,
+                         const TensorRef& dk_state_out, const TensorRef& dv_state_out,
+                         const TensorRef& dk, const TensorRef& dv, const RouteGrads& g,
+                         void* stream);
+
+void fastmka_forward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
+                     const RouteInputs& r, const AttnOptions& o, const TensorRef& out,
+                     const TensorRef& lse, const TensorRef& k_state_out,
+                     const TensorRef& v_state_out, void* stream);
+void fastmka_backward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
+                      const RouteInputs& r, const AttnOptions& o, const TensorRef& out,
+                      const TensorRef& lse, const TensorRef& dout,
+                      const TensorRef& dk_state_out, const TensorRef& dv_state_out,
+                      const TensorRef& dq, const TensorRef& dk, const TensorRef& dv,
+                      const RouteGrads& g, void* stream);
+
+// mka: r.k3/v3 unused; memory tokens mem_k/mem_v (B, M, G, d) iff L == 3.
+// o_levels (L, B, Tq, H, d) and lse_levels (L, B, H, Tq) keep each level for backward.
+void mka_forward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
+                 const RouteInputs& r, const TensorRef& mem_k, const TensorRef& mem_v,
+                 const AttnOptions& o, const TensorRef& out, const TensorRef& o_levels,
+                 const TensorRef& lse_levels, const TensorRef& k_state_out,
+                 const TensorRef& v_state_out, void* stream);
+void mka_backward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
+                  const RouteInputs& r, const TensorRef& mem_k, const TensorRef& mem_v,
+                  const AttnOptions& o, const TensorRef& o_levels, const TensorRef& lse_levels,
+                  const TensorRef& dout, const TensorRef& dk_state_out,
+                  const TensorRef& dv_state_out, const TensorRef& dq, const TensorRef& dk,
+                  const TensorRef& dv, const TensorRef& dmem_k, const TensorRef& dmem_v,
+                  const RouteGrads& g, void* stream);
+
+bool built_with_cuda();
+
+}  // namespace mka

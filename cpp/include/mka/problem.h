@@ -1,0 +1,79 @@
+// Problem descriptors for the four ops of SPEC §3 and the single validation routine
+// every backend (CPU, CUDA) runs before touching memory.
+#pragma once
+#include <algorithm>
+#include <initializer_list>
+#include <optional>
+
+#include "mka/tensor.h"
+
+namespace mka {
+
+// Shapes shared by all ops: q (B,Tq,H,d); k, v (B,Tk,G,d).
+struct AttentionProblem {
+  int64_t B = 0, Tq = 0, Tk = 0, H = 0, G = 0, d = 0;
+  bool causal = true;
+  double scale = 1.0;
+  int64_t window = -1;  // -1: no window
+  DType dtype = DType::f32;
+  Device device = Device::cpu;
+
+  int64_t group() const { return H / G; }
+  // Bottom-right alignment: query row i sees key j iff lo(i) <= j < hi(i).
+  int64_t key_hi(int64_t i) const { return causal ? std::min(Tk, i + (Tk - Tq) + 1) : Tk; }
+  int64_t key_lo(int64_t i) const {
+    return window > 0 ? std::max<int64_t>(0, i + (Tk - Tq) - window + 1) : 0;
+  }
+};
+
+// EMA + routing over key/value sequences (B,T,G,d), lam (B,T,L).
+struct RouteProblem {
+  int64_t B = 0, T = 0, G = 0, d = 0, L = 2;
+  double beta = 0.0;
+  bool has_state = false;
+  DType dtype = DType::f32;
+  Device device = Device::cpu;
+};
+
+// The dtype of EMA states and softmax statistics for a given input dtype:
+// float32, or float64 when the inputs are float64.
+DType stats_dtype(DType input);
+
+struct AttnOptions {
+  bool causal = true;
+  std::optional<double> scale;
+  std::optional<int64_t> window;
+};
+
+// The routing inputs of route_fuse / fastmka (key side) and mka (query side).
+struct RouteInputs {
+  TensorRef lam;                 // (B, T, L)
+  double beta = 0.0;
+  TensorRef k3, v3;              // route_fuse / fastmka: L3 vectors (B, Tk, G, d) iff L == 3
+  TensorRef k_state, v_state;    // optional EMA states (B, G, d)
+};
+
+struct RouteGrads {
+  TensorRef dlam, dk3, dv3, dk_state, dv_state;  // absent entries are not computed
+};
+
+// --- validation: shared by every backend ---------------------------------------------
+
+AttentionProblem check_attention(const TensorRef& q, const TensorRef& k, const TensorRef& v,
+                                 const AttnOptions& o);
+
+// EMA inputs of route_fuse / fastmka / mka over k, v (B,T,G,d). `lam_tokens` is the number of
+// tokens lam must cover (Tk for key-side routing, Tq for mka's query side); `with_l3`
+// says whether k3/v3 belong to this op (route_fuse, fastmka) or must be absent (mka).
+RouteProblem check_route(const TensorRef& k, const TensorRef& v, const RouteInputs& r,
+                         int64_t lam_tokens, const char* lam_shape, bool with_l3);
+
+// mka's memory tokens (B, M, G, d), required iff L == 3.
+void check_memory(const AttentionProblem& p, const TensorRef& q, const TensorRef& mem_k,
+                  const TensorRef& mem_v, int64_t L);
+
+// Outputs are allocated by the caller; their shapes are checked too.
+void check_output(const TensorRef& t, const char* name, std::initializer_list<int64_t> shape,
+                  DType dtype, Device device);
+
+}  // namespace mka

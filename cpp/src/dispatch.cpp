@@ -1,0 +1,220 @@
+// The ops' entry points: validate once (problem.cpp), check the caller's output buffers,
+// then run the kernels of the inputs' device.
+#include <tuple>
+
+#include "mka/cpu_kernels.h"
+#include "mka/error.h"
+#include "mka/ops.h"
+
+namespace mka {
+namespace {
+
+// Device switch: CPU kernels here; the CUDA kernels (cuda/) slot in as the other branch.
+template <class CpuFn>
+void on_device(Device dev, const char* op, CpuFn&& cpu) {
+  if (dev == Device::cpu) {
+    cpu();
+    return;
+  }
+  fail(op, ": no CUDA kernel for this op in this build of mka (CUDA build: ",
+       built_with_cuda() ? "yes" : "no", ")");
+}
+
+// Softmax statistics are addressed as dense (B, H, Tq) rows.
+void check_contiguous(const TensorRef& t, const char* name) {
+  int64_t expect = 1;
+  for (int d = t.ndim - 1; d >= 0; --d) {
+    MKA_CHECK(t.shape[d] <= 1 || t.stride[d] == expect, name, ": must be contiguous");
+    expect *= t.shape[d];
+  }
+}
+
+// The CPU kernels read lam in the inputs' dtype (the Python layer casts it).
+void check_cpu_lam(const TensorRef& lam, DType dtype) {
+  MKA_CHECK(lam.device != Device::cpu || lam.dtype == dtype, "lam: the CPU kernels take lam in ",
+            dtype_name(dtype), ", got ", dtype_name(lam.dtype));
+}
+
+void check_attention_outputs(const AttentionProblem& p, const TensorRef& out,
+                             const TensorRef& lse) {
+  check_output(out, "out", {p.B, p.Tq, p.H, p.d}, p.dtype, p.device);
+  check_output(lse, "lse", {p.B, p.H, p.Tq}, stats_dtype(p.dtype), p.device);
+  check_contiguous(lse, "lse");
+}
+
+void check_state_outputs(const RouteProblem& p, const TensorRef& ks, const TensorRef& vs) {
+  for (auto [t, name] : {std::pair{&ks, "k_state_out"}, std::pair{&vs, "v_state_out"}})
+    if (t->present()) check_output(*t, name, {p.B, p.G, p.d}, stats_dtype(p.dtype), p.device);
+}
+
+void check_grads_like(const TensorRef& dx, const char* name, const TensorRef& x) {
+  if (!x.present()) return;
+  MKA_CHECK(dx.present(), name, ": gradient buffer missing");
+  check_output(dx, name, {x.shape[0], x.shape[1], x.shape[2], x.shape[3]}, x.dtype, x.device);
+}
+
+void check_route_grads(const RouteInputs& r, const RouteGrads& g) {
+  if (g.dlam.present()) check_output(g.dlam, "dlam", {r.lam.shape[0], r.lam.shape[1], r.lam.shape[2]},
+                                     r.lam.dtype, r.lam.device);
+  if (g.dk3.present()) check_grads_like(g.dk3, "dk3", r.k3);
+  if (g.dv3.present()) check_grads_like(g.dv3, "dv3", r.v3);
+  for (auto [gt, t, name] : {std::tuple{&g.dk_state, &r.k_state, "dk_state"},
+                             std::tuple{&g.dv_state, &r.v_state, "dv_state"}})
+    if (gt->present()) {
+      MKA_CHECK(t->present(), name, ": gradient requested for a state that was not given");
+      check_output(*gt, name, {t->shape[0], t->shape[1], t->shape[2]}, t->dtype, t->device);
+    }
+}
+
+}  // namespace
+
+void attention_forward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
+                       const AttnOptions& o, const TensorRef& out, const TensorRef& lse,
+                       void* /*stream*/) {
+  const AttentionProblem p = check_attention(q, k, v, o);
+  check_attention_outputs(p, out, lse);
+  on_device(p.device, "attention", [&] { cpu::attention_fwd(p, q, k, v, out, lse); });
+}
+
+void attention_backward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
+                        const AttnOptions& o, const TensorRef& out, const TensorRef& lse,
+                        const TensorRef& dout, const TensorRef& dq, const TensorRef& dk,
+                        const TensorRef& dv, void* /*stream*/) {
+  const AttentionProblem p = check_attention(q, k, v, o);
+  check_attention_outputs(p, out, lse);
+  check_grads_like(dout, "dout", q);
+  check_grads_like(dq, "dq", q);
+  check_grads_like(dk, "dk", k);
+  check_grads_like(dv, "dv", v);
+  on_device(p.device, "attention backward", [&] {
+    cpu::attention_bwd(p, q, k, v, out, lse, dout, cpu::RowWeight{}, dq, dk, dv);
+  });
+}
+
+void route_fuse_forward(const TensorRef& k, const TensorRef& v, const RouteInputs& r,
+                        const TensorRef& k_fused, const TensorRef& v_fused,
+                        const TensorRef& k_state_out, const TensorRef& v_state_out,
+                        void* /*stream*/) {
+  const RouteProblem p = check_route(k, v, r, k.shape[1], "(B, Tk, L)", true);
+  check_cpu_lam(r.lam, p.dtype);
+  check_grads_like(k_fused, "k_fused", k);
+  check_grads_like(v_fused, "v_fused", v);
+  check_state_outputs(p, k_state_out, v_state_out);
+  on_device(p.device, "route_fuse", [&] {
+    cpu::route_fuse_fwd(p, k, v, r, k_fused, v_fused, k_state_out, v_state_out);
+  });
+}
+
+void route_fuse_backward(const TensorRef& k, const TensorRef& v, const RouteInputs& r,
+                         const TensorRef& dk_fused, const TensorRef& dv_fused,
+                         const TensorRef& dk_state_out, const TensorRef& dv_state_out,
+                         const TensorRef& dk, const TensorRef& dv, const RouteGrads& g,
+                         void* /*stream*/) {
+  const RouteProblem p = check_route(k, v, r, k.shape[1], "(B, Tk, L)", true);
+  check_cpu_lam(r.lam, p.dtype);
+  check_grads_like(dk_fused, "dk_fused", k);
+  check_grads_like(dv_fused, "dv_fused", v);
+  check_state_outputs(p, dk_state_out, dv_state_out);
+  check_grads_like(dk, "dk", k);
+  check_grads_like(dv, "dv", v);
+  check_route_grads(r, g);
+  on_device(p.device, "route_fuse backward", [&] {
+    cpu::route_fuse_bwd(p, k, v, r, dk_fused, dv_fused, dk_state_out, dv_state_out, dk, dv, g);
+  });
+}
+
+void fastmka_forward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
+                     const RouteInputs& r, const AttnOptions& o, const TensorRef& out,
+                     const TensorRef& lse, const TensorRef& k_state_out,
+                     const TensorRef& v_state_out, void* /*stream*/) {
+  const AttentionProblem ap = check_attention(q, k, v, o);
+  const RouteProblem rp = check_route(k, v, r, ap.Tk, "(B, Tk, L)", true);
+  check_cpu_lam(r.lam, ap.dtype);
+  check_attention_outputs(ap, out, lse);
+  check_state_outputs(rp, k_state_out, v_state_out);
+  on_device(ap.device, "fastmka", [&] {
+    cpu::fastmka_fwd(ap, rp, q, k, v, r, out, lse, k_state_out, v_state_out);
+  });
+}
+
+void fastmka_backward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
+                      const RouteInputs& r, const AttnOptions& o, const TensorRef& out,
+                      const TensorRef& lse, const TensorRef& dout,
+                      const TensorRef& dk_state_out, const TensorRef& dv_state_out,
+                      const TensorRef& dq, const TensorRef& dk, const TensorRef& dv,
+                      const RouteGrads& g, void* /*stream*/) {
+  const AttentionProblem ap = check_attention(q, k, v, o);
+  const RouteProblem rp = check_route(k, v, r, ap.Tk, "(B, Tk, L)", true);
+  check_cpu_lam(r.lam, ap.dtype);
+  check_attention_outputs(ap, out, lse);
+  check_grads_like(dout, "dout", q);
+  check_state_outputs(rp, dk_state_out, dv_state_out);
+  check_grads_like(dq, "dq", q);
+  check_grads_like(dk, "dk", k);
+  check_grads_like(dv, "dv", v);
+  check_route_grads(r, g);
+  on_device(ap.device, "fastmka backward", [&] {
+    cpu::fastmka_bwd(ap, rp, q, k, v, r, out, lse, dout, dk_state_out, dv_state_out, dq, dk,
+                     dv, g);
+  });
+}
+
+void mka_forward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
+                 const RouteInputs& r, const TensorRef& mem_k, const TensorRef& mem_v,
+                 const AttnOptions& o, const TensorRef& out, const TensorRef& o_levels,
+                 const TensorRef& lse_levels, const TensorRef& k_state_out,
+                 const TensorRef& v_state_out, void* /*stream*/) {
+  const AttentionProblem ap = check_attention(q, k, v, o);
+  const RouteProblem rp = check_route(k, v, r, ap.Tq, "(B, Tq, L)", false);
+  check_memory(ap, q, mem_k, mem_v, rp.L);
+  check_cpu_lam(r.lam, ap.dtype);
+  check_output(out, "out", {ap.B, ap.Tq, ap.H, ap.d}, ap.dtype, ap.device);
+  check_output(o_levels, "o_levels", {rp.L, ap.B, ap.Tq, ap.H, ap.d}, ap.dtype, ap.device);
+  check_output(lse_levels, "lse_levels", {rp.L, ap.B, ap.H, ap.Tq}, stats_dtype(ap.dtype),
+               ap.device);
+  check_contiguous(lse_levels, "lse_levels");
+  check_state_outputs(rp, k_state_out, v_state_out);
+  on_device(ap.device, "mka", [&] {
+    cpu::mka_fwd(ap, rp, q, k, v, r, mem_k, mem_v, out, o_levels, lse_levels, k_state_out,
+                 v_state_out);
+  });
+}
+
+void mka_backward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
+                  const RouteInputs& r, const TensorRef& mem_k, const TensorRef& mem_v,
+                  const AttnOptions& o, const TensorRef& o_levels, const TensorRef& lse_levels,
+                  const TensorRef& dout, const TensorRef& dk_state_out,
+                  const TensorRef& dv_state_out, const TensorRef& dq, const TensorRef& dk,
+                  const TensorRef& dv, const TensorRef& dmem_k, const TensorRef& dmem_v,
+                  const RouteGrads& g, void* /*stream*/) {
+  const AttentionProblem ap = check_attention(q, k, v, o);
+  const RouteProblem rp = check_route(k, v, r, ap.Tq, "(B, Tq, L)", false);
+  check_memory(ap, q, mem_k, mem_v, rp.L);
+  check_cpu_lam(r.lam, ap.dtype);
+  check_output(o_levels, "o_levels", {rp.L, ap.B, ap.Tq, ap.H, ap.d}, ap.dtype, ap.device);
+  check_output(lse_levels, "lse_levels", {rp.L, ap.B, ap.H, ap.Tq}, stats_dtype(ap.dtype),
+               ap.device);
+  check_contiguous(lse_levels, "lse_levels");
+  check_grads_like(dout, "dout", q);
+  check_state_outputs(rp, dk_state_out, dv_state_out);
+  check_grads_like(dq, "dq", q);
+  check_grads_like(dk, "dk", k);
+  check_grads_like(dv, "dv", v);
+  check_grads_like(dmem_k, "dmem_k", mem_k);
+  check_grads_like(dmem_v, "dmem_v", mem_v);
+  check_route_grads(r, g);
+  on_device(ap.device, "mka backward", [&] {
+    cpu::mka_bwd(ap, rp, q, k, v, r, mem_k, mem_v, o_levels, lse_levels, dout, dk_state_out,
+                 dv_state_out, dq, dk, dv, dmem_k, dmem_v, g);
+  });
+}
+
+bool built_with_cuda() {
+#ifdef MKA_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace mka

@@ -1,0 +1,31 @@
+// FastMKA on the CPU: route fusion into a cache-resident scratch copy of the fused
+// keys/values, then one tiled attention. Backward recomputes the (cheap, memory-bound)
+// fusion instead of keeping the fused keys/values alive between the passes.
+#include "cpu_buffer.h"
+#include "mka/cpu_kernels.h"
+
+namespace mka::cpu {
+
+void fastmka_fwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef& q,
+                 const TensorRef& k, const TensorRef& v, const RouteInputs& r,
+                 const TensorRef& out, const TensorRef& lse, const TensorRef& k_state_out,
+                 const TensorRef& v_state_out) {
+  Buffer kf(ap.dtype, {ap.B, ap.Tk, ap.G, ap.d}), vf(ap.dtype, {ap.B, ap.Tk, ap.G, ap.d});
+  route_fuse_fwd(rp, k, v, r, kf, vf, k_state_out, v_state_out);
+  attention_fwd(ap, q, kf, vf, out, lse);
+}
+
+void fastmka_bwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef& q,
+                 const TensorRef& k, const TensorRef& v, const RouteInputs& r,
+                 const TensorRef& out, const TensorRef& lse, const TensorRef& dout,
+                 const TensorRef& dk_state_out, const TensorRef& dv_state_out,
+                 const TensorRef& dq, const TensorRef& dk, const TensorRef& dv,
+                 const RouteGrads& g) {
+  Buffer kf(ap.dtype, {ap.B, ap.Tk, ap.G, ap.d}), vf(ap.dtype, {ap.B, ap.Tk, ap.G, ap.d});
+  route_fuse_fwd(rp, k, v, r, kf, vf, TensorRef{}, TensorRef{});
+  Buffer dkf(ap.dtype, {ap.B, ap.Tk, ap.G, ap.d}), dvf(ap.dtype, {ap.B, ap.Tk, ap.G, ap.d});
+  attention_bwd(ap, q, kf, vf, out, lse, dout, RowWeight{}, dq, dkf, dvf);
+  route_fuse_bwd(rp, k, v, r, dkf, dvf, dk_state_out, dv_state_out, dk, dv, g);
+}
+
+}  // namespace mka::cpu

@@ -1,0 +1,97 @@
+"""The formulas of SPEC.md in plain PyTorch: slow, float64-capable, differentiable.
+
+These are the ground truth of every kernel test, and usable by anyone who wants to check
+a result. Layout is (batch, tokens, heads, head_dim) throughout.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def visible(Tq: int, Tk: int, causal: bool, window: Optional[int], device=None) -> Tensor:
+    """Bool (Tq, Tk): may query row i see key j? Bottom-right causal alignment."""
+    i = torch.arange(Tq, device=device)[:, None] + (Tk - Tq)
+    j = torch.arange(Tk, device=device)[None, :]
+    vis = torch.ones(Tq, Tk, dtype=torch.bool, device=device)
+    if causal:
+        vis &= j <= i
+    if window is not None:
+        vis &= j > i - window
+    return vis
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True,
+              scale: Optional[float] = None, window: Optional[int] = None) -> Tensor:
+    B, Tq, H, d = q.shape
+    Tk, G = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    k = k.repeat_interleave(H // G, dim=2)
+    v = v.repeat_interleave(H // G, dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    vis = visible(Tq, Tk, causal, window, q.device)
+    p = torch.softmax(s.masked_fill(~vis, float("-inf")), dim=-1)
+    p = torch.where(vis.any(-1, keepdim=True), p, torch.zeros_like(p))  # no key: zeros
+    return torch.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """EMA states and softmax statistics: float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def ema(z: Tensor, beta: float, state: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """s_t = beta s_{t-1} + (1 - beta) z_t along dim 1; returns (EMA(z), final state)."""
+    s = torch.zeros_like(z[:, 0]) if state is None else state.to(z.dtype)
+    out = []
+    for t in range(z.shape[1]):
+        s = beta * s + (1.0 - beta) * z[:, t]
+        out.append(s)
+    y = torch.stack(out, dim=1) if out else torch.zeros_like(z)
+    return y, s.to(state_dtype(z.dtype))
+
+
+def _weight(lam: Tensor, level: int, like: Tensor) -> Tensor:
+    return lam[..., level, None, None].to(like.dtype)
+
+
+def route_fuse(k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: Optional[Tensor] = None,
+               v3: Optional[Tensor] = None, k_state: Optional[Tensor] = None,
+               v_state: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    ek, ks = ema(k, beta, k_state)
+    ev, vs = ema(v, beta, v_state)
+    kf = _weight(lam, 0, k) * k + _weight(lam, 1, k) * ek
+    vf = _weight(lam, 0, v) * v + _weight(lam, 1, v) * ev
+    if lam.shape[-1] == 3:
+        kf = kf + _weight(lam, 2, k) * k3
+        vf = vf + _weight(lam, 2, v) * v3
+    return kf, vf, ks, vs
+
+
+def fastmka(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float,
+            k3: Optional[Tensor] = None, v3: Optional[Tensor] = None,
+            k_state: Optional[Tensor] = None, v_state: Optional[Tensor] = None,
+            causal: bool = True, scale: Optional[float] = None,
+            window: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor]:
+    kf, vf, ks, vs = route_fuse(k, v, lam, beta, k3, v3, k_state, v_state)
+    return attention(q, kf, vf, causal, scale, window), ks, vs
+
+
+def mka(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float,
+        mem_k: Optional[Tensor] = None, mem_v: Optional[Tensor] = None,
+        k_state: Optional[Tensor] = None, v_state: Optional[Tensor] = None,
+        causal: bool = True, scale: Optional[float] = None,
+        window: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor]:
+    o1 = attention(q, k, v, causal, scale, window)
+    ek, ks = ema(k, beta, k_state)
+    ev, vs = ema(v, beta, v_state)
+    o2 = attention(q, ek, ev, causal, scale)
+    out = _weight(lam, 0, q) * o1 + _weight(lam, 1, q) * o2
+    if lam.shape[-1] == 3:
+        o3 = attention(q, mem_k, mem_v, False, scale)
+        out = out + _weight(lam, 2, q) * o3
+    return out, ks, vs
