@@ -35,7 +35,10 @@ class Pool {
     for (auto& t : workers_) t.join();
     workers_.clear();
     stop_ = false;
-    for (int i = 0; i < n_workers; ++i) workers_.emplace_back([this] { loop(); });
+    // Workers start from the current generation: one that read it only after the first
+    // run() began would sleep through that job and never report done.
+    const uint64_t start = generation_;
+    for (int i = 0; i < n_workers; ++i) workers_.emplace_back([this, start] { loop(start); });
   }
 
   void run(int64_t n, const std::function<void(int64_t)>& fn) {
@@ -62,8 +65,7 @@ class Pool {
     in_parallel_region = false;
   }
 
-  void loop() {
-    uint64_t seen = generation_;
+  void loop(uint64_t seen) {
     for (;;) {
       {
         std::unique_lock<std::mutex> lk(mu_);

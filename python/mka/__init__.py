@@ -1,1 +1,10 @@
+"""MKA: Memory-Keyed Attention kernels as PyTorch custom ops.
 
+Importing the package registers ``torch.ops.mka.{attention, route_fuse, fastmka, mka}``.
+"""
+
+from . import _C, reference
+from .ops import attention, fastmka, mka, route_fuse
+
+__version__ = "0.1.0"
+__all__ = ["attention", "route_fuse", "fastmka", "mka", "reference", "_C"]

@@ -1,0 +1,448 @@
+"""The ops of SPEC §3 as PyTorch custom operators: ``torch.ops.mka.{attention, route_fuse,
+fastmka, mka}``.
+
+Layering: each public op is a thin composite over private ``mka::_*_fwd`` / ``mka::_*_bwd``
+custom ops. The private forward ops also return what the backward needs (softmax
+logsumexp, per-level outputs) and the private backward ops call the native backward
+kernels — autograd never falls back to PyTorch math. Every private op has a fake kernel
+running the same validation as the real one, so ``torch.compile(fullgraph=True)`` traces
+through without graph breaks and reports the same errors.
+
+Devices: one implementation per op hands DLPack views of detached tensors to
+``mka._C`` together with the current stream; the native layer picks the CPU or CUDA
+kernel (``cpp/src/dispatch.cpp``). On CPU, float16/bfloat16 inputs are computed in float32
+(SPEC §4) by :func:`_on_cpu_in_float32`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import _C
+from . import _validate as V
+from .reference import state_dtype
+
+_OptT = Optional[Tensor]
+_OptF = Optional[float]
+_OptI = Optional[int]
+_HALF = (torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _stream(t: Tensor) -> int:
+    """The raw stream handle the native launchers run on (0 on CPU)."""
+    if t.device.type == "cuda":
+        return torch.cuda.current_stream(t.device).cuda_stream
+    return 0
+
+
+def _nat(t: _OptT) -> _OptT:
+    """What crosses into native code: a detached view (DLPack refuses autograd tensors)."""
+    return None if t is None else t.detach()
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    return torch.float32 if (t.device.type == "cpu" and t.dtype in _HALF) else t.dtype
+
+
+def _cast(t: _OptT, dtype: torch.dtype) -> _OptT:
+    return None if t is None else t.detach().to(dtype)
+
+
+def _empty(like: Tensor) -> Tensor:
+    """Placeholder output for the gradient of an absent optional input."""
+    return like.new_empty(0)
+
+
+def _grad(g: _OptT, like: Tensor) -> Tensor:
+    """Incoming gradient: contiguous, in the compute dtype; zeros where autograd gave None."""
+    if g is None:
+        return torch.zeros_like(like)
+    return g.detach().to(like.dtype).contiguous()
+
+
+def _opt_grad(g: _OptT, dtype: torch.dtype) -> _OptT:
+    return None if g is None else g.detach().to(dtype).contiguous()
+
+
+def _none_if_empty(t: Tensor) -> _OptT:
+    return None if t.numel() == 0 and t.dim() == 1 else t
+
+
+# --------------------------------------------------------------------------- attention
+
+@torch.library.custom_op("mka::_attention_fwd", mutates_args=())
+def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: _OptF,
+                   window: _OptI) -> tuple[Tensor, Tensor]:
+    V.check_attention(q, k, v, scale, window)
+    cdt = _compute_dtype(q)
+    qc, kc, vc = _cast(q, cdt), _cast(k, cdt), _cast(v, cdt)
+    out = torch.empty_like(qc, memory_format=torch.contiguous_format)
+    lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=state_dtype(cdt))
+    _C.attention_forward(qc, kc, vc, causal, scale, window, out, lse, _stream(q))
+    return out.to(q.dtype), lse
+
+
+@_attention_fwd.register_fake
+def _(q, k, v, causal, scale, window):
+    V.check_attention(q, k, v, scale, window)
+    lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=state_dtype(q.dtype))
+    return torch.empty_like(q, memory_format=torch.contiguous_format), lse
+
+
+@torch.library.custom_op("mka::_attention_bwd", mutates_args=())
+def _attention_bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
+                   causal: bool, scale: _OptF, window: _OptI) -> tuple[Tensor, Tensor, Tensor]:
+    V.check_attention(q, k, v, scale, window)
+    cdt = _compute_dtype(q)
+    qc, kc, vc, oc, doc = (_cast(t, cdt) for t in (q, k, v, out, dout))
+    dq, dk, dv = (q.new_zeros(t.shape, dtype=cdt) for t in (q, k, v))
+    _C.attention_backward(qc, kc, vc, causal, scale, window, oc, lse.detach().contiguous(),
+                          doc.contiguous(), dq, dk, dv, _stream(q))
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+@_attention_bwd.register_fake
+def _(q, k, v, out, lse, dout, causal, scale, window):
+    V.check_attention(q, k, v, scale, window)
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format))
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, causal, scale, window = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.opts = (causal, scale, window)
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_backward(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.mka._attention_bwd(q, k, v, out, lse, _grad(dout, out), *ctx.opts)
+    return dq, dk, dv, None, None, None
+
+
+_attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
+# --------------------------------------------------------------------------- route_fuse
+
+def _states_out(k: Tensor) -> tuple[Tensor, Tensor]:
+    B, _, G, d = k.shape
+    sdt = state_dtype(k.dtype)
+    return k.new_empty((B, G, d), dtype=sdt), k.new_empty((B, G, d), dtype=sdt)
+
+
+@torch.library.custom_op("mka::route_fuse", mutates_args=())
+def route_fuse(k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: _OptT = None,
+               v3: _OptT = None, k_state: _OptT = None,
+               v_state: _OptT = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Key-side routing of SPEC §3: ``(k_fused, v_fused, k_state_out, v_state_out)``."""
+    V.check_route(k, v, lam, beta, k3, v3, k_state, v_state, k.shape[1], "(B, Tk, L)", True)
+    cdt = _compute_dtype(k)
+    kf = k.new_empty(k.shape, dtype=cdt)
+    vf = k.new_empty(v.shape, dtype=cdt)
+    ks, vs = _states_out(k)
+    _C.route_fuse_forward(_cast(k, cdt), _cast(v, cdt), _cast(lam, cdt), float(beta),
+                          _cast(k3, cdt), _cast(v3, cdt), _nat(k_state), _nat(v_state),
+                          kf, vf, ks, vs, _stream(k))
+    return kf.to(k.dtype), vf.to(v.dtype), ks, vs
+
+
+@route_fuse.register_fake
+def _(k, v, lam, beta, k3=None, v3=None, k_state=None, v_state=None):
+    V.check_route(k, v, lam, beta, k3, v3, k_state, v_state, k.shape[1], "(B, Tk, L)", True)
+    return (torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format), *_states_out(k))
+
+
+def _route_grads_fake(k: Tensor, lam: Tensor, x3: _OptT, k_state: _OptT, v_state: _OptT):
+    like = lambda t: _empty(k) if t is None else torch.empty_like(  # noqa: E731
+        t, memory_format=torch.contiguous_format)
+    return (torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(lam, memory_format=torch.contiguous_format),
+            like(x3), like(x3), like(k_state), like(v_state))
+
+
+def _route_grads_alloc(k: Tensor, lam: Tensor, x3: _OptT, k_state: _OptT, v_state: _OptT,
+                       cdt: torch.dtype):
+    """Zero-filled gradient buffers (the kernels accumulate); absent inputs get none.
+    x3 is the third level's key-like input (k3 for route_fuse/fastmka, mem_k for mka)."""
+    z = lambda t, dt: None if t is None else k.new_zeros(t.shape, dtype=dt)  # noqa: E731
+    return (k.new_zeros(k.shape, dtype=cdt), k.new_zeros(k.shape, dtype=cdt),
+            k.new_zeros(lam.shape, dtype=cdt), z(x3, cdt), z(x3, cdt),
+            z(k_state, state_dtype(cdt)), z(v_state, state_dtype(cdt)))
+
+
+def _route_grads_out(grads, k: Tensor, lam: Tensor) -> tuple[Tensor, ...]:
+    dk, dv, dlam, dk3, dv3, dks, dvs = grads
+    back = lambda t, dt: _empty(k) if t is None else t.to(dt)  # noqa: E731
+    return (dk.to(k.dtype), dv.to(k.dtype), dlam.to(lam.dtype), back(dk3, k.dtype),
+            back(dv3, k.dtype), back(dks, dks.dtype if dks is not None else k.dtype),
+            back(dvs, dvs.dtype if dvs is not None else k.dtype))
+
+
+@torch.library.custom_op("mka::_route_fuse_bwd", mutates_args=())
+def _route_fuse_bwd(k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: _OptT, v3: _OptT,
+                    k_state: _OptT, v_state: _OptT, dk_fused: Tensor, dv_fused: Tensor,
+                    dk_state_out: _OptT, dv_state_out: _OptT) -> tuple[
+                        Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dk, dv, dlam, dk3, dv3, dk_state, dv_state); absent inputs get empty grads."""
+    V.check_route(k, v, lam, beta, k3, v3, k_state, v_state, k.shape[1], "(B, Tk, L)", True)
+    cdt = _compute_dtype(k)
+    g = _route_grads_alloc(k, lam, k3, k_state, v_state, cdt)
+    sdt = state_dtype(cdt)
+    _C.route_fuse_backward(_cast(k, cdt), _cast(v, cdt), _cast(lam, cdt), float(beta),
+                           _cast(k3, cdt), _cast(v3, cdt), _nat(k_state), _nat(v_state),
+                           _cast(dk_fused, cdt).contiguous(), _cast(dv_fused, cdt).contiguous(),
+                           _opt_grad(dk_state_out, sdt), _opt_grad(dv_state_out, sdt),
+                           *g, _stream(k))
+    return _route_grads_out(g, k, lam)
+
+
+@_route_fuse_bwd.register_fake
+def _(k, v, lam, beta, k3, v3, k_state, v_state, dk_fused, dv_fused, dk_state_out,
+      dv_state_out):
+    V.check_route(k, v, lam, beta, k3, v3, k_state, v_state, k.shape[1], "(B, Tk, L)", True)
+    return _route_grads_fake(k, lam, k3, k_state, v_state)
+
+
+def _route_inputs_grads(grads) -> tuple[_OptT, ...]:
+    """(dlam, dk3, dv3, dk_state, dv_state) with empty placeholders turned into None."""
+    return tuple(_none_if_empty(t) for t in grads)
+
+
+def _route_fuse_setup(ctx, inputs, output):
+    k, v, lam, beta, k3, v3, k_state, v_state = inputs
+    ctx.save_for_backward(k, v, lam, k3, v3, k_state, v_state)
+    ctx.beta = beta
+
+
+def _route_fuse_backward(ctx, dkf, dvf, dks, dvs):
+    k, v, lam, k3, v3, ks, vs = ctx.saved_tensors
+    g = torch.ops.mka._route_fuse_bwd(k, v, lam, ctx.beta, k3, v3, ks, vs, _grad(dkf, k),
+                                      _grad(dvf, v), dks, dvs)
+    dlam, dk3, dv3, dks_in, dvs_in = _route_inputs_grads(g[2:])
+    return g[0], g[1], dlam, None, dk3, dv3, dks_in, dvs_in
+
+
+route_fuse.register_autograd(_route_fuse_backward, setup_context=_route_fuse_setup)
+
+
+# --------------------------------------------------------------------------- fastmka
+
+def _check_fastmka(q, k, v, lam, beta, k3, v3, k_state, v_state, scale, window) -> None:
+    V.check_attention(q, k, v, scale, window)
+    V.check_route(k, v, lam, beta, k3, v3, k_state, v_state, k.shape[1], "(B, Tk, L)", True)
+
+
+@torch.library.custom_op("mka::_fastmka_fwd", mutates_args=())
+def _fastmka_fwd(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: _OptT,
+                 v3: _OptT, k_state: _OptT, v_state: _OptT, causal: bool, scale: _OptF,
+                 window: _OptI) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _check_fastmka(q, k, v, lam, beta, k3, v3, k_state, v_state, scale, window)
+    cdt = _compute_dtype(q)
+    out = q.new_empty(q.shape, dtype=cdt)
+    lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=state_dtype(cdt))
+    ks, vs = _states_out(k)
+    _C.fastmka_forward(_cast(q, cdt), _cast(k, cdt), _cast(v, cdt), _cast(lam, cdt),
+                       float(beta), _cast(k3, cdt), _cast(v3, cdt), _nat(k_state),
+                       _nat(v_state), causal, scale, window, out, lse, ks, vs, _stream(q))
+    return out.to(q.dtype), lse, ks, vs
+
+
+@_fastmka_fwd.register_fake
+def _(q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window):
+    _check_fastmka(q, k, v, lam, beta, k3, v3, k_state, v_state, scale, window)
+    lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=state_dtype(q.dtype))
+    return (torch.empty_like(q, memory_format=torch.contiguous_format), lse, *_states_out(k))
+
+
+@torch.library.custom_op("mka::_fastmka_bwd", mutates_args=())
+def _fastmka_bwd(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: _OptT,
+                 v3: _OptT, k_state: _OptT, v_state: _OptT, causal: bool, scale: _OptF,
+                 window: _OptI, out: Tensor, lse: Tensor, dout: Tensor, dk_state_out: _OptT,
+                 dv_state_out: _OptT) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                               Tensor, Tensor]:
+    """Returns (dq, dk, dv, dlam, dk3, dv3, dk_state, dv_state)."""
+    _check_fastmka(q, k, v, lam, beta, k3, v3, k_state, v_state, scale, window)
+    cdt = _compute_dtype(q)
+    sdt = state_dtype(cdt)
+    dq = q.new_zeros(q.shape, dtype=cdt)
+    g = _route_grads_alloc(k, lam, k3, k_state, v_state, cdt)
+    _C.fastmka_backward(_cast(q, cdt), _cast(k, cdt), _cast(v, cdt), _cast(lam, cdt),
+                        float(beta), _cast(k3, cdt), _cast(v3, cdt), _nat(k_state),
+                        _nat(v_state), causal, scale, window, _cast(out, cdt),
+                        lse.detach().contiguous(), _cast(dout, cdt).contiguous(),
+                        _opt_grad(dk_state_out, sdt), _opt_grad(dv_state_out, sdt), dq, *g,
+                        _stream(q))
+    return (dq.to(q.dtype), *_route_grads_out(g, k, lam))
+
+
+@_fastmka_bwd.register_fake
+def _(q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window, out, lse, dout,
+      dk_state_out, dv_state_out):
+    _check_fastmka(q, k, v, lam, beta, k3, v3, k_state, v_state, scale, window)
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            *_route_grads_fake(k, lam, k3, k_state, v_state))
+
+
+def _fastmka_setup(ctx, inputs, output):
+    q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window = inputs
+    out, lse, _, _ = output
+    ctx.save_for_backward(q, k, v, lam, k3, v3, k_state, v_state, out, lse)
+    ctx.args = (beta, causal, scale, window)
+    ctx.mark_non_differentiable(lse)
+
+
+def _fastmka_backward(ctx, dout, _dlse, dks, dvs):
+    q, k, v, lam, k3, v3, ks, vs, out, lse = ctx.saved_tensors
+    beta, causal, scale, window = ctx.args
+    g = torch.ops.mka._fastmka_bwd(q, k, v, lam, beta, k3, v3, ks, vs, causal, scale, window,
+                                   out, lse, _grad(dout, out), dks, dvs)
+    dlam, dk3, dv3, dks_in, dvs_in = _route_inputs_grads(g[3:])
+    return g[0], g[1], g[2], dlam, None, dk3, dv3, dks_in, dvs_in, None, None, None
+
+
+_fastmka_fwd.register_autograd(_fastmka_backward, setup_context=_fastmka_setup)
+
+
+# --------------------------------------------------------------------------- mka
+
+def _check_mka(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, scale, window) -> int:
+    V.check_attention(q, k, v, scale, window)
+    L = V.check_route(k, v, lam, beta, None, None, k_state, v_state, q.shape[1], "(B, Tq, L)",
+                      False)
+    V.check_memory(q, k, mem_k, mem_v, L)
+    return L
+
+
+def _mka_saved(q: Tensor, L: int, cdt: torch.dtype) -> tuple[Tensor, Tensor]:
+    B, Tq, H, d = q.shape
+    return (q.new_empty((L, B, Tq, H, d), dtype=cdt),
+            q.new_empty((L, B, H, Tq), dtype=state_dtype(cdt)))
+
+
+@torch.library.custom_op("mka::_mka_fwd", mutates_args=())
+def _mka_fwd(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, mem_k: _OptT,
+             mem_v: _OptT, k_state: _OptT, v_state: _OptT, causal: bool, scale: _OptF,
+             window: _OptI) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (out, o_levels (L, B, Tq, H, d), lse_levels (L, B, H, Tq), k_state, v_state)."""
+    L = _check_mka(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, scale, window)
+    cdt = _compute_dtype(q)
+    out = q.new_empty(q.shape, dtype=cdt)
+    o_levels, lse_levels = _mka_saved(q, L, cdt)
+    ks, vs = _states_out(k)
+    _C.mka_forward(_cast(q, cdt), _cast(k, cdt), _cast(v, cdt), _cast(lam, cdt), float(beta),
+                   _cast(mem_k, cdt), _cast(mem_v, cdt), _nat(k_state), _nat(v_state), causal,
+                   scale, window, out, o_levels, lse_levels, ks, vs, _stream(q))
+    return out.to(q.dtype), o_levels.to(q.dtype), lse_levels, ks, vs
+
+
+@_mka_fwd.register_fake
+def _(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window):
+    L = _check_mka(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, scale, window)
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            *_mka_saved(q, L, q.dtype), *_states_out(k))
+
+
+@torch.library.custom_op("mka::_mka_bwd", mutates_args=())
+def _mka_bwd(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, mem_k: _OptT,
+             mem_v: _OptT, k_state: _OptT, v_state: _OptT, causal: bool, scale: _OptF,
+             window: _OptI, o_levels: Tensor, lse_levels: Tensor, dout: Tensor,
+             dk_state_out: _OptT, dv_state_out: _OptT) -> tuple[
+                 Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dq, dk, dv, dlam, dmem_k, dmem_v, dk_state, dv_state)."""
+    _check_mka(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, scale, window)
+    cdt = _compute_dtype(q)
+    sdt = state_dtype(cdt)
+    dq = q.new_zeros(q.shape, dtype=cdt)
+    dk, dv, dlam, dmk, dmv, dks, dvs = _route_grads_alloc(k, lam, mem_k, k_state, v_state, cdt)
+    _C.mka_backward(_cast(q, cdt), _cast(k, cdt), _cast(v, cdt), _cast(lam, cdt), float(beta),
+                    _cast(mem_k, cdt), _cast(mem_v, cdt), _nat(k_state), _nat(v_state), causal,
+                    scale, window, _cast(o_levels, cdt), lse_levels.detach().contiguous(),
+                    _cast(dout, cdt).contiguous(), _opt_grad(dk_state_out, sdt),
+                    _opt_grad(dv_state_out, sdt), dq, dk, dv, dmk, dmv, dlam, dks, dvs,
+                    _stream(q))
+    return (dq.to(q.dtype), *_route_grads_out((dk, dv, dlam, dmk, dmv, dks, dvs), k, lam))
+
+
+@_mka_bwd.register_fake
+def _(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window, o_levels,
+      lse_levels, dout, dk_state_out, dv_state_out):
+    _check_mka(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, scale, window)
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            *_route_grads_fake(k, lam, mem_k, k_state, v_state))
+
+
+def _mka_setup(ctx, inputs, output):
+    q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window = inputs
+    _, o_levels, lse_levels, _, _ = output
+    ctx.save_for_backward(q, k, v, lam, mem_k, mem_v, k_state, v_state, o_levels, lse_levels)
+    ctx.args = (beta, causal, scale, window)
+    ctx.mark_non_differentiable(o_levels, lse_levels)
+
+
+def _mka_backward(ctx, dout, _dol, _dlse, dks, dvs):
+    q, k, v, lam, mem_k, mem_v, ks, vs, o_levels, lse_levels = ctx.saved_tensors
+    beta, causal, scale, window = ctx.args
+    g = torch.ops.mka._mka_bwd(q, k, v, lam, beta, mem_k, mem_v, ks, vs, causal, scale, window,
+                               o_levels, lse_levels, _grad(dout, q), dks, dvs)
+    dlam, dmk, dmv, dks_in, dvs_in = _route_inputs_grads(g[3:])
+    return g[0], g[1], g[2], dlam, None, dmk, dmv, dks_in, dvs_in, None, None, None
+
+
+_mka_fwd.register_autograd(_mka_backward, setup_context=_mka_setup)
+
+
+# --------------------------------------------------------------------------- public ops
+# attention / fastmka / mka are composites of the private ops above: autograd, fake
+# tensors and torch.compile all go through the private ops' registrations.
+
+_lib = torch.library.Library("mka", "FRAGMENT")
+_lib.define("attention(Tensor q, Tensor k, Tensor v, bool causal=True, float? scale=None, "
+            "int? window=None) -> Tensor")
+_lib.define("fastmka(Tensor q, Tensor k, Tensor v, Tensor lam, float beta, Tensor? k3=None, "
+            "Tensor? v3=None, Tensor? k_state=None, Tensor? v_state=None, bool causal=True, "
+            "float? scale=None, int? window=None) -> (Tensor, Tensor, Tensor)")
+_lib.define("mka(Tensor q, Tensor k, Tensor v, Tensor lam, float beta, Tensor? mem_k=None, "
+            "Tensor? mem_v=None, Tensor? k_state=None, Tensor? v_state=None, bool causal=True, "
+            "float? scale=None, int? window=None) -> (Tensor, Tensor, Tensor)")
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: _OptF = None,
+              window: _OptI = None) -> Tensor:
+    """Exact attention, BTHD layout, GQA, bottom-right causal mask, optional window."""
+    return torch.ops.mka._attention_fwd(q, k, v, causal, scale, window)[0]
+
+
+def fastmka(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: _OptT = None,
+            v3: _OptT = None, k_state: _OptT = None, v_state: _OptT = None,
+            causal: bool = True, scale: _OptF = None,
+            window: _OptI = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Route fusion (key-side lam) then one attention: ``(out, k_state, v_state)``."""
+    out, _, ks, vs = torch.ops.mka._fastmka_fwd(q, k, v, lam, beta, k3, v3, k_state, v_state,
+                                                causal, scale, window)
+    return out, ks, vs
+
+
+def mka(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, mem_k: _OptT = None,
+        mem_v: _OptT = None, k_state: _OptT = None, v_state: _OptT = None, causal: bool = True,
+        scale: _OptF = None, window: _OptI = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Full MKA, one attention per level mixed by query-side lam: ``(out, k_state, v_state)``."""
+    out, _, _, ks, vs = torch.ops.mka._mka_fwd(q, k, v, lam, beta, mem_k, mem_v, k_state,
+                                               v_state, causal, scale, window)
+    return out, ks, vs
+
+
+for _name, _fn in (("attention", attention), ("fastmka", fastmka), ("mka", mka)):
+    _lib.impl(_name, _fn, "CompositeImplicitAutograd")
+
+__all__: Sequence[str] = ("attention", "route_fuse", "fastmka", "mka")
