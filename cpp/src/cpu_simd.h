@@ -17,13 +17,63 @@
 
 namespace mka::cpu {
 
-// Register tile of the GEMM micro-kernel per instruction set and dtype: MR rows of C,
-// NR columns (NR fills whole vector registers; MR*NR/lanes accumulators fit the file).
-template <class T, Isa I> struct Tile { static constexpr int MR = 4, NR = 8; };
-template <> struct Tile<float, Isa::avx2> { static constexpr int MR = 6, NR = 16; };
-template <> struct Tile<double, Isa::avx2> { static constexpr int MR = 6, NR = 8; };
-template <> struct Tile<float, Isa::avx512> { static constexpr int MR = 8, NR = 32; };
-template <> struct Tile<double, Isa::avx512> { static constexpr int MR = 8, NR = 16; };
+// Native vector of the instruction set: 16 bytes (SSE2) for generic, 32 for AVX2, 64 for
+// AVX-512. GCC/Clang vector extensions: the compiler maps them to whole registers, which
+// plain loops over a C array did not get (it shuffled scalars through xmm registers).
+template <Isa I> inline constexpr int kVecBytes = I == Isa::avx512 ? 64 : I == Isa::avx2 ? 32 : 16;
+template <class T, Isa I> using Vec = T __attribute__((vector_size(kVecBytes<I>), aligned(alignof(T))));
+template <class T, Isa I> inline constexpr int kLanesOf = kVecBytes<I> / int(sizeof(T));
+
+// Register tile of the GEMM micro-kernel: MR rows of C by two vectors (NR = 2 * lanes);
+// MR*2 accumulators plus the B vectors fit the register file (16 or 32 registers).
+template <class T, Isa I> struct Tile {
+  static constexpr int NV = 2, NR = NV * kLanesOf<T, I>;
+  static constexpr int MR = I == Isa::avx512 ? 8 : 4;
+};
+
+template <class V, class T> MKA_INLINE V load_vec(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+template <class V, class T> MKA_INLINE void store_vec(T* p, const V& v) {
+  std::memcpy(p, &v, sizeof v);
+}
+
+// R rows of C (+)= A * B, in strips of NR columns held in registers.
+template <class T, Isa I, int R>
+MKA_INLINE void gemm_rows(int64_t N, int64_t K, const T* __restrict A, int64_t lda,
+                          const T* __restrict B, int64_t ldb, T* __restrict C, int64_t ldc,
+                          bool accumulate) {
+  using V = Vec<T, I>;
+  constexpr int NV = Tile<T, I>::NV, W = kLanesOf<T, I>, NR = NV * W;
+  int64_t j = 0;
+  for (; j + NR <= N; j += NR) {
+    V acc[R][NV];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < NV; ++c)
+        acc[r][c] = accumulate ? load_vec<V>(C + r * ldc + j + c * W) : V{};
+    for (int64_t kk = 0; kk < K; ++kk) {
+      const T* b = B + kk * ldb + j;
+      V bv[NV];
+      for (int c = 0; c < NV; ++c) bv[c] = load_vec<V>(b + c * W);
+      for (int r = 0; r < R; ++r) {
+        const V a = V{} + A[r * lda + kk];
+        for (int c = 0; c < NV; ++c) acc[r][c] += a * bv[c];
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < NV; ++c) store_vec(C + r * ldc + j + c * W, acc[r][c]);
+  }
+  for (int r = 0; r < R && j < N; ++r) {  // column remainder
+    T* crow = C + r * ldc;
+    for (int64_t c = j; c < N; ++c) {
+      T s = accumulate ? crow[c] : T(0);
+      for (int64_t kk = 0; kk < K; ++kk) s += A[r * lda + kk] * B[kk * ldb + c];
+      crow[c] = s;
+    }
+  }
+}
 
 // C[M x N] (+)= A[M x K] * B[K x N]; all row-major with leading dimensions.
 // A is broadcast element by element, B rows are read as vectors.
@@ -31,44 +81,12 @@ template <class T, Isa I>
 MKA_INLINE void gemm_nn(int64_t M, int64_t N, int64_t K, const T* __restrict A, int64_t lda,
                         const T* __restrict B, int64_t ldb, T* __restrict C, int64_t ldc,
                         bool accumulate) {
-  constexpr int MR = Tile<T, I>::MR, NR = Tile<T, I>::NR;
+  constexpr int MR = Tile<T, I>::MR;
   int64_t i = 0;
-  for (; i + MR <= M; i += MR) {
-    int64_t j = 0;
-    for (; j + NR <= N; j += NR) {
-      T acc[MR][NR];
-      for (int r = 0; r < MR; ++r)
-        for (int c = 0; c < NR; ++c) acc[r][c] = accumulate ? C[(i + r) * ldc + j + c] : T(0);
-      for (int64_t kk = 0; kk < K; ++kk) {
-        const T* b = B + kk * ldb + j;
-        for (int r = 0; r < MR; ++r) {
-          const T a = A[(i + r) * lda + kk];
-          for (int c = 0; c < NR; ++c) acc[r][c] += a * b[c];
-        }
-      }
-      for (int r = 0; r < MR; ++r)
-        for (int c = 0; c < NR; ++c) C[(i + r) * ldc + j + c] = acc[r][c];
-    }
-    if (j < N) {  // column remainder
-      for (int r = 0; r < MR; ++r) {
-        T* crow = C + (i + r) * ldc;
-        for (int64_t c = j; c < N; ++c) {
-          T s = accumulate ? crow[c] : T(0);
-          for (int64_t kk = 0; kk < K; ++kk) s += A[(i + r) * lda + kk] * B[kk * ldb + c];
-          crow[c] = s;
-        }
-      }
-    }
-  }
-  for (; i < M; ++i) {  // row remainder: one row at a time, vectorised over N
-    T* crow = C + i * ldc;
-    if (!accumulate) std::fill(crow, crow + N, T(0));
-    for (int64_t kk = 0; kk < K; ++kk) {
-      const T a = A[i * lda + kk];
-      const T* b = B + kk * ldb;
-      for (int64_t c = 0; c < N; ++c) crow[c] += a * b[c];
-    }
-  }
+  for (; i + MR <= M; i += MR)
+    gemm_rows<T, I, MR>(N, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);
+  for (; i < M; ++i)
+    gemm_rows<T, I, 1>(N, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);
 }
 
 // exp(x) for float with ~2 ulp error, written so the compiler vectorises it; exp(-inf)
