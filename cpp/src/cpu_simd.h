@@ -21,8 +21,22 @@ namespace mka::cpu {
 // AVX-512. GCC/Clang vector extensions: the compiler maps them to whole registers, which
 // plain loops over a C array did not get (it shuffled scalars through xmm registers).
 template <Isa I> inline constexpr int kVecBytes = I == Isa::avx512 ? 64 : I == Isa::avx2 ? 32 : 16;
-template <class T, Isa I> using Vec = T __attribute__((vector_size(kVecBytes<I>), aligned(alignof(T))));
+template <class T, int Bytes> struct VecOf;  // spelled out: GCC drops vector_size on alias templates
+typedef float f32x4 __attribute__((vector_size(16), aligned(4)));
+typedef float f32x8 __attribute__((vector_size(32), aligned(4)));
+typedef float f32x16 __attribute__((vector_size(64), aligned(4)));
+typedef double f64x2 __attribute__((vector_size(16), aligned(8)));
+typedef double f64x4 __attribute__((vector_size(32), aligned(8)));
+typedef double f64x8 __attribute__((vector_size(64), aligned(8)));
+template <> struct VecOf<float, 16> { using type = f32x4; };
+template <> struct VecOf<float, 32> { using type = f32x8; };
+template <> struct VecOf<float, 64> { using type = f32x16; };
+template <> struct VecOf<double, 16> { using type = f64x2; };
+template <> struct VecOf<double, 32> { using type = f64x4; };
+template <> struct VecOf<double, 64> { using type = f64x8; };
+template <class T, Isa I> using Vec = typename VecOf<T, kVecBytes<I>>::type;
 template <class T, Isa I> inline constexpr int kLanesOf = kVecBytes<I> / int(sizeof(T));
+static_assert(sizeof(Vec<float, Isa::avx2>) == 32 && sizeof(Vec<double, Isa::generic>) == 16);
 
 // Register tile of the GEMM micro-kernel: MR rows of C by two vectors (NR = 2 * lanes);
 // MR*2 accumulators plus the B vectors fit the register file (16 or 32 registers).
