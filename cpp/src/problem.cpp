@@ -44,7 +44,7 @@ void check_tensor(const TensorRef& t, const char* name, int ndim, const char* la
   MKA_CHECK(t.present(), name, ": expected a tensor ", layout, ", got None");
   MKA_CHECK(t.ndim == ndim, name, ": expected a ", ndim, "-d tensor ", layout, ", got shape ",
             shape_str(t));
-  MKA_CHECK(t.shape[ndim - 1] <= 1 || t.stride[ndim - 1] == 1, name,
+  MKA_CHECK(t.shape[ndim - 1] <= 1 || t.numel() == 0 || t.stride[ndim - 1] == 1, name,
             ": the last dimension must be contiguous (stride 1), got stride ",
             t.stride[ndim - 1]);
   MKA_CHECK(t.device == ref.device && t.device_id == ref.device_id, name, ": is on ",
@@ -173,7 +173,7 @@ void check_output(const TensorRef& t, const char* name, std::initializer_list<in
   MKA_CHECK(t.dtype == dtype, name, ": output dtype ", dtype_name(t.dtype), ", expected ",
             dtype_name(dtype));
   MKA_CHECK(t.device == device, name, ": output on the wrong device");
-  MKA_CHECK(t.shape[t.ndim - 1] <= 1 || t.stride[t.ndim - 1] == 1, name,
+  MKA_CHECK(t.shape[t.ndim - 1] <= 1 || t.numel() == 0 || t.stride[t.ndim - 1] == 1, name,
             ": output's last dimension must be contiguous");
 }
 
