@@ -1,0 +1,22 @@
+"""Attention modules behind one interface (:class:`CausalSelfAttention`): hidden states
+``(B, T, D)`` in and out, an optional per-layer :class:`KVCache`, and the cache's bytes per
+token. Each runs on the native ops (``backend="mka"``) or on plain PyTorch
+(``backend="torch"``: SDPA and a chunked EMA)."""
+
+from .base import CausalSelfAttention, QKVAttention
+from .cache import KVCache
+from .fastmka_attention import FastMKAAttention
+from .gqa import GroupedQueryAttention, MultiHeadAttention, MultiQueryAttention
+from .memory import MemoryBank
+from .mka_attention import MKAAttention
+from .mla import MultiHeadLatentAttention
+from .registry import (ATTENTION_REGISTRY, attention_options, build_attention,
+                       check_attention_config)
+from .router import Router
+
+__all__ = [
+    "CausalSelfAttention", "QKVAttention", "KVCache", "GroupedQueryAttention",
+    "MultiHeadAttention", "MultiQueryAttention", "MultiHeadLatentAttention", "MKAAttention",
+    "FastMKAAttention", "MemoryBank", "Router", "ATTENTION_REGISTRY", "attention_options",
+    "build_attention", "check_attention_config",
+]

@@ -1,0 +1,66 @@
+"""FastMKA attention: keys/values fused across memory levels, then one attention."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .base import Memory
+from .cache import KVCache
+from .routed import RoutedAttention
+
+
+class FastMKAAttention(RoutedAttention):
+    """``k_fused_t = lam_t0 k_t + lam_t1 EMA(k)_t (+ lam_t2 k3_t)`` (and the same for ``v``)
+    with ``lam = softmax(MLP(q))`` (key-side routing), then causal attention over the fused
+    keys — ``mka::fastmka`` of SPEC §3. ``n_kv_head < n_head`` gives GQA heads.
+
+    Level 3 per position: each key recalls from the level-3 memory (learned slots plus any
+    recalled ``memory = (mem_k, mem_v)`` passed in) by its own content,
+    ``k3_t = softmax(k_t mem_k^T / sqrt(d)) mem_k`` and ``v3_t = softmax(...) mem_v`` — an
+    attention read with the key as the query. It depends on token ``t`` and the memory
+    only, so fusion stays causal and decode computes it for the new tokens alone.
+
+    Cache: the fused ``k, v`` (GQA's bytes per token) and the running EMA states ``k, v``.
+    Fused key ``t`` depends on tokens ``<= t`` only, so decode fuses the new tokens from the
+    carried state, appends them, and attends over the cache: exactly one full pass.
+    """
+
+    def forward(self, x: Tensor, cache: Optional[KVCache] = None,
+                memory: Memory = None) -> Tensor:
+        self._check_input(x, cache, memory)
+        q, k, v = self._project(x)
+        lam = self.router(q)
+        k3, v3 = self._level3(k, memory)
+        if cache is None:  # the fused op: fused keys never written to memory
+            y, _, _ = self.ops.fastmka(q, k, v, lam, self.beta, k3, v3, causal=True,
+                                       window=self.window)
+            return self._output(y)
+        kf, vf, k_state, v_state = self.ops.route_fuse(k, v, lam, self.beta, k3, v3,
+                                                       cache.states["k"], cache.states["v"])
+        cache.states.update(k=k_state, v=v_state)
+        kf, vf = cache.append(k=kf, v=vf)
+        return self._output(self.ops.attention(q, kf, vf, causal=True, window=self.window))
+
+    def _level3(self, k: Tensor, recalled: Memory) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        mem_k, mem_v = self._memory(k.shape[0], recalled)
+        if mem_k is None:
+            return None, None
+        if mem_k.shape[1] == 0:
+            raise ValueError("memory: FastMKA with levels=3 reads level-3 memory for every key; "
+                             "give memory_slots > 0 or pass recalled memory")
+        k3 = self.ops.attention(k, mem_k, mem_k, causal=False)
+        v3 = self.ops.attention(k, mem_k, mem_v, causal=False)
+        return k3, v3
+
+    def new_cache(self, batch_size: int, device: Optional[torch.device] = None,
+                  dtype: torch.dtype = torch.float32) -> KVCache:
+        cache = KVCache(batch_size, device, dtype)
+        for name in ("k", "v"):
+            cache.states[name] = self._zero_states(batch_size, cache.device, dtype)
+        return cache
+
+    def cache_state_bytes(self, dtype: torch.dtype = torch.bfloat16) -> int:
+        return 2 * self._state_bytes(dtype)

@@ -1,0 +1,176 @@
+"""Multi-head latent attention (MLA) as in DeepSeek-V2/V3."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._validate import CPU_MAX_HEAD_DIM, CUDA_HEAD_DIMS
+from .base import CausalSelfAttention, Memory, _positive_int
+from .cache import KVCache
+from .rope import apply_rope
+
+PATHS = ("naive", "absorb")
+RMS_EPS = 1e-6
+
+
+class MultiHeadLatentAttention(CausalSelfAttention):
+    """Keys and values come from a shared low-rank latent ``c_kv = RMSNorm(x W_dkv)``
+    (``kv_lora_rank`` wide); per head, ``k = [c_kv W_uk ; RoPE(x W_kr)]`` — the RoPE part
+    (``qk_rope_head_dim``) is one key shared by all heads (decoupled RoPE) — and
+    ``v = c_kv W_uv``. Queries: ``q = [q_nope ; RoPE(q_pe)]`` from ``x W_q``, or from a
+    latent ``RMSNorm(x W_dq)`` of width ``q_lora_rank`` when it is > 0.
+
+    ``path="naive"`` expands the latent into per-head keys/values and caches those
+    (``H (qk_nope + qk_rope + v)`` numbers per token). ``path="absorb"`` caches only
+    ``[c_kv ; k_rope]`` (``kv_lora_rank + qk_rope`` per token): ``W_uk`` is absorbed into
+    the query (``q_nope W_uk`` scores directly against ``c_kv``) and ``W_uv`` is applied
+    to the attention output, so attention is MQA over the latent. Same outputs.
+
+    Defaults, from the head width ``d = n_embd / n_head`` (DeepSeek's proportions, with the
+    latent kept within the CPU kernel's head dims): ``qk_nope = v = d``, ``qk_rope = d / 2``,
+    ``kv_lora_rank = 3 d``, ``q_lora_rank = 0``. The latent projections have no bias (the
+    absorption needs ``W_uk``, ``W_uv`` linear); the output projection follows ``bias``.
+    """
+
+    def __init__(self, n_embd: int, n_head: int, n_kv_head: Optional[int] = None, *,
+                 q_lora_rank: int = 0, kv_lora_rank: Optional[int] = None,
+                 qk_nope_head_dim: Optional[int] = None, qk_rope_head_dim: Optional[int] = None,
+                 v_head_dim: Optional[int] = None, rope_theta: float = 10000.0,
+                 path: str = "absorb", bias: bool = True, dropout: float = 0.0,
+                 backend: str = "mka", window: Optional[int] = None):
+        super().__init__(n_embd, n_head, bias=bias, dropout=dropout, backend=backend,
+                         window=window)
+        if n_kv_head not in (None, n_head):
+            raise ValueError(f"n_kv_head: MLA shares one latent across heads, leave it None "
+                             f"(or n_head = {n_head}), got {n_kv_head}")
+        d = self.head_dim
+        self.q_lora_rank = q_lora_rank
+        self.kv_lora_rank = 3 * d if kv_lora_rank is None else kv_lora_rank
+        self.nope = d if qk_nope_head_dim is None else qk_nope_head_dim
+        self.rope = max(2, d // 2) if qk_rope_head_dim is None else qk_rope_head_dim
+        self.v_dim = d if v_head_dim is None else v_head_dim
+        self.rope_theta, self.path = float(rope_theta), path
+        self._check_options()
+        H, r = n_head, self.kv_lora_rank
+        if q_lora_rank > 0:
+            self.q_down = nn.Linear(n_embd, q_lora_rank, bias=False)
+            self.q_norm = nn.RMSNorm(q_lora_rank, eps=RMS_EPS)
+            self.q_up = nn.Linear(q_lora_rank, H * (self.nope + self.rope), bias=False)
+        else:
+            self.q_proj = nn.Linear(n_embd, H * (self.nope + self.rope), bias=False)
+        self.kv_down = nn.Linear(n_embd, r + self.rope, bias=False)
+        self.kv_norm = nn.RMSNorm(r, eps=RMS_EPS)
+        self.kv_up = nn.Linear(r, H * (self.nope + self.v_dim), bias=False)
+        self.proj = nn.Linear(H * self.v_dim, n_embd, bias=bias)
+        self.scale = 1.0 / math.sqrt(self.nope + self.rope)
+
+    def _check_options(self) -> None:
+        if not isinstance(self.q_lora_rank, int) or self.q_lora_rank < 0:
+            raise ValueError(f"q_lora_rank: must be 0 (no query latent) or a positive integer, "
+                             f"got {self.q_lora_rank!r}")
+        _positive_int(self.kv_lora_rank, "kv_lora_rank")
+        _positive_int(self.nope, "qk_nope_head_dim")
+        _positive_int(self.v_dim, "v_head_dim")
+        _positive_int(self.rope, "qk_rope_head_dim")
+        if self.rope % 2:
+            raise ValueError(f"qk_rope_head_dim: RoPE rotates pairs, must be even, got {self.rope}")
+        if self.path not in PATHS:
+            raise ValueError(f"path: expected one of {PATHS}, got {self.path!r}")
+        width = self._attention_width()
+        if self.backend == "mka" and width > CPU_MAX_HEAD_DIM:
+            names = ("kv_lora_rank + qk_rope_head_dim" if self.path == "absorb" else
+                     "max(qk_nope_head_dim + qk_rope_head_dim, v_head_dim)")
+            raise ValueError(f"kv_lora_rank: the {self.path} path attends with head dim {names} "
+                             f"= {width}, above the mka kernels' {CPU_MAX_HEAD_DIM}; use smaller "
+                             "dims or backend='torch'")
+
+    def _attention_width(self) -> int:
+        if self.path == "absorb":
+            return self.kv_lora_rank + self.rope
+        return max(self.nope + self.rope, self.v_dim)
+
+    # ------------------------------------------------------------------ projections
+
+    def _query(self, x: Tensor, start: int) -> tuple[Tensor, Tensor]:
+        """``q_nope: (B, T, H, qk_nope)``, ``q_pe: (B, T, H, qk_rope)`` (rotated)."""
+        B, T, _ = x.shape
+        q = self.q_up(self.q_norm(self.q_down(x))) if self.q_lora_rank > 0 else self.q_proj(x)
+        q_nope, q_pe = q.view(B, T, self.n_head, self.nope + self.rope).split(
+            (self.nope, self.rope), -1)
+        return q_nope, apply_rope(q_pe, start, self.rope_theta)
+
+    def _latent(self, x: Tensor, start: int) -> Tensor:
+        """``[c_kv ; k_pe]: (B, T, kv_lora_rank + qk_rope)`` — what the absorb path caches."""
+        c, k_pe = self.kv_down(x).split((self.kv_lora_rank, self.rope), -1)
+        k_pe = apply_rope(k_pe[:, :, None, :], start, self.rope_theta)[:, :, 0]
+        return torch.cat((self.kv_norm(c), k_pe), -1)
+
+    def _up_weights(self) -> tuple[Tensor, Tensor]:
+        """Per-head ``W_uk: (H, qk_nope, r)`` and ``W_uv: (H, v, r)`` of ``kv_up``."""
+        w = self.kv_up.weight.view(self.n_head, self.nope + self.v_dim, self.kv_lora_rank)
+        return w[:, :self.nope], w[:, self.nope:]
+
+    # ------------------------------------------------------------------ attention
+
+    def forward(self, x: Tensor, cache: Optional[KVCache] = None,
+                memory: Memory = None) -> Tensor:
+        self._check_input(x, cache, memory)
+        start = 0 if cache is None else cache.length
+        q_nope, q_pe = self._query(x, start)
+        latent = self._latent(x, start)
+        if self.path == "naive":
+            y = self._naive(q_nope, q_pe, latent, cache)
+        else:
+            y = self._absorb(q_nope, q_pe, latent, cache)
+        B, T = x.shape[:2]
+        return self.resid_dropout(self.proj(y.reshape(B, T, self.n_head * self.v_dim)))
+
+    def _naive(self, q_nope: Tensor, q_pe: Tensor, latent: Tensor,
+               cache: Optional[KVCache]) -> Tensor:
+        B, T, H = q_nope.shape[:3]
+        c, k_pe = latent.split((self.kv_lora_rank, self.rope), -1)
+        k_nope, v = self.kv_up(c).view(B, T, H, self.nope + self.v_dim).split(
+            (self.nope, self.v_dim), -1)
+        k = torch.cat((k_nope, k_pe[:, :, None, :].expand(B, T, H, self.rope)), -1)
+        if cache is not None:
+            k, v = cache.append(k=k, v=v)
+        return self._attend(torch.cat((q_nope, q_pe), -1), k, v)
+
+    def _absorb(self, q_nope: Tensor, q_pe: Tensor, latent: Tensor,
+                cache: Optional[KVCache]) -> Tensor:
+        w_uk, w_uv = self._up_weights()
+        q = torch.cat((torch.einsum("bthn,hnr->bthr", q_nope, w_uk), q_pe), -1)
+        if cache is not None:
+            (latent,) = cache.append(latent=latent)
+        kv = latent[:, :, None, :]  # one key/value head: MQA over the latent
+        o = self._attend(q, kv, kv[..., :self.kv_lora_rank])
+        return torch.einsum("bthr,hvr->bthv", o, w_uv)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Causal attention with the MLA scale; ``v`` may be narrower than ``q``/``k``.
+        The mka kernels take one head dim for q, k, v (64 or 128 on CUDA): zero-padding adds
+        nothing to the scores and only zero output columns, which are cut off."""
+        dv = v.shape[-1]
+        if self.backend == "mka":
+            width = _kernel_head_dim(max(q.shape[-1], dv), q.device)
+            q, k, v = (t if t.shape[-1] == width else F.pad(t, (0, width - t.shape[-1]))
+                       for t in (q, k, v))
+        out = self.ops.attention(q, k, v, causal=True, scale=self.scale, window=self.window)
+        return out[..., :dv]
+
+    def cache_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> int:
+        if self.path == "absorb":
+            return (self.kv_lora_rank + self.rope) * dtype.itemsize
+        return self.n_head * (self.nope + self.rope + self.v_dim) * dtype.itemsize
+
+
+def _kernel_head_dim(width: int, device: torch.device) -> int:
+    """The head dim the kernels run ``width`` at: itself on CPU, the next supported on CUDA."""
+    if device.type == "cuda":
+        return next((d for d in CUDA_HEAD_DIMS if d >= width), width)
+    return width

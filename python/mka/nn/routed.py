@@ -1,0 +1,51 @@
+"""What MKA and FastMKA share: the router over 2 or 3 memory levels, the EMA decay ``beta``
+of level 2, and the level-3 memory bank."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..reference import state_dtype
+from .base import Memory, QKVAttention
+from .memory import MemoryBank
+from .router import Router
+
+
+class RoutedAttention(QKVAttention):
+    """Options: ``levels`` 2 (local + session EMA) or 3 (+ long-term memory), ``beta`` the
+    EMA decay in [0, 1), ``router_hidden`` the router MLP's width, ``memory_slots`` the
+    learned level-3 slots per key/value head (used when ``levels == 3``)."""
+
+    accepts_memory = True
+
+    def __init__(self, n_embd: int, n_head: int, n_kv_head: Optional[int] = None, *,
+                 levels: int = 2, beta: float = 0.9, router_hidden: int = 64,
+                 memory_slots: int = 16, bias: bool = True, dropout: float = 0.0,
+                 backend: str = "mka", window: Optional[int] = None):
+        super().__init__(n_embd, n_head, n_kv_head, bias=bias, dropout=dropout,
+                         backend=backend, window=window)
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+            raise ValueError(f"beta: the EMA decay must be a float in [0, 1), got {beta!r}")
+        self.levels, self.beta = levels, float(beta)
+        self.router = Router(n_head * self.head_dim, levels, router_hidden, bias)
+        self.memory = (MemoryBank(memory_slots, self.n_kv_head, self.head_dim)
+                       if levels == 3 else None)
+
+    def _memory(self, batch_size: int, recalled: Memory) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """Level-3 ``(mem_k, mem_v): (B, M, G, d)``, or ``(None, None)`` with two levels."""
+        if self.memory is None:
+            if recalled is not None:
+                raise ValueError("memory: this module has levels=2, no level-3 memory to pass")
+            return None, None
+        return self.memory(batch_size, recalled)
+
+    def _zero_states(self, batch_size: int, device, dtype: torch.dtype) -> Tensor:
+        return torch.zeros(batch_size, self.n_kv_head, self.head_dim, device=device,
+                           dtype=state_dtype(dtype))
+
+    def _state_bytes(self, dtype: torch.dtype) -> int:
+        """One EMA state, ``(G, d)`` in the state dtype, per sequence."""
+        return self.n_kv_head * self.head_dim * state_dtype(dtype).itemsize
