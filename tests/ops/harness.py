@@ -7,7 +7,7 @@ from typing import Callable, Optional
 
 import torch
 
-from conftest import assert_close
+from conftest import TOL, assert_close
 
 CUDA_HEAD_DIMS = (64, 128)
 
@@ -62,4 +62,6 @@ def compare(op: Callable, ref: Callable, inputs: dict, kwargs: dict, dtype: torc
             continue
         assert g is not None, f"grad of {n}: missing"
         assert g.shape == dev_in[n].shape and g.dtype == dev_in[n].dtype, f"grad of {n}: shape/dtype"
-        assert_close(g, w, dtype, f"grad of {n}")
+        # A float32 input of a float64 op (lam, say) gets a float32 gradient: its own bound.
+        coarser = max((dtype, g.dtype), key=lambda dt: TOL[dt])
+        assert_close(g, w, coarser, f"grad of {n}")

@@ -1,0 +1,92 @@
+"""Bad inputs raise ValueError naming the argument (SPEC §4) — in Python before any native
+code runs, and again in the native layer when it is called directly."""
+
+import pytest
+import torch
+
+import mka
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))]
+
+
+def qkv(device, B=2, T=8, H=4, G=2, d=64, dtype=torch.float32):
+    mk = lambda *s: torch.randn(*s, device=device, dtype=dtype)  # noqa: E731
+    return mk(B, T, H, d), mk(B, T, G, d), mk(B, T, G, d)
+
+
+def lam(device, B=2, T=8, L=2, dtype=torch.float32):
+    return torch.softmax(torch.randn(B, T, L, device=device), -1).to(dtype)
+
+
+def raises(match, fn, *args, **kwargs):
+    with pytest.raises(ValueError, match=match):
+        fn(*args, **kwargs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_attention_bad_inputs(device):
+    q, k, v = qkv(device)
+    att = torch.ops.mka.attention
+    raises(r"^k: expected shape", att, q, k[..., :32], v[..., :32])
+    raises(r"^v: expected the shape of k", att, q, k, v[:, :5])
+    raises(r"^q: the number of query heads H = 4 must be a multiple of .* G = 3",
+           att, q, *qkv(device, G=3)[1:])
+    raises(r"^k: dtype torch.float64 does not match q", att, q, k.double(), v)
+    raises(r"^q: expected a 4-d tensor", att, q[0], k, v)
+    raises(r"^window: must be at least 1", att, q, k, v, True, None, 0)
+    raises(r"^q: the last dimension must be contiguous", att,
+           q.transpose(-1, -2).contiguous().transpose(-1, -2), k, v)
+    raises(r"^q: dtype torch.int64 is not supported", att, q.long(), k.long(), v.long())
+    raises(r"^k: is on meta but q is on", att, q, k.to("meta"), v)
+    if device == "cpu":
+        raises(r"^q: head dim 300 is not supported on cpu", att, *qkv(device, d=300))
+    else:
+        raises(r"^q: head dim 96 is not supported on cuda", att, *qkv(device, d=96))
+        raises(r"^q: dtype torch.float64 is not supported on cuda", att,
+               *qkv(device, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_routing_bad_inputs(device):
+    q, k, v = qkv(device)
+    raises(r"^lam: expected L = 2 or 3", torch.ops.mka.fastmka, q, k, v, lam(device, L=4), 0.9)
+    raises(r"^lam: expected shape \(B, Tk, L\)", torch.ops.mka.fastmka, q, k, v,
+           lam(device, T=5), 0.9)
+    raises(r"^lam: expected shape \(B, Tq, L\)", torch.ops.mka.mka, q[:, :3], k, v,
+           lam(device), 0.9)
+    for beta in (-0.1, 1.0, 1.5, float("nan")):
+        raises(r"^beta: must be a float in \[0, 1\)", torch.ops.mka.route_fuse, k, v,
+               lam(device), beta)
+    raises(r"^k3: required when lam has L = 3", torch.ops.mka.route_fuse, k, v,
+           lam(device, L=3), 0.9)
+    raises(r"^k3: given, but lam has L = 2", torch.ops.mka.fastmka, q, k, v, lam(device), 0.9,
+           k, v)
+    raises(r"^mem_k: required when lam has L = 3", torch.ops.mka.mka, q, k, v,
+           lam(device, L=3), 0.9)
+    raises(r"^mem_k: expected shape \(B, M, G, d\)", torch.ops.mka.mka, q, k, v,
+           lam(device, L=3), 0.9, k[:, :, :1], v[:, :, :1])
+    raises(r"^k_state: expected shape \(B, G, d\)", torch.ops.mka.route_fuse, k, v,
+           lam(device), 0.9, k_state=torch.zeros(2, 3, 64, device=device))
+    raises(r"^k_state: dtype torch.float64 must be torch.float32", torch.ops.mka.route_fuse,
+           k, v, lam(device), 0.9, k_state=torch.zeros(2, 2, 64, device=device,
+                                                       dtype=torch.float64))
+    raises(r"^lam: dtype torch.float64 must be float32", torch.ops.mka.route_fuse, k, v,
+           lam(device).double(), 0.9)
+
+
+def test_native_layer_validates_too():
+    """Called directly, the native module raises ValueError instead of crashing."""
+    q, k, v = qkv("cpu")
+    out = torch.empty_like(q)
+    lse = torch.empty(2, 4, 8)
+    with pytest.raises(ValueError, match="H = 4 must be a multiple"):
+        mka._C.attention_forward(q, k[:, :, :1].expand(2, 8, 3, 64).contiguous(),
+                                 v[:, :, :1].expand(2, 8, 3, 64).contiguous(), True, None,
+                                 None, out, lse, 0)
+    with pytest.raises(ValueError, match="lse"):
+        mka._C.attention_forward(q, k, v, True, None, None, out, torch.empty(2, 4, 7), 0)
+    with pytest.raises(ValueError, match="beta"):
+        mka._C.route_fuse_forward(k, v, lam("cpu"), 1.0, None, None, None, None,
+                                  torch.empty_like(k), torch.empty_like(v),
+                                  torch.empty(2, 2, 64), torch.empty(2, 2, 64), 0)

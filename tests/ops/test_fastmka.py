@@ -1,0 +1,70 @@
+"""mka::fastmka (route fusion + one attention) against the float64 reference."""
+
+import pytest
+import torch
+
+from conftest import assert_close, dtype_params
+from harness import compare, head_dim_for, randn, router, state
+from mka import reference as R
+
+OUTS = ["out", "k_state_out", "v_state_out"]
+
+# (B, Tq, Tk, H, G, d, causal, window, L, with_state)
+CASES = [
+    (2, 33, 33, 4, 4, 16, True, None, 2, False),
+    (2, 33, 33, 4, 2, 64, True, None, 3, True),
+    (1, 65, 65, 8, 2, 128, True, 9, 2, True),
+    (1, 17, 40, 4, 1, 64, True, None, 3, False),
+    (2, 7, 7, 2, 1, 256, False, None, 2, True),
+    (1, 1, 1, 2, 2, 32, True, None, 3, True),
+]
+
+
+@pytest.mark.parametrize("device,dtype", dtype_params())
+@pytest.mark.parametrize("B,Tq,Tk,H,G,d,causal,window,L,with_state", CASES)
+def test_fastmka_matches_reference(device, dtype, B, Tq, Tk, H, G, d, causal, window, L,
+                                   with_state):
+    d = head_dim_for(device, d)
+    inp = dict(q=randn(B, Tq, H, d, device=device, dtype=dtype),
+               k=randn(B, Tk, G, d, device=device, dtype=dtype),
+               v=randn(B, Tk, G, d, device=device, dtype=dtype),
+               lam=router(B, Tk, L, device, dtype), beta=0.8)
+    if L == 3:
+        inp.update(k3=randn(B, Tk, G, d, device=device, dtype=dtype),
+                   v3=randn(B, Tk, G, d, device=device, dtype=dtype))
+    if with_state:
+        inp.update(k_state=state(B, G, d, device, dtype), v_state=state(B, G, d, device, dtype))
+    compare(torch.ops.mka.fastmka, R.fastmka, inp,
+            dict(causal=causal, scale=None, window=window), dtype, out_names=OUTS)
+
+
+@pytest.mark.parametrize("device,dtype", dtype_params())
+def test_fastmka_equals_route_fuse_then_attention(device, dtype):
+    B, T, H, G, d = 2, 40, 4, 2, head_dim_for(device, 64)
+    q = randn(B, T, H, d, device=device, dtype=dtype)
+    k, v = (randn(B, T, G, d, device=device, dtype=dtype) for _ in range(2))
+    lam = router(B, T, 2, device, dtype)
+    out, ks, vs = torch.ops.mka.fastmka(q, k, v, lam, 0.7)
+    kf, vf, ks2, vs2 = torch.ops.mka.route_fuse(k, v, lam, 0.7)
+    assert_close(out, torch.ops.mka.attention(q, kf, vf), dtype, "out")
+    assert_close(ks, ks2, dtype, "k_state")
+
+
+@pytest.mark.parametrize("device,dtype", dtype_params())
+def test_decode_with_fused_cache_equals_full(device, dtype):
+    """Prefill, then one token at a time: route_fuse the new token with the carried state,
+    append to the fused cache, attend — equals one fastmka call over the whole sequence."""
+    B, T, H, G, d, T0 = 1, 24, 4, 2, head_dim_for(device, 32), 15
+    q = randn(B, T, H, d, device=device, dtype=dtype)
+    k, v = (randn(B, T, G, d, device=device, dtype=dtype) for _ in range(2))
+    lam = router(B, T, 2, device, dtype)
+    full, ks_full, _ = torch.ops.mka.fastmka(q, k, v, lam, 0.9)
+    kf, vf, ks, vs = torch.ops.mka.route_fuse(k[:, :T0], v[:, :T0], lam[:, :T0], 0.9)
+    outs = [torch.ops.mka.attention(q[:, :T0], kf, vf)]
+    for t in range(T0, T):
+        nk, nv, ks, vs = torch.ops.mka.route_fuse(k[:, t:t + 1], v[:, t:t + 1], lam[:, t:t + 1],
+                                                  0.9, k_state=ks, v_state=vs)
+        kf, vf = torch.cat([kf, nk], 1), torch.cat([vf, nv], 1)
+        outs.append(torch.ops.mka.attention(q[:, t:t + 1], kf, vf))
+    assert_close(torch.cat(outs, 1), full, dtype, "decoded out")
+    assert_close(ks, ks_full, dtype, "decoded k_state")
