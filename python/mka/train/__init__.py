@@ -1,0 +1,81 @@
+"""``mka train``: train a GPT with each attention variant on the same data and budget, and
+compare held-out loss, throughput and memory. ``main(argv)`` is the command line."""
+
+from __future__ import annotations
+
+import datetime
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import dataset, report
+from . import distributed as D
+from .loop import Interrupted, StopFlag, VariantRun
+from .options import ConfigError, Settings, parse
+
+__all__ = ["main", "run"]
+
+
+def _git_commit() -> Optional[str]:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _meta(settings: Settings, rt: D.Runtime, data: dataset.TokenizedData, argv: list[str]) -> dict:
+    return {"command": "mka train " + shlex.join(argv),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "commit": _git_commit(), "device": rt.describe(), "processes": rt.world,
+            "torch": torch.__version__, "precision": settings.precision,
+            "data": data.describe(), "settings": settings.values}
+
+
+def run(settings: Settings, argv: list[str]) -> list[dict]:
+    """Train every requested variant in turn; returns their results (rank 0 also writes them)."""
+    rt = D.start(settings)
+    try:
+        if settings.deepspeed:
+            D.load_deepspeed(settings.deepspeed)
+        data = dataset.prepare(settings, rt)
+        out = Path(settings.out)
+        meta = _meta(settings, rt, data, argv)
+        if rt.is_main:
+            d = data.describe()
+            print(f"data: {d['train_tokens']:,} training tokens ({d['train_source']}), "
+                  f"{d['heldout_tokens']:,} held-out tokens ({d['heldout_source']}); "
+                  f"tokenizer {d['tokenizer']} ({d['vocab_size']} symbols); device {meta['device']}", flush=True)
+        results = []
+        with StopFlag() as stop:
+            for variant in settings.variants():
+                try:
+                    results.append(VariantRun(settings, variant, data, rt, out).run(stop))
+                finally:
+                    if rt.is_main and results:
+                        report.write_all(out, results, meta, plots=False)
+        if rt.is_main:
+            notes = report.write_all(out, results, meta, settings.plots)
+            print(report.text_table(results))
+            print(*notes, f"results written to {out}/results.{{json,csv,md}}", sep="\n")
+        return results
+    finally:
+        D.stop(rt)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        settings = parse(argv)
+        run(settings, argv)
+    except ConfigError as e:
+        print(f"mka train: error: {e}", file=sys.stderr)
+        return 2
+    except Interrupted as e:
+        print(f"mka train: {e}", file=sys.stderr)
+        return 130
+    return 0

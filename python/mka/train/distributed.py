@@ -1,0 +1,133 @@
+"""Processes and devices: single process, or ``torchrun`` (one or many nodes) through
+``torch.distributed`` — gloo on CPU, NCCL on GPUs — with DDP, FSDP2 or DeepSpeed ZeRO."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .options import ConfigError, Settings
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def describe(self) -> str:
+        if self.device.type == "cuda":
+            name = torch.cuda.get_device_name(self.device)
+        else:
+            name = f"CPU ({torch.get_num_threads()} threads)"
+        return f"{self.world} x {name}" if self.distributed else name
+
+
+def start(settings: Settings) -> Runtime:
+    """Joins the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    want = settings.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available")
+    use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo",
+                                device_id=device if use_cuda else None)
+    return Runtime(device, rank, world, local_rank)
+
+
+def stop(rt: Runtime) -> None:
+    if rt.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(rt: Runtime) -> None:
+    if rt.distributed:
+        dist.barrier()
+
+
+def all_reduce(rt: Runtime, values: list[float], op: str = "sum") -> list[float]:
+    """Reduce a few scalars across ranks (float64 on the collective's device)."""
+    if not rt.distributed:
+        return list(values)
+    dev = rt.device if rt.device.type == "cuda" else torch.device("cpu")
+    t = torch.tensor(values, dtype=torch.float64, device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def gather_objects(rt: Runtime, obj: Any) -> list[Any]:
+    if not rt.distributed:
+        return [obj]
+    out: list[Any] = [None] * rt.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def wrap(model: torch.nn.Module, rt: Runtime, settings: Settings) -> torch.nn.Module:
+    """The module the training step calls. Checkpoints and evaluation use the same object."""
+    if not rt.distributed:
+        if settings.fsdp:
+            raise ConfigError("--fsdp shards across processes: launch with torchrun --nproc-per-node N")
+        return model
+    if settings.fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for block in _blocks(model):
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
+
+
+def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Transformer blocks to shard one by one (the usual FSDP unit)."""
+    for name in ("blocks", "h", "layers"):
+        for holder in (model, getattr(model, "transformer", None)):
+            seq = getattr(holder, name, None) if holder is not None else None
+            if isinstance(seq, torch.nn.ModuleList):
+                return list(seq)
+    return []
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The GPT inside DDP / torch.compile wrappers (FSDP2 shards in place: nothing to strip)."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def load_deepspeed(config_path: str):
+    """The deepspeed module, or a clear error when it is not installed."""
+    try:
+        import deepspeed
+    except ImportError as e:
+        raise ConfigError(f"--deepspeed {config_path}: the deepspeed package is not installed "
+                          "(pip install deepspeed); without it, train with DDP (default) or --fsdp") from e
+    if not os.path.isfile(config_path):
+        raise ConfigError(f"--deepspeed: no such config file {config_path}")
+    return deepspeed

@@ -1,0 +1,275 @@
+"""Train one attention variant: warm-up + cosine AdamW steps over the sampler's global
+batches, periodic held-out evaluation, checkpoints, and the variant's metrics."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import checkpoint, memory
+from . import distributed as D
+from .blocks import TrainSampler, heldout_blocks
+from .dataset import TokenizedData
+from .evaluation import autocast, heldout_loss
+from .model_factory import PRECISION_DTYPES, choose_attn_backend, gpt_config
+from .options import ConfigError, Settings
+from .schedule import make_optimizer, step_budget
+
+
+class Interrupted(Exception):
+    """Training stopped early on request; a checkpoint was written."""
+
+
+class StopFlag:
+    """The first Ctrl-C (or SIGTERM) asks the loop to stop after the current step and save;
+    a second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handlers, Ctrl-C stays default
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Clock:
+    """Wall time of training segments (evaluation and checkpoints excluded); segments that
+    start after the timing warm-up also count towards tokens/s."""
+
+    def __init__(self, device: torch.device, history: dict):
+        self.device, self.h = device, history
+        self.start, self.timed, self.tokens = None, False, 0
+
+    def open(self, timed: bool) -> None:
+        _sync(self.device)
+        self.start, self.timed, self.tokens = time.perf_counter(), timed, 0
+
+    def close(self) -> None:
+        if self.start is None:
+            return
+        _sync(self.device)
+        elapsed = time.perf_counter() - self.start
+        self.h["train_seconds"] += elapsed
+        if self.timed:
+            self.h["timed_seconds"] += elapsed
+            self.h["timed_tokens"] += self.tokens
+        self.start = None
+
+
+def _new_history() -> dict:
+    return {"train": [], "evals": [], "train_seconds": 0.0, "timed_seconds": 0.0, "timed_tokens": 0,
+            "eval_seconds": 0.0}
+
+
+def _trajectory(settings: Settings, variant: str) -> dict:
+    t = {k: settings.values[k] for k in checkpoint.TRAJECTORY_KEYS}
+    t["attention"] = variant
+    return t
+
+
+class VariantRun:
+    def __init__(self, settings: Settings, variant: str, data: TokenizedData, rt: D.Runtime, out: Path):
+        self.s, self.variant, self.data, self.rt = settings, variant, data, rt
+        self.dir = out / variant
+        self.ckpt_path, self.result_path = self.dir / "checkpoint.pt", self.dir / "result.json"
+        self.trajectory = _trajectory(settings, variant)
+
+    # ------------------------------------------------------------------ setup
+    def _build(self) -> None:
+        from mka.models import GPT
+        s, rt = self.s, self.rt
+        self.backend, self.backend_reason = choose_attn_backend(s.attn_backend, rt.device)
+        self.config = gpt_config(s, self.variant, self.data.vocab_size, self.backend)
+        torch.manual_seed(s.seed)  # the same initial weights on every rank, for every run of a variant
+        model = GPT(self.config).to(rt.device)
+        self.params = model.num_params(non_embedding=False)
+        self.params_non_embedding = model.num_params(non_embedding=True)
+        self.kv_dtype = PRECISION_DTYPES[s.precision]
+        self.kv_bytes = model.kv_cache_bytes_per_token(self.kv_dtype)
+        self.model = model
+        self.sampler = TrainSampler(self.data.train, s.seq_len, s.batch_size, s.grad_accum, rt.world, s.seed)
+        self.total_steps = step_budget(s, self.sampler)
+        self.train_model = D.wrap(model, rt, s)   # FSDP2 shards in place, so the optimizer comes after
+        self.optimizer, self.scheduler = make_optimizer(model, s, rt.device, self.total_steps)
+        if s.compile:
+            self.train_model = torch.compile(self.train_model)
+        self.scaler = torch.amp.GradScaler(rt.device.type, enabled=s.precision == "fp16")
+        self.periodic_blocks = heldout_blocks(self.data.heldout, s.seq_len, s.eval_tokens)
+        self.final_blocks = heldout_blocks(self.data.heldout, s.seq_len)
+
+    def _ckpt_args(self) -> dict:
+        return dict(model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
+                    rt=self.rt)
+
+    def _save(self, step: int, history: dict) -> None:
+        checkpoint.save(self.ckpt_path, step=step, history=history, trajectory=self.trajectory,
+                        variant=self.variant, **self._ckpt_args())
+
+    # ------------------------------------------------------------------ pieces of a step
+    def _evaluate(self, blocks, history: dict, step: int) -> dict:
+        t0 = time.perf_counter()
+        ev = heldout_loss(self.train_model, blocks, self.s.batch_size, self.rt, self.s.precision)
+        _sync(self.rt.device)
+        history["eval_seconds"] += time.perf_counter() - t0
+        return ev
+
+    def _train_step(self, step: int) -> torch.Tensor:
+        s, rt = self.s, self.rt
+        ddp = isinstance(self.train_model, torch.nn.parallel.DistributedDataParallel)
+        mean_loss = torch.zeros((), device=rt.device)
+        for micro in range(s.grad_accum):
+            mb = self.sampler.micro_batch(step, micro, rt.rank, rt.device)
+            # gradients are all-reduced once per step, on the last micro-batch
+            sync = nullcontext() if (not ddp or micro == s.grad_accum - 1) else self.train_model.no_sync()
+            with sync:
+                with autocast(rt.device, s.precision):
+                    _, loss = self.train_model(mb.x, mb.y)
+                self.scaler.scale(loss / s.grad_accum).backward()
+            mean_loss += loss.detach().float() / s.grad_accum
+        if s.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return mean_loss
+
+    def _flush(self, pending: list, history: dict) -> None:
+        """Record pending per-step losses, averaged over ranks (one host sync per flush)."""
+        if not pending:
+            return
+        losses = torch.stack([p[1] for p in pending]).double().tolist()
+        losses = [x / self.rt.world for x in D.all_reduce(self.rt, losses)]
+        history["train"].extend([step, loss, lr] for (step, _, lr), loss in zip(pending, losses))
+        pending.clear()
+
+    def _stop_requested(self, stop: StopFlag, done: int) -> bool:
+        asked = stop.requested or (self.s.stop_after_steps is not None and done >= self.s.stop_after_steps)
+        if self.rt.distributed:  # every rank must stop at the same step
+            asked = D.all_reduce(self.rt, [float(asked)], "max")[0] > 0
+        return asked
+
+    def _checkpoint_due(self, done: int) -> bool:
+        every = self.s.checkpoint_interval or self.s.eval_interval
+        return bool(every) and done % every == 0
+
+    # ------------------------------------------------------------------ the run
+    def run(self, stop: StopFlag) -> dict:
+        s, rt = self.s, self.rt
+        if s.resume and self.result_path.is_file():
+            done_before = json.loads(self.result_path.read_text())
+            if done_before.get("complete") and done_before.get("trajectory") == self.trajectory:
+                return done_before
+        if not s.resume and (self.ckpt_path.exists() or self.result_path.exists()):
+            raise ConfigError(f"--out {self.dir.parent} already holds a run of {self.variant}; "
+                              "pass --resume to continue it or choose another --out")
+        memory.reset_peak(rt.device)
+        self._build()
+        history, done = _new_history(), 0
+        if s.resume and self.ckpt_path.is_file():
+            done, history = checkpoint.load(self.ckpt_path, trajectory=self.trajectory, **self._ckpt_args())
+        else:
+            torch.manual_seed(s.seed + rt.rank)  # dropout masks differ per rank, as in data-parallel training
+        self.train_model.train()
+        tokens_per_step = self.sampler.global_batch * s.seq_len
+        timing_from = done + s.timing_warmup_steps  # warm-up again after a resume: caches are cold
+        clock, pending = Clock(rt.device, history), []
+        bar = tqdm(total=self.total_steps, initial=done, desc=self.variant, disable=not rt.is_main,
+                   dynamic_ncols=True, mininterval=0.5)
+        try:
+            while done < self.total_steps:
+                if s.eval_interval and done % s.eval_interval == 0 and \
+                        (not history["evals"] or history["evals"][-1][0] != done):
+                    clock.close()
+                    ev = self._evaluate(self.periodic_blocks, history, done)
+                    history["evals"].append([done, ev["loss"]])
+                    if rt.is_main:
+                        bar.write(f"[{self.variant}] step {done}: held-out loss {ev['loss']:.4f}")
+                if clock.start is None or (done == timing_from and not clock.timed):
+                    clock.close()
+                    clock.open(timed=done >= timing_from)
+                lr = self.scheduler.get_last_lr()[0]
+                loss = self._train_step(done)
+                done += 1
+                clock.tokens += tokens_per_step
+                pending.append((done, loss, lr))
+                if done % s.log_interval == 0 or done == self.total_steps:
+                    self._flush(pending, history)
+                    tps = history["timed_tokens"] / history["timed_seconds"] if history["timed_seconds"] else None
+                    bar.set_postfix(loss=f"{history['train'][-1][1]:.4f}",
+                                    tok_s=f"{tps:,.0f}" if tps else "warm-up", refresh=False)
+                bar.update(1)
+                stopping = self._stop_requested(stop, done) and done < self.total_steps
+                if stopping or self._checkpoint_due(done) or done == self.total_steps:
+                    self._flush(pending, history)
+                    clock.close()
+                    self._save(done, history)
+                if stopping:
+                    self._write_result(self._result(history, done, final=None))
+                    raise Interrupted(f"{self.variant} stopped at step {done}/{self.total_steps}; "
+                                      f"checkpoint in {self.ckpt_path}; continue with --resume")
+        finally:
+            bar.close()
+        clock.close()
+        final = self._evaluate(self.final_blocks, history, done)
+        history["evals"].append([done, final["loss"]])
+        result = self._result(history, done, final)
+        self._write_result(result)
+        return result
+
+    # ------------------------------------------------------------------ results
+    def _result(self, history: dict, done: int, final: dict | None) -> dict:
+        peak, peak_kind = memory.peak_bytes(self.rt.device)
+        peak = int(D.all_reduce(self.rt, [float(peak)], "max")[0])
+        train_losses = [x[1] for x in history["train"]]
+        tail = train_losses[-10:]
+        return {
+            "variant": self.variant, "complete": final is not None, "trajectory": self.trajectory,
+            "attn_backend": self.backend, "attn_backend_reason": self.backend_reason,
+            "n_head": self.config.n_head, "n_kv_head": self.config.n_kv_head or self.config.n_head,
+            "attn_options": dict(self.config.attn_options or {}),
+            "params": self.params, "params_non_embedding": self.params_non_embedding,
+            "kv_cache_bytes_per_token": self.kv_bytes, "kv_cache_dtype": str(self.kv_dtype).replace("torch.", ""),
+            "steps": done, "total_steps": self.total_steps, "global_batch_blocks": self.sampler.global_batch,
+            "tokens_trained": done * self.sampler.global_batch * self.s.seq_len,
+            "steps_per_epoch": self.sampler.steps_per_epoch,
+            "heldout_loss": final["loss"] if final else None, "heldout_ppl": final["ppl"] if final else None,
+            "heldout_tokens": final["tokens"] if final else None,
+            "best_heldout_loss": min((e[1] for e in history["evals"]), default=None),
+            "train_loss_last10": sum(tail) / len(tail) if tail else None,
+            "tokens_per_s": history["timed_tokens"] / history["timed_seconds"] if history["timed_seconds"] else None,
+            "train_time_s": history["train_seconds"], "eval_time_s": history["eval_seconds"],
+            "peak_memory_bytes": peak, "peak_memory_kind": peak_kind,
+            "curves": {"train": history["train"], "evals": history["evals"]},
+        }
+
+    def _write_result(self, result: dict) -> None:
+        if self.rt.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.result_path.write_text(json.dumps(result, indent=1))

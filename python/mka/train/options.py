@@ -1,0 +1,264 @@
+"""Every setting of ``mka train``: one table drives the command line, the YAML config
+and validation, so a flag and a config key can never disagree.
+
+Precedence: built-in default < ``--config FILE.yaml`` < flags given on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+VARIANTS = ("mha", "mqa", "gqa", "mla", "mka", "fastmka")
+
+# (n_layer, n_head, n_embd): GPT-2 sizes from the paper, "tiny" for CPU smoke runs.
+MODEL_PRESETS = {
+    "tiny": (2, 4, 64),
+    "gpt2-small": (12, 12, 768),
+    "gpt2-medium": (24, 16, 1024),
+}
+
+
+class ConfigError(ValueError):
+    """A bad flag or config value; the message names the setting."""
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str                      # config key; the flag is --name-with-dashes
+    kind: type                     # int, float, str, bool, dict or list
+    default: Any
+    help: str
+    choices: Optional[tuple] = None
+    aliases: tuple = ()
+    check: Optional[Callable[[Any], bool]] = None
+    check_msg: str = ""
+
+
+def _pos(x) -> bool:
+    return x > 0
+
+
+def _nonneg(x) -> bool:
+    return x >= 0
+
+
+OPTIONS = [
+    # what to train
+    Option("attention", str, "mha", "variant(s): one of mha,mqa,gqa,mla,mka,fastmka,all or a comma list"),
+    Option("num_kv_heads", int, None, "key/value heads for gqa (default n_head // 2; mqa uses 1)",
+           aliases=("--num-groups",), check=_pos, check_msg="must be > 0"),
+    Option("model", str, "tiny", "size preset", choices=tuple(MODEL_PRESETS)),
+    Option("n_layer", int, None, "layers (overrides --model)", check=_pos, check_msg="must be > 0"),
+    Option("n_head", int, None, "query heads (overrides --model)", check=_pos, check_msg="must be > 0"),
+    Option("n_embd", int, None, "model width (overrides --model)", check=_pos, check_msg="must be > 0"),
+    Option("dropout", float, 0.0, "dropout probability", check=lambda x: 0 <= x < 1, check_msg="must be in [0, 1)"),
+    Option("bias", bool, True, "biases in linear layers and layer norms"),
+    Option("attn_backend", str, "auto", "attention kernels: the library's ops or PyTorch/SDPA",
+           choices=("auto", "mka", "torch")),
+    Option("attn_options", dict, {}, "variant options, e.g. {mka: {beta: 0.9}} or, as a flag, "
+           "--attn-option mka.beta=0.9 (repeatable)"),
+    # data
+    Option("data", str, None, "wikitext-2 | wikitext-103 | tinyshakespeare | PATH (folder or file)"),
+    Option("tokenizer", str, "bytes", "bytes | char | bpe:N | gpt2"),
+    Option("train_split", str, "train", "split of a data folder to train on"),
+    Option("eval_split", str, "valid", "held-out split of a data folder to evaluate on"),
+    Option("holdout_fraction", float, 0.1, "single-file data: the last fraction is held out",
+           check=lambda x: 0 < x < 1, check_msg="must be in (0, 1)"),
+    Option("cache_dir", str, None, "token cache folder (default ~/.cache/mka/train)"),
+    # budget and optimisation
+    Option("seq_len", int, 128, "tokens per block (model block size)", check=_pos, check_msg="must be > 0"),
+    Option("batch_size", int, 8, "blocks per micro-batch per process", check=_pos, check_msg="must be > 0"),
+    Option("grad_accum", int, 1, "micro-batches per optimizer step", check=_pos, check_msg="must be > 0"),
+    Option("epochs", float, None, "training budget in passes over the training split",
+           check=_pos, check_msg="must be > 0"),
+    Option("max_steps", int, None, "training budget in optimizer steps", check=_nonneg, check_msg="must be >= 0"),
+    Option("max_tokens", int, None, "training budget in tokens", check=_nonneg, check_msg="must be >= 0"),
+    Option("lr", float, 6e-4, "peak learning rate", check=_pos, check_msg="must be > 0"),
+    Option("min_lr", float, None, "final learning rate of the cosine decay (default lr / 10)",
+           check=_nonneg, check_msg="must be >= 0"),
+    Option("warmup_steps", int, 100, "linear warm-up steps", check=_nonneg, check_msg="must be >= 0"),
+    Option("lr_decay_steps", int, None, "cosine decay ends here (default: the step budget)",
+           check=_pos, check_msg="must be > 0"),
+    Option("weight_decay", float, 0.1, "AdamW weight decay (matrices only)", check=_nonneg, check_msg="must be >= 0"),
+    Option("beta1", float, 0.9, "AdamW beta1", check=lambda x: 0 <= x < 1, check_msg="must be in [0, 1)"),
+    Option("beta2", float, 0.95, "AdamW beta2", check=lambda x: 0 <= x < 1, check_msg="must be in [0, 1)"),
+    Option("grad_clip", float, 1.0, "gradient norm clip (0 = off)", check=_nonneg, check_msg="must be >= 0"),
+    Option("precision", str, "fp32", "autocast precision", choices=("fp32", "bf16", "fp16")),
+    Option("compile", bool, False, "torch.compile the model"),
+    Option("seed", int, 1337, "seed of model init, data order and dropout"),
+    Option("device", str, "auto", "where to train", choices=("auto", "cpu", "cuda")),
+    # long runs
+    Option("out", str, "runs/train", "output folder (results, plots, checkpoints)"),
+    Option("resume", bool, False, "continue from the checkpoints in --out"),
+    Option("eval_interval", int, 0, "evaluate every N steps (0 = only at start and end)",
+           check=_nonneg, check_msg="must be >= 0"),
+    Option("eval_tokens", int, 0, "periodic evals read this many held-out tokens (0 = all); "
+           "the final eval always reads the whole split", check=_nonneg, check_msg="must be >= 0"),
+    Option("checkpoint_interval", int, 0, "checkpoint every N steps (0 = at eval steps and the end)",
+           check=_nonneg, check_msg="must be >= 0"),
+    Option("log_interval", int, 10, "record the training loss every N steps", check=_pos, check_msg="must be > 0"),
+    Option("timing_warmup_steps", int, 5, "steps left out of tokens/s (compilation, allocator warm-up)",
+           check=_nonneg, check_msg="must be >= 0"),
+    Option("stop_after_steps", int, None, "stop at this step with a checkpoint, as if interrupted",
+           check=_nonneg, check_msg="must be >= 0"),
+    Option("plots", bool, True, "write PNG plots"),
+    # distributed
+    Option("fsdp", bool, False, "shard the model with FSDP2 instead of DDP (under torchrun)"),
+    Option("deepspeed", str, None, "DeepSpeed ZeRO config JSON (needs the deepspeed package)"),
+]
+BY_NAME = {o.name: o for o in OPTIONS}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Flags default to 'absent' so a config file value survives unless a flag overrides it."""
+    p = argparse.ArgumentParser(
+        prog="mka train", argument_default=argparse.SUPPRESS,
+        description="Train GPT models with each attention variant on the same data and budget; "
+                    "compare held-out loss, speed and memory.")
+    p.add_argument("--config", help="YAML file of settings (keys as below, with underscores)")
+    for o in OPTIONS:
+        names = [_flag(o.name), *o.aliases]
+        if o.kind is bool:
+            p.add_argument(*names, dest=o.name, action=argparse.BooleanOptionalAction, help=o.help)
+        elif o.kind is dict:
+            p.add_argument("--attn-option", dest="attn_option", action="append", metavar="VARIANT.KEY=VALUE",
+                           help=o.help)
+        else:
+            p.add_argument(*names, dest=o.name, type=o.kind, choices=o.choices, help=o.help)
+    return p
+
+
+def _coerce(o: Option, value: Any, origin: str) -> Any:
+    if value is None:
+        return None
+    if o.kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if o.kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)  # YAML reads "data: 2" as an int
+    if not isinstance(value, o.kind) or (o.kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{origin} '{o.name}': expected {o.kind.__name__}, got {value!r}")
+    if o.choices is not None and value not in o.choices:
+        raise ConfigError(f"{origin} '{o.name}': {value!r} is not one of {', '.join(o.choices)}")
+    if o.kind is float and not math.isfinite(value):
+        raise ConfigError(f"{origin} '{o.name}': must be finite, got {value!r}")
+    if o.check is not None and not o.check(value):
+        raise ConfigError(f"{origin} '{o.name}': {o.check_msg}, got {value!r}")
+    return value
+
+
+def load_yaml(path: str) -> dict:
+    try:
+        import yaml
+    except ImportError as e:
+        raise ConfigError("--config needs PyYAML: pip install pyyaml") from e
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config: no such file {path}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {path}: not valid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of settings, got {type(data).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def _parse_attn_options(items: list[str]) -> dict:
+    """'mka.beta=0.9' -> {'mka': {'beta': 0.9}}; values are read as YAML scalars."""
+    import yaml
+    out: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        variant, dot, opt = key.partition(".")
+        if not sep or not dot or variant not in VARIANTS or not opt:
+            raise ConfigError(f"--attn-option: expected VARIANT.KEY=VALUE with VARIANT in "
+                              f"{', '.join(VARIANTS)}, got {item!r}")
+        out.setdefault(variant, {})[opt] = yaml.safe_load(raw)
+    return out
+
+
+@dataclass
+class Settings:
+    values: dict = field(default_factory=dict)
+    given: set = field(default_factory=set)   # names set by the config file or a flag
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def variants(self) -> list[str]:
+        return list(VARIANTS) if self.attention == "all" else self.attention.split(",")
+
+    def model_shape(self) -> tuple[int, int, int]:
+        n_layer, n_head, n_embd = MODEL_PRESETS[self.model]
+        return (self.n_layer or n_layer, self.n_head or n_head, self.n_embd or n_embd)
+
+
+def parse(argv: Optional[list[str]]) -> Settings:
+    ns = vars(build_parser().parse_args(argv))
+    values = {o.name: o.default for o in OPTIONS}
+    given: set = set()
+    if "config" in ns:
+        for k, v in load_yaml(ns.pop("config")).items():
+            if k not in BY_NAME:
+                raise ConfigError(f"config key '{k}' is not a setting; known: {', '.join(BY_NAME)}")
+            values[k] = _coerce(BY_NAME[k], v, "config")
+            given.add(k)
+    if "attn_option" in ns:
+        cli_opts = _parse_attn_options(ns.pop("attn_option"))
+        merged = {k: dict(v) for k, v in (values["attn_options"] or {}).items()}
+        for variant, opts in cli_opts.items():
+            merged.setdefault(variant, {}).update(opts)
+        values["attn_options"] = merged
+        given.add("attn_options")
+    for k, v in ns.items():
+        values[k] = _coerce(BY_NAME[k], v, "flag")
+        given.add(k)
+    s = Settings(values, given)
+    _check_together(s)
+    return s
+
+
+def _check_together(s: Settings) -> None:
+    """Checks that involve more than one setting."""
+    for v in s.variants():
+        if v not in VARIANTS:
+            raise ConfigError(f"--attention: unknown variant {v!r}; expected one of "
+                              f"{', '.join(VARIANTS)}, all, or a comma list")
+    if len(set(s.variants())) != len(s.variants()):
+        raise ConfigError(f"--attention: variant listed twice in {s.attention!r}")
+    if s.data is None:
+        raise ConfigError("--data is required (wikitext-2, wikitext-103, tinyshakespeare or a PATH)")
+    budgets = [n for n in ("epochs", "max_steps", "max_tokens") if s.values[n] is not None]
+    if len(budgets) > 1:
+        raise ConfigError(f"give one training budget, not {' and '.join('--' + b.replace('_', '-') for b in budgets)}")
+    opts = s.attn_options
+    if not isinstance(opts, dict) or any(k not in VARIANTS or not isinstance(v, dict) for k, v in opts.items()):
+        raise ConfigError(f"'attn_options': expected a mapping VARIANT -> {{option: value}} with VARIANT in "
+                          f"{', '.join(VARIANTS)}, got {opts!r}")
+    n_layer, n_head, n_embd = s.model_shape()
+    if n_embd % n_head:
+        raise ConfigError(f"--n-embd {n_embd} must be divisible by --n-head {n_head}")
+    if s.num_kv_heads is not None and n_head % s.num_kv_heads:
+        raise ConfigError(f"--num-kv-heads {s.num_kv_heads} must divide --n-head {n_head}")
+    if s.min_lr is not None and s.min_lr > s.lr:
+        raise ConfigError(f"--min-lr {s.min_lr} must not exceed --lr {s.lr}")
+    if s.fsdp and s.deepspeed:
+        raise ConfigError("--fsdp and --deepspeed are two ways to shard: choose one")
+    tok = s.tokenizer
+    if not (tok in ("bytes", "char", "gpt2") or tok.startswith("bpe:")):
+        raise ConfigError(f"--tokenizer: expected bytes, char, gpt2 or bpe:N, got {tok!r}")
+    if tok.startswith("bpe:"):
+        n = tok[4:]
+        if not n.isdigit() or not 257 <= int(n) <= 1 << 20:
+            raise ConfigError(f"--tokenizer {tok}: N must be an integer vocabulary size in [257, 1048576]")
