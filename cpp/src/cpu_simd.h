@@ -42,7 +42,7 @@ static_assert(sizeof(Vec<float, Isa::avx2>) == 32 && sizeof(Vec<double, Isa::gen
 // MR*2 accumulators plus the B vectors fit the register file (16 or 32 registers).
 template <class T, Isa I> struct Tile {
   static constexpr int NV = 2, NR = NV * kLanesOf<T, I>;
-  static constexpr int MR = I == Isa::avx512 ? 8 : 4;
+  static constexpr int MR = I == Isa::avx512 ? 12 : I == Isa::avx2 ? 6 : 4;
 };
 
 template <class V, class T> MKA_INLINE V load_vec(const T* p) {
@@ -52,6 +52,12 @@ template <class V, class T> MKA_INLINE V load_vec(const T* p) {
 }
 template <class V, class T> MKA_INLINE void store_vec(T* p, const V& v) {
   std::memcpy(p, &v, sizeof v);
+}
+// All lanes = x. (V{} + x would cost an add: x + 0 is not foldable, -0 + 0 = +0.)
+template <class V, class T> MKA_INLINE V broadcast(T x) {
+  V v;
+  for (int i = 0; i < int(sizeof(V) / sizeof(T)); ++i) v[i] = x;
+  return v;
 }
 
 // R rows of C (+)= A * B, in strips of NR columns held in registers.
@@ -72,7 +78,7 @@ MKA_INLINE void gemm_rows(int64_t N, int64_t K, const T* __restrict A, int64_t l
       V bv[NV];
       for (int c = 0; c < NV; ++c) bv[c] = load_vec<V>(b + c * W);
       for (int r = 0; r < R; ++r) {
-        const V a = V{} + A[r * lda + kk];
+        const V a = broadcast<V>(A[r * lda + kk]);
         for (int c = 0; c < NV; ++c) acc[r][c] += a * bv[c];
       }
     }
@@ -99,6 +105,11 @@ MKA_INLINE void gemm_nn(int64_t M, int64_t N, int64_t K, const T* __restrict A, 
   int64_t i = 0;
   for (; i + MR <= M; i += MR)
     gemm_rows<T, I, MR>(N, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);
+  // Remainder rows in blocks of 4, 2, 1 (tiles of 64 rows leave 4 when MR = 6 or 12).
+  for (; i + 4 <= M; i += 4)
+    gemm_rows<T, I, 4>(N, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);
+  for (; i + 2 <= M; i += 2)
+    gemm_rows<T, I, 2>(N, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);
   for (; i < M; ++i)
     gemm_rows<T, I, 1>(N, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);
 }
