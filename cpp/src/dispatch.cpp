@@ -5,20 +5,34 @@
 #include "mka/cpu_kernels.h"
 #include "mka/error.h"
 #include "mka/ops.h"
+#ifdef MKA_WITH_CUDA
+#include "mka/cuda_kernels.h"
+#endif
 
 namespace mka {
 namespace {
 
-// Device switch: CPU kernels here; the CUDA kernels (cuda/) slot in as the other branch.
-template <class CpuFn>
-void on_device(Device dev, const char* op, CpuFn&& cpu) {
+// Device switch: the CPU kernels, or the CUDA kernels (cuda/) in a CUDA build.
+template <class CpuFn, class CudaFn>
+void on_device(Device dev, [[maybe_unused]] const char* op, CpuFn&& cpu,
+               [[maybe_unused]] CudaFn&& cuda) {
   if (dev == Device::cpu) {
     cpu();
     return;
   }
-  fail(op, ": no CUDA kernel for this op in this build of mka (CUDA build: ",
-       built_with_cuda() ? "yes" : "no", ")");
+#ifdef MKA_WITH_CUDA
+  cuda();
+#else
+  fail(op, ": this build of mka has no CUDA kernels (built without a CUDA compiler)");
+#endif
 }
+
+// Expands to the CUDA call in a CUDA build, to nothing otherwise.
+#ifdef MKA_WITH_CUDA
+#define MKA_CUDA_CALL(...) __VA_ARGS__
+#else
+#define MKA_CUDA_CALL(...)
+#endif
 
 // Softmax statistics are addressed as dense (B, H, Tq) rows.
 void check_contiguous(const TensorRef& t, const char* name) {
@@ -71,16 +85,17 @@ void check_route_grads(const RouteInputs& r, const RouteGrads& g) {
 
 void attention_forward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
                        const AttnOptions& o, const TensorRef& out, const TensorRef& lse,
-                       void* /*stream*/) {
+                       [[maybe_unused]] void* stream) {
   const AttentionProblem p = check_attention(q, k, v, o);
   check_attention_outputs(p, out, lse);
-  on_device(p.device, "attention", [&] { cpu::attention_fwd(p, q, k, v, out, lse); });
+  on_device(p.device, "attention", [&] { cpu::attention_fwd(p, q, k, v, out, lse); },
+            [&] { MKA_CUDA_CALL(cuda::attention_fwd(p, q, k, v, out, lse, stream)); });
 }
 
 void attention_backward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
                         const AttnOptions& o, const TensorRef& out, const TensorRef& lse,
                         const TensorRef& dout, const TensorRef& dq, const TensorRef& dk,
-                        const TensorRef& dv, void* /*stream*/) {
+                        const TensorRef& dv, [[maybe_unused]] void* stream) {
   const AttentionProblem p = check_attention(q, k, v, o);
   check_attention_outputs(p, out, lse);
   check_grads_like(dout, "dout", q);
@@ -89,13 +104,13 @@ void attention_backward(const TensorRef& q, const TensorRef& k, const TensorRef&
   check_grads_like(dv, "dv", v);
   on_device(p.device, "attention backward", [&] {
     cpu::attention_bwd(p, q, k, v, out, lse, dout, cpu::RowWeight{}, dq, dk, dv);
-  });
+  }, [&] { MKA_CUDA_CALL(cuda::attention_bwd(p, q, k, v, out, lse, dout, dq, dk, dv, stream)); });
 }
 
 void route_fuse_forward(const TensorRef& k, const TensorRef& v, const RouteInputs& r,
                         const TensorRef& k_fused, const TensorRef& v_fused,
                         const TensorRef& k_state_out, const TensorRef& v_state_out,
-                        void* /*stream*/) {
+                        [[maybe_unused]] void* stream) {
   const RouteProblem p = check_route(k, v, r, k.shape[1], "(B, Tk, L)", true);
   check_cpu_lam(r.lam, p.dtype);
   check_grads_like(k_fused, "k_fused", k);
@@ -103,6 +118,9 @@ void route_fuse_forward(const TensorRef& k, const TensorRef& v, const RouteInput
   check_state_outputs(p, k_state_out, v_state_out);
   on_device(p.device, "route_fuse", [&] {
     cpu::route_fuse_fwd(p, k, v, r, k_fused, v_fused, k_state_out, v_state_out);
+  }, [&] {
+    MKA_CUDA_CALL(cuda::route_fuse_fwd(p, k, v, r, k_fused, v_fused, k_state_out, v_state_out,
+                                       stream));
   });
 }
 
@@ -110,7 +128,7 @@ void route_fuse_backward(const TensorRef& k, const TensorRef& v, const RouteInpu
                          const TensorRef& dk_fused, const TensorRef& dv_fused,
                          const TensorRef& dk_state_out, const TensorRef& dv_state_out,
                          const TensorRef& dk, const TensorRef& dv, const RouteGrads& g,
-                         void* /*stream*/) {
+                         [[maybe_unused]] void* stream) {
   const RouteProblem p = check_route(k, v, r, k.shape[1], "(B, Tk, L)", true);
   check_cpu_lam(r.lam, p.dtype);
   check_grads_like(dk_fused, "dk_fused", k);
@@ -121,13 +139,16 @@ void route_fuse_backward(const TensorRef& k, const TensorRef& v, const RouteInpu
   check_route_grads(r, g);
   on_device(p.device, "route_fuse backward", [&] {
     cpu::route_fuse_bwd(p, k, v, r, dk_fused, dv_fused, dk_state_out, dv_state_out, dk, dv, g);
+  }, [&] {
+    MKA_CUDA_CALL(cuda::route_fuse_bwd(p, k, v, r, dk_fused, dv_fused, dk_state_out,
+                                       dv_state_out, dk, dv, g, stream));
   });
 }
 
 void fastmka_forward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
                      const RouteInputs& r, const AttnOptions& o, const TensorRef& out,
                      const TensorRef& lse, const TensorRef& k_state_out,
-                     const TensorRef& v_state_out, void* /*stream*/) {
+                     const TensorRef& v_state_out, [[maybe_unused]] void* stream) {
   const AttentionProblem ap = check_attention(q, k, v, o);
   const RouteProblem rp = check_route(k, v, r, ap.Tk, "(B, Tk, L)", true);
   check_cpu_lam(r.lam, ap.dtype);
@@ -135,6 +156,9 @@ void fastmka_forward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
   check_state_outputs(rp, k_state_out, v_state_out);
   on_device(ap.device, "fastmka", [&] {
     cpu::fastmka_fwd(ap, rp, q, k, v, r, out, lse, k_state_out, v_state_out);
+  }, [&] {
+    MKA_CUDA_CALL(cuda::fastmka_fwd(ap, rp, q, k, v, r, out, lse, k_state_out, v_state_out,
+                                    stream));
   });
 }
 
@@ -143,7 +167,7 @@ void fastmka_backward(const TensorRef& q, const TensorRef& k, const TensorRef& v
                       const TensorRef& lse, const TensorRef& dout,
                       const TensorRef& dk_state_out, const TensorRef& dv_state_out,
                       const TensorRef& dq, const TensorRef& dk, const TensorRef& dv,
-                      const RouteGrads& g, void* /*stream*/) {
+                      const RouteGrads& g, [[maybe_unused]] void* stream) {
   const AttentionProblem ap = check_attention(q, k, v, o);
   const RouteProblem rp = check_route(k, v, r, ap.Tk, "(B, Tk, L)", true);
   check_cpu_lam(r.lam, ap.dtype);
@@ -157,6 +181,9 @@ void fastmka_backward(const TensorRef& q, const TensorRef& k, const TensorRef& v
   on_device(ap.device, "fastmka backward", [&] {
     cpu::fastmka_bwd(ap, rp, q, k, v, r, out, lse, dout, dk_state_out, dv_state_out, dq, dk,
                      dv, g);
+  }, [&] {
+    MKA_CUDA_CALL(cuda::fastmka_bwd(ap, rp, q, k, v, r, out, lse, dout, dk_state_out,
+                                    dv_state_out, dq, dk, dv, g, stream));
   });
 }
 
@@ -164,7 +191,7 @@ void mka_forward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
                  const RouteInputs& r, const TensorRef& mem_k, const TensorRef& mem_v,
                  const AttnOptions& o, const TensorRef& out, const TensorRef& o_levels,
                  const TensorRef& lse_levels, const TensorRef& k_state_out,
-                 const TensorRef& v_state_out, void* /*stream*/) {
+                 const TensorRef& v_state_out, [[maybe_unused]] void* stream) {
   const AttentionProblem ap = check_attention(q, k, v, o);
   const RouteProblem rp = check_route(k, v, r, ap.Tq, "(B, Tq, L)", false);
   check_memory(ap, q, mem_k, mem_v, rp.L);
@@ -178,6 +205,9 @@ void mka_forward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
   on_device(ap.device, "mka", [&] {
     cpu::mka_fwd(ap, rp, q, k, v, r, mem_k, mem_v, out, o_levels, lse_levels, k_state_out,
                  v_state_out);
+  }, [&] {
+    MKA_CUDA_CALL(cuda::mka_fwd(ap, rp, q, k, v, r, mem_k, mem_v, out, o_levels, lse_levels,
+                                k_state_out, v_state_out, stream));
   });
 }
 
@@ -187,7 +217,7 @@ void mka_backward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
                   const TensorRef& dout, const TensorRef& dk_state_out,
                   const TensorRef& dv_state_out, const TensorRef& dq, const TensorRef& dk,
                   const TensorRef& dv, const TensorRef& dmem_k, const TensorRef& dmem_v,
-                  const RouteGrads& g, void* /*stream*/) {
+                  const RouteGrads& g, [[maybe_unused]] void* stream) {
   const AttentionProblem ap = check_attention(q, k, v, o);
   const RouteProblem rp = check_route(k, v, r, ap.Tq, "(B, Tq, L)", false);
   check_memory(ap, q, mem_k, mem_v, rp.L);
@@ -207,6 +237,10 @@ void mka_backward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
   on_device(ap.device, "mka backward", [&] {
     cpu::mka_bwd(ap, rp, q, k, v, r, mem_k, mem_v, o_levels, lse_levels, dout, dk_state_out,
                  dv_state_out, dq, dk, dv, dmem_k, dmem_v, g);
+  }, [&] {
+    MKA_CUDA_CALL(cuda::mka_bwd(ap, rp, q, k, v, r, mem_k, mem_v, o_levels, lse_levels, dout,
+                                dk_state_out, dv_state_out, dq, dk, dv, dmem_k, dmem_v, g,
+                                stream));
   });
 }
 

@@ -1,0 +1,162 @@
+"""Side-by-side GPU benchmark (issue 3, item 4): forward and forward+backward TFLOP/s of
+mka::attention, mka::fastmka and mka::mka next to scaled_dot_product_attention with the
+flash and cuDNN backends. bf16, causal, B*T = 16k tokens, H = 16, d = 128, G in {16, 4}.
+
+FLOPs: forward 4*B*H*T^2*d, halved for causal; backward 2.5x forward (so fwd+bwd = 3.5x).
+The same FLOP count is used for every implementation (fastmka's fusion pass and mka's
+second level are overhead, not credited work), so the columns compare wall time.
+Run: python bench/gpu_bench.py --out results.json  (prints a table last).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import mka  # noqa: F401
+
+TOKENS, H, D = 16384, 16, 128
+
+
+def flops_fwd(B: int, T: int) -> float:
+    return 4.0 * B * H * T * T * D / 2  # causal
+
+
+def time_ms(fn, warmup: int = 3, reps: int = 10) -> float:
+    """Median of CUDA-event timings of fn() after warm-up."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def make_inputs(B: int, T: int, G: int, seed: int):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    r = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16, generator=g)  # noqa: E731
+    q, k, v = r(B, T, H, D), r(B, T, G, D), r(B, T, G, D)
+    lam = torch.softmax(torch.randn(B, T, 2, device="cuda", generator=g), -1).to(torch.bfloat16)
+    return q, k, v, lam, r(B, T, H, D)
+
+
+def implementations(G: int):
+    def sdpa(backend):
+        def run(q, k, v, lam):
+            with sdpa_kernel(backend):
+                # SDPA wants (B, H, T, d); its GQA support expands heads itself.
+                o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                   v.transpose(1, 2), is_causal=True,
+                                                   enable_gqa=G != H)
+            return o.transpose(1, 2)
+        return run
+
+    return {
+        "mka.attention": lambda q, k, v, lam: torch.ops.mka.attention(q, k, v, True),
+        "mka.fastmka": lambda q, k, v, lam: torch.ops.mka.fastmka(q, k, v, lam, 0.9)[0],
+        "mka.mka": lambda q, k, v, lam: torch.ops.mka.mka(q, k, v, lam, 0.9)[0],
+        "sdpa.flash": sdpa(SDPBackend.FLASH_ATTENTION),
+        "sdpa.cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
+    }
+
+
+def bench_one(name, fn, B, T, G):
+    q, k, v, lam, gout = make_inputs(B, T, G, seed=T + G)
+    res = {"impl": name, "B": B, "T": T, "G": G}
+    try:
+        t_f = time_ms(lambda: fn(q, k, v, lam))
+        qq, kk, vv = (x.detach().requires_grad_(True) for x in (q, k, v))
+
+        def fwd_bwd():
+            fn(qq, kk, vv, lam).backward(gout)
+
+        t_fb = time_ms(fwd_bwd)
+    except Exception as e:  # a backend may refuse a shape: record why, keep going
+        res["error"] = f"{type(e).__name__}: {e}"[:300]
+        return res
+    f = flops_fwd(B, T)
+    res.update(fwd_ms=t_f, fwd_bwd_ms=t_fb, bwd_ms=t_fb - t_f,
+               fwd_tflops=f / t_f / 1e9, fwd_bwd_tflops=3.5 * f / t_fb / 1e9,
+               bwd_tflops=2.5 * f / max(t_fb - t_f, 1e-9) / 1e9)
+    return res
+
+
+def check_against_sdpa(B=1, T=2048, G=4):
+    """The benchmarked op computes attention: rel. error of output and grads vs cuDNN/flash."""
+    q, k, v, lam, gout = make_inputs(B, T, G, seed=1)
+    outs = {}
+    for name in ("mka.attention", "sdpa.flash"):
+        qq, kk, vv = (x.detach().requires_grad_(True) for x in (q, k, v))
+        o = implementations(G)[name](qq, kk, vv, lam)
+        o.backward(gout)
+        outs[name] = [o.float(), qq.grad.float(), kk.grad.float(), vv.grad.float()]
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    return {n: rel(a, b) for n, a, b in zip(("out", "dq", "dk", "dv"), outs["mka.attention"],
+                                             outs["sdpa.flash"])}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="gpu_bench.json")
+    ap.add_argument("--seqs", default="1024,2048,4096,8192,16384")
+    ap.add_argument("--groups", default="16,4")
+    args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "check_vs_flash": check_against_sdpa(), "rows": []}
+    print("check mka.attention vs sdpa.flash (bf16, rel. error):", results["check_vs_flash"],
+          flush=True)
+    for G in map(int, args.groups.split(",")):
+        for T in map(int, args.seqs.split(",")):
+            B = TOKENS // T
+            for name, fn in implementations(G).items():
+                r = bench_one(name, fn, B, T, G)
+                results["rows"].append(r)
+                print(json.dumps(r), flush=True)
+            torch.cuda.empty_cache()
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+    print_table(results)
+
+
+def print_table(results):
+    rows = results["rows"]
+    print(f"\n{results['device']}  bf16 causal H={H} d={D} B*T={TOKENS}  (TFLOP/s; bwd = fwd_bwd - fwd)")
+    print(f"{'G':>3} {'T':>6} {'impl':<14} {'fwd':>7} {'bwd':>7} {'fwd+bwd':>8} {'fwd_ms':>8} {'f+b_ms':>8}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['G']:>3} {r['T']:>6} {r['impl']:<14} error: {r['error'][:60]}")
+            continue
+        print(f"{r['G']:>3} {r['T']:>6} {r['impl']:<14} {r['fwd_tflops']:7.1f} {r['bwd_tflops']:7.1f} "
+              f"{r['fwd_bwd_tflops']:8.1f} {r['fwd_ms']:8.3f} {r['fwd_bwd_ms']:8.3f}")
+    # The issue's bars, computed from the same rows.
+    by = {(r["G"], r["T"], r["impl"]): r for r in rows if "error" not in r}
+    print("\nbars: attn fwd >= flash (T>=2k); attn bwd >= 0.8 flash; fastmka f+b <= 1.15 attn; mka f+b <= 2.3 attn")
+    for (G, T, impl), r in sorted(by.items()):
+        if impl != "mka.attention":
+            continue
+        fl, fm, mk = by.get((G, T, "sdpa.flash")), by.get((G, T, "mka.fastmka")), by.get((G, T, "mka.mka"))
+        parts = [f"G={G:>2} T={T:>5}"]
+        if fl:
+            parts.append(f"fwd/flash={r['fwd_tflops'] / fl['fwd_tflops']:.2f}")
+            parts.append(f"bwd/flash={r['bwd_tflops'] / fl['bwd_tflops']:.2f}")
+        if fm:
+            parts.append(f"fastmka/attn={fm['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f}")
+        if mk:
+            parts.append(f"mka/attn={mk['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f}")
+        print("  ".join(parts))
+
+
+if __name__ == "__main__":
+    main()

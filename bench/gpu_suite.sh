@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The GPU suite, in one device call: build mka with its CUDA kernels, run the CUDA tests
+# (tests/cuda and the device-parametrized tests/ops), compute-sanitizer (memcheck, racecheck)
+# on a small case of every kernel, then the side-by-side benchmark. Results (device, date,
+# commit, numbers, logs) go to $OUT (device runs) or bench/results/gpu_<date>/ otherwise.
+# Usage: bash bench/gpu_suite.sh [quick]   (quick: benchmark T in {2k, 8k} only)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-bench/results/gpu_$(date -u +%Y%m%d_%H%M)}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+LOG="$OUT/gpu_suite.log"
+step() { echo "=== $* ($(date -u +%H:%M:%S))" | tee -a "$LOG"; }
+
+step "environment"
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (+ local changes)')"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
+  nvcc --version | tail -1
+  python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
+  echo "cpu cores: $(nproc)"
+} 2>&1 | tee -a "$LOG"
+
+step "build (pip install --no-build-isolation)"
+start=$(date +%s)
+python3 -m pip install --no-build-isolation --no-deps -q . > "$OUT/gpu_build.log" 2>&1
+rc=$?
+echo "build rc=$rc in $(( $(date +%s) - start )) s with $(nproc) cores" | tee -a "$LOG"
+if [ $rc -ne 0 ]; then tail -40 "$OUT/gpu_build.log"; exit 1; fi
+python3 -c "import mka._C as C; print(\"built_with_cuda:\", C.built_with_cuda())" 2>&1 | tee -a "$LOG"
+
+step "CUDA tests"
+tests="tests/cuda"
+[ -d tests/ops ] && tests="$tests tests/ops"
+python3 -m pytest $tests -q -x --timeout=600 -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
+echo "pytest rc=$? : $(tail -1 "$OUT/gpu_tests.log")" | tee -a "$LOG"
+grep -E "FAILED|Error" "$OUT/gpu_tests.log" | head -20 | tee -a "$LOG"
+
+step "compute-sanitizer"
+for tool in memcheck racecheck; do
+  compute-sanitizer --tool $tool --print-limit 20 python3 tests/cuda/sanitize_cases.py \
+    > "$OUT/gpu_sanitize_$tool.log" 2>&1
+  echo "$tool rc=$? : $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|HAZARD' "$OUT/gpu_sanitize_$tool.log" | tail -2 | tr '\n' ' ')" | tee -a "$LOG"
+done
+
+step "benchmark"
+seqs="1024,2048,4096,8192,16384"
+[ "${1:-}" = quick ] && seqs="2048,8192"
+python3 bench/gpu_bench.py --out "$OUT/gpu_bench.json" --seqs "$seqs" > "$OUT/gpu_bench.log" 2>&1
+echo "bench rc=$?" | tee -a "$LOG"
+sed -n '/^NVIDIA\|^H100\|TFLOP/,$p' "$OUT/gpu_bench.log" | tee -a "$LOG"
+tail -30 "$OUT/gpu_bench.log"

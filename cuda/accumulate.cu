@@ -1,0 +1,44 @@
+// dst += src: folds a dense float32 gradient accumulator into a strided gradient of any
+// supported dtype (one rounding to the output dtype, at the end).
+#include "launchers.h"
+
+namespace mka::cuda {
+namespace {
+
+struct Shape4 {
+  int64_t n[4] = {1, 1, 1, 1}, s[4] = {0, 0, 0, 0};
+};
+
+template <class T> __global__ void accumulate_kernel(const float* src, T* dst, Shape4 sh,
+                                                     int64_t numel) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= numel) return;
+  int64_t rest = i, off = 0;
+  for (int dim = 3; dim >= 0; --dim) {
+    off += (rest % sh.n[dim]) * sh.s[dim];
+    rest /= sh.n[dim];
+  }
+  dst[off] = from_f<T>(to_f(dst[off]) + src[i]);
+}
+
+}  // namespace
+
+void accumulate(const float* src, const TensorRef& dst, cudaStream_t s) {
+  const int64_t numel = dst.numel();
+  if (numel == 0) return;
+  MKA_CHECK(dst.ndim >= 1 && dst.ndim <= 4, "accumulate: rank ", dst.ndim, " not supported");
+  Shape4 sh;  // right-aligned: leading dims of size 1
+  for (int d = 0; d < dst.ndim; ++d) {
+    sh.n[4 - dst.ndim + d] = dst.shape[d];
+    sh.s[4 - dst.ndim + d] = dst.stride[d];
+  }
+  constexpr int kThreads = 256;
+  dispatch_dtype(dst.dtype, "accumulate", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    accumulate_kernel<T><<<unsigned(ceil_div(numel, kThreads)), kThreads, 0, s>>>(
+        src, static_cast<T*>(dst.data), sh, numel);
+    check_launch("accumulate");
+  });
+}
+
+}  // namespace mka::cuda

@@ -1,0 +1,144 @@
+// attention on the GPU: launchers. Half-precision inputs with 16-byte aligned rows take the
+// tensor-core kernels; float32 (and unaligned views) take the float32 CUDA-core kernels.
+#include "attention_bwd_mma.cuh"
+#include "attention_fwd_mma.cuh"
+#include "attention_simt.cuh"
+#include "launchers.h"
+#include "mka/cuda_kernels.h"
+#include "mka/tile_plan.h"
+
+namespace mka::cuda {
+namespace {
+
+// Shared memory a forward block may plan with: two blocks per SM fit on sm_80 and sm_90.
+constexpr size_t kFwdSmemBudget = 96 * 1024;
+
+bool aligned16(const Rows& x) {
+  return reinterpret_cast<uintptr_t>(x.data) % 16 == 0 && x.sb % 8 == 0 && x.st % 8 == 0 &&
+         x.sh % 8 == 0;
+}
+bool use_tensor_cores(const AttentionProblem& p, std::initializer_list<Rows> views) {
+  if (p.dtype != DType::f16 && p.dtype != DType::bf16) return false;
+  for (const Rows& x : views)
+    if (!aligned16(x)) return false;
+  return true;
+}
+
+// Calls f(std::integral_constant<int, d>) for the supported head dims.
+template <class F> void dispatch_head_dim(int64_t d, F&& f) {
+  if (d == 64) return f(std::integral_constant<int, 64>{});
+  if (d == 128) return f(std::integral_constant<int, 128>{});
+  fail("attention: head dim ", d, " has no CUDA kernel (64 or 128)");
+}
+
+template <class Kernel> void set_smem(Kernel k, int bytes) {
+  check_cuda(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
+             "cudaFuncSetAttribute (shared memory)");
+}
+
+template <class T, int D> void fwd_tensor_cores(const AttnParams& a, cudaStream_t s) {
+  // The kernel is compiled for the tile sizes TilePlan picks for this head dim and budget.
+  constexpr int BN = D == 64 ? 128 : 64;
+  const TilePlan plan = plan_tiles(Target::gpu, D, 2, kFwdSmemBudget);
+  MKA_CHECK(plan.block_q == kFwdBlockM && plan.block_k == BN,
+            "attention: TilePlan (", plan.block_q, "x", plan.block_k,
+            ") has no compiled tensor-core kernel for head dim ", D);
+  constexpr int smem = fwd_smem_bytes<D, BN>();
+  auto kernel = attention_fwd_mma<T, D, BN>;
+  set_smem(kernel, smem);
+  const dim3 grid(unsigned(ceil_div(a.Tq, kFwdBlockM)), unsigned(a.H), unsigned(a.B));
+  kernel<<<grid, kFwdThreads, smem, s>>>(a);
+  check_launch("attention_fwd_mma");
+}
+
+template <class T, int D> void bwd_tensor_cores(const AttnParams& a, cudaStream_t s) {
+  constexpr int smem = bwd_smem_bytes<D>();
+  auto kernel = attention_bwd_mma<T, D>;
+  set_smem(kernel, smem);
+  if (a.Tk > 0) {
+    const dim3 grid(unsigned(ceil_div(a.Tk, kBwdBlockN)), unsigned(a.G), unsigned(a.B));
+    kernel<<<grid, kBwdThreads, smem, s>>>(a);
+    check_launch("attention_bwd_mma");
+  }
+}
+
+}  // namespace
+
+void attention_fwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows out, float* lse,
+                        cudaStream_t s) {
+  if (p.B == 0 || p.Tq == 0 || p.H == 0) return;
+  AttnParams a = attn_params(p);
+  a.q = q, a.k = k, a.v = v, a.out = out, a.lse = lse;
+  const bool tc = use_tensor_cores(p, {q, k, v, out});
+  dispatch_dtype(p.dtype, "attention", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    dispatch_head_dim(p.d, [&](auto dim) {
+      constexpr int D = decltype(dim)::value;
+      if constexpr (!std::is_same_v<T, float>) {
+        if (tc) return fwd_tensor_cores<T, D>(a, s);
+      }
+      const dim3 grid(unsigned(ceil_div(p.Tq, kSimtWarps)), unsigned(p.H), unsigned(p.B));
+      attention_fwd_simt<T, D / 32><<<grid, kSimtWarps * 32, 0, s>>>(a);
+      check_launch("attention_fwd_simt");
+    });
+  });
+}
+
+void attention_bwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows out,
+                        const float* lse, Rows dout, TokenScalar w, Rows dq, Rows dk, Rows dv,
+                        cudaStream_t s) {
+  if (p.B == 0 || p.Tq == 0 || p.H == 0) return;  // no query: every gradient stays zero
+  AttnParams a = attn_params(p);
+  a.q = q, a.k = k, a.v = v, a.out = out, a.lse = const_cast<float*>(lse);
+  a.dout = dout, a.dq = dq, a.dk = dk, a.dv = dv, a.w = w;
+  Workspace delta(size_t(p.B * p.H * p.Tq) * 4, s, false);
+  a.delta = delta.as<float>();
+  const bool tc = use_tensor_cores(p, {q, k, v, out, dout});
+  dispatch_dtype(p.dtype, "attention backward", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const int64_t rows_total = p.B * p.Tq * p.H;
+    attention_bwd_delta<T><<<unsigned(ceil_div(rows_total, kSimtWarps)), kSimtWarps * 32, 0, s>>>(a);
+    check_launch("attention_bwd_delta");
+    dispatch_head_dim(p.d, [&](auto dim) {
+      constexpr int D = decltype(dim)::value;
+      if constexpr (!std::is_same_v<T, float>) {
+        if (tc) return bwd_tensor_cores<T, D>(a, s);
+      }
+      const dim3 qgrid(unsigned(ceil_div(p.Tq, kSimtWarps)), unsigned(p.H), unsigned(p.B));
+      attention_bwd_dq_simt<T, D / 32><<<qgrid, kSimtWarps * 32, 0, s>>>(a);
+      check_launch("attention_bwd_dq_simt");
+      if (p.Tk == 0) return;
+      const dim3 kgrid(unsigned(ceil_div(p.Tk, kSimtWarps)), unsigned(p.G), unsigned(p.B));
+      attention_bwd_dkdv_simt<T, D / 32><<<kgrid, kSimtWarps * 32, 0, s>>>(a);
+      check_launch("attention_bwd_dkdv_simt");
+    });
+  });
+}
+
+void attention_fwd(const AttentionProblem& p, const TensorRef& q, const TensorRef& k,
+                   const TensorRef& v, const TensorRef& out, const TensorRef& lse, void* stream) {
+  DeviceGuard guard(q.device_id);
+  attention_fwd_rows(p, rows(q), rows(k), rows(v), rows(out), static_cast<float*>(lse.data),
+                     static_cast<cudaStream_t>(stream));
+}
+
+void attention_bwd(const AttentionProblem& p, const TensorRef& q, const TensorRef& k,
+                   const TensorRef& v, const TensorRef& out, const TensorRef& lse,
+                   const TensorRef& dout, const TensorRef& dq, const TensorRef& dk,
+                   const TensorRef& dv, void* stream) {
+  DeviceGuard guard(q.device_id);
+  auto s = static_cast<cudaStream_t>(stream);
+  // float32 accumulators: dq gathers every key block's share, rounded once at the end.
+  Workspace dq_acc(size_t(p.B * p.Tq * p.H * p.d) * 4, s, true);
+  Workspace dk_acc(size_t(p.B * p.Tk * p.G * p.d) * 4, s, true);
+  Workspace dv_acc(size_t(p.B * p.Tk * p.G * p.d) * 4, s, true);
+  attention_bwd_rows(p, rows(q), rows(k), rows(v), rows(out), static_cast<const float*>(lse.data),
+                     rows(dout), TokenScalar{}, dense_rows(dq_acc.as<float>(), p.Tq, p.H, p.d),
+                     dense_rows(dk_acc.as<float>(), p.Tk, p.G, p.d),
+                     dense_rows(dv_acc.as<float>(), p.Tk, p.G, p.d), s);
+  accumulate(dq_acc.as<float>(), dq, s);
+  accumulate(dk_acc.as<float>(), dk, s);
+  accumulate(dv_acc.as<float>(), dv, s);
+}
+
+}  // namespace mka::cuda

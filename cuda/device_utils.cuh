@@ -1,0 +1,152 @@
+// Small device-side building blocks shared by every CUDA kernel of mka: element
+// conversions, warp reductions, strided views, launch checks and stream-ordered scratch.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "mka/error.h"
+#include "mka/tensor.h"
+
+namespace mka::cuda {
+
+// --- element conversions (all arithmetic is float32) --------------------------------
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <class T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+__device__ __forceinline__ float warp_max(float x) {
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+
+// A strided (B, T, heads, d) tensor with a contiguous last dim; strides in elements.
+struct Rows {
+  void* data = nullptr;
+  int64_t sb = 0, st = 0, sh = 0;
+  template <class T> __host__ __device__ T* at(int64_t b, int64_t t, int64_t h) const {
+    return static_cast<T*>(data) + b * sb + t * st + h * sh;
+  }
+};
+
+// A per-token scalar such as one routing weight lam[b, t, l], in lam's own dtype (it may be
+// float32 while the inputs are half precision). data == nullptr reads as `absent`.
+struct TokenScalar {
+  const void* data = nullptr;
+  DType dtype = DType::f32;
+  int64_t sb = 0, st = 0;
+  __device__ __forceinline__ float load(int64_t b, int64_t t, float absent) const {
+    if (!data) return absent;
+    const int64_t i = b * sb + t * st;
+    switch (dtype) {
+      case DType::f16: return to_f(static_cast<const __half*>(data)[i]);
+      case DType::bf16: return to_f(static_cast<const __nv_bfloat16*>(data)[i]);
+      default: return static_cast<const float*>(data)[i];
+    }
+  }
+};
+
+// A (B, G, d) float32 EMA state; data == nullptr: absent (zeros in, nothing out).
+struct StateView {
+  float* data = nullptr;
+  int64_t sb = 0, sg = 0;
+  __device__ __forceinline__ float* at(int64_t b, int64_t g) const { return data + b * sb + g * sg; }
+};
+
+inline Rows rows(const TensorRef& t) {
+  if (!t.present()) return {};
+  return {t.data, t.stride[0], t.stride[1], t.stride[2]};
+}
+inline StateView state(const TensorRef& t) {
+  if (!t.present()) return {};
+  return {static_cast<float*>(t.data), t.stride[0], t.stride[1]};
+}
+// Level l of lam (B, T, L) as a per-token scalar.
+inline TokenScalar lam_level(const TensorRef& lam, int64_t l) {
+  if (!lam.present()) return {};
+  const int64_t elem = lam.dtype == DType::f32 ? 4 : 2;
+  return {static_cast<const char*>(lam.data) + l * lam.stride[2] * elem, lam.dtype,
+          lam.stride[0], lam.stride[1]};
+}
+// Slice i of the leading dimension (o_levels, lse_levels).
+inline TensorRef select0(const TensorRef& t, int64_t i) {
+  TensorRef s = t;
+  s.ndim = t.ndim - 1;
+  const int64_t elem = t.dtype == DType::f64 ? 8 : t.dtype == DType::f32 ? 4 : 2;
+  s.data = static_cast<char*>(t.data) + i * t.stride[0] * elem;
+  for (int d = 0; d < s.ndim; ++d) {
+    s.shape[d] = t.shape[d + 1];
+    s.stride[d] = t.stride[d + 1];
+  }
+  return s;
+}
+
+inline void check_cuda(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) fail(what, ": CUDA error: ", cudaGetErrorString(e));
+}
+// After every launch: a bad configuration surfaces here, not at the next sync.
+inline void check_launch(const char* kernel) { check_cuda(cudaGetLastError(), kernel); }
+
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Runs the launcher on the tensors' device; restores the caller's device afterwards.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    check_cuda(cudaGetDevice(&prev_), "cudaGetDevice");
+    if (device != prev_) check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  }
+  ~DeviceGuard() { cudaSetDevice(prev_); }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int prev_ = 0;
+};
+
+// Stream-ordered scratch memory (fp32 accumulators, fused keys); zero-filled on request.
+class Workspace {
+ public:
+  Workspace(size_t bytes, cudaStream_t stream, bool zero) : stream_(stream) {
+    if (bytes == 0) return;
+    check_cuda(cudaMallocAsync(&ptr_, bytes, stream), "cudaMallocAsync (workspace)");
+    if (zero) check_cuda(cudaMemsetAsync(ptr_, 0, bytes, stream), "cudaMemsetAsync");
+  }
+  ~Workspace() {
+    if (ptr_) cudaFreeAsync(ptr_, stream_);
+  }
+  Workspace(const Workspace&) = delete;
+  Workspace& operator=(const Workspace&) = delete;
+  template <class T> T* as() const { return static_cast<T*>(ptr_); }
+
+ private:
+  void* ptr_ = nullptr;
+  cudaStream_t stream_;
+};
+
+// Calls f with a null pointer of the C++ element type of dt (f16, bf16 or f32).
+template <class F> void dispatch_dtype(DType dt, const char* op, F&& f) {
+  switch (dt) {
+    case DType::f16: f(static_cast<__half*>(nullptr)); return;
+    case DType::bf16: f(static_cast<__nv_bfloat16*>(nullptr)); return;
+    case DType::f32: f(static_cast<float*>(nullptr)); return;
+    default: fail(op, ": dtype ", dtype_name(dt), " has no CUDA kernel");
+  }
+}
+
+inline size_t dtype_bytes(DType dt) { return dt == DType::f64 ? 8 : dt == DType::f32 ? 4 : 2; }
+
+}  // namespace mka::cuda

@@ -1,0 +1,105 @@
+// Launchers of the chunked EMA-route scan (ema_scan.cuh).
+#include "ema_scan.cuh"
+#include "launchers.h"
+
+namespace mka::cuda {
+namespace {
+
+constexpr int64_t kChunk = 64;  // tokens per chunk: B*G*d*T/64 threads keep the GPU busy
+
+ScanArgs scan_args(const RouteProblem& p, const TensorRef& lam, Rows x, Rows x3,
+                   StateView state_in) {
+  ScanArgs a;
+  a.B = p.B, a.T = p.T, a.G = p.G, a.d = p.d;
+  a.chunk = kChunk;
+  a.n_chunks = ceil_div(p.T, kChunk);
+  a.L = lam.present() ? int(p.L) : 2;
+  a.beta = float(p.beta);
+  a.w = {lam_level(lam, 0), lam_level(lam, 1), a.L == 3 ? lam_level(lam, 2) : TokenScalar{}};
+  a.x = x, a.x3 = x3, a.state_in = state_in;
+  return a;
+}
+
+// Grids: channel blocks x chunks x batch (per chunk), channel blocks x 1 x batch (carry).
+dim3 chunk_grid(const ScanArgs& a) {
+  return dim3(unsigned(ceil_div(a.channels(), kScanThreads)), unsigned(a.n_chunks), unsigned(a.B));
+}
+dim3 carry_grid(const ScanArgs& a) {
+  return dim3(unsigned(ceil_div(a.channels(), kScanThreads)), 1, unsigned(a.B));
+}
+
+// Chunk start states of the forward scan into a.carry (the first two passes).
+template <class T> void forward_carries(ScanArgs& a, cudaStream_t s) {
+  if (a.n_chunks > 0) {
+    ema_local_fwd<T><<<chunk_grid(a), kScanThreads, 0, s>>>(a);
+    check_launch("ema_local_fwd");
+  }
+  ema_carry_fwd<<<carry_grid(a), kScanThreads, 0, s>>>(a);
+  check_launch("ema_carry_fwd");
+}
+
+size_t carry_bytes(const ScanArgs& a) { return size_t(a.B * a.n_chunks * a.channels()) * 4; }
+
+}  // namespace
+
+void ema_route_fwd(const RouteProblem& p, const TensorRef& lam, Rows x, Rows x3,
+                   StateView state_in, Rows y, StateView state_out, cudaStream_t s) {
+  if (p.B == 0) return;
+  ScanArgs a = scan_args(p, lam, x, x3, state_in);
+  a.y = y, a.state_out = state_out;
+  Workspace carry(carry_bytes(a), s, false);
+  a.carry = carry.as<float>();
+  dispatch_dtype(p.dtype, "ema_route", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    forward_carries<T>(a, s);
+    if (a.n_chunks == 0) return;
+    ema_route_out<T><<<chunk_grid(a), kScanThreads, 0, s>>>(a);
+    check_launch("ema_route_out");
+  });
+}
+
+namespace {
+template <class T, class TG, class TX> void backward_passes(ScanArgs& a, cudaStream_t s) {
+  if (a.dlam && a.n_chunks > 0) {  // dlam needs the forward EMA, recomputed chunk by chunk
+    forward_carries<T>(a, s);
+    ema_route_dlam<T, TG><<<chunk_grid(a), kScanThreads, 0, s>>>(a);
+    check_launch("ema_route_dlam");
+  }
+  if (a.n_chunks > 0) {
+    ema_local_bwd<TG><<<chunk_grid(a), kScanThreads, 0, s>>>(a);
+    check_launch("ema_local_bwd");
+  }
+  ema_carry_bwd<<<carry_grid(a), kScanThreads, 0, s>>>(a);
+  check_launch("ema_carry_bwd");
+  if (a.n_chunks > 0) {
+    ema_route_dx<T, TG, TX><<<chunk_grid(a), kScanThreads, 0, s>>>(a);
+    check_launch("ema_route_dx");
+  }
+}
+}  // namespace
+
+void ema_route_bwd(const RouteProblem& p, const TensorRef& lam, Rows x, Rows x3,
+                   StateView state_in, Rows dy, GradDType dy_type, StateView dstate_out,
+                   Rows dx, Rows dx3, GradDType dx_type, float* dlam, StateView dstate_in,
+                   cudaStream_t s) {
+  if (p.B == 0) return;
+  ScanArgs a = scan_args(p, lam, x, x3, state_in);
+  a.dy = dy, a.dstate_out = dstate_out, a.dx = dx, a.dx3 = dx3, a.dstate_in = dstate_in;
+  a.dlam = lam.present() ? dlam : nullptr;
+  Workspace carry(a.dlam ? carry_bytes(a) : 0, s, false), rcarry(carry_bytes(a), s, false);
+  a.carry = carry.as<float>();
+  a.rcarry = rcarry.as<float>();
+  dispatch_dtype(p.dtype, "ema_route backward", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    if (dy_type == GradDType::input) {
+      MKA_CHECK(dx_type == GradDType::input, "ema_route backward: float32 dx needs float32 dy");
+      backward_passes<T, T, T>(a, s);
+    } else if (dx_type == GradDType::input) {
+      backward_passes<T, float, T>(a, s);
+    } else {
+      backward_passes<T, float, float>(a, s);
+    }
+  });
+}
+
+}  // namespace mka::cuda

@@ -1,0 +1,40 @@
+// Host-side building blocks the op launchers compose (attention.cu, route_fuse.cu,
+// fastmka.cu, mka.cu): attention and the EMA-route scan on raw strided views, with
+// float32 gradient accumulators, and the fold of an accumulator into a typed gradient.
+#pragma once
+#include <cuda_runtime.h>
+
+#include "device_utils.cuh"
+#include "mka/problem.h"
+
+namespace mka::cuda {
+
+// A dense (B, T, H, d) view of scratch memory.
+inline Rows dense_rows(void* data, int64_t T, int64_t H, int64_t d) {
+  return {data, T * H * d, H * d, d};
+}
+
+// out, lse (dense (B, H, Tq) float32) from q, k, v in p.dtype.
+void attention_fwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows out, float* lse,
+                        cudaStream_t stream);
+// Adds into dense float32 accumulators dq (B,Tq,H,d), dk, dv (B,Tk,G,d). `w` weights each
+// query row's incoming gradient (mka's routing); absent: weight 1.
+void attention_bwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows out,
+                        const float* lse, Rows dout, TokenScalar w, Rows dq, Rows dk, Rows dv,
+                        cudaStream_t stream);
+
+// y_t = lam0 x_t + lam1 EMA(x)_t (+ lam2 x3_t), y in p.dtype; without lam, y = EMA(x).
+void ema_route_fwd(const RouteProblem& p, const TensorRef& lam, Rows x, Rows x3,
+                   StateView state_in, Rows y, StateView state_out, cudaStream_t stream);
+// Element types of the incoming gradient dy and of the gradients dx, dx3 it adds into.
+enum class GradDType { input, f32 };
+// dlam: dense (B, T, L) float32 accumulator, or nullptr.
+void ema_route_bwd(const RouteProblem& p, const TensorRef& lam, Rows x, Rows x3,
+                   StateView state_in, Rows dy, GradDType dy_type, StateView dstate_out,
+                   Rows dx, Rows dx3, GradDType dx_type, float* dlam, StateView dstate_in,
+                   cudaStream_t stream);
+
+// dst += src, where src is a dense float32 tensor of dst's shape (dst strided, any dtype).
+void accumulate(const float* src, const TensorRef& dst, cudaStream_t stream);
+
+}  // namespace mka::cuda

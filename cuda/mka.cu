@@ -1,0 +1,183 @@
+// Full MKA on the GPU: one attention per memory level, mixed per query token by lam.
+// L1 attends to k/v (with the window), L2 to their EMA (made from k/v here by the scan, so
+// a decode cache holds only k/v), L3 to the recalled memory tokens without a causal mask.
+// Backward: each level's attention backward with its dout rows weighted by lam[., l]
+// (folded into the kernels), the EMA backward for L2, all into float32 accumulators.
+#include "launchers.h"
+#include "mka/cuda_kernels.h"
+
+namespace mka::cuda {
+namespace {
+
+constexpr int kMaxLevels = 3;
+
+struct Levels {
+  Rows o[kMaxLevels];
+  TokenScalar w[kMaxLevels];
+  int L = 2;
+};
+
+Levels levels(const TensorRef& o_levels, const TensorRef& lam) {
+  Levels lv;
+  lv.L = int(lam.shape[2]);
+  for (int l = 0; l < lv.L; ++l) {
+    lv.o[l] = rows(select0(o_levels, l));
+    lv.w[l] = lam_level(lam, l);
+  }
+  return lv;
+}
+
+// out = sum_l lam[., l] * O_l, one thread per output element.
+template <class T> __global__ void mix_fwd(Levels lv, Rows out, int64_t Tq, int64_t H, int64_t d,
+                                           int64_t numel) {
+  const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= numel) return;
+  const int64_t c = e % d, h = (e / d) % H, t = (e / (d * H)) % Tq, b = e / (d * H * Tq);
+  float y = 0.f;
+  for (int l = 0; l < lv.L; ++l) y += lv.w[l].load(b, t, 0.f) * to_f(lv.o[l].at<const T>(b, t, h)[c]);
+  out.at<T>(b, t, h)[c] = from_f<T>(y);
+}
+
+// dlam[b, t, l] = <dout, O_l> over (h, c): one block per token, float32 (B, Tq, L) result.
+constexpr int kMixThreads = 128;
+template <class T> __global__ void mix_dlam(Levels lv, Rows dout, int64_t Tq, int64_t H, int64_t d,
+                                            float* dlam) {
+  __shared__ float part[kMaxLevels][kMixThreads / 32];
+  const int64_t b = blockIdx.x / Tq, t = blockIdx.x % Tq;
+  float acc[kMaxLevels] = {};
+  for (int64_t e = threadIdx.x; e < H * d; e += kMixThreads) {
+    const int64_t h = e / d, c = e % d;
+    const float g = to_f(dout.at<const T>(b, t, h)[c]);
+    for (int l = 0; l < lv.L; ++l) acc[l] += g * to_f(lv.o[l].at<const T>(b, t, h)[c]);
+  }
+  for (int l = 0; l < lv.L; ++l) {
+    const float s = warp_sum(acc[l]);
+    if (threadIdx.x % 32 == 0) part[l][threadIdx.x / 32] = s;
+  }
+  __syncthreads();
+  if (threadIdx.x < lv.L) {
+    float s = 0.f;
+    for (int w = 0; w < kMixThreads / 32; ++w) s += part[threadIdx.x][w];
+    dlam[(b * Tq + t) * lv.L + threadIdx.x] = s;
+  }
+}
+
+// The attention problem of level l (0-based): L2 has no window, L3 is not causal.
+AttentionProblem level_problem(const AttentionProblem& ap, int l, int64_t M) {
+  AttentionProblem p = ap;
+  if (l >= 1) p.window = -1;
+  if (l == 2) {
+    p.Tk = M;
+    p.causal = false;
+  }
+  return p;
+}
+
+// EMA keys and values (B, Tk, G, d) in the inputs' dtype.
+struct EmaKV {
+  Workspace k, v;
+  Rows kr, vr;
+  EmaKV(const AttentionProblem& ap, cudaStream_t s)
+      : k(size_t(ap.B * ap.Tk * ap.G * ap.d) * dtype_bytes(ap.dtype), s, false),
+        v(size_t(ap.B * ap.Tk * ap.G * ap.d) * dtype_bytes(ap.dtype), s, false),
+        kr(dense_rows(k.as<void>(), ap.Tk, ap.G, ap.d)),
+        vr(dense_rows(v.as<void>(), ap.Tk, ap.G, ap.d)) {}
+};
+
+float* lse_level(const TensorRef& lse_levels, int l) {
+  return static_cast<float*>(select0(lse_levels, l).data);
+}
+
+}  // namespace
+
+void mka_fwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef& q,
+             const TensorRef& k, const TensorRef& v, const RouteInputs& r,
+             const TensorRef& mem_k, const TensorRef& mem_v, const TensorRef& out,
+             const TensorRef& o_levels, const TensorRef& lse_levels,
+             const TensorRef& k_state_out, const TensorRef& v_state_out, void* stream) {
+  DeviceGuard guard(q.device_id);
+  auto s = static_cast<cudaStream_t>(stream);
+  const Levels lv = levels(o_levels, r.lam);
+  attention_fwd_rows(level_problem(ap, 0, 0), rows(q), rows(k), rows(v), lv.o[0],
+                     lse_level(lse_levels, 0), s);
+  EmaKV e(ap, s);
+  ema_route_fwd(rp, TensorRef{}, rows(k), Rows{}, state(r.k_state), e.kr, state(k_state_out), s);
+  ema_route_fwd(rp, TensorRef{}, rows(v), Rows{}, state(r.v_state), e.vr, state(v_state_out), s);
+  attention_fwd_rows(level_problem(ap, 1, 0), rows(q), e.kr, e.vr, lv.o[1],
+                     lse_level(lse_levels, 1), s);
+  if (lv.L == 3)
+    attention_fwd_rows(level_problem(ap, 2, mem_k.shape[1]), rows(q), rows(mem_k), rows(mem_v),
+                       lv.o[2], lse_level(lse_levels, 2), s);
+  const int64_t numel = ap.B * ap.Tq * ap.H * ap.d;
+  if (numel == 0) return;
+  dispatch_dtype(ap.dtype, "mka", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    mix_fwd<T><<<unsigned(ceil_div(numel, 256)), 256, 0, s>>>(lv, rows(out), ap.Tq, ap.H, ap.d,
+                                                               numel);
+    check_launch("mix_fwd");
+  });
+}
+
+void mka_bwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef& q,
+             const TensorRef& k, const TensorRef& v, const RouteInputs& r,
+             const TensorRef& mem_k, const TensorRef& mem_v, const TensorRef& o_levels,
+             const TensorRef& lse_levels, const TensorRef& dout,
+             const TensorRef& dk_state_out, const TensorRef& dv_state_out,
+             const TensorRef& dq, const TensorRef& dk, const TensorRef& dv,
+             const TensorRef& dmem_k, const TensorRef& dmem_v, const RouteGrads& g,
+             void* stream) {
+  DeviceGuard guard(q.device_id);
+  auto s = static_cast<cudaStream_t>(stream);
+  const Levels lv = levels(o_levels, r.lam);
+  if (g.dlam.present() && ap.B * ap.Tq > 0) {
+    Workspace dlam(size_t(ap.B * ap.Tq * lv.L) * 4, s, false);
+    dispatch_dtype(ap.dtype, "mka backward", [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      mix_dlam<T><<<unsigned(ap.B * ap.Tq), kMixThreads, 0, s>>>(lv, rows(dout), ap.Tq, ap.H,
+                                                                ap.d, dlam.as<float>());
+      check_launch("mix_dlam");
+    });
+    accumulate(dlam.as<float>(), g.dlam, s);
+  }
+  const size_t kv_bytes = size_t(ap.B * ap.Tk * ap.G * ap.d) * 4;
+  Workspace dq_acc(size_t(ap.B * ap.Tq * ap.H * ap.d) * 4, s, true);
+  Workspace dk_acc(kv_bytes, s, true), dv_acc(kv_bytes, s, true);
+  const Rows dq_rows = dense_rows(dq_acc.as<float>(), ap.Tq, ap.H, ap.d);
+  const Rows dk_rows = dense_rows(dk_acc.as<float>(), ap.Tk, ap.G, ap.d);
+  const Rows dv_rows = dense_rows(dv_acc.as<float>(), ap.Tk, ap.G, ap.d);
+  const auto lse = [&](int l) { return lse_level(lse_levels, l); };
+
+  attention_bwd_rows(level_problem(ap, 0, 0), rows(q), rows(k), rows(v), lv.o[0], lse(0),
+                     rows(dout), lv.w[0], dq_rows, dk_rows, dv_rows, s);
+  {
+    EmaKV e(ap, s);
+    ema_route_fwd(rp, TensorRef{}, rows(k), Rows{}, state(r.k_state), e.kr, StateView{}, s);
+    ema_route_fwd(rp, TensorRef{}, rows(v), Rows{}, state(r.v_state), e.vr, StateView{}, s);
+    Workspace dke(kv_bytes, s, true), dve(kv_bytes, s, true);
+    const Rows dke_rows = dense_rows(dke.as<float>(), ap.Tk, ap.G, ap.d);
+    const Rows dve_rows = dense_rows(dve.as<float>(), ap.Tk, ap.G, ap.d);
+    attention_bwd_rows(level_problem(ap, 1, 0), rows(q), e.kr, e.vr, lv.o[1], lse(1), rows(dout),
+                       lv.w[1], dq_rows, dke_rows, dve_rows, s);
+    ema_route_bwd(rp, TensorRef{}, rows(k), Rows{}, state(r.k_state), dke_rows, GradDType::f32,
+                  state(dk_state_out), dk_rows, Rows{}, GradDType::f32, nullptr,
+                  state(g.dk_state), s);
+    ema_route_bwd(rp, TensorRef{}, rows(v), Rows{}, state(r.v_state), dve_rows, GradDType::f32,
+                  state(dv_state_out), dv_rows, Rows{}, GradDType::f32, nullptr,
+                  state(g.dv_state), s);
+  }
+  if (lv.L == 3) {
+    const AttentionProblem p3 = level_problem(ap, 2, mem_k.shape[1]);
+    const size_t m_bytes = size_t(p3.B * p3.Tk * p3.G * p3.d) * 4;
+    Workspace dmk(m_bytes, s, true), dmv(m_bytes, s, true);
+    attention_bwd_rows(p3, rows(q), rows(mem_k), rows(mem_v), lv.o[2], lse(2), rows(dout),
+                       lv.w[2], dq_rows, dense_rows(dmk.as<float>(), p3.Tk, p3.G, p3.d),
+                       dense_rows(dmv.as<float>(), p3.Tk, p3.G, p3.d), s);
+    accumulate(dmk.as<float>(), dmem_k, s);
+    accumulate(dmv.as<float>(), dmem_v, s);
+  }
+  accumulate(dq_acc.as<float>(), dq, s);
+  accumulate(dk_acc.as<float>(), dk, s);
+  accumulate(dv_acc.as<float>(), dv, s);
+}
+
+}  // namespace mka::cuda

@@ -1,0 +1,44 @@
+"""One small call of every CUDA kernel of mka, forward and backward, for compute-sanitizer
+(memcheck, racecheck): run as `compute-sanitizer --tool memcheck python tests/cuda/sanitize_cases.py`.
+Shapes are tiny but cover partial tiles, GQA, windows, Tq != Tk, both attention paths
+(tensor cores for aligned half inputs, CUDA cores for float32), L = 3 and EMA states."""
+
+import torch
+
+import mka  # noqa: F401
+
+ops = torch.ops.mka
+
+
+def r(*s, dtype=torch.bfloat16):
+    return torch.randn(*s, device="cuda", dtype=dtype, requires_grad=True)
+
+
+def main():
+    torch.manual_seed(0)
+    B, Tq, Tk, H, G = 1, 70, 90, 4, 2
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for d in (64, 128):
+            q, k, v = r(B, Tq, H, d, dtype=dtype), r(B, Tk, G, d, dtype=dtype), r(B, Tk, G, d, dtype=dtype)
+            ops.attention(q, k, v, True, None, 33).float().sum().backward()
+            ops.attention(q, k, v, False).float().sum().backward()
+    d = 64
+    q, k, v = r(B, Tq, H, d), r(B, Tk, G, d), r(B, Tk, G, d)
+    k3, v3 = r(B, Tk, G, d), r(B, Tk, G, d)
+    lam_k = torch.softmax(torch.randn(B, Tk, 3, device="cuda"), -1).to(torch.bfloat16).requires_grad_()
+    lam_q = torch.softmax(torch.randn(B, Tq, 3, device="cuda"), -1).to(torch.bfloat16).requires_grad_()
+    ks = torch.randn(B, G, d, device="cuda", requires_grad=True)
+    vs = torch.randn(B, G, d, device="cuda", requires_grad=True)
+    kf, vf, kso, vso = ops.route_fuse(k, v, lam_k, 0.9, k3, v3, ks, vs)
+    (kf.float().sum() + vf.float().sum() + kso.sum() + vso.sum()).backward()
+    out, kso, vso = ops.fastmka(q, k, v, lam_k, 0.9, k3, v3, ks, vs)
+    (out.float().sum() + kso.sum()).backward()
+    mk, mv = r(B, 20, G, d), r(B, 20, G, d)
+    out, kso, vso = ops.mka(q, k, v, lam_q, 0.9, mk, mv, ks, vs, True, None, 25)
+    (out.float().sum() + vso.sum()).backward()
+    torch.cuda.synchronize()
+    print("sanitize cases: done")
+
+
+if __name__ == "__main__":
+    main()

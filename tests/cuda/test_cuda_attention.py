@@ -1,0 +1,82 @@
+"""mka::attention on CUDA against the float64 reference: outputs and dq, dk, dv, across
+dtypes, head dims, GQA, causal / non-causal / window, Tq != Tk (bottom-right), both the
+tensor-core path (aligned half inputs) and the CUDA-core path (float32, unaligned views)."""
+
+import pytest
+import torch
+
+import mka  # noqa: F401  (registers torch.ops.mka)
+from mka import reference as R
+from cuda_checks import DTYPES, assert_close, check_op, rand, requires_cuda
+
+pytestmark = requires_cuda
+
+CASES = [  # (B, Tq, Tk, H, G, causal, window)
+    (2, 150, 150, 4, 2, True, None),
+    (1, 97, 230, 4, 1, True, None),     # KV cache: Tq < Tk, bottom-right
+    (2, 130, 130, 2, 2, False, None),
+    (1, 200, 200, 4, 4, True, 37),      # sliding window
+    (1, 70, 70, 2, 1, False, 20),       # window without causal mask
+    (1, 160, 60, 2, 1, True, None),     # Tq > Tk: the first rows see no key -> zeros
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+def test_attention_matches_reference(dtype, d, case):
+    B, Tq, Tk, H, G, causal, window = case
+    gen = torch.Generator().manual_seed(hash((str(dtype), d, case)) % 2**31)
+    q, q64 = rand(gen, B, Tq, H, d, dtype=dtype)
+    k, k64 = rand(gen, B, Tk, G, d, dtype=dtype)
+    v, v64 = rand(gen, B, Tk, G, d, dtype=dtype)
+    check_op(lambda q, k, v: torch.ops.mka.attention(q, k, v, causal, None, window),
+             lambda q, k, v: R.attention(q, k, v, causal, None, window),
+             (q, k, v), (q64, k64, v64), dtype, ("q", "k", "v"), gen)
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+def test_unaligned_views_take_the_cuda_core_path(dtype):
+    # Rows of a view with an odd head stride are not 16-byte aligned: no tensor cores.
+    gen = torch.Generator().manual_seed(7)
+    B, T, H, d = 1, 90, 3, 64
+    base, base64 = rand(gen, B, T, H * d + 1, dtype=dtype)
+    q, q64 = base[..., 1:].view(B, T, H, d), base64[..., 1:].reshape(B, T, H, d)
+    k, k64 = rand(gen, B, T, 1, d, dtype=dtype)
+    v, v64 = rand(gen, B, T, 1, d, dtype=dtype)
+    assert q.stride(-1) == 1 and q.data_ptr() % 16 != 0
+    out = torch.ops.mka.attention(q, k, v)
+    assert_close(out, R.attention(q64, k64, v64), dtype, "out (unaligned)")
+
+
+def test_no_visible_key_rows_are_zero_with_finite_grads():
+    gen = torch.Generator().manual_seed(3)
+    q, _ = rand(gen, 1, 64, 2, 64, dtype=torch.bfloat16)
+    k, _ = rand(gen, 1, 16, 2, 64, dtype=torch.bfloat16)
+    v, _ = rand(gen, 1, 16, 2, 64, dtype=torch.bfloat16)
+    q.requires_grad_(True)
+    out = torch.ops.mka.attention(q, k, v, True)  # rows 0..47 see nothing
+    assert (out[:, :48] == 0).all()
+    out.float().sum().backward()
+    assert torch.isfinite(q.grad.float()).all() and (q.grad[:, :48] == 0).all()
+
+
+def test_empty_sizes():
+    q = torch.randn(2, 0, 4, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(2, 5, 2, 64, device="cuda", dtype=torch.bfloat16)
+    assert torch.ops.mka.attention(q, k, k).shape == (2, 0, 4, 64)
+    q = torch.randn(2, 3, 4, 64, device="cuda", dtype=torch.bfloat16)
+    k0 = torch.randn(2, 0, 2, 64, device="cuda", dtype=torch.bfloat16)
+    assert (torch.ops.mka.attention(q, k0, k0, False) == 0).all()
+
+
+def test_long_sequence_tensor_cores_bf16():
+    # Several key tiles and query blocks with both masks active, one larger shape.
+    gen = torch.Generator().manual_seed(11)
+    B, T, H, G, d = 1, 1100, 4, 1, 128
+    q, q64 = rand(gen, B, T, H, d, dtype=torch.bfloat16)
+    k, k64 = rand(gen, B, T, G, d, dtype=torch.bfloat16)
+    v, v64 = rand(gen, B, T, G, d, dtype=torch.bfloat16)
+    check_op(lambda q, k, v: torch.ops.mka.attention(q, k, v, True, None, 300),
+             lambda q, k, v: R.attention(q, k, v, True, None, 300),
+             (q, k, v), (q64, k64, v64), torch.bfloat16, ("q", "k", "v"), gen)

@@ -1,0 +1,110 @@
+"""route_fuse, fastmka and mka on CUDA against the float64 reference: outputs, returned EMA
+states and the gradients of every differentiable input (states included), for L = 2 and 3,
+with and without initial states, T not a multiple of the scan's chunk."""
+
+import pytest
+import torch
+
+import mka  # noqa: F401
+from mka import reference as R
+from cuda_checks import DTYPES, assert_close, check_op, rand, requires_cuda, softmax_rows
+
+pytestmark = requires_cuda
+BETA = 0.9
+
+
+def _states(gen, B, G, d, given):
+    if not given:
+        return (None, None), (None, None)
+    ks, ks64 = rand(gen, B, G, d, dtype=torch.float32)
+    vs, vs64 = rand(gen, B, G, d, dtype=torch.float32)
+    return (ks, vs), (ks64, vs64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("L", [2, 3])
+@pytest.mark.parametrize("states", [False, True], ids=["zero_state", "given_state"])
+def test_route_fuse(dtype, L, states):
+    gen = torch.Generator().manual_seed(100 + L + 10 * states)
+    B, T, G, d = 2, 150, 2, 64
+    k, k64 = rand(gen, B, T, G, d, dtype=dtype)
+    v, v64 = rand(gen, B, T, G, d, dtype=dtype)
+    lam, lam64 = softmax_rows(gen, B, T, L, dtype)
+    (k3, k364), (v3, v364) = ((rand(gen, B, T, G, d, dtype=dtype), rand(gen, B, T, G, d, dtype=dtype))
+                              if L == 3 else ((None, None), (None, None)))
+    (ks, vs), (ks64, vs64) = _states(gen, B, G, d, states)
+    check_op(lambda *a: torch.ops.mka.route_fuse(a[0], a[1], a[2], BETA, *a[3:]),
+             lambda *a: R.route_fuse(a[0], a[1], a[2], BETA, *a[3:]),
+             (k, v, lam, k3, v3, ks, vs), (k64, v64, lam64, k364, v364, ks64, vs64), dtype,
+             ("k", "v", "lam", "k3", "v3", "k_state", "v_state"), gen, n_out=4)
+
+
+def test_route_fuse_in_pieces_equals_one_call():
+    # Chunked prefill: [0:T1] then [T1:T] from the returned state == one call over [0:T].
+    gen = torch.Generator().manual_seed(5)
+    B, T, T1, G, d = 1, 300, 113, 2, 64
+    k, _ = rand(gen, B, T, G, d, dtype=torch.float32)
+    v, _ = rand(gen, B, T, G, d, dtype=torch.float32)
+    lam, _ = softmax_rows(gen, B, T, 2, torch.float32)
+    kf, vf, ks, vs = torch.ops.mka.route_fuse(k, v, lam, BETA)
+    a = torch.ops.mka.route_fuse(k[:, :T1], v[:, :T1], lam[:, :T1], BETA)
+    b = torch.ops.mka.route_fuse(k[:, T1:], v[:, T1:], lam[:, T1:], BETA, None, None, a[2], a[3])
+    assert_close(torch.cat([a[0], b[0]], 1), kf, torch.float32, "k_fused in pieces")
+    assert_close(torch.cat([a[1], b[1]], 1), vf, torch.float32, "v_fused in pieces")
+    assert_close(b[2], ks, torch.float32, "k_state in pieces")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("L", [2, 3])
+@pytest.mark.parametrize("d", [64, 128])
+def test_fastmka(dtype, L, d):
+    gen = torch.Generator().manual_seed(200 + L + d)
+    B, Tq, Tk, H, G = 2, 120, 140, 4, 2
+    q, q64 = rand(gen, B, Tq, H, d, dtype=dtype)
+    k, k64 = rand(gen, B, Tk, G, d, dtype=dtype)
+    v, v64 = rand(gen, B, Tk, G, d, dtype=dtype)
+    lam, lam64 = softmax_rows(gen, B, Tk, L, dtype)
+    (k3, k364), (v3, v364) = ((rand(gen, B, Tk, G, d, dtype=dtype), rand(gen, B, Tk, G, d, dtype=dtype))
+                              if L == 3 else ((None, None), (None, None)))
+    (ks, vs), (ks64, vs64) = _states(gen, B, G, d, L == 3)
+    window = 50 if L == 2 else None
+    check_op(lambda q, k, v, lam, k3, v3, ks, vs: torch.ops.mka.fastmka(
+                 q, k, v, lam, BETA, k3, v3, ks, vs, True, None, window),
+             lambda q, k, v, lam, k3, v3, ks, vs: R.fastmka(
+                 q, k, v, lam, BETA, k3, v3, ks, vs, True, None, window),
+             (q, k, v, lam, k3, v3, ks, vs), (q64, k64, v64, lam64, k364, v364, ks64, vs64),
+             dtype, ("q", "k", "v", "lam", "k3", "v3", "k_state", "v_state"), gen, n_out=3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("L", [2, 3])
+@pytest.mark.parametrize("d", [64, 128])
+def test_mka(dtype, L, d):
+    gen = torch.Generator().manual_seed(300 + L + d)
+    B, Tq, Tk, H, G, M = 2, 110, 130, 4, 2, 40
+    q, q64 = rand(gen, B, Tq, H, d, dtype=dtype)
+    k, k64 = rand(gen, B, Tk, G, d, dtype=dtype)
+    v, v64 = rand(gen, B, Tk, G, d, dtype=dtype)
+    lam, lam64 = softmax_rows(gen, B, Tq, L, dtype)
+    (mk, mk64), (mv, mv64) = ((rand(gen, B, M, G, d, dtype=dtype), rand(gen, B, M, G, d, dtype=dtype))
+                              if L == 3 else ((None, None), (None, None)))
+    (ks, vs), (ks64, vs64) = _states(gen, B, G, d, L == 2)
+    window = 45 if L == 3 else None
+    check_op(lambda q, k, v, lam, mk, mv, ks, vs: torch.ops.mka.mka(
+                 q, k, v, lam, BETA, mk, mv, ks, vs, True, None, window),
+             lambda q, k, v, lam, mk, mv, ks, vs: R.mka(
+                 q, k, v, lam, BETA, mk, mv, ks, vs, True, None, window),
+             (q, k, v, lam, mk, mv, ks, vs), (q64, k64, v64, lam64, mk64, mv64, ks64, vs64),
+             dtype, ("q", "k", "v", "lam", "mem_k", "mem_v", "k_state", "v_state"), gen, n_out=3)
+
+
+def test_mka_empty_memory():
+    gen = torch.Generator().manual_seed(9)
+    B, T, H, G, d = 1, 64, 2, 1, 64
+    q, q64 = rand(gen, B, T, H, d, dtype=torch.bfloat16)
+    k, k64 = rand(gen, B, T, G, d, dtype=torch.bfloat16)
+    lam, lam64 = softmax_rows(gen, B, T, 3, torch.bfloat16)
+    m = torch.zeros(B, 0, G, d, device="cuda", dtype=torch.bfloat16)
+    out, _, _ = torch.ops.mka.mka(q, k, k, lam, BETA, m, m)
+    ref, _, _ = R.mka(q64, k64, k64, lam64, BETA, m.cpu().double(), m.cpu().double())
+    assert_close(out, ref, torch.bfloat16, "mka with M = 0")
