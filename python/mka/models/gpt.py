@@ -1,0 +1,208 @@
+"""A GPT-style language model (nanoGPT's shape) whose attention is any ``mka.nn`` variant.
+
+Pre-LayerNorm blocks, learned absolute positions, tied input/output embeddings. With
+``caches`` from :meth:`GPT.new_caches`, ``forward`` continues a sequence: ``generate``
+prefills the prompt once and then feeds one token at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..nn import ATTENTION_REGISTRY, KVCache, build_attention, check_attention_config
+from ..nn.backends import BACKENDS
+
+LayerMemory = Optional[tuple[Tensor, Tensor]]
+
+
+@dataclass
+class GPTConfig:
+    """``attention`` is one of ``mka.nn.ATTENTION_REGISTRY`` ("mha", "mqa", "gqa", "mla",
+    "mka", "fastmka"); ``attn_backend`` "mka" (native ops) or "torch" (SDPA); ``attn_options``
+    the variant's own options (``mka.nn.attention_options(name)`` lists them: MLA ranks and
+    dims, MKA/FastMKA ``levels``, ``beta``, ``window``, ...). ``n_kv_head`` None means
+    ``n_head`` (1 for "mqa"). Validated on construction."""
+
+    n_layer: int = 12
+    n_embd: int = 768
+    n_head: int = 12
+    n_kv_head: Optional[int] = None
+    block_size: int = 1024
+    vocab_size: int = 50304
+    dropout: float = 0.0
+    bias: bool = True
+    attention: str = "mha"
+    attn_backend: str = "mka"
+    attn_options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("n_layer", "n_embd", "n_head", "block_size", "vocab_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        if self.attention not in ATTENTION_REGISTRY:
+            raise ValueError(f"attention: unknown variant {self.attention!r}, expected one of "
+                             f"{sorted(ATTENTION_REGISTRY)}")
+        if self.attn_backend not in BACKENDS:
+            raise ValueError(f"attn_backend: expected one of {sorted(BACKENDS)}, "
+                             f"got {self.attn_backend!r}")
+        if not isinstance(self.attn_options, dict):
+            raise ValueError(f"attn_options: expected a dict, got {type(self.attn_options).__name__}")
+        check_attention_config(self)  # head counts, widths, the variant's options
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))``."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = build_attention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, cache: Optional[KVCache] = None,
+                memory: LayerMemory = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), cache=cache, memory=memory)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied embeddings
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale the residual projections
+            if name.endswith(("attn.proj.weight", "mlp.c_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @classmethod
+    def from_config(cls, config: GPTConfig) -> "GPT":
+        return cls(config)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx: Tensor, targets: Optional[Tensor] = None,
+                caches: Optional[Sequence[KVCache]] = None,
+                memory: Optional[Sequence[LayerMemory]] = None) -> tuple[Tensor, Optional[Tensor]]:
+        """``idx: (B, T)`` token ids -> ``(logits (B, T, vocab), loss)``; ``loss`` is the mean
+        cross-entropy over targets != -1 (None without targets). With ``caches`` (one per
+        layer) ``idx`` continues the cached sequence. ``memory``: per-layer level-3 memory
+        ``(mem_k, mem_v)`` or None, for MKA/FastMKA with ``levels=3``."""
+        B, T = self._check_forward(idx, caches, memory)
+        start = 0 if caches is None else caches[0].length
+        pos = torch.arange(start, start + T, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if caches is None else caches[i], None if memory is None else memory[i])
+        logits = self.lm_head(self.ln_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(B * T, -1), targets.reshape(B * T),
+                                   ignore_index=-1)
+        return logits, loss
+
+    def _check_forward(self, idx: Tensor, caches, memory) -> tuple[int, int]:
+        if idx.dim() != 2 or idx.dtype != torch.long:
+            raise ValueError(f"idx: expected token ids (B, T) of dtype long, got "
+                             f"{tuple(idx.shape)} {idx.dtype}")
+        n_layer = self.config.n_layer
+        if caches is not None and len(caches) != n_layer:
+            raise ValueError(f"caches: expected one per layer ({n_layer}), got {len(caches)}")
+        if memory is not None and len(memory) != n_layer:
+            raise ValueError(f"memory: expected one entry per layer ({n_layer}), got {len(memory)}")
+        end = idx.shape[1] + (0 if caches is None else caches[0].length)
+        if end > self.config.block_size:
+            raise ValueError(f"idx: the sequence reaches position {end}, beyond block_size "
+                             f"{self.config.block_size}")
+        return idx.shape[0], idx.shape[1]
+
+    # ------------------------------------------------------------------ decoding
+
+    def new_caches(self, batch_size: int, device: Optional[torch.device] = None,
+                   dtype: Optional[torch.dtype] = None) -> list[KVCache]:
+        """One empty KV cache per layer (device and dtype default to the model's)."""
+        p = self.wte.weight
+        device = p.device if device is None else device
+        dtype = p.dtype if dtype is None else dtype
+        return [b.attn.new_cache(batch_size, device, dtype) for b in self.blocks]
+
+    @torch.no_grad()
+    def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: Optional[int] = None, greedy: bool = False) -> Tensor:
+        """Appends ``max_new_tokens`` tokens to ``idx: (B, T)``: the prompt is prefilled into
+        the KV caches once, then each new token is one cached step. Past ``block_size`` the
+        context slides: the caches are refilled from the last ``block_size - 1`` tokens
+        (learned positions end at ``block_size``)."""
+        if not greedy and not temperature > 0:
+            raise ValueError(f"temperature: must be > 0 when sampling, got {temperature!r}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k: must be at least 1, got {top_k!r}")
+        block = self.config.block_size
+        caches = self.new_caches(idx.shape[0])
+        logits, _ = self(idx[:, -block:], caches=caches)
+        for step in range(max_new_tokens):
+            nxt = self._pick(logits[:, -1], temperature, top_k, greedy)
+            idx = torch.cat((idx, nxt), dim=1)
+            if step == max_new_tokens - 1:
+                break
+            if caches[0].length < block:
+                logits, _ = self(nxt, caches=caches)
+            else:
+                caches = self.new_caches(idx.shape[0])
+                logits, _ = self(idx[:, -(block - 1):], caches=caches)
+        return idx
+
+    @staticmethod
+    def _pick(logits: Tensor, temperature: float, top_k: Optional[int], greedy: bool) -> Tensor:
+        if greedy:
+            return logits.argmax(-1, keepdim=True)
+        logits = logits.float() / temperature
+        if top_k is not None:
+            kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        return torch.multinomial(torch.softmax(logits, -1), num_samples=1)
+
+    # ------------------------------------------------------------------ accounting
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameters (tied embeddings counted once); without the position table by default."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.wpe.weight.numel() if non_embedding else n
+
+    def kv_cache_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> int:
+        """KV-cache bytes one more token adds, summed over layers, per sequence."""
+        return sum(b.attn.cache_bytes_per_token(dtype) for b in self.blocks)
+
+    def kv_cache_state_bytes(self, dtype: torch.dtype = torch.bfloat16) -> int:
+        """Fixed per-sequence cache bytes (EMA states), summed over layers."""
+        return sum(b.attn.cache_state_bytes(dtype) for b in self.blocks)
