@@ -26,7 +26,7 @@ class HostTensor {
  public:
   HostTensor() = default;  // absent optional argument: ref().present() is false
   HostTensor(DType dtype, std::vector<int64_t> shape, int64_t pad = 0)
-      : dtype_(dtype), shape_(std::move(shape)) {
+      : dtype_(dtype), shape_(std::move(shape)), pad_(pad) {
     const int nd = int(shape_.size());
     stride_.assign(nd, 1);
     for (int i = nd - 2; i >= 0; --i) stride_[i] = shape_[i + 1] * stride_[i + 1] + pad;
@@ -70,6 +70,13 @@ class HostTensor {
     return n;
   }
   const std::vector<int64_t>& shape() const { return shape_; }
+
+  // Zero the logical elements (padding keeps its NaN): a fresh gradient buffer.
+  void zero() {
+    if (pad_ == 0) std::memset(storage_.data(), 0, storage_.size() * sizeof(double));
+    else
+      for (int64_t i = 0; i < numel(); ++i) set(i, 0.0);
+  }
 
   // Element `i` of the logical row-major order.
   double get(int64_t i) const {
@@ -123,6 +130,7 @@ class HostTensor {
 
   DType dtype_ = DType::f32;
   std::vector<int64_t> shape_, stride_;
+  int64_t pad_ = 0;
   int64_t span_ = 0;
   std::vector<double> storage_;  // 8-byte aligned storage for any dtype
 };

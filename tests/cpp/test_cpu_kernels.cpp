@@ -50,13 +50,8 @@ void mask_empty_rows(Vec& got, Vec& want) {
     if (std::isinf(want[i]) && want[i] < 0) got[i] = want[i] = 0;
 }
 
-using Param = std::tuple<Case, DType, Op>;
-
-class CpuKernel : public ::testing::TestWithParam<Param> {};
-
-TEST_P(CpuKernel, MatchesFloat64Reference) {
-  const auto& [c, dtype, op] = GetParam();
-  const OpRun run(op, c, dtype, /*seed=*/std::hash<std::string>{}(c.name + op_name(op)));
+// Every output and gradient of one run within SPEC §5's tolerance of the reference.
+void expect_matches_reference(const OpRun& run, DType dtype) {
   Result got = run.native();
   Result want = run.reference();
   const double tol = tolerance(dtype);
@@ -71,6 +66,20 @@ TEST_P(CpuKernel, MatchesFloat64Reference) {
   EXPECT_TRUE(got.padding_intact) << "a kernel wrote outside an output's strided view";
 }
 
+std::string dtype_op_name(const ::testing::TestParamInfo<std::tuple<DType, Op>>& info) {
+  return std::string(dtype_name(std::get<0>(info.param))) + "_" + op_name(std::get<1>(info.param));
+}
+
+using Param = std::tuple<Case, DType, Op>;
+
+class CpuKernel : public ::testing::TestWithParam<Param> {};
+
+TEST_P(CpuKernel, MatchesFloat64Reference) {
+  const auto& [c, dtype, op] = GetParam();
+  const OpRun run(op, c, dtype, /*seed=*/std::hash<std::string>{}(c.name + op_name(op)));
+  expect_matches_reference(run, dtype);
+}
+
 std::string param_name(const ::testing::TestParamInfo<Param>& info) {
   const auto& [c, dtype, op] = info.param;
   return c.name + "_" + dtype_name(dtype) + "_" + op_name(op);
@@ -82,6 +91,40 @@ INSTANTIATE_TEST_SUITE_P(Ops, CpuKernel,
                                             ::testing::Values(Op::attention, Op::route_fuse,
                                                               Op::fastmka, Op::mka)),
                          param_name);
+
+// Random problems beyond the hand-picked cases: any mix of sizes (zeros included), heads,
+// windows down to 1, levels, states and strides. Seeded, so a failure names a replayable case.
+class RandomProblems : public ::testing::TestWithParam<std::tuple<DType, Op>> {};
+
+TEST_P(RandomProblems, MatchFloat64Reference) {
+  const auto& [dtype, op] = GetParam();
+  std::mt19937_64 rng(1234 + int(op));
+  auto pick = [&](int64_t lo, int64_t hi) {  // uniform in [lo, hi]
+    return std::uniform_int_distribution<int64_t>(lo, hi)(rng);
+  };
+  for (int n = 0; n < 25; ++n) {
+    Case c;
+    ref::Dims& p = c.dims;
+    p.B = pick(0, 2), p.Tq = pick(0, 40), p.Tk = pick(0, 40), p.G = pick(1, 3);
+    p.H = p.G * pick(1, 3), p.d = pick(1, 70), p.L = pick(2, 3), p.M = pick(0, 5);
+    p.causal = pick(0, 3) > 0;
+    p.window = pick(0, 1) ? pick(1, 12) : -1;
+    p.beta = pick(0, 99) / 100.0;
+    if (pick(0, 1)) c.scale = pick(1, 20) / 10.0;
+    c.states = States(pick(0, 3));
+    c.state_seeds = pick(0, 1);
+    c.pad = pick(0, 1) * 2;
+    c.name = "random_" + std::to_string(n);
+    SCOPED_TRACE(::testing::PrintToString(c));
+    expect_matches_reference(OpRun(op, c, dtype, rng()), dtype);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Ops, RandomProblems,
+                         ::testing::Combine(::testing::Values(DType::f64, DType::f32),
+                                            ::testing::Values(Op::attention, Op::route_fuse,
+                                                              Op::fastmka, Op::mka)),
+                         dtype_op_name);
 
 // --- the thread pool ----------------------------------------------------------------
 
@@ -151,10 +194,7 @@ INSTANTIATE_TEST_SUITE_P(Ops, ThreadCount,
                          ::testing::Combine(::testing::Values(DType::f64, DType::f32),
                                             ::testing::Values(Op::attention, Op::route_fuse,
                                                               Op::fastmka, Op::mka)),
-                         [](const auto& info) {
-                           return std::string(dtype_name(std::get<0>(info.param))) + "_" +
-                                  op_name(std::get<1>(info.param));
-                         });
+                         dtype_op_name);
 
 // --- chunked processing (SPEC §2) ---------------------------------------------------
 
