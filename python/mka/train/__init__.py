@@ -4,6 +4,7 @@ compare held-out loss, throughput and memory. ``main(argv)`` is the command line
 from __future__ import annotations
 
 import datetime
+import json
 import shlex
 import subprocess
 import sys
@@ -53,11 +54,14 @@ def run(settings: Settings, argv: list[str]) -> list[dict]:
         results = []
         with StopFlag() as stop:
             for variant in settings.variants():
+                job = VariantRun(settings, variant, data, rt, out)
                 try:
-                    results.append(VariantRun(settings, variant, data, rt, out).run(stop))
-                finally:
-                    if rt.is_main and results:
-                        report.write_all(out, results, meta, plots=False)
+                    results.append(job.run(stop))
+                except Interrupted:
+                    if rt.is_main:  # report what was done, the stopped variant marked incomplete
+                        partial = json.loads(job.result_path.read_text())
+                        report.write_all(out, results + [partial], meta, settings.plots)
+                    raise
         if rt.is_main:
             notes = report.write_all(out, results, meta, settings.plots)
             print(report.text_table(results))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -68,6 +69,13 @@ class Clock:
     def open(self, timed: bool) -> None:
         _sync(self.device)
         self.start, self.timed, self.tokens = time.perf_counter(), timed, 0
+
+    def live_rate(self) -> float | None:
+        """Tokens/s so far, for the progress bar (no device sync: approximate)."""
+        tokens, seconds = self.h["timed_tokens"], self.h["timed_seconds"]
+        if self.timed and self.start is not None:
+            tokens, seconds = tokens + self.tokens, seconds + time.perf_counter() - self.start
+        return tokens / seconds if seconds > 0 else None
 
     def close(self) -> None:
         if self.start is None:
@@ -201,7 +209,7 @@ class VariantRun:
         timing_from = done + s.timing_warmup_steps  # warm-up again after a resume: caches are cold
         clock, pending = Clock(rt.device, history), []
         bar = tqdm(total=self.total_steps, initial=done, desc=self.variant, disable=not rt.is_main,
-                   dynamic_ncols=True, mininterval=0.5)
+                   dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 15)
         try:
             while done < self.total_steps:
                 if s.eval_interval and done % s.eval_interval == 0 and \
@@ -221,7 +229,7 @@ class VariantRun:
                 pending.append((done, loss, lr))
                 if done % s.log_interval == 0 or done == self.total_steps:
                     self._flush(pending, history)
-                    tps = history["timed_tokens"] / history["timed_seconds"] if history["timed_seconds"] else None
+                    tps = clock.live_rate()
                     bar.set_postfix(loss=f"{history['train'][-1][1]:.4f}",
                                     tok_s=f"{tps:,.0f}" if tps else "warm-up", refresh=False)
                 bar.update(1)

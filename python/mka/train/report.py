@@ -29,6 +29,8 @@ def _cell(result: dict, key: str, fmt: str) -> str:
     v = result.get(key)
     if v is None:
         return "n/a"
+    if key == "steps" and not result.get("complete", True):
+        return f"{v:,}/{result['total_steps']:,} (stopped)"
     if key == "peak_memory_bytes":
         v = v / 2**20
     return fmt.format(v)
@@ -59,7 +61,11 @@ def markdown(results: list[dict], meta: dict) -> str:
                 f"after the last step; best held-out: lowest of the periodic evaluations and the final one. "
                 f"Train loss: mean of the last 10 steps. tokens/s: training steps after the timing warm-up, "
                 f"evaluation excluded. Peak memory: {', '.join(kinds)}, reset per variant. "
-                f"KV B/token: decode-cache bytes per token, all layers, in the training precision.", ""]
+                f"KV B/token: decode-cache bytes per token, all layers, in the training precision."]
+    eval_tokens = meta.get("settings", {}).get("eval_tokens")
+    if eval_tokens:
+        out += [f"Periodic evaluations read the first {eval_tokens:,} held-out tokens; the final one reads all."]
+    out += [""]
     return "\n".join(out)
 
 

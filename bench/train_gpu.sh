@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The GPU comparison of attention variants (issue 5, part 7) in one call, from the repo root:
+#   mkdir -p .carry/data/wikitext-2 .carry/data/tinyshakespeare
+#   cp ../shared/data/tinyshakespeare/input.txt .carry/data/tinyshakespeare/
+#   cp ../shared/data/wikitext-2/{valid,test}.txt .carry/data/wikitext-2/
+#   device run: command "bash bench/train_gpu.sh", carry [".carry/data"]
+# Stages, in priority order, each cut off (with a checkpoint and partial results) when the
+# time budget runs out:
+#   1. shakespeare_mha_full   nanoGPT's shakespeare_char recipe for MHA, FULL_STEPS iterations
+#   2. shakespeare_all_short  every variant, the same recipe cut to SHORT_STEPS iterations
+#   3. wikitext2_all_short    every variant, WikiText-2 bpe:8192, WT2_STEPS iterations
+# Everything except checkpoints is packed into $OUT/train_gpu_results.tar.gz with the log.
+set -uo pipefail
+START=$(date +%s)
+BUDGET_S=${BUDGET_S:-400}        # the whole script, build included
+FULL_STEPS=${FULL_STEPS:-5000}
+SHORT_STEPS=${SHORT_STEPS:-500}
+WT2_STEPS=${WT2_STEPS:-150}
+DATA=${DATA:-.carry/data}
+RUNS=${RUNS:-/tmp/mka_train_runs}
+DEST=${OUT:-bench/results}
+MKA_CUDA=${MKA_CUDA:-AUTO}       # OFF: skip building the CUDA kernels (then attention runs on SDPA)
+export PYTHONUNBUFFERED=1
+mkdir -p "$RUNS" "$DEST"
+LOG="$RUNS/log.txt"
+exec > >(tee "$LOG") 2>&1
+
+left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
+
+stage() {  # stage NAME CAP_SECONDS ARGS...: train under a timeout; SIGTERM makes it checkpoint and stop
+    local name=$1 cap=$2 t
+    shift 2
+    t=$(left)
+    (( t > cap )) && t=$cap
+    if (( t < 30 )); then echo "== $name: SKIPPED, ${t}s left"; return; fi
+    echo "== $name (limit ${t}s, $(date -u +%H:%M:%S)): mka train $*"
+    timeout -s TERM --kill-after=30 "$t" python3 -m mka.train "$@" --out "$RUNS/$name" --cache-dir "$RUNS/cache"
+    echo "== $name: exit $? after $(( $(date +%s) - START ))s"
+}
+
+echo "== $(date -u '+%Y-%m-%d %H:%M UTC'), commit ${COMMIT:-unknown}"
+nvidia-smi -L
+python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+CMAKE_BUILD_PARALLEL_LEVEL=16 python3 -m pip install --no-build-isolation --no-deps -q . \
+    -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=90a -Ccmake.define.MKA_CUDA="$MKA_CUDA" || exit 1
+echo "== built after $(( $(date +%s) - START ))s"
+python3 -c "import mka; print('mka built with CUDA:', mka._C.built_with_cuda())"
+
+SHAKE=(--config configs/shakespeare_char.yaml --data "$DATA/tinyshakespeare/input.txt")
+stage shakespeare_mha_full 200 "${SHAKE[@]}" --attention mha --max-steps "$FULL_STEPS" --lr-decay-steps "$FULL_STEPS"
+stage shakespeare_all_short 150 "${SHAKE[@]}" --attention all --max-steps "$SHORT_STEPS" \
+    --lr-decay-steps "$SHORT_STEPS" --eval-interval $(( SHORT_STEPS / 2 ))
+stage wikitext2_all_short 150 --config configs/wikitext2_bpe.yaml --data "$DATA/wikitext-2" --attention all \
+    --max-steps "$WT2_STEPS" --eval-interval $(( WT2_STEPS / 3 )) --eval-tokens 65536
+
+tar czf "$DEST/train_gpu_results.tar.gz" -C "$RUNS" --exclude='*.pt' --exclude=cache .
+echo "== done after $(( $(date +%s) - START ))s"
