@@ -39,6 +39,7 @@ struct Case {
   States states = States::none;    // EMA states given as inputs
   bool state_seeds = true;         // incoming gradients of the returned states given
   int64_t pad = 0;                 // stride padding of every tensor (HostTensor)
+  bool route_grads = true;         // request dlam, dk3/dv3 and the state gradients
 };
 
 // Readable test parameters in gtest's failure messages.
@@ -47,7 +48,8 @@ inline void PrintTo(const Case& c, std::ostream* os) {
   *os << c.name << " {B=" << p.B << " Tq=" << p.Tq << " Tk=" << p.Tk << " H=" << p.H
       << " G=" << p.G << " d=" << p.d << " L=" << p.L << " M=" << p.M
       << " causal=" << p.causal << " window=" << p.window << " beta=" << p.beta
-      << " pad=" << c.pad << "}";
+      << " states=" << int(c.states) << " state_seeds=" << c.state_seeds
+      << " route_grads=" << c.route_grads << " pad=" << c.pad << "}";
 }
 inline void PrintTo(Op op, std::ostream* os) { *os << op_name(op); }
 
@@ -119,13 +121,17 @@ class OpRun {
   Result reference() const {
     const ref::Inputs in = inputs();
     const ref::Seeds s = seeds();
+    Result r;
     switch (op_) {
-      case Op::attention: return {ref::attention(dims_, in), ref::attention_bwd(dims_, in, s)};
-      case Op::route_fuse: return {ref::route_fuse(dims_, in), ref::route_fuse_bwd(dims_, in, s)};
-      case Op::fastmka: return {ref::fastmka(dims_, in), ref::fastmka_bwd(dims_, in, s)};
-      case Op::mka: return {ref::mka(dims_, in), ref::mka_bwd(dims_, in, s)};
+      case Op::attention: r = {ref::attention(dims_, in), ref::attention_bwd(dims_, in, s)}; break;
+      case Op::route_fuse: r = {ref::route_fuse(dims_, in), ref::route_fuse_bwd(dims_, in, s)}; break;
+      case Op::fastmka: r = {ref::fastmka(dims_, in), ref::fastmka_bwd(dims_, in, s)}; break;
+      case Op::mka: r = {ref::mka(dims_, in), ref::mka_bwd(dims_, in, s)}; break;
     }
-    return {};
+    if (!c_.route_grads)  // not requested: the op computes none of them
+      for (Vec* g : {&r.grads.dlam, &r.grads.dk3, &r.grads.dv3, &r.grads.dk_state, &r.grads.dv_state})
+        g->clear();
+    return r;
   }
 
   // Forward then backward through mka/ops.h, into fresh (zero-filled, padded) buffers.
@@ -141,9 +147,10 @@ class OpRun {
     auto like = [&](const HostTensor& t) {
       return t.present() ? HostTensor(t.ref().dtype, t.shape(), pad) : HostTensor();
     };
-    HostTensor dq = like(q_), dk = like(k_), dv = like(v_), dlam = like(lam_), dk3 = like(k3_),
-               dv3 = like(v3_), dks = like(k_state_), dvs = like(v_state_), dmk = like(mem_k_),
-               dmv = like(mem_v_);
+    auto route_grad = [&](const HostTensor& t) { return c_.route_grads ? like(t) : HostTensor(); };
+    HostTensor dq = like(q_), dk = like(k_), dv = like(v_), dmk = like(mem_k_), dmv = like(mem_v_);
+    HostTensor dlam = route_grad(lam_), dk3 = route_grad(k3_), dv3 = route_grad(v3_),
+               dks = route_grad(k_state_), dvs = route_grad(v_state_);
     const RouteGrads g{dlam.ref(), dk3.ref(), dv3.ref(), dks.ref(), dvs.ref()};
     HostTensor ks_out(sdt, {p.B, p.G, p.d}, pad), vs_out(sdt, {p.B, p.G, p.d}, pad);
     Result res;

@@ -34,6 +34,8 @@ std::vector<Case> cases() {
       {"strided_views", {2, 21, 21, 4, 2, 16, 6, 3, true, 6, 0, 0.8}, {}, States::both, true, 3},
       {"custom_scale", {1, 12, 12, 2, 2, 8, 0, 2, true, -1, 0, 0.5}, 0.37},
       {"no_state_seeds", {1, 11, 11, 2, 1, 8, 0, 2, true, -1, 0, 0.5}, {}, States::both, false},
+      {"no_route_grads", {1, 10, 10, 2, 1, 8, 4, 3, true, -1, 0, 0.5}, {}, States::both, true, 0,
+       false},
       {"beta_zero", {1, 9, 9, 2, 1, 8, 0, 3, true, -1, 0, 0.0}, {}, States::both},
       {"empty_batch", {0, 5, 5, 2, 1, 8, 3, 3, true, -1, 0, 0.5}, {}, States::both},
       {"empty_queries", {2, 0, 6, 2, 1, 8, 3, 3, true, -1, 0, 0.5}, {}, States::both},
@@ -114,6 +116,7 @@ TEST_P(RandomProblems, MatchFloat64Reference) {
     c.states = States(pick(0, 3));
     c.state_seeds = pick(0, 1);
     c.pad = pick(0, 1) * 2;
+    c.route_grads = pick(0, 3) > 0;
     c.name = "random_" + std::to_string(n);
     SCOPED_TRACE(::testing::PrintToString(c));
     expect_matches_reference(OpRun(op, c, dtype, rng()), dtype);
