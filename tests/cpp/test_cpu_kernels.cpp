@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <thread>
 #include <cmath>
 #include <vector>
 
@@ -198,6 +199,26 @@ INSTANTIATE_TEST_SUITE_P(Ops, ThreadCount,
                                             ::testing::Values(Op::attention, Op::route_fuse,
                                                               Op::fastmka, Op::mka)),
                          dtype_op_name);
+
+// Two caller threads running ops at once (as PyTorch's inter-op threads may) share the
+// pool: both finish, and each gets exactly its single-caller result.
+TEST(ThreadPool, ConcurrentCallersGetTheirOwnResults) {
+  ThreadsGuard guard;
+  set_num_threads(2);
+  const Case c{"concurrent", {1, 29, 29, 4, 2, 16, 3, 3, true, 9, 0, 0.7}, {}, States::both};
+  const OpRun runs[2] = {OpRun(Op::mka, c, DType::f64, 21), OpRun(Op::fastmka, c, DType::f32, 22)};
+  const Result alone[2] = {runs[0].native(), runs[1].native()};
+  Result shared[2][10];
+  std::thread callers[2];
+  for (int t = 0; t < 2; ++t)
+    callers[t] = std::thread([&, t] {
+      for (Result& r : shared[t]) r = runs[t].native();
+    });
+  for (std::thread& th : callers) th.join();
+  for (int t = 0; t < 2; ++t)
+    for (const Result& r : shared[t])
+      for (const Field& f : fields(r, alone[t])) ASSERT_EQ(*f.got, *f.want) << f.name;
+}
 
 // --- chunked processing (SPEC §2) ---------------------------------------------------
 

@@ -109,6 +109,9 @@ TEST_F(AttentionInputs, AcceptsEveryValidVariant) {
     EXPECT_NO_THROW(check(with_dim(dim, 0, q), with_dim(dim, 0, k), with_dim(dim, 0, v)));
   }
   EXPECT_NO_THROW(check(q, with_dim(1, 0, k), with_dim(1, 0, v)));  // Tk = 0
+  // Empty tensors: strides are never used, so any last stride passes.
+  EXPECT_NO_THROW(check(with_last_stride(7, with_dim(0, 0, q)), with_dim(0, 0, k),
+                        with_last_stride(0, with_dim(0, 0, v))));
   const HostTensor q1(DType::f32, {2, 5, 4, 1}), k1(DType::f32, {2, 7, 2, 1});
   EXPECT_NO_THROW(check(with_last_stride(3, q1), k1, k1));  // a size-1 dim has no stride
   const HostTensor q256(DType::f64, {1, 2, 1, 256});
