@@ -6,8 +6,8 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
-#include <thread>
 #include <cmath>
+#include <thread>
 #include <vector>
 
 #include "host_tensor.h"
