@@ -161,8 +161,8 @@ class GPT(nn.Module):
                  top_k: Optional[int] = None, greedy: bool = False) -> Tensor:
         """Appends ``max_new_tokens`` tokens to ``idx: (B, T)``: the prompt is prefilled into
         the KV caches once, then each new token is one cached step. Past ``block_size`` the
-        context slides: the caches are refilled from the last ``block_size - 1`` tokens
-        (learned positions end at ``block_size``)."""
+        context slides as in nanoGPT: learned positions end at ``block_size``, so each step
+        refills the caches from the last ``block_size`` tokens."""
         if not greedy and not temperature > 0:
             raise ValueError(f"temperature: must be > 0 when sampling, got {temperature!r}")
         if top_k is not None and top_k < 1:
@@ -179,7 +179,7 @@ class GPT(nn.Module):
                 logits, _ = self(nxt, caches=caches)
             else:
                 caches = self.new_caches(idx.shape[0])
-                logits, _ = self(idx[:, -(block - 1):], caches=caches)
+                logits, _ = self(idx[:, -block:], caches=caches)
         return idx
 
     @staticmethod

@@ -1,0 +1,127 @@
+"""The GPT model per attention variant (float64): causal logits, cached decoding equal to
+one full forward, the loss's ignore_index, generate() with and without the cache, and the
+cache bytes it reports."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import rel_err
+from gpt_cases import tiny_model, variant_params
+
+EXACT = 1e-10  # SPEC §5, float64
+V = 19
+
+
+def _tokens(B=2, T=16):
+    return torch.randint(0, V, (B, T))
+
+
+@pytest.mark.parametrize("variant", variant_params())
+def test_logits_are_causal(variant):
+    m = tiny_model(variant)
+    idx = _tokens()
+    changed = idx.clone()
+    changed[:, 9:] = (changed[:, 9:] + 1 + torch.randint(0, V - 1, changed[:, 9:].shape)) % V
+    a, b = m(idx)[0], m(changed)[0]
+    assert rel_err(b[:, :9], a[:, :9]) < EXACT
+    assert rel_err(b[:, 9:], a[:, 9:]) > 1e-6
+
+
+@pytest.mark.parametrize("backend", ["mka", "torch"])
+@pytest.mark.parametrize("variant", variant_params())
+def test_prefill_decode_and_chunked_prefill_equal_one_pass(variant, backend):
+    m = tiny_model(variant, backend)
+    idx = _tokens(T=14)
+    full, _ = m(idx)
+    caches = m.new_caches(2)
+    decoded = [m(idx[:, :6], caches=caches)[0]]
+    decoded += [m(idx[:, t:t + 1], caches=caches)[0] for t in range(6, 14)]
+    assert rel_err(torch.cat(decoded, 1), full) < EXACT
+    caches = m.new_caches(2)
+    chunks = [m(idx[:, a:b], caches=caches)[0] for a, b in ((0, 5), (5, 11), (11, 14))]
+    assert rel_err(torch.cat(chunks, 1), full) < EXACT
+
+
+@pytest.mark.parametrize("variant", variant_params())
+def test_cache_bytes_per_token_match_the_caches(variant):
+    m = tiny_model(variant)
+    caches = m.new_caches(3)
+    m(_tokens(3, 10), caches=caches)
+    held = sum(c.nbytes() for c in caches)
+    dt = torch.float64
+    assert held == 3 * (10 * m.kv_cache_bytes_per_token(dt) + m.kv_cache_state_bytes(dt))
+
+
+def test_loss_is_mean_cross_entropy_ignoring_minus_one():
+    m = tiny_model("mka")
+    idx, targets = _tokens(), _tokens()
+    targets[0, :5] = -1
+    logits, loss = m(idx, targets)
+    keep = targets != -1
+    want = F.cross_entropy(logits[keep], targets[keep])
+    assert abs(loss.item() - want.item()) < 1e-12
+    assert m(idx)[1] is None
+
+
+def _generate_without_cache(m, idx, n, greedy):
+    for _ in range(n):
+        logits, _ = m(idx[:, -m.config.block_size:])
+        idx = torch.cat((idx, m._pick(logits[:, -1], 1.0, None, greedy)), 1)
+    return idx
+
+
+@pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("variant", variant_params())
+def test_generate_with_cache_equals_full_recompute(variant, greedy):
+    """Same tokens as recomputing every step without a cache (sampling: same RNG draws),
+    running past block_size, where the context slides."""
+    m = tiny_model(variant, block_size=12)
+    prompt = _tokens(2, 5)
+    torch.manual_seed(7)
+    out = m.generate(prompt, 16, greedy=greedy)
+    torch.manual_seed(7)
+    want = _generate_without_cache(m, prompt, 16, greedy)
+    assert out.shape == (2, 21) and torch.equal(out[:, :5], prompt)
+    assert torch.equal(out, want)
+    if not greedy:
+        assert len(out[:, 5:].unique()) > 3  # sampling, not a collapsed sequence
+
+
+def test_sampling_respects_top_k_and_temperature():
+    m = tiny_model("fastmka")
+    prompt = _tokens(2, 4)
+    assert torch.equal(m.generate(prompt, 8, top_k=1), m.generate(prompt, 8, greedy=True))
+    out = m.generate(prompt, 10, temperature=0.7, top_k=3)
+    logits, _ = m(out[:, :-1])
+    top3 = logits[:, 3:].topk(3, -1).indices
+    assert (top3 == out[:, 4:, None]).any(-1).all()
+    with pytest.raises(ValueError, match="temperature"):
+        m.generate(prompt, 2, temperature=0.0)
+
+
+def test_level3_memory_per_layer():
+    m = tiny_model("mka-l3-window")
+    idx = _tokens(2, 8)
+    recalled = [b.attn.project_memory(torch.randn(2, 3, 32, dtype=torch.float64))
+                for b in m.blocks]
+    full, _ = m(idx, memory=recalled)
+    assert rel_err(full, m(idx)[0]) > 1e-6
+    caches = m.new_caches(2)
+    parts = [m(idx[:, :5], caches=caches, memory=recalled)[0],
+             m(idx[:, 5:], caches=caches, memory=recalled)[0]]
+    assert rel_err(torch.cat(parts, 1), full) < EXACT
+
+
+def test_bad_forward_inputs():
+    m = tiny_model("mha")
+    with pytest.raises(ValueError, match="idx: expected token ids"):
+        m(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="beyond block_size 24"):
+        m(_tokens(1, 25))
+    caches = m.new_caches(1)
+    m(_tokens(1, 20), caches=caches)
+    with pytest.raises(ValueError, match="reaches position 25"):
+        m(_tokens(1, 5), caches=caches)
+    with pytest.raises(ValueError, match="caches: expected one per layer"):
+        m(_tokens(1, 2), caches=caches[:1])
