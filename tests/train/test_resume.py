@@ -36,14 +36,14 @@ def test_ctrl_c_leaves_a_checkpoint_that_resumes(corpus_file, run_args, tmp_path
     argv = run_args(corpus_file, "--max-steps", 100000, "--checkpoint-interval", 1000000)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "mka.train", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.time() + 120
-    line = ""
-    while "it/s" not in line and "s/it" not in line and time.time() < deadline:  # training has begun
-        line = proc.stderr.read(64)
+                            stderr=subprocess.PIPE, env=env)
+    deadline, seen = time.time() + 120, b""
+    while b"it/s]" not in seen and time.time() < deadline:  # the progress bar is up: training has begun
+        seen += os.read(proc.stderr.fileno(), 4096)
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
+    err = (seen + err).decode()
     assert proc.returncode == 130, err
     assert "continue with --resume" in err
     ckpt = tmp_path / "out" / "mha" / "checkpoint.pt"

@@ -46,3 +46,15 @@ def test_python_dash_m_entry_point(corpus_folder, run_args, tmp_path):
     (r,) = results(tmp_path / "out")
     assert r["n_kv_head"] == 2 and r["steps"] == 3
     assert "gqa" in proc.stdout and "held-out loss" in proc.stdout
+
+
+def test_mixed_precision_on_cpu(corpus_file, run_args, tmp_path):
+    """bf16 autocast, and fp16 autocast with a GradScaler, train and report their KV bytes."""
+    for precision in ("bf16", "fp16"):
+        argv = run_args(corpus_file, "--attention", "fastmka", "--max-steps", 4, "--precision", precision,
+                        "--eval-tokens", 128, out=precision)
+        assert main(argv) == 0
+        (r,) = results(tmp_path / precision)
+        losses = [p[1] for p in r["curves"]["train"]]
+        assert all(math.isfinite(x) for x in losses) and math.isfinite(r["heldout_loss"])
+        assert r["kv_cache_dtype"] == {"bf16": "bfloat16", "fp16": "float16"}[precision]

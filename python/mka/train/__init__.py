@@ -42,7 +42,7 @@ def run(settings: Settings, argv: list[str]) -> list[dict]:
     rt = D.start(settings)
     try:
         if settings.deepspeed:
-            D.load_deepspeed(settings.deepspeed)
+            D.load_deepspeed(settings.deepspeed)  # fail before tokenizing when it is missing
         data = dataset.prepare(settings, rt)
         out = Path(settings.out)
         meta = _meta(settings, rt, data, argv)

@@ -60,8 +60,7 @@ def save(path: Path, *, model, optimizer, scheduler, scaler, rt: D.Runtime, step
     os.replace(tmp, path)  # a Ctrl-C mid-write leaves the previous checkpoint intact
 
 
-def load(path: Path, *, model, optimizer, scheduler, scaler, rt: D.Runtime, trajectory: dict) -> tuple[int, dict]:
-    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
+def _check_same_run(path: Path, state: dict, rt: D.Runtime, trajectory: dict) -> None:
     changed = [k for k in TRAJECTORY_KEYS if state["trajectory"].get(k) != trajectory.get(k)]
     if changed:
         diffs = ", ".join(f"{k}: {state['trajectory'].get(k)!r} -> {trajectory.get(k)!r}" for k in changed)
@@ -70,6 +69,11 @@ def load(path: Path, *, model, optimizer, scheduler, scaler, rt: D.Runtime, traj
     if state["world"] != rt.world:
         raise ConfigError(f"--resume: {path} was written by {state['world']} processes, now {rt.world}; "
                           "resume with the same number of processes")
+
+
+def load(path: Path, *, model, optimizer, scheduler, scaler, rt: D.Runtime, trajectory: dict) -> tuple[int, dict]:
+    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
+    _check_same_run(path, state, rt, trajectory)
     if rt.distributed:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
@@ -81,3 +85,18 @@ def load(path: Path, *, model, optimizer, scheduler, scaler, rt: D.Runtime, traj
     scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"][rt.rank])
     return state["step"], state["history"]
+
+
+def save_deepspeed(path: Path, *, engine, rt: D.Runtime, step: int, history: dict, trajectory: dict,
+                   variant: str) -> None:
+    """DeepSpeed writes its own (sharded) model and optimizer states; ours ride along."""
+    client = {"rng": D.gather_objects(rt, rng_state()), "step": step, "history": history,
+              "trajectory": trajectory, "variant": variant, "world": rt.world}
+    engine.save_checkpoint(str(path), tag="state", client_state=client)
+
+
+def load_deepspeed(path: Path, *, engine, rt: D.Runtime, trajectory: dict) -> tuple[int, dict]:
+    _, client = engine.load_checkpoint(str(path), tag="state")
+    _check_same_run(path, client, rt, trajectory)
+    set_rng_state(client["rng"][rt.rank])
+    return client["step"], client["history"]

@@ -57,7 +57,7 @@ def start(settings: Settings) -> Runtime:
 
 
 def stop(rt: Runtime) -> None:
-    if rt.distributed and dist.is_initialized():
+    if dist.is_initialized():  # ours, or the one-process group DeepSpeed asked for
         dist.destroy_process_group()
 
 
@@ -131,3 +131,41 @@ def load_deepspeed(config_path: str):
     if not os.path.isfile(config_path):
         raise ConfigError(f"--deepspeed: no such config file {config_path}")
     return deepspeed
+
+
+def deepspeed_config(settings: Settings) -> dict:
+    """The user's ZeRO config with our batch, clipping and precision filled in (or checked)."""
+    import json
+    try:
+        cfg = json.loads(open(settings.deepspeed).read())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--deepspeed {settings.deepspeed}: not a readable JSON config ({e})") from e
+    ours = {"train_micro_batch_size_per_gpu": settings.batch_size, "gradient_accumulation_steps": settings.grad_accum,
+            "gradient_clipping": settings.grad_clip}
+    for key, value in ours.items():
+        if cfg.setdefault(key, value) != value:
+            raise ConfigError(f"--deepspeed {settings.deepspeed}: {key} is {cfg[key]} but the flags give {value}; "
+                              "leave it out of the JSON or make them agree")
+    cfg.pop("train_batch_size", None)  # DeepSpeed derives it from the two above and the world size
+    for prec, key in (("bf16", "bf16"), ("fp16", "fp16")):
+        enabled = bool(cfg.get(key, {}).get("enabled", False))
+        if enabled != (settings.precision == prec):
+            if key in cfg and "enabled" in cfg[key]:
+                raise ConfigError(f"--deepspeed {settings.deepspeed}: {key}.enabled={enabled} disagrees with "
+                                  f"--precision {settings.precision}")
+            cfg.setdefault(key, {})["enabled"] = settings.precision == prec
+    return cfg
+
+
+def deepspeed_engine(model, optimizer, scheduler, settings: Settings, rt: Runtime):
+    """A DeepSpeed engine owning our model, AdamW and schedule (it steps the scheduler at each
+    accumulation boundary and scales fp16 losses itself)."""
+    ds = load_deepspeed(settings.deepspeed)
+    if not rt.distributed:  # DeepSpeed always wants a process group; make a one-process one
+        for k, v in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29517"), ("RANK", "0"),
+                     ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+            os.environ.setdefault(k, v)
+    ds.init_distributed(dist_backend="nccl" if rt.device.type == "cuda" else "gloo")
+    engine, _, _, _ = ds.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                    config=deepspeed_config(settings))
+    return engine

@@ -104,7 +104,8 @@ class VariantRun:
     def __init__(self, settings: Settings, variant: str, data: TokenizedData, rt: D.Runtime, out: Path):
         self.s, self.variant, self.data, self.rt = settings, variant, data, rt
         self.dir = out / variant
-        self.ckpt_path, self.result_path = self.dir / "checkpoint.pt", self.dir / "result.json"
+        self.ckpt_path = self.dir / ("deepspeed" if settings.deepspeed else "checkpoint.pt")
+        self.result_path = self.dir / "result.json"
         self.trajectory = _trajectory(settings, variant)
 
     # ------------------------------------------------------------------ setup
@@ -122,10 +123,17 @@ class VariantRun:
         self.model = model
         self.sampler = TrainSampler(self.data.train, s.seq_len, s.batch_size, s.grad_accum, rt.world, s.seed)
         self.total_steps = step_budget(s, self.sampler)
-        self.train_model = D.wrap(model, rt, s)   # FSDP2 shards in place, so the optimizer comes after
-        self.optimizer, self.scheduler = make_optimizer(model, s, rt.device, self.total_steps)
-        if s.compile:
-            self.train_model = torch.compile(self.train_model)
+        self.engine = None
+        if s.deepspeed:
+            if s.compile:
+                raise ConfigError("--compile with --deepspeed: compile through the DeepSpeed config instead")
+            self.optimizer, self.scheduler = make_optimizer(model, s, rt.device, self.total_steps)
+            self.engine = self.train_model = D.deepspeed_engine(model, self.optimizer, self.scheduler, s, rt)
+        else:
+            self.train_model = D.wrap(model, rt, s)   # FSDP2 shards in place, so the optimizer comes after
+            self.optimizer, self.scheduler = make_optimizer(model, s, rt.device, self.total_steps)
+            if s.compile:
+                self.train_model = torch.compile(self.train_model)
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=s.precision == "fp16")
         self.periodic_blocks = heldout_blocks(self.data.heldout, s.seq_len, s.eval_tokens)
         self.final_blocks = heldout_blocks(self.data.heldout, s.seq_len)
@@ -135,6 +143,10 @@ class VariantRun:
                     rt=self.rt)
 
     def _save(self, step: int, history: dict) -> None:
+        if self.engine is not None:
+            checkpoint.save_deepspeed(self.ckpt_path, engine=self.engine, rt=self.rt, step=step, history=history,
+                                      trajectory=self.trajectory, variant=self.variant)
+            return
         checkpoint.save(self.ckpt_path, step=step, history=history, trajectory=self.trajectory,
                         variant=self.variant, **self._ckpt_args())
 
@@ -148,6 +160,8 @@ class VariantRun:
 
     def _train_step(self, step: int) -> torch.Tensor:
         s, rt = self.s, self.rt
+        if self.engine is not None:
+            return self._deepspeed_step(step)
         ddp = isinstance(self.train_model, torch.nn.parallel.DistributedDataParallel)
         mean_loss = torch.zeros((), device=rt.device)
         for micro in range(s.grad_accum):
@@ -166,6 +180,18 @@ class VariantRun:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        return mean_loss
+
+    def _deepspeed_step(self, step: int) -> torch.Tensor:
+        """The engine accumulates, clips, scales and steps optimizer and schedule at the boundary."""
+        mean_loss = torch.zeros((), device=self.rt.device)
+        for micro in range(self.s.grad_accum):
+            mb = self.sampler.micro_batch(step, micro, self.rt.rank, self.rt.device)
+            with autocast(self.rt.device, self.s.precision):
+                _, loss = self.engine(mb.x, mb.y)
+            self.engine.backward(loss)
+            self.engine.step()
+            mean_loss += loss.detach().float() / self.s.grad_accum
         return mean_loss
 
     def _flush(self, pending: list, history: dict) -> None:
@@ -200,8 +226,12 @@ class VariantRun:
         memory.reset_peak(rt.device)
         self._build()
         history, done = _new_history(), 0
-        if s.resume and self.ckpt_path.is_file():
-            done, history = checkpoint.load(self.ckpt_path, trajectory=self.trajectory, **self._ckpt_args())
+        if s.resume and self.ckpt_path.exists():
+            if self.engine is not None:
+                done, history = checkpoint.load_deepspeed(self.ckpt_path, engine=self.engine, rt=rt,
+                                                          trajectory=self.trajectory)
+            else:
+                done, history = checkpoint.load(self.ckpt_path, trajectory=self.trajectory, **self._ckpt_args())
         else:
             torch.manual_seed(s.seed + rt.rank)  # dropout masks differ per rank, as in data-parallel training
         self.train_model.train()
