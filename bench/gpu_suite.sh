@@ -4,6 +4,7 @@
 # on a small case of every kernel, then the side-by-side benchmark. Results (device, date,
 # commit, numbers, logs) go to $OUT (device runs) or bench/results/gpu_<date>/ otherwise.
 # Usage: bash bench/gpu_suite.sh [quick]   (quick: benchmark T in {2k, 8k} only)
+# SANITIZE=0 skips compute-sanitizer (slow under Python); the default runs it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results/gpu_$(date -u +%Y%m%d_%H%M)}"
@@ -31,14 +32,18 @@ if [ $rc -ne 0 ]; then tail -40 "$OUT/gpu_build.log"; exit 1; fi
 python3 -c "import mka._C as C; print(\"built_with_cuda:\", C.built_with_cuda())" 2>&1 | tee -a "$LOG"
 
 step "CUDA tests"
-tests="tests/cuda"
-[ -d tests/ops ] && tests="$tests tests/ops"
-python3 -m pytest $tests -q -x --timeout=600 -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
-echo "pytest rc=$? : $(tail -1 "$OUT/gpu_tests.log")" | tee -a "$LOG"
-grep -E "FAILED|Error" "$OUT/gpu_tests.log" | head -20 | tee -a "$LOG"
+# Separate runs, xdist workers: a crash (a worker dies) is reported and the rest still run.
+for t in tests/cuda tests/ops; do
+  [ -d "$t" ] || continue
+  log="$OUT/gpu_tests_$(basename $t).log"
+  python3 -m pytest "$t" -q -n 4 --timeout=600 -p no:cacheprovider -rf > "$log" 2>&1
+  echo "pytest $t rc=$? : $(tail -1 "$log")" | tee -a "$LOG"
+  grep -E "^FAILED|crashed" "$log" | head -20 | tee -a "$LOG"
+done
 
 step "compute-sanitizer"
-for tool in memcheck racecheck; do
+[ "${SANITIZE:-1}" = 0 ] && echo "skipped (SANITIZE=0)" | tee -a "$LOG"
+for tool in $([ "${SANITIZE:-1}" = 0 ] || echo memcheck racecheck); do
   compute-sanitizer --tool $tool --print-limit 20 python3 tests/cuda/sanitize_cases.py \
     > "$OUT/gpu_sanitize_$tool.log" 2>&1
   echo "$tool rc=$? : $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|HAZARD' "$OUT/gpu_sanitize_$tool.log" | tail -2 | tr '\n' ' ')" | tee -a "$LOG"

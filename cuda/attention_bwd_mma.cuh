@@ -81,10 +81,12 @@ __global__ void __launch_bounds__(kBwdThreads, 2) attention_bwd_mma(AttnParams p
     const float* wr = lse2 + 2 * BM;
 
     float s[MT][4] = {}, dp[MT][4] = {};
+    #pragma unroll
     for (int kk = 0; kk < KS; ++kk) {
       unsigned ka[4], va[4];
       load_a<D>(ka, ks, warp * 16, kk);
       load_a<D>(va, vs, warp * 16, kk);
+      #pragma unroll
       for (int np = 0; np < MT / 2; ++np) {
         unsigned qb[4], ob[4];
         load_b<D>(qb, qt, np * 16, kk);
@@ -99,7 +101,9 @@ __global__ void __launch_bounds__(kBwdThreads, 2) attention_bwd_mma(AttnParams p
     // s <- w P (for dV), dp <- dS = w P (dP - delta) (for dK and dQ).
     const bool full = i0 >= p.query_lo(j_last) && i0 + BM <= q_hi && j0 + BN <= p.Tk &&
                       i0 + BM <= p.query_hi(j0);
+    #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
+      #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = mt * 8 + (lane % 4) * 2 + (e & 1);
         const int64_t i = i0 + r, j = kr0 + (e >> 1) * 8;
@@ -109,10 +113,12 @@ __global__ void __launch_bounds__(kBwdThreads, 2) attention_bwd_mma(AttnParams p
         dp[mt][e] = s[mt][e] * (dp[mt][e] - delta[r]);
       }
 
+    #pragma unroll
     for (int kk = 0; kk < BM / 16; ++kk) {
       unsigned pa[4], da[4];
       acc_to_a<T>(pa, s, kk);
       acc_to_a<T>(da, dp, kk);
+      #pragma unroll
       for (int np = 0; np < DT / 2; ++np) {
         unsigned ob[4], qb[4];
         load_b_trans<D>(ob, dot, kk * 16, np);
@@ -125,6 +131,7 @@ __global__ void __launch_bounds__(kBwdThreads, 2) attention_bwd_mma(AttnParams p
     }
 
     // dS^T to shared memory (keys as rows), then dQ with warps split by query rows.
+    #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
       const int c = (lane % 4) * 2;
       const int row = warp * 16 + lane / 4;
@@ -133,9 +140,11 @@ __global__ void __launch_bounds__(kBwdThreads, 2) attention_bwd_mma(AttnParams p
     }
     __syncthreads();
     float dq[DT][4] = {};
+    #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
       unsigned a[4];
       load_a_trans<BM>(a, dst, kk * 16, warp);
+      #pragma unroll
       for (int np = 0; np < DT / 2; ++np) {
         unsigned kb[4];
         load_b_trans<D>(kb, ks, kk * 16, np);
@@ -143,10 +152,12 @@ __global__ void __launch_bounds__(kBwdThreads, 2) attention_bwd_mma(AttnParams p
         mma16816<T>(dq[2 * np + 1], a, kb[2], kb[3]);
       }
     }
+    #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int64_t i = i0 + warp * 16 + lane / 4 + r * 8;
       if (i >= p.Tq) continue;
       float* row = p.dq.at<float>(b, i, h);
+      #pragma unroll
       for (int dt = 0; dt < DT; ++dt) {
         const int c = dt * 8 + (lane % 4) * 2;
         atomicAdd(row + c, dq[dt][2 * r] * p.scale);
@@ -157,11 +168,13 @@ __global__ void __launch_bounds__(kBwdThreads, 2) attention_bwd_mma(AttnParams p
   }
   cp_async_wait<0>();
 
+  #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int64_t j = kr0 + r * 8;
     if (j >= p.Tk) continue;
     float* dkr = p.dk.at<float>(b, j, g);
     float* dvr = p.dv.at<float>(b, j, g);
+    #pragma unroll
     for (int dt = 0; dt < DT; ++dt) {
       const int c = dt * 8 + (lane % 4) * 2;
       dkr[c] += dk[dt][2 * r] * p.scale;
