@@ -30,19 +30,32 @@ def gpt_config(settings: Settings, variant: str, vocab_size: int, attn_backend: 
 
 
 def _probe_cuda_kernels(device: torch.device) -> str | None:
-    """None if the library's CUDA attention runs and matches the reference; else why not."""
+    """None if the library's CUDA ops (attention, fastmka, mka: outputs and gradients, bf16)
+    match the float64 reference within SPEC's 1e-2; else why not."""
     import mka
+    from mka import reference
     if not mka._C.built_with_cuda():
         return "the mka extension was built without CUDA"
-    try:
-        g = torch.Generator(device="cpu").manual_seed(0)
-        q, k, v = (torch.randn(1, 16, 2, 64, generator=g).to(device, torch.bfloat16) for _ in range(3))
-        out = torch.ops.mka.attention(q, k, v, True, None, None).float()
-        ref = mka.reference.attention(q.double(), k.double(), v.double()).float()
-        err = ((out - ref).norm() / ref.norm()).item()
-    except Exception as e:  # any failure means: do not train on these kernels
-        return f"probe call failed: {type(e).__name__}: {e}"
-    return None if err < 1e-2 else f"probe result off by relative error {err:.3g}"
+    g = torch.Generator().manual_seed(0)
+    q, k, v, w = (torch.randn(2, 48, 2, 64, generator=g, dtype=torch.float64) for _ in range(4))
+    lam = torch.softmax(torch.randn(2, 48, 2, generator=g, dtype=torch.float64), -1)
+    ops = {"attention": (mka.attention, reference.attention, ()),
+           "fastmka": (lambda *a: mka.fastmka(*a)[0], lambda *a: reference.fastmka(*a)[0], (lam, 0.9)),
+           "mka": (lambda *a: mka.mka(*a)[0], lambda *a: reference.mka(*a)[0], (lam, 0.9))}
+    for name, (op, ref_op, extra) in ops.items():
+        try:
+            ins = [t.to(device, torch.bfloat16).requires_grad_() for t in (q, k, v)]
+            out = op(*ins, *(e.to(device, torch.float32) if torch.is_tensor(e) else e for e in extra))
+            got = [out.float().cpu(), *torch.autograd.grad((out.float() * w.to(device)).sum(), ins)]
+            refs = [t.clone().requires_grad_() for t in (q, k, v)]
+            ref = ref_op(*refs, *extra)
+            want = [ref, *torch.autograd.grad((ref * w).sum(), refs)]
+            errs = [((a.double().cpu() - b).norm() / b.norm()).item() for a, b in zip(got, want)]
+        except Exception as e:  # any failure means: do not train on these kernels
+            return f"{name} probe failed: {type(e).__name__}: {e}"
+        if not all(e < 1e-2 for e in errs):  # NaN fails too
+            return f"{name} probe off: relative errors (out, dq, dk, dv) {', '.join(f'{e:.3g}' for e in errs)}"
+    return None
 
 
 def choose_attn_backend(requested: str, device: torch.device) -> tuple[str, str]:

@@ -1,0 +1,46 @@
+"""Choosing attention kernels: CPU uses the library's ops; on CUDA a probe of outputs and
+gradients against the float64 reference decides (exercised here on CPU tensors)."""
+
+import sys
+
+import pytest
+import torch
+
+import mka
+from mka.train.model_factory import _probe_cuda_kernels, choose_attn_backend
+from mka.train.options import ConfigError
+from mka.train.corpus import load_corpus
+
+CPU = torch.device("cpu")
+
+
+def test_cpu_defaults_to_library_ops_and_flag_wins():
+    assert choose_attn_backend("auto", CPU)[0] == "mka"
+    assert choose_attn_backend("torch", CPU) == ("torch", "requested")
+
+
+def test_probe_passes_correct_ops(monkeypatch):
+    monkeypatch.setattr(mka._C, "built_with_cuda", lambda: True)
+    assert _probe_cuda_kernels(CPU) is None
+
+
+def test_probe_rejects_wrong_gradients_and_failures(monkeypatch):
+    monkeypatch.setattr(mka._C, "built_with_cuda", lambda: True)
+    real = mka.attention
+    # right forward, gradient scaled by 2: only the backward check can see it
+    wrong_grad = lambda q, k, v: real(q, k, v) * 2 - real(q, k, v).detach()  # noqa: E731
+    monkeypatch.setattr(mka, "attention", wrong_grad)
+    assert "attention probe off" in _probe_cuda_kernels(CPU)
+
+    def broken(*args):
+        raise RuntimeError("no kernel image for this device")
+    monkeypatch.setattr(mka, "attention", broken)
+    assert "no kernel image" in _probe_cuda_kernels(CPU)
+    monkeypatch.setattr(mka._C, "built_with_cuda", lambda: False)
+    assert "built without CUDA" in _probe_cuda_kernels(CPU)
+
+
+def test_named_set_without_datasets_package_says_what_to_do(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import fails as if not installed
+    with pytest.raises(ConfigError, match="pip install datasets.*--data PATH"):
+        load_corpus("wikitext-2", "train", "valid", 0.1)
