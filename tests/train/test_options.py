@@ -99,3 +99,16 @@ def test_out_folder_with_a_run_needs_resume(corpus_file, run_args, capsys):
     assert main(run_args(corpus_file, "--max-steps", 1)) == 0
     assert main(run_args(corpus_file, "--max-steps", 1)) == 2
     assert "pass --resume" in capsys.readouterr().err
+
+
+def test_step_budget_from_epochs_tokens_or_steps():
+    import numpy as np
+    from mka.train.blocks import TrainSampler
+    from mka.train.schedule import step_budget
+    sampler = TrainSampler(np.zeros(10_000, dtype=np.uint16), 32, 4, 2, 1, seed=0)  # 311 blocks, 38 steps/epoch
+    assert sampler.steps_per_epoch == 38
+    assert step_budget(parse(["--data", "x"]), sampler) == 38                       # default: one epoch
+    assert step_budget(parse(["--data", "x", "--epochs", "2.5"]), sampler) == 95
+    assert step_budget(parse(["--data", "x", "--max-tokens", "2560"]), sampler) == 10  # 256 tokens a step
+    assert step_budget(parse(["--data", "x", "--max-tokens", "2561"]), sampler) == 11
+    assert step_budget(parse(["--data", "x", "--max-steps", "7"]), sampler) == 7

@@ -4,6 +4,7 @@ compare held-out loss, throughput and memory. ``main(argv)`` is the command line
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import shlex
 import subprocess
@@ -62,6 +63,10 @@ def run(settings: Settings, argv: list[str]) -> list[dict]:
                         partial = json.loads(job.result_path.read_text())
                         report.write_all(out, results + [partial], meta, settings.plots)
                     raise
+                del job  # free this variant's model and optimizer before the next one's peak is taken
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
         if rt.is_main:
             notes = report.write_all(out, results, meta, settings.plots)
             print(report.text_table(results))

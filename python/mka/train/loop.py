@@ -225,6 +225,10 @@ class VariantRun:
                               "pass --resume to continue it or choose another --out")
         memory.reset_peak(rt.device)
         self._build()
+        if rt.is_main:
+            print(f"[{self.variant}] attention kernels: {self.backend} ({self.backend_reason}); "
+                  f"{self.params:,} parameters; {self.total_steps:,} steps of {self.sampler.global_batch} x "
+                  f"{s.seq_len} tokens", flush=True)
         history, done = _new_history(), 0
         if s.resume and self.ckpt_path.exists():
             if self.engine is not None:

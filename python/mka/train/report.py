@@ -54,6 +54,8 @@ def markdown(results: list[dict], meta: dict) -> str:
     out += [f"- **{k}**: {v}" for k, v in meta.items() if not isinstance(v, (dict, list))]
     data = meta.get("data", {})
     out += [f"- **data {k}**: {v}" for k, v in data.items()]
+    out += [f"- **attention kernels**: {b} ({why})"
+            for b, why in sorted({(r["attn_backend"], r["attn_backend_reason"]) for r in results})]
     out += ["", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     out += ["| " + " | ".join(r) + " |" for r in table_rows(results)]
     kinds = sorted({r.get("peak_memory_kind", "") for r in results})
