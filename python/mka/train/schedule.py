@@ -14,7 +14,7 @@ def step_budget(settings: Settings, sampler: TrainSampler) -> int:
     if settings.max_steps is not None:
         return settings.max_steps
     if settings.max_tokens is not None:
-        return math.ceil(settings.max_tokens / (sampler.global_batch * settings.seq_len))
+        return math.ceil(settings.max_tokens / (sampler.global_batch * sampler.T))
     return max(1, math.ceil((settings.epochs or 1.0) * sampler.steps_per_epoch))
 
 
