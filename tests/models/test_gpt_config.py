@@ -40,7 +40,7 @@ def test_gpt2_small_parameter_count():
     ("mqa", None, {}, 2 * 64),
     ("gqa", 4, {}, 2 * 4 * 64),
     ("mla", None, {"path": "naive"}, 12 * (64 + 32 + 64)),
-    ("mla", None, {}, 3 * 64 + 32),                       # absorb: latent + shared RoPE key
+    ("mla", None, {}, 96 + 32),                           # absorb: latent + shared RoPE key
     ("mka", None, {}, 2 * 768),                           # raw k, v: level 2 is recomputed
     ("fastmka", 4, {}, 2 * 4 * 64),                       # fused k, v
 ])

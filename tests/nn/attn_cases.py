@@ -27,21 +27,23 @@ VARIANTS = {
 BACKENDS = ["mka", "torch"]
 
 
-def config(name: str, n_kv_head=None, backend: str = "mka", **options) -> SimpleNamespace:
-    return SimpleNamespace(attention=name, n_embd=N_EMBD, n_head=N_HEAD, n_kv_head=n_kv_head,
+def config(name: str, n_kv_head=None, backend: str = "mka", n_embd: int = N_EMBD,
+           **options) -> SimpleNamespace:
+    return SimpleNamespace(attention=name, n_embd=n_embd, n_head=N_HEAD, n_kv_head=n_kv_head,
                            bias=True, dropout=0.0, attn_backend=backend, attn_options=options)
 
 
-def make(variant: str, backend: str = "mka", seed: int = 0, dtype=torch.float64):
+def make(variant: str, backend: str = "mka", seed: int = 0, dtype=torch.float64,
+         n_embd: int = N_EMBD):
     """The variant's module with weights that depend on ``seed`` only (not the backend)."""
     name, n_kv_head, options = VARIANTS[variant]
     torch.manual_seed(seed)
-    return build_attention(config(name, n_kv_head, backend, **options)).to(dtype)
+    return build_attention(config(name, n_kv_head, backend, n_embd, **options)).to(dtype)
 
 
 def variant_params():
     return [pytest.param(v, id=v) for v in VARIANTS]
 
 
-def hidden(B: int = 2, T: int = 11, dtype=torch.float64) -> torch.Tensor:
-    return torch.randn(B, T, N_EMBD, dtype=dtype)
+def hidden(B: int = 2, T: int = 11, dtype=torch.float64, n_embd: int = N_EMBD) -> torch.Tensor:
+    return torch.randn(B, T, n_embd, dtype=dtype)

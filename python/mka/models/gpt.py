@@ -150,10 +150,13 @@ class GPT(nn.Module):
 
     def new_caches(self, batch_size: int, device: Optional[torch.device] = None,
                    dtype: Optional[torch.dtype] = None) -> list[KVCache]:
-        """One empty KV cache per layer (device and dtype default to the model's)."""
+        """One empty KV cache per layer. Device defaults to the model's; dtype to the
+        autocast dtype when autocast is on there (what the keys will be), else the model's."""
         p = self.wte.weight
-        device = p.device if device is None else device
-        dtype = p.dtype if dtype is None else dtype
+        device = p.device if device is None else torch.device(device)
+        if dtype is None:
+            autocast = torch.is_autocast_enabled(device.type)
+            dtype = torch.get_autocast_dtype(device.type) if autocast else p.dtype
         return [b.attn.new_cache(batch_size, device, dtype) for b in self.blocks]
 
     @torch.no_grad()

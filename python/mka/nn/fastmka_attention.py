@@ -45,7 +45,7 @@ class FastMKAAttention(RoutedAttention):
         return self._output(self.ops.attention(q, kf, vf, causal=True, window=self.window))
 
     def _level3(self, k: Tensor, recalled: Memory) -> tuple[Optional[Tensor], Optional[Tensor]]:
-        mem_k, mem_v = self._memory(k.shape[0], recalled)
+        mem_k, mem_v = self._memory(k, recalled)
         if mem_k is None:
             return None, None
         if mem_k.shape[1] == 0:

@@ -38,4 +38,4 @@ class MemoryBank(nn.Module):
                 raise ValueError(f"{name}: expected (B, M, G, d) = {shape}, got {tuple(t.shape)}")
         if rk.shape != rv.shape:
             raise ValueError(f"memory: keys {tuple(rk.shape)} and values {tuple(rv.shape)} differ")
-        return torch.cat((mem_k, rk.to(mem_k.dtype)), 1), torch.cat((mem_v, rv.to(mem_v.dtype)), 1)
+        return torch.cat((mem_k.to(rk.dtype), rk), 1), torch.cat((mem_v.to(rv.dtype), rv), 1)

@@ -32,7 +32,7 @@ class MKAAttention(RoutedAttention):
         self._check_input(x, cache, memory)
         q, k, v = self._project(x)
         lam = self.router(q)
-        mem_k, mem_v = self._memory(x.shape[0], memory)
+        mem_k, mem_v = self._memory(k, memory)
         k_state = v_state = None
         if cache is not None:
             k, v = cache.append(k=k, v=v)

@@ -31,10 +31,12 @@ class MultiHeadLatentAttention(CausalSelfAttention):
     the query (``q_nope W_uk`` scores directly against ``c_kv``) and ``W_uv`` is applied
     to the attention output, so attention is MQA over the latent. Same outputs.
 
-    Defaults, from the head width ``d = n_embd / n_head`` (DeepSeek's proportions, with the
-    latent kept within the CPU kernel's head dims): ``qk_nope = v = d``, ``qk_rope = d / 2``,
-    ``kv_lora_rank = 3 d``, ``q_lora_rank = 0``. The latent projections have no bias (the
-    absorption needs ``W_uk``, ``W_uv`` linear); the output projection follows ``bias``.
+    Defaults, from the head width ``d = n_embd / n_head``: ``qk_nope = v = d``,
+    ``qk_rope = d / 2`` (DeepSeek's proportions), ``q_lora_rank = 0`` and
+    ``kv_lora_rank = 2 d - qk_rope`` (1.5 d): the cached latent is ``2 d`` wide, MQA's
+    KV-cache budget, and the absorb path attends at head dim ``2 d`` — 128 for ``d = 64``,
+    a size the CUDA kernels have. The latent projections have no bias (the absorption needs
+    ``W_uk``, ``W_uv`` linear); the output projection follows ``bias``.
     """
 
     def __init__(self, n_embd: int, n_head: int, n_kv_head: Optional[int] = None, *,
@@ -50,9 +52,9 @@ class MultiHeadLatentAttention(CausalSelfAttention):
                              f"(or n_head = {n_head}), got {n_kv_head}")
         d = self.head_dim
         self.q_lora_rank = q_lora_rank
-        self.kv_lora_rank = 3 * d if kv_lora_rank is None else kv_lora_rank
         self.nope = d if qk_nope_head_dim is None else qk_nope_head_dim
         self.rope = max(2, d // 2) if qk_rope_head_dim is None else qk_rope_head_dim
+        self.kv_lora_rank = max(1, 2 * d - self.rope) if kv_lora_rank is None else kv_lora_rank
         self.v_dim = d if v_head_dim is None else v_head_dim
         self.rope_theta, self.path = float(rope_theta), path
         self._check_options()
@@ -99,7 +101,8 @@ class MultiHeadLatentAttention(CausalSelfAttention):
     def _query(self, x: Tensor, start: int) -> tuple[Tensor, Tensor]:
         """``q_nope: (B, T, H, qk_nope)``, ``q_pe: (B, T, H, qk_rope)`` (rotated)."""
         B, T, _ = x.shape
-        q = self.q_up(self.q_norm(self.q_down(x))) if self.q_lora_rank > 0 else self.q_proj(x)
+        q = (self.q_up(_rms_norm(self.q_norm, self.q_down(x))) if self.q_lora_rank > 0
+             else self.q_proj(x))
         q_nope, q_pe = q.view(B, T, self.n_head, self.nope + self.rope).split(
             (self.nope, self.rope), -1)
         return q_nope, apply_rope(q_pe, start, self.rope_theta)
@@ -108,7 +111,7 @@ class MultiHeadLatentAttention(CausalSelfAttention):
         """``[c_kv ; k_pe]: (B, T, kv_lora_rank + qk_rope)`` — what the absorb path caches."""
         c, k_pe = self.kv_down(x).split((self.kv_lora_rank, self.rope), -1)
         k_pe = apply_rope(k_pe[:, :, None, :], start, self.rope_theta)[:, :, 0]
-        return torch.cat((self.kv_norm(c), k_pe), -1)
+        return torch.cat((_rms_norm(self.kv_norm, c), k_pe), -1)
 
     def _up_weights(self) -> tuple[Tensor, Tensor]:
         """Per-head ``W_uk: (H, qk_nope, r)`` and ``W_uv: (H, v, r)`` of ``kv_up``."""
@@ -169,8 +172,20 @@ class MultiHeadLatentAttention(CausalSelfAttention):
         return self.n_head * (self.nope + self.rope + self.v_dim) * dtype.itemsize
 
 
+def _rms_norm(norm: nn.RMSNorm, x: Tensor) -> Tensor:
+    """RMSNorm with float32 (or wider) statistics for any input dtype, result in x's dtype
+    (under autocast x is half while the weight stays float32)."""
+    wide = torch.promote_types(x.dtype, torch.float32)
+    return F.rms_norm(x.to(wide), norm.normalized_shape, norm.weight.to(wide), norm.eps).to(x.dtype)
+
+
 def _kernel_head_dim(width: int, device: torch.device) -> int:
     """The head dim the kernels run ``width`` at: itself on CPU, the next supported on CUDA."""
-    if device.type == "cuda":
-        return next((d for d in CUDA_HEAD_DIMS if d >= width), width)
-    return width
+    if device.type != "cuda":
+        return width
+    fits = [d for d in CUDA_HEAD_DIMS if d >= width]
+    if not fits:
+        raise ValueError(f"kv_lora_rank: MLA attends at head dim {width} here, above the mka "
+                         f"CUDA kernels' {max(CUDA_HEAD_DIMS)}; use smaller ranks/dims or "
+                         "backend='torch'")
+    return fits[0]

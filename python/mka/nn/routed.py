@@ -34,13 +34,15 @@ class RoutedAttention(QKVAttention):
         self.memory = (MemoryBank(memory_slots, self.n_kv_head, self.head_dim)
                        if levels == 3 else None)
 
-    def _memory(self, batch_size: int, recalled: Memory) -> tuple[Optional[Tensor], Optional[Tensor]]:
-        """Level-3 ``(mem_k, mem_v): (B, M, G, d)``, or ``(None, None)`` with two levels."""
+    def _memory(self, like: Tensor, recalled: Memory) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """Level-3 ``(mem_k, mem_v): (B, M, G, d)`` in the dtype of the keys ``like`` (the
+        slots are parameters: float32 under autocast), or ``(None, None)`` with two levels."""
         if self.memory is None:
             if recalled is not None:
                 raise ValueError("memory: this module has levels=2, no level-3 memory to pass")
             return None, None
-        return self.memory(batch_size, recalled)
+        mem_k, mem_v = self.memory(like.shape[0], recalled)
+        return mem_k.to(like.dtype), mem_v.to(like.dtype)
 
     def _zero_states(self, batch_size: int, device, dtype: torch.dtype) -> Tensor:
         return torch.zeros(batch_size, self.n_kv_head, self.head_dim, device=device,
