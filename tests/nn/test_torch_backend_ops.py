@@ -23,7 +23,6 @@ def _check(fn, ref_fn, inputs, dtype):
     outs = outs if isinstance(outs, tuple) else (outs,)
     refs = refs if isinstance(refs, tuple) else (refs,)
     for i, (o, r) in enumerate(zip(outs, refs)):
-        assert o.dtype == (r.dtype if dtype == torch.float64 else o.dtype)
         assert rel_err(o, r) < TOL[dtype], f"output {i}: {rel_err(o, r):.2e}"
     weights = [torch.randn_like(r) for r in refs]
     grads = torch.autograd.grad(sum((o * w.to(o.dtype)).sum() for o, w in zip(outs, weights)),

@@ -151,7 +151,9 @@ class MultiHeadLatentAttention(CausalSelfAttention):
         if cache is not None:
             (latent,) = cache.append(latent=latent)
         kv = latent[:, :, None, :]  # one key/value head: MQA over the latent
-        o = self._attend(q, kv, kv[..., :self.kv_lora_rank])
+        # the values are c_kv, the latent's first r columns; the RoPE columns ride along
+        # (no padded copy for the kernels) and their output is dropped
+        o = self._attend(q, kv, kv)[..., :self.kv_lora_rank]
         return torch.einsum("bthr,hvr->bthv", o, w_uv)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:

@@ -34,7 +34,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True,
     mask, is_causal = None, False
     if causal and window is None and Tq == Tk:
         is_causal = True  # top-left and bottom-right alignment coincide
-    elif (causal and not (window is None and Tq == 1)) or window is not None:
+    elif causal and window is None and Tq == 1:
+        pass  # one query at the end of the keys: it sees them all
+    elif causal or window is not None:
         mask = visible(Tq, Tk, causal, window, q.device)  # SDPA's is_causal is top-left
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=mask, is_causal=is_causal, scale=scale,
