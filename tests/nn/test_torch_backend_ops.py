@@ -123,3 +123,12 @@ def test_mka(dtype, Tq, Tk, L, M, window):
 
     _check(call(T.mka, lambda s: s.to(sdt)), call(R.mka, lambda s: s),
            [q, k, v, lam, ks, vs, *mem], dtype)
+
+
+@pytest.mark.parametrize("beta", [0.999, 0.99999])
+def test_ema_long_float32_keeps_its_precision(beta):
+    """Decay powers are exact to float32 rounding even thousands of tokens back."""
+    z, s = torch.randn(1, 3000, 2, 4), torch.randn(1, 2, 4)
+    y, final = T.ema(z, beta, s)
+    y_ref, final_ref = R.ema(z.double(), beta, s.double())
+    assert rel_err(y, y_ref) < TOL[torch.float32] and rel_err(final, final_ref) < TOL[torch.float32]
