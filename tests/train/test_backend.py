@@ -44,3 +44,25 @@ def test_named_set_without_datasets_package_says_what_to_do(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import fails as if not installed
     with pytest.raises(ConfigError, match="pip install datasets.*--data PATH"):
         load_corpus("wikitext-2", "train", "valid", 0.1)
+
+
+def test_gpt2_tokenizer_offline_or_missing_says_what_to_do(monkeypatch, tmp_path):
+    import types
+    from mka.train.text_tokenizers import build_tokenizer
+
+    def offline(name):
+        raise ConnectionError("no network")
+    monkeypatch.setitem(sys.modules, "tiktoken", types.SimpleNamespace(get_encoding=offline))
+    with pytest.raises(ConfigError, match="--tokenizer gpt2: tiktoken could not load.*use bpe:N or bytes"):
+        build_tokenizer("gpt2", "text", "more", tmp_path)
+    monkeypatch.setitem(sys.modules, "tiktoken", None)  # not installed
+    with pytest.raises(ConfigError, match="--tokenizer gpt2 needs tiktoken"):
+        build_tokenizer("gpt2", "text", "more", tmp_path)
+
+
+def test_wikitext_file_names_are_recognised(tmp_path):
+    for split in ("train", "valid", "test"):
+        (tmp_path / f"wiki.{split}.tokens").write_text(f"{split} text\n")
+    c = load_corpus(str(tmp_path), "train", "test", 0.1)
+    assert (c.train, c.heldout) == ("train text\n", "test text\n")
+    assert c.heldout_source.endswith("wiki.test.tokens")
