@@ -20,7 +20,7 @@ def test_two_gloo_processes_match_one(corpus_file, run_args, tmp_path, sharding)
     single = [*run_args(corpus_file, *FLAGS, out="single")]
     single[single.index("--batch-size") + 1] = "8"
     assert main(single) == 0
-    argv = run_args(corpus_file, *FLAGS, out="ranks", *(["--fsdp"] if sharding == "fsdp" else []))
+    argv = run_args(corpus_file, *FLAGS, *(["--fsdp"] if sharding == "fsdp" else []), out="ranks")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            "-m", "mka.train", *argv], capture_output=True, text=True, env=env, timeout=600)

@@ -14,10 +14,11 @@ from pathlib import Path
 from .options import ConfigError
 
 # name -> (datasets path, config, {our split: their split}, text column)
+_HUB_SPLITS = {"train": "train", "valid": "validation", "test": "test"}
 NAMED_SETS = {
-    "wikitext-2": ("wikitext", "wikitext-2-raw-v1", {"train": "train", "valid": "validation", "test": "test"}, "text"),
-    "wikitext-103": ("wikitext", "wikitext-103-raw-v1", {"train": "train", "valid": "validation", "test": "test"}, "text"),
-    "tinyshakespeare": ("karpathy/tiny_shakespeare", None, {"train": "train", "valid": "validation", "test": "test"}, "text"),
+    "wikitext-2": ("wikitext", "wikitext-2-raw-v1", _HUB_SPLITS, "text"),
+    "wikitext-103": ("wikitext", "wikitext-103-raw-v1", _HUB_SPLITS, "text"),
+    "tinyshakespeare": ("karpathy/tiny_shakespeare", None, _HUB_SPLITS, "text"),
 }
 _SPLIT_ALIASES = {"train": ("train",), "valid": ("valid", "validation", "val"), "test": ("test",)}
 

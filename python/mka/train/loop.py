@@ -294,7 +294,8 @@ class VariantRun:
         return {
             "variant": self.variant, "complete": final is not None, "trajectory": self.trajectory,
             "attn_backend": self.backend, "attn_backend_reason": self.backend_reason,
-            "n_head": self.config.n_head, "n_kv_head": self.config.n_kv_head or self.config.n_head,
+            "n_head": self.config.n_head,
+            "n_kv_head": None if self.variant == "mla" else (self.config.n_kv_head or self.config.n_head),
             "attn_options": dict(self.config.attn_options or {}),
             "params": self.params, "params_non_embedding": self.params_non_embedding,
             "kv_cache_bytes_per_token": self.kv_bytes, "kv_cache_dtype": str(self.kv_dtype).replace("torch.", ""),
