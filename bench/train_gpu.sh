@@ -20,6 +20,8 @@ DATA=${DATA:-.carry/data}
 RUNS=${RUNS:-/tmp/mka_train_runs}
 DEST=${OUT:-bench/results}
 MKA_CUDA=${MKA_CUDA:-AUTO}       # OFF: skip building the CUDA kernels (then attention runs on SDPA)
+FULL_BACKEND=${FULL_BACKEND:-auto}  # --attn-backend of stage 1 (auto: mka kernels if their probe passes)
+BACKEND=${BACKEND:-auto}            # --attn-backend of stages 2 and 3
 export PYTHONUNBUFFERED=1
 mkdir -p "$RUNS" "$DEST"
 LOG="$RUNS/log.txt"
@@ -52,10 +54,11 @@ echo "== built after $(( $(date +%s) - START ))s"
 python3 -c "import mka; print('mka built with CUDA:', mka._C.built_with_cuda())"
 
 SHAKE=(--config configs/shakespeare_char.yaml --data "$DATA/tinyshakespeare/input.txt")
-stage shakespeare_mha_full 200 "${SHAKE[@]}" --attention mha --max-steps "$FULL_STEPS" --lr-decay-steps "$FULL_STEPS"
-stage shakespeare_all_short 150 "${SHAKE[@]}" --attention all --max-steps "$SHORT_STEPS" \
+stage shakespeare_mha_full 200 "${SHAKE[@]}" --attention mha --max-steps "$FULL_STEPS" --lr-decay-steps "$FULL_STEPS" \
+    --attn-backend "$FULL_BACKEND"
+stage shakespeare_all_short 150 "${SHAKE[@]}" --attention all --max-steps "$SHORT_STEPS" --attn-backend "$BACKEND" \
     --lr-decay-steps "$SHORT_STEPS" --eval-interval $(( SHORT_STEPS / 2 ))
-stage wikitext2_all_short 150 --config configs/wikitext2_bpe.yaml --data "$DATA/wikitext-2" --attention all \
+stage wikitext2_all_short 150 --config configs/wikitext2_bpe.yaml --data "$DATA/wikitext-2" --attention all --attn-backend "$BACKEND" \
     --max-steps "$WT2_STEPS" --eval-interval $(( WT2_STEPS / 3 )) --eval-tokens 65536
 
 tar czf "$DEST/train_gpu_results.tar.gz" -C "$RUNS" --exclude='*.pt' --exclude=cache .
