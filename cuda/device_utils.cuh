@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <mutex>
 
 #include "mka/error.h"
 #include "mka/tensor.h"
@@ -117,11 +118,30 @@ class DeviceGuard {
   int prev_ = 0;
 };
 
+// The default memory pool returns freed memory to the driver at every synchronization
+// (release threshold 0), so each call would map its scratch afresh (~1 ms per 100 MB).
+// Keep it cached instead, as PyTorch's caching allocator does; once per device.
+inline void keep_pool_memory() {
+  constexpr int kMaxDevices = 64;
+  static std::once_flag once[kMaxDevices];
+  int dev = 0;
+  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+  if (dev >= kMaxDevices) return;
+  std::call_once(once[dev], [dev] {
+    cudaMemPool_t pool;
+    check_cuda(cudaDeviceGetDefaultMemPool(&pool, dev), "cudaDeviceGetDefaultMemPool");
+    uint64_t keep = UINT64_MAX;
+    check_cuda(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep),
+               "cudaMemPoolSetAttribute");
+  });
+}
+
 // Stream-ordered scratch memory (fp32 accumulators, fused keys); zero-filled on request.
 class Workspace {
  public:
   Workspace(size_t bytes, cudaStream_t stream, bool zero) : stream_(stream) {
     if (bytes == 0) return;
+    keep_pool_memory();
     check_cuda(cudaMallocAsync(&ptr_, bytes, stream), "cudaMallocAsync (workspace)");
     if (zero) check_cuda(cudaMemsetAsync(ptr_, 0, bytes, stream), "cudaMemsetAsync");
   }

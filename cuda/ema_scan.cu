@@ -66,7 +66,7 @@ template <class T, class TG, class TX> void backward_passes(ScanArgs& a, cudaStr
     check_launch("ema_route_dlam");
   }
   if (a.n_chunks > 0) {
-    ema_local_bwd<T, TG><<<chunk_grid(a), kScanThreads, 0, s>>>(a);
+    ema_local_bwd<TG><<<chunk_grid(a), kScanThreads, 0, s>>>(a);
     check_launch("ema_local_bwd");
   }
   ema_carry_bwd<<<carry_grid(a), kScanThreads, 0, s>>>(a);

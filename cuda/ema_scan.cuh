@@ -56,36 +56,6 @@ __device__ __forceinline__ float* carry_at(const ScanArgs& a, float* base, int64
          threadIdx.x;
 }
 
-// Tokens whose loads a thread issues before it scans them: the scan is a dependent chain,
-// the loads are not, and eight in flight per thread keep HBM busy.
-constexpr int kScanUnroll = 8;
-
-// The inputs of tokens t..t+U-1 (zeros past t1) of this thread's channel.
-template <class T> struct TokenGroup {
-  float x[kScanUnroll], x3[kScanUnroll], w0[kScanUnroll], w1[kScanUnroll], w2[kScanUnroll];
-  __device__ __forceinline__ void load(const ScanArgs& a, int64_t b, int64_t t, int64_t t1,
-                                       int64_t g, int64_t c, bool weights, bool l3) {
-#pragma unroll
-    for (int u = 0; u < kScanUnroll; ++u) {
-      const bool in = t + u < t1;
-      x[u] = in ? to_f(a.x.at<const T>(b, t + u, g)[c]) : 0.f;
-      x3[u] = in && l3 ? to_f(a.x3.at<const T>(b, t + u, g)[c]) : 0.f;
-      if (weights) {
-        if (in) a.w.load(b, t + u, w0[u], w1[u], w2[u]);
-        else w0[u] = w1[u] = w2[u] = 0.f;
-      }
-    }
-  }
-};
-template <class TG> __device__ __forceinline__ void load_grads(float (&dy)[kScanUnroll],
-                                                               const ScanArgs& a, int64_t b,
-                                                               int64_t t, int64_t t1, int64_t g,
-                                                               int64_t c) {
-#pragma unroll
-  for (int u = 0; u < kScanUnroll; ++u)
-    dy[u] = t + u < t1 ? to_f(a.dy.at<const TG>(b, t + u, g)[c]) : 0.f;
-}
-
 // Local pass, forward: the chunk's end state from a zero start.
 template <class T> __global__ void ema_local_fwd(ScanArgs a) {
   int64_t g, c;
@@ -93,13 +63,7 @@ template <class T> __global__ void ema_local_fwd(ScanArgs a) {
   const int64_t b = blockIdx.z, ch = blockIdx.y;
   const int64_t t0 = ch * a.chunk, t1 = min(a.T, t0 + a.chunk);
   float s = 0.f;
-  for (int64_t t = t0; t < t1; t += kScanUnroll) {
-    TokenGroup<T> in;
-    in.load(a, b, t, t1, g, c, false, false);
-#pragma unroll
-    for (int u = 0; u < kScanUnroll; ++u)
-      if (t + u < t1) s = a.beta * s + (1.f - a.beta) * in.x[u];
-  }
+  for (int64_t t = t0; t < t1; ++t) s = a.beta * s + (1.f - a.beta) * to_f(a.x.at<const T>(b, t, g)[c]);
   *carry_at(a, a.carry, b, ch) = s;
 }
 
@@ -125,17 +89,15 @@ template <class T> __global__ void ema_route_out(ScanArgs a) {
   if (!scan_channel(a, g, c)) return;
   const int64_t b = blockIdx.z, ch = blockIdx.y;
   const int64_t t0 = ch * a.chunk, t1 = min(a.T, t0 + a.chunk);
-  const bool l3 = a.L == 3 && a.x3.data;
   float s = *carry_at(a, a.carry, b, ch);
-  for (int64_t t = t0; t < t1; t += kScanUnroll) {
-    TokenGroup<T> in;
-    in.load(a, b, t, t1, g, c, true, l3);
-#pragma unroll
-    for (int u = 0; u < kScanUnroll; ++u) {
-      if (t + u >= t1) break;
-      s = a.beta * s + (1.f - a.beta) * in.x[u];
-      a.y.at<T>(b, t + u, g)[c] = from_f<T>(in.w0[u] * in.x[u] + in.w1[u] * s + in.w2[u] * in.x3[u]);
-    }
+  for (int64_t t = t0; t < t1; ++t) {
+    const float x = to_f(a.x.at<const T>(b, t, g)[c]);
+    s = a.beta * s + (1.f - a.beta) * x;
+    float w0, w1, w2;
+    a.w.load(b, t, w0, w1, w2);
+    float y = w0 * x + w1 * s;
+    if (a.L == 3 && a.x3.data) y += w2 * to_f(a.x3.at<const T>(b, t, g)[c]);
+    a.y.at<T>(b, t, g)[c] = from_f<T>(y);
   }
 }
 
@@ -145,51 +107,42 @@ template <class T, class TG> __global__ void ema_route_dlam(ScanArgs a) {
   int64_t g, c;
   const bool active = scan_channel(a, g, c);
   const int64_t b = blockIdx.z, ch = blockIdx.y;
-  const int64_t t0 = ch * a.chunk, t1 = active ? min(a.T, t0 + a.chunk) : t0;
-  const int64_t t_end = min(a.T, t0 + a.chunk);  // every lane runs the same token loop
-  const bool l3 = a.L == 3 && a.x3.data;
+  const int64_t t0 = ch * a.chunk, t1 = min(a.T, t0 + a.chunk);
   float s = active ? *carry_at(a, a.carry, b, ch) : 0.f;
-  for (int64_t t = t0; t < t_end; t += kScanUnroll) {
-    TokenGroup<T> in;
-    in.load(a, b, t, t1, g, c, false, l3);
-    float dy[kScanUnroll];
-    load_grads<TG>(dy, a, b, t, t1, g, c);
-#pragma unroll
-    for (int u = 0; u < kScanUnroll; ++u) {
-      if (t + u >= t_end) break;
-      s = a.beta * s + (1.f - a.beta) * in.x[u];
-      const float p0 = warp_sum(in.x[u] * dy[u]);
-      const float p1 = warp_sum(s * dy[u]);
-      const float p2 = a.L == 3 ? warp_sum(in.x3[u] * dy[u]) : 0.f;
-      if ((threadIdx.x & 31) == 0) {
-        float* dl = a.dlam + (b * a.T + t + u) * a.L;
-        atomicAdd(dl + 0, p0);
-        atomicAdd(dl + 1, p1);
-        if (a.L == 3) atomicAdd(dl + 2, p2);
-      }
+  for (int64_t t = t0; t < t1; ++t) {
+    float p0 = 0.f, p1 = 0.f, p2 = 0.f;
+    if (active) {
+      const float x = to_f(a.x.at<const T>(b, t, g)[c]);
+      const float dy = to_f(a.dy.at<const TG>(b, t, g)[c]);
+      s = a.beta * s + (1.f - a.beta) * x;
+      p0 = x * dy;
+      p1 = s * dy;
+      if (a.L == 3 && a.x3.data) p2 = to_f(a.x3.at<const T>(b, t, g)[c]) * dy;
+    }
+    p0 = warp_sum(p0);
+    p1 = warp_sum(p1);
+    if (a.L == 3) p2 = warp_sum(p2);
+    if ((threadIdx.x & 31) == 0) {
+      float* dl = a.dlam + (b * a.T + t) * a.L;
+      atomicAdd(dl + 0, p0);
+      atomicAdd(dl + 1, p1);
+      if (a.L == 3) atomicAdd(dl + 2, p2);
     }
   }
 }
 
 // Local pass, backward: u at the chunk's first token from a zero carry at its end.
-template <class T, class TG> __global__ void ema_local_bwd(ScanArgs a) {
+template <class TG> __global__ void ema_local_bwd(ScanArgs a) {
   int64_t g, c;
   if (!scan_channel(a, g, c)) return;
   const int64_t b = blockIdx.z, ch = blockIdx.y;
   const int64_t t0 = ch * a.chunk, t1 = min(a.T, t0 + a.chunk);
-  float u_acc = 0.f;
-  // Groups from the chunk's end; within a group, tokens in reverse.
-  for (int64_t te = t1; te > t0; te -= kScanUnroll) {
-    const int64_t t = max(t0, te - kScanUnroll);
-    float dy[kScanUnroll], w1[kScanUnroll];
-    load_grads<TG>(dy, a, b, t, te, g, c);
-#pragma unroll
-    for (int u = 0; u < kScanUnroll; ++u) w1[u] = t + u < te ? a.w.l1.load(b, t + u, 1.f) : 0.f;
-#pragma unroll
-    for (int u = kScanUnroll - 1; u >= 0; --u)
-      if (t + u < te) u_acc = w1[u] * dy[u] + a.beta * u_acc;
+  float u = 0.f;
+  for (int64_t t = t1 - 1; t >= t0; --t) {
+    const float w1 = a.w.l1.load(b, t, 1.f);
+    u = w1 * to_f(a.dy.at<const TG>(b, t, g)[c]) + a.beta * u;
   }
-  *carry_at(a, a.rcarry, b, ch) = u_acc;
+  *carry_at(a, a.rcarry, b, ch) = u;
 }
 
 // Carry pass, backward: each chunk's incoming carry c (= beta u of the next chunk's first
@@ -215,28 +168,18 @@ template <class T, class TG, class TX> __global__ void ema_route_dx(ScanArgs a) 
   if (!scan_channel(a, g, c)) return;
   const int64_t b = blockIdx.z, ch = blockIdx.y;
   const int64_t t0 = ch * a.chunk, t1 = min(a.T, t0 + a.chunk);
-  const bool l3 = a.L == 3 && a.dx3.data;
   float carry = *carry_at(a, a.rcarry, b, ch);
-  for (int64_t te = t1; te > t0; te -= kScanUnroll) {
-    const int64_t t = max(t0, te - kScanUnroll);
-    float dy[kScanUnroll], w0[kScanUnroll], w1[kScanUnroll], w2[kScanUnroll];
-    load_grads<TG>(dy, a, b, t, te, g, c);
-#pragma unroll
-    for (int u = 0; u < kScanUnroll; ++u) {
-      if (t + u < te) a.w.load(b, t + u, w0[u], w1[u], w2[u]);
-      else w0[u] = w1[u] = w2[u] = 0.f;
-    }
-#pragma unroll
-    for (int u = kScanUnroll - 1; u >= 0; --u) {
-      if (t + u >= te) continue;
-      const float uu = w1[u] * dy[u] + carry;
-      TX* dx = a.dx.at<TX>(b, t + u, g) + c;
-      *dx = from_f<TX>(to_f(*dx) + w0[u] * dy[u] + (1.f - a.beta) * uu);
-      carry = a.beta * uu;
-      if (l3) {
-        TX* dx3 = a.dx3.at<TX>(b, t + u, g) + c;
-        *dx3 = from_f<TX>(to_f(*dx3) + w2[u] * dy[u]);
-      }
+  for (int64_t t = t1 - 1; t >= t0; --t) {
+    float w0, w1, w2;
+    a.w.load(b, t, w0, w1, w2);
+    const float dy = to_f(a.dy.at<const TG>(b, t, g)[c]);
+    const float u = w1 * dy + carry;
+    TX* dx = a.dx.at<TX>(b, t, g) + c;
+    *dx = from_f<TX>(to_f(*dx) + w0 * dy + (1.f - a.beta) * u);
+    carry = a.beta * u;
+    if (a.L == 3 && a.dx3.data) {
+      TX* dx3 = a.dx3.at<TX>(b, t, g) + c;
+      *dx3 = from_f<TX>(to_f(*dx3) + w2 * dy);
     }
   }
 }
