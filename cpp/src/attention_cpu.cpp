@@ -60,6 +60,13 @@ template <class T> T* scratch(size_t n) {
   return buf.data();
 }
 
+// On the CPU the budget is a cache hint, not a hard limit: with a small L2 (256 KiB) a
+// float64 d = 256 tile would not fit half of it, so the smallest tile is always allowed.
+template <class T> TilePlan cpu_plan(int64_t d) {
+  const size_t floor = TilePlan::working_set(16, 16, 1, int(d), sizeof(T), sizeof(T));
+  return plan_tiles(Target::cpu, int(d), sizeof(T), std::max(cpu_tile_budget(), floor));
+}
+
 // --- forward ------------------------------------------------------------------------
 
 template <class T> struct FwdCtx {
@@ -140,7 +147,7 @@ template <class T>
 void fwd(const AttentionProblem& p, const TensorRef& q, const TensorRef& k, const TensorRef& v,
          const TensorRef& out, const TensorRef& lse) {
   if (p.B == 0 || p.Tq == 0 || p.H == 0) return;
-  const TilePlan plan = plan_tiles(Target::cpu, int(p.d), sizeof(T), cpu_tile_budget());
+  const TilePlan plan = cpu_plan<T>(p.d);
   FwdCtx<T> c{p, plan.block_q, plan.block_k, (p.Tq + plan.block_q - 1) / plan.block_q,
               q, k, v, out, lse};
   run_tasks<AttentionFwd<T>>(p.B * p.H * c.n_qblocks, c);
@@ -249,7 +256,7 @@ void bwd(const AttentionProblem& p, const TensorRef& q, const TensorRef& k, cons
          const TensorRef& out, const TensorRef& lse, const TensorRef& dout, RowWeight w,
          const TensorRef& dq, const TensorRef& dk, const TensorRef& dv) {
   if (p.B == 0 || p.Tq == 0 || p.Tk == 0 || p.H == 0) return;
-  const TilePlan plan = plan_tiles(Target::cpu, int(p.d), sizeof(T), cpu_tile_budget());
+  const TilePlan plan = cpu_plan<T>(p.d);
   BwdCtx<T> c{p, plan.block_q, plan.block_k, q, k, v, out, lse, dout, dq, w,
               ptr<T>(dk), ptr<T>(dv), dk.stride[0], dk.stride[2], dk.stride[1],
               dv.stride[0], dv.stride[2], dv.stride[1]};

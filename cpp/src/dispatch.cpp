@@ -52,32 +52,35 @@ void check_cpu_lam(const TensorRef& lam, DType dtype) {
 
 void check_attention_outputs(const AttentionProblem& p, const TensorRef& out,
                              const TensorRef& lse) {
-  check_output(out, "out", {p.B, p.Tq, p.H, p.d}, p.dtype, p.device);
-  check_output(lse, "lse", {p.B, p.H, p.Tq}, stats_dtype(p.dtype), p.device);
+  check_output(out, "out", {p.B, p.Tq, p.H, p.d}, p.dtype, p.device, p.device_id);
+  check_output(lse, "lse", {p.B, p.H, p.Tq}, stats_dtype(p.dtype), p.device, p.device_id);
   check_contiguous(lse, "lse");
 }
 
 void check_state_outputs(const RouteProblem& p, const TensorRef& ks, const TensorRef& vs) {
   for (auto [t, name] : {std::pair{&ks, "k_state_out"}, std::pair{&vs, "v_state_out"}})
-    if (t->present()) check_output(*t, name, {p.B, p.G, p.d}, stats_dtype(p.dtype), p.device);
+    if (t->present())
+      check_output(*t, name, {p.B, p.G, p.d}, stats_dtype(p.dtype), p.device, p.device_id);
 }
 
 void check_grads_like(const TensorRef& dx, const char* name, const TensorRef& x) {
   if (!x.present()) return;
   MKA_CHECK(dx.present(), name, ": gradient buffer missing");
-  check_output(dx, name, {x.shape[0], x.shape[1], x.shape[2], x.shape[3]}, x.dtype, x.device);
+  check_output(dx, name, {x.shape[0], x.shape[1], x.shape[2], x.shape[3]}, x.dtype, x.device,
+               x.device_id);
 }
 
 void check_route_grads(const RouteInputs& r, const RouteGrads& g) {
   if (g.dlam.present()) check_output(g.dlam, "dlam", {r.lam.shape[0], r.lam.shape[1], r.lam.shape[2]},
-                                     r.lam.dtype, r.lam.device);
+                                     r.lam.dtype, r.lam.device, r.lam.device_id);
   if (g.dk3.present()) check_grads_like(g.dk3, "dk3", r.k3);
   if (g.dv3.present()) check_grads_like(g.dv3, "dv3", r.v3);
   for (auto [gt, t, name] : {std::tuple{&g.dk_state, &r.k_state, "dk_state"},
                              std::tuple{&g.dv_state, &r.v_state, "dv_state"}})
     if (gt->present()) {
       MKA_CHECK(t->present(), name, ": gradient requested for a state that was not given");
-      check_output(*gt, name, {t->shape[0], t->shape[1], t->shape[2]}, t->dtype, t->device);
+      check_output(*gt, name, {t->shape[0], t->shape[1], t->shape[2]}, t->dtype, t->device,
+                   t->device_id);
     }
 }
 
@@ -196,10 +199,11 @@ void mka_forward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
   const RouteProblem rp = check_route(k, v, r, ap.Tq, "(B, Tq, L)", false);
   check_memory(ap, q, mem_k, mem_v, rp.L);
   check_cpu_lam(r.lam, ap.dtype);
-  check_output(out, "out", {ap.B, ap.Tq, ap.H, ap.d}, ap.dtype, ap.device);
-  check_output(o_levels, "o_levels", {rp.L, ap.B, ap.Tq, ap.H, ap.d}, ap.dtype, ap.device);
+  check_output(out, "out", {ap.B, ap.Tq, ap.H, ap.d}, ap.dtype, ap.device, ap.device_id);
+  check_output(o_levels, "o_levels", {rp.L, ap.B, ap.Tq, ap.H, ap.d}, ap.dtype, ap.device,
+               ap.device_id);
   check_output(lse_levels, "lse_levels", {rp.L, ap.B, ap.H, ap.Tq}, stats_dtype(ap.dtype),
-               ap.device);
+               ap.device, ap.device_id);
   check_contiguous(lse_levels, "lse_levels");
   check_state_outputs(rp, k_state_out, v_state_out);
   on_device(ap.device, "mka", [&] {
@@ -222,9 +226,10 @@ void mka_backward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
   const RouteProblem rp = check_route(k, v, r, ap.Tq, "(B, Tq, L)", false);
   check_memory(ap, q, mem_k, mem_v, rp.L);
   check_cpu_lam(r.lam, ap.dtype);
-  check_output(o_levels, "o_levels", {rp.L, ap.B, ap.Tq, ap.H, ap.d}, ap.dtype, ap.device);
+  check_output(o_levels, "o_levels", {rp.L, ap.B, ap.Tq, ap.H, ap.d}, ap.dtype, ap.device,
+               ap.device_id);
   check_output(lse_levels, "lse_levels", {rp.L, ap.B, ap.H, ap.Tq}, stats_dtype(ap.dtype),
-               ap.device);
+               ap.device, ap.device_id);
   check_contiguous(lse_levels, "lse_levels");
   check_grads_like(dout, "dout", q);
   check_state_outputs(rp, dk_state_out, dv_state_out);

@@ -101,6 +101,7 @@ AttentionProblem check_attention(const TensorRef& q, const TensorRef& k, const T
   p.window = o.window ? *o.window : -1;
   p.dtype = q.dtype;
   p.device = q.device;
+  p.device_id = q.device_id;
   return p;
 }
 
@@ -116,6 +117,7 @@ RouteProblem check_route(const TensorRef& k, const TensorRef& v, const RouteInpu
   p.B = k.shape[0], p.T = k.shape[1], p.G = k.shape[2], p.d = k.shape[3];
   p.dtype = k.dtype;
   p.device = k.device;
+  p.device_id = k.device_id;
   MKA_CHECK(std::isfinite(r.beta) && r.beta >= 0.0 && r.beta < 1.0,
             "beta: must be in [0, 1), got ", r.beta);
   p.beta = r.beta;
@@ -138,7 +140,8 @@ RouteProblem check_route(const TensorRef& k, const TensorRef& v, const RouteInpu
       check_dims(*t, name, {p.B, p.T, p.G, p.d}, "(B, Tk, G, d) equal to k's");
     }
   } else {
-    MKA_CHECK(!r.k3.present() && !r.v3.present(), "k3: not an input of this op");
+    MKA_CHECK(!r.k3.present(), "k3: not an input of this op (its level 3 is mem_k/mem_v)");
+    MKA_CHECK(!r.v3.present(), "v3: not an input of this op (its level 3 is mem_k/mem_v)");
   }
   for (auto [t, name] : {std::pair{&r.k_state, "k_state"}, std::pair{&r.v_state, "v_state"}}) {
     if (!t->present()) continue;
@@ -166,13 +169,15 @@ void check_memory(const AttentionProblem& p, const TensorRef& q, const TensorRef
 }
 
 void check_output(const TensorRef& t, const char* name, std::initializer_list<int64_t> shape,
-                  DType dtype, Device device) {
+                  DType dtype, Device device, int device_id) {
   MKA_CHECK(t.present() && t.ndim == int(shape.size()), name,
             ": output buffer has the wrong rank");
   check_dims(t, name, shape, "(output)");
   MKA_CHECK(t.dtype == dtype, name, ": output dtype ", dtype_name(t.dtype), ", expected ",
             dtype_name(dtype));
-  MKA_CHECK(t.device == device, name, ": output on the wrong device");
+  MKA_CHECK(t.device == device && t.device_id == device_id, name, ": output on device ",
+            device_name(t.device), ":", t.device_id, ", expected ", device_name(device), ":",
+            device_id);
   MKA_CHECK(t.shape[t.ndim - 1] <= 1 || t.numel() == 0 || t.stride[t.ndim - 1] == 1, name,
             ": output's last dimension must be contiguous");
 }

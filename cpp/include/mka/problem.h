@@ -17,6 +17,7 @@ struct AttentionProblem {
   int64_t window = -1;  // -1: no window
   DType dtype = DType::f32;
   Device device = Device::cpu;
+  int device_id = 0;
 
   int64_t group() const { return H / G; }
   // Bottom-right alignment: query row i sees key j iff lo(i) <= j < hi(i).
@@ -33,6 +34,7 @@ struct RouteProblem {
   bool has_state = false;
   DType dtype = DType::f32;
   Device device = Device::cpu;
+  int device_id = 0;
 };
 
 // The dtype of EMA states and softmax statistics for a given input dtype:
@@ -74,6 +76,6 @@ void check_memory(const AttentionProblem& p, const TensorRef& q, const TensorRef
 
 // Outputs are allocated by the caller; their shapes are checked too.
 void check_output(const TensorRef& t, const char* name, std::initializer_list<int64_t> shape,
-                  DType dtype, Device device);
+                  DType dtype, Device device, int device_id = 0);
 
 }  // namespace mka
