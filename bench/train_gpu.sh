@@ -22,6 +22,8 @@ DEST=${OUT:-bench/results}
 MKA_CUDA=${MKA_CUDA:-AUTO}       # OFF: skip building the CUDA kernels (then attention runs on SDPA)
 FULL_BACKEND=${FULL_BACKEND:-auto}  # --attn-backend of stage 1 (auto: mka kernels if their probe passes)
 BACKEND=${BACKEND:-auto}            # --attn-backend of stages 2 and 3
+BUILD=${BUILD:-1}                # 0: use the mka already installed (a dry run of the stages)
+EXTRA=${EXTRA:-}                 # flags appended to every stage (a dry run shrinks the models with it)
 export PYTHONUNBUFFERED=1
 mkdir -p "$RUNS" "$DEST"
 LOG="$RUNS/log.txt"
@@ -32,11 +34,12 @@ left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
 stage() {  # stage NAME CAP_SECONDS ARGS...: train under a timeout; SIGTERM makes it checkpoint and stop
     local name=$1 cap=$2 t
     shift 2
-    t=$(left)
+    t=$(( $(left) - 30 ))            # room for the checkpoint after SIGTERM (--kill-after)
     (( t > cap )) && t=$cap
     if (( t < 30 )); then echo "== $name: SKIPPED, ${t}s left"; return; fi
     echo "== $name (limit ${t}s, $(date -u +%H:%M:%S)): mka train $*"
-    timeout -s TERM --kill-after=30 "$t" python3 -m mka.train "$@" --out "$RUNS/$name" --cache-dir "$RUNS/cache"
+    # shellcheck disable=SC2086
+    timeout -s TERM --kill-after=30 "$t" python3 -m mka.train "$@" --out "$RUNS/$name" --cache-dir "$RUNS/cache" $EXTRA
     echo "== $name: exit $? after $(( $(date +%s) - START ))s"
 }
 
@@ -49,7 +52,7 @@ build() {  # build MKA_CUDA LIMIT_SECONDS: install the package, native kernels i
         -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=90a -Ccmake.define.MKA_CUDA="$1"
 }
 # CUDA kernels that fail to build in time are left out: training then runs on SDPA ("torch")
-build "$MKA_CUDA" "${BUILD_LIMIT_S:-150}" || build OFF 120 || exit 1
+if [[ $BUILD == 1 ]]; then build "$MKA_CUDA" "${BUILD_LIMIT_S:-150}" || build OFF 120 || exit 1; fi
 echo "== built after $(( $(date +%s) - START ))s"
 python3 -c "import mka; print('mka built with CUDA:', mka._C.built_with_cuda())"
 

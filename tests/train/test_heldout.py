@@ -85,3 +85,19 @@ def test_token_weighted_mean_includes_the_short_tail(corpus_file, run_args, tmp_
             logits, _ = model(t[:, :-1])
             total += torch.nn.functional.cross_entropy(logits[0].double(), t[0, 1:], reduction="sum").item()
     assert math.isclose(r["heldout_loss"], total / (len(ids) - 1), rel_tol=1e-5)
+
+
+def test_evaluation_stops_when_asked():
+    from mka.models import GPT, GPTConfig
+    from mka.train.distributed import Runtime
+    from mka.train.evaluation import heldout_loss
+    model = GPT(GPTConfig(n_layer=1, n_embd=32, n_head=2, block_size=16, vocab_size=256))
+    blocks = heldout_blocks(np.arange(500) % 256, 16)
+    calls = []
+    def asked():
+        calls.append(1)
+        return len(calls) > 3
+    assert heldout_loss(model, blocks, 4, Runtime(CPU), "fp32", asked) is None and len(calls) == 4
+    assert model.training  # left as it was found
+    ev = heldout_loss(model, blocks, 4, Runtime(CPU), "fp32", lambda: False)
+    assert ev["tokens"] == 499 and math.isfinite(ev["loss"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -20,10 +21,12 @@ def autocast(device: torch.device, precision: str):
 
 
 @torch.no_grad()
-def heldout_loss(model, blocks: list[np.ndarray], batch_size: int, rt: D.Runtime, precision: str) -> dict:
-    """{'loss', 'ppl', 'tokens'}. Batches are dealt round-robin to ranks; every rank runs the
-    same number of forwards (a rank short of batches repeats one with weight 0) because a
-    sharded (FSDP) model needs all ranks in each forward."""
+def heldout_loss(model, blocks: list[np.ndarray], batch_size: int, rt: D.Runtime, precision: str,
+                 stop_requested: Optional[Callable[[], bool]] = None) -> Optional[dict]:
+    """{'loss', 'ppl', 'tokens'}, or None if `stop_requested()` turned true on the way.
+    Batches are dealt round-robin to ranks; every rank runs the same number of forwards (a
+    rank short of batches repeats one with weight 0) because a sharded (FSDP) model needs
+    all ranks in each forward."""
     batches = heldout_batches(blocks, batch_size)
     mine = batches[rt.rank::rt.world]
     rounds = -(-len(batches) // rt.world)
@@ -31,6 +34,9 @@ def heldout_loss(model, blocks: list[np.ndarray], batch_size: int, rt: D.Runtime
     model.eval()
     total, count = 0.0, 0
     for i in range(rounds):
+        if stop_requested is not None and stop_requested():
+            model.train(was_training)
+            return None
         rows, weight = (mine[i], 1) if i < len(mine) else (batches[0], 0)
         mb = to_device(rows, rt.device)
         with autocast(rt.device, precision):

@@ -151,9 +151,12 @@ class VariantRun:
                         variant=self.variant, **self._ckpt_args())
 
     # ------------------------------------------------------------------ pieces of a step
-    def _evaluate(self, blocks, history: dict, step: int) -> dict:
+    def _evaluate(self, blocks, history: dict, stop: StopFlag) -> dict | None:
+        """Held-out loss, or None when a stop was asked for meanwhile (one process only: under
+        torchrun every rank must finish the evaluation's collectives)."""
         t0 = time.perf_counter()
-        ev = heldout_loss(self.train_model, blocks, self.s.batch_size, self.rt, self.s.precision)
+        asked = None if self.rt.distributed else (lambda: stop.requested)
+        ev = heldout_loss(self.train_model, blocks, self.s.batch_size, self.rt, self.s.precision, asked)
         _sync(self.rt.device)
         history["eval_seconds"] += time.perf_counter() - t0
         return ev
@@ -249,7 +252,9 @@ class VariantRun:
                 if s.eval_interval and done % s.eval_interval == 0 and \
                         (not history["evals"] or history["evals"][-1][0] != done):
                     clock.close()
-                    ev = self._evaluate(self.periodic_blocks, history, done)
+                    ev = self._evaluate(self.periodic_blocks, history, stop)
+                    if ev is None:
+                        self._stop(history, done, pending)
                     history["evals"].append([done, ev["loss"]])
                     if rt.is_main:
                         bar.write(f"[{self.variant}] step {done}: held-out loss {ev['loss']:.4f}")
@@ -271,19 +276,29 @@ class VariantRun:
                 if stopping or self._checkpoint_due(done) or done == self.total_steps:
                     self._flush(pending, history)
                     clock.close()
-                    self._save(done, history)
+                    if not stopping:
+                        self._save(done, history)
                 if stopping:
-                    self._write_result(self._result(history, done, final=None))
-                    raise Interrupted(f"{self.variant} stopped at step {done}/{self.total_steps}; "
-                                      f"checkpoint in {self.ckpt_path}; continue with --resume")
+                    self._stop(history, done, pending)
         finally:
             bar.close()
         clock.close()
-        final = self._evaluate(self.final_blocks, history, done)
+        final = self._evaluate(self.final_blocks, history, stop)
+        if final is None:  # the checkpoint of the last step is written: --resume only evaluates
+            self._stop(history, done, pending, saved=True)
         history["evals"].append([done, final["loss"]])
         result = self._result(history, done, final)
         self._write_result(result)
         return result
+
+    def _stop(self, history: dict, done: int, pending: list, saved: bool = False) -> None:
+        """Checkpoint, record a partial result and leave the run (Ctrl-C, SIGTERM, --stop-after-steps)."""
+        self._flush(pending, history)
+        if not saved:
+            self._save(done, history)
+        self._write_result(self._result(history, done, final=None))
+        raise Interrupted(f"{self.variant} stopped at step {done}/{self.total_steps}; "
+                          f"checkpoint in {self.ckpt_path}; continue with --resume")
 
     # ------------------------------------------------------------------ results
     def _result(self, history: dict, done: int, final: dict | None) -> dict:
