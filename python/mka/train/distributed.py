@@ -57,7 +57,7 @@ def start(settings: Settings) -> Runtime:
 
 
 def stop(rt: Runtime) -> None:
-    if dist.is_initialized():  # ours, or the one-process group DeepSpeed asked for
+    if rt.distributed and dist.is_initialized():  # ours (a one-process DeepSpeed group stays with DeepSpeed)
         dist.destroy_process_group()
 
 
