@@ -173,7 +173,10 @@ def load_yaml(path: str) -> dict:
 
 def _parse_attn_options(items: list[str]) -> dict:
     """'mka.beta=0.9' -> {'mka': {'beta': 0.9}}; values are read as YAML scalars."""
-    import yaml
+    try:
+        import yaml
+    except ImportError as e:
+        raise ConfigError("--attn-option needs PyYAML to read its values: pip install pyyaml") from e
     out: dict = {}
     for item in items:
         key, sep, raw = item.partition("=")
