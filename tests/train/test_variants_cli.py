@@ -58,3 +58,21 @@ def test_mixed_precision_on_cpu(corpus_file, run_args, tmp_path):
         losses = [p[1] for p in r["curves"]["train"]]
         assert all(math.isfinite(x) for x in losses) and math.isfinite(r["heldout_loss"])
         assert r["kv_cache_dtype"] == {"bf16": "bfloat16", "fp16": "float16"}[precision]
+
+
+def test_a_crashing_variant_is_recorded_and_the_others_still_run(corpus_file, run_args, tmp_path, monkeypatch):
+    from mka.train.loop import VariantRun
+    real_build = VariantRun._build
+
+    def build(self):
+        if self.variant == "mqa":
+            raise RuntimeError("kernel exploded")
+        real_build(self)
+    monkeypatch.setattr(VariantRun, "_build", build)
+    argv = run_args(corpus_file, "--attention", "mqa,gqa", "--max-steps", 2, "--eval-tokens", 64, "--plots")
+    assert main(argv) == 1
+    failed, ok = results(tmp_path / "out")
+    assert failed == {"variant": "mqa", "complete": False, "error": "RuntimeError: kernel exploded"}
+    assert ok["variant"] == "gqa" and ok["complete"]
+    assert "**mqa FAILED**: RuntimeError: kernel exploded" in (tmp_path / "out" / "results.md").read_text()
+    assert (tmp_path / "out" / "loss_curves.png").is_file()

@@ -9,6 +9,7 @@ import json
 import shlex
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -63,6 +64,13 @@ def run(settings: Settings, argv: list[str]) -> list[dict]:
                         partial = json.loads(job.result_path.read_text())
                         report.write_all(out, results + [partial], meta, settings.plots)
                     raise
+                except ConfigError:
+                    raise
+                except Exception as e:  # a crash in one variant of several: record it, go on
+                    if rt.distributed or len(settings.variants()) == 1:
+                        raise
+                    traceback.print_exc()
+                    results.append({"variant": variant, "complete": False, "error": f"{type(e).__name__}: {e}"})
                 del job  # free this variant's model and optimizer before the next one's peak is taken
                 gc.collect()
                 if torch.cuda.is_available():
@@ -80,11 +88,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         settings = parse(argv)
-        run(settings, argv)
+        failed = [r["variant"] for r in run(settings, argv) if "error" in r]
     except ConfigError as e:
         print(f"mka train: error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:
         print(f"mka train: {e}", file=sys.stderr)
         return 130
+    if failed:
+        print(f"mka train: error: variant(s) {', '.join(failed)} failed (tracebacks above)", file=sys.stderr)
+        return 1
     return 0

@@ -55,10 +55,11 @@ def markdown(results: list[dict], meta: dict) -> str:
     data = meta.get("data", {})
     out += [f"- **data {k}**: {v}" for k, v in data.items()]
     out += [f"- **attention kernels**: {b} ({why})"
-            for b, why in sorted({(r["attn_backend"], r["attn_backend_reason"]) for r in results})]
+            for b, why in sorted({(r["attn_backend"], r["attn_backend_reason"]) for r in results if "error" not in r})]
+    out += [f"- **{r['variant']} FAILED**: {r['error']}" for r in results if "error" in r]
     out += ["", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     out += ["| " + " | ".join(r) + " |" for r in table_rows(results)]
-    kinds = sorted({r.get("peak_memory_kind", "") for r in results})
+    kinds = sorted({r["peak_memory_kind"] for r in results if "peak_memory_kind" in r})
     out += ["", f"Held-out loss: token-weighted mean cross-entropy (nats) over the whole held-out split "
                 f"after the last step; best held-out: lowest of the periodic evaluations and the final one. "
                 f"Train loss: mean of the last 10 steps. tokens/s: training steps after the timing warm-up, "
@@ -72,7 +73,7 @@ def markdown(results: list[dict], meta: dict) -> str:
 
 
 def write_csv(path: Path, results: list[dict]) -> None:
-    keys = [k for k in results[0] if k not in ("curves", "trajectory", "attn_options")] if results else []
+    keys = list(dict.fromkeys(k for r in results for k in r if k not in ("curves", "trajectory", "attn_options")))
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
@@ -87,6 +88,7 @@ def plot(out: Path, results: list[dict]) -> list[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return ["plots skipped: matplotlib is not installed (pip install matplotlib)"]
+    results = [r for r in results if "curves" in r]  # a failed variant has nothing to draw
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in results:
         train = r["curves"]["train"]
