@@ -56,6 +56,26 @@ def test_block_forward_backward(benchmark, variant, backend):
     benchmark.extra_info["attn_params"] = sum(p.numel() for p in block.attn.parameters())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["mka", "torch"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_block_forward_backward_cuda(benchmark, variant, backend):
+    """The same block on a GPU as the trainer runs it: bf16 autocast, B = 8, T = 1024."""
+    torch.manual_seed(0)
+    block = Block(config(variant, backend)).cuda()
+    x = torch.randn(8, 1024, GPT2_SMALL["n_embd"], device="cuda", requires_grad=True)
+    w = torch.randn(8, 1024, GPT2_SMALL["n_embd"], device="cuda")
+
+    def step():
+        block.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = block(x)
+        (y.float() * w).sum().backward()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(step, rounds=20, warmup_rounds=3)
+
+
 def size_table() -> str:
     """Parameters and KV-cache bytes per token of the whole GPT-2-small model, per variant."""
     rows = ["| variant | params (non-embedding) | attention params / layer | "

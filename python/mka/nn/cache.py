@@ -23,7 +23,8 @@ class KVCache:
         if batch_size < 1:
             raise ValueError(f"batch_size: must be at least 1, got {batch_size}")
         self.batch_size = batch_size
-        self.device = torch.device("cpu") if device is None else torch.device(device)
+        # "cuda" -> "cuda:0": the device tensors made on it will report
+        self.device = torch.empty(0, device=device).device
         self.dtype = dtype
         self.length = 0
         self.tokens: dict[str, Tensor] = {}
