@@ -76,3 +76,16 @@ def test_a_crashing_variant_is_recorded_and_the_others_still_run(corpus_file, ru
     assert ok["variant"] == "gqa" and ok["complete"]
     assert "**mqa FAILED**: RuntimeError: kernel exploded" in (tmp_path / "out" / "results.md").read_text()
     assert (tmp_path / "out" / "loss_curves.png").is_file()
+
+
+def test_library_kernels_train_like_pytorch(corpus_file, run_args, tmp_path):
+    """Same seed and data: the native ops (forward and backward) give PyTorch's loss curve."""
+    curves = {}
+    for backend in ("mka", "torch"):
+        argv = run_args(corpus_file, "--attention", "gqa,mla,mka,fastmka", "--max-steps", 4, "--eval-tokens", 64,
+                        "--attn-backend", backend, out=backend)
+        assert main(argv) == 0
+        curves[backend] = {r["variant"]: r["curves"]["train"] for r in results(tmp_path / backend)}
+    for variant, native in curves["mka"].items():
+        for (_, a, _), (_, b, _) in zip(native, curves["torch"][variant]):
+            assert math.isclose(a, b, rel_tol=1e-4), (variant, a, b)
