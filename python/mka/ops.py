@@ -49,8 +49,18 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
     return torch.float32 if (t.device.type == "cpu" and t.dtype in _HALF) else t.dtype
 
 
+def _lam_dtype(lam: Tensor, cdt: torch.dtype) -> torch.dtype:
+    """The CUDA kernels read routing weights in float32 (no rounding to bf16); the CPU
+    kernels take them in the compute dtype."""
+    return torch.float32 if lam.device.type == "cuda" and cdt != torch.float64 else cdt
+
+
 def _cast(t: _OptT, dtype: torch.dtype) -> _OptT:
     return None if t is None else t.detach().to(dtype)
+
+
+def _lam(lam: Tensor, cdt: torch.dtype) -> Tensor:
+    return _cast(lam, _lam_dtype(lam, cdt))
 
 
 def _empty(like: Tensor) -> Tensor:
@@ -149,7 +159,7 @@ def route_fuse(k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: _OptT = None,
     kf = k.new_empty(k.shape, dtype=cdt)
     vf = k.new_empty(v.shape, dtype=cdt)
     ks, vs = _states_out(k)
-    _C.route_fuse_forward(_cast(k, cdt), _cast(v, cdt), _cast(lam, cdt), float(beta),
+    _C.route_fuse_forward(_cast(k, cdt), _cast(v, cdt), _lam(lam, cdt), float(beta),
                           _cast(k3, cdt), _cast(v3, cdt), _nat(k_state), _nat(v_state),
                           kf, vf, ks, vs, _stream(k))
     return kf.to(k.dtype), vf.to(v.dtype), ks, vs
@@ -177,7 +187,7 @@ def _route_grads_alloc(k: Tensor, lam: Tensor, x3: _OptT, k_state: _OptT, v_stat
     x3 is the third level's key-like input (k3 for route_fuse/fastmka, mem_k for mka)."""
     z = lambda t, dt: None if t is None else k.new_zeros(t.shape, dtype=dt)  # noqa: E731
     return (k.new_zeros(k.shape, dtype=cdt), k.new_zeros(k.shape, dtype=cdt),
-            k.new_zeros(lam.shape, dtype=cdt), z(x3, cdt), z(x3, cdt),
+            k.new_zeros(lam.shape, dtype=_lam_dtype(lam, cdt)), z(x3, cdt), z(x3, cdt),
             z(k_state, state_dtype(cdt)), z(v_state, state_dtype(cdt)))
 
 
@@ -199,7 +209,7 @@ def _route_fuse_bwd(k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: _OptT, v
     cdt = _compute_dtype(k)
     g = _route_grads_alloc(k, lam, k3, k_state, v_state, cdt)
     sdt = state_dtype(cdt)
-    _C.route_fuse_backward(_cast(k, cdt), _cast(v, cdt), _cast(lam, cdt), float(beta),
+    _C.route_fuse_backward(_cast(k, cdt), _cast(v, cdt), _lam(lam, cdt), float(beta),
                            _cast(k3, cdt), _cast(v3, cdt), _nat(k_state), _nat(v_state),
                            _cast(dk_fused, cdt).contiguous(), _cast(dv_fused, cdt).contiguous(),
                            _opt_grad(dk_state_out, sdt), _opt_grad(dv_state_out, sdt),
@@ -252,7 +262,7 @@ def _fastmka_fwd(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: 
     out = q.new_empty(q.shape, dtype=cdt)
     lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=state_dtype(cdt))
     ks, vs = _states_out(k)
-    _C.fastmka_forward(_cast(q, cdt), _cast(k, cdt), _cast(v, cdt), _cast(lam, cdt),
+    _C.fastmka_forward(_cast(q, cdt), _cast(k, cdt), _cast(v, cdt), _lam(lam, cdt),
                        float(beta), _cast(k3, cdt), _cast(v3, cdt), _nat(k_state),
                        _nat(v_state), causal, scale, window, out, lse, ks, vs, _stream(q))
     return out.to(q.dtype), lse, ks, vs
@@ -277,7 +287,7 @@ def _fastmka_bwd(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: 
     sdt = state_dtype(cdt)
     dq = q.new_zeros(q.shape, dtype=cdt)
     g = _route_grads_alloc(k, lam, k3, k_state, v_state, cdt)
-    _C.fastmka_backward(_cast(q, cdt), _cast(k, cdt), _cast(v, cdt), _cast(lam, cdt),
+    _C.fastmka_backward(_cast(q, cdt), _cast(k, cdt), _cast(v, cdt), _lam(lam, cdt),
                         float(beta), _cast(k3, cdt), _cast(v3, cdt), _nat(k_state),
                         _nat(v_state), causal, scale, window, _cast(out, cdt),
                         lse.detach().contiguous(), _cast(dout, cdt).contiguous(),
@@ -340,7 +350,7 @@ def _mka_fwd(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, mem_k: _
     out = q.new_empty(q.shape, dtype=cdt)
     o_levels, lse_levels = _mka_saved(q, L, cdt)
     ks, vs = _states_out(k)
-    _C.mka_forward(_cast(q, cdt), _cast(k, cdt), _cast(v, cdt), _cast(lam, cdt), float(beta),
+    _C.mka_forward(_cast(q, cdt), _cast(k, cdt), _cast(v, cdt), _lam(lam, cdt), float(beta),
                    _cast(mem_k, cdt), _cast(mem_v, cdt), _nat(k_state), _nat(v_state), causal,
                    scale, window, out, o_levels, lse_levels, ks, vs, _stream(q))
     return out.to(q.dtype), o_levels.to(q.dtype), lse_levels, ks, vs
@@ -365,7 +375,7 @@ def _mka_bwd(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, mem_k: _
     sdt = state_dtype(cdt)
     dq = q.new_zeros(q.shape, dtype=cdt)
     dk, dv, dlam, dmk, dmv, dks, dvs = _route_grads_alloc(k, lam, mem_k, k_state, v_state, cdt)
-    _C.mka_backward(_cast(q, cdt), _cast(k, cdt), _cast(v, cdt), _cast(lam, cdt), float(beta),
+    _C.mka_backward(_cast(q, cdt), _cast(k, cdt), _cast(v, cdt), _lam(lam, cdt), float(beta),
                     _cast(mem_k, cdt), _cast(mem_v, cdt), _nat(k_state), _nat(v_state), causal,
                     scale, window, _cast(o_levels, cdt), lse_levels.detach().contiguous(),
                     _cast(dout, cdt).contiguous(), _opt_grad(dk_state_out, sdt),
