@@ -138,10 +138,13 @@ def test_gqa_is_mha_with_shared_kv_heads(backend, G):
     w, b = gqa.qkv.weight.detach(), gqa.qkv.bias.detach()
     q_rows = slice(0, H * d)
 
+    def repeat_heads(z):  # (G d, ...) -> (H d, ...), kv head g serving queries g*H/G ..
+        rest = z.shape[1:]
+        return z.view(G, d, *rest).repeat_interleave(H // G, 0).reshape(H * d, *rest)
+
     def expand(t):
         k, v = t[H * d:H * d + G * d], t[H * d + G * d:]
-        rep = lambda z: z.view(G, d, *z.shape[1:]).repeat_interleave(H // G, 0).reshape(H * d, *z.shape[1:])  # noqa: E731,E501
-        return torch.cat((t[q_rows], rep(k), rep(v)))
+        return torch.cat((t[q_rows], repeat_heads(k), repeat_heads(v)))
 
     with torch.no_grad():
         mha.qkv.weight.copy_(expand(w))

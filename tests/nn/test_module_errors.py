@@ -74,3 +74,12 @@ def test_fastmka_level3_needs_some_memory():
     with pytest.raises(ValueError, match="memory: FastMKA with levels=3"):
         m(hidden())
     m(hidden(), memory=m.project_memory(hidden(T=3)))  # recalled tokens are enough
+
+
+@pytest.mark.parametrize("n_embd,n_head", [(24, 4), (12, 4), (30, 3)])
+def test_mla_defaults_fit_any_head_width(n_embd, n_head):
+    cfg = config("mla", n_embd=n_embd)
+    cfg.n_head = n_head
+    m = build_attention(cfg)
+    assert m.rope % 2 == 0 and m.kv_lora_rank + m.rope == 2 * (n_embd // n_head)
+    assert m(torch.randn(1, 5, n_embd)).shape == (1, 5, n_embd)

@@ -32,7 +32,7 @@ class MultiHeadLatentAttention(CausalSelfAttention):
     to the attention output, so attention is MQA over the latent. Same outputs.
 
     Defaults, from the head width ``d = n_embd / n_head``: ``qk_nope = v = d``,
-    ``qk_rope = d / 2`` (DeepSeek's proportions), ``q_lora_rank = 0`` and
+    ``qk_rope = d / 2`` rounded down to even (DeepSeek's proportions), ``q_lora_rank = 0`` and
     ``kv_lora_rank = 2 d - qk_rope`` (1.5 d): the cached latent is ``2 d`` wide, MQA's
     KV-cache budget, and the absorb path attends at head dim ``2 d`` — 128 for ``d = 64``,
     a size the CUDA kernels have. The latent projections have no bias (the absorption needs
@@ -53,7 +53,7 @@ class MultiHeadLatentAttention(CausalSelfAttention):
         d = self.head_dim
         self.q_lora_rank = q_lora_rank
         self.nope = d if qk_nope_head_dim is None else qk_nope_head_dim
-        self.rope = max(2, d // 2) if qk_rope_head_dim is None else qk_rope_head_dim
+        self.rope = 2 * max(1, d // 4) if qk_rope_head_dim is None else qk_rope_head_dim  # even
         self.kv_lora_rank = max(1, 2 * d - self.rope) if kv_lora_rank is None else kv_lora_rank
         self.v_dim = d if v_head_dim is None else v_head_dim
         self.rope_theta, self.path = float(rope_theta), path
