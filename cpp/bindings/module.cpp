@@ -2,6 +2,8 @@
 // mka/ops.h with the GIL released. Torch never crosses this boundary, only DLPack views.
 #include <nanobind/stl/string.h>
 
+#include <exception>
+
 #include "mka/cpu_isa.h"
 #include "mka/ops.h"
 #include "mka/thread_pool.h"
@@ -22,6 +24,22 @@ void* as_stream(uintptr_t s) { return reinterpret_cast<void*>(s); }
 
 mka::AttnOptions opts(bool causal, OptF scale, OptI window) { return {causal, scale, window}; }
 
+// Runs f with the GIL released. An error leaves the released region as a value and is
+// rethrown only once the GIL is back: unwinding through the release guard (what
+// nb::call_guard does) crashed on Python 3.12 with torch tensors.
+template <class F> void without_gil(F&& f) {
+  std::exception_ptr err;
+  {
+    nb::gil_scoped_release release;
+    try {
+      f();
+    } catch (...) {
+      err = std::current_exception();
+    }
+  }
+  if (err) std::rethrow_exception(err);
+}
+
 mka::RouteInputs route(const Array& lam, double beta, const OptArray& k3, const OptArray& v3,
                        const OptArray& ks, const OptArray& vs) {
   return {ref(lam, "lam"), beta, ref(k3, "k3"), ref(v3, "v3"), ref(ks, "k_state"),
@@ -38,60 +56,64 @@ mka::RouteGrads grads(const OptArray& dlam, const OptArray& dk3, const OptArray&
 
 NB_MODULE(_C, m) {
   m.doc() = "MKA native kernels (framework-free; tensors cross as DLPack views)";
-  const auto nogil = nb::call_guard<nb::gil_scoped_release>();
 
   m.def("attention_forward",
         [](const Array& q, const Array& k, const Array& v, bool causal, OptF scale, OptI window,
            const Array& out, const Array& lse, uintptr_t stream) {
-          mka::attention_forward(ref(q, "q"), ref(k, "k"), ref(v, "v"),
-                                 opts(causal, scale, window), ref(out, "out"), ref(lse, "lse"),
-                                 as_stream(stream));
-        },
-        nogil);
+          without_gil([&] {
+            mka::attention_forward(ref(q, "q"), ref(k, "k"), ref(v, "v"),
+                                   opts(causal, scale, window), ref(out, "out"), ref(lse, "lse"),
+                                   as_stream(stream));
+          });
+        });
   m.def("attention_backward",
         [](const Array& q, const Array& k, const Array& v, bool causal, OptF scale, OptI window,
            const Array& out, const Array& lse, const Array& dout, const Array& dq,
            const Array& dk, const Array& dv, uintptr_t stream) {
-          mka::attention_backward(ref(q, "q"), ref(k, "k"), ref(v, "v"),
-                                  opts(causal, scale, window), ref(out, "out"), ref(lse, "lse"),
-                                  ref(dout, "dout"), ref(dq, "dq"), ref(dk, "dk"),
-                                  ref(dv, "dv"), as_stream(stream));
-        },
-        nogil);
+          without_gil([&] {
+            mka::attention_backward(ref(q, "q"), ref(k, "k"), ref(v, "v"),
+                                    opts(causal, scale, window), ref(out, "out"), ref(lse, "lse"),
+                                    ref(dout, "dout"), ref(dq, "dq"), ref(dk, "dk"),
+                                    ref(dv, "dv"), as_stream(stream));
+          });
+        });
   m.def("route_fuse_forward",
         [](const Array& k, const Array& v, const Array& lam, double beta, const OptArray& k3,
            const OptArray& v3, const OptArray& ks, const OptArray& vs, const Array& kf,
            const Array& vf, const Array& ks_out, const Array& vs_out, uintptr_t stream) {
-          mka::route_fuse_forward(ref(k, "k"), ref(v, "v"), route(lam, beta, k3, v3, ks, vs),
-                                  ref(kf, "k_fused"), ref(vf, "v_fused"),
-                                  ref(ks_out, "k_state_out"), ref(vs_out, "v_state_out"),
-                                  as_stream(stream));
-        },
-        nogil);
+          without_gil([&] {
+            mka::route_fuse_forward(ref(k, "k"), ref(v, "v"), route(lam, beta, k3, v3, ks, vs),
+                                    ref(kf, "k_fused"), ref(vf, "v_fused"),
+                                    ref(ks_out, "k_state_out"), ref(vs_out, "v_state_out"),
+                                    as_stream(stream));
+          });
+        });
   m.def("route_fuse_backward",
         [](const Array& k, const Array& v, const Array& lam, double beta, const OptArray& k3,
            const OptArray& v3, const OptArray& ks, const OptArray& vs, const Array& dkf,
            const Array& dvf, const OptArray& dks_out, const OptArray& dvs_out, const Array& dk,
            const Array& dv, const OptArray& dlam, const OptArray& dk3, const OptArray& dv3,
            const OptArray& dks, const OptArray& dvs, uintptr_t stream) {
-          mka::route_fuse_backward(ref(k, "k"), ref(v, "v"), route(lam, beta, k3, v3, ks, vs),
-                                   ref(dkf, "dk_fused"), ref(dvf, "dv_fused"),
-                                   ref(dks_out, "dk_state_out"), ref(dvs_out, "dv_state_out"),
-                                   ref(dk, "dk"), ref(dv, "dv"),
-                                   grads(dlam, dk3, dv3, dks, dvs), as_stream(stream));
-        },
-        nogil);
+          without_gil([&] {
+            mka::route_fuse_backward(ref(k, "k"), ref(v, "v"), route(lam, beta, k3, v3, ks, vs),
+                                     ref(dkf, "dk_fused"), ref(dvf, "dv_fused"),
+                                     ref(dks_out, "dk_state_out"), ref(dvs_out, "dv_state_out"),
+                                     ref(dk, "dk"), ref(dv, "dv"),
+                                     grads(dlam, dk3, dv3, dks, dvs), as_stream(stream));
+          });
+        });
   m.def("fastmka_forward",
         [](const Array& q, const Array& k, const Array& v, const Array& lam, double beta,
            const OptArray& k3, const OptArray& v3, const OptArray& ks, const OptArray& vs,
            bool causal, OptF scale, OptI window, const Array& out, const Array& lse,
            const Array& ks_out, const Array& vs_out, uintptr_t stream) {
-          mka::fastmka_forward(ref(q, "q"), ref(k, "k"), ref(v, "v"),
-                               route(lam, beta, k3, v3, ks, vs), opts(causal, scale, window),
-                               ref(out, "out"), ref(lse, "lse"), ref(ks_out, "k_state_out"),
-                               ref(vs_out, "v_state_out"), as_stream(stream));
-        },
-        nogil);
+          without_gil([&] {
+            mka::fastmka_forward(ref(q, "q"), ref(k, "k"), ref(v, "v"),
+                                 route(lam, beta, k3, v3, ks, vs), opts(causal, scale, window),
+                                 ref(out, "out"), ref(lse, "lse"), ref(ks_out, "k_state_out"),
+                                 ref(vs_out, "v_state_out"), as_stream(stream));
+          });
+        });
   m.def("fastmka_backward",
         [](const Array& q, const Array& k, const Array& v, const Array& lam, double beta,
            const OptArray& k3, const OptArray& v3, const OptArray& ks, const OptArray& vs,
@@ -99,29 +121,31 @@ NB_MODULE(_C, m) {
            const Array& dout, const OptArray& dks_out, const OptArray& dvs_out, const Array& dq,
            const Array& dk, const Array& dv, const OptArray& dlam, const OptArray& dk3,
            const OptArray& dv3, const OptArray& dks, const OptArray& dvs, uintptr_t stream) {
-          mka::fastmka_backward(ref(q, "q"), ref(k, "k"), ref(v, "v"),
-                                route(lam, beta, k3, v3, ks, vs), opts(causal, scale, window),
-                                ref(out, "out"), ref(lse, "lse"), ref(dout, "dout"),
-                                ref(dks_out, "dk_state_out"), ref(dvs_out, "dv_state_out"),
-                                ref(dq, "dq"), ref(dk, "dk"), ref(dv, "dv"),
-                                grads(dlam, dk3, dv3, dks, dvs), as_stream(stream));
-        },
-        nogil);
+          without_gil([&] {
+            mka::fastmka_backward(ref(q, "q"), ref(k, "k"), ref(v, "v"),
+                                  route(lam, beta, k3, v3, ks, vs), opts(causal, scale, window),
+                                  ref(out, "out"), ref(lse, "lse"), ref(dout, "dout"),
+                                  ref(dks_out, "dk_state_out"), ref(dvs_out, "dv_state_out"),
+                                  ref(dq, "dq"), ref(dk, "dk"), ref(dv, "dv"),
+                                  grads(dlam, dk3, dv3, dks, dvs), as_stream(stream));
+          });
+        });
   m.def("mka_forward",
         [](const Array& q, const Array& k, const Array& v, const Array& lam, double beta,
            const OptArray& mem_k, const OptArray& mem_v, const OptArray& ks, const OptArray& vs,
            bool causal, OptF scale, OptI window, const Array& out, const Array& o_levels,
            const Array& lse_levels, const Array& ks_out, const Array& vs_out,
            uintptr_t stream) {
-          mka::mka_forward(ref(q, "q"), ref(k, "k"), ref(v, "v"),
-                           route(lam, beta, std::nullopt, std::nullopt, ks, vs),
-                           ref(mem_k, "mem_k"), ref(mem_v, "mem_v"),
-                           opts(causal, scale, window), ref(out, "out"),
-                           ref(o_levels, "o_levels"), ref(lse_levels, "lse_levels"),
-                           ref(ks_out, "k_state_out"), ref(vs_out, "v_state_out"),
-                           as_stream(stream));
-        },
-        nogil);
+          without_gil([&] {
+            mka::mka_forward(ref(q, "q"), ref(k, "k"), ref(v, "v"),
+                             route(lam, beta, std::nullopt, std::nullopt, ks, vs),
+                             ref(mem_k, "mem_k"), ref(mem_v, "mem_v"),
+                             opts(causal, scale, window), ref(out, "out"),
+                             ref(o_levels, "o_levels"), ref(lse_levels, "lse_levels"),
+                             ref(ks_out, "k_state_out"), ref(vs_out, "v_state_out"),
+                             as_stream(stream));
+          });
+        });
   m.def("mka_backward",
         [](const Array& q, const Array& k, const Array& v, const Array& lam, double beta,
            const OptArray& mem_k, const OptArray& mem_v, const OptArray& ks, const OptArray& vs,
@@ -129,18 +153,19 @@ NB_MODULE(_C, m) {
            const Array& dout, const OptArray& dks_out, const OptArray& dvs_out, const Array& dq,
            const Array& dk, const Array& dv, const OptArray& dmem_k, const OptArray& dmem_v,
            const OptArray& dlam, const OptArray& dks, const OptArray& dvs, uintptr_t stream) {
-          mka::mka_backward(ref(q, "q"), ref(k, "k"), ref(v, "v"),
-                            route(lam, beta, std::nullopt, std::nullopt, ks, vs),
-                            ref(mem_k, "mem_k"), ref(mem_v, "mem_v"),
-                            opts(causal, scale, window), ref(o_levels, "o_levels"),
-                            ref(lse_levels, "lse_levels"), ref(dout, "dout"),
-                            ref(dks_out, "dk_state_out"), ref(dvs_out, "dv_state_out"),
-                            ref(dq, "dq"), ref(dk, "dk"), ref(dv, "dv"), ref(dmem_k, "dmem_k"),
-                            ref(dmem_v, "dmem_v"),
-                            grads(dlam, std::nullopt, std::nullopt, dks, dvs),
-                            as_stream(stream));
-        },
-        nogil);
+          without_gil([&] {
+            mka::mka_backward(ref(q, "q"), ref(k, "k"), ref(v, "v"),
+                              route(lam, beta, std::nullopt, std::nullopt, ks, vs),
+                              ref(mem_k, "mem_k"), ref(mem_v, "mem_v"),
+                              opts(causal, scale, window), ref(o_levels, "o_levels"),
+                              ref(lse_levels, "lse_levels"), ref(dout, "dout"),
+                              ref(dks_out, "dk_state_out"), ref(dvs_out, "dv_state_out"),
+                              ref(dq, "dq"), ref(dk, "dk"), ref(dv, "dv"), ref(dmem_k, "dmem_k"),
+                              ref(dmem_v, "dmem_v"),
+                              grads(dlam, std::nullopt, std::nullopt, dks, dvs),
+                              as_stream(stream));
+          });
+        });
 
   m.def("set_num_threads", &mka::set_num_threads, "n"_a);
   m.def("num_threads", &mka::num_threads);
