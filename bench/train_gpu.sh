@@ -6,7 +6,7 @@
 #   device run: command "bash bench/train_gpu.sh", carry [".carry/data"]
 # Stages, in priority order, each cut off (with a checkpoint and partial results) when the
 # time budget runs out:
-#   1. shakespeare_mha_full   nanoGPT's shakespeare_char recipe for MHA, FULL_STEPS iterations
+#   1. shakespeare_mha_full   nanoGPT's shakespeare_char recipe for MHA, FULL_STEPS iterations (0: skip)
 #   2. shakespeare_all_short  every variant, the same recipe cut to SHORT_STEPS iterations
 #   3. wikitext2_all_short    every variant, WikiText-2 bpe:8192, WT2_STEPS iterations
 # Everything except checkpoints is packed into $OUT/train_gpu_results.tar.gz with the log.
@@ -57,11 +57,11 @@ echo "== built after $(( $(date +%s) - START ))s"
 python3 -c "import mka; print('mka built with CUDA:', mka._C.built_with_cuda())"
 
 SHAKE=(--config configs/shakespeare_char.yaml --data "$DATA/tinyshakespeare/input.txt")
-stage shakespeare_mha_full 200 "${SHAKE[@]}" --attention mha --max-steps "$FULL_STEPS" --lr-decay-steps "$FULL_STEPS" \
+(( FULL_STEPS > 0 )) && stage shakespeare_mha_full 200 "${SHAKE[@]}" --attention mha --max-steps "$FULL_STEPS" --lr-decay-steps "$FULL_STEPS" \
     --attn-backend "$FULL_BACKEND"
-stage shakespeare_all_short 150 "${SHAKE[@]}" --attention all --max-steps "$SHORT_STEPS" --attn-backend "$BACKEND" \
-    --lr-decay-steps "$SHORT_STEPS" --eval-interval $(( SHORT_STEPS / 2 ))
-stage wikitext2_all_short 150 --config configs/wikitext2_bpe.yaml --data "$DATA/wikitext-2" --attention all --attn-backend "$BACKEND" \
+stage shakespeare_all_short "${SHORT_CAP_S:-150}" "${SHAKE[@]}" --attention all --max-steps "$SHORT_STEPS" --attn-backend "$BACKEND" \
+    --lr-decay-steps "$SHORT_STEPS" --eval-interval $(( SHORT_STEPS / 4 ))
+stage wikitext2_all_short "${WT2_CAP_S:-150}" --config configs/wikitext2_bpe.yaml --data "$DATA/wikitext-2" --attention all --attn-backend "$BACKEND" \
     --max-steps "$WT2_STEPS" --eval-interval $(( WT2_STEPS / 3 )) --eval-tokens 65536
 
 tar czf "$DEST/train_gpu_results.tar.gz" -C "$RUNS" --exclude='*.pt' --exclude=cache .

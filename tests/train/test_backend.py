@@ -14,6 +14,13 @@ from mka.train.corpus import load_corpus
 CPU = torch.device("cpu")
 
 
+@pytest.fixture(autouse=True)
+def fresh_probe():
+    _probe_cuda_kernels.cache_clear()  # each test changes what the probe sees
+    yield
+    _probe_cuda_kernels.cache_clear()
+
+
 def test_cpu_defaults_to_library_ops_and_flag_wins():
     assert choose_attn_backend("auto", CPU)[0] == "mka"
     assert choose_attn_backend("torch", CPU) == ("torch", "requested")
@@ -31,11 +38,13 @@ def test_probe_rejects_wrong_gradients_and_failures(monkeypatch):
     wrong_grad = lambda q, k, v: real(q, k, v) * 2 - real(q, k, v).detach()  # noqa: E731
     monkeypatch.setattr(mka, "attention", wrong_grad)
     assert "attention probe off" in _probe_cuda_kernels(CPU)
+    _probe_cuda_kernels.cache_clear()
 
     def broken(*args):
         raise RuntimeError("no kernel image for this device")
     monkeypatch.setattr(mka, "attention", broken)
     assert "no kernel image" in _probe_cuda_kernels(CPU)
+    _probe_cuda_kernels.cache_clear()
     monkeypatch.setattr(mka._C, "built_with_cuda", lambda: False)
     assert "built without CUDA" in _probe_cuda_kernels(CPU)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .options import ConfigError, Settings
@@ -29,6 +31,7 @@ def gpt_config(settings: Settings, variant: str, vocab_size: int, attn_backend: 
         raise ConfigError(f"model config for --attention {variant}: {e}") from e
 
 
+@functools.lru_cache(maxsize=None)  # one probe per device and process, shared by the variants
 def _probe_cuda_kernels(device: torch.device) -> str | None:
     """None if the library's CUDA ops (attention, fastmka, mka: outputs and gradients, bf16)
     match the float64 reference within SPEC's 1e-2; else why not."""
