@@ -62,17 +62,6 @@ template <class T> __global__ void mix_dlam(Levels lv, Rows dout, int64_t Tq, in
   }
 }
 
-// The attention problem of level l (0-based): L2 has no window, L3 is not causal.
-AttentionProblem level_problem(const AttentionProblem& ap, int l, int64_t M) {
-  AttentionProblem p = ap;
-  if (l >= 1) p.window = -1;
-  if (l == 2) {
-    p.Tk = M;
-    p.causal = false;
-  }
-  return p;
-}
-
 // EMA keys and values (B, Tk, G, d) in the inputs' dtype.
 struct EmaKV {
   Workspace k, v;

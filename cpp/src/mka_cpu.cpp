@@ -8,17 +8,6 @@
 namespace mka::cpu {
 namespace {
 
-// The attention problem of level l (0-based): L2 has no window, L3 is not causal.
-AttentionProblem level_problem(const AttentionProblem& ap, int l, int64_t M) {
-  AttentionProblem p = ap;
-  if (l >= 1) p.window = -1;
-  if (l == 2) {
-    p.Tk = M;
-    p.causal = false;
-  }
-  return p;
-}
-
 // Row (b, t, h) of a (B, T, H, d) view.
 template <class T> T* at(const TensorRef& t, int64_t b, int64_t i, int64_t h) {
   return ptr<T>(t) + b * t.stride[0] + i * t.stride[1] + h * t.stride[2];

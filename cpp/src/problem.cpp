@@ -168,6 +168,16 @@ void check_memory(const AttentionProblem& p, const TensorRef& q, const TensorRef
   }
 }
 
+AttentionProblem level_problem(const AttentionProblem& ap, int l, int64_t M) {
+  AttentionProblem p = ap;
+  if (l >= 1) p.window = -1;
+  if (l == 2) {
+    p.Tk = M;
+    p.causal = false;
+  }
+  return p;
+}
+
 void check_output(const TensorRef& t, const char* name, std::initializer_list<int64_t> shape,
                   DType dtype, Device device, int device_id) {
   MKA_CHECK(t.present() && t.ndim == int(shape.size()), name,

@@ -37,6 +37,10 @@ struct RouteProblem {
   int device_id = 0;
 };
 
+// mka's attention problem of memory level l (0-based) over M memory tokens: level 2 (the
+// EMA) has no window, level 3 (recalled memory) is not causal. Shared by CPU and CUDA.
+AttentionProblem level_problem(const AttentionProblem& ap, int l, int64_t M);
+
 // The dtype of EMA states and softmax statistics for a given input dtype:
 // float32, or float64 when the inputs are float64.
 DType stats_dtype(DType input);
