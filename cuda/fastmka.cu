@@ -9,19 +9,8 @@
 namespace mka::cuda {
 namespace {
 
-// The fused keys and values (B, Tk, G, d) in the inputs' dtype.
-struct Fused {
-  Workspace k, v;
-  Rows kr, vr;
-  Fused(const AttentionProblem& ap, cudaStream_t s)
-      : k(size_t(ap.B * ap.Tk * ap.G * ap.d) * dtype_bytes(ap.dtype), s, false),
-        v(size_t(ap.B * ap.Tk * ap.G * ap.d) * dtype_bytes(ap.dtype), s, false),
-        kr(dense_rows(k.as<void>(), ap.Tk, ap.G, ap.d)),
-        vr(dense_rows(v.as<void>(), ap.Tk, ap.G, ap.d)) {}
-};
-
 void fuse(const RouteProblem& rp, const TensorRef& k, const TensorRef& v, const RouteInputs& r,
-          const Fused& f, const TensorRef& k_state_out, const TensorRef& v_state_out,
+          const KVScratch& f, const TensorRef& k_state_out, const TensorRef& v_state_out,
           cudaStream_t s) {
   ema_route_fwd(rp, r.lam, rows(k), rows(r.k3), state(r.k_state), f.kr, state(k_state_out), s);
   ema_route_fwd(rp, r.lam, rows(v), rows(r.v3), state(r.v_state), f.vr, state(v_state_out), s);
@@ -35,7 +24,7 @@ void fastmka_fwd(const AttentionProblem& ap, const RouteProblem& rp, const Tenso
                  const TensorRef& v_state_out, void* stream) {
   DeviceGuard guard(q.device_id);
   auto s = static_cast<cudaStream_t>(stream);
-  Fused f(ap, s);
+  KVScratch f(ap, s);
   fuse(rp, k, v, r, f, k_state_out, v_state_out, s);
   attention_fwd_rows(ap, rows(q), f.kr, f.vr, rows(out), static_cast<float*>(lse.data), s);
 }
@@ -48,7 +37,7 @@ void fastmka_bwd(const AttentionProblem& ap, const RouteProblem& rp, const Tenso
                  const RouteGrads& g, void* stream) {
   DeviceGuard guard(q.device_id);
   auto s = static_cast<cudaStream_t>(stream);
-  Fused f(ap, s);
+  KVScratch f(ap, s);
   fuse(rp, k, v, r, f, TensorRef{}, TensorRef{}, s);
   const size_t kv_bytes = size_t(ap.B * ap.Tk * ap.G * ap.d) * 4;
   Workspace dq_acc(size_t(ap.B * ap.Tq * ap.H * ap.d) * 4, s, true);

@@ -14,6 +14,18 @@ inline Rows dense_rows(void* data, int64_t T, int64_t H, int64_t d) {
   return {data, T * H * d, H * d, d};
 }
 
+// Scratch keys and values (B, Tk, G, d) in the inputs' dtype: fastmka's fused k/v, mka's
+// EMA keys/values.
+struct KVScratch {
+  Workspace k, v;
+  Rows kr, vr;
+  KVScratch(const AttentionProblem& ap, cudaStream_t s)
+      : k(size_t(ap.B * ap.Tk * ap.G * ap.d) * dtype_bytes(ap.dtype), s, false),
+        v(size_t(ap.B * ap.Tk * ap.G * ap.d) * dtype_bytes(ap.dtype), s, false),
+        kr(dense_rows(k.as<void>(), ap.Tk, ap.G, ap.d)),
+        vr(dense_rows(v.as<void>(), ap.Tk, ap.G, ap.d)) {}
+};
+
 // out, lse (dense (B, H, Tq) float32) from q, k, v in p.dtype.
 void attention_fwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows out, float* lse,
                         cudaStream_t stream);

@@ -62,17 +62,6 @@ template <class T> __global__ void mix_dlam(Levels lv, Rows dout, int64_t Tq, in
   }
 }
 
-// EMA keys and values (B, Tk, G, d) in the inputs' dtype.
-struct EmaKV {
-  Workspace k, v;
-  Rows kr, vr;
-  EmaKV(const AttentionProblem& ap, cudaStream_t s)
-      : k(size_t(ap.B * ap.Tk * ap.G * ap.d) * dtype_bytes(ap.dtype), s, false),
-        v(size_t(ap.B * ap.Tk * ap.G * ap.d) * dtype_bytes(ap.dtype), s, false),
-        kr(dense_rows(k.as<void>(), ap.Tk, ap.G, ap.d)),
-        vr(dense_rows(v.as<void>(), ap.Tk, ap.G, ap.d)) {}
-};
-
 float* lse_level(const TensorRef& lse_levels, int l) {
   return static_cast<float*>(select0(lse_levels, l).data);
 }
@@ -89,7 +78,7 @@ void mka_fwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef
   const Levels lv = levels(o_levels, r.lam);
   attention_fwd_rows(level_problem(ap, 0, 0), rows(q), rows(k), rows(v), lv.o[0],
                      lse_level(lse_levels, 0), s);
-  EmaKV e(ap, s);
+  KVScratch e(ap, s);
   ema_route_fwd(rp, TensorRef{}, rows(k), Rows{}, state(r.k_state), e.kr, state(k_state_out), s);
   ema_route_fwd(rp, TensorRef{}, rows(v), Rows{}, state(r.v_state), e.vr, state(v_state_out), s);
   attention_fwd_rows(level_problem(ap, 1, 0), rows(q), e.kr, e.vr, lv.o[1],
@@ -139,7 +128,7 @@ void mka_bwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef
   attention_bwd_rows(level_problem(ap, 0, 0), rows(q), rows(k), rows(v), lv.o[0], lse(0),
                      rows(dout), lv.w[0], dq_rows, dk_rows, dv_rows, s);
   {
-    EmaKV e(ap, s);
+    KVScratch e(ap, s);
     ema_route_fwd(rp, TensorRef{}, rows(k), Rows{}, state(r.k_state), e.kr, StateView{}, s);
     ema_route_fwd(rp, TensorRef{}, rows(v), Rows{}, state(r.v_state), e.vr, StateView{}, s);
     Workspace dke(kv_bytes, s, true), dve(kv_bytes, s, true);
