@@ -3,7 +3,11 @@
 #   mkdir -p .carry/data/wikitext-2 .carry/data/tinyshakespeare
 #   cp ../shared/data/tinyshakespeare/input.txt .carry/data/tinyshakespeare/
 #   cp ../shared/data/wikitext-2/{valid,test}.txt .carry/data/wikitext-2/
-#   device run: command "COMMIT=$(git rev-parse --short HEAD) bash bench/train_gpu.sh", carry [".carry/data"]
+#   # the package is built from SRC; a clean copy of the commit keeps others' uncommitted edits out:
+#   rm -rf .carry/src && mkdir -p .carry/src && git archive HEAD cpp cuda python CMakeLists.txt pyproject.toml \
+#       README.md | tar -x -C .carry/src
+#   device run: command "COMMIT=<git rev-parse --short HEAD> SRC=.carry/src bash bench/train_gpu.sh",
+#               carry [".carry/data", ".carry/src"]
 # Stages, in this order, each under its own time cap and cut off (with a checkpoint and
 # partial results, marked "stopped") when the cap or the whole budget runs out:
 #   full   nanoGPT's shakespeare_char recipe (FULL_STEPS iterations) for FULL_VARIANTS
@@ -27,6 +31,7 @@ WT2_EVAL_INTERVAL=${WT2_EVAL_INTERVAL:-25}
 WT2_CAP_S=${WT2_CAP_S:-240}
 SKIP=${SKIP:-}                   # stages to leave out: any of full short wt2
 DATA=${DATA:-.carry/data}
+SRC=${SRC:-.}                    # source tree the package is built from
 RUNS=${RUNS:-/tmp/mka_train_runs}
 DEST=${OUT:-bench/results}
 MKA_CUDA=${MKA_CUDA:-AUTO}       # OFF: skip building the CUDA kernels (then attention runs on SDPA)
@@ -54,18 +59,18 @@ stage() {  # stage NAME CAP_SECONDS ARGS...: train under a timeout; SIGTERM make
     echo "== $name: exit $? after $(( $(date +%s) - START ))s"
 }
 
-echo "== $(date -u '+%Y-%m-%d %H:%M UTC'), commit $COMMIT, SKIP='$SKIP', FULL_VARIANTS=$FULL_VARIANTS"
+echo "== $(date -u '+%Y-%m-%d %H:%M UTC'), commit $COMMIT, SRC=$SRC, SKIP='$SKIP', FULL_VARIANTS=$FULL_VARIANTS"
 echo "$COMMIT" > "$RUNS/COMMIT"
 nvidia-smi -L
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 
 # What the installed package was built from: a hash of every source file that goes into it
-tree_hash() { find cpp cuda python CMakeLists.txt pyproject.toml -type f ! -name '*.pyc' -print0 2>/dev/null \
-    | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16; }
+tree_hash() { (cd "$SRC" && find cpp cuda python CMakeLists.txt pyproject.toml -type f ! -name '*.pyc' -print0 \
+    | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16); }
 STAMP=/tmp/mka_build_stamp
 build() {  # build MKA_CUDA LIMIT_SECONDS: install the package, native kernels included
     echo "== building with MKA_CUDA=$1 (limit ${2}s)"
-    CMAKE_BUILD_PARALLEL_LEVEL=16 timeout "$2" python3 -m pip install --no-build-isolation --no-deps -q . \
+    CMAKE_BUILD_PARALLEL_LEVEL=16 timeout "$2" python3 -m pip install --no-build-isolation --no-deps -q "$SRC" \
         -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=90a -Ccmake.define.MKA_CUDA="$1" && echo "$(tree_hash) $1" > "$STAMP"
 }
 built_cuda() { (cd /tmp && python3 -c "import mka, sys; sys.exit(0 if mka._C.built_with_cuda() else 1)") 2>/dev/null; }
