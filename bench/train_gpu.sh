@@ -13,9 +13,11 @@
 #   full   nanoGPT's shakespeare_char recipe (FULL_STEPS iterations) for FULL_VARIANTS
 #   short  every variant, the same recipe cut to SHORT_STEPS iterations (a smoke comparison)
 #   wt2    every variant, configs/wikitext2_bpe.yaml (WT2_STEPS iterations, the same token budget each)
-# SKIP="short wt2" leaves stages out, so the full recipe can be split over several device calls:
-#   call 1: FULL_VARIANTS=mha,mqa,gqa SKIP=short           (then WikiText-2 in the same call)
-#   call 2: FULL_VARIANTS=mla,mka,fastmka SKIP="short wt2" BUILD=auto
+# SKIP="short wt2" leaves stages out, so the full recipe can be split over several device calls.
+# On an H100 (2026-11-23, bench/results/gpu_train_20261123_h100_full.md) these fit, each < 590 s:
+#   call 1: FULL_VARIANTS=mha,mqa,gqa SKIP="short wt2"                    (~430 s with the build)
+#   call 2: FULL_VARIANTS=mla,mka SKIP="short wt2" BUILD=auto              (~400 s)
+#   call 3: FULL_VARIANTS=fastmka SKIP=short BUILD=auto RUNS=/tmp/runs_c   (~290 s, WikiText-2 included)
 # Everything except checkpoints is packed into $OUT/train_gpu_results.tar.gz with the log.
 set -uo pipefail
 START=$(date +%s)
