@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 
 import torch
@@ -62,8 +63,16 @@ def implementations(G: int):
             return o.transpose(1, 2)
         return run
 
+    def kernel(mode):  # mka.attention with another kernel choice (bench_one sets the env)
+        def run(q, k, v, lam):
+            return torch.ops.mka.attention(q, k, v, True)
+        run.env = {"MKA_CUDA_WGMMA": mode}
+        return run
+
     return {
         "mka.attention": lambda q, k, v, lam: torch.ops.mka.attention(q, k, v, True),
+        "mka.attn.pp": kernel("pingpong"),
+        "mka.attn.mma": kernel("0"),
         "mka.fastmka": lambda q, k, v, lam: torch.ops.mka.fastmka(q, k, v, lam, 0.9)[0],
         "mka.mka": lambda q, k, v, lam: torch.ops.mka.mka(q, k, v, lam, 0.9)[0],
         "sdpa.flash": sdpa(SDPBackend.FLASH_ATTENTION),
@@ -74,6 +83,8 @@ def implementations(G: int):
 def bench_one(name, fn, B, T, G):
     q, k, v, lam, gout = make_inputs(B, T, G, seed=T + G)
     res = {"impl": name, "B": B, "T": T, "G": G}
+    env = getattr(fn, "env", {})
+    os.environ.update(env)  # forward and backward both run under the kernel choice
     try:
         t_f = time_ms(lambda: fn(q, k, v, lam))
         qq, kk, vv = (x.detach().requires_grad_(True) for x in (q, k, v))
@@ -85,6 +96,9 @@ def bench_one(name, fn, B, T, G):
     except Exception as e:  # a backend may refuse a shape: record why, keep going
         res["error"] = f"{type(e).__name__}: {e}"[:300]
         return res
+    finally:
+        for key in env:
+            del os.environ[key]
     f = flops_fwd(B, T)
     res.update(fwd_ms=t_f, fwd_bwd_ms=t_fb, bwd_ms=t_fb - t_f,
                fwd_tflops=f / t_f / 1e9, fwd_bwd_tflops=3.5 * f / t_fb / 1e9,

@@ -5,7 +5,8 @@
 # commit, numbers, logs) go to $OUT (device runs) or bench/results/gpu_<date>/ otherwise.
 # Usage: bash bench/gpu_suite.sh [quick]   (quick: benchmark T in {2k, 8k} only)
 # SANITIZE=0 skips compute-sanitizer (slow under Python), TESTS=0 the tests; BENCH_SEQS
-# overrides the benchmark's sequence lengths (comma-separated).
+# overrides the benchmark's sequence lengths (comma-separated); TEST_DIRS the test folders;
+# TEST_TIMEOUT (per test) and BENCH_TIMEOUT bound a hang.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results/gpu_$(date -u +%Y%m%d_%H%M)}"
@@ -34,13 +35,17 @@ python3 -c "import mka._C as C; print(\"built_with_cuda:\", C.built_with_cuda())
 
 step "CUDA tests"
 # Separate runs, xdist workers: a crash (a worker dies) is reported and the rest still run.
-for t in $([ "${TESTS:-1}" = 0 ] || echo tests/cuda tests/ops); do
+for t in $([ "${TESTS:-1}" = 0 ] || echo ${TEST_DIRS:-tests/cuda tests/ops}); do
   [ -d "$t" ] || continue
   log="$OUT/gpu_tests_$(basename $t).log"
-  python3 -m pytest "$t" -q -n 4 --timeout=600 -p no:cacheprovider -rf > "$log" 2>&1
+  python3 -m pytest "$t" -q -n 4 --timeout=${TEST_TIMEOUT:-600} -p no:cacheprovider -rf > "$log" 2>&1
   echo "pytest $t rc=$? : $(tail -1 "$log")" | tee -a "$LOG"
   grep -E "^FAILED|crashed" "$log" | head -20 | tee -a "$LOG"
 done
+
+step "native error path (bench/diagnose_native_errors.py)"
+timeout 120 python3 bench/diagnose_native_errors.py > "$OUT/gpu_native_errors.log" 2>&1
+grep -E "^python|^---|^raised" "$OUT/gpu_native_errors.log" | tee -a "$LOG"
 
 step "compute-sanitizer"
 [ "${SANITIZE:-1}" = 0 ] && echo "skipped (SANITIZE=0)" | tee -a "$LOG"
@@ -54,7 +59,7 @@ step "benchmark"
 seqs="1024,2048,4096,8192,16384"
 [ "${1:-}" = quick ] && seqs="2048,8192"
 seqs="${BENCH_SEQS:-$seqs}"
-python3 bench/gpu_bench.py --out "$OUT/gpu_bench.json" --seqs "$seqs" > "$OUT/gpu_bench.log" 2>&1
+timeout ${BENCH_TIMEOUT:-900} python3 bench/gpu_bench.py --out "$OUT/gpu_bench.json" --seqs "$seqs" > "$OUT/gpu_bench.log" 2>&1
 echo "bench rc=$?" | tee -a "$LOG"
 sed -n '/^NVIDIA\|^H100\|TFLOP/,$p' "$OUT/gpu_bench.log" | tee -a "$LOG"
 tail -30 "$OUT/gpu_bench.log"

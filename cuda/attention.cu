@@ -1,17 +1,24 @@
 // attention on the GPU: launchers. Half-precision inputs with 16-byte aligned rows take the
 // tensor-core kernels; float32 (and unaligned views) take the float32 CUDA-core kernels.
 #include "attention_bwd_mma.cuh"
+#include "attention_bwd_wgmma.cuh"
 #include "attention_fwd_mma.cuh"
+#include "attention_fwd_wgmma.cuh"
 #include "attention_simt.cuh"
 #include "launchers.h"
 #include "mka/cuda_kernels.h"
 #include "mka/tile_plan.h"
 
+#include <cstdlib>
+#include <string>
+
 namespace mka::cuda {
 namespace {
 
-// Shared memory a forward block may plan with: two blocks per SM fit on sm_80 and sm_90.
+// Shared memory a forward block may plan with: two mma.sync blocks per SM fit on sm_80 and
+// sm_90; the Hopper kernel runs one 8-warp block per SM with deeper tiles.
 constexpr size_t kFwdSmemBudget = 96 * 1024;
+constexpr size_t kWgmmaSmemBudget = 160 * 1024;
 
 bool aligned16(const Rows& x) {
   return reinterpret_cast<uintptr_t>(x.data) % 16 == 0 && x.sb % 8 == 0 && x.st % 8 == 0 &&
@@ -36,7 +43,49 @@ template <class Kernel> void set_smem(Kernel k, int bytes) {
              "cudaFuncSetAttribute (shared memory)");
 }
 
+// Which forward kernel: MKA_CUDA_WGMMA=0 forces the mma.sync kernels, =lockstep the
+// two-stage wgmma pipeline, =pingpong the three-stage one (read per call so tests and
+// benchmarks can switch).
+enum class WgmmaMode { off, lockstep, pingpong };
+WgmmaMode wgmma_mode() {
+  const char* e = std::getenv("MKA_CUDA_WGMMA");
+  const std::string v = e ? e : "";
+  if (v == "0") return WgmmaMode::off;
+  if (v == "pingpong") return WgmmaMode::pingpong;
+  return WgmmaMode::lockstep;
+}
+
+// The Hopper (wgmma) kernels run where the loaded image is sm_90a code, i.e. on an sm_90
+// device of a build that includes arch 90a.
+template <class Kernel> bool runs_sm90a(Kernel k) {
+  if (wgmma_mode() == WgmmaMode::off) return false;
+  cudaFuncAttributes attr;
+  if (cudaFuncGetAttributes(&attr, k) != cudaSuccess) {
+    (void)cudaGetLastError();  // no image for this device: not an error of this call
+    return false;
+  }
+  return attr.binaryVersion == 90;
+}
+
+template <class T, int D> bool fwd_wgmma(const AttnParams& a, cudaStream_t s) {
+  constexpr int BN = 128;
+  if (!runs_sm90a(attention_fwd_wgmma<T, D, BN>)) return false;
+  const bool pp = wgmma_mode() == WgmmaMode::pingpong;
+  const TilePlan plan = plan_tiles(Target::gpu, D, 2, kWgmmaSmemBudget);
+  MKA_CHECK(plan.block_q == kWgBlockM && plan.block_k == BN,
+            "attention: TilePlan (", plan.block_q, "x", plan.block_k,
+            ") has no compiled wgmma kernel for head dim ", D);
+  const int smem = pp ? wg_fwd_smem_bytes<D, BN, 3>() : wg_fwd_smem_bytes<D, BN, 2>();
+  auto kernel = pp ? attention_fwd_wgmma_pp<T, D, BN> : attention_fwd_wgmma<T, D, BN>;
+  set_smem(kernel, smem);
+  const dim3 grid(unsigned(ceil_div(a.Tq, kWgBlockM)), unsigned(a.H), unsigned(a.B));
+  kernel<<<grid, kWgThreads, smem, s>>>(a);
+  check_launch(pp ? "attention_fwd_wgmma_pp" : "attention_fwd_wgmma");
+  return true;
+}
+
 template <class T, int D> void fwd_tensor_cores(const AttnParams& a, cudaStream_t s) {
+  if (fwd_wgmma<T, D>(a, s)) return;
   // The kernel is compiled for the tile sizes TilePlan picks for this head dim and budget.
   constexpr int BN = D == 64 ? 128 : 64;
   const TilePlan plan = plan_tiles(Target::gpu, D, 2, kFwdSmemBudget);
@@ -51,7 +100,21 @@ template <class T, int D> void fwd_tensor_cores(const AttnParams& a, cudaStream_
   check_launch("attention_fwd_mma");
 }
 
+template <class T, int D> bool bwd_wgmma(const AttnParams& a, cudaStream_t s) {
+  auto kernel = attention_bwd_wgmma<T, D>;
+  if (!runs_sm90a(kernel)) return false;
+  constexpr int smem = wg_bwd_smem_bytes<D>();
+  set_smem(kernel, smem);
+  if (a.Tk > 0) {
+    const dim3 grid(unsigned(ceil_div(a.Tk, kWgBwdBlockN)), unsigned(a.G), unsigned(a.B));
+    kernel<<<grid, kWgBwdThreads, smem, s>>>(a);
+    check_launch("attention_bwd_wgmma");
+  }
+  return true;
+}
+
 template <class T, int D> void bwd_tensor_cores(const AttnParams& a, cudaStream_t s) {
+  if (bwd_wgmma<T, D>(a, s)) return;
   constexpr int smem = bwd_smem_bytes<D>();
   auto kernel = attention_bwd_mma<T, D>;
   set_smem(kernel, smem);

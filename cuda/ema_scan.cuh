@@ -40,31 +40,81 @@ struct ScanArgs {
   __host__ __device__ int64_t channels() const { return G * d; }
 };
 
-constexpr int kScanThreads = 128;
+constexpr int kScanThreads = 128, kCarryBatch = 8;
 
-// Channel index of this thread within (G, d); false past the end (the thread still joins
-// warp reductions with zeros).
+// --- V consecutive channels per thread ------------------------------------------------
+// The chunk passes are memory-bound: with V = 8 a thread moves 16 bytes per load (8 half
+// channels, or two float4) instead of 2, and runs 8 independent recurrences. V = 1 serves
+// head dims not a multiple of 8 and unaligned views.
+template <int V, class T> __device__ __forceinline__ void load_v(const T* p, float (&x)[V]) {
+  if constexpr (V == 1) {
+    x[0] = to_f(*p);
+  } else if constexpr (sizeof(T) == 4) {
+    #pragma unroll
+    for (int i = 0; i < V; i += 4) {
+      const float4 f = *reinterpret_cast<const float4*>(p + i);
+      x[i] = f.x, x[i + 1] = f.y, x[i + 2] = f.z, x[i + 3] = f.w;
+    }
+  } else {
+    #pragma unroll
+    for (int i = 0; i < V; i += 8) {
+      const uint4 u = *reinterpret_cast<const uint4*>(p + i);
+      const T* e = reinterpret_cast<const T*>(&u);
+      #pragma unroll
+      for (int j = 0; j < 8; ++j) x[i + j] = to_f(e[j]);
+    }
+  }
+}
+template <int V, class T> __device__ __forceinline__ void store_v(T* p, const float (&x)[V]) {
+  if constexpr (V == 1) {
+    *p = from_f<T>(x[0]);
+  } else if constexpr (sizeof(T) == 4) {
+    #pragma unroll
+    for (int i = 0; i < V; i += 4)
+      *reinterpret_cast<float4*>(p + i) = make_float4(x[i], x[i + 1], x[i + 2], x[i + 3]);
+  } else {
+    #pragma unroll
+    for (int i = 0; i < V; i += 8) {
+      uint4 u;
+      T* e = reinterpret_cast<T*>(&u);
+      #pragma unroll
+      for (int j = 0; j < 8; ++j) e[j] = from_f<T>(x[i + j]);
+      *reinterpret_cast<uint4*>(p + i) = u;
+    }
+  }
+}
+
+// First channel (g, c) of this thread's V within (G, d); false past the end (the thread
+// still joins warp reductions with zeros). d % V == 0, so the V channels share a head.
+template <int V>
 __device__ __forceinline__ bool scan_channel(const ScanArgs& a, int64_t& g, int64_t& c) {
-  const int64_t gc = int64_t(blockIdx.x) * kScanThreads + threadIdx.x;
+  const int64_t gc = (int64_t(blockIdx.x) * kScanThreads + threadIdx.x) * V;
   g = gc / a.d;
   c = gc % a.d;
   return gc < a.channels();
 }
+// This thread's V carry slots of (batch b, chunk) in a (B, n_chunks, G*d) buffer.
+template <int V>
 __device__ __forceinline__ float* carry_at(const ScanArgs& a, float* base, int64_t b,
                                            int64_t chunk) {
-  return base + (b * a.n_chunks + chunk) * a.channels() + int64_t(blockIdx.x) * kScanThreads +
-         threadIdx.x;
+  return base + (b * a.n_chunks + chunk) * a.channels() +
+         (int64_t(blockIdx.x) * kScanThreads + threadIdx.x) * V;
 }
 
 // Local pass, forward: the chunk's end state from a zero start.
-template <class T> __global__ void ema_local_fwd(ScanArgs a) {
+template <class T, int V> __global__ void ema_local_fwd(ScanArgs a) {
   int64_t g, c;
-  if (!scan_channel(a, g, c)) return;
+  if (!scan_channel<V>(a, g, c)) return;
   const int64_t b = blockIdx.z, ch = blockIdx.y;
   const int64_t t0 = ch * a.chunk, t1 = min(a.T, t0 + a.chunk);
-  float s = 0.f;
-  for (int64_t t = t0; t < t1; ++t) s = a.beta * s + (1.f - a.beta) * to_f(a.x.at<const T>(b, t, g)[c]);
-  *carry_at(a, a.carry, b, ch) = s;
+  float s[V] = {}, x[V];
+  #pragma unroll 4
+  for (int64_t t = t0; t < t1; ++t) {
+    load_v<V>(a.x.at<const T>(b, t, g) + c, x);
+    #pragma unroll
+    for (int i = 0; i < V; ++i) s[i] = a.beta * s[i] + (1.f - a.beta) * x[i];
+  }
+  store_v<V>(carry_at<V>(a, a.carry, b, ch), s);
 }
 
 // Carry pass, forward: chunk end states -> chunk start states; writes the final state.
@@ -73,51 +123,71 @@ __global__ void ema_carry_fwd(ScanArgs a) {
   if (gc >= a.channels()) return;
   const int64_t b = blockIdx.z, g = gc / a.d, c = gc % a.d;
   float s = a.state_in.data ? a.state_in.at(b, g)[c] : 0.f;
-  for (int64_t ch = 0; ch < a.n_chunks; ++ch) {
-    const int64_t len = min(a.chunk, a.T - ch * a.chunk);
-    float* slot = a.carry + (b * a.n_chunks + ch) * a.channels() + gc;
-    const float local_end = *slot;
-    *slot = s;
-    s = powf(a.beta, float(len)) * s + local_end;
+  float* slots = a.carry + b * a.n_chunks * a.channels() + gc;
+  // The walk is a chain of dependent steps over n_chunks; loading kCarryBatch local states
+  // at once keeps that many loads in flight instead of one memory latency per chunk.
+  for (int64_t ch0 = 0; ch0 < a.n_chunks; ch0 += kCarryBatch) {
+    float local_end[kCarryBatch];
+    #pragma unroll
+    for (int j = 0; j < kCarryBatch; ++j)
+      local_end[j] = ch0 + j < a.n_chunks ? slots[(ch0 + j) * a.channels()] : 0.f;
+    #pragma unroll
+    for (int j = 0; j < kCarryBatch; ++j) {
+      const int64_t ch = ch0 + j;
+      if (ch >= a.n_chunks) break;
+      slots[ch * a.channels()] = s;
+      s = powf(a.beta, float(min(a.chunk, a.T - ch * a.chunk))) * s + local_end[j];
+    }
   }
   if (a.state_out.data) a.state_out.at(b, g)[c] = s;
 }
 
 // Final pass, forward: y_t = l0 x_t + l1 s_t (+ l2 x3_t).
-template <class T> __global__ void ema_route_out(ScanArgs a) {
+template <class T, int V> __global__ void ema_route_out(ScanArgs a) {
   int64_t g, c;
-  if (!scan_channel(a, g, c)) return;
+  if (!scan_channel<V>(a, g, c)) return;
   const int64_t b = blockIdx.z, ch = blockIdx.y;
   const int64_t t0 = ch * a.chunk, t1 = min(a.T, t0 + a.chunk);
-  float s = *carry_at(a, a.carry, b, ch);
+  float s[V], x[V], y[V], x3[V];
+  load_v<V>(carry_at<V>(a, a.carry, b, ch), s);
+  const bool has3 = a.L == 3 && a.x3.data;
   for (int64_t t = t0; t < t1; ++t) {
-    const float x = to_f(a.x.at<const T>(b, t, g)[c]);
-    s = a.beta * s + (1.f - a.beta) * x;
+    load_v<V>(a.x.at<const T>(b, t, g) + c, x);
+    if (has3) load_v<V>(a.x3.at<const T>(b, t, g) + c, x3);
     float w0, w1, w2;
     a.w.load(b, t, w0, w1, w2);
-    float y = w0 * x + w1 * s;
-    if (a.L == 3 && a.x3.data) y += w2 * to_f(a.x3.at<const T>(b, t, g)[c]);
-    a.y.at<T>(b, t, g)[c] = from_f<T>(y);
+    #pragma unroll
+    for (int i = 0; i < V; ++i) {
+      s[i] = a.beta * s[i] + (1.f - a.beta) * x[i];
+      y[i] = w0 * x[i] + w1 * s[i] + (has3 ? w2 * x3[i] : 0.f);
+    }
+    store_v<V>(a.y.at<T>(b, t, g) + c, y);
   }
 }
 
 // Backward, forward-time pass: dlam[t] += (<x_t, dy_t>, <s_t, dy_t>, <x3_t, dy_t>) summed over
 // channels (warp sums, then one atomic per warp and level).
-template <class T, class TG> __global__ void ema_route_dlam(ScanArgs a) {
+template <class T, class TG, int V> __global__ void ema_route_dlam(ScanArgs a) {
   int64_t g, c;
-  const bool active = scan_channel(a, g, c);
+  const bool active = scan_channel<V>(a, g, c);
   const int64_t b = blockIdx.z, ch = blockIdx.y;
   const int64_t t0 = ch * a.chunk, t1 = min(a.T, t0 + a.chunk);
-  float s = active ? *carry_at(a, a.carry, b, ch) : 0.f;
+  const bool has3 = a.L == 3 && a.x3.data;
+  float s[V] = {}, x[V], dy[V], x3[V];
+  if (active) load_v<V>(carry_at<V>(a, a.carry, b, ch), s);
   for (int64_t t = t0; t < t1; ++t) {
     float p0 = 0.f, p1 = 0.f, p2 = 0.f;
     if (active) {
-      const float x = to_f(a.x.at<const T>(b, t, g)[c]);
-      const float dy = to_f(a.dy.at<const TG>(b, t, g)[c]);
-      s = a.beta * s + (1.f - a.beta) * x;
-      p0 = x * dy;
-      p1 = s * dy;
-      if (a.L == 3 && a.x3.data) p2 = to_f(a.x3.at<const T>(b, t, g)[c]) * dy;
+      load_v<V>(a.x.at<const T>(b, t, g) + c, x);
+      load_v<V>(a.dy.at<const TG>(b, t, g) + c, dy);
+      if (has3) load_v<V>(a.x3.at<const T>(b, t, g) + c, x3);
+      #pragma unroll
+      for (int i = 0; i < V; ++i) {
+        s[i] = a.beta * s[i] + (1.f - a.beta) * x[i];
+        p0 += x[i] * dy[i];
+        p1 += s[i] * dy[i];
+        if (has3) p2 += x3[i] * dy[i];
+      }
     }
     p0 = warp_sum(p0);
     p1 = warp_sum(p1);
@@ -132,17 +202,20 @@ template <class T, class TG> __global__ void ema_route_dlam(ScanArgs a) {
 }
 
 // Local pass, backward: u at the chunk's first token from a zero carry at its end.
-template <class TG> __global__ void ema_local_bwd(ScanArgs a) {
+template <class TG, int V> __global__ void ema_local_bwd(ScanArgs a) {
   int64_t g, c;
-  if (!scan_channel(a, g, c)) return;
+  if (!scan_channel<V>(a, g, c)) return;
   const int64_t b = blockIdx.z, ch = blockIdx.y;
   const int64_t t0 = ch * a.chunk, t1 = min(a.T, t0 + a.chunk);
-  float u = 0.f;
+  float u[V] = {}, dy[V];
+  #pragma unroll 4
   for (int64_t t = t1 - 1; t >= t0; --t) {
     const float w1 = a.w.l1.load(b, t, 1.f);
-    u = w1 * to_f(a.dy.at<const TG>(b, t, g)[c]) + a.beta * u;
+    load_v<V>(a.dy.at<const TG>(b, t, g) + c, dy);
+    #pragma unroll
+    for (int i = 0; i < V; ++i) u[i] = w1 * dy[i] + a.beta * u[i];
   }
-  *carry_at(a, a.rcarry, b, ch) = u;
+  store_v<V>(carry_at<V>(a, a.rcarry, b, ch), u);
 }
 
 // Carry pass, backward: each chunk's incoming carry c (= beta u of the next chunk's first
@@ -152,34 +225,52 @@ __global__ void ema_carry_bwd(ScanArgs a) {
   if (gc >= a.channels()) return;
   const int64_t b = blockIdx.z, g = gc / a.d, c = gc % a.d;
   float carry = a.dstate_out.data ? a.dstate_out.at(b, g)[c] : 0.f;
-  for (int64_t ch = a.n_chunks - 1; ch >= 0; --ch) {
-    const int64_t len = min(a.chunk, a.T - ch * a.chunk);
-    float* slot = a.rcarry + (b * a.n_chunks + ch) * a.channels() + gc;
-    const float u_local = *slot;
-    *slot = carry;
-    carry = a.beta * (u_local + powf(a.beta, float(len - 1)) * carry);
+  float* slots = a.rcarry + b * a.n_chunks * a.channels() + gc;
+  for (int64_t ch0 = a.n_chunks - 1; ch0 >= 0; ch0 -= kCarryBatch) {  // batched as forward
+    float u_local[kCarryBatch];
+    #pragma unroll
+    for (int j = 0; j < kCarryBatch; ++j)
+      u_local[j] = ch0 - j >= 0 ? slots[(ch0 - j) * a.channels()] : 0.f;
+    #pragma unroll
+    for (int j = 0; j < kCarryBatch; ++j) {
+      const int64_t ch = ch0 - j;
+      if (ch < 0) break;
+      slots[ch * a.channels()] = carry;
+      const int64_t len = min(a.chunk, a.T - ch * a.chunk);
+      carry = a.beta * (u_local[j] + powf(a.beta, float(len - 1)) * carry);
+    }
   }
   if (a.dstate_in.data) a.dstate_in.at(b, g)[c] += carry;
 }
 
 // Final pass, backward: dx_t += l0 dy_t + (1 - beta) u_t, dx3_t += l2 dy_t (dx, dx3 of type TX).
-template <class T, class TG, class TX> __global__ void ema_route_dx(ScanArgs a) {
+template <class T, class TG, class TX, int V> __global__ void ema_route_dx(ScanArgs a) {
   int64_t g, c;
-  if (!scan_channel(a, g, c)) return;
+  if (!scan_channel<V>(a, g, c)) return;
   const int64_t b = blockIdx.z, ch = blockIdx.y;
   const int64_t t0 = ch * a.chunk, t1 = min(a.T, t0 + a.chunk);
-  float carry = *carry_at(a, a.rcarry, b, ch);
+  const bool has3 = a.L == 3 && a.dx3.data;
+  float carry[V], dy[V], dx[V], dx3[V];
+  load_v<V>(carry_at<V>(a, a.rcarry, b, ch), carry);
   for (int64_t t = t1 - 1; t >= t0; --t) {
     float w0, w1, w2;
     a.w.load(b, t, w0, w1, w2);
-    const float dy = to_f(a.dy.at<const TG>(b, t, g)[c]);
-    const float u = w1 * dy + carry;
-    TX* dx = a.dx.at<TX>(b, t, g) + c;
-    *dx = from_f<TX>(to_f(*dx) + w0 * dy + (1.f - a.beta) * u);
-    carry = a.beta * u;
-    if (a.L == 3 && a.dx3.data) {
-      TX* dx3 = a.dx3.at<TX>(b, t, g) + c;
-      *dx3 = from_f<TX>(to_f(*dx3) + w2 * dy);
+    load_v<V>(a.dy.at<const TG>(b, t, g) + c, dy);
+    TX* dxp = a.dx.at<TX>(b, t, g) + c;
+    load_v<V>(dxp, dx);
+    #pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const float u = w1 * dy[i] + carry[i];
+      dx[i] += w0 * dy[i] + (1.f - a.beta) * u;
+      carry[i] = a.beta * u;
+    }
+    store_v<V>(dxp, dx);
+    if (has3) {
+      TX* dx3p = a.dx3.at<TX>(b, t, g) + c;
+      load_v<V>(dx3p, dx3);
+      #pragma unroll
+      for (int i = 0; i < V; ++i) dx3[i] += w2 * dy[i];
+      store_v<V>(dx3p, dx3);
     }
   }
 }

@@ -3,7 +3,6 @@
 #include "mka/problem.h"
 
 #include <cmath>
-#include <sstream>
 
 #include "mka/error.h"
 
@@ -26,11 +25,9 @@ DType stats_dtype(DType input) { return input == DType::f64 ? DType::f64 : DType
 namespace {
 
 std::string shape_str(const TensorRef& t) {
-  std::ostringstream os;
-  os << "(";
-  for (int i = 0; i < t.ndim; ++i) os << (i ? ", " : "") << t.shape[i];
-  os << ")";
-  return os.str();
+  std::string s = "(";
+  for (int i = 0; i < t.ndim; ++i) s += (i ? ", " : "") + std::to_string(t.shape[i]);
+  return s + ")";
 }
 
 bool dtype_supported(DType dt, Device dev) {

@@ -3,6 +3,8 @@
 Shapes are tiny but cover partial tiles, GQA, windows, Tq != Tk, both attention paths
 (tensor cores for aligned half inputs, CUDA cores for float32), L = 3 and EMA states."""
 
+import os
+
 import torch
 
 import mka  # noqa: F401
@@ -17,11 +19,15 @@ def r(*s, dtype=torch.bfloat16):
 def main():
     torch.manual_seed(0)
     B, Tq, Tk, H, G = 1, 70, 90, 4, 2
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        for d in (64, 128):
-            q, k, v = r(B, Tq, H, d, dtype=dtype), r(B, Tk, G, d, dtype=dtype), r(B, Tk, G, d, dtype=dtype)
-            ops.attention(q, k, v, True, None, 33).float().sum().backward()
-            ops.attention(q, k, v, False).float().sum().backward()
+    # Every forward kernel choice (on Hopper: two wgmma pipelines, and mma.sync with "0").
+    for mode in ("lockstep", "pingpong", "0"):
+        os.environ["MKA_CUDA_WGMMA"] = mode
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            for d in (64, 128):
+                q, k, v = r(B, Tq, H, d, dtype=dtype), r(B, Tk, G, d, dtype=dtype), r(B, Tk, G, d, dtype=dtype)
+                ops.attention(q, k, v, True, None, 33).float().sum().backward()
+                ops.attention(q, k, v, False).float().sum().backward()
+    del os.environ["MKA_CUDA_WGMMA"]
     d = 64
     q, k, v = r(B, Tq, H, d), r(B, Tk, G, d), r(B, Tk, G, d)
     k3, v3 = r(B, Tk, G, d), r(B, Tk, G, d)
@@ -31,6 +37,10 @@ def main():
     vs = torch.randn(B, G, d, device="cuda", requires_grad=True)
     kf, vf, kso, vso = ops.route_fuse(k, v, lam_k, 0.9, k3, v3, ks, vs)
     (kf.float().sum() + vf.float().sum() + kso.sum() + vso.sum()).backward()
+    # Views whose rows are not 16-byte aligned take the one-channel-per-thread scan.
+    ku = torch.randn(B, Tk, G, d + 1, device="cuda", dtype=torch.bfloat16)[..., 1:].requires_grad_()
+    kf, vf, kso, vso = ops.route_fuse(ku, v, lam_k, 0.9)
+    (kf.float().sum() + vf.float().sum()).backward()
     out, kso, vso = ops.fastmka(q, k, v, lam_k, 0.9, k3, v3, ks, vs)
     (out.float().sum() + kso.sum()).backward()
     mk, mv = r(B, 20, G, d), r(B, 20, G, d)

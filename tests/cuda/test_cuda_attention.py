@@ -80,3 +80,23 @@ def test_long_sequence_tensor_cores_bf16():
     check_op(lambda q, k, v: torch.ops.mka.attention(q, k, v, True, None, 300),
              lambda q, k, v: R.attention(q, k, v, True, None, 300),
              (q, k, v), (q64, k64, v64), torch.bfloat16, ("q", "k", "v"), gen)
+
+
+# MKA_CUDA_WGMMA picks the forward kernel on Hopper: the default two-stage wgmma pipeline
+# (tested above), the three-stage ping-pong one, or "0" for the mma.sync kernels of sm_80.
+@pytest.mark.parametrize("mode", ["pingpong", "0"])
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("case", CASES + [(1, 1100, 1100, 4, 1, True, None),
+                                          (1, 700, 1300, 2, 2, True, 300)],
+                         ids=lambda c: "x".join(map(str, c)))
+def test_other_forward_kernels(mode, dtype, case, monkeypatch):
+    monkeypatch.setenv("MKA_CUDA_WGMMA", mode)
+    B, Tq, Tk, H, G, causal, window = case
+    gen = torch.Generator().manual_seed(hash((mode, str(dtype), case)) % 2**31)
+    for d in (64, 128):
+        q, q64 = rand(gen, B, Tq, H, d, dtype=dtype)
+        k, k64 = rand(gen, B, Tk, G, d, dtype=dtype)
+        v, v64 = rand(gen, B, Tk, G, d, dtype=dtype)
+        out = torch.ops.mka.attention(q, k, v, causal, None, window)
+        assert_close(out, R.attention(q64, k64, v64, causal, None, window), dtype,
+                     f"out ({mode}, d={d})")

@@ -108,3 +108,18 @@ def test_mka_empty_memory():
     out, _, _ = torch.ops.mka.mka(q, k, k, lam, BETA, m, m)
     ref, _, _ = R.mka(q64, k64, k64, lam64, BETA, m.cpu().double(), m.cpu().double())
     assert_close(out, ref, torch.bfloat16, "mka with M = 0")
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32), ids=str)
+def test_route_fuse_one_channel_per_thread(dtype):
+    # d = 20 is not a multiple of 8: the scan takes its scalar path (one channel per thread).
+    gen = torch.Generator().manual_seed(21)
+    B, T, G, d = 2, 133, 3, 20
+    k, k64 = rand(gen, B, T, G, d, dtype=dtype)
+    v, v64 = rand(gen, B, T, G, d, dtype=dtype)
+    lam, lam64 = softmax_rows(gen, B, T, 2, dtype)
+    (ks, vs), (ks64, vs64) = _states(gen, B, G, d, True)
+    check_op(lambda *a: torch.ops.mka.route_fuse(a[0], a[1], a[2], BETA, None, None, *a[3:]),
+             lambda *a: R.route_fuse(a[0], a[1], a[2], BETA, None, None, *a[3:]),
+             (k, v, lam, ks, vs), (k64, v64, lam64, ks64, vs64), dtype,
+             ("k", "v", "lam", "k_state", "v_state"), gen, n_out=4)
