@@ -71,6 +71,7 @@ def implementations(G: int):
 
     return {
         "mka.attention": lambda q, k, v, lam: torch.ops.mka.attention(q, k, v, True),
+        "mka.attn.lock": kernel("lockstep"),
         "mka.attn.pp": kernel("pingpong"),
         "mka.attn.mma": kernel("0"),
         "mka.fastmka": lambda q, k, v, lam: torch.ops.mka.fastmka(q, k, v, lam, 0.9)[0],

@@ -38,7 +38,9 @@ step "CUDA tests"
 for t in $([ "${TESTS:-1}" = 0 ] || echo ${TEST_DIRS:-tests/cuda tests/ops}); do
   [ -d "$t" ] || continue
   log="$OUT/gpu_tests_$(basename $t).log"
-  python3 -m pytest "$t" -q -n 4 --timeout=${TEST_TIMEOUT:-600} -p no:cacheprovider -rf > "$log" 2>&1
+  # Two CPU threads per worker: the float64 references run on the CPU, and 8 workers with
+  # torch's default of one thread per core oversubscribed the 16 cores (tests crawled).
+  OMP_NUM_THREADS=2 python3 -m pytest "$t" -q -n 8 --timeout=${TEST_TIMEOUT:-600} -p no:cacheprovider -rf > "$log" 2>&1
   echo "pytest $t rc=$? : $(tail -1 "$log")" | tee -a "$LOG"
   grep -E "^FAILED|crashed" "$log" | head -20 | tee -a "$LOG"
 done

@@ -39,7 +39,8 @@ def main():
     (kf.float().sum() + vf.float().sum() + kso.sum() + vso.sum()).backward()
     # Views whose rows are not 16-byte aligned take the one-channel-per-thread scan.
     ku = torch.randn(B, Tk, G, d + 1, device="cuda", dtype=torch.bfloat16)[..., 1:].requires_grad_()
-    kf, vf, kso, vso = ops.route_fuse(ku, v, lam_k, 0.9)
+    lam2 = torch.softmax(torch.randn(B, Tk, 2, device="cuda"), -1).to(torch.bfloat16)
+    kf, vf, kso, vso = ops.route_fuse(ku, v, lam2, 0.9)
     (kf.float().sum() + vf.float().sum()).backward()
     out, kso, vso = ops.fastmka(q, k, v, lam_k, 0.9, k3, v3, ks, vs)
     (out.float().sum() + kso.sum()).backward()

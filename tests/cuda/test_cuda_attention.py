@@ -82,9 +82,9 @@ def test_long_sequence_tensor_cores_bf16():
              (q, k, v), (q64, k64, v64), torch.bfloat16, ("q", "k", "v"), gen)
 
 
-# MKA_CUDA_WGMMA picks the forward kernel on Hopper: the default two-stage wgmma pipeline
-# (tested above), the three-stage ping-pong one, or "0" for the mma.sync kernels of sm_80.
-@pytest.mark.parametrize("mode", ["pingpong", "0"])
+# MKA_CUDA_WGMMA picks the forward kernel on Hopper (by default: by key length): the two-stage
+# wgmma pipeline, the three-stage ping-pong one, or "0" for the mma.sync kernels of sm_80.
+@pytest.mark.parametrize("mode", ["lockstep", "pingpong", "0"])
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("case", CASES + [(1, 1100, 1100, 4, 1, True, None),
                                           (1, 700, 1300, 2, 2, True, 300)],
