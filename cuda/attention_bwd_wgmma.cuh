@@ -9,7 +9,6 @@
 // half of the columns of dQ = dS K (A read M-major) for float32 atomics.
 #pragma once
 #include "attention_params.cuh"
-#include "attention_fwd_wgmma.cuh"  // WgFwdRows::ex2
 #include "wgmma.cuh"
 
 #include <type_traits>
@@ -119,7 +118,7 @@ __global__ void __launch_bounds__(kWgBwdThreads, 1) attention_bwd_wgmma(AttnPara
         #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int r = mt * 8 + (lane % 4) * 2 + (e & 1);
-          float pr = WgFwdRows<T, D, BN>::ex2(s[mt][e] * sl2 - lse2[r]);
+          float pr = wgmma::ex2(s[mt][e] * sl2 - lse2[r]);
           if constexpr (decltype(masked)::value) {
             const int64_t i = i0 + r, j = kr0 + (e >> 1) * 8;
             if (!(i < p.Tq && j < p.Tk && j >= p.key_lo(i) && j < p.key_hi(i))) pr = 0.f;

@@ -55,13 +55,6 @@ template <class T, int D, int BN> struct WgFwdRows {
       softmax_impl<true>(s, pa, p, row0, j0, sl2);
   }
 
-  // ex2.approx.ftz: one MUFU op (exp2f adds denormal handling the scores never need).
-  static __device__ __forceinline__ float ex2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-  }
-
   // With only two warps per scheduler the kernel is latency-bound (ncu: "fixed latency
   // execution dependency"): row max and row sum run as four independent chains each.
   template <bool kMasked>
@@ -102,7 +95,7 @@ template <class T, int D, int BN> struct WgFwdRows {
       const float tile_max = fmaxf(fmaxf(mx[r][0], mx[r][1]), fmaxf(mx[r][2], mx[r][3]));
       const float m_new = fmaxf(m[r], quad_max(tile_max));
       base[r] = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing visible yet
-      corr[r] = ex2(m[r] - base[r]);
+      corr[r] = wgmma::ex2(m[r] - base[r]);
       m[r] = m_new;
     }
     float rs[2][4] = {};
@@ -110,7 +103,7 @@ template <class T, int D, int BN> struct WgFwdRows {
     for (int nt = 0; nt < NT; ++nt)
       #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        s[nt][e] = ex2(s[nt][e] - base[e >> 1]);
+        s[nt][e] = wgmma::ex2(s[nt][e] - base[e >> 1]);
         rs[e >> 1][nt % 4] += s[nt][e];
       }
     #pragma unroll

@@ -69,6 +69,14 @@ __device__ __forceinline__ void fence_async_smem() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
+// 2^x as one MUFU op (ex2.approx.ftz): exp2f adds denormal fix-ups that the softmax of
+// attention scores never needs, and they lengthened the latency-bound softmax.
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // --- products ---------------------------------------------------------------------------
 // Mma<T, N>::ss<TA, TB>(d, a, b, acc): d (64 x N, N/2 floats per thread) = a * b (+ d if
 // acc), A and B by descriptor; TA = 1 reads A M-major, TB = 1 reads B N-major (0: the
@@ -95,7 +103,7 @@ template <class T, int N> struct Mma;
                    "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " " MKA_R32        \
                    ", %32, %33, p, 1, 1, %35, %36;\n}\n"                                      \
                    : MKA_D32                                                                  \
-                   : "l"(a), "l"(b), "r"(acc), "n"(TA), "n"(TB));                                      \
+                   : "l"(a), "l"(b), "r"(acc), "n"(TA), "n"(TB));                             \
     }                                                                                         \
     template <int TB>                                                                         \
     static __device__ __forceinline__ void rs(float (&d)[32], const unsigned (&a)[4], uint64_t b, \
@@ -114,7 +122,7 @@ template <class T, int N> struct Mma;
                    "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " " MKA_R64       \
                    ", %64, %65, p, 1, 1, %67, %68;\n}\n"                                      \
                    : MKA_D64                                                                  \
-                   : "l"(a), "l"(b), "r"(acc), "n"(TA), "n"(TB));                                      \
+                   : "l"(a), "l"(b), "r"(acc), "n"(TA), "n"(TB));                             \
     }                                                                                         \
     template <int TB>                                                                         \
     static __device__ __forceinline__ void rs(float (&d)[64], const unsigned (&a)[4], uint64_t b, \
