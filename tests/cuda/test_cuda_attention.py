@@ -100,3 +100,29 @@ def test_other_forward_kernels(mode, dtype, case, monkeypatch):
         out = torch.ops.mka.attention(q, k, v, causal, None, window)
         assert_close(out, R.attention(q64, k64, v64, causal, None, window), dtype,
                      f"out ({mode}, d={d})")
+
+
+def _kernel_names(fn) -> set[str]:
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.key for e in prof.key_averages()}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="needs a Hopper (sm_90) GPU")
+@pytest.mark.parametrize("T, mode, fwd", [(256, None, "attention_fwd_wgmma<"),
+                                          (4096, None, "attention_fwd_wgmma_pp<"),
+                                          (256, "0", "attention_fwd_mma<")])
+def test_hopper_dispatch(T, mode, fwd, monkeypatch):
+    # The default build has sm_90a code: on Hopper the wgmma kernels must run (a silent fall-
+    # back to the sm_80 kernels would only show as lost speed); MKA_CUDA_WGMMA=0 forces mma.sync.
+    if mode is not None:
+        monkeypatch.setenv("MKA_CUDA_WGMMA", mode)
+    q = torch.randn(1, T, 2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, T, 1, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    names = _kernel_names(lambda: torch.ops.mka.attention(q, k, k, True).float().sum().backward())
+    assert any(fwd in n for n in names), sorted(names)
+    bwd = "attention_bwd_mma<" if mode == "0" else "attention_bwd_wgmma<"
+    assert any(bwd in n for n in names), sorted(names)
