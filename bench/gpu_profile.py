@@ -18,7 +18,10 @@ import mka  # noqa: F401
 
 
 def run(op: str, mode: str, B: int, T: int, G: int, calls: int, table: bool) -> None:
-    os.environ["MKA_CUDA_WGMMA"] = mode
+    if mode == "auto":  # the library's own choice
+        os.environ.pop("MKA_CUDA_WGMMA", None)
+    else:
+        os.environ["MKA_CUDA_WGMMA"] = mode
     g = torch.Generator(device="cuda").manual_seed(0)
     r = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16, generator=g)  # noqa: E731
     q, k, v = (r(B, T, H, 128).requires_grad_(True) for H in (16, G, G))
@@ -46,14 +49,14 @@ def run(op: str, mode: str, B: int, T: int, G: int, calls: int, table: bool) -> 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--op", default="attention", choices=["attention", "fastmka", "mka"])
-    ap.add_argument("--mode", default="all")
+    ap.add_argument("--mode", default="all", help="auto, lockstep, pingpong, 0 or all")
     ap.add_argument("--T", type=int, default=4096)
     ap.add_argument("--B", type=int, default=4)
     ap.add_argument("--G", type=int, default=16)
     ap.add_argument("--calls", type=int, default=5)
     ap.add_argument("--no-table", action="store_true")
     a = ap.parse_args()
-    for mode in (["lockstep", "pingpong", "0"] if a.mode == "all" else [a.mode]):
+    for mode in (["auto", "lockstep", "pingpong", "0"] if a.mode == "all" else [a.mode]):
         run(a.op, mode, a.B, a.T, a.G, a.calls, not a.no_table)
 
 

@@ -57,6 +57,13 @@ for tool in $([ "${SANITIZE:-1}" = 0 ] || echo memcheck racecheck); do
   echo "$tool rc=$? : $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|HAZARD' "$OUT/gpu_sanitize_$tool.log" | tail -2 | tr '\n' ' ')" | tee -a "$LOG"
 done
 
+step "kernel tables (bench/gpu_profile.py: which kernels run, and where fastmka's time goes)"
+for op in attention fastmka; do
+  timeout 120 python3 bench/gpu_profile.py --op $op --mode $([ $op = attention ] && echo all || echo auto) \
+    > "$OUT/gpu_profile_$op.txt" 2>&1
+  grep -E "^---|Self CUDA time total" "$OUT/gpu_profile_$op.txt" | tee -a "$LOG"
+done
+
 step "benchmark"
 seqs="1024,2048,4096,8192,16384"
 [ "${1:-}" = quick ] && seqs="2048,8192"
