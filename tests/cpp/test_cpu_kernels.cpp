@@ -168,6 +168,20 @@ TEST(ThreadPool, NestedCallsRunAndComplete) {
   EXPECT_EQ(sum.load(), 40 * 39 / 2);
 }
 
+// The caller does not wait for workers that wake late: such a worker must neither repeat nor
+// skip an item of the job after the one it woke for (items are claimed per generation).
+TEST(ThreadPool, LateWorkersNeverRepeatOrSkipItems) {
+  ThreadsGuard guard;
+  set_num_threads(4);
+  for (int job = 0; job < 20000; ++job) {
+    const int64_t n = 2 + job % 5;
+    std::vector<std::atomic<int>> hits(static_cast<size_t>(n));
+    parallel_for(n, [&](int64_t i) { hits[size_t(i)].fetch_add(1); });
+    for (int64_t i = 0; i < n; ++i)
+      ASSERT_EQ(hits[size_t(i)].load(), 1) << "job " << job << ", index " << i;
+  }
+}
+
 // Many consecutive jobs: a worker that misses a wake-up would hang here.
 TEST(ThreadPool, ManyShortJobsComplete) {
   ThreadsGuard guard;
