@@ -4,6 +4,7 @@
 #include "attention_bwd_wgmma.cuh"
 #include "attention_fwd_mma.cuh"
 #include "attention_fwd_wgmma.cuh"
+#include "attention_fwd_wgmma_pp.cuh"
 #include "attention_simt.cuh"
 #include "launchers.h"
 #include "mka/cuda_kernels.h"

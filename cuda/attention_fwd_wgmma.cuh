@@ -3,12 +3,10 @@
 // shared memory that wgmma reads directly (no ldmatrix round trip through registers):
 // S = Q K^T is D/16 m64nBNk16 products; P stays in registers as the A operand of O += P V,
 // which reads V N-major. The online softmax is the mma.sync kernel's (float32 statistics,
-// exp2, per-row mask bounds, band tiles unmasked). Two pipelines:
-//   lockstep:  K/V double-buffered by cp.async, both warpgroups meet at a barrier per tile;
-//   ping-pong: three K/V stages with mbarriers (full: loads landed, empty: both warpgroups
-//              done), so the warpgroups drift apart, and named barriers hand the tensor cores
-//              from one warpgroup to the other per product: one's softmax (exp2 on the
-//              special-function units) runs while the other's products run.
+// exp2, per-row mask bounds, band tiles unmasked). This file: the per-warpgroup pieces
+// (WgFwdRows, WgFwdBlock) and the lockstep pipeline, K/V double-buffered by cp.async with
+// both warpgroups meeting at a barrier per tile; attention_fwd_wgmma_pp.cuh has the
+// ping-pong pipeline built from the same pieces.
 #pragma once
 #include "attention_params.cuh"
 #include "wgmma.cuh"
@@ -239,113 +237,6 @@ __global__ void __launch_bounds__(kWgThreads, 1) attention_fwd_wgmma(AttnParams 
     __syncthreads();  // the next iteration's prefetch overwrites this stage
   }
   cp_async_wait<0>();
-  rows.store(p, b, blk.h, blk.row0);
-#else
-  __trap();  // launched only where the binary has sm_90a code (see attention.cu)
-#endif
-}
-
-// --- ping-pong pipeline -------------------------------------------------------------------
-namespace mbar {
-__device__ __forceinline__ unsigned addr(const uint64_t* bar) {
-  return unsigned(__cvta_generic_to_shared(bar));
-}
-__device__ __forceinline__ void init(uint64_t* bar, unsigned count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(addr(bar)), "r"(count));
-}
-__device__ __forceinline__ void arrive(uint64_t* bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(addr(bar)) : "memory");
-}
-// Arrives once this thread's earlier cp.async copies have landed.
-__device__ __forceinline__ void arrive_on_copies(uint64_t* bar) {
-  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(addr(bar)) : "memory");
-}
-// Waits until the phase of the given parity has completed.
-__device__ __forceinline__ void wait(uint64_t* bar, unsigned parity) {
-  asm volatile(
-      "{\n.reg .pred done;\nWAIT:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra WAIT;\n}\n" ::"r"(addr(bar)),
-      "r"(parity)
-      : "memory");
-}
-}  // namespace mbar
-
-// Named barriers 1 and 2 (0 is __syncthreads): warpgroup w waits on 1 + w for its turn on
-// the tensor cores and hands the turn over by arriving on the other's.
-__device__ __forceinline__ void turn_wait(int wg) {
-  asm volatile("bar.sync %0, 256;\n" ::"r"(1 + wg) : "memory");
-}
-__device__ __forceinline__ void turn_pass(int wg) {
-  asm volatile("bar.arrive %0, 256;\n" ::"r"(2 - wg) : "memory");
-}
-
-template <class T, int D, int BN>
-__global__ void __launch_bounds__(kWgThreads, 1) attention_fwd_wgmma_pp(AttnParams p) {
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using namespace mma;
-  constexpr int kBM = kWgBlockM, NT = BN / 8, S = 3;
-  static_assert(D % 64 == 0 && BN % 64 == 0, "whole 128-byte panels");
-  extern __shared__ unsigned char smem_raw[];
-  T* qs = reinterpret_cast<T*>(align1024(smem_raw));  // kBM x D
-  T* ks = qs + kBM * D;                               // [S][BN x D]
-  T* vs = ks + S * BN * D;                            // [S][BN x D]
-  uint64_t* full = reinterpret_cast<uint64_t*>(vs + S * BN * D);  // [S]: tile landed
-  uint64_t* empty = full + S;                                      // [S]: both done with it
-  uint64_t* qbar = empty + S;
-  const int wg = threadIdx.x / 128;
-  const WgFwdBlock<BN> blk(p);
-  const int64_t b = blk.b, g = blk.g, tiles = blk.n_end - blk.n_begin;
-
-  if (threadIdx.x == 0) {
-    for (int st = 0; st < S; ++st) mbar::init(full + st, kWgThreads), mbar::init(empty + st, kWgThreads);
-    mbar::init(qbar, kWgThreads);
-  }
-  __syncthreads();
-  auto load_kv = [&](int64_t t) {  // tile n_begin + t into stage t % S, by every thread
-    const int st = int(t % S);
-    wgmma::load_tile<BN, D, kWgThreads>(ks + st * BN * D, p.k, b, (blk.n_begin + t) * BN, p.Tk, g);
-    wgmma::load_tile<BN, D, kWgThreads>(vs + st * BN * D, p.v, b, (blk.n_begin + t) * BN, p.Tk, g);
-    mbar::arrive_on_copies(full + st);
-  };
-  wgmma::load_tile<kBM, D, kWgThreads>(qs, p.q, b, blk.i0, p.Tq, blk.h);
-  mbar::arrive_on_copies(qbar);
-  for (int64_t t = 0; t < min(tiles, int64_t(S - 1)); ++t) load_kv(t);
-  mbar::wait(qbar, 0);
-
-  WgFwdRows<T, D, BN> rows;
-  const float sl2 = p.scale * 1.4426950408889634f;
-  if (wg == 1) turn_pass(wg);  // warpgroup 0 takes the first turn
-  for (int64_t t = 0; t < tiles; ++t) {
-    const int st = int(t % S);
-    // Refill the stage of tile t - 1 with tile t + S - 1 once both warpgroups are done with it:
-    // this warpgroup may run one tile ahead of the other.
-    if (t + S - 1 < tiles) {
-      if (t >= 1) mbar::wait(empty + (t - 1) % S, unsigned(((t - 1) / S) & 1));
-      load_kv(t + S - 1);
-    }
-    mbar::wait(full + st, unsigned((t / S) & 1));
-    wgmma::fence_async_smem();
-    const int64_t n = blk.n_begin + t;
-    const bool sees = blk.sees(n);
-    float s[NT][4] = {};
-    unsigned pa[BN / 16][4];
-    turn_wait(wg);
-    if (sees) rows.issue_scores(s, qs + wg * 64 * 64, kBM, ks + st * BN * D);
-    wgmma::wait<0>();
-    turn_pass(wg);
-    if (sees) {
-      wgmma::fence_regs(reinterpret_cast<float(&)[NT * 4]>(s));
-      rows.softmax(s, pa, p, blk.row0, n * BN, blk.full(n), sl2);
-    }
-    turn_wait(wg);
-    if (sees) rows.issue_pv(pa, vs + st * BN * D);
-    wgmma::wait<0>();
-    turn_pass(wg);
-    rows.fence_o();
-    mbar::arrive(empty + st);
-  }
-  if (wg == 0) turn_wait(wg);  // the other warpgroup's last hand-over
   rows.store(p, b, blk.h, blk.row0);
 #else
   __trap();  // launched only where the binary has sm_90a code (see attention.cu)
