@@ -56,13 +56,13 @@ WgmmaMode wgmma_mode(int64_t Tk) {
   if (v == "0") return WgmmaMode::off;
   if (v == "pingpong") return WgmmaMode::pingpong;
   if (v == "lockstep") return WgmmaMode::lockstep;
+  MKA_CHECK(v.empty(), "MKA_CUDA_WGMMA: expected 0, lockstep or pingpong, got '", v, "'");
   return Tk >= 4096 ? WgmmaMode::pingpong : WgmmaMode::lockstep;
 }
 
 // The Hopper (wgmma) kernels run where the loaded image is sm_90a code, i.e. on an sm_90
 // device of a build that includes arch 90a.
-template <class Kernel> bool runs_sm90a(Kernel k, int64_t Tk) {
-  if (wgmma_mode(Tk) == WgmmaMode::off) return false;
+template <class Kernel> bool has_sm90a_image(Kernel k) {
   cudaFuncAttributes attr;
   if (cudaFuncGetAttributes(&attr, k) != cudaSuccess) {
     (void)cudaGetLastError();  // no image for this device: not an error of this call
@@ -73,8 +73,9 @@ template <class Kernel> bool runs_sm90a(Kernel k, int64_t Tk) {
 
 template <class T, int D> bool fwd_wgmma(const AttnParams& a, cudaStream_t s) {
   constexpr int BN = 128;
-  if (!runs_sm90a(attention_fwd_wgmma<T, D, BN>, a.Tk)) return false;
-  const bool pp = wgmma_mode(a.Tk) == WgmmaMode::pingpong;
+  const WgmmaMode mode = wgmma_mode(a.Tk);
+  if (mode == WgmmaMode::off || !has_sm90a_image(attention_fwd_wgmma<T, D, BN>)) return false;
+  const bool pp = mode == WgmmaMode::pingpong;
   const TilePlan plan = plan_tiles(Target::gpu, D, 2, kWgmmaSmemBudget);
   MKA_CHECK(plan.block_q == kWgBlockM && plan.block_k == BN,
             "attention: TilePlan (", plan.block_q, "x", plan.block_k,
@@ -106,7 +107,7 @@ template <class T, int D> void fwd_tensor_cores(const AttnParams& a, cudaStream_
 
 template <class T, int D> bool bwd_wgmma(const AttnParams& a, cudaStream_t s) {
   auto kernel = attention_bwd_wgmma<T, D>;
-  if (!runs_sm90a(kernel, a.Tk)) return false;
+  if (wgmma_mode(a.Tk) == WgmmaMode::off || !has_sm90a_image(kernel)) return false;
   constexpr int smem = wg_bwd_smem_bytes<D>();
   set_smem(kernel, smem);
   if (a.Tk > 0) {

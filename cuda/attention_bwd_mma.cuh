@@ -8,6 +8,7 @@
 //   dQ += dS K                             (float32 atomics: many key blocks share a row).
 // Q, dO and the row statistics are double-buffered with cp.async.
 #pragma once
+#include "attention_bwd_rows.cuh"
 #include "attention_params.cuh"
 #include "mma_tile.cuh"
 
@@ -47,14 +48,7 @@ __global__ void __launch_bounds__(kBwdThreads, 2) attention_bwd_mma(AttnParams p
     const int64_t h = g * p.group + it / nq, i0 = (mb0 + it % nq) * BM;
     load_tile<BM, D, kBwdThreads>(qs + stage * BM * D, p.q, b, i0, p.Tq, h);
     load_tile<BM, D, kBwdThreads>(dos + stage * BM * D, p.dout, b, i0, p.Tq, h);
-    float* st = stats + stage * 3 * BM;
-    for (int r = threadIdx.x; r < BM; r += kBwdThreads) {
-      const int64_t i = i0 + r;
-      const bool in = i < p.Tq;
-      st[r] = in ? p.lse_at(b, h)[i] * 1.4426950408889634f : 0.f;
-      st[BM + r] = in ? p.delta_at(b, h)[i] : 0.f;
-      st[2 * BM + r] = in ? p.w.load(b, i, 1.f) : 0.f;
-    }
+    load_row_stats<BM, kBwdThreads>(stats + stage * 3 * BM, p, b, h, i0);
   };
 
   load_tile<BN, D, kBwdThreads>(ks, p.k, b, j0, p.Tk, g);
@@ -168,21 +162,7 @@ __global__ void __launch_bounds__(kBwdThreads, 2) attention_bwd_mma(AttnParams p
   }
   cp_async_wait<0>();
 
-  #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t j = kr0 + r * 8;
-    if (j >= p.Tk) continue;
-    float* dkr = p.dk.at<float>(b, j, g);
-    float* dvr = p.dv.at<float>(b, j, g);
-    #pragma unroll
-    for (int dt = 0; dt < DT; ++dt) {
-      const int c = dt * 8 + (lane % 4) * 2;
-      dkr[c] += dk[dt][2 * r] * p.scale;
-      dkr[c + 1] += dk[dt][2 * r + 1] * p.scale;
-      dvr[c] += dv[dt][2 * r];
-      dvr[c + 1] += dv[dt][2 * r + 1];
-    }
-  }
+  add_dkdv_rows<DT>(p, b, g, kr0, dk, dv);
 }
 
 }  // namespace mka::cuda

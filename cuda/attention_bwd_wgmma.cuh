@@ -8,6 +8,7 @@
 // with dS = w P (dP - delta); dS^T goes to shared memory and each warpgroup then computes
 // half of the columns of dQ = dS K (A read M-major) for float32 atomics.
 #pragma once
+#include "attention_bwd_rows.cuh"
 #include "attention_params.cuh"
 #include "wgmma.cuh"
 
@@ -53,14 +54,7 @@ __global__ void __launch_bounds__(kWgBwdThreads, 1) attention_bwd_wgmma(AttnPara
     const int64_t h = g * p.group + it / nq, i0 = (mb0 + it % nq) * BM;
     wgmma::load_tile<BM, D, kWgBwdThreads>(qs + stage * BM * D, p.q, b, i0, p.Tq, h);
     wgmma::load_tile<BM, D, kWgBwdThreads>(dos + stage * BM * D, p.dout, b, i0, p.Tq, h);
-    float* st = stats + stage * 3 * BM;
-    for (int r = threadIdx.x; r < BM; r += kWgBwdThreads) {
-      const int64_t i = i0 + r;
-      const bool in = i < p.Tq;
-      st[r] = in ? p.lse_at(b, h)[i] * 1.4426950408889634f : 0.f;
-      st[BM + r] = in ? p.delta_at(b, h)[i] : 0.f;
-      st[2 * BM + r] = in ? p.w.load(b, i, 1.f) : 0.f;
-    }
+    load_row_stats<BM, kWgBwdThreads>(stats + stage * 3 * BM, p, b, h, i0);
   };
 
   wgmma::load_tile<BN, D, kWgBwdThreads>(ks, p.k, b, j0, p.Tk, g);
@@ -197,21 +191,7 @@ __global__ void __launch_bounds__(kWgBwdThreads, 1) attention_bwd_wgmma(AttnPara
   }
   cp_async_wait<0>();
 
-  #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t j = kr0 + r * 8;
-    if (j >= p.Tk) continue;
-    float* dkr = p.dk.at<float>(b, j, g);
-    float* dvr = p.dv.at<float>(b, j, g);
-    #pragma unroll
-    for (int dt = 0; dt < DT; ++dt) {
-      const int c = dt * 8 + (lane % 4) * 2;
-      dkr[c] += dk[dt][2 * r] * p.scale;
-      dkr[c + 1] += dk[dt][2 * r + 1] * p.scale;
-      dvr[c] += dv[dt][2 * r];
-      dvr[c + 1] += dv[dt][2 * r + 1];
-    }
-  }
+  add_dkdv_rows<DT>(p, b, g, kr0, dk, dv);
 #else
   __trap();  // launched only where the binary has sm_90a code (see attention.cu)
 #endif

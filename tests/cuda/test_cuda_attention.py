@@ -126,3 +126,12 @@ def test_hopper_dispatch(T, mode, fwd, monkeypatch):
     assert any(fwd in n for n in names), sorted(names)
     bwd = "attention_bwd_mma<" if mode == "0" else "attention_bwd_wgmma<"
     assert any(bwd in n for n in names), sorted(names)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="needs a Hopper (sm_90) GPU")
+def test_unknown_kernel_choice_is_an_error(monkeypatch):
+    monkeypatch.setenv("MKA_CUDA_WGMMA", "pingpog")
+    q = torch.randn(1, 64, 2, 64, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="MKA_CUDA_WGMMA: expected 0, lockstep or pingpong"):
+        torch.ops.mka.attention(q, q, q, True)
