@@ -5,7 +5,9 @@ flash and cuDNN backends. bf16, causal, B*T = 16k tokens, H = 16, d = 128, G in 
 FLOPs: forward 4*B*H*T^2*d, halved for causal; backward 2.5x forward (so fwd+bwd = 3.5x).
 The same FLOP count is used for every implementation (fastmka's fusion pass and mka's
 second level are overhead, not credited work), so the columns compare wall time.
-Run: python bench/gpu_bench.py --out results.json  (prints a table last).
+Timing: per shape, every implementation once per round (CUDA events, median of 10 calls after
+3 warm-ups), 5 interleaved rounds, medians over rounds; a 1 s warm-up of the GPU first.
+Gradients via torch.autograd.grad (no accumulation into .grad). Run: python bench/gpu_bench.py --out results.json  (prints a table last).
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ def implementations(G: int):
             return o.transpose(1, 2)
         return run
 
-    def kernel(mode):  # mka.attention with another kernel choice (bench_one sets the env)
+    def kernel(mode):  # mka.attention with another kernel choice (timed_pair sets the env)
         def run(q, k, v, lam):
             return torch.ops.mka.attention(q, k, v, True)
         run.env = {"MKA_CUDA_WGMMA": mode}
@@ -81,30 +83,53 @@ def implementations(G: int):
     }
 
 
-def bench_one(name, fn, B, T, G):
-    q, k, v, lam, gout = make_inputs(B, T, G, seed=T + G)
-    res = {"impl": name, "B": B, "T": T, "G": G}
+def timed_pair(fn, q, k, v, lam, gout, reps: int) -> tuple[float, float]:
+    """(forward ms, forward+backward ms) of one implementation, medians of `reps` timings."""
     env = getattr(fn, "env", {})
     os.environ.update(env)  # forward and backward both run under the kernel choice
     try:
-        t_f = time_ms(lambda: fn(q, k, v, lam))
+        t_f = time_ms(lambda: fn(q, k, v, lam), warmup=3, reps=reps)
         qq, kk, vv = (x.detach().requires_grad_(True) for x in (q, k, v))
 
-        def fwd_bwd():
-            fn(qq, kk, vv, lam).backward(gout)
+        def fwd_bwd():  # the op's gradients only: no accumulation into .grad
+            torch.autograd.grad(fn(qq, kk, vv, lam), (qq, kk, vv), gout)
 
-        t_fb = time_ms(fwd_bwd)
-    except Exception as e:  # a backend may refuse a shape: record why, keep going
-        res["error"] = f"{type(e).__name__}: {e}"[:300]
-        return res
+        return t_f, time_ms(fwd_bwd, warmup=3, reps=reps)
     finally:
         for key in env:
             del os.environ[key]
+
+
+def bench_shape(impls, B, T, G, rounds: int, reps: int):
+    """Every implementation once per round, rounds interleaved, so a drift of the GPU's clocks
+    shifts all of them alike; each figure is the median over rounds (spread kept)."""
+    q, k, v, lam, gout = make_inputs(B, T, G, seed=T + G)
+    times = {name: [] for name in impls}
+    errors = {}
+    for _ in range(rounds):
+        for name, fn in impls.items():
+            if name in errors:
+                continue
+            try:
+                times[name].append(timed_pair(fn, q, k, v, lam, gout, reps))
+            except Exception as e:  # a backend may refuse a shape: record why, keep going
+                errors[name] = f"{type(e).__name__}: {e}"[:300]
     f = flops_fwd(B, T)
-    res.update(fwd_ms=t_f, fwd_bwd_ms=t_fb, bwd_ms=t_fb - t_f,
-               fwd_tflops=f / t_f / 1e9, fwd_bwd_tflops=3.5 * f / t_fb / 1e9,
-               bwd_tflops=2.5 * f / max(t_fb - t_f, 1e-9) / 1e9)
-    return res
+    rows = []
+    for name in impls:
+        res = {"impl": name, "B": B, "T": T, "G": G}
+        if name in errors:
+            res["error"] = errors[name]
+        else:
+            t_f = statistics.median(t for t, _ in times[name])
+            t_fb = statistics.median(t for _, t in times[name])
+            t_b = statistics.median(fb - fw for fw, fb in times[name])
+            res.update(fwd_ms=t_f, fwd_bwd_ms=t_fb, bwd_ms=t_b, rounds=rounds,
+                       fwd_ms_range=[min(t for t, _ in times[name]), max(t for t, _ in times[name])],
+                       fwd_tflops=f / t_f / 1e9, fwd_bwd_tflops=3.5 * f / t_fb / 1e9,
+                       bwd_tflops=2.5 * f / max(t_b, 1e-9) / 1e9)
+        rows.append(res)
+    return rows
 
 
 def check_against_sdpa(B=1, T=2048, G=4):
@@ -126,17 +151,25 @@ def main():
     ap.add_argument("--out", default="gpu_bench.json")
     ap.add_argument("--seqs", default="1024,2048,4096,8192,16384")
     ap.add_argument("--groups", default="16,4")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=10)
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                "check_vs_flash": check_against_sdpa(), "rows": []}
     print("check mka.attention vs sdpa.flash (bf16, rel. error):", results["check_vs_flash"],
           flush=True)
+    # Bring the GPU to its steady clocks before the first timed row (the first rows of an
+    # earlier run read up to 13 % low against the same kernel timed right after them).
+    q, k, v, lam, gout = make_inputs(TOKENS // 2048, 2048, 16, seed=0)
+    warm = implementations(16)["sdpa.flash"]
+    for _ in range(2000):  # about a second
+        warm(q, k, v, lam)
+    torch.cuda.synchronize()
+    del q, k, v, lam, gout
     for G in map(int, args.groups.split(",")):
         for T in map(int, args.seqs.split(",")):
-            B = TOKENS // T
-            for name, fn in implementations(G).items():
-                r = bench_one(name, fn, B, T, G)
+            for r in bench_shape(implementations(G), TOKENS // T, T, G, args.rounds, args.reps):
                 results["rows"].append(r)
                 print(json.dumps(r), flush=True)
             torch.cuda.empty_cache()
@@ -147,7 +180,7 @@ def main():
 
 def print_table(results):
     rows = results["rows"]
-    print(f"\n{results['device']}  bf16 causal H={H} d={D} B*T={TOKENS}  (TFLOP/s; bwd = fwd_bwd - fwd)")
+    print(f"\n{results['device']}  bf16 causal H={H} d={D} B*T={TOKENS}  (TFLOP/s, medians of interleaved rounds; bwd = fwd_bwd - fwd)")
     print(f"{'G':>3} {'T':>6} {'impl':<14} {'fwd':>7} {'bwd':>7} {'fwd+bwd':>8} {'fwd_ms':>8} {'f+b_ms':>8}")
     for r in rows:
         if "error" in r:

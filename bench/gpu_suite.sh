@@ -4,7 +4,8 @@
 # on a small case of every kernel, then the side-by-side benchmark. Results (device, date,
 # commit, numbers, logs) go to $OUT (device runs) or bench/results/gpu_<date>/ otherwise.
 # Usage: bash bench/gpu_suite.sh [quick]   (quick: benchmark T in {2k, 8k} only)
-# SANITIZE=0 skips compute-sanitizer (slow under Python), TESTS=0 the tests; BENCH_SEQS
+# SANITIZE=0 skips compute-sanitizer (slow under Python), TESTS=0 the tests, AB=0 the
+# interleaved forward A/B; PACK=1 packs the logs into logs.tgz at the end; BENCH_SEQS
 # overrides the benchmark's sequence lengths (comma-separated); TEST_DIRS the test folders;
 # TEST_TIMEOUT (per test) and BENCH_TIMEOUT bound a hang.
 set -uo pipefail
@@ -64,6 +65,10 @@ for op in attention fastmka; do
   grep -E "^---|Self CUDA time total" "$OUT/gpu_profile_$op.txt" | tee -a "$LOG"
 done
 
+step "forward A/B, interleaved rounds (bench/gpu_ab.py)"
+[ "${AB:-1}" = 0 ] && echo "skipped (AB=0)" | tee -a "$LOG"
+[ "${AB:-1}" = 0 ] || timeout 300 python3 bench/gpu_ab.py 2>&1 | tee "$OUT/gpu_ab.log" | tee -a "$LOG"
+
 step "benchmark"
 seqs="1024,2048,4096,8192,16384"
 [ "${1:-}" = quick ] && seqs="2048,8192"
@@ -72,3 +77,10 @@ timeout ${BENCH_TIMEOUT:-900} python3 bench/gpu_bench.py --out "$OUT/gpu_bench.j
 echo "bench rc=$?" | tee -a "$LOG"
 sed -n '/^NVIDIA\|^H100\|TFLOP/,$p' "$OUT/gpu_bench.log" | tee -a "$LOG"
 tail -30 "$OUT/gpu_bench.log"
+
+# The device tool returns a handful of files: pack every log into one archive there.
+if [ "${PACK:-0}" = 1 ]; then
+  tar czf /tmp/logs.tgz -C "$OUT" . &&
+    find "$OUT" -type f ! -name gpu_suite.log ! -name gpu_bench.json -delete &&
+    mv /tmp/logs.tgz "$OUT/logs.tgz"
+fi

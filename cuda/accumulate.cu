@@ -21,6 +21,32 @@ template <class T> __global__ void accumulate_kernel(const float* src, T* dst, S
   dst[off] = from_f<T>(to_f(dst[off]) + src[i]);
 }
 
+// The common case, a dense dst: four elements per thread in one vector access each.
+template <class T> struct alignas(4 * sizeof(T)) Pack4 {
+  T x[4];
+};
+template <class T> __global__ void accumulate_dense_kernel(const float4* src, Pack4<T>* dst,
+                                                           int64_t n4) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n4) return;
+  const float4 a = src[i];
+  Pack4<T> y = dst[i];
+  y.x[0] = from_f<T>(to_f(y.x[0]) + a.x);
+  y.x[1] = from_f<T>(to_f(y.x[1]) + a.y);
+  y.x[2] = from_f<T>(to_f(y.x[2]) + a.z);
+  y.x[3] = from_f<T>(to_f(y.x[3]) + a.w);
+  dst[i] = y;
+}
+
+bool dense(const TensorRef& t) {
+  int64_t expect = 1;
+  for (int d = t.ndim - 1; d >= 0; --d) {
+    if (t.shape[d] != 1 && t.stride[d] != expect) return false;
+    expect *= t.shape[d];
+  }
+  return true;
+}
+
 }  // namespace
 
 void accumulate(const float* src, const TensorRef& dst, cudaStream_t s) {
@@ -35,6 +61,13 @@ void accumulate(const float* src, const TensorRef& dst, cudaStream_t s) {
   constexpr int kThreads = 256;
   dispatch_dtype(dst.dtype, "accumulate", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
+    if (numel % 4 == 0 && dense(dst) && reinterpret_cast<uintptr_t>(src) % 16 == 0 &&
+        reinterpret_cast<uintptr_t>(dst.data) % sizeof(Pack4<T>) == 0) {
+      accumulate_dense_kernel<T><<<unsigned(ceil_div(numel / 4, kThreads)), kThreads, 0, s>>>(
+          reinterpret_cast<const float4*>(src), static_cast<Pack4<T>*>(dst.data), numel / 4);
+      check_launch("accumulate");
+      return;
+    }
     accumulate_kernel<T><<<unsigned(ceil_div(numel, kThreads)), kThreads, 0, s>>>(
         src, static_cast<T*>(dst.data), sh, numel);
     check_launch("accumulate");

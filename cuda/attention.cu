@@ -44,20 +44,20 @@ template <class Kernel> void set_smem(Kernel k, int bytes) {
              "cudaFuncSetAttribute (shared memory)");
 }
 
-// Which forward kernel on Hopper. By default the three-stage ping-pong pipeline for long key
-// ranges (measured 7-16 % faster at Tk = 8k and 16k, H100) and the two-stage lockstep one for
-// short ones (up to 17 % faster at 2k, where a block has few tiles to overlap). The
+// Which forward kernel on Hopper. By default the three-stage ping-pong pipeline: in
+// interleaved A/B rounds on an H100 it matched or beat the two-stage lockstep one at every
+// length measured (T = 1k-4k: 0.99-1.08x; 8k/16k: 1.07-1.16x; bench/PERF_NOTES.md). The
 // MKA_CUDA_WGMMA variable overrides it: 0 (the mma.sync kernels), lockstep or pingpong; read
 // per call so tests and benchmarks can switch.
 enum class WgmmaMode { off, lockstep, pingpong };
-WgmmaMode wgmma_mode(int64_t Tk) {
+WgmmaMode wgmma_mode() {
   const char* e = std::getenv("MKA_CUDA_WGMMA");
   const std::string v = e ? e : "";
   if (v == "0") return WgmmaMode::off;
   if (v == "pingpong") return WgmmaMode::pingpong;
   if (v == "lockstep") return WgmmaMode::lockstep;
   MKA_CHECK(v.empty(), "MKA_CUDA_WGMMA: expected 0, lockstep or pingpong, got '", v, "'");
-  return Tk >= 4096 ? WgmmaMode::pingpong : WgmmaMode::lockstep;
+  return WgmmaMode::pingpong;
 }
 
 // The Hopper (wgmma) kernels run where the loaded image is sm_90a code, i.e. on an sm_90
@@ -73,7 +73,7 @@ template <class Kernel> bool has_sm90a_image(Kernel k) {
 
 template <class T, int D> bool fwd_wgmma(const AttnParams& a, cudaStream_t s) {
   constexpr int BN = 128;
-  const WgmmaMode mode = wgmma_mode(a.Tk);
+  const WgmmaMode mode = wgmma_mode();
   if (mode == WgmmaMode::off || !has_sm90a_image(attention_fwd_wgmma<T, D, BN>)) return false;
   const bool pp = mode == WgmmaMode::pingpong;
   const TilePlan plan = plan_tiles(Target::gpu, D, 2, kWgmmaSmemBudget);
@@ -107,7 +107,7 @@ template <class T, int D> void fwd_tensor_cores(const AttnParams& a, cudaStream_
 
 template <class T, int D> bool bwd_wgmma(const AttnParams& a, cudaStream_t s) {
   auto kernel = attention_bwd_wgmma<T, D>;
-  if (wgmma_mode(a.Tk) == WgmmaMode::off || !has_sm90a_image(kernel)) return false;
+  if (wgmma_mode() == WgmmaMode::off || !has_sm90a_image(kernel)) return false;
   constexpr int smem = wg_bwd_smem_bytes<D>();
   set_smem(kernel, smem);
   if (a.Tk > 0) {
@@ -154,11 +154,11 @@ void attention_fwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows 
 
 void attention_bwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows out,
                         const float* lse, Rows dout, TokenScalar w, Rows dq, Rows dk, Rows dv,
-                        cudaStream_t s) {
+                        KVGrad kv_grad, cudaStream_t s) {
   if (p.B == 0 || p.Tq == 0 || p.H == 0) return;  // no query: every gradient stays zero
   AttnParams a = attn_params(p);
   a.q = q, a.k = k, a.v = v, a.out = out, a.lse = const_cast<float*>(lse);
-  a.dout = dout, a.dq = dq, a.dk = dk, a.dv = dv, a.w = w;
+  a.dout = dout, a.dq = dq, a.dk = dk, a.dv = dv, a.w = w, a.kv_grad = kv_grad;
   Workspace delta(size_t(p.B * p.H * p.Tq) * 4, s, false);
   a.delta = delta.as<float>();
   const bool tc = use_tensor_cores(p, {q, k, v, out, dout});
@@ -196,17 +196,13 @@ void attention_bwd(const AttentionProblem& p, const TensorRef& q, const TensorRe
                    const TensorRef& dv, void* stream) {
   DeviceGuard guard(q.device_id);
   auto s = static_cast<cudaStream_t>(stream);
-  // float32 accumulators: dq gathers every key block's share, rounded once at the end.
+  // dq gathers every key block's share in float32 (atomics), rounded once at the end; a key
+  // block's dk and dv come from one thread block, which adds them to the outputs itself.
   Workspace dq_acc(size_t(p.B * p.Tq * p.H * p.d) * 4, s, true);
-  Workspace dk_acc(size_t(p.B * p.Tk * p.G * p.d) * 4, s, true);
-  Workspace dv_acc(size_t(p.B * p.Tk * p.G * p.d) * 4, s, true);
   attention_bwd_rows(p, rows(q), rows(k), rows(v), rows(out), static_cast<const float*>(lse.data),
                      rows(dout), TokenScalar{}, dense_rows(dq_acc.as<float>(), p.Tq, p.H, p.d),
-                     dense_rows(dk_acc.as<float>(), p.Tk, p.G, p.d),
-                     dense_rows(dv_acc.as<float>(), p.Tk, p.G, p.d), s);
+                     rows(dk), rows(dv), KVGrad::add_io, s);
   accumulate(dq_acc.as<float>(), dq, s);
-  accumulate(dk_acc.as<float>(), dk, s);
-  accumulate(dv_acc.as<float>(), dv, s);
 }
 
 }  // namespace mka::cuda

@@ -162,7 +162,7 @@ __global__ void __launch_bounds__(kBwdThreads, 2) attention_bwd_mma(AttnParams p
   }
   cp_async_wait<0>();
 
-  add_dkdv_rows<DT>(p, b, g, kr0, dk, dv);
+  add_dkdv_rows<T, DT>(p, b, g, kr0, dk, dv);
 }
 
 }  // namespace mka::cuda

@@ -19,10 +19,24 @@ __device__ __forceinline__ void load_row_stats(float* st, const AttnParams& p, i
   }
 }
 
-// Adds this thread's dK (times the softmax scale) and dV accumulator rows, keys kr0 and
-// kr0 + 8 in the m16n8 accumulator layout, to the float32 outputs of kv head g. A key block
-// belongs to one block, so the adds need no atomics.
-template <int DT>
+// One element of dK or dV of key j, kv head g, column c, handed over as p.kv_grad says.
+template <class T>
+__device__ __forceinline__ void put_kv_grad(const AttnParams& p, const Rows& r, int64_t b,
+                                            int64_t j, int64_t g, int c, float x) {
+  switch (p.kv_grad) {
+    case KVGrad::add_f32: r.at<float>(b, j, g)[c] += x; break;
+    case KVGrad::add_io: {
+      T* y = r.at<T>(b, j, g) + c;
+      *y = from_f<T>(to_f(*y) + x);
+      break;
+    }
+    case KVGrad::store_io: r.at<T>(b, j, g)[c] = from_f<T>(x); break;
+  }
+}
+
+// Hands over this thread's dK (times the softmax scale) and dV accumulator rows, keys kr0
+// and kr0 + 8 in the m16n8 accumulator layout, of kv head g.
+template <class T, int DT>
 __device__ __forceinline__ void add_dkdv_rows(const AttnParams& p, int64_t b, int64_t g,
                                               int64_t kr0, const float (&dk)[DT][4],
                                               const float (&dv)[DT][4]) {
@@ -31,15 +45,14 @@ __device__ __forceinline__ void add_dkdv_rows(const AttnParams& p, int64_t b, in
   for (int r = 0; r < 2; ++r) {
     const int64_t j = kr0 + r * 8;
     if (j >= p.Tk) continue;
-    float* dkr = p.dk.at<float>(b, j, g);
-    float* dvr = p.dv.at<float>(b, j, g);
     #pragma unroll
     for (int dt = 0; dt < DT; ++dt) {
       const int c = dt * 8 + (lane % 4) * 2;
-      dkr[c] += dk[dt][2 * r] * p.scale;
-      dkr[c + 1] += dk[dt][2 * r + 1] * p.scale;
-      dvr[c] += dv[dt][2 * r];
-      dvr[c + 1] += dv[dt][2 * r + 1];
+      #pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        put_kv_grad<T>(p, p.dk, b, j, g, c + e, dk[dt][2 * r + e] * p.scale);
+        put_kv_grad<T>(p, p.dv, b, j, g, c + e, dv[dt][2 * r + e]);
+      }
     }
   }
 }

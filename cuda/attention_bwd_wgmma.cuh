@@ -191,7 +191,7 @@ __global__ void __launch_bounds__(kWgBwdThreads, 1) attention_bwd_wgmma(AttnPara
   }
   cp_async_wait<0>();
 
-  add_dkdv_rows<DT>(p, b, g, kr0, dk, dv);
+  add_dkdv_rows<T, DT>(p, b, g, kr0, dk, dv);
 #else
   __trap();  // launched only where the binary has sm_90a code (see attention.cu)
 #endif

@@ -5,6 +5,12 @@
 
 namespace mka::cuda {
 
+// How a backward kernel hands over a key block's dK and dV (each key block belongs to one
+// thread block, so none of these needs atomics): added to dense float32 accumulators (mka's
+// levels share them), added to gradients in the inputs' dtype T (plain attention: no float32
+// copy, memset or fold pass), or stored in T (fastmka's scratch: not even a zero fill).
+enum class KVGrad : int { add_f32, add_io, store_io };
+
 struct AttnParams {
   int64_t B = 0, Tq = 0, Tk = 0, H = 0, G = 0, d = 0, group = 1;
   bool causal = true;
@@ -13,7 +19,8 @@ struct AttnParams {
   Rows q, k, v, out;
   float* lse = nullptr;  // (B, H, Tq)
   // backward
-  Rows dout, dq, dk, dv;   // dq, dk, dv: dense float32 accumulators
+  Rows dout, dq, dk, dv;   // dq: dense float32 accumulator; dk, dv: as kv_grad says
+  KVGrad kv_grad = KVGrad::add_f32;
   float* delta = nullptr;  // (B, H, Tq): rowsum(dout * out), unweighted
   TokenScalar w;           // per query row weight on dout (mka); absent: 1
 

@@ -6,6 +6,7 @@
 #pragma once
 #include <cmath>
 
+#include "attention_bwd_rows.cuh"
 #include "attention_params.cuh"
 
 namespace mka::cuda {
@@ -180,11 +181,9 @@ attention_bwd_dkdv_simt(AttnParams p) {
     }
   }
   if (!key) return;
-  float* dkp = p.dk.at<float>(b, j, g);
-  float* dvp = p.dv.at<float>(b, j, g);
   for (int r = 0; r < NC; ++r) {
-    dkp[lane + 32 * r] += dk[r] * p.scale;
-    dvp[lane + 32 * r] += dv[r];
+    put_kv_grad<T>(p, p.dk, b, j, g, lane + 32 * r, dk[r] * p.scale);
+    put_kv_grad<T>(p, p.dv, b, j, g, lane + 32 * r, dv[r]);
   }
 }
 

@@ -40,7 +40,7 @@ struct ScanArgs {
   __host__ __device__ int64_t channels() const { return G * d; }
 };
 
-constexpr int kScanThreads = 128, kCarryBatch = 8;
+constexpr int kScanThreads = 128, kCarryBatch = 32;
 
 // --- V consecutive channels per thread ------------------------------------------------
 // The chunk passes are memory-bound: with V = 8 a thread moves 16 bytes per load (8 half
@@ -124,6 +124,8 @@ __global__ void ema_carry_fwd(ScanArgs a) {
   const int64_t b = blockIdx.z, g = gc / a.d, c = gc % a.d;
   float s = a.state_in.data ? a.state_in.at(b, g)[c] : 0.f;
   float* slots = a.carry + b * a.n_chunks * a.channels() + gc;
+  const float decay = powf(a.beta, float(a.chunk));  // over a whole chunk; the last may be short
+  const float last_decay = powf(a.beta, float(a.T - (a.n_chunks - 1) * a.chunk));
   // The walk is a chain of dependent steps over n_chunks; loading kCarryBatch local states
   // at once keeps that many loads in flight instead of one memory latency per chunk.
   for (int64_t ch0 = 0; ch0 < a.n_chunks; ch0 += kCarryBatch) {
@@ -136,7 +138,7 @@ __global__ void ema_carry_fwd(ScanArgs a) {
       const int64_t ch = ch0 + j;
       if (ch >= a.n_chunks) break;
       slots[ch * a.channels()] = s;
-      s = powf(a.beta, float(min(a.chunk, a.T - ch * a.chunk))) * s + local_end[j];
+      s = (ch + 1 < a.n_chunks ? decay : last_decay) * s + local_end[j];
     }
   }
   if (a.state_out.data) a.state_out.at(b, g)[c] = s;
@@ -226,6 +228,8 @@ __global__ void ema_carry_bwd(ScanArgs a) {
   const int64_t b = blockIdx.z, g = gc / a.d, c = gc % a.d;
   float carry = a.dstate_out.data ? a.dstate_out.at(b, g)[c] : 0.f;
   float* slots = a.rcarry + b * a.n_chunks * a.channels() + gc;
+  const float decay = powf(a.beta, float(a.chunk - 1));  // as forward, one step fewer
+  const float last_decay = powf(a.beta, float(a.T - (a.n_chunks - 1) * a.chunk - 1));
   for (int64_t ch0 = a.n_chunks - 1; ch0 >= 0; ch0 -= kCarryBatch) {  // batched as forward
     float u_local[kCarryBatch];
     #pragma unroll
@@ -236,8 +240,7 @@ __global__ void ema_carry_bwd(ScanArgs a) {
       const int64_t ch = ch0 - j;
       if (ch < 0) break;
       slots[ch * a.channels()] = carry;
-      const int64_t len = min(a.chunk, a.T - ch * a.chunk);
-      carry = a.beta * (u_local[j] + powf(a.beta, float(len - 1)) * carry);
+      carry = a.beta * (u_local[j] + (ch + 1 < a.n_chunks ? decay : last_decay) * carry);
     }
   }
   if (a.dstate_in.data) a.dstate_in.at(b, g)[c] += carry;

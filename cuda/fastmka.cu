@@ -9,11 +9,14 @@
 namespace mka::cuda {
 namespace {
 
+// kc, vc (optional): keep the scans' chunk start states for the backward's dlam pass.
 void fuse(const RouteProblem& rp, const TensorRef& k, const TensorRef& v, const RouteInputs& r,
           const KVScratch& f, const TensorRef& k_state_out, const TensorRef& v_state_out,
-          cudaStream_t s) {
-  ema_route_fwd(rp, r.lam, rows(k), rows(r.k3), state(r.k_state), f.kr, state(k_state_out), s);
-  ema_route_fwd(rp, r.lam, rows(v), rows(r.v3), state(r.v_state), f.vr, state(v_state_out), s);
+          cudaStream_t s, float* kc = nullptr, float* vc = nullptr) {
+  ema_route_fwd(rp, r.lam, rows(k), rows(r.k3), state(r.k_state), f.kr, state(k_state_out), s,
+                kc);
+  ema_route_fwd(rp, r.lam, rows(v), rows(r.v3), state(r.v_state), f.vr, state(v_state_out), s,
+                vc);
 }
 
 }  // namespace
@@ -38,23 +41,25 @@ void fastmka_bwd(const AttentionProblem& ap, const RouteProblem& rp, const Tenso
   DeviceGuard guard(q.device_id);
   auto s = static_cast<cudaStream_t>(stream);
   KVScratch f(ap, s);
-  fuse(rp, k, v, r, f, TensorRef{}, TensorRef{}, s);
-  const size_t kv_bytes = size_t(ap.B * ap.Tk * ap.G * ap.d) * 4;
+  const bool dlam_needed = g.dlam.present() && r.lam.present();
+  Workspace kc(dlam_needed ? ema_carry_bytes(rp) : 0, s, false);
+  Workspace vc(dlam_needed ? ema_carry_bytes(rp) : 0, s, false);
+  fuse(rp, k, v, r, f, TensorRef{}, TensorRef{}, s, kc.as<float>(), vc.as<float>());
+  // dK, dV of the fused keys/values: stored by the attention kernel in the inputs' dtype
+  // (no float32 copy, no zero fill), read by the scan's backward.
+  KVScratch df(ap, s);
   Workspace dq_acc(size_t(ap.B * ap.Tq * ap.H * ap.d) * 4, s, true);
-  Workspace dkf(kv_bytes, s, true), dvf(kv_bytes, s, true);
-  const Rows dkf_rows = dense_rows(dkf.as<float>(), ap.Tk, ap.G, ap.d);
-  const Rows dvf_rows = dense_rows(dvf.as<float>(), ap.Tk, ap.G, ap.d);
   attention_bwd_rows(ap, rows(q), f.kr, f.vr, rows(out), static_cast<const float*>(lse.data),
                      rows(dout), TokenScalar{}, dense_rows(dq_acc.as<float>(), ap.Tq, ap.H, ap.d),
-                     dkf_rows, dvf_rows, s);
+                     df.kr, df.vr, KVGrad::store_io, s);
   accumulate(dq_acc.as<float>(), dq, s);
   Workspace dlam(g.dlam.present() ? size_t(rp.B * rp.T * rp.L) * 4 : 0, s, true);
-  ema_route_bwd(rp, r.lam, rows(k), rows(r.k3), state(r.k_state), dkf_rows, GradDType::f32,
+  ema_route_bwd(rp, r.lam, rows(k), rows(r.k3), state(r.k_state), df.kr, GradDType::input,
                 state(dk_state_out), rows(dk), rows(g.dk3), GradDType::input, dlam.as<float>(),
-                state(g.dk_state), s);
-  ema_route_bwd(rp, r.lam, rows(v), rows(r.v3), state(r.v_state), dvf_rows, GradDType::f32,
+                state(g.dk_state), s, kc.as<float>());
+  ema_route_bwd(rp, r.lam, rows(v), rows(r.v3), state(r.v_state), df.vr, GradDType::input,
                 state(dv_state_out), rows(dv), rows(g.dv3), GradDType::input, dlam.as<float>(),
-                state(g.dv_state), s);
+                state(g.dv_state), s, vc.as<float>());
   if (g.dlam.present()) accumulate(dlam.as<float>(), g.dlam, s);
 }
 

@@ -4,6 +4,7 @@
 #pragma once
 #include <cuda_runtime.h>
 
+#include "attention_params.cuh"
 #include "device_utils.cuh"
 #include "mka/problem.h"
 
@@ -29,22 +30,27 @@ struct KVScratch {
 // out, lse (dense (B, H, Tq) float32) from q, k, v in p.dtype.
 void attention_fwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows out, float* lse,
                         cudaStream_t stream);
-// Adds into dense float32 accumulators dq (B,Tq,H,d), dk, dv (B,Tk,G,d). `w` weights each
-// query row's incoming gradient (mka's routing); absent: weight 1.
+// Adds into the dense float32 accumulator dq (B,Tq,H,d); hands dk, dv (B,Tk,G,d) over as
+// kv_grad says (float32 accumulators, or strided views in p.dtype). `w` weights each query
+// row's incoming gradient (mka's routing); absent: weight 1.
 void attention_bwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows out,
                         const float* lse, Rows dout, TokenScalar w, Rows dq, Rows dk, Rows dv,
-                        cudaStream_t stream);
+                        KVGrad kv_grad, cudaStream_t stream);
 
 // y_t = lam0 x_t + lam1 EMA(x)_t (+ lam2 x3_t), y in p.dtype; without lam, y = EMA(x).
+// carry_out (ema_carry_bytes(p), optional) keeps the EMA state at every chunk's start, which
+// a later ema_route_bwd of the same x can take as fwd_carry instead of recomputing it.
 void ema_route_fwd(const RouteProblem& p, const TensorRef& lam, Rows x, Rows x3,
-                   StateView state_in, Rows y, StateView state_out, cudaStream_t stream);
+                   StateView state_in, Rows y, StateView state_out, cudaStream_t stream,
+                   float* carry_out = nullptr);
+size_t ema_carry_bytes(const RouteProblem& p);
 // Element types of the incoming gradient dy and of the gradients dx, dx3 it adds into.
 enum class GradDType { input, f32 };
 // dlam: dense (B, T, L) float32 accumulator, or nullptr.
 void ema_route_bwd(const RouteProblem& p, const TensorRef& lam, Rows x, Rows x3,
                    StateView state_in, Rows dy, GradDType dy_type, StateView dstate_out,
                    Rows dx, Rows dx3, GradDType dx_type, float* dlam, StateView dstate_in,
-                   cudaStream_t stream);
+                   cudaStream_t stream, const float* fwd_carry = nullptr);
 
 // dst += src, where src is a dense float32 tensor of dst's shape (dst strided, any dtype).
 void accumulate(const float* src, const TensorRef& dst, cudaStream_t stream);

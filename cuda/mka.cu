@@ -126,7 +126,7 @@ void mka_bwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef
   const auto lse = [&](int l) { return lse_level(lse_levels, l); };
 
   attention_bwd_rows(level_problem(ap, 0, 0), rows(q), rows(k), rows(v), lv.o[0], lse(0),
-                     rows(dout), lv.w[0], dq_rows, dk_rows, dv_rows, s);
+                     rows(dout), lv.w[0], dq_rows, dk_rows, dv_rows, KVGrad::add_f32, s);
   {
     KVScratch e(ap, s);
     ema_route_fwd(rp, TensorRef{}, rows(k), Rows{}, state(r.k_state), e.kr, StateView{}, s);
@@ -135,7 +135,7 @@ void mka_bwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef
     const Rows dke_rows = dense_rows(dke.as<float>(), ap.Tk, ap.G, ap.d);
     const Rows dve_rows = dense_rows(dve.as<float>(), ap.Tk, ap.G, ap.d);
     attention_bwd_rows(level_problem(ap, 1, 0), rows(q), e.kr, e.vr, lv.o[1], lse(1), rows(dout),
-                       lv.w[1], dq_rows, dke_rows, dve_rows, s);
+                       lv.w[1], dq_rows, dke_rows, dve_rows, KVGrad::add_f32, s);
     ema_route_bwd(rp, TensorRef{}, rows(k), Rows{}, state(r.k_state), dke_rows, GradDType::f32,
                   state(dk_state_out), dk_rows, Rows{}, GradDType::f32, nullptr,
                   state(g.dk_state), s);
@@ -149,7 +149,7 @@ void mka_bwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef
     Workspace dmk(m_bytes, s, true), dmv(m_bytes, s, true);
     attention_bwd_rows(p3, rows(q), rows(mem_k), rows(mem_v), lv.o[2], lse(2), rows(dout),
                        lv.w[2], dq_rows, dense_rows(dmk.as<float>(), p3.Tk, p3.G, p3.d),
-                       dense_rows(dmv.as<float>(), p3.Tk, p3.G, p3.d), s);
+                       dense_rows(dmv.as<float>(), p3.Tk, p3.G, p3.d), KVGrad::add_f32, s);
     accumulate(dmk.as<float>(), dmem_k, s);
     accumulate(dmv.as<float>(), dmem_v, s);
   }

@@ -82,7 +82,7 @@ def test_long_sequence_tensor_cores_bf16():
              (q, k, v), (q64, k64, v64), torch.bfloat16, ("q", "k", "v"), gen)
 
 
-# MKA_CUDA_WGMMA picks the forward kernel on Hopper (by default: by key length): the two-stage
+# MKA_CUDA_WGMMA picks the forward kernel on Hopper (by default ping-pong): the two-stage
 # wgmma pipeline, the three-stage ping-pong one, or "0" for the mma.sync kernels of sm_80.
 @pytest.mark.parametrize("mode", ["lockstep", "pingpong", "0"])
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
@@ -102,6 +102,25 @@ def test_other_forward_kernels(mode, dtype, case, monkeypatch):
                      f"out ({mode}, d={d})")
 
 
+# More query blocks (and key blocks in backward) than an H100 has SMs: 1.9-2.3x, so blocks
+# run in several waves; Tq > Tk gives query blocks with no key tile.
+@pytest.mark.parametrize("case", [(2, 1024, 1024, 16, 4, True, None),
+                                  (2, 1024, 300, 16, 16, True, None),
+                                  (2, 900, 1100, 16, 2, True, 200),
+                                  (2, 1024, 1024, 16, 8, False, None)],
+                         ids=lambda c: "x".join(map(str, c)))
+def test_more_blocks_than_sms(case, monkeypatch):
+    monkeypatch.setenv("MKA_CUDA_WGMMA", "lockstep")
+    B, Tq, Tk, H, G, causal, window = case
+    gen = torch.Generator().manual_seed(hash(case) % 2**31)
+    q, q64 = rand(gen, B, Tq, H, 64, dtype=torch.bfloat16)
+    k, k64 = rand(gen, B, Tk, G, 64, dtype=torch.bfloat16)
+    v, v64 = rand(gen, B, Tk, G, 64, dtype=torch.bfloat16)
+    check_op(lambda q, k, v: torch.ops.mka.attention(q, k, v, causal, None, window),
+             lambda q, k, v: R.attention(q, k, v, causal, None, window),
+             (q, k, v), (q64, k64, v64), torch.bfloat16, ("q", "k", "v"), gen)
+
+
 def _kernel_names(fn) -> set[str]:
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -112,8 +131,9 @@ def _kernel_names(fn) -> set[str]:
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
                     reason="needs a Hopper (sm_90) GPU")
-@pytest.mark.parametrize("T, mode, fwd", [(256, None, "attention_fwd_wgmma<"),
+@pytest.mark.parametrize("T, mode, fwd", [(256, None, "attention_fwd_wgmma_pp<"),
                                           (4096, None, "attention_fwd_wgmma_pp<"),
+                                          (256, "lockstep", "attention_fwd_wgmma<"),
                                           (256, "0", "attention_fwd_mma<")])
 def test_hopper_dispatch(T, mode, fwd, monkeypatch):
     # The default build has sm_90a code: on Hopper the wgmma kernels must run (a silent fall-

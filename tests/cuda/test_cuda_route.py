@@ -113,8 +113,11 @@ def test_mka_empty_memory():
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32), ids=str)
 def test_route_fuse_one_channel_per_thread(dtype):
     # d = 20 is not a multiple of 8: the scan takes its scalar path (one channel per thread).
-    gen = torch.Generator().manual_seed(21)
-    B, T, G, d = 2, 133, 3, 20
+    _check_route_fuse_l2_states(torch.Generator().manual_seed(21), 2, 133, 3, 20, dtype)
+
+
+def _check_route_fuse_l2_states(gen, B, T, G, d, dtype):
+    """route_fuse with L = 2 and given states against the reference, every gradient."""
     k, k64 = rand(gen, B, T, G, d, dtype=dtype)
     v, v64 = rand(gen, B, T, G, d, dtype=dtype)
     lam, lam64 = softmax_rows(gen, B, T, 2, dtype)
@@ -123,3 +126,10 @@ def test_route_fuse_one_channel_per_thread(dtype):
              lambda *a: R.route_fuse(a[0], a[1], a[2], BETA, None, None, *a[3:]),
              (k, v, lam, ks, vs), (k64, v64, lam64, ks64, vs64), dtype,
              ("k", "v", "lam", "k_state", "v_state"), gen, n_out=4)
+
+
+# The scan's chunk length follows the problem's size (ema_scan.cu: pick_chunk): 8 tokens for
+# the small shapes above; 16, 32 and 64 tokens at these lengths (a few channels, long T).
+@pytest.mark.parametrize("T", [3000, 5000, 9000])
+def test_route_fuse_long_sequences(T):
+    _check_route_fuse_l2_states(torch.Generator().manual_seed(T), 1, T, 1, 64, torch.bfloat16)
