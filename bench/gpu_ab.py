@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -50,8 +52,12 @@ def main() -> None:
             q, k, v, _, _ = make_inputs(TOKENS // T, T, G, seed=T + G)
             vs = variants(G)
             tf = {n: [] for n in vs}
-            for _ in range(a.rounds):
-                for n, fn in vs.items():
+            order = list(vs)
+            for rnd in range(a.rounds):  # fresh order, pause: as gpu_bench.bench_shape
+                random.Random(rnd).shuffle(order)
+                for n in order:
+                    fn = vs[n]
+                    time.sleep(0.1)
                     ms = time_ms(lambda: fn(q, k, v), warmup=5, reps=a.reps)
                     tf[n].append(flops_fwd(TOKENS // T, T) / ms / 1e9)
             cells = [f"{n} {statistics.median(x):6.1f} ({min(x):.0f}-{max(x):.0f})"

@@ -6,7 +6,8 @@ FLOPs: forward 4*B*H*T^2*d, halved for causal; backward 2.5x forward (so fwd+bwd
 The same FLOP count is used for every implementation (fastmka's fusion pass and mka's
 second level are overhead, not credited work), so the columns compare wall time.
 Timing: per shape, every implementation once per round (CUDA events, median of 10 calls after
-3 warm-ups), 5 interleaved rounds, medians over rounds; a 1 s warm-up of the GPU first.
+3 warm-ups), 5 rounds in a fresh random order each, a 0.1 s pause before each implementation,
+medians over rounds; a 1 s warm-up of the GPU first.
 Gradients via torch.autograd.grad (no accumulation into .grad). Run: python bench/gpu_bench.py --out results.json  (prints a table last).
 """
 
@@ -15,7 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -106,10 +109,17 @@ def bench_shape(impls, B, T, G, rounds: int, reps: int):
     q, k, v, lam, gout = make_inputs(B, T, G, seed=T + G)
     times = {name: [] for name in impls}
     errors = {}
-    for _ in range(rounds):
-        for name, fn in impls.items():
+    order = list(impls)
+    for rnd in range(rounds):
+        # A fresh order each round, and a pause before each implementation: a kernel timed
+        # right after cuDNN's ran up to 12 % slow (the GPU had lowered its clocks), so no
+        # implementation may always follow the same one or start on a hot GPU.
+        random.Random(1000 * T + 10 * G + rnd).shuffle(order)
+        for name in order:
+            fn = impls[name]
             if name in errors:
                 continue
+            time.sleep(0.1)
             try:
                 times[name].append(timed_pair(fn, q, k, v, lam, gout, reps))
             except Exception as e:  # a backend may refuse a shape: record why, keep going

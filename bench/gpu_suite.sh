@@ -5,7 +5,7 @@
 # commit, numbers, logs) go to $OUT (device runs) or bench/results/gpu_<date>/ otherwise.
 # Usage: bash bench/gpu_suite.sh [quick]   (quick: benchmark T in {2k, 8k} only)
 # SANITIZE=0 skips compute-sanitizer (slow under Python), TESTS=0 the tests, AB=0 the
-# interleaved forward A/B; PACK=1 packs the logs into logs.tgz at the end; BENCH_SEQS
+# interleaved forward A/B, BENCH=0 the benchmark; PACK=1 packs the logs into logs.tgz at the end; BENCH_SEQS
 # overrides the benchmark's sequence lengths (comma-separated); TEST_DIRS the test folders;
 # TEST_TIMEOUT (per test) and BENCH_TIMEOUT bound a hang.
 set -uo pipefail
@@ -73,10 +73,14 @@ step "benchmark"
 seqs="1024,2048,4096,8192,16384"
 [ "${1:-}" = quick ] && seqs="2048,8192"
 seqs="${BENCH_SEQS:-$seqs}"
-timeout ${BENCH_TIMEOUT:-900} python3 bench/gpu_bench.py --out "$OUT/gpu_bench.json" --seqs "$seqs" > "$OUT/gpu_bench.log" 2>&1
-echo "bench rc=$?" | tee -a "$LOG"
-sed -n '/^NVIDIA\|^H100\|TFLOP/,$p' "$OUT/gpu_bench.log" | tee -a "$LOG"
-tail -30 "$OUT/gpu_bench.log"
+if [ "${BENCH:-1}" = 0 ]; then
+  echo "skipped (BENCH=0)" | tee -a "$LOG"
+else
+  timeout ${BENCH_TIMEOUT:-900} python3 bench/gpu_bench.py --out "$OUT/gpu_bench.json" --seqs "$seqs" > "$OUT/gpu_bench.log" 2>&1
+  echo "bench rc=$?" | tee -a "$LOG"
+  sed -n '/^NVIDIA\|^H100\|TFLOP/,$p' "$OUT/gpu_bench.log" | tee -a "$LOG"
+  tail -30 "$OUT/gpu_bench.log"
+fi
 
 # The device tool returns a handful of files: pack every log into one archive there.
 if [ "${PACK:-0}" = 1 ]; then

@@ -117,45 +117,39 @@ void mka_bwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef
     });
     accumulate(dlam.as<float>(), g.dlam, s);
   }
+  // dq: float32 accumulator over the levels' key blocks (atomics). dk, dv: level 1 adds its
+  // share in the inputs' dtype itself, level 2's goes through the EMA scan's backward, which
+  // adds onto it; M's gradients are level 3's alone.
   const size_t kv_bytes = size_t(ap.B * ap.Tk * ap.G * ap.d) * 4;
   Workspace dq_acc(size_t(ap.B * ap.Tq * ap.H * ap.d) * 4, s, true);
-  Workspace dk_acc(kv_bytes, s, true), dv_acc(kv_bytes, s, true);
   const Rows dq_rows = dense_rows(dq_acc.as<float>(), ap.Tq, ap.H, ap.d);
-  const Rows dk_rows = dense_rows(dk_acc.as<float>(), ap.Tk, ap.G, ap.d);
-  const Rows dv_rows = dense_rows(dv_acc.as<float>(), ap.Tk, ap.G, ap.d);
   const auto lse = [&](int l) { return lse_level(lse_levels, l); };
 
   attention_bwd_rows(level_problem(ap, 0, 0), rows(q), rows(k), rows(v), lv.o[0], lse(0),
-                     rows(dout), lv.w[0], dq_rows, dk_rows, dv_rows, KVGrad::add_f32, s);
+                     rows(dout), lv.w[0], dq_rows, rows(dk), rows(dv), KVGrad::add_io, s);
   {
     KVScratch e(ap, s);
     ema_route_fwd(rp, TensorRef{}, rows(k), Rows{}, state(r.k_state), e.kr, StateView{}, s);
     ema_route_fwd(rp, TensorRef{}, rows(v), Rows{}, state(r.v_state), e.vr, StateView{}, s);
+    // float32: the EMA state's gradient sums these over the whole sequence.
     Workspace dke(kv_bytes, s, true), dve(kv_bytes, s, true);
     const Rows dke_rows = dense_rows(dke.as<float>(), ap.Tk, ap.G, ap.d);
     const Rows dve_rows = dense_rows(dve.as<float>(), ap.Tk, ap.G, ap.d);
     attention_bwd_rows(level_problem(ap, 1, 0), rows(q), e.kr, e.vr, lv.o[1], lse(1), rows(dout),
                        lv.w[1], dq_rows, dke_rows, dve_rows, KVGrad::add_f32, s);
     ema_route_bwd(rp, TensorRef{}, rows(k), Rows{}, state(r.k_state), dke_rows, GradDType::f32,
-                  state(dk_state_out), dk_rows, Rows{}, GradDType::f32, nullptr,
+                  state(dk_state_out), rows(dk), Rows{}, GradDType::input, nullptr,
                   state(g.dk_state), s);
     ema_route_bwd(rp, TensorRef{}, rows(v), Rows{}, state(r.v_state), dve_rows, GradDType::f32,
-                  state(dv_state_out), dv_rows, Rows{}, GradDType::f32, nullptr,
+                  state(dv_state_out), rows(dv), Rows{}, GradDType::input, nullptr,
                   state(g.dv_state), s);
   }
   if (lv.L == 3) {
     const AttentionProblem p3 = level_problem(ap, 2, mem_k.shape[1]);
-    const size_t m_bytes = size_t(p3.B * p3.Tk * p3.G * p3.d) * 4;
-    Workspace dmk(m_bytes, s, true), dmv(m_bytes, s, true);
     attention_bwd_rows(p3, rows(q), rows(mem_k), rows(mem_v), lv.o[2], lse(2), rows(dout),
-                       lv.w[2], dq_rows, dense_rows(dmk.as<float>(), p3.Tk, p3.G, p3.d),
-                       dense_rows(dmv.as<float>(), p3.Tk, p3.G, p3.d), KVGrad::add_f32, s);
-    accumulate(dmk.as<float>(), dmem_k, s);
-    accumulate(dmv.as<float>(), dmem_v, s);
+                       lv.w[2], dq_rows, rows(dmem_k), rows(dmem_v), KVGrad::add_io, s);
   }
   accumulate(dq_acc.as<float>(), dq, s);
-  accumulate(dk_acc.as<float>(), dk, s);
-  accumulate(dv_acc.as<float>(), dv, s);
 }
 
 }  // namespace mka::cuda
