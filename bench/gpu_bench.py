@@ -5,8 +5,8 @@ flash and cuDNN backends. bf16, causal, B*T = 16k tokens, H = 16, d = 128, G in 
 FLOPs: forward 4*B*H*T^2*d, halved for causal; backward 2.5x forward (so fwd+bwd = 3.5x).
 The same FLOP count is used for every implementation (fastmka's fusion pass and mka's
 second level are overhead, not credited work), so the columns compare wall time.
-Timing: per shape, every implementation once per round (CUDA events, median of 10 calls after
-3 warm-ups), 5 rounds in a fresh random order each, a 0.1 s pause before each implementation,
+Timing: per shape, every implementation once per round (CUDA events around each of 10 calls
+queued back to back after 3 warm-ups, median), 5 rounds in a fresh random order each, a 0.1 s pause before each implementation,
 medians over rounds; a 1 s warm-up of the GPU first.
 Gradients via torch.autograd.grad (no accumulation into .grad). Run: python bench/gpu_bench.py --out results.json  (prints a table last).
 """
@@ -34,19 +34,22 @@ def flops_fwd(B: int, T: int) -> float:
 
 
 def time_ms(fn, warmup: int = 3, reps: int = 10) -> float:
-    """Median of CUDA-event timings of fn() after warm-up."""
+    """Median GPU time of one fn() call: calls queued back to back (as do_bench does), each
+    between two CUDA events, one synchronization at the end. The host work of a call then
+    overlaps the GPU work of the one before, as in a training step; a synchronization after
+    every call would add each op's host overhead to its time (~0.15 ms per mka op call on the
+    H100 host: bench/PERF_NOTES.md)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(reps)]
+    for a, b in events:
         a.record()
         fn()
         b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) for a, b in events)
 
 
 def make_inputs(B: int, T: int, G: int, seed: int):

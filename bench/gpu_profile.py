@@ -17,7 +17,8 @@ from torch.profiler import ProfilerActivity, profile
 import mka  # noqa: F401
 
 
-def run(op: str, mode: str, B: int, T: int, G: int, calls: int, table: bool) -> None:
+def run(op: str, mode: str, B: int, T: int, G: int, calls: int, table: bool,
+        fwd_only: bool = False) -> None:
     if mode == "auto":  # the library's own choice
         os.environ.pop("MKA_CUDA_WGMMA", None)
     else:
@@ -40,9 +41,14 @@ def run(op: str, mode: str, B: int, T: int, G: int, calls: int, table: bool) -> 
         return
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
-            fn().backward(torch.ones_like(out))
+            if fwd_only:
+                with torch.no_grad():
+                    fn()
+            else:
+                fn().backward(torch.ones_like(out))
         torch.cuda.synchronize()
-    print(f"--- {op}, MKA_CUDA_WGMMA={mode}  B={B} T={T} G={G}, {calls} fwd+bwd calls")
+    what = "forward" if fwd_only else "fwd+bwd"
+    print(f"--- {op}, MKA_CUDA_WGMMA={mode}  B={B} T={T} G={G}, {calls} {what} calls")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=16, max_name_column_width=60))
 
 
@@ -55,9 +61,10 @@ def main() -> None:
     ap.add_argument("--G", type=int, default=16)
     ap.add_argument("--calls", type=int, default=5)
     ap.add_argument("--no-table", action="store_true")
+    ap.add_argument("--fwd-only", action="store_true", help="forward calls only (no_grad)")
     a = ap.parse_args()
     for mode in (["auto", "lockstep", "pingpong", "0"] if a.mode == "all" else [a.mode]):
-        run(a.op, mode, a.B, a.T, a.G, a.calls, not a.no_table)
+        run(a.op, mode, a.B, a.T, a.G, a.calls, not a.no_table, a.fwd_only)
 
 
 if __name__ == "__main__":

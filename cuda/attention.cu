@@ -165,7 +165,10 @@ void attention_bwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows 
   dispatch_dtype(p.dtype, "attention backward", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const int64_t rows_total = p.B * p.Tq * p.H;
-    attention_bwd_delta<T><<<unsigned(ceil_div(rows_total, kSimtWarps)), kSimtWarps * 32, 0, s>>>(a);
+    if (p.d % 8 == 0 && aligned16(out) && aligned16(dout))
+      attention_bwd_delta<T, 8><<<unsigned(ceil_div(rows_total * 16, 256)), 256, 0, s>>>(a);
+    else
+      attention_bwd_delta<T, 1><<<unsigned(ceil_div(rows_total * 32, 256)), 256, 0, s>>>(a);
     check_launch("attention_bwd_delta");
     dispatch_head_dim(p.d, [&](auto dim) {
       constexpr int D = decltype(dim)::value;

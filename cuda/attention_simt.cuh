@@ -70,17 +70,28 @@ attention_fwd_simt(AttnParams p) {
 }
 
 // delta[b, h, i] = <dout, out> of row (b, i, h), float32 (the softmax backward's row term).
-template <class T> __global__ void attention_bwd_delta(AttnParams p) {
-  const int64_t row = int64_t(blockIdx.x) * kSimtWarps + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (row >= p.B * p.Tq * p.H) return;
+template <class T, int V> __global__ void attention_bwd_delta(AttnParams p) {
+  // V = 8: half a warp per row, 16-byte loads; V = 1 (unaligned views): a warp per row.
+  constexpr int kLanes = V == 1 ? 32 : 16;
+  const int64_t row = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / kLanes;
+  const int lane = threadIdx.x % kLanes;
+  const bool active = row < p.B * p.Tq * p.H;  // inactive lanes still join the shuffles
   const int64_t h = row % p.H, i = (row / p.H) % p.Tq, b = row / (p.H * p.Tq);
-  const T* o = p.out.at<const T>(b, i, h);
-  const T* dO = p.dout.at<const T>(b, i, h);
   float s = 0.f;
-  for (int c = lane; c < p.d; c += 32) s += to_f(o[c]) * to_f(dO[c]);
-  s = warp_sum(s);
-  if (lane == 0) p.delta_at(b, h)[i] = s;
+  if (active) {
+    const T* o = p.out.at<const T>(b, i, h);
+    const T* dO = p.dout.at<const T>(b, i, h);
+    for (int64_t c = int64_t(lane) * V; c < p.d; c += kLanes * V) {
+      float x[V], y[V];
+      load_v<V>(o + c, x);
+      load_v<V>(dO + c, y);
+      #pragma unroll
+      for (int e = 0; e < V; ++e) s += x[e] * y[e];
+    }
+  }
+  #pragma unroll
+  for (int off = kLanes / 2; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
+  if (active && lane == 0) p.delta_at(b, h)[i] = s;
 }
 
 // dq: one warp per query row, looping over its visible keys.

@@ -43,46 +43,9 @@ struct ScanArgs {
 constexpr int kScanThreads = 128, kCarryBatch = 32;
 
 // --- V consecutive channels per thread ------------------------------------------------
-// The chunk passes are memory-bound: with V = 8 a thread moves 16 bytes per load (8 half
-// channels, or two float4) instead of 2, and runs 8 independent recurrences. V = 1 serves
-// head dims not a multiple of 8 and unaligned views.
-template <int V, class T> __device__ __forceinline__ void load_v(const T* p, float (&x)[V]) {
-  if constexpr (V == 1) {
-    x[0] = to_f(*p);
-  } else if constexpr (sizeof(T) == 4) {
-    #pragma unroll
-    for (int i = 0; i < V; i += 4) {
-      const float4 f = *reinterpret_cast<const float4*>(p + i);
-      x[i] = f.x, x[i + 1] = f.y, x[i + 2] = f.z, x[i + 3] = f.w;
-    }
-  } else {
-    #pragma unroll
-    for (int i = 0; i < V; i += 8) {
-      const uint4 u = *reinterpret_cast<const uint4*>(p + i);
-      const T* e = reinterpret_cast<const T*>(&u);
-      #pragma unroll
-      for (int j = 0; j < 8; ++j) x[i + j] = to_f(e[j]);
-    }
-  }
-}
-template <int V, class T> __device__ __forceinline__ void store_v(T* p, const float (&x)[V]) {
-  if constexpr (V == 1) {
-    *p = from_f<T>(x[0]);
-  } else if constexpr (sizeof(T) == 4) {
-    #pragma unroll
-    for (int i = 0; i < V; i += 4)
-      *reinterpret_cast<float4*>(p + i) = make_float4(x[i], x[i + 1], x[i + 2], x[i + 3]);
-  } else {
-    #pragma unroll
-    for (int i = 0; i < V; i += 8) {
-      uint4 u;
-      T* e = reinterpret_cast<T*>(&u);
-      #pragma unroll
-      for (int j = 0; j < 8; ++j) e[j] = from_f<T>(x[i + j]);
-      *reinterpret_cast<uint4*>(p + i) = u;
-    }
-  }
-}
+// The chunk passes are memory-bound: with V = 8 a thread moves 16 bytes per load
+// (load_v/store_v, device_utils.cuh) and runs 8 independent recurrences. V = 1 serves head
+// dims not a multiple of 8 and unaligned views.
 
 // First channel (g, c) of this thread's V within (G, d); false past the end (the thread
 // still joins warp reductions with zeros). d % V == 0, so the V channels share a head.
