@@ -196,16 +196,21 @@ void attention_fwd(const AttentionProblem& p, const TensorRef& q, const TensorRe
 void attention_bwd(const AttentionProblem& p, const TensorRef& q, const TensorRef& k,
                    const TensorRef& v, const TensorRef& out, const TensorRef& lse,
                    const TensorRef& dout, const TensorRef& dq, const TensorRef& dk,
-                   const TensorRef& dv, void* stream) {
+                   const TensorRef& dv, void* stream, bool add) {
   DeviceGuard guard(q.device_id);
   auto s = static_cast<cudaStream_t>(stream);
   // dq gathers every key block's share in float32 (atomics), rounded once at the end; a key
-  // block's dk and dv come from one thread block, which adds them to the outputs itself.
+  // block's dk and dv come from one thread block, which adds or stores them itself.
   Workspace dq_acc(size_t(p.B * p.Tq * p.H * p.d) * 4, s, true);
   attention_bwd_rows(p, rows(q), rows(k), rows(v), rows(out), static_cast<const float*>(lse.data),
                      rows(dout), TokenScalar{}, dense_rows(dq_acc.as<float>(), p.Tq, p.H, p.d),
-                     rows(dk), rows(dv), KVGrad::add_io, s);
-  accumulate(dq_acc.as<float>(), dq, s);
+                     rows(dk), rows(dv), add ? KVGrad::add_io : KVGrad::store_io, s);
+  accumulate(dq_acc.as<float>(), dq, s, add);
+  const bool kernels_ran = p.B > 0 && p.Tq > 0 && p.H > 0;  // see attention_bwd_rows
+  if (!add && !kernels_ran) {  // no query: zero gradients, written here
+    accumulate(nullptr, dk, s, false);
+    accumulate(nullptr, dv, s, false);
+  }
 }
 
 }  // namespace mka::cuda

@@ -52,7 +52,8 @@ void ema_route_bwd(const RouteProblem& p, const TensorRef& lam, Rows x, Rows x3,
                    Rows dx, Rows dx3, GradDType dx_type, float* dlam, StateView dstate_in,
                    cudaStream_t stream, const float* fwd_carry = nullptr);
 
-// dst += src, where src is a dense float32 tensor of dst's shape (dst strided, any dtype).
-void accumulate(const float* src, const TensorRef& dst, cudaStream_t stream);
+// dst += src (add) or dst = src, where src is a dense float32 tensor of dst's shape (dst
+// strided, any dtype); src == nullptr reads as zeros.
+void accumulate(const float* src, const TensorRef& dst, cudaStream_t stream, bool add = true);
 
 }  // namespace mka::cuda

@@ -69,12 +69,12 @@ NB_MODULE(_C, m) {
   m.def("attention_backward",
         [](const Array& q, const Array& k, const Array& v, bool causal, OptF scale, OptI window,
            const Array& out, const Array& lse, const Array& dout, const Array& dq,
-           const Array& dk, const Array& dv, uintptr_t stream) {
+           const Array& dk, const Array& dv, bool accumulate, uintptr_t stream) {
           without_gil([&] {
             mka::attention_backward(ref(q, "q"), ref(k, "k"), ref(v, "v"),
                                     opts(causal, scale, window), ref(out, "out"), ref(lse, "lse"),
                                     ref(dout, "dout"), ref(dq, "dq"), ref(dk, "dk"),
-                                    ref(dv, "dv"), as_stream(stream));
+                                    ref(dv, "dv"), as_stream(stream), accumulate);
           });
         });
   m.def("route_fuse_forward",

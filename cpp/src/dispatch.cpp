@@ -1,5 +1,6 @@
 // The ops' entry points: validate once (problem.cpp), check the caller's output buffers,
 // then run the kernels of the inputs' device.
+#include <cstring>
 #include <tuple>
 
 #include "mka/cpu_kernels.h"
@@ -84,6 +85,21 @@ void check_route_grads(const RouteInputs& r, const RouteGrads& g) {
     }
 }
 
+// Zeros a CPU tensor's elements (any strides; the bits of 0.0 are zeros in every dtype).
+void zero_fill_cpu(const TensorRef& t) {
+  const int64_t n = t.numel();
+  if (n == 0) return;
+  const int64_t elem = t.dtype == DType::f64 ? 8 : t.dtype == DType::f32 ? 4 : 2;
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t rest = i, off = 0;
+    for (int dim = t.ndim - 1; dim >= 0; --dim) {
+      off += (rest % t.shape[dim]) * t.stride[dim];
+      rest /= t.shape[dim];
+    }
+    std::memset(static_cast<char*>(t.data) + off * elem, 0, size_t(elem));
+  }
+}
+
 }  // namespace
 
 void attention_forward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
@@ -98,7 +114,7 @@ void attention_forward(const TensorRef& q, const TensorRef& k, const TensorRef& 
 void attention_backward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
                         const AttnOptions& o, const TensorRef& out, const TensorRef& lse,
                         const TensorRef& dout, const TensorRef& dq, const TensorRef& dk,
-                        const TensorRef& dv, [[maybe_unused]] void* stream) {
+                        const TensorRef& dv, [[maybe_unused]] void* stream, bool accumulate) {
   const AttentionProblem p = check_attention(q, k, v, o);
   check_attention_outputs(p, out, lse);
   check_grads_like(dout, "dout", q);
@@ -106,8 +122,12 @@ void attention_backward(const TensorRef& q, const TensorRef& k, const TensorRef&
   check_grads_like(dk, "dk", k);
   check_grads_like(dv, "dv", v);
   on_device(p.device, "attention backward", [&] {
+    if (!accumulate)
+      for (const TensorRef* t : {&dq, &dk, &dv}) zero_fill_cpu(*t);
     cpu::attention_bwd(p, q, k, v, out, lse, dout, cpu::RowWeight{}, dq, dk, dv);
-  }, [&] { MKA_CUDA_CALL(cuda::attention_bwd(p, q, k, v, out, lse, dout, dq, dk, dv, stream)); });
+  }, [&] {
+    MKA_CUDA_CALL(cuda::attention_bwd(p, q, k, v, out, lse, dout, dq, dk, dv, stream, accumulate));
+  });
 }
 
 void route_fuse_forward(const TensorRef& k, const TensorRef& v, const RouteInputs& r,

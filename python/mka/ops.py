@@ -110,9 +110,10 @@ def _attention_bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, do
     V.check_attention(q, k, v, scale, window)
     cdt = _compute_dtype(q)
     qc, kc, vc, oc, doc = (_cast(t, cdt) for t in (q, k, v, out, dout))
-    dq, dk, dv = (q.new_zeros(t.shape, dtype=cdt) for t in (q, k, v))
+    # Uninitialized: the kernels overwrite every element (accumulate=False), no zero fills.
+    dq, dk, dv = (q.new_empty(t.shape, dtype=cdt) for t in (q, k, v))
     _C.attention_backward(qc, kc, vc, causal, scale, window, oc, lse.detach().contiguous(),
-                          doc.contiguous(), dq, dk, dv, _stream(q))
+                          doc.contiguous(), dq, dk, dv, False, _stream(q))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 

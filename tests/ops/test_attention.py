@@ -65,3 +65,28 @@ def test_empty_sizes(device, B, Tq, Tk):
     assert (out == 0).all()
     out.sum().backward()
     assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
+
+
+@pytest.mark.parametrize("device,dtype", dtype_params())
+@pytest.mark.parametrize("Tq,Tk", [(40, 40), (0, 9), (9, 0)], ids=["full", "no_query", "no_key"])
+def test_backward_overwrites_gradient_buffers(device, dtype, Tq, Tk):
+    # The op passes uninitialized gradient buffers with accumulate=False: every element must
+    # be written (zeros where nothing flows, e.g. dk/dv without queries), equal to adding
+    # into zero-filled buffers.
+    from mka import _C
+    from mka.ops import _stream
+    B, H, G, d = 2, 4, 2, head_dim_for(device, 64)
+    q = randn(B, Tq, H, d, device=device, dtype=dtype)
+    k = randn(B, Tk, G, d, device=device, dtype=dtype)
+    v = randn(B, Tk, G, d, device=device, dtype=dtype)
+    out, lse = torch.ops.mka._attention_fwd(q, k, v, True, None, None)
+    dout = randn(B, Tq, H, d, device=device, dtype=dtype)
+    grads = {}
+    for accumulate, fill in ((True, 0.0), (False, float("nan"))):
+        g = [torch.full_like(t, fill) for t in (q, k, v)]
+        _C.attention_backward(q, k, v, True, None, None, out, lse, dout, *g, accumulate,
+                              _stream(q))
+        grads[accumulate] = g
+    for name, a, b in zip("qkv", grads[True], grads[False]):
+        # Not bitwise on CUDA: dq's float32 atomics add in any order. NaN never passes.
+        torch.testing.assert_close(b, a, rtol=1e-2, atol=1e-2, msg=f"d{name}")

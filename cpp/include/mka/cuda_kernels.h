@@ -14,7 +14,7 @@ void attention_fwd(const AttentionProblem& p, const TensorRef& q, const TensorRe
 void attention_bwd(const AttentionProblem& p, const TensorRef& q, const TensorRef& k,
                    const TensorRef& v, const TensorRef& out, const TensorRef& lse,
                    const TensorRef& dout, const TensorRef& dq, const TensorRef& dk,
-                   const TensorRef& dv, void* stream);
+                   const TensorRef& dv, void* stream, bool accumulate);
 
 void route_fuse_fwd(const RouteProblem& p, const TensorRef& k, const TensorRef& v,
                     const RouteInputs& r, const TensorRef& k_fused, const TensorRef& v_fused,

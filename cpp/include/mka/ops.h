@@ -12,10 +12,12 @@ namespace mka {
 void attention_forward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
                        const AttnOptions& o, const TensorRef& out, const TensorRef& lse,
                        void* stream);
+// accumulate = false: dq, dk, dv are overwritten and may arrive holding anything (the Python
+// op's choice: it saves three zero fills and the kernels' reads of them).
 void attention_backward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
                         const AttnOptions& o, const TensorRef& out, const TensorRef& lse,
                         const TensorRef& dout, const TensorRef& dq, const TensorRef& dk,
-                        const TensorRef& dv, void* stream);
+                        const TensorRef& dv, void* stream, bool accumulate = true);
 
 void route_fuse_forward(const TensorRef& k, const TensorRef& v, const RouteInputs& r,
                         const TensorRef& k_fused, const TensorRef& v_fused,
