@@ -40,15 +40,6 @@ template <class T> __global__ void accumulate_dense_kernel(const float4* src, Pa
   dst[i] = y;
 }
 
-bool dense(const TensorRef& t) {
-  int64_t expect = 1;
-  for (int d = t.ndim - 1; d >= 0; --d) {
-    if (t.shape[d] != 1 && t.stride[d] != expect) return false;
-    expect *= t.shape[d];
-  }
-  return true;
-}
-
 }  // namespace
 
 void accumulate(const float* src, const TensorRef& dst, cudaStream_t s, bool add) {
@@ -63,7 +54,7 @@ void accumulate(const float* src, const TensorRef& dst, cudaStream_t s, bool add
   constexpr int kThreads = 256;
   dispatch_dtype(dst.dtype, "accumulate", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    if (numel % 4 == 0 && dense(dst) && reinterpret_cast<uintptr_t>(src) % 16 == 0 &&
+    if (numel % 4 == 0 && is_contiguous(dst) && reinterpret_cast<uintptr_t>(src) % 16 == 0 &&
         reinterpret_cast<uintptr_t>(dst.data) % sizeof(Pack4<T>) == 0) {
       accumulate_dense_kernel<T><<<unsigned(ceil_div(numel / 4, kThreads)), kThreads, 0, s>>>(
           reinterpret_cast<const float4*>(src), static_cast<Pack4<T>*>(dst.data), numel / 4, add);

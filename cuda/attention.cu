@@ -21,10 +21,6 @@ namespace {
 constexpr size_t kFwdSmemBudget = 96 * 1024;
 constexpr size_t kWgmmaSmemBudget = 160 * 1024;
 
-bool aligned16(const Rows& x) {
-  return reinterpret_cast<uintptr_t>(x.data) % 16 == 0 && x.sb % 8 == 0 && x.st % 8 == 0 &&
-         x.sh % 8 == 0;
-}
 bool use_tensor_cores(const AttentionProblem& p, std::initializer_list<Rows> views) {
   if (p.dtype != DType::f16 && p.dtype != DType::bf16) return false;
   for (const Rows& x : views)

@@ -71,13 +71,7 @@ __global__ void __launch_bounds__(kWgBwdThreads, 1) attention_bwd_wgmma(AttnPara
   for (int64_t it = 0; it < iters; ++it) {
     const int stage = int(it & 1);
     const int64_t h = g * p.group + it / nq, i0 = (mb0 + it % nq) * BM;
-    if (it + 1 < iters) {
-      issue(it + 1, stage ^ 1);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
+    cp_async_next_stage(it + 1 < iters, [&] { issue(it + 1, stage ^ 1); });
     wgmma::fence_async_smem();
     __syncthreads();
     const T* qt = qs + stage * BM * D;

@@ -57,14 +57,10 @@ __global__ void __launch_bounds__(kFwdThreads, 2) attention_fwd_mma(AttnParams p
 
   for (int64_t n = n_begin; n < n_end; ++n) {
     const int stage = int(n - n_begin) & 1;
-    if (n + 1 < n_end) {
+    cp_async_next_stage(n + 1 < n_end, [&] {
       load_tile<BN, D, kFwdThreads>(ks + (stage ^ 1) * BN * D, p.k, b, (n + 1) * BN, p.Tk, g);
       load_tile<BN, D, kFwdThreads>(vs + (stage ^ 1) * BN * D, p.v, b, (n + 1) * BN, p.Tk, g);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
+    });
     __syncthreads();
     const T* kt = ks + stage * BN * D;
     const T* vt = vs + stage * BN * D;

@@ -213,14 +213,10 @@ __global__ void __launch_bounds__(kWgThreads, 1) attention_fwd_wgmma(AttnParams 
   const float sl2 = p.scale * 1.4426950408889634f;  // scores in log2 units: exp2 is one MUFU op
   for (int64_t n = blk.n_begin; n < blk.n_end; ++n) {
     const int stage = int(n - blk.n_begin) & 1;
-    if (n + 1 < blk.n_end) {
+    cp_async_next_stage(n + 1 < blk.n_end, [&] {
       wgmma::load_tile<BN, D, kWgThreads>(ks + (stage ^ 1) * BN * D, p.k, b, (n + 1) * BN, p.Tk, g);
       wgmma::load_tile<BN, D, kWgThreads>(vs + (stage ^ 1) * BN * D, p.v, b, (n + 1) * BN, p.Tk, g);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
+    });
     wgmma::fence_async_smem();
     __syncthreads();
     if (blk.sees(n)) {

@@ -42,6 +42,12 @@ struct Rows {
     return static_cast<T*>(data) + b * sb + t * st + h * sh;
   }
 };
+// Rows with 16-byte aligned starts and 8-element strides: the 16-byte vector
+// paths (tensor-core tiles, load_v/store_v with V = 8) may read them. An absent view passes.
+inline bool aligned16(const Rows& x) {
+  return !x.data || (reinterpret_cast<uintptr_t>(x.data) % 16 == 0 && x.sb % 8 == 0 &&
+                     x.st % 8 == 0 && x.sh % 8 == 0);
+}
 
 // V consecutive elements to/from float: V = 1, or V a multiple of 8 (16-byte accesses; the
 // pointer must be 16-byte aligned).
@@ -126,7 +132,7 @@ inline TokenScalar lam_level(const TensorRef& lam, int64_t l) {
 inline TensorRef select0(const TensorRef& t, int64_t i) {
   TensorRef s = t;
   s.ndim = t.ndim - 1;
-  const int64_t elem = t.dtype == DType::f64 ? 8 : t.dtype == DType::f32 ? 4 : 2;
+  const int64_t elem = int64_t(dtype_bytes(t.dtype));
   s.data = static_cast<char*>(t.data) + i * t.stride[0] * elem;
   for (int d = 0; d < s.ndim; ++d) {
     s.shape[d] = t.shape[d + 1];
@@ -206,7 +212,5 @@ template <class F> void dispatch_dtype(DType dt, const char* op, F&& f) {
     default: fail(op, ": dtype ", dtype_name(dt), " has no CUDA kernel");
   }
 }
-
-inline size_t dtype_bytes(DType dt) { return dt == DType::f64 ? 8 : dt == DType::f32 ? 4 : 2; }
 
 }  // namespace mka::cuda

@@ -32,10 +32,6 @@ ScanArgs scan_args(const RouteProblem& p, const TensorRef& lam, Rows x, Rows x3,
 }
 
 // Eight channels per thread when every view allows 16-byte accesses (see ema_scan.cuh).
-bool aligned16(const Rows& x) {
-  return !x.data || (reinterpret_cast<uintptr_t>(x.data) % 16 == 0 && x.sb % 8 == 0 &&
-                     x.st % 8 == 0 && x.sh % 8 == 0);
-}
 int vector_width(const ScanArgs& a) {
   if (a.d % 8 != 0) return 1;
   for (const Rows* x : {&a.x, &a.x3, &a.y, &a.dy, &a.dx, &a.dx3})

@@ -79,10 +79,6 @@ template <class T, int V> __global__ void mix_dlam(Levels lv, Rows dout, int64_t
   }
 }
 
-bool aligned16(const Rows& x) {
-  return reinterpret_cast<uintptr_t>(x.data) % 16 == 0 && x.sb % 8 == 0 && x.st % 8 == 0 &&
-         x.sh % 8 == 0;
-}
 // Calls f(std::integral_constant<int, V>): 8 where d and every view allow 16-byte accesses.
 template <class F> void dispatch_mix_width(const Levels& lv, const Rows& x, int64_t d, F&& f) {
   bool wide = d % 8 == 0 && aligned16(x);

@@ -22,6 +22,18 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
+// Double buffering: issues the next stage's copies (when there is one) as their own group,
+// then waits until the older groups, the current stage's, have landed.
+template <class Issue>
+__device__ __forceinline__ void cp_async_next_stage(bool more, Issue&& issue) {
+  if (more) {
+    issue();
+    cp_async_commit();
+    cp_async_wait<1>();
+  } else {
+    cp_async_wait<0>();
+  }
+}
 
 // Rows [r0, r0 + R) of head `h` of x (batch b) into a swizzled tile; zeros past row n.
 template <int R, int D, int THREADS, class T>

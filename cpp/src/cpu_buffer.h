@@ -35,7 +35,7 @@ class Buffer {
 inline TensorRef select0(const TensorRef& t, int64_t i) {
   TensorRef s = t;
   s.ndim = t.ndim - 1;
-  const size_t elem = t.dtype == DType::f64 ? 8 : t.dtype == DType::f32 ? 4 : 2;
+  const size_t elem = dtype_bytes(t.dtype);
   s.data = static_cast<char*>(t.data) + i * t.stride[0] * int64_t(elem);
   for (int d = 0; d < s.ndim; ++d) {
     s.shape[d] = t.shape[d + 1];

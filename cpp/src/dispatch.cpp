@@ -37,12 +37,7 @@ void on_device(Device dev, [[maybe_unused]] const char* op, CpuFn&& cpu,
 
 // Softmax statistics are addressed as dense (B, H, Tq) rows.
 void check_contiguous(const TensorRef& t, const char* name) {
-  if (t.numel() == 0) return;  // empty: strides are arbitrary and never used
-  int64_t expect = 1;
-  for (int d = t.ndim - 1; d >= 0; --d) {
-    MKA_CHECK(t.shape[d] <= 1 || t.stride[d] == expect, name, ": must be contiguous");
-    expect *= t.shape[d];
-  }
+  MKA_CHECK(is_contiguous(t), name, ": must be contiguous");
 }
 
 // The CPU kernels read lam in the inputs' dtype (the Python layer casts it).
@@ -90,9 +85,9 @@ void check_route_grads(const RouteInputs& r, const RouteGrads& g) {
 void zero_fill_cpu(const TensorRef& t) {
   const int64_t n = t.numel();
   if (n == 0) return;
-  const int64_t elem = t.dtype == DType::f64 ? 8 : t.dtype == DType::f32 ? 4 : 2;
+  const int64_t elem = int64_t(dtype_bytes(t.dtype));
   const int last = t.ndim - 1;
-  const int64_t run = last >= 0 && t.stride[last] == 1 ? t.shape[last] : 1;
+  const int64_t run = is_contiguous(t) ? n : last >= 0 && t.stride[last] == 1 ? t.shape[last] : 1;
   for (int64_t i = 0; i < n; i += run) {
     int64_t rest = i, off = 0;
     for (int dim = last; dim >= 0; --dim) {

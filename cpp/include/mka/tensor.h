@@ -1,6 +1,7 @@
 // A strided tensor view handed over by the binding: raw pointer, shape and strides
 // (in elements), dtype and device. The core never owns or allocates tensor memory.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 #include <string>
 
@@ -32,5 +33,18 @@ struct TensorRef {
 };
 
 template <class T> T* ptr(const TensorRef& t) { return static_cast<T*>(t.data); }
+
+inline size_t dtype_bytes(DType dt) { return dt == DType::f64 ? 8 : dt == DType::f32 ? 4 : 2; }
+
+// Row-major dense (dimensions of size 0 or 1 may have any stride); an empty tensor is.
+inline bool is_contiguous(const TensorRef& t) {
+  if (t.numel() == 0) return true;
+  int64_t expect = 1;
+  for (int d = t.ndim - 1; d >= 0; --d) {
+    if (t.shape[d] > 1 && t.stride[d] != expect) return false;
+    expect *= t.shape[d];
+  }
+  return true;
+}
 
 }  // namespace mka
