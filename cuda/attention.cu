@@ -35,6 +35,15 @@ template <class F> void dispatch_head_dim(int64_t d, F&& f) {
   fail("attention: head dim ", d, " has no CUDA kernel (64 or 128)");
 }
 
+// A (B, Tk, G, d) key-side view in p.dtype as a tensor (for accumulate's zero fill).
+TensorRef kv_view(const Rows& x, const AttentionProblem& p) {
+  TensorRef t;
+  t.data = x.data, t.ndim = 4, t.dtype = p.dtype, t.device = Device::cuda;
+  const int64_t shape[4] = {p.B, p.Tk, p.G, p.d}, stride[4] = {x.sb, x.st, x.sh, 1};
+  for (int i = 0; i < 4; ++i) t.shape[i] = shape[i], t.stride[i] = stride[i];
+  return t;
+}
+
 template <class Kernel> void set_smem(Kernel k, int bytes) {
   check_cuda(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
              "cudaFuncSetAttribute (shared memory)");
@@ -151,7 +160,12 @@ void attention_fwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows 
 void attention_bwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows out,
                         const float* lse, Rows dout, TokenScalar w, Rows dq, Rows dk, Rows dv,
                         KVGrad kv_grad, cudaStream_t s) {
-  if (p.B == 0 || p.Tq == 0 || p.H == 0) return;  // no query: every gradient stays zero
+  if (p.B == 0) return;
+  if (p.Tq == 0 || p.H == 0) {  // no query: nothing flows; stored dk/dv must still be zeros
+    if (kv_grad == KVGrad::store_io)
+      for (const Rows* x : {&dk, &dv}) accumulate(nullptr, kv_view(*x, p), s, false);
+    return;
+  }
   AttnParams a = attn_params(p);
   a.q = q, a.k = k, a.v = v, a.out = out, a.lse = const_cast<float*>(lse);
   a.dout = dout, a.dq = dq, a.dk = dk, a.dv = dv, a.w = w, a.kv_grad = kv_grad;
@@ -202,11 +216,6 @@ void attention_bwd(const AttentionProblem& p, const TensorRef& q, const TensorRe
                      rows(dout), TokenScalar{}, dense_rows(dq_acc.as<float>(), p.Tq, p.H, p.d),
                      rows(dk), rows(dv), add ? KVGrad::add_io : KVGrad::store_io, s);
   accumulate(dq_acc.as<float>(), dq, s, add);
-  const bool kernels_ran = p.B > 0 && p.Tq > 0 && p.H > 0;  // see attention_bwd_rows
-  if (!add && !kernels_ran) {  // no query: zero gradients, written here
-    accumulate(nullptr, dk, s, false);
-    accumulate(nullptr, dv, s, false);
-  }
 }
 
 }  // namespace mka::cuda

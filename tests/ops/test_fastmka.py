@@ -17,6 +17,7 @@ CASES = [
     (1, 17, 40, 4, 1, 64, True, None, 3, False),
     (2, 7, 7, 2, 1, 256, False, None, 2, True),
     (1, 1, 1, 2, 2, 32, True, None, 3, True),
+    (1, 0, 9, 2, 1, 64, True, None, 2, True),  # no query: gradients only through the states
 ]
 
 
