@@ -1,28 +1,17 @@
 // Launchers of the chunked EMA-route scan (ema_scan.cuh).
+#include <optional>
+
 #include "ema_scan.cuh"
 #include "launchers.h"
 
 namespace mka::cuda {
 namespace {
 
-// Tokens per chunk. The chunk passes run B * (T / chunk) * G * d / 8 threads and the carry
-// pass walks T / chunk chunks one after another, so: halve the 64-token chunk while that
-// leaves fewer than 2^17 threads (at G = 4, T = 2k the 64-token chunks ran 16k threads, an
-// eighth of what the H100 keeps in flight, and the passes reached a third of HBM bandwidth),
-// as long as the walk stays within 256 chunks and chunks keep 8 tokens.
-int64_t pick_chunk(int64_t B, int64_t T, int64_t channels) {
-  int64_t chunk = 64;
-  while (chunk > 8 && B * ceil_div(T, chunk) * channels / 8 < (int64_t(1) << 17) &&
-         ceil_div(T, chunk / 2) <= 256)
-    chunk /= 2;
-  return chunk;
-}
-
 ScanArgs scan_args(const RouteProblem& p, const TensorRef& lam, Rows x, Rows x3,
                    StateView state_in) {
   ScanArgs a;
   a.B = p.B, a.T = p.T, a.G = p.G, a.d = p.d;
-  a.chunk = pick_chunk(p.B, p.T, p.G * p.d);
+  a.chunk = ema_scan_chunk(p.B, p.T, p.G * p.d);  // mka/problem.h
   a.n_chunks = ceil_div(p.T, a.chunk);
   a.L = lam.present() ? int(p.L) : 2;
   a.beta = float(p.beta);
@@ -93,51 +82,43 @@ void ema_route_fwd(const RouteProblem& p, const TensorRef& lam, Rows x, Rows x3,
 }
 
 namespace {
-template <class T, class TG, class TX, int V>
-void backward_passes(ScanArgs& a, bool have_carries, cudaStream_t s) {
-  if (a.dlam && a.n_chunks > 0) {  // dlam needs the forward EMA, recomputed chunk by chunk
-    if (!have_carries) forward_carries<T, V>(a, s);
-    ema_route_dlam<T, TG, V><<<chunk_grid(a, V), kScanThreads, 0, s>>>(a);
-    check_launch("ema_route_dlam");
-  }
+template <class T, int V> void backward_passes(ScanArgs& a, bool have_carries, cudaStream_t s) {
   if (a.n_chunks > 0) {
-    ema_local_bwd<TG, V><<<chunk_grid(a, V), kScanThreads, 0, s>>>(a);
-    check_launch("ema_local_bwd");
+    if (a.dlam) {  // dlam needs the forward EMA, recomputed chunk by chunk from its carries
+      if (!have_carries) forward_carries<T, V>(a, s);
+      ema_route_dlam<T, V><<<chunk_grid(a, V), kScanThreads, 0, s>>>(a);
+      check_launch("ema_route_dlam");
+    } else {
+      ema_local_bwd<T, V><<<chunk_grid(a, V), kScanThreads, 0, s>>>(a);
+      check_launch("ema_local_bwd");
+    }
   }
   ema_carry_bwd<<<carry_grid(a), kScanThreads, 0, s>>>(a);
   check_launch("ema_carry_bwd");
   if (a.n_chunks > 0) {
-    ema_route_dx<T, TG, TX, V><<<chunk_grid(a, V), kScanThreads, 0, s>>>(a);
+    ema_route_dx<T, V><<<chunk_grid(a, V), kScanThreads, 0, s>>>(a);
     check_launch("ema_route_dx");
   }
 }
 }  // namespace
 
 void ema_route_bwd(const RouteProblem& p, const TensorRef& lam, Rows x, Rows x3,
-                   StateView state_in, Rows dy, GradDType dy_type, StateView dstate_out,
-                   Rows dx, Rows dx3, GradDType dx_type, float* dlam, StateView dstate_in,
-                   cudaStream_t s, const float* fwd_carry) {
+                   StateView state_in, Rows dy, StateView dstate_out, Rows dx, Rows dx3,
+                   float* dlam, StateView dstate_in, bool add, cudaStream_t s,
+                   const float* fwd_carry, std::optional<bool> add_state) {
   if (p.B == 0) return;
   ScanArgs a = scan_args(p, lam, x, x3, state_in);
   a.dy = dy, a.dstate_out = dstate_out, a.dx = dx, a.dx3 = dx3, a.dstate_in = dstate_in;
   a.dlam = lam.present() ? dlam : nullptr;
+  a.add = add;
+  a.add_state = add_state.value_or(add);
   const bool have = fwd_carry != nullptr;
   Workspace carry(a.dlam && !have ? carry_bytes(a) : 0, s, false), rcarry(carry_bytes(a), s, false);
   a.carry = have ? const_cast<float*>(fwd_carry) : carry.as<float>();
   a.rcarry = rcarry.as<float>();
   dispatch_dtype(p.dtype, "ema_route backward", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    dispatch_width(a, [&](auto width) {
-      constexpr int V = decltype(width)::value;
-      if (dy_type == GradDType::input) {
-        MKA_CHECK(dx_type == GradDType::input, "ema_route backward: float32 dx needs float32 dy");
-        backward_passes<T, T, T, V>(a, have, s);
-      } else if (dx_type == GradDType::input) {
-        backward_passes<T, float, T, V>(a, have, s);
-      } else {
-        backward_passes<T, float, float, V>(a, have, s);
-      }
-    });
+    dispatch_width(a, [&](auto width) { backward_passes<T, decltype(width)::value>(a, have, s); });
   });
 }
 

@@ -4,7 +4,8 @@
 //   carry pass: one thread per (batch, channel) walks the chunks, turning local end
 //               states into each chunk's true start state (s_start' = beta^len s + local);
 //   final pass: each chunk rescans from its true start and writes y (or dlam terms).
-// The backward runs the same three passes in reverse time for u_t = l1_t dy_t + beta u_{t+1}.
+// The backward runs the same three passes in reverse time for u_t = l1_t dy_t + beta u_{t+1};
+// with lam, its local pass also makes dlam (which needs the forward EMA, in forward time).
 #pragma once
 #include "device_utils.cuh"
 
@@ -36,6 +37,8 @@ struct ScanArgs {
   StateView dstate_out, dstate_in;
   float* rcarry = nullptr;  // (B, n_chunks, G*d) for the reverse scan
   float* dlam = nullptr;    // (B, T, L) float32 accumulator, or nullptr
+  bool add = true;          // dx, dx3: add into them, or overwrite them
+  bool add_state = true;    // dstate_in: the same
 
   __host__ __device__ int64_t channels() const { return G * d; }
 };
@@ -130,29 +133,35 @@ template <class T, int V> __global__ void ema_route_out(ScanArgs a) {
   }
 }
 
-// Backward, forward-time pass: dlam[t] += (<x_t, dy_t>, <s_t, dy_t>, <x3_t, dy_t>) summed over
-// channels (warp sums, then one atomic per warp and level).
-template <class T, class TG, int V> __global__ void ema_route_dlam(ScanArgs a) {
+// Backward, local pass with lam (forward time): dlam[t] += (<x_t, dy_t>, <s_t, dy_t>,
+// <x3_t, dy_t>) summed over channels (warp sums, one atomic per warp and level), s from the
+// chunk's true start state; and, as ema_local_bwd, u at the chunk's first token from a zero
+// carry at its end, summed forward as sum_t beta^(t - t0) l1_t dy_t (one read of dy for both).
+template <class T, int V> __global__ void ema_route_dlam(ScanArgs a) {
   int64_t g, c;
   const bool active = scan_channel<V>(a, g, c);
   const int64_t b = blockIdx.z, ch = blockIdx.y;
   const int64_t t0 = ch * a.chunk, t1 = min(a.T, t0 + a.chunk);
   const bool has3 = a.L == 3 && a.x3.data;
-  float s[V] = {}, x[V], dy[V], x3[V];
+  float s[V] = {}, u[V] = {}, x[V], dy[V], x3[V];
+  float decay = 1.f;  // beta^(t - t0)
   if (active) load_v<V>(carry_at<V>(a, a.carry, b, ch), s);
   for (int64_t t = t0; t < t1; ++t) {
     float p0 = 0.f, p1 = 0.f, p2 = 0.f;
     if (active) {
       load_v<V>(a.x.at<const T>(b, t, g) + c, x);
-      load_v<V>(a.dy.at<const TG>(b, t, g) + c, dy);
+      load_v<V>(a.dy.at<const T>(b, t, g) + c, dy);
       if (has3) load_v<V>(a.x3.at<const T>(b, t, g) + c, x3);
+      const float w1 = decay * a.w.l1.load(b, t, 1.f);
       #pragma unroll
       for (int i = 0; i < V; ++i) {
         s[i] = a.beta * s[i] + (1.f - a.beta) * x[i];
         p0 += x[i] * dy[i];
         p1 += s[i] * dy[i];
         if (has3) p2 += x3[i] * dy[i];
+        u[i] += w1 * dy[i];
       }
+      decay *= a.beta;
     }
     p0 = warp_sum(p0);
     p1 = warp_sum(p1);
@@ -164,10 +173,12 @@ template <class T, class TG, int V> __global__ void ema_route_dlam(ScanArgs a) {
       if (a.L == 3) atomicAdd(dl + 2, p2);
     }
   }
+  if (active) store_v<V>(carry_at<V>(a, a.rcarry, b, ch), u);
 }
 
-// Local pass, backward: u at the chunk's first token from a zero carry at its end.
-template <class TG, int V> __global__ void ema_local_bwd(ScanArgs a) {
+// Local pass, backward, without dlam: u at the chunk's first token from a zero carry at its
+// end.
+template <class T, int V> __global__ void ema_local_bwd(ScanArgs a) {
   int64_t g, c;
   if (!scan_channel<V>(a, g, c)) return;
   const int64_t b = blockIdx.z, ch = blockIdx.y;
@@ -176,7 +187,7 @@ template <class TG, int V> __global__ void ema_local_bwd(ScanArgs a) {
   #pragma unroll 4
   for (int64_t t = t1 - 1; t >= t0; --t) {
     const float w1 = a.w.l1.load(b, t, 1.f);
-    load_v<V>(a.dy.at<const TG>(b, t, g) + c, dy);
+    load_v<V>(a.dy.at<const T>(b, t, g) + c, dy);
     #pragma unroll
     for (int i = 0; i < V; ++i) u[i] = w1 * dy[i] + a.beta * u[i];
   }
@@ -206,36 +217,39 @@ __global__ void ema_carry_bwd(ScanArgs a) {
       carry = a.beta * (u_local[j] + (ch + 1 < a.n_chunks ? decay : last_decay) * carry);
     }
   }
-  if (a.dstate_in.data) a.dstate_in.at(b, g)[c] += carry;
+  if (a.dstate_in.data) {
+    float* ds = a.dstate_in.at(b, g) + c;
+    *ds = a.add_state ? *ds + carry : carry;
+  }
 }
 
-// Final pass, backward: dx_t += l0 dy_t + (1 - beta) u_t, dx3_t += l2 dy_t (dx, dx3 of type TX).
-template <class T, class TG, class TX, int V> __global__ void ema_route_dx(ScanArgs a) {
+// Final pass, backward: dx_t (+)= l0 dy_t + (1 - beta) u_t, dx3_t (+)= l2 dy_t.
+template <class T, int V> __global__ void ema_route_dx(ScanArgs a) {
   int64_t g, c;
   if (!scan_channel<V>(a, g, c)) return;
   const int64_t b = blockIdx.z, ch = blockIdx.y;
   const int64_t t0 = ch * a.chunk, t1 = min(a.T, t0 + a.chunk);
   const bool has3 = a.L == 3 && a.dx3.data;
-  float carry[V], dy[V], dx[V], dx3[V];
+  float carry[V], dy[V], dx[V] = {}, dx3[V] = {};
   load_v<V>(carry_at<V>(a, a.rcarry, b, ch), carry);
   for (int64_t t = t1 - 1; t >= t0; --t) {
     float w0, w1, w2;
     a.w.load(b, t, w0, w1, w2);
-    load_v<V>(a.dy.at<const TG>(b, t, g) + c, dy);
-    TX* dxp = a.dx.at<TX>(b, t, g) + c;
-    load_v<V>(dxp, dx);
+    load_v<V>(a.dy.at<const T>(b, t, g) + c, dy);
+    T* dxp = a.dx.at<T>(b, t, g) + c;
+    if (a.add) load_v<V>(dxp, dx);
     #pragma unroll
     for (int i = 0; i < V; ++i) {
       const float u = w1 * dy[i] + carry[i];
-      dx[i] += w0 * dy[i] + (1.f - a.beta) * u;
+      dx[i] = (a.add ? dx[i] : 0.f) + w0 * dy[i] + (1.f - a.beta) * u;
       carry[i] = a.beta * u;
     }
     store_v<V>(dxp, dx);
     if (has3) {
-      TX* dx3p = a.dx3.at<TX>(b, t, g) + c;
-      load_v<V>(dx3p, dx3);
+      T* dx3p = a.dx3.at<T>(b, t, g) + c;
+      if (a.add) load_v<V>(dx3p, dx3);
       #pragma unroll
-      for (int i = 0; i < V; ++i) dx3[i] += w2 * dy[i];
+      for (int i = 0; i < V; ++i) dx3[i] = (a.add ? dx3[i] : 0.f) + w2 * dy[i];
       store_v<V>(dx3p, dx3);
     }
   }

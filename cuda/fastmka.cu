@@ -1,22 +1,41 @@
 // FastMKA on the GPU: route fusion in one memory-bound pass (the chunked EMA-route scan)
-// into a stream-ordered scratch copy of the fused keys/values, then the attention kernels.
-// The fusion pass moves ~3 bytes per key/value byte against attention's O(T) reuse of each
-// key, so it costs a few percent of the attention at training lengths (bench/PERF_NOTES.md).
-// Backward recomputes the fusion rather than keeping the fused copy alive between passes.
+// into the fused keys/values, then the attention kernels. The fusion pass moves ~3 bytes per
+// key/value byte against attention's O(T) reuse of each key, so it costs a few percent of
+// the attention at training lengths (bench/PERF_NOTES.md). The forward keeps the fused
+// keys/values and the scans' chunk start states in the caller's SavedKeys, so the backward
+// neither remakes them nor rereads k/v for them; without SavedKeys both live in scratch and
+// the backward recomputes them.
 #include "launchers.h"
 #include "mka/cuda_kernels.h"
 
 namespace mka::cuda {
 namespace {
 
-// kc, vc (optional): keep the scans' chunk start states for the backward's dlam pass.
+// The fused keys/values and the two scans' chunk start states: the caller's, or scratch.
+struct Fused {
+  KVScratch scratch;
+  Workspace carry_scratch;
+  Rows kr, vr;
+  float *kc = nullptr, *vc = nullptr;
+  Fused(const AttentionProblem& ap, const RouteProblem& rp, const SavedKeys& saved,
+        cudaStream_t s)
+      : scratch(saved.k.present() ? AttentionProblem{} : ap, s),
+        carry_scratch(saved.k.present() ? 0 : 2 * ema_carry_bytes(rp), s, false) {
+    const bool kept = saved.k.present();
+    kr = kept ? rows(saved.k) : scratch.kr;
+    vr = kept ? rows(saved.v) : scratch.vr;
+    kc = kept ? static_cast<float*>(saved.carry.data) : carry_scratch.as<float>();
+    vc = kc ? kc + ema_carry_bytes(rp) / 4 : nullptr;
+  }
+};
+
 void fuse(const RouteProblem& rp, const TensorRef& k, const TensorRef& v, const RouteInputs& r,
-          const KVScratch& f, const TensorRef& k_state_out, const TensorRef& v_state_out,
-          cudaStream_t s, float* kc = nullptr, float* vc = nullptr) {
+          const Fused& f, const TensorRef& k_state_out, const TensorRef& v_state_out,
+          cudaStream_t s) {
   ema_route_fwd(rp, r.lam, rows(k), rows(r.k3), state(r.k_state), f.kr, state(k_state_out), s,
-                kc);
+                f.kc);
   ema_route_fwd(rp, r.lam, rows(v), rows(r.v3), state(r.v_state), f.vr, state(v_state_out), s,
-                vc);
+                f.vc);
 }
 
 }  // namespace
@@ -24,10 +43,10 @@ void fuse(const RouteProblem& rp, const TensorRef& k, const TensorRef& v, const 
 void fastmka_fwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef& q,
                  const TensorRef& k, const TensorRef& v, const RouteInputs& r,
                  const TensorRef& out, const TensorRef& lse, const TensorRef& k_state_out,
-                 const TensorRef& v_state_out, void* stream) {
+                 const TensorRef& v_state_out, const SavedKeys& saved, void* stream) {
   DeviceGuard guard(q.device_id);
   auto s = static_cast<cudaStream_t>(stream);
-  KVScratch f(ap, s);
+  Fused f(ap, rp, saved, s);
   fuse(rp, k, v, r, f, k_state_out, v_state_out, s);
   attention_fwd_rows(ap, rows(q), f.kr, f.vr, rows(out), static_cast<float*>(lse.data), s);
 }
@@ -37,14 +56,11 @@ void fastmka_bwd(const AttentionProblem& ap, const RouteProblem& rp, const Tenso
                  const TensorRef& out, const TensorRef& lse, const TensorRef& dout,
                  const TensorRef& dk_state_out, const TensorRef& dv_state_out,
                  const TensorRef& dq, const TensorRef& dk, const TensorRef& dv,
-                 const RouteGrads& g, void* stream) {
+                 const RouteGrads& g, const SavedKeys& saved, void* stream, bool add) {
   DeviceGuard guard(q.device_id);
   auto s = static_cast<cudaStream_t>(stream);
-  KVScratch f(ap, s);
-  const bool dlam_needed = g.dlam.present() && r.lam.present();
-  Workspace kc(dlam_needed ? ema_carry_bytes(rp) : 0, s, false);
-  Workspace vc(dlam_needed ? ema_carry_bytes(rp) : 0, s, false);
-  fuse(rp, k, v, r, f, TensorRef{}, TensorRef{}, s, kc.as<float>(), vc.as<float>());
+  Fused f(ap, rp, saved, s);
+  if (!saved.k.present()) fuse(rp, k, v, r, f, TensorRef{}, TensorRef{}, s);
   // dK, dV of the fused keys/values: stored by the attention kernel in the inputs' dtype
   // (no float32 copy, no zero fill), read by the scan's backward.
   KVScratch df(ap, s);
@@ -52,15 +68,13 @@ void fastmka_bwd(const AttentionProblem& ap, const RouteProblem& rp, const Tenso
   attention_bwd_rows(ap, rows(q), f.kr, f.vr, rows(out), static_cast<const float*>(lse.data),
                      rows(dout), TokenScalar{}, dense_rows(dq_acc.as<float>(), ap.Tq, ap.H, ap.d),
                      df.kr, df.vr, KVGrad::store_io, s);
-  accumulate(dq_acc.as<float>(), dq, s);
+  accumulate(dq_acc.as<float>(), dq, s, add);
   Workspace dlam(g.dlam.present() ? size_t(rp.B * rp.T * rp.L) * 4 : 0, s, true);
-  ema_route_bwd(rp, r.lam, rows(k), rows(r.k3), state(r.k_state), df.kr, GradDType::input,
-                state(dk_state_out), rows(dk), rows(g.dk3), GradDType::input, dlam.as<float>(),
-                state(g.dk_state), s, kc.as<float>());
-  ema_route_bwd(rp, r.lam, rows(v), rows(r.v3), state(r.v_state), df.vr, GradDType::input,
-                state(dv_state_out), rows(dv), rows(g.dv3), GradDType::input, dlam.as<float>(),
-                state(g.dv_state), s, vc.as<float>());
-  if (g.dlam.present()) accumulate(dlam.as<float>(), g.dlam, s);
+  ema_route_bwd(rp, r.lam, rows(k), rows(r.k3), state(r.k_state), df.kr, state(dk_state_out),
+                rows(dk), rows(g.dk3), dlam.as<float>(), state(g.dk_state), add, s, f.kc);
+  ema_route_bwd(rp, r.lam, rows(v), rows(r.v3), state(r.v_state), df.vr, state(dv_state_out),
+                rows(dv), rows(g.dv3), dlam.as<float>(), state(g.dv_state), add, s, f.vc);
+  if (g.dlam.present()) accumulate(dlam.as<float>(), g.dlam, s, add);
 }
 
 }  // namespace mka::cuda

@@ -4,6 +4,8 @@
 #pragma once
 #include <cuda_runtime.h>
 
+#include <optional>
+
 #include "attention_params.cuh"
 #include "device_utils.cuh"
 #include "mka/problem.h"
@@ -44,13 +46,13 @@ void ema_route_fwd(const RouteProblem& p, const TensorRef& lam, Rows x, Rows x3,
                    StateView state_in, Rows y, StateView state_out, cudaStream_t stream,
                    float* carry_out = nullptr);
 size_t ema_carry_bytes(const RouteProblem& p);
-// Element types of the incoming gradient dy and of the gradients dx, dx3 it adds into.
-enum class GradDType { input, f32 };
-// dlam: dense (B, T, L) float32 accumulator, or nullptr.
+// The backward of ema_route_fwd: dy in p.dtype; dx, dx3 (p.dtype) added into (add) or
+// overwritten, dstate_in likewise (add_state, default: add); dlam: dense (B, T, L) float32
+// accumulator added into, or nullptr.
 void ema_route_bwd(const RouteProblem& p, const TensorRef& lam, Rows x, Rows x3,
-                   StateView state_in, Rows dy, GradDType dy_type, StateView dstate_out,
-                   Rows dx, Rows dx3, GradDType dx_type, float* dlam, StateView dstate_in,
-                   cudaStream_t stream, const float* fwd_carry = nullptr);
+                   StateView state_in, Rows dy, StateView dstate_out, Rows dx, Rows dx3,
+                   float* dlam, StateView dstate_in, bool add, cudaStream_t stream,
+                   const float* fwd_carry = nullptr, std::optional<bool> add_state = {});
 
 // dst += src (add) or dst = src, where src is a dense float32 tensor of dst's shape (dst
 // strided, any dtype); src == nullptr reads as zeros.

@@ -1,9 +1,11 @@
 // Full MKA on the GPU: one attention per memory level, mixed per query token by lam.
 // L1 attends to k/v (with the window), L2 to their EMA (made from k/v here by the scan, so
 // a decode cache holds only k/v), L3 to the recalled memory tokens without a causal mask.
-// Backward: each level's attention backward with its dout rows weighted by lam[., l]
-// (folded into the kernels), the EMA backward for L2; dq through a float32 accumulator, dk
-// and dv added in the inputs' dtype.
+// The forward keeps the EMA keys/values in the caller's SavedKeys (else scratch, remade by
+// the backward). Backward: each level's attention backward with its dout rows weighted by
+// lam[., l] (folded into the kernels), the EMA backward for L2; dq through a float32
+// accumulator; level 1 stores (or adds) dk, dv in the inputs' dtype, level 2 stores the EMA
+// keys' gradients in scratch of that dtype and the scan's backward adds them onto dk, dv.
 #include "launchers.h"
 #include "mka/cuda_kernels.h"
 
@@ -97,16 +99,19 @@ void mka_fwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef
              const TensorRef& k, const TensorRef& v, const RouteInputs& r,
              const TensorRef& mem_k, const TensorRef& mem_v, const TensorRef& out,
              const TensorRef& o_levels, const TensorRef& lse_levels,
-             const TensorRef& k_state_out, const TensorRef& v_state_out, void* stream) {
+             const TensorRef& k_state_out, const TensorRef& v_state_out, const SavedKeys& saved,
+             void* stream) {
   DeviceGuard guard(q.device_id);
   auto s = static_cast<cudaStream_t>(stream);
   const Levels lv = levels(o_levels, r.lam);
   attention_fwd_rows(level_problem(ap, 0, 0), rows(q), rows(k), rows(v), lv.o[0],
                      lse_level(lse_levels, 0), s);
-  KVScratch e(ap, s);
-  ema_route_fwd(rp, TensorRef{}, rows(k), Rows{}, state(r.k_state), e.kr, state(k_state_out), s);
-  ema_route_fwd(rp, TensorRef{}, rows(v), Rows{}, state(r.v_state), e.vr, state(v_state_out), s);
-  attention_fwd_rows(level_problem(ap, 1, 0), rows(q), e.kr, e.vr, lv.o[1],
+  const bool keep = saved.k.present();
+  KVScratch e(keep ? AttentionProblem{} : ap, s);
+  const Rows ke = keep ? rows(saved.k) : e.kr, ve = keep ? rows(saved.v) : e.vr;
+  ema_route_fwd(rp, TensorRef{}, rows(k), Rows{}, state(r.k_state), ke, state(k_state_out), s);
+  ema_route_fwd(rp, TensorRef{}, rows(v), Rows{}, state(r.v_state), ve, state(v_state_out), s);
+  attention_fwd_rows(level_problem(ap, 1, 0), rows(q), ke, ve, lv.o[1],
                      lse_level(lse_levels, 1), s);
   if (lv.L == 3)
     attention_fwd_rows(level_problem(ap, 2, mem_k.shape[1]), rows(q), rows(mem_k), rows(mem_v),
@@ -130,7 +135,7 @@ void mka_bwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef
              const TensorRef& dk_state_out, const TensorRef& dv_state_out,
              const TensorRef& dq, const TensorRef& dk, const TensorRef& dv,
              const TensorRef& dmem_k, const TensorRef& dmem_v, const RouteGrads& g,
-             void* stream) {
+             const SavedKeys& saved, void* stream, bool add) {
   DeviceGuard guard(q.device_id);
   auto s = static_cast<cudaStream_t>(stream);
   const Levels lv = levels(o_levels, r.lam);
@@ -145,41 +150,43 @@ void mka_bwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef
       });
       check_launch("mix_dlam");
     });
-    accumulate(dlam.as<float>(), g.dlam, s);
+    accumulate(dlam.as<float>(), g.dlam, s, add);
+  } else if (g.dlam.present() && !add) {
+    accumulate(nullptr, g.dlam, s, false);  // no query token: zeros
   }
-  // dq: float32 accumulator over the levels' key blocks (atomics). dk, dv: level 1 adds its
-  // share in the inputs' dtype itself, level 2's goes through the EMA scan's backward, which
-  // adds onto it; M's gradients are level 3's alone.
-  const size_t kv_bytes = size_t(ap.B * ap.Tk * ap.G * ap.d) * 4;
+  // dq: float32 accumulator over the levels' key blocks (atomics).
   Workspace dq_acc(size_t(ap.B * ap.Tq * ap.H * ap.d) * 4, s, true);
   const Rows dq_rows = dense_rows(dq_acc.as<float>(), ap.Tq, ap.H, ap.d);
   const auto lse = [&](int l) { return lse_level(lse_levels, l); };
+  const KVGrad io = add ? KVGrad::add_io : KVGrad::store_io;
 
   attention_bwd_rows(level_problem(ap, 0, 0), rows(q), rows(k), rows(v), lv.o[0], lse(0),
-                     rows(dout), lv.w[0], dq_rows, rows(dk), rows(dv), KVGrad::add_io, s);
+                     rows(dout), lv.w[0], dq_rows, rows(dk), rows(dv), io, s);
   {
-    KVScratch e(ap, s);
-    ema_route_fwd(rp, TensorRef{}, rows(k), Rows{}, state(r.k_state), e.kr, StateView{}, s);
-    ema_route_fwd(rp, TensorRef{}, rows(v), Rows{}, state(r.v_state), e.vr, StateView{}, s);
-    // float32: the EMA state's gradient sums these over the whole sequence.
-    Workspace dke(kv_bytes, s, true), dve(kv_bytes, s, true);
-    const Rows dke_rows = dense_rows(dke.as<float>(), ap.Tk, ap.G, ap.d);
-    const Rows dve_rows = dense_rows(dve.as<float>(), ap.Tk, ap.G, ap.d);
-    attention_bwd_rows(level_problem(ap, 1, 0), rows(q), e.kr, e.vr, lv.o[1], lse(1), rows(dout),
-                       lv.w[1], dq_rows, dke_rows, dve_rows, KVGrad::add_f32, s);
-    ema_route_bwd(rp, TensorRef{}, rows(k), Rows{}, state(r.k_state), dke_rows, GradDType::f32,
-                  state(dk_state_out), rows(dk), Rows{}, GradDType::input, nullptr,
-                  state(g.dk_state), s);
-    ema_route_bwd(rp, TensorRef{}, rows(v), Rows{}, state(r.v_state), dve_rows, GradDType::f32,
-                  state(dv_state_out), rows(dv), Rows{}, GradDType::input, nullptr,
-                  state(g.dv_state), s);
+    const bool kept = saved.k.present();
+    KVScratch e(kept ? AttentionProblem{} : ap, s);
+    const Rows ke = kept ? rows(saved.k) : e.kr, ve = kept ? rows(saved.v) : e.vr;
+    if (!kept) {
+      ema_route_fwd(rp, TensorRef{}, rows(k), Rows{}, state(r.k_state), ke, StateView{}, s);
+      ema_route_fwd(rp, TensorRef{}, rows(v), Rows{}, state(r.v_state), ve, StateView{}, s);
+    }
+    KVScratch de(ap, s);  // the EMA keys' gradients, stored (no zero fill)
+    attention_bwd_rows(level_problem(ap, 1, 0), rows(q), ke, ve, lv.o[1], lse(1), rows(dout),
+                       lv.w[1], dq_rows, de.kr, de.vr, KVGrad::store_io, s);
+    // Added onto level 1's dk, dv; the states' gradients are the scan's alone.
+    ema_route_bwd(rp, TensorRef{}, rows(k), Rows{}, state(r.k_state), de.kr,
+                  state(dk_state_out), rows(dk), Rows{}, nullptr, state(g.dk_state), true, s,
+                  nullptr, add);
+    ema_route_bwd(rp, TensorRef{}, rows(v), Rows{}, state(r.v_state), de.vr,
+                  state(dv_state_out), rows(dv), Rows{}, nullptr, state(g.dv_state), true, s,
+                  nullptr, add);
   }
   if (lv.L == 3) {
     const AttentionProblem p3 = level_problem(ap, 2, mem_k.shape[1]);
     attention_bwd_rows(p3, rows(q), rows(mem_k), rows(mem_v), lv.o[2], lse(2), rows(dout),
-                       lv.w[2], dq_rows, rows(dmem_k), rows(dmem_v), KVGrad::add_io, s);
+                       lv.w[2], dq_rows, rows(dmem_k), rows(dmem_v), io, s);
   }
-  accumulate(dq_acc.as<float>(), dq, s);
+  accumulate(dq_acc.as<float>(), dq, s, add);
 }
 
 }  // namespace mka::cuda

@@ -52,6 +52,10 @@ mka::RouteGrads grads(const OptArray& dlam, const OptArray& dk3, const OptArray&
           ref(dvs, "dv_state")};
 }
 
+mka::SavedKeys saved(const OptArray& k, const OptArray& v, const OptArray& carry) {
+  return {ref(k, "saved k"), ref(v, "saved v"), ref(carry, "saved carry")};
+}
+
 }  // namespace
 
 NB_MODULE(_C, m) {
@@ -93,25 +97,28 @@ NB_MODULE(_C, m) {
            const OptArray& v3, const OptArray& ks, const OptArray& vs, const Array& dkf,
            const Array& dvf, const OptArray& dks_out, const OptArray& dvs_out, const Array& dk,
            const Array& dv, const OptArray& dlam, const OptArray& dk3, const OptArray& dv3,
-           const OptArray& dks, const OptArray& dvs, uintptr_t stream) {
+           const OptArray& dks, const OptArray& dvs, bool accumulate, uintptr_t stream) {
           without_gil([&] {
             mka::route_fuse_backward(ref(k, "k"), ref(v, "v"), route(lam, beta, k3, v3, ks, vs),
                                      ref(dkf, "dk_fused"), ref(dvf, "dv_fused"),
                                      ref(dks_out, "dk_state_out"), ref(dvs_out, "dv_state_out"),
                                      ref(dk, "dk"), ref(dv, "dv"),
-                                     grads(dlam, dk3, dv3, dks, dvs), as_stream(stream));
+                                     grads(dlam, dk3, dv3, dks, dvs), as_stream(stream),
+                                     accumulate);
           });
         });
   m.def("fastmka_forward",
         [](const Array& q, const Array& k, const Array& v, const Array& lam, double beta,
            const OptArray& k3, const OptArray& v3, const OptArray& ks, const OptArray& vs,
            bool causal, OptF scale, OptI window, const Array& out, const Array& lse,
-           const Array& ks_out, const Array& vs_out, uintptr_t stream) {
+           const Array& ks_out, const Array& vs_out, const OptArray& kf, const OptArray& vf,
+           const OptArray& carry, uintptr_t stream) {
           without_gil([&] {
             mka::fastmka_forward(ref(q, "q"), ref(k, "k"), ref(v, "v"),
                                  route(lam, beta, k3, v3, ks, vs), opts(causal, scale, window),
                                  ref(out, "out"), ref(lse, "lse"), ref(ks_out, "k_state_out"),
-                                 ref(vs_out, "v_state_out"), as_stream(stream));
+                                 ref(vs_out, "v_state_out"), as_stream(stream),
+                                 saved(kf, vf, carry));
           });
         });
   m.def("fastmka_backward",
@@ -120,14 +127,16 @@ NB_MODULE(_C, m) {
            bool causal, OptF scale, OptI window, const Array& out, const Array& lse,
            const Array& dout, const OptArray& dks_out, const OptArray& dvs_out, const Array& dq,
            const Array& dk, const Array& dv, const OptArray& dlam, const OptArray& dk3,
-           const OptArray& dv3, const OptArray& dks, const OptArray& dvs, uintptr_t stream) {
+           const OptArray& dv3, const OptArray& dks, const OptArray& dvs, const OptArray& kf,
+           const OptArray& vf, const OptArray& carry, bool accumulate, uintptr_t stream) {
           without_gil([&] {
             mka::fastmka_backward(ref(q, "q"), ref(k, "k"), ref(v, "v"),
                                   route(lam, beta, k3, v3, ks, vs), opts(causal, scale, window),
                                   ref(out, "out"), ref(lse, "lse"), ref(dout, "dout"),
                                   ref(dks_out, "dk_state_out"), ref(dvs_out, "dv_state_out"),
                                   ref(dq, "dq"), ref(dk, "dk"), ref(dv, "dv"),
-                                  grads(dlam, dk3, dv3, dks, dvs), as_stream(stream));
+                                  grads(dlam, dk3, dv3, dks, dvs), as_stream(stream),
+                                  saved(kf, vf, carry), accumulate);
           });
         });
   m.def("mka_forward",
@@ -135,7 +144,7 @@ NB_MODULE(_C, m) {
            const OptArray& mem_k, const OptArray& mem_v, const OptArray& ks, const OptArray& vs,
            bool causal, OptF scale, OptI window, const Array& out, const Array& o_levels,
            const Array& lse_levels, const Array& ks_out, const Array& vs_out,
-           uintptr_t stream) {
+           const OptArray& ke, const OptArray& ve, uintptr_t stream) {
           without_gil([&] {
             mka::mka_forward(ref(q, "q"), ref(k, "k"), ref(v, "v"),
                              route(lam, beta, std::nullopt, std::nullopt, ks, vs),
@@ -143,7 +152,7 @@ NB_MODULE(_C, m) {
                              opts(causal, scale, window), ref(out, "out"),
                              ref(o_levels, "o_levels"), ref(lse_levels, "lse_levels"),
                              ref(ks_out, "k_state_out"), ref(vs_out, "v_state_out"),
-                             as_stream(stream));
+                             as_stream(stream), saved(ke, ve, std::nullopt));
           });
         });
   m.def("mka_backward",
@@ -152,7 +161,8 @@ NB_MODULE(_C, m) {
            bool causal, OptF scale, OptI window, const Array& o_levels, const Array& lse_levels,
            const Array& dout, const OptArray& dks_out, const OptArray& dvs_out, const Array& dq,
            const Array& dk, const Array& dv, const OptArray& dmem_k, const OptArray& dmem_v,
-           const OptArray& dlam, const OptArray& dks, const OptArray& dvs, uintptr_t stream) {
+           const OptArray& dlam, const OptArray& dks, const OptArray& dvs, const OptArray& ke,
+           const OptArray& ve, bool accumulate, uintptr_t stream) {
           without_gil([&] {
             mka::mka_backward(ref(q, "q"), ref(k, "k"), ref(v, "v"),
                               route(lam, beta, std::nullopt, std::nullopt, ks, vs),
@@ -163,7 +173,7 @@ NB_MODULE(_C, m) {
                               ref(dq, "dq"), ref(dk, "dk"), ref(dv, "dv"), ref(dmem_k, "dmem_k"),
                               ref(dmem_v, "dmem_v"),
                               grads(dlam, std::nullopt, std::nullopt, dks, dvs),
-                              as_stream(stream));
+                              as_stream(stream), saved(ke, ve, std::nullopt), accumulate);
           });
         });
 
@@ -171,6 +181,9 @@ NB_MODULE(_C, m) {
   m.def("num_threads", &mka::num_threads);
   m.def("cpu_isa", [] { return std::string(mka::isa_name(mka::cpu_isa())); });
   m.def("built_with_cuda", &mka::built_with_cuda);
+  m.def("fastmka_carry_numel", [](int64_t B, int64_t Tk, int64_t G, int64_t d, bool cuda) {
+    return mka::fastmka_carry_numel(B, Tk, G, d, cuda ? mka::Device::cuda : mka::Device::cpu);
+  }, "B"_a, "Tk"_a, "G"_a, "d"_a, "cuda"_a);
   m.def("cpu_tile_budget", &mka::cpu_tile_budget);
   m.def("plan_tiles",
         [](const std::string& target, int head_dim, int elem_bytes, size_t budget) {

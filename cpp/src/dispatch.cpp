@@ -98,6 +98,40 @@ void zero_fill_cpu(const TensorRef& t) {
   }
 }
 
+// Gradient buffers are overwritten (accumulate = false): the CPU kernels add, so zero them
+// first; absent buffers are skipped.
+void zero_fill_cpu(std::initializer_list<const TensorRef*> ts) {
+  for (const TensorRef* t : ts)
+    if (t->present()) zero_fill_cpu(*t);
+}
+void zero_fill_cpu(const RouteGrads& g) {
+  zero_fill_cpu({&g.dlam, &g.dk3, &g.dv3, &g.dk_state, &g.dv_state});
+}
+
+// Saved keys/values are like k and v; fastmka's carry (CUDA) is fastmka_carry_numel floats.
+void check_saved(const SavedKeys& s, const TensorRef& k, const TensorRef& v, bool with_carry,
+                 const char* op) {
+  MKA_CHECK(s.k.present() == s.v.present(), op, ": saved keys and values go together");
+  if (!s.k.present()) {
+    MKA_CHECK(!s.carry.present(), op, ": saved carry without saved keys");
+    return;
+  }
+  check_grads_like(s.k, "saved k", k);
+  check_grads_like(s.v, "saved v", v);
+  const int64_t n = with_carry ? fastmka_carry_numel(k.shape[0], k.shape[1], k.shape[2],
+                                                     k.shape[3], k.device)
+                               : 0;
+  if (n == 0) {
+    MKA_CHECK(!s.carry.present() || s.carry.numel() == 0, op, ": unexpected saved carry");
+    return;
+  }
+  MKA_CHECK(s.carry.present() && s.carry.numel() == n && is_contiguous(s.carry) &&
+                s.carry.dtype == DType::f32 && s.carry.device == k.device &&
+                s.carry.device_id == k.device_id,
+            op, ": saved carry must be a contiguous float32 buffer of ", n,
+            " elements on the inputs' device");
+}
+
 }  // namespace
 
 void attention_forward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
@@ -120,8 +154,7 @@ void attention_backward(const TensorRef& q, const TensorRef& k, const TensorRef&
   check_grads_like(dk, "dk", k);
   check_grads_like(dv, "dv", v);
   on_device(p.device, "attention backward", [&] {
-    if (!accumulate)
-      for (const TensorRef* t : {&dq, &dk, &dv}) zero_fill_cpu(*t);
+    if (!accumulate) zero_fill_cpu({&dq, &dk, &dv});
     cpu::attention_bwd(p, q, k, v, out, lse, dout, cpu::RowWeight{}, dq, dk, dv);
   }, [&] {
     MKA_CUDA_CALL(cuda::attention_bwd(p, q, k, v, out, lse, dout, dq, dk, dv, stream, accumulate));
@@ -149,7 +182,7 @@ void route_fuse_backward(const TensorRef& k, const TensorRef& v, const RouteInpu
                          const TensorRef& dk_fused, const TensorRef& dv_fused,
                          const TensorRef& dk_state_out, const TensorRef& dv_state_out,
                          const TensorRef& dk, const TensorRef& dv, const RouteGrads& g,
-                         [[maybe_unused]] void* stream) {
+                         [[maybe_unused]] void* stream, bool accumulate) {
   const RouteProblem p = check_route(k, v, r, k.shape[1], "(B, Tk, L)", true);
   check_cpu_lam(r.lam, p.dtype);
   check_grads_like(dk_fused, "dk_fused", k);
@@ -159,27 +192,33 @@ void route_fuse_backward(const TensorRef& k, const TensorRef& v, const RouteInpu
   check_grads_like(dv, "dv", v);
   check_route_grads(r, g);
   on_device(p.device, "route_fuse backward", [&] {
+    if (!accumulate) {
+      zero_fill_cpu({&dk, &dv});
+      zero_fill_cpu(g);
+    }
     cpu::route_fuse_bwd(p, k, v, r, dk_fused, dv_fused, dk_state_out, dv_state_out, dk, dv, g);
   }, [&] {
     MKA_CUDA_CALL(cuda::route_fuse_bwd(p, k, v, r, dk_fused, dv_fused, dk_state_out,
-                                       dv_state_out, dk, dv, g, stream));
+                                       dv_state_out, dk, dv, g, stream, accumulate));
   });
 }
 
 void fastmka_forward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
                      const RouteInputs& r, const AttnOptions& o, const TensorRef& out,
                      const TensorRef& lse, const TensorRef& k_state_out,
-                     const TensorRef& v_state_out, [[maybe_unused]] void* stream) {
+                     const TensorRef& v_state_out, [[maybe_unused]] void* stream,
+                     const SavedKeys& saved) {
   const AttentionProblem ap = check_attention(q, k, v, o);
   const RouteProblem rp = check_route(k, v, r, ap.Tk, "(B, Tk, L)", true);
   check_cpu_lam(r.lam, ap.dtype);
   check_attention_outputs(ap, out, lse);
   check_state_outputs(rp, k_state_out, v_state_out);
+  check_saved(saved, k, v, true, "fastmka");
   on_device(ap.device, "fastmka", [&] {
-    cpu::fastmka_fwd(ap, rp, q, k, v, r, out, lse, k_state_out, v_state_out);
+    cpu::fastmka_fwd(ap, rp, q, k, v, r, out, lse, k_state_out, v_state_out, saved);
   }, [&] {
     MKA_CUDA_CALL(cuda::fastmka_fwd(ap, rp, q, k, v, r, out, lse, k_state_out, v_state_out,
-                                    stream));
+                                    saved, stream));
   });
 }
 
@@ -188,9 +227,11 @@ void fastmka_backward(const TensorRef& q, const TensorRef& k, const TensorRef& v
                       const TensorRef& lse, const TensorRef& dout,
                       const TensorRef& dk_state_out, const TensorRef& dv_state_out,
                       const TensorRef& dq, const TensorRef& dk, const TensorRef& dv,
-                      const RouteGrads& g, [[maybe_unused]] void* stream) {
+                      const RouteGrads& g, [[maybe_unused]] void* stream,
+                      const SavedKeys& saved, bool accumulate) {
   const AttentionProblem ap = check_attention(q, k, v, o);
   const RouteProblem rp = check_route(k, v, r, ap.Tk, "(B, Tk, L)", true);
+  check_saved(saved, k, v, true, "fastmka backward");
   check_cpu_lam(r.lam, ap.dtype);
   check_attention_outputs(ap, out, lse);
   check_grads_like(dout, "dout", q);
@@ -200,11 +241,15 @@ void fastmka_backward(const TensorRef& q, const TensorRef& k, const TensorRef& v
   check_grads_like(dv, "dv", v);
   check_route_grads(r, g);
   on_device(ap.device, "fastmka backward", [&] {
+    if (!accumulate) {
+      zero_fill_cpu({&dq, &dk, &dv});
+      zero_fill_cpu(g);
+    }
     cpu::fastmka_bwd(ap, rp, q, k, v, r, out, lse, dout, dk_state_out, dv_state_out, dq, dk,
-                     dv, g);
+                     dv, g, saved);
   }, [&] {
     MKA_CUDA_CALL(cuda::fastmka_bwd(ap, rp, q, k, v, r, out, lse, dout, dk_state_out,
-                                    dv_state_out, dq, dk, dv, g, stream));
+                                    dv_state_out, dq, dk, dv, g, saved, stream, accumulate));
   });
 }
 
@@ -212,9 +257,11 @@ void mka_forward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
                  const RouteInputs& r, const TensorRef& mem_k, const TensorRef& mem_v,
                  const AttnOptions& o, const TensorRef& out, const TensorRef& o_levels,
                  const TensorRef& lse_levels, const TensorRef& k_state_out,
-                 const TensorRef& v_state_out, [[maybe_unused]] void* stream) {
+                 const TensorRef& v_state_out, [[maybe_unused]] void* stream,
+                 const SavedKeys& saved) {
   const AttentionProblem ap = check_attention(q, k, v, o);
   const RouteProblem rp = check_route(k, v, r, ap.Tq, "(B, Tq, L)", false);
+  check_saved(saved, k, v, false, "mka");
   check_memory(ap, q, mem_k, mem_v, rp.L);
   check_cpu_lam(r.lam, ap.dtype);
   check_output(out, "out", {ap.B, ap.Tq, ap.H, ap.d}, ap.dtype, ap.device, ap.device_id);
@@ -226,10 +273,10 @@ void mka_forward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
   check_state_outputs(rp, k_state_out, v_state_out);
   on_device(ap.device, "mka", [&] {
     cpu::mka_fwd(ap, rp, q, k, v, r, mem_k, mem_v, out, o_levels, lse_levels, k_state_out,
-                 v_state_out);
+                 v_state_out, saved);
   }, [&] {
     MKA_CUDA_CALL(cuda::mka_fwd(ap, rp, q, k, v, r, mem_k, mem_v, out, o_levels, lse_levels,
-                                k_state_out, v_state_out, stream));
+                                k_state_out, v_state_out, saved, stream));
   });
 }
 
@@ -239,9 +286,11 @@ void mka_backward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
                   const TensorRef& dout, const TensorRef& dk_state_out,
                   const TensorRef& dv_state_out, const TensorRef& dq, const TensorRef& dk,
                   const TensorRef& dv, const TensorRef& dmem_k, const TensorRef& dmem_v,
-                  const RouteGrads& g, [[maybe_unused]] void* stream) {
+                  const RouteGrads& g, [[maybe_unused]] void* stream,
+                  const SavedKeys& saved, bool accumulate) {
   const AttentionProblem ap = check_attention(q, k, v, o);
   const RouteProblem rp = check_route(k, v, r, ap.Tq, "(B, Tq, L)", false);
+  check_saved(saved, k, v, false, "mka backward");
   check_memory(ap, q, mem_k, mem_v, rp.L);
   check_cpu_lam(r.lam, ap.dtype);
   check_output(o_levels, "o_levels", {rp.L, ap.B, ap.Tq, ap.H, ap.d}, ap.dtype, ap.device,
@@ -258,12 +307,16 @@ void mka_backward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
   check_grads_like(dmem_v, "dmem_v", mem_v);
   check_route_grads(r, g);
   on_device(ap.device, "mka backward", [&] {
+    if (!accumulate) {
+      zero_fill_cpu({&dq, &dk, &dv, &dmem_k, &dmem_v});
+      zero_fill_cpu(g);
+    }
     cpu::mka_bwd(ap, rp, q, k, v, r, mem_k, mem_v, o_levels, lse_levels, dout, dk_state_out,
-                 dv_state_out, dq, dk, dv, dmem_k, dmem_v, g);
+                 dv_state_out, dq, dk, dv, dmem_k, dmem_v, g, saved);
   }, [&] {
     MKA_CUDA_CALL(cuda::mka_bwd(ap, rp, q, k, v, r, mem_k, mem_v, o_levels, lse_levels, dout,
                                 dk_state_out, dv_state_out, dq, dk, dv, dmem_k, dmem_v, g,
-                                stream));
+                                saved, stream, accumulate));
   });
 }
 

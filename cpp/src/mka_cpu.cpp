@@ -53,10 +53,14 @@ void mka_fwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef
              const TensorRef& k, const TensorRef& v, const RouteInputs& r,
              const TensorRef& mem_k, const TensorRef& mem_v, const TensorRef& out,
              const TensorRef& o_levels, const TensorRef& lse_levels,
-             const TensorRef& k_state_out, const TensorRef& v_state_out) {
+             const TensorRef& k_state_out, const TensorRef& v_state_out,
+             const SavedKeys& saved) {
   const int64_t L = r.lam.shape[2];
   attention_fwd(level_problem(ap, 0, 0), q, k, v, select0(o_levels, 0), select0(lse_levels, 0));
-  Buffer ke(ap.dtype, {ap.B, ap.Tk, ap.G, ap.d}), ve(ap.dtype, {ap.B, ap.Tk, ap.G, ap.d});
+  const bool keep = saved.k.present();  // the EMA keys into the caller's buffers, or scratch
+  Buffer kb(ap.dtype, {keep ? 0 : ap.B, ap.Tk, ap.G, ap.d});
+  Buffer vb(ap.dtype, {keep ? 0 : ap.B, ap.Tk, ap.G, ap.d});
+  const TensorRef ke = keep ? saved.k : TensorRef(kb), ve = keep ? saved.v : TensorRef(vb);
   ema_route_fwd(rp, k, TensorRef{}, TensorRef{}, r.k_state, ke, k_state_out);
   ema_route_fwd(rp, v, TensorRef{}, TensorRef{}, r.v_state, ve, v_state_out);
   attention_fwd(level_problem(ap, 1, 0), q, ke, ve, select0(o_levels, 1),
@@ -74,7 +78,8 @@ void mka_bwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef
              const TensorRef& lse_levels, const TensorRef& dout,
              const TensorRef& dk_state_out, const TensorRef& dv_state_out,
              const TensorRef& dq, const TensorRef& dk, const TensorRef& dv,
-             const TensorRef& dmem_k, const TensorRef& dmem_v, const RouteGrads& g) {
+             const TensorRef& dmem_k, const TensorRef& dmem_v, const RouteGrads& g,
+             const SavedKeys& saved) {
   const int64_t L = r.lam.shape[2];
   if (g.dlam.present()) {
     if (ap.dtype == DType::f64) mix<double>(ap, L, r.lam, o_levels, dout, g.dlam, true);
@@ -83,9 +88,14 @@ void mka_bwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef
   // Each level's output enters as lam[., l] * O_l: its incoming gradient is weighted.
   attention_bwd(level_problem(ap, 0, 0), q, k, v, select0(o_levels, 0), select0(lse_levels, 0),
                 dout, level_weight(r.lam, 0), dq, dk, dv);
-  Buffer ke(ap.dtype, {ap.B, ap.Tk, ap.G, ap.d}), ve(ap.dtype, {ap.B, ap.Tk, ap.G, ap.d});
-  ema_route_fwd(rp, k, TensorRef{}, TensorRef{}, r.k_state, ke, TensorRef{});
-  ema_route_fwd(rp, v, TensorRef{}, TensorRef{}, r.v_state, ve, TensorRef{});
+  const bool kept = saved.k.present();  // the forward's EMA keys, or remade here
+  Buffer kb(ap.dtype, {kept ? 0 : ap.B, ap.Tk, ap.G, ap.d});
+  Buffer vb(ap.dtype, {kept ? 0 : ap.B, ap.Tk, ap.G, ap.d});
+  const TensorRef ke = kept ? saved.k : TensorRef(kb), ve = kept ? saved.v : TensorRef(vb);
+  if (!kept) {
+    ema_route_fwd(rp, k, TensorRef{}, TensorRef{}, r.k_state, ke, TensorRef{});
+    ema_route_fwd(rp, v, TensorRef{}, TensorRef{}, r.v_state, ve, TensorRef{});
+  }
   Buffer dke(ap.dtype, {ap.B, ap.Tk, ap.G, ap.d}), dve(ap.dtype, {ap.B, ap.Tk, ap.G, ap.d});
   attention_bwd(level_problem(ap, 1, 0), q, ke, ve, select0(o_levels, 1),
                 select0(lse_levels, 1), dout, level_weight(r.lam, 1), dq, dke, dve);

@@ -184,12 +184,13 @@ def _route_grads_fake(k: Tensor, lam: Tensor, x3: _OptT, k_state: _OptT, v_state
 
 def _route_grads_alloc(k: Tensor, lam: Tensor, x3: _OptT, k_state: _OptT, v_state: _OptT,
                        cdt: torch.dtype):
-    """Zero-filled gradient buffers (the kernels accumulate); absent inputs get none.
-    x3 is the third level's key-like input (k3 for route_fuse/fastmka, mem_k for mka)."""
-    z = lambda t, dt: None if t is None else k.new_zeros(t.shape, dtype=dt)  # noqa: E731
-    return (k.new_zeros(k.shape, dtype=cdt), k.new_zeros(k.shape, dtype=cdt),
-            k.new_zeros(lam.shape, dtype=_lam_dtype(lam, cdt)), z(x3, cdt), z(x3, cdt),
-            z(k_state, state_dtype(cdt)), z(v_state, state_dtype(cdt)))
+    """Uninitialized gradient buffers: the backward ops overwrite every element
+    (accumulate=False), no zero fills. Absent inputs get none. x3 is the third level's
+    key-like input (k3 for route_fuse/fastmka, mem_k for mka)."""
+    e = lambda t, dt: None if t is None else k.new_empty(t.shape, dtype=dt)  # noqa: E731
+    return (k.new_empty(k.shape, dtype=cdt), k.new_empty(k.shape, dtype=cdt),
+            k.new_empty(lam.shape, dtype=_lam_dtype(lam, cdt)), e(x3, cdt), e(x3, cdt),
+            e(k_state, state_dtype(cdt)), e(v_state, state_dtype(cdt)))
 
 
 def _route_grads_out(grads, k: Tensor, lam: Tensor) -> tuple[Tensor, ...]:
@@ -214,7 +215,7 @@ def _route_fuse_bwd(k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: _OptT, v
                            _cast(k3, cdt), _cast(v3, cdt), _nat(k_state), _nat(v_state),
                            _cast(dk_fused, cdt).contiguous(), _cast(dv_fused, cdt).contiguous(),
                            _opt_grad(dk_state_out, sdt), _opt_grad(dv_state_out, sdt),
-                           *g, _stream(k))
+                           *g, False, _stream(k))
     return _route_grads_out(g, k, lam)
 
 
@@ -254,52 +255,67 @@ def _check_fastmka(q, k, v, lam, beta, k3, v3, k_state, v_state, scale, window) 
     V.check_route(k, v, lam, beta, k3, v3, k_state, v_state, k.shape[1], "(B, Tk, L)", True)
 
 
+def _fastmka_saved(q: Tensor, k: Tensor, cdt: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """What the forward keeps for the backward: the fused keys/values and, on CUDA, the EMA
+    scan's chunk start states (an opaque float32 buffer; empty on the CPU)."""
+    B, Tk, G, d = k.shape
+    n = _C.fastmka_carry_numel(B, Tk, G, d, q.device.type == "cuda")
+    return (k.new_empty(k.shape, dtype=cdt), k.new_empty(k.shape, dtype=cdt),
+            k.new_empty((n,), dtype=torch.float32))
+
+
 @torch.library.custom_op("mka::_fastmka_fwd", mutates_args=())
 def _fastmka_fwd(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: _OptT,
                  v3: _OptT, k_state: _OptT, v_state: _OptT, causal: bool, scale: _OptF,
-                 window: _OptI) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                 window: _OptI) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                         Tensor]:
+    """Returns (out, lse, k_state, v_state, k_fused, v_fused, carry)."""
     _check_fastmka(q, k, v, lam, beta, k3, v3, k_state, v_state, scale, window)
     cdt = _compute_dtype(q)
     out = q.new_empty(q.shape, dtype=cdt)
     lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=state_dtype(cdt))
     ks, vs = _states_out(k)
+    kf, vf, carry = _fastmka_saved(q, k, cdt)
     _C.fastmka_forward(_cast(q, cdt), _cast(k, cdt), _cast(v, cdt), _lam(lam, cdt),
                        float(beta), _cast(k3, cdt), _cast(v3, cdt), _nat(k_state),
-                       _nat(v_state), causal, scale, window, out, lse, ks, vs, _stream(q))
-    return out.to(q.dtype), lse, ks, vs
+                       _nat(v_state), causal, scale, window, out, lse, ks, vs, kf, vf, carry,
+                       _stream(q))
+    return out.to(q.dtype), lse, ks, vs, kf, vf, carry
 
 
 @_fastmka_fwd.register_fake
 def _(q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window):
     _check_fastmka(q, k, v, lam, beta, k3, v3, k_state, v_state, scale, window)
     lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=state_dtype(q.dtype))
-    return (torch.empty_like(q, memory_format=torch.contiguous_format), lse, *_states_out(k))
+    return (torch.empty_like(q, memory_format=torch.contiguous_format), lse, *_states_out(k),
+            *_fastmka_saved(q, k, _compute_dtype(q)))
 
 
 @torch.library.custom_op("mka::_fastmka_bwd", mutates_args=())
 def _fastmka_bwd(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: _OptT,
                  v3: _OptT, k_state: _OptT, v_state: _OptT, causal: bool, scale: _OptF,
                  window: _OptI, out: Tensor, lse: Tensor, dout: Tensor, dk_state_out: _OptT,
-                 dv_state_out: _OptT) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                                               Tensor, Tensor]:
+                 dv_state_out: _OptT, k_fused: Tensor, v_fused: Tensor,
+                 carry: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                         Tensor, Tensor]:
     """Returns (dq, dk, dv, dlam, dk3, dv3, dk_state, dv_state)."""
     _check_fastmka(q, k, v, lam, beta, k3, v3, k_state, v_state, scale, window)
     cdt = _compute_dtype(q)
     sdt = state_dtype(cdt)
-    dq = q.new_zeros(q.shape, dtype=cdt)
+    dq = q.new_empty(q.shape, dtype=cdt)  # overwritten (accumulate=False), as all of g
     g = _route_grads_alloc(k, lam, k3, k_state, v_state, cdt)
     _C.fastmka_backward(_cast(q, cdt), _cast(k, cdt), _cast(v, cdt), _lam(lam, cdt),
                         float(beta), _cast(k3, cdt), _cast(v3, cdt), _nat(k_state),
                         _nat(v_state), causal, scale, window, _cast(out, cdt),
                         lse.detach().contiguous(), _cast(dout, cdt).contiguous(),
                         _opt_grad(dk_state_out, sdt), _opt_grad(dv_state_out, sdt), dq, *g,
-                        _stream(q))
+                        k_fused.detach(), v_fused.detach(), carry.detach(), False, _stream(q))
     return (dq.to(q.dtype), *_route_grads_out(g, k, lam))
 
 
 @_fastmka_bwd.register_fake
 def _(q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window, out, lse, dout,
-      dk_state_out, dv_state_out):
+      dk_state_out, dv_state_out, k_fused, v_fused, carry):
     _check_fastmka(q, k, v, lam, beta, k3, v3, k_state, v_state, scale, window)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             *_route_grads_fake(k, lam, k3, k_state, v_state))
@@ -307,17 +323,17 @@ def _(q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window, out, 
 
 def _fastmka_setup(ctx, inputs, output):
     q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window = inputs
-    out, lse, _, _ = output
-    ctx.save_for_backward(q, k, v, lam, k3, v3, k_state, v_state, out, lse)
+    out, lse, _, _, kf, vf, carry = output
+    ctx.save_for_backward(q, k, v, lam, k3, v3, k_state, v_state, out, lse, kf, vf, carry)
     ctx.args = (beta, causal, scale, window)
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(lse, kf, vf, carry)
 
 
-def _fastmka_backward(ctx, dout, _dlse, dks, dvs):
-    q, k, v, lam, k3, v3, ks, vs, out, lse = ctx.saved_tensors
+def _fastmka_backward(ctx, dout, _dlse, dks, dvs, _dkf, _dvf, _dcarry):
+    q, k, v, lam, k3, v3, ks, vs, out, lse, kf, vf, carry = ctx.saved_tensors
     beta, causal, scale, window = ctx.args
     g = torch.ops.mka._fastmka_bwd(q, k, v, lam, beta, k3, v3, ks, vs, causal, scale, window,
-                                   out, lse, _grad(dout, out), dks, dvs)
+                                   out, lse, _grad(dout, out), dks, dvs, kf, vf, carry)
     dlam, dk3, dv3, dks_in, dvs_in = _route_inputs_grads(g[3:])
     return g[0], g[1], g[2], dlam, None, dk3, dv3, dks_in, dvs_in, None, None, None
 
@@ -344,50 +360,54 @@ def _mka_saved(q: Tensor, L: int, cdt: torch.dtype) -> tuple[Tensor, Tensor]:
 @torch.library.custom_op("mka::_mka_fwd", mutates_args=())
 def _mka_fwd(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, mem_k: _OptT,
              mem_v: _OptT, k_state: _OptT, v_state: _OptT, causal: bool, scale: _OptF,
-             window: _OptI) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (out, o_levels (L, B, Tq, H, d), lse_levels (L, B, H, Tq), k_state, v_state)."""
+             window: _OptI) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (out, o_levels (L, B, Tq, H, d), lse_levels (L, B, H, Tq), k_state, v_state,
+    k_ema, v_ema): the levels' outputs, statistics and EMA keys/values kept for backward."""
     L = _check_mka(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, scale, window)
     cdt = _compute_dtype(q)
     out = q.new_empty(q.shape, dtype=cdt)
     o_levels, lse_levels = _mka_saved(q, L, cdt)
     ks, vs = _states_out(k)
+    ke, ve = k.new_empty(k.shape, dtype=cdt), k.new_empty(v.shape, dtype=cdt)
     _C.mka_forward(_cast(q, cdt), _cast(k, cdt), _cast(v, cdt), _lam(lam, cdt), float(beta),
                    _cast(mem_k, cdt), _cast(mem_v, cdt), _nat(k_state), _nat(v_state), causal,
-                   scale, window, out, o_levels, lse_levels, ks, vs, _stream(q))
-    return out.to(q.dtype), o_levels.to(q.dtype), lse_levels, ks, vs
+                   scale, window, out, o_levels, lse_levels, ks, vs, ke, ve, _stream(q))
+    return out.to(q.dtype), o_levels.to(q.dtype), lse_levels, ks, vs, ke, ve
 
 
 @_mka_fwd.register_fake
 def _(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window):
     L = _check_mka(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, scale, window)
+    cdt = _compute_dtype(q)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            *_mka_saved(q, L, q.dtype), *_states_out(k))
+            *_mka_saved(q, L, q.dtype), *_states_out(k), k.new_empty(k.shape, dtype=cdt),
+            k.new_empty(v.shape, dtype=cdt))
 
 
 @torch.library.custom_op("mka::_mka_bwd", mutates_args=())
 def _mka_bwd(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, mem_k: _OptT,
              mem_v: _OptT, k_state: _OptT, v_state: _OptT, causal: bool, scale: _OptF,
              window: _OptI, o_levels: Tensor, lse_levels: Tensor, dout: Tensor,
-             dk_state_out: _OptT, dv_state_out: _OptT) -> tuple[
+             dk_state_out: _OptT, dv_state_out: _OptT, k_ema: Tensor, v_ema: Tensor) -> tuple[
                  Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, dlam, dmem_k, dmem_v, dk_state, dv_state)."""
     _check_mka(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, scale, window)
     cdt = _compute_dtype(q)
     sdt = state_dtype(cdt)
-    dq = q.new_zeros(q.shape, dtype=cdt)
+    dq = q.new_empty(q.shape, dtype=cdt)  # overwritten (accumulate=False), as all the rest
     dk, dv, dlam, dmk, dmv, dks, dvs = _route_grads_alloc(k, lam, mem_k, k_state, v_state, cdt)
     _C.mka_backward(_cast(q, cdt), _cast(k, cdt), _cast(v, cdt), _lam(lam, cdt), float(beta),
                     _cast(mem_k, cdt), _cast(mem_v, cdt), _nat(k_state), _nat(v_state), causal,
                     scale, window, _cast(o_levels, cdt), lse_levels.detach().contiguous(),
                     _cast(dout, cdt).contiguous(), _opt_grad(dk_state_out, sdt),
                     _opt_grad(dv_state_out, sdt), dq, dk, dv, dmk, dmv, dlam, dks, dvs,
-                    _stream(q))
+                    k_ema.detach(), v_ema.detach(), False, _stream(q))
     return (dq.to(q.dtype), *_route_grads_out((dk, dv, dlam, dmk, dmv, dks, dvs), k, lam))
 
 
 @_mka_bwd.register_fake
 def _(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window, o_levels,
-      lse_levels, dout, dk_state_out, dv_state_out):
+      lse_levels, dout, dk_state_out, dv_state_out, k_ema, v_ema):
     _check_mka(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, scale, window)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             *_route_grads_fake(k, lam, mem_k, k_state, v_state))
@@ -395,17 +415,18 @@ def _(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window,
 
 def _mka_setup(ctx, inputs, output):
     q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window = inputs
-    _, o_levels, lse_levels, _, _ = output
-    ctx.save_for_backward(q, k, v, lam, mem_k, mem_v, k_state, v_state, o_levels, lse_levels)
+    _, o_levels, lse_levels, _, _, ke, ve = output
+    ctx.save_for_backward(q, k, v, lam, mem_k, mem_v, k_state, v_state, o_levels, lse_levels,
+                          ke, ve)
     ctx.args = (beta, causal, scale, window)
-    ctx.mark_non_differentiable(o_levels, lse_levels)
+    ctx.mark_non_differentiable(o_levels, lse_levels, ke, ve)
 
 
-def _mka_backward(ctx, dout, _dol, _dlse, dks, dvs):
-    q, k, v, lam, mem_k, mem_v, ks, vs, o_levels, lse_levels = ctx.saved_tensors
+def _mka_backward(ctx, dout, _dol, _dlse, dks, dvs, _dke, _dve):
+    q, k, v, lam, mem_k, mem_v, ks, vs, o_levels, lse_levels, ke, ve = ctx.saved_tensors
     beta, causal, scale, window = ctx.args
     g = torch.ops.mka._mka_bwd(q, k, v, lam, beta, mem_k, mem_v, ks, vs, causal, scale, window,
-                               o_levels, lse_levels, _grad(dout, q), dks, dvs)
+                               o_levels, lse_levels, _grad(dout, q), dks, dvs, ke, ve)
     dlam, dmk, dmv, dks_in, dvs_in = _route_inputs_grads(g[3:])
     return g[0], g[1], g[2], dlam, None, dmk, dmv, dks_in, dvs_in, None, None, None
 
@@ -439,8 +460,8 @@ def fastmka(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: _OptT
             causal: bool = True, scale: _OptF = None,
             window: _OptI = None) -> tuple[Tensor, Tensor, Tensor]:
     """Route fusion (key-side lam) then one attention: ``(out, k_state, v_state)``."""
-    out, _, ks, vs = torch.ops.mka._fastmka_fwd(q, k, v, lam, beta, k3, v3, k_state, v_state,
-                                                causal, scale, window)
+    out, _, ks, vs, _, _, _ = torch.ops.mka._fastmka_fwd(q, k, v, lam, beta, k3, v3, k_state,
+                                                         v_state, causal, scale, window)
     return out, ks, vs
 
 
@@ -448,8 +469,8 @@ def mka(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, mem_k: _OptT 
         mem_v: _OptT = None, k_state: _OptT = None, v_state: _OptT = None, causal: bool = True,
         scale: _OptF = None, window: _OptI = None) -> tuple[Tensor, Tensor, Tensor]:
     """Full MKA, one attention per level mixed by query-side lam: ``(out, k_state, v_state)``."""
-    out, _, _, ks, vs = torch.ops.mka._mka_fwd(q, k, v, lam, beta, mem_k, mem_v, k_state,
-                                               v_state, causal, scale, window)
+    out, _, _, ks, vs, _, _ = torch.ops.mka._mka_fwd(q, k, v, lam, beta, mem_k, mem_v, k_state,
+                                                     v_state, causal, scale, window)
     return out, ks, vs
 
 

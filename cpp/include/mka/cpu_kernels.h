@@ -44,25 +44,26 @@ void route_fuse_bwd(const RouteProblem& p, const TensorRef& k, const TensorRef& 
 void fastmka_fwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef& q,
                  const TensorRef& k, const TensorRef& v, const RouteInputs& r,
                  const TensorRef& out, const TensorRef& lse, const TensorRef& k_state_out,
-                 const TensorRef& v_state_out);
+                 const TensorRef& v_state_out, const SavedKeys& saved);
 void fastmka_bwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef& q,
                  const TensorRef& k, const TensorRef& v, const RouteInputs& r,
                  const TensorRef& out, const TensorRef& lse, const TensorRef& dout,
                  const TensorRef& dk_state_out, const TensorRef& dv_state_out,
                  const TensorRef& dq, const TensorRef& dk, const TensorRef& dv,
-                 const RouteGrads& g);
+                 const RouteGrads& g, const SavedKeys& saved);
 
 void mka_fwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef& q,
              const TensorRef& k, const TensorRef& v, const RouteInputs& r,
              const TensorRef& mem_k, const TensorRef& mem_v, const TensorRef& out,
              const TensorRef& o_levels, const TensorRef& lse_levels,
-             const TensorRef& k_state_out, const TensorRef& v_state_out);
+             const TensorRef& k_state_out, const TensorRef& v_state_out, const SavedKeys& saved);
 void mka_bwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef& q,
              const TensorRef& k, const TensorRef& v, const RouteInputs& r,
              const TensorRef& mem_k, const TensorRef& mem_v, const TensorRef& o_levels,
              const TensorRef& lse_levels, const TensorRef& dout,
              const TensorRef& dk_state_out, const TensorRef& dv_state_out,
              const TensorRef& dq, const TensorRef& dk, const TensorRef& dv,
-             const TensorRef& dmem_k, const TensorRef& dmem_v, const RouteGrads& g);
+             const TensorRef& dmem_k, const TensorRef& dmem_v, const RouteGrads& g,
+             const SavedKeys& saved);
 
 }  // namespace mka::cpu

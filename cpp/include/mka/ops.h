@@ -1,7 +1,9 @@
 // Device-dispatching entry points of the four ops (SPEC §3). Each validates its inputs with
 // the shared routine of problem.h, then runs the CPU kernel or the CUDA launcher.
-// Outputs are allocated by the caller. Gradient outputs must arrive zero-filled: backward
-// kernels add into them (this lets levels and heads accumulate without extra buffers).
+// Outputs are allocated by the caller. Backward gradient outputs: with accumulate = true
+// (the default) they are added into (so they must arrive zero-filled to get the gradient
+// alone); with accumulate = false every element is overwritten, and they may arrive holding
+// anything (the Python ops' choice: no zero fills, no reads of them).
 #pragma once
 #include <optional>
 
@@ -12,8 +14,6 @@ namespace mka {
 void attention_forward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
                        const AttnOptions& o, const TensorRef& out, const TensorRef& lse,
                        void* stream);
-// accumulate = false: dq, dk, dv are overwritten and may arrive holding anything (the Python
-// op's choice: it saves three zero fills and the kernels' reads of them).
 void attention_backward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
                         const AttnOptions& o, const TensorRef& out, const TensorRef& lse,
                         const TensorRef& dout, const TensorRef& dq, const TensorRef& dk,
@@ -28,33 +28,38 @@ void route_fuse_backward(const TensorRef& k, const TensorRef& v, const RouteInpu
                          const TensorRef& dk_fused, const TensorRef& dv_fused,
                          const TensorRef& dk_state_out, const TensorRef& dv_state_out,
                          const TensorRef& dk, const TensorRef& dv, const RouteGrads& g,
-                         void* stream);
+                         void* stream, bool accumulate = true);
 
+// saved (optional): the fused keys/values and the scan's carries (SavedKeys, problem.h),
+// written by the forward, read by the backward.
 void fastmka_forward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
                      const RouteInputs& r, const AttnOptions& o, const TensorRef& out,
                      const TensorRef& lse, const TensorRef& k_state_out,
-                     const TensorRef& v_state_out, void* stream);
+                     const TensorRef& v_state_out, void* stream, const SavedKeys& saved = {});
 void fastmka_backward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
                       const RouteInputs& r, const AttnOptions& o, const TensorRef& out,
                       const TensorRef& lse, const TensorRef& dout,
                       const TensorRef& dk_state_out, const TensorRef& dv_state_out,
                       const TensorRef& dq, const TensorRef& dk, const TensorRef& dv,
-                      const RouteGrads& g, void* stream);
+                      const RouteGrads& g, void* stream, const SavedKeys& saved = {},
+                      bool accumulate = true);
 
 // mka: r.k3/v3 unused; memory tokens mem_k/mem_v (B, M, G, d) iff L == 3.
-// o_levels (L, B, Tq, H, d) and lse_levels (L, B, H, Tq) keep each level for backward.
+// o_levels (L, B, Tq, H, d) and lse_levels (L, B, H, Tq) keep each level for backward;
+// saved.k/v (optional) the EMA keys/values.
 void mka_forward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
                  const RouteInputs& r, const TensorRef& mem_k, const TensorRef& mem_v,
                  const AttnOptions& o, const TensorRef& out, const TensorRef& o_levels,
                  const TensorRef& lse_levels, const TensorRef& k_state_out,
-                 const TensorRef& v_state_out, void* stream);
+                 const TensorRef& v_state_out, void* stream, const SavedKeys& saved = {});
 void mka_backward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
                   const RouteInputs& r, const TensorRef& mem_k, const TensorRef& mem_v,
                   const AttnOptions& o, const TensorRef& o_levels, const TensorRef& lse_levels,
                   const TensorRef& dout, const TensorRef& dk_state_out,
                   const TensorRef& dv_state_out, const TensorRef& dq, const TensorRef& dk,
                   const TensorRef& dv, const TensorRef& dmem_k, const TensorRef& dmem_v,
-                  const RouteGrads& g, void* stream);
+                  const RouteGrads& g, void* stream, const SavedKeys& saved = {},
+                  bool accumulate = true);
 
 bool built_with_cuda();
 

@@ -63,6 +63,35 @@ struct RouteGrads {
   TensorRef dlam, dk3, dv3, dk_state, dv_state;  // absent entries are not computed
 };
 
+// Keys/values a forward derives from k/v and may keep for its backward, which then skips
+// remaking them (each optional): fastmka's fused keys/values, mka's EMA keys/values (like k,
+// v); `carry`: fastmka's EMA chunk start states on CUDA, an opaque float32 buffer of
+// fastmka_carry_numel elements (none on the CPU).
+struct SavedKeys {
+  TensorRef k, v, carry;
+};
+
+// Tokens per chunk of the GPU's chunked EMA scan (cuda/ema_scan.cu) over B sequences of T
+// tokens and `channels` channels. Its passes run B * (T / chunk) * channels / 8 threads and
+// its carry pass walks T / chunk chunks one after another, so the 64-token chunk is halved
+// while that leaves fewer than 2^17 threads (an eighth of what an H100 keeps in flight), as
+// long as the walk stays within 256 chunks and chunks keep 8 tokens.
+inline int64_t ema_scan_chunk(int64_t B, int64_t T, int64_t channels) {
+  const auto chunks = [T](int64_t c) { return (T + c - 1) / c; };
+  int64_t chunk = 64;
+  while (chunk > 8 && B * chunks(chunk) * channels / 8 < (int64_t(1) << 17) &&
+         chunks(chunk / 2) <= 256)
+    chunk /= 2;
+  return chunk;
+}
+// Floats of SavedKeys::carry for fastmka on `device` (k, v (B, Tk, G, d)): the chunk start
+// states of both scans on CUDA, none on the CPU.
+inline int64_t fastmka_carry_numel(int64_t B, int64_t Tk, int64_t G, int64_t d, Device device) {
+  if (device == Device::cpu) return 0;
+  const int64_t chunk = ema_scan_chunk(B, Tk, G * d);
+  return 2 * B * ((Tk + chunk - 1) / chunk) * G * d;
+}
+
 // --- validation: shared by every backend ---------------------------------------------
 
 AttentionProblem check_attention(const TensorRef& q, const TensorRef& k, const TensorRef& v,

@@ -1,0 +1,103 @@
+"""The backward ops' buffer contract (cpp/include/mka/ops.h): with accumulate=False every
+gradient element is overwritten (the Python ops hand in uninitialized buffers), and the
+keys/values a forward keeps (SavedKeys: fastmka's fused keys and scan carries, mka's EMA
+keys) give the same gradients as remaking them. Both against accumulate=True into zeros
+without saved keys; NaN-filled buffers never pass."""
+
+import pytest
+import torch
+
+from conftest import dtype_params
+from harness import head_dim_for, randn, router, state
+from mka import _C
+from mka.ops import _cast, _compute_dtype, _lam, _stream
+
+# (B, Tq, T, H, G, d, causal, window)
+SHAPES = [(2, 40, 40, 4, 2, 64, True, None), (1, 0, 9, 2, 1, 64, True, None),
+          (1, 33, 33, 4, 4, 128, True, 7)]
+IDS = ["full", "no_query", "window"]
+
+
+def _filled(like, fill, dtype=None):
+    return None if like is None else torch.full(like.shape, fill, dtype=dtype or like.dtype,
+                                                device=like.device)
+
+
+def _both_ways(backward, likes, names, saved):
+    """backward(grad buffers, saved, accumulate) twice: into zeros without saved keys, and
+    overwriting NaN-filled buffers with them; the two must agree."""
+    runs = {}
+    for accumulate, fill, keep in ((True, 0.0, [None] * len(saved)),
+                                   (False, float("nan"), saved)):
+        g = [_filled(t, fill) for t in likes]
+        backward(g, keep, accumulate)
+        runs[accumulate] = dict(zip(names, g))
+    _compare(runs[False], runs[True])
+
+
+def _compare(got, want):
+    for name, w in want.items():
+        if w is None:
+            continue
+        # Not bitwise on CUDA: dq's and dlam's float32 atomics add in any order.
+        torch.testing.assert_close(got[name], w, rtol=2e-2, atol=2e-2, msg=name)
+
+
+def _inputs(device, dtype, B, Tq, T, H, G, d, L, key_side):
+    d = head_dim_for(device, d)
+    cdt = _compute_dtype(torch.empty(0, dtype=dtype, device=device))
+    c = lambda t: _cast(t, cdt)  # noqa: E731
+    x = dict(q=c(randn(B, Tq, H, d, device=device, dtype=dtype)),
+             k=c(randn(B, T, G, d, device=device, dtype=dtype)),
+             v=c(randn(B, T, G, d, device=device, dtype=dtype)),
+             ks=state(B, G, d, device, dtype), vs=state(B, G, d, device, dtype))
+    x["lam"] = _lam(router(B, T if key_side else Tq, L, device, dtype), cdt)
+    x["x3"] = c(randn(B, T if key_side else 5, G, d, device=device, dtype=dtype))
+    x["v3"] = c(randn(B, T if key_side else 5, G, d, device=device, dtype=dtype))
+    x["dout"] = c(randn(B, Tq, H, d, device=device, dtype=dtype))
+    return x
+
+
+@pytest.mark.parametrize("device,dtype", dtype_params())
+def test_route_fuse_backward_overwrites(device, dtype):
+    x = _inputs(device, dtype, 2, 0, 40, 1, 2, 64, 3, True)
+    dkf, dvf = (randn(*x["k"].shape, device=device, dtype=dtype).to(x["k"].dtype)
+                for _ in range(2))
+    dso = (x["ks"] * 0.5, x["vs"] * 0.5)
+    _both_ways(lambda g, saved, acc: _C.route_fuse_backward(
+        x["k"], x["v"], x["lam"], 0.8, x["x3"], x["v3"], x["ks"], x["vs"], dkf, dvf, *dso, *g,
+        acc, _stream(x["k"])),
+        [x[n] for n in ("k", "v", "lam", "x3", "v3", "ks", "vs")],
+        ["dk", "dv", "dlam", "dk3", "dv3", "dks", "dvs"], [])
+
+
+@pytest.mark.parametrize("device,dtype", dtype_params())
+@pytest.mark.parametrize("B,Tq,T,H,G,d,causal,window", SHAPES, ids=IDS)
+def test_fastmka_backward_overwrites_and_uses_saved(device, dtype, B, Tq, T, H, G, d, causal,
+                                                    window):
+    x = _inputs(device, dtype, B, Tq, T, H, G, d, 3, True)
+    args = (x["q"], x["k"], x["v"], x["lam"], 0.8, x["x3"], x["v3"], x["ks"], x["vs"], causal,
+            None, window)
+    out, lse, _, _, kf, vf, carry = torch.ops.mka._fastmka_fwd(*args)
+    out = out.to(x["q"].dtype)
+    dso = (x["ks"] * 0.5, x["vs"] * 0.5)
+    _both_ways(lambda g, saved, acc: _C.fastmka_backward(
+        *args, out, lse, x["dout"], *dso, *g, *saved, acc, _stream(x["q"])),
+        [x[n] for n in ("q", "k", "v", "lam", "x3", "v3", "ks", "vs")],
+        ["dq", "dk", "dv", "dlam", "dk3", "dv3", "dks", "dvs"], [kf, vf, carry])
+
+
+@pytest.mark.parametrize("device,dtype", dtype_params())
+@pytest.mark.parametrize("B,Tq,T,H,G,d,causal,window", SHAPES, ids=IDS)
+def test_mka_backward_overwrites_and_uses_saved(device, dtype, B, Tq, T, H, G, d, causal,
+                                                window):
+    x = _inputs(device, dtype, B, Tq, T, H, G, d, 3, False)
+    args = (x["q"], x["k"], x["v"], x["lam"], 0.8, x["x3"], x["v3"], x["ks"], x["vs"], causal,
+            None, window)
+    _, o_levels, lse_levels, _, _, ke, ve = torch.ops.mka._mka_fwd(*args)
+    o_levels = o_levels.to(x["q"].dtype)
+    dso = (x["ks"] * 0.5, x["vs"] * 0.5)
+    _both_ways(lambda g, saved, acc: _C.mka_backward(
+        *args, o_levels, lse_levels, x["dout"], *dso, *g, *saved, acc, _stream(x["q"])),
+        [x[n] for n in ("q", "k", "v", "x3", "v3", "lam", "ks", "vs")],
+        ["dq", "dk", "dv", "dmem_k", "dmem_v", "dlam", "dks", "dvs"], [ke, ve])
