@@ -138,10 +138,10 @@ template <class T, int D> void bwd_tensor_cores(const AttnParams& a, cudaStream_
 }  // namespace
 
 void attention_fwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows out, float* lse,
-                        cudaStream_t s) {
+                        cudaStream_t s, bool out_f32) {
   if (p.B == 0 || p.Tq == 0 || p.H == 0) return;
   AttnParams a = attn_params(p);
-  a.q = q, a.k = k, a.v = v, a.out = out, a.lse = lse;
+  a.q = q, a.k = k, a.v = v, a.out = out, a.lse = lse, a.out_f32 = out_f32;
   const bool tc = use_tensor_cores(p, {q, k, v, out});
   dispatch_dtype(p.dtype, "attention", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
@@ -159,7 +159,7 @@ void attention_fwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows 
 
 void attention_bwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows out,
                         const float* lse, Rows dout, TokenScalar w, Rows dq, Rows dk, Rows dv,
-                        KVGrad kv_grad, cudaStream_t s) {
+                        KVGrad kv_grad, cudaStream_t s, const float* delta_in) {
   if (p.B == 0) return;
   if (p.Tq == 0 || p.H == 0) {  // no query: nothing flows; stored dk/dv must still be zeros
     if (kv_grad == KVGrad::store_io)
@@ -169,17 +169,20 @@ void attention_bwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows 
   AttnParams a = attn_params(p);
   a.q = q, a.k = k, a.v = v, a.out = out, a.lse = const_cast<float*>(lse);
   a.dout = dout, a.dq = dq, a.dk = dk, a.dv = dv, a.w = w, a.kv_grad = kv_grad;
-  Workspace delta(size_t(p.B * p.H * p.Tq) * 4, s, false);
-  a.delta = delta.as<float>();
-  const bool tc = use_tensor_cores(p, {q, k, v, out, dout});
+  Workspace delta(delta_in ? 0 : size_t(p.B * p.H * p.Tq) * 4, s, false);
+  a.delta = delta_in ? const_cast<float*>(delta_in) : delta.as<float>();
+  // With delta given, out is not read.
+  const bool tc = use_tensor_cores(p, {q, k, v, delta_in ? Rows{} : out, dout});
   dispatch_dtype(p.dtype, "attention backward", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const int64_t rows_total = p.B * p.Tq * p.H;
-    if (p.d % 8 == 0 && aligned16(out) && aligned16(dout))
-      attention_bwd_delta<T, 8><<<unsigned(ceil_div(rows_total * 16, 256)), 256, 0, s>>>(a);
-    else
-      attention_bwd_delta<T, 1><<<unsigned(ceil_div(rows_total * 32, 256)), 256, 0, s>>>(a);
-    check_launch("attention_bwd_delta");
+    if (!delta_in) {
+      if (p.d % 8 == 0 && aligned16(out) && aligned16(dout))
+        attention_bwd_delta<T, 8><<<unsigned(ceil_div(rows_total * 16, 256)), 256, 0, s>>>(a);
+      else
+        attention_bwd_delta<T, 1><<<unsigned(ceil_div(rows_total * 32, 256)), 256, 0, s>>>(a);
+      check_launch("attention_bwd_delta");
+    }
     dispatch_head_dim(p.d, [&](auto dim) {
       constexpr int D = decltype(dim)::value;
       if constexpr (!std::is_same_v<T, float>) {

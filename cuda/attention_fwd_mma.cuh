@@ -160,13 +160,10 @@ __global__ void __launch_bounds__(kFwdThreads, 2) attention_fwd_mma(AttnParams p
       const float lt = quad_sum(l[mt][r]);
       if (i >= p.Tq) continue;
       const float inv = lt > 0.f ? 1.f / lt : 0.f;  // no visible key: zeros, lse = -inf
-      T* out = p.out.at<T>(b, i, h);
       #pragma unroll
-      for (int dt = 0; dt < DT; ++dt) {
-        const int c = dt * 8 + (lane % 4) * 2;
-        *reinterpret_cast<unsigned*>(out + c) =
-            pack2<T>(o[mt][dt][2 * r] * inv, o[mt][dt][2 * r + 1] * inv);
-      }
+      for (int dt = 0; dt < DT; ++dt)
+        store_out2<T>(p, b, i, h, dt * 8 + (lane % 4) * 2, o[mt][dt][2 * r] * inv,
+                      o[mt][dt][2 * r + 1] * inv);
       if (lane % 4 == 0)
         p.lse_at(b, h)[i] = lt > 0.f ? (m[mt][r] + log2f(lt)) * 0.6931471805599453f : -INFINITY;
     }

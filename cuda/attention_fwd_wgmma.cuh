@@ -141,12 +141,10 @@ template <class T, int D, int BN> struct WgFwdRows {
       const float lt = quad_sum(l[r]);
       if (i >= p.Tq) continue;
       const float inv = lt > 0.f ? 1.f / lt : 0.f;
-      T* out = p.out.at<T>(b, i, h);
       #pragma unroll
-      for (int dt = 0; dt < DT; ++dt) {
-        const int c = dt * 8 + (lane % 4) * 2;
-        *reinterpret_cast<unsigned*>(out + c) = pack2<T>(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
-      }
+      for (int dt = 0; dt < DT; ++dt)
+        store_out2<T>(p, b, i, h, dt * 8 + (lane % 4) * 2, o[dt][2 * r] * inv,
+                      o[dt][2 * r + 1] * inv);
       if (lane % 4 == 0)
         p.lse_at(b, h)[i] = lt > 0.f ? (m[r] + log2f(lt)) * 0.6931471805599453f : -INFINITY;
     }

@@ -17,6 +17,7 @@ struct AttnParams {
   int64_t window = -1;  // -1: none
   float scale = 1.f;
   Rows q, k, v, out;
+  bool out_f32 = false;  // out in float32 instead of T (mka's levels, kept for the backward)
   float* lse = nullptr;  // (B, H, Tq)
   // backward
   Rows dout, dq, dk, dv;   // dq: dense float32 accumulator; dk, dv: as kv_grad says

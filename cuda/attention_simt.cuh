@@ -64,8 +64,10 @@ attention_fwd_simt(AttnParams p) {
   }
   if (!row) return;
   const float inv = l > 0.f ? 1.f / l : 0.f;  // no visible key: zeros, lse = -inf
-  T* o = p.out.at<T>(b, i, h);
-  for (int r = 0; r < NC; ++r) o[lane + 32 * r] = from_f<T>(acc[r] * inv);
+  for (int r = 0; r < NC; ++r) {
+    if (p.out_f32) p.out.at<float>(b, i, h)[lane + 32 * r] = acc[r] * inv;
+    else p.out.at<T>(b, i, h)[lane + 32 * r] = from_f<T>(acc[r] * inv);
+  }
   if (lane == 0) p.lse_at(b, h)[i] = l > 0.f ? m + logf(l) : -INFINITY;
 }
 

@@ -29,15 +29,17 @@ struct KVScratch {
         vr(dense_rows(v.as<void>(), ap.Tk, ap.G, ap.d)) {}
 };
 
-// out, lse (dense (B, H, Tq) float32) from q, k, v in p.dtype.
+// out, lse (dense (B, H, Tq) float32) from q, k, v in p.dtype; out in p.dtype, or float32
+// (out_f32).
 void attention_fwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows out, float* lse,
-                        cudaStream_t stream);
+                        cudaStream_t stream, bool out_f32 = false);
 // Adds into the dense float32 accumulator dq (B,Tq,H,d); hands dk, dv (B,Tk,G,d) over as
 // kv_grad says (float32 accumulators, or strided views in p.dtype). `w` weights each query
-// row's incoming gradient (mka's routing); absent: weight 1.
+// row's incoming gradient (mka's routing); absent: weight 1. delta (optional, dense
+// (B, H, Tq) float32): the rows' <dout, out>, computed by the caller (then out is not read).
 void attention_bwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows out,
                         const float* lse, Rows dout, TokenScalar w, Rows dq, Rows dk, Rows dv,
-                        KVGrad kv_grad, cudaStream_t stream);
+                        KVGrad kv_grad, cudaStream_t stream, const float* delta = nullptr);
 
 // y_t = lam0 x_t + lam1 EMA(x)_t (+ lam2 x3_t), y in p.dtype; without lam, y = EMA(x).
 // carry_out (ema_carry_bytes(p), optional) keeps the EMA state at every chunk's start, which

@@ -30,9 +30,10 @@ Levels levels(const TensorRef& o_levels, const TensorRef& lam) {
   return lv;
 }
 
-// Both mixing kernels are memory-bound: one block per token, V consecutive elements per
-// thread (V = 8: 16-byte accesses, where every view allows them), the token's routing weights
-// read once. (One thread per element with 64-bit index arithmetic ran at 1/5 of HBM speed.)
+// The levels' outputs O_l are float32 (the backward's row sums <dout, O_l> would lose the
+// state gradient's accuracy to rounded O_l: its terms cancel). Both per-token kernels are
+// memory-bound: one block per token, V consecutive elements per thread (V = 8: 16-byte
+// accesses of dout/out, where every view allows them), the token's routing weights read once.
 constexpr int kMixThreads = 256;
 
 // out = sum_l lam[., l] * O_l.
@@ -45,7 +46,7 @@ template <class T, int V> __global__ void mix_fwd(Levels lv, Rows out, int64_t T
     const int64_t h = e / d, c = e % d;
     float y[V] = {}, x[V];
     for (int l = 0; l < lv.L; ++l) {
-      load_v<V>(lv.o[l].at<const T>(b, t, h) + c, x);
+      load_v<V>(lv.o[l].at<const float>(b, t, h) + c, x);
       #pragma unroll
       for (int i = 0; i < V; ++i) y[i] += w[l] * x[i];
     }
@@ -53,30 +54,35 @@ template <class T, int V> __global__ void mix_fwd(Levels lv, Rows out, int64_t T
   }
 }
 
-// dlam[b, t, l] = <dout, O_l> over (h, c), float32 (B, Tq, L).
-template <class T, int V> __global__ void mix_dlam(Levels lv, Rows dout, int64_t Tq, int64_t H,
-                                                   int64_t d, float* dlam) {
-  __shared__ float part[kMaxLevels][kMixThreads / 32];
-  const int64_t b = blockIdx.x / Tq, t = blockIdx.x % Tq;
-  float acc[kMaxLevels] = {};
+// The row sums r_l[b, h, t] = <dout, O_l> over c, in one read of dout and the levels: each
+// level attention's backward takes them as its delta (B, H, Tq), and dlam[b, t, l] (float32
+// (B, Tq, L), optional) = sum_h r_l. Dynamic shared memory: L * H floats.
+template <class T, int V> __global__ void level_dots(Levels lv, Rows dout, int64_t Tq, int64_t H,
+                                                     int64_t d, float* delta, float* dlam) {
+  extern __shared__ float dots[];  // [L][H]
+  const int64_t b = blockIdx.x / Tq, t = blockIdx.x % Tq, B = gridDim.x / Tq;
+  for (int i = threadIdx.x; i < lv.L * H; i += kMixThreads) dots[i] = 0.f;
+  __syncthreads();
   for (int64_t e = int64_t(threadIdx.x) * V; e < H * d; e += kMixThreads * V) {
     const int64_t h = e / d, c = e % d;
     float g[V], x[V];
     load_v<V>(dout.at<const T>(b, t, h) + c, g);
     for (int l = 0; l < lv.L; ++l) {
-      load_v<V>(lv.o[l].at<const T>(b, t, h) + c, x);
+      load_v<V>(lv.o[l].at<const float>(b, t, h) + c, x);
+      float acc = 0.f;
       #pragma unroll
-      for (int i = 0; i < V; ++i) acc[l] += g[i] * x[i];
+      for (int i = 0; i < V; ++i) acc += g[i] * x[i];
+      atomicAdd(&dots[l * H + h], acc);
     }
   }
-  for (int l = 0; l < lv.L; ++l) {
-    const float s = warp_sum(acc[l]);
-    if (threadIdx.x % 32 == 0) part[l][threadIdx.x / 32] = s;
-  }
   __syncthreads();
-  if (threadIdx.x < lv.L) {
+  for (int i = threadIdx.x; i < lv.L * H; i += kMixThreads) {
+    const int64_t l = i / H, h = i % H;
+    delta[((l * B + b) * H + h) * Tq + t] = dots[i];
+  }
+  if (dlam && threadIdx.x < lv.L) {
     float s = 0.f;
-    for (int w = 0; w < kMixThreads / 32; ++w) s += part[threadIdx.x][w];
+    for (int64_t h = 0; h < H; ++h) s += dots[threadIdx.x * H + h];
     dlam[(b * Tq + t) * lv.L + threadIdx.x] = s;
   }
 }
@@ -104,18 +110,19 @@ void mka_fwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef
   DeviceGuard guard(q.device_id);
   auto s = static_cast<cudaStream_t>(stream);
   const Levels lv = levels(o_levels, r.lam);
+  MKA_CHECK(o_levels.dtype == DType::f32, "mka: o_levels must be float32 on CUDA");
   attention_fwd_rows(level_problem(ap, 0, 0), rows(q), rows(k), rows(v), lv.o[0],
-                     lse_level(lse_levels, 0), s);
+                     lse_level(lse_levels, 0), s, true);
   const bool keep = saved.k.present();
   KVScratch e(keep ? AttentionProblem{} : ap, s);
   const Rows ke = keep ? rows(saved.k) : e.kr, ve = keep ? rows(saved.v) : e.vr;
   ema_route_fwd(rp, TensorRef{}, rows(k), Rows{}, state(r.k_state), ke, state(k_state_out), s);
   ema_route_fwd(rp, TensorRef{}, rows(v), Rows{}, state(r.v_state), ve, state(v_state_out), s);
   attention_fwd_rows(level_problem(ap, 1, 0), rows(q), ke, ve, lv.o[1],
-                     lse_level(lse_levels, 1), s);
+                     lse_level(lse_levels, 1), s, true);
   if (lv.L == 3)
     attention_fwd_rows(level_problem(ap, 2, mem_k.shape[1]), rows(q), rows(mem_k), rows(mem_v),
-                       lv.o[2], lse_level(lse_levels, 2), s);
+                       lv.o[2], lse_level(lse_levels, 2), s, true);
   if (ap.B * ap.Tq * ap.H * ap.d == 0) return;
   dispatch_dtype(ap.dtype, "mka", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
@@ -139,21 +146,24 @@ void mka_bwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef
   DeviceGuard guard(q.device_id);
   auto s = static_cast<cudaStream_t>(stream);
   const Levels lv = levels(o_levels, r.lam);
-  if (g.dlam.present() && ap.B * ap.Tq > 0) {
-    Workspace dlam(size_t(ap.B * ap.Tq * lv.L) * 4, s, false);
+  MKA_CHECK(o_levels.dtype == DType::f32, "mka backward: o_levels must be float32 on CUDA");
+  // Each level's delta (B, H, Tq) and dlam from one pass over dout and the levels.
+  const int64_t level_rows = ap.B * ap.H * ap.Tq;
+  Workspace delta(size_t(lv.L * level_rows) * 4, s, false);
+  Workspace dlam(g.dlam.present() ? size_t(ap.B * ap.Tq * lv.L) * 4 : 0, s, false);
+  if (ap.B * ap.Tq > 0) {
     dispatch_dtype(ap.dtype, "mka backward", [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
       dispatch_mix_width(lv, rows(dout), ap.d, [&](auto width) {
         constexpr int V = decltype(width)::value;
-        mix_dlam<T, V><<<unsigned(ap.B * ap.Tq), kMixThreads, 0, s>>>(lv, rows(dout), ap.Tq,
-                                                                       ap.H, ap.d, dlam.as<float>());
+        level_dots<T, V><<<unsigned(ap.B * ap.Tq), kMixThreads, size_t(lv.L * ap.H) * 4, s>>>(
+            lv, rows(dout), ap.Tq, ap.H, ap.d, delta.as<float>(), dlam.as<float>());
       });
-      check_launch("mix_dlam");
+      check_launch("level_dots");
     });
-    accumulate(dlam.as<float>(), g.dlam, s, add);
-  } else if (g.dlam.present() && !add) {
-    accumulate(nullptr, g.dlam, s, false);  // no query token: zeros
+    if (g.dlam.present()) accumulate(dlam.as<float>(), g.dlam, s, add);
   }
+  const auto level_delta = [&](int l) { return delta.as<float>() + l * level_rows; };
   // dq: float32 accumulator over the levels' key blocks (atomics).
   Workspace dq_acc(size_t(ap.B * ap.Tq * ap.H * ap.d) * 4, s, true);
   const Rows dq_rows = dense_rows(dq_acc.as<float>(), ap.Tq, ap.H, ap.d);
@@ -161,7 +171,7 @@ void mka_bwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef
   const KVGrad io = add ? KVGrad::add_io : KVGrad::store_io;
 
   attention_bwd_rows(level_problem(ap, 0, 0), rows(q), rows(k), rows(v), lv.o[0], lse(0),
-                     rows(dout), lv.w[0], dq_rows, rows(dk), rows(dv), io, s);
+                     rows(dout), lv.w[0], dq_rows, rows(dk), rows(dv), io, s, level_delta(0));
   {
     const bool kept = saved.k.present();
     KVScratch e(kept ? AttentionProblem{} : ap, s);
@@ -172,7 +182,7 @@ void mka_bwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef
     }
     KVScratch de(ap, s);  // the EMA keys' gradients, stored (no zero fill)
     attention_bwd_rows(level_problem(ap, 1, 0), rows(q), ke, ve, lv.o[1], lse(1), rows(dout),
-                       lv.w[1], dq_rows, de.kr, de.vr, KVGrad::store_io, s);
+                       lv.w[1], dq_rows, de.kr, de.vr, KVGrad::store_io, s, level_delta(1));
     // Added onto level 1's dk, dv; the states' gradients are the scan's alone.
     ema_route_bwd(rp, TensorRef{}, rows(k), Rows{}, state(r.k_state), de.kr,
                   state(dk_state_out), rows(dk), Rows{}, nullptr, state(g.dk_state), true, s,
@@ -184,7 +194,7 @@ void mka_bwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef
   if (lv.L == 3) {
     const AttentionProblem p3 = level_problem(ap, 2, mem_k.shape[1]);
     attention_bwd_rows(p3, rows(q), rows(mem_k), rows(mem_v), lv.o[2], lse(2), rows(dout),
-                       lv.w[2], dq_rows, rows(dmem_k), rows(dmem_v), io, s);
+                       lv.w[2], dq_rows, rows(dmem_k), rows(dmem_v), io, s, level_delta(2));
   }
   accumulate(dq_acc.as<float>(), dq, s, add);
 }

@@ -122,6 +122,16 @@ template <> __device__ __forceinline__ unsigned pack2<__nv_bfloat16>(float lo, f
   return *reinterpret_cast<unsigned*>(&v);
 }
 
+// Output columns c, c + 1 of row (b, i, h): in T, or float32 where p.out_f32 (p: AttnParams).
+template <class T, class P>
+__device__ __forceinline__ void store_out2(const P& p, int64_t b, int64_t i, int64_t h, int c,
+                                           float lo, float hi) {
+  if (p.out_f32)
+    *reinterpret_cast<float2*>(p.out.template at<float>(b, i, h) + c) = make_float2(lo, hi);
+  else
+    *reinterpret_cast<unsigned*>(p.out.template at<T>(b, i, h) + c) = pack2<T>(lo, hi);
+}
+
 // The A operand of k-step kk from accumulator tiles 2kk, 2kk+1 (P or dS reused in registers).
 template <class T, int NT>
 __device__ __forceinline__ void acc_to_a(unsigned (&a)[4], const float (&c)[NT][4], int kk) {

@@ -265,8 +265,8 @@ void mka_forward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
   check_memory(ap, q, mem_k, mem_v, rp.L);
   check_cpu_lam(r.lam, ap.dtype);
   check_output(out, "out", {ap.B, ap.Tq, ap.H, ap.d}, ap.dtype, ap.device, ap.device_id);
-  check_output(o_levels, "o_levels", {rp.L, ap.B, ap.Tq, ap.H, ap.d}, ap.dtype, ap.device,
-               ap.device_id);
+  check_output(o_levels, "o_levels", {rp.L, ap.B, ap.Tq, ap.H, ap.d}, stats_dtype(ap.dtype),
+               ap.device, ap.device_id);
   check_output(lse_levels, "lse_levels", {rp.L, ap.B, ap.H, ap.Tq}, stats_dtype(ap.dtype),
                ap.device, ap.device_id);
   check_contiguous(lse_levels, "lse_levels");
@@ -293,8 +293,8 @@ void mka_backward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
   check_saved(saved, k, v, false, "mka backward");
   check_memory(ap, q, mem_k, mem_v, rp.L);
   check_cpu_lam(r.lam, ap.dtype);
-  check_output(o_levels, "o_levels", {rp.L, ap.B, ap.Tq, ap.H, ap.d}, ap.dtype, ap.device,
-               ap.device_id);
+  check_output(o_levels, "o_levels", {rp.L, ap.B, ap.Tq, ap.H, ap.d}, stats_dtype(ap.dtype),
+               ap.device, ap.device_id);
   check_output(lse_levels, "lse_levels", {rp.L, ap.B, ap.H, ap.Tq}, stats_dtype(ap.dtype),
                ap.device, ap.device_id);
   check_contiguous(lse_levels, "lse_levels");

@@ -352,9 +352,12 @@ def _check_mka(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, scale, window
 
 
 def _mka_saved(q: Tensor, L: int, cdt: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Each level's output and softmax statistics, kept for the backward, both float32 (float64
+    for float64 inputs): the backward's row sums <dout, O_l> lose the state gradient's
+    accuracy to rounded outputs (its terms cancel)."""
     B, Tq, H, d = q.shape
-    return (q.new_empty((L, B, Tq, H, d), dtype=cdt),
-            q.new_empty((L, B, H, Tq), dtype=state_dtype(cdt)))
+    sdt = state_dtype(cdt)
+    return q.new_empty((L, B, Tq, H, d), dtype=sdt), q.new_empty((L, B, H, Tq), dtype=sdt)
 
 
 @torch.library.custom_op("mka::_mka_fwd", mutates_args=())
@@ -372,7 +375,7 @@ def _mka_fwd(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, mem_k: _
     _C.mka_forward(_cast(q, cdt), _cast(k, cdt), _cast(v, cdt), _lam(lam, cdt), float(beta),
                    _cast(mem_k, cdt), _cast(mem_v, cdt), _nat(k_state), _nat(v_state), causal,
                    scale, window, out, o_levels, lse_levels, ks, vs, ke, ve, _stream(q))
-    return out.to(q.dtype), o_levels.to(q.dtype), lse_levels, ks, vs, ke, ve
+    return out.to(q.dtype), o_levels, lse_levels, ks, vs, ke, ve
 
 
 @_mka_fwd.register_fake
@@ -380,7 +383,7 @@ def _(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window)
     L = _check_mka(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, scale, window)
     cdt = _compute_dtype(q)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            *_mka_saved(q, L, q.dtype), *_states_out(k), k.new_empty(k.shape, dtype=cdt),
+            *_mka_saved(q, L, cdt), *_states_out(k), k.new_empty(k.shape, dtype=cdt),
             k.new_empty(v.shape, dtype=cdt))
 
 
@@ -398,7 +401,7 @@ def _mka_bwd(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, mem_k: _
     dk, dv, dlam, dmk, dmv, dks, dvs = _route_grads_alloc(k, lam, mem_k, k_state, v_state, cdt)
     _C.mka_backward(_cast(q, cdt), _cast(k, cdt), _cast(v, cdt), _lam(lam, cdt), float(beta),
                     _cast(mem_k, cdt), _cast(mem_v, cdt), _nat(k_state), _nat(v_state), causal,
-                    scale, window, _cast(o_levels, cdt), lse_levels.detach().contiguous(),
+                    scale, window, o_levels.detach(), lse_levels.detach().contiguous(),
                     _cast(dout, cdt).contiguous(), _opt_grad(dk_state_out, sdt),
                     _opt_grad(dv_state_out, sdt), dq, dk, dv, dmk, dmv, dlam, dks, dvs,
                     k_ema.detach(), v_ema.detach(), False, _stream(q))

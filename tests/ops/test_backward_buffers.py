@@ -95,7 +95,6 @@ def test_mka_backward_overwrites_and_uses_saved(device, dtype, B, Tq, T, H, G, d
     args = (x["q"], x["k"], x["v"], x["lam"], 0.8, x["x3"], x["v3"], x["ks"], x["vs"], causal,
             None, window)
     _, o_levels, lse_levels, _, _, ke, ve = torch.ops.mka._mka_fwd(*args)
-    o_levels = o_levels.to(x["q"].dtype)
     dso = (x["ks"] * 0.5, x["vs"] * 0.5)
     _both_ways(lambda g, saved, acc: _C.mka_backward(
         *args, o_levels, lse_levels, x["dout"], *dso, *g, *saved, acc, _stream(x["q"])),

@@ -45,7 +45,8 @@ void fastmka_backward(const TensorRef& q, const TensorRef& k, const TensorRef& v
                       bool accumulate = true);
 
 // mka: r.k3/v3 unused; memory tokens mem_k/mem_v (B, M, G, d) iff L == 3.
-// o_levels (L, B, Tq, H, d) and lse_levels (L, B, H, Tq) keep each level for backward;
+// o_levels (L, B, Tq, H, d) and lse_levels (L, B, H, Tq), both in the statistics dtype
+// (float32; float64 for float64 inputs), keep each level for backward;
 // saved.k/v (optional) the EMA keys/values.
 void mka_forward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
                  const RouteInputs& r, const TensorRef& mem_k, const TensorRef& mem_v,
