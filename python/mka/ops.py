@@ -126,6 +126,7 @@ def _(q, k, v, out, lse, dout, causal, scale, window):
 
 
 def _attention_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # unused outputs' grads stay None: no zero fills
     q, k, v, causal, scale, window = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
@@ -232,6 +233,7 @@ def _route_inputs_grads(grads) -> tuple[_OptT, ...]:
 
 
 def _route_fuse_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # unused outputs' grads stay None: no zero fills
     k, v, lam, beta, k3, v3, k_state, v_state = inputs
     ctx.save_for_backward(k, v, lam, k3, v3, k_state, v_state)
     ctx.beta = beta
@@ -322,6 +324,7 @@ def _(q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window, out, 
 
 
 def _fastmka_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # unused outputs' grads stay None: no zero fills
     q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window = inputs
     out, lse, _, _, kf, vf, carry = output
     ctx.save_for_backward(q, k, v, lam, k3, v3, k_state, v_state, out, lse, kf, vf, carry)
@@ -417,6 +420,7 @@ def _(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window,
 
 
 def _mka_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # unused outputs' grads stay None: no zero fills
     q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window = inputs
     _, o_levels, lse_levels, _, _, ke, ve = output
     ctx.save_for_backward(q, k, v, lam, mem_k, mem_v, k_state, v_state, o_levels, lse_levels,
