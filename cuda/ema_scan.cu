@@ -1,14 +1,13 @@
-// Launchers of the chunked EMA-route scan (ema_scan.cuh).
-#include <optional>
-
+// Launchers of the chunked EMA-route scan (ema_scan.cuh): keys and values in one launch per
+// pass (grid z runs over both memories' batch entries).
 #include "ema_scan.cuh"
 #include "launchers.h"
 
 namespace mka::cuda {
 namespace {
 
-ScanArgs scan_args(const RouteProblem& p, const TensorRef& lam, Rows x, Rows x3,
-                   StateView state_in) {
+ScanArgs scan_args(const RouteProblem& p, const TensorRef& lam, const ScanMemory& k,
+                   const ScanMemory& v) {
   ScanArgs a;
   a.B = p.B, a.T = p.T, a.G = p.G, a.d = p.d;
   a.chunk = ema_scan_chunk(p.B, p.T, p.G * p.d);  // mka/problem.h
@@ -16,15 +15,16 @@ ScanArgs scan_args(const RouteProblem& p, const TensorRef& lam, Rows x, Rows x3,
   a.L = lam.present() ? int(p.L) : 2;
   a.beta = float(p.beta);
   a.w = {lam_level(lam, 0), lam_level(lam, 1), a.L == 3 ? lam_level(lam, 2) : TokenScalar{}};
-  a.x = x, a.x3 = x3, a.state_in = state_in;
+  a.m[0] = k, a.m[1] = v;
   return a;
 }
 
 // Eight channels per thread when every view allows 16-byte accesses (see ema_scan.cuh).
 int vector_width(const ScanArgs& a) {
   if (a.d % 8 != 0) return 1;
-  for (const Rows* x : {&a.x, &a.x3, &a.y, &a.dy, &a.dx, &a.dx3})
-    if (!aligned16(*x)) return 1;
+  for (const ScanMemory& m : a.m)
+    for (const Rows* x : {&m.x, &m.x3, &m.y, &m.dy, &m.dx, &m.dx3})
+      if (!aligned16(*x)) return 1;
   return 8;
 }
 // Calls f(std::integral_constant<int, V>) for this scan's vector width.
@@ -33,18 +33,18 @@ template <class F> void dispatch_width(const ScanArgs& a, F&& f) {
   f(std::integral_constant<int, 1>{});
 }
 
-// Grids: channel blocks x chunks x batch (per chunk, V channels per thread), channel blocks
-// x 1 x batch (carry, one channel per thread).
+// Grids: channel blocks x chunks x (2 memories x batch) (per chunk, V channels per thread);
+// channel blocks x 1 x (2 x batch) (carry, one channel per thread).
 dim3 chunk_grid(const ScanArgs& a, int V) {
   return dim3(unsigned(ceil_div(a.channels(), kScanThreads * V)), unsigned(a.n_chunks),
-              unsigned(a.B));
+              unsigned(2 * a.B));
 }
 dim3 carry_grid(const ScanArgs& a) {
-  return dim3(unsigned(ceil_div(a.channels(), kScanThreads)), 1, unsigned(a.B));
+  return dim3(unsigned(ceil_div(a.channels(), kScanThreads)), 1, unsigned(2 * a.B));
 }
 
-// Chunk start states of the forward scan into a.carry (the first two passes).
-template <class T, int V> void forward_carries(ScanArgs& a, cudaStream_t s) {
+// Chunk start states of the forward scan into m.carry (the first two passes).
+template <class T, int V> void forward_carries(const ScanArgs& a, cudaStream_t s) {
   if (a.n_chunks > 0) {
     ema_local_fwd<T, V><<<chunk_grid(a, V), kScanThreads, 0, s>>>(a);
     check_launch("ema_local_fwd");
@@ -55,20 +55,28 @@ template <class T, int V> void forward_carries(ScanArgs& a, cudaStream_t s) {
 
 size_t carry_bytes(const ScanArgs& a) { return size_t(a.B * a.n_chunks * a.channels()) * 4; }
 
+// Scratch for the chunk states of both memories where the caller gave none.
+struct CarryScratch {
+  Workspace k, v;
+  CarryScratch(ScanArgs& a, bool need, cudaStream_t s)
+      : k(need && !a.m[0].carry ? carry_bytes(a) : 0, s, false),
+        v(need && !a.m[1].carry ? carry_bytes(a) : 0, s, false) {
+    if (!a.m[0].carry) a.m[0].carry = k.as<float>();
+    if (!a.m[1].carry) a.m[1].carry = v.as<float>();
+  }
+};
+
 }  // namespace
 
 size_t ema_carry_bytes(const RouteProblem& p) {
-  return carry_bytes(scan_args(p, TensorRef{}, Rows{}, Rows{}, StateView{}));
+  return carry_bytes(scan_args(p, TensorRef{}, ScanMemory{}, ScanMemory{}));
 }
 
-void ema_route_fwd(const RouteProblem& p, const TensorRef& lam, Rows x, Rows x3,
-                   StateView state_in, Rows y, StateView state_out, cudaStream_t s,
-                   float* carry_out) {
+void ema_route_fwd(const RouteProblem& p, const TensorRef& lam, ScanMemory k, ScanMemory v,
+                   cudaStream_t s) {
   if (p.B == 0) return;
-  ScanArgs a = scan_args(p, lam, x, x3, state_in);
-  a.y = y, a.state_out = state_out;
-  Workspace carry(carry_out ? 0 : carry_bytes(a), s, false);
-  a.carry = carry_out ? carry_out : carry.as<float>();
+  ScanArgs a = scan_args(p, lam, k, v);
+  CarryScratch scratch(a, true, s);
   dispatch_dtype(p.dtype, "ema_route", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     dispatch_width(a, [&](auto width) {
@@ -81,44 +89,39 @@ void ema_route_fwd(const RouteProblem& p, const TensorRef& lam, Rows x, Rows x3,
   });
 }
 
-namespace {
-template <class T, int V> void backward_passes(ScanArgs& a, bool have_carries, cudaStream_t s) {
-  if (a.n_chunks > 0) {
-    if (a.dlam) {  // dlam needs the forward EMA, recomputed chunk by chunk from its carries
-      if (!have_carries) forward_carries<T, V>(a, s);
-      ema_route_dlam<T, V><<<chunk_grid(a, V), kScanThreads, 0, s>>>(a);
-      check_launch("ema_route_dlam");
-    } else {
-      ema_local_bwd<T, V><<<chunk_grid(a, V), kScanThreads, 0, s>>>(a);
-      check_launch("ema_local_bwd");
-    }
-  }
-  ema_carry_bwd<<<carry_grid(a), kScanThreads, 0, s>>>(a);
-  check_launch("ema_carry_bwd");
-  if (a.n_chunks > 0) {
-    ema_route_dx<T, V><<<chunk_grid(a, V), kScanThreads, 0, s>>>(a);
-    check_launch("ema_route_dx");
-  }
-}
-}  // namespace
-
-void ema_route_bwd(const RouteProblem& p, const TensorRef& lam, Rows x, Rows x3,
-                   StateView state_in, Rows dy, StateView dstate_out, Rows dx, Rows dx3,
-                   float* dlam, StateView dstate_in, bool add, cudaStream_t s,
-                   const float* fwd_carry, std::optional<bool> add_state) {
+void ema_route_bwd(const RouteProblem& p, const TensorRef& lam, ScanMemory k, ScanMemory v,
+                   float* dlam, bool add, bool add_state, cudaStream_t s) {
   if (p.B == 0) return;
-  ScanArgs a = scan_args(p, lam, x, x3, state_in);
-  a.dy = dy, a.dstate_out = dstate_out, a.dx = dx, a.dx3 = dx3, a.dstate_in = dstate_in;
+  ScanArgs a = scan_args(p, lam, k, v);
   a.dlam = lam.present() ? dlam : nullptr;
-  a.add = add;
-  a.add_state = add_state.value_or(add);
-  const bool have = fwd_carry != nullptr;
-  Workspace carry(a.dlam && !have ? carry_bytes(a) : 0, s, false), rcarry(carry_bytes(a), s, false);
-  a.carry = have ? const_cast<float*>(fwd_carry) : carry.as<float>();
-  a.rcarry = rcarry.as<float>();
+  a.add = add, a.add_state = add_state;
+  // dlam needs the forward EMA, recomputed chunk by chunk from the chunk start states: the
+  // caller's (kept by the forward), or made here.
+  const bool have_carries = a.m[0].carry && a.m[1].carry;
+  CarryScratch scratch(a, a.dlam && !have_carries, s);
+  Workspace rk(carry_bytes(a), s, false), rv(carry_bytes(a), s, false);
+  a.m[0].rcarry = rk.as<float>(), a.m[1].rcarry = rv.as<float>();
   dispatch_dtype(p.dtype, "ema_route backward", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    dispatch_width(a, [&](auto width) { backward_passes<T, decltype(width)::value>(a, have, s); });
+    dispatch_width(a, [&](auto width) {
+      constexpr int V = decltype(width)::value;
+      if (a.n_chunks > 0) {
+        if (a.dlam) {
+          if (!have_carries) forward_carries<T, V>(a, s);
+          ema_route_dlam<T, V><<<chunk_grid(a, V), kScanThreads, 0, s>>>(a);
+          check_launch("ema_route_dlam");
+        } else {
+          ema_local_bwd<T, V><<<chunk_grid(a, V), kScanThreads, 0, s>>>(a);
+          check_launch("ema_local_bwd");
+        }
+      }
+      ema_carry_bwd<<<carry_grid(a), kScanThreads, 0, s>>>(a);
+      check_launch("ema_carry_bwd");
+      if (a.n_chunks > 0) {
+        ema_route_dx<T, V><<<chunk_grid(a, V), kScanThreads, 0, s>>>(a);
+        check_launch("ema_route_dx");
+      }
+    });
   });
 }
 

@@ -7,7 +7,7 @@
 // The backward runs the same three passes in reverse time for u_t = l1_t dy_t + beta u_{t+1};
 // with lam, its local pass also makes dlam (which needs the forward EMA, in forward time).
 #pragma once
-#include "device_utils.cuh"
+#include "launchers.h"
 
 namespace mka::cuda {
 
@@ -26,22 +26,20 @@ struct ScanArgs {
   int L = 2;
   float beta = 0.f;
   RouteWeights w;
-  Rows x, x3;               // inputs (x3 only with L == 3)
-  StateView state_in;       // forward initial state (optional)
-  float* carry = nullptr;   // (B, n_chunks, G*d): chunk end states, then chunk start states
-  // forward
-  Rows y;
-  StateView state_out;
-  // backward
-  Rows dy, dx, dx3;
-  StateView dstate_out, dstate_in;
-  float* rcarry = nullptr;  // (B, n_chunks, G*d) for the reverse scan
+  ScanMemory m[2];          // keys and values: one launch scans both (grid z: 2 * B)
   float* dlam = nullptr;    // (B, T, L) float32 accumulator, or nullptr
   bool add = true;          // dx, dx3: add into them, or overwrite them
   bool add_state = true;    // dstate_in: the same
 
   __host__ __device__ int64_t channels() const { return G * d; }
 };
+
+// This block's memory (a copy: indexing the parameter array would spill it to the stack)
+// and batch entry.
+__device__ __forceinline__ ScanMemory memory(const ScanArgs& a) {
+  return blockIdx.z < a.B ? a.m[0] : a.m[1];
+}
+__device__ __forceinline__ int64_t batch(const ScanArgs& a) { return blockIdx.z % a.B; }
 
 constexpr int kScanThreads = 128, kCarryBatch = 32;
 
@@ -71,25 +69,27 @@ __device__ __forceinline__ float* carry_at(const ScanArgs& a, float* base, int64
 template <class T, int V> __global__ void ema_local_fwd(ScanArgs a) {
   int64_t g, c;
   if (!scan_channel<V>(a, g, c)) return;
-  const int64_t b = blockIdx.z, ch = blockIdx.y;
+  const ScanMemory m = memory(a);
+  const int64_t b = batch(a), ch = blockIdx.y;
   const int64_t t0 = ch * a.chunk, t1 = min(a.T, t0 + a.chunk);
   float s[V] = {}, x[V];
   #pragma unroll 4
   for (int64_t t = t0; t < t1; ++t) {
-    load_v<V>(a.x.at<const T>(b, t, g) + c, x);
+    load_v<V>(m.x.at<const T>(b, t, g) + c, x);
     #pragma unroll
     for (int i = 0; i < V; ++i) s[i] = a.beta * s[i] + (1.f - a.beta) * x[i];
   }
-  store_v<V>(carry_at<V>(a, a.carry, b, ch), s);
+  store_v<V>(carry_at<V>(a, m.carry, b, ch), s);
 }
 
 // Carry pass, forward: chunk end states -> chunk start states; writes the final state.
 __global__ void ema_carry_fwd(ScanArgs a) {
   const int64_t gc = int64_t(blockIdx.x) * kScanThreads + threadIdx.x;
   if (gc >= a.channels()) return;
-  const int64_t b = blockIdx.z, g = gc / a.d, c = gc % a.d;
-  float s = a.state_in.data ? a.state_in.at(b, g)[c] : 0.f;
-  float* slots = a.carry + b * a.n_chunks * a.channels() + gc;
+  const ScanMemory m = memory(a);
+  const int64_t b = batch(a), g = gc / a.d, c = gc % a.d;
+  float s = m.state_in.data ? m.state_in.at(b, g)[c] : 0.f;
+  float* slots = m.carry + b * a.n_chunks * a.channels() + gc;
   const float decay = powf(a.beta, float(a.chunk));  // over a whole chunk; the last may be short
   const float last_decay = powf(a.beta, float(a.T - (a.n_chunks - 1) * a.chunk));
   // The walk is a chain of dependent steps over n_chunks; loading kCarryBatch local states
@@ -107,21 +107,22 @@ __global__ void ema_carry_fwd(ScanArgs a) {
       s = (ch + 1 < a.n_chunks ? decay : last_decay) * s + local_end[j];
     }
   }
-  if (a.state_out.data) a.state_out.at(b, g)[c] = s;
+  if (m.state_out.data) m.state_out.at(b, g)[c] = s;
 }
 
 // Final pass, forward: y_t = l0 x_t + l1 s_t (+ l2 x3_t).
 template <class T, int V> __global__ void ema_route_out(ScanArgs a) {
   int64_t g, c;
   if (!scan_channel<V>(a, g, c)) return;
-  const int64_t b = blockIdx.z, ch = blockIdx.y;
+  const ScanMemory m = memory(a);
+  const int64_t b = batch(a), ch = blockIdx.y;
   const int64_t t0 = ch * a.chunk, t1 = min(a.T, t0 + a.chunk);
   float s[V], x[V], y[V], x3[V];
-  load_v<V>(carry_at<V>(a, a.carry, b, ch), s);
-  const bool has3 = a.L == 3 && a.x3.data;
+  load_v<V>(carry_at<V>(a, m.carry, b, ch), s);
+  const bool has3 = a.L == 3 && m.x3.data;
   for (int64_t t = t0; t < t1; ++t) {
-    load_v<V>(a.x.at<const T>(b, t, g) + c, x);
-    if (has3) load_v<V>(a.x3.at<const T>(b, t, g) + c, x3);
+    load_v<V>(m.x.at<const T>(b, t, g) + c, x);
+    if (has3) load_v<V>(m.x3.at<const T>(b, t, g) + c, x3);
     float w0, w1, w2;
     a.w.load(b, t, w0, w1, w2);
     #pragma unroll
@@ -129,7 +130,7 @@ template <class T, int V> __global__ void ema_route_out(ScanArgs a) {
       s[i] = a.beta * s[i] + (1.f - a.beta) * x[i];
       y[i] = w0 * x[i] + w1 * s[i] + (has3 ? w2 * x3[i] : 0.f);
     }
-    store_v<V>(a.y.at<T>(b, t, g) + c, y);
+    store_v<V>(m.y.at<T>(b, t, g) + c, y);
   }
 }
 
@@ -140,18 +141,19 @@ template <class T, int V> __global__ void ema_route_out(ScanArgs a) {
 template <class T, int V> __global__ void ema_route_dlam(ScanArgs a) {
   int64_t g, c;
   const bool active = scan_channel<V>(a, g, c);
-  const int64_t b = blockIdx.z, ch = blockIdx.y;
+  const ScanMemory m = memory(a);
+  const int64_t b = batch(a), ch = blockIdx.y;
   const int64_t t0 = ch * a.chunk, t1 = min(a.T, t0 + a.chunk);
-  const bool has3 = a.L == 3 && a.x3.data;
+  const bool has3 = a.L == 3 && m.x3.data;
   float s[V] = {}, u[V] = {}, x[V], dy[V], x3[V];
   float decay = 1.f;  // beta^(t - t0)
-  if (active) load_v<V>(carry_at<V>(a, a.carry, b, ch), s);
+  if (active) load_v<V>(carry_at<V>(a, m.carry, b, ch), s);
   for (int64_t t = t0; t < t1; ++t) {
     float p0 = 0.f, p1 = 0.f, p2 = 0.f;
     if (active) {
-      load_v<V>(a.x.at<const T>(b, t, g) + c, x);
-      load_v<V>(a.dy.at<const T>(b, t, g) + c, dy);
-      if (has3) load_v<V>(a.x3.at<const T>(b, t, g) + c, x3);
+      load_v<V>(m.x.at<const T>(b, t, g) + c, x);
+      load_v<V>(m.dy.at<const T>(b, t, g) + c, dy);
+      if (has3) load_v<V>(m.x3.at<const T>(b, t, g) + c, x3);
       const float w1 = decay * a.w.l1.load(b, t, 1.f);
       #pragma unroll
       for (int i = 0; i < V; ++i) {
@@ -173,7 +175,7 @@ template <class T, int V> __global__ void ema_route_dlam(ScanArgs a) {
       if (a.L == 3) atomicAdd(dl + 2, p2);
     }
   }
-  if (active) store_v<V>(carry_at<V>(a, a.rcarry, b, ch), u);
+  if (active) store_v<V>(carry_at<V>(a, m.rcarry, b, ch), u);
 }
 
 // Local pass, backward, without dlam: u at the chunk's first token from a zero carry at its
@@ -181,17 +183,18 @@ template <class T, int V> __global__ void ema_route_dlam(ScanArgs a) {
 template <class T, int V> __global__ void ema_local_bwd(ScanArgs a) {
   int64_t g, c;
   if (!scan_channel<V>(a, g, c)) return;
-  const int64_t b = blockIdx.z, ch = blockIdx.y;
+  const ScanMemory m = memory(a);
+  const int64_t b = batch(a), ch = blockIdx.y;
   const int64_t t0 = ch * a.chunk, t1 = min(a.T, t0 + a.chunk);
   float u[V] = {}, dy[V];
   #pragma unroll 4
   for (int64_t t = t1 - 1; t >= t0; --t) {
     const float w1 = a.w.l1.load(b, t, 1.f);
-    load_v<V>(a.dy.at<const T>(b, t, g) + c, dy);
+    load_v<V>(m.dy.at<const T>(b, t, g) + c, dy);
     #pragma unroll
     for (int i = 0; i < V; ++i) u[i] = w1 * dy[i] + a.beta * u[i];
   }
-  store_v<V>(carry_at<V>(a, a.rcarry, b, ch), u);
+  store_v<V>(carry_at<V>(a, m.rcarry, b, ch), u);
 }
 
 // Carry pass, backward: each chunk's incoming carry c (= beta u of the next chunk's first
@@ -199,9 +202,10 @@ template <class T, int V> __global__ void ema_local_bwd(ScanArgs a) {
 __global__ void ema_carry_bwd(ScanArgs a) {
   const int64_t gc = int64_t(blockIdx.x) * kScanThreads + threadIdx.x;
   if (gc >= a.channels()) return;
-  const int64_t b = blockIdx.z, g = gc / a.d, c = gc % a.d;
-  float carry = a.dstate_out.data ? a.dstate_out.at(b, g)[c] : 0.f;
-  float* slots = a.rcarry + b * a.n_chunks * a.channels() + gc;
+  const ScanMemory m = memory(a);
+  const int64_t b = batch(a), g = gc / a.d, c = gc % a.d;
+  float carry = m.dstate_out.data ? m.dstate_out.at(b, g)[c] : 0.f;
+  float* slots = m.rcarry + b * a.n_chunks * a.channels() + gc;
   const float decay = powf(a.beta, float(a.chunk - 1));  // as forward, one step fewer
   const float last_decay = powf(a.beta, float(a.T - (a.n_chunks - 1) * a.chunk - 1));
   for (int64_t ch0 = a.n_chunks - 1; ch0 >= 0; ch0 -= kCarryBatch) {  // batched as forward
@@ -217,8 +221,8 @@ __global__ void ema_carry_bwd(ScanArgs a) {
       carry = a.beta * (u_local[j] + (ch + 1 < a.n_chunks ? decay : last_decay) * carry);
     }
   }
-  if (a.dstate_in.data) {
-    float* ds = a.dstate_in.at(b, g) + c;
+  if (m.dstate_in.data) {
+    float* ds = m.dstate_in.at(b, g) + c;
     *ds = a.add_state ? *ds + carry : carry;
   }
 }
@@ -227,16 +231,17 @@ __global__ void ema_carry_bwd(ScanArgs a) {
 template <class T, int V> __global__ void ema_route_dx(ScanArgs a) {
   int64_t g, c;
   if (!scan_channel<V>(a, g, c)) return;
-  const int64_t b = blockIdx.z, ch = blockIdx.y;
+  const ScanMemory m = memory(a);
+  const int64_t b = batch(a), ch = blockIdx.y;
   const int64_t t0 = ch * a.chunk, t1 = min(a.T, t0 + a.chunk);
-  const bool has3 = a.L == 3 && a.dx3.data;
+  const bool has3 = a.L == 3 && m.dx3.data;
   float carry[V], dy[V], dx[V] = {}, dx3[V] = {};
-  load_v<V>(carry_at<V>(a, a.rcarry, b, ch), carry);
+  load_v<V>(carry_at<V>(a, m.rcarry, b, ch), carry);
   for (int64_t t = t1 - 1; t >= t0; --t) {
     float w0, w1, w2;
     a.w.load(b, t, w0, w1, w2);
-    load_v<V>(a.dy.at<const T>(b, t, g) + c, dy);
-    T* dxp = a.dx.at<T>(b, t, g) + c;
+    load_v<V>(m.dy.at<const T>(b, t, g) + c, dy);
+    T* dxp = m.dx.at<T>(b, t, g) + c;
     if (a.add) load_v<V>(dxp, dx);
     #pragma unroll
     for (int i = 0; i < V; ++i) {
@@ -246,7 +251,7 @@ template <class T, int V> __global__ void ema_route_dx(ScanArgs a) {
     }
     store_v<V>(dxp, dx);
     if (has3) {
-      T* dx3p = a.dx3.at<T>(b, t, g) + c;
+      T* dx3p = m.dx3.at<T>(b, t, g) + c;
       if (a.add) load_v<V>(dx3p, dx3);
       #pragma unroll
       for (int i = 0; i < V; ++i) dx3[i] = (a.add ? dx3[i] : 0.f) + w2 * dy[i];

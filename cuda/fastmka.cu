@@ -29,13 +29,22 @@ struct Fused {
   }
 };
 
+// The two memories' scans over k and v (x3: k3, v3), with the chunk start states kept in f.
+std::pair<ScanMemory, ScanMemory> memories(const TensorRef& k, const TensorRef& v,
+                                           const RouteInputs& r, const Fused& f) {
+  ScanMemory km = scan_memory(rows(k), rows(r.k3), state(r.k_state));
+  ScanMemory vm = scan_memory(rows(v), rows(r.v3), state(r.v_state));
+  km.carry = f.kc, vm.carry = f.vc;
+  return {km, vm};
+}
+
 void fuse(const RouteProblem& rp, const TensorRef& k, const TensorRef& v, const RouteInputs& r,
           const Fused& f, const TensorRef& k_state_out, const TensorRef& v_state_out,
           cudaStream_t s) {
-  ema_route_fwd(rp, r.lam, rows(k), rows(r.k3), state(r.k_state), f.kr, state(k_state_out), s,
-                f.kc);
-  ema_route_fwd(rp, r.lam, rows(v), rows(r.v3), state(r.v_state), f.vr, state(v_state_out), s,
-                f.vc);
+  auto [km, vm] = memories(k, v, r, f);
+  km.y = f.kr, vm.y = f.vr;
+  km.state_out = state(k_state_out), vm.state_out = state(v_state_out);
+  ema_route_fwd(rp, r.lam, km, vm, s);
 }
 
 }  // namespace
@@ -70,10 +79,12 @@ void fastmka_bwd(const AttentionProblem& ap, const RouteProblem& rp, const Tenso
                      df.kr, df.vr, KVGrad::store_io, s);
   accumulate(dq_acc.as<float>(), dq, s, add);
   Workspace dlam(g.dlam.present() ? size_t(rp.B * rp.T * rp.L) * 4 : 0, s, true);
-  ema_route_bwd(rp, r.lam, rows(k), rows(r.k3), state(r.k_state), df.kr, state(dk_state_out),
-                rows(dk), rows(g.dk3), dlam.as<float>(), state(g.dk_state), add, s, f.kc);
-  ema_route_bwd(rp, r.lam, rows(v), rows(r.v3), state(r.v_state), df.vr, state(dv_state_out),
-                rows(dv), rows(g.dv3), dlam.as<float>(), state(g.dv_state), add, s, f.vc);
+  auto [km, vm] = memories(k, v, r, f);
+  km.dy = df.kr, km.dstate_out = state(dk_state_out);
+  km.dx = rows(dk), km.dx3 = rows(g.dk3), km.dstate_in = state(g.dk_state);
+  vm.dy = df.vr, vm.dstate_out = state(dv_state_out);
+  vm.dx = rows(dv), vm.dx3 = rows(g.dv3), vm.dstate_in = state(g.dv_state);
+  ema_route_bwd(rp, r.lam, km, vm, dlam.as<float>(), add, add, s);
   if (g.dlam.present()) accumulate(dlam.as<float>(), g.dlam, s, add);
 }
 

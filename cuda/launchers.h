@@ -4,8 +4,6 @@
 #pragma once
 #include <cuda_runtime.h>
 
-#include <optional>
-
 #include "attention_params.cuh"
 #include "device_utils.cuh"
 #include "mka/problem.h"
@@ -41,20 +39,38 @@ void attention_bwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows 
                         const float* lse, Rows dout, TokenScalar w, Rows dq, Rows dk, Rows dv,
                         KVGrad kv_grad, cudaStream_t stream, const float* delta = nullptr);
 
-// y_t = lam0 x_t + lam1 EMA(x)_t (+ lam2 x3_t), y in p.dtype; without lam, y = EMA(x).
-// carry_out (ema_carry_bytes(p), optional) keeps the EMA state at every chunk's start, which
-// a later ema_route_bwd of the same x can take as fwd_carry instead of recomputing it.
-void ema_route_fwd(const RouteProblem& p, const TensorRef& lam, Rows x, Rows x3,
-                   StateView state_in, Rows y, StateView state_out, cudaStream_t stream,
-                   float* carry_out = nullptr);
+// One memory (keys or values) of the EMA-route scan (ema_scan.cuh): its views in p.dtype;
+// absent views are neither read nor written.
+struct ScanMemory {
+  Rows x, x3;               // inputs (x3 only with L == 3)
+  StateView state_in;       // initial state (optional)
+  // (B, n_chunks, G*d) float32, ema_carry_bytes: the EMA state at every chunk's start. The
+  // forward writes it where given (else scratch); a backward of the same x takes it (dlam
+  // needs it) instead of recomputing it.
+  float* carry = nullptr;
+  Rows y;                   // forward output
+  StateView state_out;      // forward final state (optional)
+  Rows dy, dx, dx3;         // backward: incoming gradient, gradients of x and x3
+  StateView dstate_out, dstate_in;  // backward: the final state's gradient in, state_in's out
+  float* rcarry = nullptr;  // backward scratch (set by ema_route_bwd)
+};
+
+inline ScanMemory scan_memory(Rows x, Rows x3, StateView state_in) {
+  ScanMemory m;
+  m.x = x, m.x3 = x3, m.state_in = state_in;
+  return m;
+}
+
+// Both memories in one launch per pass: y_t = lam0 x_t + lam1 EMA(x)_t (+ lam2 x3_t); without
+// lam, y = EMA(x).
+void ema_route_fwd(const RouteProblem& p, const TensorRef& lam, ScanMemory k, ScanMemory v,
+                   cudaStream_t stream);
 size_t ema_carry_bytes(const RouteProblem& p);
-// The backward of ema_route_fwd: dy in p.dtype; dx, dx3 (p.dtype) added into (add) or
-// overwritten, dstate_in likewise (add_state, default: add); dlam: dense (B, T, L) float32
+// The backward of ema_route_fwd, both memories in one launch per pass: dx, dx3 added into
+// (add) or overwritten, dstate_in likewise (add_state); dlam: dense (B, T, L) float32
 // accumulator added into, or nullptr.
-void ema_route_bwd(const RouteProblem& p, const TensorRef& lam, Rows x, Rows x3,
-                   StateView state_in, Rows dy, StateView dstate_out, Rows dx, Rows dx3,
-                   float* dlam, StateView dstate_in, bool add, cudaStream_t stream,
-                   const float* fwd_carry = nullptr, std::optional<bool> add_state = {});
+void ema_route_bwd(const RouteProblem& p, const TensorRef& lam, ScanMemory k, ScanMemory v,
+                   float* dlam, bool add, bool add_state, cudaStream_t stream);
 
 // dst += src (add) or dst = src, where src is a dense float32 tensor of dst's shape (dst
 // strided, any dtype); src == nullptr reads as zeros.

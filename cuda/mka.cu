@@ -95,6 +95,16 @@ template <class F> void dispatch_mix_width(const Levels& lv, const Rows& x, int6
   f(std::integral_constant<int, 1>{});
 }
 
+// Level 2's keys and values: EMA(k), EMA(v) from the given states (no routing).
+void ema_keys(const RouteProblem& rp, const TensorRef& k, const TensorRef& v,
+              const RouteInputs& r, Rows ke, Rows ve, StateView k_state_out,
+              StateView v_state_out, cudaStream_t s) {
+  ScanMemory km = scan_memory(rows(k), Rows{}, state(r.k_state));
+  ScanMemory vm = scan_memory(rows(v), Rows{}, state(r.v_state));
+  km.y = ke, km.state_out = k_state_out, vm.y = ve, vm.state_out = v_state_out;
+  ema_route_fwd(rp, TensorRef{}, km, vm, s);
+}
+
 float* lse_level(const TensorRef& lse_levels, int l) {
   return static_cast<float*>(select0(lse_levels, l).data);
 }
@@ -116,8 +126,7 @@ void mka_fwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef
   const bool keep = saved.k.present();
   KVScratch e(keep ? AttentionProblem{} : ap, s);
   const Rows ke = keep ? rows(saved.k) : e.kr, ve = keep ? rows(saved.v) : e.vr;
-  ema_route_fwd(rp, TensorRef{}, rows(k), Rows{}, state(r.k_state), ke, state(k_state_out), s);
-  ema_route_fwd(rp, TensorRef{}, rows(v), Rows{}, state(r.v_state), ve, state(v_state_out), s);
+  ema_keys(rp, k, v, r, ke, ve, state(k_state_out), state(v_state_out), s);
   attention_fwd_rows(level_problem(ap, 1, 0), rows(q), ke, ve, lv.o[1],
                      lse_level(lse_levels, 1), s, true);
   if (lv.L == 3)
@@ -176,20 +185,18 @@ void mka_bwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef
     const bool kept = saved.k.present();
     KVScratch e(kept ? AttentionProblem{} : ap, s);
     const Rows ke = kept ? rows(saved.k) : e.kr, ve = kept ? rows(saved.v) : e.vr;
-    if (!kept) {
-      ema_route_fwd(rp, TensorRef{}, rows(k), Rows{}, state(r.k_state), ke, StateView{}, s);
-      ema_route_fwd(rp, TensorRef{}, rows(v), Rows{}, state(r.v_state), ve, StateView{}, s);
-    }
+    if (!kept) ema_keys(rp, k, v, r, ke, ve, StateView{}, StateView{}, s);
     KVScratch de(ap, s);  // the EMA keys' gradients, stored (no zero fill)
     attention_bwd_rows(level_problem(ap, 1, 0), rows(q), ke, ve, lv.o[1], lse(1), rows(dout),
                        lv.w[1], dq_rows, de.kr, de.vr, KVGrad::store_io, s, level_delta(1));
     // Added onto level 1's dk, dv; the states' gradients are the scan's alone.
-    ema_route_bwd(rp, TensorRef{}, rows(k), Rows{}, state(r.k_state), de.kr,
-                  state(dk_state_out), rows(dk), Rows{}, nullptr, state(g.dk_state), true, s,
-                  nullptr, add);
-    ema_route_bwd(rp, TensorRef{}, rows(v), Rows{}, state(r.v_state), de.vr,
-                  state(dv_state_out), rows(dv), Rows{}, nullptr, state(g.dv_state), true, s,
-                  nullptr, add);
+    ScanMemory km = scan_memory(rows(k), Rows{}, state(r.k_state));
+    ScanMemory vm = scan_memory(rows(v), Rows{}, state(r.v_state));
+    km.dy = de.kr, km.dstate_out = state(dk_state_out), km.dx = rows(dk);
+    km.dstate_in = state(g.dk_state);
+    vm.dy = de.vr, vm.dstate_out = state(dv_state_out), vm.dx = rows(dv);
+    vm.dstate_in = state(g.dv_state);
+    ema_route_bwd(rp, TensorRef{}, km, vm, nullptr, true, add, s);
   }
   if (lv.L == 3) {
     const AttentionProblem p3 = level_problem(ap, 2, mem_k.shape[1]);

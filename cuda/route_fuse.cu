@@ -8,11 +8,11 @@ void route_fuse_fwd(const RouteProblem& p, const TensorRef& k, const TensorRef& 
                     const RouteInputs& r, const TensorRef& k_fused, const TensorRef& v_fused,
                     const TensorRef& k_state_out, const TensorRef& v_state_out, void* stream) {
   DeviceGuard guard(k.device_id);
-  auto s = static_cast<cudaStream_t>(stream);
-  ema_route_fwd(p, r.lam, rows(k), rows(r.k3), state(r.k_state), rows(k_fused),
-                state(k_state_out), s);
-  ema_route_fwd(p, r.lam, rows(v), rows(r.v3), state(r.v_state), rows(v_fused),
-                state(v_state_out), s);
+  ScanMemory km = scan_memory(rows(k), rows(r.k3), state(r.k_state));
+  ScanMemory vm = scan_memory(rows(v), rows(r.v3), state(r.v_state));
+  km.y = rows(k_fused), km.state_out = state(k_state_out);
+  vm.y = rows(v_fused), vm.state_out = state(v_state_out);
+  ema_route_fwd(p, r.lam, km, vm, static_cast<cudaStream_t>(stream));
 }
 
 void route_fuse_bwd(const RouteProblem& p, const TensorRef& k, const TensorRef& v,
@@ -22,14 +22,15 @@ void route_fuse_bwd(const RouteProblem& p, const TensorRef& k, const TensorRef& 
                     bool add) {
   DeviceGuard guard(k.device_id);
   auto s = static_cast<cudaStream_t>(stream);
+  ScanMemory km = scan_memory(rows(k), rows(r.k3), state(r.k_state));
+  ScanMemory vm = scan_memory(rows(v), rows(r.v3), state(r.v_state));
+  km.dy = rows(dk_fused), km.dstate_out = state(dk_state_out);
+  km.dx = rows(dk), km.dx3 = rows(g.dk3), km.dstate_in = state(g.dk_state);
+  vm.dy = rows(dv_fused), vm.dstate_out = state(dv_state_out);
+  vm.dx = rows(dv), vm.dx3 = rows(g.dv3), vm.dstate_in = state(g.dv_state);
   // Both memories add their terms to dlam: sum them in float32, round once.
   Workspace dlam(g.dlam.present() ? size_t(p.B * p.T * p.L) * 4 : 0, s, true);
-  ema_route_bwd(p, r.lam, rows(k), rows(r.k3), state(r.k_state), rows(dk_fused),
-                state(dk_state_out), rows(dk), rows(g.dk3), dlam.as<float>(), state(g.dk_state),
-                add, s);
-  ema_route_bwd(p, r.lam, rows(v), rows(r.v3), state(r.v_state), rows(dv_fused),
-                state(dv_state_out), rows(dv), rows(g.dv3), dlam.as<float>(), state(g.dv_state),
-                add, s);
+  ema_route_bwd(p, r.lam, km, vm, dlam.as<float>(), add, add, s);
   if (g.dlam.present()) accumulate(dlam.as<float>(), g.dlam, s, add);
 }
 
