@@ -134,6 +134,140 @@ template <class T, int V> __global__ void ema_route_out(ScanArgs a) {
   }
 }
 
+// --- single-pass forward (decoupled look-back; MKA_CUDA_SCAN=lookback, an experiment) ---
+// One block per (chunk, memory, batch, channel block) does all three passes: it takes its
+// chunk id in order from a counter (so every chunk it waits on has started), scans its chunk
+// from zero, publishes that aggregate (status 1), then walks back over up to 32 predecessors
+// at a time (warp 0 reads their statuses) to the nearest one with its true end state published
+// (status 2), combines (start = sum_l D^l agg[j - l] + D^k end[j - k], D = beta^chunk: every
+// predecessor is a full chunk), publishes its own end state (status 2) and rescans its chunk
+// (x again, from cache) to write y. Reads x from memory once instead of twice.
+struct LookbackArgs {
+  unsigned* ticket;          // block counter, zeroed per launch
+  unsigned* status;          // (2, B, n_chunks, channel blocks), zeroed per launch
+  float *agg[2], *end[2];    // per memory (B, n_chunks, G*d): local aggregates, true end states
+};
+
+__device__ __forceinline__ unsigned load_status(const unsigned* p) {
+  return *reinterpret_cast<const volatile unsigned*>(p);
+}
+// Every thread's stores before this become visible (device scope) before the status word.
+__device__ __forceinline__ void publish(unsigned* status, unsigned value) {
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) atomicExch(status, value);
+}
+
+template <class T, int V> __global__ void ema_route_lookback(ScanArgs a, LookbackArgs lb) {
+  __shared__ unsigned s_id;
+  __shared__ int s_k;
+  if (threadIdx.x == 0) s_id = atomicAdd(lb.ticket, 1u);
+  __syncthreads();
+  const int64_t n_cb = gridDim.x, per_chunk = n_cb * 2 * a.B;
+  const int64_t ch = s_id / per_chunk, z = (s_id % per_chunk) / n_cb, cb = s_id % n_cb;
+  const int mi = z < a.B ? 0 : 1;
+  const ScanMemory m = mi == 0 ? a.m[0] : a.m[1];
+  const int64_t b = z % a.B;
+  const int64_t gc = (cb * kScanThreads + threadIdx.x) * V;
+  const bool active = gc < a.channels();
+  const int64_t g = gc / a.d, c = gc % a.d;
+  const int64_t t0 = ch * a.chunk, t1 = min(a.T, t0 + a.chunk);
+  const int64_t slot = (b * a.n_chunks + ch) * a.channels() + gc;  // + chunk offsets below
+  const int64_t chunk_stride = a.channels();
+  unsigned* st = lb.status + ((mi * a.B + b) * a.n_chunks) * n_cb + cb;  // chunk j: st[j * n_cb]
+  float* agg = mi == 0 ? lb.agg[0] : lb.agg[1];  // (not lb.agg[mi]: that spills to the stack)
+  float* end = mi == 0 ? lb.end[0] : lb.end[1];
+
+  float loc[V] = {}, x[V];
+  if (active)
+    for (int64_t t = t0; t < t1; ++t) {
+      load_v<V>(m.x.at<const T>(b, t, g) + c, x);
+      #pragma unroll
+      for (int i = 0; i < V; ++i) loc[i] = a.beta * loc[i] + (1.f - a.beta) * x[i];
+    }
+  const float D = powf(a.beta, float(a.chunk));
+  float start[V] = {};
+  if (ch == 0) {
+    if (active && m.state_in.data)
+      for (int i = 0; i < V; ++i) start[i] = m.state_in.at(b, g)[c + i];
+  } else {
+    if (active) store_v<V>(agg + slot, loc);
+    publish(st + ch * n_cb, 1u);
+    float mult = 1.f;
+    for (int64_t j = ch - 1;; j -= 32) {
+      if (threadIdx.x < 32) {  // the nearest predecessor with its end state, within 32
+        const int lane = threadIdx.x;
+        int k;
+        for (;;) {
+          const unsigned f = j - lane >= 0 ? load_status(st + (j - lane) * n_cb) : 2u;
+          const unsigned done = __ballot_sync(0xffffffffu, f == 2u);
+          const unsigned missing = __ballot_sync(0xffffffffu, f == 0u);
+          k = done ? __ffs(done) - 1 : 32;
+          const unsigned below = k == 32 ? 0xffffffffu : (2u << k) - 1u;  // lanes 0..k
+          if (!(missing & below)) break;
+        }
+        __threadfence();
+        if (lane == 0) s_k = k;
+      }
+      __syncthreads();
+      const int k = s_k;
+      __syncthreads();  // s_k is reused by the next round
+      if (active) {
+        for (int l = 0; l < k; ++l) {
+          float y[V];
+          const float* p = agg + slot + (j - l - ch) * chunk_stride;
+          #pragma unroll
+          for (int i = 0; i < V; ++i) y[i] = __ldcg(p + i);
+          #pragma unroll
+          for (int i = 0; i < V; ++i) start[i] += mult * y[i];
+          mult *= D;
+        }
+        if (k < 32) {
+          float y[V] = {};
+          if (j - k >= 0) {
+            const float* p = end + slot + (j - k - ch) * chunk_stride;
+            #pragma unroll
+            for (int i = 0; i < V; ++i) y[i] = __ldcg(p + i);
+          } else if (m.state_in.data) {
+            for (int i = 0; i < V; ++i) y[i] = m.state_in.at(b, g)[c + i];
+          }
+          #pragma unroll
+          for (int i = 0; i < V; ++i) start[i] += mult * y[i];
+        }
+      }
+      if (k < 32) break;
+    }
+  }
+  float s[V];
+  const float last = powf(a.beta, float(t1 - t0));
+  #pragma unroll
+  for (int i = 0; i < V; ++i) s[i] = last * start[i] + loc[i];
+  if (active) {
+    store_v<V>(end + slot, s);
+    if (m.carry) store_v<V>(m.carry + slot, start);
+    if (t1 == a.T && m.state_out.data)
+      for (int i = 0; i < V; ++i) m.state_out.at(b, g)[c + i] = s[i];
+  }
+  if (ch + 1 < a.n_chunks) publish(st + ch * n_cb, 2u);
+  if (!active) return;
+  const bool has3 = a.L == 3 && m.x3.data;
+  float y[V], x3[V];
+  #pragma unroll
+  for (int i = 0; i < V; ++i) s[i] = start[i];
+  for (int64_t t = t0; t < t1; ++t) {
+    load_v<V>(m.x.at<const T>(b, t, g) + c, x);
+    if (has3) load_v<V>(m.x3.at<const T>(b, t, g) + c, x3);
+    float w0, w1, w2;
+    a.w.load(b, t, w0, w1, w2);
+    #pragma unroll
+    for (int i = 0; i < V; ++i) {
+      s[i] = a.beta * s[i] + (1.f - a.beta) * x[i];
+      y[i] = w0 * x[i] + w1 * s[i] + (has3 ? w2 * x3[i] : 0.f);
+    }
+    store_v<V>(m.y.at<T>(b, t, g) + c, y);
+  }
+}
+
 // Backward, local pass with lam (forward time): dlam[t] += (<x_t, dy_t>, <s_t, dy_t>,
 // <x3_t, dy_t>) summed over channels (warp sums, one atomic per warp and level), s from the
 // chunk's true start state; and, as ema_local_bwd, u at the chunk's first token from a zero
