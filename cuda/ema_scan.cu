@@ -1,8 +1,5 @@
 // Launchers of the chunked EMA-route scan (ema_scan.cuh): keys and values in one launch per
 // pass (grid z runs over both memories' batch entries).
-#include <cstdlib>
-#include <string>
-
 #include "ema_scan.cuh"
 #include "launchers.h"
 
@@ -69,28 +66,6 @@ struct CarryScratch {
   }
 };
 
-// MKA_CUDA_SCAN=lookback: the single-pass forward (ema_route_lookback), an experiment for
-// A/B runs; read per call.
-bool lookback_forward() {
-  const char* e = std::getenv("MKA_CUDA_SCAN");
-  return e && std::string(e) == "lookback";
-}
-
-template <class T, int V> void forward_lookback(const ScanArgs& a, cudaStream_t s) {
-  const dim3 grid = chunk_grid(a, V);
-  const size_t n_status = size_t(grid.x) * grid.y * grid.z;
-  Workspace status((n_status + 1) * 4, s, true);
-  Workspace agg0(carry_bytes(a), s, false), agg1(carry_bytes(a), s, false);
-  Workspace end0(carry_bytes(a), s, false), end1(carry_bytes(a), s, false);
-  LookbackArgs lb;
-  lb.ticket = status.as<unsigned>() + n_status;
-  lb.status = status.as<unsigned>();
-  lb.agg[0] = agg0.as<float>(), lb.agg[1] = agg1.as<float>();
-  lb.end[0] = end0.as<float>(), lb.end[1] = end1.as<float>();
-  ema_route_lookback<T, V><<<grid, kScanThreads, 0, s>>>(a, lb);
-  check_launch("ema_route_lookback");
-}
-
 }  // namespace
 
 size_t ema_carry_bytes(const RouteProblem& p) {
@@ -106,7 +81,6 @@ void ema_route_fwd(const RouteProblem& p, const TensorRef& lam, ScanMemory k, Sc
     using T = std::remove_pointer_t<decltype(tag)>;
     dispatch_width(a, [&](auto width) {
       constexpr int V = decltype(width)::value;
-      if (a.n_chunks > 0 && lookback_forward()) return forward_lookback<T, V>(a, s);
       forward_carries<T, V>(a, s);
       if (a.n_chunks == 0) return;
       ema_route_out<T, V><<<chunk_grid(a, V), kScanThreads, 0, s>>>(a);
