@@ -24,7 +24,6 @@ template <class T>
 __device__ __forceinline__ void put_kv_grad(const AttnParams& p, const Rows& r, int64_t b,
                                             int64_t j, int64_t g, int c, float x) {
   switch (p.kv_grad) {
-    case KVGrad::add_f32: r.at<float>(b, j, g)[c] += x; break;
     case KVGrad::add_io: {
       T* y = r.at<T>(b, j, g) + c;
       *y = from_f<T>(to_f(*y) + x);

@@ -5,11 +5,11 @@
 
 namespace mka::cuda {
 
-// How a backward kernel hands over a key block's dK and dV (each key block belongs to one
-// thread block, so none of these needs atomics): added to dense float32 accumulators (mka's
-// levels share them), added to gradients in the inputs' dtype T (plain attention: no float32
-// copy, memset or fold pass), or stored in T (fastmka's scratch: not even a zero fill).
-enum class KVGrad : int { add_f32, add_io, store_io };
+// How a backward kernel hands over a key block's dK and dV in the inputs' dtype T (each key
+// block belongs to one thread block, so neither needs atomics): added to the gradients (an
+// accumulating backward), or stored (overwritten gradients, and fastmka's and mka's scratch:
+// no zero fill, no float32 copy, memset or fold pass).
+enum class KVGrad : int { add_io, store_io };
 
 struct AttnParams {
   int64_t B = 0, Tq = 0, Tk = 0, H = 0, G = 0, d = 0, group = 1;
@@ -21,7 +21,7 @@ struct AttnParams {
   float* lse = nullptr;  // (B, H, Tq)
   // backward
   Rows dout, dq, dk, dv;   // dq: dense float32 accumulator; dk, dv: as kv_grad says
-  KVGrad kv_grad = KVGrad::add_f32;
+  KVGrad kv_grad = KVGrad::store_io;
   float* delta = nullptr;  // (B, H, Tq): rowsum(dout * out), unweighted
   TokenScalar w;           // per query row weight on dout (mka); absent: 1
 

@@ -31,8 +31,8 @@ struct KVScratch {
 // (out_f32).
 void attention_fwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows out, float* lse,
                         cudaStream_t stream, bool out_f32 = false);
-// Adds into the dense float32 accumulator dq (B,Tq,H,d); hands dk, dv (B,Tk,G,d) over as
-// kv_grad says (float32 accumulators, or strided views in p.dtype). `w` weights each query
+// Adds into the dense float32 accumulator dq (B,Tq,H,d); hands dk, dv (B,Tk,G,d, strided
+// views in p.dtype) over as kv_grad says. `w` weights each query
 // row's incoming gradient (mka's routing); absent: weight 1. delta (optional, dense
 // (B, H, Tq) float32): the rows' <dout, out>, computed by the caller (then out is not read).
 void attention_bwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows out,
@@ -71,6 +71,18 @@ size_t ema_carry_bytes(const RouteProblem& p);
 // accumulator added into, or nullptr.
 void ema_route_bwd(const RouteProblem& p, const TensorRef& lam, ScanMemory k, ScanMemory v,
                    float* dlam, bool add, bool add_state, cudaStream_t stream);
+
+// route_fuse on views (route_fuse.cu; fastmka's fusion too). carry (optional,
+// 2 * ema_carry_bytes): both scans' chunk start states, written forward, read backward.
+void route_fuse_fwd_rows(const RouteProblem& p, const TensorRef& k, const TensorRef& v,
+                         const RouteInputs& r, Rows k_fused, Rows v_fused, StateView k_state_out,
+                         StateView v_state_out, float* carry, cudaStream_t stream);
+// dk, dv, g as ema_route_bwd's dx: added into (add) or overwritten.
+void route_fuse_bwd_rows(const RouteProblem& p, const TensorRef& k, const TensorRef& v,
+                         const RouteInputs& r, Rows dk_fused, Rows dv_fused,
+                         StateView dk_state_out, StateView dv_state_out, const TensorRef& dk,
+                         const TensorRef& dv, const RouteGrads& g, bool add, float* carry,
+                         cudaStream_t stream);
 
 // dst += src (add) or dst = src, where src is a dense float32 tensor of dst's shape (dst
 // strided, any dtype); src == nullptr reads as zeros.

@@ -120,7 +120,6 @@ void mka_fwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef
   DeviceGuard guard(q.device_id);
   auto s = static_cast<cudaStream_t>(stream);
   const Levels lv = levels(o_levels, r.lam);
-  MKA_CHECK(o_levels.dtype == DType::f32, "mka: o_levels must be float32 on CUDA");
   attention_fwd_rows(level_problem(ap, 0, 0), rows(q), rows(k), rows(v), lv.o[0],
                      lse_level(lse_levels, 0), s, true);
   const bool keep = saved.k.present();
@@ -155,7 +154,6 @@ void mka_bwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef
   DeviceGuard guard(q.device_id);
   auto s = static_cast<cudaStream_t>(stream);
   const Levels lv = levels(o_levels, r.lam);
-  MKA_CHECK(o_levels.dtype == DType::f32, "mka backward: o_levels must be float32 on CUDA");
   // Each level's delta (B, H, Tq) and dlam from one pass over dout and the levels.
   const int64_t level_rows = ap.B * ap.H * ap.Tq;
   Workspace delta(size_t(lv.L * level_rows) * 4, s, false);

@@ -71,32 +71,31 @@ def test_route_fuse_backward_overwrites(device, dtype):
         ["dk", "dv", "dlam", "dk3", "dv3", "dks", "dvs"], [])
 
 
-@pytest.mark.parametrize("device,dtype", dtype_params())
-@pytest.mark.parametrize("B,Tq,T,H,G,d,causal,window", SHAPES, ids=IDS)
-def test_fastmka_backward_overwrites_and_uses_saved(device, dtype, B, Tq, T, H, G, d, causal,
-                                                    window):
-    x = _inputs(device, dtype, B, Tq, T, H, G, d, 3, True)
-    args = (x["q"], x["k"], x["v"], x["lam"], 0.8, x["x3"], x["v3"], x["ks"], x["vs"], causal,
-            None, window)
-    out, lse, _, _, kf, vf, carry = torch.ops.mka._fastmka_fwd(*args)
-    out = out.to(x["q"].dtype)
-    dso = (x["ks"] * 0.5, x["vs"] * 0.5)
-    _both_ways(lambda g, saved, acc: _C.fastmka_backward(
-        *args, out, lse, x["dout"], *dso, *g, *saved, acc, _stream(x["q"])),
-        [x[n] for n in ("q", "k", "v", "lam", "x3", "v3", "ks", "vs")],
-        ["dq", "dk", "dv", "dlam", "dk3", "dv3", "dks", "dvs"], [kf, vf, carry])
+# Per op: forward and backward, key-side lam, which forward outputs the backward takes (before
+# dout; then the kept keys), gradient buffers like these inputs, and their names.
+OPS = {
+    "fastmka": (torch.ops.mka._fastmka_fwd, _C.fastmka_backward, True,
+                lambda o: ((o[0], o[1]), o[4:]),
+                ("q", "k", "v", "lam", "x3", "v3", "ks", "vs"),
+                ["dq", "dk", "dv", "dlam", "dk3", "dv3", "dks", "dvs"]),
+    "mka": (torch.ops.mka._mka_fwd, _C.mka_backward, False,
+            lambda o: ((o[1], o[2]), o[5:]),
+            ("q", "k", "v", "x3", "v3", "lam", "ks", "vs"),
+            ["dq", "dk", "dv", "dmem_k", "dmem_v", "dlam", "dks", "dvs"]),
+}
 
 
 @pytest.mark.parametrize("device,dtype", dtype_params())
 @pytest.mark.parametrize("B,Tq,T,H,G,d,causal,window", SHAPES, ids=IDS)
-def test_mka_backward_overwrites_and_uses_saved(device, dtype, B, Tq, T, H, G, d, causal,
-                                                window):
-    x = _inputs(device, dtype, B, Tq, T, H, G, d, 3, False)
+@pytest.mark.parametrize("op", list(OPS))
+def test_backward_overwrites_and_uses_saved(op, device, dtype, B, Tq, T, H, G, d, causal,
+                                            window):
+    fwd, bwd, key_side, split, likes, names = OPS[op]
+    x = _inputs(device, dtype, B, Tq, T, H, G, d, 3, key_side)
     args = (x["q"], x["k"], x["v"], x["lam"], 0.8, x["x3"], x["v3"], x["ks"], x["vs"], causal,
             None, window)
-    _, o_levels, lse_levels, _, _, ke, ve = torch.ops.mka._mka_fwd(*args)
+    kept, saved = split(fwd(*args))  # fastmka: (out, lse), mka: (o_levels, lse_levels)
     dso = (x["ks"] * 0.5, x["vs"] * 0.5)
-    _both_ways(lambda g, saved, acc: _C.mka_backward(
-        *args, o_levels, lse_levels, x["dout"], *dso, *g, *saved, acc, _stream(x["q"])),
-        [x[n] for n in ("q", "k", "v", "x3", "v3", "lam", "ks", "vs")],
-        ["dq", "dk", "dv", "dmem_k", "dmem_v", "dlam", "dks", "dvs"], [ke, ve])
+    _both_ways(lambda g, keys, acc: bwd(*args, *kept, x["dout"], *dso, *g, *keys, acc,
+                                      _stream(x["q"])),
+               [x[n] for n in likes], names, list(saved))

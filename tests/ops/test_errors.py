@@ -90,3 +90,35 @@ def test_native_layer_validates_too():
         mka._C.route_fuse_forward(k, v, lam("cpu"), 1.0, None, None, None, None,
                                   torch.empty_like(k), torch.empty_like(v),
                                   torch.empty(2, 2, 64), torch.empty(2, 2, 64), 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_native_saved_keys_are_validated(device):
+    """The buffers a forward keeps for its backward (fastmka's fused keys and scan carries,
+    mka's EMA keys, mka's float32 levels) are checked like any output."""
+    dt = torch.float32 if device == "cpu" else torch.bfloat16
+    q, k, v = qkv(device, dtype=dt)
+    B, T, G, d = k.shape
+    out, lse = torch.empty_like(q), torch.empty(2, 4, 8, device=device)
+    st = lambda: torch.empty(B, G, d, device=device)  # noqa: E731
+    n = mka._C.fastmka_carry_numel(B, T, G, d, device == "cuda")
+    carry = torch.empty(n, device=device)
+    lm = lam(device, dtype=torch.float32 if device == "cuda" else dt)
+
+    def fastmka(kf, vf, c):
+        mka._C.fastmka_forward(q, k, v, lm, 0.9, None, None, None, None, True, None, None,
+                               out, lse, st(), st(), kf, vf, c, 0)
+
+    raises(r"^saved k: expected shape", fastmka, k[:, :4].clone(), torch.empty_like(v), carry)
+    raises(r"saved keys and values go together", fastmka, torch.empty_like(k), None, carry)
+    raises(r"saved carry without saved keys", fastmka, None, None, torch.empty(4, device=device))
+    if device == "cuda":
+        raises(r"saved carry must be a contiguous float32 buffer of \d+ elements", fastmka,
+               torch.empty_like(k), torch.empty_like(v), carry[:-1])
+    else:
+        raises(r"unexpected saved carry", fastmka, torch.empty_like(k), torch.empty_like(v),
+               torch.empty(4))
+    o_levels = torch.empty(2, *q.shape, device=device, dtype=torch.float16)  # not float32
+    raises(r"^o_levels", mka._C.mka_forward, q, k, v, lm, 0.9, None, None, None, None, True,
+           None, None, out, o_levels, torch.empty(2, 2, 4, 8, device=device), st(), st(), None,
+           None, 0)
