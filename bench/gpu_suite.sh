@@ -5,7 +5,7 @@
 # commit, numbers, logs) go to $OUT (device runs) or bench/results/gpu_<date>/ otherwise.
 # Usage: bash bench/gpu_suite.sh [quick]   (quick: benchmark T in {2k, 8k} only)
 # SANITIZE=0 skips compute-sanitizer (slow under Python), TESTS=0 the tests, AB=0 the
-# interleaved forward A/B, BENCH=0 the benchmark; PACK=1 packs the logs into logs.tgz at the end; BENCH_SEQS
+# interleaved forward A/B, SCAN_AB=0 the EMA scans' A/B, BENCH=0 the benchmark; PACK=1 packs the logs into logs.tgz at the end; BENCH_SEQS
 # overrides the benchmark's sequence lengths (comma-separated); TEST_DIRS the test folders;
 # TEST_TIMEOUT (per test) and BENCH_TIMEOUT bound a hang.
 set -uo pipefail
@@ -53,7 +53,7 @@ grep -E "^python|^---|^raised" "$OUT/gpu_native_errors.log" | tee -a "$LOG"
 step "compute-sanitizer"
 [ "${SANITIZE:-1}" = 0 ] && echo "skipped (SANITIZE=0)" | tee -a "$LOG"
 for tool in $([ "${SANITIZE:-1}" = 0 ] || echo memcheck racecheck); do
-  compute-sanitizer --tool $tool --print-limit 20 python3 tests/cuda/sanitize_cases.py \
+  timeout 300 compute-sanitizer --tool $tool --print-limit 20 python3 tests/cuda/sanitize_cases.py \
     > "$OUT/gpu_sanitize_$tool.log" 2>&1
   echo "$tool rc=$? : $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|HAZARD' "$OUT/gpu_sanitize_$tool.log" | tail -2 | tr '\n' ' ')" | tee -a "$LOG"
 done
@@ -68,6 +68,11 @@ done
 step "forward A/B, interleaved rounds (bench/gpu_ab.py)"
 [ "${AB:-1}" = 0 ] && echo "skipped (AB=0)" | tee -a "$LOG"
 [ "${AB:-1}" = 0 ] || timeout 300 python3 bench/gpu_ab.py 2>&1 | tee "$OUT/gpu_ab.log" | tee -a "$LOG"
+
+step "EMA scan A/B: single pass vs 3-pass, interleaved rounds (bench/gpu_scan_ab.py)"
+[ "${SCAN_AB:-1}" = 0 ] && echo "skipped (SCAN_AB=0)" | tee -a "$LOG"
+[ "${SCAN_AB:-1}" = 0 ] || timeout 400 python3 bench/gpu_scan_ab.py --seqs "${SCAN_AB_SEQS:-1024,2048,8192,16384}" \
+  2>&1 | tee "$OUT/gpu_scan_ab.log" | tee -a "$LOG"
 
 step "benchmark"
 seqs="1024,2048,4096,8192,16384"

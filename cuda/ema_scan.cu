@@ -1,6 +1,7 @@
-// Launchers of the chunked EMA-route scan (ema_scan.cuh): keys and values in one launch per
-// pass (grid z runs over both memories' batch entries).
+// Launchers of the EMA-route scan: single-pass (ema_scan_1pass.cuh) by default, else the
+// chunked 3-pass scan (ema_scan.cuh). Keys and values go in one launch per pass.
 #include "ema_scan.cuh"
+#include "ema_scan_1pass.cuh"
 #include "launchers.h"
 
 namespace mka::cuda {
@@ -66,6 +67,63 @@ struct CarryScratch {
   }
 };
 
+// --- single pass --------------------------------------------------------------------------
+bool aligned_pairs(const Rows& x, size_t elem) {
+  return !x.data || (reinterpret_cast<uintptr_t>(x.data) % (2 * elem) == 0 && x.sb % 2 == 0 &&
+                     x.st % 2 == 0 && x.sh % 2 == 0);
+}
+// The single pass reads two channels at a time; MKA_CUDA_SCAN=3pass (a different chunk) and
+// other views take the 3-pass scan.
+bool single_pass(const ScanArgs& a, DType dt) {
+  if (ema_scan_three_pass() || a.chunk != kPassChunk || a.n_chunks == 0 || a.d % 2 != 0)
+    return false;
+  for (const ScanMemory& m : a.m)
+    for (const Rows* x : {&m.x, &m.x3, &m.y, &m.dy, &m.dx, &m.dx3})
+      if (!aligned_pairs(*x, dtype_bytes(dt))) return false;
+  return true;
+}
+
+void unset(void* p, size_t bytes, cudaStream_t s) {
+  check_cuda(cudaMemsetAsync(p, 0xff, bytes, s), "cudaMemsetAsync (scan)");
+}
+// One single-pass launch's block counter and both memories' aggregates, all kUnset.
+struct PassScratch {
+  static constexpr size_t kHead = 256;
+  Workspace w;
+  PassArgs pa;
+  PassScratch(const ScanArgs& a, cudaStream_t s) : w(kHead + 2 * carry_bytes(a), s, false) {
+    unset(w.as<void>(), kHead + 2 * carry_bytes(a), s);
+    pa.ticket = w.as<unsigned>();
+    pa.agg[0] = reinterpret_cast<float*>(w.as<char>() + kHead);
+    pa.agg[1] = pa.agg[0] + carry_bytes(a) / 4;
+    pa.n_cb = ceil_div(a.channels(), int64_t(kScanThreads) * 2);
+  }
+  unsigned blocks(const ScanArgs& a) const { return unsigned(a.n_chunks * 2 * a.B * pa.n_cb); }
+};
+
+// Writes m.carry (both memories': chunk start states) and, where m.y is given, y.
+template <class T> void single_pass_fwd(const ScanArgs& a, cudaStream_t s) {
+  for (const ScanMemory& m : a.m) unset(m.carry, carry_bytes(a), s);
+  PassScratch ps(a, s);
+  ema_route_fwd_1pass<T><<<ps.blocks(a), kScanThreads, 0, s>>>(a, ps.pa);
+  check_launch("ema_route_fwd_1pass");
+}
+
+template <class T> void single_pass_bwd(const ScanArgs& a, bool have_carries, cudaStream_t s) {
+  if (a.dlam && !have_carries) {  // the start states dlam needs
+    ScanArgs f = a;
+    for (ScanMemory& m : f.m) m.y = Rows{}, m.state_out = StateView{};
+    single_pass_fwd<T>(f, s);
+  }
+  PassScratch ps(a, s);
+  for (int i = 0; i < 2; ++i) {
+    unset(a.m[i].rcarry, carry_bytes(a), s);
+    ps.pa.end[i] = a.m[i].rcarry;
+  }
+  ema_route_bwd_1pass<T><<<ps.blocks(a), kScanThreads, 0, s>>>(a, ps.pa);
+  check_launch("ema_route_bwd_1pass");
+}
+
 }  // namespace
 
 size_t ema_carry_bytes(const RouteProblem& p) {
@@ -79,6 +137,7 @@ void ema_route_fwd(const RouteProblem& p, const TensorRef& lam, ScanMemory k, Sc
   CarryScratch scratch(a, true, s);
   dispatch_dtype(p.dtype, "ema_route", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
+    if (single_pass(a, p.dtype)) return single_pass_fwd<T>(a, s);
     dispatch_width(a, [&](auto width) {
       constexpr int V = decltype(width)::value;
       forward_carries<T, V>(a, s);
@@ -103,6 +162,7 @@ void ema_route_bwd(const RouteProblem& p, const TensorRef& lam, ScanMemory k, Sc
   a.m[0].rcarry = rk.as<float>(), a.m[1].rcarry = rv.as<float>();
   dispatch_dtype(p.dtype, "ema_route backward", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
+    if (single_pass(a, p.dtype)) return single_pass_bwd<T>(a, have_carries, s);
     dispatch_width(a, [&](auto width) {
       constexpr int V = decltype(width)::value;
       if (a.n_chunks > 0) {

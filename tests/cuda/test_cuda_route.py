@@ -13,6 +13,17 @@ pytestmark = requires_cuda
 BETA = 0.9
 
 
+@pytest.fixture(autouse=True, params=["1pass", "3pass"])
+def scan(request, monkeypatch):
+    """Every test runs on both EMA scans: the single pass (the default) and the 3-pass scan
+    (MKA_CUDA_SCAN=3pass, read at every call)."""
+    if request.param == "3pass":
+        monkeypatch.setenv("MKA_CUDA_SCAN", "3pass")
+    else:
+        monkeypatch.delenv("MKA_CUDA_SCAN", raising=False)
+    return request.param
+
+
 def _states(gen, B, G, d, given):
     if not given:
         return (None, None), (None, None)
@@ -111,9 +122,18 @@ def test_mka_empty_memory():
 
 
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32), ids=str)
-def test_route_fuse_one_channel_per_thread(dtype):
-    # d = 20 is not a multiple of 8: the scan takes its scalar path (one channel per thread).
-    _check_route_fuse_l2_states(torch.Generator().manual_seed(21), 2, 133, 3, 20, dtype)
+@pytest.mark.parametrize("d", [20, 21])
+def test_route_fuse_odd_head_dims(dtype, d):
+    # d = 20 is not a multiple of 8: the 3-pass scan takes its scalar path (one channel per
+    # thread), the single pass still reads pairs; d = 21 sends both to the scalar 3-pass scan.
+    _check_route_fuse_l2_states(torch.Generator().manual_seed(21), 2, 133, 3, d, dtype)
+
+
+def test_route_fuse_many_blocks_in_flight():
+    # Several channel blocks per chunk, both memories, 32 chunks with a short last one: the
+    # single pass's blocks look back over many predecessors publishing at once.
+    _check_route_fuse_l2_states(torch.Generator().manual_seed(22), 4, 1001, 8, 128,
+                                torch.bfloat16)
 
 
 def _check_route_fuse_l2_states(gen, B, T, G, d, dtype):
@@ -128,8 +148,8 @@ def _check_route_fuse_l2_states(gen, B, T, G, d, dtype):
              ("k", "v", "lam", "k_state", "v_state"), gen, n_out=4)
 
 
-# The scan's chunk length follows the problem's size (ema_scan.cu: pick_chunk): 8 tokens for
-# the small shapes above; 16, 32 and 64 tokens at these lengths (a few channels, long T).
+# Long scans: the 3-pass scan's chunk follows the problem's size (mka/problem.h:
+# ema_scan_chunk; 16 to 64 tokens here), the single pass's look-back crosses up to 282 chunks.
 @pytest.mark.parametrize("T", [3000, 5000, 9000])
 def test_route_fuse_long_sequences(T):
     _check_route_fuse_l2_states(torch.Generator().manual_seed(T), 1, T, 1, 64, torch.bfloat16)

@@ -2,8 +2,10 @@
 // every backend (CPU, CUDA) runs before touching memory.
 #pragma once
 #include <algorithm>
+#include <cstdlib>
 #include <initializer_list>
 #include <optional>
+#include <string_view>
 
 #include "mka/tensor.h"
 
@@ -71,12 +73,21 @@ struct SavedKeys {
   TensorRef k, v, carry;
 };
 
-// Tokens per chunk of the GPU's chunked EMA scan (cuda/ema_scan.cu) over B sequences of T
-// tokens and `channels` channels. Its passes run B * (T / chunk) * channels / 8 threads and
-// its carry pass walks T / chunk chunks one after another, so the 64-token chunk is halved
-// while that leaves fewer than 2^17 threads (an eighth of what an H100 keeps in flight), as
-// long as the walk stays within 256 chunks and chunks keep 8 tokens.
+// The GPU's EMA scan (cuda/ema_scan.cu) runs in one pass with decoupled look-back unless the
+// environment says MKA_CUDA_SCAN=3pass (the earlier chunked 3-pass scan, kept to compare).
+// Read at every call: a forward and its backward must run under the same setting.
+inline bool ema_scan_three_pass() {
+  const char* e = std::getenv("MKA_CUDA_SCAN");
+  return e && std::string_view(e) == "3pass";
+}
+// Tokens per chunk of the GPU's EMA scan over B sequences of T tokens and `channels`
+// channels. The single pass holds 32 tokens per thread in registers. The 3-pass scan's passes
+// run B * (T / chunk) * channels / 8 threads and its carry pass walks T / chunk chunks one
+// after another, so there the 64-token chunk is halved while that leaves fewer than 2^17
+// threads (an eighth of what an H100 keeps in flight), as long as the walk stays within 256
+// chunks and chunks keep 8 tokens.
 inline int64_t ema_scan_chunk(int64_t B, int64_t T, int64_t channels) {
+  if (!ema_scan_three_pass()) return 32;
   const auto chunks = [T](int64_t c) { return (T + c - 1) / c; };
   int64_t chunk = 64;
   while (chunk > 8 && B * chunks(chunk) * channels / 8 < (int64_t(1) << 17) &&

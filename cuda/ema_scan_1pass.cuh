@@ -1,0 +1,296 @@
+// The single-pass EMA-route scan (the default; ema_scan.cuh has the 3-pass scan it replaces
+// and the shared arguments). The 3-pass scan reads x twice forward and dy twice backward;
+// here every block keeps its chunk in registers, so each is read from memory once.
+//
+// One block per (chunk, memory, batch, channel block), two channels per thread. Blocks take
+// their ids from a counter in scan order (forward: first chunk first; backward: last chunk
+// first), so every chunk a block waits on has already started. A block scans its chunk from
+// a zero state, publishes that aggregate, walks back over its predecessors' published values
+// to the nearest true end state (decoupled look-back), publishes its own end state, then
+// writes its outputs from the registers.
+//
+// Values are published without flags or fences: the buffers start as kUnset bytes, a NaN
+// pattern that float arithmetic never makes (GPU NaN results are 0x7fffffff), and a reader
+// takes a float once it differs. 32-bit stores are single-copy atomic, so each float a
+// reader sees set is the published one.
+#pragma once
+#include <type_traits>
+
+#include "ema_scan.cuh"
+
+namespace mka::cuda {
+
+constexpr int kPassChunk = 32;  // tokens per block (the scan's chunk)
+constexpr int kLookback = 8;    // predecessors polled at once
+constexpr unsigned kUnset = 0xffffffffu;
+
+struct PassArgs {
+  unsigned* ticket = nullptr;  // block counter; kUnset before the launch, so ids start at 0
+  float* agg[2] = {};          // per memory (B, n_chunks, G*d): chunk aggregates, kUnset
+  float* end[2] = {};          // per memory, the same shape: published end states, kUnset
+  int64_t n_cb = 0;            // channel blocks
+};
+
+// --- two channels per thread, as stored --------------------------------------------------
+template <class T> using Pair = std::conditional_t<sizeof(T) == 4, float2, uint32_t>;
+template <class T> __device__ __forceinline__ Pair<T> load_pair(const T* p) {
+  return *reinterpret_cast<const Pair<T>*>(p);
+}
+template <class T> __device__ __forceinline__ float2 unpack(Pair<T> r) {
+  if constexpr (sizeof(T) == 4) {
+    return r;
+  } else {
+    const T* e = reinterpret_cast<const T*>(&r);
+    return make_float2(to_f(e[0]), to_f(e[1]));
+  }
+}
+template <class T> __device__ __forceinline__ void store_pair(T* p, float2 v) {
+  if constexpr (sizeof(T) == 4) {
+    *reinterpret_cast<float2*>(p) = v;
+  } else {
+    Pair<T> r;
+    T* e = reinterpret_cast<T*>(&r);
+    e[0] = from_f<T>(v.x), e[1] = from_f<T>(v.y);
+    *reinterpret_cast<Pair<T>*>(p) = r;
+  }
+}
+__device__ __forceinline__ float2 axpby(float a, float2 x, float b, float2 y) {
+  return make_float2(a * x.x + b * y.x, a * x.y + b * y.y);
+}
+__device__ __forceinline__ float dot(float2 x, float2 y) { return x.x * y.x + x.y * y.y; }
+__device__ __forceinline__ float2 load_state(const StateView& v, int64_t b, int64_t g,
+                                             int64_t c) {
+  if (!v.data) return make_float2(0.f, 0.f);
+  const float* p = v.at(b, g) + c;
+  return make_float2(p[0], p[1]);
+}
+__device__ __forceinline__ void store_state(const StateView& v, int64_t b, int64_t g,
+                                            int64_t c, float2 x, bool add) {
+  float* p = v.at(b, g) + c;
+  p[0] = add ? p[0] + x.x : x.x;
+  p[1] = add ? p[1] + x.y : x.y;
+}
+
+// --- publishing and looking back ---------------------------------------------------------
+__device__ __forceinline__ void publish(float* p, float2 v) {
+  __stcg(reinterpret_cast<float2*>(p), v);  // to L2, where readers poll
+}
+__device__ __forceinline__ float2 peek(const float* p) {
+  return __ldcv(reinterpret_cast<const float2*>(p));  // never a stale L1 copy
+}
+__device__ __forceinline__ bool is_set(float2 v) {
+  return __float_as_uint(v.x) != kUnset && __float_as_uint(v.y) != kUnset;
+}
+
+// The state entering a chunk from its predecessors j = first, first + step, ... (step -1
+// forward, +1 backward; all full chunks, so each one crossed decays by D): the sum of their
+// aggregates, decayed, up to the nearest one whose end state is published, which ends it.
+// The scan's first chunk publishes its end state without waiting, so the walk terminates.
+template <class EndAt, class AggAt>
+__device__ float2 look_back(int64_t first, int step, int64_t n_chunks, float D, EndAt end_at,
+                            AggAt agg_at) {
+  float2 acc = make_float2(0.f, 0.f);
+  float mult = 1.f;
+  for (int64_t j = first;;) {
+    float2 e[kLookback], g[kLookback];
+    #pragma unroll
+    for (int k = 0; k < kLookback; ++k) {  // one round trip for the whole window
+      const int64_t jk = j + k * step;
+      const bool in = jk >= 0 && jk < n_chunks;
+      e[k] = in ? peek(end_at(jk)) : make_float2(__uint_as_float(kUnset), 0.f);
+      g[k] = in ? peek(agg_at(jk)) : make_float2(__uint_as_float(kUnset), 0.f);
+    }
+    int used = 0;
+    #pragma unroll
+    for (int k = 0; k < kLookback; ++k) {
+      if (is_set(e[k])) return axpby(1.f, acc, mult, e[k]);
+      if (!is_set(g[k])) break;
+      acc = axpby(1.f, acc, mult, g[k]);
+      mult *= D;
+      ++used;
+    }
+    if (used == 0) __nanosleep(64);  // the next predecessor has not published yet
+    j += used * step;
+  }
+}
+
+// This block's place: chunk (in scan order from the counter), memory, batch entry, first
+// channel. `reverse`: chunks last to first.
+struct PassBlock {
+  int64_t ch, b, g, c, gc;
+  int mi;
+  bool active;
+};
+__device__ __forceinline__ PassBlock pass_block(const ScanArgs& a, const PassArgs& pa,
+                                                bool reverse) {
+  __shared__ unsigned s_id;
+  if (threadIdx.x == 0) s_id = atomicAdd(pa.ticket, 1u) + 1u;
+  __syncthreads();
+  const int64_t id = s_id, per_chunk = pa.n_cb * 2 * a.B;
+  const int64_t z = id % per_chunk / pa.n_cb, cb = id % pa.n_cb;
+  PassBlock p;
+  p.ch = reverse ? a.n_chunks - 1 - id / per_chunk : id / per_chunk;
+  p.mi = z < a.B ? 0 : 1;
+  p.b = z % a.B;
+  p.gc = (cb * kScanThreads + threadIdx.x) * 2;
+  p.active = p.gc < a.channels();
+  p.g = p.gc / a.d, p.c = p.gc % a.d;
+  return p;
+}
+
+// Forward: y_t = l0 x_t + l1 s_t (+ l2 x3_t); the chunk start states into m.carry (chunk 0:
+// state_in; chunk ch > 0: published by chunk ch - 1), the final state into state_out. With
+// m.y absent only the start states are made (a backward without saved ones).
+template <class T> __global__ void __launch_bounds__(kScanThreads)
+ema_route_fwd_1pass(ScanArgs a, PassArgs pa) {
+  const PassBlock p = pass_block(a, pa, false);
+  if (!p.active) return;
+  const ScanMemory m = p.mi == 0 ? a.m[0] : a.m[1];  // (not a.m[p.mi]: a stack copy)
+  float* const agg = p.mi == 0 ? pa.agg[0] : pa.agg[1];
+  const int64_t t0 = p.ch * kPassChunk, n = min(int64_t(kPassChunk), a.T - t0);
+  const auto slot = [&](int64_t j) { return (p.b * a.n_chunks + j) * a.channels() + p.gc; };
+
+  Pair<T> xr[kPassChunk];
+  #pragma unroll
+  for (int i = 0; i < kPassChunk; ++i)
+    if (i < n) xr[i] = load_pair(m.x.at<const T>(p.b, t0 + i, p.g) + p.c);
+  float2 loc = make_float2(0.f, 0.f);
+  #pragma unroll
+  for (int i = 0; i < kPassChunk; ++i)
+    if (i < n) loc = axpby(a.beta, loc, 1.f - a.beta, unpack<T>(xr[i]));
+
+  const bool last = p.ch + 1 == a.n_chunks;
+  float2 start;
+  if (p.ch == 0) {
+    start = load_state(m.state_in, p.b, p.g, p.c);
+    *reinterpret_cast<float2*>(m.carry + slot(0)) = start;
+  } else {
+    if (!last) publish(agg + slot(p.ch), loc);
+    start = look_back(p.ch - 1, -1, a.n_chunks, powf(a.beta, float(kPassChunk)),
+                      [&](int64_t j) { return m.carry + slot(j + 1); },
+                      [&](int64_t j) { return agg + slot(j); });
+  }
+  const float2 end = axpby(powf(a.beta, float(n)), start, 1.f, loc);
+  if (!last) publish(m.carry + slot(p.ch + 1), end);
+  else if (m.state_out.data) store_state(m.state_out, p.b, p.g, p.c, end, false);
+  if (!m.y.data) return;
+
+  const bool has3 = a.L == 3 && m.x3.data;
+  float2 s = start;
+  #pragma unroll
+  for (int i = 0; i < kPassChunk; ++i) {
+    if (i >= n) break;
+    const int64_t t = t0 + i;
+    float w0, w1, w2;
+    a.w.load(p.b, t, w0, w1, w2);
+    const float2 x = unpack<T>(xr[i]);
+    s = axpby(a.beta, s, 1.f - a.beta, x);
+    float2 y = axpby(w0, x, w1, s);
+    if (has3) y = axpby(1.f, y, w2, unpack<T>(load_pair(m.x3.at<const T>(p.b, t, p.g) + p.c)));
+    store_pair(m.y.at<T>(p.b, t, p.g) + p.c, y);
+  }
+}
+
+// Backward, chunks last to first. For u_t = l1_t dy_t + beta u_{t+1} (u past the end:
+// dstate_out / beta), the state carried into chunk ch from above is c_ch = beta u_{t1}; the
+// chunk passes c_{ch-1} = beta A + beta^n c_ch down, A = sum_t beta^(t - t0) l1_t dy_t (its
+// aggregate, beta A). Then dx_t (+)= l0 dy_t + (1 - beta) u_t, dx3_t (+)= l2 dy_t, and
+// dstate_in (+)= c_{-1}. With dlam, a walk in forward time first adds (<x, dy>, <s, dy>,
+// <x3, dy>) per token (s from the chunk's start state in m.carry): warp sums, then one
+// atomic per block, token and level.
+template <class T> __global__ void __launch_bounds__(kScanThreads)
+ema_route_bwd_1pass(ScanArgs a, PassArgs pa) {
+  __shared__ float s_dlam[kPassChunk * 3];
+  const PassBlock p = pass_block(a, pa, true);
+  const ScanMemory m = p.mi == 0 ? a.m[0] : a.m[1];
+  float* const agg = p.mi == 0 ? pa.agg[0] : pa.agg[1];
+  float* const ends = p.mi == 0 ? pa.end[0] : pa.end[1];
+  const int64_t t0 = p.ch * kPassChunk, n = min(int64_t(kPassChunk), a.T - t0);
+  const auto slot = [&](int64_t j) { return (p.b * a.n_chunks + j) * a.channels() + p.gc; };
+  const bool has3 = a.L == 3 && m.x3.data;
+
+  Pair<T> dyr[kPassChunk];
+  if (p.active) {
+    #pragma unroll
+    for (int i = 0; i < kPassChunk; ++i)
+      if (i < n) dyr[i] = load_pair(m.dy.at<const T>(p.b, t0 + i, p.g) + p.c);
+  }
+  float2 A = make_float2(0.f, 0.f);
+  float decay = 1.f;  // beta^(t - t0)
+  if (a.dlam) {  // every thread joins the reductions
+    for (int i = threadIdx.x; i < kPassChunk * 3; i += kScanThreads) s_dlam[i] = 0.f;
+    __syncthreads();
+    float2 s = p.active ? *reinterpret_cast<const float2*>(m.carry + slot(p.ch))
+                        : make_float2(0.f, 0.f);
+    #pragma unroll
+    for (int i = 0; i < kPassChunk; ++i) {
+      if (i >= n) break;
+      const int64_t t = t0 + i;
+      float p0 = 0.f, p1 = 0.f, p2 = 0.f;
+      if (p.active) {
+        const float2 x = unpack<T>(load_pair(m.x.at<const T>(p.b, t, p.g) + p.c));
+        const float2 dy = unpack<T>(dyr[i]);
+        s = axpby(a.beta, s, 1.f - a.beta, x);
+        p0 = dot(x, dy), p1 = dot(s, dy);
+        if (has3) p2 = dot(unpack<T>(load_pair(m.x3.at<const T>(p.b, t, p.g) + p.c)), dy);
+        A = axpby(1.f, A, decay * a.w.l1.load(p.b, t, 1.f), dy);
+        decay *= a.beta;
+      }
+      p0 = warp_sum(p0), p1 = warp_sum(p1);
+      if (a.L == 3) p2 = warp_sum(p2);
+      if ((threadIdx.x & 31) == 0) {
+        atomicAdd(&s_dlam[i * 3 + 0], p0);
+        atomicAdd(&s_dlam[i * 3 + 1], p1);
+        if (a.L == 3) atomicAdd(&s_dlam[i * 3 + 2], p2);
+      }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < n * a.L; i += kScanThreads)
+      atomicAdd(a.dlam + (p.b * a.T + t0 + i / a.L) * a.L + i % a.L, s_dlam[i / a.L * 3 + i % a.L]);
+  } else if (p.active) {
+    #pragma unroll
+    for (int i = 0; i < kPassChunk; ++i) {
+      if (i >= n) break;
+      A = axpby(1.f, A, decay * a.w.l1.load(p.b, t0 + i, 1.f), unpack<T>(dyr[i]));
+      decay *= a.beta;
+    }
+  }
+  if (!p.active) return;
+
+  float2 c_in;  // c_ch
+  if (p.ch + 1 == a.n_chunks) {
+    c_in = load_state(m.dstate_out, p.b, p.g, p.c);
+  } else {
+    if (p.ch > 0) publish(agg + slot(p.ch), make_float2(a.beta * A.x, a.beta * A.y));
+    c_in = look_back(p.ch + 1, 1, a.n_chunks, powf(a.beta, float(kPassChunk)),
+                     [&](int64_t j) { return ends + slot(j - 1); },
+                     [&](int64_t j) { return agg + slot(j); });
+  }
+  const float2 c_out = axpby(a.beta, A, powf(a.beta, float(n)), c_in);
+  if (p.ch > 0) publish(ends + slot(p.ch - 1), c_out);
+  else if (m.dstate_in.data) store_state(m.dstate_in, p.b, p.g, p.c, c_out, a.add_state);
+
+  float2 carry = c_in;
+  #pragma unroll
+  for (int i = kPassChunk - 1; i >= 0; --i) {
+    if (i >= n) continue;
+    const int64_t t = t0 + i;
+    float w0, w1, w2;
+    a.w.load(p.b, t, w0, w1, w2);
+    const float2 dy = unpack<T>(dyr[i]);
+    const float2 u = axpby(w1, dy, 1.f, carry);
+    T* dxp = m.dx.at<T>(p.b, t, p.g) + p.c;
+    float2 dx = axpby(w0, dy, 1.f - a.beta, u);
+    if (a.add) dx = axpby(1.f, dx, 1.f, unpack<T>(load_pair(dxp)));
+    store_pair(dxp, dx);
+    carry = make_float2(a.beta * u.x, a.beta * u.y);
+    if (a.L == 3 && m.dx3.data) {
+      T* dx3p = m.dx3.at<T>(p.b, t, p.g) + p.c;
+      float2 dx3 = make_float2(w2 * dy.x, w2 * dy.y);
+      if (a.add) dx3 = axpby(1.f, dx3, 1.f, unpack<T>(load_pair(dx3p)));
+      store_pair(dx3p, dx3);
+    }
+  }
+}
+
+}  // namespace mka::cuda
