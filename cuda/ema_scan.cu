@@ -86,15 +86,13 @@ bool single_pass(const ScanArgs& a, DType dt) {
 void unset(void* p, size_t bytes, cudaStream_t s) {
   check_cuda(cudaMemsetAsync(p, 0xff, bytes, s), "cudaMemsetAsync (scan)");
 }
-// One single-pass launch's block counter and both memories' aggregates, all kUnset.
+// One single-pass launch's aggregates of both memories, kUnset.
 struct PassScratch {
-  static constexpr size_t kHead = 256;
   Workspace w;
   PassArgs pa;
-  PassScratch(const ScanArgs& a, cudaStream_t s) : w(kHead + 2 * carry_bytes(a), s, false) {
-    unset(w.as<void>(), kHead + 2 * carry_bytes(a), s);
-    pa.ticket = w.as<unsigned>();
-    pa.agg[0] = reinterpret_cast<float*>(w.as<char>() + kHead);
+  PassScratch(const ScanArgs& a, cudaStream_t s) : w(2 * carry_bytes(a), s, false) {
+    unset(w.as<void>(), 2 * carry_bytes(a), s);
+    pa.agg[0] = w.as<float>();
     pa.agg[1] = pa.agg[0] + carry_bytes(a) / 4;
     pa.n_cb = ceil_div(a.channels(), int64_t(kScanThreads) * 2);
   }
@@ -102,10 +100,16 @@ struct PassScratch {
 };
 
 // Writes m.carry (both memories': chunk start states) and, where m.y is given, y.
+// Level 3's views are read or written (the kernels keep them in registers only then).
+bool has3(const ScanArgs& a) {
+  return a.L == 3 && (a.m[0].x3.data || a.m[1].x3.data || a.m[0].dx3.data || a.m[1].dx3.data);
+}
+
 template <class T> void single_pass_fwd(const ScanArgs& a, cudaStream_t s) {
   for (const ScanMemory& m : a.m) unset(m.carry, carry_bytes(a), s);
   PassScratch ps(a, s);
-  ema_route_fwd_1pass<T><<<ps.blocks(a), kScanThreads, 0, s>>>(a, ps.pa);
+  auto kernel = has3(a) ? ema_route_fwd_1pass<T, true> : ema_route_fwd_1pass<T, false>;
+  kernel<<<ps.blocks(a), kScanThreads, 0, s>>>(a, ps.pa);
   check_launch("ema_route_fwd_1pass");
 }
 
@@ -120,7 +124,8 @@ template <class T> void single_pass_bwd(const ScanArgs& a, bool have_carries, cu
     unset(a.m[i].rcarry, carry_bytes(a), s);
     ps.pa.end[i] = a.m[i].rcarry;
   }
-  ema_route_bwd_1pass<T><<<ps.blocks(a), kScanThreads, 0, s>>>(a, ps.pa);
+  auto kernel = has3(a) ? ema_route_bwd_1pass<T, true> : ema_route_bwd_1pass<T, false>;
+  kernel<<<ps.blocks(a), kScanThreads, 0, s>>>(a, ps.pa);
   check_launch("ema_route_bwd_1pass");
 }
 

@@ -2,9 +2,10 @@
 // and the shared arguments). The 3-pass scan reads x twice forward and dy twice backward;
 // here every block keeps its chunk in registers, so each is read from memory once.
 //
-// One block per (chunk, memory, batch, channel block), two channels per thread. Blocks take
-// their ids from a counter in scan order (forward: first chunk first; backward: last chunk
-// first), so every chunk a block waits on has already started. A block scans its chunk from
+// One block per (chunk, memory, batch, channel block), two channels per thread. Block ids run
+// in scan order (forward: first chunk first; backward: last chunk first) and the GPU starts
+// blocks in id order, so every chunk a block waits on has started (CUB's single-pass scan
+// relies on the same). A block scans its chunk from
 // a zero state, publishes that aggregate, walks back over its predecessors' published values
 // to the nearest true end state (decoupled look-back), publishes its own end state, then
 // writes its outputs from the registers.
@@ -25,7 +26,6 @@ constexpr int kLookback = 8;    // predecessors polled at once
 constexpr unsigned kUnset = 0xffffffffu;
 
 struct PassArgs {
-  unsigned* ticket = nullptr;  // block counter; kUnset before the launch, so ids start at 0
   float* agg[2] = {};          // per memory (B, n_chunks, G*d): chunk aggregates, kUnset
   float* end[2] = {};          // per memory, the same shape: published end states, kUnset
   int64_t n_cb = 0;            // channel blocks
@@ -114,22 +114,21 @@ __device__ float2 look_back(int64_t first, int step, int64_t n_chunks, float D, 
   }
 }
 
-// This block's place: chunk (in scan order from the counter), memory, batch entry, first
-// channel. `reverse`: chunks last to first.
+// This block's place: chunk (in scan order), memory, batch entry, first channel. `reverse`:
+// chunks last to first.
 struct PassBlock {
-  int64_t ch, b, g, c, gc;
+  int64_t ch, b, g, c, gc, t0, n;  // n: the chunk's tokens (the last may be short)
   int mi;
   bool active;
 };
 __device__ __forceinline__ PassBlock pass_block(const ScanArgs& a, const PassArgs& pa,
                                                 bool reverse) {
-  __shared__ unsigned s_id;
-  if (threadIdx.x == 0) s_id = atomicAdd(pa.ticket, 1u) + 1u;
-  __syncthreads();
-  const int64_t id = s_id, per_chunk = pa.n_cb * 2 * a.B;
+  const int64_t id = blockIdx.x, per_chunk = pa.n_cb * 2 * a.B;
   const int64_t z = id % per_chunk / pa.n_cb, cb = id % pa.n_cb;
   PassBlock p;
   p.ch = reverse ? a.n_chunks - 1 - id / per_chunk : id / per_chunk;
+  p.t0 = p.ch * kPassChunk;
+  p.n = min(int64_t(kPassChunk), a.T - p.t0);
   p.mi = z < a.B ? 0 : 1;
   p.b = z % a.B;
   p.gc = (cb * kScanThreads + threadIdx.x) * 2;
@@ -138,26 +137,70 @@ __device__ __forceinline__ PassBlock pass_block(const ScanArgs& a, const PassArg
   return p;
 }
 
+// The chunk's routing weights into shared memory (every thread calls it, after issuing its
+// chunk's loads: the latencies overlap; it ends in a barrier). Read once per block instead
+// of per thread and token: loads the compiler cannot move above the outputs' stores (they
+// might alias) would cost a memory latency per token.
+__device__ __forceinline__ void load_weights(const ScanArgs& a, const PassBlock& p,
+                                             float (&w)[kPassChunk][3]) {
+  for (int i = threadIdx.x; i < p.n * 3; i += kScanThreads) {
+    const int64_t t = p.t0 + i / 3;
+    const int l = i % 3;
+    w[i / 3][l] = l == 0 ? a.w.l0.load(p.b, t, 0.f)
+                : l == 1 ? a.w.l1.load(p.b, t, 1.f) : a.w.l2.load(p.b, t, 0.f);
+  }
+  __syncthreads();
+}
+
+// The chunk of one view into registers: every load issued before the first is used.
+template <class T>
+__device__ __forceinline__ void load_chunk(const Rows& x, const PassBlock& p,
+                                           Pair<T> (&r)[kPassChunk]) {
+  #pragma unroll
+  for (int i = 0; i < kPassChunk; ++i)
+    if (i < p.n) r[i] = load_pair(x.at<const T>(p.b, p.t0 + i, p.g) + p.c);
+}
+
+// v[i] of every lane -> lane i holds the warp's sum of v[i] in v[0]: 31 shuffles for 32
+// sums (halving exchange) instead of 5 per sum. Lanes with bit W set keep v[W..2W) and send
+// v[0..W) to their partner, the others the reverse. (Recursion, not a loop: nvcc does not
+// unroll the inner loop of a nested one, and v would go to local memory.)
+template <int W = kPassChunk / 2>
+__device__ __forceinline__ void transpose_sum(float (&v)[kPassChunk], int lane) {
+  static_assert(kPassChunk == 32, "one token per lane");
+  const bool upper = lane & W;
+  #pragma unroll
+  for (int i = 0; i < W; ++i) {
+    const float keep = upper ? v[i + W] : v[i], send = upper ? v[i] : v[i + W];
+    v[i] = keep + __shfl_xor_sync(0xffffffffu, send, W);
+  }
+  if constexpr (W > 1) transpose_sum<W / 2>(v, lane);
+}
+
 // Forward: y_t = l0 x_t + l1 s_t (+ l2 x3_t); the chunk start states into m.carry (chunk 0:
 // state_in; chunk ch > 0: published by chunk ch - 1), the final state into state_out. With
 // m.y absent only the start states are made (a backward without saved ones).
-template <class T> __global__ void __launch_bounds__(kScanThreads)
+template <class T, bool kHas3> __global__ void __launch_bounds__(kScanThreads, 3)
 ema_route_fwd_1pass(ScanArgs a, PassArgs pa) {
+  __shared__ float s_w[kPassChunk][3];
   const PassBlock p = pass_block(a, pa, false);
-  if (!p.active) return;
   const ScanMemory m = p.mi == 0 ? a.m[0] : a.m[1];  // (not a.m[p.mi]: a stack copy)
   float* const agg = p.mi == 0 ? pa.agg[0] : pa.agg[1];
-  const int64_t t0 = p.ch * kPassChunk, n = min(int64_t(kPassChunk), a.T - t0);
   const auto slot = [&](int64_t j) { return (p.b * a.n_chunks + j) * a.channels() + p.gc; };
 
-  Pair<T> xr[kPassChunk];
-  #pragma unroll
-  for (int i = 0; i < kPassChunk; ++i)
-    if (i < n) xr[i] = load_pair(m.x.at<const T>(p.b, t0 + i, p.g) + p.c);
+  Pair<T> xr[kPassChunk], x3r[kHas3 ? kPassChunk : 1];
+  if (p.active) {
+    load_chunk<T>(m.x, p, xr);
+    if constexpr (kHas3) {
+      if (m.y.data) load_chunk<T>(m.x3, p, x3r);
+    }
+  }
+  load_weights(a, p, s_w);
+  if (!p.active) return;
   float2 loc = make_float2(0.f, 0.f);
   #pragma unroll
   for (int i = 0; i < kPassChunk; ++i)
-    if (i < n) loc = axpby(a.beta, loc, 1.f - a.beta, unpack<T>(xr[i]));
+    if (i < p.n) loc = axpby(a.beta, loc, 1.f - a.beta, unpack<T>(xr[i]));
 
   const bool last = p.ch + 1 == a.n_chunks;
   float2 start;
@@ -170,24 +213,20 @@ ema_route_fwd_1pass(ScanArgs a, PassArgs pa) {
                       [&](int64_t j) { return m.carry + slot(j + 1); },
                       [&](int64_t j) { return agg + slot(j); });
   }
-  const float2 end = axpby(powf(a.beta, float(n)), start, 1.f, loc);
+  const float2 end = axpby(powf(a.beta, float(p.n)), start, 1.f, loc);
   if (!last) publish(m.carry + slot(p.ch + 1), end);
   else if (m.state_out.data) store_state(m.state_out, p.b, p.g, p.c, end, false);
   if (!m.y.data) return;
 
-  const bool has3 = a.L == 3 && m.x3.data;
   float2 s = start;
   #pragma unroll
   for (int i = 0; i < kPassChunk; ++i) {
-    if (i >= n) break;
-    const int64_t t = t0 + i;
-    float w0, w1, w2;
-    a.w.load(p.b, t, w0, w1, w2);
+    if (i >= p.n) break;
     const float2 x = unpack<T>(xr[i]);
     s = axpby(a.beta, s, 1.f - a.beta, x);
-    float2 y = axpby(w0, x, w1, s);
-    if (has3) y = axpby(1.f, y, w2, unpack<T>(load_pair(m.x3.at<const T>(p.b, t, p.g) + p.c)));
-    store_pair(m.y.at<T>(p.b, t, p.g) + p.c, y);
+    float2 y = axpby(s_w[i][0], x, s_w[i][1], s);
+    if constexpr (kHas3) y = axpby(1.f, y, s_w[i][2], unpack<T>(x3r[i]));
+    store_pair(m.y.at<T>(p.b, p.t0 + i, p.g) + p.c, y);
   }
 }
 
@@ -195,67 +234,89 @@ ema_route_fwd_1pass(ScanArgs a, PassArgs pa) {
 // dstate_out / beta), the state carried into chunk ch from above is c_ch = beta u_{t1}; the
 // chunk passes c_{ch-1} = beta A + beta^n c_ch down, A = sum_t beta^(t - t0) l1_t dy_t (its
 // aggregate, beta A). Then dx_t (+)= l0 dy_t + (1 - beta) u_t, dx3_t (+)= l2 dy_t, and
-// dstate_in (+)= c_{-1}. With dlam, a walk in forward time first adds (<x, dy>, <s, dy>,
-// <x3, dy>) per token (s from the chunk's start state in m.carry): warp sums, then one
-// atomic per block, token and level.
-template <class T> __global__ void __launch_bounds__(kScanThreads)
+// dstate_in (+)= c_{-1}. With dlam, first (<x, dy>, <s, dy>, <x3, dy>) per token, s from
+// the chunk's start state in m.carry: per-thread partials, summed over the warp
+// (transpose_sum), the block (shared atomics), then one global atomic per token and level.
+template <class T, bool kHas3> __global__ void __launch_bounds__(kScanThreads, 3)
 ema_route_bwd_1pass(ScanArgs a, PassArgs pa) {
-  __shared__ float s_dlam[kPassChunk * 3];
+  __shared__ float s_w[kPassChunk][3], s_dlam[kPassChunk][3];
   const PassBlock p = pass_block(a, pa, true);
   const ScanMemory m = p.mi == 0 ? a.m[0] : a.m[1];
   float* const agg = p.mi == 0 ? pa.agg[0] : pa.agg[1];
   float* const ends = p.mi == 0 ? pa.end[0] : pa.end[1];
-  const int64_t t0 = p.ch * kPassChunk, n = min(int64_t(kPassChunk), a.T - t0);
   const auto slot = [&](int64_t j) { return (p.b * a.n_chunks + j) * a.channels() + p.gc; };
-  const bool has3 = a.L == 3 && m.x3.data;
 
-  Pair<T> dyr[kPassChunk];
+  // Registers: dy; x for dlam, then the old dx where adding (at once without dlam); x3,
+  // then the old dx3, likewise.
+  Pair<T> dyr[kPassChunk], xr[kPassChunk], x3r[kHas3 ? kPassChunk : 1];
+  float2 s = make_float2(0.f, 0.f);
   if (p.active) {
-    #pragma unroll
-    for (int i = 0; i < kPassChunk; ++i)
-      if (i < n) dyr[i] = load_pair(m.dy.at<const T>(p.b, t0 + i, p.g) + p.c);
+    load_chunk<T>(m.dy, p, dyr);
+    if (a.dlam) {
+      s = *reinterpret_cast<const float2*>(m.carry + slot(p.ch));
+      load_chunk<T>(m.x, p, xr);
+      if constexpr (kHas3) load_chunk<T>(m.x3, p, x3r);
+    } else if (a.add) {
+      load_chunk<T>(m.dx, p, xr);
+      if constexpr (kHas3) {
+        if (m.dx3.data) load_chunk<T>(m.dx3, p, x3r);
+      }
+    }
   }
+  for (int i = threadIdx.x; i < kPassChunk * 3; i += kScanThreads) s_dlam[i / 3][i % 3] = 0.f;
+  load_weights(a, p, s_w);
   float2 A = make_float2(0.f, 0.f);
   float decay = 1.f;  // beta^(t - t0)
-  if (a.dlam) {  // every thread joins the reductions
-    for (int i = threadIdx.x; i < kPassChunk * 3; i += kScanThreads) s_dlam[i] = 0.f;
-    __syncthreads();
-    float2 s = p.active ? *reinterpret_cast<const float2*>(m.carry + slot(p.ch))
-                        : make_float2(0.f, 0.f);
+  #pragma unroll
+  for (int i = 0; i < kPassChunk; ++i) {
+    if (i >= p.n) break;
+    A = axpby(1.f, A, decay * s_w[i][1], unpack<T>(dyr[i]));
+    decay *= a.beta;
+  }
+  if (a.dlam) {  // every thread joins the sums (inactive ones with zeros)
+    // One level at a time, so one array of partials is alive (registers).
+    const int lane = threadIdx.x & 31;
+    const bool on = p.active;  // (every lane runs the shuffles)
+    float v[kPassChunk];
+    #pragma unroll
+    for (int i = 0; i < kPassChunk; ++i)
+      v[i] = on && i < p.n ? dot(unpack<T>(xr[i]), unpack<T>(dyr[i])) : 0.f;
+    transpose_sum(v, lane);
+    const float sum0 = v[0];
     #pragma unroll
     for (int i = 0; i < kPassChunk; ++i) {
-      if (i >= n) break;
-      const int64_t t = t0 + i;
-      float p0 = 0.f, p1 = 0.f, p2 = 0.f;
-      if (p.active) {
-        const float2 x = unpack<T>(load_pair(m.x.at<const T>(p.b, t, p.g) + p.c));
-        const float2 dy = unpack<T>(dyr[i]);
-        s = axpby(a.beta, s, 1.f - a.beta, x);
-        p0 = dot(x, dy), p1 = dot(s, dy);
-        if (has3) p2 = dot(unpack<T>(load_pair(m.x3.at<const T>(p.b, t, p.g) + p.c)), dy);
-        A = axpby(1.f, A, decay * a.w.l1.load(p.b, t, 1.f), dy);
-        decay *= a.beta;
+      v[i] = 0.f;
+      if (on && i < p.n) {
+        s = axpby(a.beta, s, 1.f - a.beta, unpack<T>(xr[i]));
+        v[i] = dot(s, unpack<T>(dyr[i]));
       }
-      p0 = warp_sum(p0), p1 = warp_sum(p1);
-      if (a.L == 3) p2 = warp_sum(p2);
-      if ((threadIdx.x & 31) == 0) {
-        atomicAdd(&s_dlam[i * 3 + 0], p0);
-        atomicAdd(&s_dlam[i * 3 + 1], p1);
-        if (a.L == 3) atomicAdd(&s_dlam[i * 3 + 2], p2);
-      }
+    }
+    transpose_sum(v, lane);
+    const float sum1 = v[0];
+    float sum2 = 0.f;
+    if constexpr (kHas3) {
+      #pragma unroll
+      for (int i = 0; i < kPassChunk; ++i)
+        v[i] = on && i < p.n ? dot(unpack<T>(x3r[i]), unpack<T>(dyr[i])) : 0.f;
+      transpose_sum(v, lane);
+      sum2 = v[0];
+    }
+    if (lane < p.n) {
+      atomicAdd(&s_dlam[lane][0], sum0);
+      atomicAdd(&s_dlam[lane][1], sum1);
+      if constexpr (kHas3) atomicAdd(&s_dlam[lane][2], sum2);
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < n * a.L; i += kScanThreads)
-      atomicAdd(a.dlam + (p.b * a.T + t0 + i / a.L) * a.L + i % a.L, s_dlam[i / a.L * 3 + i % a.L]);
-  } else if (p.active) {
-    #pragma unroll
-    for (int i = 0; i < kPassChunk; ++i) {
-      if (i >= n) break;
-      A = axpby(1.f, A, decay * a.w.l1.load(p.b, t0 + i, 1.f), unpack<T>(dyr[i]));
-      decay *= a.beta;
-    }
+    for (int i = threadIdx.x; i < p.n * a.L; i += kScanThreads)
+      atomicAdd(a.dlam + (p.b * a.T + p.t0 + i / a.L) * a.L + i % a.L, s_dlam[i / a.L][i % a.L]);
   }
   if (!p.active) return;
+  if (a.add && a.dlam) {
+    load_chunk<T>(m.dx, p, xr);
+    if constexpr (kHas3) {
+      if (m.dx3.data) load_chunk<T>(m.dx3, p, x3r);
+    }
+  }
 
   float2 c_in;  // c_ch
   if (p.ch + 1 == a.n_chunks) {
@@ -266,29 +327,27 @@ ema_route_bwd_1pass(ScanArgs a, PassArgs pa) {
                      [&](int64_t j) { return ends + slot(j - 1); },
                      [&](int64_t j) { return agg + slot(j); });
   }
-  const float2 c_out = axpby(a.beta, A, powf(a.beta, float(n)), c_in);
+  const float2 c_out = axpby(a.beta, A, powf(a.beta, float(p.n)), c_in);
   if (p.ch > 0) publish(ends + slot(p.ch - 1), c_out);
   else if (m.dstate_in.data) store_state(m.dstate_in, p.b, p.g, p.c, c_out, a.add_state);
 
   float2 carry = c_in;
   #pragma unroll
   for (int i = kPassChunk - 1; i >= 0; --i) {
-    if (i >= n) continue;
-    const int64_t t = t0 + i;
-    float w0, w1, w2;
-    a.w.load(p.b, t, w0, w1, w2);
+    if (i >= p.n) continue;
+    const int64_t t = p.t0 + i;
     const float2 dy = unpack<T>(dyr[i]);
-    const float2 u = axpby(w1, dy, 1.f, carry);
-    T* dxp = m.dx.at<T>(p.b, t, p.g) + p.c;
-    float2 dx = axpby(w0, dy, 1.f - a.beta, u);
-    if (a.add) dx = axpby(1.f, dx, 1.f, unpack<T>(load_pair(dxp)));
-    store_pair(dxp, dx);
+    const float2 u = axpby(s_w[i][1], dy, 1.f, carry);
+    float2 dx = axpby(s_w[i][0], dy, 1.f - a.beta, u);
+    if (a.add) dx = axpby(1.f, dx, 1.f, unpack<T>(xr[i]));
+    store_pair(m.dx.at<T>(p.b, t, p.g) + p.c, dx);
     carry = make_float2(a.beta * u.x, a.beta * u.y);
-    if (a.L == 3 && m.dx3.data) {
-      T* dx3p = m.dx3.at<T>(p.b, t, p.g) + p.c;
-      float2 dx3 = make_float2(w2 * dy.x, w2 * dy.y);
-      if (a.add) dx3 = axpby(1.f, dx3, 1.f, unpack<T>(load_pair(dx3p)));
-      store_pair(dx3p, dx3);
+    if constexpr (kHas3) {
+      if (m.dx3.data) {
+        float2 dx3 = make_float2(s_w[i][2] * dy.x, s_w[i][2] * dy.y);
+        if (a.add) dx3 = axpby(1.f, dx3, 1.f, unpack<T>(x3r[i]));
+        store_pair(m.dx3.at<T>(p.b, t, p.g) + p.c, dx3);
+      }
     }
   }
 }
