@@ -105,11 +105,21 @@ bool has3(const ScanArgs& a) {
   return a.L == 3 && (a.m[0].x3.data || a.m[1].x3.data || a.m[0].dx3.data || a.m[1].dx3.data);
 }
 
+// Dynamic shared memory beyond the default 48 KB (float32 with level 3) must be allowed.
+template <class K> void allow_smem(K kernel, size_t bytes) {
+  if (bytes > 48 * 1024)
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    int(bytes)), "cudaFuncSetAttribute (scan)");
+}
+
 template <class T> void single_pass_fwd(const ScanArgs& a, cudaStream_t s) {
   for (const ScanMemory& m : a.m) unset(m.carry, carry_bytes(a), s);
   PassScratch ps(a, s);
-  auto kernel = has3(a) ? ema_route_fwd_1pass<T, true> : ema_route_fwd_1pass<T, false>;
-  kernel<<<ps.blocks(a), kScanThreads, 0, s>>>(a, ps.pa);
+  const bool l3 = has3(a);
+  auto kernel = l3 ? ema_route_fwd_1pass<T, true> : ema_route_fwd_1pass<T, false>;
+  const size_t smem = stage_bytes<T>(l3 ? 2 : 1);
+  allow_smem(kernel, smem);
+  kernel<<<ps.blocks(a), kScanThreads, smem, s>>>(a, ps.pa);
   check_launch("ema_route_fwd_1pass");
 }
 
@@ -124,8 +134,11 @@ template <class T> void single_pass_bwd(const ScanArgs& a, bool have_carries, cu
     unset(a.m[i].rcarry, carry_bytes(a), s);
     ps.pa.end[i] = a.m[i].rcarry;
   }
-  auto kernel = has3(a) ? ema_route_bwd_1pass<T, true> : ema_route_bwd_1pass<T, false>;
-  kernel<<<ps.blocks(a), kScanThreads, 0, s>>>(a, ps.pa);
+  const bool l3 = has3(a);
+  auto kernel = l3 ? ema_route_bwd_1pass<T, true> : ema_route_bwd_1pass<T, false>;
+  const size_t smem = stage_bytes<T>(l3 ? 3 : 2);
+  allow_smem(kernel, smem);
+  kernel<<<ps.blocks(a), kScanThreads, smem, s>>>(a, ps.pa);
   check_launch("ema_route_bwd_1pass");
 }
 

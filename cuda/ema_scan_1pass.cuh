@@ -1,6 +1,9 @@
 // The single-pass EMA-route scan (the default; ema_scan.cuh has the 3-pass scan it replaces
 // and the shared arguments). The 3-pass scan reads x twice forward and dy twice backward;
-// here every block keeps its chunk in registers, so each is read from memory once.
+// here every block keeps its chunk on chip, so each is read from memory once. The chunk is
+// staged in shared memory with cp.async (16-32 KB per block) rather than registers: that
+// keeps 8 blocks' loads in flight per SM (registers held 3-4 blocks' worth, too few to
+// cover the memory latency between a block's phases).
 //
 // One block per (chunk, memory, batch, channel block), two channels per thread. Block ids run
 // in scan order (forward: first chunk first; backward: last chunk first) and the GPU starts
@@ -22,7 +25,7 @@
 namespace mka::cuda {
 
 constexpr int kPassChunk = 32;  // tokens per block (the scan's chunk)
-constexpr int kLookback = 8;    // predecessors polled at once
+constexpr int kLookback = 4;    // predecessors polled at once
 constexpr unsigned kUnset = 0xffffffffu;
 
 struct PassArgs {
@@ -152,13 +155,27 @@ __device__ __forceinline__ void load_weights(const ScanArgs& a, const PassBlock&
   __syncthreads();
 }
 
-// The chunk of one view into registers: every load issued before the first is used.
+// A chunk of one view staged in shared memory: [token][thread], each thread copying and
+// reading its own slots (no barrier needed between them; stage_wait before reading).
+template <class T> using Stage = Pair<T> (*)[kScanThreads];
 template <class T>
-__device__ __forceinline__ void load_chunk(const Rows& x, const PassBlock& p,
-                                           Pair<T> (&r)[kPassChunk]) {
+__device__ __forceinline__ void stage_chunk(const Rows& x, const PassBlock& p, Stage<T> st) {
   #pragma unroll
   for (int i = 0; i < kPassChunk; ++i)
-    if (i < p.n) r[i] = load_pair(x.at<const T>(p.b, p.t0 + i, p.g) + p.c);
+    if (i < p.n) {
+      const auto dst = static_cast<unsigned>(__cvta_generic_to_shared(&st[i][threadIdx.x]));
+      asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(dst),
+                   "l"(x.at<const T>(p.b, p.t0 + i, p.g) + p.c), "n"(sizeof(Pair<T>)));
+    }
+}
+__device__ __forceinline__ void stage_wait() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+// The dynamic shared memory of a kernel staging `views` chunks.
+template <class T> constexpr size_t stage_bytes(int views) {
+  return size_t(views) * kPassChunk * kScanThreads * sizeof(Pair<T>);
+}
+template <class T> __device__ __forceinline__ Stage<T> stage(int index) {
+  extern __shared__ __align__(16) unsigned char pass_smem[];
+  return reinterpret_cast<Stage<T>>(pass_smem) + index * kPassChunk;
 }
 
 // v[i] of every lane -> lane i holds the warp's sum of v[i] in v[0]: 31 shuffles for 32
@@ -180,7 +197,7 @@ __device__ __forceinline__ void transpose_sum(float (&v)[kPassChunk], int lane) 
 // Forward: y_t = l0 x_t + l1 s_t (+ l2 x3_t); the chunk start states into m.carry (chunk 0:
 // state_in; chunk ch > 0: published by chunk ch - 1), the final state into state_out. With
 // m.y absent only the start states are made (a backward without saved ones).
-template <class T, bool kHas3> __global__ void __launch_bounds__(kScanThreads, 3)
+template <class T, bool kHas3> __global__ void __launch_bounds__(kScanThreads, 8)
 ema_route_fwd_1pass(ScanArgs a, PassArgs pa) {
   __shared__ float s_w[kPassChunk][3];
   const PassBlock p = pass_block(a, pa, false);
@@ -188,19 +205,21 @@ ema_route_fwd_1pass(ScanArgs a, PassArgs pa) {
   float* const agg = p.mi == 0 ? pa.agg[0] : pa.agg[1];
   const auto slot = [&](int64_t j) { return (p.b * a.n_chunks + j) * a.channels() + p.gc; };
 
-  Pair<T> xr[kPassChunk], x3r[kHas3 ? kPassChunk : 1];
+  const Stage<T> xs = stage<T>(0), x3s = stage<T>(1);  // x3s: kHas3 only
   if (p.active) {
-    load_chunk<T>(m.x, p, xr);
+    stage_chunk<T>(m.x, p, xs);
     if constexpr (kHas3) {
-      if (m.y.data) load_chunk<T>(m.x3, p, x3r);
+      if (m.y.data) stage_chunk<T>(m.x3, p, x3s);
     }
   }
   load_weights(a, p, s_w);
   if (!p.active) return;
+  stage_wait();
+  const int tid = threadIdx.x;
   float2 loc = make_float2(0.f, 0.f);
   #pragma unroll
   for (int i = 0; i < kPassChunk; ++i)
-    if (i < p.n) loc = axpby(a.beta, loc, 1.f - a.beta, unpack<T>(xr[i]));
+    if (i < p.n) loc = axpby(a.beta, loc, 1.f - a.beta, unpack<T>(xs[i][tid]));
 
   const bool last = p.ch + 1 == a.n_chunks;
   float2 start;
@@ -222,10 +241,10 @@ ema_route_fwd_1pass(ScanArgs a, PassArgs pa) {
   #pragma unroll
   for (int i = 0; i < kPassChunk; ++i) {
     if (i >= p.n) break;
-    const float2 x = unpack<T>(xr[i]);
+    const float2 x = unpack<T>(xs[i][tid]);
     s = axpby(a.beta, s, 1.f - a.beta, x);
     float2 y = axpby(s_w[i][0], x, s_w[i][1], s);
-    if constexpr (kHas3) y = axpby(1.f, y, s_w[i][2], unpack<T>(x3r[i]));
+    if constexpr (kHas3) y = axpby(1.f, y, s_w[i][2], unpack<T>(x3s[i][tid]));
     store_pair(m.y.at<T>(p.b, p.t0 + i, p.g) + p.c, y);
   }
 }
@@ -237,7 +256,7 @@ ema_route_fwd_1pass(ScanArgs a, PassArgs pa) {
 // dstate_in (+)= c_{-1}. With dlam, first (<x, dy>, <s, dy>, <x3, dy>) per token, s from
 // the chunk's start state in m.carry: per-thread partials, summed over the warp
 // (transpose_sum), the block (shared atomics), then one global atomic per token and level.
-template <class T, bool kHas3> __global__ void __launch_bounds__(kScanThreads, 3)
+template <class T, bool kHas3> __global__ void __launch_bounds__(kScanThreads, 6)
 ema_route_bwd_1pass(ScanArgs a, PassArgs pa) {
   __shared__ float s_w[kPassChunk][3], s_dlam[kPassChunk][3];
   const PassBlock p = pass_block(a, pa, true);
@@ -246,32 +265,36 @@ ema_route_bwd_1pass(ScanArgs a, PassArgs pa) {
   float* const ends = p.mi == 0 ? pa.end[0] : pa.end[1];
   const auto slot = [&](int64_t j) { return (p.b * a.n_chunks + j) * a.channels() + p.gc; };
 
-  // Registers: dy; x for dlam, then the old dx where adding (at once without dlam); x3,
-  // then the old dx3, likewise.
-  Pair<T> dyr[kPassChunk], xr[kPassChunk], x3r[kHas3 ? kPassChunk : 1];
+  // Staged: dy; x for dlam, then the old dx where adding (at once without dlam); x3, then
+  // the old dx3, likewise.
+  const Stage<T> dys = stage<T>(0), xs = stage<T>(1), x3s = stage<T>(2);
   float2 s = make_float2(0.f, 0.f);
   if (p.active) {
-    load_chunk<T>(m.dy, p, dyr);
+    stage_chunk<T>(m.dy, p, dys);
     if (a.dlam) {
       s = *reinterpret_cast<const float2*>(m.carry + slot(p.ch));
-      load_chunk<T>(m.x, p, xr);
-      if constexpr (kHas3) load_chunk<T>(m.x3, p, x3r);
+      stage_chunk<T>(m.x, p, xs);
+      if constexpr (kHas3) stage_chunk<T>(m.x3, p, x3s);
     } else if (a.add) {
-      load_chunk<T>(m.dx, p, xr);
+      stage_chunk<T>(m.dx, p, xs);
       if constexpr (kHas3) {
-        if (m.dx3.data) load_chunk<T>(m.dx3, p, x3r);
+        if (m.dx3.data) stage_chunk<T>(m.dx3, p, x3s);
       }
     }
   }
   for (int i = threadIdx.x; i < kPassChunk * 3; i += kScanThreads) s_dlam[i / 3][i % 3] = 0.f;
   load_weights(a, p, s_w);
+  stage_wait();
+  const int tid = threadIdx.x;
   float2 A = make_float2(0.f, 0.f);
   float decay = 1.f;  // beta^(t - t0)
-  #pragma unroll
-  for (int i = 0; i < kPassChunk; ++i) {
-    if (i >= p.n) break;
-    A = axpby(1.f, A, decay * s_w[i][1], unpack<T>(dyr[i]));
-    decay *= a.beta;
+  if (p.active) {
+    #pragma unroll
+    for (int i = 0; i < kPassChunk; ++i) {
+      if (i >= p.n) break;
+      A = axpby(1.f, A, decay * s_w[i][1], unpack<T>(dys[i][tid]));
+      decay *= a.beta;
+    }
   }
   if (a.dlam) {  // every thread joins the sums (inactive ones with zeros)
     // One level at a time, so one array of partials is alive (registers).
@@ -280,15 +303,15 @@ ema_route_bwd_1pass(ScanArgs a, PassArgs pa) {
     float v[kPassChunk];
     #pragma unroll
     for (int i = 0; i < kPassChunk; ++i)
-      v[i] = on && i < p.n ? dot(unpack<T>(xr[i]), unpack<T>(dyr[i])) : 0.f;
+      v[i] = on && i < p.n ? dot(unpack<T>(xs[i][tid]), unpack<T>(dys[i][tid])) : 0.f;
     transpose_sum(v, lane);
     const float sum0 = v[0];
     #pragma unroll
     for (int i = 0; i < kPassChunk; ++i) {
       v[i] = 0.f;
       if (on && i < p.n) {
-        s = axpby(a.beta, s, 1.f - a.beta, unpack<T>(xr[i]));
-        v[i] = dot(s, unpack<T>(dyr[i]));
+        s = axpby(a.beta, s, 1.f - a.beta, unpack<T>(xs[i][tid]));
+        v[i] = dot(s, unpack<T>(dys[i][tid]));
       }
     }
     transpose_sum(v, lane);
@@ -297,7 +320,7 @@ ema_route_bwd_1pass(ScanArgs a, PassArgs pa) {
     if constexpr (kHas3) {
       #pragma unroll
       for (int i = 0; i < kPassChunk; ++i)
-        v[i] = on && i < p.n ? dot(unpack<T>(x3r[i]), unpack<T>(dyr[i])) : 0.f;
+        v[i] = on && i < p.n ? dot(unpack<T>(x3s[i][tid]), unpack<T>(dys[i][tid])) : 0.f;
       transpose_sum(v, lane);
       sum2 = v[0];
     }
@@ -311,10 +334,10 @@ ema_route_bwd_1pass(ScanArgs a, PassArgs pa) {
       atomicAdd(a.dlam + (p.b * a.T + p.t0 + i / a.L) * a.L + i % a.L, s_dlam[i / a.L][i % a.L]);
   }
   if (!p.active) return;
-  if (a.add && a.dlam) {
-    load_chunk<T>(m.dx, p, xr);
+  if (a.add && a.dlam) {  // x and x3 were read: their slots take the old gradients
+    stage_chunk<T>(m.dx, p, xs);
     if constexpr (kHas3) {
-      if (m.dx3.data) load_chunk<T>(m.dx3, p, x3r);
+      if (m.dx3.data) stage_chunk<T>(m.dx3, p, x3s);
     }
   }
 
@@ -331,21 +354,22 @@ ema_route_bwd_1pass(ScanArgs a, PassArgs pa) {
   if (p.ch > 0) publish(ends + slot(p.ch - 1), c_out);
   else if (m.dstate_in.data) store_state(m.dstate_in, p.b, p.g, p.c, c_out, a.add_state);
 
+  if (a.add) stage_wait();
   float2 carry = c_in;
   #pragma unroll
   for (int i = kPassChunk - 1; i >= 0; --i) {
     if (i >= p.n) continue;
     const int64_t t = p.t0 + i;
-    const float2 dy = unpack<T>(dyr[i]);
+    const float2 dy = unpack<T>(dys[i][tid]);
     const float2 u = axpby(s_w[i][1], dy, 1.f, carry);
     float2 dx = axpby(s_w[i][0], dy, 1.f - a.beta, u);
-    if (a.add) dx = axpby(1.f, dx, 1.f, unpack<T>(xr[i]));
+    if (a.add) dx = axpby(1.f, dx, 1.f, unpack<T>(xs[i][tid]));
     store_pair(m.dx.at<T>(p.b, t, p.g) + p.c, dx);
     carry = make_float2(a.beta * u.x, a.beta * u.y);
     if constexpr (kHas3) {
       if (m.dx3.data) {
         float2 dx3 = make_float2(s_w[i][2] * dy.x, s_w[i][2] * dy.y);
-        if (a.add) dx3 = axpby(1.f, dx3, 1.f, unpack<T>(x3r[i]));
+        if (a.add) dx3 = axpby(1.f, dx3, 1.f, unpack<T>(x3s[i][tid]));
         store_pair(m.dx3.at<T>(p.b, t, p.g) + p.c, dx3);
       }
     }
