@@ -68,18 +68,15 @@ struct CarryScratch {
 };
 
 // --- single pass --------------------------------------------------------------------------
-bool aligned_pairs(const Rows& x, size_t elem) {
-  return !x.data || (reinterpret_cast<uintptr_t>(x.data) % (2 * elem) == 0 && x.sb % 2 == 0 &&
-                     x.st % 2 == 0 && x.sh % 2 == 0);
-}
-// The single pass reads two channels at a time; MKA_CUDA_SCAN=3pass (a different chunk) and
-// other views take the 3-pass scan.
+// The single pass moves 16-byte pieces of 8 (half) or 4 (float) channels within a head;
+// MKA_CUDA_SCAN=3pass (a different chunk) and other views take the 3-pass scan.
 bool single_pass(const ScanArgs& a, DType dt) {
-  if (ema_scan_three_pass() || a.chunk != kPassChunk || a.n_chunks == 0 || a.d % 2 != 0)
+  if (ema_scan_three_pass() || a.chunk != kPassChunk || a.n_chunks == 0 ||
+      a.d % (16 / dtype_bytes(dt)) != 0)
     return false;
   for (const ScanMemory& m : a.m)
     for (const Rows* x : {&m.x, &m.x3, &m.y, &m.dy, &m.dx, &m.dx3})
-      if (!aligned_pairs(*x, dtype_bytes(dt))) return false;
+      if (!aligned16(*x)) return false;
   return true;
 }
 
@@ -105,9 +102,9 @@ bool has3(const ScanArgs& a) {
   return a.L == 3 && (a.m[0].x3.data || a.m[1].x3.data || a.m[0].dx3.data || a.m[1].dx3.data);
 }
 
-// Dynamic shared memory beyond the default 48 KB (float32 with level 3) must be allowed.
+// Dynamic shared memory beyond 48 KB less the static (float32, or level 3) must be allowed.
 template <class K> void allow_smem(K kernel, size_t bytes) {
-  if (bytes > 48 * 1024)
+  if (bytes > 40 * 1024)
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     int(bytes)), "cudaFuncSetAttribute (scan)");
 }

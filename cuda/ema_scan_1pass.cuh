@@ -155,20 +155,53 @@ __device__ __forceinline__ void load_weights(const ScanArgs& a, const PassBlock&
   __syncthreads();
 }
 
-// A chunk of one view staged in shared memory: [token][thread], each thread copying and
-// reading its own slots (no barrier needed between them; stage_wait before reading).
+// A chunk of one view staged in shared memory: [token][thread] channel pairs, the layout
+// the scan reads (thread tid: its pair in every row). Rows move as 16-byte pieces: a thread
+// copies the same piece column of every (kScanThreads / pieces)-th row, so its (g, c) is
+// found once. A barrier separates copies from reads (threads read each other's copies).
 template <class T> using Stage = Pair<T> (*)[kScanThreads];
+template <class T> struct Pieces {
+  static constexpr int kPerRow = kScanThreads * int(sizeof(Pair<T>)) / 16, kElems = 16 / sizeof(T);
+  static constexpr int kRowStep = kScanThreads / kPerRow;
+  int row0, col;      // this thread's first row and piece column
+  int64_t g, c;       // the piece's first channel
+  bool active;        // within the channels
+  __device__ Pieces(const ScanArgs& a, int64_t cb) {
+    row0 = threadIdx.x / kPerRow, col = threadIdx.x % kPerRow;
+    const int64_t gc = cb * 2 * kScanThreads + int64_t(col) * kElems;
+    active = gc < a.channels();
+    g = gc / a.d, c = gc % a.d;
+  }
+  __device__ char* smem(Stage<T> st, int row) const {
+    return reinterpret_cast<char*>(st[row]) + col * 16;
+  }
+};
 template <class T>
-__device__ __forceinline__ void stage_chunk(const Rows& x, const PassBlock& p, Stage<T> st) {
+__device__ __forceinline__ void stage_chunk(const Rows& x, const PassBlock& p,
+                                            const Pieces<T>& pc, Stage<T> st) {
+  if (!pc.active) return;
+  const T* src = x.at<const T>(p.b, p.t0, pc.g) + pc.c;
   #pragma unroll
-  for (int i = 0; i < kPassChunk; ++i)
+  for (int i = pc.row0; i < kPassChunk; i += Pieces<T>::kRowStep)
     if (i < p.n) {
-      const auto dst = static_cast<unsigned>(__cvta_generic_to_shared(&st[i][threadIdx.x]));
-      asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(dst),
-                   "l"(x.at<const T>(p.b, p.t0 + i, p.g) + p.c), "n"(sizeof(Pair<T>)));
+      const auto dst = static_cast<unsigned>(__cvta_generic_to_shared(pc.smem(st, i)));
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src + i * x.st));
     }
 }
-__device__ __forceinline__ void stage_wait() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+__device__ __forceinline__ void stage_wait() {
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+  __syncthreads();
+}
+// Rows of a staged chunk out to y (after a barrier: rows hold other threads' results).
+template <class T>
+__device__ __forceinline__ void unstage_chunk(const Rows& y, const PassBlock& p,
+                                              const Pieces<T>& pc, Stage<T> st) {
+  if (!pc.active) return;
+  T* dst = y.at<T>(p.b, p.t0, pc.g) + pc.c;
+  #pragma unroll
+  for (int i = pc.row0; i < kPassChunk; i += Pieces<T>::kRowStep)
+    if (i < p.n) *reinterpret_cast<uint4*>(dst + i * y.st) = *reinterpret_cast<const uint4*>(pc.smem(st, i));
+}
 // The dynamic shared memory of a kernel staging `views` chunks.
 template <class T> constexpr size_t stage_bytes(int views) {
   return size_t(views) * kPassChunk * kScanThreads * sizeof(Pair<T>);
@@ -176,6 +209,13 @@ template <class T> constexpr size_t stage_bytes(int views) {
 template <class T> __device__ __forceinline__ Stage<T> stage(int index) {
   extern __shared__ __align__(16) unsigned char pass_smem[];
   return reinterpret_cast<Stage<T>>(pass_smem) + index * kPassChunk;
+}
+// This thread's pair of row i: read, and overwritten with a result.
+template <class T> __device__ __forceinline__ float2 get(Stage<T> st, int i) {
+  return unpack<T>(st[i][threadIdx.x]);
+}
+template <class T> __device__ __forceinline__ void put(Stage<T> st, int i, float2 v) {
+  store_pair(reinterpret_cast<T*>(&st[i][threadIdx.x]), v);
 }
 
 // v[i] of every lane -> lane i holds the warp's sum of v[i] in v[0]: 31 shuffles for 32
@@ -196,57 +236,67 @@ __device__ __forceinline__ void transpose_sum(float (&v)[kPassChunk], int lane) 
 
 // Forward: y_t = l0 x_t + l1 s_t (+ l2 x3_t); the chunk start states into m.carry (chunk 0:
 // state_in; chunk ch > 0: published by chunk ch - 1), the final state into state_out. With
-// m.y absent only the start states are made (a backward without saved ones).
-template <class T, bool kHas3> __global__ void __launch_bounds__(kScanThreads, 8)
-ema_route_fwd_1pass(ScanArgs a, PassArgs pa) {
+// m.y absent only the start states are made (a backward without saved ones). y overwrites
+// x in shared memory, then leaves in 16-byte pieces.
+template <class T, bool kHas3>
+__device__ __forceinline__ void fwd_1pass(const ScanArgs& a, const PassArgs& pa,
+                                          const PassBlock& p, const ScanMemory& m, float* agg) {
   __shared__ float s_w[kPassChunk][3];
-  const PassBlock p = pass_block(a, pa, false);
-  const ScanMemory m = p.mi == 0 ? a.m[0] : a.m[1];  // (not a.m[p.mi]: a stack copy)
-  float* const agg = p.mi == 0 ? pa.agg[0] : pa.agg[1];
+  const Pieces<T> pc(a, blockIdx.x % pa.n_cb);
   const auto slot = [&](int64_t j) { return (p.b * a.n_chunks + j) * a.channels() + p.gc; };
 
   const Stage<T> xs = stage<T>(0), x3s = stage<T>(1);  // x3s: kHas3 only
-  if (p.active) {
-    stage_chunk<T>(m.x, p, xs);
-    if constexpr (kHas3) {
-      if (m.y.data) stage_chunk<T>(m.x3, p, x3s);
-    }
+  stage_chunk<T>(m.x, p, pc, xs);
+  if constexpr (kHas3) {
+    if (m.y.data) stage_chunk<T>(m.x3, p, pc, x3s);
   }
   load_weights(a, p, s_w);
-  if (!p.active) return;
   stage_wait();
-  const int tid = threadIdx.x;
-  float2 loc = make_float2(0.f, 0.f);
-  #pragma unroll
-  for (int i = 0; i < kPassChunk; ++i)
-    if (i < p.n) loc = axpby(a.beta, loc, 1.f - a.beta, unpack<T>(xs[i][tid]));
 
-  const bool last = p.ch + 1 == a.n_chunks;
-  float2 start;
-  if (p.ch == 0) {
-    start = load_state(m.state_in, p.b, p.g, p.c);
-    *reinterpret_cast<float2*>(m.carry + slot(0)) = start;
-  } else {
-    if (!last) publish(agg + slot(p.ch), loc);
-    start = look_back(p.ch - 1, -1, a.n_chunks, powf(a.beta, float(kPassChunk)),
-                      [&](int64_t j) { return m.carry + slot(j + 1); },
-                      [&](int64_t j) { return agg + slot(j); });
+  float2 start = make_float2(0.f, 0.f);
+  if (p.active) {
+    float2 loc = make_float2(0.f, 0.f);
+    #pragma unroll
+    for (int i = 0; i < kPassChunk; ++i)
+      if (i < p.n) loc = axpby(a.beta, loc, 1.f - a.beta, get<T>(xs, i));
+    const bool last = p.ch + 1 == a.n_chunks;
+    if (p.ch == 0) {
+      start = load_state(m.state_in, p.b, p.g, p.c);
+      *reinterpret_cast<float2*>(m.carry + slot(0)) = start;
+    } else {
+      if (!last) publish(agg + slot(p.ch), loc);
+      start = look_back(p.ch - 1, -1, a.n_chunks, powf(a.beta, float(kPassChunk)),
+                        [&](int64_t j) { return m.carry + slot(j + 1); },
+                        [&](int64_t j) { return agg + slot(j); });
+    }
+    const float2 end = axpby(powf(a.beta, float(p.n)), start, 1.f, loc);
+    if (!last) publish(m.carry + slot(p.ch + 1), end);
+    else if (m.state_out.data) store_state(m.state_out, p.b, p.g, p.c, end, false);
   }
-  const float2 end = axpby(powf(a.beta, float(p.n)), start, 1.f, loc);
-  if (!last) publish(m.carry + slot(p.ch + 1), end);
-  else if (m.state_out.data) store_state(m.state_out, p.b, p.g, p.c, end, false);
   if (!m.y.data) return;
 
-  float2 s = start;
-  #pragma unroll
-  for (int i = 0; i < kPassChunk; ++i) {
-    if (i >= p.n) break;
-    const float2 x = unpack<T>(xs[i][tid]);
-    s = axpby(a.beta, s, 1.f - a.beta, x);
-    float2 y = axpby(s_w[i][0], x, s_w[i][1], s);
-    if constexpr (kHas3) y = axpby(1.f, y, s_w[i][2], unpack<T>(x3s[i][tid]));
-    store_pair(m.y.at<T>(p.b, p.t0 + i, p.g) + p.c, y);
+  if (p.active) {
+    float2 s = start;
+    #pragma unroll
+    for (int i = 0; i < kPassChunk; ++i) {
+      if (i >= p.n) break;
+      const float2 x = get<T>(xs, i);
+      s = axpby(a.beta, s, 1.f - a.beta, x);
+      float2 y = axpby(s_w[i][0], x, s_w[i][1], s);
+      if constexpr (kHas3) y = axpby(1.f, y, s_w[i][2], get<T>(x3s, i));
+      put<T>(xs, i, y);
+    }
   }
+  __syncthreads();
+  unstage_chunk<T>(m.y, p, pc, xs);
+}
+// One body per memory, each reading its views straight from the kernel parameters (a
+// selected copy, or a.m[p.mi], would live on the stack).
+template <class T, bool kHas3> __global__ void __launch_bounds__(kScanThreads, 8)
+ema_route_fwd_1pass(ScanArgs a, PassArgs pa) {
+  const PassBlock p = pass_block(a, pa, false);
+  if (p.mi == 0) fwd_1pass<T, kHas3>(a, pa, p, a.m[0], pa.agg[0]);
+  else fwd_1pass<T, kHas3>(a, pa, p, a.m[1], pa.agg[1]);
 }
 
 // Backward, chunks last to first. For u_t = l1_t dy_t + beta u_{t+1} (u past the end:
@@ -256,62 +306,59 @@ ema_route_fwd_1pass(ScanArgs a, PassArgs pa) {
 // dstate_in (+)= c_{-1}. With dlam, first (<x, dy>, <s, dy>, <x3, dy>) per token, s from
 // the chunk's start state in m.carry: per-thread partials, summed over the warp
 // (transpose_sum), the block (shared atomics), then one global atomic per token and level.
-template <class T, bool kHas3> __global__ void __launch_bounds__(kScanThreads, 6)
-ema_route_bwd_1pass(ScanArgs a, PassArgs pa) {
+// dx overwrites dy in shared memory, dx3 x3's slots; both leave in 16-byte pieces.
+template <class T, bool kHas3>
+__device__ __forceinline__ void bwd_1pass(const ScanArgs& a, const PassArgs& pa,
+                                          const PassBlock& p, const ScanMemory& m, float* agg,
+                                          float* ends) {
   __shared__ float s_w[kPassChunk][3], s_dlam[kPassChunk][3];
-  const PassBlock p = pass_block(a, pa, true);
-  const ScanMemory m = p.mi == 0 ? a.m[0] : a.m[1];
-  float* const agg = p.mi == 0 ? pa.agg[0] : pa.agg[1];
-  float* const ends = p.mi == 0 ? pa.end[0] : pa.end[1];
+  const Pieces<T> pc(a, blockIdx.x % pa.n_cb);
   const auto slot = [&](int64_t j) { return (p.b * a.n_chunks + j) * a.channels() + p.gc; };
+  const bool dx3 = kHas3 && m.dx3.data;
 
   // Staged: dy; x for dlam, then the old dx where adding (at once without dlam); x3, then
   // the old dx3, likewise.
   const Stage<T> dys = stage<T>(0), xs = stage<T>(1), x3s = stage<T>(2);
-  float2 s = make_float2(0.f, 0.f);
-  if (p.active) {
-    stage_chunk<T>(m.dy, p, dys);
-    if (a.dlam) {
-      s = *reinterpret_cast<const float2*>(m.carry + slot(p.ch));
-      stage_chunk<T>(m.x, p, xs);
-      if constexpr (kHas3) stage_chunk<T>(m.x3, p, x3s);
-    } else if (a.add) {
-      stage_chunk<T>(m.dx, p, xs);
-      if constexpr (kHas3) {
-        if (m.dx3.data) stage_chunk<T>(m.dx3, p, x3s);
-      }
-    }
+  stage_chunk<T>(m.dy, p, pc, dys);
+  if (a.dlam) {
+    stage_chunk<T>(m.x, p, pc, xs);
+    if constexpr (kHas3) stage_chunk<T>(m.x3, p, pc, x3s);
+  } else if (a.add) {
+    stage_chunk<T>(m.dx, p, pc, xs);
+    if (dx3) stage_chunk<T>(m.dx3, p, pc, x3s);
   }
+  float2 s = make_float2(0.f, 0.f);
+  if (a.dlam && p.active) s = *reinterpret_cast<const float2*>(m.carry + slot(p.ch));
   for (int i = threadIdx.x; i < kPassChunk * 3; i += kScanThreads) s_dlam[i / 3][i % 3] = 0.f;
   load_weights(a, p, s_w);
   stage_wait();
-  const int tid = threadIdx.x;
+
   float2 A = make_float2(0.f, 0.f);
   float decay = 1.f;  // beta^(t - t0)
   if (p.active) {
     #pragma unroll
     for (int i = 0; i < kPassChunk; ++i) {
       if (i >= p.n) break;
-      A = axpby(1.f, A, decay * s_w[i][1], unpack<T>(dys[i][tid]));
+      A = axpby(1.f, A, decay * s_w[i][1], get<T>(dys, i));
       decay *= a.beta;
     }
   }
   if (a.dlam) {  // every thread joins the sums (inactive ones with zeros)
     // One level at a time, so one array of partials is alive (registers).
     const int lane = threadIdx.x & 31;
-    const bool on = p.active;  // (every lane runs the shuffles)
+    const bool on = p.active;
     float v[kPassChunk];
     #pragma unroll
     for (int i = 0; i < kPassChunk; ++i)
-      v[i] = on && i < p.n ? dot(unpack<T>(xs[i][tid]), unpack<T>(dys[i][tid])) : 0.f;
+      v[i] = on && i < p.n ? dot(get<T>(xs, i), get<T>(dys, i)) : 0.f;
     transpose_sum(v, lane);
     const float sum0 = v[0];
     #pragma unroll
     for (int i = 0; i < kPassChunk; ++i) {
       v[i] = 0.f;
       if (on && i < p.n) {
-        s = axpby(a.beta, s, 1.f - a.beta, unpack<T>(xs[i][tid]));
-        v[i] = dot(s, unpack<T>(dys[i][tid]));
+        s = axpby(a.beta, s, 1.f - a.beta, get<T>(xs, i));
+        v[i] = dot(s, get<T>(dys, i));
       }
     }
     transpose_sum(v, lane);
@@ -320,7 +367,7 @@ ema_route_bwd_1pass(ScanArgs a, PassArgs pa) {
     if constexpr (kHas3) {
       #pragma unroll
       for (int i = 0; i < kPassChunk; ++i)
-        v[i] = on && i < p.n ? dot(unpack<T>(x3s[i][tid]), unpack<T>(dys[i][tid])) : 0.f;
+        v[i] = on && i < p.n ? dot(get<T>(x3s, i), get<T>(dys, i)) : 0.f;
       transpose_sum(v, lane);
       sum2 = v[0];
     }
@@ -329,51 +376,56 @@ ema_route_bwd_1pass(ScanArgs a, PassArgs pa) {
       atomicAdd(&s_dlam[lane][1], sum1);
       if constexpr (kHas3) atomicAdd(&s_dlam[lane][2], sum2);
     }
-    __syncthreads();
+    __syncthreads();  // (also: x and x3 are read, their slots free)
     for (int i = threadIdx.x; i < p.n * a.L; i += kScanThreads)
       atomicAdd(a.dlam + (p.b * a.T + p.t0 + i / a.L) * a.L + i % a.L, s_dlam[i / a.L][i % a.L]);
-  }
-  if (!p.active) return;
-  if (a.add && a.dlam) {  // x and x3 were read: their slots take the old gradients
-    stage_chunk<T>(m.dx, p, xs);
-    if constexpr (kHas3) {
-      if (m.dx3.data) stage_chunk<T>(m.dx3, p, x3s);
+    if (a.add) {
+      stage_chunk<T>(m.dx, p, pc, xs);
+      if (dx3) stage_chunk<T>(m.dx3, p, pc, x3s);
+      stage_wait();
     }
   }
 
-  float2 c_in;  // c_ch
-  if (p.ch + 1 == a.n_chunks) {
-    c_in = load_state(m.dstate_out, p.b, p.g, p.c);
-  } else {
-    if (p.ch > 0) publish(agg + slot(p.ch), make_float2(a.beta * A.x, a.beta * A.y));
-    c_in = look_back(p.ch + 1, 1, a.n_chunks, powf(a.beta, float(kPassChunk)),
-                     [&](int64_t j) { return ends + slot(j - 1); },
-                     [&](int64_t j) { return agg + slot(j); });
-  }
-  const float2 c_out = axpby(a.beta, A, powf(a.beta, float(p.n)), c_in);
-  if (p.ch > 0) publish(ends + slot(p.ch - 1), c_out);
-  else if (m.dstate_in.data) store_state(m.dstate_in, p.b, p.g, p.c, c_out, a.add_state);
+  if (p.active) {
+    float2 c_in;  // c_ch
+    if (p.ch + 1 == a.n_chunks) {
+      c_in = load_state(m.dstate_out, p.b, p.g, p.c);
+    } else {
+      if (p.ch > 0) publish(agg + slot(p.ch), make_float2(a.beta * A.x, a.beta * A.y));
+      c_in = look_back(p.ch + 1, 1, a.n_chunks, powf(a.beta, float(kPassChunk)),
+                       [&](int64_t j) { return ends + slot(j - 1); },
+                       [&](int64_t j) { return agg + slot(j); });
+    }
+    const float2 c_out = axpby(a.beta, A, powf(a.beta, float(p.n)), c_in);
+    if (p.ch > 0) publish(ends + slot(p.ch - 1), c_out);
+    else if (m.dstate_in.data) store_state(m.dstate_in, p.b, p.g, p.c, c_out, a.add_state);
 
-  if (a.add) stage_wait();
-  float2 carry = c_in;
-  #pragma unroll
-  for (int i = kPassChunk - 1; i >= 0; --i) {
-    if (i >= p.n) continue;
-    const int64_t t = p.t0 + i;
-    const float2 dy = unpack<T>(dys[i][tid]);
-    const float2 u = axpby(s_w[i][1], dy, 1.f, carry);
-    float2 dx = axpby(s_w[i][0], dy, 1.f - a.beta, u);
-    if (a.add) dx = axpby(1.f, dx, 1.f, unpack<T>(xs[i][tid]));
-    store_pair(m.dx.at<T>(p.b, t, p.g) + p.c, dx);
-    carry = make_float2(a.beta * u.x, a.beta * u.y);
-    if constexpr (kHas3) {
-      if (m.dx3.data) {
-        float2 dx3 = make_float2(s_w[i][2] * dy.x, s_w[i][2] * dy.y);
-        if (a.add) dx3 = axpby(1.f, dx3, 1.f, unpack<T>(x3s[i][tid]));
-        store_pair(m.dx3.at<T>(p.b, t, p.g) + p.c, dx3);
+    float2 carry = c_in;
+    #pragma unroll
+    for (int i = kPassChunk - 1; i >= 0; --i) {
+      if (i >= p.n) continue;
+      const float2 dy = get<T>(dys, i);
+      const float2 u = axpby(s_w[i][1], dy, 1.f, carry);
+      float2 dx = axpby(s_w[i][0], dy, 1.f - a.beta, u);
+      if (a.add) dx = axpby(1.f, dx, 1.f, get<T>(xs, i));
+      put<T>(dys, i, dx);
+      carry = make_float2(a.beta * u.x, a.beta * u.y);
+      if (dx3) {
+        float2 g3 = make_float2(s_w[i][2] * dy.x, s_w[i][2] * dy.y);
+        if (a.add) g3 = axpby(1.f, g3, 1.f, get<T>(x3s, i));
+        put<T>(x3s, i, g3);
       }
     }
   }
+  __syncthreads();
+  unstage_chunk<T>(m.dx, p, pc, dys);
+  if (dx3) unstage_chunk<T>(m.dx3, p, pc, x3s);
+}
+template <class T, bool kHas3> __global__ void __launch_bounds__(kScanThreads, 6)
+ema_route_bwd_1pass(ScanArgs a, PassArgs pa) {
+  const PassBlock p = pass_block(a, pa, true);
+  if (p.mi == 0) bwd_1pass<T, kHas3>(a, pa, p, a.m[0], pa.agg[0], pa.end[0]);
+  else bwd_1pass<T, kHas3>(a, pa, p, a.m[1], pa.agg[1], pa.end[1]);
 }
 
 }  // namespace mka::cuda
