@@ -144,13 +144,22 @@ __device__ __forceinline__ PassBlock pass_block(const ScanArgs& a, const PassArg
 // chunk's loads: the latencies overlap; it ends in a barrier). Read once per block instead
 // of per thread and token: loads the compiler cannot move above the outputs' stores (they
 // might alias) would cost a memory latency per token.
-__device__ __forceinline__ void load_weights(const ScanArgs& a, const PassBlock& p,
-                                             float (&w)[kPassChunk][3]) {
-  for (int i = threadIdx.x; i < p.n * 3; i += kScanThreads) {
-    const int64_t t = p.t0 + i / 3;
-    const int l = i % 3;
-    w[i / 3][l] = l == 0 ? a.w.l0.load(p.b, t, 0.f)
-                : l == 1 ? a.w.l1.load(p.b, t, 1.f) : a.w.l2.load(p.b, t, 0.f);
+// Every row of a chunk has its coefficients: y = w0 x + w1 s (+ w2 x3), s = b s + c x with
+// (b, c) = (beta, 1 - beta). Rows past a short last chunk (staged as zeros) get w = 0 and
+// (b, c) = (1, 0): the state passes through them unchanged in either direction, so the
+// loops need no per-row bounds (branches that cost more than the arithmetic).
+struct RowCoefs {
+  float4 r[kPassChunk];  // (w0, w1, b, c)
+  float w2[kPassChunk];
+};
+__device__ __forceinline__ void load_coefs(const ScanArgs& a, const PassBlock& p, RowCoefs& k) {
+  for (int i = threadIdx.x; i < kPassChunk; i += kScanThreads) {
+    const int64_t t = p.t0 + i;
+    const bool in = i < p.n;
+    k.r[i] = in ? make_float4(a.w.l0.load(p.b, t, 0.f), a.w.l1.load(p.b, t, 1.f), a.beta,
+                              1.f - a.beta)
+                : make_float4(0.f, 0.f, 1.f, 0.f);
+    k.w2[i] = in ? a.w.l2.load(p.b, t, 0.f) : 0.f;
   }
   __syncthreads();
 }
@@ -158,7 +167,8 @@ __device__ __forceinline__ void load_weights(const ScanArgs& a, const PassBlock&
 // A chunk of one view staged in shared memory: [token][thread] channel pairs, the layout
 // the scan reads (thread tid: its pair in every row). Rows move as 16-byte pieces: a thread
 // copies the same piece column of every (kScanThreads / pieces)-th row, so its (g, c) is
-// found once. A barrier separates copies from reads (threads read each other's copies).
+// found once; rows past the chunk's end are zero-filled. A barrier separates copies from
+// reads (threads read each other's copies).
 template <class T> using Stage = Pair<T> (*)[kScanThreads];
 template <class T> struct Pieces {
   static constexpr int kPerRow = kScanThreads * int(sizeof(Pair<T>)) / 16, kElems = 16 / sizeof(T);
@@ -182,11 +192,12 @@ __device__ __forceinline__ void stage_chunk(const Rows& x, const PassBlock& p,
   if (!pc.active) return;
   const T* src = x.at<const T>(p.b, p.t0, pc.g) + pc.c;
   #pragma unroll
-  for (int i = pc.row0; i < kPassChunk; i += Pieces<T>::kRowStep)
-    if (i < p.n) {
-      const auto dst = static_cast<unsigned>(__cvta_generic_to_shared(pc.smem(st, i)));
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src + i * x.st));
-    }
+  for (int i = pc.row0; i < kPassChunk; i += Pieces<T>::kRowStep) {
+    const auto dst = static_cast<unsigned>(__cvta_generic_to_shared(pc.smem(st, i)));
+    const bool in = i < p.n;  // else no bytes read (from row 0's valid address), 16 zeros
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst),
+                 "l"(src + (in ? i * x.st : 0)), "r"(in ? 16 : 0));
+  }
 }
 __device__ __forceinline__ void stage_wait() {
   asm volatile("cp.async.wait_all;\n" ::: "memory");
@@ -241,7 +252,7 @@ __device__ __forceinline__ void transpose_sum(float (&v)[kPassChunk], int lane) 
 template <class T, bool kHas3>
 __device__ __forceinline__ void fwd_1pass(const ScanArgs& a, const PassArgs& pa,
                                           const PassBlock& p, const ScanMemory& m, float* agg) {
-  __shared__ float s_w[kPassChunk][3];
+  __shared__ RowCoefs k;
   const Pieces<T> pc(a, blockIdx.x % pa.n_cb);
   const auto slot = [&](int64_t j) { return (p.b * a.n_chunks + j) * a.channels() + p.gc; };
 
@@ -250,15 +261,14 @@ __device__ __forceinline__ void fwd_1pass(const ScanArgs& a, const PassArgs& pa,
   if constexpr (kHas3) {
     if (m.y.data) stage_chunk<T>(m.x3, p, pc, x3s);
   }
-  load_weights(a, p, s_w);
+  load_coefs(a, p, k);
   stage_wait();
 
   float2 start = make_float2(0.f, 0.f);
   if (p.active) {
     float2 loc = make_float2(0.f, 0.f);
     #pragma unroll
-    for (int i = 0; i < kPassChunk; ++i)
-      if (i < p.n) loc = axpby(a.beta, loc, 1.f - a.beta, get<T>(xs, i));
+    for (int i = 0; i < kPassChunk; ++i) loc = axpby(k.r[i].z, loc, k.r[i].w, get<T>(xs, i));
     const bool last = p.ch + 1 == a.n_chunks;
     if (p.ch == 0) {
       start = load_state(m.state_in, p.b, p.g, p.c);
@@ -279,11 +289,11 @@ __device__ __forceinline__ void fwd_1pass(const ScanArgs& a, const PassArgs& pa,
     float2 s = start;
     #pragma unroll
     for (int i = 0; i < kPassChunk; ++i) {
-      if (i >= p.n) break;
+      const float4 r = k.r[i];
       const float2 x = get<T>(xs, i);
-      s = axpby(a.beta, s, 1.f - a.beta, x);
-      float2 y = axpby(s_w[i][0], x, s_w[i][1], s);
-      if constexpr (kHas3) y = axpby(1.f, y, s_w[i][2], get<T>(x3s, i));
+      s = axpby(r.z, s, r.w, x);
+      float2 y = axpby(r.x, x, r.y, s);
+      if constexpr (kHas3) y = axpby(1.f, y, k.w2[i], get<T>(x3s, i));
       put<T>(xs, i, y);
     }
   }
@@ -311,7 +321,8 @@ template <class T, bool kHas3>
 __device__ __forceinline__ void bwd_1pass(const ScanArgs& a, const PassArgs& pa,
                                           const PassBlock& p, const ScanMemory& m, float* agg,
                                           float* ends) {
-  __shared__ float s_w[kPassChunk][3], s_dlam[kPassChunk][3];
+  __shared__ RowCoefs k;
+  __shared__ float s_dlam[kPassChunk][3];
   const Pieces<T> pc(a, blockIdx.x % pa.n_cb);
   const auto slot = [&](int64_t j) { return (p.b * a.n_chunks + j) * a.channels() + p.gc; };
   const bool dx3 = kHas3 && m.dx3.data;
@@ -330,7 +341,7 @@ __device__ __forceinline__ void bwd_1pass(const ScanArgs& a, const PassArgs& pa,
   float2 s = make_float2(0.f, 0.f);
   if (a.dlam && p.active) s = *reinterpret_cast<const float2*>(m.carry + slot(p.ch));
   for (int i = threadIdx.x; i < kPassChunk * 3; i += kScanThreads) s_dlam[i / 3][i % 3] = 0.f;
-  load_weights(a, p, s_w);
+  load_coefs(a, p, k);
   stage_wait();
 
   float2 A = make_float2(0.f, 0.f);
@@ -338,8 +349,7 @@ __device__ __forceinline__ void bwd_1pass(const ScanArgs& a, const PassArgs& pa,
   if (p.active) {
     #pragma unroll
     for (int i = 0; i < kPassChunk; ++i) {
-      if (i >= p.n) break;
-      A = axpby(1.f, A, decay * s_w[i][1], get<T>(dys, i));
+      A = axpby(1.f, A, decay * k.r[i].y, get<T>(dys, i));
       decay *= a.beta;
     }
   }
@@ -350,16 +360,13 @@ __device__ __forceinline__ void bwd_1pass(const ScanArgs& a, const PassArgs& pa,
     float v[kPassChunk];
     #pragma unroll
     for (int i = 0; i < kPassChunk; ++i)
-      v[i] = on && i < p.n ? dot(get<T>(xs, i), get<T>(dys, i)) : 0.f;
+      v[i] = on ? dot(get<T>(xs, i), get<T>(dys, i)) : 0.f;
     transpose_sum(v, lane);
     const float sum0 = v[0];
     #pragma unroll
     for (int i = 0; i < kPassChunk; ++i) {
-      v[i] = 0.f;
-      if (on && i < p.n) {
-        s = axpby(a.beta, s, 1.f - a.beta, get<T>(xs, i));
-        v[i] = dot(s, get<T>(dys, i));
-      }
+      s = axpby(k.r[i].z, s, k.r[i].w, get<T>(xs, i));
+      v[i] = on ? dot(s, get<T>(dys, i)) : 0.f;
     }
     transpose_sum(v, lane);
     const float sum1 = v[0];
@@ -367,7 +374,7 @@ __device__ __forceinline__ void bwd_1pass(const ScanArgs& a, const PassArgs& pa,
     if constexpr (kHas3) {
       #pragma unroll
       for (int i = 0; i < kPassChunk; ++i)
-        v[i] = on && i < p.n ? dot(get<T>(x3s, i), get<T>(dys, i)) : 0.f;
+        v[i] = on ? dot(get<T>(x3s, i), get<T>(dys, i)) : 0.f;
       transpose_sum(v, lane);
       sum2 = v[0];
     }
@@ -403,15 +410,15 @@ __device__ __forceinline__ void bwd_1pass(const ScanArgs& a, const PassArgs& pa,
     float2 carry = c_in;
     #pragma unroll
     for (int i = kPassChunk - 1; i >= 0; --i) {
-      if (i >= p.n) continue;
+      const float4 r = k.r[i];
       const float2 dy = get<T>(dys, i);
-      const float2 u = axpby(s_w[i][1], dy, 1.f, carry);
-      float2 dx = axpby(s_w[i][0], dy, 1.f - a.beta, u);
+      const float2 u = axpby(r.y, dy, 1.f, carry);
+      float2 dx = axpby(r.x, dy, r.w, u);
       if (a.add) dx = axpby(1.f, dx, 1.f, get<T>(xs, i));
       put<T>(dys, i, dx);
-      carry = make_float2(a.beta * u.x, a.beta * u.y);
+      carry = make_float2(r.z * u.x, r.z * u.y);
       if (dx3) {
-        float2 g3 = make_float2(s_w[i][2] * dy.x, s_w[i][2] * dy.y);
+        float2 g3 = make_float2(k.w2[i] * dy.x, k.w2[i] * dy.y);
         if (a.add) g3 = axpby(1.f, g3, 1.f, get<T>(x3s, i));
         put<T>(x3s, i, g3);
       }
