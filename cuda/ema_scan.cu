@@ -83,6 +83,11 @@ bool single_pass(const ScanArgs& a, DType dt) {
 void unset(void* p, size_t bytes, cudaStream_t s) {
   check_cuda(cudaMemsetAsync(p, 0xff, bytes, s), "cudaMemsetAsync (scan)");
 }
+// Level 3's views are read or written (the kernels stage them only then).
+bool has3(const ScanArgs& a) {
+  return a.L == 3 && (a.m[0].x3.data || a.m[1].x3.data || a.m[0].dx3.data || a.m[1].dx3.data);
+}
+
 // One single-pass launch's aggregates of both memories, kUnset.
 struct PassScratch {
   Workspace w;
@@ -92,32 +97,39 @@ struct PassScratch {
     pa.agg[0] = w.as<float>();
     pa.agg[1] = pa.agg[0] + carry_bytes(a) / 4;
     pa.n_cb = ceil_div(a.channels(), int64_t(kScanThreads) * 2);
+    pa.items = a.n_chunks * a.B * pa.n_cb;
   }
-  unsigned blocks(const ScanArgs& a) const { return unsigned(a.n_chunks * 2 * a.B * pa.n_cb); }
 };
 
-// Writes m.carry (both memories': chunk start states) and, where m.y is given, y.
-// Level 3's views are read or written (the kernels keep them in registers only then).
-bool has3(const ScanArgs& a) {
-  return a.L == 3 && (a.m[0].x3.data || a.m[1].x3.data || a.m[0].dx3.data || a.m[1].dx3.data);
-}
-
-// Dynamic shared memory beyond 48 KB less the static (float32, or level 3) must be allowed.
-template <class K> void allow_smem(K kernel, size_t bytes) {
-  if (bytes > 40 * 1024)
+// Launches a persistent single-pass kernel: as many blocks as fit on the GPU at once, half
+// per memory (grid y; each block takes every gridDim.x-th item of its memory: the look-back
+// needs every block resident), double-buffered chunks of `views` views in dynamic shared
+// memory.
+template <class T, class K>
+void launch_pass(K kernel, int views, const ScanArgs& a, const PassArgs& pa, cudaStream_t s,
+                 const char* name) {
+  const size_t smem = stage_bytes<T>(2 * views);
+  if (smem > 40 * 1024)  // past 48 KB less the static: must be allowed
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    int(bytes)), "cudaFuncSetAttribute (scan)");
+                                    int(smem)), "cudaFuncSetAttribute (scan)");
+  int device = 0, sms = 0, per_sm = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
+             "cudaDeviceGetAttribute");
+  check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kScanThreads, smem),
+             "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  if (per_sm < 1) throw Error(std::string(name) + ": does not fit on this GPU");
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(pa.items, per_sm * sms / 2));
+  kernel<<<dim3(unsigned(blocks), 2), kScanThreads, smem, s>>>(a, pa);
+  check_launch(name);
 }
 
+// Writes m.carry (both memories': chunk start states) and, where m.y is given, y.
 template <class T> void single_pass_fwd(const ScanArgs& a, cudaStream_t s) {
   for (const ScanMemory& m : a.m) unset(m.carry, carry_bytes(a), s);
   PassScratch ps(a, s);
-  const bool l3 = has3(a);
-  auto kernel = l3 ? ema_route_fwd_1pass<T, true> : ema_route_fwd_1pass<T, false>;
-  const size_t smem = stage_bytes<T>(l3 ? 2 : 1);
-  allow_smem(kernel, smem);
-  kernel<<<ps.blocks(a), kScanThreads, smem, s>>>(a, ps.pa);
-  check_launch("ema_route_fwd_1pass");
+  if (has3(a)) launch_pass<T>(ema_route_fwd_1pass<T, true>, 2, a, ps.pa, s, "ema_route_fwd_1pass");
+  else launch_pass<T>(ema_route_fwd_1pass<T, false>, 1, a, ps.pa, s, "ema_route_fwd_1pass");
 }
 
 template <class T> void single_pass_bwd(const ScanArgs& a, bool have_carries, cudaStream_t s) {
@@ -131,12 +143,8 @@ template <class T> void single_pass_bwd(const ScanArgs& a, bool have_carries, cu
     unset(a.m[i].rcarry, carry_bytes(a), s);
     ps.pa.end[i] = a.m[i].rcarry;
   }
-  const bool l3 = has3(a);
-  auto kernel = l3 ? ema_route_bwd_1pass<T, true> : ema_route_bwd_1pass<T, false>;
-  const size_t smem = stage_bytes<T>(l3 ? 3 : 2);
-  allow_smem(kernel, smem);
-  kernel<<<ps.blocks(a), kScanThreads, smem, s>>>(a, ps.pa);
-  check_launch("ema_route_bwd_1pass");
+  if (has3(a)) launch_pass<T>(ema_route_bwd_1pass<T, true>, 3, a, ps.pa, s, "ema_route_bwd_1pass");
+  else launch_pass<T>(ema_route_bwd_1pass<T, false>, 2, a, ps.pa, s, "ema_route_bwd_1pass");
 }
 
 }  // namespace

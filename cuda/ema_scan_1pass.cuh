@@ -29,6 +29,7 @@ constexpr int kLookback = 4;    // predecessors polled at once
 constexpr unsigned kUnset = 0xffffffffu;
 
 struct PassArgs {
+  int64_t items = 0;           // work items per memory (chunk, batch, channel block)
   float* agg[2] = {};          // per memory (B, n_chunks, G*d): chunk aggregates, kUnset
   float* end[2] = {};          // per memory, the same shape: published end states, kUnset
   int64_t n_cb = 0;            // channel blocks
@@ -117,23 +118,23 @@ __device__ float2 look_back(int64_t first, int step, int64_t n_chunks, float D, 
   }
 }
 
-// This block's place: chunk (in scan order), memory, batch entry, first channel. `reverse`:
-// chunks last to first.
+// A work item's place in its memory: chunk, batch entry, this thread's first channel. Items
+// are numbered in scan order (`reverse`: chunks last to first), channel blocks fastest.
 struct PassBlock {
   int64_t ch, b, g, c, gc, t0, n;  // n: the chunk's tokens (the last may be short)
-  int mi;
+  int64_t cb;                       // channel block
   bool active;
 };
 __device__ __forceinline__ PassBlock pass_block(const ScanArgs& a, const PassArgs& pa,
-                                                bool reverse) {
-  const int64_t id = blockIdx.x, per_chunk = pa.n_cb * 2 * a.B;
-  const int64_t z = id % per_chunk / pa.n_cb, cb = id % pa.n_cb;
+                                                int64_t id, bool reverse) {
+  const int64_t per_chunk = pa.n_cb * a.B;
+  const int64_t cb = id % pa.n_cb;
   PassBlock p;
   p.ch = reverse ? a.n_chunks - 1 - id / per_chunk : id / per_chunk;
   p.t0 = p.ch * kPassChunk;
   p.n = min(int64_t(kPassChunk), a.T - p.t0);
-  p.mi = z < a.B ? 0 : 1;
-  p.b = z % a.B;
+  p.b = id % per_chunk / pa.n_cb;
+  p.cb = cb;
   p.gc = (cb * kScanThreads + threadIdx.x) * 2;
   p.active = p.gc < a.channels();
   p.g = p.gc / a.d, p.c = p.gc % a.d;
@@ -152,16 +153,28 @@ struct RowCoefs {
   float4 r[kPassChunk];  // (w0, w1, b, c)
   float w2[kPassChunk];
 };
-__device__ __forceinline__ void load_coefs(const ScanArgs& a, const PassBlock& p, RowCoefs& k) {
-  for (int i = threadIdx.x; i < kPassChunk; i += kScanThreads) {
-    const int64_t t = p.t0 + i;
-    const bool in = i < p.n;
-    k.r[i] = in ? make_float4(a.w.l0.load(p.b, t, 0.f), a.w.l1.load(p.b, t, 1.f), a.beta,
-                              1.f - a.beta)
-                : make_float4(0.f, 0.f, 1.f, 0.f);
-    k.w2[i] = in ? a.w.l2.load(p.b, t, 0.f) : 0.f;
+// Fetched into registers by the first kPassChunk threads (one row each) an item ahead, so
+// the latency hides behind the current item; put into shared memory before its barrier.
+struct RowWeights {
+  float l0 = 0.f, l1 = 0.f, l2 = 0.f;
+};
+__device__ __forceinline__ RowWeights fetch_weights(const ScanArgs& a, const PassBlock& p) {
+  RowWeights w;
+  const int i = threadIdx.x;
+  if (i < kPassChunk && i < p.n) {
+    w.l0 = a.w.l0.load(p.b, p.t0 + i, 0.f);
+    w.l1 = a.w.l1.load(p.b, p.t0 + i, 1.f);
+    w.l2 = a.w.l2.load(p.b, p.t0 + i, 0.f);
   }
-  __syncthreads();
+  return w;
+}
+__device__ __forceinline__ void put_coefs(const ScanArgs& a, const PassBlock& p,
+                                          const RowWeights& w, RowCoefs& k) {
+  const int i = threadIdx.x;
+  if (i >= kPassChunk) return;
+  const bool in = i < p.n;
+  k.r[i] = in ? make_float4(w.l0, w.l1, a.beta, 1.f - a.beta) : make_float4(0.f, 0.f, 1.f, 0.f);
+  k.w2[i] = in ? w.l2 : 0.f;
 }
 
 // A chunk of one view staged in shared memory: [token][thread] channel pairs, the layout
@@ -199,8 +212,11 @@ __device__ __forceinline__ void stage_chunk(const Rows& x, const PassBlock& p,
                  "l"(src + (in ? i * x.st : 0)), "r"(in ? 16 : 0));
   }
 }
-__device__ __forceinline__ void stage_wait() {
-  asm volatile("cp.async.wait_all;\n" ::: "memory");
+__device__ __forceinline__ void stage_commit() { asm volatile("cp.async.commit_group;\n"); }
+// Waits for the current item's copies (leaving the next item's, `ahead`, in flight).
+__device__ __forceinline__ void stage_wait(bool ahead) {
+  if (ahead) asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+  else asm volatile("cp.async.wait_group 0;\n" ::: "memory");
   __syncthreads();
 }
 // Rows of a staged chunk out to y (after a barrier: rows hold other threads' results).
@@ -222,8 +238,17 @@ template <class T> __device__ __forceinline__ Stage<T> stage(int index) {
   return reinterpret_cast<Stage<T>>(pass_smem) + index * kPassChunk;
 }
 // This thread's pair of row i: read, and overwritten with a result.
+// (An opaque shared load: left to itself nvcc keeps every loaded row of a loop alive in
+// registers for the next loop over the same rows, and the backward spilled.)
 template <class T> __device__ __forceinline__ float2 get(Stage<T> st, int i) {
-  return unpack<T>(st[i][threadIdx.x]);
+  const auto addr = static_cast<unsigned>(__cvta_generic_to_shared(&st[i][threadIdx.x]));
+  Pair<T> r;
+  if constexpr (sizeof(T) == 4) {
+    asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(r.x), "=f"(r.y) : "r"(addr));
+  } else {
+    asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(r) : "r"(addr));
+  }
+  return unpack<T>(r);
 }
 template <class T> __device__ __forceinline__ void put(Stage<T> st, int i, float2 v) {
   store_pair(reinterpret_cast<T*>(&st[i][threadIdx.x]), v);
@@ -245,25 +270,36 @@ __device__ __forceinline__ void transpose_sum(float (&v)[kPassChunk], int lane) 
   if constexpr (W > 1) transpose_sum<W / 2>(v, lane);
 }
 
+// --- the kernels: persistent blocks, one item ahead --------------------------------------
+// A block takes items blockIdx.x, + gridDim.x, ... (the grid is what fits on the GPU at
+// once, so every block runs and an item's predecessors are all taken), and stages the next
+// item's chunk (double-buffered) while it scans the current one, so memory latency hides
+// behind the scan and the look-back.
+
 // Forward: y_t = l0 x_t + l1 s_t (+ l2 x3_t); the chunk start states into m.carry (chunk 0:
 // state_in; chunk ch > 0: published by chunk ch - 1), the final state into state_out. With
 // m.y absent only the start states are made (a backward without saved ones). y overwrites
 // x in shared memory, then leaves in 16-byte pieces.
+template <class T, bool kHas3> constexpr int kFwdViews = kHas3 ? 2 : 1;
+
 template <class T, bool kHas3>
-__device__ __forceinline__ void fwd_1pass(const ScanArgs& a, const PassArgs& pa,
-                                          const PassBlock& p, const ScanMemory& m, float* agg) {
-  __shared__ RowCoefs k;
-  const Pieces<T> pc(a, blockIdx.x % pa.n_cb);
-  const auto slot = [&](int64_t j) { return (p.b * a.n_chunks + j) * a.channels() + p.gc; };
-
-  const Stage<T> xs = stage<T>(0), x3s = stage<T>(1);  // x3s: kHas3 only
-  stage_chunk<T>(m.x, p, pc, xs);
+__device__ __forceinline__ void fwd_stage(const ScanArgs& a, const PassBlock& p,
+                                          const ScanMemory& m, int buf) {
+  const Pieces<T> pc(a, p.cb);
+  constexpr int V = kFwdViews<T, kHas3>;
+  stage_chunk<T>(m.x, p, pc, stage<T>(buf * V));
   if constexpr (kHas3) {
-    if (m.y.data) stage_chunk<T>(m.x3, p, pc, x3s);
+    if (m.y.data) stage_chunk<T>(m.x3, p, pc, stage<T>(buf * V + 1));
   }
-  load_coefs(a, p, k);
-  stage_wait();
+}
 
+template <class T, bool kHas3>
+__device__ __forceinline__ void fwd_item(const ScanArgs& a, const PassBlock& p,
+                                         const ScanMemory& m, float* agg, const RowCoefs& k,
+                                         int buf) {
+  constexpr int V = kFwdViews<T, kHas3>;
+  const Stage<T> xs = stage<T>(buf * V), x3s = stage<T>(buf * V + 1);  // x3s: kHas3 only
+  const auto slot = [&](int64_t j) { return (p.b * a.n_chunks + j) * a.channels() + p.gc; };
   float2 start = make_float2(0.f, 0.f);
   if (p.active) {
     float2 loc = make_float2(0.f, 0.f);
@@ -284,7 +320,6 @@ __device__ __forceinline__ void fwd_1pass(const ScanArgs& a, const PassArgs& pa,
     else if (m.state_out.data) store_state(m.state_out, p.b, p.g, p.c, end, false);
   }
   if (!m.y.data) return;
-
   if (p.active) {
     float2 s = start;
     #pragma unroll
@@ -298,15 +333,47 @@ __device__ __forceinline__ void fwd_1pass(const ScanArgs& a, const PassArgs& pa,
     }
   }
   __syncthreads();
-  unstage_chunk<T>(m.y, p, pc, xs);
+  unstage_chunk<T>(m.y, p, Pieces<T>(a, p.cb), xs);
 }
-// One body per memory, each reading its views straight from the kernel parameters (a
-// selected copy, or a.m[p.mi], would live on the stack).
-template <class T, bool kHas3> __global__ void __launch_bounds__(kScanThreads, 8)
+
+// One block's items of one memory (blockIdx.y), the next one staged while the current one
+// is scanned. Only the item number and the next row weights carry over: a carried PassBlock
+// pushed the backward into spills.
+template <class T, bool kHas3>
+__device__ __forceinline__ void fwd_loop(const ScanArgs& a, const PassArgs& pa,
+                                         const ScanMemory& m, float* agg) {
+  __shared__ RowCoefs k;
+  int64_t item = blockIdx.x;
+  if (item >= pa.items) return;
+  RowWeights w;
+  {
+    const PassBlock p = pass_block(a, pa, item, false);
+    w = fetch_weights(a, p);
+    fwd_stage<T, kHas3>(a, p, m, 0);
+    stage_commit();
+  }
+  for (int it = 0; item < pa.items; ++it, item += gridDim.x) {
+    const PassBlock p = pass_block(a, pa, item, false);
+    put_coefs(a, p, w, k);
+    const bool ahead = item + gridDim.x < pa.items;
+    if (ahead) {
+      const PassBlock pn = pass_block(a, pa, item + gridDim.x, false);
+      fwd_stage<T, kHas3>(a, pn, m, (it + 1) & 1);
+      stage_commit();
+      w = fetch_weights(a, pn);
+    }
+    stage_wait(ahead);
+    fwd_item<T, kHas3>(a, p, m, agg, k, it & 1);
+    __syncthreads();  // this item's buffer and coefficients are free
+  }
+}
+// Registers capped for the blocks shared memory allows (bf16, level 2: 6 forward, 3
+// backward per SM). Each memory's loop reads its views straight from the kernel parameters
+// (a selected copy, or a.m[blockIdx.y], would live on the stack).
+template <class T, bool kHas3> __global__ void __launch_bounds__(kScanThreads, 6)
 ema_route_fwd_1pass(ScanArgs a, PassArgs pa) {
-  const PassBlock p = pass_block(a, pa, false);
-  if (p.mi == 0) fwd_1pass<T, kHas3>(a, pa, p, a.m[0], pa.agg[0]);
-  else fwd_1pass<T, kHas3>(a, pa, p, a.m[1], pa.agg[1]);
+  if (blockIdx.y == 0) fwd_loop<T, kHas3>(a, pa, a.m[0], pa.agg[0]);
+  else fwd_loop<T, kHas3>(a, pa, a.m[1], pa.agg[1]);
 }
 
 // Backward, chunks last to first. For u_t = l1_t dy_t + beta u_{t+1} (u past the end:
@@ -317,32 +384,36 @@ ema_route_fwd_1pass(ScanArgs a, PassArgs pa) {
 // the chunk's start state in m.carry: per-thread partials, summed over the warp
 // (transpose_sum), the block (shared atomics), then one global atomic per token and level.
 // dx overwrites dy in shared memory, dx3 x3's slots; both leave in 16-byte pieces.
+// Staged per item: dy; x for dlam, then the old dx where adding (at once without dlam);
+// x3, then the old dx3, likewise.
+template <class T, bool kHas3> constexpr int kBwdViews = kHas3 ? 3 : 2;
+
 template <class T, bool kHas3>
-__device__ __forceinline__ void bwd_1pass(const ScanArgs& a, const PassArgs& pa,
-                                          const PassBlock& p, const ScanMemory& m, float* agg,
-                                          float* ends) {
-  __shared__ RowCoefs k;
-  __shared__ float s_dlam[kPassChunk][3];
-  const Pieces<T> pc(a, blockIdx.x % pa.n_cb);
+__device__ __forceinline__ void bwd_stage(const ScanArgs& a, const PassBlock& p,
+                                          const ScanMemory& m, int buf) {
+  const Pieces<T> pc(a, p.cb);
+  constexpr int V = kBwdViews<T, kHas3>;
+  stage_chunk<T>(m.dy, p, pc, stage<T>(buf * V));
+  if (a.dlam) {
+    stage_chunk<T>(m.x, p, pc, stage<T>(buf * V + 1));
+    if constexpr (kHas3) stage_chunk<T>(m.x3, p, pc, stage<T>(buf * V + 2));
+  } else if (a.add) {
+    stage_chunk<T>(m.dx, p, pc, stage<T>(buf * V + 1));
+    if constexpr (kHas3) {
+      if (m.dx3.data) stage_chunk<T>(m.dx3, p, pc, stage<T>(buf * V + 2));
+    }
+  }
+}
+
+template <class T, bool kHas3>
+__device__ __forceinline__ void bwd_item(const ScanArgs& a, const PassBlock& p,
+                                         const ScanMemory& m, float* agg, float* ends,
+                                         const RowCoefs& k, float (&s_dlam)[kPassChunk][3],
+                                         int buf) {
+  constexpr int V = kBwdViews<T, kHas3>;
+  const Stage<T> dys = stage<T>(buf * V), xs = stage<T>(buf * V + 1), x3s = stage<T>(buf * V + 2);
   const auto slot = [&](int64_t j) { return (p.b * a.n_chunks + j) * a.channels() + p.gc; };
   const bool dx3 = kHas3 && m.dx3.data;
-
-  // Staged: dy; x for dlam, then the old dx where adding (at once without dlam); x3, then
-  // the old dx3, likewise.
-  const Stage<T> dys = stage<T>(0), xs = stage<T>(1), x3s = stage<T>(2);
-  stage_chunk<T>(m.dy, p, pc, dys);
-  if (a.dlam) {
-    stage_chunk<T>(m.x, p, pc, xs);
-    if constexpr (kHas3) stage_chunk<T>(m.x3, p, pc, x3s);
-  } else if (a.add) {
-    stage_chunk<T>(m.dx, p, pc, xs);
-    if (dx3) stage_chunk<T>(m.dx3, p, pc, x3s);
-  }
-  float2 s = make_float2(0.f, 0.f);
-  if (a.dlam && p.active) s = *reinterpret_cast<const float2*>(m.carry + slot(p.ch));
-  for (int i = threadIdx.x; i < kPassChunk * 3; i += kScanThreads) s_dlam[i / 3][i % 3] = 0.f;
-  load_coefs(a, p, k);
-  stage_wait();
 
   float2 A = make_float2(0.f, 0.f);
   float decay = 1.f;  // beta^(t - t0)
@@ -357,10 +428,10 @@ __device__ __forceinline__ void bwd_1pass(const ScanArgs& a, const PassArgs& pa,
     // One level at a time, so one array of partials is alive (registers).
     const int lane = threadIdx.x & 31;
     const bool on = p.active;
+    float2 s = on ? *reinterpret_cast<const float2*>(m.carry + slot(p.ch)) : make_float2(0.f, 0.f);
     float v[kPassChunk];
     #pragma unroll
-    for (int i = 0; i < kPassChunk; ++i)
-      v[i] = on ? dot(get<T>(xs, i), get<T>(dys, i)) : 0.f;
+    for (int i = 0; i < kPassChunk; ++i) v[i] = on ? dot(get<T>(xs, i), get<T>(dys, i)) : 0.f;
     transpose_sum(v, lane);
     const float sum0 = v[0];
     #pragma unroll
@@ -378,6 +449,8 @@ __device__ __forceinline__ void bwd_1pass(const ScanArgs& a, const PassArgs& pa,
       transpose_sum(v, lane);
       sum2 = v[0];
     }
+    if (threadIdx.x < kPassChunk * 3) s_dlam[threadIdx.x / 3][threadIdx.x % 3] = 0.f;
+    __syncthreads();
     if (lane < p.n) {
       atomicAdd(&s_dlam[lane][0], sum0);
       atomicAdd(&s_dlam[lane][1], sum1);
@@ -386,10 +459,12 @@ __device__ __forceinline__ void bwd_1pass(const ScanArgs& a, const PassArgs& pa,
     __syncthreads();  // (also: x and x3 are read, their slots free)
     for (int i = threadIdx.x; i < p.n * a.L; i += kScanThreads)
       atomicAdd(a.dlam + (p.b * a.T + p.t0 + i / a.L) * a.L + i % a.L, s_dlam[i / a.L][i % a.L]);
-    if (a.add) {
+    if (a.add) {  // (rare: route_fuse accumulating; waits for the next item's copies too)
+      const Pieces<T> pc(a, p.cb);
       stage_chunk<T>(m.dx, p, pc, xs);
       if (dx3) stage_chunk<T>(m.dx3, p, pc, x3s);
-      stage_wait();
+      stage_commit();
+      stage_wait(false);
     }
   }
 
@@ -425,14 +500,44 @@ __device__ __forceinline__ void bwd_1pass(const ScanArgs& a, const PassArgs& pa,
     }
   }
   __syncthreads();
+  const Pieces<T> pc(a, p.cb);
   unstage_chunk<T>(m.dx, p, pc, dys);
   if (dx3) unstage_chunk<T>(m.dx3, p, pc, x3s);
 }
-template <class T, bool kHas3> __global__ void __launch_bounds__(kScanThreads, 6)
+
+template <class T, bool kHas3>
+__device__ __forceinline__ void bwd_loop(const ScanArgs& a, const PassArgs& pa,
+                                         const ScanMemory& m, float* agg, float* ends) {
+  __shared__ RowCoefs k;
+  __shared__ float s_dlam[kPassChunk][3];
+  int64_t item = blockIdx.x;
+  if (item >= pa.items) return;
+  RowWeights w;
+  {
+    const PassBlock p = pass_block(a, pa, item, true);
+    w = fetch_weights(a, p);
+    bwd_stage<T, kHas3>(a, p, m, 0);
+    stage_commit();
+  }
+  for (int it = 0; item < pa.items; ++it, item += gridDim.x) {
+    const PassBlock p = pass_block(a, pa, item, true);
+    put_coefs(a, p, w, k);
+    const bool ahead = item + gridDim.x < pa.items;
+    if (ahead) {
+      const PassBlock pn = pass_block(a, pa, item + gridDim.x, true);
+      bwd_stage<T, kHas3>(a, pn, m, (it + 1) & 1);
+      stage_commit();
+      w = fetch_weights(a, pn);
+    }
+    stage_wait(ahead);
+    bwd_item<T, kHas3>(a, p, m, agg, ends, k, s_dlam, it & 1);
+    __syncthreads();  // this item's buffer and coefficients are free
+  }
+}
+template <class T, bool kHas3> __global__ void __launch_bounds__(kScanThreads, 3)
 ema_route_bwd_1pass(ScanArgs a, PassArgs pa) {
-  const PassBlock p = pass_block(a, pa, true);
-  if (p.mi == 0) bwd_1pass<T, kHas3>(a, pa, p, a.m[0], pa.agg[0], pa.end[0]);
-  else bwd_1pass<T, kHas3>(a, pa, p, a.m[1], pa.agg[1], pa.end[1]);
+  if (blockIdx.y == 0) bwd_loop<T, kHas3>(a, pa, a.m[0], pa.agg[0], pa.end[0]);
+  else bwd_loop<T, kHas3>(a, pa, a.m[1], pa.agg[1], pa.end[1]);
 }
 
 }  // namespace mka::cuda
