@@ -1,5 +1,6 @@
-// Launchers of the EMA-route scan: single-pass (ema_scan_1pass.cuh) by default, else the
-// chunked 3-pass scan (ema_scan.cuh). Keys and values go in one launch per pass.
+// Launchers of the EMA-route scan: the forward single-pass (ema_scan_1pass.cuh) by default,
+// else the chunked 3-pass scan (ema_scan.cuh), which serves every backward. Keys and values
+// go in one launch per pass.
 #include "ema_scan.cuh"
 #include "ema_scan_1pass.cuh"
 #include "launchers.h"
@@ -69,7 +70,8 @@ struct CarryScratch {
 
 // --- single pass --------------------------------------------------------------------------
 // The single pass moves 16-byte pieces of 8 (half) or 4 (float) channels within a head;
-// MKA_CUDA_SCAN=3pass (a different chunk) and other views take the 3-pass scan.
+// MKA_CUDA_SCAN=3pass (a different chunk) and other views take the 3-pass scan. Either
+// forward leaves the chunk start states a 3-pass backward of the same chunk reads.
 bool single_pass(const ScanArgs& a, DType dt) {
   if (ema_scan_three_pass() || a.chunk != kPassChunk || a.n_chunks == 0 ||
       a.d % (16 / dtype_bytes(dt)) != 0)
@@ -83,11 +85,6 @@ bool single_pass(const ScanArgs& a, DType dt) {
 void unset(void* p, size_t bytes, cudaStream_t s) {
   check_cuda(cudaMemsetAsync(p, 0xff, bytes, s), "cudaMemsetAsync (scan)");
 }
-// Level 3's views are read or written (the kernels stage them only then).
-bool has3(const ScanArgs& a) {
-  return a.L == 3 && (a.m[0].x3.data || a.m[1].x3.data || a.m[0].dx3.data || a.m[1].dx3.data);
-}
-
 // One single-pass launch's aggregates of both memories, kUnset.
 struct PassScratch {
   Workspace w;
@@ -97,54 +94,30 @@ struct PassScratch {
     pa.agg[0] = w.as<float>();
     pa.agg[1] = pa.agg[0] + carry_bytes(a) / 4;
     pa.n_cb = ceil_div(a.channels(), int64_t(kScanThreads) * 2);
-    pa.items = a.n_chunks * a.B * pa.n_cb;
   }
+  unsigned blocks(const ScanArgs& a) const { return unsigned(a.n_chunks * 2 * a.B * pa.n_cb); }
 };
 
-// Launches a persistent single-pass kernel: as many blocks as fit on the GPU at once, half
-// per memory (grid y; each block takes every gridDim.x-th item of its memory: the look-back
-// needs every block resident), double-buffered chunks of `views` views in dynamic shared
-// memory.
-template <class T, class K>
-void launch_pass(K kernel, int views, const ScanArgs& a, const PassArgs& pa, cudaStream_t s,
-                 const char* name) {
-  const size_t smem = stage_bytes<T>(2 * views);
-  if (smem > 40 * 1024)  // past 48 KB less the static: must be allowed
+// Level 3's views are read (the kernel stages them only then).
+bool has3(const ScanArgs& a) { return a.L == 3 && (a.m[0].x3.data || a.m[1].x3.data); }
+
+// Dynamic shared memory beyond 48 KB less the static (float32, or level 3) must be allowed.
+template <class K> void allow_smem(K kernel, size_t bytes) {
+  if (bytes > 40 * 1024)
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    int(smem)), "cudaFuncSetAttribute (scan)");
-  int device = 0, sms = 0, per_sm = 0;
-  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
-             "cudaDeviceGetAttribute");
-  check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kScanThreads, smem),
-             "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
-  if (per_sm < 1) throw Error(std::string(name) + ": does not fit on this GPU");
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(pa.items, per_sm * sms / 2));
-  kernel<<<dim3(unsigned(blocks), 2), kScanThreads, smem, s>>>(a, pa);
-  check_launch(name);
+                                    int(bytes)), "cudaFuncSetAttribute (scan)");
 }
 
-// Writes m.carry (both memories': chunk start states) and, where m.y is given, y.
+// Writes m.carry (both memories' chunk start states) and y.
 template <class T> void single_pass_fwd(const ScanArgs& a, cudaStream_t s) {
   for (const ScanMemory& m : a.m) unset(m.carry, carry_bytes(a), s);
   PassScratch ps(a, s);
-  if (has3(a)) launch_pass<T>(ema_route_fwd_1pass<T, true>, 2, a, ps.pa, s, "ema_route_fwd_1pass");
-  else launch_pass<T>(ema_route_fwd_1pass<T, false>, 1, a, ps.pa, s, "ema_route_fwd_1pass");
-}
-
-template <class T> void single_pass_bwd(const ScanArgs& a, bool have_carries, cudaStream_t s) {
-  if (a.dlam && !have_carries) {  // the start states dlam needs
-    ScanArgs f = a;
-    for (ScanMemory& m : f.m) m.y = Rows{}, m.state_out = StateView{};
-    single_pass_fwd<T>(f, s);
-  }
-  PassScratch ps(a, s);
-  for (int i = 0; i < 2; ++i) {
-    unset(a.m[i].rcarry, carry_bytes(a), s);
-    ps.pa.end[i] = a.m[i].rcarry;
-  }
-  if (has3(a)) launch_pass<T>(ema_route_bwd_1pass<T, true>, 3, a, ps.pa, s, "ema_route_bwd_1pass");
-  else launch_pass<T>(ema_route_bwd_1pass<T, false>, 2, a, ps.pa, s, "ema_route_bwd_1pass");
+  const bool l3 = has3(a);
+  auto kernel = l3 ? ema_route_fwd_1pass<T, true> : ema_route_fwd_1pass<T, false>;
+  const size_t smem = stage_bytes<T>(l3 ? 2 : 1);
+  allow_smem(kernel, smem);
+  kernel<<<ps.blocks(a), kScanThreads, smem, s>>>(a, ps.pa);
+  check_launch("ema_route_fwd_1pass");
 }
 
 }  // namespace
@@ -185,7 +158,6 @@ void ema_route_bwd(const RouteProblem& p, const TensorRef& lam, ScanMemory k, Sc
   a.m[0].rcarry = rk.as<float>(), a.m[1].rcarry = rv.as<float>();
   dispatch_dtype(p.dtype, "ema_route backward", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    if (single_pass(a, p.dtype)) return single_pass_bwd<T>(a, have_carries, s);
     dispatch_width(a, [&](auto width) {
       constexpr int V = decltype(width)::value;
       if (a.n_chunks > 0) {

@@ -15,8 +15,9 @@ BETA = 0.9
 
 @pytest.fixture(autouse=True, params=["1pass", "3pass"])
 def scan(request, monkeypatch):
-    """Every test runs on both EMA scans: the single pass (the default) and the 3-pass scan
-    (MKA_CUDA_SCAN=3pass, read at every call)."""
+    """Every test runs on both EMA scans: the default (single-pass forward, 3-pass backward
+    on its 32-token chunks) and the 3-pass scan throughout (MKA_CUDA_SCAN=3pass, read at
+    every call)."""
     if request.param == "3pass":
         monkeypatch.setenv("MKA_CUDA_SCAN", "3pass")
     else:
@@ -122,10 +123,11 @@ def test_mka_empty_memory():
 
 
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32), ids=str)
-@pytest.mark.parametrize("d", [20, 21])
+@pytest.mark.parametrize("d", [20, 21, 24])
 def test_route_fuse_odd_head_dims(dtype, d):
-    # d = 20 is not a multiple of 8: the 3-pass scan takes its scalar path (one channel per
-    # thread), the single pass still reads pairs; d = 21 sends both to the scalar 3-pass scan.
+    # Not a multiple of 8: the 3-pass scan takes its scalar path (one channel per thread), and
+    # so does the forward (the single pass moves 16-byte pieces within a head); d = 24 takes
+    # the single pass in float32 and bfloat16 (pieces of 4 and 8 channels).
     _check_route_fuse_l2_states(torch.Generator().manual_seed(21), 2, 133, 3, d, dtype)
 
 

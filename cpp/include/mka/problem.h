@@ -73,19 +73,20 @@ struct SavedKeys {
   TensorRef k, v, carry;
 };
 
-// The GPU's EMA scan (cuda/ema_scan.cu) runs in one pass with decoupled look-back unless the
-// environment says MKA_CUDA_SCAN=3pass (the earlier chunked 3-pass scan, kept to compare).
-// Read at every call: a forward and its backward must run under the same setting.
+// The GPU's EMA scan (cuda/ema_scan.cu) runs its forward in one pass with decoupled look-back
+// unless the environment says MKA_CUDA_SCAN=3pass (the chunked 3-pass scan throughout, with
+// its own chunk choice). Read at every call: a forward and its backward must run under the
+// same setting (the backward reads the forward's chunk start states).
 inline bool ema_scan_three_pass() {
   const char* e = std::getenv("MKA_CUDA_SCAN");
   return e && std::string_view(e) == "3pass";
 }
 // Tokens per chunk of the GPU's EMA scan over B sequences of T tokens and `channels`
-// channels. The single pass holds 32 tokens per thread in registers. The 3-pass scan's passes
-// run B * (T / chunk) * channels / 8 threads and its carry pass walks T / chunk chunks one
-// after another, so there the 64-token chunk is halved while that leaves fewer than 2^17
-// threads (an eighth of what an H100 keeps in flight), as long as the walk stays within 256
-// chunks and chunks keep 8 tokens.
+// channels. The single pass stages 32-token chunks (its backward then uses them too). The
+// 3-pass scan's passes run B * (T / chunk) * channels / 8 threads and its carry pass walks
+// T / chunk chunks one after another, so there the 64-token chunk is halved while that
+// leaves fewer than 2^17 threads (an eighth of what an H100 keeps in flight), as long as the
+// walk stays within 256 chunks and chunks keep 8 tokens.
 inline int64_t ema_scan_chunk(int64_t B, int64_t T, int64_t channels) {
   if (!ema_scan_three_pass()) return 32;
   const auto chunks = [T](int64_t c) { return (T + c - 1) / c; };
