@@ -73,7 +73,7 @@ struct CarryScratch {
 // MKA_CUDA_SCAN=3pass (a different chunk) and other views take the 3-pass scan. Either
 // forward leaves the chunk start states a 3-pass backward of the same chunk reads.
 bool single_pass(const ScanArgs& a, DType dt) {
-  if (ema_scan_three_pass() || a.chunk != kPassChunk || a.n_chunks == 0 ||
+  if (ema_scan_three_pass() || kPassChunk % a.chunk != 0 || a.n_chunks == 0 ||
       a.d % (16 / dtype_bytes(dt)) != 0)
     return false;
   for (const ScanMemory& m : a.m)
@@ -95,7 +95,9 @@ struct PassScratch {
     pa.agg[1] = pa.agg[0] + carry_bytes(a) / 4;
     pa.n_cb = ceil_div(a.channels(), int64_t(kScanThreads) * 2);
   }
-  unsigned blocks(const ScanArgs& a) const { return unsigned(a.n_chunks * 2 * a.B * pa.n_cb); }
+  unsigned blocks(const ScanArgs& a) const {
+    return unsigned(ceil_div(a.T, kPassChunk) * 2 * a.B * pa.n_cb);
+  }
 };
 
 // Level 3's views are read (the kernel stages them only then).

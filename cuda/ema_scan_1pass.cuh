@@ -2,7 +2,8 @@
 // chunked 3-pass scan, which still serves every backward, and the shared arguments). The
 // 3-pass forward reads x twice; here each block keeps its chunk on chip and reads it once.
 //
-// One block per (chunk, memory, batch, channel block), two channels per thread. Block ids run
+// One block per (32-token chunk, memory, batch, channel block), two channels per thread; the
+// start states it leaves for the backward may be finer (ScanArgs::chunk). Block ids run
 // in chunk order and the GPU starts blocks in id order, so every chunk a block waits on has
 // started (CUB's single-pass scan relies on the same). A block stages its chunk in shared
 // memory (16-byte cp.async pieces), scans it from a zero state, publishes that aggregate,
@@ -31,7 +32,7 @@ constexpr int kLookback = 4;    // predecessors polled at once
 constexpr unsigned kUnset = 0xffffffffu;
 
 struct PassArgs {
-  float* agg[2] = {};          // per memory (B, n_chunks, G*d): chunk aggregates, kUnset
+  float* agg[2] = {};          // per memory, as carry (block ch at ch): aggregates, kUnset
   int64_t n_cb = 0;            // channel blocks
 };
 
@@ -229,6 +230,9 @@ __device__ __forceinline__ void fwd_1pass(const ScanArgs& a, const PassArgs& pa,
                                           const PassBlock& p, const ScanMemory& m, float* agg) {
   __shared__ RowCoefs k;
   const Pieces<T> pc(a, blockIdx.x % pa.n_cb);
+  // Start states go out per a.chunk tokens (8, 16 or 32: the 3-pass backward's chunk),
+  // `sub` per block; the look-back polls block boundaries only.
+  const int sub = kPassChunk / int(a.chunk);
   const auto slot = [&](int64_t j) { return (p.b * a.n_chunks + j) * a.channels() + p.gc; };
 
   const Stage<T> xs = stage<T>(0), x3s = stage<T>(1);  // x3s: kHas3 only
@@ -244,23 +248,25 @@ __device__ __forceinline__ void fwd_1pass(const ScanArgs& a, const PassArgs& pa,
     float2 loc = make_float2(0.f, 0.f);
     #pragma unroll
     for (int i = 0; i < kPassChunk; ++i) loc = axpby(k.r[i].z, loc, k.r[i].w, get<T>(xs, i));
-    const bool last = p.ch + 1 == a.n_chunks;
+    const bool last = p.t0 + kPassChunk >= a.T;  // the sequence's last block
     if (p.ch == 0) {
       start = load_state(m.state_in, p.b, p.g, p.c);
       *reinterpret_cast<float2*>(m.carry + slot(0)) = start;
     } else {
       if (!last) publish(agg + slot(p.ch), loc);
       start = look_back(p.ch, powf(a.beta, float(kPassChunk)),
-                        [&](int64_t j) { return m.carry + slot(j + 1); },
+                        [&](int64_t j) { return m.carry + slot((j + 1) * sub); },
                         [&](int64_t j) { return agg + slot(j); });
     }
     const float2 end = axpby(powf(a.beta, float(p.n)), start, 1.f, loc);
-    if (!last) publish(m.carry + slot(p.ch + 1), end);
+    if (!last) publish(m.carry + slot((p.ch + 1) * sub), end);
     else if (m.state_out.data) store_state(m.state_out, p.b, p.g, p.c, end);
 
     float2 s = start;
     #pragma unroll
     for (int i = 0; i < kPassChunk; ++i) {
+      if (i > 0 && i < p.n && (i & (int(a.chunk) - 1)) == 0)  // a sub-chunk's start state
+        *reinterpret_cast<float2*>(m.carry + slot(p.ch * sub + i / int(a.chunk))) = s;
       const float4 r = k.r[i];
       const float2 x = get<T>(xs, i);
       s = axpby(r.z, s, r.w, x);

@@ -82,19 +82,19 @@ inline bool ema_scan_three_pass() {
   return e && std::string_view(e) == "3pass";
 }
 // Tokens per chunk of the GPU's EMA scan over B sequences of T tokens and `channels`
-// channels. The single pass stages 32-token chunks (its backward then uses them too). The
-// 3-pass scan's passes run B * (T / chunk) * channels / 8 threads and its carry pass walks
-// T / chunk chunks one after another, so there the 64-token chunk is halved while that
-// leaves fewer than 2^17 threads (an eighth of what an H100 keeps in flight), as long as the
-// walk stays within 256 chunks and chunks keep 8 tokens.
+// channels. The 3-pass scan's passes run B * (T / chunk) * channels / 8 threads and its
+// carry pass walks T / chunk chunks one after another, so the 64-token chunk is halved while
+// that leaves fewer than 2^17 threads (an eighth of what an H100 keeps in flight), as long
+// as the walk stays within 256 chunks and chunks keep 8 tokens. The single-pass forward
+// scans 32-token chunks and leaves start states per `chunk` for the 3-pass backward, so by
+// default the chunk is at most 32.
 inline int64_t ema_scan_chunk(int64_t B, int64_t T, int64_t channels) {
-  if (!ema_scan_three_pass()) return 32;
   const auto chunks = [T](int64_t c) { return (T + c - 1) / c; };
   int64_t chunk = 64;
   while (chunk > 8 && B * chunks(chunk) * channels / 8 < (int64_t(1) << 17) &&
          chunks(chunk / 2) <= 256)
     chunk /= 2;
-  return chunk;
+  return ema_scan_three_pass() ? chunk : std::min<int64_t>(chunk, 32);
 }
 // Floats of SavedKeys::carry for fastmka on `device` (k, v (B, Tk, G, d)): the chunk start
 // states of both scans on CUDA, none on the CPU.
