@@ -263,16 +263,23 @@ __device__ __forceinline__ void fwd_1pass(const ScanArgs& a, const PassArgs& pa,
     else if (m.state_out.data) store_state(m.state_out, p.b, p.g, p.c, end);
 
     float2 s = start;
+    float2 mid[kPassChunk / 8 - 1];  // the states at tokens 8, 16, 24 (kept in registers:
+                                     // a global store in this loop serialized it, -20 %)
     #pragma unroll
     for (int i = 0; i < kPassChunk; ++i) {
-      if (i > 0 && i < p.n && (i & (int(a.chunk) - 1)) == 0)  // a sub-chunk's start state
-        *reinterpret_cast<float2*>(m.carry + slot(p.ch * sub + i / int(a.chunk))) = s;
+      if (i > 0 && i % 8 == 0) mid[i / 8 - 1] = s;
       const float4 r = k.r[i];
       const float2 x = get<T>(xs, i);
       s = axpby(r.z, s, r.w, x);
       float2 y = axpby(r.x, x, r.y, s);
       if constexpr (kHas3) y = axpby(1.f, y, k.w2[i], get<T>(x3s, i));
       put<T>(xs, i, y);
+    }
+    #pragma unroll
+    for (int q = 1; q < kPassChunk / 8; ++q) {  // the sub-chunk start states among them
+      const int tok = q * 8;
+      if ((tok & (int(a.chunk) - 1)) == 0 && tok < p.n)
+        *reinterpret_cast<float2*>(m.carry + slot(p.ch * sub + tok / int(a.chunk))) = mid[q - 1];
     }
   }
   __syncthreads();
