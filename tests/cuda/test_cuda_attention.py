@@ -102,6 +102,27 @@ def test_other_forward_kernels(mode, dtype, case, monkeypatch):
                      f"out ({mode}, d={d})")
 
 
+# MKA_CUDA_WGMMA=0 runs the mma.sync kernels of sm_80 in both directions on Hopper too: their
+# gradients, against the float64 reference (the default tests cover the wgmma backward).
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("case", [(2, 300, 300, 4, 2, True, None),
+                                  (1, 200, 330, 4, 1, True, 90),
+                                  (1, 150, 150, 2, 2, False, None),
+                                  (1, 160, 60, 2, 1, True, None)],
+                         ids=lambda c: "x".join(map(str, c)))
+def test_mma_backward(dtype, d, case, monkeypatch):
+    monkeypatch.setenv("MKA_CUDA_WGMMA", "0")
+    B, Tq, Tk, H, G, causal, window = case
+    gen = torch.Generator().manual_seed(hash((str(dtype), d, case)) % 2**31)
+    q, q64 = rand(gen, B, Tq, H, d, dtype=dtype)
+    k, k64 = rand(gen, B, Tk, G, d, dtype=dtype)
+    v, v64 = rand(gen, B, Tk, G, d, dtype=dtype)
+    check_op(lambda q, k, v: torch.ops.mka.attention(q, k, v, causal, None, window),
+             lambda q, k, v: R.attention(q, k, v, causal, None, window),
+             (q, k, v), (q64, k64, v64), dtype, ("q", "k", "v"), gen)
+
+
 # More query blocks (and key blocks in backward) than an H100 has SMs: 1.9-2.3x, so blocks
 # run in several waves; Tq > Tk gives query blocks with no key tile.
 @pytest.mark.parametrize("case", [(2, 1024, 1024, 16, 4, True, None),
