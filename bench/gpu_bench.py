@@ -82,7 +82,12 @@ def implementations(G: int):
         "mka.attn.lock": kernel("lockstep"),
         "mka.attn.pp": kernel("pingpong"),
         "mka.attn.mma": kernel("0"),
+        # Gradients are taken for q, k, v (as for attention); lam is a constant, so fastmka's
+        # backward skips dlam. "+dlam": lam requires grad as a router's output does (mka's
+        # backward makes dlam either way, from its level sums).
         "mka.fastmka": lambda q, k, v, lam: torch.ops.mka.fastmka(q, k, v, lam, 0.9)[0],
+        "mka.fastmka+dlam": lambda q, k, v, lam: torch.ops.mka.fastmka(
+            q, k, v, lam.detach().requires_grad_(q.requires_grad), 0.9)[0],
         "mka.mka": lambda q, k, v, lam: torch.ops.mka.mka(q, k, v, lam, 0.9)[0],
         "sdpa.flash": sdpa(SDPBackend.FLASH_ATTENTION),
         "sdpa.cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
@@ -194,12 +199,12 @@ def main():
 def print_table(results):
     rows = results["rows"]
     print(f"\n{results['device']}  bf16 causal H={H} d={D} B*T={TOKENS}  (TFLOP/s, medians of interleaved rounds; bwd = fwd_bwd - fwd)")
-    print(f"{'G':>3} {'T':>6} {'impl':<14} {'fwd':>7} {'bwd':>7} {'fwd+bwd':>8} {'fwd_ms':>8} {'f+b_ms':>8}")
+    print(f"{'G':>3} {'T':>6} {'impl':<17} {'fwd':>7} {'bwd':>7} {'fwd+bwd':>8} {'fwd_ms':>8} {'f+b_ms':>8}")
     for r in rows:
         if "error" in r:
-            print(f"{r['G']:>3} {r['T']:>6} {r['impl']:<14} error: {r['error'][:60]}")
+            print(f"{r['G']:>3} {r['T']:>6} {r['impl']:<17} error: {r['error'][:60]}")
             continue
-        print(f"{r['G']:>3} {r['T']:>6} {r['impl']:<14} {r['fwd_tflops']:7.1f} {r['bwd_tflops']:7.1f} "
+        print(f"{r['G']:>3} {r['T']:>6} {r['impl']:<17} {r['fwd_tflops']:7.1f} {r['bwd_tflops']:7.1f} "
               f"{r['fwd_bwd_tflops']:8.1f} {r['fwd_ms']:8.3f} {r['fwd_bwd_ms']:8.3f}")
     # The bars, computed from the same rows.
     by = {(r["G"], r["T"], r["impl"]): r for r in rows if "error" not in r}
@@ -208,12 +213,15 @@ def print_table(results):
         if impl != "mka.attention":
             continue
         fl, fm, mk = by.get((G, T, "sdpa.flash")), by.get((G, T, "mka.fastmka")), by.get((G, T, "mka.mka"))
+        fd = by.get((G, T, "mka.fastmka+dlam"))
         parts = [f"G={G:>2} T={T:>5}"]
         if fl:
             parts.append(f"fwd/flash={r['fwd_tflops'] / fl['fwd_tflops']:.2f}")
             parts.append(f"bwd/flash={r['bwd_tflops'] / fl['bwd_tflops']:.2f}")
         if fm:
             parts.append(f"fastmka/attn={fm['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f}")
+        if fd:
+            parts.append(f"(+dlam {fd['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f})")
         if mk:
             parts.append(f"mka/attn={mk['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f}")
         print("  ".join(parts))

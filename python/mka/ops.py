@@ -174,30 +174,32 @@ def _(k, v, lam, beta, k3=None, v3=None, k_state=None, v_state=None):
             torch.empty_like(v, memory_format=torch.contiguous_format), *_states_out(k))
 
 
-def _route_grads_fake(k: Tensor, lam: Tensor, x3: _OptT, k_state: _OptT, v_state: _OptT):
+def _route_grads_fake(k: Tensor, lam: Tensor, x3: _OptT, k_state: _OptT, v_state: _OptT,
+                      need_dlam: bool = True):
     like = lambda t: _empty(k) if t is None else torch.empty_like(  # noqa: E731
         t, memory_format=torch.contiguous_format)
     return (torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
-            torch.empty_like(lam, memory_format=torch.contiguous_format),
-            like(x3), like(x3), like(k_state), like(v_state))
+            like(lam if need_dlam else None), like(x3), like(x3), like(k_state), like(v_state))
 
 
 def _route_grads_alloc(k: Tensor, lam: Tensor, x3: _OptT, k_state: _OptT, v_state: _OptT,
-                       cdt: torch.dtype):
+                       cdt: torch.dtype, need_dlam: bool = True):
     """Uninitialized gradient buffers: the backward ops overwrite every element
-    (accumulate=False), no zero fills. Absent inputs get none. x3 is the third level's
-    key-like input (k3 for route_fuse/fastmka, mem_k for mka)."""
+    (accumulate=False), no zero fills. Absent inputs get none, and so does lam where autograd
+    does not need its gradient (`need_dlam`: the GPU scan then skips its dlam pass, which
+    reads k/v again). x3 is the third level's key-like input (k3 for route_fuse/fastmka,
+    mem_k for mka)."""
     e = lambda t, dt: None if t is None else k.new_empty(t.shape, dtype=dt)  # noqa: E731
     return (k.new_empty(k.shape, dtype=cdt), k.new_empty(k.shape, dtype=cdt),
-            k.new_empty(lam.shape, dtype=_lam_dtype(lam, cdt)), e(x3, cdt), e(x3, cdt),
+            e(lam if need_dlam else None, _lam_dtype(lam, cdt)), e(x3, cdt), e(x3, cdt),
             e(k_state, state_dtype(cdt)), e(v_state, state_dtype(cdt)))
 
 
 def _route_grads_out(grads, k: Tensor, lam: Tensor) -> tuple[Tensor, ...]:
     dk, dv, dlam, dk3, dv3, dks, dvs = grads
     back = lambda t, dt: _empty(k) if t is None else t.to(dt)  # noqa: E731
-    return (dk.to(k.dtype), dv.to(k.dtype), dlam.to(lam.dtype), back(dk3, k.dtype),
+    return (dk.to(k.dtype), dv.to(k.dtype), back(dlam, lam.dtype), back(dk3, k.dtype),
             back(dv3, k.dtype), back(dks, dks.dtype if dks is not None else k.dtype),
             back(dvs, dvs.dtype if dvs is not None else k.dtype))
 
@@ -205,12 +207,13 @@ def _route_grads_out(grads, k: Tensor, lam: Tensor) -> tuple[Tensor, ...]:
 @torch.library.custom_op("mka::_route_fuse_bwd", mutates_args=())
 def _route_fuse_bwd(k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: _OptT, v3: _OptT,
                     k_state: _OptT, v_state: _OptT, dk_fused: Tensor, dv_fused: Tensor,
-                    dk_state_out: _OptT, dv_state_out: _OptT) -> tuple[
+                    dk_state_out: _OptT, dv_state_out: _OptT, need_dlam: bool = True) -> tuple[
                         Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (dk, dv, dlam, dk3, dv3, dk_state, dv_state); absent inputs get empty grads."""
+    """Returns (dk, dv, dlam, dk3, dv3, dk_state, dv_state); absent inputs (and lam without
+    need_dlam) get empty grads."""
     V.check_route(k, v, lam, beta, k3, v3, k_state, v_state, k.shape[1], "(B, Tk, L)", True)
     cdt = _compute_dtype(k)
-    g = _route_grads_alloc(k, lam, k3, k_state, v_state, cdt)
+    g = _route_grads_alloc(k, lam, k3, k_state, v_state, cdt, need_dlam)
     sdt = state_dtype(cdt)
     _C.route_fuse_backward(_cast(k, cdt), _cast(v, cdt), _lam(lam, cdt), float(beta),
                            _cast(k3, cdt), _cast(v3, cdt), _nat(k_state), _nat(v_state),
@@ -222,9 +225,9 @@ def _route_fuse_bwd(k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: _OptT, v
 
 @_route_fuse_bwd.register_fake
 def _(k, v, lam, beta, k3, v3, k_state, v_state, dk_fused, dv_fused, dk_state_out,
-      dv_state_out):
+      dv_state_out, need_dlam=True):
     V.check_route(k, v, lam, beta, k3, v3, k_state, v_state, k.shape[1], "(B, Tk, L)", True)
-    return _route_grads_fake(k, lam, k3, k_state, v_state)
+    return _route_grads_fake(k, lam, k3, k_state, v_state, need_dlam)
 
 
 def _route_inputs_grads(grads) -> tuple[_OptT, ...]:
@@ -242,7 +245,7 @@ def _route_fuse_setup(ctx, inputs, output):
 def _route_fuse_backward(ctx, dkf, dvf, dks, dvs):
     k, v, lam, k3, v3, ks, vs = ctx.saved_tensors
     g = torch.ops.mka._route_fuse_bwd(k, v, lam, ctx.beta, k3, v3, ks, vs, _grad(dkf, k),
-                                      _grad(dvf, v), dks, dvs)
+                                      _grad(dvf, v), dks, dvs, ctx.needs_input_grad[2])
     dlam, dk3, dv3, dks_in, dvs_in = _route_inputs_grads(g[2:])
     return g[0], g[1], dlam, None, dk3, dv3, dks_in, dvs_in
 
@@ -297,15 +300,16 @@ def _(q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window):
 def _fastmka_bwd(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: _OptT,
                  v3: _OptT, k_state: _OptT, v_state: _OptT, causal: bool, scale: _OptF,
                  window: _OptI, out: Tensor, lse: Tensor, dout: Tensor, dk_state_out: _OptT,
-                 dv_state_out: _OptT, k_fused: Tensor, v_fused: Tensor,
-                 carry: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                                         Tensor, Tensor]:
-    """Returns (dq, dk, dv, dlam, dk3, dv3, dk_state, dv_state)."""
+                 dv_state_out: _OptT, k_fused: Tensor, v_fused: Tensor, carry: Tensor,
+                 need_dlam: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                  Tensor, Tensor, Tensor]:
+    """Returns (dq, dk, dv, dlam, dk3, dv3, dk_state, dv_state); dlam is empty without
+    need_dlam."""
     _check_fastmka(q, k, v, lam, beta, k3, v3, k_state, v_state, scale, window)
     cdt = _compute_dtype(q)
     sdt = state_dtype(cdt)
     dq = q.new_empty(q.shape, dtype=cdt)  # overwritten (accumulate=False), as all of g
-    g = _route_grads_alloc(k, lam, k3, k_state, v_state, cdt)
+    g = _route_grads_alloc(k, lam, k3, k_state, v_state, cdt, need_dlam)
     _C.fastmka_backward(_cast(q, cdt), _cast(k, cdt), _cast(v, cdt), _lam(lam, cdt),
                         float(beta), _cast(k3, cdt), _cast(v3, cdt), _nat(k_state),
                         _nat(v_state), causal, scale, window, _cast(out, cdt),
@@ -317,10 +321,10 @@ def _fastmka_bwd(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: 
 
 @_fastmka_bwd.register_fake
 def _(q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window, out, lse, dout,
-      dk_state_out, dv_state_out, k_fused, v_fused, carry):
+      dk_state_out, dv_state_out, k_fused, v_fused, carry, need_dlam=True):
     _check_fastmka(q, k, v, lam, beta, k3, v3, k_state, v_state, scale, window)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            *_route_grads_fake(k, lam, k3, k_state, v_state))
+            *_route_grads_fake(k, lam, k3, k_state, v_state, need_dlam))
 
 
 def _fastmka_setup(ctx, inputs, output):
@@ -336,7 +340,8 @@ def _fastmka_backward(ctx, dout, _dlse, dks, dvs, _dkf, _dvf, _dcarry):
     q, k, v, lam, k3, v3, ks, vs, out, lse, kf, vf, carry = ctx.saved_tensors
     beta, causal, scale, window = ctx.args
     g = torch.ops.mka._fastmka_bwd(q, k, v, lam, beta, k3, v3, ks, vs, causal, scale, window,
-                                   out, lse, _grad(dout, out), dks, dvs, kf, vf, carry)
+                                   out, lse, _grad(dout, out), dks, dvs, kf, vf, carry,
+                                   ctx.needs_input_grad[3])
     dlam, dk3, dv3, dks_in, dvs_in = _route_inputs_grads(g[3:])
     return g[0], g[1], g[2], dlam, None, dk3, dv3, dks_in, dvs_in, None, None, None
 

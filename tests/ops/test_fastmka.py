@@ -69,3 +69,30 @@ def test_decode_with_fused_cache_equals_full(device, dtype):
         outs.append(torch.ops.mka.attention(q[:, t:t + 1], kf, vf))
     assert_close(torch.cat(outs, 1), full, dtype, "decoded out")
     assert_close(ks, ks_full, dtype, "decoded k_state")
+
+
+@pytest.mark.parametrize("device,dtype", dtype_params())
+@pytest.mark.parametrize("op", ["fastmka", "route_fuse"])
+@pytest.mark.parametrize("L", [2, 3])
+def test_gradients_without_lam_gradient(device, dtype, op, L):
+    # lam without requires_grad: the backward skips dlam (on the GPU, the scan's dlam pass,
+    # whose local carries it replaces with its own: another summation order); every other
+    # gradient must match the one computed alongside dlam.
+    B, T, H, G, d = 2, 70, 4, 2, head_dim_for(device, 64)
+    q, k, v = (randn(B, T, n, d, device=device, dtype=dtype) for n in (H, G, G))
+    lam = router(B, T, L, device, dtype)
+    x3 = [randn(B, T, G, d, device=device, dtype=dtype) for _ in range(2)] if L == 3 else [None] * 2
+    states = [state(B, G, d, device, dtype) for _ in range(2)]
+
+    def grads(lam_grad: bool):
+        ins = [t.detach().requires_grad_(True) for t in (q, k, v, *states)]
+        lm = lam.detach().requires_grad_(lam_grad)
+        if op == "fastmka":
+            out = torch.ops.mka.fastmka(ins[0], ins[1], ins[2], lm, 0.8, *x3, ins[3], ins[4])[0]
+        else:
+            out = torch.ops.mka.route_fuse(ins[1], ins[2], lm, 0.8, *x3, ins[3], ins[4])
+            out = out[0] * 1.5 + out[1]
+        return torch.autograd.grad(out, ins if op == "fastmka" else ins[1:], torch.ones_like(out))
+
+    for a, b in zip(grads(False), grads(True)):
+        torch.testing.assert_close(a, b)  # the dtype's default tolerance
