@@ -44,11 +44,6 @@ TensorRef kv_view(const Rows& x, const AttentionProblem& p) {
   return t;
 }
 
-template <class Kernel> void set_smem(Kernel k, int bytes) {
-  check_cuda(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
-             "cudaFuncSetAttribute (shared memory)");
-}
-
 // Which forward kernel on Hopper. By default the three-stage ping-pong pipeline: in
 // interleaved A/B rounds on an H100 it matched or beat the two-stage lockstep one at every
 // length measured (T = 1k-4k: 0.99-1.08x; 8k/16k: 1.07-1.16x; bench/PERF_NOTES.md). The

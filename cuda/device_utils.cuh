@@ -146,6 +146,11 @@ inline void check_cuda(cudaError_t e, const char* what) {
 }
 // After every launch: a bad configuration surfaces here, not at the next sync.
 inline void check_launch(const char* kernel) { check_cuda(cudaGetLastError(), kernel); }
+// Lets kernel k use `bytes` of dynamic shared memory (needed past 48 KB less its static part).
+template <class Kernel> void set_smem(Kernel k, int bytes) {
+  check_cuda(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
+             "cudaFuncSetAttribute (shared memory)");
+}
 
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

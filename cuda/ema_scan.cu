@@ -21,14 +21,15 @@ ScanArgs scan_args(const RouteProblem& p, const TensorRef& lam, const ScanMemory
   return a;
 }
 
-// Eight channels per thread when every view allows 16-byte accesses (see ema_scan.cuh).
-int vector_width(const ScanArgs& a) {
-  if (a.d % 8 != 0) return 1;
+// Every view of both memories allows 16-byte accesses.
+bool views_aligned16(const ScanArgs& a) {
   for (const ScanMemory& m : a.m)
     for (const Rows* x : {&m.x, &m.x3, &m.y, &m.dy, &m.dx, &m.dx3})
-      if (!aligned16(*x)) return 1;
-  return 8;
+      if (!aligned16(*x)) return false;
+  return true;
 }
+// Eight channels per thread when every view allows 16-byte accesses (see ema_scan.cuh).
+int vector_width(const ScanArgs& a) { return a.d % 8 == 0 && views_aligned16(a) ? 8 : 1; }
 // Calls f(std::integral_constant<int, V>) for this scan's vector width.
 template <class F> void dispatch_width(const ScanArgs& a, F&& f) {
   if (vector_width(a) == 8) return f(std::integral_constant<int, 8>{});
@@ -73,13 +74,8 @@ struct CarryScratch {
 // MKA_CUDA_SCAN=3pass (a different chunk) and other views take the 3-pass scan. Either
 // forward leaves the chunk start states a 3-pass backward of the same chunk reads.
 bool single_pass(const ScanArgs& a, DType dt) {
-  if (ema_scan_three_pass() || kPassChunk % a.chunk != 0 || a.n_chunks == 0 ||
-      a.d % (16 / dtype_bytes(dt)) != 0)
-    return false;
-  for (const ScanMemory& m : a.m)
-    for (const Rows* x : {&m.x, &m.x3, &m.y, &m.dy, &m.dx, &m.dx3})
-      if (!aligned16(*x)) return false;
-  return true;
+  return !ema_scan_three_pass() && kPassChunk % a.chunk == 0 && a.n_chunks > 0 &&
+         a.d % (16 / dtype_bytes(dt)) == 0 && views_aligned16(a);
 }
 
 void unset(void* p, size_t bytes, cudaStream_t s) {
@@ -103,13 +99,6 @@ struct PassScratch {
 // Level 3's views are read (the kernel stages them only then).
 bool has3(const ScanArgs& a) { return a.L == 3 && (a.m[0].x3.data || a.m[1].x3.data); }
 
-// Dynamic shared memory beyond 48 KB less the static (float32, or level 3) must be allowed.
-template <class K> void allow_smem(K kernel, size_t bytes) {
-  if (bytes > 40 * 1024)
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    int(bytes)), "cudaFuncSetAttribute (scan)");
-}
-
 // Writes m.carry (both memories' chunk start states) and y.
 template <class T> void single_pass_fwd(const ScanArgs& a, cudaStream_t s) {
   for (const ScanMemory& m : a.m) unset(m.carry, carry_bytes(a), s);
@@ -117,7 +106,7 @@ template <class T> void single_pass_fwd(const ScanArgs& a, cudaStream_t s) {
   const bool l3 = has3(a);
   auto kernel = l3 ? ema_route_fwd_1pass<T, true> : ema_route_fwd_1pass<T, false>;
   const size_t smem = stage_bytes<T>(l3 ? 2 : 1);
-  allow_smem(kernel, smem);
+  set_smem(kernel, int(smem));
   kernel<<<ps.blocks(a), kScanThreads, smem, s>>>(a, ps.pa);
   check_launch("ema_route_fwd_1pass");
 }

@@ -133,14 +133,13 @@ __device__ __forceinline__ PassBlock pass_block(const ScanArgs& a, const PassArg
   return p;
 }
 
-// The chunk's routing weights into shared memory (every thread calls it, after issuing its
-// chunk's loads: the latencies overlap; it ends in a barrier). Read once per block instead
-// of per thread and token: loads the compiler cannot move above the outputs' stores (they
-// might alias) would cost a memory latency per token.
 // Every row of a chunk has its coefficients: y = w0 x + w1 s (+ w2 x3), s = b s + c x with
 // (b, c) = (beta, 1 - beta). Rows past a short last chunk (staged as zeros) get w = 0 and
-// (b, c) = (1, 0): the state passes through them unchanged in either direction, so the
-// loops need no per-row bounds (branches that cost more than the arithmetic).
+// (b, c) = (1, 0): the state passes through them unchanged, so the loops need no per-row
+// bounds (branches that cost more than the arithmetic). load_coefs reads the routing weights
+// once per block into shared memory (every thread calls it, after issuing its chunk's
+// copies, so the latencies overlap; it ends in a barrier): per thread and token they were
+// loads the compiler could not move above the outputs' stores, a memory latency each.
 struct RowCoefs {
   float4 r[kPassChunk];  // (w0, w1, b, c)
   float w2[kPassChunk];
@@ -204,7 +203,8 @@ __device__ __forceinline__ void unstage_chunk(const Rows& y, const PassBlock& p,
   T* dst = y.at<T>(p.b, p.t0, pc.g) + pc.c;
   #pragma unroll
   for (int i = pc.row0; i < kPassChunk; i += Pieces<T>::kRowStep)
-    if (i < p.n) *reinterpret_cast<uint4*>(dst + i * y.st) = *reinterpret_cast<const uint4*>(pc.smem(st, i));
+    if (i < p.n)
+      *reinterpret_cast<uint4*>(dst + i * y.st) = *reinterpret_cast<const uint4*>(pc.smem(st, i));
 }
 // The dynamic shared memory of a kernel staging `views` chunks.
 template <class T> constexpr size_t stage_bytes(int views) {
