@@ -122,3 +122,14 @@ def test_native_saved_keys_are_validated(device):
     raises(r"^o_levels", mka._C.mka_forward, q, k, v, lm, 0.9, None, None, None, None, True,
            None, None, out, o_levels, torch.empty(2, 2, 4, 8, device=device), st(), st(), None,
            None, 0)
+
+
+def test_bad_scan_choice_raises(monkeypatch):
+    # MKA_CUDA_SCAN picks the GPU's EMA scan; the chunk it implies sizes fastmka's saved
+    # buffer, so a bad value fails there, on any machine, with the variable's name.
+    monkeypatch.setenv("MKA_CUDA_SCAN", "2pass")
+    raises("MKA_CUDA_SCAN: expected 1pass or 3pass", mka._C.fastmka_carry_numel, 1, 64, 2, 64,
+           True)
+    for ok in ("1pass", "3pass"):
+        monkeypatch.setenv("MKA_CUDA_SCAN", ok)
+        assert mka._C.fastmka_carry_numel(1, 64, 2, 64, True) > 0

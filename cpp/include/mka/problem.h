@@ -7,6 +7,7 @@
 #include <optional>
 #include <string_view>
 
+#include "mka/error.h"
 #include "mka/tensor.h"
 
 namespace mka {
@@ -76,10 +77,14 @@ struct SavedKeys {
 // The GPU's EMA scan (cuda/ema_scan.cu) runs its forward in one pass with decoupled look-back
 // unless the environment says MKA_CUDA_SCAN=3pass (the chunked 3-pass scan throughout, with
 // its own chunk choice). Read at every call: a forward and its backward must run under the
-// same setting (the backward reads the forward's chunk start states).
+// same setting (the backward reads the forward's chunk start states). "1pass" names the
+// default; any other value is an error.
 inline bool ema_scan_three_pass() {
   const char* e = std::getenv("MKA_CUDA_SCAN");
-  return e && std::string_view(e) == "3pass";
+  const std::string_view v = e ? e : "";
+  MKA_CHECK(v.empty() || v == "1pass" || v == "3pass",
+            "MKA_CUDA_SCAN: expected 1pass or 3pass, got '", v, "'");
+  return v == "3pass";
 }
 // Tokens per chunk of the GPU's EMA scan over B sequences of T tokens and `channels`
 // channels. The 3-pass scan's passes run B * (T / chunk) * channels / 8 threads and its
