@@ -18,7 +18,7 @@ import mka  # noqa: F401
 
 
 def run(op: str, mode: str, B: int, T: int, G: int, calls: int, table: bool,
-        fwd_only: bool = False) -> None:
+        fwd_only: bool = False, lam_grad: bool = False) -> None:
     if mode == "auto":  # the library's own choice
         os.environ.pop("MKA_CUDA_WGMMA", None)
     else:
@@ -27,6 +27,7 @@ def run(op: str, mode: str, B: int, T: int, G: int, calls: int, table: bool,
     r = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16, generator=g)  # noqa: E731
     q, k, v = (r(B, T, H, 128).requires_grad_(True) for H in (16, G, G))
     lam = torch.softmax(torch.randn(B, T, 2, device="cuda", generator=g), -1).to(torch.bfloat16)
+    lam.requires_grad_(lam_grad)  # as a router's output: the backward also makes dlam
     fns = {"attention": lambda: torch.ops.mka.attention(q, k, v, True),
            "fastmka": lambda: torch.ops.mka.fastmka(q, k, v, lam, 0.9)[0],
            "mka": lambda: torch.ops.mka.mka(q, k, v, lam, 0.9)[0]}
@@ -48,6 +49,7 @@ def run(op: str, mode: str, B: int, T: int, G: int, calls: int, table: bool,
                 fn().backward(torch.ones_like(out))
         torch.cuda.synchronize()
     what = "forward" if fwd_only else "fwd+bwd"
+    what += ", lam with grad" if lam_grad else ""
     print(f"--- {op}, MKA_CUDA_WGMMA={mode}  B={B} T={T} G={G}, {calls} {what} calls")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=16, max_name_column_width=60))
 
@@ -62,9 +64,10 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=5)
     ap.add_argument("--no-table", action="store_true")
     ap.add_argument("--fwd-only", action="store_true", help="forward calls only (no_grad)")
+    ap.add_argument("--lam-grad", action="store_true", help="lam requires grad (dlam is made)")
     a = ap.parse_args()
     for mode in (["auto", "lockstep", "pingpong", "0"] if a.mode == "all" else [a.mode]):
-        run(a.op, mode, a.B, a.T, a.G, a.calls, not a.no_table, a.fwd_only)
+        run(a.op, mode, a.B, a.T, a.G, a.calls, not a.no_table, a.fwd_only, a.lam_grad)
 
 
 if __name__ == "__main__":

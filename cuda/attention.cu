@@ -152,22 +152,25 @@ void attention_fwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows 
   });
 }
 
-void attention_bwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows out,
+bool attention_bwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows out,
                         const float* lse, Rows dout, TokenScalar w, Rows dq, Rows dk, Rows dv,
-                        KVGrad kv_grad, cudaStream_t s, const float* delta_in) {
-  if (p.B == 0) return;
+                        KVGrad kv_grad, cudaStream_t s, const float* delta_in,
+                        const ScanSums& sums) {
+  if (p.B == 0) return false;
   if (p.Tq == 0 || p.H == 0) {  // no query: nothing flows; stored dk/dv must still be zeros
     if (kv_grad == KVGrad::store_io)
       for (const Rows* x : {&dk, &dv}) accumulate(nullptr, kv_view(*x, p), s, false);
-    return;
+    return false;
   }
   AttnParams a = attn_params(p);
   a.q = q, a.k = k, a.v = v, a.out = out, a.lse = const_cast<float*>(lse);
   a.dout = dout, a.dq = dq, a.dk = dk, a.dv = dv, a.w = w, a.kv_grad = kv_grad;
   Workspace delta(delta_in ? 0 : size_t(p.B * p.H * p.Tq) * 4, s, false);
   a.delta = delta_in ? const_cast<float*>(delta_in) : delta.as<float>();
-  // With delta given, out is not read.
-  const bool tc = use_tensor_cores(p, {q, k, v, delta_in ? Rows{} : out, dout});
+  // With delta given, out is not read; dk, dv are written in 16-byte pieces.
+  const bool tc = use_tensor_cores(p, {q, k, v, delta_in ? Rows{} : out, dout, dk, dv});
+  // Both tensor-core kernels make the scan sums in their write-out (attention_bwd_rows.cuh).
+  if (tc) a.sums = sums;
   dispatch_dtype(p.dtype, "attention backward", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const int64_t rows_total = p.B * p.Tq * p.H;
@@ -192,6 +195,7 @@ void attention_bwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows 
       check_launch("attention_bwd_dkdv_simt");
     });
   });
+  return tc && sums.k;
 }
 
 void attention_fwd(const AttentionProblem& p, const TensorRef& q, const TensorRef& k,

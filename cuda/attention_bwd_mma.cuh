@@ -156,7 +156,8 @@ __global__ void __launch_bounds__(kBwdThreads, 2) attention_bwd_mma(AttnParams p
   }
   cp_async_wait<0>();
 
-  add_dkdv_rows<T, DT>(p, b, g, kr0, dk, dv);
+  static_assert(dkdv_block_smem_bytes<D, BN>() <= bwd_smem_bytes<D>());
+  put_dkdv_block<T, D, BN, kBwdThreads>(p, smem_raw, b, g, j0, dk, dv);
 }
 
 }  // namespace mka::cuda

@@ -2,6 +2,7 @@
 // statistics of a query block, and the write-out of a key block's dK and dV accumulators.
 #pragma once
 #include "attention_params.cuh"
+#include "mma_tile.cuh"
 
 namespace mka::cuda {
 
@@ -33,26 +34,77 @@ __device__ __forceinline__ void put_kv_grad(const AttnParams& p, const Rows& r, 
   }
 }
 
-// Hands over this thread's dK (times the softmax scale) and dV accumulator rows, keys kr0
-// and kr0 + 8 in the m16n8 accumulator layout, of kv head g.
-template <class T, int DT>
-__device__ __forceinline__ void add_dkdv_rows(const AttnParams& p, int64_t b, int64_t g,
-                                              int64_t kr0, const float (&dk)[DT][4],
-                                              const float (&dv)[DT][4]) {
-  const int lane = threadIdx.x % 32;
+// Bytes of shared memory put_dkdv_block needs (the kernels' own are larger).
+template <int D, int BN> constexpr int dkdv_block_smem_bytes() {
+  return 2 * BN * (D + 8) * 2 + BN * 4;
+}
+
+// Hands over a key block's dK (times the softmax scale) and dV, BN = 16 keys per warp, through
+// shared memory: each thread's accumulator rows (keys kr0 and kr0 + 8, kr0 = the warp's first
+// key + lane / 4, columns dt * 8 + (lane % 4) * 2 + {0, 1}: the m16n8 layout) go in rounded to
+// T; the block then adds or stores (p.kv_grad) whole rows in 16-byte pieces and, where asked
+// (p.sums), makes the EMA scan's chunk sums sum_t beta^(t - t0) l1_t dY_t from the same
+// rounded rows the scan's later passes read. smem: dkdv_block_smem_bytes, free to overwrite.
+template <class T, int D, int BN, int THREADS>
+__device__ __forceinline__ void put_dkdv_block(const AttnParams& p, unsigned char* smem,
+                                               int64_t b, int64_t g, int64_t j0,
+                                               const float (&dk)[D / 8][4],
+                                               const float (&dv)[D / 8][4]) {
+  static_assert(BN == THREADS / 32 * 16, "16 keys per warp");
+  constexpr int LD = D + 8, P = D / 8;  // padded rows: conflict-free fragment writes
+  T* const tiles = reinterpret_cast<T*>(smem);  // dK's, then dV's
+  const auto tile = [&](int m) { return tiles + m * BN * LD; };
+  float* weight = reinterpret_cast<float*>(smem + 2 * BN * LD * sizeof(T));
+  const int lane = threadIdx.x % 32, row0 = threadIdx.x / 32 * 16 + lane / 4;
+  const ScanSums& sums = p.sums;
+  __syncthreads();  // every warp is done with the main loop's tiles
   #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t j = kr0 + r * 8;
-    if (j >= p.Tk) continue;
+  for (int r = 0; r < 2; ++r)
     #pragma unroll
-    for (int dt = 0; dt < DT; ++dt) {
-      const int c = dt * 8 + (lane % 4) * 2;
-      #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        put_kv_grad<T>(p, p.dk, b, j, g, c + e, dk[dt][2 * r + e] * p.scale);
-        put_kv_grad<T>(p, p.dv, b, j, g, c + e, dv[dt][2 * r + e]);
-      }
+    for (int dt = 0; dt < D / 8; ++dt) {
+      const int at = (row0 + r * 8) * LD + dt * 8 + (lane % 4) * 2;
+      *reinterpret_cast<unsigned*>(tile(0) + at) =
+          mma::pack2<T>(dk[dt][2 * r] * p.scale, dk[dt][2 * r + 1] * p.scale);
+      *reinterpret_cast<unsigned*>(tile(1) + at) = mma::pack2<T>(dv[dt][2 * r], dv[dt][2 * r + 1]);
     }
+  if (sums.k)  // key j0 + r's weight in its chunk (chunks start at multiples of the chunk)
+    for (int r = threadIdx.x; r < BN; r += THREADS)
+      weight[r] = j0 + r < p.Tk ? sums.l1.load(b, j0 + r, 1.f) *
+                                      powf(sums.beta, float(r % sums.chunk))
+                                : 0.f;
+  __syncthreads();
+  for (int i = threadIdx.x; i < 2 * BN * P; i += THREADS) {
+    const int m = i / (BN * P), r = i / P % BN, piece = i % P;
+    if (j0 + r >= p.Tk) continue;
+    uint4 x = *reinterpret_cast<const uint4*>(tile(m) + r * LD + piece * 8);
+    T* dst = (m ? p.dv : p.dk).template at<T>(b, j0 + r, g) + piece * 8;
+    if (p.kv_grad == KVGrad::add_io) {
+      const uint4 y = *reinterpret_cast<const uint4*>(dst);
+      T* xe = reinterpret_cast<T*>(&x);
+      const T* ye = reinterpret_cast<const T*>(&y);
+      #pragma unroll
+      for (int e = 0; e < 8; ++e) xe[e] = from_f<T>(to_f(xe[e]) + to_f(ye[e]));
+    }
+    *reinterpret_cast<uint4*>(dst) = x;
+  }
+  if (!sums.k) return;
+  const int C = sums.chunk, nc = BN / C;
+  for (int i = threadIdx.x; i < 2 * nc * P; i += THREADS) {
+    const int m = i / (nc * P), c = i / P % nc, piece = i % P;
+    const int64_t ci = j0 / C + c;
+    if (ci >= sums.n_chunks) continue;
+    float acc[8] = {};
+    for (int r = c * C; r < (c + 1) * C; ++r) {
+      const uint4 x = *reinterpret_cast<const uint4*>(tile(m) + r * LD + piece * 8);
+      const T* xe = reinterpret_cast<const T*>(&x);
+      const float w = weight[r];
+      #pragma unroll
+      for (int e = 0; e < 8; ++e) acc[e] += w * to_f(xe[e]);
+    }
+    float* out = (m ? sums.v : sums.k) + (b * sums.n_chunks + ci) * (p.G * p.d) + g * p.d +
+                 piece * 8;
+    reinterpret_cast<float4*>(out)[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+    reinterpret_cast<float4*>(out)[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
   }
 }
 

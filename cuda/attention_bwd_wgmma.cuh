@@ -185,7 +185,8 @@ __global__ void __launch_bounds__(kWgBwdThreads, 1) attention_bwd_wgmma(AttnPara
   }
   cp_async_wait<0>();
 
-  add_dkdv_rows<T, DT>(p, b, g, kr0, dk, dv);
+  static_assert(dkdv_block_smem_bytes<D, BN>() <= wg_bwd_smem_bytes<D>() - 1024);
+  put_dkdv_block<T, D, BN, kWgBwdThreads>(p, smem_raw + pad, b, g, j0, dk, dv);
 #else
   __trap();  // launched only where the binary has sm_90a code (see attention.cu)
 #endif

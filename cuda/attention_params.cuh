@@ -11,6 +11,18 @@ namespace mka::cuda {
 // no zero fill, no float32 copy, memset or fold pass).
 enum class KVGrad : int { add_io, store_io };
 
+// The EMA scan backward's chunk sums (ema_scan.cuh's local pass), made instead by the
+// Hopper attention backward from the dK, dV it still holds (fastmka's fused keys, mka's
+// level 2): per chunk of `chunk` keys from t0, sum_t beta^(t - t0) l1_t dY_t in float32.
+struct ScanSums {
+  float* k = nullptr;  // (B, n_chunks, G*d) each; k == nullptr: not asked for
+  float* v = nullptr;
+  TokenScalar l1;      // level 2's routing weight per key; absent: 1
+  float beta = 0.f;
+  int chunk = 16;      // 8 or 16
+  int64_t n_chunks = 0;
+};
+
 struct AttnParams {
   int64_t B = 0, Tq = 0, Tk = 0, H = 0, G = 0, d = 0, group = 1;
   bool causal = true;
@@ -24,6 +36,7 @@ struct AttnParams {
   KVGrad kv_grad = KVGrad::store_io;
   float* delta = nullptr;  // (B, H, Tq): rowsum(dout * out), unweighted
   TokenScalar w;           // per query row weight on dout (mka); absent: 1
+  ScanSums sums;           // made where asked for (attention_bwd_wgmma only)
 
   // Bottom-right alignment (SPEC §1): row i sees key j iff key_lo(i) <= j < key_hi(i).
   __host__ __device__ int64_t key_hi(int64_t i) const {

@@ -12,7 +12,7 @@ ScanArgs scan_args(const RouteProblem& p, const TensorRef& lam, const ScanMemory
                    const ScanMemory& v) {
   ScanArgs a;
   a.B = p.B, a.T = p.T, a.G = p.G, a.d = p.d;
-  a.chunk = ema_scan_chunk(p.B, p.T, p.G * p.d);  // mka/problem.h
+  a.chunk = p.chunk > 0 ? p.chunk : ema_scan_chunk(p.B, p.T, p.G * p.d);  // mka/problem.h
   a.n_chunks = ceil_div(p.T, a.chunk);
   a.L = lam.present() ? int(p.L) : 2;
   a.beta = float(p.beta);
@@ -135,8 +135,33 @@ void ema_route_fwd(const RouteProblem& p, const TensorRef& lam, ScanMemory k, Sc
   });
 }
 
+ScanSumsScratch::ScanSumsScratch(const RouteProblem& p, const TensorRef& lam, cudaStream_t s)
+    : k(ema_carry_bytes(p), s, false), v(ema_carry_bytes(p), s, false) {
+  const ScanArgs a = scan_args(p, lam, {}, {});
+  MKA_CHECK(a.chunk == 8 || a.chunk == 16, "ScanSums: chunk ", a.chunk, " (ema_attn_chunk)");
+  sums.k = k.as<float>(), sums.v = v.as<float>();
+  sums.l1 = a.w.l1, sums.beta = a.beta, sums.chunk = int(a.chunk), sums.n_chunks = a.n_chunks;
+}
+
+// The staged final pass (ema_route_dx_staged, with or without dlam): half precision in
+// 16-byte pieces, given chunk sums and a chunk a warp's 16 attention rows hold.
+template <class T> bool staged_dx(const ScanArgs& a, int V) {
+  return sizeof(T) == 2 && V == 8 && (a.chunk == 8 || a.chunk == 16);
+}
+template <class T, int C> void launch_dx_staged(const ScanArgs& a, cudaStream_t s) {
+  const auto launch = [&](auto kernel, size_t smem) {
+    set_smem(kernel, int(smem));
+    kernel<<<chunk_grid(a, 8), kScanThreads, smem, s>>>(a);
+    check_launch("ema_route_dx_staged");
+  };
+  if (!a.dlam) return launch(ema_route_dx_staged<T, C, false, false>, dx_staged_smem_bytes<C, false>());
+  if (a.L == 3) return launch(ema_route_dx_staged<T, C, true, true>, dx_staged_smem_bytes<C, true>());
+  launch(ema_route_dx_staged<T, C, true, false>, dx_staged_smem_bytes<C, true>());
+}
+
 void ema_route_bwd(const RouteProblem& p, const TensorRef& lam, ScanMemory k, ScanMemory v,
-                   float* dlam, bool add, bool add_state, cudaStream_t s) {
+                   float* dlam, bool add, bool add_state, cudaStream_t s,
+                   const ScanSums* sums) {
   if (p.B == 0) return;
   ScanArgs a = scan_args(p, lam, k, v);
   a.dlam = lam.present() ? dlam : nullptr;
@@ -145,28 +170,34 @@ void ema_route_bwd(const RouteProblem& p, const TensorRef& lam, ScanMemory k, Sc
   // caller's (kept by the forward), or made here.
   const bool have_carries = a.m[0].carry && a.m[1].carry;
   CarryScratch scratch(a, a.dlam && !have_carries, s);
-  Workspace rk(carry_bytes(a), s, false), rv(carry_bytes(a), s, false);
-  a.m[0].rcarry = rk.as<float>(), a.m[1].rcarry = rv.as<float>();
+  Workspace rk(sums ? 0 : carry_bytes(a), s, false), rv(sums ? 0 : carry_bytes(a), s, false);
+  a.m[0].rcarry = sums ? sums->k : rk.as<float>();
+  a.m[1].rcarry = sums ? sums->v : rv.as<float>();
   dispatch_dtype(p.dtype, "ema_route backward", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     dispatch_width(a, [&](auto width) {
       constexpr int V = decltype(width)::value;
+      const bool staged = sums && staged_dx<T>(a, V);
       if (a.n_chunks > 0) {
         if (a.dlam) {
           if (!have_carries) forward_carries<T, V>(a, s);
-          ema_route_dlam<T, V><<<chunk_grid(a, V), kScanThreads, 0, s>>>(a);
-          check_launch("ema_route_dlam");
-        } else {
+          if (!staged) {  // makes the chunk sums too
+            ema_route_dlam<T, V><<<chunk_grid(a, V), kScanThreads, 0, s>>>(a);
+            check_launch("ema_route_dlam");
+          }
+        } else if (!sums) {
           ema_local_bwd<T, V><<<chunk_grid(a, V), kScanThreads, 0, s>>>(a);
           check_launch("ema_local_bwd");
         }
       }
       ema_carry_bwd<<<carry_grid(a), kScanThreads, 0, s>>>(a);
       check_launch("ema_carry_bwd");
-      if (a.n_chunks > 0) {
-        ema_route_dx<T, V><<<chunk_grid(a, V), kScanThreads, 0, s>>>(a);
-        check_launch("ema_route_dx");
+      if (a.n_chunks == 0) return;
+      if constexpr (sizeof(T) == 2) {
+        if (staged) return a.chunk == 8 ? launch_dx_staged<T, 8>(a, s) : launch_dx_staged<T, 16>(a, s);
       }
+      ema_route_dx<T, V><<<chunk_grid(a, V), kScanThreads, 0, s>>>(a);
+      check_launch("ema_route_dx");
     });
   });
 }

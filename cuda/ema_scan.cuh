@@ -8,6 +8,7 @@
 // with lam, its local pass also makes dlam (which needs the forward EMA, in forward time).
 #pragma once
 #include "launchers.h"
+#include "mma_tile.cuh"
 
 namespace mka::cuda {
 
@@ -255,6 +256,139 @@ template <class T, int V> __global__ void ema_route_dx(ScanArgs a) {
       if (a.add) load_v<V>(dx3p, dx3);
       #pragma unroll
       for (int i = 0; i < V; ++i) dx3[i] = (a.add ? dx3[i] : 0.f) + w2 * dy[i];
+      store_v<V>(dx3p, dx3);
+    }
+  }
+}
+
+// Sums each of N values (N a power of two, 2 <= N <= 32) over the warp's lanes in
+// N - 1 + log2(32 / N) shuffles, where a warp_sum per value takes 5 N: each round, lanes
+// keep half of their values and take the partner's share of that half. On return, v[0] of
+// lane l holds the sum of value l / (32 / N).
+template <int N, int K = 0>
+__device__ __forceinline__ float warp_reduce_scatter(float (&v)[N]) {
+  static_assert(N >= 2 && N <= 32 && (N & (N - 1)) == 0);
+  constexpr int o = 16 >> K, n = N >> (K + 1);  // partner lane ^ o; values kept after
+  if constexpr (n == 0) {  // one value left: plain butterflies
+    #pragma unroll
+    for (int off = o; off > 0; off >>= 1) v[0] += __shfl_xor_sync(0xffffffffu, v[0], off);
+    return v[0];
+  } else {
+    const bool upper = threadIdx.x & o;
+    #pragma unroll
+    for (int i = 0; i < n; ++i) {
+      const float keep = upper ? v[i + n] : v[i], give = upper ? v[i] : v[i + n];
+      v[i] = keep + __shfl_xor_sync(0xffffffffu, give, o);
+    }
+    if constexpr (o == 1) return v[0];
+    else return warp_reduce_scatter<N, K + 1>(v);
+  }
+}
+
+// Adds one warp's per-token partial dlam terms p[level * C + r] (token t0 + r, r < n) into
+// dlam: one reduce-scatter, then one atomic per lane that holds a sum.
+template <int C, int LEVELS>
+__device__ __forceinline__ void add_dlam_terms(const ScanArgs& a, int64_t b, int64_t t0, int n,
+                                               int level0, float (&p)[LEVELS * C]) {
+  constexpr int N = LEVELS * C, per = 32 / N;
+  const float sum = warp_reduce_scatter<N>(p);
+  const int lane = threadIdx.x & 31, i = lane / per, r = i % C;
+  if (lane % per == 0 && r < n) atomicAdd(a.dlam + (b * a.T + t0 + r) * a.L + level0 + i / C, sum);
+}
+
+// The forward sweep of ema_route_dx_staged with dlam over one chunk's staged dy and x: the
+// EMA s from the chunk's forward start state, and dlam's terms as ema_route_dlam makes them.
+template <class T, int C, bool L3>
+__device__ __forceinline__ void dlam_sweep(const ScanArgs& a, const ScanMemory& m, bool active,
+                                           int64_t b, int64_t g, int64_t c, int64_t ch, int n,
+                                           const uint4* dys, const uint4* xs) {
+  constexpr int V = 8;
+  const int64_t t0 = ch * C;
+  const bool has3 = L3 && m.x3.data;
+  float s[V] = {}, p[2 * C], p3[L3 ? C : 1];
+  if (active) load_v<V>(carry_at<V>(a, m.carry, b, ch), s);
+  #pragma unroll
+  for (int r = 0; r < C; ++r) {
+    p[r] = p[C + r] = p3[L3 ? r : 0] = 0.f;
+    if (!active || r >= n) continue;
+    const uint4 dr = dys[r * kScanThreads], xr = xs[r * kScanThreads];
+    const T* dy = reinterpret_cast<const T*>(&dr);
+    const T* x = reinterpret_cast<const T*>(&xr);
+    float x3[V];
+    if (has3) load_v<V>(m.x3.at<const T>(b, t0 + r, g) + c, x3);
+    #pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const float dyi = to_f(dy[i]), xi = to_f(x[i]);
+      s[i] = a.beta * s[i] + (1.f - a.beta) * xi;
+      p[r] += xi * dyi;
+      p[C + r] += s[i] * dyi;
+      if (has3) p3[L3 ? r : 0] += x3[i] * dyi;
+    }
+  }
+  add_dlam_terms<C, 2>(a, b, t0, n, 0, p);
+  if constexpr (L3) add_dlam_terms<C, 1>(a, b, t0, n, 2, p3);
+}
+
+// Final pass, backward, where the chunk sums came with dy (ScanSums: no local pass), per
+// chunk of C tokens: each thread copies its 8 channels of dy (and, with dlam, of x) for the
+// chunk into shared memory at once (16-byte cp.async: every load in flight, no registers
+// held); with dlam it sweeps forward in time (dlam_sweep); then backward making dx as
+// ema_route_dx. One read of dy (and x) and one write of dx, where the dlam pass and the dx
+// pass read dy twice. L3: L == 3 (level 3's terms take registers only then); dynamic shared
+// memory: dx_staged_smem_bytes.
+template <int C, bool kDlam> constexpr size_t dx_staged_smem_bytes() {
+  return (kDlam ? 2 : 1) * C * kScanThreads * 16;
+}
+
+template <class T, int C, bool kDlam, bool L3>
+__global__ void ema_route_dx_staged(ScanArgs a) {
+  static_assert(sizeof(T) == 2 && C <= 16, "a 16-byte piece holds 8 channels");
+  constexpr int V = 8;
+  extern __shared__ uint4 staged[];  // [C][threads] of dy, then of x (with dlam)
+  uint4* const dys = staged + threadIdx.x;
+  uint4* const xs = dys + C * kScanThreads;
+  int64_t g, c;
+  const bool active = scan_channel<V>(a, g, c);
+  const ScanMemory m = memory(a);
+  const int64_t b = batch(a), ch = blockIdx.y, t0 = ch * C;
+  const int n = int(min(int64_t(C), a.T - t0));
+  if (active) {
+    #pragma unroll
+    for (int r = 0; r < C; ++r) {  // rows past T: zero-filled, never read
+      const int64_t t = min(t0 + r, a.T - 1);
+      mma::cp_async16(dys + r * kScanThreads, m.dy.at<const T>(b, t, g) + c, r < n);
+      if (kDlam) mma::cp_async16(xs + r * kScanThreads, m.x.at<const T>(b, t, g) + c, r < n);
+    }
+    mma::cp_async_commit();
+    mma::cp_async_wait<0>();  // this thread's own copies: no barrier
+  }
+  if constexpr (kDlam) dlam_sweep<T, C, L3>(a, m, active, b, g, c, ch, n, dys, xs);
+  if (!active) return;
+  float carry[V];
+  load_v<V>(carry_at<V>(a, m.rcarry, b, ch), carry);
+  const bool has_dx3 = L3 && m.dx3.data;
+  #pragma unroll
+  for (int r = C - 1; r >= 0; --r) {
+    if (r >= n) continue;
+    const int64_t t = t0 + r;
+    float w0, w1, w2, dx[V] = {}, dx3[V] = {};
+    a.w.load(b, t, w0, w1, w2);
+    const uint4 dr = dys[r * kScanThreads];
+    const T* dy = reinterpret_cast<const T*>(&dr);
+    T* dxp = m.dx.at<T>(b, t, g) + c;
+    if (a.add) load_v<V>(dxp, dx);
+    #pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const float dyi = to_f(dy[i]), u = w1 * dyi + carry[i];
+      dx[i] += w0 * dyi + (1.f - a.beta) * u;
+      carry[i] = a.beta * u;
+    }
+    store_v<V>(dxp, dx);
+    if (has_dx3) {
+      T* dx3p = m.dx3.at<T>(b, t, g) + c;
+      if (a.add) load_v<V>(dx3p, dx3);
+      #pragma unroll
+      for (int i = 0; i < V; ++i) dx3[i] += w2 * to_f(dy[i]);
       store_v<V>(dx3p, dx3);
     }
   }

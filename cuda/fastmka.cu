@@ -4,12 +4,20 @@
 // the attention at training lengths (bench/PERF_NOTES.md). The forward keeps the fused
 // keys/values and the scans' chunk start states in the caller's SavedKeys, so the backward
 // neither remakes them nor rereads k/v for them; without SavedKeys both live in scratch and
-// the backward recomputes them.
+// the backward recomputes them. The attention backward also makes the backward scan's chunk
+// sums from the fused keys' gradients it holds, so the scan skips its local pass.
 #include "launchers.h"
 #include "mka/cuda_kernels.h"
 
 namespace mka::cuda {
 namespace {
+
+// The scan's chunk: one an attention backward can make the sums of (both directions use it,
+// as the backward reads the forward's chunk start states).
+RouteProblem fused_route(RouteProblem rp) {
+  rp.chunk = ema_attn_chunk(rp.B, rp.T, rp.G * rp.d);
+  return rp;
+}
 
 // The fused keys/values and both scans' chunk start states: the caller's, or scratch.
 struct Fused {
@@ -30,19 +38,20 @@ struct Fused {
 
 }  // namespace
 
-void fastmka_fwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef& q,
+void fastmka_fwd(const AttentionProblem& ap, const RouteProblem& route, const TensorRef& q,
                  const TensorRef& k, const TensorRef& v, const RouteInputs& r,
                  const TensorRef& out, const TensorRef& lse, const TensorRef& k_state_out,
                  const TensorRef& v_state_out, const SavedKeys& saved, void* stream) {
   DeviceGuard guard(q.device_id);
   auto s = static_cast<cudaStream_t>(stream);
+  const RouteProblem rp = fused_route(route);
   Fused f(ap, rp, saved, s);
   route_fuse_fwd_rows(rp, k, v, r, f.kr, f.vr, state(k_state_out), state(v_state_out), f.carry,
                       s);
   attention_fwd_rows(ap, rows(q), f.kr, f.vr, rows(out), static_cast<float*>(lse.data), s);
 }
 
-void fastmka_bwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef& q,
+void fastmka_bwd(const AttentionProblem& ap, const RouteProblem& route, const TensorRef& q,
                  const TensorRef& k, const TensorRef& v, const RouteInputs& r,
                  const TensorRef& out, const TensorRef& lse, const TensorRef& dout,
                  const TensorRef& dk_state_out, const TensorRef& dv_state_out,
@@ -50,6 +59,7 @@ void fastmka_bwd(const AttentionProblem& ap, const RouteProblem& rp, const Tenso
                  const RouteGrads& g, const SavedKeys& saved, void* stream, bool add) {
   DeviceGuard guard(q.device_id);
   auto s = static_cast<cudaStream_t>(stream);
+  const RouteProblem rp = fused_route(route);
   Fused f(ap, rp, saved, s);
   if (!saved.k.present())
     route_fuse_fwd_rows(rp, k, v, r, f.kr, f.vr, StateView{}, StateView{}, f.carry, s);
@@ -57,12 +67,14 @@ void fastmka_bwd(const AttentionProblem& ap, const RouteProblem& rp, const Tenso
   // (no float32 copy, no zero fill), read by the scan's backward.
   KVScratch df(ap, s);
   Workspace dq_acc(size_t(ap.B * ap.Tq * ap.H * ap.d) * 4, s, true);
-  attention_bwd_rows(ap, rows(q), f.kr, f.vr, rows(out), static_cast<const float*>(lse.data),
-                     rows(dout), TokenScalar{}, dense_rows(dq_acc.as<float>(), ap.Tq, ap.H, ap.d),
-                     df.kr, df.vr, KVGrad::store_io, s);
+  ScanSumsScratch sums(rp, r.lam, s);
+  const bool made = attention_bwd_rows(
+      ap, rows(q), f.kr, f.vr, rows(out), static_cast<const float*>(lse.data), rows(dout),
+      TokenScalar{}, dense_rows(dq_acc.as<float>(), ap.Tq, ap.H, ap.d), df.kr, df.vr,
+      KVGrad::store_io, s, nullptr, sums.sums);
   accumulate(dq_acc.as<float>(), dq, s, add);
   route_fuse_bwd_rows(rp, k, v, r, df.kr, df.vr, state(dk_state_out), state(dv_state_out), dk,
-                      dv, g, add, f.carry, s);
+                      dv, g, add, f.carry, s, made ? &sums.sums : nullptr);
 }
 
 }  // namespace mka::cuda

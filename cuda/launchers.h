@@ -35,9 +35,12 @@ void attention_fwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows 
 // views in p.dtype) over as kv_grad says. `w` weights each query
 // row's incoming gradient (mka's routing); absent: weight 1. delta (optional, dense
 // (B, H, Tq) float32): the rows' <dout, out>, computed by the caller (then out is not read).
-void attention_bwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows out,
+// sums (optional): the EMA scan backward's chunk sums of dk, dv, made by the tensor-core
+// kernels; returns whether they were made.
+bool attention_bwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows out,
                         const float* lse, Rows dout, TokenScalar w, Rows dq, Rows dk, Rows dv,
-                        KVGrad kv_grad, cudaStream_t stream, const float* delta = nullptr);
+                        KVGrad kv_grad, cudaStream_t stream, const float* delta = nullptr,
+                        const ScanSums& sums = {});
 
 // One memory (keys or values) of the EMA-route scan (ema_scan.cuh): its views in p.dtype;
 // absent views are neither read nor written.
@@ -68,21 +71,30 @@ void ema_route_fwd(const RouteProblem& p, const TensorRef& lam, ScanMemory k, Sc
 size_t ema_carry_bytes(const RouteProblem& p);
 // The backward of ema_route_fwd, both memories in one launch per pass: dx, dx3 added into
 // (add) or overwritten, dstate_in likewise (add_state); dlam: dense (B, T, L) float32
-// accumulator added into, or nullptr.
+// accumulator added into, or nullptr. sums (optional): the chunk sums of dy, made with it by
+// the attention backward (ScanSums), which replace the scan's local pass.
 void ema_route_bwd(const RouteProblem& p, const TensorRef& lam, ScanMemory k, ScanMemory v,
-                   float* dlam, bool add, bool add_state, cudaStream_t stream);
+                   float* dlam, bool add, bool add_state, cudaStream_t stream,
+                   const ScanSums* sums = nullptr);
+// Scratch for both memories' chunk sums, for an attention backward to make (ScanSums);
+// p.chunk must be ema_attn_chunk's.
+struct ScanSumsScratch {
+  Workspace k, v;
+  ScanSums sums;
+  ScanSumsScratch(const RouteProblem& p, const TensorRef& lam, cudaStream_t stream);
+};
 
 // route_fuse on views (route_fuse.cu; fastmka's fusion too). carry (optional,
 // 2 * ema_carry_bytes): both scans' chunk start states, written forward, read backward.
 void route_fuse_fwd_rows(const RouteProblem& p, const TensorRef& k, const TensorRef& v,
                          const RouteInputs& r, Rows k_fused, Rows v_fused, StateView k_state_out,
                          StateView v_state_out, float* carry, cudaStream_t stream);
-// dk, dv, g as ema_route_bwd's dx: added into (add) or overwritten.
+// dk, dv, g as ema_route_bwd's dx: added into (add) or overwritten; sums as ema_route_bwd's.
 void route_fuse_bwd_rows(const RouteProblem& p, const TensorRef& k, const TensorRef& v,
                          const RouteInputs& r, Rows dk_fused, Rows dv_fused,
                          StateView dk_state_out, StateView dv_state_out, const TensorRef& dk,
                          const TensorRef& dv, const RouteGrads& g, bool add, float* carry,
-                         cudaStream_t stream);
+                         cudaStream_t stream, const ScanSums* sums = nullptr);
 
 // dst += src (add) or dst = src, where src is a dense float32 tensor of dst's shape (dst
 // strided, any dtype); src == nullptr reads as zeros.

@@ -185,8 +185,14 @@ void mka_bwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef
     const Rows ke = kept ? rows(saved.k) : e.kr, ve = kept ? rows(saved.v) : e.vr;
     if (!kept) ema_keys(rp, k, v, r, ke, ve, StateView{}, StateView{}, s);
     KVScratch de(ap, s);  // the EMA keys' gradients, stored (no zero fill)
-    attention_bwd_rows(level_problem(ap, 1, 0), rows(q), ke, ve, lv.o[1], lse(1), rows(dout),
-                       lv.w[1], dq_rows, de.kr, de.vr, KVGrad::store_io, s, level_delta(1));
+    // The scan's chunk sums come from level 2's attention backward where it can make them.
+    RouteProblem rs = rp;
+    rs.chunk = ema_attn_chunk(rp.B, rp.T, rp.G * rp.d);
+    ScanSumsScratch sums(rs, TensorRef{}, s);
+    const bool made =
+        attention_bwd_rows(level_problem(ap, 1, 0), rows(q), ke, ve, lv.o[1], lse(1),
+                           rows(dout), lv.w[1], dq_rows, de.kr, de.vr, KVGrad::store_io, s,
+                           level_delta(1), sums.sums);
     // Added onto level 1's dk, dv; the states' gradients are the scan's alone.
     ScanMemory km = scan_memory(rows(k), Rows{}, state(r.k_state));
     ScanMemory vm = scan_memory(rows(v), Rows{}, state(r.v_state));
@@ -194,7 +200,7 @@ void mka_bwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef
     km.dstate_in = state(g.dk_state);
     vm.dy = de.vr, vm.dstate_out = state(dv_state_out), vm.dx = rows(dv);
     vm.dstate_in = state(g.dv_state);
-    ema_route_bwd(rp, TensorRef{}, km, vm, nullptr, true, add, s);
+    ema_route_bwd(rs, TensorRef{}, km, vm, nullptr, true, add, s, made ? &sums.sums : nullptr);
   }
   if (lv.L == 3) {
     const AttentionProblem p3 = level_problem(ap, 2, mem_k.shape[1]);

@@ -32,7 +32,7 @@ void route_fuse_bwd_rows(const RouteProblem& p, const TensorRef& k, const Tensor
                          const RouteInputs& r, Rows dk_fused, Rows dv_fused,
                          StateView dk_state_out, StateView dv_state_out, const TensorRef& dk,
                          const TensorRef& dv, const RouteGrads& g, bool add, float* carry,
-                         cudaStream_t s) {
+                         cudaStream_t s, const ScanSums* sums) {
   auto [km, vm] = memories(p, k, v, r, carry);
   km.dy = dk_fused, km.dstate_out = dk_state_out;
   km.dx = rows(dk), km.dx3 = rows(g.dk3), km.dstate_in = state(g.dk_state);
@@ -40,7 +40,7 @@ void route_fuse_bwd_rows(const RouteProblem& p, const TensorRef& k, const Tensor
   vm.dx = rows(dv), vm.dx3 = rows(g.dv3), vm.dstate_in = state(g.dv_state);
   // Both memories add their terms to dlam: sum them in float32, round once.
   Workspace dlam(g.dlam.present() ? size_t(p.B * p.T * p.L) * 4 : 0, s, true);
-  ema_route_bwd(p, r.lam, km, vm, dlam.as<float>(), add, add, s);
+  ema_route_bwd(p, r.lam, km, vm, dlam.as<float>(), add, add, s, sums);
   if (g.dlam.present()) accumulate(dlam.as<float>(), g.dlam, s, add);
 }
 

@@ -42,11 +42,15 @@ def main():
     lam2 = torch.softmax(torch.randn(B, Tk, 2, device="cuda"), -1).to(torch.bfloat16)
     kf, vf, kso, vso = ops.route_fuse(ku, v, lam2, 0.9)
     (kf.float().sum() + vf.float().sum()).backward()
-    out, kso, vso = ops.fastmka(q, k, v, lam_k, 0.9, k3, v3, ks, vs)
-    (out.float().sum() + kso.sum()).backward()
     mk, mv = r(B, 20, G, d), r(B, 20, G, d)
-    out, kso, vso = ops.mka(q, k, v, lam_q, 0.9, mk, mv, ks, vs, True, None, 25)
-    (out.float().sum() + vso.sum()).backward()
+    # Both tensor-core backwards make the EMA scan's chunk sums for fastmka and mka.
+    for mode in ("pingpong", "0"):
+        os.environ["MKA_CUDA_WGMMA"] = mode
+        out, kso, vso = ops.fastmka(q, k, v, lam_k, 0.9, k3, v3, ks, vs)
+        (out.float().sum() + kso.sum()).backward()
+        out, kso, vso = ops.mka(q, k, v, lam_q, 0.9, mk, mv, ks, vs, True, None, 25)
+        (out.float().sum() + vso.sum()).backward()
+    del os.environ["MKA_CUDA_WGMMA"]
     torch.cuda.synchronize()
     print("sanitize cases: done")
 

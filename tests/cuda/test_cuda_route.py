@@ -110,6 +110,34 @@ def test_mka(dtype, L, d):
              dtype, ("q", "k", "v", "lam", "mem_k", "mem_v", "k_state", "v_state"), gen, n_out=3)
 
 
+# The attention backward makes the backward scan's chunk sums from the dK, dV it holds (8-token
+# chunks here at T = 150, 16 past 2k tokens) in both tensor-core kernels (MKA_CUDA_WGMMA=0:
+# mma.sync); with lam, the scan's last pass also makes dlam.
+@pytest.mark.parametrize("wgmma", ["default", "0"])
+@pytest.mark.parametrize("T", [150, 2100])
+@pytest.mark.parametrize("op", ["fastmka", "mka"])
+def test_scan_sums_from_attention_backward(op, T, wgmma, monkeypatch):
+    if wgmma != "default":
+        monkeypatch.setenv("MKA_CUDA_WGMMA", wgmma)
+    gen = torch.Generator().manual_seed(T + len(op))
+    dtype, B, H, G, d, L = torch.bfloat16, 1, 2, 1, 64, 3 if op == "fastmka" else 2
+    q, q64 = rand(gen, B, T, H, d, dtype=dtype)
+    k, k64 = rand(gen, B, T, G, d, dtype=dtype)
+    v, v64 = rand(gen, B, T, G, d, dtype=dtype)
+    lam, lam64 = softmax_rows(gen, B, T, L, dtype)
+    (ks, vs), (ks64, vs64) = _states(gen, B, G, d, True)
+    if op == "fastmka":
+        (k3, k364), (v3, v364) = (rand(gen, B, T, G, d, dtype=dtype),
+                                  rand(gen, B, T, G, d, dtype=dtype))
+    else:
+        (k3, k364), (v3, v364) = (None, None), (None, None)
+    fn, ref = getattr(torch.ops.mka, op), getattr(R, op)
+    check_op(lambda q, k, v, lam, x3, y3, ks, vs: fn(q, k, v, lam, BETA, x3, y3, ks, vs),
+             lambda q, k, v, lam, x3, y3, ks, vs: ref(q, k, v, lam, BETA, x3, y3, ks, vs),
+             (q, k, v, lam, k3, v3, ks, vs), (q64, k64, v64, lam64, k364, v364, ks64, vs64),
+             dtype, ("q", "k", "v", "lam", "x3", "y3", "k_state", "v_state"), gen, n_out=3)
+
+
 def test_mka_empty_memory():
     gen = torch.Generator().manual_seed(9)
     B, T, H, G, d = 1, 64, 2, 1, 64

@@ -38,6 +38,7 @@ struct RouteProblem {
   DType dtype = DType::f32;
   Device device = Device::cpu;
   int device_id = 0;
+  int64_t chunk = 0;  // tokens per chunk of the GPU's EMA scan; 0: ema_scan_chunk's
 };
 
 // mka's attention problem of memory level l (0-based) over M memory tokens: level 2 (the
@@ -101,11 +102,17 @@ inline int64_t ema_scan_chunk(int64_t B, int64_t T, int64_t channels) {
     chunk /= 2;
   return ema_scan_three_pass() ? chunk : std::min<int64_t>(chunk, 32);
 }
+// The chunk of a scan whose backward's chunk sums the attention backward makes (fastmka's
+// fusion, mka's level 2): a Hopper attention-backward warp holds 16 key rows, one 16-token
+// chunk or two 8-token ones.
+inline int64_t ema_attn_chunk(int64_t B, int64_t T, int64_t channels) {
+  return std::min<int64_t>(ema_scan_chunk(B, T, channels), 16);
+}
 // Floats of SavedKeys::carry for fastmka on `device` (k, v (B, Tk, G, d)): the chunk start
 // states of both scans on CUDA, none on the CPU.
 inline int64_t fastmka_carry_numel(int64_t B, int64_t Tk, int64_t G, int64_t d, Device device) {
   if (device == Device::cpu) return 0;
-  const int64_t chunk = ema_scan_chunk(B, Tk, G * d);
+  const int64_t chunk = ema_attn_chunk(B, Tk, G * d);
   return 2 * B * ((Tk + chunk - 1) / chunk) * G * d;
 }
 
