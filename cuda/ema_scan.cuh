@@ -228,7 +228,33 @@ __global__ void ema_carry_bwd(ScanArgs a) {
   }
 }
 
-// Final pass, backward: dx_t (+)= l0 dy_t + (1 - beta) u_t, dx3_t (+)= l2 dy_t.
+// One token of the backward's final pass: dx_t (+)= l0 dy_t + (1 - beta) u_t with
+// u_t = l1 dy_t + carry, dx3_t (+)= l2 dy_t (has3); then carry = beta u_t.
+template <class T, int V>
+__device__ __forceinline__ void dx_token(const ScanArgs& a, const ScanMemory& m, int64_t b,
+                                         int64_t t, int64_t g, int64_t c, bool has3,
+                                         const float (&dy)[V], float (&carry)[V]) {
+  float w0, w1, w2, dx[V] = {}, dx3[V] = {};
+  a.w.load(b, t, w0, w1, w2);
+  T* dxp = m.dx.at<T>(b, t, g) + c;
+  if (a.add) load_v<V>(dxp, dx);
+  #pragma unroll
+  for (int i = 0; i < V; ++i) {
+    const float u = w1 * dy[i] + carry[i];
+    dx[i] += w0 * dy[i] + (1.f - a.beta) * u;
+    carry[i] = a.beta * u;
+  }
+  store_v<V>(dxp, dx);
+  if (has3) {
+    T* dx3p = m.dx3.at<T>(b, t, g) + c;
+    if (a.add) load_v<V>(dx3p, dx3);
+    #pragma unroll
+    for (int i = 0; i < V; ++i) dx3[i] += w2 * dy[i];
+    store_v<V>(dx3p, dx3);
+  }
+}
+
+// Final pass, backward: dx_token over the chunk in reverse time from its carry.
 template <class T, int V> __global__ void ema_route_dx(ScanArgs a) {
   int64_t g, c;
   if (!scan_channel<V>(a, g, c)) return;
@@ -236,28 +262,11 @@ template <class T, int V> __global__ void ema_route_dx(ScanArgs a) {
   const int64_t b = batch(a), ch = blockIdx.y;
   const int64_t t0 = ch * a.chunk, t1 = min(a.T, t0 + a.chunk);
   const bool has3 = a.L == 3 && m.dx3.data;
-  float carry[V], dy[V], dx[V] = {}, dx3[V] = {};
+  float carry[V], dy[V];
   load_v<V>(carry_at<V>(a, m.rcarry, b, ch), carry);
   for (int64_t t = t1 - 1; t >= t0; --t) {
-    float w0, w1, w2;
-    a.w.load(b, t, w0, w1, w2);
     load_v<V>(m.dy.at<const T>(b, t, g) + c, dy);
-    T* dxp = m.dx.at<T>(b, t, g) + c;
-    if (a.add) load_v<V>(dxp, dx);
-    #pragma unroll
-    for (int i = 0; i < V; ++i) {
-      const float u = w1 * dy[i] + carry[i];
-      dx[i] = (a.add ? dx[i] : 0.f) + w0 * dy[i] + (1.f - a.beta) * u;
-      carry[i] = a.beta * u;
-    }
-    store_v<V>(dxp, dx);
-    if (has3) {
-      T* dx3p = m.dx3.at<T>(b, t, g) + c;
-      if (a.add) load_v<V>(dx3p, dx3);
-      #pragma unroll
-      for (int i = 0; i < V; ++i) dx3[i] = (a.add ? dx3[i] : 0.f) + w2 * dy[i];
-      store_v<V>(dx3p, dx3);
-    }
+    dx_token<T, V>(a, m, b, t, g, c, has3, dy, carry);
   }
 }
 
@@ -370,27 +379,9 @@ __global__ void ema_route_dx_staged(ScanArgs a) {
   #pragma unroll
   for (int r = C - 1; r >= 0; --r) {
     if (r >= n) continue;
-    const int64_t t = t0 + r;
-    float w0, w1, w2, dx[V] = {}, dx3[V] = {};
-    a.w.load(b, t, w0, w1, w2);
-    const uint4 dr = dys[r * kScanThreads];
-    const T* dy = reinterpret_cast<const T*>(&dr);
-    T* dxp = m.dx.at<T>(b, t, g) + c;
-    if (a.add) load_v<V>(dxp, dx);
-    #pragma unroll
-    for (int i = 0; i < V; ++i) {
-      const float dyi = to_f(dy[i]), u = w1 * dyi + carry[i];
-      dx[i] += w0 * dyi + (1.f - a.beta) * u;
-      carry[i] = a.beta * u;
-    }
-    store_v<V>(dxp, dx);
-    if (has_dx3) {
-      T* dx3p = m.dx3.at<T>(b, t, g) + c;
-      if (a.add) load_v<V>(dx3p, dx3);
-      #pragma unroll
-      for (int i = 0; i < V; ++i) dx3[i] += w2 * to_f(dy[i]);
-      store_v<V>(dx3p, dx3);
-    }
+    float dy[V];
+    load_v<V>(reinterpret_cast<const T*>(dys + r * kScanThreads), dy);
+    dx_token<T, V>(a, m, b, t0 + r, g, c, has_dx3, dy, carry);
   }
 }
 

@@ -32,8 +32,9 @@ constexpr int kLookback = 4;    // predecessors polled at once
 constexpr unsigned kUnset = 0xffffffffu;
 
 struct PassArgs {
-  float* agg[2] = {};          // per memory, as carry (block ch at ch): aggregates, kUnset
+  float* agg[2] = {};          // per memory, (B, blocks per sequence, G*d): aggregates, kUnset
   int64_t n_cb = 0;            // channel blocks
+  int64_t n_blocks = 0;        // blocks (chunks of kPassChunk) per sequence
 };
 
 // --- two channels per thread, as stored --------------------------------------------------
@@ -234,6 +235,7 @@ __device__ __forceinline__ void fwd_1pass(const ScanArgs& a, const PassArgs& pa,
   // `sub` per block; the look-back polls block boundaries only.
   const int sub = kPassChunk / int(a.chunk);
   const auto slot = [&](int64_t j) { return (p.b * a.n_chunks + j) * a.channels() + p.gc; };
+  const auto agg_slot = [&](int64_t j) { return (p.b * pa.n_blocks + j) * a.channels() + p.gc; };
 
   const Stage<T> xs = stage<T>(0), x3s = stage<T>(1);  // x3s: kHas3 only
   stage_chunk<T>(m.x, p, pc, xs);
@@ -253,10 +255,10 @@ __device__ __forceinline__ void fwd_1pass(const ScanArgs& a, const PassArgs& pa,
       start = load_state(m.state_in, p.b, p.g, p.c);
       *reinterpret_cast<float2*>(m.carry + slot(0)) = start;
     } else {
-      if (!last) publish(agg + slot(p.ch), loc);
+      if (!last) publish(agg + agg_slot(p.ch), loc);
       start = look_back(p.ch, powf(a.beta, float(kPassChunk)),
                         [&](int64_t j) { return m.carry + slot((j + 1) * sub); },
-                        [&](int64_t j) { return agg + slot(j); });
+                        [&](int64_t j) { return agg + agg_slot(j); });
     }
     const float2 end = axpby(powf(a.beta, float(p.n)), start, 1.f, loc);
     if (!last) publish(m.carry + slot((p.ch + 1) * sub), end);
