@@ -34,6 +34,15 @@ __device__ __forceinline__ void put_kv_grad(const AttnParams& p, const Rows& r, 
   }
 }
 
+// The scan-sum weight of key j0 + threadIdx.x (threads below the block's key count): its
+// level-2 routing weight times beta^(its place in its chunk); 0 past Tk or without sums.
+__device__ __forceinline__ float scan_sum_weight(const AttnParams& p, int64_t b, int64_t j0) {
+  const ScanSums& s = p.sums;
+  const int64_t j = j0 + threadIdx.x;
+  if (!s.k || j >= p.Tk) return 0.f;
+  return s.l1.load(b, j, 1.f) * powf(s.beta, float(threadIdx.x % s.chunk));
+}
+
 // Bytes of shared memory put_dkdv_block needs (the kernels' own are larger).
 template <int D, int BN> constexpr int dkdv_block_smem_bytes() {
   return 2 * BN * (D + 8) * 2 + BN * 4;
@@ -45,12 +54,14 @@ template <int D, int BN> constexpr int dkdv_block_smem_bytes() {
 // T; the block then adds or stores (p.kv_grad) whole rows in 16-byte pieces and, where asked
 // (p.sums), makes the EMA scan's chunk sums sum_t beta^(t - t0) l1_t dY_t from the same
 // rounded rows the scan's later passes read. smem: dkdv_block_smem_bytes, free to overwrite.
+// sum_weight: scan_sum_weight's, loaded by the kernel before its main loop (a memory latency
+// here would stall the whole block).
 template <class T, int D, int BN, int THREADS>
 __device__ __forceinline__ void put_dkdv_block(const AttnParams& p, unsigned char* smem,
                                                int64_t b, int64_t g, int64_t j0,
                                                const float (&dk)[D / 8][4],
-                                               const float (&dv)[D / 8][4]) {
-  static_assert(BN == THREADS / 32 * 16, "16 keys per warp");
+                                               const float (&dv)[D / 8][4], float sum_weight) {
+  static_assert(BN == THREADS / 32 * 16 && BN <= THREADS, "16 keys per warp");
   constexpr int LD = D + 8, P = D / 8;  // padded rows: conflict-free fragment writes
   T* const tiles = reinterpret_cast<T*>(smem);  // dK's, then dV's
   const auto tile = [&](int m) { return tiles + m * BN * LD; };
@@ -67,11 +78,7 @@ __device__ __forceinline__ void put_dkdv_block(const AttnParams& p, unsigned cha
           mma::pack2<T>(dk[dt][2 * r] * p.scale, dk[dt][2 * r + 1] * p.scale);
       *reinterpret_cast<unsigned*>(tile(1) + at) = mma::pack2<T>(dv[dt][2 * r], dv[dt][2 * r + 1]);
     }
-  if (sums.k)  // key j0 + r's weight in its chunk (chunks start at multiples of the chunk)
-    for (int r = threadIdx.x; r < BN; r += THREADS)
-      weight[r] = j0 + r < p.Tk ? sums.l1.load(b, j0 + r, 1.f) *
-                                      powf(sums.beta, float(r % sums.chunk))
-                                : 0.f;
+  if (sums.k && threadIdx.x < BN) weight[threadIdx.x] = sum_weight;
   __syncthreads();
   for (int i = threadIdx.x; i < 2 * BN * P; i += THREADS) {
     const int m = i / (BN * P), r = i / P % BN, piece = i % P;

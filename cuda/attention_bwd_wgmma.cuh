@@ -62,6 +62,7 @@ __global__ void __launch_bounds__(kWgBwdThreads, 1) attention_bwd_wgmma(AttnPara
   if (iters > 0) issue(0, 0);
   cp_async_commit();
 
+  const float sum_weight = scan_sum_weight(p, b, j0);  // its latency hides behind the loop
   float dk[DT][4] = {}, dv[DT][4] = {};
   auto& dk_flat = reinterpret_cast<float(&)[DT * 4]>(dk);
   auto& dv_flat = reinterpret_cast<float(&)[DT * 4]>(dv);
@@ -186,7 +187,7 @@ __global__ void __launch_bounds__(kWgBwdThreads, 1) attention_bwd_wgmma(AttnPara
   cp_async_wait<0>();
 
   static_assert(dkdv_block_smem_bytes<D, BN>() <= wg_bwd_smem_bytes<D>() - 1024);
-  put_dkdv_block<T, D, BN, kWgBwdThreads>(p, smem_raw + pad, b, g, j0, dk, dv);
+  put_dkdv_block<T, D, BN, kWgBwdThreads>(p, smem_raw + pad, b, g, j0, dk, dv, sum_weight);
 #else
   __trap();  // launched only where the binary has sm_90a code (see attention.cu)
 #endif
