@@ -92,7 +92,7 @@ struct PassScratch {
     unset(w.as<void>(), 2 * bytes(a), s);
     pa.agg[0] = w.as<float>();
     pa.agg[1] = pa.agg[0] + bytes(a) / 4;
-    pa.n_cb = ceil_div(a.channels(), int64_t(kScanThreads) * kPassWidth);
+    pa.n_cb = ceil_div(a.channels(), int64_t(kScanThreads) * 2);
     pa.n_blocks = ceil_div(a.T, int64_t(kPassChunk));
   }
   unsigned blocks(const ScanArgs& a) const { return unsigned(pa.n_blocks * 2 * a.B * pa.n_cb); }

@@ -2,7 +2,7 @@
 // chunked 3-pass scan, which still serves every backward, and the shared arguments). The
 // 3-pass forward reads x twice; here each block keeps its chunk on chip and reads it once.
 //
-// One block per (32-token chunk, memory, batch, channel block), four channels per thread; the
+// One block per (32-token chunk, memory, batch, channel block), two channels per thread; the
 // start states it leaves for the backward may be finer (ScanArgs::chunk). Block ids run
 // in chunk order and the GPU starts blocks in id order, so every chunk a block waits on has
 // started (CUB's single-pass scan relies on the same). A block stages its chunk in shared
@@ -30,7 +30,6 @@ namespace mka::cuda {
 constexpr int kPassChunk = 32;  // tokens per block (the scan's chunk)
 constexpr int kLookback = 4;    // predecessors polled at once
 constexpr unsigned kUnset = 0xffffffffu;
-constexpr int kPassWidth = 4;   // channels per thread
 
 struct PassArgs {
   float* agg[2] = {};          // per memory, (B, blocks per sequence, G*d): aggregates, kUnset
@@ -38,52 +37,50 @@ struct PassArgs {
   int64_t n_blocks = 0;        // blocks (chunks of kPassChunk) per sequence
 };
 
-// --- four channels per thread, as stored (Pack) and as computed (float4) ----------------
-template <class T> using Pack = std::conditional_t<sizeof(T) == 4, float4, uint2>;
-template <class T> __device__ __forceinline__ float4 unpack(Pack<T> r) {
+// --- two channels per thread, as stored --------------------------------------------------
+template <class T> using Pair = std::conditional_t<sizeof(T) == 4, float2, uint32_t>;
+template <class T> __device__ __forceinline__ float2 unpack(Pair<T> r) {
   if constexpr (sizeof(T) == 4) {
     return r;
   } else {
     const T* e = reinterpret_cast<const T*>(&r);
-    return make_float4(to_f(e[0]), to_f(e[1]), to_f(e[2]), to_f(e[3]));
+    return make_float2(to_f(e[0]), to_f(e[1]));
   }
 }
-template <class T> __device__ __forceinline__ void store_pack(T* p, float4 v) {
+template <class T> __device__ __forceinline__ void store_pair(T* p, float2 v) {
   if constexpr (sizeof(T) == 4) {
-    *reinterpret_cast<float4*>(p) = v;
+    *reinterpret_cast<float2*>(p) = v;
   } else {
-    Pack<T> r;
+    Pair<T> r;
     T* e = reinterpret_cast<T*>(&r);
-    e[0] = from_f<T>(v.x), e[1] = from_f<T>(v.y), e[2] = from_f<T>(v.z), e[3] = from_f<T>(v.w);
-    *reinterpret_cast<Pack<T>*>(p) = r;
+    e[0] = from_f<T>(v.x), e[1] = from_f<T>(v.y);
+    *reinterpret_cast<Pair<T>*>(p) = r;
   }
 }
-__device__ __forceinline__ float4 zero4() { return make_float4(0.f, 0.f, 0.f, 0.f); }
-__device__ __forceinline__ float4 axpby(float a, float4 x, float b, float4 y) {
-  return make_float4(a * x.x + b * y.x, a * x.y + b * y.y, a * x.z + b * y.z, a * x.w + b * y.w);
+__device__ __forceinline__ float2 axpby(float a, float2 x, float b, float2 y) {
+  return make_float2(a * x.x + b * y.x, a * x.y + b * y.y);
 }
-__device__ __forceinline__ float4 load_state(const StateView& v, int64_t b, int64_t g,
+__device__ __forceinline__ float2 load_state(const StateView& v, int64_t b, int64_t g,
                                              int64_t c) {
-  if (!v.data) return zero4();
+  if (!v.data) return make_float2(0.f, 0.f);
   const float* p = v.at(b, g) + c;
-  return make_float4(p[0], p[1], p[2], p[3]);
+  return make_float2(p[0], p[1]);
 }
 __device__ __forceinline__ void store_state(const StateView& v, int64_t b, int64_t g,
-                                            int64_t c, float4 x) {
+                                            int64_t c, float2 x) {
   float* p = v.at(b, g) + c;
-  p[0] = x.x, p[1] = x.y, p[2] = x.z, p[3] = x.w;
+  p[0] = x.x, p[1] = x.y;
 }
 
 // --- publishing and looking back ---------------------------------------------------------
-__device__ __forceinline__ void publish(float* p, float4 v) {
-  __stcg(reinterpret_cast<float4*>(p), v);  // to L2, where readers poll
+__device__ __forceinline__ void publish(float* p, float2 v) {
+  __stcg(reinterpret_cast<float2*>(p), v);  // to L2, where readers poll
 }
-__device__ __forceinline__ float4 peek(const float* p) {
-  return __ldcv(reinterpret_cast<const float4*>(p));  // never a stale L1 copy
+__device__ __forceinline__ float2 peek(const float* p) {
+  return __ldcv(reinterpret_cast<const float2*>(p));  // never a stale L1 copy
 }
-__device__ __forceinline__ bool is_set(float4 v) {
-  return __float_as_uint(v.x) != kUnset && __float_as_uint(v.y) != kUnset &&
-         __float_as_uint(v.z) != kUnset && __float_as_uint(v.w) != kUnset;
+__device__ __forceinline__ bool is_set(float2 v) {
+  return __float_as_uint(v.x) != kUnset && __float_as_uint(v.y) != kUnset;
 }
 
 // The state entering chunk ch from its predecessors j = ch - 1, ch - 2, ... (all full
@@ -91,17 +88,16 @@ __device__ __forceinline__ bool is_set(float4 v) {
 // nearest one whose end state is published, which ends it. Chunk 0 publishes its end state
 // without waiting, so the walk terminates.
 template <class EndAt, class AggAt>
-__device__ float4 look_back(int64_t ch, float D, EndAt end_at, AggAt agg_at) {
-  float4 acc = zero4();
+__device__ float2 look_back(int64_t ch, float D, EndAt end_at, AggAt agg_at) {
+  float2 acc = make_float2(0.f, 0.f);
   float mult = 1.f;
   for (int64_t j = ch - 1;;) {
-    float4 e[kLookback], g[kLookback];
+    float2 e[kLookback], g[kLookback];
     #pragma unroll
     for (int k = 0; k < kLookback; ++k) {  // one round trip for the whole window
       const bool in = j - k >= 0;
-      const float4 unset = make_float4(__uint_as_float(kUnset), 0.f, 0.f, 0.f);
-      e[k] = in ? peek(end_at(j - k)) : unset;
-      g[k] = in ? peek(agg_at(j - k)) : unset;
+      e[k] = in ? peek(end_at(j - k)) : make_float2(__uint_as_float(kUnset), 0.f);
+      g[k] = in ? peek(agg_at(j - k)) : make_float2(__uint_as_float(kUnset), 0.f);
     }
     int used = 0;
     #pragma unroll
@@ -132,7 +128,7 @@ __device__ __forceinline__ PassBlock pass_block(const ScanArgs& a, const PassArg
   p.n = min(int64_t(kPassChunk), a.T - p.t0);
   p.mi = z < a.B ? 0 : 1;
   p.b = z % a.B;
-  p.gc = (cb * kScanThreads + threadIdx.x) * kPassWidth;
+  p.gc = (cb * kScanThreads + threadIdx.x) * 2;
   p.active = p.gc < a.channels();
   p.g = p.gc / a.d, p.c = p.gc % a.d;
   return p;
@@ -161,21 +157,21 @@ __device__ __forceinline__ void load_coefs(const ScanArgs& a, const PassBlock& p
   __syncthreads();
 }
 
-// A chunk of one view staged in shared memory: [token][thread] channel packs, the layout
-// the scan reads (thread tid: its pack in every row). Rows move as 16-byte pieces: a thread
+// A chunk of one view staged in shared memory: [token][thread] channel pairs, the layout
+// the scan reads (thread tid: its pair in every row). Rows move as 16-byte pieces: a thread
 // copies the same piece column of every (kScanThreads / pieces)-th row, so its (g, c) is
 // found once; rows past the chunk's end are zero-filled. A barrier separates copies from
 // reads (threads read each other's copies).
-template <class T> using Stage = Pack<T> (*)[kScanThreads];
+template <class T> using Stage = Pair<T> (*)[kScanThreads];
 template <class T> struct Pieces {
-  static constexpr int kPerRow = kScanThreads * int(sizeof(Pack<T>)) / 16, kElems = 16 / sizeof(T);
+  static constexpr int kPerRow = kScanThreads * int(sizeof(Pair<T>)) / 16, kElems = 16 / sizeof(T);
   static constexpr int kRowStep = kScanThreads / kPerRow;
   int row0, col;      // this thread's first row and piece column
   int64_t g, c;       // the piece's first channel
   bool active;        // within the channels
   __device__ Pieces(const ScanArgs& a, int64_t cb) {
     row0 = threadIdx.x / kPerRow, col = threadIdx.x % kPerRow;
-    const int64_t gc = cb * kPassWidth * kScanThreads + int64_t(col) * kElems;
+    const int64_t gc = cb * 2 * kScanThreads + int64_t(col) * kElems;
     active = gc < a.channels();
     g = gc / a.d, c = gc % a.d;
   }
@@ -213,18 +209,18 @@ __device__ __forceinline__ void unstage_chunk(const Rows& y, const PassBlock& p,
 }
 // The dynamic shared memory of a kernel staging `views` chunks.
 template <class T> constexpr size_t stage_bytes(int views) {
-  return size_t(views) * kPassChunk * kScanThreads * sizeof(Pack<T>);
+  return size_t(views) * kPassChunk * kScanThreads * sizeof(Pair<T>);
 }
 template <class T> __device__ __forceinline__ Stage<T> stage(int index) {
   extern __shared__ __align__(16) unsigned char pass_smem[];
   return reinterpret_cast<Stage<T>>(pass_smem) + index * kPassChunk;
 }
-// This thread's pack of row i: read, and overwritten with a result.
-template <class T> __device__ __forceinline__ float4 get(Stage<T> st, int i) {
+// This thread's pair of row i: read, and overwritten with a result.
+template <class T> __device__ __forceinline__ float2 get(Stage<T> st, int i) {
   return unpack<T>(st[i][threadIdx.x]);
 }
-template <class T> __device__ __forceinline__ void put(Stage<T> st, int i, float4 v) {
-  store_pack(reinterpret_cast<T*>(&st[i][threadIdx.x]), v);
+template <class T> __device__ __forceinline__ void put(Stage<T> st, int i, float2 v) {
+  store_pair(reinterpret_cast<T*>(&st[i][threadIdx.x]), v);
 }
 
 // Forward: y_t = l0 x_t + l1 s_t (+ l2 x3_t); the chunk start states into m.carry (chunk 0:
@@ -249,35 +245,35 @@ __device__ __forceinline__ void fwd_1pass(const ScanArgs& a, const PassArgs& pa,
   load_coefs(a, p, k);
   stage_wait();
 
-  float4 start = zero4();
+  float2 start = make_float2(0.f, 0.f);
   if (p.active) {
-    float4 loc = zero4();
+    float2 loc = make_float2(0.f, 0.f);
     #pragma unroll
     for (int i = 0; i < kPassChunk; ++i) loc = axpby(k.r[i].z, loc, k.r[i].w, get<T>(xs, i));
     const bool last = p.t0 + kPassChunk >= a.T;  // the sequence's last block
     if (p.ch == 0) {
       start = load_state(m.state_in, p.b, p.g, p.c);
-      *reinterpret_cast<float4*>(m.carry + slot(0)) = start;
+      *reinterpret_cast<float2*>(m.carry + slot(0)) = start;
     } else {
       if (!last) publish(agg + agg_slot(p.ch), loc);
       start = look_back(p.ch, powf(a.beta, float(kPassChunk)),
                         [&](int64_t j) { return m.carry + slot((j + 1) * sub); },
                         [&](int64_t j) { return agg + agg_slot(j); });
     }
-    const float4 end = axpby(powf(a.beta, float(p.n)), start, 1.f, loc);
+    const float2 end = axpby(powf(a.beta, float(p.n)), start, 1.f, loc);
     if (!last) publish(m.carry + slot((p.ch + 1) * sub), end);
     else if (m.state_out.data) store_state(m.state_out, p.b, p.g, p.c, end);
 
-    float4 s = start;
-    float4 mid[kPassChunk / 8 - 1];  // the states at tokens 8, 16, 24 (kept in registers:
+    float2 s = start;
+    float2 mid[kPassChunk / 8 - 1];  // the states at tokens 8, 16, 24 (kept in registers:
                                      // a global store in this loop serialized it, -20 %)
     #pragma unroll
     for (int i = 0; i < kPassChunk; ++i) {
       if (i > 0 && i % 8 == 0) mid[i / 8 - 1] = s;
       const float4 r = k.r[i];
-      const float4 x = get<T>(xs, i);
+      const float2 x = get<T>(xs, i);
       s = axpby(r.z, s, r.w, x);
-      float4 y = axpby(r.x, x, r.y, s);
+      float2 y = axpby(r.x, x, r.y, s);
       if constexpr (kHas3) y = axpby(1.f, y, k.w2[i], get<T>(x3s, i));
       put<T>(xs, i, y);
     }
@@ -285,7 +281,7 @@ __device__ __forceinline__ void fwd_1pass(const ScanArgs& a, const PassArgs& pa,
     for (int q = 1; q < kPassChunk / 8; ++q) {  // the sub-chunk start states among them
       const int tok = q * 8;
       if ((tok & (int(a.chunk) - 1)) == 0 && tok < p.n)
-        *reinterpret_cast<float4*>(m.carry + slot(p.ch * sub + tok / int(a.chunk))) = mid[q - 1];
+        *reinterpret_cast<float2*>(m.carry + slot(p.ch * sub + tok / int(a.chunk))) = mid[q - 1];
     }
   }
   __syncthreads();
@@ -293,7 +289,7 @@ __device__ __forceinline__ void fwd_1pass(const ScanArgs& a, const PassArgs& pa,
 }
 // One body per memory, each reading its views straight from the kernel parameters (a
 // selected copy, or a.m[p.mi], would live on the stack).
-template <class T, bool kHas3> __global__ void __launch_bounds__(kScanThreads, 6)
+template <class T, bool kHas3> __global__ void __launch_bounds__(kScanThreads, 8)
 ema_route_fwd_1pass(ScanArgs a, PassArgs pa) {
   const PassBlock p = pass_block(a, pa);
   if (p.mi == 0) fwd_1pass<T, kHas3>(a, pa, p, a.m[0], pa.agg[0]);
