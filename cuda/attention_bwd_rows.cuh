@@ -54,6 +54,34 @@ template <int D, int BN> constexpr int dkdv_block_smem_bytes() {
 // T; the block then adds or stores (p.kv_grad) whole rows in 16-byte pieces and, where asked
 // (p.sums), makes the EMA scan's chunk sums sum_t beta^(t - t0) l1_t dY_t from the same
 // rounded rows the scan's later passes read. smem: dkdv_block_smem_bytes, free to overwrite.
+// The scan sums of a key block from its dK, dV rows in shared memory (put_dkdv_block): one
+// thread per (memory, chunk of C keys, 8-column piece).
+template <class T, int D, int BN, int THREADS, int C>
+__device__ __forceinline__ void put_scan_sums(const AttnParams& p, const T* tiles,
+                                              const float* weight, int64_t b, int64_t g,
+                                              int64_t j0) {
+  constexpr int LD = D + 8, P = D / 8, nc = BN / C;
+  const ScanSums& sums = p.sums;
+  for (int i = threadIdx.x; i < 2 * nc * P; i += THREADS) {
+    const int m = i / (nc * P), c = i / P % nc, piece = i % P;
+    const int64_t ci = j0 / C + c;
+    if (ci >= sums.n_chunks) continue;
+    float acc[8] = {};
+    #pragma unroll
+    for (int r = c * C; r < (c + 1) * C; ++r) {
+      const uint4 x = *reinterpret_cast<const uint4*>(tiles + (m * BN + r) * LD + piece * 8);
+      const T* xe = reinterpret_cast<const T*>(&x);
+      const float w = weight[r];
+      #pragma unroll
+      for (int e = 0; e < 8; ++e) acc[e] += w * to_f(xe[e]);
+    }
+    float* out = (m ? sums.v : sums.k) + (b * sums.n_chunks + ci) * (p.G * p.d) + g * p.d +
+                 piece * 8;
+    reinterpret_cast<float4*>(out)[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+    reinterpret_cast<float4*>(out)[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+  }
+}
+
 // sum_weight: scan_sum_weight's, loaded by the kernel before its main loop (a memory latency
 // here would stall the whole block).
 template <class T, int D, int BN, int THREADS>
@@ -94,24 +122,9 @@ __device__ __forceinline__ void put_dkdv_block(const AttnParams& p, unsigned cha
     }
     *reinterpret_cast<uint4*>(dst) = x;
   }
-  if (!sums.k) return;
-  const int C = sums.chunk, nc = BN / C;
-  for (int i = threadIdx.x; i < 2 * nc * P; i += THREADS) {
-    const int m = i / (nc * P), c = i / P % nc, piece = i % P;
-    const int64_t ci = j0 / C + c;
-    if (ci >= sums.n_chunks) continue;
-    float acc[8] = {};
-    for (int r = c * C; r < (c + 1) * C; ++r) {
-      const uint4 x = *reinterpret_cast<const uint4*>(tile(m) + r * LD + piece * 8);
-      const T* xe = reinterpret_cast<const T*>(&x);
-      const float w = weight[r];
-      #pragma unroll
-      for (int e = 0; e < 8; ++e) acc[e] += w * to_f(xe[e]);
-    }
-    float* out = (m ? sums.v : sums.k) + (b * sums.n_chunks + ci) * (p.G * p.d) + g * p.d +
-                 piece * 8;
-    reinterpret_cast<float4*>(out)[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
-    reinterpret_cast<float4*>(out)[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+  if (sums.k) {  // chunks of 8 or 16 keys: fixed loop bounds, the row loads pipelined
+    if (sums.chunk == 8) put_scan_sums<T, D, BN, THREADS, 8>(p, tiles, weight, b, g, j0);
+    else put_scan_sums<T, D, BN, THREADS, 16>(p, tiles, weight, b, g, j0);
   }
 }
 
