@@ -160,14 +160,15 @@ template <class T> bool staged_dx(const ScanArgs& a, int V) {
   return sizeof(T) == 2 && V == 8 && (a.chunk == 8 || a.chunk == 16);
 }
 template <class T, int C> void launch_dx_staged(const ScanArgs& a, cudaStream_t s) {
-  const auto launch = [&](auto kernel, size_t smem) {
+  const auto launch = [&](auto kernel) {
+    const size_t smem = dx_staged_smem_bytes(C, a.dlam, a.add);
     set_smem(kernel, int(smem));
     kernel<<<chunk_grid(a, 8), kScanThreads, smem, s>>>(a);
     check_launch("ema_route_dx_staged");
   };
-  if (!a.dlam) return launch(ema_route_dx_staged<T, C, false, false>, dx_staged_smem_bytes<C, false>());
-  if (a.L == 3) return launch(ema_route_dx_staged<T, C, true, true>, dx_staged_smem_bytes<C, true>());
-  launch(ema_route_dx_staged<T, C, true, false>, dx_staged_smem_bytes<C, true>());
+  if (!a.dlam) return launch(ema_route_dx_staged<T, C, false, false>);
+  if (a.L == 3) return launch(ema_route_dx_staged<T, C, true, true>);
+  launch(ema_route_dx_staged<T, C, true, false>);
 }
 
 void ema_route_bwd(const RouteProblem& p, const TensorRef& lam, ScanMemory k, ScanMemory v,

@@ -228,28 +228,28 @@ __global__ void ema_carry_bwd(ScanArgs a) {
   }
 }
 
-// One token of the backward's final pass: dx_t (+)= l0 dy_t + (1 - beta) u_t with
-// u_t = l1 dy_t + carry, dx3_t (+)= l2 dy_t (has3); then carry = beta u_t.
+// One token of the backward's final pass: dx_t = dx + l0 dy_t + (1 - beta) u_t with
+// u_t = l1 dy_t + carry (dx: zeros, or the gradient added onto), dx3_t (+)= l2 dy_t (has3);
+// then carry = beta u_t. The caller loads the token's weights and dx: here they would wait
+// behind the previous token's stores (which may alias them).
 template <class T, int V>
 __device__ __forceinline__ void dx_token(const ScanArgs& a, const ScanMemory& m, int64_t b,
                                          int64_t t, int64_t g, int64_t c, bool has3,
-                                         const float (&dy)[V], float (&carry)[V]) {
-  float w0, w1, w2, dx[V] = {}, dx3[V] = {};
-  a.w.load(b, t, w0, w1, w2);
-  T* dxp = m.dx.at<T>(b, t, g) + c;
-  if (a.add) load_v<V>(dxp, dx);
+                                         const float (&w)[3], const float (&dy)[V],
+                                         float (&dx)[V], float (&carry)[V]) {
   #pragma unroll
   for (int i = 0; i < V; ++i) {
-    const float u = w1 * dy[i] + carry[i];
-    dx[i] += w0 * dy[i] + (1.f - a.beta) * u;
+    const float u = w[1] * dy[i] + carry[i];
+    dx[i] += w[0] * dy[i] + (1.f - a.beta) * u;
     carry[i] = a.beta * u;
   }
-  store_v<V>(dxp, dx);
+  store_v<V>(m.dx.at<T>(b, t, g) + c, dx);
   if (has3) {
+    float dx3[V] = {};
     T* dx3p = m.dx3.at<T>(b, t, g) + c;
     if (a.add) load_v<V>(dx3p, dx3);
     #pragma unroll
-    for (int i = 0; i < V; ++i) dx3[i] += w2 * dy[i];
+    for (int i = 0; i < V; ++i) dx3[i] += w[2] * dy[i];
     store_v<V>(dx3p, dx3);
   }
 }
@@ -265,8 +265,11 @@ template <class T, int V> __global__ void ema_route_dx(ScanArgs a) {
   float carry[V], dy[V];
   load_v<V>(carry_at<V>(a, m.rcarry, b, ch), carry);
   for (int64_t t = t1 - 1; t >= t0; --t) {
+    float w[3], dx[V] = {};
+    a.w.load(b, t, w[0], w[1], w[2]);
     load_v<V>(m.dy.at<const T>(b, t, g) + c, dy);
-    dx_token<T, V>(a, m, b, t, g, c, has3, dy, carry);
+    if (a.add) load_v<V>(m.dx.at<const T>(b, t, g) + c, dx);
+    dx_token<T, V>(a, m, b, t, g, c, has3, w, dy, dx, carry);
   }
 }
 
@@ -306,16 +309,16 @@ __device__ __forceinline__ void add_dlam_terms(const ScanArgs& a, int64_t b, int
 }
 
 // The forward sweep of ema_route_dx_staged with dlam over one chunk's staged dy and x: the
-// EMA s from the chunk's forward start state, and dlam's terms as ema_route_dlam makes them.
+// EMA s from the chunk's forward start state (loaded by the caller), and dlam's terms as
+// ema_route_dlam makes them.
 template <class T, int C, bool L3>
 __device__ __forceinline__ void dlam_sweep(const ScanArgs& a, const ScanMemory& m, bool active,
                                            int64_t b, int64_t g, int64_t c, int64_t ch, int n,
-                                           const uint4* dys, const uint4* xs) {
+                                           const uint4* dys, const uint4* xs, float (&s)[8]) {
   constexpr int V = 8;
   const int64_t t0 = ch * C;
   const bool has3 = L3 && m.x3.data;
-  float s[V] = {}, p[2 * C], p3[L3 ? C : 1];
-  if (active) load_v<V>(carry_at<V>(a, m.carry, b, ch), s);
+  float p[2 * C], p3[L3 ? C : 1];
   #pragma unroll
   for (int r = 0; r < C; ++r) {
     p[r] = p[C + r] = p3[L3 ? r : 0] = 0.f;
@@ -339,49 +342,59 @@ __device__ __forceinline__ void dlam_sweep(const ScanArgs& a, const ScanMemory& 
 }
 
 // Final pass, backward, where the chunk sums came with dy (ScanSums: no local pass), per
-// chunk of C tokens: each thread copies its 8 channels of dy (and, with dlam, of x) for the
-// chunk into shared memory at once (16-byte cp.async: every load in flight, no registers
-// held); with dlam it sweeps forward in time (dlam_sweep); then backward making dx as
-// ema_route_dx. One read of dy (and x) and one write of dx, where the dlam pass and the dx
-// pass read dy twice. L3: L == 3 (level 3's terms take registers only then); dynamic shared
-// memory: dx_staged_smem_bytes.
-template <int C, bool kDlam> constexpr size_t dx_staged_smem_bytes() {
-  return (kDlam ? 2 : 1) * C * kScanThreads * 16;
+// chunk of C tokens: each thread copies its 8 channels of dy (with dlam, of x; with add, of
+// dx) for the chunk into shared memory at once (16-byte cp.async: every load in flight, no
+// registers held) and the chunk's routing weights go to shared memory; with dlam it sweeps
+// forward in time (dlam_sweep); then backward making dx as ema_route_dx. One read of dy (and
+// x) and one write of dx, where the dlam pass and the dx pass read dy twice. L3: L == 3
+// (level 3's terms take registers only then); dynamic shared memory: dx_staged_smem_bytes.
+constexpr size_t dx_staged_smem_bytes(int C, bool dlam, bool add) {
+  return size_t(1 + dlam + add) * C * kScanThreads * 16;
 }
 
 template <class T, int C, bool kDlam, bool L3>
 __global__ void ema_route_dx_staged(ScanArgs a) {
   static_assert(sizeof(T) == 2 && C <= 16, "a 16-byte piece holds 8 channels");
   constexpr int V = 8;
-  extern __shared__ uint4 staged[];  // [C][threads] of dy, then of x (with dlam)
+  extern __shared__ uint4 staged[];  // [C][threads] of dy, then x (dlam), then dx (add)
+  __shared__ float weights[C][3];
   uint4* const dys = staged + threadIdx.x;
   uint4* const xs = dys + C * kScanThreads;
+  uint4* const dxs = dys + (kDlam ? 2 : 1) * C * kScanThreads;
   int64_t g, c;
   const bool active = scan_channel<V>(a, g, c);
   const ScanMemory m = memory(a);
   const int64_t b = batch(a), ch = blockIdx.y, t0 = ch * C;
   const int n = int(min(int64_t(C), a.T - t0));
+  float carry[V], s[V] = {};
   if (active) {
     #pragma unroll
     for (int r = 0; r < C; ++r) {  // rows past T: zero-filled, never read
       const int64_t t = min(t0 + r, a.T - 1);
       mma::cp_async16(dys + r * kScanThreads, m.dy.at<const T>(b, t, g) + c, r < n);
       if (kDlam) mma::cp_async16(xs + r * kScanThreads, m.x.at<const T>(b, t, g) + c, r < n);
+      if (a.add) mma::cp_async16(dxs + r * kScanThreads, m.dx.at<const T>(b, t, g) + c, r < n);
     }
     mma::cp_async_commit();
-    mma::cp_async_wait<0>();  // this thread's own copies: no barrier
+    load_v<V>(carry_at<V>(a, m.rcarry, b, ch), carry);  // in flight with the copies
+    if (kDlam) load_v<V>(carry_at<V>(a, m.carry, b, ch), s);
   }
-  if constexpr (kDlam) dlam_sweep<T, C, L3>(a, m, active, b, g, c, ch, n, dys, xs);
+  if (threadIdx.x < n) {
+    float* w = weights[threadIdx.x];
+    a.w.load(b, t0 + threadIdx.x, w[0], w[1], w[2]);
+  }
+  mma::cp_async_wait<0>();
+  __syncthreads();  // the weights (each thread reads only its own copies)
+  if constexpr (kDlam) dlam_sweep<T, C, L3>(a, m, active, b, g, c, ch, n, dys, xs, s);
   if (!active) return;
-  float carry[V];
-  load_v<V>(carry_at<V>(a, m.rcarry, b, ch), carry);
   const bool has_dx3 = L3 && m.dx3.data;
   #pragma unroll
   for (int r = C - 1; r >= 0; --r) {
     if (r >= n) continue;
-    float dy[V];
+    float dy[V], dx[V] = {}, w[3] = {weights[r][0], weights[r][1], weights[r][2]};
     load_v<V>(reinterpret_cast<const T*>(dys + r * kScanThreads), dy);
-    dx_token<T, V>(a, m, b, t0 + r, g, c, has_dx3, dy, carry);
+    if (a.add) load_v<V>(reinterpret_cast<const T*>(dxs + r * kScanThreads), dx);
+    dx_token<T, V>(a, m, b, t0 + r, g, c, has_dx3, w, dy, dx, carry);
   }
 }
 
