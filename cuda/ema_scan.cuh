@@ -6,6 +6,9 @@
 //   final pass: each chunk rescans from its true start and writes y (or dlam terms).
 // The backward runs the same three passes in reverse time for u_t = l1_t dy_t + beta u_{t+1};
 // with lam, its local pass also makes dlam (which needs the forward EMA, in forward time).
+// Where the attention backward that made dy also made the local pass's chunk sums (ScanSums:
+// fastmka, mka's level 2), only the carry pass and a staged final pass remain, the latter
+// making dlam too (ema_route_dx_staged).
 #pragma once
 #include "launchers.h"
 #include "mma_tile.cuh"
