@@ -48,12 +48,6 @@ template <int D, int BN> constexpr int dkdv_block_smem_bytes() {
   return 2 * BN * (D + 8) * 2 + BN * 4;
 }
 
-// Hands over a key block's dK (times the softmax scale) and dV, BN = 16 keys per warp, through
-// shared memory: each thread's accumulator rows (keys kr0 and kr0 + 8, kr0 = the warp's first
-// key + lane / 4, columns dt * 8 + (lane % 4) * 2 + {0, 1}: the m16n8 layout) go in rounded to
-// T; the block then adds or stores (p.kv_grad) whole rows in 16-byte pieces and, where asked
-// (p.sums), makes the EMA scan's chunk sums sum_t beta^(t - t0) l1_t dY_t from the same
-// rounded rows the scan's later passes read. smem: dkdv_block_smem_bytes, free to overwrite.
 // The scan sums of a key block from its dK, dV rows in shared memory (put_dkdv_block): one
 // thread per (memory, chunk of C keys, 8-column piece).
 template <class T, int D, int BN, int THREADS, int C>
@@ -82,6 +76,12 @@ __device__ __forceinline__ void put_scan_sums(const AttnParams& p, const T* tile
   }
 }
 
+// Hands over a key block's dK (times the softmax scale) and dV, BN = 16 keys per warp, through
+// shared memory: each thread's accumulator rows (keys kr0 and kr0 + 8, kr0 = the warp's first
+// key + lane / 4, columns dt * 8 + (lane % 4) * 2 + {0, 1}: the m16n8 layout) go in rounded to
+// T; the block then adds or stores (p.kv_grad) whole rows in 16-byte pieces and, where asked
+// (p.sums), makes the EMA scan's chunk sums sum_t beta^(t - t0) l1_t dY_t from the same
+// rounded rows the scan's later passes read. smem: dkdv_block_smem_bytes, free to overwrite.
 // sum_weight: scan_sum_weight's, loaded by the kernel before its main loop (a memory latency
 // here would stall the whole block).
 template <class T, int D, int BN, int THREADS>
@@ -90,6 +90,7 @@ __device__ __forceinline__ void put_dkdv_block(const AttnParams& p, unsigned cha
                                                const float (&dk)[D / 8][4],
                                                const float (&dv)[D / 8][4], float sum_weight) {
   static_assert(BN == THREADS / 32 * 16 && BN <= THREADS, "16 keys per warp");
+  static_assert(sizeof(T) == 2 && BN % 16 == 0, "dkdv_block_smem_bytes; chunks start at j0");
   constexpr int LD = D + 8, P = D / 8;  // padded rows: conflict-free fragment writes
   T* const tiles = reinterpret_cast<T*>(smem);  // dK's, then dV's
   const auto tile = [&](int m) { return tiles + m * BN * LD; };

@@ -36,7 +36,7 @@ struct AttnParams {
   KVGrad kv_grad = KVGrad::store_io;
   float* delta = nullptr;  // (B, H, Tq): rowsum(dout * out), unweighted
   TokenScalar w;           // per query row weight on dout (mka); absent: 1
-  ScanSums sums;           // made where asked for (attention_bwd_wgmma only)
+  ScanSums sums;           // made where asked for (the tensor-core kernels only)
 
   // Bottom-right alignment (SPEC §1): row i sees key j iff key_lo(i) <= j < key_hi(i).
   __host__ __device__ int64_t key_hi(int64_t i) const {

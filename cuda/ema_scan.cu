@@ -166,9 +166,11 @@ template <class T, int C> void launch_dx_staged(const ScanArgs& a, cudaStream_t 
     kernel<<<chunk_grid(a, 8), kScanThreads, smem, s>>>(a);
     check_launch("ema_route_dx_staged");
   };
-  if (!a.dlam) return launch(ema_route_dx_staged<T, C, false, false>);
-  if (a.L == 3) return launch(ema_route_dx_staged<T, C, true, true>);
-  launch(ema_route_dx_staged<T, C, true, false>);
+  const bool l3 = a.L == 3;  // dx3 is written with or without dlam
+  if (!a.dlam)
+    return l3 ? launch(ema_route_dx_staged<T, C, false, true>)
+              : launch(ema_route_dx_staged<T, C, false, false>);
+  l3 ? launch(ema_route_dx_staged<T, C, true, true>) : launch(ema_route_dx_staged<T, C, true, false>);
 }
 
 void ema_route_bwd(const RouteProblem& p, const TensorRef& lam, ScanMemory k, ScanMemory v,
@@ -178,6 +180,9 @@ void ema_route_bwd(const RouteProblem& p, const TensorRef& lam, ScanMemory k, Sc
   ScanArgs a = scan_args(p, lam, k, v);
   a.dlam = lam.present() ? dlam : nullptr;
   a.add = add, a.add_state = add_state;
+  MKA_CHECK(!sums || (sums->chunk == a.chunk && sums->n_chunks == a.n_chunks),
+            "ema_route_bwd: chunk sums of ", sums ? sums->chunk : 0, "-token chunks for a scan of ",
+            a.chunk, "-token chunks");
   // dlam needs the forward EMA, recomputed chunk by chunk from the chunk start states: the
   // caller's (kept by the forward), or made here.
   const bool have_carries = a.m[0].carry && a.m[1].carry;
@@ -193,7 +198,7 @@ void ema_route_bwd(const RouteProblem& p, const TensorRef& lam, ScanMemory k, Sc
       if (a.n_chunks > 0) {
         if (a.dlam) {
           if (!have_carries) forward_carries<T, V>(a, s);
-          if (!staged) {  // makes the chunk sums too
+          if (!staged) {  // makes the chunk sums too (over any given: the same values)
             ema_route_dlam<T, V><<<chunk_grid(a, V), kScanThreads, 0, s>>>(a);
             check_launch("ema_route_dlam");
           }

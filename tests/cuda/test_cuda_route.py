@@ -138,6 +138,23 @@ def test_scan_sums_from_attention_backward(op, T, wgmma, monkeypatch):
              dtype, ("q", "k", "v", "lam", "x3", "y3", "k_state", "v_state"), gen, n_out=3)
 
 
+# Without lam's gradient the final pass makes no dlam, but still level 3's gradients.
+@pytest.mark.parametrize("T", [150, 2100])
+def test_fastmka_level3_gradients_without_lam_gradient(T):
+    gen = torch.Generator().manual_seed(T + 3)
+    dtype, B, H, G, d = torch.bfloat16, 1, 2, 1, 64
+    q, q64 = rand(gen, B, T, H, d, dtype=dtype)
+    k, k64 = rand(gen, B, T, G, d, dtype=dtype)
+    v, v64 = rand(gen, B, T, G, d, dtype=dtype)
+    k3, k364 = rand(gen, B, T, G, d, dtype=dtype)
+    v3, v364 = rand(gen, B, T, G, d, dtype=dtype)
+    lam, lam64 = softmax_rows(gen, B, T, 3, dtype)  # a constant: no grad
+    check_op(lambda q, k, v, k3, v3: torch.ops.mka.fastmka(q, k, v, lam, BETA, k3, v3),
+             lambda q, k, v, k3, v3: R.fastmka(q, k, v, lam64, BETA, k3, v3),
+             (q, k, v, k3, v3), (q64, k64, v64, k364, v364), dtype,
+             ("q", "k", "v", "k3", "v3"), gen, n_out=3)
+
+
 def test_mka_empty_memory():
     gen = torch.Generator().manual_seed(9)
     B, T, H, G, d = 1, 64, 2, 1, 64

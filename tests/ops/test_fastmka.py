@@ -84,15 +84,17 @@ def test_gradients_without_lam_gradient(device, dtype, op, L):
     x3 = [randn(B, T, G, d, device=device, dtype=dtype) for _ in range(2)] if L == 3 else [None] * 2
     states = [state(B, G, d, device, dtype) for _ in range(2)]
 
-    def grads(lam_grad: bool):
+    def grads(lam_grad: bool):  # of q (fastmka), k, v, the states and k3, v3 (L = 3)
         ins = [t.detach().requires_grad_(True) for t in (q, k, v, *states)]
+        l3 = [None if t is None else t.detach().requires_grad_(True) for t in x3]
         lm = lam.detach().requires_grad_(lam_grad)
         if op == "fastmka":
-            out = torch.ops.mka.fastmka(ins[0], ins[1], ins[2], lm, 0.8, *x3, ins[3], ins[4])[0]
+            out = torch.ops.mka.fastmka(ins[0], ins[1], ins[2], lm, 0.8, *l3, ins[3], ins[4])[0]
         else:
-            out = torch.ops.mka.route_fuse(ins[1], ins[2], lm, 0.8, *x3, ins[3], ins[4])
+            out = torch.ops.mka.route_fuse(ins[1], ins[2], lm, 0.8, *l3, ins[3], ins[4])
             out = out[0] * 1.5 + out[1]
-        return torch.autograd.grad(out, ins if op == "fastmka" else ins[1:], torch.ones_like(out))
+        wrt = (ins if op == "fastmka" else ins[1:]) + [t for t in l3 if t is not None]
+        return torch.autograd.grad(out, wrt, torch.ones_like(out))
 
     for a, b in zip(grads(False), grads(True)):
         torch.testing.assert_close(a, b)  # the dtype's default tolerance
