@@ -12,13 +12,6 @@
 namespace mka::cuda {
 namespace {
 
-// The scan's chunk: one an attention backward can make the sums of (both directions use it,
-// as the backward reads the forward's chunk start states).
-RouteProblem fused_route(RouteProblem rp) {
-  rp.chunk = ema_attn_chunk(rp.B, rp.T, rp.G * rp.d);
-  return rp;
-}
-
 // The fused keys/values and both scans' chunk start states: the caller's, or scratch.
 struct Fused {
   KVScratch scratch;
@@ -44,7 +37,7 @@ void fastmka_fwd(const AttentionProblem& ap, const RouteProblem& route, const Te
                  const TensorRef& v_state_out, const SavedKeys& saved, void* stream) {
   DeviceGuard guard(q.device_id);
   auto s = static_cast<cudaStream_t>(stream);
-  const RouteProblem rp = fused_route(route);
+  const RouteProblem rp = attn_chunk_route(route);
   Fused f(ap, rp, saved, s);
   route_fuse_fwd_rows(rp, k, v, r, f.kr, f.vr, state(k_state_out), state(v_state_out), f.carry,
                       s);
@@ -59,7 +52,7 @@ void fastmka_bwd(const AttentionProblem& ap, const RouteProblem& route, const Te
                  const RouteGrads& g, const SavedKeys& saved, void* stream, bool add) {
   DeviceGuard guard(q.device_id);
   auto s = static_cast<cudaStream_t>(stream);
-  const RouteProblem rp = fused_route(route);
+  const RouteProblem rp = attn_chunk_route(route);
   Fused f(ap, rp, saved, s);
   if (!saved.k.present())
     route_fuse_fwd_rows(rp, k, v, r, f.kr, f.vr, StateView{}, StateView{}, f.carry, s);

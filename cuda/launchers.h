@@ -76,8 +76,15 @@ size_t ema_carry_bytes(const RouteProblem& p);
 void ema_route_bwd(const RouteProblem& p, const TensorRef& lam, ScanMemory k, ScanMemory v,
                    float* dlam, bool add, bool add_state, cudaStream_t stream,
                    const ScanSums* sums = nullptr);
+// p with the scan chunk an attention backward can make the chunk sums of (ema_attn_chunk):
+// fastmka's fusion in both directions (its backward reads the forward's start states), mka's
+// level 2 backward.
+inline RouteProblem attn_chunk_route(RouteProblem p) {
+  p.chunk = ema_attn_chunk(p.B, p.T, p.G * p.d);
+  return p;
+}
 // Scratch for both memories' chunk sums, for an attention backward to make (ScanSums);
-// p.chunk must be ema_attn_chunk's.
+// p from attn_chunk_route.
 struct ScanSumsScratch {
   Workspace k, v;
   ScanSums sums;

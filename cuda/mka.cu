@@ -186,8 +186,7 @@ void mka_bwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef
     if (!kept) ema_keys(rp, k, v, r, ke, ve, StateView{}, StateView{}, s);
     KVScratch de(ap, s);  // the EMA keys' gradients, stored (no zero fill)
     // The scan's chunk sums come from level 2's attention backward where it can make them.
-    RouteProblem rs = rp;
-    rs.chunk = ema_attn_chunk(rp.B, rp.T, rp.G * rp.d);
+    const RouteProblem rs = attn_chunk_route(rp);
     ScanSumsScratch sums(rs, TensorRef{}, s);
     const bool made =
         attention_bwd_rows(level_problem(ap, 1, 0), rows(q), ke, ve, lv.o[1], lse(1),
