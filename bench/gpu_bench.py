@@ -77,6 +77,15 @@ def implementations(G: int):
         run.env = {"MKA_CUDA_WGMMA": mode}
         return run
 
+    def separate(fn):  # the scan's backward in its own passes, not through the attention's
+        def run(q, k, v, lam):
+            return fn(q, k, v, lam)
+        run.env = {"MKA_CUDA_SCAN_THROUGH": "0"}
+        return run
+
+    fastmka = lambda q, k, v, lam: torch.ops.mka.fastmka(q, k, v, lam, 0.9)[0]  # noqa: E731
+    mka = lambda q, k, v, lam: torch.ops.mka.mka(q, k, v, lam, 0.9)[0]  # noqa: E731
+
     return {
         "mka.attention": lambda q, k, v, lam: torch.ops.mka.attention(q, k, v, True),
         "mka.attn.lock": kernel("lockstep"),
@@ -85,10 +94,13 @@ def implementations(G: int):
         # Gradients are taken for q, k, v (as for attention); lam is a constant, so fastmka's
         # backward skips dlam. "+dlam": lam requires grad as a router's output does (mka's
         # backward makes dlam either way, from its level sums).
-        "mka.fastmka": lambda q, k, v, lam: torch.ops.mka.fastmka(q, k, v, lam, 0.9)[0],
+        "mka.fastmka": fastmka,
         "mka.fastmka+dlam": lambda q, k, v, lam: torch.ops.mka.fastmka(
             q, k, v, lam.detach().requires_grad_(q.requires_grad), 0.9)[0],
-        "mka.mka": lambda q, k, v, lam: torch.ops.mka.mka(q, k, v, lam, 0.9)[0],
+        "mka.mka": mka,
+        # The same ops with the scan's backward in separate passes (MKA_CUDA_SCAN_THROUGH=0).
+        "mka.fastmka.sep": separate(fastmka),
+        "mka.mka.sep": separate(mka),
         "sdpa.flash": sdpa(SDPBackend.FLASH_ATTENTION),
         "sdpa.cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
     }
@@ -171,7 +183,9 @@ def main():
     ap.add_argument("--groups", default="16,4")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--impls", default="", help="comma-separated subset (default: all)")
     args = ap.parse_args()
+    chosen = [n for n in args.impls.split(",") if n]
     torch.backends.cuda.matmul.allow_tf32 = False
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                "check_vs_flash": check_against_sdpa(), "rows": []}
@@ -187,7 +201,10 @@ def main():
     del q, k, v, lam, gout
     for G in map(int, args.groups.split(",")):
         for T in map(int, args.seqs.split(",")):
-            for r in bench_shape(implementations(G), TOKENS // T, T, G, args.rounds, args.reps):
+            impls = implementations(G)
+            if chosen:
+                impls = {n: f for n, f in impls.items() if n in chosen}
+            for r in bench_shape(impls, TOKENS // T, T, G, args.rounds, args.reps):
                 results["rows"].append(r)
                 print(json.dumps(r), flush=True)
             torch.cuda.empty_cache()
@@ -214,6 +231,7 @@ def print_table(results):
             continue
         fl, fm, mk = by.get((G, T, "sdpa.flash")), by.get((G, T, "mka.fastmka")), by.get((G, T, "mka.mka"))
         fd = by.get((G, T, "mka.fastmka+dlam"))
+        fs, ms = by.get((G, T, "mka.fastmka.sep")), by.get((G, T, "mka.mka.sep"))
         parts = [f"G={G:>2} T={T:>5}"]
         if fl:
             parts.append(f"fwd/flash={r['fwd_tflops'] / fl['fwd_tflops']:.2f}")
@@ -222,8 +240,12 @@ def print_table(results):
             parts.append(f"fastmka/attn={fm['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f}")
         if fd:
             parts.append(f"(+dlam {fd['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f})")
+        if fs:
+            parts.append(f"(sep {fs['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f})")
         if mk:
             parts.append(f"mka/attn={mk['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f}")
+        if ms:
+            parts.append(f"(sep {ms['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f})")
         print("  ".join(parts))
 
 

@@ -120,6 +120,7 @@ template <class T, int D> bool bwd_wgmma(const AttnParams& a, cudaStream_t s) {
 
 template <class T, int D> void bwd_tensor_cores(const AttnParams& a, cudaStream_t s) {
   if (bwd_wgmma<T, D>(a, s)) return;
+  MKA_CHECK(!a.scan.link, "attention backward: ScanThrough needs the wgmma kernel");
   constexpr int smem = bwd_smem_bytes<D>();
   auto kernel = attention_bwd_mma<T, D>;
   set_smem(kernel, smem);
@@ -152,11 +153,45 @@ void attention_fwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows 
   });
 }
 
+bool attention_bwd_can_scan(const AttentionProblem& p, std::initializer_list<Rows> views) {
+  const char* e = std::getenv("MKA_CUDA_SCAN_THROUGH");
+  if ((e && std::string(e) == "0") || p.B == 0 || p.Tq == 0 || p.Tk == 0 || p.H == 0 ||
+      (p.d != 64 && p.d != 128) || !use_tensor_cores(p, views) ||
+      wgmma_mode() == WgmmaMode::off)
+    return false;
+  const auto image = [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    return p.d == 64 ? has_sm90a_image(attention_bwd_wgmma<T, 64>)
+                     : has_sm90a_image(attention_bwd_wgmma<T, 128>);
+  };
+  if (!(p.dtype == DType::bf16 ? image(static_cast<__nv_bfloat16*>(nullptr))
+                               : image(static_cast<__half*>(nullptr))))
+    return false;
+  int device = 0, sms = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
+             "cudaDeviceGetAttribute");
+  return ceil_div(p.Tk, int64_t(kWgBwdBlockN)) <= sms;
+}
+
+ScanThroughScratch::ScanThroughScratch(const AttentionProblem& p, float beta, TokenScalar l0,
+                                       TokenScalar l1, cudaStream_t s)
+    : link(size_t(2 * p.B * ceil_div(p.Tk, int64_t(kWgBwdBlockN)) * 2 * p.G * p.d) * 4, s,
+           false) {
+  scan.n_blocks = ceil_div(p.Tk, int64_t(kWgBwdBlockN));
+  const size_t bytes = size_t(2 * p.B * scan.n_blocks * 2 * p.G * p.d) * 4;
+  if (bytes > 0) check_cuda(cudaMemsetAsync(link.as<void>(), 0xff, bytes, s), "cudaMemsetAsync");
+  scan.link = link.as<float>();
+  scan.beta = beta, scan.l0 = l0, scan.l1 = l1;
+}
+
 bool attention_bwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows out,
                         const float* lse, Rows dout, TokenScalar w, Rows dq, Rows dk, Rows dv,
                         KVGrad kv_grad, cudaStream_t s, const float* delta_in,
-                        const ScanSums& sums) {
+                        const ScanSums& sums, const ScanThrough& scan) {
   if (p.B == 0) return false;
+  MKA_CHECK(!scan.link || (p.Tq > 0 && p.H > 0 && p.Tk > 0),
+            "attention backward: ScanThrough without queries or keys");
   if (p.Tq == 0 || p.H == 0) {  // no query: nothing flows; stored dk/dv must still be zeros
     if (kv_grad == KVGrad::store_io)
       for (const Rows* x : {&dk, &dv}) accumulate(nullptr, kv_view(*x, p), s, false);
@@ -171,6 +206,8 @@ bool attention_bwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows 
   const bool tc = use_tensor_cores(p, {q, k, v, delta_in ? Rows{} : out, dout, dk, dv});
   // Both tensor-core kernels make the scan sums in their write-out (attention_bwd_rows.cuh).
   if (tc) a.sums = sums;
+  MKA_CHECK(!scan.link || tc, "attention backward: ScanThrough needs the tensor-core kernels");
+  a.scan = scan;  // only where attention_bwd_can_scan; bwd_tensor_cores checks the kernel
   dispatch_dtype(p.dtype, "attention backward", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const int64_t rows_total = p.B * p.Tq * p.H;

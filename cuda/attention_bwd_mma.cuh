@@ -56,7 +56,7 @@ __global__ void __launch_bounds__(kBwdThreads, 2) attention_bwd_mma(AttnParams p
   if (iters > 0) issue(0, 0);
   cp_async_commit();
 
-  const float sum_weight = scan_sum_weight(p, b, j0);  // its latency hides behind the loop
+  const KeyWeights key_w = key_weights<false>(p, b, j0);  // its latency hides behind the loop
   float dk[DT][4] = {}, dv[DT][4] = {};
   for (int64_t it = 0; it < iters; ++it) {
     const int stage = int(it & 1);
@@ -158,7 +158,7 @@ __global__ void __launch_bounds__(kBwdThreads, 2) attention_bwd_mma(AttnParams p
   cp_async_wait<0>();
 
   static_assert(dkdv_block_smem_bytes<D, BN>() <= bwd_smem_bytes<D>());
-  put_dkdv_block<T, D, BN, kBwdThreads>(p, smem_raw, b, g, j0, dk, dv, sum_weight);
+  put_dkdv_block<T, D, BN, kBwdThreads>(p, smem_raw, b, g, j0, dk, dv, key_w);
 }
 
 }  // namespace mka::cuda

@@ -62,15 +62,18 @@ __global__ void __launch_bounds__(kWgBwdThreads, 1) attention_bwd_wgmma(AttnPara
   if (iters > 0) issue(0, 0);
   cp_async_commit();
 
-  const float sum_weight = scan_sum_weight(p, b, j0);  // its latency hides behind the loop
+  const KeyWeights key_w = key_weights<true>(p, b, j0);  // its latency hides behind the loop
   float dk[DT][4] = {}, dv[DT][4] = {};
   auto& dk_flat = reinterpret_cast<float(&)[DT * 4]>(dk);
   auto& dv_flat = reinterpret_cast<float(&)[DT * 4]>(dv);
   const T* kw = ks + wg * 64 * 64;  // this warpgroup's 64 key rows in panel 0
   const T* vw = vs + wg * 64 * 64;
 
+  ScanLane<D> scan_carry = {};  // ScanThrough's carry, loaded during the last query block
+  if (p.scan.link && iters == 0) scan_carry = scan_carry_early<D>(p, b, g, j0, BN);
   for (int64_t it = 0; it < iters; ++it) {
     const int stage = int(it & 1);
+    if (p.scan.link && it + 1 == iters) scan_carry = scan_carry_early<D>(p, b, g, j0, BN);
     const int64_t h = g * p.group + it / nq, i0 = (mb0 + it % nq) * BM;
     cp_async_next_stage(it + 1 < iters, [&] { issue(it + 1, stage ^ 1); });
     wgmma::fence_async_smem();
@@ -186,8 +189,9 @@ __global__ void __launch_bounds__(kWgBwdThreads, 1) attention_bwd_wgmma(AttnPara
   }
   cp_async_wait<0>();
 
-  static_assert(dkdv_block_smem_bytes<D, BN>() <= wg_bwd_smem_bytes<D>() - 1024);
-  put_dkdv_block<T, D, BN, kWgBwdThreads>(p, smem_raw + pad, b, g, j0, dk, dv, sum_weight);
+  static_assert(dkdv_block_smem_bytes<D, BN, true>() <= wg_bwd_smem_bytes<D>() - 1024);
+  put_dkdv_block<T, D, BN, kWgBwdThreads, true>(p, smem_raw + pad, b, g, j0, dk, dv, key_w,
+                                                scan_carry);
 #else
   __trap();  // launched only where the binary has sm_90a code (see attention.cu)
 #endif

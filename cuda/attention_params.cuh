@@ -23,6 +23,26 @@ struct ScanSums {
   int64_t n_chunks = 0;
 };
 
+// The EMA scan's backward run through the Hopper attention backward's write-out, where no
+// dlam or level 3 is asked for (fastmka's fused keys, mka's level 2): each key block turns
+// the dK, dV it holds (the gradients dY of the scan's outputs) into the gradients of the
+// scan's inputs before it writes them,
+//   u_t = l1_t dY_t + beta u_{t+1},   dX_t = l0_t dY_t + (1 - beta) u_t,
+// u entering the sequence's last key from dstate_out; block 0's beta u_0 is dstate_in. The
+// blocks of a (batch, kv head) chain through a decoupled look-back (lookback.cuh): a block
+// waits only on the blocks after it, which start after it, so it is used only where a
+// sequence has no more key blocks than the GPU has SMs (attention_bwd_can_scan).
+struct ScanThrough {
+  // [2: aggregates, end values][B][n_blocks][2: k, v][G*d] float32, starting kUnset;
+  // nullptr: off.
+  float* link = nullptr;
+  int64_t n_blocks = 0;
+  TokenScalar l0, l1;  // routing weights per key; absent: 0 and 1
+  float beta = 0.f;
+  StateView dstate_out[2], dstate_in[2];  // per memory (k, v); optional
+  bool add_state = false;                 // dstate_in: add into it, or overwrite it
+};
+
 struct AttnParams {
   int64_t B = 0, Tq = 0, Tk = 0, H = 0, G = 0, d = 0, group = 1;
   bool causal = true;
@@ -37,6 +57,7 @@ struct AttnParams {
   float* delta = nullptr;  // (B, H, Tq): rowsum(dout * out), unweighted
   TokenScalar w;           // per query row weight on dout (mka); absent: 1
   ScanSums sums;           // made where asked for (the tensor-core kernels only)
+  ScanThrough scan;        // run where asked for (the wgmma kernel only)
 
   // Bottom-right alignment (SPEC §1): row i sees key j iff key_lo(i) <= j < key_hi(i).
   __host__ __device__ int64_t key_hi(int64_t i) const {

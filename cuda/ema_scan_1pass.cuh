@@ -11,10 +11,7 @@
 // (decoupled look-back), publishes its own end state, writes y over x in shared memory and
 // stores it in 16-byte pieces.
 //
-// Values are published without flags or fences: the buffers start as kUnset bytes, a NaN
-// pattern that float arithmetic never makes (GPU NaN results are 0x7fffffff), and a reader
-// takes a float once it differs. 32-bit stores are single-copy atomic, so each float a
-// reader sees set is the published one.
+// Publishing and the look-back: lookback.cuh.
 //
 // Measured (bench/PERF_NOTES.md, session 5): the forward scan 165 -> 130 us at G = 16, 2k.
 // Single-pass backwards built the same way (dy and x staged, dlam by a halving warp
@@ -24,12 +21,11 @@
 #include <type_traits>
 
 #include "ema_scan.cuh"
+#include "lookback.cuh"
 
 namespace mka::cuda {
 
 constexpr int kPassChunk = 32;  // tokens per block (the scan's chunk)
-constexpr int kLookback = 4;    // predecessors polled at once
-constexpr unsigned kUnset = 0xffffffffu;
 
 struct PassArgs {
   float* agg[2] = {};          // per memory, (B, blocks per sequence, G*d): aggregates, kUnset
@@ -57,9 +53,6 @@ template <class T> __device__ __forceinline__ void store_pair(T* p, float2 v) {
     *reinterpret_cast<Pair<T>*>(p) = r;
   }
 }
-__device__ __forceinline__ float2 axpby(float a, float2 x, float b, float2 y) {
-  return make_float2(a * x.x + b * y.x, a * x.y + b * y.y);
-}
 __device__ __forceinline__ float2 load_state(const StateView& v, int64_t b, int64_t g,
                                              int64_t c) {
   if (!v.data) return make_float2(0.f, 0.f);
@@ -70,47 +63,6 @@ __device__ __forceinline__ void store_state(const StateView& v, int64_t b, int64
                                             int64_t c, float2 x) {
   float* p = v.at(b, g) + c;
   p[0] = x.x, p[1] = x.y;
-}
-
-// --- publishing and looking back ---------------------------------------------------------
-__device__ __forceinline__ void publish(float* p, float2 v) {
-  __stcg(reinterpret_cast<float2*>(p), v);  // to L2, where readers poll
-}
-__device__ __forceinline__ float2 peek(const float* p) {
-  return __ldcv(reinterpret_cast<const float2*>(p));  // never a stale L1 copy
-}
-__device__ __forceinline__ bool is_set(float2 v) {
-  return __float_as_uint(v.x) != kUnset && __float_as_uint(v.y) != kUnset;
-}
-
-// The state entering chunk ch from its predecessors j = ch - 1, ch - 2, ... (all full
-// chunks, so each one crossed decays by D): the sum of their aggregates, decayed, up to the
-// nearest one whose end state is published, which ends it. Chunk 0 publishes its end state
-// without waiting, so the walk terminates.
-template <class EndAt, class AggAt>
-__device__ float2 look_back(int64_t ch, float D, EndAt end_at, AggAt agg_at) {
-  float2 acc = make_float2(0.f, 0.f);
-  float mult = 1.f;
-  for (int64_t j = ch - 1;;) {
-    float2 e[kLookback], g[kLookback];
-    #pragma unroll
-    for (int k = 0; k < kLookback; ++k) {  // one round trip for the whole window
-      const bool in = j - k >= 0;
-      e[k] = in ? peek(end_at(j - k)) : make_float2(__uint_as_float(kUnset), 0.f);
-      g[k] = in ? peek(agg_at(j - k)) : make_float2(__uint_as_float(kUnset), 0.f);
-    }
-    int used = 0;
-    #pragma unroll
-    for (int k = 0; k < kLookback; ++k) {
-      if (is_set(e[k])) return axpby(1.f, acc, mult, e[k]);
-      if (!is_set(g[k])) break;
-      acc = axpby(1.f, acc, mult, g[k]);
-      mult *= D;
-      ++used;
-    }
-    if (used == 0) __nanosleep(64);  // the next predecessor has not published yet
-    j -= used;
-  }
 }
 
 // This block's place: chunk, memory, batch entry, this thread's first channel.
@@ -256,7 +208,7 @@ __device__ __forceinline__ void fwd_1pass(const ScanArgs& a, const PassArgs& pa,
       *reinterpret_cast<float2*>(m.carry + slot(0)) = start;
     } else {
       if (!last) publish(agg + agg_slot(p.ch), loc);
-      start = look_back(p.ch, powf(a.beta, float(kPassChunk)),
+      start = look_back<float2>(p.ch, powf(a.beta, float(kPassChunk)),
                         [&](int64_t j) { return m.carry + slot((j + 1) * sub); },
                         [&](int64_t j) { return agg + agg_slot(j); });
     }

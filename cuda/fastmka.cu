@@ -4,8 +4,10 @@
 // the attention at training lengths (bench/PERF_NOTES.md). The forward keeps the fused
 // keys/values and the scans' chunk start states in the caller's SavedKeys, so the backward
 // neither remakes them nor rereads k/v for them; without SavedKeys both live in scratch and
-// the backward recomputes them. The attention backward also makes the backward scan's chunk
-// sums from the fused keys' gradients it holds, so the scan skips its local pass.
+// the backward recomputes them. Without dlam (lam a constant) and level 3's gradients, the
+// scan's backward runs through the Hopper attention backward's write-out (ScanThrough);
+// otherwise the attention backward makes the backward scan's chunk sums from the fused keys'
+// gradients it holds, so the scan skips its local pass.
 #include "launchers.h"
 #include "mka/cuda_kernels.h"
 
@@ -56,15 +58,30 @@ void fastmka_bwd(const AttentionProblem& ap, const RouteProblem& route, const Te
   Fused f(ap, rp, saved, s);
   if (!saved.k.present())
     route_fuse_fwd_rows(rp, k, v, r, f.kr, f.vr, StateView{}, StateView{}, f.carry, s);
+  Workspace dq_acc(size_t(ap.B * ap.Tq * ap.H * ap.d) * 4, s, true);
+  const Rows dq_rows = dense_rows(dq_acc.as<float>(), ap.Tq, ap.H, ap.d);
+  // Without dlam, dk3 and dv3 the scan's backward runs through the attention backward's
+  // write-out, which then writes dk and dv themselves.
+  if (!g.dlam.present() && !g.dk3.present() && !g.dv3.present() &&
+      attention_bwd_can_scan(ap, {rows(q), f.kr, f.vr, rows(out), rows(dout), rows(dk), rows(dv)})) {
+    ScanThroughScratch through(ap, float(rp.beta), lam_level(r.lam, 0), lam_level(r.lam, 1), s);
+    ScanThrough& sc = through.scan;
+    sc.dstate_out[0] = state(dk_state_out), sc.dstate_out[1] = state(dv_state_out);
+    sc.dstate_in[0] = state(g.dk_state), sc.dstate_in[1] = state(g.dv_state);
+    sc.add_state = add;
+    attention_bwd_rows(ap, rows(q), f.kr, f.vr, rows(out), static_cast<const float*>(lse.data),
+                       rows(dout), TokenScalar{}, dq_rows, rows(dk), rows(dv),
+                       add ? KVGrad::add_io : KVGrad::store_io, s, nullptr, {}, sc);
+    accumulate(dq_acc.as<float>(), dq, s, add);
+    return;
+  }
   // dK, dV of the fused keys/values: stored by the attention kernel in the inputs' dtype
   // (no float32 copy, no zero fill), read by the scan's backward.
   KVScratch df(ap, s);
-  Workspace dq_acc(size_t(ap.B * ap.Tq * ap.H * ap.d) * 4, s, true);
   ScanSumsScratch sums(rp, r.lam, s);
   const bool made = attention_bwd_rows(
       ap, rows(q), f.kr, f.vr, rows(out), static_cast<const float*>(lse.data), rows(dout),
-      TokenScalar{}, dense_rows(dq_acc.as<float>(), ap.Tq, ap.H, ap.d), df.kr, df.vr,
-      KVGrad::store_io, s, nullptr, sums.sums);
+      TokenScalar{}, dq_rows, df.kr, df.vr, KVGrad::store_io, s, nullptr, sums.sums);
   accumulate(dq_acc.as<float>(), dq, s, add);
   route_fuse_bwd_rows(rp, k, v, r, df.kr, df.vr, state(dk_state_out), state(dv_state_out), dk,
                       dv, g, add, f.carry, s, made ? &sums.sums : nullptr);

@@ -37,10 +37,26 @@ void attention_fwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows 
 // (B, H, Tq) float32): the rows' <dout, out>, computed by the caller (then out is not read).
 // sums (optional): the EMA scan backward's chunk sums of dk, dv, made by the tensor-core
 // kernels; returns whether they were made.
+// scan (optional, where attention_bwd_can_scan): the EMA scan's backward run through the
+// write-out; dk, dv are then the scan inputs' gradients.
 bool attention_bwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows out,
                         const float* lse, Rows dout, TokenScalar w, Rows dq, Rows dk, Rows dv,
                         KVGrad kv_grad, cudaStream_t stream, const float* delta = nullptr,
-                        const ScanSums& sums = {});
+                        const ScanSums& sums = {}, const ScanThrough& scan = {});
+// Whether attention_bwd_rows can run ScanThrough for p with these views (q, k, v, dout, dk,
+// dv; out unless delta is given): the wgmma kernel runs, and a sequence has no more key
+// blocks than the GPU has SMs (a block waits on the blocks after it, which must start).
+// MKA_CUDA_SCAN_THROUGH=0 turns it off (the separate scan passes: A/B runs, tests).
+bool attention_bwd_can_scan(const AttentionProblem& p, std::initializer_list<Rows> views);
+// ScanThrough's look-back buffer (kUnset) and parameters for keys and values of problem p:
+// decay beta, routing weights l0, l1 (absent: a plain EMA, as mka's level 2). The caller
+// sets the states' views.
+struct ScanThroughScratch {
+  Workspace link;
+  ScanThrough scan;
+  ScanThroughScratch(const AttentionProblem& p, float beta, TokenScalar l0, TokenScalar l1,
+                     cudaStream_t stream);
+};
 
 // One memory (keys or values) of the EMA-route scan (ema_scan.cuh): its views in p.dtype;
 // absent views are neither read nor written.

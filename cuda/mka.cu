@@ -184,22 +184,35 @@ void mka_bwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef
     KVScratch e(kept ? AttentionProblem{} : ap, s);
     const Rows ke = kept ? rows(saved.k) : e.kr, ve = kept ? rows(saved.v) : e.vr;
     if (!kept) ema_keys(rp, k, v, r, ke, ve, StateView{}, StateView{}, s);
-    KVScratch de(ap, s);  // the EMA keys' gradients, stored (no zero fill)
-    // The scan's chunk sums come from level 2's attention backward where it can make them.
-    const RouteProblem rs = attn_chunk_route(rp);
-    ScanSumsScratch sums(rs, TensorRef{}, s);
-    const bool made =
-        attention_bwd_rows(level_problem(ap, 1, 0), rows(q), ke, ve, lv.o[1], lse(1),
-                           rows(dout), lv.w[1], dq_rows, de.kr, de.vr, KVGrad::store_io, s,
-                           level_delta(1), sums.sums);
-    // Added onto level 1's dk, dv; the states' gradients are the scan's alone.
-    ScanMemory km = scan_memory(rows(k), Rows{}, state(r.k_state));
-    ScanMemory vm = scan_memory(rows(v), Rows{}, state(r.v_state));
-    km.dy = de.kr, km.dstate_out = state(dk_state_out), km.dx = rows(dk);
-    km.dstate_in = state(g.dk_state);
-    vm.dy = de.vr, vm.dstate_out = state(dv_state_out), vm.dx = rows(dv);
-    vm.dstate_in = state(g.dv_state);
-    ema_route_bwd(rs, TensorRef{}, km, vm, nullptr, true, add, s, made ? &sums.sums : nullptr);
+    const AttentionProblem p2 = level_problem(ap, 1, 0);
+    // Level 2's scan backward through its attention backward's write-out (ScanThrough),
+    // which adds dk, dv onto level 1's; else separate passes after it.
+    if (attention_bwd_can_scan(p2, {rows(q), ke, ve, rows(dout), rows(dk), rows(dv)})) {
+      ScanThroughScratch through(p2, float(rp.beta), TokenScalar{}, TokenScalar{}, s);
+      ScanThrough& sc = through.scan;
+      sc.dstate_out[0] = state(dk_state_out), sc.dstate_out[1] = state(dv_state_out);
+      sc.dstate_in[0] = state(g.dk_state), sc.dstate_in[1] = state(g.dv_state);
+      sc.add_state = add;
+      attention_bwd_rows(p2, rows(q), ke, ve, lv.o[1], lse(1), rows(dout), lv.w[1], dq_rows,
+                         rows(dk), rows(dv), KVGrad::add_io, s, level_delta(1), {}, sc);
+    } else {
+      KVScratch de(ap, s);  // the EMA keys' gradients, stored (no zero fill)
+      // The scan's chunk sums come from level 2's attention backward where it can make them.
+      const RouteProblem rs = attn_chunk_route(rp);
+      ScanSumsScratch sums(rs, TensorRef{}, s);
+      const bool made =
+          attention_bwd_rows(p2, rows(q), ke, ve, lv.o[1], lse(1),
+                             rows(dout), lv.w[1], dq_rows, de.kr, de.vr, KVGrad::store_io, s,
+                             level_delta(1), sums.sums);
+      // Added onto level 1's dk, dv; the states' gradients are the scan's alone.
+      ScanMemory km = scan_memory(rows(k), Rows{}, state(r.k_state));
+      ScanMemory vm = scan_memory(rows(v), Rows{}, state(r.v_state));
+      km.dy = de.kr, km.dstate_out = state(dk_state_out), km.dx = rows(dk);
+      km.dstate_in = state(g.dk_state);
+      vm.dy = de.vr, vm.dstate_out = state(dv_state_out), vm.dx = rows(dv);
+      vm.dstate_in = state(g.dv_state);
+      ema_route_bwd(rs, TensorRef{}, km, vm, nullptr, true, add, s, made ? &sums.sums : nullptr);
+    }
   }
   if (lv.L == 3) {
     const AttentionProblem p3 = level_problem(ap, 2, mem_k.shape[1]);

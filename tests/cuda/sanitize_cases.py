@@ -43,7 +43,8 @@ def main():
     kf, vf, kso, vso = ops.route_fuse(ku, v, lam2, 0.9)
     (kf.float().sum() + vf.float().sum()).backward()
     mk, mv = r(B, 20, G, d), r(B, 20, G, d)
-    # Both tensor-core backwards make the EMA scan's chunk sums for fastmka and mka.
+    # Both tensor-core backwards make the EMA scan's chunk sums for fastmka (lam with a
+    # gradient) and run mka's level-2 scan (wgmma: through its write-out).
     for mode in ("pingpong", "0"):
         os.environ["MKA_CUDA_WGMMA"] = mode
         out, kso, vso = ops.fastmka(q, k, v, lam_k, 0.9, k3, v3, ks, vs)
@@ -51,6 +52,13 @@ def main():
         out, kso, vso = ops.mka(q, k, v, lam_q, 0.9, mk, mv, ks, vs, True, None, 25)
         (out.float().sum() + vso.sum()).backward()
     del os.environ["MKA_CUDA_WGMMA"]
+    # fastmka with lam a constant: the scan's backward through the attention backward's
+    # write-out (ScanThrough), over three key blocks (mka's level 2 above runs it too).
+    T3 = 300
+    q, k, v = r(B, T3, H, d), r(B, T3, G, d), r(B, T3, G, d)
+    lam_c = torch.softmax(torch.randn(B, T3, 2, device="cuda"), -1).to(torch.bfloat16)
+    out, kso, vso = ops.fastmka(q, k, v, lam_c, 0.9, None, None, ks, vs)
+    (out.float().sum() + kso.sum() + vso.sum()).backward()
     torch.cuda.synchronize()
     print("sanitize cases: done")
 

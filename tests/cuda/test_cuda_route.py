@@ -155,6 +155,50 @@ def test_fastmka_level3_gradients_without_lam_gradient(T):
              ("q", "k", "v", "k3", "v3"), gen, n_out=3)
 
 
+# Without dlam and level 3's gradients the scan's backward runs through the Hopper attention
+# backward's write-out (ScanThrough: fastmka with lam a constant, mka's level 2), its key
+# blocks chained by a look-back; MKA_CUDA_SCAN_THROUGH=0 (and MKA_CUDA_WGMMA=0) take the
+# separate passes. Several key blocks with a short last one, GQA, a window, Tq < Tk, and the
+# states' gradients both ways.
+@pytest.mark.parametrize("through", ["default", "0"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("op", ["fastmka", "mka"])
+def test_scan_through_attention_backward(op, d, dtype, through, monkeypatch):
+    if through != "default":
+        monkeypatch.setenv("MKA_CUDA_SCAN_THROUGH", through)
+    gen = torch.Generator().manual_seed(d + len(op) + (dtype == torch.float16))
+    B, Tq, Tk, H, G = 2, 1000, 1100, 4, 2
+    q, q64 = rand(gen, B, Tq, H, d, dtype=dtype)
+    k, k64 = rand(gen, B, Tk, G, d, dtype=dtype)
+    v, v64 = rand(gen, B, Tk, G, d, dtype=dtype)
+    lam, lam64 = softmax_rows(gen, B, Tk if op == "fastmka" else Tq, 2, dtype)  # a constant
+    (ks, vs), (ks64, vs64) = _states(gen, B, G, d, True)
+    window = 300 if op == "fastmka" else None
+    fn, ref = getattr(torch.ops.mka, op), getattr(R, op)
+    check_op(lambda q, k, v, ks, vs: fn(q, k, v, lam, BETA, None, None, ks, vs, True, None, window),
+             lambda q, k, v, ks, vs: ref(q, k, v, lam64, BETA, None, None, ks, vs, True, None,
+                                         window),
+             (q, k, v, ks, vs), (q64, k64, v64, ks64, vs64), dtype,
+             ("q", "k", "v", "k_state", "v_state"), gen, n_out=3)
+
+
+# One key block, and a sequence whose blocks all end early (T = 129: a 1-key last block).
+@pytest.mark.parametrize("T", [1, 100, 128, 129])
+def test_scan_through_short_sequences(T):
+    gen = torch.Generator().manual_seed(T)
+    dtype, B, H, G, d = torch.bfloat16, 3, 2, 2, 64
+    q, q64 = rand(gen, B, T, H, d, dtype=dtype)
+    k, k64 = rand(gen, B, T, G, d, dtype=dtype)
+    v, v64 = rand(gen, B, T, G, d, dtype=dtype)
+    lam, lam64 = softmax_rows(gen, B, T, 2, dtype)
+    (ks, vs), (ks64, vs64) = _states(gen, B, G, d, True)
+    check_op(lambda q, k, v, ks, vs: torch.ops.mka.fastmka(q, k, v, lam, BETA, None, None, ks, vs),
+             lambda q, k, v, ks, vs: R.fastmka(q, k, v, lam64, BETA, None, None, ks, vs),
+             (q, k, v, ks, vs), (q64, k64, v64, ks64, vs64), dtype,
+             ("q", "k", "v", "k_state", "v_state"), gen, n_out=3)
+
+
 def test_mka_empty_memory():
     gen = torch.Generator().manual_seed(9)
     B, T, H, G, d = 1, 64, 2, 1, 64
