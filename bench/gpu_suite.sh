@@ -7,7 +7,7 @@
 # SANITIZE=0 skips compute-sanitizer (slow under Python), TESTS=0 the tests, AB=0 the
 # interleaved forward A/B, SCAN_AB=0 the EMA scans' A/B, BENCH=0 the benchmark; PACK=1 packs the logs into logs.tgz at the end; BENCH_SEQS
 # overrides the benchmark's sequence lengths (comma-separated), BENCH_IMPLS its implementations
-# (comma-separated names, default all); TEST_DIRS the test folders;
+# (comma-separated names, default all), BENCH_ROUNDS its rounds (5); TEST_DIRS the test folders;
 # TEST_TIMEOUT (per test) and BENCH_TIMEOUT bound a hang.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -83,7 +83,7 @@ if [ "${BENCH:-1}" = 0 ]; then
   echo "skipped (BENCH=0)" | tee -a "$LOG"
 else
   timeout ${BENCH_TIMEOUT:-900} python3 bench/gpu_bench.py --out "$OUT/gpu_bench.json" --seqs "$seqs" \
-    --impls "${BENCH_IMPLS:-}" > "$OUT/gpu_bench.log" 2>&1
+    --impls "${BENCH_IMPLS:-}" --rounds "${BENCH_ROUNDS:-5}" > "$OUT/gpu_bench.log" 2>&1
   echo "bench rc=$?" | tee -a "$LOG"
   sed -n '/^NVIDIA\|^H100\|TFLOP/,$p' "$OUT/gpu_bench.log" | tee -a "$LOG"
   tail -30 "$OUT/gpu_bench.log"

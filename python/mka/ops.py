@@ -50,9 +50,9 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
 
 
 def _lam_dtype(lam: Tensor, cdt: torch.dtype) -> torch.dtype:
-    """The CUDA kernels read routing weights in float32 (no rounding to bf16); the CPU
-    kernels take them in the compute dtype."""
-    return torch.float32 if lam.device.type == "cuda" and cdt != torch.float64 else cdt
+    """The CUDA kernels read routing weights as given (float32, or the inputs' dtype: no
+    cast, no extra launch); the CPU kernels take them in the compute dtype."""
+    return lam.dtype if lam.device.type == "cuda" and cdt != torch.float64 else cdt
 
 
 def _cast(t: _OptT, dtype: torch.dtype) -> _OptT:

@@ -57,8 +57,9 @@ def main():
     T3 = 300
     q, k, v = r(B, T3, H, d), r(B, T3, G, d), r(B, T3, G, d)
     lam_c = torch.softmax(torch.randn(B, T3, 2, device="cuda"), -1).to(torch.bfloat16)
-    out, kso, vso = ops.fastmka(q, k, v, lam_c, 0.9, None, None, ks, vs)
-    (out.float().sum() + kso.sum() + vso.sum()).backward()
+    for lam_t in (lam_c, lam_c.clone().requires_grad_()):  # with dlam: the separate passes
+        out, kso, vso = ops.fastmka(q, k, v, lam_t, 0.9, None, None, ks, vs)
+        (out.float().sum() + kso.sum() + vso.sum()).backward()
     torch.cuda.synchronize()
     print("sanitize cases: done")
 

@@ -158,12 +158,12 @@ def test_fastmka_level3_gradients_without_lam_gradient(T):
 # Without dlam and level 3's gradients the scan's backward runs through the Hopper attention
 # backward's write-out (ScanThrough: fastmka with lam a constant, mka's level 2), its key
 # blocks chained by a look-back; MKA_CUDA_SCAN_THROUGH=0 (and MKA_CUDA_WGMMA=0) take the
-# separate passes. Several key blocks with a short last one, GQA, a window, Tq < Tk, and the
-# states' gradients both ways.
+# separate passes, as fastmka does with lam's gradient (fastmka_dlam). Several key blocks
+# with a short last one, GQA, a window, Tq < Tk, and the states' gradients both ways.
 @pytest.mark.parametrize("through", ["default", "0"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("op", ["fastmka", "mka"])
+@pytest.mark.parametrize("op", ["fastmka", "fastmka_dlam", "mka"])
 def test_scan_through_attention_backward(op, d, dtype, through, monkeypatch):
     if through != "default":
         monkeypatch.setenv("MKA_CUDA_SCAN_THROUGH", through)
@@ -172,10 +172,19 @@ def test_scan_through_attention_backward(op, d, dtype, through, monkeypatch):
     q, q64 = rand(gen, B, Tq, H, d, dtype=dtype)
     k, k64 = rand(gen, B, Tk, G, d, dtype=dtype)
     v, v64 = rand(gen, B, Tk, G, d, dtype=dtype)
-    lam, lam64 = softmax_rows(gen, B, Tk if op == "fastmka" else Tq, 2, dtype)  # a constant
+    lam, lam64 = softmax_rows(gen, B, Tq if op == "mka" else Tk, 2, dtype)
     (ks, vs), (ks64, vs64) = _states(gen, B, G, d, True)
-    window = 300 if op == "fastmka" else None
-    fn, ref = getattr(torch.ops.mka, op), getattr(R, op)
+    window = 300 if op != "mka" else None
+    name = "mka" if op == "mka" else "fastmka"
+    fn, ref = getattr(torch.ops.mka, name), getattr(R, name)
+    if op == "fastmka_dlam":  # lam an input with a gradient
+        check_op(lambda q, k, v, lam, ks, vs: fn(q, k, v, lam, BETA, None, None, ks, vs, True,
+                                                 None, window),
+                 lambda q, k, v, lam, ks, vs: ref(q, k, v, lam, BETA, None, None, ks, vs, True,
+                                                  None, window),
+                 (q, k, v, lam, ks, vs), (q64, k64, v64, lam64, ks64, vs64), dtype,
+                 ("q", "k", "v", "lam", "k_state", "v_state"), gen, n_out=3)
+        return
     check_op(lambda q, k, v, ks, vs: fn(q, k, v, lam, BETA, None, None, ks, vs, True, None, window),
              lambda q, k, v, ks, vs: ref(q, k, v, lam64, BETA, None, None, ks, vs, True, None,
                                          window),
