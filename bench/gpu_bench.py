@@ -6,7 +6,8 @@ FLOPs: forward 4*B*H*T^2*d, halved for causal; backward 2.5x forward (so fwd+bwd
 The same FLOP count is used for every implementation (fastmka's fusion pass and mka's
 second level are overhead, not credited work), so the columns compare wall time.
 Timing: per shape, every implementation once per round (CUDA events around each of 10 calls
-queued back to back after 3 warm-ups, median), 5 rounds in a fresh random order each, a 0.1 s pause before each implementation,
+queued back to back after at least 3 and 0.1 s of warm-up calls, median), 5 rounds in a fresh
+random order each, a 0.1 s pause before each implementation,
 medians over rounds; a 1 s warm-up of the GPU first.
 Gradients via torch.autograd.grad (no accumulation into .grad). Run: python bench/gpu_bench.py --out results.json  (prints a table last).
 """
@@ -29,6 +30,9 @@ import mka  # noqa: F401
 TOKENS, H, D = 16384, 16, 128
 
 
+WARM_S = 0.1  # seconds of calls before each timing
+
+
 def flops_fwd(B: int, T: int) -> float:
     return 4.0 * B * H * T * T * D / 2  # causal
 
@@ -39,8 +43,15 @@ def time_ms(fn, warmup: int = 3, reps: int = 10) -> float:
     overlaps the GPU work of the one before, as in a training step; a synchronization after
     every call would add each op's host overhead to its time (~0.15 ms per mka op call on the
     H100 host: bench/PERF_NOTES.md)."""
-    for _ in range(warmup):
+    # Warm up for a while, not for a few calls: after the pause before each implementation
+    # the GPU's clocks need tens of ms to come back up, longer than a few short calls take
+    # (1k rows timed whole rounds 2-4x slow with 3 warm-up calls).
+    start, calls = time.perf_counter(), 0
+    while calls < warmup or time.perf_counter() - start < WARM_S:
         fn()
+        calls += 1
+        if calls % 4 == 0:
+            torch.cuda.synchronize()
     torch.cuda.synchronize()
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
               for _ in range(reps)]
