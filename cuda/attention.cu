@@ -153,9 +153,26 @@ void attention_fwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows 
   });
 }
 
-bool attention_bwd_can_scan(const AttentionProblem& p, std::initializer_list<Rows> views) {
+namespace {
+
+// MKA_CUDA_SCAN_THROUGH: 0 turns ScanThrough off; 1 or unset leaves it on; read per call.
+bool scan_through_allowed() {
   const char* e = std::getenv("MKA_CUDA_SCAN_THROUGH");
-  if ((e && std::string(e) == "0") || p.B == 0 || p.Tq == 0 || p.Tk == 0 || p.H == 0 ||
+  const std::string v = e ? e : "";
+  MKA_CHECK(v.empty() || v == "0" || v == "1",
+            "MKA_CUDA_SCAN_THROUGH: expected 0 or 1, got '", v, "'");
+  return v != "0";
+}
+
+// Bytes of ScanThrough::link for p: aggregates and end values per key block and memory.
+size_t scan_link_bytes(const AttentionProblem& p) {
+  return size_t(2 * p.B * ceil_div(p.Tk, int64_t(kWgBwdBlockN)) * 2 * p.G * p.d) * 4;
+}
+
+}  // namespace
+
+bool attention_bwd_can_scan(const AttentionProblem& p, std::initializer_list<Rows> views) {
+  if (!scan_through_allowed() || p.B == 0 || p.Tq == 0 || p.Tk == 0 || p.H == 0 ||
       (p.d != 64 && p.d != 128) || !use_tensor_cores(p, views) ||
       wgmma_mode() == WgmmaMode::off)
     return false;
@@ -175,14 +192,16 @@ bool attention_bwd_can_scan(const AttentionProblem& p, std::initializer_list<Row
 }
 
 ScanThroughScratch::ScanThroughScratch(const AttentionProblem& p, float beta, TokenScalar l0,
-                                       TokenScalar l1, cudaStream_t s)
-    : link(size_t(2 * p.B * ceil_div(p.Tk, int64_t(kWgBwdBlockN)) * 2 * p.G * p.d) * 4, s,
-           false) {
-  scan.n_blocks = ceil_div(p.Tk, int64_t(kWgBwdBlockN));
-  const size_t bytes = size_t(2 * p.B * scan.n_blocks * 2 * p.G * p.d) * 4;
-  if (bytes > 0) check_cuda(cudaMemsetAsync(link.as<void>(), 0xff, bytes, s), "cudaMemsetAsync");
+                                       TokenScalar l1, const StateView (&dstate_out)[2],
+                                       const StateView (&dstate_in)[2], bool add_state,
+                                       cudaStream_t s)
+    : link(scan_link_bytes(p), s, false) {
+  if (scan_link_bytes(p) > 0)
+    check_cuda(cudaMemsetAsync(link.as<void>(), 0xff, scan_link_bytes(p), s), "cudaMemsetAsync");
   scan.link = link.as<float>();
-  scan.beta = beta, scan.l0 = l0, scan.l1 = l1;
+  scan.n_blocks = ceil_div(p.Tk, int64_t(kWgBwdBlockN));
+  scan.beta = beta, scan.l0 = l0, scan.l1 = l1, scan.add_state = add_state;
+  for (int m = 0; m < 2; ++m) scan.dstate_out[m] = dstate_out[m], scan.dstate_in[m] = dstate_in[m];
 }
 
 bool attention_bwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows out,

@@ -64,14 +64,12 @@ void fastmka_bwd(const AttentionProblem& ap, const RouteProblem& route, const Te
   // write-out, which then writes dk and dv themselves.
   if (!g.dlam.present() && !g.dk3.present() && !g.dv3.present() &&
       attention_bwd_can_scan(ap, {rows(q), f.kr, f.vr, rows(out), rows(dout), rows(dk), rows(dv)})) {
-    ScanThroughScratch through(ap, float(rp.beta), lam_level(r.lam, 0), lam_level(r.lam, 1), s);
-    ScanThrough& sc = through.scan;
-    sc.dstate_out[0] = state(dk_state_out), sc.dstate_out[1] = state(dv_state_out);
-    sc.dstate_in[0] = state(g.dk_state), sc.dstate_in[1] = state(g.dv_state);
-    sc.add_state = add;
+    const ScanThroughScratch through(ap, float(rp.beta), lam_level(r.lam, 0), lam_level(r.lam, 1),
+                                     {state(dk_state_out), state(dv_state_out)},
+                                     {state(g.dk_state), state(g.dv_state)}, add, s);
     attention_bwd_rows(ap, rows(q), f.kr, f.vr, rows(out), static_cast<const float*>(lse.data),
                        rows(dout), TokenScalar{}, dq_rows, rows(dk), rows(dv),
-                       add ? KVGrad::add_io : KVGrad::store_io, s, nullptr, {}, sc);
+                       add ? KVGrad::add_io : KVGrad::store_io, s, nullptr, {}, through.scan);
     accumulate(dq_acc.as<float>(), dq, s, add);
     return;
   }

@@ -46,16 +46,18 @@ bool attention_bwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows 
 // Whether attention_bwd_rows can run ScanThrough for p with these views (q, k, v, dout, dk,
 // dv; out unless delta is given): the wgmma kernel runs, and a sequence has no more key
 // blocks than the GPU has SMs (a block waits on the blocks after it, which must start).
-// MKA_CUDA_SCAN_THROUGH=0 turns it off (the separate scan passes: A/B runs, tests).
+// MKA_CUDA_SCAN_THROUGH=0 turns it off (the separate scan passes: A/B runs, tests); 1 or
+// unset: on where it can run; other values raise.
 bool attention_bwd_can_scan(const AttentionProblem& p, std::initializer_list<Rows> views);
 // ScanThrough's look-back buffer (kUnset) and parameters for keys and values of problem p:
-// decay beta, routing weights l0, l1 (absent: a plain EMA, as mka's level 2). The caller
-// sets the states' views.
+// decay beta, routing weights l0, l1 (absent: a plain EMA, as mka's level 2), the final
+// states' gradients in and the initial states' out (k, v; each optional), added into or not.
 struct ScanThroughScratch {
   Workspace link;
   ScanThrough scan;
   ScanThroughScratch(const AttentionProblem& p, float beta, TokenScalar l0, TokenScalar l1,
-                     cudaStream_t stream);
+                     const StateView (&dstate_out)[2], const StateView (&dstate_in)[2],
+                     bool add_state, cudaStream_t stream);
 };
 
 // One memory (keys or values) of the EMA-route scan (ema_scan.cuh): its views in p.dtype;

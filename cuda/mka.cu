@@ -188,13 +188,12 @@ void mka_bwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef
     // Level 2's scan backward through its attention backward's write-out (ScanThrough),
     // which adds dk, dv onto level 1's; else separate passes after it.
     if (attention_bwd_can_scan(p2, {rows(q), ke, ve, rows(dout), rows(dk), rows(dv)})) {
-      ScanThroughScratch through(p2, float(rp.beta), TokenScalar{}, TokenScalar{}, s);
-      ScanThrough& sc = through.scan;
-      sc.dstate_out[0] = state(dk_state_out), sc.dstate_out[1] = state(dv_state_out);
-      sc.dstate_in[0] = state(g.dk_state), sc.dstate_in[1] = state(g.dv_state);
-      sc.add_state = add;
+      const ScanThroughScratch through(p2, float(rp.beta), TokenScalar{}, TokenScalar{},
+                                       {state(dk_state_out), state(dv_state_out)},
+                                       {state(g.dk_state), state(g.dv_state)}, add, s);
       attention_bwd_rows(p2, rows(q), ke, ve, lv.o[1], lse(1), rows(dout), lv.w[1], dq_rows,
-                         rows(dk), rows(dv), KVGrad::add_io, s, level_delta(1), {}, sc);
+                         rows(dk), rows(dv), KVGrad::add_io, s, level_delta(1), {},
+                         through.scan);
     } else {
       KVScratch de(ap, s);  // the EMA keys' gradients, stored (no zero fill)
       // The scan's chunk sums come from level 2's attention backward where it can make them.

@@ -192,6 +192,15 @@ def test_scan_through_attention_backward(op, d, dtype, through, monkeypatch):
              ("q", "k", "v", "k_state", "v_state"), gen, n_out=3)
 
 
+def test_unknown_scan_through_choice_is_an_error(monkeypatch):
+    monkeypatch.setenv("MKA_CUDA_SCAN_THROUGH", "yes")
+    q = torch.randn(1, 64, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    lam = torch.full((1, 64, 2), 0.5, device="cuda")
+    out = torch.ops.mka.fastmka(q, q, q, lam, BETA)[0]
+    with pytest.raises(ValueError, match="MKA_CUDA_SCAN_THROUGH: expected 0 or 1"):
+        out.float().sum().backward()
+
+
 # One key block, and a sequence whose blocks all end early (T = 129: a 1-key last block).
 @pytest.mark.parametrize("T", [1, 100, 128, 129])
 def test_scan_through_short_sequences(T):
