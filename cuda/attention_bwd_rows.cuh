@@ -39,8 +39,9 @@ __device__ __forceinline__ void put_kv_grad(const AttnParams& p, const Rows& r, 
 
 // Per-key weights of key j0 + threadIdx.x (threads below the block's key count), loaded by
 // the kernel before its main loop (a memory latency in the write-out would stall the whole
-// block): with ScanThrough its (l1, l0); with ScanSums its level-2 routing weight times
-// beta^(its place in its chunk), and 0; zeros past Tk or with neither.
+// block): with ScanThrough the bits of its (l1, l0), converted in the write-out (scan_weights);
+// with ScanSums its level-2 routing weight times beta^(its place in its chunk), and 0; zeros
+// past Tk or with neither.
 struct KeyWeights {
   float a = 0.f, b = 0.f;
 };
@@ -48,16 +49,22 @@ template <bool kScan>
 __device__ __forceinline__ KeyWeights key_weights(const AttnParams& p, int64_t b, int64_t j0) {
   const int64_t j = j0 + threadIdx.x;
   if (j >= p.Tk) return {};
-  if (kScan && p.scan.link) return {p.scan.l1.load(b, j, 1.f), p.scan.l0.load(b, j, 0.f)};
+  if (kScan && p.scan.link)
+    return {__uint_as_float(p.scan.l1.bits(b, j, 1.f)), __uint_as_float(p.scan.l0.bits(b, j, 0.f))};
   const ScanSums& s = p.sums;
   if (!s.k) return {};
   return {s.l1.load(b, j, 1.f) * powf(s.beta, float(threadIdx.x % s.chunk)), 0.f};
 }
+__device__ __forceinline__ float2 scan_weights(const AttnParams& p, KeyWeights kw) {
+  return make_float2(p.scan.l1.value(__float_as_uint(kw.a)), p.scan.l0.value(__float_as_uint(kw.b)));
+}
 
 // Bytes of shared memory put_dkdv_block needs (the kernels' own are larger).
-// kStaged: with the old dK, dV rows an adding write-out stages (put_dkdv_block's kScan).
+// kStaged: with the old dK, dV rows an adding write-out stages and ScanThrough's exchange
+// (put_dkdv_block's kScan).
+template <int D> constexpr int scan_through_smem_bytes() { return 2 * 2 * D * 4; }
 template <int D, int BN, bool kStaged = false> constexpr int dkdv_block_smem_bytes() {
-  return 2 * BN * (D + 8) * 2 + 2 * BN * 4 + (kStaged ? 2 * BN * D * 2 : 0);
+  return 2 * BN * (D + 8) * 2 + 2 * BN * 4 + (kStaged ? 2 * BN * D * 2 + scan_through_smem_bytes<D>() : 0);
 }
 
 // The scan sums of a key block from its dK, dV rows in shared memory (put_dkdv_block): one
@@ -116,11 +123,14 @@ template <class T, int V> __device__ __forceinline__ void scan_store(T* p, const
   else *reinterpret_cast<unsigned*>(p) = mma::pack2<T>(x[0], x[1]);
 }
 
-// This thread's memory m and first column c; false for threads past both memories' columns.
+// ScanThrough's 256 threads take two halves of a key block: threads 0..127 (segment 1, true)
+// its upper keys [BN / 2, n), threads 128..255 (segment 0) its lower keys [0, BN / 2), each
+// on memory m's columns from c (both halves the same columns).
 template <int D> __device__ __forceinline__ bool scan_place(int& m, int& c) {
-  constexpr int per = D / kScanCols<D>;  // threads per memory
-  m = threadIdx.x / per, c = threadIdx.x % per * kScanCols<D>;
-  return threadIdx.x < 2 * per;
+  constexpr int per = D / kScanCols<D>;  // threads per memory: 2 * per = 128
+  const int t = threadIdx.x % (2 * per);
+  m = t / per, c = t % per * kScanCols<D>;
+  return threadIdx.x < 2 * per;  // segment 1
 }
 
 // ScanThrough's slots (aggregate, end value) of memory m, columns from c, kv head g; block
@@ -137,12 +147,12 @@ struct ScanSlots {
   }
 };
 
-// The carry entering the last key of this thread's columns of block j0 / BN: the sequence's
-// dstate_out for its last block, else the next block's end value if already published (it
-// usually is: that block had less work), else kUnset. Loaded by the kernel at the start of
-// its last query block, so its latency hides behind that block's products.
+// The carry entering the last key of this thread's columns of block j0 / BN (the upper half's
+// threads; others get zeros): the sequence's dstate_out for its last block, else the next
+// block's end value if already published (it usually is by the write-out: that block had less
+// work), else kUnset. Loaded as the write-out starts; its latency hides behind the walk.
 template <int D>
-__device__ __forceinline__ ScanLane<D> scan_carry_early(const AttnParams& p, int64_t b,
+__device__ __forceinline__ ScanLane<D> scan_carry_peek(const AttnParams& p, int64_t b,
                                                         int64_t g, int64_t j0, int64_t BN) {
   constexpr int V = kScanCols<D>;
   int m, c;
@@ -160,84 +170,112 @@ __device__ __forceinline__ ScanLane<D> scan_carry_early(const AttnParams& p, int
   return scan_lane<V>(x);
 }
 
-// ScanThrough on a key block's dK, dV rows in shared memory (put_dkdv_block), in place: each
-// thread walks the block's keys backward over its columns. Given the carry entering the last
-// key (`carry_in`: scan_carry_early's), one walk makes u_r = a_r + beta^(n-1-r) carry, with
-// a_r the block's own share (a zero carry at its end), and dX_r, and publishes the block's
-// aggregate (beta a_0) and end value (beta u_0; block 0: dstate_in's). Where the next block
-// had not yet published its end value, a first walk makes a_0 alone, publishes it, and the
-// look-back over the blocks after this one gives the carry. w: the keys' (l1, l0).
+// ScanThrough on a key block's dK, dV rows in shared memory (put_dkdv_block), in place, by
+// all 256 threads, each half of them on S = BN / 2 of the keys (scan_place), in two phases.
+// With u_r = l1_r dY_r + beta u_{r+1} and dX_r = l0_r dY_r + (1 - beta) u_r:
+//   1. each thread walks its half's keys backward from a zero carry: a_r = l1_r dY_r +
+//      beta a_{r+1}, keeping z_r = l0_r dY_r + (1 - beta) a_r in registers;
+//   2. given the carry c entering its half's last key, u_r = a_r + beta^(last - r) c, so
+//      dX_r = z_r + (1 - beta) beta^(last - r) c: no dependent chain left.
+// The upper half's carry is the one entering the block (`carry_in`, scan_carry_peek's); the
+// lower half's is beta (a_S + beta^(n1 - 1) carry_in), n1 the upper half's keys. Where the next
+// block had not published its end value when peeked, the lower half publishes this block's
+// aggregate (beta a_0 from a zero carry: beta (a_0 + beta^n0 a_S), n0 its own keys) and takes
+// the carry from the look-back over the blocks after this one. The lower half publishes the
+// block's end value, beta u_0 (block 0: into dstate_in). Rows past Tk hold zeros and have zero
+// weights (a stays 0 over them), so the walk needs no bounds and its loads can go ahead.
+// w: the keys' (l1, l0); xchg: scan_through_smem_bytes of shared memory.
 template <class T, int D, int BN>
 __device__ __forceinline__ void scan_through_block(const AttnParams& p, T* tiles, const float2* w,
-                                                   int64_t b, int64_t g, int64_t j0,
+                                                   float* xchg, int64_t b, int64_t g, int64_t j0,
                                                    ScanLane<D> carry_in) {
-  constexpr int LD = D + 8, V = kScanCols<D>, kBatch = 8;
+  constexpr int LD = D + 8, V = kScanCols<D>, S = BN / 2;
   int m, c;
-  if (!scan_place<D>(m, c)) return;
+  const bool upper = scan_place<D>(m, c);
   const ScanThrough& sc = p.scan;
   const float beta = sc.beta;
-  const int n = int(min(int64_t(BN), p.Tk - j0));
+  const int n = int(min(int64_t(BN), p.Tk - j0)), base = upper ? S : 0;
+  const int nl = max(0, min(n - base, S));  // this half's keys
   const int64_t nb = sc.n_blocks, jb = j0 / BN;
-  T* const col = tiles + m * BN * LD + c;
-  const ScanSlots sl(p, b, g, m, c);
-  bool agg_published = jb == nb - 1;  // the last block's aggregate is never read
-  if (!is_set(carry_in)) {
-    float share[V] = {}, dy[V];
-    #pragma unroll 8
-    for (int r = n - 1; r >= 0; --r) {
-      scan_load<T, V>(col + r * LD, dy);
-      #pragma unroll
-      for (int v = 0; v < V; ++v) share[v] = fmaf(beta, share[v], w[r].x * dy[v]);
-    }
-    #pragma unroll
-    for (int v = 0; v < V; ++v) share[v] *= beta;
-    publish(sl.agg + jb * sl.stride, scan_lane<V>(share));
-    agg_published = true;
-    // The blocks after this one, walked as the predecessors of a reverse scan.
-    carry_in = look_back<ScanLane<D>>(
-        nb - 1 - jb, powf(beta, float(BN)),
-        [&](int64_t k) { return sl.end + (nb - 1 - k) * sl.stride; },
-        [&](int64_t k) { return sl.agg + (nb - 1 - k) * sl.stride; });
-  }
-  float carry[V], a[V] = {}, u[V] = {}, decay = 1.f;  // decay = beta^(n - 1 - r)
-  scan_cols<V>(carry_in, carry);
-  const auto key = [&](int r, const float (&dy)[V], float2 wr) {
-    float dx[V];
+  T* const col = tiles + (m * BN + base) * LD + c;
+  const float2* const wh = w + base;
+  float* const x_carry = xchg + m * D + c;  // the upper half's carry (kUnset: not yet known)
+  float* const x_share = x_carry + 2 * D;   // a_S
+  float a[V] = {}, z[S][V];
+  #pragma unroll
+  for (int r = S - 1; r >= 0; --r) {
+    float dy[V];
+    scan_load<T, V>(col + r * LD, dy);
+    const float2 wr = wh[r];
     #pragma unroll
     for (int v = 0; v < V; ++v) {
       a[v] = fmaf(beta, a[v], wr.x * dy[v]);
-      u[v] = fmaf(decay, carry[v], a[v]);
-      dx[v] = fmaf(1.f - beta, u[v], wr.y * dy[v]);
+      z[r][v] = fmaf(1.f - beta, a[v], wr.y * dy[v]);
     }
-    scan_store<T, V>(col + r * LD, dx);
-    decay *= beta;
-  };
-  int r = n - 1;
-  for (; r >= kBatch - 1; r -= kBatch) {  // a batch's loads first: one latency per batch
-    float dy[kBatch][V];
-    float2 wr[kBatch];
+  }
+  float cin[V];
+  if (upper) {
+    scan_cols<V>(carry_in, cin);
     #pragma unroll
-    for (int k = 0; k < kBatch; ++k) {
-      scan_load<T, V>(col + (r - k) * LD, dy[k]);
-      wr[k] = w[r - k];
+    for (int v = 0; v < V; ++v) x_carry[v] = cin[v], x_share[v] = a[v];
+  }
+  __syncthreads();
+  if (!upper) {
+    float share[V];
+    bool set = true;
+    #pragma unroll
+    for (int v = 0; v < V; ++v) {
+      cin[v] = x_carry[v], share[v] = x_share[v];
+      set = set && is_set(cin[v]);
     }
+    const bool known = set || jb == nb - 1;  // the last block's: dstate_out's, whatever its bits
+    const float bn = powf(beta, float(n - S));  // n1 = n - S upper keys, if any
+    if (!known) {
+      // The block's aggregate first (its predecessors' look-backs may wait on it), then the
+      // carry from its successors (the last block always knows its carry).
+      float agg[V];
+      const float bs = powf(beta, float(S));  // share is 0 without upper keys
+      #pragma unroll
+      for (int v = 0; v < V; ++v) agg[v] = beta * (a[v] + bs * share[v]);
+      const ScanSlots sl(p, b, g, m, c);
+      publish(sl.agg + jb * sl.stride, scan_lane<V>(agg));
+      scan_cols<V>(look_back<ScanLane<D>>(
+                       nb - 1 - jb, powf(beta, float(BN)),
+                       [&](int64_t k) { return sl.end + (nb - 1 - k) * sl.stride; },
+                       [&](int64_t k) { return sl.agg + (nb - 1 - k) * sl.stride; }),
+                   cin);
+      #pragma unroll
+      for (int v = 0; v < V; ++v) x_carry[v] = cin[v];
+    }
+    if (n > S)
+      #pragma unroll
+      for (int v = 0; v < V; ++v) cin[v] = beta * share[v] + bn * cin[v];
+  }
+  __syncthreads();
+  if (upper)
     #pragma unroll
-    for (int k = 0; k < kBatch; ++k) key(r - k, dy[k], wr[k]);
-  }
-  for (; r >= 0; --r) {
-    float dy[V];
-    scan_load<T, V>(col + r * LD, dy);
-    key(r, dy, w[r]);
-  }
+    for (int v = 0; v < V; ++v) cin[v] = x_carry[v];
+  // Phase 2; rows past Tk get values never written out (decay stays 1 until key nl - 1).
+  float decay = 1.f;  // beta^(nl - 1 - r)
   #pragma unroll
-  for (int v = 0; v < V; ++v) a[v] *= beta, u[v] *= beta;
-  if (!agg_published) publish(sl.agg + jb * sl.stride, scan_lane<V>(a));
+  for (int r = S - 1; r >= 0; --r) {
+    float dx[V];
+    #pragma unroll
+    for (int v = 0; v < V; ++v) dx[v] = fmaf((1.f - beta) * decay, cin[v], z[r][v]);
+    scan_store<T, V>(col + r * LD, dx);
+    if (r == 0 && !upper)
+      #pragma unroll
+      for (int v = 0; v < V; ++v) a[v] = beta * fmaf(decay, cin[v], a[v]);  // beta u_0
+    decay = r < nl ? decay * beta : 1.f;
+  }
+  if (upper) return;
   if (jb > 0) {
-    publish(sl.end + jb * sl.stride, scan_lane<V>(u));
+    const ScanSlots sl(p, b, g, m, c);
+    publish(sl.end + jb * sl.stride, scan_lane<V>(a));
   } else if (sc.dstate_in[m].data) {
     float* ds = sc.dstate_in[m].at(b, g) + c;
     #pragma unroll
-    for (int v = 0; v < V; ++v) ds[v] = sc.add_state ? ds[v] + u[v] : u[v];
+    for (int v = 0; v < V; ++v) ds[v] = sc.add_state ? ds[v] + a[v] : a[v];
   }
 }
 
@@ -248,18 +286,17 @@ __device__ __forceinline__ void scan_through_block(const AttnParams& p, T* tiles
 // (p.sums), makes the EMA scan's chunk sums sum_t beta^(t - t0) l1_t dY_t from the same
 // rounded rows the scan's later passes read. smem: dkdv_block_smem_bytes, free to overwrite.
 // kw: key_weights', loaded before the kernel's main loop. kScan: the kernel may run
-// ScanThrough (p.scan), which then replaces the write-out's dK, dV with the scan's dX (carry:
-// scan_carry_early's, loaded by the kernel during its last query block), and an
+// ScanThrough (p.scan), which then replaces the write-out's dK, dV with the scan's dX, and an
 // adding write-out stages the old rows by cp.async first (their latency behind the scan;
 // smem: dkdv_block_smem_bytes<D, BN, true>).
 template <class T, int D, int BN, int THREADS, bool kScan = false>
 __device__ __forceinline__ void put_dkdv_block(const AttnParams& p, unsigned char* smem,
                                                int64_t b, int64_t g, int64_t j0,
                                                const float (&dk)[D / 8][4],
-                                               const float (&dv)[D / 8][4], KeyWeights kw,
-                                               ScanLane<D> carry = {}) {
+                                               const float (&dv)[D / 8][4], KeyWeights kw) {
   static_assert(BN == THREADS / 32 * 16 && BN <= THREADS, "16 keys per warp");
   static_assert(sizeof(T) == 2 && BN % 16 == 0, "dkdv_block_smem_bytes; chunks start at j0");
+  static_assert(!kScan || THREADS == 2 * 2 * D / kScanCols<D>, "ScanThrough: two halves");
   constexpr int LD = D + 8, P = D / 8;  // padded rows: conflict-free fragment writes
   T* const tiles = reinterpret_cast<T*>(smem);  // dK's, then dV's
   const auto tile = [&](int m) { return tiles + m * BN * LD; };
@@ -267,6 +304,8 @@ __device__ __forceinline__ void put_dkdv_block(const AttnParams& p, unsigned cha
   const int lane = threadIdx.x % 32, row0 = threadIdx.x / 32 * 16 + lane / 4;
   const ScanSums& sums = p.sums;
   const bool scan = kScan && p.scan.link;
+  ScanLane<D> carry = {};
+  if (kScan && scan) carry = scan_carry_peek<D>(p, b, g, j0, BN);
   __syncthreads();  // every warp is done with the main loop's tiles
   // The old rows an adding write-out adds to, staged ([2][BN][P] 16-byte pieces).
   T* const old = reinterpret_cast<T*>(smem + 2 * BN * LD * sizeof(T) + 2 * BN * 4);
@@ -290,14 +329,14 @@ __device__ __forceinline__ void put_dkdv_block(const AttnParams& p, unsigned cha
       *reinterpret_cast<unsigned*>(tile(1) + at) = mma::pack2<T>(dv[dt][2 * r], dv[dt][2 * r + 1]);
     }
   if (threadIdx.x < BN) {
-    if (scan) reinterpret_cast<float2*>(weight)[threadIdx.x] = make_float2(kw.a, kw.b);
+    if (scan) reinterpret_cast<float2*>(weight)[threadIdx.x] = scan_weights(p, kw);
     else if (sums.k) weight[threadIdx.x] = kw.a;
   }
   __syncthreads();
   if constexpr (kScan) {
     if (scan)
-      scan_through_block<T, D, BN>(p, tiles, reinterpret_cast<const float2*>(weight), b, g, j0,
-                                   carry);
+      scan_through_block<T, D, BN>(p, tiles, reinterpret_cast<const float2*>(weight),
+                                   reinterpret_cast<float*>(old + 2 * BN * D), b, g, j0, carry);
     if (staged) mma::cp_async_wait<0>();
     if (scan || staged) __syncthreads();
   }

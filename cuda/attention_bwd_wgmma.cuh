@@ -69,11 +69,8 @@ __global__ void __launch_bounds__(kWgBwdThreads, 1) attention_bwd_wgmma(AttnPara
   const T* kw = ks + wg * 64 * 64;  // this warpgroup's 64 key rows in panel 0
   const T* vw = vs + wg * 64 * 64;
 
-  ScanLane<D> scan_carry = {};  // ScanThrough's carry, loaded during the last query block
-  if (p.scan.link && iters == 0) scan_carry = scan_carry_early<D>(p, b, g, j0, BN);
   for (int64_t it = 0; it < iters; ++it) {
     const int stage = int(it & 1);
-    if (p.scan.link && it + 1 == iters) scan_carry = scan_carry_early<D>(p, b, g, j0, BN);
     const int64_t h = g * p.group + it / nq, i0 = (mb0 + it % nq) * BM;
     cp_async_next_stage(it + 1 < iters, [&] { issue(it + 1, stage ^ 1); });
     wgmma::fence_async_smem();
@@ -190,8 +187,7 @@ __global__ void __launch_bounds__(kWgBwdThreads, 1) attention_bwd_wgmma(AttnPara
   cp_async_wait<0>();
 
   static_assert(dkdv_block_smem_bytes<D, BN, true>() <= wg_bwd_smem_bytes<D>() - 1024);
-  put_dkdv_block<T, D, BN, kWgBwdThreads, true>(p, smem_raw + pad, b, g, j0, dk, dv, key_w,
-                                                scan_carry);
+  put_dkdv_block<T, D, BN, kWgBwdThreads, true>(p, smem_raw + pad, b, g, j0, dk, dv, key_w);
 #else
   __trap();  // launched only where the binary has sm_90a code (see attention.cu)
 #endif

@@ -104,6 +104,20 @@ struct TokenScalar {
       default: return static_cast<const float*>(data)[i];
     }
   }
+  // The element's bits, unconverted (absent: those of `absent`), and their value: a kernel
+  // that loads a value long before it uses it converts it late, so nothing waits on the load
+  // early.
+  __device__ __forceinline__ unsigned bits(int64_t b, int64_t t, float absent) const {
+    if (!data) return __float_as_uint(absent);
+    const int64_t i = b * sb + t * st;
+    if (dtype == DType::f32) return __float_as_uint(static_cast<const float*>(data)[i]);
+    return static_cast<const unsigned short*>(data)[i];
+  }
+  __device__ __forceinline__ float value(unsigned x) const {
+    if (!data || dtype == DType::f32) return __uint_as_float(x);
+    if (dtype == DType::bf16) return __uint_as_float(x << 16);
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(x)));
+  }
 };
 
 // A (B, G, d) float32 EMA state; data == nullptr: absent (zeros in, nothing out).
