@@ -96,6 +96,8 @@ def implementations(G: int):
 
     fastmka = lambda q, k, v, lam: torch.ops.mka.fastmka(q, k, v, lam, 0.9)[0]  # noqa: E731
     mka = lambda q, k, v, lam: torch.ops.mka.mka(q, k, v, lam, 0.9)[0]  # noqa: E731
+    fastmka_dlam = lambda q, k, v, lam: torch.ops.mka.fastmka(  # noqa: E731
+        q, k, v, lam.detach().requires_grad_(q.requires_grad), 0.9)[0]
 
     return {
         "mka.attention": lambda q, k, v, lam: torch.ops.mka.attention(q, k, v, True),
@@ -106,11 +108,11 @@ def implementations(G: int):
         # backward skips dlam. "+dlam": lam requires grad as a router's output does (mka's
         # backward makes dlam either way, from its level sums).
         "mka.fastmka": fastmka,
-        "mka.fastmka+dlam": lambda q, k, v, lam: torch.ops.mka.fastmka(
-            q, k, v, lam.detach().requires_grad_(q.requires_grad), 0.9)[0],
+        "mka.fastmka+dlam": fastmka_dlam,
         "mka.mka": mka,
         # The same ops with the scan's backward in separate passes (MKA_CUDA_SCAN_THROUGH=0).
         "mka.fastmka.sep": separate(fastmka),
+        "mka.fastmka+dlam.sep": separate(fastmka_dlam),
         "mka.mka.sep": separate(mka),
         "sdpa.flash": sdpa(SDPBackend.FLASH_ATTENTION),
         "sdpa.cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
@@ -243,6 +245,7 @@ def print_table(results):
         fl, fm, mk = by.get((G, T, "sdpa.flash")), by.get((G, T, "mka.fastmka")), by.get((G, T, "mka.mka"))
         fd = by.get((G, T, "mka.fastmka+dlam"))
         fs, ms = by.get((G, T, "mka.fastmka.sep")), by.get((G, T, "mka.mka.sep"))
+        fds = by.get((G, T, "mka.fastmka+dlam.sep"))
         parts = [f"G={G:>2} T={T:>5}"]
         if fl:
             parts.append(f"fwd/flash={r['fwd_tflops'] / fl['fwd_tflops']:.2f}")
@@ -251,6 +254,8 @@ def print_table(results):
             parts.append(f"fastmka/attn={fm['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f}")
         if fd:
             parts.append(f"(+dlam {fd['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f})")
+        if fds:
+            parts.append(f"(+dlam sep {fds['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f})")
         if fs:
             parts.append(f"(sep {fs['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f})")
         if mk:

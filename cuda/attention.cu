@@ -108,7 +108,7 @@ template <class T, int D> void fwd_tensor_cores(const AttnParams& a, cudaStream_
 template <class T, int D> bool bwd_wgmma(const AttnParams& a, cudaStream_t s) {
   auto kernel = attention_bwd_wgmma<T, D>;
   if (wgmma_mode() == WgmmaMode::off || !has_sm90a_image(kernel)) return false;
-  constexpr int smem = wg_bwd_smem_bytes<D>();
+  const int smem = wg_bwd_smem_bytes<D>() + (a.scan.dlam ? wg_bwd_dlam_smem_bytes<D>() : 0);
   set_smem(kernel, smem);
   if (a.Tk > 0) {
     const dim3 grid(unsigned(ceil_div(a.Tk, kWgBwdBlockN)), unsigned(a.G), unsigned(a.B));
@@ -171,7 +171,8 @@ size_t scan_link_bytes(const AttentionProblem& p) {
 
 }  // namespace
 
-bool attention_bwd_can_scan(const AttentionProblem& p, std::initializer_list<Rows> views) {
+bool attention_bwd_can_scan(const AttentionProblem& p, std::initializer_list<Rows> views,
+                            bool dlam) {
   if (!scan_through_allowed() || p.B == 0 || p.Tq == 0 || p.Tk == 0 || p.H == 0 ||
       (p.d != 64 && p.d != 128) || !use_tensor_cores(p, views) ||
       wgmma_mode() == WgmmaMode::off)
@@ -184,11 +185,15 @@ bool attention_bwd_can_scan(const AttentionProblem& p, std::initializer_list<Row
   if (!(p.dtype == DType::bf16 ? image(static_cast<__nv_bfloat16*>(nullptr))
                                : image(static_cast<__half*>(nullptr))))
     return false;
-  int device = 0, sms = 0;
+  int device = 0, sms = 0, smem = 0;
   check_cuda(cudaGetDevice(&device), "cudaGetDevice");
   check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
              "cudaDeviceGetAttribute");
-  return ceil_div(p.Tk, int64_t(kWgBwdBlockN)) <= sms;
+  check_cuda(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+             "cudaDeviceGetAttribute");
+  const int need = p.d == 64 ? wg_bwd_smem_bytes<64>() + wg_bwd_dlam_smem_bytes<64>()
+                             : wg_bwd_smem_bytes<128>() + wg_bwd_dlam_smem_bytes<128>();
+  return ceil_div(p.Tk, int64_t(kWgBwdBlockN)) <= sms && (!dlam || need <= smem);
 }
 
 ScanThroughScratch::ScanThroughScratch(const AttentionProblem& p, float beta, TokenScalar l0,

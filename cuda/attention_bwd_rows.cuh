@@ -170,6 +170,52 @@ __device__ __forceinline__ ScanLane<D> scan_carry_peek(const AttnParams& p, int6
   return scan_lane<V>(x);
 }
 
+// ScanThrough's dlam: its shared memory (wg_bwd_dlam_smem_bytes): x of memory m, key r at
+// xs + (m * BN + r) * D, then the block's sums per key and level, acc[2 * r + level].
+template <int D, int BN> __device__ __forceinline__ float* dlam_acc(unsigned char* smem) {
+  return reinterpret_cast<float*>(smem + 2 * BN * D * 2);
+}
+// Stages the block's x rows (k, v of keys j0.., kv head g; rows past Tk zero-filled) by
+// cp.async and zeroes the sums; called before the main loop, after its first tiles' group is
+// committed. The copies are left uncommitted where the loop has a second query block: they
+// join that block's group, so they land while the first block computes and are waited for
+// with the second's tiles, not the first's; else they form their own group, which the loop's
+// last wait (or the one after it) waits for.
+template <class T, int D, int BN, int THREADS>
+__device__ __forceinline__ void scan_dlam_stage(const AttnParams& p, unsigned char* smem,
+                                                int64_t b, int64_t g, int64_t j0, int64_t iters) {
+  constexpr int P = D / 8, kRows = THREADS / P;  // a thread's piece column is fixed
+  static_assert(THREADS % P == 0 && BN % kRows == 0);
+  const int piece = threadIdx.x % P, r0 = threadIdx.x / P;
+  #pragma unroll
+  for (int m = 0; m < 2; ++m) {
+    const Rows& x = p.scan.x[m];
+    const T* src = x.template at<T>(b, j0, g) + piece * 8;
+    T* dst = reinterpret_cast<T*>(smem) + (m * BN + r0) * D + piece * 8;
+    #pragma unroll 4
+    for (int r = r0; r < BN; r += kRows, dst += kRows * D) {
+      const bool in = j0 + r < p.Tk;  // else 16 zeros, read from row 0's valid address
+      mma::cp_async16(dst, src + (in ? r * x.st : 0), in);
+    }
+  }
+  if (iters < 2) mma::cp_async_commit();
+  for (int i = threadIdx.x; i < 2 * BN; i += THREADS) dlam_acc<D, BN>(smem)[i] = 0.f;
+}
+
+// With dlam: the forward EMA entering the first key of this thread's half block (both
+// halves' threads), from the forward's chunk start states; loaded as the write-out starts.
+template <int D, int BN>
+__device__ __forceinline__ ScanLane<D> scan_dlam_ema_in(const AttnParams& p, int64_t b,
+                                                        int64_t g, int64_t j0) {
+  constexpr int V = kScanCols<D>;
+  int m, c;
+  const int64_t j = j0 + (scan_place<D>(m, c) ? BN / 2 : 0);
+  const ScanThrough& sc = p.scan;
+  float x[V] = {};
+  if (j >= p.Tk) return scan_lane<V>(x);
+  return *reinterpret_cast<const ScanLane<D>*>(sc.carry[m] + (b * sc.n_chunks + j / sc.chunk) * p.G * p.d + g * p.d + c);
+}
+
 // ScanThrough on a key block's dK, dV rows in shared memory (put_dkdv_block), in place, by
 // all 256 threads, each half of them on S = BN / 2 of the keys (scan_place), in two phases.
 // With u_r = l1_r dY_r + beta u_{r+1} and dX_r = l0_r dY_r + (1 - beta) u_r:
@@ -188,7 +234,8 @@ __device__ __forceinline__ ScanLane<D> scan_carry_peek(const AttnParams& p, int6
 template <class T, int D, int BN>
 __device__ __forceinline__ void scan_through_block(const AttnParams& p, T* tiles, const float2* w,
                                                    float* xchg, int64_t b, int64_t g, int64_t j0,
-                                                   ScanLane<D> carry_in) {
+                                                   ScanLane<D> carry_in,
+                                                   unsigned char* dlam_smem, ScanLane<D> ema_in) {
   constexpr int LD = D + 8, V = kScanCols<D>, S = BN / 2;
   int m, c;
   const bool upper = scan_place<D>(m, c);
@@ -201,6 +248,41 @@ __device__ __forceinline__ void scan_through_block(const AttnParams& p, T* tiles
   const float2* const wh = w + base;
   float* const x_carry = xchg + m * D + c;  // the upper half's carry (kUnset: not yet known)
   float* const x_share = x_carry + 2 * D;   // a_S
+  const bool dlam = sc.dlam != nullptr;
+  // dlam: a forward walk over this half's keys, (<x, dY>, <s, dY>) over its columns per key,
+  // with s = (1 - beta) sigma, sigma_r = beta sigma_{r-1} + x_r (one FMA per column; the
+  // factor goes on the sums); each warp sums 16 keys' pairs at a time (one reduce-scatter),
+  // its lanes add them into the block's sums.
+  float* const acc = dlam_acc<D, BN>(dlam_smem);
+  if (dlam) {
+    float s0[V];  // sigma
+    scan_cols<V>(ema_in, s0);
+    #pragma unroll
+    for (int v = 0; v < V; ++v) s0[v] /= 1.f - beta;
+    const T* xcol = reinterpret_cast<const T*>(dlam_smem) + (m * BN + base) * D + c;
+    #pragma unroll 1  // one copy of the body: the write-out runs once per block, from L2
+    for (int q = 0; q < S / 16; ++q) {
+      float pr[32];
+      #pragma unroll
+      for (int k = 0; k < 16; ++k) {
+        const int r = q * 16 + k;
+        float x[V], dy[V], p0 = 0.f, p1 = 0.f;
+        scan_load<T, V>(xcol + r * D, x);
+        scan_load<T, V>(col + r * LD, dy);
+        #pragma unroll
+        for (int v = 0; v < V; ++v) {
+          s0[v] = fmaf(beta, s0[v], x[v]);
+          p0 = fmaf(x[v], dy[v], p0);
+          p1 = fmaf(s0[v], dy[v], p1);
+        }
+        pr[k] = p0, pr[16 + k] = p1;
+      }
+      const float sum = warp_reduce_scatter<32>(pr);  // lane l: key l % 16, level l / 16
+      const int lane = threadIdx.x % 32;
+      atomicAdd(acc + 2 * (base + q * 16 + lane % 16) + lane / 16,
+                lane < 16 ? sum : (1.f - beta) * sum);
+    }
+  }
   float a[V] = {}, z[S][V];
   #pragma unroll
   for (int r = S - 1; r >= 0; --r) {
@@ -220,6 +302,8 @@ __device__ __forceinline__ void scan_through_block(const AttnParams& p, T* tiles
     for (int v = 0; v < V; ++v) x_carry[v] = cin[v], x_share[v] = a[v];
   }
   __syncthreads();
+  if (dlam && j0 + threadIdx.x / 2 < p.Tk)  // the block's sums: one atomic per key and level
+    atomicAdd(sc.dlam + (b * p.Tk + j0) * 2 + threadIdx.x, acc[threadIdx.x]);
   if (!upper) {
     float share[V];
     bool set = true;
@@ -293,7 +377,8 @@ template <class T, int D, int BN, int THREADS, bool kScan = false>
 __device__ __forceinline__ void put_dkdv_block(const AttnParams& p, unsigned char* smem,
                                                int64_t b, int64_t g, int64_t j0,
                                                const float (&dk)[D / 8][4],
-                                               const float (&dv)[D / 8][4], KeyWeights kw) {
+                                               const float (&dv)[D / 8][4], KeyWeights kw,
+                                               unsigned char* dlam_smem = nullptr) {
   static_assert(BN == THREADS / 32 * 16 && BN <= THREADS, "16 keys per warp");
   static_assert(sizeof(T) == 2 && BN % 16 == 0, "dkdv_block_smem_bytes; chunks start at j0");
   static_assert(!kScan || THREADS == 2 * 2 * D / kScanCols<D>, "ScanThrough: two halves");
@@ -304,8 +389,9 @@ __device__ __forceinline__ void put_dkdv_block(const AttnParams& p, unsigned cha
   const int lane = threadIdx.x % 32, row0 = threadIdx.x / 32 * 16 + lane / 4;
   const ScanSums& sums = p.sums;
   const bool scan = kScan && p.scan.link;
-  ScanLane<D> carry = {};
+  ScanLane<D> carry = {}, ema_in = {};
   if (kScan && scan) carry = scan_carry_peek<D>(p, b, g, j0, BN);
+  if (kScan && scan && p.scan.dlam) ema_in = scan_dlam_ema_in<D, BN>(p, b, g, j0);
   __syncthreads();  // every warp is done with the main loop's tiles
   // The old rows an adding write-out adds to, staged ([2][BN][P] 16-byte pieces).
   T* const old = reinterpret_cast<T*>(smem + 2 * BN * LD * sizeof(T) + 2 * BN * 4);
@@ -336,7 +422,8 @@ __device__ __forceinline__ void put_dkdv_block(const AttnParams& p, unsigned cha
   if constexpr (kScan) {
     if (scan)
       scan_through_block<T, D, BN>(p, tiles, reinterpret_cast<const float2*>(weight),
-                                   reinterpret_cast<float*>(old + 2 * BN * D), b, g, j0, carry);
+                                   reinterpret_cast<float*>(old + 2 * BN * D), b, g, j0, carry,
+                                   dlam_smem, ema_in);
     if (staged) mma::cp_async_wait<0>();
     if (scan || staged) __syncthreads();
   }

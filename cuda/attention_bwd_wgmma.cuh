@@ -23,6 +23,11 @@ template <int D> constexpr int wg_bwd_smem_bytes() {
   // K, V; Q and dO in two stages; dS^T; lse, delta, w in two stages (float); alignment.
   return (2 * BN * D + 2 * 2 * BM * D + BN * BM) * 2 + 2 * 3 * BM * 4 + 1024;
 }
+// With ScanThrough's dlam, after those: the block's scan inputs x (k, v rows, staged while
+// the main loop runs) and its dlam sums per key and level (float).
+template <int D> constexpr int wg_bwd_dlam_smem_bytes() {
+  return 2 * kWgBwdBlockN * D * 2 + 2 * kWgBwdBlockN * 4;
+}
 
 template <class T, int D>
 __global__ void __launch_bounds__(kWgBwdThreads, 1) attention_bwd_wgmma(AttnParams p) {
@@ -63,6 +68,10 @@ __global__ void __launch_bounds__(kWgBwdThreads, 1) attention_bwd_wgmma(AttnPara
   cp_async_commit();
 
   const KeyWeights key_w = key_weights<true>(p, b, j0);  // its latency hides behind the loop
+  // ScanThrough's dlam: x staged behind the first tiles, for the write-out.
+  constexpr int kDlamAt = wg_bwd_smem_bytes<D>() - 1024;  // after the main loop's buffers
+  if (p.scan.dlam)
+    scan_dlam_stage<T, D, BN, kWgBwdThreads>(p, smem_raw + pad + kDlamAt, b, g, j0, iters);
   float dk[DT][4] = {}, dv[DT][4] = {};
   auto& dk_flat = reinterpret_cast<float(&)[DT * 4]>(dk);
   auto& dv_flat = reinterpret_cast<float(&)[DT * 4]>(dv);
@@ -187,7 +196,8 @@ __global__ void __launch_bounds__(kWgBwdThreads, 1) attention_bwd_wgmma(AttnPara
   cp_async_wait<0>();
 
   static_assert(dkdv_block_smem_bytes<D, BN, true>() <= wg_bwd_smem_bytes<D>() - 1024);
-  put_dkdv_block<T, D, BN, kWgBwdThreads, true>(p, smem_raw + pad, b, g, j0, dk, dv, key_w);
+  put_dkdv_block<T, D, BN, kWgBwdThreads, true>(p, smem_raw + pad, b, g, j0, dk, dv, key_w,
+                                                smem_raw + pad + kDlamAt);
 #else
   __trap();  // launched only where the binary has sm_90a code (see attention.cu)
 #endif

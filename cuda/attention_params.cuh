@@ -24,11 +24,15 @@ struct ScanSums {
 };
 
 // The EMA scan's backward run through the Hopper attention backward's write-out, where no
-// dlam or level 3 is asked for (fastmka's fused keys, mka's level 2): each key block turns
-// the dK, dV it holds (the gradients dY of the scan's outputs) into the gradients of the
-// scan's inputs before it writes them,
+// level 3 is asked for (fastmka's fused keys, mka's level 2): each key block turns the dK,
+// dV it holds (the gradients dY of the scan's outputs) into the gradients of the scan's
+// inputs before it writes them,
 //   u_t = l1_t dY_t + beta u_{t+1},   dX_t = l0_t dY_t + (1 - beta) u_t,
-// u entering the sequence's last key from dstate_out; block 0's beta u_0 is dstate_in. The
+// u entering the sequence's last key from dstate_out; block 0's beta u_0 is dstate_in; and,
+// where dlam is asked for (L = 2), the routing weights' gradient
+//   dlam_t += (<x_t, dY_t>, <s_t, dY_t>)   over both memories' channels,
+// with x the scan's inputs, staged by the kernel while its last query block runs, and s their
+// forward EMA, remade per half block from the forward's chunk start states. The
 // blocks of a (batch, kv head) chain through a decoupled look-back (lookback.cuh): a block
 // waits only on the blocks after it, which start after it, so it is used only where a
 // sequence has no more key blocks than the GPU has SMs (attention_bwd_can_scan).
@@ -41,6 +45,11 @@ struct ScanThrough {
   float beta = 0.f;
   StateView dstate_out[2], dstate_in[2];  // per memory (k, v); optional
   bool add_state = false;                 // dstate_in: add into it, or overwrite it
+  float* dlam = nullptr;                  // (B, Tk, 2) float32 accumulator; nullptr: none
+  Rows x[2];                              // with dlam: the inputs k, v
+  const float* carry[2] = {};             // with dlam: their (B, n_chunks, G*d) start states
+  int chunk = 16;                         // the start states' chunk: 8 or 16
+  int64_t n_chunks = 0;
 };
 
 struct AttnParams {

@@ -29,6 +29,30 @@ __device__ __forceinline__ float warp_sum(float x) {
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
   return x;
 }
+
+// Sums each of N values (N a power of two, 2 <= N <= 32) over the warp's lanes in
+// N - 1 + log2(32 / N) shuffles, where a warp_sum per value takes 5 N: each round, lanes
+// keep half of their values and take the partner's share of that half. On return, v[0] of
+// lane l holds the sum of value l / (32 / N).
+template <int N, int K = 0>
+__device__ __forceinline__ float warp_reduce_scatter(float (&v)[N]) {
+  static_assert(N >= 2 && N <= 32 && (N & (N - 1)) == 0);
+  constexpr int o = 16 >> K, n = N >> (K + 1);  // partner lane ^ o; values kept after
+  if constexpr (n == 0) {  // one value left: plain butterflies
+    #pragma unroll
+    for (int off = o; off > 0; off >>= 1) v[0] += __shfl_xor_sync(0xffffffffu, v[0], off);
+    return v[0];
+  } else {
+    const bool upper = threadIdx.x & o;
+    #pragma unroll
+    for (int i = 0; i < n; ++i) {
+      const float keep = upper ? v[i + n] : v[i], give = upper ? v[i] : v[i + n];
+      v[i] = keep + __shfl_xor_sync(0xffffffffu, give, o);
+    }
+    if constexpr (o == 1) return v[0];
+    else return warp_reduce_scatter<N, K + 1>(v);
+  }
+}
 __device__ __forceinline__ float warp_max(float x) {
   for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
   return x;

@@ -4,9 +4,9 @@
 // the attention at training lengths (bench/PERF_NOTES.md). The forward keeps the fused
 // keys/values and the scans' chunk start states in the caller's SavedKeys, so the backward
 // neither remakes them nor rereads k/v for them; without SavedKeys both live in scratch and
-// the backward recomputes them. Without dlam (lam a constant) and level 3's gradients, the
-// scan's backward runs through the Hopper attention backward's write-out (ScanThrough);
-// otherwise the attention backward makes the backward scan's chunk sums from the fused keys'
+// the backward recomputes them. Without level 3's gradients, the scan's backward (with L = 2
+// dlam too) runs through the Hopper attention backward's write-out (ScanThrough); otherwise
+// the attention backward makes the backward scan's chunk sums from the fused keys'
 // gradients it holds, so the scan skips its local pass.
 #include "launchers.h"
 #include "mka/cuda_kernels.h"
@@ -60,17 +60,29 @@ void fastmka_bwd(const AttentionProblem& ap, const RouteProblem& route, const Te
     route_fuse_fwd_rows(rp, k, v, r, f.kr, f.vr, StateView{}, StateView{}, f.carry, s);
   Workspace dq_acc(size_t(ap.B * ap.Tq * ap.H * ap.d) * 4, s, true);
   const Rows dq_rows = dense_rows(dq_acc.as<float>(), ap.Tq, ap.H, ap.d);
-  // Without dlam, dk3 and dv3 the scan's backward runs through the attention backward's
-  // write-out, which then writes dk and dv themselves.
-  if (!g.dlam.present() && !g.dk3.present() && !g.dv3.present() &&
-      attention_bwd_can_scan(ap, {rows(q), f.kr, f.vr, rows(out), rows(dout), rows(dk), rows(dv)})) {
-    const ScanThroughScratch through(ap, float(rp.beta), lam_level(r.lam, 0), lam_level(r.lam, 1),
-                                     {state(dk_state_out), state(dv_state_out)},
-                                     {state(g.dk_state), state(g.dv_state)}, add, s);
+  // Without level 3's gradients the scan's backward runs through the attention backward's
+  // write-out, which then writes dk and dv themselves, and with L = 2 makes dlam too (from k,
+  // v and the forward's chunk start states).
+  const bool dlam = g.dlam.present();
+  if (!g.dk3.present() && !g.dv3.present() && (!dlam || rp.L == 2) &&
+      attention_bwd_can_scan(ap, {rows(q), f.kr, f.vr, rows(out), rows(dout), rows(dk), rows(dv),
+                                  rows(k), rows(v)}, dlam)) {
+    ScanThroughScratch through(ap, float(rp.beta), lam_level(r.lam, 0), lam_level(r.lam, 1),
+                               {state(dk_state_out), state(dv_state_out)},
+                               {state(g.dk_state), state(g.dv_state)}, add, s);
+    Workspace dlam_acc(dlam ? size_t(rp.B * rp.T * 2) * 4 : 0, s, true);
+    if (dlam) {
+      ScanThrough& sc = through.scan;
+      sc.dlam = dlam_acc.as<float>();
+      sc.x[0] = rows(k), sc.x[1] = rows(v);
+      sc.carry[0] = f.carry, sc.carry[1] = f.carry + ema_carry_bytes(rp) / 4;
+      sc.chunk = int(rp.chunk), sc.n_chunks = ceil_div(rp.T, rp.chunk);
+    }
     attention_bwd_rows(ap, rows(q), f.kr, f.vr, rows(out), static_cast<const float*>(lse.data),
                        rows(dout), TokenScalar{}, dq_rows, rows(dk), rows(dv),
                        add ? KVGrad::add_io : KVGrad::store_io, s, nullptr, {}, through.scan);
     accumulate(dq_acc.as<float>(), dq, s, add);
+    if (dlam) accumulate(dlam_acc.as<float>(), g.dlam, s, add);
     return;
   }
   // dK, dV of the fused keys/values: stored by the attention kernel in the inputs' dtype

@@ -47,8 +47,10 @@ bool attention_bwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows 
 // dv; out unless delta is given): the wgmma kernel runs, and a sequence has no more key
 // blocks than the GPU has SMs (a block waits on the blocks after it, which must start).
 // MKA_CUDA_SCAN_THROUGH=0 turns it off (the separate scan passes: A/B runs, tests); 1 or
-// unset: on where it can run; other values raise.
-bool attention_bwd_can_scan(const AttentionProblem& p, std::initializer_list<Rows> views);
+// unset: on where it can run; other values raise. dlam: with ScanThrough::dlam (the block
+// needs wg_bwd_dlam_smem_bytes more shared memory).
+bool attention_bwd_can_scan(const AttentionProblem& p, std::initializer_list<Rows> views,
+                            bool dlam = false);
 // ScanThrough's look-back buffer (kUnset) and parameters for keys and values of problem p:
 // decay beta, routing weights l0, l1 (absent: a plain EMA, as mka's level 2), the final
 // states' gradients in and the initial states' out (k, v; each optional), added into or not.

@@ -52,14 +52,18 @@ def main():
         out, kso, vso = ops.mka(q, k, v, lam_q, 0.9, mk, mv, ks, vs, True, None, 25)
         (out.float().sum() + vso.sum()).backward()
     del os.environ["MKA_CUDA_WGMMA"]
-    # fastmka with lam a constant: the scan's backward through the attention backward's
-    # write-out (ScanThrough), over three key blocks (mka's level 2 above runs it too).
+    # fastmka: the scan's backward through the attention backward's write-out (ScanThrough),
+    # over three key blocks, with lam a constant and with its gradient (x staged by bulk
+    # copies); then with dlam by the separate passes (mka's level 2 above runs it too).
     T3 = 300
     q, k, v = r(B, T3, H, d), r(B, T3, G, d), r(B, T3, G, d)
     lam_c = torch.softmax(torch.randn(B, T3, 2, device="cuda"), -1).to(torch.bfloat16)
-    for lam_t in (lam_c, lam_c.clone().requires_grad_()):  # with dlam: the separate passes
+    for lam_t, through in ((lam_c, "1"), (lam_c.clone().requires_grad_(), "1"),
+                           (lam_c.clone().requires_grad_(), "0")):
+        os.environ["MKA_CUDA_SCAN_THROUGH"] = through
         out, kso, vso = ops.fastmka(q, k, v, lam_t, 0.9, None, None, ks, vs)
         (out.float().sum() + kso.sum() + vso.sum()).backward()
+    del os.environ["MKA_CUDA_SCAN_THROUGH"]
     torch.cuda.synchronize()
     print("sanitize cases: done")
 

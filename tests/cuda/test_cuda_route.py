@@ -155,11 +155,11 @@ def test_fastmka_level3_gradients_without_lam_gradient(T):
              ("q", "k", "v", "k3", "v3"), gen, n_out=3)
 
 
-# Without dlam and level 3's gradients the scan's backward runs through the Hopper attention
-# backward's write-out (ScanThrough: fastmka with lam a constant, mka's level 2), its key
-# blocks chained by a look-back; MKA_CUDA_SCAN_THROUGH=0 (and MKA_CUDA_WGMMA=0) take the
-# separate passes, as fastmka does with lam's gradient (fastmka_dlam). Several key blocks
-# with a short last one, GQA, a window, Tq < Tk, and the states' gradients both ways.
+# Without level 3's gradients the scan's backward runs through the Hopper attention
+# backward's write-out (ScanThrough: fastmka, with lam a constant or with its gradient
+# (fastmka_dlam), and mka's level 2), its key blocks chained by a look-back;
+# MKA_CUDA_SCAN_THROUGH=0 (and MKA_CUDA_WGMMA=0) take the separate passes. Several key
+# blocks with a short last one, GQA, a window, Tq < Tk, and the states' gradients both ways.
 @pytest.mark.parametrize("through", ["default", "0"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("d", [64, 128])
@@ -201,9 +201,11 @@ def test_unknown_scan_through_choice_is_an_error(monkeypatch):
         out.float().sum().backward()
 
 
-# One key block, and a sequence whose blocks all end early (T = 129: a 1-key last block).
-@pytest.mark.parametrize("T", [1, 100, 128, 129])
-def test_scan_through_short_sequences(T):
+# One key block, and sequences whose last block is short (T = 129: a 1-key last block; T =
+# 200: its upper half empty), with lam a constant and with its gradient.
+@pytest.mark.parametrize("dlam", [False, True], ids=["lam_const", "dlam"])
+@pytest.mark.parametrize("T", [1, 100, 128, 129, 200])
+def test_scan_through_short_sequences(T, dlam):
     gen = torch.Generator().manual_seed(T)
     dtype, B, H, G, d = torch.bfloat16, 3, 2, 2, 64
     q, q64 = rand(gen, B, T, H, d, dtype=dtype)
@@ -211,6 +213,13 @@ def test_scan_through_short_sequences(T):
     v, v64 = rand(gen, B, T, G, d, dtype=dtype)
     lam, lam64 = softmax_rows(gen, B, T, 2, dtype)
     (ks, vs), (ks64, vs64) = _states(gen, B, G, d, True)
+    if dlam:
+        check_op(lambda q, k, v, lam, ks, vs: torch.ops.mka.fastmka(q, k, v, lam, BETA, None,
+                                                                    None, ks, vs),
+                 lambda q, k, v, lam, ks, vs: R.fastmka(q, k, v, lam, BETA, None, None, ks, vs),
+                 (q, k, v, lam, ks, vs), (q64, k64, v64, lam64, ks64, vs64), dtype,
+                 ("q", "k", "v", "lam", "k_state", "v_state"), gen, n_out=3)
+        return
     check_op(lambda q, k, v, ks, vs: torch.ops.mka.fastmka(q, k, v, lam, BETA, None, None, ks, vs),
              lambda q, k, v, ks, vs: R.fastmka(q, k, v, lam64, BETA, None, None, ks, vs),
              (q, k, v, ks, vs), (q64, k64, v64, ks64, vs64), dtype,
