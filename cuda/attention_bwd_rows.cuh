@@ -224,7 +224,8 @@ __device__ __forceinline__ ScanLane<D> scan_dlam_ema_in(const AttnParams& p, int
 //   2. given the carry c entering its half's last key, u_r = a_r + beta^(last - r) c, so
 //      dX_r = z_r + (1 - beta) beta^(last - r) c: no dependent chain left.
 // The upper half's carry is the one entering the block (`carry_in`, scan_carry_peek's); the
-// lower half's is beta (a_S + beta^(n1 - 1) carry_in), n1 the upper half's keys. Where the next
+// lower half's is beta (a_S + beta^(n1 - 1) carry_in), n1 >= 1 the upper half's keys (none:
+// carry_in itself). Where the next
 // block had not published its end value when peeked, the lower half publishes this block's
 // aggregate (beta a_0 from a zero carry: beta (a_0 + beta^n0 a_S), n0 its own keys) and takes
 // the carry from the look-back over the blocks after this one. The lower half publishes the

@@ -31,11 +31,13 @@ struct ScanSums {
 // u entering the sequence's last key from dstate_out; block 0's beta u_0 is dstate_in; and,
 // where dlam is asked for (L = 2), the routing weights' gradient
 //   dlam_t += (<x_t, dY_t>, <s_t, dY_t>)   over both memories' channels,
-// with x the scan's inputs, staged by the kernel while its last query block runs, and s their
-// forward EMA, remade per half block from the forward's chunk start states. The
+// with x the scan's inputs, staged by the kernel behind its first tiles, and s their forward
+// EMA, remade per half block from the forward's chunk start states. The
 // blocks of a (batch, kv head) chain through a decoupled look-back (lookback.cuh): a block
 // waits only on the blocks after it, which start after it, so it is used only where a
-// sequence has no more key blocks than the GPU has SMs (attention_bwd_can_scan).
+// sequence has no more key blocks than the GPU has SMs (attention_bwd_can_scan), and it
+// assumes the kernel has the GPU to itself (kernels holding SMs beside it, as under MPS or
+// a concurrent stream, could keep those blocks from starting).
 struct ScanThrough {
   // [2: aggregates, end values][B][n_blocks][2: k, v][G*d] float32, starting kUnset;
   // nullptr: off.

@@ -62,11 +62,14 @@ void fastmka_bwd(const AttentionProblem& ap, const RouteProblem& route, const Te
   const Rows dq_rows = dense_rows(dq_acc.as<float>(), ap.Tq, ap.H, ap.d);
   // Without level 3's gradients the scan's backward runs through the attention backward's
   // write-out, which then writes dk and dv themselves, and with L = 2 makes dlam too (from k,
-  // v and the forward's chunk start states).
+  // v, staged in 16-byte pieces, and the forward's chunk start states; its walk divides by
+  // 1 - beta, so not where beta rounds to 1 in float).
   const bool dlam = g.dlam.present();
-  if (!g.dk3.present() && !g.dv3.present() && (!dlam || rp.L == 2) &&
-      attention_bwd_can_scan(ap, {rows(q), f.kr, f.vr, rows(out), rows(dout), rows(dk), rows(dv),
-                                  rows(k), rows(v)}, dlam)) {
+  const bool dlam_through = rp.L == 2 && float(rp.beta) < 1.f && aligned16(rows(k)) &&
+                            aligned16(rows(v));
+  if (!g.dk3.present() && !g.dv3.present() && (!dlam || dlam_through) &&
+      attention_bwd_can_scan(ap, {rows(q), f.kr, f.vr, rows(out), rows(dout), rows(dk), rows(dv)},
+                             dlam)) {
     ScanThroughScratch through(ap, float(rp.beta), lam_level(r.lam, 0), lam_level(r.lam, 1),
                                {state(dk_state_out), state(dv_state_out)},
                                {state(g.dk_state), state(g.dv_state)}, add, s);
@@ -77,6 +80,8 @@ void fastmka_bwd(const AttentionProblem& ap, const RouteProblem& route, const Te
       sc.x[0] = rows(k), sc.x[1] = rows(v);
       sc.carry[0] = f.carry, sc.carry[1] = f.carry + ema_carry_bytes(rp) / 4;
       sc.chunk = int(rp.chunk), sc.n_chunks = ceil_div(rp.T, rp.chunk);
+      MKA_CHECK(sc.chunk == 8 || sc.chunk == 16, "ScanThrough dlam: chunk ", sc.chunk,
+                " (ema_attn_chunk; the half blocks start on chunk boundaries)");
     }
     attention_bwd_rows(ap, rows(q), f.kr, f.vr, rows(out), static_cast<const float*>(lse.data),
                        rows(dout), TokenScalar{}, dq_rows, rows(dk), rows(dv),

@@ -7,9 +7,11 @@
 // Values are published without flags or fences: the buffers start as kUnset bytes, a NaN
 // pattern that float arithmetic never makes (GPU NaN results are 0x7fffffff), and a reader
 // takes a float once it differs. 32-bit stores are single-copy atomic, so each float a
-// reader sees set is the published one. A block waits only on predecessors that started
-// before it (lower block ids: the GPU starts blocks in id order, as CUB's single-pass scan
-// assumes); the first block of a walk publishes its end state without waiting.
+// reader sees set is the published one. In the forward scan a block waits only on
+// predecessors that started before it (lower block ids: the GPU starts blocks in id order,
+// as CUB's single-pass scan assumes); ScanThrough's blocks wait on higher ids, which is safe
+// only while they all fit on the GPU at once (attention_params.cuh). The first block of a
+// walk publishes its end state without waiting.
 #pragma once
 #include <cstdint>
 

@@ -53,8 +53,8 @@ def main():
         (out.float().sum() + vso.sum()).backward()
     del os.environ["MKA_CUDA_WGMMA"]
     # fastmka: the scan's backward through the attention backward's write-out (ScanThrough),
-    # over three key blocks, with lam a constant and with its gradient (x staged by bulk
-    # copies); then with dlam by the separate passes (mka's level 2 above runs it too).
+    # over three key blocks, with lam a constant and with its gradient (x staged by
+    # cp.async); then with dlam by the separate passes (mka's level 2 above runs it too).
     T3 = 300
     q, k, v = r(B, T3, H, d), r(B, T3, G, d), r(B, T3, G, d)
     lam_c = torch.softmax(torch.randn(B, T3, 2, device="cuda"), -1).to(torch.bfloat16)

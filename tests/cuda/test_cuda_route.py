@@ -201,10 +201,11 @@ def test_unknown_scan_through_choice_is_an_error(monkeypatch):
         out.float().sum().backward()
 
 
-# One key block, and sequences whose last block is short (T = 129: a 1-key last block; T =
-# 200: its upper half empty), with lam a constant and with its gradient.
+# One key block, and sequences whose last block is short: 1 key (T = 129), exactly its lower
+# half (192: the upper half empty), one key past it (193), 72 keys (200); with lam a constant
+# and with its gradient.
 @pytest.mark.parametrize("dlam", [False, True], ids=["lam_const", "dlam"])
-@pytest.mark.parametrize("T", [1, 100, 128, 129, 200])
+@pytest.mark.parametrize("T", [1, 100, 128, 129, 192, 193, 200])
 def test_scan_through_short_sequences(T, dlam):
     gen = torch.Generator().manual_seed(T)
     dtype, B, H, G, d = torch.bfloat16, 3, 2, 2, 64
