@@ -231,7 +231,9 @@ __device__ __forceinline__ ScanLane<D> scan_dlam_ema_in(const AttnParams& p, int
 // the carry from the look-back over the blocks after this one. The lower half publishes the
 // block's end value, beta u_0 (block 0: into dstate_in). Rows past Tk hold zeros and have zero
 // weights (a stays 0 over them), so the walk needs no bounds and its loads can go ahead.
-// w: the keys' (l1, l0); xchg: scan_through_smem_bytes of shared memory.
+// With sc.dlam, a forward walk over each half's keys first makes dlam's sums (below).
+// w: the keys' (l1, l0); xchg: scan_through_smem_bytes of shared memory; dlam_smem: the
+// staged x and the sums (scan_dlam_stage); ema_in: scan_dlam_ema_in's start state.
 template <class T, int D, int BN>
 __device__ __forceinline__ void scan_through_block(const AttnParams& p, T* tiles, const float2* w,
                                                    float* xchg, int64_t b, int64_t g, int64_t j0,
@@ -373,7 +375,9 @@ __device__ __forceinline__ void scan_through_block(const AttnParams& p, T* tiles
 // kw: key_weights', loaded before the kernel's main loop. kScan: the kernel may run
 // ScanThrough (p.scan), which then replaces the write-out's dK, dV with the scan's dX, and an
 // adding write-out stages the old rows by cp.async first (their latency behind the scan;
-// smem: dkdv_block_smem_bytes<D, BN, true>).
+// smem: dkdv_block_smem_bytes<D, BN, true>). dlam_smem: with ScanThrough's dlam, the region
+// scan_dlam_stage filled (the same [2][BN][D] row staging as the old rows', kept apart so it
+// can start before the main loop).
 template <class T, int D, int BN, int THREADS, bool kScan = false>
 __device__ __forceinline__ void put_dkdv_block(const AttnParams& p, unsigned char* smem,
                                                int64_t b, int64_t g, int64_t j0,
