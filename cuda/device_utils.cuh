@@ -192,6 +192,19 @@ template <class Kernel> void set_smem(Kernel k, int bytes) {
 
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Division by a divisor fixed at launch as a multiply-high, an add and a shift (Granlund and
+// Montgomery's round-up method): exact for numerators below 2^31 and divisors 1 to 2^31. A
+// kernel's index arithmetic by runtime sizes otherwise costs ~20 instructions per division.
+struct FastDiv {
+  uint32_t d = 1, m = 1, s = 0;
+  FastDiv() = default;
+  explicit FastDiv(int64_t divisor) : d(uint32_t(divisor)) {
+    while ((uint64_t(1) << s) < d) ++s;  // s = ceil(log2 d)
+    m = uint32_t((uint64_t(1) << 32) * ((uint64_t(1) << s) - d) / d + 1);
+  }
+  __device__ __forceinline__ uint32_t div(uint32_t n) const { return (__umulhi(n, m) + n) >> s; }
+};
+
 // Runs the launcher on the tensors' device; restores the caller's device afterwards.
 class DeviceGuard {
  public:

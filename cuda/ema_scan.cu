@@ -1,6 +1,8 @@
 // Launchers of the EMA-route scan: the forward single-pass (ema_scan_1pass.cuh) by default,
 // else the chunked 3-pass scan (ema_scan.cuh), which serves every backward. Keys and values
 // go in one launch per pass.
+#include <cmath>
+
 #include "ema_scan.cuh"
 #include "ema_scan_1pass.cuh"
 #include "launchers.h"
@@ -73,9 +75,14 @@ struct CarryScratch {
 // The single pass moves 16-byte pieces of 8 (half) or 4 (float) channels within a head;
 // MKA_CUDA_SCAN=3pass (a different chunk) and other views take the 3-pass scan. Either
 // forward leaves the chunk start states a 3-pass backward of the same chunk reads.
+// Its scan runs in sigma form (divides by 1 - beta: not where beta rounds to 1 in float), and
+// its index arithmetic in 32 bits.
 bool single_pass(const ScanArgs& a, DType dt) {
+  const int64_t blocks = ceil_div(a.T, int64_t(kPassChunk)) * 2 * a.B *
+                         ceil_div(a.channels(), int64_t(kScanThreads) * 2);
   return !ema_scan_three_pass() && kPassChunk % a.chunk == 0 && a.n_chunks > 0 &&
-         a.d % (16 / dtype_bytes(dt)) == 0 && views_aligned16(a);
+         a.d % (16 / dtype_bytes(dt)) == 0 && views_aligned16(a) && 1.f - a.beta > 0.f &&
+         a.channels() < (int64_t(1) << 30) && blocks < (int64_t(1) << 31) - 1;
 }
 
 void unset(void* p, size_t bytes, cudaStream_t s) {
@@ -94,6 +101,9 @@ struct PassScratch {
     pa.agg[1] = pa.agg[0] + bytes(a) / 4;
     pa.n_cb = ceil_div(a.channels(), int64_t(kScanThreads) * 2);
     pa.n_blocks = ceil_div(a.T, int64_t(kPassChunk));
+    pa.per_chunk = FastDiv(pa.n_cb * 2 * a.B), pa.cb = FastDiv(pa.n_cb), pa.d = FastDiv(a.d);
+    pa.decay = float(std::pow(double(a.beta), double(kPassChunk)));
+    pa.c = 1.f - a.beta, pa.inv_c = 1.f / pa.c;
   }
   unsigned blocks(const ScanArgs& a) const { return unsigned(pa.n_blocks * 2 * a.B * pa.n_cb); }
 };
