@@ -168,6 +168,7 @@ def bench_shape(impls, B, T, G, rounds: int, reps: int):
             t_fb = statistics.median(t for _, t in times[name])
             t_b = statistics.median(fb - fw for fw, fb in times[name])
             res.update(fwd_ms=t_f, fwd_bwd_ms=t_fb, bwd_ms=t_b, rounds=rounds,
+                       fwd_bwd_ms_rounds=[round(t, 4) for _, t in times[name]],
                        fwd_ms_range=[min(t for t, _ in times[name]), max(t for t, _ in times[name])],
                        fwd_tflops=f / t_f / 1e9, fwd_bwd_tflops=3.5 * f / t_fb / 1e9,
                        bwd_tflops=2.5 * f / max(t_b, 1e-9) / 1e9)

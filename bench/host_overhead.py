@@ -1,8 +1,9 @@
 """Host (CPU) time per call against GPU time per call, for the benchmarked ops at one shape:
 where the host's share of a call reaches the GPU's, the GPU idles between calls and event
 timings (bench/gpu_bench.py) measure Python and the launchers, not the kernels.
-Host time: N calls queued without a synchronization (the GPU runs behind); GPU time: the
-same N calls to the final synchronization. Run: python bench/host_overhead.py [--T 1024]"""
+Host time: warm calls queued behind a long sleep kernel (the GPU runs behind, and the launch
+queue never fills: a full one would block the host and count GPU time as host time);
+GPU time: N calls to the final synchronization. Run: python bench/host_overhead.py [--T 1024]"""
 
 from __future__ import annotations
 
@@ -53,14 +54,22 @@ def main() -> None:
         for call in (fwd, fwd_bwd):
             for _ in range(5):
                 call()
+            host = []
+            for _ in range(a.calls // 4):  # 6 calls behind ~20 ms of GPU sleep: the last 4
+                torch.cuda.synchronize()   # timed (the first after a synchronization run cold)
+                torch.cuda._sleep(30_000_000)
+                call()
+                call()
+                t0 = time.perf_counter()
+                for _ in range(4):
+                    call()
+                host.append((time.perf_counter() - t0) / 4)
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(a.calls):
                 call()
-            t1 = time.perf_counter()
             torch.cuda.synchronize()
-            t2 = time.perf_counter()
-            row += [(t1 - t0) / a.calls * 1e6, (t2 - t0) / a.calls * 1e6]
+            row += [sorted(host)[len(host) // 2] * 1e6, (time.perf_counter() - t0) / a.calls * 1e6]
         print(f"{name:18s} " + " ".join(f"{x:9.1f}" for x in row))
 
 

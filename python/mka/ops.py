@@ -6,12 +6,14 @@ custom ops. The private forward ops also return what the backward needs (softmax
 logsumexp, per-level outputs) and the private backward ops call the native backward
 kernels — autograd never falls back to PyTorch math. Every private op has a fake kernel
 running the same validation as the real one, so ``torch.compile(fullgraph=True)`` traces
-through without graph breaks and reports the same errors.
+through without graph breaks and reports the same errors. Plain eager calls run the same
+implementations, setup and backward as an autograd.Function (:class:`_Eager`), without the
+custom-op dispatch layers' host time.
 
 Devices: one implementation per op hands DLPack views of detached tensors to
 ``mka._C`` together with the current stream; the native layer picks the CPU or CUDA
 kernel (``cpp/src/dispatch.cpp``). On CPU, float16/bfloat16 inputs are computed in float32
-(SPEC §4) by :func:`_on_cpu_in_float32`.
+(SPEC §4): :func:`_compute_dtype`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.dlpack import to_dlpack
 
 from . import _C
@@ -30,6 +33,7 @@ _OptT = Optional[Tensor]
 _OptF = Optional[float]
 _OptI = Optional[int]
 _HALF = (torch.float16, torch.bfloat16)
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -91,10 +95,53 @@ def _none_if_empty(t: Tensor) -> _OptT:
     return None if t.numel() == 0 and t.dim() == 1 else t
 
 
+# --------------------------------------------------------------------------- op plumbing
+
+def _custom_op(impl):
+    """``impl`` (named ``_X_impl``) registered as the custom op ``mka::_X``."""
+    return torch.library.custom_op(f"mka::{impl.__name__[:-len('_impl')]}", mutates_args=())(impl)
+
+
+class _Eager(torch.autograd.Function):
+    """A private forward op as a plain autograd.Function, for eager calls on plain tensors
+    (:func:`_eager`): it runs the op's implementation and the same setup_context and backward
+    as its custom-op registration, and the backward calls the backward op's implementation
+    (:func:`_bwd`), so neither pass goes through the dispatcher's custom-op layers (default
+    filling, alias checks, dynamo guards). Those cost ~0.2 ms of host time per fastmka forward
+    and backward here, and made the H100 host the bottleneck at B = 16, T = 1k
+    (bench/PERF_NOTES.md, session 9). The last argument is (implementation, setup, backward)."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        (impl, setup, backward), inputs = args[-1], args[:-1]
+        output = impl(*inputs)
+        setup(ctx, inputs, output)
+        ctx.eager, ctx.backward_fn = True, backward
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (*ctx.backward_fn(ctx, *grads), None)
+
+
+def _eager(*tensors: _OptT) -> bool:
+    """Whether a public op may run :class:`_Eager`: no compilation, tracing, dispatch mode or
+    functorch transform is active and every tensor is a plain one (no fake, functional or
+    other subclass), so nothing needs the custom ops' registrations (fake kernels, schemas)."""
+    return (not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
+            and not torch._C._are_functorch_transforms_active()
+            and all(t is None or type(t) in _PLAIN for t in tensors))
+
+
+def _bwd(ctx, op, impl):
+    """The backward op to call from a backward function: its implementation on the eager
+    path, else the custom op (autograd of the custom op, under torch.compile too)."""
+    return impl if getattr(ctx, "eager", False) else op
+
+
 # --------------------------------------------------------------------------- attention
 
-@torch.library.custom_op("mka::_attention_fwd", mutates_args=())
-def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: _OptF,
+def _attention_fwd_impl(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: _OptF,
                    window: _OptI) -> tuple[Tensor, Tensor]:
     V.check_attention(q, k, v, scale, window)
     cdt = _compute_dtype(q)
@@ -105,6 +152,9 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: _OptF,
     return out.to(q.dtype), lse
 
 
+_attention_fwd = _custom_op(_attention_fwd_impl)
+
+
 @_attention_fwd.register_fake
 def _(q, k, v, causal, scale, window):
     V.check_attention(q, k, v, scale, window)
@@ -112,8 +162,7 @@ def _(q, k, v, causal, scale, window):
     return torch.empty_like(q, memory_format=torch.contiguous_format), lse
 
 
-@torch.library.custom_op("mka::_attention_bwd", mutates_args=())
-def _attention_bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
+def _attention_bwd_impl(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
                    causal: bool, scale: _OptF, window: _OptI) -> tuple[Tensor, Tensor, Tensor]:
     V.check_attention(q, k, v, scale, window)
     cdt = _compute_dtype(q)
@@ -123,6 +172,9 @@ def _attention_bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, do
     _native(_C.attention_backward, qc, kc, vc, causal, scale, window, oc, lse.detach().contiguous(),
             doc.contiguous(), dq, dk, dv, False, _stream(q))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+_attention_bwd = _custom_op(_attention_bwd_impl)
 
 
 @_attention_bwd.register_fake
@@ -144,7 +196,8 @@ def _attention_setup(ctx, inputs, output):
 
 def _attention_backward(ctx, dout, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = torch.ops.mka._attention_bwd(q, k, v, out, lse, _grad(dout, out), *ctx.opts)
+    bwd = _bwd(ctx, _attention_bwd, _attention_bwd_impl)
+    dq, dk, dv = bwd(q, k, v, out, lse, _grad(dout, out), *ctx.opts)
     return dq, dk, dv, None, None, None
 
 
@@ -276,8 +329,7 @@ def _fastmka_saved(q: Tensor, k: Tensor, cdt: torch.dtype) -> tuple[Tensor, Tens
             k.new_empty((n,), dtype=torch.float32))
 
 
-@torch.library.custom_op("mka::_fastmka_fwd", mutates_args=())
-def _fastmka_fwd(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: _OptT,
+def _fastmka_fwd_impl(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: _OptT,
                  v3: _OptT, k_state: _OptT, v_state: _OptT, causal: bool, scale: _OptF,
                  window: _OptI) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                                          Tensor]:
@@ -294,6 +346,9 @@ def _fastmka_fwd(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: 
     return out.to(q.dtype), lse, ks, vs, kf, vf, carry
 
 
+_fastmka_fwd = _custom_op(_fastmka_fwd_impl)
+
+
 @_fastmka_fwd.register_fake
 def _(q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window):
     _check_fastmka(q, k, v, lam, beta, k3, v3, k_state, v_state, scale, window)
@@ -302,8 +357,7 @@ def _(q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window):
             *_fastmka_saved(q, k, _compute_dtype(q)))
 
 
-@torch.library.custom_op("mka::_fastmka_bwd", mutates_args=())
-def _fastmka_bwd(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: _OptT,
+def _fastmka_bwd_impl(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: _OptT,
                  v3: _OptT, k_state: _OptT, v_state: _OptT, causal: bool, scale: _OptF,
                  window: _OptI, out: Tensor, lse: Tensor, dout: Tensor, dk_state_out: _OptT,
                  dv_state_out: _OptT, k_fused: Tensor, v_fused: Tensor, carry: Tensor,
@@ -323,6 +377,9 @@ def _fastmka_bwd(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: 
             _opt_grad(dv_state_out, sdt), dq, *g, k_fused.detach(), v_fused.detach(),
             carry.detach(), False, _stream(q))
     return (dq.to(q.dtype), *_route_grads_out(g, k, lam))
+
+
+_fastmka_bwd = _custom_op(_fastmka_bwd_impl)
 
 
 @_fastmka_bwd.register_fake
@@ -345,9 +402,9 @@ def _fastmka_setup(ctx, inputs, output):
 def _fastmka_backward(ctx, dout, _dlse, dks, dvs, _dkf, _dvf, _dcarry):
     q, k, v, lam, k3, v3, ks, vs, out, lse, kf, vf, carry = ctx.saved_tensors
     beta, causal, scale, window = ctx.args
-    g = torch.ops.mka._fastmka_bwd(q, k, v, lam, beta, k3, v3, ks, vs, causal, scale, window,
-                                   out, lse, _grad(dout, out), dks, dvs, kf, vf, carry,
-                                   ctx.needs_input_grad[3])
+    bwd = _bwd(ctx, _fastmka_bwd, _fastmka_bwd_impl)
+    g = bwd(q, k, v, lam, beta, k3, v3, ks, vs, causal, scale, window, out, lse, _grad(dout, out),
+            dks, dvs, kf, vf, carry, ctx.needs_input_grad[3])
     dlam, dk3, dv3, dks_in, dvs_in = _route_inputs_grads(g[3:])
     return g[0], g[1], g[2], dlam, None, dk3, dv3, dks_in, dvs_in, None, None, None
 
@@ -374,8 +431,7 @@ def _mka_saved(q: Tensor, L: int, cdt: torch.dtype) -> tuple[Tensor, Tensor]:
     return q.new_empty((L, B, Tq, H, d), dtype=sdt), q.new_empty((L, B, H, Tq), dtype=sdt)
 
 
-@torch.library.custom_op("mka::_mka_fwd", mutates_args=())
-def _mka_fwd(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, mem_k: _OptT,
+def _mka_fwd_impl(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, mem_k: _OptT,
              mem_v: _OptT, k_state: _OptT, v_state: _OptT, causal: bool, scale: _OptF,
              window: _OptI) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (out, o_levels (L, B, Tq, H, d), lse_levels (L, B, H, Tq), k_state, v_state,
@@ -392,6 +448,9 @@ def _mka_fwd(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, mem_k: _
     return out.to(q.dtype), o_levels, lse_levels, ks, vs, ke, ve
 
 
+_mka_fwd = _custom_op(_mka_fwd_impl)
+
+
 @_mka_fwd.register_fake
 def _(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window):
     L = _check_mka(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, scale, window)
@@ -401,8 +460,7 @@ def _(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window)
             k.new_empty(v.shape, dtype=cdt))
 
 
-@torch.library.custom_op("mka::_mka_bwd", mutates_args=())
-def _mka_bwd(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, mem_k: _OptT,
+def _mka_bwd_impl(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, mem_k: _OptT,
              mem_v: _OptT, k_state: _OptT, v_state: _OptT, causal: bool, scale: _OptF,
              window: _OptI, o_levels: Tensor, lse_levels: Tensor, dout: Tensor,
              dk_state_out: _OptT, dv_state_out: _OptT, k_ema: Tensor, v_ema: Tensor) -> tuple[
@@ -420,6 +478,9 @@ def _mka_bwd(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, mem_k: _
             _opt_grad(dv_state_out, sdt), dq, dk, dv, dmk, dmv, dlam, dks, dvs, k_ema.detach(),
             v_ema.detach(), False, _stream(q))
     return (dq.to(q.dtype), *_route_grads_out((dk, dv, dlam, dmk, dmv, dks, dvs), k, lam))
+
+
+_mka_bwd = _custom_op(_mka_bwd_impl)
 
 
 @_mka_bwd.register_fake
@@ -443,8 +504,9 @@ def _mka_setup(ctx, inputs, output):
 def _mka_backward(ctx, dout, _dol, _dlse, dks, dvs, _dke, _dve):
     q, k, v, lam, mem_k, mem_v, ks, vs, o_levels, lse_levels, ke, ve = ctx.saved_tensors
     beta, causal, scale, window = ctx.args
-    g = torch.ops.mka._mka_bwd(q, k, v, lam, beta, mem_k, mem_v, ks, vs, causal, scale, window,
-                               o_levels, lse_levels, _grad(dout, q), dks, dvs, ke, ve)
+    bwd = _bwd(ctx, _mka_bwd, _mka_bwd_impl)
+    g = bwd(q, k, v, lam, beta, mem_k, mem_v, ks, vs, causal, scale, window, o_levels, lse_levels,
+            _grad(dout, q), dks, dvs, ke, ve)
     dlam, dmk, dmv, dks_in, dvs_in = _route_inputs_grads(g[3:])
     return g[0], g[1], g[2], dlam, None, dmk, dmv, dks_in, dvs_in, None, None, None
 
@@ -453,8 +515,8 @@ _mka_fwd.register_autograd(_mka_backward, setup_context=_mka_setup)
 
 
 # --------------------------------------------------------------------------- public ops
-# attention / fastmka / mka are composites of the private ops above: autograd, fake
-# tensors and torch.compile all go through the private ops' registrations.
+# attention / fastmka / mka are composites of the private ops above: fake tensors and
+# torch.compile go through the private ops' registrations, plain eager calls through _Eager.
 
 _lib = torch.library.Library("mka", "FRAGMENT")
 _lib.define("attention(Tensor q, Tensor k, Tensor v, bool causal=True, float? scale=None, "
@@ -470,7 +532,10 @@ _lib.define("mka(Tensor q, Tensor k, Tensor v, Tensor lam, float beta, Tensor? m
 def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: _OptF = None,
               window: _OptI = None) -> Tensor:
     """Exact attention, BTHD layout, GQA, bottom-right causal mask, optional window."""
-    return torch.ops.mka._attention_fwd(q, k, v, causal, scale, window)[0]
+    args = (q, k, v, causal, scale, window)
+    if _eager(q, k, v):
+        return _Eager.apply(*args, (_attention_fwd_impl, _attention_setup, _attention_backward))[0]
+    return torch.ops.mka._attention_fwd(*args)[0]
 
 
 def fastmka(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: _OptT = None,
@@ -478,8 +543,12 @@ def fastmka(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: _OptT
             causal: bool = True, scale: _OptF = None,
             window: _OptI = None) -> tuple[Tensor, Tensor, Tensor]:
     """Route fusion (key-side lam) then one attention: ``(out, k_state, v_state)``."""
-    out, _, ks, vs, _, _, _ = torch.ops.mka._fastmka_fwd(q, k, v, lam, beta, k3, v3, k_state,
-                                                         v_state, causal, scale, window)
+    args = (q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window)
+    if _eager(q, k, v, lam, k3, v3, k_state, v_state):
+        res = _Eager.apply(*args, (_fastmka_fwd_impl, _fastmka_setup, _fastmka_backward))
+    else:
+        res = torch.ops.mka._fastmka_fwd(*args)
+    out, _, ks, vs, _, _, _ = res
     return out, ks, vs
 
 
@@ -487,8 +556,12 @@ def mka(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, mem_k: _OptT 
         mem_v: _OptT = None, k_state: _OptT = None, v_state: _OptT = None, causal: bool = True,
         scale: _OptF = None, window: _OptI = None) -> tuple[Tensor, Tensor, Tensor]:
     """Full MKA, one attention per level mixed by query-side lam: ``(out, k_state, v_state)``."""
-    out, _, _, ks, vs, _, _ = torch.ops.mka._mka_fwd(q, k, v, lam, beta, mem_k, mem_v, k_state,
-                                                     v_state, causal, scale, window)
+    args = (q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window)
+    if _eager(q, k, v, lam, mem_k, mem_v, k_state, v_state):
+        res = _Eager.apply(*args, (_mka_fwd_impl, _mka_setup, _mka_backward))
+    else:
+        res = torch.ops.mka._mka_fwd(*args)
+    out, _, _, ks, vs, _, _ = res
     return out, ks, vs
 
 

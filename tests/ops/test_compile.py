@@ -48,12 +48,10 @@ def test_gradcheck_float64(name):
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["attention", "route_fuse", "fastmka", "mka", "mka_l3",
-                                  "fastmka_l3"])
-def test_opcheck(name):
-    """opcheck on the registered op that does the work (the public composites dispatch
-    to the private ops, which carry the fake kernels and autograd)."""
-    op, args, kwargs = _cases()[name]
+def _private_call(name, case):
+    """The registered op that does the work for case (op, args, kwargs) `name`, and its full
+    argument tuple."""
+    _, args, kwargs = case
     private = {"attention": torch.ops.mka._attention_fwd, "fastmka": torch.ops.mka._fastmka_fwd,
                "fastmka_l3": torch.ops.mka._fastmka_fwd, "mka": torch.ops.mka._mka_fwd,
                "mka_l3": torch.ops.mka._mka_fwd, "route_fuse": torch.ops.mka.route_fuse}[name]
@@ -62,8 +60,41 @@ def test_opcheck(name):
     full = dict(zip(names, args)) | dict(kwargs)
     defaults = {"causal": True, "scale": None, "window": None, "k3": None, "v3": None,
                 "mem_k": None, "mem_v": None, "k_state": None, "v_state": None}
-    call = tuple(full.get(n, defaults.get(n)) for n in names)
+    return private, tuple(full.get(n, defaults.get(n)) for n in names)
+
+
+@pytest.mark.parametrize("name", ["attention", "route_fuse", "fastmka", "mka", "mka_l3",
+                                  "fastmka_l3"])
+def test_opcheck(name):
+    """opcheck on the registered op that does the work (the public composites dispatch
+    to the private ops, which carry the fake kernels and autograd)."""
+    private, call = _private_call(name, _cases()[name])
     torch.library.opcheck(private.default, call)
+
+
+@pytest.mark.parametrize("name", ["attention", "fastmka", "fastmka_l3", "mka", "mka_l3"])
+def test_eager_path_matches_custom_ops(name):
+    """Plain eager calls of the public ops run the private ops' implementations as an
+    autograd.Function (ops._Eager: less host time); the private custom ops' own autograd,
+    which torch.compile and fake tensors take, gives the same outputs and gradients."""
+    case = _cases()[name]
+    public, args, kwargs = case
+    private, call = _private_call(name, case)
+    tensors = [t for t in call if isinstance(t, torch.Tensor) and t.requires_grad]
+    eager = public(*args, **kwargs)
+    eager = eager if isinstance(eager, tuple) else (eager,)
+    res = private(*call)
+    states = {"attention": (), "fastmka": res[2:4], "mka": res[3:5]}[name.split("_")[0]]
+    custom = (res[0], *states)
+    for a, b in zip(eager, custom):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    seeds = [torch.randn_like(t) for t in eager]
+    ge = torch.autograd.grad(eager, tensors, seeds, allow_unused=True)
+    gc = torch.autograd.grad(custom, tensors, seeds, allow_unused=True)
+    for a, b in zip(ge, gc):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def _eager_and_compiled(fn, *args):
