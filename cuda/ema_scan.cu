@@ -88,17 +88,17 @@ bool single_pass(const ScanArgs& a, DType dt) {
 void unset(void* p, size_t bytes, cudaStream_t s) {
   check_cuda(cudaMemsetAsync(p, 0xff, bytes, s), "cudaMemsetAsync (scan)");
 }
-// One single-pass launch's look-back buffers of both memories (PassArgs::link), kUnset.
+// One single-pass launch's aggregates of both memories, kUnset.
 struct PassScratch {
   Workspace w;
   PassArgs pa;
-  static size_t bytes(const ScanArgs& a) {  // one memory's: an aggregate and an end state
-    return size_t(a.B * ceil_div(a.T, int64_t(kPassChunk)) * a.channels()) * 2 * 4;
+  static size_t bytes(const ScanArgs& a) {  // one memory's
+    return size_t(a.B * ceil_div(a.T, int64_t(kPassChunk)) * a.channels()) * 4;
   }
   PassScratch(const ScanArgs& a, cudaStream_t s) : w(2 * bytes(a), s, false) {
     unset(w.as<void>(), 2 * bytes(a), s);
-    pa.link[0] = w.as<float>();
-    pa.link[1] = pa.link[0] + bytes(a) / 4;
+    pa.agg[0] = w.as<float>();
+    pa.agg[1] = pa.agg[0] + bytes(a) / 4;
     pa.n_cb = ceil_div(a.channels(), int64_t(kScanThreads) * 2);
     pa.n_blocks = ceil_div(a.T, int64_t(kPassChunk));
     pa.per_chunk = FastDiv(pa.n_cb * 2 * a.B), pa.cb = FastDiv(pa.n_cb), pa.d = FastDiv(a.d);
@@ -107,12 +107,22 @@ struct PassScratch {
   }
   unsigned blocks(const ScanArgs& a) const { return unsigned(pa.n_blocks * 2 * a.B * pa.n_cb); }
 };
+// The look-back polls chunk start states at block boundaries only: those rows of m.carry
+// ((B, n_chunks, G*d), a boundary every kPassChunk / chunk rows of each sequence) start
+// kUnset; where sequences do not start on a boundary row, all of it.
+void unset_boundaries(const ScanArgs& a, float* carry, cudaStream_t s) {
+  const size_t row = size_t(a.channels()) * 4, every = size_t(kPassChunk / a.chunk);
+  if (a.n_chunks % int64_t(every) != 0) return unset(carry, carry_bytes(a), s);
+  check_cuda(cudaMemset2DAsync(carry, every * row, 0xff, row, size_t(a.B * a.n_chunks) / every, s),
+             "cudaMemset2DAsync (scan)");
+}
 
 // Level 3's views are read (the kernel stages them only then).
 bool has3(const ScanArgs& a) { return a.L == 3 && (a.m[0].x3.data || a.m[1].x3.data); }
 
 // Writes m.carry (both memories' chunk start states) and y.
 template <class T> void single_pass_fwd(const ScanArgs& a, cudaStream_t s) {
+  for (const ScanMemory& m : a.m) unset_boundaries(a, m.carry, s);
   PassScratch ps(a, s);
   const bool l3 = has3(a);
   auto kernel = l3 ? ema_route_fwd_1pass<T, true> : ema_route_fwd_1pass<T, false>;

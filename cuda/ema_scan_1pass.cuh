@@ -13,9 +13,7 @@
 //
 // Publishing and the look-back: lookback.cuh.
 //
-// Measured (bench/PERF_NOTES.md, sessions 5 and 9): the forward scan 165 -> 130 us at
-// G = 16, 2k; at 1k, B = 16, 118 -> 115 us with the sigma form and 32-bit indices (half the
-// instructions: the kernel is latency-bound, 73 % of DRAM bandwidth).
+// Measured (bench/PERF_NOTES.md, session 5): the forward scan 165 -> 130 us at G = 16, 2k.
 // Single-pass backwards built the same way (dy and x staged, dlam by a halving warp
 // exchange, look-back in reverse) stayed slower than the 3-pass backward (281-338 us
 // against 216): instruction-bound at the occupancy their staging allows.
@@ -30,10 +28,7 @@ namespace mka::cuda {
 constexpr int kPassChunk = 32;  // tokens per block (the scan's chunk)
 
 struct PassArgs {
-  // Per memory, (B, blocks per sequence, G*d / 2, 4) floats, kUnset: each channel pair's
-  // (aggregate, end state) per block, polled by the look-back; one memset unsets both
-  // memories (the end states in the carry rows needed one 2-D memset per memory).
-  float* link[2] = {};
+  float* agg[2] = {};          // per memory, (B, blocks per sequence, G*d): aggregates, kUnset
   int64_t n_cb = 0;            // channel blocks
   int64_t n_blocks = 0;        // blocks (chunks of kPassChunk) per sequence
   FastDiv per_chunk, cb, d;    // by n_cb * 2 * B, n_cb and d: a block's place, a channel's head
@@ -214,16 +209,14 @@ template <class T> __device__ __forceinline__ void put(Stage<T> st, int i, float
 // overwrites x in shared memory, then leaves in 16-byte pieces.
 template <class T, bool kHas3>
 __device__ __forceinline__ void fwd_1pass(const ScanArgs& a, const PassArgs& pa,
-                                          const PassBlock& p, const ScanMemory& m, float* link) {
+                                          const PassBlock& p, const ScanMemory& m, float* agg) {
   __shared__ RowCoefs k;
   const Pieces<T> pc(a, pa, p.cb);
   // Start states go out per a.chunk tokens (8, 16 or 32: the 3-pass backward's chunk),
   // `sub` per block; the look-back polls block boundaries only.
   const int sub = kPassChunk >> (__ffs(int(a.chunk)) - 1);
   const auto slot = [&](int64_t j) { return (p.b * a.n_chunks + j) * a.channels() + p.gc; };
-  const auto agg_at = [&](int64_t j) {  // block j's (aggregate, end state) of this pair
-    return link + ((p.b * pa.n_blocks + j) * a.channels() + p.gc) * 2;
-  };
+  const auto agg_slot = [&](int64_t j) { return (p.b * pa.n_blocks + j) * a.channels() + p.gc; };
 
   const Stage<T> xs = stage<T>(0), x3s = stage<T>(1);  // x3s: kHas3 only
   stage_chunk<T>(m.x, p, pc, xs);
@@ -250,18 +243,15 @@ __device__ __forceinline__ void fwd_1pass(const ScanArgs& a, const PassArgs& pa,
       start = load_state(m.state_in, p.b, p.g, p.c);
       *reinterpret_cast<float2*>(m.carry + slot(0)) = start;
     } else {
-      if (!last) publish(agg_at(p.ch), loc);
+      if (!last) publish(agg + agg_slot(p.ch), loc);
       start = look_back<float2>(p.ch, pa.decay,
-                        [&](int64_t j) { return agg_at(j) + 2; }, agg_at);
+                        [&](int64_t j) { return m.carry + slot((j + 1) * sub); },
+                        [&](int64_t j) { return agg + agg_slot(j); });
     }
     const float decay = p.n == kPassChunk ? pa.decay : powf(a.beta, float(p.n));
     const float2 end = axpby(decay, start, 1.f, loc);
-    if (!last) {
-      publish(agg_at(p.ch) + 2, end);
-      *reinterpret_cast<float2*>(m.carry + slot((p.ch + 1) * sub)) = end;  // for the backward
-    } else if (m.state_out.data) {
-      store_state(m.state_out, p.b, p.g, p.c, end);
-    }
+    if (!last) publish(m.carry + slot((p.ch + 1) * sub), end);
+    else if (m.state_out.data) store_state(m.state_out, p.b, p.g, p.c, end);
 
     float2 sg = scale(pa.inv_c, start);
     float2 mid[kPassChunk / 8 - 1];  // the states at tokens 8, 16, 24 (kept in registers:
@@ -293,8 +283,8 @@ __device__ __forceinline__ void fwd_1pass(const ScanArgs& a, const PassArgs& pa,
 template <class T, bool kHas3> __global__ void __launch_bounds__(kScanThreads, 8)
 ema_route_fwd_1pass(ScanArgs a, PassArgs pa) {
   const PassBlock p = pass_block(a, pa);
-  if (p.mi == 0) fwd_1pass<T, kHas3>(a, pa, p, a.m[0], pa.link[0]);
-  else fwd_1pass<T, kHas3>(a, pa, p, a.m[1], pa.link[1]);
+  if (p.mi == 0) fwd_1pass<T, kHas3>(a, pa, p, a.m[0], pa.agg[0]);
+  else fwd_1pass<T, kHas3>(a, pa, p, a.m[1], pa.agg[1]);
 }
 
 }  // namespace mka::cuda
