@@ -124,13 +124,21 @@ class _Eager(torch.autograd.Function):
         return (*ctx.backward_fn(ctx, *grads), None)
 
 
-def _eager(*tensors: _OptT) -> bool:
+def _eager(*tensors: Tensor) -> bool:
     """Whether a public op may run :class:`_Eager`: no compilation, tracing, dispatch mode or
     functorch transform is active and every tensor is a plain one (no fake, functional or
     other subclass), so nothing needs the custom ops' registrations (fake kernels, schemas)."""
     return (not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
             and not torch._C._are_functorch_transforms_active()
-            and all(t is None or type(t) in _PLAIN for t in tensors))
+            and all(type(t) in _PLAIN for t in tensors))
+
+
+def _forward(op, eager_parts, args: tuple):
+    """A private forward op on args: as :class:`_Eager` (eager_parts: implementation, setup,
+    backward) where :func:`_eager` allows, else the custom op itself."""
+    if _eager(*(a for a in args if isinstance(a, Tensor))):
+        return _Eager.apply(*args, eager_parts)
+    return op(*args)
 
 
 def _bwd(ctx, op, impl):
@@ -532,10 +540,8 @@ _lib.define("mka(Tensor q, Tensor k, Tensor v, Tensor lam, float beta, Tensor? m
 def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: _OptF = None,
               window: _OptI = None) -> Tensor:
     """Exact attention, BTHD layout, GQA, bottom-right causal mask, optional window."""
-    args = (q, k, v, causal, scale, window)
-    if _eager(q, k, v):
-        return _Eager.apply(*args, (_attention_fwd_impl, _attention_setup, _attention_backward))[0]
-    return torch.ops.mka._attention_fwd(*args)[0]
+    return _forward(torch.ops.mka._attention_fwd, (_attention_fwd_impl, _attention_setup,
+                    _attention_backward), (q, k, v, causal, scale, window))[0]
 
 
 def fastmka(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: _OptT = None,
@@ -543,12 +549,9 @@ def fastmka(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: _OptT
             causal: bool = True, scale: _OptF = None,
             window: _OptI = None) -> tuple[Tensor, Tensor, Tensor]:
     """Route fusion (key-side lam) then one attention: ``(out, k_state, v_state)``."""
-    args = (q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window)
-    if _eager(q, k, v, lam, k3, v3, k_state, v_state):
-        res = _Eager.apply(*args, (_fastmka_fwd_impl, _fastmka_setup, _fastmka_backward))
-    else:
-        res = torch.ops.mka._fastmka_fwd(*args)
-    out, _, ks, vs, _, _, _ = res
+    out, _, ks, vs, _, _, _ = _forward(
+        torch.ops.mka._fastmka_fwd, (_fastmka_fwd_impl, _fastmka_setup, _fastmka_backward),
+        (q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window))
     return out, ks, vs
 
 
@@ -556,12 +559,9 @@ def mka(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, mem_k: _OptT 
         mem_v: _OptT = None, k_state: _OptT = None, v_state: _OptT = None, causal: bool = True,
         scale: _OptF = None, window: _OptI = None) -> tuple[Tensor, Tensor, Tensor]:
     """Full MKA, one attention per level mixed by query-side lam: ``(out, k_state, v_state)``."""
-    args = (q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window)
-    if _eager(q, k, v, lam, mem_k, mem_v, k_state, v_state):
-        res = _Eager.apply(*args, (_mka_fwd_impl, _mka_setup, _mka_backward))
-    else:
-        res = torch.ops.mka._mka_fwd(*args)
-    out, _, _, ks, vs, _, _ = res
+    out, _, _, ks, vs, _, _ = _forward(
+        torch.ops.mka._mka_fwd, (_mka_fwd_impl, _mka_setup, _mka_backward),
+        (q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window))
     return out, ks, vs
 
 
