@@ -45,11 +45,6 @@ def _stream(t: Tensor) -> int:
     return 0
 
 
-def _nat(t: _OptT) -> _OptT:
-    """What crosses into native code: a detached view (DLPack refuses autograd tensors)."""
-    return None if t is None else t.detach()
-
-
 def _native(fn, *args):
     """Calls a native launcher with every tensor handed over as a DLPack capsule of a detached
     view: ``to_dlpack`` costs ~0.5 us a tensor, against ~3 us through ``Tensor.__dlpack__``,
@@ -150,7 +145,7 @@ def _bwd(ctx, op, impl):
 # --------------------------------------------------------------------------- attention
 
 def _attention_fwd_impl(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: _OptF,
-                   window: _OptI) -> tuple[Tensor, Tensor]:
+                        window: _OptI) -> tuple[Tensor, Tensor]:
     V.check_attention(q, k, v, scale, window)
     cdt = _compute_dtype(q)
     qc, kc, vc = _cast(q, cdt), _cast(k, cdt), _cast(v, cdt)
@@ -171,13 +166,13 @@ def _(q, k, v, causal, scale, window):
 
 
 def _attention_bwd_impl(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
-                   causal: bool, scale: _OptF, window: _OptI) -> tuple[Tensor, Tensor, Tensor]:
+                        causal: bool, scale: _OptF, window: _OptI) -> tuple[Tensor, Tensor, Tensor]:
     V.check_attention(q, k, v, scale, window)
     cdt = _compute_dtype(q)
     qc, kc, vc, oc, doc = (_cast(t, cdt) for t in (q, k, v, out, dout))
     # Uninitialized: the kernels overwrite every element (accumulate=False), no zero fills.
     dq, dk, dv = (q.new_empty(t.shape, dtype=cdt) for t in (q, k, v))
-    _native(_C.attention_backward, qc, kc, vc, causal, scale, window, oc, lse.detach().contiguous(),
+    _native(_C.attention_backward, qc, kc, vc, causal, scale, window, oc, lse.contiguous(),
             doc.contiguous(), dq, dk, dv, False, _stream(q))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
@@ -231,7 +226,7 @@ def route_fuse(k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: _OptT = None,
     vf = k.new_empty(v.shape, dtype=cdt)
     ks, vs = _states_out(k)
     _native(_C.route_fuse_forward, _cast(k, cdt), _cast(v, cdt), _lam(lam, cdt), float(beta),
-            _cast(k3, cdt), _cast(v3, cdt), _nat(k_state), _nat(v_state), kf, vf, ks, vs,
+            _cast(k3, cdt), _cast(v3, cdt), k_state, v_state, kf, vf, ks, vs,
             _stream(k))
     return kf.to(k.dtype), vf.to(v.dtype), ks, vs
 
@@ -285,7 +280,7 @@ def _route_fuse_bwd(k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: _OptT, v
     g = _route_grads_alloc(k, lam, k3, k_state, v_state, cdt, need_dlam)
     sdt = state_dtype(cdt)
     _native(_C.route_fuse_backward, _cast(k, cdt), _cast(v, cdt), _lam(lam, cdt), float(beta),
-            _cast(k3, cdt), _cast(v3, cdt), _nat(k_state), _nat(v_state),
+            _cast(k3, cdt), _cast(v3, cdt), k_state, v_state,
             _cast(dk_fused, cdt).contiguous(), _cast(dv_fused, cdt).contiguous(),
             _opt_grad(dk_state_out, sdt), _opt_grad(dv_state_out, sdt), *g, False, _stream(k))
     return _route_grads_out(g, k, lam)
@@ -338,9 +333,9 @@ def _fastmka_saved(q: Tensor, k: Tensor, cdt: torch.dtype) -> tuple[Tensor, Tens
 
 
 def _fastmka_fwd_impl(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: _OptT,
-                 v3: _OptT, k_state: _OptT, v_state: _OptT, causal: bool, scale: _OptF,
-                 window: _OptI) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                                         Tensor]:
+                      v3: _OptT, k_state: _OptT, v_state: _OptT, causal: bool, scale: _OptF,
+                      window: _OptI) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                              Tensor]:
     """Returns (out, lse, k_state, v_state, k_fused, v_fused, carry)."""
     _check_fastmka(q, k, v, lam, beta, k3, v3, k_state, v_state, scale, window)
     cdt = _compute_dtype(q)
@@ -349,7 +344,7 @@ def _fastmka_fwd_impl(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float,
     ks, vs = _states_out(k)
     kf, vf, carry = _fastmka_saved(q, k, cdt)
     _native(_C.fastmka_forward, _cast(q, cdt), _cast(k, cdt), _cast(v, cdt), _lam(lam, cdt),
-            float(beta), _cast(k3, cdt), _cast(v3, cdt), _nat(k_state), _nat(v_state), causal,
+            float(beta), _cast(k3, cdt), _cast(v3, cdt), k_state, v_state, causal,
             scale, window, out, lse, ks, vs, kf, vf, carry, _stream(q))
     return out.to(q.dtype), lse, ks, vs, kf, vf, carry
 
@@ -366,11 +361,11 @@ def _(q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window):
 
 
 def _fastmka_bwd_impl(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: _OptT,
-                 v3: _OptT, k_state: _OptT, v_state: _OptT, causal: bool, scale: _OptF,
-                 window: _OptI, out: Tensor, lse: Tensor, dout: Tensor, dk_state_out: _OptT,
-                 dv_state_out: _OptT, k_fused: Tensor, v_fused: Tensor, carry: Tensor,
-                 need_dlam: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                  Tensor, Tensor, Tensor]:
+                      v3: _OptT, k_state: _OptT, v_state: _OptT, causal: bool, scale: _OptF,
+                      window: _OptI, out: Tensor, lse: Tensor, dout: Tensor, dk_state_out: _OptT,
+                      dv_state_out: _OptT, k_fused: Tensor, v_fused: Tensor, carry: Tensor,
+                      need_dlam: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                       Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, dlam, dk3, dv3, dk_state, dv_state); dlam is empty without
     need_dlam."""
     _check_fastmka(q, k, v, lam, beta, k3, v3, k_state, v_state, scale, window)
@@ -379,11 +374,11 @@ def _fastmka_bwd_impl(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float,
     dq = q.new_empty(q.shape, dtype=cdt)  # overwritten (accumulate=False), as all of g
     g = _route_grads_alloc(k, lam, k3, k_state, v_state, cdt, need_dlam)
     _native(_C.fastmka_backward, _cast(q, cdt), _cast(k, cdt), _cast(v, cdt), _lam(lam, cdt),
-            float(beta), _cast(k3, cdt), _cast(v3, cdt), _nat(k_state), _nat(v_state), causal,
-            scale, window, _cast(out, cdt), lse.detach().contiguous(),
+            float(beta), _cast(k3, cdt), _cast(v3, cdt), k_state, v_state, causal,
+            scale, window, _cast(out, cdt), lse.contiguous(),
             _cast(dout, cdt).contiguous(), _opt_grad(dk_state_out, sdt),
-            _opt_grad(dv_state_out, sdt), dq, *g, k_fused.detach(), v_fused.detach(),
-            carry.detach(), False, _stream(q))
+            _opt_grad(dv_state_out, sdt), dq, *g, k_fused, v_fused,
+            carry, False, _stream(q))
     return (dq.to(q.dtype), *_route_grads_out(g, k, lam))
 
 
@@ -440,8 +435,8 @@ def _mka_saved(q: Tensor, L: int, cdt: torch.dtype) -> tuple[Tensor, Tensor]:
 
 
 def _mka_fwd_impl(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, mem_k: _OptT,
-             mem_v: _OptT, k_state: _OptT, v_state: _OptT, causal: bool, scale: _OptF,
-             window: _OptI) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  mem_v: _OptT, k_state: _OptT, v_state: _OptT, causal: bool, scale: _OptF,
+                  window: _OptI) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (out, o_levels (L, B, Tq, H, d), lse_levels (L, B, H, Tq), k_state, v_state,
     k_ema, v_ema): the levels' outputs, statistics and EMA keys/values kept for backward."""
     L = _check_mka(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, scale, window)
@@ -451,7 +446,7 @@ def _mka_fwd_impl(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, mem
     ks, vs = _states_out(k)
     ke, ve = k.new_empty(k.shape, dtype=cdt), k.new_empty(v.shape, dtype=cdt)
     _native(_C.mka_forward, _cast(q, cdt), _cast(k, cdt), _cast(v, cdt), _lam(lam, cdt),
-            float(beta), _cast(mem_k, cdt), _cast(mem_v, cdt), _nat(k_state), _nat(v_state), causal,
+            float(beta), _cast(mem_k, cdt), _cast(mem_v, cdt), k_state, v_state, causal,
             scale, window, out, o_levels, lse_levels, ks, vs, ke, ve, _stream(q))
     return out.to(q.dtype), o_levels, lse_levels, ks, vs, ke, ve
 
@@ -469,10 +464,10 @@ def _(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window)
 
 
 def _mka_bwd_impl(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, mem_k: _OptT,
-             mem_v: _OptT, k_state: _OptT, v_state: _OptT, causal: bool, scale: _OptF,
-             window: _OptI, o_levels: Tensor, lse_levels: Tensor, dout: Tensor,
-             dk_state_out: _OptT, dv_state_out: _OptT, k_ema: Tensor, v_ema: Tensor) -> tuple[
-                 Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  mem_v: _OptT, k_state: _OptT, v_state: _OptT, causal: bool, scale: _OptF,
+                  window: _OptI, o_levels: Tensor, lse_levels: Tensor, dout: Tensor,
+                  dk_state_out: _OptT, dv_state_out: _OptT, k_ema: Tensor, v_ema: Tensor
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, dlam, dmem_k, dmem_v, dk_state, dv_state)."""
     _check_mka(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, scale, window)
     cdt = _compute_dtype(q)
@@ -480,8 +475,8 @@ def _mka_bwd_impl(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, mem
     dq = q.new_empty(q.shape, dtype=cdt)  # overwritten (accumulate=False), as all the rest
     dk, dv, dlam, dmk, dmv, dks, dvs = _route_grads_alloc(k, lam, mem_k, k_state, v_state, cdt)
     _native(_C.mka_backward, _cast(q, cdt), _cast(k, cdt), _cast(v, cdt), _lam(lam, cdt),
-            float(beta), _cast(mem_k, cdt), _cast(mem_v, cdt), _nat(k_state), _nat(v_state), causal,
-            scale, window, o_levels.detach(), lse_levels.detach().contiguous(),
+            float(beta), _cast(mem_k, cdt), _cast(mem_v, cdt), k_state, v_state, causal,
+            scale, window, o_levels, lse_levels.contiguous(),
             _cast(dout, cdt).contiguous(), _opt_grad(dk_state_out, sdt),
             _opt_grad(dv_state_out, sdt), dq, dk, dv, dmk, dmv, dlam, dks, dvs, k_ema.detach(),
             v_ema.detach(), False, _stream(q))

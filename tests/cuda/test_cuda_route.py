@@ -51,6 +51,26 @@ def test_route_fuse(dtype, L, states):
              ("k", "v", "lam", "k3", "v3", "k_state", "v_state"), gen, n_out=4)
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.999, 1 - 1e-9], ids=["0", "0.999", "rounds_to_1"])
+def test_route_fuse_beta_edges(beta):
+    """The single-pass forward scans in sigma form (s = (1 - beta) sigma): beta = 0, beta near 1
+    (sigma ~ 1000 x), and a beta that rounds to 1 in float (the host sends it to the 3-pass
+    scan), against the float64 reference, L = 3 with states, a short last block."""
+    gen = torch.Generator().manual_seed(7)
+    B, T, G, d, L = 2, 150, 2, 64, 3
+    dtype = torch.bfloat16
+    k, k64 = rand(gen, B, T, G, d, dtype=dtype)
+    v, v64 = rand(gen, B, T, G, d, dtype=dtype)
+    lam, lam64 = softmax_rows(gen, B, T, L, dtype)
+    k3, k364 = rand(gen, B, T, G, d, dtype=dtype)
+    v3, v364 = rand(gen, B, T, G, d, dtype=dtype)
+    (ks, vs), (ks64, vs64) = _states(gen, B, G, d, True)
+    check_op(lambda *a: torch.ops.mka.route_fuse(a[0], a[1], a[2], beta, *a[3:]),
+             lambda *a: R.route_fuse(a[0], a[1], a[2], beta, *a[3:]),
+             (k, v, lam, k3, v3, ks, vs), (k64, v64, lam64, k364, v364, ks64, vs64), dtype,
+             ("k", "v", "lam", "k3", "v3", "k_state", "v_state"), gen, n_out=4)
+
+
 def test_route_fuse_in_pieces_equals_one_call():
     # Chunked prefill: [0:T1] then [T1:T] from the returned state == one call over [0:T].
     gen = torch.Generator().manual_seed(5)
