@@ -9,9 +9,9 @@
 #include <string>
 
 #include "host_tensor.h"
-#include "mka/cpu_isa.h"
+#include "mka/cpu/isa.h"
 #include "mka/ops.h"
-#include "mka/thread_pool.h"
+#include "mka/cpu/thread_pool.h"
 #include "mka/tile_plan.h"
 
 namespace {

@@ -4,9 +4,9 @@
 
 #include <exception>
 
-#include "mka/cpu_isa.h"
+#include "mka/cpu/isa.h"
 #include "mka/ops.h"
-#include "mka/thread_pool.h"
+#include "mka/cpu/thread_pool.h"
 #include "mka/tile_plan.h"
 #include "tensor_ref.h"
 

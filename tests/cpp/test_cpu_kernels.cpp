@@ -12,7 +12,7 @@
 
 #include "host_tensor.h"
 #include "mka/ops.h"
-#include "mka/thread_pool.h"
+#include "mka/cpu/thread_pool.h"
 #include "op_harness.h"
 
 namespace mka::test {

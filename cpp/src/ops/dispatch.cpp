@@ -1,0 +1,331 @@
+// The ops' entry points: validate once (problem.cpp), check the caller's output buffers,
+// then run the kernels of the inputs' device.
+#include <cstring>
+#include <tuple>
+
+#include "mka/cpu/kernels.h"
+#include "mka/error.h"
+#include "mka/ops.h"
+#ifdef MKA_WITH_CUDA
+#include "mka/cuda/kernels.h"
+#endif
+
+namespace mka {
+namespace {
+
+// Device switch: the CPU kernels, or the CUDA kernels (cuda/) in a CUDA build.
+template <class CpuFn, class CudaFn>
+void on_device(Device dev, [[maybe_unused]] const char* op, CpuFn&& cpu,
+               [[maybe_unused]] CudaFn&& cuda) {
+  if (dev == Device::cpu) {
+    cpu();
+    return;
+  }
+#ifdef MKA_WITH_CUDA
+  cuda();
+#else
+  fail(op, ": this build of mka has no CUDA kernels (built without a CUDA compiler)");
+#endif
+}
+
+// Expands to the CUDA call in a CUDA build, to nothing otherwise.
+#ifdef MKA_WITH_CUDA
+#define MKA_CUDA_CALL(...) __VA_ARGS__
+#else
+#define MKA_CUDA_CALL(...)
+#endif
+
+// Softmax statistics are addressed as dense (B, H, Tq) rows.
+void check_contiguous(const TensorRef& t, const char* name) {
+  MKA_CHECK(is_contiguous(t), name, ": must be contiguous");
+}
+
+// The CPU kernels read lam in the inputs' dtype (the Python layer casts it).
+void check_cpu_lam(const TensorRef& lam, DType dtype) {
+  MKA_CHECK(lam.device != Device::cpu || lam.dtype == dtype, "lam: the CPU kernels take lam in ",
+            dtype_name(dtype), ", got ", dtype_name(lam.dtype));
+}
+
+void check_attention_outputs(const AttentionProblem& p, const TensorRef& out,
+                             const TensorRef& lse) {
+  check_output(out, "out", {p.B, p.Tq, p.H, p.d}, p.dtype, p.device, p.device_id);
+  check_output(lse, "lse", {p.B, p.H, p.Tq}, stats_dtype(p.dtype), p.device, p.device_id);
+  check_contiguous(lse, "lse");
+}
+
+void check_state_outputs(const RouteProblem& p, const TensorRef& ks, const TensorRef& vs) {
+  for (auto [t, name] : {std::pair{&ks, "k_state_out"}, std::pair{&vs, "v_state_out"}})
+    if (t->present())
+      check_output(*t, name, {p.B, p.G, p.d}, stats_dtype(p.dtype), p.device, p.device_id);
+}
+
+void check_grads_like(const TensorRef& dx, const char* name, const TensorRef& x) {
+  if (!x.present()) return;
+  MKA_CHECK(dx.present(), name, ": gradient buffer missing");
+  check_output(dx, name, {x.shape[0], x.shape[1], x.shape[2], x.shape[3]}, x.dtype, x.device,
+               x.device_id);
+}
+
+void check_route_grads(const RouteInputs& r, const RouteGrads& g) {
+  if (g.dlam.present()) check_output(g.dlam, "dlam", {r.lam.shape[0], r.lam.shape[1], r.lam.shape[2]},
+                                     r.lam.dtype, r.lam.device, r.lam.device_id);
+  if (g.dk3.present()) check_grads_like(g.dk3, "dk3", r.k3);
+  if (g.dv3.present()) check_grads_like(g.dv3, "dv3", r.v3);
+  for (auto [gt, t, name] : {std::tuple{&g.dk_state, &r.k_state, "dk_state"},
+                             std::tuple{&g.dv_state, &r.v_state, "dv_state"}})
+    if (gt->present()) {
+      MKA_CHECK(t->present(), name, ": gradient requested for a state that was not given");
+      check_output(*gt, name, {t->shape[0], t->shape[1], t->shape[2]}, t->dtype, t->device,
+                   t->device_id);
+    }
+}
+
+// Zeros a CPU tensor's elements (any strides; the bits of 0.0 are zeros in every dtype): one
+// memset per run of contiguous innermost elements, one for the whole of a dense tensor.
+void zero_fill_cpu(const TensorRef& t) {
+  const int64_t n = t.numel();
+  if (n == 0) return;
+  const int64_t elem = int64_t(dtype_bytes(t.dtype));
+  const int last = t.ndim - 1;
+  const int64_t run = is_contiguous(t) ? n : last >= 0 && t.stride[last] == 1 ? t.shape[last] : 1;
+  for (int64_t i = 0; i < n; i += run) {
+    int64_t rest = i, off = 0;
+    for (int dim = last; dim >= 0; --dim) {
+      off += (rest % t.shape[dim]) * t.stride[dim];
+      rest /= t.shape[dim];
+    }
+    std::memset(static_cast<char*>(t.data) + off * elem, 0, size_t(run * elem));
+  }
+}
+
+// Gradient buffers are overwritten (accumulate = false): the CPU kernels add, so zero them
+// first; absent buffers are skipped.
+void zero_fill_cpu(std::initializer_list<const TensorRef*> ts) {
+  for (const TensorRef* t : ts)
+    if (t->present()) zero_fill_cpu(*t);
+}
+void zero_fill_cpu(const RouteGrads& g) {
+  zero_fill_cpu({&g.dlam, &g.dk3, &g.dv3, &g.dk_state, &g.dv_state});
+}
+
+// Saved keys/values are like k and v; fastmka's carry (CUDA) is fastmka_carry_numel floats.
+void check_saved(const SavedKeys& s, const TensorRef& k, const TensorRef& v, bool with_carry,
+                 const char* op) {
+  MKA_CHECK(s.k.present() == s.v.present(), op, ": saved keys and values go together");
+  if (!s.k.present()) {
+    MKA_CHECK(!s.carry.present(), op, ": saved carry without saved keys");
+    return;
+  }
+  check_grads_like(s.k, "saved k", k);
+  check_grads_like(s.v, "saved v", v);
+  const int64_t n = with_carry ? fastmka_carry_numel(k.shape[0], k.shape[1], k.shape[2],
+                                                     k.shape[3], k.device)
+                               : 0;
+  if (n == 0) {
+    MKA_CHECK(!s.carry.present() || s.carry.numel() == 0, op, ": unexpected saved carry");
+    return;
+  }
+  MKA_CHECK(s.carry.present() && s.carry.numel() == n && is_contiguous(s.carry) &&
+                s.carry.dtype == DType::f32 && s.carry.device == k.device &&
+                s.carry.device_id == k.device_id,
+            op, ": saved carry must be a contiguous float32 buffer of ", n,
+            " elements on the inputs' device");
+}
+
+}  // namespace
+
+void attention_forward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
+                       const AttnOptions& o, const TensorRef& out, const TensorRef& lse,
+                       [[maybe_unused]] void* stream) {
+  const AttentionProblem p = check_attention(q, k, v, o);
+  check_attention_outputs(p, out, lse);
+  on_device(p.device, "attention", [&] { cpu::attention_fwd(p, q, k, v, out, lse); },
+            [&] { MKA_CUDA_CALL(cuda::attention_fwd(p, q, k, v, out, lse, stream)); });
+}
+
+void attention_backward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
+                        const AttnOptions& o, const TensorRef& out, const TensorRef& lse,
+                        const TensorRef& dout, const TensorRef& dq, const TensorRef& dk,
+                        const TensorRef& dv, [[maybe_unused]] void* stream, bool accumulate) {
+  const AttentionProblem p = check_attention(q, k, v, o);
+  check_attention_outputs(p, out, lse);
+  check_grads_like(dout, "dout", q);
+  check_grads_like(dq, "dq", q);
+  check_grads_like(dk, "dk", k);
+  check_grads_like(dv, "dv", v);
+  on_device(p.device, "attention backward", [&] {
+    if (!accumulate) zero_fill_cpu({&dq, &dk, &dv});
+    cpu::attention_bwd(p, q, k, v, out, lse, dout, cpu::RowWeight{}, dq, dk, dv);
+  }, [&] {
+    MKA_CUDA_CALL(cuda::attention_bwd(p, q, k, v, out, lse, dout, dq, dk, dv, stream, accumulate));
+  });
+}
+
+void route_fuse_forward(const TensorRef& k, const TensorRef& v, const RouteInputs& r,
+                        const TensorRef& k_fused, const TensorRef& v_fused,
+                        const TensorRef& k_state_out, const TensorRef& v_state_out,
+                        [[maybe_unused]] void* stream) {
+  const RouteProblem p = check_route(k, v, r, k.shape[1], "(B, Tk, L)", true);
+  check_cpu_lam(r.lam, p.dtype);
+  check_grads_like(k_fused, "k_fused", k);
+  check_grads_like(v_fused, "v_fused", v);
+  check_state_outputs(p, k_state_out, v_state_out);
+  on_device(p.device, "route_fuse", [&] {
+    cpu::route_fuse_fwd(p, k, v, r, k_fused, v_fused, k_state_out, v_state_out);
+  }, [&] {
+    MKA_CUDA_CALL(cuda::route_fuse_fwd(p, k, v, r, k_fused, v_fused, k_state_out, v_state_out,
+                                       stream));
+  });
+}
+
+void route_fuse_backward(const TensorRef& k, const TensorRef& v, const RouteInputs& r,
+                         const TensorRef& dk_fused, const TensorRef& dv_fused,
+                         const TensorRef& dk_state_out, const TensorRef& dv_state_out,
+                         const TensorRef& dk, const TensorRef& dv, const RouteGrads& g,
+                         [[maybe_unused]] void* stream, bool accumulate) {
+  const RouteProblem p = check_route(k, v, r, k.shape[1], "(B, Tk, L)", true);
+  check_cpu_lam(r.lam, p.dtype);
+  check_grads_like(dk_fused, "dk_fused", k);
+  check_grads_like(dv_fused, "dv_fused", v);
+  check_state_outputs(p, dk_state_out, dv_state_out);
+  check_grads_like(dk, "dk", k);
+  check_grads_like(dv, "dv", v);
+  check_route_grads(r, g);
+  on_device(p.device, "route_fuse backward", [&] {
+    if (!accumulate) {
+      zero_fill_cpu({&dk, &dv});
+      zero_fill_cpu(g);
+    }
+    cpu::route_fuse_bwd(p, k, v, r, dk_fused, dv_fused, dk_state_out, dv_state_out, dk, dv, g);
+  }, [&] {
+    MKA_CUDA_CALL(cuda::route_fuse_bwd(p, k, v, r, dk_fused, dv_fused, dk_state_out,
+                                       dv_state_out, dk, dv, g, stream, accumulate));
+  });
+}
+
+void fastmka_forward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
+                     const RouteInputs& r, const AttnOptions& o, const TensorRef& out,
+                     const TensorRef& lse, const TensorRef& k_state_out,
+                     const TensorRef& v_state_out, [[maybe_unused]] void* stream,
+                     const SavedKeys& saved) {
+  const AttentionProblem ap = check_attention(q, k, v, o);
+  const RouteProblem rp = check_route(k, v, r, ap.Tk, "(B, Tk, L)", true);
+  check_cpu_lam(r.lam, ap.dtype);
+  check_attention_outputs(ap, out, lse);
+  check_state_outputs(rp, k_state_out, v_state_out);
+  check_saved(saved, k, v, true, "fastmka");
+  on_device(ap.device, "fastmka", [&] {
+    cpu::fastmka_fwd(ap, rp, q, k, v, r, out, lse, k_state_out, v_state_out, saved);
+  }, [&] {
+    MKA_CUDA_CALL(cuda::fastmka_fwd(ap, rp, q, k, v, r, out, lse, k_state_out, v_state_out,
+                                    saved, stream));
+  });
+}
+
+void fastmka_backward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
+                      const RouteInputs& r, const AttnOptions& o, const TensorRef& out,
+                      const TensorRef& lse, const TensorRef& dout,
+                      const TensorRef& dk_state_out, const TensorRef& dv_state_out,
+                      const TensorRef& dq, const TensorRef& dk, const TensorRef& dv,
+                      const RouteGrads& g, [[maybe_unused]] void* stream,
+                      const SavedKeys& saved, bool accumulate) {
+  const AttentionProblem ap = check_attention(q, k, v, o);
+  const RouteProblem rp = check_route(k, v, r, ap.Tk, "(B, Tk, L)", true);
+  check_saved(saved, k, v, true, "fastmka backward");
+  check_cpu_lam(r.lam, ap.dtype);
+  check_attention_outputs(ap, out, lse);
+  check_grads_like(dout, "dout", q);
+  check_state_outputs(rp, dk_state_out, dv_state_out);
+  check_grads_like(dq, "dq", q);
+  check_grads_like(dk, "dk", k);
+  check_grads_like(dv, "dv", v);
+  check_route_grads(r, g);
+  on_device(ap.device, "fastmka backward", [&] {
+    if (!accumulate) {
+      zero_fill_cpu({&dq, &dk, &dv});
+      zero_fill_cpu(g);
+    }
+    cpu::fastmka_bwd(ap, rp, q, k, v, r, out, lse, dout, dk_state_out, dv_state_out, dq, dk,
+                     dv, g, saved);
+  }, [&] {
+    MKA_CUDA_CALL(cuda::fastmka_bwd(ap, rp, q, k, v, r, out, lse, dout, dk_state_out,
+                                    dv_state_out, dq, dk, dv, g, saved, stream, accumulate));
+  });
+}
+
+void mka_forward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
+                 const RouteInputs& r, const TensorRef& mem_k, const TensorRef& mem_v,
+                 const AttnOptions& o, const TensorRef& out, const TensorRef& o_levels,
+                 const TensorRef& lse_levels, const TensorRef& k_state_out,
+                 const TensorRef& v_state_out, [[maybe_unused]] void* stream,
+                 const SavedKeys& saved) {
+  const AttentionProblem ap = check_attention(q, k, v, o);
+  const RouteProblem rp = check_route(k, v, r, ap.Tq, "(B, Tq, L)", false);
+  check_saved(saved, k, v, false, "mka");
+  check_memory(ap, q, mem_k, mem_v, rp.L);
+  check_cpu_lam(r.lam, ap.dtype);
+  check_output(out, "out", {ap.B, ap.Tq, ap.H, ap.d}, ap.dtype, ap.device, ap.device_id);
+  check_output(o_levels, "o_levels", {rp.L, ap.B, ap.Tq, ap.H, ap.d}, stats_dtype(ap.dtype),
+               ap.device, ap.device_id);
+  check_output(lse_levels, "lse_levels", {rp.L, ap.B, ap.H, ap.Tq}, stats_dtype(ap.dtype),
+               ap.device, ap.device_id);
+  check_contiguous(lse_levels, "lse_levels");
+  check_state_outputs(rp, k_state_out, v_state_out);
+  on_device(ap.device, "mka", [&] {
+    cpu::mka_fwd(ap, rp, q, k, v, r, mem_k, mem_v, out, o_levels, lse_levels, k_state_out,
+                 v_state_out, saved);
+  }, [&] {
+    MKA_CUDA_CALL(cuda::mka_fwd(ap, rp, q, k, v, r, mem_k, mem_v, out, o_levels, lse_levels,
+                                k_state_out, v_state_out, saved, stream));
+  });
+}
+
+void mka_backward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
+                  const RouteInputs& r, const TensorRef& mem_k, const TensorRef& mem_v,
+                  const AttnOptions& o, const TensorRef& o_levels, const TensorRef& lse_levels,
+                  const TensorRef& dout, const TensorRef& dk_state_out,
+                  const TensorRef& dv_state_out, const TensorRef& dq, const TensorRef& dk,
+                  const TensorRef& dv, const TensorRef& dmem_k, const TensorRef& dmem_v,
+                  const RouteGrads& g, [[maybe_unused]] void* stream,
+                  const SavedKeys& saved, bool accumulate) {
+  const AttentionProblem ap = check_attention(q, k, v, o);
+  const RouteProblem rp = check_route(k, v, r, ap.Tq, "(B, Tq, L)", false);
+  check_saved(saved, k, v, false, "mka backward");
+  check_memory(ap, q, mem_k, mem_v, rp.L);
+  check_cpu_lam(r.lam, ap.dtype);
+  check_output(o_levels, "o_levels", {rp.L, ap.B, ap.Tq, ap.H, ap.d}, stats_dtype(ap.dtype),
+               ap.device, ap.device_id);
+  check_output(lse_levels, "lse_levels", {rp.L, ap.B, ap.H, ap.Tq}, stats_dtype(ap.dtype),
+               ap.device, ap.device_id);
+  check_contiguous(lse_levels, "lse_levels");
+  check_grads_like(dout, "dout", q);
+  check_state_outputs(rp, dk_state_out, dv_state_out);
+  check_grads_like(dq, "dq", q);
+  check_grads_like(dk, "dk", k);
+  check_grads_like(dv, "dv", v);
+  check_grads_like(dmem_k, "dmem_k", mem_k);
+  check_grads_like(dmem_v, "dmem_v", mem_v);
+  check_route_grads(r, g);
+  on_device(ap.device, "mka backward", [&] {
+    if (!accumulate) {
+      zero_fill_cpu({&dq, &dk, &dv, &dmem_k, &dmem_v});
+      zero_fill_cpu(g);
+    }
+    cpu::mka_bwd(ap, rp, q, k, v, r, mem_k, mem_v, o_levels, lse_levels, dout, dk_state_out,
+                 dv_state_out, dq, dk, dv, dmem_k, dmem_v, g, saved);
+  }, [&] {
+    MKA_CUDA_CALL(cuda::mka_bwd(ap, rp, q, k, v, r, mem_k, mem_v, o_levels, lse_levels, dout,
+                                dk_state_out, dv_state_out, dq, dk, dv, dmem_k, dmem_v, g,
+                                saved, stream, accumulate));
+  });
+}
+
+bool built_with_cuda() {
+#ifdef MKA_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace mka

@@ -1,0 +1,206 @@
+// Attention backward for Hopper (sm_90a) on warpgroup MMA; the scheme of the mma.sync
+// backward (attention_bwd_mma.cuh) with wider tiles. A block owns kWgBwdBlockN = 128 keys
+// of one (batch, kv head), two warpgroups of 64 keys, and loops over the GQA group's query
+// heads and the 64-row query blocks that see its keys; dK and dV stay in registers and are
+// written once (deterministic). Per query block each warpgroup computes
+//   S^T = K Q^T, dP^T = V dO^T                 (A and B from shared memory)
+//   dV += (w P)^T dO, dK += dS^T Q             (A from registers, B = dO, Q read N-major)
+// with dS = w P (dP - delta); dS^T goes to shared memory and each warpgroup then computes
+// half of the columns of dQ = dS K (A read M-major) for float32 atomics.
+#pragma once
+#include "attention/bwd_rows.cuh"
+#include "attention/params.cuh"
+#include "mma/wgmma.cuh"
+
+#include <type_traits>
+
+namespace mka::cuda {
+
+constexpr int kWgBwdBlockN = 128, kWgBwdBlockM = 64, kWgBwdThreads = 256;
+
+template <int D> constexpr int wg_bwd_smem_bytes() {
+  constexpr int BN = kWgBwdBlockN, BM = kWgBwdBlockM;
+  // K, V; Q and dO in two stages; dS^T; lse, delta, w in two stages (float); alignment.
+  return (2 * BN * D + 2 * 2 * BM * D + BN * BM) * 2 + 2 * 3 * BM * 4 + 1024;
+}
+// With ScanThrough's dlam, after those: the block's scan inputs x (k, v rows, staged while
+// the main loop runs) and its dlam sums per key and level (float).
+template <int D> constexpr int wg_bwd_dlam_smem_bytes() {
+  return 2 * kWgBwdBlockN * D * 2 + 2 * kWgBwdBlockN * 4;
+}
+
+template <class T, int D>
+__global__ void __launch_bounds__(kWgBwdThreads, 1) attention_bwd_wgmma(AttnParams p) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using namespace mma;
+  constexpr int BN = kWgBwdBlockN, BM = kWgBwdBlockM, KS = D / 16, DT = D / 8, MT = BM / 8;
+  static_assert((D == 64 || D == 128) && BM == 64, "one 128-byte panel of dS^T per key row");
+  extern __shared__ unsigned char smem_raw[];
+  const unsigned pad = (1024u - unsigned(__cvta_generic_to_shared(smem_raw)) % 1024u) % 1024u;
+  T* ks = reinterpret_cast<T*>(smem_raw + pad);  // BN x D
+  T* vs = ks + BN * D;                            // BN x D
+  T* qs = vs + BN * D;                            // [2][BM x D]
+  T* dos = qs + 2 * BM * D;                       // [2][BM x D]
+  T* dst = dos + 2 * BM * D;                      // dS^T: BN x BM (one panel)
+  float* stats = reinterpret_cast<float*>(dst + BN * BM);  // [2][3][BM]: lse2, delta, w
+
+  const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+  const int64_t g = blockIdx.y, b = blockIdx.z;
+  const int64_t j0 = int64_t(blockIdx.x) * BN, j_last = min(p.Tk, j0 + BN) - 1;
+  const int64_t q_lo = p.query_lo(j0), q_hi = min(p.Tq, p.query_hi(j_last));
+  const int64_t mb0 = q_lo / BM, nq = q_hi > q_lo ? ceil_div(q_hi, BM) - mb0 : 0;
+  const int64_t iters = nq * p.group;
+  // This warpgroup's keys [wj0, wj_last] and this thread's accumulator rows kr0, kr0 + 8.
+  const int64_t wj0 = j0 + wg * 64, wj_last = min(j_last, wj0 + 63);
+  const int64_t kr0 = wj0 + warp * 16 + lane / 4;
+  const float sl2 = p.scale * 1.4426950408889634f;
+
+  auto issue = [&](int64_t it, int stage) {  // prefetch query block `it` into `stage`
+    const int64_t h = g * p.group + it / nq, i0 = (mb0 + it % nq) * BM;
+    wgmma::load_tile<BM, D, kWgBwdThreads>(qs + stage * BM * D, p.q, b, i0, p.Tq, h);
+    wgmma::load_tile<BM, D, kWgBwdThreads>(dos + stage * BM * D, p.dout, b, i0, p.Tq, h);
+    load_row_stats<BM, kWgBwdThreads>(stats + stage * 3 * BM, p, b, h, i0);
+  };
+
+  wgmma::load_tile<BN, D, kWgBwdThreads>(ks, p.k, b, j0, p.Tk, g);
+  wgmma::load_tile<BN, D, kWgBwdThreads>(vs, p.v, b, j0, p.Tk, g);
+  if (iters > 0) issue(0, 0);
+  cp_async_commit();
+
+  const KeyWeights key_w = key_weights<true>(p, b, j0);  // its latency hides behind the loop
+  // ScanThrough's dlam: x staged behind the first tiles, for the write-out.
+  constexpr int kDlamAt = wg_bwd_smem_bytes<D>() - 1024;  // after the main loop's buffers
+  if (p.scan.dlam)
+    scan_dlam_stage<T, D, BN, kWgBwdThreads>(p, smem_raw + pad + kDlamAt, b, g, j0, iters);
+  float dk[DT][4] = {}, dv[DT][4] = {};
+  auto& dk_flat = reinterpret_cast<float(&)[DT * 4]>(dk);
+  auto& dv_flat = reinterpret_cast<float(&)[DT * 4]>(dv);
+  const T* kw = ks + wg * 64 * 64;  // this warpgroup's 64 key rows in panel 0
+  const T* vw = vs + wg * 64 * 64;
+
+  for (int64_t it = 0; it < iters; ++it) {
+    const int stage = int(it & 1);
+    const int64_t h = g * p.group + it / nq, i0 = (mb0 + it % nq) * BM;
+    cp_async_next_stage(it + 1 < iters, [&] { issue(it + 1, stage ^ 1); });
+    wgmma::fence_async_smem();
+    __syncthreads();
+    const T* qt = qs + stage * BM * D;
+    const T* dot = dos + stage * BM * D;
+    const float* lse2 = stats + stage * 3 * BM;
+    const float* delta = lse2 + BM;
+    const float* wr = lse2 + 2 * BM;
+
+    float s[MT][4] = {}, dp[MT][4] = {};
+    auto& s_flat = reinterpret_cast<float(&)[MT * 4]>(s);
+    auto& dp_flat = reinterpret_cast<float(&)[MT * 4]>(dp);
+    wgmma::fence();
+    #pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {  // reduce over d: 16 columns per product
+      const int off_k = (kk / 4) * BN * 64 + (kk % 4) * 16, off_q = (kk / 4) * BM * 64 + (kk % 4) * 16;
+      wgmma::Mma<T, BM>::template ss<0, 0>(s_flat, wgmma::desc_k(kw + off_k),
+                                           wgmma::desc_k(qt + off_q), kk > 0);
+      wgmma::Mma<T, BM>::template ss<0, 0>(dp_flat, wgmma::desc_k(vw + off_k),
+                                           wgmma::desc_k(dot + off_q), kk > 0);
+    }
+    wgmma::commit();
+    wgmma::wait<0>();
+    wgmma::fence_regs(s_flat);
+    wgmma::fence_regs(dp_flat);
+
+    // s <- w P (for dV), dp <- dS = w P (dP - delta) (for dK and dQ).
+    const bool full = i0 >= p.query_lo(wj_last) && i0 + BM <= q_hi && wj0 + 63 < p.Tk &&
+                      i0 + BM <= p.query_hi(wj0);
+    auto ds = [&](auto masked) {  // the per-element mask only on tiles that cross a band edge
+      #pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = mt * 8 + (lane % 4) * 2 + (e & 1);
+          float pr = wgmma::ex2(s[mt][e] * sl2 - lse2[r]);
+          if constexpr (decltype(masked)::value) {
+            const int64_t i = i0 + r, j = kr0 + (e >> 1) * 8;
+            if (!(i < p.Tq && j < p.Tk && j >= p.key_lo(i) && j < p.key_hi(i))) pr = 0.f;
+          }
+          s[mt][e] = wr[r] * pr;
+          dp[mt][e] = s[mt][e] * (dp[mt][e] - delta[r]);
+        }
+    };
+    if (full)
+      ds(std::false_type{});
+    else
+      ds(std::true_type{});
+
+    unsigned pa[BM / 16][4], da[BM / 16][4];
+    #pragma unroll
+    for (int kk = 0; kk < BM / 16; ++kk) {
+      acc_to_a<T>(pa[kk], s, kk);
+      acc_to_a<T>(da[kk], dp, kk);
+    }
+    wgmma::fence();
+    #pragma unroll
+    for (int kk = 0; kk < BM / 16; ++kk) {  // reduce over 16 query rows per product
+      wgmma::Mma<T, D>::template rs<1>(dv_flat, pa[kk],
+                                       wgmma::desc_mn(dot + kk * 16 * 64, BM * 128), 1);
+      wgmma::Mma<T, D>::template rs<1>(dk_flat, da[kk],
+                                       wgmma::desc_mn(qt + kk * 16 * 64, BM * 128), 1);
+    }
+    wgmma::commit();
+
+    // dS^T to shared memory (keys as rows, 64 query columns in one swizzled panel).
+    #pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      const int c = (lane % 4) * 2, row = wg * 64 + warp * 16 + lane / 4;
+      *reinterpret_cast<unsigned*>(dst + wgmma::sw128<BN>(row, mt) + c) =
+          pack2<T>(dp[mt][0], dp[mt][1]);
+      *reinterpret_cast<unsigned*>(dst + wgmma::sw128<BN>(row + 8, mt) + c) =
+          pack2<T>(dp[mt][2], dp[mt][3]);
+    }
+    wgmma::fence_async_smem();
+    __syncthreads();
+
+    // dQ = dS K (A = dS^T read M-major, B = K read N-major), 64 columns per warpgroup: with
+    // d = 128 each warpgroup takes one 64-column panel over all keys; with d = 64 each takes
+    // its own 64 keys and both add.
+    constexpr bool kSplitCols = D == 128;
+    const int col0 = kSplitCols ? wg * 64 : 0, key0 = kSplitCols ? 0 : wg * 64;
+    float dq[8][4] = {};
+    auto& dq_flat = reinterpret_cast<float(&)[32]>(dq);
+    wgmma::fence();
+    #pragma unroll
+    for (int kk = 0; kk < (kSplitCols ? BN : 64) / 16; ++kk) {  // 16 keys per product
+      const int key = key0 + kk * 16;
+      wgmma::Mma<T, 64>::template ss<1, 1>(dq_flat, wgmma::desc_mn(dst + key * 64, BN * 128),
+                                           wgmma::desc_mn(ks + (col0 / 64) * BN * 64 + key * 64,
+                                                          BN * 128),
+                                           kk > 0);
+    }
+    wgmma::commit();
+    wgmma::wait<0>();
+    wgmma::fence_regs(dq_flat);
+    wgmma::fence_regs(dk_flat);
+    wgmma::fence_regs(dv_flat);
+    #pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int64_t i = i0 + warp * 16 + lane / 4 + r * 8;
+      if (i >= p.Tq) continue;
+      float* row = p.dq.at<float>(b, i, h) + col0;
+      #pragma unroll
+      for (int dt = 0; dt < 8; ++dt) {
+        const int c = dt * 8 + (lane % 4) * 2;
+        atomicAdd(reinterpret_cast<float2*>(row + c),
+                  make_float2(dq[dt][2 * r] * p.scale, dq[dt][2 * r + 1] * p.scale));
+      }
+    }
+    __syncthreads();  // the next prefetch overwrites this stage; the next dS^T this tile
+  }
+  cp_async_wait<0>();
+
+  static_assert(dkdv_block_smem_bytes<D, BN, true>() <= wg_bwd_smem_bytes<D>() - 1024);
+  put_dkdv_block<T, D, BN, kWgBwdThreads, true>(p, smem_raw + pad, b, g, j0, dk, dv, key_w,
+                                                smem_raw + pad + kDlamAt);
+#else
+  __trap();  // launched only where the binary has sm_90a code (see attention.cu)
+#endif
+}
+
+}  // namespace mka::cuda

@@ -1,0 +1,284 @@
+// attention on the GPU: launchers. Half-precision inputs with 16-byte aligned rows take the
+// tensor-core kernels; float32 (and unaligned views) take the float32 CUDA-core kernels.
+#include "attention/bwd_mma.cuh"
+#include "attention/bwd_wgmma.cuh"
+#include "attention/fwd_mma.cuh"
+#include "attention/fwd_wgmma.cuh"
+#include "attention/fwd_wgmma_pingpong.cuh"
+#include "attention/simt.cuh"
+#include "ops/building_blocks.h"
+#include "mka/cuda/kernels.h"
+#include "mka/tile_plan.h"
+
+#include <cstdlib>
+#include <string>
+
+namespace mka::cuda {
+namespace {
+
+// Shared memory a forward block may plan with: two mma.sync blocks per SM fit on sm_80 and
+// sm_90; the Hopper kernel runs one 8-warp block per SM with deeper tiles.
+constexpr size_t kFwdSmemBudget = 96 * 1024;
+constexpr size_t kWgmmaSmemBudget = 160 * 1024;
+
+bool use_tensor_cores(const AttentionProblem& p, std::initializer_list<Rows> views) {
+  if (p.dtype != DType::f16 && p.dtype != DType::bf16) return false;
+  for (const Rows& x : views)
+    if (!aligned16(x)) return false;
+  return true;
+}
+
+// Calls f(std::integral_constant<int, d>) for the supported head dims.
+template <class F> void dispatch_head_dim(int64_t d, F&& f) {
+  if (d == 64) return f(std::integral_constant<int, 64>{});
+  if (d == 128) return f(std::integral_constant<int, 128>{});
+  fail("attention: head dim ", d, " has no CUDA kernel (64 or 128)");
+}
+
+// A (B, Tk, G, d) key-side view in p.dtype as a tensor (for accumulate's zero fill).
+TensorRef kv_view(const Rows& x, const AttentionProblem& p) {
+  TensorRef t;
+  t.data = x.data, t.ndim = 4, t.dtype = p.dtype, t.device = Device::cuda;
+  const int64_t shape[4] = {p.B, p.Tk, p.G, p.d}, stride[4] = {x.sb, x.st, x.sh, 1};
+  for (int i = 0; i < 4; ++i) t.shape[i] = shape[i], t.stride[i] = stride[i];
+  return t;
+}
+
+// Which forward kernel on Hopper. By default the three-stage ping-pong pipeline: in
+// interleaved A/B rounds on an H100 it matched or beat the two-stage lockstep one at every
+// length measured (T = 1k-4k: 0.99-1.08x; 8k/16k: 1.07-1.16x; bench/PERF_NOTES.md). The
+// MKA_CUDA_WGMMA variable overrides it: 0 (the mma.sync kernels), lockstep or pingpong; read
+// per call so tests and benchmarks can switch.
+enum class WgmmaMode { off, lockstep, pingpong };
+WgmmaMode wgmma_mode() {
+  const char* e = std::getenv("MKA_CUDA_WGMMA");
+  const std::string v = e ? e : "";
+  if (v == "0") return WgmmaMode::off;
+  if (v == "pingpong") return WgmmaMode::pingpong;
+  if (v == "lockstep") return WgmmaMode::lockstep;
+  MKA_CHECK(v.empty(), "MKA_CUDA_WGMMA: expected 0, lockstep or pingpong, got '", v, "'");
+  return WgmmaMode::pingpong;
+}
+
+// The Hopper (wgmma) kernels run where the loaded image is sm_90a code, i.e. on an sm_90
+// device of a build that includes arch 90a.
+template <class Kernel> bool has_sm90a_image(Kernel k) {
+  cudaFuncAttributes attr;
+  if (cudaFuncGetAttributes(&attr, k) != cudaSuccess) {
+    (void)cudaGetLastError();  // no image for this device: not an error of this call
+    return false;
+  }
+  return attr.binaryVersion == 90;
+}
+
+template <class T, int D> bool fwd_wgmma(const AttnParams& a, cudaStream_t s) {
+  constexpr int BN = 128;
+  const WgmmaMode mode = wgmma_mode();
+  if (mode == WgmmaMode::off || !has_sm90a_image(attention_fwd_wgmma<T, D, BN>)) return false;
+  const bool pp = mode == WgmmaMode::pingpong;
+  const TilePlan plan = plan_tiles(Target::gpu, D, 2, kWgmmaSmemBudget);
+  MKA_CHECK(plan.block_q == kWgBlockM && plan.block_k == BN,
+            "attention: TilePlan (", plan.block_q, "x", plan.block_k,
+            ") has no compiled wgmma kernel for head dim ", D);
+  const int smem = pp ? wg_fwd_smem_bytes<D, BN, 3>() : wg_fwd_smem_bytes<D, BN, 2>();
+  auto kernel = pp ? attention_fwd_wgmma_pp<T, D, BN> : attention_fwd_wgmma<T, D, BN>;
+  set_smem(kernel, smem);
+  const dim3 grid(unsigned(ceil_div(a.Tq, kWgBlockM)), unsigned(a.H), unsigned(a.B));
+  kernel<<<grid, kWgThreads, smem, s>>>(a);
+  check_launch(pp ? "attention_fwd_wgmma_pp" : "attention_fwd_wgmma");
+  return true;
+}
+
+template <class T, int D> void fwd_tensor_cores(const AttnParams& a, cudaStream_t s) {
+  if (fwd_wgmma<T, D>(a, s)) return;
+  // The kernel is compiled for the tile sizes TilePlan picks for this head dim and budget.
+  constexpr int BN = D == 64 ? 128 : 64;
+  const TilePlan plan = plan_tiles(Target::gpu, D, 2, kFwdSmemBudget);
+  MKA_CHECK(plan.block_q == kFwdBlockM && plan.block_k == BN,
+            "attention: TilePlan (", plan.block_q, "x", plan.block_k,
+            ") has no compiled tensor-core kernel for head dim ", D);
+  constexpr int smem = fwd_smem_bytes<D, BN>();
+  auto kernel = attention_fwd_mma<T, D, BN>;
+  set_smem(kernel, smem);
+  const dim3 grid(unsigned(ceil_div(a.Tq, kFwdBlockM)), unsigned(a.H), unsigned(a.B));
+  kernel<<<grid, kFwdThreads, smem, s>>>(a);
+  check_launch("attention_fwd_mma");
+}
+
+template <class T, int D> bool bwd_wgmma(const AttnParams& a, cudaStream_t s) {
+  auto kernel = attention_bwd_wgmma<T, D>;
+  if (wgmma_mode() == WgmmaMode::off || !has_sm90a_image(kernel)) return false;
+  const int smem = wg_bwd_smem_bytes<D>() + (a.scan.dlam ? wg_bwd_dlam_smem_bytes<D>() : 0);
+  set_smem(kernel, smem);
+  if (a.Tk > 0) {
+    const dim3 grid(unsigned(ceil_div(a.Tk, kWgBwdBlockN)), unsigned(a.G), unsigned(a.B));
+    kernel<<<grid, kWgBwdThreads, smem, s>>>(a);
+    check_launch("attention_bwd_wgmma");
+  }
+  return true;
+}
+
+template <class T, int D> void bwd_tensor_cores(const AttnParams& a, cudaStream_t s) {
+  if (bwd_wgmma<T, D>(a, s)) return;
+  MKA_CHECK(!a.scan.link, "attention backward: ScanThrough needs the wgmma kernel");
+  constexpr int smem = bwd_smem_bytes<D>();
+  auto kernel = attention_bwd_mma<T, D>;
+  set_smem(kernel, smem);
+  if (a.Tk > 0) {
+    const dim3 grid(unsigned(ceil_div(a.Tk, kBwdBlockN)), unsigned(a.G), unsigned(a.B));
+    kernel<<<grid, kBwdThreads, smem, s>>>(a);
+    check_launch("attention_bwd_mma");
+  }
+}
+
+}  // namespace
+
+void attention_fwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows out, float* lse,
+                        cudaStream_t s, bool out_f32) {
+  if (p.B == 0 || p.Tq == 0 || p.H == 0) return;
+  AttnParams a = attn_params(p);
+  a.q = q, a.k = k, a.v = v, a.out = out, a.lse = lse, a.out_f32 = out_f32;
+  const bool tc = use_tensor_cores(p, {q, k, v, out});
+  dispatch_dtype(p.dtype, "attention", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    dispatch_head_dim(p.d, [&](auto dim) {
+      constexpr int D = decltype(dim)::value;
+      if constexpr (!std::is_same_v<T, float>) {
+        if (tc) return fwd_tensor_cores<T, D>(a, s);
+      }
+      const dim3 grid(unsigned(ceil_div(p.Tq, kSimtWarps)), unsigned(p.H), unsigned(p.B));
+      attention_fwd_simt<T, D / 32><<<grid, kSimtWarps * 32, 0, s>>>(a);
+      check_launch("attention_fwd_simt");
+    });
+  });
+}
+
+namespace {
+
+// MKA_CUDA_SCAN_THROUGH: 0 turns ScanThrough off; 1 or unset leaves it on; read per call.
+bool scan_through_allowed() {
+  const char* e = std::getenv("MKA_CUDA_SCAN_THROUGH");
+  const std::string v = e ? e : "";
+  MKA_CHECK(v.empty() || v == "0" || v == "1",
+            "MKA_CUDA_SCAN_THROUGH: expected 0 or 1, got '", v, "'");
+  return v != "0";
+}
+
+// Bytes of ScanThrough::link for p: aggregates and end values per key block and memory.
+size_t scan_link_bytes(const AttentionProblem& p) {
+  return size_t(2 * p.B * ceil_div(p.Tk, int64_t(kWgBwdBlockN)) * 2 * p.G * p.d) * 4;
+}
+
+}  // namespace
+
+bool attention_bwd_can_scan(const AttentionProblem& p, std::initializer_list<Rows> views,
+                            bool dlam) {
+  if (!scan_through_allowed() || p.B == 0 || p.Tq == 0 || p.Tk == 0 || p.H == 0 ||
+      (p.d != 64 && p.d != 128) || !use_tensor_cores(p, views) ||
+      wgmma_mode() == WgmmaMode::off)
+    return false;
+  const auto image = [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    return p.d == 64 ? has_sm90a_image(attention_bwd_wgmma<T, 64>)
+                     : has_sm90a_image(attention_bwd_wgmma<T, 128>);
+  };
+  if (!(p.dtype == DType::bf16 ? image(static_cast<__nv_bfloat16*>(nullptr))
+                               : image(static_cast<__half*>(nullptr))))
+    return false;
+  int device = 0, sms = 0, smem = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
+             "cudaDeviceGetAttribute");
+  check_cuda(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+             "cudaDeviceGetAttribute");
+  const int need = p.d == 64 ? wg_bwd_smem_bytes<64>() + wg_bwd_dlam_smem_bytes<64>()
+                             : wg_bwd_smem_bytes<128>() + wg_bwd_dlam_smem_bytes<128>();
+  return ceil_div(p.Tk, int64_t(kWgBwdBlockN)) <= sms && (!dlam || need <= smem);
+}
+
+ScanThroughScratch::ScanThroughScratch(const AttentionProblem& p, float beta, TokenScalar l0,
+                                       TokenScalar l1, const StateView (&dstate_out)[2],
+                                       const StateView (&dstate_in)[2], bool add_state,
+                                       cudaStream_t s)
+    : link(scan_link_bytes(p), s, false) {
+  if (scan_link_bytes(p) > 0)
+    check_cuda(cudaMemsetAsync(link.as<void>(), 0xff, scan_link_bytes(p), s), "cudaMemsetAsync");
+  scan.link = link.as<float>();
+  scan.n_blocks = ceil_div(p.Tk, int64_t(kWgBwdBlockN));
+  scan.beta = beta, scan.l0 = l0, scan.l1 = l1, scan.add_state = add_state;
+  for (int m = 0; m < 2; ++m) scan.dstate_out[m] = dstate_out[m], scan.dstate_in[m] = dstate_in[m];
+}
+
+bool attention_bwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows out,
+                        const float* lse, Rows dout, TokenScalar w, Rows dq, Rows dk, Rows dv,
+                        KVGrad kv_grad, cudaStream_t s, const float* delta_in,
+                        const ScanSums& sums, const ScanThrough& scan) {
+  if (p.B == 0) return false;
+  MKA_CHECK(!scan.link || (p.Tq > 0 && p.H > 0 && p.Tk > 0),
+            "attention backward: ScanThrough without queries or keys");
+  if (p.Tq == 0 || p.H == 0) {  // no query: nothing flows; stored dk/dv must still be zeros
+    if (kv_grad == KVGrad::store_io)
+      for (const Rows* x : {&dk, &dv}) accumulate(nullptr, kv_view(*x, p), s, false);
+    return false;
+  }
+  AttnParams a = attn_params(p);
+  a.q = q, a.k = k, a.v = v, a.out = out, a.lse = const_cast<float*>(lse);
+  a.dout = dout, a.dq = dq, a.dk = dk, a.dv = dv, a.w = w, a.kv_grad = kv_grad;
+  Workspace delta(delta_in ? 0 : size_t(p.B * p.H * p.Tq) * 4, s, false);
+  a.delta = delta_in ? const_cast<float*>(delta_in) : delta.as<float>();
+  // With delta given, out is not read; dk, dv are written in 16-byte pieces.
+  const bool tc = use_tensor_cores(p, {q, k, v, delta_in ? Rows{} : out, dout, dk, dv});
+  // Both tensor-core kernels make the scan sums in their write-out (attention_bwd_rows.cuh).
+  if (tc) a.sums = sums;
+  MKA_CHECK(!scan.link || tc, "attention backward: ScanThrough needs the tensor-core kernels");
+  a.scan = scan;  // only where attention_bwd_can_scan; bwd_tensor_cores checks the kernel
+  dispatch_dtype(p.dtype, "attention backward", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const int64_t rows_total = p.B * p.Tq * p.H;
+    if (!delta_in) {
+      if (p.d % 8 == 0 && aligned16(out) && aligned16(dout))
+        attention_bwd_delta<T, 8><<<unsigned(ceil_div(rows_total * 16, 256)), 256, 0, s>>>(a);
+      else
+        attention_bwd_delta<T, 1><<<unsigned(ceil_div(rows_total * 32, 256)), 256, 0, s>>>(a);
+      check_launch("attention_bwd_delta");
+    }
+    dispatch_head_dim(p.d, [&](auto dim) {
+      constexpr int D = decltype(dim)::value;
+      if constexpr (!std::is_same_v<T, float>) {
+        if (tc) return bwd_tensor_cores<T, D>(a, s);
+      }
+      const dim3 qgrid(unsigned(ceil_div(p.Tq, kSimtWarps)), unsigned(p.H), unsigned(p.B));
+      attention_bwd_dq_simt<T, D / 32><<<qgrid, kSimtWarps * 32, 0, s>>>(a);
+      check_launch("attention_bwd_dq_simt");
+      if (p.Tk == 0) return;
+      const dim3 kgrid(unsigned(ceil_div(p.Tk, kSimtWarps)), unsigned(p.G), unsigned(p.B));
+      attention_bwd_dkdv_simt<T, D / 32><<<kgrid, kSimtWarps * 32, 0, s>>>(a);
+      check_launch("attention_bwd_dkdv_simt");
+    });
+  });
+  return tc && sums.k;
+}
+
+void attention_fwd(const AttentionProblem& p, const TensorRef& q, const TensorRef& k,
+                   const TensorRef& v, const TensorRef& out, const TensorRef& lse, void* stream) {
+  DeviceGuard guard(q.device_id);
+  attention_fwd_rows(p, rows(q), rows(k), rows(v), rows(out), static_cast<float*>(lse.data),
+                     static_cast<cudaStream_t>(stream));
+}
+
+void attention_bwd(const AttentionProblem& p, const TensorRef& q, const TensorRef& k,
+                   const TensorRef& v, const TensorRef& out, const TensorRef& lse,
+                   const TensorRef& dout, const TensorRef& dq, const TensorRef& dk,
+                   const TensorRef& dv, void* stream, bool add) {
+  DeviceGuard guard(q.device_id);
+  auto s = static_cast<cudaStream_t>(stream);
+  // dq gathers every key block's share in float32 (atomics), rounded once at the end; a key
+  // block's dk and dv come from one thread block, which adds or stores them itself.
+  Workspace dq_acc(size_t(p.B * p.Tq * p.H * p.d) * 4, s, true);
+  attention_bwd_rows(p, rows(q), rows(k), rows(v), rows(out), static_cast<const float*>(lse.data),
+                     rows(dout), TokenScalar{}, dense_rows(dq_acc.as<float>(), p.Tq, p.H, p.d),
+                     rows(dk), rows(dv), add ? KVGrad::add_io : KVGrad::store_io, s);
+  accumulate(dq_acc.as<float>(), dq, s, add);
+}
+
+}  // namespace mka::cuda
