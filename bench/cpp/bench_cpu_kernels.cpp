@@ -16,7 +16,6 @@
 
 namespace {
 
-using mka::AttnOptions;
 using mka::DType;
 using mka::RouteInputs;
 using mka::test::HostTensor;
@@ -53,8 +52,10 @@ void BM_attention_fwd(benchmark::State& state) {
   const int64_t T = state.range(0);
   const Inputs in(T);
   HostTensor out(DType::f32, {kB, T, kH, kD}), lse(DType::f32, {kB, kH, T});
+  mka::AttentionFwd f;
+  f.q = in.q, f.k = in.k, f.v = in.v, f.out = out, f.lse = lse;
   for (auto _ : state) {
-    mka::attention_forward(in.q, in.k, in.v, AttnOptions{}, out, lse, nullptr);
+    mka::attention_forward(f);
     benchmark::ClobberMemory();
   }
   report(state, T, causal_attention_flops(T));
@@ -69,10 +70,15 @@ void BM_attention_fwd_bwd(benchmark::State& state) {
   const HostTensor dout = HostTensor::random(DType::f32, {kB, T, kH, kD}, rng);
   HostTensor dq(DType::f32, {kB, T, kH, kD}), dk(DType::f32, {kB, T, kH, kD}),
       dv(DType::f32, {kB, T, kH, kD});
+  mka::AttentionFwd f;
+  f.q = in.q, f.k = in.k, f.v = in.v, f.out = out, f.lse = lse;
+  mka::AttentionBwd b;
+  b.q = in.q, b.k = in.k, b.v = in.v, b.out = out, b.lse = lse, b.dout = dout;
+  b.dq = dq, b.dk = dk, b.dv = dv;
   for (auto _ : state) {
-    mka::attention_forward(in.q, in.k, in.v, AttnOptions{}, out, lse, nullptr);
+    mka::attention_forward(f);
     dq.zero(), dk.zero(), dv.zero();
-    mka::attention_backward(in.q, in.k, in.v, AttnOptions{}, out, lse, dout, dq, dk, dv, nullptr);
+    mka::attention_backward(b);
     benchmark::ClobberMemory();
   }
   report(state, T, 3.5 * causal_attention_flops(T));
@@ -83,8 +89,11 @@ void BM_fastmka_fwd(benchmark::State& state) {
   const Inputs in(T);
   HostTensor out(DType::f32, {kB, T, kH, kD}), lse(DType::f32, {kB, kH, T});
   HostTensor ks(DType::f32, {kB, kH, kD}), vs(DType::f32, {kB, kH, kD});
+  mka::FastmkaFwd f;
+  f.q = in.q, f.k = in.k, f.v = in.v, f.route = in.route(), f.out = out, f.lse = lse;
+  f.k_state_out = ks, f.v_state_out = vs;
   for (auto _ : state) {
-    mka::fastmka_forward(in.q, in.k, in.v, in.route(), AttnOptions{}, out, lse, ks, vs, nullptr);
+    mka::fastmka_forward(f);
     benchmark::ClobberMemory();
   }
   report(state, T, causal_attention_flops(T));
@@ -96,9 +105,11 @@ void BM_mka_fwd(benchmark::State& state) {
   HostTensor out(DType::f32, {kB, T, kH, kD});
   HostTensor o_levels(DType::f32, {kL, kB, T, kH, kD}), lse_levels(DType::f32, {kL, kB, kH, T});
   HostTensor ks(DType::f32, {kB, kH, kD}), vs(DType::f32, {kB, kH, kD});
+  mka::MkaFwd f;
+  f.q = in.q, f.k = in.k, f.v = in.v, f.route = in.route(), f.out = out, f.o_levels = o_levels;
+  f.lse_levels = lse_levels, f.k_state_out = ks, f.v_state_out = vs;
   for (auto _ : state) {
-    mka::mka_forward(in.q, in.k, in.v, in.route(), {}, {}, AttnOptions{}, out, o_levels,
-                     lse_levels, ks, vs, nullptr);
+    mka::mka_forward(f);
     benchmark::ClobberMemory();
   }
   report(state, T, kL * causal_attention_flops(T));

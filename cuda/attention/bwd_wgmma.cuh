@@ -1,5 +1,5 @@
 // Attention backward for Hopper (sm_90a) on warpgroup MMA; the scheme of the mma.sync
-// backward (attention_bwd_mma.cuh) with wider tiles. A block owns kWgBwdBlockN = 128 keys
+// backward (bwd_mma.cuh) with wider tiles. A block owns kWgBwdBlockN = 128 keys
 // of one (batch, kv head), two warpgroups of 64 keys, and loops over the GQA group's query
 // heads and the 64-row query blocks that see its keys; dK and dV stay in registers and are
 // written once (deterministic). Per query block each warpgroup computes
@@ -199,7 +199,7 @@ __global__ void __launch_bounds__(kWgBwdThreads, 1) attention_bwd_wgmma(AttnPara
   put_dkdv_block<T, D, BN, kWgBwdThreads, true>(p, smem_raw + pad, b, g, j0, dk, dv, key_w,
                                                 smem_raw + pad + kDlamAt);
 #else
-  __trap();  // launched only where the binary has sm_90a code (see attention.cu)
+  __trap();  // launched only where the binary has sm_90a code (see attention/launch.cu)
 #endif
 }
 

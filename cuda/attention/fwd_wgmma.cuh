@@ -5,7 +5,7 @@
 // which reads V N-major. The online softmax is the mma.sync kernel's (float32 statistics,
 // exp2, per-row mask bounds, band tiles unmasked). This file: the per-warpgroup pieces
 // (WgFwdRows, WgFwdBlock) and the lockstep pipeline, K/V double-buffered by cp.async with
-// both warpgroups meeting at a barrier per tile; attention_fwd_wgmma_pp.cuh has the
+// both warpgroups meeting at a barrier per tile; fwd_wgmma_pingpong.cuh has the
 // ping-pong pipeline built from the same pieces.
 #pragma once
 #include "attention/params.cuh"
@@ -233,7 +233,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) attention_fwd_wgmma(AttnParams 
   cp_async_wait<0>();
   rows.store(p, b, blk.h, blk.row0);
 #else
-  __trap();  // launched only where the binary has sm_90a code (see attention.cu)
+  __trap();  // launched only where the binary has sm_90a code (see attention/launch.cu)
 #endif
 }
 

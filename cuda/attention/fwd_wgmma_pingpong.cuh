@@ -1,5 +1,5 @@
 // Attention forward for Hopper, ping-pong pipeline: the lockstep kernel's pieces
-// (attention_fwd_wgmma.cuh) with three K/V stages behind mbarriers (full: a tile's copies
+// (fwd_wgmma.cuh) with three K/V stages behind mbarriers (full: a tile's copies
 // landed; empty: both warpgroups are done with it), so the two warpgroups drift up to one tile
 // apart, and two named barriers that hand the tensor cores from one warpgroup to the other per
 // product: one warpgroup's softmax (exp2 on the special-function units) runs while the other's
@@ -87,7 +87,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) attention_fwd_wgmma_pp(AttnPara
   if (wg == 0) turn_wait(wg);  // the other warpgroup's last hand-over
   rows.store(p, b, blk.h, blk.row0);
 #else
-  __trap();  // launched only where the binary has sm_90a code (see attention.cu)
+  __trap();  // launched only where the binary has sm_90a code (see attention/launch.cu)
 #endif
 }
 

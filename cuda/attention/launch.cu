@@ -10,9 +10,6 @@
 #include "mka/cuda/kernels.h"
 #include "mka/tile_plan.h"
 
-#include <cstdlib>
-#include <string>
-
 namespace mka::cuda {
 namespace {
 
@@ -44,22 +41,6 @@ TensorRef kv_view(const Rows& x, const AttentionProblem& p) {
   return t;
 }
 
-// Which forward kernel on Hopper. By default the three-stage ping-pong pipeline: in
-// interleaved A/B rounds on an H100 it matched or beat the two-stage lockstep one at every
-// length measured (T = 1k-4k: 0.99-1.08x; 8k/16k: 1.07-1.16x; bench/PERF_NOTES.md). The
-// MKA_CUDA_WGMMA variable overrides it: 0 (the mma.sync kernels), lockstep or pingpong; read
-// per call so tests and benchmarks can switch.
-enum class WgmmaMode { off, lockstep, pingpong };
-WgmmaMode wgmma_mode() {
-  const char* e = std::getenv("MKA_CUDA_WGMMA");
-  const std::string v = e ? e : "";
-  if (v == "0") return WgmmaMode::off;
-  if (v == "pingpong") return WgmmaMode::pingpong;
-  if (v == "lockstep") return WgmmaMode::lockstep;
-  MKA_CHECK(v.empty(), "MKA_CUDA_WGMMA: expected 0, lockstep or pingpong, got '", v, "'");
-  return WgmmaMode::pingpong;
-}
-
 // The Hopper (wgmma) kernels run where the loaded image is sm_90a code, i.e. on an sm_90
 // device of a build that includes arch 90a.
 template <class Kernel> bool has_sm90a_image(Kernel k) {
@@ -71,11 +52,15 @@ template <class Kernel> bool has_sm90a_image(Kernel k) {
   return attr.binaryVersion == 90;
 }
 
-template <class T, int D> bool fwd_wgmma(const AttnParams& a, cudaStream_t s) {
+// The forward on Hopper: by default the three-stage ping-pong pipeline (in interleaved A/B
+// rounds it matched or beat the two-stage lockstep one at every length measured:
+// docs/kernels.md).
+template <class T, int D> bool fwd_wgmma(const AttnParams& a, AttnKernel kernel_choice,
+                                         cudaStream_t s) {
   constexpr int BN = 128;
-  const WgmmaMode mode = wgmma_mode();
-  if (mode == WgmmaMode::off || !has_sm90a_image(attention_fwd_wgmma<T, D, BN>)) return false;
-  const bool pp = mode == WgmmaMode::pingpong;
+  if (kernel_choice == AttnKernel::mma || !has_sm90a_image(attention_fwd_wgmma<T, D, BN>))
+    return false;
+  const bool pp = kernel_choice == AttnKernel::pingpong;
   const TilePlan plan = plan_tiles(Target::gpu, D, 2, kWgmmaSmemBudget);
   MKA_CHECK(plan.block_q == kWgBlockM && plan.block_k == BN,
             "attention: TilePlan (", plan.block_q, "x", plan.block_k,
@@ -89,8 +74,9 @@ template <class T, int D> bool fwd_wgmma(const AttnParams& a, cudaStream_t s) {
   return true;
 }
 
-template <class T, int D> void fwd_tensor_cores(const AttnParams& a, cudaStream_t s) {
-  if (fwd_wgmma<T, D>(a, s)) return;
+template <class T, int D> void fwd_tensor_cores(const AttnParams& a, AttnKernel kernel_choice,
+                                                cudaStream_t s) {
+  if (fwd_wgmma<T, D>(a, kernel_choice, s)) return;
   // The kernel is compiled for the tile sizes TilePlan picks for this head dim and budget.
   constexpr int BN = D == 64 ? 128 : 64;
   const TilePlan plan = plan_tiles(Target::gpu, D, 2, kFwdSmemBudget);
@@ -105,9 +91,10 @@ template <class T, int D> void fwd_tensor_cores(const AttnParams& a, cudaStream_
   check_launch("attention_fwd_mma");
 }
 
-template <class T, int D> bool bwd_wgmma(const AttnParams& a, cudaStream_t s) {
+template <class T, int D> bool bwd_wgmma(const AttnParams& a, AttnKernel kernel_choice,
+                                         cudaStream_t s) {
   auto kernel = attention_bwd_wgmma<T, D>;
-  if (wgmma_mode() == WgmmaMode::off || !has_sm90a_image(kernel)) return false;
+  if (kernel_choice == AttnKernel::mma || !has_sm90a_image(kernel)) return false;
   const int smem = wg_bwd_smem_bytes<D>() + (a.scan.dlam ? wg_bwd_dlam_smem_bytes<D>() : 0);
   set_smem(kernel, smem);
   if (a.Tk > 0) {
@@ -118,8 +105,9 @@ template <class T, int D> bool bwd_wgmma(const AttnParams& a, cudaStream_t s) {
   return true;
 }
 
-template <class T, int D> void bwd_tensor_cores(const AttnParams& a, cudaStream_t s) {
-  if (bwd_wgmma<T, D>(a, s)) return;
+template <class T, int D> void bwd_tensor_cores(const AttnParams& a, AttnKernel kernel_choice,
+                                                cudaStream_t s) {
+  if (bwd_wgmma<T, D>(a, kernel_choice, s)) return;
   MKA_CHECK(!a.scan.link, "attention backward: ScanThrough needs the wgmma kernel");
   constexpr int smem = bwd_smem_bytes<D>();
   auto kernel = attention_bwd_mma<T, D>;
@@ -144,7 +132,7 @@ void attention_fwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows 
     dispatch_head_dim(p.d, [&](auto dim) {
       constexpr int D = decltype(dim)::value;
       if constexpr (!std::is_same_v<T, float>) {
-        if (tc) return fwd_tensor_cores<T, D>(a, s);
+        if (tc) return fwd_tensor_cores<T, D>(a, p.kernels.attention, s);
       }
       const dim3 grid(unsigned(ceil_div(p.Tq, kSimtWarps)), unsigned(p.H), unsigned(p.B));
       attention_fwd_simt<T, D / 32><<<grid, kSimtWarps * 32, 0, s>>>(a);
@@ -155,15 +143,6 @@ void attention_fwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows 
 
 namespace {
 
-// MKA_CUDA_SCAN_THROUGH: 0 turns ScanThrough off; 1 or unset leaves it on; read per call.
-bool scan_through_allowed() {
-  const char* e = std::getenv("MKA_CUDA_SCAN_THROUGH");
-  const std::string v = e ? e : "";
-  MKA_CHECK(v.empty() || v == "0" || v == "1",
-            "MKA_CUDA_SCAN_THROUGH: expected 0 or 1, got '", v, "'");
-  return v != "0";
-}
-
 // Bytes of ScanThrough::link for p: aggregates and end values per key block and memory.
 size_t scan_link_bytes(const AttentionProblem& p) {
   return size_t(2 * p.B * ceil_div(p.Tk, int64_t(kWgBwdBlockN)) * 2 * p.G * p.d) * 4;
@@ -173,9 +152,9 @@ size_t scan_link_bytes(const AttentionProblem& p) {
 
 bool attention_bwd_can_scan(const AttentionProblem& p, std::initializer_list<Rows> views,
                             bool dlam) {
-  if (!scan_through_allowed() || p.B == 0 || p.Tq == 0 || p.Tk == 0 || p.H == 0 ||
+  if (!p.kernels.scan_through || p.B == 0 || p.Tq == 0 || p.Tk == 0 || p.H == 0 ||
       (p.d != 64 && p.d != 128) || !use_tensor_cores(p, views) ||
-      wgmma_mode() == WgmmaMode::off)
+      p.kernels.attention == AttnKernel::mma)
     return false;
   const auto image = [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
@@ -228,7 +207,7 @@ bool attention_bwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows 
   a.delta = delta_in ? const_cast<float*>(delta_in) : delta.as<float>();
   // With delta given, out is not read; dk, dv are written in 16-byte pieces.
   const bool tc = use_tensor_cores(p, {q, k, v, delta_in ? Rows{} : out, dout, dk, dv});
-  // Both tensor-core kernels make the scan sums in their write-out (attention_bwd_rows.cuh).
+  // Both tensor-core kernels make the scan sums in their write-out (bwd_rows.cuh).
   if (tc) a.sums = sums;
   MKA_CHECK(!scan.link || tc, "attention backward: ScanThrough needs the tensor-core kernels");
   a.scan = scan;  // only where attention_bwd_can_scan; bwd_tensor_cores checks the kernel
@@ -245,7 +224,7 @@ bool attention_bwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows 
     dispatch_head_dim(p.d, [&](auto dim) {
       constexpr int D = decltype(dim)::value;
       if constexpr (!std::is_same_v<T, float>) {
-        if (tc) return bwd_tensor_cores<T, D>(a, s);
+        if (tc) return bwd_tensor_cores<T, D>(a, p.kernels.attention, s);
       }
       const dim3 qgrid(unsigned(ceil_div(p.Tq, kSimtWarps)), unsigned(p.H), unsigned(p.B));
       attention_bwd_dq_simt<T, D / 32><<<qgrid, kSimtWarps * 32, 0, s>>>(a);
@@ -259,26 +238,23 @@ bool attention_bwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows 
   return tc && sums.k;
 }
 
-void attention_fwd(const AttentionProblem& p, const TensorRef& q, const TensorRef& k,
-                   const TensorRef& v, const TensorRef& out, const TensorRef& lse, void* stream) {
-  DeviceGuard guard(q.device_id);
-  attention_fwd_rows(p, rows(q), rows(k), rows(v), rows(out), static_cast<float*>(lse.data),
-                     static_cast<cudaStream_t>(stream));
+void attention_fwd(const AttentionProblem& p, const AttentionFwd& a) {
+  DeviceGuard guard(a.q.device_id);
+  attention_fwd_rows(p, rows(a.q), rows(a.k), rows(a.v), rows(a.out),
+                     static_cast<float*>(a.lse.data), static_cast<cudaStream_t>(a.launch.stream));
 }
 
-void attention_bwd(const AttentionProblem& p, const TensorRef& q, const TensorRef& k,
-                   const TensorRef& v, const TensorRef& out, const TensorRef& lse,
-                   const TensorRef& dout, const TensorRef& dq, const TensorRef& dk,
-                   const TensorRef& dv, void* stream, bool add) {
-  DeviceGuard guard(q.device_id);
-  auto s = static_cast<cudaStream_t>(stream);
+void attention_bwd(const AttentionProblem& p, const AttentionBwd& a) {
+  DeviceGuard guard(a.q.device_id);
+  auto s = static_cast<cudaStream_t>(a.launch.stream);
   // dq gathers every key block's share in float32 (atomics), rounded once at the end; a key
   // block's dk and dv come from one thread block, which adds or stores them itself.
   Workspace dq_acc(size_t(p.B * p.Tq * p.H * p.d) * 4, s, true);
-  attention_bwd_rows(p, rows(q), rows(k), rows(v), rows(out), static_cast<const float*>(lse.data),
-                     rows(dout), TokenScalar{}, dense_rows(dq_acc.as<float>(), p.Tq, p.H, p.d),
-                     rows(dk), rows(dv), add ? KVGrad::add_io : KVGrad::store_io, s);
-  accumulate(dq_acc.as<float>(), dq, s, add);
+  attention_bwd_rows(p, rows(a.q), rows(a.k), rows(a.v), rows(a.out),
+                     static_cast<const float*>(a.lse.data), rows(a.dout), TokenScalar{},
+                     dense_rows(dq_acc.as<float>(), p.Tq, p.H, p.d), rows(a.dk), rows(a.dv),
+                     a.accumulate ? KVGrad::add_io : KVGrad::store_io, s);
+  accumulate(dq_acc.as<float>(), a.dq, s, a.accumulate);
 }
 
 }  // namespace mka::cuda

@@ -1,6 +1,6 @@
 // Decoupled look-back between thread blocks of one kernel: the single-pass forward scan
 // (ema_scan_1pass.cuh) and the backward scan run through the attention backward's write-out
-// (attention_bwd_rows.cuh). Each block publishes its aggregate (its own share, from a zero
+// (bwd_rows.cuh). Each block publishes its aggregate (its own share, from a zero
 // carry) as soon as it has it, and its end state once it knows its start; a block walks its
 // predecessors, summing decayed aggregates, up to the nearest published end state.
 //
@@ -10,7 +10,7 @@
 // reader sees set is the published one. In the forward scan a block waits only on
 // predecessors that started before it (lower block ids: the GPU starts blocks in id order,
 // as CUB's single-pass scan assumes); ScanThrough's blocks wait on higher ids, which is safe
-// only while they all fit on the GPU at once (attention_params.cuh). The first block of a
+// only while they all fit on the GPU at once (attention/params.cuh). The first block of a
 // walk publishes its end state without waiting.
 #pragma once
 #include <cstdint>

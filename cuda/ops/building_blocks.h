@@ -1,5 +1,5 @@
-// Host-side building blocks the op launchers compose (attention.cu, route_fuse.cu,
-// fastmka.cu, mka.cu): attention and the EMA-route scan on raw strided views, with
+// Host-side building blocks the op launchers compose (attention/launch.cu, scan/launch.cu and
+// the launchers in ops/): attention and the EMA-route scan on raw strided views, with
 // float32 gradient accumulators, and the fold of an accumulator into a typed gradient.
 #pragma once
 #include <cuda_runtime.h>
@@ -46,9 +46,9 @@ bool attention_bwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows 
 // Whether attention_bwd_rows can run ScanThrough for p with these views (q, k, v, dout, dk,
 // dv; out unless delta is given): the wgmma kernel runs, and a sequence has no more key
 // blocks than the GPU has SMs (a block waits on the blocks after it, which must start).
-// MKA_CUDA_SCAN_THROUGH=0 turns it off (the separate scan passes: A/B runs, tests); 1 or
-// unset: on where it can run; other values raise. dlam: with ScanThrough::dlam (the block
-// needs wg_bwd_dlam_smem_bytes more shared memory).
+// The kernel choice's scan_through = false (or attention = mma) turns it off: the separate
+// scan passes. dlam: with ScanThrough::dlam (the block needs wg_bwd_dlam_smem_bytes more
+// shared memory).
 bool attention_bwd_can_scan(const AttentionProblem& p, std::initializer_list<Rows> views,
                             bool dlam = false);
 // ScanThrough's look-back buffer (kUnset) and parameters for keys and values of problem p:
@@ -78,7 +78,7 @@ void ema_route_bwd(const RouteProblem& p, const TensorRef& lam, ScanOperand k, S
 // fastmka's fusion in both directions (its backward reads the forward's start states), mka's
 // level 2 backward.
 inline RouteProblem attn_chunk_route(RouteProblem p) {
-  p.chunk = ema_attn_chunk(p.B, p.T, p.G * p.d);
+  p.chunk = ema_attn_chunk(p.B, p.T, p.G * p.d, p.kernels.scan);
   return p;
 }
 // Scratch for both memories' chunk sums, for an attention backward to make (ScanSums);

@@ -111,49 +111,39 @@ float* lse_level(const TensorRef& lse_levels, int l) {
 
 }  // namespace
 
-void mka_fwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef& q,
-             const TensorRef& k, const TensorRef& v, const RouteInputs& r,
-             const TensorRef& mem_k, const TensorRef& mem_v, const TensorRef& out,
-             const TensorRef& o_levels, const TensorRef& lse_levels,
-             const TensorRef& k_state_out, const TensorRef& v_state_out, const SavedKeys& saved,
-             void* stream) {
-  DeviceGuard guard(q.device_id);
-  auto s = static_cast<cudaStream_t>(stream);
-  const Levels lv = levels(o_levels, r.lam);
-  attention_fwd_rows(level_problem(ap, 0, 0), rows(q), rows(k), rows(v), lv.o[0],
-                     lse_level(lse_levels, 0), s, true);
-  const bool keep = saved.k.present();
+void mka_fwd(const AttentionProblem& ap, const RouteProblem& rp, const MkaFwd& a) {
+  DeviceGuard guard(a.q.device_id);
+  auto s = static_cast<cudaStream_t>(a.launch.stream);
+  const Levels lv = levels(a.o_levels, a.route.lam);
+  attention_fwd_rows(level_problem(ap, 0, 0), rows(a.q), rows(a.k), rows(a.v), lv.o[0],
+                     lse_level(a.lse_levels, 0), s, true);
+  const bool keep = a.saved.k.present();
   KVScratch e(keep ? AttentionProblem{} : ap, s);
-  const Rows ke = keep ? rows(saved.k) : e.kr, ve = keep ? rows(saved.v) : e.vr;
-  ema_keys(rp, k, v, r, ke, ve, state(k_state_out), state(v_state_out), s);
-  attention_fwd_rows(level_problem(ap, 1, 0), rows(q), ke, ve, lv.o[1],
-                     lse_level(lse_levels, 1), s, true);
+  const Rows ke = keep ? rows(a.saved.k) : e.kr, ve = keep ? rows(a.saved.v) : e.vr;
+  ema_keys(rp, a.k, a.v, a.route, ke, ve, state(a.k_state_out), state(a.v_state_out), s);
+  attention_fwd_rows(level_problem(ap, 1, 0), rows(a.q), ke, ve, lv.o[1],
+                     lse_level(a.lse_levels, 1), s, true);
   if (lv.L == 3)
-    attention_fwd_rows(level_problem(ap, 2, mem_k.shape[1]), rows(q), rows(mem_k), rows(mem_v),
-                       lv.o[2], lse_level(lse_levels, 2), s, true);
+    attention_fwd_rows(level_problem(ap, 2, a.mem_k.shape[1]), rows(a.q), rows(a.mem_k),
+                       rows(a.mem_v), lv.o[2], lse_level(a.lse_levels, 2), s, true);
   if (ap.B * ap.Tq * ap.H * ap.d == 0) return;
   dispatch_dtype(ap.dtype, "mka", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    dispatch_mix_width(lv, rows(out), ap.d, [&](auto width) {
+    dispatch_mix_width(lv, rows(a.out), ap.d, [&](auto width) {
       constexpr int V = decltype(width)::value;
-      mix_fwd<T, V><<<unsigned(ap.B * ap.Tq), kMixThreads, 0, s>>>(lv, rows(out), ap.Tq, ap.H,
+      mix_fwd<T, V><<<unsigned(ap.B * ap.Tq), kMixThreads, 0, s>>>(lv, rows(a.out), ap.Tq, ap.H,
                                                                     ap.d);
     });
     check_launch("mix_fwd");
   });
 }
 
-void mka_bwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef& q,
-             const TensorRef& k, const TensorRef& v, const RouteInputs& r,
-             const TensorRef& mem_k, const TensorRef& mem_v, const TensorRef& o_levels,
-             const TensorRef& lse_levels, const TensorRef& dout,
-             const TensorRef& dk_state_out, const TensorRef& dv_state_out,
-             const TensorRef& dq, const TensorRef& dk, const TensorRef& dv,
-             const TensorRef& dmem_k, const TensorRef& dmem_v, const RouteGrads& g,
-             const SavedKeys& saved, void* stream, bool add) {
-  DeviceGuard guard(q.device_id);
-  auto s = static_cast<cudaStream_t>(stream);
-  const Levels lv = levels(o_levels, r.lam);
+void mka_bwd(const AttentionProblem& ap, const RouteProblem& rp, const MkaBwd& a) {
+  DeviceGuard guard(a.q.device_id);
+  auto s = static_cast<cudaStream_t>(a.launch.stream);
+  const Levels lv = levels(a.o_levels, a.route.lam);
+  const RouteGrads& g = a.grads;
+  const bool add = a.accumulate;
   // Each level's delta (B, H, Tq) and dlam from one pass over dout and the levels.
   const int64_t level_rows = ap.B * ap.H * ap.Tq;
   Workspace delta(size_t(lv.L * level_rows) * 4, s, false);
@@ -161,10 +151,10 @@ void mka_bwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef
   if (ap.B * ap.Tq > 0) {
     dispatch_dtype(ap.dtype, "mka backward", [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
-      dispatch_mix_width(lv, rows(dout), ap.d, [&](auto width) {
+      dispatch_mix_width(lv, rows(a.dout), ap.d, [&](auto width) {
         constexpr int V = decltype(width)::value;
         level_dots<T, V><<<unsigned(ap.B * ap.Tq), kMixThreads, size_t(lv.L * ap.H) * 4, s>>>(
-            lv, rows(dout), ap.Tq, ap.H, ap.d, delta.as<float>(), dlam.as<float>());
+            lv, rows(a.dout), ap.Tq, ap.H, ap.d, delta.as<float>(), dlam.as<float>());
       });
       check_launch("level_dots");
     });
@@ -174,25 +164,26 @@ void mka_bwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef
   // dq: float32 accumulator over the levels' key blocks (atomics).
   Workspace dq_acc(size_t(ap.B * ap.Tq * ap.H * ap.d) * 4, s, true);
   const Rows dq_rows = dense_rows(dq_acc.as<float>(), ap.Tq, ap.H, ap.d);
-  const auto lse = [&](int l) { return lse_level(lse_levels, l); };
+  const auto lse = [&](int l) { return lse_level(a.lse_levels, l); };
   const KVGrad io = add ? KVGrad::add_io : KVGrad::store_io;
 
-  attention_bwd_rows(level_problem(ap, 0, 0), rows(q), rows(k), rows(v), lv.o[0], lse(0),
-                     rows(dout), lv.w[0], dq_rows, rows(dk), rows(dv), io, s, level_delta(0));
+  attention_bwd_rows(level_problem(ap, 0, 0), rows(a.q), rows(a.k), rows(a.v), lv.o[0], lse(0),
+                     rows(a.dout), lv.w[0], dq_rows, rows(a.dk), rows(a.dv), io, s,
+                     level_delta(0));
   {
-    const bool kept = saved.k.present();
+    const bool kept = a.saved.k.present();
     KVScratch e(kept ? AttentionProblem{} : ap, s);
-    const Rows ke = kept ? rows(saved.k) : e.kr, ve = kept ? rows(saved.v) : e.vr;
-    if (!kept) ema_keys(rp, k, v, r, ke, ve, StateView{}, StateView{}, s);
+    const Rows ke = kept ? rows(a.saved.k) : e.kr, ve = kept ? rows(a.saved.v) : e.vr;
+    if (!kept) ema_keys(rp, a.k, a.v, a.route, ke, ve, StateView{}, StateView{}, s);
     const AttentionProblem p2 = level_problem(ap, 1, 0);
     // Level 2's scan backward through its attention backward's write-out (ScanThrough),
     // which adds dk, dv onto level 1's; else separate passes after it.
-    if (attention_bwd_can_scan(p2, {rows(q), ke, ve, rows(dout), rows(dk), rows(dv)})) {
+    if (attention_bwd_can_scan(p2, {rows(a.q), ke, ve, rows(a.dout), rows(a.dk), rows(a.dv)})) {
       const ScanThroughScratch through(p2, float(rp.beta), TokenScalar{}, TokenScalar{},
-                                       {state(dk_state_out), state(dv_state_out)},
+                                       {state(a.dk_state_out), state(a.dv_state_out)},
                                        {state(g.dk_state), state(g.dv_state)}, add, s);
-      attention_bwd_rows(p2, rows(q), ke, ve, lv.o[1], lse(1), rows(dout), lv.w[1], dq_rows,
-                         rows(dk), rows(dv), KVGrad::add_io, s, level_delta(1), {},
+      attention_bwd_rows(p2, rows(a.q), ke, ve, lv.o[1], lse(1), rows(a.dout), lv.w[1], dq_rows,
+                         rows(a.dk), rows(a.dv), KVGrad::add_io, s, level_delta(1), {},
                          through.scan);
     } else {
       KVScratch de(ap, s);  // the EMA keys' gradients, stored (no zero fill)
@@ -200,25 +191,27 @@ void mka_bwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef
       const RouteProblem rs = attn_chunk_route(rp);
       ScanSumsScratch sums(rs, TensorRef{}, s);
       const bool made =
-          attention_bwd_rows(p2, rows(q), ke, ve, lv.o[1], lse(1),
-                             rows(dout), lv.w[1], dq_rows, de.kr, de.vr, KVGrad::store_io, s,
+          attention_bwd_rows(p2, rows(a.q), ke, ve, lv.o[1], lse(1),
+                             rows(a.dout), lv.w[1], dq_rows, de.kr, de.vr, KVGrad::store_io, s,
                              level_delta(1), sums.sums);
       // Added onto level 1's dk, dv; the states' gradients are the scan's alone.
-      ScanOperand km = scan_operand(rows(k), Rows{}, state(r.k_state));
-      ScanOperand vm = scan_operand(rows(v), Rows{}, state(r.v_state));
-      km.dy = de.kr, km.dstate_out = state(dk_state_out), km.dx = rows(dk);
+      ScanOperand km = scan_operand(rows(a.k), Rows{}, state(a.route.k_state));
+      ScanOperand vm = scan_operand(rows(a.v), Rows{}, state(a.route.v_state));
+      km.dy = de.kr, km.dstate_out = state(a.dk_state_out), km.dx = rows(a.dk);
       km.dstate_in = state(g.dk_state);
-      vm.dy = de.vr, vm.dstate_out = state(dv_state_out), vm.dx = rows(dv);
+      vm.dy = de.vr, vm.dstate_out = state(a.dv_state_out), vm.dx = rows(a.dv);
       vm.dstate_in = state(g.dv_state);
-      ema_route_bwd(rs, TensorRef{}, km, vm, nullptr, true, add, s, made ? &sums.sums : nullptr);
+      ema_route_bwd(rs, TensorRef{}, km, vm, nullptr, true, add, s,
+                    made ? &sums.sums : nullptr);
     }
   }
   if (lv.L == 3) {
-    const AttentionProblem p3 = level_problem(ap, 2, mem_k.shape[1]);
-    attention_bwd_rows(p3, rows(q), rows(mem_k), rows(mem_v), lv.o[2], lse(2), rows(dout),
-                       lv.w[2], dq_rows, rows(dmem_k), rows(dmem_v), io, s, level_delta(2));
+    const AttentionProblem p3 = level_problem(ap, 2, a.mem_k.shape[1]);
+    attention_bwd_rows(p3, rows(a.q), rows(a.mem_k), rows(a.mem_v), lv.o[2], lse(2),
+                       rows(a.dout), lv.w[2], dq_rows, rows(a.dmem_k), rows(a.dmem_v), io, s,
+                       level_delta(2));
   }
-  accumulate(dq_acc.as<float>(), dq, s, add);
+  accumulate(dq_acc.as<float>(), a.dq, s, add);
 }
 
 }  // namespace mka::cuda

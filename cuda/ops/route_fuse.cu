@@ -44,23 +44,18 @@ void route_fuse_bwd_rows(const RouteProblem& p, const TensorRef& k, const Tensor
   if (g.dlam.present()) accumulate(dlam.as<float>(), g.dlam, s, add);
 }
 
-void route_fuse_fwd(const RouteProblem& p, const TensorRef& k, const TensorRef& v,
-                    const RouteInputs& r, const TensorRef& k_fused, const TensorRef& v_fused,
-                    const TensorRef& k_state_out, const TensorRef& v_state_out, void* stream) {
-  DeviceGuard guard(k.device_id);
-  route_fuse_fwd_rows(p, k, v, r, rows(k_fused), rows(v_fused), state(k_state_out),
-                      state(v_state_out), nullptr, static_cast<cudaStream_t>(stream));
+void route_fuse_fwd(const RouteProblem& p, const RouteFuseFwd& a) {
+  DeviceGuard guard(a.k.device_id);
+  route_fuse_fwd_rows(p, a.k, a.v, a.route, rows(a.k_fused), rows(a.v_fused),
+                      state(a.k_state_out), state(a.v_state_out), nullptr,
+                      static_cast<cudaStream_t>(a.launch.stream));
 }
 
-void route_fuse_bwd(const RouteProblem& p, const TensorRef& k, const TensorRef& v,
-                    const RouteInputs& r, const TensorRef& dk_fused, const TensorRef& dv_fused,
-                    const TensorRef& dk_state_out, const TensorRef& dv_state_out,
-                    const TensorRef& dk, const TensorRef& dv, const RouteGrads& g, void* stream,
-                    bool add) {
-  DeviceGuard guard(k.device_id);
-  route_fuse_bwd_rows(p, k, v, r, rows(dk_fused), rows(dv_fused), state(dk_state_out),
-                      state(dv_state_out), dk, dv, g, add, nullptr,
-                      static_cast<cudaStream_t>(stream));
+void route_fuse_bwd(const RouteProblem& p, const RouteFuseBwd& a) {
+  DeviceGuard guard(a.k.device_id);
+  route_fuse_bwd_rows(p, a.k, a.v, a.route, rows(a.dk_fused), rows(a.dv_fused),
+                      state(a.dk_state_out), state(a.dv_state_out), a.dk, a.dv, a.grads,
+                      a.accumulate, nullptr, static_cast<cudaStream_t>(a.launch.stream));
 }
 
 }  // namespace mka::cuda

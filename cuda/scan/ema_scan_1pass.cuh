@@ -13,10 +13,9 @@
 //
 // Publishing and the look-back: lookback.cuh.
 //
-// Measured (bench/PERF_NOTES.md, session 5): the forward scan 165 -> 130 us at G = 16, 2k.
 // Single-pass backwards built the same way (dy and x staged, dlam by a halving warp
-// exchange, look-back in reverse) stayed slower than the 3-pass backward (281-338 us
-// against 216): instruction-bound at the occupancy their staging allows.
+// exchange, look-back in reverse) are slower than the 3-pass backward: instruction-bound at
+// the occupancy their staging allows (docs/kernels.md has the measurements).
 #pragma once
 #include <type_traits>
 

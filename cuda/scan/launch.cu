@@ -14,7 +14,7 @@ ScanArgs scan_args(const RouteProblem& p, const TensorRef& lam, const ScanOperan
                    const ScanOperand& v) {
   ScanArgs a;
   a.B = p.B, a.T = p.T, a.G = p.G, a.d = p.d;
-  a.chunk = p.chunk > 0 ? p.chunk : ema_scan_chunk(p.B, p.T, p.G * p.d);  // mka/problem.h
+  a.chunk = p.chunk > 0 ? p.chunk : ema_scan_chunk(p.B, p.T, p.G * p.d, p.kernels.scan);
   a.n_chunks = ceil_div(p.T, a.chunk);
   a.L = lam.present() ? int(p.L) : 2;
   a.beta = float(p.beta);
@@ -73,15 +73,18 @@ struct CarryScratch {
 
 // --- single pass --------------------------------------------------------------------------
 // The single pass moves 16-byte pieces of 8 (half) or 4 (float) channels within a head;
-// MKA_CUDA_SCAN=3pass (a different chunk) and other views take the 3-pass scan. Either
-// forward leaves the chunk start states a 3-pass backward of the same chunk reads.
+// the 3-pass choice (ScanKernel::three_pass, with its own chunk) and other views take the
+// 3-pass scan. Either forward leaves the chunk start states a 3-pass backward of the same
+// chunk reads.
 // Its scan runs in sigma form (divides by 1 - beta: not where beta rounds to 1 in float), and
 // its index arithmetic in 32 bits.
-bool single_pass(const ScanArgs& a, DType dt) {
+bool single_pass(const ScanArgs& a, const RouteProblem& p) {
+  const DType dt = p.dtype;
   const int64_t blocks = ceil_div(a.T, int64_t(kPassChunk)) * 2 * a.B *
                          ceil_div(a.channels(), int64_t(kScanThreads) * 2);
-  return !ema_scan_three_pass() && kPassChunk % a.chunk == 0 && a.n_chunks > 0 &&
-         a.d % (16 / dtype_bytes(dt)) == 0 && views_aligned16(a) && 1.f - a.beta > 0.f &&
+  return p.kernels.scan == ScanKernel::one_pass && kPassChunk % a.chunk == 0 &&
+         a.n_chunks > 0 && a.d % (16 / dtype_bytes(dt)) == 0 && views_aligned16(a) &&
+         1.f - a.beta > 0.f &&
          a.channels() < (int64_t(1) << 30) && blocks < (int64_t(1) << 31) - 1;
 }
 
@@ -145,7 +148,7 @@ void ema_route_fwd(const RouteProblem& p, const TensorRef& lam, ScanOperand k, S
   CarryScratch scratch(a, true, s);
   dispatch_dtype(p.dtype, "ema_route", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    if (single_pass(a, p.dtype)) return single_pass_fwd<T>(a, s);
+    if (single_pass(a, p)) return single_pass_fwd<T>(a, s);
     dispatch_width(a, [&](auto width) {
       constexpr int V = decltype(width)::value;
       forward_carries<T, V>(a, s);

@@ -11,14 +11,20 @@ implementations, setup and backward as an autograd.Function (:class:`_Eager`), w
 custom-op dispatch layers' host time.
 
 Devices: one implementation per op hands DLPack views of detached tensors to
-``mka._C`` together with the current stream; the native layer picks the CPU or CUDA
-kernel (``cpp/src/dispatch.cpp``). On CPU, float16/bfloat16 inputs are computed in float32
-(SPEC §4): :func:`_compute_dtype`.
+``mka._C`` by keyword, together with the current stream and the kernel choice; the native
+layer fills the op's descriptor (``cpp/include/mka/op_args.h``) and picks the CPU or CUDA
+kernels (``cpp/src/ops/dispatch.cpp``). On CPU, float16/bfloat16 inputs are computed in
+float32 (SPEC §4): :func:`_compute_dtype`.
+
+Kernel choice (:mod:`mka.kernels`): each public op reads the current choice as a token at
+its forward and passes it to its private forward op; the autograd setup saves it, and the
+backward op gets the same token, so a forward and its backward never disagree.
+
+The type hints stay real objects (no ``from __future__ import annotations``): the custom
+ops' schemas are inferred from them, which older torch releases cannot do from strings.
 """
 
-from __future__ import annotations
-
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -27,6 +33,7 @@ from torch.utils.dlpack import to_dlpack
 
 from . import _C
 from . import _validate as V
+from .kernels import KernelOptions, _State, launch
 from .reference import state_dtype
 
 _OptT = Optional[Tensor]
@@ -38,18 +45,18 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 # --------------------------------------------------------------------------- helpers
 
-def _stream(t: Tensor) -> int:
-    """The raw stream handle the native launchers run on (0 on CPU)."""
-    if t.device.type == "cuda":
-        return torch.cuda.current_stream(t.device).cuda_stream
-    return 0
+def _launch(t: Tensor, kernels: str) -> dict:
+    """Where the native op runs: the current stream of t's device (0 on CPU) and the kernels."""
+    stream = torch.cuda.current_stream(t.device).cuda_stream if t.device.type == "cuda" else 0
+    return launch(kernels, stream)
 
 
-def _native(fn, *args):
-    """Calls a native launcher with every tensor handed over as a DLPack capsule of a detached
-    view: ``to_dlpack`` costs ~0.5 us a tensor, against ~3 us through ``Tensor.__dlpack__``,
-    which nanobind calls otherwise (a fastmka forward and backward pass 24 tensors)."""
-    return fn(*(to_dlpack(a.detach()) if isinstance(a, Tensor) else a for a in args))
+def _native(fn, **kw) -> None:
+    """Calls a native op with its arguments by name, every tensor handed over as a DLPack
+    capsule of a detached view: ``to_dlpack`` costs ~0.5 us a tensor, against ~3 us through
+    ``Tensor.__dlpack__``, which nanobind calls otherwise (a fastmka forward and backward pass
+    24 tensors). ``kw`` keeps the tensors alive while the native op reads them."""
+    fn(**{k: to_dlpack(a.detach()) if isinstance(a, Tensor) else a for k, a in kw.items()})
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
@@ -102,9 +109,9 @@ class _Eager(torch.autograd.Function):
     (:func:`_eager`): it runs the op's implementation and the same setup_context and backward
     as its custom-op registration, and the backward calls the backward op's implementation
     (:func:`_bwd`), so neither pass goes through the dispatcher's custom-op layers (default
-    filling, alias checks, dynamo guards). Those cost ~0.2 ms of host time per fastmka forward
-    and backward here, and made the H100 host the bottleneck at B = 16, T = 1k
-    (bench/PERF_NOTES.md, session 9). The last argument is (implementation, setup, backward)."""
+    filling, alias checks, dynamo guards), which cost ~0.2 ms of host time per fastmka forward
+    and backward and can leave the GPU waiting on the host at short sequences
+    (docs/kernels.md). The last argument is (implementation, setup, backward)."""
 
     @staticmethod
     def forward(ctx, *args):
@@ -144,14 +151,19 @@ def _bwd(ctx, op, impl):
 
 # --------------------------------------------------------------------------- attention
 
+def _lse(q: Tensor, dtype: torch.dtype) -> Tensor:
+    return q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=dtype)
+
+
 def _attention_fwd_impl(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: _OptF,
-                        window: _OptI) -> tuple[Tensor, Tensor]:
+                        window: _OptI, kernels: str) -> Tuple[Tensor, Tensor]:
     V.check_attention(q, k, v, scale, window)
     cdt = _compute_dtype(q)
-    qc, kc, vc = _cast(q, cdt), _cast(k, cdt), _cast(v, cdt)
+    qc = _cast(q, cdt)
     out = torch.empty_like(qc, memory_format=torch.contiguous_format)
-    lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=state_dtype(cdt))
-    _native(_C.attention_forward, qc, kc, vc, causal, scale, window, out, lse, _stream(q))
+    lse = _lse(q, state_dtype(cdt))
+    _native(_C.attention_forward, q=qc, k=_cast(k, cdt), v=_cast(v, cdt), causal=causal,
+            scale=scale, window=window, out=out, lse=lse, **_launch(q, kernels))
     return out.to(q.dtype), lse
 
 
@@ -159,21 +171,22 @@ _attention_fwd = _custom_op(_attention_fwd_impl)
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, causal, scale, window):
+def _(q, k, v, causal, scale, window, kernels):
     V.check_attention(q, k, v, scale, window)
-    lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=state_dtype(q.dtype))
-    return torch.empty_like(q, memory_format=torch.contiguous_format), lse
+    return torch.empty_like(q, memory_format=torch.contiguous_format), _lse(q, state_dtype(q.dtype))
 
 
 def _attention_bwd_impl(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
-                        causal: bool, scale: _OptF, window: _OptI) -> tuple[Tensor, Tensor, Tensor]:
+                        causal: bool, scale: _OptF, window: _OptI,
+                        kernels: str) -> Tuple[Tensor, Tensor, Tensor]:
     V.check_attention(q, k, v, scale, window)
     cdt = _compute_dtype(q)
-    qc, kc, vc, oc, doc = (_cast(t, cdt) for t in (q, k, v, out, dout))
     # Uninitialized: the kernels overwrite every element (accumulate=False), no zero fills.
     dq, dk, dv = (q.new_empty(t.shape, dtype=cdt) for t in (q, k, v))
-    _native(_C.attention_backward, qc, kc, vc, causal, scale, window, oc, lse.contiguous(),
-            doc.contiguous(), dq, dk, dv, False, _stream(q))
+    _native(_C.attention_backward, q=_cast(q, cdt), k=_cast(k, cdt), v=_cast(v, cdt),
+            causal=causal, scale=scale, window=window, out=_cast(out, cdt), lse=lse.contiguous(),
+            dout=_cast(dout, cdt).contiguous(), dq=dq, dk=dk, dv=dv, accumulate=False,
+            **_launch(q, kernels))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -181,7 +194,7 @@ _attention_bwd = _custom_op(_attention_bwd_impl)
 
 
 @_attention_bwd.register_fake
-def _(q, k, v, out, lse, dout, causal, scale, window):
+def _(q, k, v, out, lse, dout, causal, scale, window, kernels):
     V.check_attention(q, k, v, scale, window)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
@@ -190,10 +203,10 @@ def _(q, k, v, out, lse, dout, causal, scale, window):
 
 def _attention_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # unused outputs' grads stay None: no zero fills
-    q, k, v, causal, scale, window = inputs
+    q, k, v, causal, scale, window, kernels = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
-    ctx.opts = (causal, scale, window)
+    ctx.opts = (causal, scale, window, kernels)
     ctx.mark_non_differentiable(lse)
 
 
@@ -201,7 +214,7 @@ def _attention_backward(ctx, dout, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
     bwd = _bwd(ctx, _attention_bwd, _attention_bwd_impl)
     dq, dk, dv = bwd(q, k, v, out, lse, _grad(dout, out), *ctx.opts)
-    return dq, dk, dv, None, None, None
+    return dq, dk, dv, None, None, None, None
 
 
 _attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup)
@@ -209,30 +222,40 @@ _attention_fwd.register_autograd(_attention_backward, setup_context=_attention_s
 
 # --------------------------------------------------------------------------- route_fuse
 
-def _states_out(k: Tensor) -> tuple[Tensor, Tensor]:
+def _states_out(k: Tensor) -> Tuple[Tensor, Tensor]:
     B, _, G, d = k.shape
     sdt = state_dtype(k.dtype)
     return k.new_empty((B, G, d), dtype=sdt), k.new_empty((B, G, d), dtype=sdt)
 
 
-@torch.library.custom_op("mka::route_fuse", mutates_args=())
-def route_fuse(k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: _OptT = None,
-               v3: _OptT = None, k_state: _OptT = None,
-               v_state: _OptT = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Key-side routing of SPEC §3: ``(k_fused, v_fused, k_state_out, v_state_out)``."""
+def _route_args(k: Tensor, v: Tensor, lam: Tensor, beta: float, x3: _OptT, v3: _OptT,
+                k_state: _OptT, v_state: _OptT, cdt: torch.dtype, level3: str = "k3") -> dict:
+    """The routing inputs (op_args.h: RouteInputs) and k, v, in the compute dtype; level 3's
+    inputs are k3, v3 (route_fuse, fastmka) or mem_k, mem_v (mka)."""
+    names = ("k3", "v3") if level3 == "k3" else ("mem_k", "mem_v")
+    return {"k": _cast(k, cdt), "v": _cast(v, cdt), "lam": _lam(lam, cdt), "beta": float(beta),
+            names[0]: _cast(x3, cdt), names[1]: _cast(v3, cdt), "k_state": k_state,
+            "v_state": v_state}
+
+
+def _route_fuse_fwd_impl(k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: _OptT, v3: _OptT,
+                         k_state: _OptT, v_state: _OptT,
+                         kernels: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     V.check_route(k, v, lam, beta, k3, v3, k_state, v_state, k.shape[1], "(B, Tk, L)", True)
     cdt = _compute_dtype(k)
     kf = k.new_empty(k.shape, dtype=cdt)
     vf = k.new_empty(v.shape, dtype=cdt)
     ks, vs = _states_out(k)
-    _native(_C.route_fuse_forward, _cast(k, cdt), _cast(v, cdt), _lam(lam, cdt), float(beta),
-            _cast(k3, cdt), _cast(v3, cdt), k_state, v_state, kf, vf, ks, vs,
-            _stream(k))
+    _native(_C.route_fuse_forward, **_route_args(k, v, lam, beta, k3, v3, k_state, v_state, cdt),
+            k_fused=kf, v_fused=vf, k_state_out=ks, v_state_out=vs, **_launch(k, kernels))
     return kf.to(k.dtype), vf.to(v.dtype), ks, vs
 
 
-@route_fuse.register_fake
-def _(k, v, lam, beta, k3=None, v3=None, k_state=None, v_state=None):
+_route_fuse_fwd = _custom_op(_route_fuse_fwd_impl)
+
+
+@_route_fuse_fwd.register_fake
+def _(k, v, lam, beta, k3, v3, k_state, v_state, kernels):
     V.check_route(k, v, lam, beta, k3, v3, k_state, v_state, k.shape[1], "(B, Tk, L)", True)
     return (torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format), *_states_out(k))
@@ -248,72 +271,81 @@ def _route_grads_fake(k: Tensor, lam: Tensor, x3: _OptT, k_state: _OptT, v_state
 
 
 def _route_grads_alloc(k: Tensor, lam: Tensor, x3: _OptT, k_state: _OptT, v_state: _OptT,
-                       cdt: torch.dtype, need_dlam: bool = True):
-    """Uninitialized gradient buffers: the backward ops overwrite every element
-    (accumulate=False), no zero fills. Absent inputs get none, and so does lam where autograd
-    does not need its gradient (`need_dlam`: the GPU scan then skips its dlam pass, which
-    reads k/v again). x3 is the third level's key-like input (k3 for route_fuse/fastmka,
-    mem_k for mka)."""
+                       cdt: torch.dtype, need_dlam: bool = True) -> dict:
+    """Uninitialized gradient buffers by name (dk, dv and op_args.h's RouteGrads): the
+    backward ops overwrite every element (accumulate=False), no zero fills. Absent inputs get
+    none, and so does lam where autograd does not need its gradient (`need_dlam`: the GPU scan
+    then skips its dlam pass, which reads k/v again). x3 is the third level's key-like input
+    (k3 for route_fuse/fastmka, mem_k for mka)."""
     e = lambda t, dt: None if t is None else k.new_empty(t.shape, dtype=dt)  # noqa: E731
-    return (k.new_empty(k.shape, dtype=cdt), k.new_empty(k.shape, dtype=cdt),
-            e(lam if need_dlam else None, _lam_dtype(lam, cdt)), e(x3, cdt), e(x3, cdt),
-            e(k_state, state_dtype(cdt)), e(v_state, state_dtype(cdt)))
+    return {"dk": k.new_empty(k.shape, dtype=cdt), "dv": k.new_empty(k.shape, dtype=cdt),
+            "dlam": e(lam if need_dlam else None, _lam_dtype(lam, cdt)), "dk3": e(x3, cdt),
+            "dv3": e(x3, cdt), "dk_state": e(k_state, state_dtype(cdt)),
+            "dv_state": e(v_state, state_dtype(cdt))}
 
 
-def _route_grads_out(grads, k: Tensor, lam: Tensor) -> tuple[Tensor, ...]:
-    dk, dv, dlam, dk3, dv3, dks, dvs = grads
+def _route_grads_out(g: dict, k: Tensor, lam: Tensor) -> Tuple[Tensor, ...]:
+    """(dk, dv, dlam, d level-3 keys, d level-3 values, dk_state, dv_state) in the inputs'
+    dtypes; absent ones empty."""
     back = lambda t, dt: _empty(k) if t is None else t.to(dt)  # noqa: E731
-    return (dk.to(k.dtype), dv.to(k.dtype), back(dlam, lam.dtype), back(dk3, k.dtype),
-            back(dv3, k.dtype), back(dks, dks.dtype if dks is not None else k.dtype),
+    dks, dvs = g["dk_state"], g["dv_state"]
+    return (g["dk"].to(k.dtype), g["dv"].to(k.dtype), back(g["dlam"], lam.dtype),
+            back(g["dk3"], k.dtype), back(g["dv3"], k.dtype),
+            back(dks, dks.dtype if dks is not None else k.dtype),
             back(dvs, dvs.dtype if dvs is not None else k.dtype))
 
 
-@torch.library.custom_op("mka::_route_fuse_bwd", mutates_args=())
-def _route_fuse_bwd(k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: _OptT, v3: _OptT,
-                    k_state: _OptT, v_state: _OptT, dk_fused: Tensor, dv_fused: Tensor,
-                    dk_state_out: _OptT, dv_state_out: _OptT, need_dlam: bool = True) -> tuple[
-                        Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _route_fuse_bwd_impl(k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: _OptT, v3: _OptT,
+                         k_state: _OptT, v_state: _OptT, dk_fused: Tensor, dv_fused: Tensor,
+                         dk_state_out: _OptT, dv_state_out: _OptT, need_dlam: bool,
+                         kernels: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                Tensor]:
     """Returns (dk, dv, dlam, dk3, dv3, dk_state, dv_state); absent inputs (and lam without
     need_dlam) get empty grads."""
     V.check_route(k, v, lam, beta, k3, v3, k_state, v_state, k.shape[1], "(B, Tk, L)", True)
     cdt = _compute_dtype(k)
     g = _route_grads_alloc(k, lam, k3, k_state, v_state, cdt, need_dlam)
     sdt = state_dtype(cdt)
-    _native(_C.route_fuse_backward, _cast(k, cdt), _cast(v, cdt), _lam(lam, cdt), float(beta),
-            _cast(k3, cdt), _cast(v3, cdt), k_state, v_state,
-            _cast(dk_fused, cdt).contiguous(), _cast(dv_fused, cdt).contiguous(),
-            _opt_grad(dk_state_out, sdt), _opt_grad(dv_state_out, sdt), *g, False, _stream(k))
+    _native(_C.route_fuse_backward, **_route_args(k, v, lam, beta, k3, v3, k_state, v_state, cdt),
+            dk_fused=_cast(dk_fused, cdt).contiguous(), dv_fused=_cast(dv_fused, cdt).contiguous(),
+            dk_state_out=_opt_grad(dk_state_out, sdt), dv_state_out=_opt_grad(dv_state_out, sdt),
+            **g, accumulate=False, **_launch(k, kernels))
     return _route_grads_out(g, k, lam)
+
+
+_route_fuse_bwd = _custom_op(_route_fuse_bwd_impl)
 
 
 @_route_fuse_bwd.register_fake
 def _(k, v, lam, beta, k3, v3, k_state, v_state, dk_fused, dv_fused, dk_state_out,
-      dv_state_out, need_dlam=True):
+      dv_state_out, need_dlam, kernels):
     V.check_route(k, v, lam, beta, k3, v3, k_state, v_state, k.shape[1], "(B, Tk, L)", True)
     return _route_grads_fake(k, lam, k3, k_state, v_state, need_dlam)
 
 
-def _route_inputs_grads(grads) -> tuple[_OptT, ...]:
+def _route_inputs_grads(grads) -> Tuple[_OptT, ...]:
     """(dlam, dk3, dv3, dk_state, dv_state) with empty placeholders turned into None."""
     return tuple(_none_if_empty(t) for t in grads)
 
 
 def _route_fuse_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # unused outputs' grads stay None: no zero fills
-    k, v, lam, beta, k3, v3, k_state, v_state = inputs
+    k, v, lam, beta, k3, v3, k_state, v_state, kernels = inputs
     ctx.save_for_backward(k, v, lam, k3, v3, k_state, v_state)
-    ctx.beta = beta
+    ctx.args = (beta, kernels)
 
 
 def _route_fuse_backward(ctx, dkf, dvf, dks, dvs):
     k, v, lam, k3, v3, ks, vs = ctx.saved_tensors
-    g = torch.ops.mka._route_fuse_bwd(k, v, lam, ctx.beta, k3, v3, ks, vs, _grad(dkf, k),
-                                      _grad(dvf, v), dks, dvs, ctx.needs_input_grad[2])
+    beta, kernels = ctx.args
+    bwd = _bwd(ctx, _route_fuse_bwd, _route_fuse_bwd_impl)
+    g = bwd(k, v, lam, beta, k3, v3, ks, vs, _grad(dkf, k), _grad(dvf, v), dks, dvs,
+            ctx.needs_input_grad[2], kernels)
     dlam, dk3, dv3, dks_in, dvs_in = _route_inputs_grads(g[2:])
-    return g[0], g[1], dlam, None, dk3, dv3, dks_in, dvs_in
+    return g[0], g[1], dlam, None, dk3, dv3, dks_in, dvs_in, None
 
 
-route_fuse.register_autograd(_route_fuse_backward, setup_context=_route_fuse_setup)
+_route_fuse_fwd.register_autograd(_route_fuse_backward, setup_context=_route_fuse_setup)
 
 
 # --------------------------------------------------------------------------- fastmka
@@ -323,29 +355,38 @@ def _check_fastmka(q, k, v, lam, beta, k3, v3, k_state, v_state, scale, window) 
     V.check_route(k, v, lam, beta, k3, v3, k_state, v_state, k.shape[1], "(B, Tk, L)", True)
 
 
-def _fastmka_saved(q: Tensor, k: Tensor, cdt: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+def _fastmka_saved(q: Tensor, k: Tensor, cdt: torch.dtype,
+                   kernels: str) -> Tuple[Tensor, Tensor, Tensor]:
     """What the forward keeps for the backward: the fused keys/values and, on CUDA, the EMA
-    scan's chunk start states (an opaque float32 buffer; empty on the CPU)."""
+    scan's chunk start states (an opaque float32 buffer, sized by the scan the kernel choice
+    names; empty on the CPU)."""
     B, Tk, G, d = k.shape
-    n = _C.fastmka_carry_numel(B, Tk, G, d, q.device.type == "cuda")
+    n = _C.fastmka_carry_numel(B, Tk, G, d, q.device.type == "cuda",
+                               KernelOptions.from_token(kernels).scan)
     return (k.new_empty(k.shape, dtype=cdt), k.new_empty(k.shape, dtype=cdt),
             k.new_empty((n,), dtype=torch.float32))
 
 
+def _attn_args(q: Tensor, causal: bool, scale: _OptF, window: _OptI, cdt: torch.dtype) -> dict:
+    """q in the compute dtype and the attention options (op_args.h: AttnOptions)."""
+    return {"q": _cast(q, cdt), "causal": causal, "scale": scale, "window": window}
+
+
 def _fastmka_fwd_impl(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: _OptT,
                       v3: _OptT, k_state: _OptT, v_state: _OptT, causal: bool, scale: _OptF,
-                      window: _OptI) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                                              Tensor]:
+                      window: _OptI, kernels: str) -> Tuple[Tensor, Tensor, Tensor, Tensor,
+                                                            Tensor, Tensor, Tensor]:
     """Returns (out, lse, k_state, v_state, k_fused, v_fused, carry)."""
     _check_fastmka(q, k, v, lam, beta, k3, v3, k_state, v_state, scale, window)
     cdt = _compute_dtype(q)
     out = q.new_empty(q.shape, dtype=cdt)
-    lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=state_dtype(cdt))
+    lse = _lse(q, state_dtype(cdt))
     ks, vs = _states_out(k)
-    kf, vf, carry = _fastmka_saved(q, k, cdt)
-    _native(_C.fastmka_forward, _cast(q, cdt), _cast(k, cdt), _cast(v, cdt), _lam(lam, cdt),
-            float(beta), _cast(k3, cdt), _cast(v3, cdt), k_state, v_state, causal,
-            scale, window, out, lse, ks, vs, kf, vf, carry, _stream(q))
+    kf, vf, carry = _fastmka_saved(q, k, cdt, kernels)
+    _native(_C.fastmka_forward, **_attn_args(q, causal, scale, window, cdt),
+            **_route_args(k, v, lam, beta, k3, v3, k_state, v_state, cdt), out=out, lse=lse,
+            k_state_out=ks, v_state_out=vs, saved_k=kf, saved_v=vf, saved_carry=carry,
+            **_launch(q, kernels))
     return out.to(q.dtype), lse, ks, vs, kf, vf, carry
 
 
@@ -353,19 +394,19 @@ _fastmka_fwd = _custom_op(_fastmka_fwd_impl)
 
 
 @_fastmka_fwd.register_fake
-def _(q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window):
+def _(q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window, kernels):
     _check_fastmka(q, k, v, lam, beta, k3, v3, k_state, v_state, scale, window)
-    lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=state_dtype(q.dtype))
-    return (torch.empty_like(q, memory_format=torch.contiguous_format), lse, *_states_out(k),
-            *_fastmka_saved(q, k, _compute_dtype(q)))
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            _lse(q, state_dtype(q.dtype)), *_states_out(k),
+            *_fastmka_saved(q, k, _compute_dtype(q), kernels))
 
 
 def _fastmka_bwd_impl(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: _OptT,
                       v3: _OptT, k_state: _OptT, v_state: _OptT, causal: bool, scale: _OptF,
                       window: _OptI, out: Tensor, lse: Tensor, dout: Tensor, dk_state_out: _OptT,
                       dv_state_out: _OptT, k_fused: Tensor, v_fused: Tensor, carry: Tensor,
-                      need_dlam: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                       Tensor, Tensor, Tensor]:
+                      need_dlam: bool, kernels: str) -> Tuple[Tensor, Tensor, Tensor, Tensor,
+                                                              Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, dlam, dk3, dv3, dk_state, dv_state); dlam is empty without
     need_dlam."""
     _check_fastmka(q, k, v, lam, beta, k3, v3, k_state, v_state, scale, window)
@@ -373,12 +414,12 @@ def _fastmka_bwd_impl(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float,
     sdt = state_dtype(cdt)
     dq = q.new_empty(q.shape, dtype=cdt)  # overwritten (accumulate=False), as all of g
     g = _route_grads_alloc(k, lam, k3, k_state, v_state, cdt, need_dlam)
-    _native(_C.fastmka_backward, _cast(q, cdt), _cast(k, cdt), _cast(v, cdt), _lam(lam, cdt),
-            float(beta), _cast(k3, cdt), _cast(v3, cdt), k_state, v_state, causal,
-            scale, window, _cast(out, cdt), lse.contiguous(),
-            _cast(dout, cdt).contiguous(), _opt_grad(dk_state_out, sdt),
-            _opt_grad(dv_state_out, sdt), dq, *g, k_fused, v_fused,
-            carry, False, _stream(q))
+    _native(_C.fastmka_backward, **_attn_args(q, causal, scale, window, cdt),
+            **_route_args(k, v, lam, beta, k3, v3, k_state, v_state, cdt), out=_cast(out, cdt),
+            lse=lse.contiguous(), dout=_cast(dout, cdt).contiguous(),
+            dk_state_out=_opt_grad(dk_state_out, sdt), dv_state_out=_opt_grad(dv_state_out, sdt),
+            dq=dq, **g, saved_k=k_fused, saved_v=v_fused, saved_carry=carry, accumulate=False,
+            **_launch(q, kernels))
     return (dq.to(q.dtype), *_route_grads_out(g, k, lam))
 
 
@@ -387,7 +428,7 @@ _fastmka_bwd = _custom_op(_fastmka_bwd_impl)
 
 @_fastmka_bwd.register_fake
 def _(q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window, out, lse, dout,
-      dk_state_out, dv_state_out, k_fused, v_fused, carry, need_dlam=True):
+      dk_state_out, dv_state_out, k_fused, v_fused, carry, need_dlam, kernels):
     _check_fastmka(q, k, v, lam, beta, k3, v3, k_state, v_state, scale, window)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             *_route_grads_fake(k, lam, k3, k_state, v_state, need_dlam))
@@ -395,21 +436,21 @@ def _(q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window, out, 
 
 def _fastmka_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # unused outputs' grads stay None: no zero fills
-    q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window = inputs
+    q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window, kernels = inputs
     out, lse, _, _, kf, vf, carry = output
     ctx.save_for_backward(q, k, v, lam, k3, v3, k_state, v_state, out, lse, kf, vf, carry)
-    ctx.args = (beta, causal, scale, window)
+    ctx.args = (beta, causal, scale, window, kernels)
     ctx.mark_non_differentiable(lse, kf, vf, carry)
 
 
 def _fastmka_backward(ctx, dout, _dlse, dks, dvs, _dkf, _dvf, _dcarry):
     q, k, v, lam, k3, v3, ks, vs, out, lse, kf, vf, carry = ctx.saved_tensors
-    beta, causal, scale, window = ctx.args
+    beta, causal, scale, window, kernels = ctx.args
     bwd = _bwd(ctx, _fastmka_bwd, _fastmka_bwd_impl)
     g = bwd(q, k, v, lam, beta, k3, v3, ks, vs, causal, scale, window, out, lse, _grad(dout, out),
-            dks, dvs, kf, vf, carry, ctx.needs_input_grad[3])
+            dks, dvs, kf, vf, carry, ctx.needs_input_grad[3], kernels)
     dlam, dk3, dv3, dks_in, dvs_in = _route_inputs_grads(g[3:])
-    return g[0], g[1], g[2], dlam, None, dk3, dv3, dks_in, dvs_in, None, None, None
+    return g[0], g[1], g[2], dlam, None, dk3, dv3, dks_in, dvs_in, None, None, None, None
 
 
 _fastmka_fwd.register_autograd(_fastmka_backward, setup_context=_fastmka_setup)
@@ -425,7 +466,7 @@ def _check_mka(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, scale, window
     return L
 
 
-def _mka_saved(q: Tensor, L: int, cdt: torch.dtype) -> tuple[Tensor, Tensor]:
+def _mka_saved(q: Tensor, L: int, cdt: torch.dtype) -> Tuple[Tensor, Tensor]:
     """Each level's output and softmax statistics, kept for the backward, both float32 (float64
     for float64 inputs): the backward's row sums <dout, O_l> lose the state gradient's
     accuracy to rounded outputs (its terms cancel)."""
@@ -436,7 +477,8 @@ def _mka_saved(q: Tensor, L: int, cdt: torch.dtype) -> tuple[Tensor, Tensor]:
 
 def _mka_fwd_impl(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, mem_k: _OptT,
                   mem_v: _OptT, k_state: _OptT, v_state: _OptT, causal: bool, scale: _OptF,
-                  window: _OptI) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  window: _OptI, kernels: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                        Tensor, Tensor]:
     """Returns (out, o_levels (L, B, Tq, H, d), lse_levels (L, B, H, Tq), k_state, v_state,
     k_ema, v_ema): the levels' outputs, statistics and EMA keys/values kept for backward."""
     L = _check_mka(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, scale, window)
@@ -445,9 +487,10 @@ def _mka_fwd_impl(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, mem
     o_levels, lse_levels = _mka_saved(q, L, cdt)
     ks, vs = _states_out(k)
     ke, ve = k.new_empty(k.shape, dtype=cdt), k.new_empty(v.shape, dtype=cdt)
-    _native(_C.mka_forward, _cast(q, cdt), _cast(k, cdt), _cast(v, cdt), _lam(lam, cdt),
-            float(beta), _cast(mem_k, cdt), _cast(mem_v, cdt), k_state, v_state, causal,
-            scale, window, out, o_levels, lse_levels, ks, vs, ke, ve, _stream(q))
+    _native(_C.mka_forward, **_attn_args(q, causal, scale, window, cdt),
+            **_route_args(k, v, lam, beta, mem_k, mem_v, k_state, v_state, cdt, "mem_k"),
+            out=out, o_levels=o_levels, lse_levels=lse_levels, k_state_out=ks, v_state_out=vs,
+            saved_k=ke, saved_v=ve, **_launch(q, kernels))
     return out.to(q.dtype), o_levels, lse_levels, ks, vs, ke, ve
 
 
@@ -455,7 +498,7 @@ _mka_fwd = _custom_op(_mka_fwd_impl)
 
 
 @_mka_fwd.register_fake
-def _(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window):
+def _(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window, kernels):
     L = _check_mka(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, scale, window)
     cdt = _compute_dtype(q)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
@@ -466,21 +509,24 @@ def _(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window)
 def _mka_bwd_impl(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, mem_k: _OptT,
                   mem_v: _OptT, k_state: _OptT, v_state: _OptT, causal: bool, scale: _OptF,
                   window: _OptI, o_levels: Tensor, lse_levels: Tensor, dout: Tensor,
-                  dk_state_out: _OptT, dv_state_out: _OptT, k_ema: Tensor, v_ema: Tensor
-                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  dk_state_out: _OptT, dv_state_out: _OptT, k_ema: Tensor, v_ema: Tensor,
+                  kernels: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                         Tensor]:
     """Returns (dq, dk, dv, dlam, dmem_k, dmem_v, dk_state, dv_state)."""
     _check_mka(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, scale, window)
     cdt = _compute_dtype(q)
     sdt = state_dtype(cdt)
     dq = q.new_empty(q.shape, dtype=cdt)  # overwritten (accumulate=False), as all the rest
-    dk, dv, dlam, dmk, dmv, dks, dvs = _route_grads_alloc(k, lam, mem_k, k_state, v_state, cdt)
-    _native(_C.mka_backward, _cast(q, cdt), _cast(k, cdt), _cast(v, cdt), _lam(lam, cdt),
-            float(beta), _cast(mem_k, cdt), _cast(mem_v, cdt), k_state, v_state, causal,
-            scale, window, o_levels, lse_levels.contiguous(),
-            _cast(dout, cdt).contiguous(), _opt_grad(dk_state_out, sdt),
-            _opt_grad(dv_state_out, sdt), dq, dk, dv, dmk, dmv, dlam, dks, dvs, k_ema.detach(),
-            v_ema.detach(), False, _stream(q))
-    return (dq.to(q.dtype), *_route_grads_out((dk, dv, dlam, dmk, dmv, dks, dvs), k, lam))
+    g = _route_grads_alloc(k, lam, mem_k, k_state, v_state, cdt)
+    _native(_C.mka_backward, **_attn_args(q, causal, scale, window, cdt),
+            **_route_args(k, v, lam, beta, mem_k, mem_v, k_state, v_state, cdt, "mem_k"),
+            o_levels=o_levels, lse_levels=lse_levels.contiguous(),
+            dout=_cast(dout, cdt).contiguous(), dk_state_out=_opt_grad(dk_state_out, sdt),
+            dv_state_out=_opt_grad(dv_state_out, sdt), dq=dq, dk=g["dk"], dv=g["dv"],
+            dmem_k=g["dk3"], dmem_v=g["dv3"], dlam=g["dlam"], dk_state=g["dk_state"],
+            dv_state=g["dv_state"], saved_k=k_ema, saved_v=v_ema, accumulate=False,
+            **_launch(q, kernels))
+    return (dq.to(q.dtype), *_route_grads_out(g, k, lam))
 
 
 _mka_bwd = _custom_op(_mka_bwd_impl)
@@ -488,7 +534,7 @@ _mka_bwd = _custom_op(_mka_bwd_impl)
 
 @_mka_bwd.register_fake
 def _(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window, o_levels,
-      lse_levels, dout, dk_state_out, dv_state_out, k_ema, v_ema):
+      lse_levels, dout, dk_state_out, dv_state_out, k_ema, v_ema, kernels):
     _check_mka(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, scale, window)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             *_route_grads_fake(k, lam, mem_k, k_state, v_state))
@@ -496,34 +542,38 @@ def _(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window,
 
 def _mka_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # unused outputs' grads stay None: no zero fills
-    q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window = inputs
+    q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window, kernels = inputs
     _, o_levels, lse_levels, _, _, ke, ve = output
     ctx.save_for_backward(q, k, v, lam, mem_k, mem_v, k_state, v_state, o_levels, lse_levels,
                           ke, ve)
-    ctx.args = (beta, causal, scale, window)
+    ctx.args = (beta, causal, scale, window, kernels)
     ctx.mark_non_differentiable(o_levels, lse_levels, ke, ve)
 
 
 def _mka_backward(ctx, dout, _dol, _dlse, dks, dvs, _dke, _dve):
     q, k, v, lam, mem_k, mem_v, ks, vs, o_levels, lse_levels, ke, ve = ctx.saved_tensors
-    beta, causal, scale, window = ctx.args
+    beta, causal, scale, window, kernels = ctx.args
     bwd = _bwd(ctx, _mka_bwd, _mka_bwd_impl)
     g = bwd(q, k, v, lam, beta, mem_k, mem_v, ks, vs, causal, scale, window, o_levels, lse_levels,
-            _grad(dout, q), dks, dvs, ke, ve)
+            _grad(dout, q), dks, dvs, ke, ve, kernels)
     dlam, dmk, dmv, dks_in, dvs_in = _route_inputs_grads(g[3:])
-    return g[0], g[1], g[2], dlam, None, dmk, dmv, dks_in, dvs_in, None, None, None
+    return g[0], g[1], g[2], dlam, None, dmk, dmv, dks_in, dvs_in, None, None, None, None
 
 
 _mka_fwd.register_autograd(_mka_backward, setup_context=_mka_setup)
 
 
 # --------------------------------------------------------------------------- public ops
-# attention / fastmka / mka are composites of the private ops above: fake tensors and
-# torch.compile go through the private ops' registrations, plain eager calls through _Eager.
+# Composites of the private ops above: fake tensors and torch.compile go through the private
+# ops' registrations, plain eager calls through _Eager. Each reads the kernel choice here, at
+# its forward (_State.token: mka.kernels), and hands it on as the private ops' last argument.
 
 _lib = torch.library.Library("mka", "FRAGMENT")
 _lib.define("attention(Tensor q, Tensor k, Tensor v, bool causal=True, float? scale=None, "
             "int? window=None) -> Tensor")
+_lib.define("route_fuse(Tensor k, Tensor v, Tensor lam, float beta, Tensor? k3=None, "
+            "Tensor? v3=None, Tensor? k_state=None, Tensor? v_state=None) "
+            "-> (Tensor, Tensor, Tensor, Tensor)")
 _lib.define("fastmka(Tensor q, Tensor k, Tensor v, Tensor lam, float beta, Tensor? k3=None, "
             "Tensor? v3=None, Tensor? k_state=None, Tensor? v_state=None, bool causal=True, "
             "float? scale=None, int? window=None) -> (Tensor, Tensor, Tensor)")
@@ -536,31 +586,41 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: _OptF
               window: _OptI = None) -> Tensor:
     """Exact attention, BTHD layout, GQA, bottom-right causal mask, optional window."""
     return _forward(torch.ops.mka._attention_fwd, (_attention_fwd_impl, _attention_setup,
-                    _attention_backward), (q, k, v, causal, scale, window))[0]
+                    _attention_backward), (q, k, v, causal, scale, window, _State.token))[0]
+
+
+def route_fuse(k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: _OptT = None,
+               v3: _OptT = None, k_state: _OptT = None,
+               v_state: _OptT = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Key-side routing of SPEC §3: ``(k_fused, v_fused, k_state_out, v_state_out)``."""
+    return _forward(torch.ops.mka._route_fuse_fwd, (_route_fuse_fwd_impl, _route_fuse_setup,
+                    _route_fuse_backward),
+                    (k, v, lam, beta, k3, v3, k_state, v_state, _State.token))
 
 
 def fastmka(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: _OptT = None,
             v3: _OptT = None, k_state: _OptT = None, v_state: _OptT = None,
             causal: bool = True, scale: _OptF = None,
-            window: _OptI = None) -> tuple[Tensor, Tensor, Tensor]:
+            window: _OptI = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Route fusion (key-side lam) then one attention: ``(out, k_state, v_state)``."""
     out, _, ks, vs, _, _, _ = _forward(
         torch.ops.mka._fastmka_fwd, (_fastmka_fwd_impl, _fastmka_setup, _fastmka_backward),
-        (q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window))
+        (q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window, _State.token))
     return out, ks, vs
 
 
 def mka(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, mem_k: _OptT = None,
         mem_v: _OptT = None, k_state: _OptT = None, v_state: _OptT = None, causal: bool = True,
-        scale: _OptF = None, window: _OptI = None) -> tuple[Tensor, Tensor, Tensor]:
+        scale: _OptF = None, window: _OptI = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Full MKA, one attention per level mixed by query-side lam: ``(out, k_state, v_state)``."""
     out, _, _, ks, vs, _, _ = _forward(
         torch.ops.mka._mka_fwd, (_mka_fwd_impl, _mka_setup, _mka_backward),
-        (q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window))
+        (q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window, _State.token))
     return out, ks, vs
 
 
-for _name, _fn in (("attention", attention), ("fastmka", fastmka), ("mka", mka)):
+for _name, _fn in (("attention", attention), ("route_fuse", route_fuse), ("fastmka", fastmka),
+                   ("mka", mka)):
     _lib.impl(_name, _fn, "CompositeImplicitAutograd")
 
 __all__: Sequence[str] = ("attention", "route_fuse", "fastmka", "mka")

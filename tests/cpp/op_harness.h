@@ -158,32 +158,56 @@ class OpRun {
 
     if (op_ == Op::route_fuse) {
       HostTensor kf = like(k_), vf = like(v_);
-      route_fuse_forward(k_, v_, r, kf, vf, ks_out, vs_out, nullptr);
-      route_fuse_backward(k_, v_, r, dout_, dout2_, dk_state_seed_, dv_state_seed_, dk, dv, g,
-                          nullptr);
+      RouteFuseFwd f;
+      f.k = k_, f.v = v_, f.route = r, f.k_fused = kf, f.v_fused = vf;
+      f.k_state_out = ks_out, f.v_state_out = vs_out;
+      route_fuse_forward(f);
+      RouteFuseBwd b;
+      b.k = k_, b.v = v_, b.route = r, b.dk_fused = dout_, b.dv_fused = dout2_;
+      b.dk_state_out = dk_state_seed_, b.dv_state_out = dv_state_seed_;
+      b.dk = dk, b.dv = dv, b.grads = g;
+      route_fuse_backward(b);
       res.out = {kf.values(), vf.values(), {}, ks_out.values(), vs_out.values()};
       res.padding_intact = kf.padding_intact() && vf.padding_intact();
     } else if (op_ == Op::mka) {
       HostTensor out(dt_, {p.B, p.Tq, p.H, p.d}, pad);
       HostTensor o_levels(dt_, {p.L, p.B, p.Tq, p.H, p.d}, pad);
       HostTensor lse_levels(sdt, {p.L, p.B, p.H, p.Tq});  // statistics are dense rows
-      mka_forward(q_, k_, v_, r, mem_k_, mem_v_, o, out, o_levels, lse_levels, ks_out, vs_out,
-                  nullptr);
-      mka_backward(q_, k_, v_, r, mem_k_, mem_v_, o, o_levels, lse_levels, dout_,
-                   dk_state_seed_, dv_state_seed_, dq, dk, dv, dmk, dmv, g, nullptr);
+      MkaFwd f;
+      f.q = q_, f.k = k_, f.v = v_, f.route = r, f.mem_k = mem_k_, f.mem_v = mem_v_, f.opts = o;
+      f.out = out, f.o_levels = o_levels, f.lse_levels = lse_levels;
+      f.k_state_out = ks_out, f.v_state_out = vs_out;
+      mka_forward(f);
+      MkaBwd b;
+      b.q = q_, b.k = k_, b.v = v_, b.route = r, b.mem_k = mem_k_, b.mem_v = mem_v_, b.opts = o;
+      b.o_levels = o_levels, b.lse_levels = lse_levels, b.dout = dout_;
+      b.dk_state_out = dk_state_seed_, b.dv_state_out = dv_state_seed_;
+      b.dq = dq, b.dk = dk, b.dv = dv, b.dmem_k = dmk, b.dmem_v = dmv, b.grads = g;
+      mka_backward(b);
       res.out = {out.values(), {}, {}, ks_out.values(), vs_out.values()};
       res.padding_intact = out.padding_intact() && o_levels.padding_intact();
     } else {
       HostTensor out(dt_, {p.B, p.Tq, p.H, p.d}, pad);
       HostTensor lse(sdt, {p.B, p.H, p.Tq});
       if (op_ == Op::attention) {
-        attention_forward(q_, k_, v_, o, out, lse, nullptr);
-        attention_backward(q_, k_, v_, o, out, lse, dout_, dq, dk, dv, nullptr);
+        AttentionFwd f;
+        f.q = q_, f.k = k_, f.v = v_, f.opts = o, f.out = out, f.lse = lse;
+        attention_forward(f);
+        AttentionBwd b;
+        b.q = q_, b.k = k_, b.v = v_, b.opts = o, b.out = out, b.lse = lse, b.dout = dout_;
+        b.dq = dq, b.dk = dk, b.dv = dv;
+        attention_backward(b);
         res.out = {out.values(), {}, lse.values(), {}, {}};
       } else {
-        fastmka_forward(q_, k_, v_, r, o, out, lse, ks_out, vs_out, nullptr);
-        fastmka_backward(q_, k_, v_, r, o, out, lse, dout_, dk_state_seed_, dv_state_seed_, dq,
-                         dk, dv, g, nullptr);
+        FastmkaFwd f;
+        f.q = q_, f.k = k_, f.v = v_, f.route = r, f.opts = o, f.out = out, f.lse = lse;
+        f.k_state_out = ks_out, f.v_state_out = vs_out;
+        fastmka_forward(f);
+        FastmkaBwd b;
+        b.q = q_, b.k = k_, b.v = v_, b.route = r, b.opts = o, b.out = out, b.lse = lse;
+        b.dout = dout_, b.dk_state_out = dk_state_seed_, b.dv_state_out = dv_state_seed_;
+        b.dq = dq, b.dk = dk, b.dv = dv, b.grads = g;
+        fastmka_backward(b);
         res.out = {out.values(), {}, lse.values(), ks_out.values(), vs_out.values()};
       }
       res.padding_intact = out.padding_intact();

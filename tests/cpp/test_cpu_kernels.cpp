@@ -260,8 +260,10 @@ TEST(RouteFuseChunks, PiecesWithStateEqualOneCall) {
                   HostTensor& ks_out, HostTensor& vs_out) {
     const HostTensor kc = slice(k, t0, t1), vc = slice(v, t0, t1), lc = slice(lam, t0, t1);
     HostTensor kf(DType::f64, kc.shape()), vf(DType::f64, vc.shape());
-    route_fuse_forward(kc, vc, RouteInputs{lc.ref(), beta, {}, {}, ks.ref(), vs.ref()}, kf, vf,
-                       ks_out, vs_out, nullptr);
+    RouteFuseFwd f;
+    f.k = kc, f.v = vc, f.route = RouteInputs{lc.ref(), beta, {}, {}, ks.ref(), vs.ref()};
+    f.k_fused = kf, f.v_fused = vf, f.k_state_out = ks_out, f.v_state_out = vs_out;
+    route_fuse_forward(f);
     return std::pair{kf, vf};
   };
   HostTensor ks_all(DType::f64, {B, G, d}), vs_all(DType::f64, {B, G, d});

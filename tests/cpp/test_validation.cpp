@@ -401,49 +401,59 @@ TEST(OutputBuffers, ShapeDtypeDeviceLayout) {
 
 // --- the ops validate inputs and buffers before any kernel runs -------------------------
 
+AttentionFwd attention_fwd(const TensorRef& q, const TensorRef& out, const TensorRef& lse) {
+  AttentionFwd a;
+  a.q = a.k = a.v = q, a.out = out, a.lse = lse;
+  return a;
+}
+
 TEST(OpsValidate, AttentionBuffers) {
   const HostTensor q(DType::f32, {1, 4, 2, 8}), out(DType::f32, {1, 4, 2, 8});
   const HostTensor lse(DType::f32, {1, 2, 4}), lse64(DType::f64, {1, 2, 4});
   const HostTensor lse_strided(DType::f32, {1, 2, 4}, /*pad=*/1);
-  const AttnOptions o;
-  EXPECT_MKA_ERROR(attention_forward(q, q, q, o, out, lse64, nullptr), "lse", "float32");
-  EXPECT_MKA_ERROR(attention_forward(q, q, q, o, out, lse_strided, nullptr), "lse",
-                   "contiguous");
-  EXPECT_MKA_ERROR(attention_forward(q, q, q, o, with_dim(1, 3, out), lse, nullptr), "out");
-  EXPECT_MKA_ERROR(attention_forward(with_dim(2, 3, q), q, q, o, out, lse, nullptr), "q",
-                   "H = 3");
-  EXPECT_MKA_ERROR(attention_backward(q, q, q, o, out, lse, out, kAbsent, out, out, nullptr),
-                   "dq", "missing");
-  EXPECT_MKA_ERROR(attention_backward(q, q, q, o, out, lse, kAbsent, out, out, out, nullptr),
-                   "dout");
+  EXPECT_MKA_ERROR(attention_forward(attention_fwd(q, out, lse64)), "lse", "float32");
+  EXPECT_MKA_ERROR(attention_forward(attention_fwd(q, out, lse_strided)), "lse", "contiguous");
+  EXPECT_MKA_ERROR(attention_forward(attention_fwd(q, with_dim(1, 3, out), lse)), "out");
+  AttentionFwd f = attention_fwd(q, out, lse);
+  f.q = with_dim(2, 3, q);
+  EXPECT_MKA_ERROR(attention_forward(f), "q", "H = 3");
+  AttentionBwd b;
+  b.q = b.k = b.v = q, b.out = out, b.lse = lse, b.dout = out, b.dk = b.dv = out;
+  EXPECT_MKA_ERROR(attention_backward(b), "dq", "missing");
+  b.dq = out, b.dout = kAbsent;
+  EXPECT_MKA_ERROR(attention_backward(b), "dout");
 }
 
 TEST(OpsValidate, RoutedOpsBuffers) {
   const HostTensor q(DType::f64, {1, 4, 2, 8}), k(DType::f64, {1, 4, 2, 8});
   const HostTensor lam(DType::f64, {1, 4, 2}), lam32(DType::f32, {1, 4, 2});
   const HostTensor state(DType::f64, {1, 2, 8}), lse(DType::f64, {1, 2, 4});
-  const AttnOptions o;
   const RouteInputs r{lam.ref(), 0.5, {}, {}, {}, {}};
+  RouteFuseFwd rf;
+  rf.k = rf.v = k, rf.route = r, rf.k_fused = rf.v_fused = k;
+  rf.k_state_out = rf.v_state_out = state;
   // The CPU kernels read lam in the inputs' dtype (the Python layer casts it).
-  EXPECT_MKA_ERROR(route_fuse_forward(k, k, {lam32.ref(), 0.5, {}, {}, {}, {}}, k, k, state,
-                                      state, nullptr),
-                   "lam", "float64");
-  EXPECT_MKA_ERROR(route_fuse_forward(k, k, r, k, with_dim(1, 2, k), state, state, nullptr),
-                   "v_fused");
-  EXPECT_MKA_ERROR(route_fuse_forward(k, k, r, k, k, with_dtype(DType::f32, state), state,
-                                      nullptr),
-                   "k_state_out", "float64");
+  RouteFuseFwd bad = rf;
+  bad.route.lam = lam32;
+  EXPECT_MKA_ERROR(route_fuse_forward(bad), "lam", "float64");
+  bad = rf, bad.v_fused = with_dim(1, 2, k);
+  EXPECT_MKA_ERROR(route_fuse_forward(bad), "v_fused");
+  bad = rf, bad.k_state_out = with_dtype(DType::f32, state);
+  EXPECT_MKA_ERROR(route_fuse_forward(bad), "k_state_out", "float64");
   // A state gradient for a state that was not an input.
-  EXPECT_MKA_ERROR(route_fuse_backward(k, k, r, k, k, {}, {}, k, k,
-                                       RouteGrads{{}, {}, {}, state.ref(), {}}, nullptr),
-                   "dk_state", "not given");
-  EXPECT_MKA_ERROR(fastmka_forward(q, k, k, {lam.ref(), 0.5, k.ref(), {}, {}, {}}, o, q, lse,
-                                   state, state, nullptr),
-                   "k3", "L = 2");
+  RouteFuseBwd rb;
+  rb.k = rb.v = k, rb.route = r, rb.dk_fused = rb.dv_fused = k, rb.dk = rb.dv = k;
+  rb.grads.dk_state = state;
+  EXPECT_MKA_ERROR(route_fuse_backward(rb), "dk_state", "not given");
+  FastmkaFwd ff;
+  ff.q = q, ff.k = ff.v = k, ff.route = {lam.ref(), 0.5, k.ref(), {}, {}, {}};
+  ff.out = q, ff.lse = lse, ff.k_state_out = ff.v_state_out = state;
+  EXPECT_MKA_ERROR(fastmka_forward(ff), "k3", "L = 2");
   const HostTensor o_levels(DType::f64, {3, 1, 4, 2, 8}), lse_levels(DType::f64, {2, 1, 2, 4});
-  EXPECT_MKA_ERROR(mka_forward(q, k, k, r, {}, {}, o, q, o_levels, lse_levels, state, state,
-                               nullptr),
-                   "o_levels");
+  MkaFwd mf;
+  mf.q = q, mf.k = mf.v = k, mf.route = r, mf.out = q, mf.o_levels = o_levels;
+  mf.lse_levels = lse_levels, mf.k_state_out = mf.v_state_out = state;
+  EXPECT_MKA_ERROR(mka_forward(mf), "o_levels");
 }
 
 }  // namespace

@@ -7,7 +7,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+import mka
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def kernels_for_test(request, **changes) -> None:
+    """Changes the kernel options (mka.set_kernels) for the rest of one test."""
+    previous = mka.set_kernels(**changes)
+    request.addfinalizer(lambda: mka.set_kernels(**vars(previous)))
 
 # SPEC §5: relative error bounds per input dtype.
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}

@@ -3,11 +3,9 @@
 Shapes are tiny but cover partial tiles, GQA, windows, Tq != Tk, both attention paths
 (tensor cores for aligned half inputs, CUDA cores for float32), L = 3 and EMA states."""
 
-import os
-
 import torch
 
-import mka  # noqa: F401
+import mka
 
 ops = torch.ops.mka
 
@@ -19,15 +17,15 @@ def r(*s, dtype=torch.bfloat16):
 def main():
     torch.manual_seed(0)
     B, Tq, Tk, H, G = 1, 70, 90, 4, 2
-    # Every forward kernel choice (on Hopper: two wgmma pipelines, and mma.sync with "0").
-    for mode in ("lockstep", "pingpong", "0"):
-        os.environ["MKA_CUDA_WGMMA"] = mode
+    # Every attention kernel choice (on Hopper: two wgmma pipelines, and mma.sync).
+    for mode in ("lockstep", "pingpong", "mma"):
+        mka.set_kernels(attention=mode)
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             for d in (64, 128):
                 q, k, v = r(B, Tq, H, d, dtype=dtype), r(B, Tk, G, d, dtype=dtype), r(B, Tk, G, d, dtype=dtype)
                 ops.attention(q, k, v, True, None, 33).float().sum().backward()
                 ops.attention(q, k, v, False).float().sum().backward()
-    del os.environ["MKA_CUDA_WGMMA"]
+    mka.set_kernels(attention="pingpong")
     d = 64
     q, k, v = r(B, Tq, H, d), r(B, Tk, G, d), r(B, Tk, G, d)
     k3, v3 = r(B, Tk, G, d), r(B, Tk, G, d)
@@ -45,25 +43,24 @@ def main():
     mk, mv = r(B, 20, G, d), r(B, 20, G, d)
     # Both tensor-core backwards make the EMA scan's chunk sums for fastmka (lam with a
     # gradient) and run mka's level-2 scan (wgmma: through its write-out).
-    for mode in ("pingpong", "0"):
-        os.environ["MKA_CUDA_WGMMA"] = mode
+    for mode in ("pingpong", "mma"):
+        mka.set_kernels(attention=mode)
         out, kso, vso = ops.fastmka(q, k, v, lam_k, 0.9, k3, v3, ks, vs)
         (out.float().sum() + kso.sum()).backward()
         out, kso, vso = ops.mka(q, k, v, lam_q, 0.9, mk, mv, ks, vs, True, None, 25)
         (out.float().sum() + vso.sum()).backward()
-    del os.environ["MKA_CUDA_WGMMA"]
+    mka.set_kernels(attention="pingpong")
     # fastmka: the scan's backward through the attention backward's write-out (ScanThrough),
     # over three key blocks, with lam a constant and with its gradient (x staged by
     # cp.async); then with dlam by the separate passes (mka's level 2 above runs it too).
     T3 = 300
     q, k, v = r(B, T3, H, d), r(B, T3, G, d), r(B, T3, G, d)
     lam_c = torch.softmax(torch.randn(B, T3, 2, device="cuda"), -1).to(torch.bfloat16)
-    for lam_t, through in ((lam_c, "1"), (lam_c.clone().requires_grad_(), "1"),
-                           (lam_c.clone().requires_grad_(), "0")):
-        os.environ["MKA_CUDA_SCAN_THROUGH"] = through
-        out, kso, vso = ops.fastmka(q, k, v, lam_t, 0.9, None, None, ks, vs)
+    for lam_t, through in ((lam_c, True), (lam_c.clone().requires_grad_(), True),
+                           (lam_c.clone().requires_grad_(), False)):
+        with mka.use_kernels(scan_through=through):
+            out, kso, vso = ops.fastmka(q, k, v, lam_t, 0.9, None, None, ks, vs)
         (out.float().sum() + kso.sum() + vso.sum()).backward()
-    del os.environ["MKA_CUDA_SCAN_THROUGH"]
     torch.cuda.synchronize()
     print("sanitize cases: done")
 

@@ -7,7 +7,7 @@ import torch
 
 import mka  # noqa: F401  (registers torch.ops.mka)
 from mka import reference as R
-from cuda_checks import DTYPES, assert_close, check_op, rand, requires_cuda
+from cuda_checks import DTYPES, assert_close, check_op, kernels_for_test, rand, requires_cuda
 
 pytestmark = requires_cuda
 
@@ -87,15 +87,15 @@ def test_long_sequence_tensor_cores_bf16():
              (q, k, v), (q64, k64, v64), torch.bfloat16, ("q", "k", "v"), gen)
 
 
-# MKA_CUDA_WGMMA picks the forward kernel on Hopper (by default ping-pong): the two-stage
-# wgmma pipeline, the three-stage ping-pong one, or "0" for the mma.sync kernels of sm_80.
-@pytest.mark.parametrize("mode", ["lockstep", "pingpong", "0"])
+# The attention kernel choice picks the forward kernel on Hopper (by default ping-pong): the
+# two-stage wgmma pipeline, the three-stage ping-pong one, or the mma.sync kernels of sm_80.
+@pytest.mark.parametrize("mode", ["lockstep", "pingpong", "mma"])
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("case", CASES + [(1, 1100, 1100, 4, 1, True, None),
                                           (1, 700, 1300, 2, 2, True, 300)],
                          ids=lambda c: "x".join(map(str, c)))
-def test_other_forward_kernels(mode, dtype, case, monkeypatch):
-    monkeypatch.setenv("MKA_CUDA_WGMMA", mode)
+def test_other_forward_kernels(mode, dtype, case, request):
+    kernels_for_test(request, attention=mode)
     B, Tq, Tk, H, G, causal, window = case
     gen = torch.Generator().manual_seed(hash((mode, str(dtype), case)) % 2**31)
     for d in (64, 128):
@@ -107,7 +107,7 @@ def test_other_forward_kernels(mode, dtype, case, monkeypatch):
                      f"out ({mode}, d={d})")
 
 
-# MKA_CUDA_WGMMA=0 runs the mma.sync kernels of sm_80 in both directions on Hopper too: their
+# attention="mma" runs the mma.sync kernels of sm_80 in both directions on Hopper too: their
 # gradients, against the float64 reference (the default tests cover the wgmma backward).
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("d", [64, 128])
@@ -116,8 +116,8 @@ def test_other_forward_kernels(mode, dtype, case, monkeypatch):
                                   (1, 150, 150, 2, 2, False, None),
                                   (1, 160, 60, 2, 1, True, None)],
                          ids=lambda c: "x".join(map(str, c)))
-def test_mma_backward(dtype, d, case, monkeypatch):
-    monkeypatch.setenv("MKA_CUDA_WGMMA", "0")
+def test_mma_backward(dtype, d, case, request):
+    kernels_for_test(request, attention="mma")
     _check_attention(dtype, d, case)
 
 
@@ -128,8 +128,8 @@ def test_mma_backward(dtype, d, case, monkeypatch):
                                   (2, 900, 1100, 16, 2, True, 200),
                                   (2, 1024, 1024, 16, 8, False, None)],
                          ids=lambda c: "x".join(map(str, c)))
-def test_more_blocks_than_sms(case, monkeypatch):
-    monkeypatch.setenv("MKA_CUDA_WGMMA", "lockstep")
+def test_more_blocks_than_sms(case, request):
+    kernels_for_test(request, attention="lockstep")
     B, Tq, Tk, H, G, causal, window = case
     gen = torch.Generator().manual_seed(hash(case) % 2**31)
     q, q64 = rand(gen, B, Tq, H, 64, dtype=torch.bfloat16)
@@ -153,24 +153,16 @@ def _kernel_names(fn) -> set[str]:
 @pytest.mark.parametrize("T, mode, fwd", [(256, None, "attention_fwd_wgmma_pp<"),
                                           (4096, None, "attention_fwd_wgmma_pp<"),
                                           (256, "lockstep", "attention_fwd_wgmma<"),
-                                          (256, "0", "attention_fwd_mma<")])
-def test_hopper_dispatch(T, mode, fwd, monkeypatch):
+                                          (256, "mma", "attention_fwd_mma<")])
+def test_hopper_dispatch(T, mode, fwd, request):
     # The default build has sm_90a code: on Hopper the wgmma kernels must run (a silent fall-
-    # back to the sm_80 kernels would only show as lost speed); MKA_CUDA_WGMMA=0 forces mma.sync.
+    # back to the sm_80 kernels would only show as lost speed); attention="mma" forces mma.sync.
     if mode is not None:
-        monkeypatch.setenv("MKA_CUDA_WGMMA", mode)
+        kernels_for_test(request, attention=mode)
     q = torch.randn(1, T, 2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(1, T, 1, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     names = _kernel_names(lambda: torch.ops.mka.attention(q, k, k, True).float().sum().backward())
     assert any(fwd in n for n in names), sorted(names)
-    bwd = "attention_bwd_mma<" if mode == "0" else "attention_bwd_wgmma<"
+    bwd = "attention_bwd_mma<" if mode == "mma" else "attention_bwd_wgmma<"
     assert any(bwd in n for n in names), sorted(names)
 
-
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
-                    reason="needs a Hopper (sm_90) GPU")
-def test_unknown_kernel_choice_is_an_error(monkeypatch):
-    monkeypatch.setenv("MKA_CUDA_WGMMA", "pingpog")
-    q = torch.randn(1, 64, 2, 64, device="cuda", dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="MKA_CUDA_WGMMA: expected 0, lockstep or pingpong"):
-        torch.ops.mka.attention(q, q, q, True)

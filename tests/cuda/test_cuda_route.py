@@ -7,21 +7,18 @@ import torch
 
 import mka  # noqa: F401
 from mka import reference as R
-from cuda_checks import DTYPES, assert_close, check_op, rand, requires_cuda, softmax_rows
+from cuda_checks import (DTYPES, assert_close, check_op, kernels_for_test, rand, requires_cuda,
+                         softmax_rows)
 
 pytestmark = requires_cuda
 BETA = 0.9
 
 
 @pytest.fixture(autouse=True, params=["1pass", "3pass"])
-def scan(request, monkeypatch):
+def scan(request):
     """Every test runs on both EMA scans: the default (single-pass forward, 3-pass backward
-    on its 32-token chunks) and the 3-pass scan throughout (MKA_CUDA_SCAN=3pass, read at
-    every call)."""
-    if request.param == "3pass":
-        monkeypatch.setenv("MKA_CUDA_SCAN", "3pass")
-    else:
-        monkeypatch.delenv("MKA_CUDA_SCAN", raising=False)
+    on its 32-token chunks) and the 3-pass scan throughout."""
+    kernels_for_test(request, scan=request.param)
     return request.param
 
 
@@ -131,14 +128,14 @@ def test_mka(dtype, L, d):
 
 
 # The attention backward makes the backward scan's chunk sums from the dK, dV it holds (8-token
-# chunks here at T = 150, 16 past 2k tokens) in both tensor-core kernels (MKA_CUDA_WGMMA=0:
+# chunks here at T = 150, 16 past 2k tokens) in both tensor-core kernels (attention="mma":
 # mma.sync); with lam, the scan's last pass also makes dlam.
-@pytest.mark.parametrize("wgmma", ["default", "0"])
+@pytest.mark.parametrize("wgmma", ["default", "mma"])
 @pytest.mark.parametrize("T", [150, 2100])
 @pytest.mark.parametrize("op", ["fastmka", "mka"])
-def test_scan_sums_from_attention_backward(op, T, wgmma, monkeypatch):
+def test_scan_sums_from_attention_backward(op, T, wgmma, request):
     if wgmma != "default":
-        monkeypatch.setenv("MKA_CUDA_WGMMA", wgmma)
+        kernels_for_test(request, attention=wgmma)
     gen = torch.Generator().manual_seed(T + len(op))
     dtype, B, H, G, d, L = torch.bfloat16, 1, 2, 1, 64, 3 if op == "fastmka" else 2
     q, q64 = rand(gen, B, T, H, d, dtype=dtype)
@@ -178,15 +175,14 @@ def test_fastmka_level3_gradients_without_lam_gradient(T):
 # Without level 3's gradients the scan's backward runs through the Hopper attention
 # backward's write-out (ScanThrough: fastmka, with lam a constant or with its gradient
 # (fastmka_dlam), and mka's level 2), its key blocks chained by a look-back;
-# MKA_CUDA_SCAN_THROUGH=0 (and MKA_CUDA_WGMMA=0) take the separate passes. Several key
+# scan_through=False (and attention="mma") take the separate passes. Several key
 # blocks with a short last one, GQA, a window, Tq < Tk, and the states' gradients both ways.
-@pytest.mark.parametrize("through", ["default", "0"])
+@pytest.mark.parametrize("through", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("op", ["fastmka", "fastmka_dlam", "mka"])
-def test_scan_through_attention_backward(op, d, dtype, through, monkeypatch):
-    if through != "default":
-        monkeypatch.setenv("MKA_CUDA_SCAN_THROUGH", through)
+def test_scan_through_attention_backward(op, d, dtype, through, request):
+    kernels_for_test(request, scan_through=through)
     gen = torch.Generator().manual_seed(d + len(op) + (dtype == torch.float16))
     B, Tq, Tk, H, G = 2, 1000, 1100, 4, 2
     q, q64 = rand(gen, B, Tq, H, d, dtype=dtype)
@@ -210,15 +206,6 @@ def test_scan_through_attention_backward(op, d, dtype, through, monkeypatch):
                                          window),
              (q, k, v, ks, vs), (q64, k64, v64, ks64, vs64), dtype,
              ("q", "k", "v", "k_state", "v_state"), gen, n_out=3)
-
-
-def test_unknown_scan_through_choice_is_an_error(monkeypatch):
-    monkeypatch.setenv("MKA_CUDA_SCAN_THROUGH", "yes")
-    q = torch.randn(1, 64, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    lam = torch.full((1, 64, 2), 0.5, device="cuda")
-    out = torch.ops.mka.fastmka(q, q, q, lam, BETA)[0]
-    with pytest.raises(ValueError, match="MKA_CUDA_SCAN_THROUGH: expected 0 or 1"):
-        out.float().sum().backward()
 
 
 # One key block, and sequences whose last block is short: 1 key (T = 129), exactly its lower

@@ -73,19 +73,21 @@ def test_backward_overwrites_gradient_buffers(device, dtype, Tq, Tk):
     # The op passes uninitialized gradient buffers with accumulate=False: every element must
     # be written (zeros where nothing flows, e.g. dk/dv without queries), equal to adding
     # into zero-filled buffers.
-    from mka import _C
-    from mka.ops import _stream
+    from mka import _C, current_kernels
+    from mka.ops import _launch
     B, H, G, d = 2, 4, 2, head_dim_for(device, 64)
     q = randn(B, Tq, H, d, device=device, dtype=dtype)
     k = randn(B, Tk, G, d, device=device, dtype=dtype)
     v = randn(B, Tk, G, d, device=device, dtype=dtype)
-    out, lse = torch.ops.mka._attention_fwd(q, k, v, True, None, None)
+    token = current_kernels().token
+    out, lse = torch.ops.mka._attention_fwd(q, k, v, True, None, None, token)
     dout = randn(B, Tq, H, d, device=device, dtype=dtype)
     grads = {}
     for accumulate, fill in ((True, 0.0), (False, float("nan"))):
         g = [torch.full_like(t, fill) for t in (q, k, v)]
-        _C.attention_backward(q, k, v, True, None, None, out, lse, dout, *g, accumulate,
-                              _stream(q))
+        _C.attention_backward(q=q, k=k, v=v, causal=True, out=out, lse=lse, dout=dout,
+                              dq=g[0], dk=g[1], dv=g[2], accumulate=accumulate,
+                              **_launch(q, token))
         grads[accumulate] = g
     for name, a, b in zip("qkv", grads[True], grads[False]):
         # Not bitwise on CUDA: dq's float32 atomics add in any order. NaN never passes.

@@ -4,7 +4,7 @@ torch.compile(fullgraph=True) gives the eager result without graph breaks."""
 import pytest
 import torch
 
-import mka  # noqa: F401  (registers torch.ops.mka)
+import mka  # registers torch.ops.mka
 
 
 def _inputs(with_l3=False, states=False, dtype=torch.float64, B=1, T=6, H=2, G=1, d=8):
@@ -54,12 +54,13 @@ def _private_call(name, case):
     _, args, kwargs = case
     private = {"attention": torch.ops.mka._attention_fwd, "fastmka": torch.ops.mka._fastmka_fwd,
                "fastmka_l3": torch.ops.mka._fastmka_fwd, "mka": torch.ops.mka._mka_fwd,
-               "mka_l3": torch.ops.mka._mka_fwd, "route_fuse": torch.ops.mka.route_fuse}[name]
+               "mka_l3": torch.ops.mka._mka_fwd, "route_fuse": torch.ops.mka._route_fuse_fwd}[name]
     schema = private.default._schema
     names = [a.name for a in schema.arguments]
     full = dict(zip(names, args)) | dict(kwargs)
     defaults = {"causal": True, "scale": None, "window": None, "k3": None, "v3": None,
-                "mem_k": None, "mem_v": None, "k_state": None, "v_state": None}
+                "mem_k": None, "mem_v": None, "k_state": None, "v_state": None,
+                "kernels": mka.current_kernels().token}
     return private, tuple(full.get(n, defaults.get(n)) for n in names)
 
 
@@ -72,7 +73,8 @@ def test_opcheck(name):
     torch.library.opcheck(private.default, call)
 
 
-@pytest.mark.parametrize("name", ["attention", "fastmka", "fastmka_l3", "mka", "mka_l3"])
+@pytest.mark.parametrize("name", ["attention", "route_fuse", "fastmka", "fastmka_l3", "mka",
+                                  "mka_l3"])
 def test_eager_path_matches_custom_ops(name):
     """Plain eager calls of the public ops run the private ops' implementations as an
     autograd.Function (ops._Eager: less host time); the private custom ops' own autograd,
@@ -84,8 +86,11 @@ def test_eager_path_matches_custom_ops(name):
     eager = public(*args, **kwargs)
     eager = eager if isinstance(eager, tuple) else (eager,)
     res = private(*call)
-    states = {"attention": (), "fastmka": res[2:4], "mka": res[3:5]}[name.split("_")[0]]
-    custom = (res[0], *states)
+    if name == "route_fuse":
+        custom = tuple(res)
+    else:
+        states = {"attention": (), "fastmka": res[2:4], "mka": res[3:5]}[name.split("_")[0]]
+        custom = (res[0], *states)
     for a, b in zip(eager, custom):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     seeds = [torch.randn_like(t) for t in eager]

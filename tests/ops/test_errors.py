@@ -81,15 +81,33 @@ def test_native_layer_validates_too():
     out = torch.empty_like(q)
     lse = torch.empty(2, 4, 8)
     with pytest.raises(ValueError, match="H = 4 must be a multiple"):
-        mka._C.attention_forward(q, k[:, :, :1].expand(2, 8, 3, 64).contiguous(),
-                                 v[:, :, :1].expand(2, 8, 3, 64).contiguous(), True, None,
-                                 None, out, lse, 0)
+        mka._C.attention_forward(q=q, k=k[:, :, :1].expand(2, 8, 3, 64).contiguous(),
+                                 v=v[:, :, :1].expand(2, 8, 3, 64).contiguous(), out=out,
+                                 lse=lse)
     with pytest.raises(ValueError, match="lse"):
-        mka._C.attention_forward(q, k, v, True, None, None, out, torch.empty(2, 4, 7), 0)
+        mka._C.attention_forward(q=q, k=k, v=v, out=out, lse=torch.empty(2, 4, 7))
     with pytest.raises(ValueError, match="beta"):
-        mka._C.route_fuse_forward(k, v, lam("cpu"), 1.0, None, None, None, None,
-                                  torch.empty_like(k), torch.empty_like(v),
-                                  torch.empty(2, 2, 64), torch.empty(2, 2, 64), 0)
+        mka._C.route_fuse_forward(k=k, v=v, lam=lam("cpu"), beta=1.0, k_fused=torch.empty_like(k),
+                                  v_fused=torch.empty_like(v), k_state_out=torch.empty(2, 2, 64),
+                                  v_state_out=torch.empty(2, 2, 64))
+
+
+def test_native_arguments_by_name():
+    """The native ops take their descriptor's fields by name: a misspelt or unknown name, a
+    wrong type or an unknown kernel choice raises naming it (nothing is silently dropped)."""
+    q, k, v = qkv("cpu")
+    ok = dict(q=q, k=k, v=v, out=torch.empty_like(q), lse=torch.empty(2, 4, 8))
+    mka._C.attention_forward(**ok)
+    raises("attention_forward: unexpected argument 'widnow'", mka._C.attention_forward, **ok,
+           widnow=4)
+    raises("attention_forward: causal: expected a bool", mka._C.attention_forward, **ok,
+           causal="yes")
+    raises("attention_forward: attention_kernel: expected one of pingpong, lockstep, mma, got "
+           "'flash'", mka._C.attention_forward, **ok, attention_kernel="flash")
+    raises("attention_forward: q: expected an array", mka._C.attention_forward,
+           **{**ok, "q": [1.0]})
+    with pytest.raises(TypeError):
+        mka._C.attention_forward(q, k, v)  # keywords only
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -101,13 +119,14 @@ def test_native_saved_keys_are_validated(device):
     B, T, G, d = k.shape
     out, lse = torch.empty_like(q), torch.empty(2, 4, 8, device=device)
     st = lambda: torch.empty(B, G, d, device=device)  # noqa: E731
-    n = mka._C.fastmka_carry_numel(B, T, G, d, device == "cuda")
+    n = mka._C.fastmka_carry_numel(B, T, G, d, device == "cuda", "1pass")
     carry = torch.empty(n, device=device)
     lm = lam(device, dtype=torch.float32 if device == "cuda" else dt)
 
     def fastmka(kf, vf, c):
-        mka._C.fastmka_forward(q, k, v, lm, 0.9, None, None, None, None, True, None, None,
-                               out, lse, st(), st(), kf, vf, c, 0)
+        mka._C.fastmka_forward(q=q, k=k, v=v, lam=lm, beta=0.9, out=out, lse=lse,
+                               k_state_out=st(), v_state_out=st(), saved_k=kf, saved_v=vf,
+                               saved_carry=c)
 
     raises(r"^saved k: expected shape", fastmka, k[:, :4].clone(), torch.empty_like(v), carry)
     raises(r"saved keys and values go together", fastmka, torch.empty_like(k), None, carry)
@@ -119,17 +138,16 @@ def test_native_saved_keys_are_validated(device):
         raises(r"unexpected saved carry", fastmka, torch.empty_like(k), torch.empty_like(v),
                torch.empty(4))
     o_levels = torch.empty(2, *q.shape, device=device, dtype=torch.float16)  # not float32
-    raises(r"^o_levels", mka._C.mka_forward, q, k, v, lm, 0.9, None, None, None, None, True,
-           None, None, out, o_levels, torch.empty(2, 2, 4, 8, device=device), st(), st(), None,
-           None, 0)
+    raises(r"^o_levels", mka._C.mka_forward, q=q, k=k, v=v, lam=lm, beta=0.9, out=out,
+           o_levels=o_levels, lse_levels=torch.empty(2, 2, 4, 8, device=device),
+           k_state_out=st(), v_state_out=st())
 
 
-def test_bad_scan_choice_raises(monkeypatch):
-    # MKA_CUDA_SCAN picks the GPU's EMA scan; the chunk it implies sizes fastmka's saved
-    # buffer, so a bad value fails there, on any machine, with the variable's name.
-    monkeypatch.setenv("MKA_CUDA_SCAN", "2pass")
-    raises("MKA_CUDA_SCAN: expected 1pass or 3pass", mka._C.fastmka_carry_numel, 1, 64, 2, 64,
-           True)
-    for ok in ("1pass", "3pass"):
-        monkeypatch.setenv("MKA_CUDA_SCAN", ok)
-        assert mka._C.fastmka_carry_numel(1, 64, 2, 64, True) > 0
+def test_fastmka_carry_follows_the_scan_choice():
+    # The scan chosen sizes fastmka's saved carry (its chunk), so the forward and the backward
+    # must agree on it: both take it from the op's saved kernel token.
+    sizes = {s: mka._C.fastmka_carry_numel(1, 4096, 2, 64, True, s) for s in ("1pass", "3pass")}
+    assert all(n > 0 for n in sizes.values())
+    assert mka._C.fastmka_carry_numel(1, 4096, 2, 64, False, "1pass") == 0
+    raises("scan: expected 1pass or 3pass", mka._C.fastmka_carry_numel, 1, 64, 2, 64, True,
+           "2pass")

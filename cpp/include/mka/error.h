@@ -13,9 +13,9 @@ struct Error : std::invalid_argument {
   using std::invalid_argument::invalid_argument;
 };
 
-// Message pieces are appended without iostreams: on the H100 host (Python 3.12, torch 2.11
-// imported first) formatting an integer through std::ostream inside the module segfaulted
-// (backtrace: basic_ostream::_M_insert<long> -> codecvt), so every error became a crash.
+// Message pieces are appended without iostreams: with torch imported first (Python 3.12,
+// torch 2.11) formatting an integer through std::ostream inside the module can segfault
+// (basic_ostream::_M_insert<long> -> codecvt), which would turn every error into a crash.
 namespace detail {
 inline void append(std::string& s, const char* x) { s += x; }  // before bool for literals
 inline void append(std::string& s, const std::string& x) { s += x; }

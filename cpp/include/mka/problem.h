@@ -2,12 +2,12 @@
 // every backend (CPU, CUDA) runs before touching memory.
 #pragma once
 #include <algorithm>
-#include <cstdlib>
 #include <initializer_list>
 #include <optional>
-#include <string_view>
 
 #include "mka/error.h"
+#include "mka/kernel_options.h"
+#include "mka/op_args.h"
 #include "mka/tensor.h"
 
 namespace mka {
@@ -21,6 +21,7 @@ struct AttentionProblem {
   DType dtype = DType::f32;
   Device device = Device::cpu;
   int device_id = 0;
+  KernelOptions kernels;  // the call's (Launch::kernels); the CPU kernels ignore it
 
   int64_t group() const { return H / G; }
   // Bottom-right alignment: query row i sees key j iff lo(i) <= j < hi(i).
@@ -39,6 +40,7 @@ struct RouteProblem {
   Device device = Device::cpu;
   int device_id = 0;
   int64_t chunk = 0;  // tokens per chunk of the GPU's EMA scan; 0: ema_scan_chunk's
+  KernelOptions kernels;  // the call's (Launch::kernels); the CPU kernels ignore it
 };
 
 // mka's attention problem of memory level l (0-based) over M memory tokens: level 2 (the
@@ -49,70 +51,34 @@ AttentionProblem level_problem(const AttentionProblem& ap, int l, int64_t M);
 // float32, or float64 when the inputs are float64.
 DType stats_dtype(DType input);
 
-struct AttnOptions {
-  bool causal = true;
-  std::optional<double> scale;
-  std::optional<int64_t> window;
-};
-
-// The routing inputs of route_fuse / fastmka (key side) and mka (query side).
-struct RouteInputs {
-  TensorRef lam;                 // (B, T, L)
-  double beta = 0.0;
-  TensorRef k3, v3;              // route_fuse / fastmka: L3 vectors (B, Tk, G, d) iff L == 3
-  TensorRef k_state, v_state;    // optional EMA states (B, G, d)
-};
-
-struct RouteGrads {
-  TensorRef dlam, dk3, dv3, dk_state, dv_state;  // absent entries are not computed
-};
-
-// Keys/values a forward derives from k/v and may keep for its backward, which then skips
-// remaking them (each optional): fastmka's fused keys/values, mka's EMA keys/values (like k,
-// v); `carry`: fastmka's EMA chunk start states on CUDA, an opaque float32 buffer of
-// fastmka_carry_numel elements (none on the CPU).
-struct SavedKeys {
-  TensorRef k, v, carry;
-};
-
-// The GPU's EMA scan (cuda/ema_scan.cu) runs its forward in one pass with decoupled look-back
-// unless the environment says MKA_CUDA_SCAN=3pass (the chunked 3-pass scan throughout, with
-// its own chunk choice). Read at every call: a forward and its backward must run under the
-// same setting (the backward reads the forward's chunk start states). "1pass" names the
-// default; any other value is an error.
-inline bool ema_scan_three_pass() {
-  const char* e = std::getenv("MKA_CUDA_SCAN");
-  const std::string_view v = e ? e : "";
-  MKA_CHECK(v.empty() || v == "1pass" || v == "3pass",
-            "MKA_CUDA_SCAN: expected 1pass or 3pass, got '", v, "'");
-  return v == "3pass";
-}
 // Tokens per chunk of the GPU's EMA scan over B sequences of T tokens and `channels`
 // channels. The 3-pass scan's passes run B * (T / chunk) * channels / 8 threads and its
 // carry pass walks T / chunk chunks one after another, so the 64-token chunk is halved while
 // that leaves fewer than 2^17 threads (an eighth of what an H100 keeps in flight), as long
 // as the walk stays within 256 chunks and chunks keep 8 tokens. The single-pass forward
-// scans 32-token chunks and leaves start states per `chunk` for the 3-pass backward, so by
-// default the chunk is at most 32.
-inline int64_t ema_scan_chunk(int64_t B, int64_t T, int64_t channels) {
+// scans 32-token chunks and leaves start states per `chunk` for the 3-pass backward, so with
+// it the chunk is at most 32. A forward and its backward must use the same `scan` (the
+// backward reads the forward's chunk start states).
+inline int64_t ema_scan_chunk(int64_t B, int64_t T, int64_t channels, ScanKernel scan) {
   const auto chunks = [T](int64_t c) { return (T + c - 1) / c; };
   int64_t chunk = 64;
   while (chunk > 8 && B * chunks(chunk) * channels / 8 < (int64_t(1) << 17) &&
          chunks(chunk / 2) <= 256)
     chunk /= 2;
-  return ema_scan_three_pass() ? chunk : std::min<int64_t>(chunk, 32);
+  return scan == ScanKernel::three_pass ? chunk : std::min<int64_t>(chunk, 32);
 }
 // The chunk of a scan whose backward's chunk sums the attention backward makes (fastmka's
 // fusion, mka's level 2): a Hopper attention-backward warp holds 16 key rows, one 16-token
 // chunk or two 8-token ones.
-inline int64_t ema_attn_chunk(int64_t B, int64_t T, int64_t channels) {
-  return std::min<int64_t>(ema_scan_chunk(B, T, channels), 16);
+inline int64_t ema_attn_chunk(int64_t B, int64_t T, int64_t channels, ScanKernel scan) {
+  return std::min<int64_t>(ema_scan_chunk(B, T, channels, scan), 16);
 }
 // Floats of SavedKeys::carry for fastmka on `device` (k, v (B, Tk, G, d)): the chunk start
 // states of both scans on CUDA, none on the CPU.
-inline int64_t fastmka_carry_numel(int64_t B, int64_t Tk, int64_t G, int64_t d, Device device) {
+inline int64_t fastmka_carry_numel(int64_t B, int64_t Tk, int64_t G, int64_t d, Device device,
+                                   ScanKernel scan) {
   if (device == Device::cpu) return 0;
-  const int64_t chunk = ema_attn_chunk(B, Tk, G * d);
+  const int64_t chunk = ema_attn_chunk(B, Tk, G * d, scan);
   return 2 * B * ((Tk + chunk - 1) / chunk) * G * d;
 }
 

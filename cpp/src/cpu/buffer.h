@@ -3,6 +3,7 @@
 #pragma once
 #include <vector>
 
+#include "mka/problem.h"
 #include "mka/tensor.h"
 
 namespace mka::cpu {
@@ -29,6 +30,18 @@ class Buffer {
  private:
   std::vector<double> storage_;  // 8-byte aligned storage for float or double
   TensorRef ref_;
+};
+
+// Keys/values (B, Tk, G, d) a composition derives from k, v (fastmka's fused ones, mka's EMA
+// ones): the caller's saved buffers where given (SavedKeys), else scratch.
+struct DerivedKeys {
+  Buffer kb, vb;
+  TensorRef k, v;
+  DerivedKeys(const AttentionProblem& ap, const SavedKeys& saved)
+      : kb(ap.dtype, {saved.k.present() ? 0 : ap.B, ap.Tk, ap.G, ap.d}),
+        vb(ap.dtype, {saved.k.present() ? 0 : ap.B, ap.Tk, ap.G, ap.d}),
+        k(saved.k.present() ? saved.k : TensorRef(kb)),
+        v(saved.k.present() ? saved.v : TensorRef(vb)) {}
 };
 
 // Slice `i` of the leading dimension of t.

@@ -6,32 +6,20 @@
 
 namespace mka::cpu {
 
-void fastmka_fwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef& q,
-                 const TensorRef& k, const TensorRef& v, const RouteInputs& r,
-                 const TensorRef& out, const TensorRef& lse, const TensorRef& k_state_out,
-                 const TensorRef& v_state_out, const SavedKeys& saved) {
-  const bool keep = saved.k.present();
-  Buffer kb(ap.dtype, {keep ? 0 : ap.B, ap.Tk, ap.G, ap.d});
-  Buffer vb(ap.dtype, {keep ? 0 : ap.B, ap.Tk, ap.G, ap.d});
-  const TensorRef kf = keep ? saved.k : TensorRef(kb), vf = keep ? saved.v : TensorRef(vb);
-  route_fuse_fwd(rp, k, v, r, kf, vf, k_state_out, v_state_out);
-  attention_fwd(ap, q, kf, vf, out, lse);
+void fastmka_fwd(const AttentionProblem& ap, const RouteProblem& rp, const FastmkaFwd& a) {
+  const DerivedKeys f(ap, a.saved);
+  route_fuse_fwd(rp, {a.k, a.v, a.route, f.k, f.v, a.k_state_out, a.v_state_out, a.launch});
+  attention_fwd(ap, a.q, f.k, f.v, a.out, a.lse);
 }
 
-void fastmka_bwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef& q,
-                 const TensorRef& k, const TensorRef& v, const RouteInputs& r,
-                 const TensorRef& out, const TensorRef& lse, const TensorRef& dout,
-                 const TensorRef& dk_state_out, const TensorRef& dv_state_out,
-                 const TensorRef& dq, const TensorRef& dk, const TensorRef& dv,
-                 const RouteGrads& g, const SavedKeys& saved) {
-  const bool kept = saved.k.present();
-  Buffer kb(ap.dtype, {kept ? 0 : ap.B, ap.Tk, ap.G, ap.d});
-  Buffer vb(ap.dtype, {kept ? 0 : ap.B, ap.Tk, ap.G, ap.d});
-  const TensorRef kf = kept ? saved.k : TensorRef(kb), vf = kept ? saved.v : TensorRef(vb);
-  if (!kept) route_fuse_fwd(rp, k, v, r, kf, vf, TensorRef{}, TensorRef{});
+void fastmka_bwd(const AttentionProblem& ap, const RouteProblem& rp, const FastmkaBwd& a) {
+  const DerivedKeys f(ap, a.saved);
+  if (!a.saved.k.present())
+    route_fuse_fwd(rp, {a.k, a.v, a.route, f.k, f.v, TensorRef{}, TensorRef{}, a.launch});
   Buffer dkf(ap.dtype, {ap.B, ap.Tk, ap.G, ap.d}), dvf(ap.dtype, {ap.B, ap.Tk, ap.G, ap.d});
-  attention_bwd(ap, q, kf, vf, out, lse, dout, RowWeight{}, dq, dkf, dvf);
-  route_fuse_bwd(rp, k, v, r, dkf, dvf, dk_state_out, dv_state_out, dk, dv, g);
+  attention_bwd(ap, a.q, f.k, f.v, a.out, a.lse, a.dout, RowWeight{}, a.dq, dkf, dvf);
+  route_fuse_bwd(rp, {a.k, a.v, a.route, dkf, dvf, a.dk_state_out, a.dv_state_out, a.dk, a.dv,
+                      a.grads, true, a.launch});
 }
 
 }  // namespace mka::cpu

@@ -1,20 +1,19 @@
 #include "mka/cpu/isa.h"
 
-#include <cstdlib>
-#include <cstring>
+#include "mka/environment.h"
 
 namespace mka {
 
 Isa cpu_isa() {
   static const Isa isa = [] {
-    // MKA_CPU_ISA=generic|avx2 caps the choice (for testing every code path).
-    const char* cap = std::getenv("MKA_CPU_ISA");
+    // A cap from the environment tests every code path on one machine.
+    const std::optional<Isa> cap = cpu_isa_cap_from_environment();
     __builtin_cpu_init();
-    if (cap && std::strcmp(cap, "generic") == 0) return Isa::generic;
+    if (cap == Isa::generic) return Isa::generic;
     const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-    if (cap && std::strcmp(cap, "avx2") == 0) return avx2 ? Isa::avx2 : Isa::generic;
+    if (cap == Isa::avx2) return avx2 ? Isa::avx2 : Isa::generic;
     return avx512 ? Isa::avx512 : avx2 ? Isa::avx2 : Isa::generic;
   }();
   return isa;

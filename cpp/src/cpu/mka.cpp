@@ -49,63 +49,50 @@ RowWeight level_weight(const TensorRef& lam, int64_t l) {
 
 }  // namespace
 
-void mka_fwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef& q,
-             const TensorRef& k, const TensorRef& v, const RouteInputs& r,
-             const TensorRef& mem_k, const TensorRef& mem_v, const TensorRef& out,
-             const TensorRef& o_levels, const TensorRef& lse_levels,
-             const TensorRef& k_state_out, const TensorRef& v_state_out,
-             const SavedKeys& saved) {
+void mka_fwd(const AttentionProblem& ap, const RouteProblem& rp, const MkaFwd& a) {
+  const RouteInputs& r = a.route;
   const int64_t L = r.lam.shape[2];
-  attention_fwd(level_problem(ap, 0, 0), q, k, v, select0(o_levels, 0), select0(lse_levels, 0));
-  const bool keep = saved.k.present();  // the EMA keys into the caller's buffers, or scratch
-  Buffer kb(ap.dtype, {keep ? 0 : ap.B, ap.Tk, ap.G, ap.d});
-  Buffer vb(ap.dtype, {keep ? 0 : ap.B, ap.Tk, ap.G, ap.d});
-  const TensorRef ke = keep ? saved.k : TensorRef(kb), ve = keep ? saved.v : TensorRef(vb);
-  ema_route_fwd(rp, k, TensorRef{}, TensorRef{}, r.k_state, ke, k_state_out);
-  ema_route_fwd(rp, v, TensorRef{}, TensorRef{}, r.v_state, ve, v_state_out);
-  attention_fwd(level_problem(ap, 1, 0), q, ke, ve, select0(o_levels, 1),
-                select0(lse_levels, 1));
+  attention_fwd(level_problem(ap, 0, 0), a.q, a.k, a.v, select0(a.o_levels, 0),
+                select0(a.lse_levels, 0));
+  const DerivedKeys e(ap, a.saved);
+  ema_route_fwd(rp, a.k, TensorRef{}, TensorRef{}, r.k_state, e.k, a.k_state_out);
+  ema_route_fwd(rp, a.v, TensorRef{}, TensorRef{}, r.v_state, e.v, a.v_state_out);
+  attention_fwd(level_problem(ap, 1, 0), a.q, e.k, e.v, select0(a.o_levels, 1),
+                select0(a.lse_levels, 1));
   if (L == 3)
-    attention_fwd(level_problem(ap, 2, mem_k.shape[1]), q, mem_k, mem_v, select0(o_levels, 2),
-                  select0(lse_levels, 2));
-  if (ap.dtype == DType::f64) mix<double>(ap, L, r.lam, o_levels, out, TensorRef{}, false);
-  else mix<float>(ap, L, r.lam, o_levels, out, TensorRef{}, false);
+    attention_fwd(level_problem(ap, 2, a.mem_k.shape[1]), a.q, a.mem_k, a.mem_v,
+                  select0(a.o_levels, 2), select0(a.lse_levels, 2));
+  if (ap.dtype == DType::f64) mix<double>(ap, L, r.lam, a.o_levels, a.out, TensorRef{}, false);
+  else mix<float>(ap, L, r.lam, a.o_levels, a.out, TensorRef{}, false);
 }
 
-void mka_bwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef& q,
-             const TensorRef& k, const TensorRef& v, const RouteInputs& r,
-             const TensorRef& mem_k, const TensorRef& mem_v, const TensorRef& o_levels,
-             const TensorRef& lse_levels, const TensorRef& dout,
-             const TensorRef& dk_state_out, const TensorRef& dv_state_out,
-             const TensorRef& dq, const TensorRef& dk, const TensorRef& dv,
-             const TensorRef& dmem_k, const TensorRef& dmem_v, const RouteGrads& g,
-             const SavedKeys& saved) {
+void mka_bwd(const AttentionProblem& ap, const RouteProblem& rp, const MkaBwd& a) {
+  const RouteInputs& r = a.route;
+  const RouteGrads& g = a.grads;
   const int64_t L = r.lam.shape[2];
   if (g.dlam.present()) {
-    if (ap.dtype == DType::f64) mix<double>(ap, L, r.lam, o_levels, dout, g.dlam, true);
-    else mix<float>(ap, L, r.lam, o_levels, dout, g.dlam, true);
+    if (ap.dtype == DType::f64) mix<double>(ap, L, r.lam, a.o_levels, a.dout, g.dlam, true);
+    else mix<float>(ap, L, r.lam, a.o_levels, a.dout, g.dlam, true);
   }
   // Each level's output enters as lam[., l] * O_l: its incoming gradient is weighted.
-  attention_bwd(level_problem(ap, 0, 0), q, k, v, select0(o_levels, 0), select0(lse_levels, 0),
-                dout, level_weight(r.lam, 0), dq, dk, dv);
-  const bool kept = saved.k.present();  // the forward's EMA keys, or remade here
-  Buffer kb(ap.dtype, {kept ? 0 : ap.B, ap.Tk, ap.G, ap.d});
-  Buffer vb(ap.dtype, {kept ? 0 : ap.B, ap.Tk, ap.G, ap.d});
-  const TensorRef ke = kept ? saved.k : TensorRef(kb), ve = kept ? saved.v : TensorRef(vb);
-  if (!kept) {
-    ema_route_fwd(rp, k, TensorRef{}, TensorRef{}, r.k_state, ke, TensorRef{});
-    ema_route_fwd(rp, v, TensorRef{}, TensorRef{}, r.v_state, ve, TensorRef{});
+  attention_bwd(level_problem(ap, 0, 0), a.q, a.k, a.v, select0(a.o_levels, 0),
+                select0(a.lse_levels, 0), a.dout, level_weight(r.lam, 0), a.dq, a.dk, a.dv);
+  const DerivedKeys e(ap, a.saved);  // the forward's EMA keys, or remade here
+  if (!a.saved.k.present()) {
+    ema_route_fwd(rp, a.k, TensorRef{}, TensorRef{}, r.k_state, e.k, TensorRef{});
+    ema_route_fwd(rp, a.v, TensorRef{}, TensorRef{}, r.v_state, e.v, TensorRef{});
   }
   Buffer dke(ap.dtype, {ap.B, ap.Tk, ap.G, ap.d}), dve(ap.dtype, {ap.B, ap.Tk, ap.G, ap.d});
-  attention_bwd(level_problem(ap, 1, 0), q, ke, ve, select0(o_levels, 1),
-                select0(lse_levels, 1), dout, level_weight(r.lam, 1), dq, dke, dve);
-  ema_route_bwd(rp, k, TensorRef{}, TensorRef{}, r.k_state, dke, dk_state_out, dk, TensorRef{},
-                TensorRef{}, g.dk_state);
-  ema_route_bwd(rp, v, TensorRef{}, TensorRef{}, r.v_state, dve, dv_state_out, dv, TensorRef{},
-                TensorRef{}, g.dv_state);
+  attention_bwd(level_problem(ap, 1, 0), a.q, e.k, e.v, select0(a.o_levels, 1),
+                select0(a.lse_levels, 1), a.dout, level_weight(r.lam, 1), a.dq, dke, dve);
+  ema_route_bwd(rp, a.k, TensorRef{}, TensorRef{}, r.k_state, dke, a.dk_state_out, a.dk,
+                TensorRef{}, TensorRef{}, g.dk_state);
+  ema_route_bwd(rp, a.v, TensorRef{}, TensorRef{}, r.v_state, dve, a.dv_state_out, a.dv,
+                TensorRef{}, TensorRef{}, g.dv_state);
   if (L == 3)
-    attention_bwd(level_problem(ap, 2, mem_k.shape[1]), q, mem_k, mem_v, select0(o_levels, 2),
-                  select0(lse_levels, 2), dout, level_weight(r.lam, 2), dq, dmem_k, dmem_v);
+    attention_bwd(level_problem(ap, 2, a.mem_k.shape[1]), a.q, a.mem_k, a.mem_v,
+                  select0(a.o_levels, 2), select0(a.lse_levels, 2), a.dout,
+                  level_weight(r.lam, 2), a.dq, a.dmem_k, a.dmem_v);
 }
 
 }  // namespace mka::cpu

@@ -3,12 +3,12 @@
 // the calling thread never waits for a wake-up it does not need.
 #include "mka/cpu/thread_pool.h"
 
+#include "mka/environment.h"
 #include "mka/error.h"
 
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
-#include <cstdlib>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -117,11 +117,8 @@ class Pool {
 };
 
 int default_threads() {
-  if (const char* env = std::getenv("MKA_NUM_THREADS")) {
-    const int n = std::atoi(env);
-    if (n > 0) return n;
-  }
-  return std::max(1u, std::thread::hardware_concurrency());
+  return num_threads_from_environment().value_or(
+      int(std::max(1u, std::thread::hardware_concurrency())));
 }
 
 Pool& pool() {

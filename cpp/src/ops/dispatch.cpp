@@ -1,5 +1,5 @@
 // The ops' entry points: validate once (problem.cpp), check the caller's output buffers,
-// then run the kernels of the inputs' device.
+// then run the kernels of the inputs' device on the op's descriptor.
 #include <cstring>
 #include <tuple>
 
@@ -110,7 +110,7 @@ void zero_fill_cpu(const RouteGrads& g) {
 
 // Saved keys/values are like k and v; fastmka's carry (CUDA) is fastmka_carry_numel floats.
 void check_saved(const SavedKeys& s, const TensorRef& k, const TensorRef& v, bool with_carry,
-                 const char* op) {
+                 ScanKernel scan, const char* op) {
   MKA_CHECK(s.k.present() == s.v.present(), op, ": saved keys and values go together");
   if (!s.k.present()) {
     MKA_CHECK(!s.carry.present(), op, ": saved carry without saved keys");
@@ -119,7 +119,7 @@ void check_saved(const SavedKeys& s, const TensorRef& k, const TensorRef& v, boo
   check_grads_like(s.k, "saved k", k);
   check_grads_like(s.v, "saved v", v);
   const int64_t n = with_carry ? fastmka_carry_numel(k.shape[0], k.shape[1], k.shape[2],
-                                                     k.shape[3], k.device)
+                                                     k.shape[3], k.device, scan)
                                : 0;
   if (n == 0) {
     MKA_CHECK(!s.carry.present() || s.carry.numel() == 0, op, ": unexpected saved carry");
@@ -132,192 +132,145 @@ void check_saved(const SavedKeys& s, const TensorRef& k, const TensorRef& v, boo
             " elements on the inputs' device");
 }
 
+// mka's per-level outputs and statistics kept for the backward.
+void check_level_stats(const AttentionProblem& ap, int64_t L, const TensorRef& o_levels,
+                       const TensorRef& lse_levels) {
+  check_output(o_levels, "o_levels", {L, ap.B, ap.Tq, ap.H, ap.d}, stats_dtype(ap.dtype),
+               ap.device, ap.device_id);
+  check_output(lse_levels, "lse_levels", {L, ap.B, ap.H, ap.Tq}, stats_dtype(ap.dtype),
+               ap.device, ap.device_id);
+  check_contiguous(lse_levels, "lse_levels");
+}
+
+// The validated problems of a call, with the call's kernel choice.
+AttentionProblem attention_problem(const TensorRef& q, const TensorRef& k, const TensorRef& v,
+                                   const AttnOptions& o, const Launch& launch) {
+  AttentionProblem p = check_attention(q, k, v, o);
+  p.kernels = launch.kernels;
+  return p;
+}
+// lam_tokens: Tk for key-side routing (route_fuse, fastmka), Tq for mka's query side.
+RouteProblem route_problem(const TensorRef& k, const TensorRef& v, const RouteInputs& r,
+                           int64_t lam_tokens, bool key_side, const Launch& launch) {
+  RouteProblem p = check_route(k, v, r, lam_tokens, key_side ? "(B, Tk, L)" : "(B, Tq, L)",
+                               key_side);
+  p.kernels = launch.kernels;
+  check_cpu_lam(r.lam, p.dtype);
+  return p;
+}
+
 }  // namespace
 
-void attention_forward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
-                       const AttnOptions& o, const TensorRef& out, const TensorRef& lse,
-                       [[maybe_unused]] void* stream) {
-  const AttentionProblem p = check_attention(q, k, v, o);
-  check_attention_outputs(p, out, lse);
-  on_device(p.device, "attention", [&] { cpu::attention_fwd(p, q, k, v, out, lse); },
-            [&] { MKA_CUDA_CALL(cuda::attention_fwd(p, q, k, v, out, lse, stream)); });
+void attention_forward(const AttentionFwd& a) {
+  const AttentionProblem p = attention_problem(a.q, a.k, a.v, a.opts, a.launch);
+  check_attention_outputs(p, a.out, a.lse);
+  on_device(p.device, "attention", [&] { cpu::attention_fwd(p, a.q, a.k, a.v, a.out, a.lse); },
+            [&] { MKA_CUDA_CALL(cuda::attention_fwd(p, a)); });
 }
 
-void attention_backward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
-                        const AttnOptions& o, const TensorRef& out, const TensorRef& lse,
-                        const TensorRef& dout, const TensorRef& dq, const TensorRef& dk,
-                        const TensorRef& dv, [[maybe_unused]] void* stream, bool accumulate) {
-  const AttentionProblem p = check_attention(q, k, v, o);
-  check_attention_outputs(p, out, lse);
-  check_grads_like(dout, "dout", q);
-  check_grads_like(dq, "dq", q);
-  check_grads_like(dk, "dk", k);
-  check_grads_like(dv, "dv", v);
+void attention_backward(const AttentionBwd& a) {
+  const AttentionProblem p = attention_problem(a.q, a.k, a.v, a.opts, a.launch);
+  check_attention_outputs(p, a.out, a.lse);
+  check_grads_like(a.dout, "dout", a.q);
+  check_grads_like(a.dq, "dq", a.q);
+  check_grads_like(a.dk, "dk", a.k);
+  check_grads_like(a.dv, "dv", a.v);
   on_device(p.device, "attention backward", [&] {
-    if (!accumulate) zero_fill_cpu({&dq, &dk, &dv});
-    cpu::attention_bwd(p, q, k, v, out, lse, dout, cpu::RowWeight{}, dq, dk, dv);
-  }, [&] {
-    MKA_CUDA_CALL(cuda::attention_bwd(p, q, k, v, out, lse, dout, dq, dk, dv, stream, accumulate));
-  });
+    if (!a.accumulate) zero_fill_cpu({&a.dq, &a.dk, &a.dv});
+    cpu::attention_bwd(p, a.q, a.k, a.v, a.out, a.lse, a.dout, cpu::RowWeight{}, a.dq, a.dk,
+                       a.dv);
+  }, [&] { MKA_CUDA_CALL(cuda::attention_bwd(p, a)); });
 }
 
-void route_fuse_forward(const TensorRef& k, const TensorRef& v, const RouteInputs& r,
-                        const TensorRef& k_fused, const TensorRef& v_fused,
-                        const TensorRef& k_state_out, const TensorRef& v_state_out,
-                        [[maybe_unused]] void* stream) {
-  const RouteProblem p = check_route(k, v, r, k.shape[1], "(B, Tk, L)", true);
-  check_cpu_lam(r.lam, p.dtype);
-  check_grads_like(k_fused, "k_fused", k);
-  check_grads_like(v_fused, "v_fused", v);
-  check_state_outputs(p, k_state_out, v_state_out);
-  on_device(p.device, "route_fuse", [&] {
-    cpu::route_fuse_fwd(p, k, v, r, k_fused, v_fused, k_state_out, v_state_out);
-  }, [&] {
-    MKA_CUDA_CALL(cuda::route_fuse_fwd(p, k, v, r, k_fused, v_fused, k_state_out, v_state_out,
-                                       stream));
-  });
+void route_fuse_forward(const RouteFuseFwd& a) {
+  const RouteProblem p = route_problem(a.k, a.v, a.route, a.k.shape[1], true, a.launch);
+  check_grads_like(a.k_fused, "k_fused", a.k);
+  check_grads_like(a.v_fused, "v_fused", a.v);
+  check_state_outputs(p, a.k_state_out, a.v_state_out);
+  on_device(p.device, "route_fuse", [&] { cpu::route_fuse_fwd(p, a); },
+            [&] { MKA_CUDA_CALL(cuda::route_fuse_fwd(p, a)); });
 }
 
-void route_fuse_backward(const TensorRef& k, const TensorRef& v, const RouteInputs& r,
-                         const TensorRef& dk_fused, const TensorRef& dv_fused,
-                         const TensorRef& dk_state_out, const TensorRef& dv_state_out,
-                         const TensorRef& dk, const TensorRef& dv, const RouteGrads& g,
-                         [[maybe_unused]] void* stream, bool accumulate) {
-  const RouteProblem p = check_route(k, v, r, k.shape[1], "(B, Tk, L)", true);
-  check_cpu_lam(r.lam, p.dtype);
-  check_grads_like(dk_fused, "dk_fused", k);
-  check_grads_like(dv_fused, "dv_fused", v);
-  check_state_outputs(p, dk_state_out, dv_state_out);
-  check_grads_like(dk, "dk", k);
-  check_grads_like(dv, "dv", v);
-  check_route_grads(r, g);
+void route_fuse_backward(const RouteFuseBwd& a) {
+  const RouteProblem p = route_problem(a.k, a.v, a.route, a.k.shape[1], true, a.launch);
+  check_grads_like(a.dk_fused, "dk_fused", a.k);
+  check_grads_like(a.dv_fused, "dv_fused", a.v);
+  check_state_outputs(p, a.dk_state_out, a.dv_state_out);
+  check_grads_like(a.dk, "dk", a.k);
+  check_grads_like(a.dv, "dv", a.v);
+  check_route_grads(a.route, a.grads);
   on_device(p.device, "route_fuse backward", [&] {
-    if (!accumulate) {
-      zero_fill_cpu({&dk, &dv});
-      zero_fill_cpu(g);
+    if (!a.accumulate) {
+      zero_fill_cpu({&a.dk, &a.dv});
+      zero_fill_cpu(a.grads);
     }
-    cpu::route_fuse_bwd(p, k, v, r, dk_fused, dv_fused, dk_state_out, dv_state_out, dk, dv, g);
-  }, [&] {
-    MKA_CUDA_CALL(cuda::route_fuse_bwd(p, k, v, r, dk_fused, dv_fused, dk_state_out,
-                                       dv_state_out, dk, dv, g, stream, accumulate));
-  });
+    cpu::route_fuse_bwd(p, a);
+  }, [&] { MKA_CUDA_CALL(cuda::route_fuse_bwd(p, a)); });
 }
 
-void fastmka_forward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
-                     const RouteInputs& r, const AttnOptions& o, const TensorRef& out,
-                     const TensorRef& lse, const TensorRef& k_state_out,
-                     const TensorRef& v_state_out, [[maybe_unused]] void* stream,
-                     const SavedKeys& saved) {
-  const AttentionProblem ap = check_attention(q, k, v, o);
-  const RouteProblem rp = check_route(k, v, r, ap.Tk, "(B, Tk, L)", true);
-  check_cpu_lam(r.lam, ap.dtype);
-  check_attention_outputs(ap, out, lse);
-  check_state_outputs(rp, k_state_out, v_state_out);
-  check_saved(saved, k, v, true, "fastmka");
-  on_device(ap.device, "fastmka", [&] {
-    cpu::fastmka_fwd(ap, rp, q, k, v, r, out, lse, k_state_out, v_state_out, saved);
-  }, [&] {
-    MKA_CUDA_CALL(cuda::fastmka_fwd(ap, rp, q, k, v, r, out, lse, k_state_out, v_state_out,
-                                    saved, stream));
-  });
+void fastmka_forward(const FastmkaFwd& a) {
+  const AttentionProblem ap = attention_problem(a.q, a.k, a.v, a.opts, a.launch);
+  const RouteProblem rp = route_problem(a.k, a.v, a.route, ap.Tk, true, a.launch);
+  check_attention_outputs(ap, a.out, a.lse);
+  check_state_outputs(rp, a.k_state_out, a.v_state_out);
+  check_saved(a.saved, a.k, a.v, true, rp.kernels.scan, "fastmka");
+  on_device(ap.device, "fastmka", [&] { cpu::fastmka_fwd(ap, rp, a); },
+            [&] { MKA_CUDA_CALL(cuda::fastmka_fwd(ap, rp, a)); });
 }
 
-void fastmka_backward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
-                      const RouteInputs& r, const AttnOptions& o, const TensorRef& out,
-                      const TensorRef& lse, const TensorRef& dout,
-                      const TensorRef& dk_state_out, const TensorRef& dv_state_out,
-                      const TensorRef& dq, const TensorRef& dk, const TensorRef& dv,
-                      const RouteGrads& g, [[maybe_unused]] void* stream,
-                      const SavedKeys& saved, bool accumulate) {
-  const AttentionProblem ap = check_attention(q, k, v, o);
-  const RouteProblem rp = check_route(k, v, r, ap.Tk, "(B, Tk, L)", true);
-  check_saved(saved, k, v, true, "fastmka backward");
-  check_cpu_lam(r.lam, ap.dtype);
-  check_attention_outputs(ap, out, lse);
-  check_grads_like(dout, "dout", q);
-  check_state_outputs(rp, dk_state_out, dv_state_out);
-  check_grads_like(dq, "dq", q);
-  check_grads_like(dk, "dk", k);
-  check_grads_like(dv, "dv", v);
-  check_route_grads(r, g);
+void fastmka_backward(const FastmkaBwd& a) {
+  const AttentionProblem ap = attention_problem(a.q, a.k, a.v, a.opts, a.launch);
+  const RouteProblem rp = route_problem(a.k, a.v, a.route, ap.Tk, true, a.launch);
+  check_saved(a.saved, a.k, a.v, true, rp.kernels.scan, "fastmka backward");
+  check_attention_outputs(ap, a.out, a.lse);
+  check_grads_like(a.dout, "dout", a.q);
+  check_state_outputs(rp, a.dk_state_out, a.dv_state_out);
+  check_grads_like(a.dq, "dq", a.q);
+  check_grads_like(a.dk, "dk", a.k);
+  check_grads_like(a.dv, "dv", a.v);
+  check_route_grads(a.route, a.grads);
   on_device(ap.device, "fastmka backward", [&] {
-    if (!accumulate) {
-      zero_fill_cpu({&dq, &dk, &dv});
-      zero_fill_cpu(g);
+    if (!a.accumulate) {
+      zero_fill_cpu({&a.dq, &a.dk, &a.dv});
+      zero_fill_cpu(a.grads);
     }
-    cpu::fastmka_bwd(ap, rp, q, k, v, r, out, lse, dout, dk_state_out, dv_state_out, dq, dk,
-                     dv, g, saved);
-  }, [&] {
-    MKA_CUDA_CALL(cuda::fastmka_bwd(ap, rp, q, k, v, r, out, lse, dout, dk_state_out,
-                                    dv_state_out, dq, dk, dv, g, saved, stream, accumulate));
-  });
+    cpu::fastmka_bwd(ap, rp, a);
+  }, [&] { MKA_CUDA_CALL(cuda::fastmka_bwd(ap, rp, a)); });
 }
 
-void mka_forward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
-                 const RouteInputs& r, const TensorRef& mem_k, const TensorRef& mem_v,
-                 const AttnOptions& o, const TensorRef& out, const TensorRef& o_levels,
-                 const TensorRef& lse_levels, const TensorRef& k_state_out,
-                 const TensorRef& v_state_out, [[maybe_unused]] void* stream,
-                 const SavedKeys& saved) {
-  const AttentionProblem ap = check_attention(q, k, v, o);
-  const RouteProblem rp = check_route(k, v, r, ap.Tq, "(B, Tq, L)", false);
-  check_saved(saved, k, v, false, "mka");
-  check_memory(ap, q, mem_k, mem_v, rp.L);
-  check_cpu_lam(r.lam, ap.dtype);
-  check_output(out, "out", {ap.B, ap.Tq, ap.H, ap.d}, ap.dtype, ap.device, ap.device_id);
-  check_output(o_levels, "o_levels", {rp.L, ap.B, ap.Tq, ap.H, ap.d}, stats_dtype(ap.dtype),
-               ap.device, ap.device_id);
-  check_output(lse_levels, "lse_levels", {rp.L, ap.B, ap.H, ap.Tq}, stats_dtype(ap.dtype),
-               ap.device, ap.device_id);
-  check_contiguous(lse_levels, "lse_levels");
-  check_state_outputs(rp, k_state_out, v_state_out);
-  on_device(ap.device, "mka", [&] {
-    cpu::mka_fwd(ap, rp, q, k, v, r, mem_k, mem_v, out, o_levels, lse_levels, k_state_out,
-                 v_state_out, saved);
-  }, [&] {
-    MKA_CUDA_CALL(cuda::mka_fwd(ap, rp, q, k, v, r, mem_k, mem_v, out, o_levels, lse_levels,
-                                k_state_out, v_state_out, saved, stream));
-  });
+void mka_forward(const MkaFwd& a) {
+  const AttentionProblem ap = attention_problem(a.q, a.k, a.v, a.opts, a.launch);
+  const RouteProblem rp = route_problem(a.k, a.v, a.route, ap.Tq, false, a.launch);
+  check_saved(a.saved, a.k, a.v, false, rp.kernels.scan, "mka");
+  check_memory(ap, a.q, a.mem_k, a.mem_v, rp.L);
+  check_output(a.out, "out", {ap.B, ap.Tq, ap.H, ap.d}, ap.dtype, ap.device, ap.device_id);
+  check_level_stats(ap, rp.L, a.o_levels, a.lse_levels);
+  check_state_outputs(rp, a.k_state_out, a.v_state_out);
+  on_device(ap.device, "mka", [&] { cpu::mka_fwd(ap, rp, a); },
+            [&] { MKA_CUDA_CALL(cuda::mka_fwd(ap, rp, a)); });
 }
 
-void mka_backward(const TensorRef& q, const TensorRef& k, const TensorRef& v,
-                  const RouteInputs& r, const TensorRef& mem_k, const TensorRef& mem_v,
-                  const AttnOptions& o, const TensorRef& o_levels, const TensorRef& lse_levels,
-                  const TensorRef& dout, const TensorRef& dk_state_out,
-                  const TensorRef& dv_state_out, const TensorRef& dq, const TensorRef& dk,
-                  const TensorRef& dv, const TensorRef& dmem_k, const TensorRef& dmem_v,
-                  const RouteGrads& g, [[maybe_unused]] void* stream,
-                  const SavedKeys& saved, bool accumulate) {
-  const AttentionProblem ap = check_attention(q, k, v, o);
-  const RouteProblem rp = check_route(k, v, r, ap.Tq, "(B, Tq, L)", false);
-  check_saved(saved, k, v, false, "mka backward");
-  check_memory(ap, q, mem_k, mem_v, rp.L);
-  check_cpu_lam(r.lam, ap.dtype);
-  check_output(o_levels, "o_levels", {rp.L, ap.B, ap.Tq, ap.H, ap.d}, stats_dtype(ap.dtype),
-               ap.device, ap.device_id);
-  check_output(lse_levels, "lse_levels", {rp.L, ap.B, ap.H, ap.Tq}, stats_dtype(ap.dtype),
-               ap.device, ap.device_id);
-  check_contiguous(lse_levels, "lse_levels");
-  check_grads_like(dout, "dout", q);
-  check_state_outputs(rp, dk_state_out, dv_state_out);
-  check_grads_like(dq, "dq", q);
-  check_grads_like(dk, "dk", k);
-  check_grads_like(dv, "dv", v);
-  check_grads_like(dmem_k, "dmem_k", mem_k);
-  check_grads_like(dmem_v, "dmem_v", mem_v);
-  check_route_grads(r, g);
+void mka_backward(const MkaBwd& a) {
+  const AttentionProblem ap = attention_problem(a.q, a.k, a.v, a.opts, a.launch);
+  const RouteProblem rp = route_problem(a.k, a.v, a.route, ap.Tq, false, a.launch);
+  check_saved(a.saved, a.k, a.v, false, rp.kernels.scan, "mka backward");
+  check_memory(ap, a.q, a.mem_k, a.mem_v, rp.L);
+  check_level_stats(ap, rp.L, a.o_levels, a.lse_levels);
+  check_grads_like(a.dout, "dout", a.q);
+  check_state_outputs(rp, a.dk_state_out, a.dv_state_out);
+  check_grads_like(a.dq, "dq", a.q);
+  check_grads_like(a.dk, "dk", a.k);
+  check_grads_like(a.dv, "dv", a.v);
+  check_grads_like(a.dmem_k, "dmem_k", a.mem_k);
+  check_grads_like(a.dmem_v, "dmem_v", a.mem_v);
+  check_route_grads(a.route, a.grads);
   on_device(ap.device, "mka backward", [&] {
-    if (!accumulate) {
-      zero_fill_cpu({&dq, &dk, &dv, &dmem_k, &dmem_v});
-      zero_fill_cpu(g);
+    if (!a.accumulate) {
+      zero_fill_cpu({&a.dq, &a.dk, &a.dv, &a.dmem_k, &a.dmem_v});
+      zero_fill_cpu(a.grads);
     }
-    cpu::mka_bwd(ap, rp, q, k, v, r, mem_k, mem_v, o_levels, lse_levels, dout, dk_state_out,
-                 dv_state_out, dq, dk, dv, dmem_k, dmem_v, g, saved);
-  }, [&] {
-    MKA_CUDA_CALL(cuda::mka_bwd(ap, rp, q, k, v, r, mem_k, mem_v, o_levels, lse_levels, dout,
-                                dk_state_out, dv_state_out, dq, dk, dv, dmem_k, dmem_v, g,
-                                saved, stream, accumulate));
-  });
+    cpu::mka_bwd(ap, rp, a);
+  }, [&] { MKA_CUDA_CALL(cuda::mka_bwd(ap, rp, a)); });
 }
 
 bool built_with_cuda() {

@@ -2,6 +2,7 @@
 // Tq x Tk matrix is ever materialised. float32 and float64; every tensor in the problem's
 // dtype. Backward kernels add into zero-filled gradient buffers.
 #pragma once
+#include "mka/op_args.h"
 #include "mka/problem.h"
 #include "mka/tensor.h"
 
@@ -32,38 +33,15 @@ void ema_route_bwd(const RouteProblem& p, const TensorRef& x, const TensorRef& l
                    const TensorRef& dx, const TensorRef& dlam, const TensorRef& dx3,
                    const TensorRef& dstate_in);
 
-// Compositions of the two primitives above (route_fuse_cpu.cpp, fastmka_cpu.cpp, mka_cpu.cpp).
-void route_fuse_fwd(const RouteProblem& p, const TensorRef& k, const TensorRef& v,
-                    const RouteInputs& r, const TensorRef& k_fused, const TensorRef& v_fused,
-                    const TensorRef& k_state_out, const TensorRef& v_state_out);
-void route_fuse_bwd(const RouteProblem& p, const TensorRef& k, const TensorRef& v,
-                    const RouteInputs& r, const TensorRef& dk_fused, const TensorRef& dv_fused,
-                    const TensorRef& dk_state_out, const TensorRef& dv_state_out,
-                    const TensorRef& dk, const TensorRef& dv, const RouteGrads& g);
+// The ops composed of the primitives above (route_fuse.cpp, fastmka.cpp, mka.cpp), on their
+// descriptors (op_args.h).
+void route_fuse_fwd(const RouteProblem& p, const RouteFuseFwd& a);
+void route_fuse_bwd(const RouteProblem& p, const RouteFuseBwd& a);
 
-void fastmka_fwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef& q,
-                 const TensorRef& k, const TensorRef& v, const RouteInputs& r,
-                 const TensorRef& out, const TensorRef& lse, const TensorRef& k_state_out,
-                 const TensorRef& v_state_out, const SavedKeys& saved);
-void fastmka_bwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef& q,
-                 const TensorRef& k, const TensorRef& v, const RouteInputs& r,
-                 const TensorRef& out, const TensorRef& lse, const TensorRef& dout,
-                 const TensorRef& dk_state_out, const TensorRef& dv_state_out,
-                 const TensorRef& dq, const TensorRef& dk, const TensorRef& dv,
-                 const RouteGrads& g, const SavedKeys& saved);
+void fastmka_fwd(const AttentionProblem& ap, const RouteProblem& rp, const FastmkaFwd& a);
+void fastmka_bwd(const AttentionProblem& ap, const RouteProblem& rp, const FastmkaBwd& a);
 
-void mka_fwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef& q,
-             const TensorRef& k, const TensorRef& v, const RouteInputs& r,
-             const TensorRef& mem_k, const TensorRef& mem_v, const TensorRef& out,
-             const TensorRef& o_levels, const TensorRef& lse_levels,
-             const TensorRef& k_state_out, const TensorRef& v_state_out, const SavedKeys& saved);
-void mka_bwd(const AttentionProblem& ap, const RouteProblem& rp, const TensorRef& q,
-             const TensorRef& k, const TensorRef& v, const RouteInputs& r,
-             const TensorRef& mem_k, const TensorRef& mem_v, const TensorRef& o_levels,
-             const TensorRef& lse_levels, const TensorRef& dout,
-             const TensorRef& dk_state_out, const TensorRef& dv_state_out,
-             const TensorRef& dq, const TensorRef& dk, const TensorRef& dv,
-             const TensorRef& dmem_k, const TensorRef& dmem_v, const RouteGrads& g,
-             const SavedKeys& saved);
+void mka_fwd(const AttentionProblem& ap, const RouteProblem& rp, const MkaFwd& a);
+void mka_bwd(const AttentionProblem& ap, const RouteProblem& rp, const MkaBwd& a);
 
 }  // namespace mka::cpu

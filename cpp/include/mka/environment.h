@@ -1,0 +1,22 @@
+// The library's environment variables, parsed in one place (environment.cpp). Each only
+// sets a default: the kernel options a call takes when its caller names none, the CPU
+// thread count and the CPU's vector instruction set. docs/configuration.md lists them.
+#pragma once
+#include <optional>
+
+#include "mka/cpu/isa.h"
+#include "mka/kernel_options.h"
+
+namespace mka {
+
+// MKA_CUDA_WGMMA (0 -> mma, lockstep, pingpong), MKA_CUDA_SCAN (1pass, 3pass),
+// MKA_CUDA_SCAN_THROUGH (0, 1); unset: KernelOptions' defaults; other values raise.
+KernelOptions kernel_options_from_environment();
+
+// MKA_NUM_THREADS: a positive thread count, or nullopt (unset or not a positive integer).
+std::optional<int> num_threads_from_environment();
+
+// MKA_CPU_ISA (generic, avx2): a cap on the detected instruction set, for testing every path.
+std::optional<Isa> cpu_isa_cap_from_environment();
+
+}  // namespace mka

@@ -1,0 +1,47 @@
+#include "mka/environment.h"
+
+#include <cstdlib>
+#include <string>
+
+#include "mka/error.h"
+
+namespace mka {
+namespace {
+
+std::string env(const char* name) {
+  const char* v = std::getenv(name);
+  return v ? v : "";
+}
+
+}  // namespace
+
+KernelOptions kernel_options_from_environment() {
+  KernelOptions o;
+  const std::string wgmma = env("MKA_CUDA_WGMMA"), scan = env("MKA_CUDA_SCAN"),
+                    through = env("MKA_CUDA_SCAN_THROUGH");
+  if (wgmma == "0") o.attention = AttnKernel::mma;
+  else if (wgmma == "lockstep") o.attention = AttnKernel::lockstep;
+  else MKA_CHECK(wgmma.empty() || wgmma == "pingpong",
+                 "MKA_CUDA_WGMMA: expected 0, lockstep or pingpong, got '", wgmma, "'");
+  MKA_CHECK(scan.empty() || scan == "1pass" || scan == "3pass",
+            "MKA_CUDA_SCAN: expected 1pass or 3pass, got '", scan, "'");
+  if (scan == "3pass") o.scan = ScanKernel::three_pass;
+  MKA_CHECK(through.empty() || through == "0" || through == "1",
+            "MKA_CUDA_SCAN_THROUGH: expected 0 or 1, got '", through, "'");
+  o.scan_through = through != "0";
+  return o;
+}
+
+std::optional<int> num_threads_from_environment() {
+  const int n = std::atoi(env("MKA_NUM_THREADS").c_str());
+  return n > 0 ? std::optional<int>(n) : std::nullopt;
+}
+
+std::optional<Isa> cpu_isa_cap_from_environment() {
+  const std::string cap = env("MKA_CPU_ISA");
+  if (cap == "generic") return Isa::generic;
+  if (cap == "avx2") return Isa::avx2;
+  return std::nullopt;
+}
+
+}  // namespace mka

@@ -1,0 +1,94 @@
+"""Which CUDA kernels the ops run: an explicit choice, made when an op's forward runs and
+handed to its backward, so the two never disagree.
+
+    mka.current_kernels()                      # KernelOptions(attention='pingpong', ...)
+    mka.set_kernels(scan="3pass")              # the process default; returns the previous one
+    with mka.use_kernels(attention="mma"):     # a scoped change
+        out = torch.ops.mka.attention(q, k, v)
+
+The choice is process-wide, like ``torch.backends`` flags. Eager calls read it at every
+forward; a ``torch.compile`` graph reads it once, when the graph is traced (recompile, e.g.
+after ``torch.compiler.reset()``, to change it there). The CPU kernels have one path per op
+and ignore it. The
+environment variables MKA_CUDA_WGMMA, MKA_CUDA_SCAN and MKA_CUDA_SCAN_THROUGH set the
+defaults, read once at import by the native module (docs/configuration.md).
+"""
+
+import contextlib
+import dataclasses
+from typing import Iterator
+
+from . import _C
+
+ATTENTION_KERNELS, SCAN_KERNELS = (tuple(names) for names in _C.kernel_option_names())
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelOptions:
+    """attention: "pingpong" (Hopper wgmma kernels, three-stage ping-pong forward),
+    "lockstep" (wgmma, two-stage forward) or "mma" (the sm_80 mma.sync kernels; pingpong and
+    lockstep fall back to them off Hopper). scan: the EMA scan's forward, "1pass" (decoupled
+    look-back) or "3pass" (chunked). scan_through: run fastmka's and mka's EMA backward
+    inside the Hopper attention backward where it can (else separate scan passes)."""
+
+    attention: str = "pingpong"
+    scan: str = "1pass"
+    scan_through: bool = True
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_KERNELS:
+            raise ValueError(f"attention: expected one of {', '.join(ATTENTION_KERNELS)}, "
+                             f"got {self.attention!r}")
+        if self.scan not in SCAN_KERNELS:
+            raise ValueError(f"scan: expected one of {', '.join(SCAN_KERNELS)}, got {self.scan!r}")
+        if not isinstance(self.scan_through, bool):
+            raise ValueError(f"scan_through: expected a bool, got {self.scan_through!r}")
+
+    @property
+    def token(self) -> str:
+        """The choice as one string, the form the private ops take it in (a custom op's
+        argument, saved by the forward for its backward)."""
+        return f"{self.attention},{self.scan},{int(self.scan_through)}"
+
+    @classmethod
+    def from_token(cls, token: str) -> "KernelOptions":
+        attention, scan, through = token.split(",")
+        return cls(attention, scan, through == "1")
+
+
+def launch(token: str, stream: int) -> dict:
+    """The native ops' launch arguments (op_args.h: Launch) for a token and stream."""
+    attention, scan, through = token.split(",")
+    return {"stream": stream, "attention_kernel": attention, "scan_kernel": scan,
+            "scan_through": through == "1"}
+
+
+class _State:
+    current = KernelOptions(*_C.kernel_options_from_environment())
+    token = current.token  # read by the ops at every forward
+
+
+def _set(options: KernelOptions) -> None:
+    _State.current, _State.token = options, options.token
+
+
+def current_kernels() -> KernelOptions:
+    """The kernel options the next op call takes."""
+    return _State.current
+
+
+def set_kernels(**changes) -> KernelOptions:
+    """Changes the process default (fields of :class:`KernelOptions`); returns the previous."""
+    previous = _State.current
+    _set(dataclasses.replace(previous, **changes))
+    return previous
+
+
+@contextlib.contextmanager
+def use_kernels(**changes) -> Iterator[KernelOptions]:
+    """Runs a block under changed kernel options, restoring the previous ones after it."""
+    previous = set_kernels(**changes)
+    try:
+        yield _State.current
+    finally:
+        _set(previous)
