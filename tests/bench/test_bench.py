@@ -162,3 +162,16 @@ def test_bench_cuda_without_cuda_is_one_line():
 
 def test_shape_str():
     assert str(Shape(B=2, T=8, H=4, G=2, d=16)) == "B=2 T=8 H=4 G=2 d=16"
+
+
+@pytest.mark.parametrize("tool", ["host_overhead", "gpu_profile"])
+def test_tools_load_against_the_runner(tool):
+    """The GPU tools in bench/tools import the runner's names (they run only on CUDA)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "tools" / f"{tool}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_tool_{tool}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert callable(module.main) and list(OPS.passes) == ["fwd", "fwd+bwd"]

@@ -121,10 +121,12 @@ def suite_table(results: dict) -> Optional[str]:
             cells.append(_fmt(o["ms"]["fwd+bwd"] / a["ms"]["fwd+bwd"]) if ok else "-")
         lines.append("| " + " | ".join(cells) + " |")
     s, rounds = attn[0]["shape"], results["settings"]["rounds"]
+    tokens = {a["shape"]["B"] * a["shape"]["T"] for a in attn}
+    batch = f"B·T = {tokens.pop()}" if len(tokens) == 1 else f"B = {s['B']}"
     title = (f"{results['device']}, {results['settings']['dtype']}, "
              f"{'causal' if s['causal'] else 'non-causal'}, H = {s['H']}, d = {s['d']}, "
-             f"B·T = {s['B'] * s['T']}: {unit} (bwd = fwd+bwd - fwd), median of {rounds} "
-             f"interleaved rounds; {', '.join(others) or 'ops'}: fwd+bwd time ÷ attention's")
+             f"{batch}: {unit} (bwd = fwd+bwd - fwd), median of {rounds} interleaved rounds; "
+             f"{', '.join(others) or 'ops'}: fwd+bwd time ÷ attention's")
     return title + "\n\n" + "\n".join(lines)
 
 
