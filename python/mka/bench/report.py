@@ -40,8 +40,12 @@ def _base(row: dict, index: dict) -> Optional[dict]:
     return None
 
 
-def _fmt(x: Optional[float], digits: int = 3) -> str:
-    return "-" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
+def _fmt(x: Optional[float], digits: int = 3, scale: float = 1.0) -> str:
+    return "-" if x is None or not math.isfinite(x) else f"{x * scale:.{digits}f}"
+
+
+def _ratio(num: float, den: float) -> Optional[float]:
+    return num / den if den > 0 else None
 
 
 def rows_table(results: dict) -> str:
@@ -69,12 +73,12 @@ def rows_table(results: dict) -> str:
                 lines.append(f"{line} error: {r['error'][:100]}")
                 continue
             line += "".join(f" {_fmt(r['ms'].get(p)):>11}" for p in passes)
-            line += "".join(f" {_fmt(r.get('tflops', {}).get(p, math.nan) * mult, 1):>15}"
+            line += "".join(f" {_fmt(r.get('tflops', {}).get(p), 1, mult):>15}"
                             for p in flops)
             line += "".join(f" {r.get('info', {}).get(k, ''):>18}" for k in info)
             base, last = _base(r, index), passes[-1]
             if base is not None and last in base["ms"]:
-                line += f"  {base['ms'][last] / r['ms'][last]:.2f}x {base['impl']}"
+                line += f"  {_fmt(_ratio(base['ms'][last], r['ms'][last]), 2)}x {base['impl']}"
             lines.append(line)
     return "\n".join(lines)
 
@@ -98,7 +102,7 @@ def suite_table(results: dict) -> Optional[str]:
         if r is None or "tflops" not in r:
             return "-"
         t = r["tflops"]
-        return f"{_fmt(t.get('fwd', math.nan) * mult, digits)} / {_fmt(t.get('bwd', math.nan) * mult, digits)}"
+        return f"{_fmt(t.get('fwd'), digits, mult)} / {_fmt(t.get('bwd'), digits, mult)}"
 
     head = ["G", "T", f"ours fwd / bwd"] + [f"{SDPA_COLUMNS[n]} fwd / bwd" for n in sdpas]
     if base:
@@ -114,11 +118,11 @@ def suite_table(results: dict) -> Optional[str]:
             b = get(base)
             for p in ("fwd", "bwd"):
                 ok = b is not None and "ms" in b and p in b["ms"] and p in a["ms"]
-                cells.append(_fmt(b["ms"][p] / a["ms"][p], 2) if ok else "-")
+                cells.append(_fmt(_ratio(b["ms"][p], a["ms"][p]), 2) if ok else "-")
         for n in others:
             o = get(n)
             ok = o is not None and "ms" in o and "fwd+bwd" in o["ms"]
-            cells.append(_fmt(o["ms"]["fwd+bwd"] / a["ms"]["fwd+bwd"]) if ok else "-")
+            cells.append(_fmt(_ratio(o["ms"]["fwd+bwd"], a["ms"]["fwd+bwd"])) if ok else "-")
         lines.append("| " + " | ".join(cells) + " |")
     s, rounds = attn[0]["shape"], results["settings"]["rounds"]
     tokens = {a["shape"]["B"] * a["shape"]["T"] for a in attn}
@@ -157,7 +161,7 @@ def ab_table(results: dict) -> Optional[str]:
             cells = [r["case"], _shape(r, True), r["impl"], p]
             cells += [f"{x['ms'][p]:.3f} ({x['ms_range'][p][0]:.3f}-{x['ms_range'][p][1]:.3f})"
                       for x in rows]
-            cells += [_fmt(x["ms"][p] / rows[0]["ms"][p]) for x in rows[1:]]
+            cells += [_fmt(_ratio(x["ms"][p], rows[0]["ms"][p])) for x in rows[1:]]
             lines.append("| " + " | ".join(cells) + " |")
     title = (f"{results['device']}, {results['settings']['dtype']}: A/B of kernel options, "
              f"median of {results['settings']['rounds']} interleaved rounds")

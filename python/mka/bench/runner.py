@@ -220,7 +220,7 @@ def _summary(per_round: dict[str, list[float]], case: Case, shape: Shape, impl: 
         "ms_rounds": {p: [round(v, 5) for v in t] for p, t in per_round.items()},
     }
     if case.flops is not None and impl.flops:
-        out["tflops"] = {p: case.flops(shape, p) / (ms * 1e9) if ms > 0 else float("nan")
+        out["tflops"] = {p: case.flops(shape, p) / (ms * 1e9) if ms > 0 else None
                          for p, ms in out["ms"].items()}
     return out
 
