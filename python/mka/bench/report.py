@@ -104,7 +104,7 @@ def suite_table(results: dict) -> Optional[str]:
         t = r["tflops"]
         return f"{_fmt(t.get('fwd'), digits, mult)} / {_fmt(t.get('bwd'), digits, mult)}"
 
-    head = ["G", "T", f"ours fwd / bwd"] + [f"{SDPA_COLUMNS[n]} fwd / bwd" for n in sdpas]
+    head = ["G", "T", "ours fwd / bwd"] + [f"{SDPA_COLUMNS[n]} fwd / bwd" for n in sdpas]
     if base:
         head += [f"fwd / {SDPA_COLUMNS[base]}", f"bwd / {SDPA_COLUMNS[base]}"]
     head += [OVER_ATTENTION[n] for n in others]

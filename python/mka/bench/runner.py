@@ -176,25 +176,24 @@ def run(s: Settings, command: str = "", log=sys.stderr) -> dict:
 def _time_shape(case: Case, impls: list[Impl], shape: Shape, s: Settings, rounds: int,
                 reps: int) -> list[dict]:
     x = case.inputs(shape, s.device, s.dtype)
-    sets = s.ab or [KernelSet("", {})]
+    # Baselines do not depend on the library's kernel options: timed once, outside any set.
+    sets_of = lambda impl: [KernelSet("", {})] if impl.baseline or not s.ab else s.ab  # noqa: E731
     variants: dict[tuple[str, str], timer.Variant] = {}
     errors: dict[tuple[str, str], str] = {}
     for impl in impls:
-        labels = [KernelSet("", {})] if impl.baseline else sets
         try:
             passes = {p: build(impl.fn, x) for p, build in case.passes.items()}
         except Exception as e:  # e.g. a backend that refuses this shape
-            for k in labels:
-                errors[impl.name, k.label] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+            errors.update({(impl.name, k.label): timer.describe(e) for k in sets_of(impl)})
             continue
-        for k in labels:
+        for k in sets_of(impl):
             variants[impl.name, k.label] = timer.Variant(passes, k.context)
     timings = timer.interleaved(variants, s.device, rounds, reps,
                                 seed=1000 * shape.T + 10 * shape.G)
     errors.update(timings.errors)
     rows = []
     for impl in impls:
-        for k in ([KernelSet("", {})] if impl.baseline else sets):
+        for k in sets_of(impl):
             key = (impl.name, k.label)
             row = {"case": case.name, "impl": impl.name, "kernels": k.label or None,
                    "kernel_options": k.options or None, "baseline": impl.baseline,
@@ -280,4 +279,3 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-

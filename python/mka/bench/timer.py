@@ -102,5 +102,10 @@ def interleaved(variants: dict[Hashable, Variant], device: str, rounds: int, rep
                     for name, call in variant.passes.items():
                         out.ms[key][name].append(time_ms(call, device, reps))
             except Exception as e:  # a backend may refuse a shape: record why, keep going
-                out.errors[key] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                out.errors[key] = describe(e)
     return out
+
+
+def describe(e: Exception) -> str:
+    """An exception in one line."""
+    return f"{type(e).__name__}: {e}".splitlines()[0][:300]
