@@ -1,28 +1,24 @@
 #!/usr/bin/env bash
-# The GPU comparison of attention variants (issue 5, part 7), from the repo root:
-#   mkdir -p .carry/data/wikitext-2 .carry/data/tinyshakespeare
-#   cp ../shared/data/tinyshakespeare/input.txt .carry/data/tinyshakespeare/
-#   cp ../shared/data/wikitext-2/{valid,test}.txt .carry/data/wikitext-2/
-#   # the package is built from SRC; a clean copy of the commit keeps others' uncommitted edits out:
-#   rm -rf .carry/src && mkdir -p .carry/src && git archive HEAD cpp cuda python CMakeLists.txt pyproject.toml \
-#       README.md | tar -x -C .carry/src
-#   device run: command "COMMIT=<git rev-parse --short HEAD> SRC=.carry/src bash bench/train_gpu.sh",
-#               carry [".carry/data", ".carry/src"]
+# The GPU training comparison of the attention variants (`mka train`), in one call per
+# stage group, from the repository root. DATA holds tinyshakespeare/input.txt and
+# wikitext-2/{valid,test}.txt (or train.txt); SRC is the source tree the package is built
+# from (a clean `git archive HEAD cpp cuda python CMakeLists.txt pyproject.toml README.md`
+# keeps uncommitted edits out):
+#   COMMIT=$(git rev-parse --short HEAD) DATA=/path/to/data SRC=. bash bench/train_gpu.sh
 # Stages, in this order, each under its own time cap and cut off (with a checkpoint and
 # partial results, marked "stopped") when the cap or the whole budget runs out:
 #   full   nanoGPT's shakespeare_char recipe (FULL_STEPS iterations) for FULL_VARIANTS
 #   short  every variant, the same recipe cut to SHORT_STEPS iterations (a smoke comparison)
 #   wt2    every variant, configs/wikitext2_bpe.yaml (WT2_STEPS iterations, the same token budget each)
-# SKIP="short wt2" leaves stages out, so the full recipe can be split over several device calls.
-# On an H100 (2026-11-23, bench/results/gpu_train_20261123_h100_full.md) these fit, each < 590 s:
-#   call 1: FULL_VARIANTS=mha,mqa,gqa SKIP="short wt2"                    (~430 s with the build)
-#   call 2: FULL_VARIANTS=mla,mka SKIP="short wt2" BUILD=auto              (~400 s)
-#   call 3: FULL_VARIANTS=fastmka SKIP=short BUILD=auto RUNS=/tmp/runs_c   (~290 s, WikiText-2 included)
-# Everything except checkpoints is packed into $OUT/train_gpu_results.tar.gz with the log.
+# SKIP="short wt2" leaves stages out, so the full recipe can be split over several calls of
+# at most BUDGET_S seconds each, e.g. FULL_VARIANTS=mha,mqa,gqa SKIP="short wt2", then
+# FULL_VARIANTS=mla,mka SKIP="short wt2" BUILD=auto, then FULL_VARIANTS=fastmka SKIP=short BUILD=auto.
+# The results (mka train's results.{json,csv,md}, plots, logs; no checkpoints) are packed
+# into $OUT/train_gpu_results.tar.gz; curated tables belong in bench/results/.
 set -uo pipefail
 START=$(date +%s)
 BUDGET_S=${BUDGET_S:-575}        # the whole script, build included (a device call may run 600 s)
-COMMIT=${COMMIT:-unknown}        # the device copy's .git is stale: the caller passes the local commit
+COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 FULL_VARIANTS=${FULL_VARIANTS:-mha}
 FULL_STEPS=${FULL_STEPS:-5000}
 FULL_CAP_S=${FULL_CAP_S:-540}
@@ -35,7 +31,7 @@ SKIP=${SKIP:-}                   # stages to leave out: any of full short wt2
 DATA=${DATA:-.carry/data}
 SRC=${SRC:-.}                    # source tree the package is built from
 RUNS=${RUNS:-/tmp/mka_train_runs}
-DEST=${OUT:-bench/results}
+DEST=${OUT:-/tmp/mka_train_results}
 MKA_CUDA=${MKA_CUDA:-AUTO}       # OFF: skip building the CUDA kernels (then attention runs on SDPA)
 FULL_BACKEND=${FULL_BACKEND:-auto}  # --attn-backend of stage full (auto: mka kernels if their probe passes)
 BACKEND=${BACKEND:-auto}            # --attn-backend of stages short and wt2
