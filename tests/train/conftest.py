@@ -1,21 +1,12 @@
-"""Generated corpora and tiny-model flags for the `mka train` tests (CPU, seconds per run)."""
+"""Fixtures of the `mka train` tests: generated corpora and an argv builder with private
+cache and output folders. tests/train is a package, so this conftest does not replace the
+top-level ``conftest`` module that the other test folders import helpers from."""
 
-import json
-import random
 from pathlib import Path
 
 import pytest
 
-TINY = ["--n-layer", "2", "--n-embd", "64", "--n-head", "4", "--seq-len", "32", "--batch-size", "4",
-        "--warmup-steps", "2", "--lr", "3e-3", "--log-interval", "1", "--no-plots"]
-
-
-def generated_text(n_lines: int, seed: int) -> str:
-    """Numbered lines of random words: no two blocks of 32+ characters can coincide."""
-    r = random.Random(seed)
-    words = ["".join(r.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(r.randint(2, 7))) for _ in range(200)]
-    return "".join(f"{seed}-{i} " + " ".join(r.choice(words) for _ in range(r.randint(4, 10))) + "\n"
-                   for i in range(n_lines))
+from .train_cases import TINY, generated_text
 
 
 @pytest.fixture(scope="session")
@@ -40,7 +31,3 @@ def run_args(tmp_path):
         return ["--data", str(data), "--out", str(tmp_path / out), "--cache-dir", str(tmp_path / "cache"),
                 *TINY, *map(str, extra)]
     return build
-
-
-def results(out: Path) -> list[dict]:
-    return json.loads((out / "results.json").read_text())["results"]

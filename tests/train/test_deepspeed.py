@@ -7,7 +7,7 @@ import pytest
 
 from mka.train import main
 
-from conftest import results
+from .train_cases import results
 
 pytest.importorskip("deepspeed", reason="optional: pip install deepspeed")
 

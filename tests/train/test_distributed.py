@@ -9,7 +9,7 @@ import pytest
 
 from mka.train import main
 
-from conftest import results
+from .train_cases import results
 
 FLAGS = ("--max-steps", 8, "--eval-tokens", 256, "--eval-interval", 4, "--attention", "gqa")
 

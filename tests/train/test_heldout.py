@@ -11,7 +11,7 @@ from mka.train.blocks import TrainSampler, heldout_blocks
 from mka.train.corpus import load_corpus
 from mka.train.text_tokenizers import build_tokenizer
 
-from conftest import results
+from .train_cases import results
 
 CPU = torch.device("cpu")
 

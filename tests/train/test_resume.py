@@ -8,7 +8,7 @@ import time
 
 from mka.train import main
 
-from conftest import results
+from .train_cases import results
 
 FLAGS = ("--attention", "mha,mka", "--max-steps", 14, "--dropout", 0.1, "--eval-interval", 5, "--eval-tokens", 256)
 
@@ -55,3 +55,9 @@ def test_ctrl_c_leaves_a_checkpoint_that_resumes(corpus_file, run_args, tmp_path
     assert main(run_args(corpus_file, "--max-steps", 100000, "--checkpoint-interval", 1000000,
                          "--stop-after-steps", step + 2, "--resume")) == 130
     assert torch.load(ckpt, weights_only=False)["step"] == step + 2
+
+
+def test_resume_without_a_checkpoint_fails(corpus_file, run_args, tmp_path, capsys):
+    assert main(run_args(corpus_file, "--max-steps", 4, "--resume", out="nothing")) == 2
+    assert "holds no checkpoint or result of mha" in capsys.readouterr().err
+    assert not (tmp_path / "nothing").exists()

@@ -6,7 +6,7 @@ import pytest
 from mka.train.text_tokenizers import build_tokenizer
 from mka.train.token_cache import cached_tokens
 
-from conftest import generated_text
+from .train_cases import generated_text
 
 TRAIN, HELDOUT = generated_text(200, seed=7) + "naïve café ∑\n", generated_text(20, seed=8) + "Zq!\n"
 

@@ -8,7 +8,7 @@ import sys
 from mka.train import main
 from mka.train.options import VARIANTS
 
-from conftest import results
+from .train_cases import results
 
 
 def test_all_variants_train_and_report(corpus_file, run_args, tmp_path):

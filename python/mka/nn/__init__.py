@@ -7,7 +7,7 @@ from .base import CausalSelfAttention, QKVAttention
 from .cache import KVCache
 from .fastmka_attention import FastMKAAttention
 from .gqa import GroupedQueryAttention, MultiHeadAttention, MultiQueryAttention
-from .memory import MemoryBank
+from .long_term_memory import LongTermMemory
 from .mka_attention import MKAAttention
 from .mla import MultiHeadLatentAttention
 from .registry import (ATTENTION_REGISTRY, attention_options, build_attention,
@@ -17,6 +17,6 @@ from .router import Router
 __all__ = [
     "CausalSelfAttention", "QKVAttention", "KVCache", "GroupedQueryAttention",
     "MultiHeadAttention", "MultiQueryAttention", "MultiHeadLatentAttention", "MKAAttention",
-    "FastMKAAttention", "MemoryBank", "Router", "ATTENTION_REGISTRY", "attention_options",
+    "FastMKAAttention", "LongTermMemory", "Router", "ATTENTION_REGISTRY", "attention_options",
     "build_attention", "check_attention_config",
 ]

@@ -46,9 +46,15 @@ class CausalSelfAttention(nn.Module):
         if window is not None:
             _positive_int(window, "window")
         self.n_embd, self.n_head, self.head_dim = n_embd, n_head, n_embd // n_head
+        get_ops(backend)  # rejects an unknown backend here, not at the first forward
         self.backend, self.window = backend, window
-        self.ops = get_ops(backend)
         self.resid_dropout = nn.Dropout(dropout)  # on the output; the attention ops have none
+
+    @property
+    def ops(self):
+        """The op namespace of :attr:`backend`. Looked up, not stored: a Python module as an
+        attribute would make the module impossible to deepcopy, pickle or ``torch.save``."""
+        return get_ops(self.backend)
 
     def new_cache(self, batch_size: int, device: Optional[torch.device] = None,
                   dtype: torch.dtype = torch.float32) -> KVCache:

@@ -15,7 +15,7 @@ from .routed import RoutedAttention
 class MKAAttention(RoutedAttention):
     """``out_t = lam_t0 O1_t + lam_t1 O2_t (+ lam_t2 O3_t)`` with ``lam = softmax(MLP(q))``
     (query-side routing) — ``mka::mka`` of SPEC §3. Level 1 attends to the raw keys/values
-    (optionally within ``window``), level 2 to their EMA, level 3 to the memory bank's slots
+    (optionally within ``window``), level 2 to their EMA, level 3 to the long-term memory's slots
     plus any recalled ``memory = (mem_k, mem_v): (B, M, G, d)`` passed in.
 
     Cache: the raw ``k, v`` of every past token — the same bytes per token as GQA — plus

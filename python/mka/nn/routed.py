@@ -1,5 +1,5 @@
 """What MKA and FastMKA share: the router over 2 or 3 memory levels, the EMA decay ``beta``
-of level 2, and the level-3 memory bank."""
+of level 2, and the level-3 (long-term) memory."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..reference import state_dtype
 from .base import Memory, QKVAttention
-from .memory import MemoryBank
+from .long_term_memory import LongTermMemory
 from .router import Router
 
 
@@ -31,17 +31,17 @@ class RoutedAttention(QKVAttention):
             raise ValueError(f"beta: the EMA decay must be a float in [0, 1), got {beta!r}")
         self.levels, self.beta = levels, float(beta)
         self.router = Router(n_head * self.head_dim, levels, router_hidden, bias)
-        self.memory = (MemoryBank(memory_slots, self.n_kv_head, self.head_dim)
-                       if levels == 3 else None)
+        self.long_term = (LongTermMemory(memory_slots, self.n_kv_head, self.head_dim)
+                          if levels == 3 else None)
 
     def _memory(self, like: Tensor, recalled: Memory) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """Level-3 ``(mem_k, mem_v): (B, M, G, d)`` in the dtype of the keys ``like`` (the
         slots are parameters: float32 under autocast), or ``(None, None)`` with two levels."""
-        if self.memory is None:
+        if self.long_term is None:
             if recalled is not None:
                 raise ValueError("memory: this module has levels=2, no level-3 memory to pass")
             return None, None
-        mem_k, mem_v = self.memory(like.shape[0], recalled)
+        mem_k, mem_v = self.long_term(like.shape[0], recalled)
         return mem_k.to(like.dtype), mem_v.to(like.dtype)
 
     def _zero_states(self, batch_size: int, device, dtype: torch.dtype) -> Tensor:

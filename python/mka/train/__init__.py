@@ -17,7 +17,7 @@ import torch
 
 from . import dataset, report
 from . import distributed as D
-from .loop import Interrupted, StopFlag, VariantRun
+from .loop import Interrupted, StopFlag, VariantRun, check_resumable
 from .options import ConfigError, Settings, parse
 
 __all__ = ["main", "run"]
@@ -41,6 +41,8 @@ def _meta(settings: Settings, rt: D.Runtime, data: dataset.TokenizedData, argv: 
 
 def run(settings: Settings, argv: list[str]) -> list[dict]:
     """Train every requested variant in turn; returns their results (rank 0 also writes them)."""
+    if settings.resume:  # before the processes start and the data is tokenized
+        check_resumable(settings, Path(settings.out))
     rt = D.start(settings)
     try:
         if settings.deepspeed:

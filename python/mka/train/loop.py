@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import checkpoint, memory
+from . import checkpoint, peak_memory
 from . import distributed as D
 from .blocks import TrainSampler, heldout_blocks
 from .dataset import TokenizedData
@@ -100,12 +100,26 @@ def _trajectory(settings: Settings, variant: str) -> dict:
     return t
 
 
+def _saved_paths(settings: Settings, variant: str, out: Path) -> tuple[Path, Path]:
+    """Where a variant's checkpoint and result live under ``out``."""
+    folder = out / variant
+    return folder / ("deepspeed" if settings.deepspeed else "checkpoint.pt"), folder / "result.json"
+
+
+def check_resumable(settings: Settings, out: Path) -> None:
+    """``--resume`` continues a run: refuse it when ``out`` holds nothing of any requested
+    variant (a mistyped ``--out`` would otherwise start training from scratch)."""
+    variants = settings.variants()
+    if not any(p.exists() for v in variants for p in _saved_paths(settings, v, out)):
+        raise ConfigError(f"--resume: {out} holds no checkpoint or result of {', '.join(variants)}; "
+                          "pass the --out of the run to continue, or leave out --resume to start one")
+
+
 class VariantRun:
     def __init__(self, settings: Settings, variant: str, data: TokenizedData, rt: D.Runtime, out: Path):
         self.s, self.variant, self.data, self.rt = settings, variant, data, rt
         self.dir = out / variant
-        self.ckpt_path = self.dir / ("deepspeed" if settings.deepspeed else "checkpoint.pt")
-        self.result_path = self.dir / "result.json"
+        self.ckpt_path, self.result_path = _saved_paths(settings, variant, out)
         self.trajectory = _trajectory(settings, variant)
 
     # ------------------------------------------------------------------ setup
@@ -226,7 +240,7 @@ class VariantRun:
         if not s.resume and (self.ckpt_path.exists() or self.result_path.exists()):
             raise ConfigError(f"--out {self.dir.parent} already holds a run of {self.variant}; "
                               "pass --resume to continue it or choose another --out")
-        memory.reset_peak(rt.device)
+        peak_memory.reset_peak(rt.device)
         self._build()
         if rt.is_main:
             print(f"[{self.variant}] attention kernels: {self.backend} ({self.backend_reason}); "
@@ -302,7 +316,7 @@ class VariantRun:
 
     # ------------------------------------------------------------------ results
     def _result(self, history: dict, done: int, final: dict | None) -> dict:
-        peak, peak_kind = memory.peak_bytes(self.rt.device)
+        peak, peak_kind = peak_memory.peak_bytes(self.rt.device)
         peak = int(D.all_reduce(self.rt, [float(peak)], "max")[0])
         train_losses = [x[1] for x in history["train"]]
         tail = train_losses[-10:]

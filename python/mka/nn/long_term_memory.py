@@ -1,4 +1,4 @@
-"""Level-3 (long-term) memory of MKA and FastMKA, in key/value space.
+"""Level-3 (long-term, L3) memory of MKA and FastMKA, in key/value space.
 
 The memory a layer attends to is its learned persistent slots (trained with the model,
 like the persistent memory vectors of Sukhbaatar et al. 2019) followed by any recalled
@@ -14,8 +14,9 @@ import torch
 from torch import Tensor, nn
 
 
-class MemoryBank(nn.Module):
-    """``slots`` learned key/value pairs per key/value head, ``(slots, G, d)`` each."""
+class LongTermMemory(nn.Module):
+    """Level 3: ``slots`` learned key/value pairs per key/value head, ``(slots, G, d)`` each,
+    followed by the recalled tokens passed to :meth:`forward`."""
 
     def __init__(self, slots: int, n_kv_head: int, head_dim: int):
         super().__init__()
