@@ -18,6 +18,21 @@ def _fail(msg: str) -> None:
     raise ValueError(msg)
 
 
+def _short(value) -> str:
+    """A value for an error message: its repr when short, else its type (an array's repr
+    would fill the screen)."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"an object of type {type(value).__name__}"
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _tensor(t, name: str, ndim: int, layout: str, ref: Optional[Tensor] = None,
             ref_name: str = "q") -> None:
     if not isinstance(t, Tensor):
@@ -65,10 +80,10 @@ def check_attention(q, k, v, scale=None, window=None) -> None:
         _fail(f"q: head dim {d} is not supported on cuda {CUDA_HEAD_DIMS}")
     if q.device.type == "cpu" and not 1 <= d <= CPU_MAX_HEAD_DIM:
         _fail(f"q: head dim {d} is not supported on cpu (1 to {CPU_MAX_HEAD_DIM})")
-    if window is not None and window < 1:
-        _fail(f"window: must be at least 1, got {window}")
-    if scale is not None and not (abs(scale) < float("inf")):
-        _fail(f"scale: must be finite, got {scale}")
+    if window is not None and not (_is_int(window) and window >= 1):
+        _fail(f"window: must be at least 1 (an integer, or None for no window), got {_short(window)}")
+    if scale is not None and not (_is_real(scale) and abs(scale) < float("inf")):
+        _fail(f"scale: must be a finite number or None, got {_short(scale)}")
 
 
 def check_route(k, v, lam, beta, k3, v3, k_state, v_state, lam_tokens: int, lam_shape: str,
@@ -80,8 +95,8 @@ def check_route(k, v, lam, beta, k3, v3, k_state, v_state, lam_tokens: int, lam_
     _same_dtype(v, "v", k, "k")
     if v.shape != k.shape:
         _fail(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
-    if not (isinstance(beta, (int, float)) and 0.0 <= beta < 1.0):
-        _fail(f"beta: must be a float in [0, 1), got {beta!r}")
+    if not (_is_real(beta) and 0.0 <= beta < 1.0):
+        _fail(f"beta: must be a float in [0, 1), got {_short(beta)}")
     _tensor(lam, "lam", 3, lam_shape, k, "k")
     if lam.dtype not in (k.dtype, torch.float32):
         _fail(f"lam: dtype {lam.dtype} must be float32 or the inputs' {k.dtype}")
