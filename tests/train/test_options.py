@@ -1,6 +1,9 @@
 """Settings: YAML config with flag overrides, and clear errors for bad flags and configs."""
 
+from pathlib import Path
+
 import pytest
+import yaml
 
 from mka.train import main
 from mka.train.options import ConfigError, parse
@@ -112,3 +115,15 @@ def test_step_budget_from_epochs_tokens_or_steps():
     assert step_budget(parse(["--data", "x", "--max-tokens", "2560"]), sampler) == 10  # 256 tokens a step
     assert step_budget(parse(["--data", "x", "--max-tokens", "2561"]), sampler) == 11
     assert step_budget(parse(["--data", "x", "--max-steps", "7"]), sampler) == 7
+
+
+CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_shipped_configs_take_the_data_from_the_command_line(config):
+    """The recipes hold no data path (a clone has no data): --data comes from the user."""
+    assert "data" not in yaml.safe_load(config.read_text())
+    with pytest.raises(ConfigError, match="--data is required"):
+        parse(["--config", str(config)])
+    assert parse(["--config", str(config), "--data", "corpus.txt"]).data == "corpus.txt"
