@@ -91,7 +91,10 @@ def wrap(model: torch.nn.Module, rt: Runtime, settings: Settings) -> torch.nn.Mo
             raise ConfigError("--fsdp shards across processes: launch with torchrun --nproc-per-node N")
         return model
     if settings.fsdp:
-        from torch.distributed.fsdp import fully_shard
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:  # torch < 2.6 keeps FSDP2 under its composable API
+            from torch.distributed._composable.fsdp import fully_shard
         for block in _blocks(model):
             fully_shard(block)
         fully_shard(model)
