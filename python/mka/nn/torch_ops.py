@@ -22,10 +22,6 @@ _OptT = Optional[Tensor]
 # Tokens per EMA chunk: the within-chunk decay matrix is EMA_CHUNK x EMA_CHUNK.
 EMA_CHUNK = 64
 
-# SDPA shares key/value heads among query heads itself from torch 2.5 on (enable_gqa);
-# before that the key/value heads are repeated.
-_SDPA_GQA = torch.torch_version.TorchVersion(torch.__version__) >= (2, 5)
-
 
 def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True,
               scale: Optional[float] = None, window: Optional[int] = None) -> Tensor:
@@ -44,18 +40,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True,
         mask = visible(Tq, Tk, causal, window, q.device)  # SDPA's is_causal is top-left
     empty_rows = None
     if mask is not None and Tq > Tk:  # only then can a row see no key at all
-        # Such a row attends to every key and its output is zeroed after: a row of -inf
-        # scores gives NaN gradients on torch versions before 2.5.
+        # Such a row attends to every key and its output is zeroed after: a row of only
+        # -inf scores has NaN gradients in some versions of SDPA.
         empty_rows = ~mask.any(-1, keepdim=True)
         mask = mask | empty_rows
-    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    gqa = {}
-    if G != H and _SDPA_GQA:
-        gqa["enable_gqa"] = True
-    elif G != H:
-        kt, vt = kt.repeat_interleave(H // G, 1), vt.repeat_interleave(H // G, 1)
-    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, is_causal=is_causal,
-                                         scale=scale, **gqa).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask, is_causal=is_causal, scale=scale,
+                                         enable_gqa=G != H).transpose(1, 2)
     if empty_rows is not None:
         out = out.masked_fill(empty_rows.view(1, Tq, 1, 1), 0.0)
     return out
