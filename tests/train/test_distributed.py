@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from mka.train import main
 
@@ -14,7 +15,11 @@ from .train_cases import results
 FLAGS = ("--max-steps", 8, "--eval-tokens", 256, "--eval-interval", 4, "--attention", "gqa")
 
 
-@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+CPU_FSDP = pytest.mark.skipif(torch.torch_version.TorchVersion(torch.__version__) < (2, 7),
+                              reason="FSDP2 on CPU needs torch 2.7")
+
+
+@pytest.mark.parametrize("sharding", ["ddp", pytest.param("fsdp", marks=CPU_FSDP)])
 def test_two_gloo_processes_match_one(corpus_file, run_args, tmp_path, sharding):
     # one process, batch 8 == two processes, batch 4 each (the global batch is the same 8 blocks)
     single = [*run_args(corpus_file, *FLAGS, out="single")]

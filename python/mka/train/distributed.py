@@ -91,6 +91,9 @@ def wrap(model: torch.nn.Module, rt: Runtime, settings: Settings) -> torch.nn.Mo
             raise ConfigError("--fsdp shards across processes: launch with torchrun --nproc-per-node N")
         return model
     if settings.fsdp:
+        if rt.device.type == "cpu" and torch.torch_version.TorchVersion(torch.__version__) < (2, 7):
+            raise ConfigError(f"--fsdp: FSDP2 runs on CPU processes from torch 2.7 on (this is "
+                              f"{torch.__version__}); use DDP (leave out --fsdp) or a newer torch")
         try:
             from torch.distributed.fsdp import fully_shard
         except ImportError:  # torch < 2.6 keeps FSDP2 under its composable API
