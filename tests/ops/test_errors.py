@@ -151,3 +151,16 @@ def test_fastmka_carry_follows_the_scan_choice():
     assert mka._C.fastmka_carry_numel(1, 4096, 2, 64, False, "1pass") == 0
     raises("scan: expected 1pass or 3pass", mka._C.fastmka_carry_numel, 1, 64, 2, 64, True,
            "2pass")
+
+
+def test_non_tensor_inputs_raise_briefly():
+    """A numpy array or a wrongly typed option raises a one-line ValueError naming the
+    argument (the mka.* functions; torch.ops.mka.* first runs PyTorch's own schema check)."""
+    import numpy as np
+    q, k, v = qkv("cpu")
+    big = np.zeros((1, 4096, 4, 64), "f4")
+    with pytest.raises(ValueError, match="^q: expected a tensor") as e:
+        mka.attention(big, k, v)
+    assert len(str(e.value)) < 120
+    raises("^scale:", mka.attention, q, k, v, True, "x")
+    raises("^window:", mka.attention, q, k, v, True, None, 2.5)
