@@ -59,7 +59,14 @@ def _supported(t: Tensor, name: str) -> None:
               f"({', '.join(str(d) for d in ok)})")
 
 
-def check_attention(q, k, v, scale=None, window=None) -> None:
+# The largest |scale| of inputs below float64: their kernels compute in float32, the GPU ones
+# with scale * log2(e) (cpp/include/mka/problem.h: kMaxFloatScale).
+MAX_FLOAT_SCALE = 3.4028234663852886e38 / 1.4426950408889634
+
+
+def check_attention(q, k, v, scale=None, window=None, causal=True) -> None:
+    if not isinstance(causal, bool):
+        _fail(f"causal: must be True or False, got {_short(causal)}")
     _tensor(q, "q", 4, "(B, Tq, H, d)")
     _tensor(k, "k", 4, "(B, Tk, G, d)", q)
     _tensor(v, "v", 4, "(B, Tk, G, d)", q)
@@ -84,12 +91,18 @@ def check_attention(q, k, v, scale=None, window=None) -> None:
         _fail(f"window: must be at least 1 (an integer, or None for no window), got {_short(window)}")
     if scale is not None and not (_is_real(scale) and abs(scale) < float("inf")):
         _fail(f"scale: must be a finite number or None, got {_short(scale)}")
+    if scale is not None and q.dtype != torch.float64 and abs(scale) > MAX_FLOAT_SCALE:
+        _fail(f"scale: {scale} is out of float32's range for {q.dtype} inputs "
+              f"(|scale| at most {MAX_FLOAT_SCALE:.4g})")
 
 
-def check_route(k, v, lam, beta, k3, v3, k_state, v_state, lam_tokens: int, lam_shape: str,
-                with_l3: bool) -> int:
-    """Checks the EMA/routing inputs; returns the number of levels L."""
+def check_route(k, v, lam, beta, k3, v3, k_state, v_state, lam_tokens: Optional[int],
+                lam_shape: str, with_l3: bool) -> int:
+    """Checks the EMA/routing inputs; returns the number of levels L. lam_tokens: the tokens
+    lam covers (None: k's, for key-side routing)."""
     _tensor(k, "k", 4, "(B, T, G, d)")
+    if lam_tokens is None:
+        lam_tokens = k.shape[1]
     _tensor(v, "v", 4, "(B, T, G, d)", k, "k")
     _supported(k, "k")
     _same_dtype(v, "v", k, "k")

@@ -157,7 +157,7 @@ def _lse(q: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _attention_fwd_impl(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: _OptF,
                         window: _OptI, kernels: str) -> Tuple[Tensor, Tensor]:
-    V.check_attention(q, k, v, scale, window)
+    V.check_attention(q, k, v, scale, window, causal)
     cdt = _compute_dtype(q)
     qc = _cast(q, cdt)
     out = torch.empty_like(qc, memory_format=torch.contiguous_format)
@@ -172,14 +172,14 @@ _attention_fwd = _custom_op(_attention_fwd_impl)
 
 @_attention_fwd.register_fake
 def _(q, k, v, causal, scale, window, kernels):
-    V.check_attention(q, k, v, scale, window)
+    V.check_attention(q, k, v, scale, window, causal)
     return torch.empty_like(q, memory_format=torch.contiguous_format), _lse(q, state_dtype(q.dtype))
 
 
 def _attention_bwd_impl(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
                         causal: bool, scale: _OptF, window: _OptI,
                         kernels: str) -> Tuple[Tensor, Tensor, Tensor]:
-    V.check_attention(q, k, v, scale, window)
+    V.check_attention(q, k, v, scale, window, causal)
     cdt = _compute_dtype(q)
     # Uninitialized: the kernels overwrite every element (accumulate=False), no zero fills.
     dq, dk, dv = (q.new_empty(t.shape, dtype=cdt) for t in (q, k, v))
@@ -195,7 +195,7 @@ _attention_bwd = _custom_op(_attention_bwd_impl)
 
 @_attention_bwd.register_fake
 def _(q, k, v, out, lse, dout, causal, scale, window, kernels):
-    V.check_attention(q, k, v, scale, window)
+    V.check_attention(q, k, v, scale, window, causal)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
@@ -241,7 +241,7 @@ def _route_args(k: Tensor, v: Tensor, lam: Tensor, beta: float, x3: _OptT, v3: _
 def _route_fuse_fwd_impl(k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: _OptT, v3: _OptT,
                          k_state: _OptT, v_state: _OptT,
                          kernels: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    V.check_route(k, v, lam, beta, k3, v3, k_state, v_state, k.shape[1], "(B, Tk, L)", True)
+    V.check_route(k, v, lam, beta, k3, v3, k_state, v_state, None, "(B, Tk, L)", True)
     cdt = _compute_dtype(k)
     kf = k.new_empty(k.shape, dtype=cdt)
     vf = k.new_empty(v.shape, dtype=cdt)
@@ -256,7 +256,7 @@ _route_fuse_fwd = _custom_op(_route_fuse_fwd_impl)
 
 @_route_fuse_fwd.register_fake
 def _(k, v, lam, beta, k3, v3, k_state, v_state, kernels):
-    V.check_route(k, v, lam, beta, k3, v3, k_state, v_state, k.shape[1], "(B, Tk, L)", True)
+    V.check_route(k, v, lam, beta, k3, v3, k_state, v_state, None, "(B, Tk, L)", True)
     return (torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format), *_states_out(k))
 
@@ -302,7 +302,7 @@ def _route_fuse_bwd_impl(k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: _Op
                                                 Tensor]:
     """Returns (dk, dv, dlam, dk3, dv3, dk_state, dv_state); absent inputs (and lam without
     need_dlam) get empty grads."""
-    V.check_route(k, v, lam, beta, k3, v3, k_state, v_state, k.shape[1], "(B, Tk, L)", True)
+    V.check_route(k, v, lam, beta, k3, v3, k_state, v_state, None, "(B, Tk, L)", True)
     cdt = _compute_dtype(k)
     g = _route_grads_alloc(k, lam, k3, k_state, v_state, cdt, need_dlam)
     sdt = state_dtype(cdt)
@@ -319,7 +319,7 @@ _route_fuse_bwd = _custom_op(_route_fuse_bwd_impl)
 @_route_fuse_bwd.register_fake
 def _(k, v, lam, beta, k3, v3, k_state, v_state, dk_fused, dv_fused, dk_state_out,
       dv_state_out, need_dlam, kernels):
-    V.check_route(k, v, lam, beta, k3, v3, k_state, v_state, k.shape[1], "(B, Tk, L)", True)
+    V.check_route(k, v, lam, beta, k3, v3, k_state, v_state, None, "(B, Tk, L)", True)
     return _route_grads_fake(k, lam, k3, k_state, v_state, need_dlam)
 
 
@@ -350,9 +350,9 @@ _route_fuse_fwd.register_autograd(_route_fuse_backward, setup_context=_route_fus
 
 # --------------------------------------------------------------------------- fastmka
 
-def _check_fastmka(q, k, v, lam, beta, k3, v3, k_state, v_state, scale, window) -> None:
-    V.check_attention(q, k, v, scale, window)
-    V.check_route(k, v, lam, beta, k3, v3, k_state, v_state, k.shape[1], "(B, Tk, L)", True)
+def _check_fastmka(q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window) -> None:
+    V.check_attention(q, k, v, scale, window, causal)
+    V.check_route(k, v, lam, beta, k3, v3, k_state, v_state, None, "(B, Tk, L)", True)
 
 
 def _fastmka_saved(q: Tensor, k: Tensor, cdt: torch.dtype,
@@ -377,7 +377,7 @@ def _fastmka_fwd_impl(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float,
                       window: _OptI, kernels: str) -> Tuple[Tensor, Tensor, Tensor, Tensor,
                                                             Tensor, Tensor, Tensor]:
     """Returns (out, lse, k_state, v_state, k_fused, v_fused, carry)."""
-    _check_fastmka(q, k, v, lam, beta, k3, v3, k_state, v_state, scale, window)
+    _check_fastmka(q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window)
     cdt = _compute_dtype(q)
     out = q.new_empty(q.shape, dtype=cdt)
     lse = _lse(q, state_dtype(cdt))
@@ -395,7 +395,7 @@ _fastmka_fwd = _custom_op(_fastmka_fwd_impl)
 
 @_fastmka_fwd.register_fake
 def _(q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window, kernels):
-    _check_fastmka(q, k, v, lam, beta, k3, v3, k_state, v_state, scale, window)
+    _check_fastmka(q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             _lse(q, state_dtype(q.dtype)), *_states_out(k),
             *_fastmka_saved(q, k, _compute_dtype(q), kernels))
@@ -409,7 +409,7 @@ def _fastmka_bwd_impl(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float,
                                                               Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, dlam, dk3, dv3, dk_state, dv_state); dlam is empty without
     need_dlam."""
-    _check_fastmka(q, k, v, lam, beta, k3, v3, k_state, v_state, scale, window)
+    _check_fastmka(q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window)
     cdt = _compute_dtype(q)
     sdt = state_dtype(cdt)
     dq = q.new_empty(q.shape, dtype=cdt)  # overwritten (accumulate=False), as all of g
@@ -429,7 +429,7 @@ _fastmka_bwd = _custom_op(_fastmka_bwd_impl)
 @_fastmka_bwd.register_fake
 def _(q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window, out, lse, dout,
       dk_state_out, dv_state_out, k_fused, v_fused, carry, need_dlam, kernels):
-    _check_fastmka(q, k, v, lam, beta, k3, v3, k_state, v_state, scale, window)
+    _check_fastmka(q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             *_route_grads_fake(k, lam, k3, k_state, v_state, need_dlam))
 
@@ -458,8 +458,8 @@ _fastmka_fwd.register_autograd(_fastmka_backward, setup_context=_fastmka_setup)
 
 # --------------------------------------------------------------------------- mka
 
-def _check_mka(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, scale, window) -> int:
-    V.check_attention(q, k, v, scale, window)
+def _check_mka(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window) -> int:
+    V.check_attention(q, k, v, scale, window, causal)
     L = V.check_route(k, v, lam, beta, None, None, k_state, v_state, q.shape[1], "(B, Tq, L)",
                       False)
     V.check_memory(q, k, mem_k, mem_v, L)
@@ -481,7 +481,7 @@ def _mka_fwd_impl(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, mem
                                                         Tensor, Tensor]:
     """Returns (out, o_levels (L, B, Tq, H, d), lse_levels (L, B, H, Tq), k_state, v_state,
     k_ema, v_ema): the levels' outputs, statistics and EMA keys/values kept for backward."""
-    L = _check_mka(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, scale, window)
+    L = _check_mka(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window)
     cdt = _compute_dtype(q)
     out = q.new_empty(q.shape, dtype=cdt)
     o_levels, lse_levels = _mka_saved(q, L, cdt)
@@ -499,7 +499,7 @@ _mka_fwd = _custom_op(_mka_fwd_impl)
 
 @_mka_fwd.register_fake
 def _(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window, kernels):
-    L = _check_mka(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, scale, window)
+    L = _check_mka(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window)
     cdt = _compute_dtype(q)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             *_mka_saved(q, L, cdt), *_states_out(k), k.new_empty(k.shape, dtype=cdt),
@@ -513,7 +513,7 @@ def _mka_bwd_impl(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, mem
                   kernels: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                                          Tensor]:
     """Returns (dq, dk, dv, dlam, dmem_k, dmem_v, dk_state, dv_state)."""
-    _check_mka(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, scale, window)
+    _check_mka(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window)
     cdt = _compute_dtype(q)
     sdt = state_dtype(cdt)
     dq = q.new_empty(q.shape, dtype=cdt)  # overwritten (accumulate=False), as all the rest
@@ -535,7 +535,7 @@ _mka_bwd = _custom_op(_mka_bwd_impl)
 @_mka_bwd.register_fake
 def _(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window, o_levels,
       lse_levels, dout, dk_state_out, dv_state_out, k_ema, v_ema, kernels):
-    _check_mka(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, scale, window)
+    _check_mka(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             *_route_grads_fake(k, lam, mem_k, k_state, v_state))
 

@@ -21,7 +21,7 @@ def visible(Tq: int, Tk: int, causal: bool, window: Optional[int], device=None) 
     if causal:
         vis &= j <= i
     if window is not None:
-        vis &= j > i - window
+        vis &= i - j < window  # not j > i - window: i - window overflows int64 for huge windows
     return vis
 
 
@@ -46,7 +46,7 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def ema(z: Tensor, beta: float, state: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """s_t = beta s_{t-1} + (1 - beta) z_t along dim 1; returns (EMA(z), final state)."""
-    s = torch.zeros_like(z[:, 0]) if state is None else state.to(z.dtype)
+    s = z.new_zeros(z.shape[0], *z.shape[2:]) if state is None else state.to(z.dtype)
     out = []
     for t in range(z.shape[1]):
         s = beta * s + (1.0 - beta) * z[:, t]

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdint>
 #include <functional>
 #include <limits>
 #include <string>
@@ -77,6 +78,22 @@ struct AttentionInputs : ::testing::Test {
     return check_attention(q_, k_, v_, o);
   }
 };
+
+// A window of Tk keys or more hides none: no window, whatever its size (the visibility
+// bounds' arithmetic stays in range); a scale float32 kernels cannot take is refused.
+TEST_F(AttentionInputs, HugeWindowIsNoWindowAndScaleFitsFloat32) {
+  for (int64_t w : {int64_t(7), int64_t(1) << 62, INT64_MAX}) {
+    o.window = w;
+    EXPECT_EQ(check(q, k, v).window, -1) << w;
+  }
+  o.window = 6;
+  EXPECT_EQ(check(q, k, v).window, 6);
+  o.window.reset();
+  o.scale = 3e38;
+  EXPECT_MKA_ERROR(check(q, k, v), "scale", "float32");
+  const HostTensor q64(DType::f64, {2, 5, 4, 16}), k64(DType::f64, {2, 7, 2, 16});
+  EXPECT_DOUBLE_EQ(check(q64, k64, k64).scale, 3e38);
+}
 
 TEST_F(AttentionInputs, GoodInputsGiveTheProblem) {
   const AttentionProblem p = check(q, k, v);

@@ -47,6 +47,10 @@ struct RouteProblem {
 // EMA) has no window, level 3 (recalled memory) is not causal. Shared by CPU and CUDA.
 AttentionProblem level_problem(const AttentionProblem& ap, int l, int64_t M);
 
+// The largest |scale| of inputs below float64: their kernels compute in float32, the GPU ones
+// with scale * log2(e), which must stay finite.
+inline constexpr double kMaxFloatScale = 3.4028234663852886e38 / 1.4426950408889634;
+
 // The dtype of EMA states and softmax statistics for a given input dtype:
 // float32, or float64 when the inputs are float64.
 DType stats_dtype(DType input);

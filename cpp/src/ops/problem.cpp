@@ -92,10 +92,18 @@ AttentionProblem check_attention(const TensorRef& q, const TensorRef& k, const T
     MKA_CHECK(p.d == 64 || p.d == 128, "q: head dim ", p.d,
               " is not supported on cuda (64 or 128)");
   if (o.window) MKA_CHECK(*o.window >= 1, "window: must be at least 1, got ", *o.window);
-  if (o.scale) MKA_CHECK(std::isfinite(*o.scale), "scale: must be finite, got ", *o.scale);
+  if (o.scale) {
+    MKA_CHECK(std::isfinite(*o.scale), "scale: must be finite, got ", *o.scale);
+    // Below float64 the kernels compute in float32, the GPU ones with scale * log2(e).
+    MKA_CHECK(q.dtype == DType::f64 || std::fabs(*o.scale) <= kMaxFloatScale, "scale: ",
+              *o.scale, " is out of float32's range for ", dtype_name(q.dtype),
+              " inputs (|scale| at most ", kMaxFloatScale, ")");
+  }
   p.causal = o.causal;
   p.scale = o.scale ? *o.scale : 1.0 / std::sqrt(double(p.d));
-  p.window = o.window ? *o.window : -1;
+  // A window of Tk keys or more hides none: no window, which also keeps the visibility
+  // bounds' arithmetic (i + (Tk - Tq) - window) far from overflow.
+  p.window = o.window && *o.window < p.Tk ? *o.window : -1;
   p.dtype = q.dtype;
   p.device = q.device;
   p.device_id = q.device_id;
