@@ -28,7 +28,7 @@ import shutil
 import struct
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -167,8 +167,9 @@ def estimated_bytes(model) -> int:
 
 
 class _HashingWriter:
-    """What ``torch.save`` writes to (it only writes, in order): hashed, counted, passed on;
-    the first OSError is kept, because torch re-raises it as an opaque RuntimeError."""
+    """What ``torch.save`` writes to (it only writes, in order): hashed, counted, passed on.
+    torch turns an exception raised here into an opaque RuntimeError ("unexpected pos"), a
+    KeyboardInterrupt included, so the first one is kept to be raised again."""
 
     def __init__(self, f):
         self.f, self.sha, self.n, self.error = f, hashlib.sha256(), 0, None
@@ -176,12 +177,12 @@ class _HashingWriter:
     def write(self, b) -> int:
         try:
             n = self.f.write(b)
-        except OSError as e:
+            self.sha.update(b)
+            self.n += len(b)
+            return n
+        except BaseException as e:
             self.error = self.error or e
             raise
-        self.sha.update(b)
-        self.n += len(b)
-        return n
 
     def flush(self) -> None:
         self.f.flush()
@@ -204,8 +205,8 @@ def write_file(path: Path, state: dict) -> None:
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if writer is not None and writer.error is not None and not isinstance(e, OSError):
-            raise writer.error from e
+        if writer is not None and writer.error is not None and writer.error is not e:
+            raise writer.error from None
         raise
     try:  # the rename itself survives a power loss once the folder is synced
         fd = os.open(path.parent, os.O_RDONLY)
