@@ -43,13 +43,12 @@ def run(settings: Settings, argv: list[str]) -> list[dict]:
     """Train every requested variant in turn; returns their results (rank 0 also writes them)."""
     if settings.resume:  # before the processes start and the data is tokenized
         check_resumable(settings, Path(settings.out))
-    # --out takes files (results, checkpoints) before any tokenizing or training; each variant
-    # checks its own folder, and the space for a checkpoint, once its model is built
-    problem = checkpoint.check_writable(Path(settings.out), keep_created=False)
-    if problem is not None:
-        raise checkpoint.CheckpointError(problem)
     rt = D.start(settings)
     try:
+        # --out takes files (results, checkpoints) before any tokenizing or training (rank 0's
+        # check: the probe makes and removes folders); each variant checks its own folder, and
+        # the space for a checkpoint, once its model is built
+        checkpoint.on_main(rt, lambda: checkpoint.check_writable(Path(settings.out), keep_created=False))
         if settings.deepspeed:
             D.load_deepspeed(settings.deepspeed)  # fail before tokenizing when it is missing
         data = dataset.prepare(settings, rt)
