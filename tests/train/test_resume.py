@@ -7,6 +7,7 @@ import sys
 import time
 
 from mka.train import main
+from mka.train.checkpoint import checkpoint_files, read
 
 from .train_cases import results
 
@@ -46,15 +47,12 @@ def test_ctrl_c_leaves_a_checkpoint_that_resumes(corpus_file, run_args, tmp_path
     err = (seen + err).decode()
     assert proc.returncode == 130, err
     assert "continue with --resume" in err
-    ckpt = tmp_path / "out" / "mha" / "checkpoint.pt"
-    assert ckpt.is_file()
-    import torch
-    step = torch.load(ckpt, weights_only=False)["step"]
-    assert 0 < step < 100000
+    [(step, ckpt)] = checkpoint_files(tmp_path / "out" / "mha")
+    assert 0 < step < 100000 and read(ckpt)["step"] == step
     # resuming with a budget that ends right after the saved step finishes cleanly
     assert main(run_args(corpus_file, "--max-steps", 100000, "--checkpoint-interval", 1000000,
                          "--stop-after-steps", step + 2, "--resume")) == 130
-    assert torch.load(ckpt, weights_only=False)["step"] == step + 2
+    assert read(checkpoint_files(tmp_path / "out" / "mha")[0][1])["step"] == step + 2
 
 
 def test_resume_without_a_checkpoint_fails(corpus_file, run_args, tmp_path, capsys):

@@ -15,9 +15,9 @@ from typing import Optional
 
 import torch
 
-from . import dataset, report
+from . import checkpoint, dataset, report
 from . import distributed as D
-from .loop import Interrupted, StopFlag, VariantRun, check_resumable
+from .loop import Interrupted, NonFinite, StopFlag, VariantRun, check_resumable
 from .options import ConfigError, Settings, parse
 
 __all__ = ["main", "run"]
@@ -45,6 +45,10 @@ def run(settings: Settings, argv: list[str]) -> list[dict]:
         check_resumable(settings, Path(settings.out))
     rt = D.start(settings)
     try:
+        # --out takes files (results, checkpoints) before any tokenizing or training (rank 0's
+        # check: the probe makes and removes folders); each variant checks its own folder, and
+        # the space for a checkpoint, once its model is built
+        checkpoint.on_main(rt, lambda: checkpoint.check_writable(Path(settings.out), keep_created=False))
         if settings.deepspeed:
             D.load_deepspeed(settings.deepspeed)  # fail before tokenizing when it is missing
         data = dataset.prepare(settings, rt)
@@ -68,6 +72,11 @@ def run(settings: Settings, argv: list[str]) -> list[dict]:
                     raise
                 except ConfigError:
                     raise
+                except NonFinite as e:  # one variant of several diverged: say so, go on
+                    if rt.distributed or len(settings.variants()) == 1:
+                        raise
+                    print(f"mka train: {e}", file=sys.stderr)
+                    results.append({"variant": variant, "complete": False, "error": str(e)})
                 except Exception as e:  # a crash in one variant of several: record it, go on
                     if rt.distributed or len(settings.variants()) == 1:
                         raise
@@ -97,7 +106,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except Interrupted as e:
         print(f"mka train: {e}", file=sys.stderr)
         return 130
+    except NonFinite as e:
+        print(f"mka train: error: {e}", file=sys.stderr)
+        return 1
     if failed:
-        print(f"mka train: error: variant(s) {', '.join(failed)} failed (tracebacks above)", file=sys.stderr)
+        print(f"mka train: error: variant(s) {', '.join(failed)} failed (see above)", file=sys.stderr)
         return 1
     return 0

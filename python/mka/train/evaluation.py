@@ -47,4 +47,5 @@ def heldout_loss(model, blocks: list[np.ndarray], batch_size: int, rt: D.Runtime
     model.train(was_training)
     total, count = D.all_reduce(rt, [total, float(count)])
     mean = total / count
-    return {"loss": mean, "ppl": math.exp(mean), "tokens": int(count)}
+    ppl = math.exp(mean) if mean < 709 else math.inf  # exp overflows a float beyond ~709.78
+    return {"loss": mean, "ppl": ppl, "tokens": int(count)}

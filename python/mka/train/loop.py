@@ -4,6 +4,7 @@ batches, periodic held-out evaluation, checkpoints, and the variant's metrics.""
 from __future__ import annotations
 
 import json
+import math
 import signal
 import sys
 import time
@@ -25,6 +26,15 @@ from .schedule import make_optimizer, step_budget
 
 class Interrupted(Exception):
     """Training stopped early on request; a checkpoint was written."""
+
+
+class NonFinite(Exception):
+    """A NaN or infinite loss or gradient norm stopped the run; nothing after the last good
+    checkpoint was written."""
+
+
+# --on-nonfinite skip gives up when this many steps in a row were not finite: the run has diverged.
+MAX_SKIPS_IN_ROW = 20
 
 
 class StopFlag:
@@ -91,7 +101,7 @@ class Clock:
 
 def _new_history() -> dict:
     return {"train": [], "evals": [], "train_seconds": 0.0, "timed_seconds": 0.0, "timed_tokens": 0,
-            "eval_seconds": 0.0}
+            "eval_seconds": 0.0, "skipped": []}
 
 
 def _trajectory(settings: Settings, variant: str) -> dict:
@@ -100,17 +110,30 @@ def _trajectory(settings: Settings, variant: str) -> dict:
     return t
 
 
-def _saved_paths(settings: Settings, variant: str, out: Path) -> tuple[Path, Path]:
-    """Where a variant's checkpoint and result live under ``out``."""
+def _has_saved_state(settings: Settings, variant: str, out: Path) -> bool:
+    """Whether ``out`` holds a checkpoint (sound or not) or a result of ``variant``."""
     folder = out / variant
-    return folder / ("deepspeed" if settings.deepspeed else "checkpoint.pt"), folder / "result.json"
+    saved = (folder / "deepspeed").exists() if settings.deepspeed else bool(checkpoint.checkpoint_files(folder))
+    return saved or (folder / "result.json").exists()
+
+
+def _grad_norm(model) -> torch.Tensor:
+    """The total gradient norm, without clipping."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    total = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6
+    return total(grads) if total is not None else torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf)
+
+
+def _scalar(t: torch.Tensor) -> torch.Tensor:
+    t = t.full_tensor() if hasattr(t, "full_tensor") else t  # FSDP2 returns a DTensor norm
+    return t.detach().float().reshape(())
 
 
 def check_resumable(settings: Settings, out: Path) -> None:
     """``--resume`` continues a run: refuse it when ``out`` holds nothing of any requested
     variant (a mistyped ``--out`` would otherwise start training from scratch)."""
     variants = settings.variants()
-    if not any(p.exists() for v in variants for p in _saved_paths(settings, v, out)):
+    if not any(_has_saved_state(settings, v, out) for v in variants):
         raise ConfigError(f"--resume: {out} holds no checkpoint or result of {', '.join(variants)}; "
                           "pass the --out of the run to continue, or leave out --resume to start one")
 
@@ -119,8 +142,10 @@ class VariantRun:
     def __init__(self, settings: Settings, variant: str, data: TokenizedData, rt: D.Runtime, out: Path):
         self.s, self.variant, self.data, self.rt = settings, variant, data, rt
         self.dir = out / variant
-        self.ckpt_path, self.result_path = _saved_paths(settings, variant, out)
+        self.result_path, self.deepspeed_path = self.dir / "result.json", self.dir / "deepspeed"
         self.trajectory = _trajectory(settings, variant)
+        self.last_saved: Path | None = None   # the newest checkpoint written or resumed from
+        self.skips_in_row = 0
 
     # ------------------------------------------------------------------ setup
     def _build(self) -> None:
@@ -158,11 +183,70 @@ class VariantRun:
 
     def _save(self, step: int, history: dict) -> None:
         if self.engine is not None:
-            checkpoint.save_deepspeed(self.ckpt_path, engine=self.engine, rt=self.rt, step=step, history=history,
-                                      trajectory=self.trajectory, variant=self.variant)
+            checkpoint.save_deepspeed(self.deepspeed_path, engine=self.engine, rt=self.rt, step=step,
+                                      history=history, trajectory=self.trajectory, variant=self.variant)
+            self.last_saved = self.deepspeed_path
             return
-        checkpoint.save(self.ckpt_path, step=step, history=history, trajectory=self.trajectory,
-                        variant=self.variant, **self._ckpt_args())
+        self.last_saved = checkpoint.save(self.dir, keep=self.s.keep_checkpoints, step=step, history=history,
+                                          trajectory=self.trajectory, variant=self.variant, **self._ckpt_args())
+
+    def _preflight(self) -> None:
+        """Before the first step: the variant's folder takes files and has room for a checkpoint;
+        partial checkpoint files a killed run left there are removed."""
+        def work():
+            problem = checkpoint.check_writable(self.dir, checkpoint.estimated_bytes(self.model))
+            if problem is None:
+                checkpoint.remove_temporaries(self.dir)
+            return problem
+        checkpoint.on_main(self.rt, work)
+
+    def _restore(self) -> tuple[int, dict] | None:
+        """(step, history) of the checkpoint --resume continues from, or None."""
+        if self.engine is not None:
+            if not self.deepspeed_path.exists():
+                return None
+            self.last_saved = self.deepspeed_path
+            return checkpoint.load_deepspeed(self.deepspeed_path, engine=self.engine, rt=self.rt,
+                                             trajectory=self.trajectory)
+        found = checkpoint.load(self.dir, trajectory=self.trajectory, **self._ckpt_args())
+        if found is None:
+            return None
+        self.last_saved, done, history = found
+        return done, history
+
+    # ------------------------------------------------------------------ non-finite values
+    def _where_saved(self) -> str:
+        return f"the newest checkpoint is {self.last_saved}" if self.last_saved else "no checkpoint was written"
+
+    def _nonfinite(self, step: int, history: dict, loss: torch.Tensor, norm: torch.Tensor | None) -> bool:
+        """Whether step ``step + 1`` (as the curves number it) had a NaN or infinite loss or
+        gradient norm, on any rank: --on-nonfinite stop raises NonFinite, skip records it."""
+        named = [("training loss", loss)] + ([("gradient norm", norm)] if norm is not None else [])
+        flags = torch.stack([(~torch.isfinite(_scalar(t))).float() for _, t in named]).tolist()  # one sync
+        flags = D.all_reduce(self.rt, flags, "max")
+        bad = [name for (name, _), f in zip(named, flags) if f > 0]
+        if not bad:
+            self.skips_in_row = 0
+            return False
+        what = f"[{self.variant}] step {step + 1}: the {' and the '.join(bad)} {'is' if len(bad) == 1 else 'are'} " \
+               "not finite (NaN or infinity)"
+        if self.s.on_nonfinite == "stop":
+            raise NonFinite(f"{what}; stopped before updating the weights (--on-nonfinite stop); "
+                            f"{self._where_saved()}; --resume --on-nonfinite skip continues from it, "
+                            "skipping such steps")
+        history["skipped"].append([step + 1, " and ".join(bad)])
+        self.skips_in_row += 1
+        if self.skips_in_row >= MAX_SKIPS_IN_ROW:
+            raise NonFinite(f"{what}, for {self.skips_in_row} steps in a row: the run has diverged; "
+                            f"{self._where_saved()}")
+        if self.rt.is_main:
+            tqdm.write(f"{what}; step skipped (--on-nonfinite skip)", file=sys.stderr)
+        return True
+
+    def _check_eval(self, ev: dict, done: int) -> None:
+        if not math.isfinite(ev["loss"]):
+            raise NonFinite(f"[{self.variant}] step {done}: the held-out loss is {ev['loss']}; "
+                            f"{self._where_saved()}")
 
     # ------------------------------------------------------------------ pieces of a step
     def _evaluate(self, blocks, history: dict, stop: StopFlag) -> dict | None:
@@ -175,10 +259,11 @@ class VariantRun:
         history["eval_seconds"] += time.perf_counter() - t0
         return ev
 
-    def _train_step(self, step: int) -> torch.Tensor:
+    def _train_step(self, step: int, history: dict) -> torch.Tensor | None:
+        """One optimizer step; its mean loss, or None when it was skipped as not finite."""
         s, rt = self.s, self.rt
         if self.engine is not None:
-            return self._deepspeed_step(step)
+            return self._deepspeed_step(step, history)
         ddp = isinstance(self.train_model, torch.nn.parallel.DistributedDataParallel)
         mean_loss = torch.zeros((), device=rt.device)
         for micro in range(s.grad_accum):
@@ -190,17 +275,30 @@ class VariantRun:
                     _, loss = self.train_model(mb.x, mb.y)
                 self.scaler.scale(loss / s.grad_accum).backward()
             mean_loss += loss.detach().float() / s.grad_accum
+        # fp16: gradients that overflow are the GradScaler's to skip (it lowers the scale); the
+        # loss is checked in every precision
+        check_grads = not self.scaler.is_enabled()
+        norm = None
         if s.grad_clip:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip)
+        elif check_grads:
+            norm = _grad_norm(self.model)
+        if self._nonfinite(step, history, mean_loss, norm if check_grads else None):
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler.is_enabled():  # forget this step's unscale_ and back off, as on an overflow
+                self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
+            self.scheduler.step()  # the schedule stays in step with the data position
+            return None
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return mean_loss
 
-    def _deepspeed_step(self, step: int) -> torch.Tensor:
-        """The engine accumulates, clips, scales and steps optimizer and schedule at the boundary."""
+    def _deepspeed_step(self, step: int, history: dict) -> torch.Tensor:
+        """The engine accumulates, clips, scales and steps optimizer and schedule at the boundary;
+        a non-finite loss stops the run (before any checkpoint of the updated weights)."""
         mean_loss = torch.zeros((), device=self.rt.device)
         for micro in range(self.s.grad_accum):
             mb = self.sampler.micro_batch(step, micro, self.rt.rank, self.rt.device)
@@ -209,6 +307,7 @@ class VariantRun:
             self.engine.backward(loss)
             self.engine.step()
             mean_loss += loss.detach().float() / self.s.grad_accum
+        self._nonfinite(step, history, mean_loss, None)
         return mean_loss
 
     def _flush(self, pending: list, history: dict) -> None:
@@ -237,7 +336,7 @@ class VariantRun:
             done_before = json.loads(self.result_path.read_text())
             if done_before.get("complete") and done_before.get("trajectory") == self.trajectory:
                 return done_before
-        if not s.resume and (self.ckpt_path.exists() or self.result_path.exists()):
+        if not s.resume and _has_saved_state(s, self.variant, self.dir.parent):
             raise ConfigError(f"--out {self.dir.parent} already holds a run of {self.variant}; "
                               "pass --resume to continue it or choose another --out")
         peak_memory.reset_peak(rt.device)
@@ -246,14 +345,16 @@ class VariantRun:
             print(f"[{self.variant}] attention kernels: {self.backend} ({self.backend_reason}); "
                   f"{self.params:,} parameters; {self.total_steps:,} steps of {self.sampler.global_batch} x "
                   f"{s.seq_len} tokens", flush=True)
+        self._preflight()
         history, done = _new_history(), 0
-        if s.resume and self.ckpt_path.exists():
-            if self.engine is not None:
-                done, history = checkpoint.load_deepspeed(self.ckpt_path, engine=self.engine, rt=rt,
-                                                          trajectory=self.trajectory)
-            else:
-                done, history = checkpoint.load(self.ckpt_path, trajectory=self.trajectory, **self._ckpt_args())
+        restored = self._restore() if s.resume else None
+        if restored is not None:
+            done, history = restored
+            if rt.is_main:
+                print(f"[{self.variant}] resuming from {self.last_saved} (step {done})", flush=True)
         else:
+            if s.resume and rt.is_main:
+                print(f"[{self.variant}] no checkpoint in {self.dir}: starting at step 0", flush=True)
             torch.manual_seed(s.seed + rt.rank)  # dropout masks differ per rank, as in data-parallel training
         self.train_model.train()
         tokens_per_step = self.sampler.global_batch * s.seq_len
@@ -269,6 +370,7 @@ class VariantRun:
                     ev = self._evaluate(self.periodic_blocks, history, stop)
                     if ev is None:
                         self._stop(history, done, pending)
+                    self._check_eval(ev, done)
                     history["evals"].append([done, ev["loss"]])
                     if rt.is_main:
                         bar.write(f"[{self.variant}] step {done}: held-out loss {ev['loss']:.4f}")
@@ -276,11 +378,12 @@ class VariantRun:
                     clock.close()
                     clock.open(timed=done >= timing_from)
                 lr = self.scheduler.get_last_lr()[0]
-                loss = self._train_step(done)
+                loss = self._train_step(done, history)
                 done += 1
                 clock.tokens += tokens_per_step
-                pending.append((done, loss, lr))
-                if done % s.log_interval == 0 or done == self.total_steps:
+                if loss is not None:  # a skipped step has no point on the curve
+                    pending.append((done, loss, lr))
+                if (done % s.log_interval == 0 or done == self.total_steps) and (pending or history["train"]):
                     self._flush(pending, history)
                     tps = clock.live_rate()
                     bar.set_postfix(loss=f"{history['train'][-1][1]:.4f}",
@@ -300,6 +403,7 @@ class VariantRun:
         final = self._evaluate(self.final_blocks, history, stop)
         if final is None:  # the checkpoint of the last step is written: --resume only evaluates
             self._stop(history, done, pending, saved=True)
+        self._check_eval(final, done)
         history["evals"].append([done, final["loss"]])
         result = self._result(history, done, final)
         self._write_result(result)
@@ -312,7 +416,7 @@ class VariantRun:
             self._save(done, history)
         self._write_result(self._result(history, done, final=None))
         raise Interrupted(f"{self.variant} stopped at step {done}/{self.total_steps}; "
-                          f"checkpoint in {self.ckpt_path}; continue with --resume")
+                          f"checkpoint in {self.last_saved}; continue with --resume")
 
     # ------------------------------------------------------------------ results
     def _result(self, history: dict, done: int, final: dict | None) -> dict:
@@ -339,6 +443,7 @@ class VariantRun:
             "train_time_s": history["train_seconds"], "eval_time_s": history["eval_seconds"],
             "peak_memory_bytes": peak, "peak_memory_kind": peak_kind,
             "curves": {"train": history["train"], "evals": history["evals"]},
+            "skipped_steps": history["skipped"],
         }
 
     def _write_result(self, result: dict) -> None:

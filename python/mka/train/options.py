@@ -100,6 +100,10 @@ OPTIONS = [
            "the final eval always reads the whole split", check=_nonneg, check_msg="must be >= 0"),
     Option("checkpoint_interval", int, 0, "checkpoint every N steps (0 = at eval steps and the end)",
            check=_nonneg, check_msg="must be >= 0"),
+    Option("keep_checkpoints", int, 2, "checkpoints kept per variant (the newest N; an older one is the "
+           "fallback should the newest be damaged)", check=_pos, check_msg="must be > 0"),
+    Option("on_nonfinite", str, "stop", "a NaN or infinite training loss or gradient norm: stop the run "
+           "(the last checkpoint stays the newest) or skip that step's update", choices=("stop", "skip")),
     Option("log_interval", int, 10, "record the training loss every N steps", check=_pos, check_msg="must be > 0"),
     Option("timing_warmup_steps", int, 5, "steps left out of tokens/s (compilation, allocator warm-up)",
            check=_nonneg, check_msg="must be >= 0"),
@@ -258,6 +262,9 @@ def _check_together(s: Settings) -> None:
         raise ConfigError(f"--min-lr {s.min_lr} must not exceed --lr {s.lr}")
     if s.fsdp and s.deepspeed:
         raise ConfigError("--fsdp and --deepspeed are two ways to shard: choose one")
+    if s.deepspeed and s.on_nonfinite == "skip":
+        raise ConfigError("--on-nonfinite skip with --deepspeed: the engine steps inside its own loop; "
+                          "use --on-nonfinite stop (DeepSpeed's fp16 loss scaler skips overflowing steps itself)")
     tok = s.tokenizer
     if not (tok in ("bytes", "char", "gpt2") or tok.startswith("bpe:")):
         raise ConfigError(f"--tokenizer: expected bytes, char, gpt2 or bpe:N, got {tok!r}")
