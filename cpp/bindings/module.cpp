@@ -64,11 +64,8 @@ NB_MODULE(_C, m) {
   m.def("built_with_cuda", &mka::built_with_cuda);
   m.def("fastmka_carry_numel",
         [](int64_t B, int64_t Tk, int64_t G, int64_t d, bool cuda, const std::string& scan) {
-          MKA_CHECK(scan == "1pass" || scan == "3pass", "scan: expected 1pass or 3pass, got '",
-                    scan, "'");
-          const auto s = scan == "3pass" ? mka::ScanKernel::three_pass : mka::ScanKernel::one_pass;
           return mka::fastmka_carry_numel(B, Tk, G, d, cuda ? mka::Device::cuda : mka::Device::cpu,
-                                          s);
+                                          mka::bind::scan_kernel(scan, "scan"));
         },
         "B"_a, "Tk"_a, "G"_a, "d"_a, "cuda"_a, "scan"_a);
   // The kernel options' names and their defaults from the environment (environment.h).

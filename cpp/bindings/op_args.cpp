@@ -19,17 +19,21 @@ template <class T> T cast(nb::handle h, const char* op, const char* name, const 
   return x;
 }
 
+// The enum value named `s` in `names` (enum order); `what` names the argument in the error.
 template <class E, size_t N>
-E choice(nb::handle h, const char* op, const char* name, const char* const (&names)[N]) {
-  const std::string s = cast<std::string>(h, op, name, "a string");
+E choice(const std::string& s, const std::string& what, const char* const (&names)[N]) {
   for (size_t i = 0; i < N; ++i)
     if (s == names[i]) return E(i);
   std::string all;
   for (size_t i = 0; i < N; ++i) all += (i ? ", " : "") + std::string(names[i]);
-  fail(op, ": ", name, ": expected one of ", all, ", got '", s, "'");
+  fail(what, ": expected one of ", all, ", got '", s, "'");
 }
 
 }  // namespace
+
+ScanKernel scan_kernel(const std::string& name, const std::string& what) {
+  return choice<ScanKernel>(name, what, kScanKernelNames);
+}
 
 void ArgsFiller::set(TensorRef& t, nb::handle h, const char* name) {
   if (h.is_none()) {
@@ -49,7 +53,8 @@ void ArgsFiller::set(bool& x, nb::handle h, const char* name) {
 }
 
 void ArgsFiller::set(std::optional<double>& x, nb::handle h, const char* name) {
-  x = h.is_none() ? std::nullopt : std::optional<double>(cast<double>(h, op_, name, "a float or None"));
+  x = h.is_none() ? std::nullopt
+                  : std::optional<double>(cast<double>(h, op_, name, "a float or None"));
 }
 
 void ArgsFiller::set(std::optional<int64_t>& x, nb::handle h, const char* name) {
@@ -62,12 +67,15 @@ void ArgsFiller::set(void*& stream, nb::handle h, const char* name) {
 }
 
 void ArgsFiller::set(AttnKernel& k, nb::handle h, const char* name) {
-  k = choice<AttnKernel>(h, op_, name, kAttnKernelNames);
+  k = choice<AttnKernel>(cast<std::string>(h, op_, name, "a string"), what(name),
+                         kAttnKernelNames);
 }
 
 void ArgsFiller::set(ScanKernel& k, nb::handle h, const char* name) {
-  k = choice<ScanKernel>(h, op_, name, kScanKernelNames);
+  k = scan_kernel(cast<std::string>(h, op_, name, "a string"), what(name));
 }
+
+std::string ArgsFiller::what(const char* name) const { return std::string(op_) + ": " + name; }
 
 void ArgsFiller::reject_unknown(const std::vector<std::string>& names) {
   for (auto [key, value] : kw_) {

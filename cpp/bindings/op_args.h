@@ -13,6 +13,9 @@
 
 namespace mka::bind {
 
+// A scan kernel by its name (kScanKernelNames); ValueError naming `what` otherwise.
+ScanKernel scan_kernel(const std::string& name, const std::string& what);
+
 class ArgsFiller {
  public:
   ArgsFiller(const nanobind::kwargs& kw, const char* op) : kw_(kw), op_(op) {}
@@ -48,6 +51,7 @@ class ArgsFiller {
     reject_unknown(names);
   }
   [[noreturn]] void reject_unknown(const std::vector<std::string>& names);
+  std::string what(const char* name) const;  // "op: name", for error messages
 
   const nanobind::kwargs& kw_;
   const char* op_;

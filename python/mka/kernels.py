@@ -52,15 +52,20 @@ class KernelOptions:
 
     @classmethod
     def from_token(cls, token: str) -> "KernelOptions":
-        attention, scan, through = token.split(",")
-        return cls(attention, scan, through == "1")
+        return cls(*_fields(token))
+
+
+def _fields(token: str) -> tuple:
+    """(attention, scan, scan_through) of a token, unchecked: tokens come from KernelOptions."""
+    attention, scan, through = token.split(",")
+    return attention, scan, through == "1"
 
 
 def launch(token: str, stream: int) -> dict:
     """The native ops' launch arguments (op_args.h: Launch) for a token and stream."""
-    attention, scan, through = token.split(",")
+    attention, scan, through = _fields(token)
     return {"stream": stream, "attention_kernel": attention, "scan_kernel": scan,
-            "scan_through": through == "1"}
+            "scan_through": through}
 
 
 class _State:

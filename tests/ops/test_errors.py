@@ -149,8 +149,8 @@ def test_fastmka_carry_follows_the_scan_choice():
     sizes = {s: mka._C.fastmka_carry_numel(1, 4096, 2, 64, True, s) for s in ("1pass", "3pass")}
     assert all(n > 0 for n in sizes.values())
     assert mka._C.fastmka_carry_numel(1, 4096, 2, 64, False, "1pass") == 0
-    raises("scan: expected 1pass or 3pass", mka._C.fastmka_carry_numel, 1, 64, 2, 64, True,
-           "2pass")
+    raises("scan: expected one of 1pass, 3pass, got .2pass.", mka._C.fastmka_carry_numel,
+           1, 64, 2, 64, True, "2pass")
 
 
 def test_non_tensor_inputs_raise_briefly():

@@ -162,12 +162,15 @@ def test_fuzz_ops(case):
 @pytest.mark.parametrize("window", [2**62, 2**63 - 1])
 def test_huge_window_is_no_window(window):
     # Tq - Tk >= 2 with a window near 2**63 once overflowed the visibility bound (zeros out).
-    q, k, v = torch.randn(1, 6, 2, 8, dtype=torch.float64), *torch.randn(2, 1, 3, 1, 8,
-                                                                          dtype=torch.float64)
+    x = [torch.randn(*s, dtype=torch.float64, requires_grad=True)
+         for s in ((1, 6, 2, 8), (1, 3, 1, 8), (1, 3, 1, 8))]
     for causal in (True, False):
-        out = mka.attention(q, k, v, causal, None, window)
-        torch.testing.assert_close(out, R.attention(q, k, v, causal, None, None), rtol=1e-12,
-                                   atol=1e-12)
+        out = mka.attention(*x, causal, None, window)
+        ref = R.attention(*x, causal, None, None)
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        seed = torch.randn_like(out)
+        for g, g_ref in zip(torch.autograd.grad(out, x, seed), torch.autograd.grad(ref, x, seed)):
+            torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 Call = Callable[[], object]
 PassBuilder = Callable[[Callable, Any], Call]
@@ -182,14 +181,14 @@ def _mka(q, k, v, lam, causal):
 
 
 def sdpa(q, k, v, causal: bool, backend=None):
-    """scaled_dot_product_attention on (B, T, H, d) tensors, GQA where the heads differ."""
-    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
-    kw = {"enable_gqa": True} if q.shape[2] != k.shape[2] else {}
+    """scaled_dot_product_attention on (B, T, H, d) tensors (mka.nn's torch backend: GQA
+    without repeated heads, the SPEC's mask), under one SDPA backend where given."""
+    from mka.nn.torch_ops import attention
     if backend is None:
-        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, **kw).transpose(1, 2)
+        return attention(q, k, v, causal)
     from torch.nn.attention import sdpa_kernel
     with sdpa_kernel(backend):
-        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, **kw).transpose(1, 2)
+        return attention(q, k, v, causal)
 
 
 @OPS.impl("sdpa", baseline=True)

@@ -140,7 +140,7 @@ def check(s: Settings) -> None:
         labels = [k.label for k in s.ab]
         if "" in labels or len(set(labels)) != len(labels):
             raise ValueError(f"--ab: labels must be distinct and non-empty, got {labels}")
-        if not hasattr(mka, "use_kernels"):
+        if not hasattr(mka, "use_kernels"):  # a build older than the kernel options
             raise ValueError("--ab: this build of mka has no kernel options (mka.use_kernels)")
         for k in s.ab:
             try:
@@ -240,10 +240,9 @@ def metadata(s: Settings, command: str) -> dict:
         info["built_with_cuda"] = _C.built_with_cuda()
     else:
         info["cpu_isa"], info["threads"] = _C.cpu_isa(), _C.num_threads()
+    # Guarded: the runner also times builds older than the kernel options (beside this one).
     if hasattr(mka, "current_kernels"):
-        cur = mka.current_kernels()
-        info["kernel_defaults"] = {k: getattr(cur, k) for k in ("attention", "scan", "scan_through")
-                                   if hasattr(cur, k)}
+        info["kernel_defaults"] = asdict(mka.current_kernels())
     info["settings"] = {
         "dtype": str(s.dtype).removeprefix("torch."), "causal": s.causal,
         "cases": s.cases, "impls": s.impls or "all",
