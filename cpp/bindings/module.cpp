@@ -10,41 +10,12 @@
 #include "mka/ops.h"
 #include "mka/cpu/thread_pool.h"
 #include "mka/tile_plan.h"
-#include "op_args.h"
+#include "module_parts.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
 
-namespace {
-
-// Runs f with the GIL released. An error leaves the released region as a value and is
-// rethrown only once the GIL is back: unwinding through the release guard (what
-// nb::call_guard does) crashed on Python 3.12 with torch tensors.
-template <class F> void without_gil(F&& f) {
-  std::exception_ptr err;
-  {
-    nb::gil_scoped_release release;
-    try {
-      f();
-    } catch (...) {
-      err = std::current_exception();
-    }
-  }
-  if (err) std::rethrow_exception(err);
-}
-
-// An op's entry point as a Python function of keyword arguments only: its descriptor is
-// filled by name (the filler holds the arrays it points into until the op returns), then
-// the op runs with the GIL released.
-template <class Args> void def_op(nb::module_& m, const char* name, void (*op)(const Args&)) {
-  m.def(name, [name, op](nb::kwargs kw) {
-    mka::bind::ArgsFiller filler(kw, name);
-    const Args args = filler.fill<Args>();
-    without_gil([&] { op(args); });
-  });
-}
-
-}  // namespace
+using mka::bind::def_op;
 
 NB_MODULE(_C, m) {
   m.doc() = "MKA native kernels (framework-free; tensors cross as DLPack views)";
@@ -57,6 +28,7 @@ NB_MODULE(_C, m) {
   def_op(m, "fastmka_backward", &mka::fastmka_backward);
   def_op(m, "mka_forward", &mka::mka_forward);
   def_op(m, "mka_backward", &mka::mka_backward);
+  mka::bind::bind_memory(m);
 
   m.def("set_num_threads", &mka::set_num_threads, "n"_a);
   m.def("num_threads", &mka::num_threads);

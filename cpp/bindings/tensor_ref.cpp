@@ -21,6 +21,7 @@ TensorRef ref(const Array& a, const char* name) {
   else if (code == nb::dlpack::dtype_code::Bfloat && dt.bits == 16) t.dtype = DType::bf16;
   else if (code == nb::dlpack::dtype_code::Float && dt.bits == 32) t.dtype = DType::f32;
   else if (code == nb::dlpack::dtype_code::Float && dt.bits == 64) t.dtype = DType::f64;
+  else if (code == nb::dlpack::dtype_code::Int && dt.bits == 32) t.dtype = DType::i32;
   else fail(name, ": unsupported dtype (DLPack code ", int(dt.code), ", ", int(dt.bits), " bits)");
   const int dev = a.device_type();
   if (dev == nb::device::cpu::value) t.device = Device::cpu;

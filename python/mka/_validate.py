@@ -153,3 +153,77 @@ def check_memory(q, k, mem_k, mem_v, L: int) -> None:
         B, _, G, d = k.shape
         if t.shape[0] != B or t.shape[2] != G or t.shape[3] != d or t.shape != mem_k.shape:
             _fail(f"{name}: expected shape (B, M, G, d) = ({B}, M, {G}, {d}), got {tuple(t.shape)}")
+
+
+def check_paged(x, k_pages, v_pages, block_table, lens, lens_name: str, *, v=None,
+                causal=True, scale=None, window=None, page_states=None, beta=None,
+                lam=None) -> None:
+    """The paged ops' inputs (SPEC §7.1): ``x`` is ``q: (B, Tq, H, dk)`` for attention or the
+    new keys ``k: (B, T, G, dk)`` for a write (with ``v``). Shapes, dtypes and devices only:
+    index values are checked where the op runs (natively, or on the host)."""
+    writing = lens_name == "cache_seqlens"
+    _tensor(k_pages, "k_pages", 4, "(P, S, G, dk)")
+    _supported(k_pages, "k_pages")
+    P, S, G, dk = k_pages.shape
+    if S < 1 or G < 1:
+        _fail(f"k_pages: expected (P, S, G, dk) with a page size and heads >= 1, got {tuple(k_pages.shape)}")
+    if v_pages is not None:
+        _tensor(v_pages, "v_pages", 4, "(P, S, G, dv)", k_pages, "k_pages")
+        _same_dtype(v_pages, "v_pages", k_pages, "k_pages")
+        if tuple(v_pages.shape[:3]) != (P, S, G):
+            _fail(f"v_pages: expected (P, S, G, dv) = ({P}, {S}, {G}, dv) matching k_pages, "
+                  f"got {tuple(v_pages.shape)}")
+    dv = (k_pages if v_pages is None else v_pages).shape[3]
+    name = "k" if writing else "q"
+    layout = "(B, T, G, dk)" if writing else "(B, Tq, H, dk)"
+    _tensor(x, name, 4, layout, k_pages, "k_pages")
+    _same_dtype(x, name, k_pages, "k_pages")
+    B = x.shape[0]
+    if x.shape[3] != dk:
+        _fail(f"{name}: expected head dim dk = {dk} of k_pages, got shape {tuple(x.shape)}")
+    if writing:
+        if x.shape[2] != G:
+            _fail(f"k: expected G = {G} key/value heads of k_pages, got shape {tuple(x.shape)}")
+        if (v is None) != (v_pages is None):
+            _fail("v: give v and v_pages together (both None: the values are the keys)")
+        if v is not None:
+            _tensor(v, "v", 4, "(B, T, G, dv)", k_pages, "k_pages")
+            _same_dtype(v, "v", k_pages, "k_pages")
+            if tuple(v.shape) != (*x.shape[:3], dv):
+                _fail(f"v: expected shape {(*x.shape[:3], dv)}, got {tuple(v.shape)}")
+    elif x.shape[2] % G:
+        _fail(f"q: the number of query heads H = {x.shape[2]} must be a multiple of the "
+              f"key/value heads G = {G}")
+    for t, tname, shape in ((block_table, "block_table", "(B, W) int32"),
+                            (lens, lens_name, "(B,) int32")):
+        if not isinstance(t, Tensor) or t.dtype != torch.int32 or t.device != k_pages.device:
+            _fail(f"{tname}: expected an int32 tensor {shape} on {k_pages.device}, got "
+                  f"{_short(t) if not isinstance(t, Tensor) else f'{t.dtype} on {t.device}'}")
+    if block_table.dim() != 2 or block_table.shape[0] != B:
+        _fail(f"block_table: expected shape (B, W) with B = {B}, got {tuple(block_table.shape)}")
+    if tuple(lens.shape) != (B,):
+        _fail(f"{lens_name}: expected shape (B,) = ({B},), got {tuple(lens.shape)}")
+    if not isinstance(causal, bool):
+        _fail(f"causal: must be True or False, got {_short(causal)}")
+    if window is not None and not (_is_int(window) and window >= 1):
+        _fail(f"window: must be at least 1 (an integer, or None for no window), got {_short(window)}")
+    if scale is not None and not (_is_real(scale) and abs(scale) < float("inf")):
+        _fail(f"scale: must be a finite number or None, got {_short(scale)}")
+    if k_pages.device.type == "cpu" and not 1 <= max(dk, dv) <= CPU_MAX_HEAD_DIM:
+        _fail(f"k_pages: head dim {max(dk, dv)} is not supported on cpu (1 to {CPU_MAX_HEAD_DIM})")
+    if page_states is None:
+        return
+    if not (_is_real(beta) and 0.0 <= beta < 1.0):
+        _fail(f"beta: must be a float in [0, 1), got {_short(beta)}")
+    if v_pages is None or dv != dk:
+        _fail("v_pages: MKA's level 2 needs value pages of the keys' head dim")
+    sdt = torch.float64 if k_pages.dtype == torch.float64 else torch.float32
+    for t, tname in zip(page_states, ("k_page_states", "v_page_states")):
+        _tensor(t, tname, 3, "(P, G, d)", k_pages, "k_pages")
+        if t.dtype != sdt or tuple(t.shape) != (P, G, dk) or not t.is_contiguous():
+            _fail(f"{tname}: expected a contiguous {sdt} tensor (P, G, d) = {(P, G, dk)}, got "
+                  f"{t.dtype} {tuple(t.shape)}")
+    if lam is not None:
+        _tensor(lam, "lam", 3, "(B, Tq, L)", k_pages, "k_pages")
+        if lam.shape[0] != B or lam.shape[1] != x.shape[1] or lam.shape[2] < 2:
+            _fail(f"lam: expected shape (B, Tq, L >= 2) = ({B}, {x.shape[1]}, L), got {tuple(lam.shape)}")

@@ -624,3 +624,4 @@ for _name, _fn in (("attention", attention), ("route_fuse", route_fuse), ("fastm
     _lib.impl(_name, _fn, "CompositeImplicitAutograd")
 
 __all__: Sequence[str] = ("attention", "route_fuse", "fastmka", "mka")
+

@@ -95,3 +95,45 @@ def mka(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float,
         o3 = attention(q, mem_k, mem_v, False, scale)
         out = out + _weight(lam, 2, q) * o3
     return out, ks, vs
+
+
+def gather_pages(pages: Tensor, table_row: Tensor, n: int) -> Tensor:
+    """Tokens ``[0, n)`` of one sequence's pages ``(P, S, G, d)`` through its block-table row:
+    ``(n, G, d)`` (SPEC §7.1)."""
+    S = pages.shape[1]
+    return torch.stack([pages[int(table_row[j // S]), j % S] for j in range(n)]) if n else \
+        pages.new_zeros((0, *pages.shape[2:]))
+
+
+def paged_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor,
+                    seqlens: Tensor, causal: bool = True, scale: Optional[float] = None,
+                    window: Optional[int] = None, lam: Optional[Tensor] = None,
+                    beta: float = 0.0, k_page_states: Optional[Tensor] = None,
+                    v_page_states: Optional[Tensor] = None) -> Tensor:
+    """Attention of each sequence's queries over its pages, one sequence at a time; with
+    page states and ``lam``, MKA's levels 1 and 2, the EMA of each page run token by token
+    from the state checkpointed before the page's first token."""
+    outs = []
+    for b in range(q.shape[0]):
+        n = int(seqlens[b])
+        k = gather_pages(k_pages, block_table[b], n)[None]
+        v = gather_pages(v_pages, block_table[b], n)[None]
+        o1 = attention(q[b:b + 1], k, v, causal, scale, window)
+        if lam is None:
+            outs.append(o1)
+            continue
+        ek, ev = (_page_ema(x, states, block_table[b], k_pages.shape[1], beta)
+                  for x, states in ((k, k_page_states), (v, v_page_states)))
+        o2 = attention(q[b:b + 1], ek, ev, causal, scale)
+        outs.append(_weight(lam[b:b + 1], 0, q) * o1 + _weight(lam[b:b + 1], 1, q) * o2)
+    return torch.cat(outs) if outs else q.new_zeros((0, *q.shape[1:3], v_pages.shape[-1]))
+
+
+def _page_ema(x: Tensor, states: Tensor, table_row: Tensor, page_size: int,
+              beta: float) -> Tensor:
+    """EMA of one sequence's tokens ``x: (1, n, G, d)``, each page from its checkpoint."""
+    parts = []
+    for j0 in range(0, x.shape[1], page_size):
+        start = states[int(table_row[j0 // page_size])][None]
+        parts.append(ema(x[:, j0:j0 + page_size], beta, start)[0])
+    return torch.cat(parts, 1) if parts else x

@@ -48,9 +48,13 @@ def test_cache_bytes_per_token_match_the_caches(variant):
     m = tiny_model(variant)
     caches = m.new_caches(3)
     m(_tokens(3, 10), caches=caches)
-    held = sum(c.nbytes() for c in caches)
     dt = torch.float64
-    assert held == 3 * (10 * m.kv_cache_bytes_per_token(dt) + m.kv_cache_state_bytes(dt))
+    S = caches.page_size
+    per_page = sum(layer.spec.bytes_per_page(S, dt) for layer in caches)
+    assert caches.nbytes() == sum(c.nbytes() for c in caches)
+    assert caches.nbytes() == caches.table.num_pages * per_page + 3 * m.kv_cache_state_bytes(dt)
+    assert caches.used_bytes() == 3 * (-(-10 // S) * per_page + m.kv_cache_state_bytes(dt))
+    assert per_page >= S * m.kv_cache_bytes_per_token(dt)
 
 
 def test_loss_is_mean_cross_entropy_ignoring_minus_one():

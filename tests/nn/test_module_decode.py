@@ -50,16 +50,25 @@ def test_chunked_prefill_equals_one_pass(variant, backend):
 @pytest.mark.parametrize("variant", variant_params())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cache_bytes_match_the_tensors_held(variant, dtype):
+    """nbytes() is every byte the cache keeps alive (its preallocated pages and states, no
+    views into anything else); used_bytes() the pages the sequences hold."""
     m = make(variant, dtype=dtype)
-    B, T = 3, 7
-    cache = m.new_cache(B, dtype=dtype)
+    B, T, S = 3, 7, 4
+    cache = m.new_cache(B, dtype=dtype, max_tokens=16, page_size=S)
     m(hidden(B, 4, dtype), cache)
     m(hidden(B, 3, dtype), cache)
-    held = sum(t.numel() * t.element_size()
-               for t in (*cache.tokens.values(), *cache.states.values()))
-    assert cache.nbytes() == held
-    assert held == B * (T * m.cache_bytes_per_token(dtype) + m.cache_state_bytes(dtype))
-    assert all(t.shape[:2] == (B, T) for t in cache.tokens.values())
+    held = [*cache.page_tensors(), *cache.states.values()]
+    assert all(t._base is None and t.is_contiguous() for t in held)
+    assert cache.nbytes() == sum(t.numel() * t.element_size() for t in held)
+    spec = m.cache_spec()
+    pool = cache.parent
+    assert cache.nbytes() == (pool.table.num_pages * spec.bytes_per_page(S, dtype)
+                              + B * m.cache_state_bytes(dtype))
+    pages = -(-T // S)
+    assert pool.used_bytes() == B * (pages * spec.bytes_per_page(S, dtype)
+                                     + m.cache_state_bytes(dtype))
+    assert spec.bytes_per_page(S, dtype) >= S * m.cache_bytes_per_token(dtype)
+    assert cache.lengths == [T] * B
 
 
 def test_cache_rejects_a_foreign_dtype_and_batch():
@@ -70,3 +79,9 @@ def test_cache_rejects_a_foreign_dtype_and_batch():
     cache = m.new_cache(3, dtype=torch.float64)
     with pytest.raises(ValueError, match="batch_size 3"):
         m(hidden(2, 3), cache)
+    cache = m.new_cache(2, dtype=torch.float64, max_tokens=8)
+    m(hidden(2, 6), cache)
+    with pytest.raises(ValueError, match="beyond the cache's max_tokens = 8"):
+        m(hidden(2, 3), cache)
+    with pytest.raises(ValueError, match="a cache belongs to one attention module"):
+        make("gqa")(hidden(2, 1), m.new_cache(2, dtype=torch.float64))

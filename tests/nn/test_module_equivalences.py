@@ -187,9 +187,16 @@ def test_mka_cache_carries_the_ema_state_of_the_sequence(backend):
     m(x[:, 5:6], cache)
     m(x[:, 6:], cache)
     _, k, v = m._project(x)
-    for kv, name in ((k, "k_end"), (v, "v_end")):
-        assert rel_err(cache.states[name], R.ema(kv, m.beta)[1]) < EXACT
-    assert not cache.states["k_start"].any()
+    for kv, name in ((k, "k"), (v, "v")):
+        ema, final = R.ema(kv, m.beta)
+        assert rel_err(cache.states[name], final) < EXACT
+        # each page's checkpoint: the EMA state before its first token
+        states = getattr(cache, f"{name}_page_states")
+        S = cache.k_pages.shape[1]
+        for b in range(2):
+            for i, page in enumerate(cache.parent.table.pages(cache.parent.seqs[b])):
+                want = ema[b, i * S - 1] if i else torch.zeros_like(ema[b, 0])
+                assert rel_err(states[page], want) < EXACT
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -202,8 +209,11 @@ def test_fastmka_cache_holds_fused_keys_and_the_running_state(backend):
     q, k, v = m._project(x)
     lam = m.router(q)
     kf, vf, ks, vs = R.route_fuse(k, v, lam, m.beta)
-    for got, want in ((cache.tokens["k"], kf), (cache.tokens["v"], vf),
-                      (cache.states["k"], ks), (cache.states["v"], vs)):
+    table = cache.parent.block_table()
+    held_k = torch.stack([R.gather_pages(cache.k_pages, table[b], 8) for b in range(2)])
+    held_v = torch.stack([R.gather_pages(cache.v_pages, table[b], 8) for b in range(2)])
+    for got, want in ((held_k, kf), (held_v, vf), (cache.states["k"], ks),
+                      (cache.states["v"], vs)):
         assert rel_err(got, want) < EXACT
 
 

@@ -59,7 +59,7 @@ def test_bad_inputs():
         m(torch.randn(2, 3, 16, dtype=torch.float64))
     with pytest.raises(ValueError, match="memory: MultiHeadAttention has no level-3 memory"):
         m(hidden(), memory=(torch.zeros(1), torch.zeros(1)))
-    with pytest.raises(ValueError, match="cache: expected a KVCache"):
+    with pytest.raises(ValueError, match="cache: expected a layer of a PagedKVCache"):
         m(hidden(), cache={})
     with pytest.raises(ValueError, match="memory: this module has levels=2"):
         make("mka")(hidden(), memory=(torch.zeros(1), torch.zeros(1)))

@@ -7,7 +7,8 @@
 
 namespace mka {
 
-enum class DType : int { f16, bf16, f32, f64 };
+// i32: index tensors (block tables, sequence lengths); every other argument is floating.
+enum class DType : int { f16, bf16, f32, f64, i32 };
 enum class Device : int { cpu, cuda };
 
 const char* dtype_name(DType dt);
@@ -34,7 +35,9 @@ struct TensorRef {
 
 template <class T> T* ptr(const TensorRef& t) { return static_cast<T*>(t.data); }
 
-inline size_t dtype_bytes(DType dt) { return dt == DType::f64 ? 8 : dt == DType::f32 ? 4 : 2; }
+inline size_t dtype_bytes(DType dt) {
+  return dt == DType::f64 ? 8 : (dt == DType::f32 || dt == DType::i32) ? 4 : 2;
+}
 
 // Row-major dense (dimensions of size 0 or 1 may have any stride); an empty tensor is.
 inline bool is_contiguous(const TensorRef& t) {

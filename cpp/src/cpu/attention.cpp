@@ -11,38 +11,6 @@
 namespace mka::cpu {
 namespace {
 
-constexpr int kLanes = 16;  // partial accumulators that let row reductions vectorise
-
-template <class T> MKA_INLINE T row_max(const T* s, int64_t n) {
-  T acc[kLanes];
-  for (int u = 0; u < kLanes; ++u) acc[u] = -std::numeric_limits<T>::infinity();
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int u = 0; u < kLanes; ++u) acc[u] = s[j + u] > acc[u] ? s[j + u] : acc[u];
-  T m = -std::numeric_limits<T>::infinity();
-  for (int u = 0; u < kLanes; ++u) m = acc[u] > m ? acc[u] : m;
-  for (; j < n; ++j) m = s[j] > m ? s[j] : m;
-  return m;
-}
-
-// s <- exp(s - m) in place; returns the sum.
-template <class T> MKA_INLINE T row_exp_sum(T* s, int64_t n, T m) {
-  T acc[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int u = 0; u < kLanes; ++u) {
-      s[j + u] = exp_approx(s[j + u] - m);
-      acc[u] += s[j + u];
-    }
-  T sum = 0;
-  for (int u = 0; u < kLanes; ++u) sum += acc[u];
-  for (; j < n; ++j) {
-    s[j] = exp_approx(s[j] - m);
-    sum += s[j];
-  }
-  return sum;
-}
-
 // Strided BTHD view of one (batch, head): row t starts at base + t * ld.
 template <class T> struct HeadView {
   T* base;
@@ -51,13 +19,6 @@ template <class T> struct HeadView {
 };
 template <class T> HeadView<T> head(const TensorRef& x, int64_t b, int64_t h) {
   return {ptr<T>(x) + b * x.stride[0] + h * x.stride[2], x.stride[1]};
-}
-
-// Thread-local scratch, grown on demand and reused across calls.
-template <class T> T* scratch(size_t n) {
-  thread_local std::vector<T> buf;
-  if (buf.size() < n) buf.resize(n);
-  return buf.data();
 }
 
 // On the CPU the budget is a cache hint, not a hard limit: with a small L2 (256 KiB) a
@@ -297,6 +258,7 @@ void bwd(const AttentionProblem& p, const TensorRef& q, const TensorRef& k, cons
 
 void attention_fwd(const AttentionProblem& p, const TensorRef& q, const TensorRef& k,
                    const TensorRef& v, const TensorRef& out, const TensorRef& lse) {
+  if (decode_shaped(p)) return decode_attention(p, q, k, v, out, lse);
   if (p.dtype == DType::f64) fwd<double>(p, q, k, v, out, lse);
   else fwd<float>(p, q, k, v, out, lse);
 }

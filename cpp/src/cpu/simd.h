@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <utility>
+#include <vector>
 
 #include "mka/cpu/isa.h"
 #include "mka/cpu/thread_pool.h"
@@ -133,6 +135,114 @@ MKA_INLINE float exp_approx(float x) {
   return x < -87.0f ? 0.0f : r;
 }
 MKA_INLINE double exp_approx(double x) { return std::exp(x); }
+
+// Sum of a vector's lanes as a tree of halvings (log2 lanes adds, not a chain of one add
+// per lane), where the compiler has __builtin_shufflevector (GCC 12, Clang).
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define MKA_HAS_SHUFFLEVECTOR 1
+#endif
+#endif
+#ifdef MKA_HAS_SHUFFLEVECTOR
+template <class V, size_t... I>
+MKA_INLINE auto add_halves(V v, std::index_sequence<I...>) {
+  return __builtin_shufflevector(v, v, I...) + __builtin_shufflevector(v, v, (I + sizeof...(I))...);
+}
+#endif
+template <class V> MKA_INLINE auto reduce_add(V v) {
+  constexpr size_t N = sizeof(V) / sizeof(v[0]);
+  if constexpr (N == 2) {
+    return v[0] + v[1];
+  } else {
+#ifdef MKA_HAS_SHUFFLEVECTOR
+    return reduce_add(add_halves(v, std::make_index_sequence<N / 2>{}));
+#else
+    auto s = v[0];
+    for (size_t i = 1; i < N; ++i) s += v[i];
+    return s;
+#endif
+  }
+}
+
+// Scores of RR query rows Q (RR x d, row-major) against one key row k: S[r * ldS] = Q_r . k.
+// For few rows (decode) this beats a GEMM, which would need the keys transposed first.
+template <class T, Isa I, int RR>
+MKA_INLINE void dot_rows(const T* __restrict Q, int64_t d, const T* __restrict k, T* S,
+                         int64_t ldS) {
+  using V = Vec<T, I>;
+  constexpr int W = kLanesOf<T, I>;
+  V acc[RR];
+  for (int r = 0; r < RR; ++r) acc[r] = V{};
+  int64_t x = 0;
+  for (; x + W <= d; x += W) {
+    const V kv = load_vec<V>(k + x);
+    for (int r = 0; r < RR; ++r) acc[r] += kv * load_vec<V>(Q + r * d + x);
+  }
+  for (int r = 0; r < RR; ++r) {
+    T s = reduce_add(acc[r]);
+    for (int64_t xx = x; xx < d; ++xx) s += Q[r * d + xx] * k[xx];
+    S[r * ldS] = s;
+  }
+}
+
+// dot_rows for any R, in groups of at most 8 rows.
+template <class T, Isa I>
+MKA_INLINE void dot_many(int64_t R, const T* Q, int64_t d, const T* k, T* S, int64_t ldS) {
+  for (int64_t r0 = 0; r0 < R; r0 += 8) {
+    const T* q = Q + r0 * d;
+    T* s = S + r0 * ldS;
+    switch (std::min<int64_t>(8, R - r0)) {
+      case 8: dot_rows<T, I, 8>(q, d, k, s, ldS); break;
+      case 7: dot_rows<T, I, 7>(q, d, k, s, ldS); break;
+      case 6: dot_rows<T, I, 6>(q, d, k, s, ldS); break;
+      case 5: dot_rows<T, I, 5>(q, d, k, s, ldS); break;
+      case 4: dot_rows<T, I, 4>(q, d, k, s, ldS); break;
+      case 3: dot_rows<T, I, 3>(q, d, k, s, ldS); break;
+      case 2: dot_rows<T, I, 2>(q, d, k, s, ldS); break;
+      default: dot_rows<T, I, 1>(q, d, k, s, ldS); break;
+    }
+  }
+}
+
+// Row reductions of the online softmax, shared by the attention kernels.
+inline constexpr int kLanes = 16;  // partial accumulators that let row reductions vectorise
+
+template <class T> MKA_INLINE T row_max(const T* s, int64_t n) {
+  T acc[kLanes];
+  for (int u = 0; u < kLanes; ++u) acc[u] = -std::numeric_limits<T>::infinity();
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int u = 0; u < kLanes; ++u) acc[u] = s[j + u] > acc[u] ? s[j + u] : acc[u];
+  T m = -std::numeric_limits<T>::infinity();
+  for (int u = 0; u < kLanes; ++u) m = acc[u] > m ? acc[u] : m;
+  for (; j < n; ++j) m = s[j] > m ? s[j] : m;
+  return m;
+}
+
+// s <- exp(s - m) in place; returns the sum.
+template <class T> MKA_INLINE T row_exp_sum(T* s, int64_t n, T m) {
+  T acc[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int u = 0; u < kLanes; ++u) {
+      s[j + u] = exp_approx(s[j + u] - m);
+      acc[u] += s[j + u];
+    }
+  T sum = 0;
+  for (int u = 0; u < kLanes; ++u) sum += acc[u];
+  for (; j < n; ++j) {
+    s[j] = exp_approx(s[j] - m);
+    sum += s[j];
+  }
+  return sum;
+}
+
+// Thread-local scratch, grown on demand and reused across calls.
+template <class T> T* scratch(size_t n) {
+  thread_local std::vector<T> buf;
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
 
 // Runs a kernel's tasks on the thread pool, each compiled for the best instruction set
 // this CPU has. K is a struct with `using Ctx = ...;` and an always_inline

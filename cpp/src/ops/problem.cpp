@@ -14,6 +14,7 @@ const char* dtype_name(DType dt) {
     case DType::bf16: return "bfloat16";
     case DType::f32: return "float32";
     case DType::f64: return "float64";
+    case DType::i32: return "int32";
   }
   return "?";
 }

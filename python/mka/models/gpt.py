@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..nn import ATTENTION_REGISTRY, KVCache, build_attention, check_attention_config
+from ..memory import LayerCache, PagedKVCache
+from ..nn import ATTENTION_REGISTRY, build_attention, check_attention_config
 from ..nn.backends import BACKENDS
 
 LayerMemory = Optional[tuple[Tensor, Tensor]]
@@ -78,7 +79,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cache: Optional[KVCache] = None,
+    def forward(self, x: Tensor, cache: Optional[LayerCache] = None,
                 memory: LayerMemory = None) -> Tensor:
         x = x + self.attn(self.ln_1(x), cache=cache, memory=memory)
         return x + self.mlp(self.ln_2(x))
@@ -112,15 +113,21 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, idx: Tensor, targets: Optional[Tensor] = None,
-                caches: Optional[Sequence[KVCache]] = None,
+                caches: Optional[Sequence[LayerCache]] = None,
                 memory: Optional[Sequence[LayerMemory]] = None) -> tuple[Tensor, Optional[Tensor]]:
         """``idx: (B, T)`` token ids -> ``(logits (B, T, vocab), loss)``; ``loss`` is the mean
         cross-entropy over targets != -1 (None without targets). With ``caches`` (one per
-        layer) ``idx`` continues the cached sequence. ``memory``: per-layer level-3 memory
+        layer: a :class:`~mka.memory.PagedKVCache` from :meth:`new_caches`) ``idx`` continues
+        the cached sequences, each from its own length. ``memory``: per-layer level-3 memory
         ``(mem_k, mem_v)`` or None, for MKA/FastMKA with ``levels=3``."""
         B, T = self._check_forward(idx, caches, memory)
-        start = 0 if caches is None else caches[0].length
-        pos = torch.arange(start, start + T, device=idx.device)
+        pos = torch.arange(T, device=idx.device)
+        if caches is not None:
+            starts = caches[0].lengths
+            if len(set(starts)) == 1:
+                pos = pos + starts[0]
+            else:  # sequences of different lengths: positions per sequence
+                pos = torch.tensor(starts, device=idx.device)[:, None] + pos
         x = self.drop(self.wte(idx) + self.wpe(pos))
         for i, block in enumerate(self.blocks):
             x = block(x, None if caches is None else caches[i], None if memory is None else memory[i])
@@ -140,7 +147,7 @@ class GPT(nn.Module):
             raise ValueError(f"caches: expected one per layer ({n_layer}), got {len(caches)}")
         if memory is not None and len(memory) != n_layer:
             raise ValueError(f"memory: expected one entry per layer ({n_layer}), got {len(memory)}")
-        end = idx.shape[1] + (0 if caches is None else caches[0].length)
+        end = idx.shape[1] + (0 if caches is None else max(caches[0].lengths))
         if end > self.config.block_size:
             raise ValueError(f"idx: the sequence reaches position {end}, beyond block_size "
                              f"{self.config.block_size}")
@@ -149,15 +156,19 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------ decoding
 
     def new_caches(self, batch_size: int, device: Optional[torch.device] = None,
-                   dtype: Optional[torch.dtype] = None) -> list[KVCache]:
-        """One empty KV cache per layer. Device defaults to the model's; dtype to the
-        autocast dtype when autocast is on there (what the keys will be), else the model's."""
+                   dtype: Optional[torch.dtype] = None, *, page_size: int = 16,
+                   num_pages: Optional[int] = None) -> PagedKVCache:
+        """One paged KV cache for every layer (``caches[i]`` is layer ``i``'s), sequences of up
+        to ``block_size`` tokens. Device defaults to the model's; dtype to the autocast dtype
+        when autocast is on there (what the keys will be), else the model's."""
         p = self.wte.weight
         device = p.device if device is None else torch.device(device)
         if dtype is None:
             autocast = torch.is_autocast_enabled(device.type)
             dtype = torch.get_autocast_dtype(device.type) if autocast else p.dtype
-        return [b.attn.new_cache(batch_size, device, dtype) for b in self.blocks]
+        return PagedKVCache([b.attn.cache_spec() for b in self.blocks], batch_size,
+                            max_tokens=self.config.block_size, page_size=page_size,
+                            num_pages=num_pages, device=device, dtype=dtype)
 
     @torch.no_grad()
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0,

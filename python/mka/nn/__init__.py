@@ -1,10 +1,9 @@
 """Attention modules behind one interface (:class:`CausalSelfAttention`): hidden states
-``(B, T, D)`` in and out, an optional per-layer :class:`KVCache`, and the cache's bytes per
-token. Each runs on the native ops (``backend="mka"``) or on plain PyTorch
+``(B, T, D)`` in and out, an optional paged cache (a layer of a
+:class:`mka.memory.PagedKVCache`), and the cache's bytes per token. Each runs on the native ops (``backend="mka"``) or on plain PyTorch
 (``backend="torch"``: SDPA and a chunked EMA)."""
 
 from .base import CausalSelfAttention, QKVAttention
-from .cache import KVCache
 from .fastmka_attention import FastMKAAttention
 from .gqa import GroupedQueryAttention, MultiHeadAttention, MultiQueryAttention
 from .long_term_memory import LongTermMemory
@@ -15,7 +14,7 @@ from .registry import (ATTENTION_REGISTRY, attention_options, build_attention,
 from .router import Router
 
 __all__ = [
-    "CausalSelfAttention", "QKVAttention", "KVCache", "GroupedQueryAttention",
+    "CausalSelfAttention", "QKVAttention", "GroupedQueryAttention",
     "MultiHeadAttention", "MultiQueryAttention", "MultiHeadLatentAttention", "MKAAttention",
     "FastMKAAttention", "LongTermMemory", "Router", "ATTENTION_REGISTRY", "attention_options",
     "build_attention", "check_attention_config",

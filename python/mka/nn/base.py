@@ -8,8 +8,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ..memory.cache import LayerCache, LayerSpec, PagedKVCache
 from .backends import get_ops
-from .cache import KVCache
 
 Memory = Optional[tuple[Tensor, Tensor]]
 
@@ -28,8 +28,11 @@ class CausalSelfAttention(nn.Module):
     pass over the full sequence. ``memory`` is level-3 memory for the variants that have one
     (MKA, FastMKA with ``levels=3``); the others reject it.
 
-    :meth:`cache_bytes_per_token` is what the cache grows by per token and sequence;
-    :meth:`cache_state_bytes` is its fixed per-sequence part (EMA states; 0 for most).
+    The cache is paged (SPEC §7.1): :meth:`cache_spec` says what a layer keeps per token,
+    per page and per sequence; :meth:`new_cache` makes a one-layer cache of it (a model makes
+    one :class:`~mka.memory.PagedKVCache` for all its layers). :meth:`cache_bytes_per_token`
+    is what a token adds per sequence (keys and values); :meth:`cache_state_bytes` the fixed
+    per-sequence part (EMA states; 0 for most).
     """
 
     accepts_memory = False
@@ -56,25 +59,35 @@ class CausalSelfAttention(nn.Module):
         attribute would make the module impossible to deepcopy, pickle or ``torch.save``."""
         return get_ops(self.backend)
 
-    def new_cache(self, batch_size: int, device: Optional[torch.device] = None,
-                  dtype: torch.dtype = torch.float32) -> KVCache:
-        return KVCache(batch_size, device, dtype)
-
-    def cache_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> int:
+    def cache_spec(self) -> LayerSpec:
         raise NotImplementedError
 
-    def cache_state_bytes(self, dtype: torch.dtype = torch.bfloat16) -> int:
-        return 0
+    def new_cache(self, batch_size: int, device: Optional[torch.device] = None,
+                  dtype: torch.dtype = torch.float32, *, max_tokens: int = 2048,
+                  page_size: int = 16) -> LayerCache:
+        """An empty paged cache of ``batch_size`` sequences of up to ``max_tokens`` tokens."""
+        return PagedKVCache([self.cache_spec()], batch_size, max_tokens=max_tokens,
+                            page_size=page_size, device=device, dtype=dtype)[0]
 
-    def _check_input(self, x: Tensor, cache: Optional[KVCache], memory: Memory) -> None:
+    def cache_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> int:
+        return self.cache_spec().bytes_per_token(dtype)
+
+    def cache_state_bytes(self, dtype: torch.dtype = torch.bfloat16) -> int:
+        return self.cache_spec().state_bytes(dtype)
+
+    def _check_input(self, x: Tensor, cache: Optional[LayerCache], memory: Memory) -> None:
         if x.dim() != 3 or x.shape[-1] != self.n_embd:
             raise ValueError(f"x: expected hidden states (B, T, {self.n_embd}), "
                              f"got {tuple(x.shape)}")
         if memory is not None and not self.accepts_memory:
             raise ValueError(f"memory: {type(self).__name__} has no level-3 memory "
                              "(MKA and FastMKA with levels=3 take it)")
-        if cache is not None and not isinstance(cache, KVCache):
-            raise ValueError(f"cache: expected a KVCache from new_cache(), got {type(cache).__name__}")
+        if cache is not None and not isinstance(cache, LayerCache):
+            raise ValueError("cache: expected a layer of a PagedKVCache (new_cache(), or "
+                             f"GPT.new_caches()[i]), got {type(cache).__name__}")
+        if cache is not None and cache.spec != self.cache_spec():
+            raise ValueError(f"cache: made for {cache.spec}, this module caches "
+                             f"{self.cache_spec()} (a cache belongs to one attention module)")
 
 
 class QKVAttention(CausalSelfAttention):
@@ -112,6 +125,15 @@ class QKVAttention(CausalSelfAttention):
         B, T = y.shape[:2]
         return self.resid_dropout(self.proj(y.reshape(B, T, self.n_head * self.head_dim)))
 
-    def cache_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> int:
+    def cache_spec(self) -> LayerSpec:
         """Keys and values of every key/value head."""
-        return 2 * self.n_kv_head * self.head_dim * dtype.itemsize
+        return LayerSpec(self.n_kv_head, self.head_dim, self.head_dim)
+
+    def _attend_cached(self, q: Tensor, k: Tensor, v: Tensor, cache: LayerCache) -> Tensor:
+        """Writes the new ``k, v`` into the cache's pages and attends over them."""
+        cache.check("k", k)
+        step = cache.step(k.shape[1])
+        self.ops.paged_write(k, v, cache.k_pages, cache.v_pages, step.block_table,
+                             step.cache_seqlens)
+        return self.ops.paged_attention(q, cache.k_pages, cache.v_pages, step.block_table,
+                                        step.seqlens, causal=True, window=self.window)

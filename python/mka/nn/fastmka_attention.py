@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor
 
+from ..memory.cache import LayerCache, LayerSpec
 from .base import Memory
-from .cache import KVCache
 from .routed import RoutedAttention
 
 
@@ -23,12 +22,12 @@ class FastMKAAttention(RoutedAttention):
     attention read with the key as the query. It depends on token ``t`` and the memory
     only, so fusion stays causal and decode computes it for the new tokens alone.
 
-    Cache: the fused ``k, v`` (GQA's bytes per token) and the running EMA states ``k, v``.
-    Fused key ``t`` depends on tokens ``<= t`` only, so decode fuses the new tokens from the
-    carried state, appends them, and attends over the cache: exactly one full pass.
+    Cache: the fused ``k, v`` in pages (GQA's bytes per token) and the running EMA states
+    ``k, v``. Fused key ``t`` depends on tokens ``<= t`` only, so decode fuses the new tokens
+    from the carried state, writes them, and attends over the pages: exactly one full pass.
     """
 
-    def forward(self, x: Tensor, cache: Optional[KVCache] = None,
+    def forward(self, x: Tensor, cache: Optional[LayerCache] = None,
                 memory: Memory = None) -> Tensor:
         self._check_input(x, cache, memory)
         q, k, v = self._project(x)
@@ -38,11 +37,12 @@ class FastMKAAttention(RoutedAttention):
             y, _, _ = self.ops.fastmka(q, k, v, lam, self.beta, k3, v3, causal=True,
                                        window=self.window)
             return self._output(y)
+        cache.check("k", k)
         kf, vf, k_state, v_state = self.ops.route_fuse(k, v, lam, self.beta, k3, v3,
                                                        cache.states["k"], cache.states["v"])
+        y = self._attend_cached(q, kf, vf, cache)
         cache.states.update(k=k_state, v=v_state)
-        kf, vf = cache.append(k=kf, v=vf)
-        return self._output(self.ops.attention(q, kf, vf, causal=True, window=self.window))
+        return self._output(y)
 
     def _level3(self, k: Tensor, recalled: Memory) -> tuple[Optional[Tensor], Optional[Tensor]]:
         mem_k, mem_v = self._memory(k, recalled)
@@ -55,12 +55,5 @@ class FastMKAAttention(RoutedAttention):
         v3 = self.ops.attention(k, mem_k, mem_v, causal=False)
         return k3, v3
 
-    def new_cache(self, batch_size: int, device: Optional[torch.device] = None,
-                  dtype: torch.dtype = torch.float32) -> KVCache:
-        cache = KVCache(batch_size, device, dtype)
-        for name in ("k", "v"):
-            cache.states[name] = self._zero_states(batch_size, cache.device, dtype)
-        return cache
-
-    def cache_state_bytes(self, dtype: torch.dtype = torch.bfloat16) -> int:
-        return 2 * self._state_bytes(dtype)
+    def cache_spec(self) -> LayerSpec:
+        return LayerSpec(self.n_kv_head, self.head_dim, self.head_dim, states=("k", "v"))

@@ -7,20 +7,20 @@ from typing import Optional
 
 from torch import Tensor
 
+from ..memory.cache import LayerCache
 from .base import Memory, QKVAttention
-from .cache import KVCache
 
 
 class GroupedQueryAttention(QKVAttention):
     """``n_head`` query heads share ``n_kv_head`` key/value heads (query head ``h`` reads
-    key/value head ``h // (n_head // n_kv_head)``). The cache holds ``k, v: (B, T, G, d)``."""
+    key/value head ``h // (n_head // n_kv_head)``). The cache pages hold ``k, v`` per token."""
 
-    def forward(self, x: Tensor, cache: Optional[KVCache] = None,
+    def forward(self, x: Tensor, cache: Optional[LayerCache] = None,
                 memory: Memory = None) -> Tensor:
         self._check_input(x, cache, memory)
         q, k, v = self._project(x)
         if cache is not None:
-            k, v = cache.append(k=k, v=v)
+            return self._output(self._attend_cached(q, k, v, cache))
         return self._output(self.ops.attention(q, k, v, causal=True, window=self.window))
 
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor
 
+from ..memory.cache import LayerCache, LayerSpec
 from .base import Memory
-from .cache import KVCache
 from .routed import RoutedAttention
 
 
@@ -18,37 +17,38 @@ class MKAAttention(RoutedAttention):
     (optionally within ``window``), level 2 to their EMA, level 3 to the long-term memory's slots
     plus any recalled ``memory = (mem_k, mem_v): (B, M, G, d)`` passed in.
 
-    Cache: the raw ``k, v`` of every past token — the same bytes per token as GQA — plus
-    EMA states. Level 2's keys are not cached: the op recomputes ``EMA(k)`` over the keys it
-    is given, starting from the state it is given. So decode passes the *whole* cached
-    ``k, v`` together with ``k_start, v_start``, the state before the cache's first token
-    (zeros for a fresh sequence), and the EMA of the past comes out exactly as in one full
-    pass. ``k_end, v_end`` carry the running state after the last token (what the op
-    returns): the state a continuation or a trimmed cache would start from.
+    Cache: the raw ``k, v`` of every past token in pages — the same bytes per token as GQA
+    — plus, per page, the EMA states of ``k`` and ``v`` before the page's first token, and the
+    running states after the last token. Level 2's keys are not cached: the paged op
+    rebuilds ``EMA(k), EMA(v)`` of each cached token from its page's checkpoint, so a decode
+    step neither re-scans the sequence nor reads more than the pages and one state per page.
     """
 
-    def forward(self, x: Tensor, cache: Optional[KVCache] = None,
+    def forward(self, x: Tensor, cache: Optional[LayerCache] = None,
                 memory: Memory = None) -> Tensor:
         self._check_input(x, cache, memory)
         q, k, v = self._project(x)
         lam = self.router(q)
         mem_k, mem_v = self._memory(k, memory)
-        k_state = v_state = None
-        if cache is not None:
-            k, v = cache.append(k=k, v=v)
-            k_state, v_state = cache.states["k_start"], cache.states["v_start"]
-        y, k_end, v_end = self.ops.mka(q, k, v, lam, self.beta, mem_k, mem_v, k_state, v_state,
-                                       causal=True, window=self.window)
-        if cache is not None:
-            cache.states.update(k_end=k_end, v_end=v_end)
+        if cache is None:
+            y, _, _ = self.ops.mka(q, k, v, lam, self.beta, mem_k, mem_v, causal=True,
+                                   window=self.window)
+            return self._output(y)
+        cache.check("k", k)
+        step = cache.step(k.shape[1])
+        pages = (cache.k_pages, cache.v_pages, step.block_table, step.cache_seqlens)
+        k_state, v_state = self.ops.paged_write_ema(
+            k, v, *pages, self.beta, cache.k_page_states, cache.v_page_states,
+            cache.states["k"], cache.states["v"])
+        cache.states.update(k=k_state, v=v_state)
+        y = self.ops.paged_mka_attention(q, cache.k_pages, cache.v_pages, cache.k_page_states,
+                                         cache.v_page_states, step.block_table, step.seqlens,
+                                         lam, self.beta, causal=True, window=self.window)
+        if mem_k is not None and mem_k.shape[1] > 0:  # level 3: every query reads the memory
+            o3 = self.ops.attention(q, mem_k, mem_v, causal=False)
+            y = y + lam[..., 2, None, None].to(y.dtype) * o3
         return self._output(y)
 
-    def new_cache(self, batch_size: int, device: Optional[torch.device] = None,
-                  dtype: torch.dtype = torch.float32) -> KVCache:
-        cache = KVCache(batch_size, device, dtype)
-        for name in ("k_start", "v_start", "k_end", "v_end"):
-            cache.states[name] = self._zero_states(batch_size, cache.device, dtype)
-        return cache
-
-    def cache_state_bytes(self, dtype: torch.dtype = torch.bfloat16) -> int:
-        return 4 * self._state_bytes(dtype)
+    def cache_spec(self) -> LayerSpec:
+        return LayerSpec(self.n_kv_head, self.head_dim, self.head_dim, page_states=True,
+                         states=("k", "v"))

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._validate import CPU_MAX_HEAD_DIM, CUDA_HEAD_DIMS
+from ..memory.cache import LayerCache, LayerSpec
 from .base import CausalSelfAttention, Memory, _positive_int
-from .cache import KVCache
 from .rope import apply_rope
 
 PATHS = ("naive", "absorb")
@@ -120,7 +120,7 @@ class MultiHeadLatentAttention(CausalSelfAttention):
 
     # ------------------------------------------------------------------ attention
 
-    def forward(self, x: Tensor, cache: Optional[KVCache] = None,
+    def forward(self, x: Tensor, cache: Optional[LayerCache] = None,
                 memory: Memory = None) -> Tensor:
         self._check_input(x, cache, memory)
         start = 0 if cache is None else cache.length
@@ -134,26 +134,28 @@ class MultiHeadLatentAttention(CausalSelfAttention):
         return self.resid_dropout(self.proj(y.reshape(B, T, self.n_head * self.v_dim)))
 
     def _naive(self, q_nope: Tensor, q_pe: Tensor, latent: Tensor,
-               cache: Optional[KVCache]) -> Tensor:
+               cache: Optional[LayerCache]) -> Tensor:
         B, T, H = q_nope.shape[:3]
         c, k_pe = latent.split((self.kv_lora_rank, self.rope), -1)
         k_nope, v = self.kv_up(c).view(B, T, H, self.nope + self.v_dim).split(
             (self.nope, self.v_dim), -1)
         k = torch.cat((k_nope, k_pe[:, :, None, :].expand(B, T, H, self.rope)), -1)
+        q = torch.cat((q_nope, q_pe), -1)
         if cache is not None:
-            k, v = cache.append(k=k, v=v)
-        return self._attend(torch.cat((q_nope, q_pe), -1), k, v)
+            return self._attend_cached(q, k, v, cache)
+        return self._attend(q, k, v)
 
     def _absorb(self, q_nope: Tensor, q_pe: Tensor, latent: Tensor,
-                cache: Optional[KVCache]) -> Tensor:
+                cache: Optional[LayerCache]) -> Tensor:
         w_uk, w_uv = self._up_weights()
         q = torch.cat((torch.einsum("bthn,hnr->bthr", q_nope, w_uk), q_pe), -1)
-        if cache is not None:
-            (latent,) = cache.append(latent=latent)
         kv = latent[:, :, None, :]  # one key/value head: MQA over the latent
         # the values are c_kv, the latent's first r columns; the RoPE columns ride along
         # (no padded copy for the kernels) and their output is dropped
-        o = self._attend(q, kv, kv)[..., :self.kv_lora_rank]
+        if cache is not None:
+            o = self._attend_cached(q, kv, None, cache)[..., :self.kv_lora_rank]
+        else:
+            o = self._attend(q, kv, kv)[..., :self.kv_lora_rank]
         return torch.einsum("bthr,hvr->bthv", o, w_uv)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -168,10 +170,24 @@ class MultiHeadLatentAttention(CausalSelfAttention):
         out = self.ops.attention(q, k, v, causal=True, scale=self.scale, window=self.window)
         return out[..., :dv]
 
-    def cache_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> int:
+    def _attend_cached(self, q: Tensor, k: Tensor, v: Optional[Tensor],
+                       cache: LayerCache) -> Tensor:
+        """Writes the new keys/values (``v = None``: the values are the keys, the absorbed
+        path's latent) into the cache's pages and attends over them with the MLA scale."""
+        cache.check("k", k)
+        step = cache.step(k.shape[1])
+        self.ops.paged_write(k, v, cache.k_pages, cache.v_pages, step.block_table,
+                             step.cache_seqlens)
+        return self.ops.paged_attention(q, cache.k_pages, cache.v_pages, step.block_table,
+                                        step.seqlens, causal=True, scale=self.scale,
+                                        window=self.window)
+
+    def cache_spec(self) -> LayerSpec:
+        """absorb: the latent ``[c_kv ; k_pe]`` as one key head whose values are itself;
+        naive: per-head keys ``qk_nope + qk_rope`` and values ``v_head_dim`` wide."""
         if self.path == "absorb":
-            return (self.kv_lora_rank + self.rope) * dtype.itemsize
-        return self.n_head * (self.nope + self.rope + self.v_dim) * dtype.itemsize
+            return LayerSpec(1, self.kv_lora_rank + self.rope)
+        return LayerSpec(self.n_head, self.nope + self.rope, self.v_dim)
 
 
 def _rms_norm(norm: nn.RMSNorm, x: Tensor) -> Tensor:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..memory import torch_paged
 from ..reference import state_dtype, visible
 
 _OptT = Optional[Tensor]
@@ -126,3 +127,30 @@ def mka(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, mem_k: _OptT 
     if lam.shape[-1] == 3 and mem_k.shape[1] > 0:  # M = 0 recalled tokens: O3 = 0
         out = out + _weight(lam, 2, q) * attention(q, mem_k, mem_v, False, scale)
     return out, ks, vs
+
+
+# ----------------------------------------------------------------- pages (SPEC §7.1)
+
+def paged_write(k: Tensor, v: _OptT, k_pages: Tensor, v_pages: _OptT, block_table: Tensor,
+                cache_seqlens: Tensor) -> None:
+    if v_pages is None:
+        v, v_pages = k, k_pages
+    torch_paged.paged_write(k, v, k_pages, v_pages, block_table, cache_seqlens)
+
+
+def paged_write_ema(k: Tensor, v: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor,
+                    cache_seqlens: Tensor, beta: float, k_page_states: Tensor,
+                    v_page_states: Tensor, k_state: _OptT = None,
+                    v_state: _OptT = None) -> tuple[Tensor, Tensor]:
+    return torch_paged.paged_write_ema(k, v, k_pages, v_pages, block_table, cache_seqlens, beta,
+                                       k_page_states, v_page_states, k_state, v_state)
+
+
+def paged_attention(q: Tensor, k_pages: Tensor, v_pages: _OptT, block_table: Tensor,
+                    seqlens: Tensor, causal: bool = True, scale: Optional[float] = None,
+                    window: Optional[int] = None) -> Tensor:
+    return torch_paged.paged_attention(q, k_pages, k_pages if v_pages is None else v_pages,
+                                       block_table, seqlens, causal, scale, window)
+
+
+paged_mka_attention = torch_paged.paged_mka_attention

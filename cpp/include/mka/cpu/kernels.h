@@ -22,6 +22,13 @@ void attention_bwd(const AttentionProblem& p, const TensorRef& q, const TensorRe
                    const TensorRef& dout, RowWeight w, const TensorRef& dq,
                    const TensorRef& dk, const TensorRef& dv);
 
+// Few query rows against many keys (decode through mka.attention): the paged decode kernel
+// (paged_attention.cpp) over the contiguous cache, split over keys. attention_fwd takes it
+// for the shapes decode_shaped accepts.
+bool decode_shaped(const AttentionProblem& p);
+void decode_attention(const AttentionProblem& p, const TensorRef& q, const TensorRef& k,
+                      const TensorRef& v, const TensorRef& out, const TensorRef& lse);
+
 // One memory's EMA scan with routing, for k or v (x: (B,T,G,d)):
 //   y_t = lam[t,0] x_t + lam[t,1] EMA(x)_t (+ lam[t,2] x3_t); with lam absent, y_t = EMA(x)_t.
 void ema_route_fwd(const RouteProblem& p, const TensorRef& x, const TensorRef& lam,

@@ -1,0 +1,217 @@
+// Validation and dispatch of the paged ops: shapes, dtypes and devices of every tensor, and
+// on the CPU every block-table entry a call will touch, before any page is read or written.
+#include "mka/memory/paged_ops.h"
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "mka/error.h"
+
+namespace mka {
+namespace {
+
+std::string shape_str(const TensorRef& t) {
+  std::string s = "(";
+  for (int i = 0; i < t.ndim; ++i) s += (i ? ", " : "") + std::to_string(t.shape[i]);
+  return s + ")";
+}
+
+void check_shape(const TensorRef& t, const char* name, std::initializer_list<int64_t> shape,
+                 const char* layout) {
+  MKA_CHECK(t.present(), name, ": expected a tensor ", layout, ", got None");
+  MKA_CHECK(t.ndim == int(shape.size()), name, ": expected a ", shape.size(), "-d tensor ",
+            layout, ", got shape ", shape_str(t));
+  int i = 0;
+  for (int64_t s : shape) {
+    MKA_CHECK(s < 0 || t.shape[i] == s, name, ": expected shape ", layout, " with dim ", i,
+              " = ", s, ", got ", shape_str(t));
+    ++i;
+  }
+  MKA_CHECK(t.shape[t.ndim - 1] <= 1 || t.numel() == 0 || t.stride[t.ndim - 1] == 1, name,
+            ": the last dimension must be contiguous (stride 1), got stride ",
+            t.stride[t.ndim - 1]);
+}
+
+void check_device(const TensorRef& t, const char* name, const TensorRef& ref) {
+  MKA_CHECK(t.device == ref.device && t.device_id == ref.device_id, name, ": is on ",
+            device_name(t.device), ":", t.device_id, " but the pages are on ",
+            device_name(ref.device), ":", ref.device_id);
+}
+
+void check_dtype(const TensorRef& t, const char* name, DType dt) {
+  MKA_CHECK(t.dtype == dt, name, ": dtype ", dtype_name(t.dtype), ", expected ", dtype_name(dt));
+}
+
+bool dtype_supported(DType dt, Device dev) {
+  if (dev == Device::cpu) return dt == DType::f32 || dt == DType::f64;
+  return dt == DType::f16 || dt == DType::bf16 || dt == DType::f32;
+}
+
+// The pages, the table and the per-sequence lengths (B,) int32.
+PagedProblem check_pages(const PagedKV& kv, const TensorRef& lens, const char* lens_name,
+                         int64_t B) {
+  const TensorRef &kp = kv.k_pages, &vp = kv.v_pages;
+  check_shape(kp, "k_pages", {-1, -1, -1, -1}, "(P, S, G, dk)");
+  check_shape(vp, "v_pages", {kp.shape[0], kp.shape[1], kp.shape[2], -1},
+              "(P, S, G, dv) matching k_pages' P, S, G");
+  check_device(vp, "v_pages", kp);
+  MKA_CHECK(dtype_supported(kp.dtype, kp.device), "k_pages: dtype ", dtype_name(kp.dtype),
+            " is not supported on ", device_name(kp.device));
+  check_dtype(vp, "v_pages", kp.dtype);
+  PagedProblem p;
+  p.P = kp.shape[0], p.S = kp.shape[1], p.G = kp.shape[2], p.dk = kp.shape[3];
+  p.dv = vp.shape[3], p.B = B;
+  MKA_CHECK(p.S >= 1, "k_pages: page size must be at least 1, got ", p.S);
+  MKA_CHECK(p.G >= 1, "k_pages: needs at least one key/value head, got G = ", p.G);
+  // Rows of a page and heads of a row are addressed by stride; tokens of a page are not
+  // assumed contiguous with the next page.
+  check_shape(kv.block_table, "block_table", {B, -1}, "(B, W) int32");
+  check_dtype(kv.block_table, "block_table", DType::i32);
+  check_device(kv.block_table, "block_table", kp);
+  p.W = kv.block_table.shape[1];
+  check_shape(lens, lens_name, {B}, "(B,) int32");
+  check_dtype(lens, lens_name, DType::i32);
+  check_device(lens, lens_name, kp);
+  p.dtype = kp.dtype, p.device = kp.device, p.device_id = kp.device_id;
+  return p;
+}
+
+// Sequence b's tokens [0, end) must lie in valid pages of its table row.
+void check_table_row(const PagedProblem& p, const TensorRef& table, int64_t b, int64_t end,
+                     const char* lens_name, int64_t len) {
+  MKA_CHECK(end <= p.W * p.S, lens_name, ": sequence ", b, " needs ", end,
+            " token slots, more than its block table row holds (", p.W, " pages of ", p.S,
+            " tokens)");
+  const int32_t* row = ptr<const int32_t>(table) + b * table.stride[0];
+  for (int64_t i = 0; i * p.S < end; ++i) {
+    const int32_t page = row[i * table.stride[1]];
+    MKA_CHECK(page >= 0 && page < p.P, "block_table: entry [", b, ", ", i, "] = ", page,
+              " is not a page index in [0, ", p.P, ") (sequence ", b, " has ", len,
+              " tokens)");
+  }
+}
+
+void check_ema(PagedProblem& p, const PagedEma& e, const TensorRef& pages, int64_t d) {
+  p.ema = e.k_page_states.present() || e.v_page_states.present();
+  if (!p.ema) return;
+  MKA_CHECK(std::isfinite(e.beta) && e.beta >= 0.0 && e.beta < 1.0,
+            "beta: must be in [0, 1), got ", e.beta);
+  MKA_CHECK(p.dk == p.dv, "v_pages: MKA's level 2 needs dv = dk, got ", p.dv, " and ", p.dk);
+  for (auto [t, name] : {std::pair{&e.k_page_states, "k_page_states"},
+                         std::pair{&e.v_page_states, "v_page_states"}}) {
+    check_shape(*t, name, {p.P, p.G, d}, "(P, G, d) matching the pages");
+    check_dtype(*t, name, stats_dtype(p.dtype));
+    check_device(*t, name, pages);
+    MKA_CHECK(is_contiguous(*t), name, ": must be contiguous");
+  }
+  p.beta = e.beta;
+}
+
+}  // namespace
+
+void paged_write(const PagedWrite& a) {
+  const TensorRef &k = a.k, &v = a.v;
+  check_shape(k, "k", {-1, -1, -1, -1}, "(B, T, G, dk)");
+  PagedProblem p = check_pages(a.pages, a.cache_seqlens, "cache_seqlens", k.shape[0]);
+  p.T = k.shape[1];
+  check_shape(k, "k", {p.B, p.T, p.G, p.dk}, "(B, T, G, dk) matching k_pages' G and dk");
+  check_shape(v, "v", {p.B, p.T, p.G, p.dv}, "(B, T, G, dv) matching k and v_pages' dv");
+  for (auto [t, name] : {std::pair{&k, "k"}, std::pair{&v, "v"}}) {
+    check_device(*t, name, a.pages.k_pages);
+    check_dtype(*t, name, p.dtype);
+  }
+  check_ema(p, a.ema, a.pages.k_pages, p.dk);
+  const DType sdt = stats_dtype(p.dtype);
+  for (auto [t, name] : {std::pair{&a.k_state, "k_state"}, std::pair{&a.v_state, "v_state"},
+                         std::pair{&a.k_state_out, "k_state_out"},
+                         std::pair{&a.v_state_out, "v_state_out"}}) {
+    if (!t->present()) continue;
+    MKA_CHECK(p.ema, name, ": given, but no page states (k_page_states, v_page_states)");
+    check_shape(*t, name, {p.B, p.G, p.dk}, "(B, G, d)");
+    check_dtype(*t, name, sdt);
+    check_device(*t, name, a.pages.k_pages);
+  }
+  if (p.ema)
+    MKA_CHECK(a.k_state_out.present() && a.v_state_out.present(),
+              "k_state_out: required with page states (the running EMA state after the write)");
+  if (p.device != Device::cpu)
+    fail("paged_write: no native CUDA kernel in this build; the Python layer runs CUDA pages");
+  // Every slot written must be a valid page of its row, and no page may be written by two
+  // sequences (a shared page must be copied first, as PageTable::reserve does).
+  const int32_t* lens = ptr<const int32_t>(a.cache_seqlens);
+  std::vector<std::pair<int32_t, int64_t>> written;
+  for (int64_t b = 0; b < p.B; ++b) {
+    const int64_t start = lens[b * a.cache_seqlens.stride[0]];
+    MKA_CHECK(start >= 0, "cache_seqlens: entry ", b, " is negative (", start, ")");
+    if (p.T == 0) continue;
+    check_table_row(p, a.pages.block_table, b, start + p.T, "cache_seqlens", start);
+    const int32_t* row = ptr<const int32_t>(a.pages.block_table) + b * a.pages.block_table.stride[0];
+    for (int64_t i = start / p.S; i * p.S < start + p.T; ++i)
+      written.emplace_back(row[i * a.pages.block_table.stride[1]], b);
+  }
+  std::sort(written.begin(), written.end());
+  for (size_t i = 1; i < written.size(); ++i)
+    MKA_CHECK(written[i].first != written[i - 1].first || written[i].second == written[i - 1].second,
+              "block_table: page ", written[i].first, " is written by sequences ",
+              written[i - 1].second, " and ", written[i].second,
+              " (a shared page must be copied before a write: PageTable.reserve does)");
+  cpu::paged_write(p, a);
+}
+
+void paged_attention(const PagedAttentionFwd& a) {
+  const TensorRef& q = a.q;
+  check_shape(q, "q", {-1, -1, -1, -1}, "(B, Tq, H, dk)");
+  PagedProblem p = check_pages(a.pages, a.seqlens, "seqlens", q.shape[0]);
+  p.T = q.shape[1], p.H = q.shape[2];
+  check_shape(q, "q", {p.B, p.T, p.H, p.dk}, "(B, Tq, H, dk) matching k_pages' dk");
+  check_device(q, "q", a.pages.k_pages);
+  check_dtype(q, "q", p.dtype);
+  MKA_CHECK(p.H % p.G == 0, "q: the number of query heads H = ", p.H,
+            " must be a multiple of the key/value heads G = ", p.G);
+  MKA_CHECK(p.dk >= 1 && p.dv >= 1, "k_pages: head dims must be at least 1");
+  if (p.device == Device::cpu)
+    MKA_CHECK(p.dk <= 256 && p.dv <= 256, "k_pages: head dim ", std::max(p.dk, p.dv),
+              " is not supported on cpu (at most 256)");
+  const AttnOptions& o = a.opts;
+  if (o.window) MKA_CHECK(*o.window >= 1, "window: must be at least 1, got ", *o.window);
+  if (o.scale) {
+    MKA_CHECK(std::isfinite(*o.scale), "scale: must be finite, got ", *o.scale);
+    MKA_CHECK(p.dtype == DType::f64 || std::fabs(*o.scale) <= kMaxFloatScale, "scale: ",
+              *o.scale, " is out of float32's range for ", dtype_name(p.dtype), " inputs");
+  }
+  p.causal = o.causal;
+  p.scale = o.scale ? *o.scale : 1.0 / std::sqrt(double(p.dk));
+  // Windows beyond 2^62 hide nothing a table can hold; clamped so bounds never overflow.
+  p.window = o.window ? std::min<int64_t>(*o.window, int64_t(1) << 62) : -1;
+  check_ema(p, a.ema, a.pages.k_pages, p.dk);
+  MKA_CHECK(a.lam.present() == p.ema, p.ema ? "lam: required with page states (MKA's routing)"
+                                            : "lam: given, but no page states (k_page_states)");
+  if (p.ema) {
+    check_shape(a.lam, "lam", {p.B, p.T, -1}, "(B, Tq, L)");
+    check_dtype(a.lam, "lam", p.dtype);
+    check_device(a.lam, "lam", a.pages.k_pages);
+    MKA_CHECK(a.lam.shape[2] >= 2, "lam: expected L >= 2 levels, got ", a.lam.shape[2]);
+    MKA_CHECK(!a.lse.present(), "lse: only plain paged attention returns it");
+  }
+  check_shape(a.out, "out", {p.B, p.T, p.H, p.dv}, "(B, Tq, H, dv)");
+  check_dtype(a.out, "out", p.dtype);
+  check_device(a.out, "out", a.pages.k_pages);
+  if (a.lse.present()) {
+    check_shape(a.lse, "lse", {p.B, p.H, p.T}, "(B, H, Tq)");
+    check_dtype(a.lse, "lse", stats_dtype(p.dtype));
+    MKA_CHECK(is_contiguous(a.lse), "lse: must be contiguous");
+  }
+  if (p.device != Device::cpu)
+    fail("paged_attention: no native CUDA kernel in this build; the Python layer runs CUDA pages");
+  const int32_t* lens = ptr<const int32_t>(a.seqlens);
+  for (int64_t b = 0; b < p.B; ++b) {
+    const int64_t n = lens[b * a.seqlens.stride[0]];
+    MKA_CHECK(n >= 0, "seqlens: entry ", b, " is negative (", n, ")");
+    check_table_row(p, a.pages.block_table, b, n, "seqlens", n);
+  }
+  cpu::paged_attention(p, a);
+}
+
+}  // namespace mka

@@ -1,0 +1,251 @@
+"""The paged KV cache of one model (SPEC §7.1): a native :class:`PageTable` shared by all
+layers, and each layer's preallocated page tensors and EMA states.
+
+A decode or prefill step of ``T`` tokens goes layer by layer: each layer calls
+:meth:`LayerCache.step` (the first one reserves the pages, copying any shared page —
+copy-on-write — in every layer's storage), writes its new keys/values with ``paged_write``
+and attends with ``paged_attention`` through the step's block table. Nothing grows by
+concatenation and nothing is held beyond the tensors listed by :meth:`PagedKVCache.nbytes`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .._C import PageTable
+from ..reference import state_dtype
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What one attention layer caches. Per token: keys ``(kv_heads, key_dim)`` and values
+    ``(kv_heads, value_dim)`` (``value_dim = 0``: the values are the keys — MLA's latent).
+    Per page, with ``page_states``: MKA's EMA checkpoints of k and v. Per sequence: the
+    running EMA states named in ``states``, ``(kv_heads, key_dim)`` each."""
+
+    kv_heads: int
+    key_dim: int
+    value_dim: int = 0
+    page_states: bool = False
+    states: tuple[str, ...] = ()
+
+    def bytes_per_token(self, dtype: torch.dtype) -> int:
+        return self.kv_heads * (self.key_dim + self.value_dim) * dtype.itemsize
+
+    def bytes_per_page(self, page_size: int, dtype: torch.dtype) -> int:
+        pages = page_size * self.bytes_per_token(dtype)
+        if self.page_states:
+            pages += 2 * self.kv_heads * self.key_dim * state_dtype(dtype).itemsize
+        return pages
+
+    def state_bytes(self, dtype: torch.dtype) -> int:
+        return len(self.states) * self.kv_heads * self.key_dim * state_dtype(dtype).itemsize
+
+
+class PageStep(NamedTuple):
+    """Where a step's tokens go: ``block_table (B, W)``, ``cache_seqlens (B,)`` (tokens
+    before the step) and ``seqlens (B,)`` (after it), int32 on the cache's device."""
+
+    block_table: Tensor
+    cache_seqlens: Tensor
+    seqlens: Tensor
+
+
+class PagedKVCache:
+    """Paged KV cache of ``batch_size`` sequences for the layers ``specs``.
+
+    ``max_tokens`` bounds a sequence (the block table's width is ``ceil(max_tokens /
+    page_size)``); ``num_pages`` defaults to every sequence at ``max_tokens`` and may be
+    smaller (pages are taken as sequences grow) or larger (room for :meth:`reorder`'s
+    copies). Indexing gives the layers' caches: ``cache[i]`` is what layer ``i`` reads."""
+
+    def __init__(self, specs: Sequence[LayerSpec], batch_size: int, *, max_tokens: int,
+                 page_size: int = 16, num_pages: Optional[int] = None,
+                 device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32):
+        for value, name in ((batch_size, "batch_size"), (max_tokens, "max_tokens"),
+                            (page_size, "page_size")):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        width = math.ceil(max_tokens / page_size)
+        num_pages = batch_size * width if num_pages is None else num_pages
+        self.table = PageTable(num_pages, page_size, width)
+        self.device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0"
+        self.dtype, self.page_size, self.max_tokens = dtype, page_size, max_tokens
+        self.seqs = [self.table.add_sequence() for _ in range(batch_size)]
+        self.layers = [LayerCache(self, i, spec) for i, spec in enumerate(specs)]
+        self._block_table: Optional[Tensor] = None
+        self._lengths: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+    # ------------------------------------------------------------------ layers
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, i):
+        return self.layers[i]
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.seqs)
+
+    # ------------------------------------------------------------------ pages
+
+    def _reserve(self, tokens: list[int]) -> None:
+        """Room for ``tokens[b]`` tokens in sequence ``b`` (a no-op for layers after the
+        first in a step); shared pages about to be written are copied in every layer."""
+        free = self.table.num_free_pages
+        copies = self.table.reserve(self.seqs, tokens)
+        if copies:
+            src = torch.tensor([c[0] for c in copies], device=self.device)
+            dst = torch.tensor([c[1] for c in copies], device=self.device)
+            for layer in self.layers:
+                for t in layer.page_tensors():
+                    t[dst] = t[src]
+        if copies or free != self.table.num_free_pages:
+            self._block_table = None
+
+    def block_table(self) -> Tensor:
+        """``(B, W)`` int32 on the cache's device (rebuilt only when pages change)."""
+        if self._block_table is None:
+            table = torch.empty((self.batch_size, self.table.max_pages_per_seq), dtype=torch.int32)
+            self.table.fill_block_table(self.seqs, table)
+            self._block_table = table.to(self.device)
+        return self._block_table
+
+    def _step_lengths(self, before: tuple[int, ...], T: int) -> tuple[Tensor, Tensor]:
+        """``cache_seqlens`` and ``seqlens`` tensors of a step, made once for all layers."""
+        key = (before, T)
+        if key not in self._lengths:
+            start = torch.tensor(before, dtype=torch.int32)
+            self._lengths = {key: (start.to(self.device), (start + T).to(self.device))}
+        return self._lengths[key]
+
+    def reorder(self, rows: Sequence[int]) -> None:
+        """Row ``j`` of the batch continues sequence ``rows[j]`` (beam search, parallel
+        sampling): repeated rows fork (their pages are shared until written: copy-on-write),
+        rows no longer listed are freed."""
+        rows = [int(r) for r in rows]
+        if not rows or any(not 0 <= r < self.batch_size for r in rows):
+            raise ValueError(f"rows: expected indices into the batch of {self.batch_size}, got {rows}")
+        seqs, used = [], set()
+        for r in rows:
+            seqs.append(self.seqs[r] if r not in used else self.table.fork(self.seqs[r]))
+            used.add(r)
+        for r, s in enumerate(self.seqs):
+            if r not in used:
+                self.table.free(s)
+        self.seqs = seqs
+        index = torch.tensor(rows, device=self.device)
+        for layer in self.layers:
+            layer._reorder(rows, index)
+        self._block_table, self._lengths = None, {}
+
+    # ------------------------------------------------------------------ accounting
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor the cache holds (page pools, page checkpoints, states)."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def used_bytes(self) -> int:
+        """Bytes of the pages sequences hold (a page shared by several counted once) plus
+        the states."""
+        pages = {p for s in self.seqs for p in self.table.pages(s)}
+        return sum(len(pages) * layer.spec.bytes_per_page(self.page_size, self.dtype)
+                   + self.batch_size * layer.spec.state_bytes(self.dtype) for layer in self.layers)
+
+    def __repr__(self) -> str:
+        return (f"PagedKVCache(layers={len(self)}, batch={self.batch_size}, "
+                f"page_size={self.page_size}, pages={self.table.num_pages}, "
+                f"free={self.table.num_free_pages}, {self.dtype}, {self.device})")
+
+
+class LayerCache:
+    """One layer's view of a :class:`PagedKVCache`: its page tensors ``k_pages (P, S, G,
+    dk)``, ``v_pages (P, S, G, dv)`` (None when the values are the keys), MKA's
+    ``k_page_states, v_page_states (P, G, d)``, the running ``states`` ``(B, G, d)``, and the
+    tokens it has written per sequence."""
+
+    def __init__(self, parent: PagedKVCache, index: int, spec: LayerSpec):
+        self.parent, self.index, self.spec = parent, index, spec
+        P, S, dev, dt = parent.table.num_pages, parent.page_size, parent.device, parent.dtype
+        G, dk, dv = spec.kv_heads, spec.key_dim, spec.value_dim
+        sdt = state_dtype(dt)
+        self.k_pages = torch.zeros((P, S, G, dk), device=dev, dtype=dt)
+        self.v_pages = torch.zeros((P, S, G, dv), device=dev, dtype=dt) if dv else None
+        self.k_page_states = self.v_page_states = None
+        if spec.page_states:
+            self.k_page_states = torch.zeros((P, G, dk), device=dev, dtype=sdt)
+            self.v_page_states = torch.zeros((P, G, dk), device=dev, dtype=sdt)
+        self.states = {n: torch.zeros((parent.batch_size, G, dk), device=dev, dtype=sdt)
+                       for n in spec.states}
+        self.written = [0] * parent.batch_size
+
+    @property
+    def batch_size(self) -> int:
+        return self.parent.batch_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.parent.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.parent.dtype
+
+    @property
+    def length(self) -> int:
+        """Tokens cached, the same for every sequence of the batch (else an error: use
+        :attr:`lengths`)."""
+        if len(set(self.written)) > 1:
+            raise ValueError(f"cache: sequences hold different lengths {self.written}; "
+                             "read cache.lengths")
+        return self.written[0]
+
+    @property
+    def lengths(self) -> list[int]:
+        return list(self.written)
+
+    def page_tensors(self) -> list[Tensor]:
+        return [t for t in (self.k_pages, self.v_pages, self.k_page_states, self.v_page_states)
+                if t is not None]
+
+    def check(self, name: str, t: Tensor) -> None:
+        """New tokens ``t: (B, T, ...)`` fit this cache: its batch, dtype and device."""
+        if t.shape[0] != self.batch_size:
+            raise ValueError(f"cache: {name} has batch {t.shape[0]}, the cache was made for "
+                             f"batch_size {self.batch_size}")
+        if t.dtype != self.dtype or t.device != self.device:
+            raise ValueError(f"cache: {name} is {t.dtype} on {t.device}, the cache was made "
+                             f"for {self.dtype} on {self.device}")
+
+    def step(self, T: int) -> PageStep:
+        """Reserves ``T`` more tokens per sequence and returns where they go."""
+        before = tuple(self.written)
+        after = [n + T for n in before]
+        if max(after, default=0) > self.parent.max_tokens:
+            raise ValueError(f"cache: a sequence would hold {max(after)} tokens, beyond the "
+                             f"cache's max_tokens = {self.parent.max_tokens}")
+        self.parent._reserve(after)
+        start, end = self.parent._step_lengths(before, T)
+        self.written = after
+        return PageStep(self.parent.block_table(), start, end)
+
+    def _reorder(self, rows: list[int], index: Tensor) -> None:
+        self.written = [self.written[r] for r in rows]
+        self.states = {n: s[index] for n, s in self.states.items()}
+
+    def nbytes(self) -> int:
+        held = self.page_tensors() + list(self.states.values())
+        return sum(t.untyped_storage().nbytes() for t in held)
+
+    def __repr__(self) -> str:
+        return (f"LayerCache(layer={self.index}, lengths={self.written}, "
+                f"k_pages={tuple(self.k_pages.shape)}, states={sorted(self.states)})")

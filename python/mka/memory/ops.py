@@ -1,0 +1,150 @@
+"""The paged ops of SPEC §7.1 as PyTorch custom operators: ``torch.ops.mka.paged_write``,
+``paged_write_ema``, ``paged_attention`` and ``paged_mka_attention``.
+
+Inference only (no autograd). Float32/float64 pages on the CPU run the native kernels
+(``cpp/src/cpu/paged_*.cpp``); other pages (CUDA, half precision on the CPU) run the PyTorch
+implementation of :mod:`.torch_paged`. Every op has a fake kernel with the same shape checks,
+so ``torch.compile(fullgraph=True)`` traces through them.
+
+``v_pages=None`` (and ``v=None`` for the writes) means the values are the keys: MLA's
+absorbed path caches one latent that serves as both.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _C
+from .._validate import check_paged
+from ..kernels import _State
+from ..ops import _launch, _native
+from . import torch_paged
+
+_OptT = Optional[Tensor]
+_OptF = Optional[float]
+_OptI = Optional[int]
+
+
+def _native_pages(pages: Tensor) -> bool:
+    return pages.device.type == "cpu" and pages.dtype in (torch.float32, torch.float64)
+
+
+def _state(t: _OptT, like: Tensor) -> _OptT:
+    return None if t is None else t.detach().to(like.dtype)
+
+
+@torch.library.custom_op("mka::paged_write", mutates_args=("k_pages", "v_pages"))
+def paged_write(k: Tensor, v: _OptT, k_pages: Tensor, v_pages: _OptT, block_table: Tensor,
+                cache_seqlens: Tensor) -> None:
+    """Writes ``k, v: (B, T, G, d)`` at positions ``[cache_seqlens[b], cache_seqlens[b] + T)``
+    of each sequence's pages (in place)."""
+    check_paged(k, k_pages, v_pages, block_table, cache_seqlens, "cache_seqlens", v=v)
+    v, v_pages = (k, k_pages) if v_pages is None else (v, v_pages)
+    if not _native_pages(k_pages):
+        return torch_paged.paged_write(k, v, k_pages, v_pages, block_table, cache_seqlens)
+    _native(_C.paged_write, k=k.to(k_pages.dtype), v=v.to(k_pages.dtype), k_pages=k_pages,
+            v_pages=v_pages, block_table=block_table, cache_seqlens=cache_seqlens,
+            **_launch(k, _State.token))
+
+
+@paged_write.register_fake
+def _(k, v, k_pages, v_pages, block_table, cache_seqlens):
+    check_paged(k, k_pages, v_pages, block_table, cache_seqlens, "cache_seqlens", v=v)
+
+
+@torch.library.custom_op("mka::paged_write_ema",
+                         mutates_args=("k_pages", "v_pages", "k_page_states", "v_page_states"))
+def paged_write_ema(k: Tensor, v: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor,
+                    cache_seqlens: Tensor, beta: float, k_page_states: Tensor,
+                    v_page_states: Tensor, k_state: _OptT = None,
+                    v_state: _OptT = None) -> Tuple[Tensor, Tensor]:
+    """:func:`paged_write` for MKA: also carries the EMA of k and v from the running states
+    ``k_state, v_state: (B, G, d)`` (zeros if None) through the new tokens, checkpointing it
+    in ``k_page_states, v_page_states: (P, G, d)`` before each page's first token; returns the
+    states after the new tokens."""
+    check_paged(k, k_pages, v_pages, block_table, cache_seqlens, "cache_seqlens", v=v,
+                page_states=(k_page_states, v_page_states), beta=beta)
+    if not _native_pages(k_pages):
+        return torch_paged.paged_write_ema(k, v, k_pages, v_pages, block_table, cache_seqlens,
+                                           beta, k_page_states, v_page_states, k_state, v_state)
+    ks, vs = (k_page_states.new_empty((k.shape[0], *k.shape[2:])) for _ in range(2))
+    _native(_C.paged_write, k=k.to(k_pages.dtype), v=v.to(k_pages.dtype), k_pages=k_pages,
+            v_pages=v_pages, block_table=block_table, cache_seqlens=cache_seqlens, beta=beta,
+            k_page_states=k_page_states, v_page_states=v_page_states,
+            k_state=_state(k_state, k_page_states), v_state=_state(v_state, k_page_states),
+            k_state_out=ks, v_state_out=vs, **_launch(k, _State.token))
+    return ks, vs
+
+
+@paged_write_ema.register_fake
+def _(k, v, k_pages, v_pages, block_table, cache_seqlens, beta, k_page_states, v_page_states,
+      k_state=None, v_state=None):
+    check_paged(k, k_pages, v_pages, block_table, cache_seqlens, "cache_seqlens", v=v,
+                page_states=(k_page_states, v_page_states), beta=beta)
+    return tuple(k_page_states.new_empty((k.shape[0], *k.shape[2:])) for _ in range(2))
+
+
+def _out(q: Tensor, k_pages: Tensor, v_pages: _OptT) -> Tensor:
+    dv = (k_pages if v_pages is None else v_pages).shape[-1]
+    return q.new_empty((*q.shape[:3], dv), dtype=k_pages.dtype)
+
+
+@torch.library.custom_op("mka::paged_attention", mutates_args=())
+def paged_attention(q: Tensor, k_pages: Tensor, v_pages: _OptT, block_table: Tensor,
+                    seqlens: Tensor, causal: bool = True, scale: _OptF = None,
+                    window: _OptI = None) -> Tensor:
+    """Attention of ``q: (B, Tq, H, dk)`` over the first ``seqlens[b]`` tokens of each
+    sequence's pages (its new tokens included), bottom-right causal per sequence, GQA,
+    optional window: ``(B, Tq, H, dv)`` in the pages' dtype."""
+    check_paged(q, k_pages, v_pages, block_table, seqlens, "seqlens", causal=causal,
+                scale=scale, window=window)
+    v_pages = k_pages if v_pages is None else v_pages
+    if not _native_pages(k_pages):
+        return torch_paged.paged_attention(q.to(k_pages.dtype), k_pages, v_pages, block_table,
+                                           seqlens, causal, scale, window)
+    out = _out(q, k_pages, v_pages)
+    _native(_C.paged_attention, q=q.to(k_pages.dtype), k_pages=k_pages, v_pages=v_pages,
+            block_table=block_table, seqlens=seqlens, causal=causal, scale=scale,
+            window=window, out=out, **_launch(q, _State.token))
+    return out
+
+
+@paged_attention.register_fake
+def _(q, k_pages, v_pages, block_table, seqlens, causal=True, scale=None, window=None):
+    check_paged(q, k_pages, v_pages, block_table, seqlens, "seqlens", causal=causal,
+                scale=scale, window=window)
+    return _out(q, k_pages, v_pages)
+
+
+@torch.library.custom_op("mka::paged_mka_attention", mutates_args=())
+def paged_mka_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, k_page_states: Tensor,
+                        v_page_states: Tensor, block_table: Tensor, seqlens: Tensor,
+                        lam: Tensor, beta: float, causal: bool = True, scale: _OptF = None,
+                        window: _OptI = None) -> Tensor:
+    """MKA's levels 1 and 2 over pages: ``lam[..., 0] O1 + lam[..., 1] O2`` with ``O1`` the
+    (windowed) attention over the raw keys and ``O2`` the attention over ``EMA(k), EMA(v)``,
+    rebuilt inside the kernel from the page checkpoints — nothing re-scans the sequence.
+    ``lam: (B, Tq, L)``; a third level (recalled memory) is the caller's to add."""
+    check_paged(q, k_pages, v_pages, block_table, seqlens, "seqlens", causal=causal,
+                scale=scale, window=window, page_states=(k_page_states, v_page_states),
+                beta=beta, lam=lam)
+    if not _native_pages(k_pages):
+        return torch_paged.paged_mka_attention(q.to(k_pages.dtype), k_pages, v_pages,
+                                               k_page_states, v_page_states, block_table,
+                                               seqlens, lam, beta, causal, scale, window)
+    out = _out(q, k_pages, v_pages)
+    _native(_C.paged_attention, q=q.to(k_pages.dtype), k_pages=k_pages, v_pages=v_pages,
+            block_table=block_table, seqlens=seqlens, causal=causal, scale=scale,
+            window=window, beta=beta, k_page_states=k_page_states, v_page_states=v_page_states,
+            lam=lam.to(k_pages.dtype), out=out, **_launch(q, _State.token))
+    return out
+
+
+@paged_mka_attention.register_fake
+def _(q, k_pages, v_pages, k_page_states, v_page_states, block_table, seqlens, lam, beta,
+      causal=True, scale=None, window=None):
+    check_paged(q, k_pages, v_pages, block_table, seqlens, "seqlens", causal=causal,
+                scale=scale, window=window, page_states=(k_page_states, v_page_states),
+                beta=beta, lam=lam)
+    return _out(q, k_pages, v_pages)

@@ -1,0 +1,159 @@
+"""The paged ops of SPEC §7.1 in plain PyTorch: gather each sequence's pages, rebuild MKA's
+EMA keys from the page checkpoints, then SDPA with a per-sequence mask.
+
+The ``backend="torch"`` of the modules' paged caches, and the path of pages the native
+kernels do not take (CUDA pages until the CUDA decode kernel lands, half-precision pages on
+the CPU). Index values are checked on the host: one synchronisation per call.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def check_slots(block_table: Tensor, ends: Tensor, num_pages: int, page_size: int,
+                what: str) -> None:
+    """Every page holding tokens ``[0, ends[b])`` of sequence ``b`` is a valid index."""
+    ends = ends.long().cpu()
+    if (ends < 0).any():
+        raise ValueError(f"{what}: entries must be >= 0, got {ends.tolist()}")
+    W = block_table.shape[1]
+    need = (ends + page_size - 1) // page_size
+    if (need > W).any():
+        b = int(torch.nonzero(need > W)[0])
+        raise ValueError(f"{what}: sequence {b} needs {int(ends[b])} token slots, more than its "
+                         f"block table row holds ({W} pages of {page_size} tokens)")
+    used = torch.arange(W)[None, :] < need[:, None]
+    table = block_table.cpu()
+    bad = used & ((table < 0) | (table >= num_pages))
+    if bad.any():
+        b, i = (int(x) for x in torch.nonzero(bad)[0])
+        raise ValueError(f"block_table: entry [{b}, {i}] = {int(table[b, i])} is not a page "
+                         f"index in [0, {num_pages})")
+
+
+def _positions(block_table: Tensor, start: Tensor, T: int, page_size: int) -> tuple[Tensor, Tensor]:
+    """(page, slot) of new tokens ``start[b] + t``, each (B, T)."""
+    pos = start.long()[:, None] + torch.arange(T, device=start.device)[None, :]
+    page = torch.gather(block_table.long(), 1, pos // page_size)
+    return page, pos % page_size
+
+
+def paged_write(k: Tensor, v: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor,
+                cache_seqlens: Tensor) -> None:
+    if k.shape[1] == 0:
+        return
+    check_slots(block_table, cache_seqlens + k.shape[1], k_pages.shape[0], k_pages.shape[1],
+                "cache_seqlens")
+    page, slot = _positions(block_table, cache_seqlens, k.shape[1], k_pages.shape[1])
+    k_pages[page, slot] = k.to(k_pages.dtype)
+    v_pages[page, slot] = v.to(v_pages.dtype)
+
+
+def paged_write_ema(k: Tensor, v: Tensor, k_pages: Tensor, v_pages: Tensor,
+                    block_table: Tensor, cache_seqlens: Tensor, beta: float,
+                    k_page_states: Tensor, v_page_states: Tensor, k_state: Optional[Tensor],
+                    v_state: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """Writes k, v and the EMA checkpoints of pages whose first token is written; returns the
+    running states after the new tokens."""
+    from ..nn.torch_ops import ema  # the chunked EMA of the torch backend
+
+    S, T = k_pages.shape[1], k.shape[1]
+    ek, ks = ema(k, beta, k_state)
+    ev, vs = ema(v, beta, v_state)
+    if T == 0:
+        return ks, vs
+    paged_write(k, v, k_pages, v_pages, block_table, cache_seqlens)
+    sdt = k_page_states.dtype
+    B, G, d = k.shape[0], k.shape[2], k.shape[3]
+    zeros = k.new_zeros((B, 1, G, d), dtype=sdt)
+    k0 = zeros[:, 0] if k_state is None else k_state.to(sdt)
+    v0 = zeros[:, 0] if v_state is None else v_state.to(sdt)
+    # state before token t: the start state, then EMA of tokens < t
+    before_k = torch.cat((k0[:, None], ek[:, :-1].to(sdt)), 1)
+    before_v = torch.cat((v0[:, None], ev[:, :-1].to(sdt)), 1)
+    page, slot = _positions(block_table, cache_seqlens, T, S)
+    first = slot == 0
+    k_page_states[page[first]] = before_k[first]
+    v_page_states[page[first]] = before_v[first]
+    return ks, vs
+
+
+def gather(pages: Tensor, block_table: Tensor, n: int) -> Tensor:
+    """The first ``n`` tokens of each sequence's pages, ``(B, n, G, d)``."""
+    S = pages.shape[1]
+    W = max(1, math.ceil(n / S))
+    idx = block_table[:, :W].long().clamp(min=0)
+    return pages[idx].flatten(1, 2)[:, :n]
+
+
+def page_ema(pages: Tensor, states: Tensor, block_table: Tensor, n: int, beta: float) -> Tensor:
+    """EMA of the first ``n`` tokens of each sequence, rebuilt page by page from the page
+    checkpoints: token ``o`` of a page is ``beta^(o+1) s + (1 - beta) sum_u<=o beta^(o-u) x_u``."""
+    S = pages.shape[1]
+    W = max(1, math.ceil(n / S))
+    idx = block_table[:, :W].long().clamp(min=0)
+    sdt = states.dtype
+    x = pages[idx].to(sdt)                      # (B, W, S, G, d)
+    s = states[idx]                             # (B, W, G, d)
+    t = torch.arange(S, device=pages.device, dtype=torch.float64)
+    lag = t[:, None] - t[None, :]
+    decay = torch.where(lag >= 0, (1.0 - beta) * beta ** lag.clamp(min=0), 0.0).to(sdt)
+    y = torch.einsum("ou,bwugd->bwogd", decay, x) + (beta ** (t + 1)).to(sdt)[None, None, :, None, None] * s[:, :, None]
+    return y.flatten(1, 2)[:, :n].to(pages.dtype)
+
+
+def _mask(Tq: int, n: int, seqlens: Tensor, causal: bool, window: Optional[int]) -> Tensor:
+    """(B, Tq, n) bool: query i of sequence b sees key j (bottom-right per sequence)."""
+    L = seqlens.long()[:, None, None]
+    i = torch.arange(Tq, device=seqlens.device)[None, :, None] + (L - Tq)
+    j = torch.arange(n, device=seqlens.device)[None, None, :]
+    vis = j < L
+    if causal:
+        vis = vis & (j <= i)
+    if window is not None:
+        vis = vis & (i - j < window)
+    return vis
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, vis: Tensor, scale: Optional[float]) -> Tensor:
+    B, Tq, H, _ = q.shape
+    if k.shape[1] == 0:
+        return q.new_zeros((B, Tq, H, v.shape[-1]))
+    seen = vis.any(-1, keepdim=True)
+    mask = (vis | ~seen)[:, None]  # rows seeing nothing attend to all, zeroed below
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask, scale=scale,
+                                         enable_gqa=k.shape[2] != H).transpose(1, 2)
+    return out.masked_fill(~seen[..., None], 0.0)
+
+
+def paged_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor,
+                    seqlens: Tensor, causal: bool = True, scale: Optional[float] = None,
+                    window: Optional[int] = None) -> Tensor:
+    check_slots(block_table, seqlens, k_pages.shape[0], k_pages.shape[1], "seqlens")
+    n = int(seqlens.max()) if seqlens.numel() else 0
+    k, v = gather(k_pages, block_table, n), gather(v_pages, block_table, n)
+    return _attend(q, k, v, _mask(q.shape[1], n, seqlens, causal, window), scale)
+
+
+def paged_mka_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, k_page_states: Tensor,
+                        v_page_states: Tensor, block_table: Tensor, seqlens: Tensor,
+                        lam: Tensor, beta: float, causal: bool = True,
+                        scale: Optional[float] = None, window: Optional[int] = None) -> Tensor:
+    check_slots(block_table, seqlens, k_pages.shape[0], k_pages.shape[1], "seqlens")
+    n = int(seqlens.max()) if seqlens.numel() else 0
+    k, v = gather(k_pages, block_table, n), gather(v_pages, block_table, n)
+    ek = page_ema(k_pages, k_page_states, block_table, n, beta)
+    ev = page_ema(v_pages, v_page_states, block_table, n, beta)
+    Tq = q.shape[1]
+    o1 = _attend(q, k, v, _mask(Tq, n, seqlens, causal, window), scale)
+    o2 = _attend(q, ek, ev, _mask(Tq, n, seqlens, causal, None), scale)
+    w = lam.to(q.dtype)
+    return w[..., 0, None, None] * o1 + w[..., 1, None, None] * o2
+

@@ -1,0 +1,95 @@
+"""The native PageTable (SPEC §7.1): pages handed out and reused, reference counts,
+copy-on-write on a shared page, all-or-nothing errors."""
+
+import pytest
+import torch
+
+from mka.memory import PageTable
+
+
+def test_reserve_allocates_whole_pages_and_free_reuses_them():
+    t = PageTable(6, 4, 3)
+    a, b = t.add_sequence(), t.add_sequence()
+    assert t.reserve([a], [5]) == [] and t.pages(a) == [0, 1] and t.length(a) == 5
+    assert t.reserve([a], [3]) == [] and t.length(a) == 5  # never shrinks
+    t.reserve([b], [4])
+    assert t.pages(b) == [2] and t.num_free_pages == 3
+    t.free(a)
+    assert t.num_free_pages == 5 and t.num_sequences == 1
+    c = t.add_sequence()
+    assert c == a  # ids are reused
+    t.reserve([c], [8])
+    assert sorted(t.pages(c)) == [0, 1]  # the freed pages, most recently freed first
+
+
+def test_fork_shares_pages_and_a_write_into_a_shared_page_copies_it():
+    t = PageTable(8, 4, 4)
+    a = t.add_sequence()
+    t.reserve([a], [6])  # pages 0 (full), 1 (2 of 4 tokens)
+    b = t.fork(a)
+    assert t.pages(b) == t.pages(a) and t.refcount(0) == 2 and t.refcount(1) == 2
+    copies = t.reserve([b], [7])  # b writes token 6 into shared page 1: copied first
+    assert copies == [(1, 2)] and t.pages(b) == [0, 2] and t.pages(a) == [0, 1]
+    assert t.refcount(1) == 1 and t.refcount(2) == 1 and t.refcount(0) == 2
+    assert t.reserve([a], [8]) == []  # page 1 is a's alone now: written in place
+    t.free(a)
+    assert t.refcount(0) == 1 and t.refcount(1) == 0
+
+
+def test_a_full_shared_page_is_never_copied():
+    t = PageTable(8, 4, 4)
+    a = t.add_sequence()
+    t.reserve([a], [8])
+    b = t.fork(a)
+    assert t.reserve([b], [9]) == []  # the new token starts a fresh page
+    assert t.pages(b)[:2] == t.pages(a)
+
+
+def test_out_of_pages_and_table_overflow_change_nothing():
+    t = PageTable(4, 4, 3)
+    a, b = t.add_sequence(), t.add_sequence()
+    t.reserve([a], [8])
+    with pytest.raises(ValueError, match="out of pages: 3 more needed, 2 free of 4"):
+        t.reserve([a, b], [12, 8])
+    assert t.length(a) == 8 and t.length(b) == 0 and t.num_free_pages == 2
+    with pytest.raises(ValueError, match="more than max_pages_per_seq = 3"):
+        t.reserve([a], [13])
+    with pytest.raises(ValueError, match="sequence 1 is listed twice"):
+        t.reserve([b, b], [1, 2])
+
+
+def test_truncate_releases_empty_pages():
+    t = PageTable(4, 4, 4)
+    a = t.add_sequence()
+    t.reserve([a], [10])
+    t.truncate(a, 5)
+    assert t.length(a) == 5 and len(t.pages(a)) == 2 and t.num_free_pages == 2
+    with pytest.raises(ValueError, match=r"tokens: must be in \[0, 5\]"):
+        t.truncate(a, 6)
+
+
+def test_bad_arguments_raise_naming_them():
+    with pytest.raises(ValueError, match="num_pages"):
+        PageTable(0, 4, 4)
+    with pytest.raises(ValueError, match="page_size"):
+        PageTable(4, 0, 4)
+    t = PageTable(4, 4, 2)
+    with pytest.raises(ValueError, match="seq: 3 is not a live sequence"):
+        t.reserve([3], [1])
+    a = t.add_sequence()
+    t.free(a)
+    with pytest.raises(ValueError, match="seq: 0 is not a live sequence"):
+        t.free(a)
+    with pytest.raises(ValueError, match="page: 9 is out of range"):
+        t.refcount(9)
+
+
+def test_fill_block_table_pads_with_minus_one():
+    t = PageTable(8, 2, 3)
+    a, b = t.add_sequence(), t.add_sequence()
+    t.reserve([a, b], [5, 1])
+    out = torch.zeros(2, 3, dtype=torch.int32)
+    t.fill_block_table([b, a], out)
+    assert out.tolist() == [[3, -1, -1], [0, 1, 2]]
+    with pytest.raises(ValueError, match="out: unsupported dtype"):
+        t.fill_block_table([a], torch.zeros(1, 3, dtype=torch.int64))

@@ -1,0 +1,279 @@
+"""The paged ops (SPEC §7.1) against the float64 reference and against the contiguous ops:
+shuffled page tables, every page size, variable lengths (empty too), GQA, windows, splits
+over long sequences, MKA's level 2 from page checkpoints, and both implementations (native
+kernels, the PyTorch path)."""
+
+import math
+
+import pytest
+import torch
+
+import mka
+from mka import reference as R
+from mka.memory import paged_attention, paged_mka_attention, paged_write, paged_write_ema
+from mka.memory import torch_paged as TP
+from conftest import TOL, dtype_params, rel_err
+
+IMPLS = {
+    "ops": (paged_attention, paged_mka_attention, paged_write, paged_write_ema),
+    "torch": (lambda q, kp, vp, bt, n, causal=True, scale=None, window=None:
+              TP.paged_attention(q, kp, vp, bt, n, causal, scale, window),
+              lambda q, kp, vp, ks, vs, bt, n, lam, beta, causal=True, scale=None, window=None:
+              TP.paged_mka_attention(q, kp, vp, ks, vs, bt, n, lam, beta, causal, scale, window),
+              TP.paged_write, TP.paged_write_ema),
+}
+
+
+def _table(lens, S, W, P, gen):
+    """A block table giving each sequence distinct pages in shuffled order."""
+    perm = torch.randperm(P, generator=gen).int()
+    bt = torch.full((len(lens), W), -1, dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(lens):
+        k = math.ceil(n / S)
+        bt[b, :k] = perm[used:used + k]
+        used += k
+    assert used <= P
+    return bt
+
+
+def _case(lens, S, H, G, d, Tq, dtype, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    W = max(1, max(math.ceil(n / S) for n in lens)) + 1
+    P = sum(math.ceil(n / S) for n in lens) + 3
+    bt = _table(lens, S, W, P, gen)
+    kp = torch.randn(P, S, G, d, generator=gen, dtype=torch.float64)
+    vp = torch.randn(P, S, G, d, generator=gen, dtype=torch.float64)
+    q = torch.randn(len(lens), Tq, H, d, generator=gen, dtype=torch.float64)
+    n = torch.tensor(lens, dtype=torch.int32)
+    to = lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)  # noqa: E731
+    return [to(t) for t in (q, kp, vp, bt, n)], (q, kp, vp, bt, n)
+
+
+SHAPES = [  # lens, page size, H, G, d, Tq
+    ((5, 0, 11), 4, 4, 2, 16, 1),
+    ((7, 16, 3), 1, 6, 3, 8, 3),
+    ((33, 64), 16, 8, 1, 32, 2),
+    ((20,), 64, 2, 2, 24, 5),
+    ((2000,), 16, 4, 1, 16, 1),  # long: split over keys
+    ((1500, 700), 32, 8, 2, 64, 2),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("device,dtype", dtype_params())
+def test_paged_attention_equals_the_reference(impl, shape, window, causal, device, dtype):
+    lens, S, H, G, d, Tq = shape
+    args, ref_args = _case(lens, S, H, G, d, Tq, dtype, device)
+    out = IMPLS[impl][0](*args, causal=causal, window=window)
+    ref = R.paged_attention(*ref_args, causal=causal, window=window)
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("device,dtype", dtype_params())
+def test_paged_mka_attention_equals_the_reference(impl, shape, device, dtype):
+    lens, S, H, G, d, Tq = shape
+    args, ref_args = _case(lens, S, H, G, d, Tq, dtype, device, seed=1)
+    gen = torch.Generator().manual_seed(2)
+    P = ref_args[1].shape[0]
+    states = [torch.randn(P, G, d, generator=gen, dtype=torch.float64) for _ in range(2)]
+    lam = torch.softmax(torch.randn(len(lens), Tq, 3, generator=gen, dtype=torch.float64), -1)
+    sdt = R.state_dtype(dtype)
+    q, kp, vp, bt, n = args
+    out = IMPLS[impl][1](q, kp, vp, *(s.to(device, sdt) for s in states), bt, n,
+                         lam.to(device, dtype), 0.85, window=3)
+    ref = R.paged_attention(*ref_args, window=3, lam=lam, beta=0.85, k_page_states=states[0],
+                            v_page_states=states[1])
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("S", [1, 3, 16, 64])
+def test_write_then_decode_equals_the_contiguous_ops(impl, S):
+    """Prefill in one write, then token-by-token writes and attention: each step equals
+    mka.attention / mka.mka over the whole contiguous sequence (float64), and the pages hold
+    exactly the tokens written."""
+    attend, attend_mka, write, write_ema = IMPLS[impl]
+    torch.manual_seed(S)
+    B, T, T0, H, G, d, beta, window = 3, 37, 20, 4, 2, 16, 0.9, 7
+    q = torch.randn(B, T, H, d, dtype=torch.float64)
+    k, v = (torch.randn(B, T, G, d, dtype=torch.float64) for _ in range(2))
+    lam = torch.softmax(torch.randn(B, T, 2, dtype=torch.float64), -1)
+    W = math.ceil(T / S)
+    P = B * W + 2
+    bt = _table([T] * B, S, W, P, torch.Generator().manual_seed(0))
+    kp, vp = (torch.zeros(P, S, G, d, dtype=torch.float64) for _ in range(2))
+    kp2, vp2 = kp.clone(), vp.clone()
+    kst, vst = (torch.zeros(P, G, d, dtype=torch.float64) for _ in range(2))
+    ks = vs = None
+    full = mka.attention(q, k, v, window=window)
+    full_mka, k_end, v_end = mka.mka(q, k, v, lam, beta, window=window)
+    for a, b in [(0, T0)] + [(t, t + 1) for t in range(T0, T)]:
+        start = torch.full((B,), a, dtype=torch.int32)
+        write(k[:, a:b], v[:, a:b], kp, vp, bt, start)
+        ks, vs = write_ema(k[:, a:b], v[:, a:b], kp2, vp2, bt, start, beta, kst, vst, ks, vs)
+        end = start + (b - a)
+        out = attend(q[:, a:b], kp, vp, bt, end, window=window)
+        out_mka = attend_mka(q[:, a:b], kp2, vp2, kst, vst, bt, end, lam[:, a:b], beta,
+                             window=window)
+        assert rel_err(out, full[:, a:b]) < 1e-10
+        assert rel_err(out_mka, full_mka[:, a:b]) < 1e-10
+    for pages, x in ((kp, k), (vp, v), (kp2, k), (vp2, v)):
+        assert torch.equal(torch.stack([R.gather_pages(pages, bt[b], T) for b in range(B)]), x)
+    assert rel_err(ks, k_end) < 1e-10 and rel_err(vs, v_end) < 1e-10
+
+
+def test_values_may_be_the_keys():
+    """v_pages=None: one latent serves as keys and values (MLA's absorbed path)."""
+    args, (q, kp, _, bt, n) = _case((9, 3), 4, 4, 1, 16, 2, torch.float64, "cpu")
+    out = paged_attention(args[0], args[1], None, args[3], args[4])
+    assert rel_err(out, R.paged_attention(q, kp, kp, bt, n)) < 1e-10
+    new = torch.randn(2, 1, 1, 16, dtype=torch.float64)
+    paged_write(new, None, args[1], None, args[3], args[4])
+    assert torch.equal(args[1][int(bt[0, 2]), 1], new[0, 0])
+
+
+def test_empty_batch_queries_and_sequences():
+    args, _ = _case((0, 0), 4, 2, 1, 8, 3, torch.float32, "cpu")
+    assert not paged_attention(*args).any()  # no visible key: zeros
+    q, kp, vp, bt, n = args
+    assert paged_attention(q[:, :0], kp, vp, bt, n).shape == (2, 0, 2, 8)
+    assert paged_attention(q[:0], kp, vp, bt[:0], n[:0]).shape == (0, 3, 2, 8)
+    paged_write(q[:, :0, :1], q[:, :0, :1], kp, vp, bt, n)  # nothing to write
+
+
+def test_half_pages_on_the_cpu_take_the_torch_path():
+    args, ref_args = _case((9, 17), 8, 4, 2, 16, 2, torch.bfloat16, "cpu")
+    assert rel_err(paged_attention(*args), R.paged_attention(*ref_args)) < TOL[torch.bfloat16]
+
+
+def test_compiles_without_graph_breaks():
+    args, ref_args = _case((9, 17), 8, 4, 2, 16, 1, torch.float32, "cpu")
+    q, kp, vp, bt, n = args
+    new = torch.randn(2, 1, 2, 16)
+
+    def step(q, new, kp, vp, bt, start):
+        paged_write(new, new, kp, vp, bt, start)
+        return paged_attention(q, kp, vp, bt, start + 1)
+
+    eager_kp, eager_vp = kp.clone(), vp.clone()
+    want = step(q, new, eager_kp, eager_vp, bt, n - 1)
+    got = torch.compile(step, fullgraph=True)(q, new, kp, vp, bt, n - 1)
+    assert rel_err(got, want) < 1e-6 and torch.equal(kp, eager_kp)
+
+
+# ------------------------------------------------------------------ errors
+
+def _bad(impl, **change):
+    args, _ = _case((9, 6), 4, 4, 2, 8, 1, torch.float32, "cpu")
+    q, kp, vp, bt, n = args
+    kw = {**dict(q=q, kp=kp, vp=vp, bt=bt, n=n), **change}
+    return IMPLS[impl][0](kw["q"], kw["kp"], kw["vp"], kw["bt"], kw["n"])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bad_page_tables_raise(impl):
+    args, _ = _case((9, 6), 4, 4, 2, 8, 1, torch.float32, "cpu")
+    bt, n = args[3], args[4]
+    for entry in (-1, 99):
+        broken = bt.clone()
+        broken[0, 1] = entry
+        with pytest.raises(ValueError, match=rf"block_table: entry \[0, 1\] = {entry} is not"):
+            _bad(impl, bt=broken)
+    with pytest.raises(ValueError, match="seqlens: sequence 1 needs 40 token slots"):
+        _bad(impl, n=torch.tensor([9, 40], dtype=torch.int32))
+    with pytest.raises(ValueError, match="seqlens"):
+        _bad(impl, n=torch.tensor([9, -1], dtype=torch.int32))
+    if impl == "ops":
+        with pytest.raises(ValueError, match="block_table: expected an int32 tensor"):
+            _bad(impl, bt=bt.long())
+        with pytest.raises(ValueError, match="seqlens: expected shape"):
+            _bad(impl, n=n[:1])
+
+
+def test_fuzzed_tables_never_crash():
+    """Random garbage tables and lengths: a result or a ValueError, nothing else."""
+    gen = torch.Generator().manual_seed(7)
+    args, _ = _case((9, 6), 4, 4, 2, 8, 2, torch.float32, "cpu")
+    q, kp, vp, bt, n = args
+    for _ in range(200):
+        bt = torch.randint(-3, kp.shape[0] + 3, bt.shape, generator=gen, dtype=torch.int32)
+        n = torch.randint(-2, 30, (2,), generator=gen, dtype=torch.int32)
+        try:
+            out = paged_attention(q, kp, vp, bt, n)
+            assert torch.isfinite(out).all()
+        except ValueError:
+            pass
+        try:
+            paged_write(q[:, :, :2], q[:, :, :2], kp, vp, bt, n)
+        except ValueError:
+            pass
+
+
+def test_a_page_written_by_two_sequences_raises():
+    args, _ = _case((4, 4), 4, 4, 2, 8, 1, torch.float32, "cpu")
+    q, kp, vp, bt, n = args
+    spare = next(p for p in range(kp.shape[0]) if p not in bt[:, 0].tolist())
+    bt[0, 1] = bt[1, 1] = spare
+    new = torch.randn(2, 1, 2, 8)
+    with pytest.raises(ValueError, match="is written by sequences 0 and 1"):
+        paged_write(new, new, kp, vp, bt, n)
+
+
+def test_mismatched_shapes_and_dtypes_raise():
+    args, _ = _case((4, 4), 4, 4, 2, 8, 1, torch.float32, "cpu")
+    q, kp, vp, bt, n = args
+    with pytest.raises(ValueError, match="q: dtype torch.float64 does not match k_pages"):
+        paged_attention(q.double(), kp, vp, bt, n)
+    with pytest.raises(ValueError, match="q: the number of query heads H = 3"):
+        paged_attention(q[:, :, :3], kp, vp, bt, n)
+    with pytest.raises(ValueError, match="v_pages: expected"):
+        paged_attention(q, kp, vp[:, :2], bt, n)
+    with pytest.raises(ValueError, match="k_page_states"):
+        paged_mka_attention(q, kp, vp, kp[:, 0], kp[:, 0], bt, n, q[..., 0, :2], 0.9)
+    with pytest.raises(ValueError, match="window: must be at least 1"):
+        paged_attention(q, kp, vp, bt, n, window=0)
+
+
+# ------------------------------------------------------------------ contiguous decode
+
+@pytest.mark.parametrize("Tq,Tk,H,G", [(1, 256, 4, 2), (2, 1000, 8, 8), (4, 3000, 4, 1),
+                                       (1, 5000, 16, 1)])
+@pytest.mark.parametrize("window", [None, 300])
+@pytest.mark.parametrize("causal", [True, False])
+def test_few_queries_over_a_long_contiguous_cache(Tq, Tk, H, G, window, causal):
+    """mka.attention with Tq << Tk runs the split decode kernel on the CPU (SPEC §7.1): its
+    outputs, logsumexp (the backward's input) and gradients equal the reference."""
+    torch.manual_seed(Tk)
+    d = 32
+    q = torch.randn(2, Tq, H, d, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, Tk, G, d, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    out = mka.attention(q, k, v, causal=causal, window=window)
+    ref = R.attention(q, k, v, causal=causal, window=window)
+    assert rel_err(out, ref) < 1e-10
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    want = torch.autograd.grad(ref, (q, k, v), g)
+    for a, b in zip(grads, want):
+        assert rel_err(a, b) < 1e-10
+
+
+def test_mka_decode_step_over_a_long_contiguous_cache():
+    torch.manual_seed(0)
+    B, Tq, Tk, H, G, d = 2, 1, 700, 4, 2, 16
+    q = torch.randn(B, Tq, H, d, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(B, Tk, G, d, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    lam = torch.softmax(torch.randn(B, Tq, 2, dtype=torch.float64), -1)
+    out, _, _ = mka.mka(q, k, v, lam, 0.9, window=50)
+    ref, _, _ = R.mka(q, k, v, lam, 0.9, window=50)
+    assert rel_err(out, ref) < 1e-10
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    want = torch.autograd.grad(ref.sum(), (q, k, v))
+    for a, b in zip(grads, want):
+        assert rel_err(a, b) < 1e-10
