@@ -18,7 +18,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from .attention import mka_attention_forward
 from .conversion import (ROUTED_IMPLEMENTATIONS, attention_layers, convert,
-                         fastmka_attention_forward, load_converted,
+                         fastmka_attention_forward, load_converted, load_model,
                          mka_routed_attention_forward)
 from .masks import MaskSpec, mka_mask
 
@@ -41,5 +41,6 @@ def register() -> None:
 
 register()
 
-__all__ = ["register", "convert", "load_converted", "attention_layers", "mka_attention_forward", "mka_mask",
+__all__ = ["register", "convert", "load_converted", "load_model", "attention_layers",
+           "mka_attention_forward", "mka_mask",
            "MaskSpec", "IMPLEMENTATIONS"]

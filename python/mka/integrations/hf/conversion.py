@@ -120,6 +120,17 @@ def load_converted(path: str, **kwargs) -> nn.Module:
     return model
 
 
+def load_model(path: str, attn_implementation: str = "mka", **kwargs) -> nn.Module:
+    """A causal LM from ``path``: :func:`load_converted` if its config.json has the
+    conversion's entry, else ``from_pretrained`` with ``attn_implementation``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if isinstance(getattr(AutoConfig.from_pretrained(path), CONFIG_KEY, None), dict):
+        return load_converted(path, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn_implementation,
+                                                **kwargs)
+
+
 def _weight_files(path: str) -> list[str]:
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
