@@ -1,4 +1,5 @@
-"""The `mka` command: `mka bench` (the benchmark cases of mka.bench) and `mka train`."""
+"""The `mka` command: `mka bench` (the benchmark cases of mka.bench), `mka train`, and the
+Hugging Face tools `mka eval` and `mka generate-bench` (mka.integrations.hf)."""
 
 from __future__ import annotations
 
@@ -130,11 +131,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     if argv[:1] == ["train"]:  # the training CLI parses its own flags
         from .train import main as train_main
         return int(train_main(argv[1:]) or 0)
+    if argv[:1] in (["eval"], ["generate-bench"]):  # Hugging Face tools: need the hf extra
+        from .integrations.hf import generation_bench, ruler_eval
+        return int({"eval": ruler_eval, "generate-bench": generation_bench}[argv[0]].main(argv[1:]))
     p = argparse.ArgumentParser(prog="mka", description="Memory-Keyed Attention tools")
     p.add_argument("--version", action="version", version=f"mka {__version__}")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
     _bench_parser(sub)
     sub.add_parser("train", help="train GPT-style models per attention variant (mka train -h)")
+    sub.add_parser("eval", help="long-context evaluation of a Hugging Face model (mka eval ruler -h)")
+    sub.add_parser("generate-bench", help="prefill/decode of a Hugging Face model, sdpa vs mka "
+                   "(mka generate-bench -h)")
     args = p.parse_args(argv)
     if args.cmd is None:
         p.print_help()

@@ -1,0 +1,2 @@
+"""Integrations with other libraries; each imports its library only inside its own package
+(``mka.integrations.hf``: Hugging Face transformers)."""
