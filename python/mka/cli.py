@@ -60,6 +60,8 @@ def _bench_parser(sub) -> argparse.ArgumentParser:
     b.add_argument("--head-dim", type=int, help=f"head dim d ({both('head_dim')})")
     b.add_argument("--tokens", type=int, help="B·T per shape, B = max(1, tokens // T) (default: "
                    f"{cuda['tokens']} on cuda, one sequence on cpu)")
+    b.add_argument("--batches", type=_ints, help="batch sizes B, comma-separated, each with every "
+                   "T (default: from --tokens; the decode case: its own grid)")
     b.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True,
                    help="causal attention (default: %(default)s)")
     b.add_argument("--rounds", type=int, help=f"interleaved rounds; medians over them ({both('rounds')})")
@@ -90,6 +92,7 @@ def _settings(args: argparse.Namespace):
         device=device, dtype=getattr(torch, dtype), cases=pick("cases") or ["ops"],
         impls=pick("impls") or [], seqs=pick("seqs"), heads=pick("heads"),
         kv_heads=pick("kv_heads"), head_dim=pick("head_dim"), tokens=pick("tokens"),
+        batches=pick("batches"),
         causal=args.causal, rounds=pick("rounds"), reps=pick("reps"),
         ab=[parse_kernel_set(x) for x in args.ab or []])
 

@@ -91,6 +91,20 @@ def test_block_case_runs():
     assert rows["gqa"]["info"]["kv_bytes_per_token"] == 2 * 1 * 8 * 2  # k, v of 1 head, bf16
 
 
+def test_decode_case_runs_and_reports_bandwidth(capsys):
+    """The decode case over pages and the contiguous cache: every CPU implementation runs,
+    GB/s from the bytes read, the ratio to SDPA; --batches sets B per shape."""
+    from mka.cli import main
+    assert main(["bench", "--device", "cpu", "--cases", "decode", "--seqs", "100",
+                 "--batches", "1,3", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
+                 "--rounds", "1", "--reps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "decode  B=3 T=100 H=4 G=2 d=16" in out and "step GB/s" in out
+    for impl in ("paged", "paged_mka", "paged_fastmka", "attention", "sdpa"):
+        assert f"  {impl} " in out
+    assert "error" not in out
+
+
 def test_ab_mode(kernel_options, capsys):
     assert cli.main(["bench", *TINY, "--impls", "attention,sdpa",
                      "--ab", "A:scan=1pass", "B:scan=3pass,scan_through=0"]) == 0

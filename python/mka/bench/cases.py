@@ -29,7 +29,8 @@ PassBuilder = Callable[[Callable, Any], Call]
 
 @dataclass(frozen=True)
 class Shape:
-    """Batch, tokens, query heads, key/value heads, head dim; each case reads what it needs."""
+    """Batch, tokens, query heads, key/value heads, head dim; each case reads what it needs
+    (decode: T is the number of cached tokens)."""
     B: int
     T: int
     H: int
@@ -58,6 +59,8 @@ class Case:
     inputs: Callable[[Shape, str, torch.dtype], Any]
     passes: dict[str, PassBuilder]
     flops: Optional[Callable[[Shape, str], Optional[float]]] = None  # per pass
+    # Bytes a call must move (shape, dtype, pass), for achieved GB/s: memory-bound cases.
+    bytes: Optional[Callable[[Shape, torch.dtype, str], Optional[float]]] = None
     info: Optional[Callable[[Impl, Shape], dict]] = None  # e.g. parameter counts, per row
     # Shape settings where the global ones do not fit, per device: {"cpu": {"seqs": [512]}}
     defaults: dict[str, dict[str, Any]] = field(default_factory=dict)

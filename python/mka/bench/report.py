@@ -58,13 +58,16 @@ def rows_table(results: dict) -> str:
     for r in results["rows"]:
         groups.setdefault((r["case"], _shape_key(r)), []).append(r)
     for rows in groups.values():
-        passes = [p for p in PASSES if any(p in r.get("ms", {}) for r in rows)]
+        named = {p for r in rows for p in r.get("ms", {})}
+        passes = [p for p in PASSES if p in named] + sorted(named - set(PASSES))
         flops = [p for p in passes if any(p in r.get("tflops", {}) for r in rows)]
+        gbps = [p for p in passes if any(p in r.get("gbps", {}) for r in rows)]
         info = sorted({k for r in rows for k in r.get("info", {})})
         ab = any(r["kernels"] for r in rows)
         head = f"  {'impl':<18}" + (f" {'kernels':<22}" if ab else "")
         head += "".join(f" {p + ' ms':>11}" for p in passes)
         head += "".join(f" {p + ' ' + unit:>15}" for p in flops)
+        head += "".join(f" {p + ' GB/s':>12}" for p in gbps)
         head += "".join(f" {k:>18}" for k in info) + "  vs baseline"
         lines += [f"{rows[0]['case']}  {_shape(rows[0])}", head]
         for r in rows:
@@ -75,6 +78,7 @@ def rows_table(results: dict) -> str:
             line += "".join(f" {_fmt(r['ms'].get(p)):>11}" for p in passes)
             line += "".join(f" {_fmt(r.get('tflops', {}).get(p), 1, mult):>15}"
                             for p in flops)
+            line += "".join(f" {_fmt(r.get('gbps', {}).get(p), 1):>12}" for p in gbps)
             line += "".join(f" {r.get('info', {}).get(k, ''):>18}" for k in info)
             base, last = _base(r, index), passes[-1]
             if base is not None and last in base["ms"]:

@@ -26,9 +26,9 @@ from .cases import Case, Impl, Shape, registry
 # tokens: B·T per shape (B = tokens // T, at least 1); None: one sequence.
 DEVICE_DEFAULTS = {
     "cuda": dict(seqs=[1024, 4096], heads=16, head_dim=128, kv_heads=[16, 4], tokens=16384,
-                 rounds=5, reps=10),
+                 batches=None, rounds=5, reps=10),
     "cpu": dict(seqs=[256, 1024], heads=8, head_dim=64, kv_heads=[8, 2], tokens=None,
-                rounds=3, reps=3),
+                batches=None, rounds=3, reps=3),
 }
 
 PRESETS = {
@@ -38,6 +38,8 @@ PRESETS = {
                              "sdpa.cudnn"],
                       seqs=[1024, 2048, 4096, 8192, 16384], heads=16, head_dim=128,
                       kv_heads=[16, 4], tokens=16384, rounds=5, reps=10),
+    # The decode table of SPEC §7.1's benchmark: the decode case's own grid on CUDA, bf16.
+    "decode": dict(device="cuda", dtype="bfloat16", cases=["decode"]),
 }
 
 
@@ -88,6 +90,7 @@ class Settings:
     kv_heads: Optional[list[int]] = None
     head_dim: Optional[int] = None
     tokens: Optional[int] = None
+    batches: Optional[list[int]] = None  # batch sizes B per shape (instead of tokens // T)
     causal: bool = True
     rounds: Optional[int] = None
     reps: Optional[int] = None
@@ -105,13 +108,14 @@ class Settings:
 
 def shapes(case: Case, s: Settings) -> list[Shape]:
     H, d, tokens = s.resolve("heads", case), s.resolve("head_dim", case), s.resolve("tokens", case)
+    batches = s.resolve("batches", case)
     out = []
     for G in s.resolve("kv_heads", case):
         if G < 1 or H % G:
             raise ValueError(f"--kv-heads {G}: must divide --heads {H}")
         for T in s.resolve("seqs", case):
-            out.append(Shape(B=max(1, tokens // T) if tokens else 1, T=T, H=H, G=G, d=d,
-                             causal=s.causal))
+            Bs = batches if batches else [max(1, tokens // T) if tokens else 1]
+            out += [Shape(B=B, T=T, H=H, G=G, d=d, causal=s.causal) for B in Bs]
     return out
 
 
@@ -203,12 +207,13 @@ def _time_shape(case: Case, impls: list[Impl], shape: Shape, s: Settings, rounds
             if key in errors:
                 row["error"] = errors[key]
             else:
-                row.update(_summary(timings.ms[key], case, shape, impl))
+                row.update(_summary(timings.ms[key], case, shape, impl, s.dtype))
             rows.append(row)
     return rows
 
 
-def _summary(per_round: dict[str, list[float]], case: Case, shape: Shape, impl: Impl) -> dict:
+def _summary(per_round: dict[str, list[float]], case: Case, shape: Shape, impl: Impl,
+             dtype: torch.dtype) -> dict:
     """Medians and spread over rounds; "bwd" = (fwd+bwd) - fwd round by round."""
     per_round = dict(per_round)
     if "fwd" in per_round and "fwd+bwd" in per_round:
@@ -218,6 +223,9 @@ def _summary(per_round: dict[str, list[float]], case: Case, shape: Shape, impl: 
         "ms_range": {p: [min(t), max(t)] for p, t in per_round.items()},
         "ms_rounds": {p: [round(v, 5) for v in t] for p, t in per_round.items()},
     }
+    if case.bytes is not None:
+        out["gbps"] = {p: case.bytes(shape, dtype, p) / (ms * 1e6) if ms > 0 else None
+                       for p, ms in out["ms"].items()}
     if case.flops is not None and impl.flops:
         out["tflops"] = {p: case.flops(shape, p) / (ms * 1e9) if ms > 0 else None
                          for p, ms in out["ms"].items()}
