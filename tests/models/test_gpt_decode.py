@@ -92,6 +92,39 @@ def test_generate_with_cache_equals_full_recompute(variant, greedy):
         assert len(out[:, 5:].unique()) > 3  # sampling, not a collapsed sequence
 
 
+@pytest.mark.parametrize("variant", variant_params())
+def test_prompts_of_different_lengths_decode_together(variant):
+    """A list of prompts of different lengths: prefilled one at a time into one paged cache,
+    then decoded in one batch, each sequence at its own position — the same tokens as
+    generating each prompt alone (greedy), past block_size too."""
+    m = tiny_model(variant, block_size=12)
+    prompts = [torch.randint(0, V, (n,)) for n in (3, 7, 1)]
+    out = m.generate(prompts, 10, greedy=True)
+    for p, o in zip(prompts, out):
+        assert torch.equal(o, m.generate(p[None], 10, greedy=True)[0])
+
+
+@pytest.mark.parametrize("variant", variant_params())
+def test_select_extends_only_the_chosen_rows(variant):
+    """cache.select(rows): a forward on a row subset equals the batched forward for those
+    rows, and leaves the other rows' lengths, states and pages alone."""
+    m = tiny_model(variant)
+    idx = _tokens(3, 6)
+    batched = m.new_caches(3)
+    want = m(idx, caches=batched)[0]
+    caches = m.new_caches(3)
+    for b in (2, 0, 1):
+        with caches.select([b]) as one:
+            got = m(idx[b:b + 1], caches=one)[0]
+        assert rel_err(got, want[b:b + 1]) < EXACT
+        assert caches[0].lengths[b] == 6
+    nxt = _tokens(3, 1)
+    assert rel_err(m(nxt, caches=caches)[0], m(nxt, caches=batched)[0]) < EXACT
+    with pytest.raises(ValueError, match="rows: expected distinct indices"):
+        with caches.select([1, 1]):
+            pass
+
+
 def test_sampling_respects_top_k_and_temperature():
     m = tiny_model("fastmka")
     prompt = _tokens(2, 4)

@@ -10,9 +10,10 @@ concatenation and nothing is held beyond the tensors listed by :meth:`PagedKVCac
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Sequence
+from typing import Iterator, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -148,6 +149,31 @@ class PagedKVCache:
             layer._reorder(rows, index)
         self._block_table, self._lengths = None, {}
 
+    @contextlib.contextmanager
+    def select(self, rows: Sequence[int]) -> Iterator["PagedKVCache"]:
+        """A cache of the listed rows only, sharing this one's pages and table: a forward on
+        it extends just those sequences (prefill of prompts of different lengths, one at a
+        time). Their lengths and EMA states come back into this cache when the block ends."""
+        rows = [int(r) for r in rows]
+        if not rows or len(set(rows)) != len(rows) or any(not 0 <= r < self.batch_size for r in rows):
+            raise ValueError(f"rows: expected distinct indices into the batch of "
+                             f"{self.batch_size}, got {rows}")
+        sub = object.__new__(PagedKVCache)
+        sub.__dict__.update(self.__dict__)
+        sub.seqs = [self.seqs[r] for r in rows]
+        sub._block_table, sub._lengths = None, {}
+        sub.layers = [layer._rows(sub, rows) for layer in self.layers]
+        try:
+            yield sub
+        finally:
+            index = torch.tensor(rows, device=self.device)
+            for layer, part in zip(self.layers, sub.layers):
+                for i, r in enumerate(rows):
+                    layer.written[r] = part.written[i]
+                for name, s in part.states.items():
+                    layer.states[name][index] = s
+            self._block_table, self._lengths = None, {}
+
     # ------------------------------------------------------------------ accounting
 
     def nbytes(self) -> int:
@@ -237,6 +263,17 @@ class LayerCache:
         start, end = self.parent._step_lengths(before, T)
         self.written = after
         return PageStep(self.parent.block_table(), start, end)
+
+    def _rows(self, parent: PagedKVCache, rows: list[int]) -> "LayerCache":
+        """This layer's view for :meth:`PagedKVCache.select`: the same page tensors, the
+        rows' lengths and a copy of their states."""
+        part = object.__new__(LayerCache)
+        part.__dict__.update(self.__dict__)
+        part.parent = parent
+        part.written = [self.written[r] for r in rows]
+        index = torch.tensor(rows, device=parent.device)
+        part.states = {n: s[index] for n, s in self.states.items()}
+        return part
 
     def _reorder(self, rows: list[int], index: Tensor) -> None:
         self.written = [self.written[r] for r in rows]

@@ -171,30 +171,50 @@ class GPT(nn.Module):
                             num_pages=num_pages, device=device, dtype=dtype)
 
     @torch.no_grad()
-    def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: Optional[int] = None, greedy: bool = False) -> Tensor:
-        """Appends ``max_new_tokens`` tokens to ``idx: (B, T)``: the prompt is prefilled into
-        the KV caches once, then each new token is one cached step. Past ``block_size`` the
-        context slides as in nanoGPT: learned positions end at ``block_size``, so each step
-        refills the caches from the last ``block_size`` tokens."""
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: Optional[int] = None, greedy: bool = False):
+        """Appends ``max_new_tokens`` tokens to each prompt: ``idx`` is ``(B, T)`` or a list of
+        1-d prompts of different lengths (then a list comes back). Prompts are prefilled into
+        one paged cache (batched when they are as long, else one at a time), then every step
+        decodes one token for all sequences at once, each at its own position. Past
+        ``block_size`` the context slides as in nanoGPT: learned positions end at
+        ``block_size``, so each step refills the caches from the last ``block_size`` tokens."""
         if not greedy and not temperature > 0:
             raise ValueError(f"temperature: must be > 0 when sampling, got {temperature!r}")
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k: must be at least 1, got {top_k!r}")
-        block = self.config.block_size
-        caches = self.new_caches(idx.shape[0])
-        logits, _ = self(idx[:, -block:], caches=caches)
+        ragged = isinstance(idx, (list, tuple))
+        seqs = [torch.as_tensor(p).view(-1) for p in idx] if ragged else list(idx)
+        if not seqs or any(p.numel() == 0 for p in seqs):
+            raise ValueError("idx: every prompt needs at least one token")
+        new = torch.empty(len(seqs), 0, dtype=torch.long, device=seqs[0].device)
+        caches, logits = self._prefill(seqs)
         for step in range(max_new_tokens):
-            nxt = self._pick(logits[:, -1], temperature, top_k, greedy)
-            idx = torch.cat((idx, nxt), dim=1)
+            nxt = self._pick(logits, temperature, top_k, greedy)
+            new = torch.cat((new, nxt), dim=1)
             if step == max_new_tokens - 1:
                 break
-            if caches[0].length < block:
-                logits, _ = self(nxt, caches=caches)
+            if max(caches[0].lengths) < self.config.block_size:
+                logits = self(nxt, caches=caches)[0][:, -1]
             else:
-                caches = self.new_caches(idx.shape[0])
-                logits, _ = self(idx[:, -block:], caches=caches)
-        return idx
+                caches, logits = self._prefill([torch.cat((p, n)) for p, n in zip(seqs, new)])
+        if ragged:
+            return [torch.cat((p, n)) for p, n in zip(seqs, new)]
+        return torch.cat((idx, new), dim=1)
+
+    def _prefill(self, seqs: list[Tensor]) -> tuple[PagedKVCache, Tensor]:
+        """A fresh cache holding the last ``block_size`` tokens of each sequence, and each
+        sequence's logits after its last token ``(B, vocab)``."""
+        block = self.config.block_size
+        seqs = [p[-block:] for p in seqs]
+        caches = self.new_caches(len(seqs))
+        if len({p.numel() for p in seqs}) == 1:
+            return caches, self(torch.stack(seqs), caches=caches)[0][:, -1]
+        last = []
+        for b, p in enumerate(seqs):
+            with caches.select([b]) as one:
+                last.append(self(p[None], caches=one)[0][:, -1])
+        return caches, torch.cat(last)
 
     @staticmethod
     def _pick(logits: Tensor, temperature: float, top_k: Optional[int], greedy: bool) -> Tensor:

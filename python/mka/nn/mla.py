@@ -98,7 +98,7 @@ class MultiHeadLatentAttention(CausalSelfAttention):
 
     # ------------------------------------------------------------------ projections
 
-    def _query(self, x: Tensor, start: int) -> tuple[Tensor, Tensor]:
+    def _query(self, x: Tensor, start) -> tuple[Tensor, Tensor]:
         """``q_nope: (B, T, H, qk_nope)``, ``q_pe: (B, T, H, qk_rope)`` (rotated)."""
         B, T, _ = x.shape
         q = (self.q_up(_rms_norm(self.q_norm, self.q_down(x))) if self.q_lora_rank > 0
@@ -107,7 +107,7 @@ class MultiHeadLatentAttention(CausalSelfAttention):
             (self.nope, self.rope), -1)
         return q_nope, apply_rope(q_pe, start, self.rope_theta)
 
-    def _latent(self, x: Tensor, start: int) -> Tensor:
+    def _latent(self, x: Tensor, start) -> Tensor:
         """``[c_kv ; k_pe]: (B, T, kv_lora_rank + qk_rope)`` — what the absorb path caches."""
         c, k_pe = self.kv_down(x).split((self.kv_lora_rank, self.rope), -1)
         k_pe = apply_rope(k_pe[:, :, None, :], start, self.rope_theta)[:, :, 0]
@@ -123,7 +123,7 @@ class MultiHeadLatentAttention(CausalSelfAttention):
     def forward(self, x: Tensor, cache: Optional[LayerCache] = None,
                 memory: Memory = None) -> Tensor:
         self._check_input(x, cache, memory)
-        start = 0 if cache is None else cache.length
+        start = 0 if cache is None else cache.lengths  # per sequence: they may differ
         q_nope, q_pe = self._query(x, start)
         latent = self._latent(x, start)
         if self.path == "naive":
