@@ -93,3 +93,16 @@ def test_fill_block_table_pads_with_minus_one():
     assert out.tolist() == [[3, -1, -1], [0, 1, 2]]
     with pytest.raises(ValueError, match="out: unsupported dtype"):
         t.fill_block_table([a], torch.zeros(1, 3, dtype=torch.int64))
+
+
+def test_every_sharer_writing_a_page_needs_one_copy_fewer():
+    """Two sequences share a partial page and both write into it in one call: the first
+    copies, the last writes in place — one free page is enough."""
+    t = PageTable(3, 4, 2)
+    a = t.add_sequence()
+    t.reserve([a], [6])  # pages 0, 1 (1 half full)
+    b = t.fork(a)
+    assert t.num_free_pages == 1
+    copies = t.reserve([a, b], [7, 7])
+    assert len(copies) == 1 and t.num_free_pages == 0
+    assert t.pages(a)[1] != t.pages(b)[1]

@@ -162,3 +162,28 @@ def test_bad_forward_inputs():
         m(_tokens(1, 5), caches=caches)
     with pytest.raises(ValueError, match="caches: expected one per layer"):
         m(_tokens(1, 2), caches=caches[:1])
+
+
+@pytest.mark.parametrize("variant", variant_params())
+def test_static_cache_decodes_like_the_dynamic_one(variant):
+    """make_static: pages reserved up front, lengths and positions in device tensors moved
+    in place, states written in place (what a CUDA graph of the step needs) — the same logits
+    as the ordinary cache, step after step."""
+    m = tiny_model(variant, block_size=16)
+    idx = _tokens(2, 12)
+    a, b = m.new_caches(2), m.new_caches(2)
+    m(idx[:, :5], caches=a)
+    m(idx[:, :5], caches=b)
+    b.make_static(12)
+    table = b.block_table()
+    states = {n: s.data_ptr() for layer in b for n, s in layer.states.items()}
+    for t in range(5, 12):
+        want = m(idx[:, t:t + 1], caches=a)[0]
+        got = m(idx[:, t:t + 1], caches=b)[0]
+        assert rel_err(got, want) < EXACT
+    assert b.block_table() is table and b[0].lengths == [12, 12]
+    assert states == {n: s.data_ptr() for layer in b for n, s in layer.states.items()}
+    with pytest.raises(ValueError, match="beyond the 12 made static"):
+        m(idx[:, :1], caches=b)
+    with pytest.raises(ValueError, match="a static cache keeps its rows"):
+        b.reorder([0, 0])

@@ -49,13 +49,16 @@ int64_t PageTable::add_sequence() {
   return id;
 }
 
-int64_t PageTable::pages_needed(const Sequence& s, int64_t tokens) const {
+int64_t PageTable::new_pages(const Sequence& s, int64_t tokens) const {
   if (tokens <= s.length) return 0;
-  const int64_t have = int64_t(s.pages.size());
-  int64_t need = std::max<int64_t>(0, ceil_div(tokens, page_size_) - have);
-  for (int64_t i = s.length / page_size_; i < have; ++i)  // shared pages written into
-    need += refcount_[size_t(s.pages[size_t(i)])] > 1;
-  return need;
+  return std::max<int64_t>(0, ceil_div(tokens, page_size_) - int64_t(s.pages.size()));
+}
+
+void PageTable::written_shared(const Sequence& s, int64_t tokens,
+                               std::vector<int32_t>& pages) const {
+  if (tokens <= s.length) return;
+  for (size_t i = size_t(s.length / page_size_); i < s.pages.size(); ++i)
+    if (refcount_[size_t(s.pages[i])] > 1) pages.push_back(s.pages[i]);
 }
 
 int32_t PageTable::take_page() {
@@ -93,7 +96,10 @@ std::vector<PageCopy> PageTable::reserve(const std::vector<int64_t>& seqs,
   std::lock_guard<std::mutex> lock(mu_);
   MKA_CHECK(seqs.size() == tokens.size(), "tokens: expected one count per sequence (",
             seqs.size(), "), got ", tokens.size());
+  // Pages taken: new pages, plus a copy per write into a shared page — except that when
+  // every sharer of a page writes into it in this call, the last one writes in place.
   int64_t need = 0;
+  std::vector<int32_t> shared;
   for (size_t i = 0; i < seqs.size(); ++i) {
     const Sequence& s = live(seqs[i]);
     MKA_CHECK(tokens[i] >= 0, "tokens: must be >= 0, got ", tokens[i]);
@@ -102,7 +108,16 @@ std::vector<PageCopy> PageTable::reserve(const std::vector<int64_t>& seqs,
     MKA_CHECK(ceil_div(tokens[i], page_size_) <= max_pages_, "seq ", seqs[i], ": ", tokens[i],
               " tokens need ", ceil_div(tokens[i], page_size_), " pages of ", page_size_,
               " tokens, more than max_pages_per_seq = ", max_pages_, " (the block table's width)");
-    need += pages_needed(s, tokens[i]);
+    need += new_pages(s, tokens[i]);
+    written_shared(s, tokens[i], shared);
+  }
+  std::sort(shared.begin(), shared.end());
+  for (size_t i = 0; i < shared.size();) {
+    size_t j = i;
+    while (j < shared.size() && shared[j] == shared[i]) ++j;
+    const int64_t writers = int64_t(j - i);
+    need += writers - (writers == refcount_[size_t(shared[i])]);
+    i = j;
   }
   MKA_CHECK(need <= int64_t(free_.size()), "page pool: out of pages: ", need, " more needed, ",
             free_.size(), " free of ", num_pages_, " (", page_size_,

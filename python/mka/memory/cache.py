@@ -50,11 +50,13 @@ class LayerSpec:
 
 class PageStep(NamedTuple):
     """Where a step's tokens go: ``block_table (B, W)``, ``cache_seqlens (B,)`` (tokens
-    before the step) and ``seqlens (B,)`` (after it), int32 on the cache's device."""
+    before the step) and ``seqlens (B,)`` (after it), int32 on the cache's device, and
+    ``max_seqlen``, a bound on ``seqlens`` known on the host (no synchronisation)."""
 
     block_table: Tensor
     cache_seqlens: Tensor
     seqlens: Tensor
+    max_seqlen: int
 
 
 class PagedKVCache:
@@ -81,6 +83,8 @@ class PagedKVCache:
         self.layers = [LayerCache(self, i, spec) for i, spec in enumerate(specs)]
         self._block_table: Optional[Tensor] = None
         self._lengths: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self.static = False
+        self._capacity = 0  # static mode: tokens reserved per sequence
 
     # ------------------------------------------------------------------ layers
 
@@ -129,6 +133,36 @@ class PagedKVCache:
             self._lengths = {key: (start.to(self.device), (start + T).to(self.device))}
         return self._lengths[key]
 
+    # ------------------------------------------------------------------ static steps
+
+    def make_static(self, tokens: int) -> None:
+        """Graph-ready decoding up to ``tokens`` tokens per sequence: every page is reserved
+        now (the block table stops changing) and a step's lengths live in device tensors
+        that move in place, so a step does no host work and allocates nothing — a CUDA
+        graph can capture it. The model drives a static cache: it calls :meth:`advance` after
+        all layers (``GPT.forward`` does); the modules' steps only read the lengths."""
+        if tokens > self.max_tokens or tokens < max(self.layers[0].written, default=0):
+            raise ValueError(f"tokens: must be between the longest sequence "
+                             f"({max(self.layers[0].written)}) and max_tokens "
+                             f"({self.max_tokens}), got {tokens}")
+        self._reserve([tokens] * self.batch_size)
+        before = torch.tensor(self.layers[0].written, dtype=torch.int32)
+        self._static_before = before.to(self.device, copy=True)
+        self._static_after = before.to(self.device, copy=True)
+        self.block_table()
+        self.static, self._capacity = True, tokens
+
+    def advance(self, T: int, *, host_only: bool = False) -> None:
+        """A static step of ``T`` tokens is done: the lengths move, on the device (in place:
+        part of a captured step) and on the host (``host_only``: after a graph replay, whose
+        device part already ran)."""
+        if not self.static:
+            raise ValueError("advance: only a static cache (make_static) is advanced by hand")
+        if not host_only:
+            self._static_before.add_(T)
+        for layer in self.layers:
+            layer.written = [n + T for n in layer.written]
+
     def reorder(self, rows: Sequence[int]) -> None:
         """Row ``j`` of the batch continues sequence ``rows[j]`` (beam search, parallel
         sampling): repeated rows fork (their pages are shared until written: copy-on-write),
@@ -136,6 +170,8 @@ class PagedKVCache:
         rows = [int(r) for r in rows]
         if not rows or any(not 0 <= r < self.batch_size for r in rows):
             raise ValueError(f"rows: expected indices into the batch of {self.batch_size}, got {rows}")
+        if self.static:
+            raise ValueError("reorder: a static cache keeps its rows (make a new cache)")
         seqs, used = [], set()
         for r in rows:
             seqs.append(self.seqs[r] if r not in used else self.table.fork(self.seqs[r]))
@@ -155,6 +191,8 @@ class PagedKVCache:
         it extends just those sequences (prefill of prompts of different lengths, one at a
         time). Their lengths and EMA states come back into this cache when the block ends."""
         rows = [int(r) for r in rows]
+        if self.static:
+            raise ValueError("select: a static cache keeps its rows (prefill before make_static)")
         if not rows or len(set(rows)) != len(rows) or any(not 0 <= r < self.batch_size for r in rows):
             raise ValueError(f"rows: expected distinct indices into the batch of "
                              f"{self.batch_size}, got {rows}")
@@ -239,6 +277,22 @@ class LayerCache:
     def lengths(self) -> list[int]:
         return list(self.written)
 
+    @property
+    def static(self) -> bool:
+        return self.parent.static
+
+    @property
+    def positions(self):
+        """Where the next tokens go, per sequence: the host lengths, or on a static cache
+        the device tensor (a captured step must not read host values)."""
+        return self.parent._static_before if self.parent.static else self.lengths
+
+    def update_states(self, **states: Tensor) -> None:
+        """New running EMA states, written into the held tensors (a captured step keeps
+        reading the same memory)."""
+        for name, value in states.items():
+            self.states[name].copy_(value)
+
     def page_tensors(self) -> list[Tensor]:
         return [t for t in (self.k_pages, self.v_pages, self.k_page_states, self.v_page_states)
                 if t is not None]
@@ -254,6 +308,8 @@ class LayerCache:
 
     def step(self, T: int) -> PageStep:
         """Reserves ``T`` more tokens per sequence and returns where they go."""
+        if self.parent.static:
+            return self._static_step(T)
         before = tuple(self.written)
         after = [n + T for n in before]
         if max(after, default=0) > self.parent.max_tokens:
@@ -262,7 +318,16 @@ class LayerCache:
         self.parent._reserve(after)
         start, end = self.parent._step_lengths(before, T)
         self.written = after
-        return PageStep(self.parent.block_table(), start, end)
+        return PageStep(self.parent.block_table(), start, end, max(after, default=0))
+
+    def _static_step(self, T: int) -> PageStep:
+        p = self.parent
+        if max(self.written) + T > p._capacity:
+            raise ValueError(f"cache: a sequence would hold {max(self.written) + T} tokens, "
+                             f"beyond the {p._capacity} made static")
+        if self.index == 0:  # one device update per model step, shared by the layers
+            torch.add(p._static_before, T, out=p._static_after)
+        return PageStep(p._block_table, p._static_before, p._static_after, p._capacity)
 
     def _rows(self, parent: PagedKVCache, rows: list[int]) -> "LayerCache":
         """This layer's view for :meth:`PagedKVCache.select`: the same page tensors, the

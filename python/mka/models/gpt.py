@@ -123,8 +123,10 @@ class GPT(nn.Module):
         B, T = self._check_forward(idx, caches, memory)
         pos = torch.arange(T, device=idx.device)
         if caches is not None:
-            starts = caches[0].lengths
-            if len(set(starts)) == 1:
+            starts = caches[0].positions
+            if isinstance(starts, Tensor):  # a static cache: positions on the device
+                pos = starts.to(torch.long)[:, None] + pos
+            elif len(set(starts)) == 1:
                 pos = pos + starts[0]
             else:  # sequences of different lengths: positions per sequence
                 pos = torch.tensor(starts, device=idx.device)[:, None] + pos
@@ -132,6 +134,8 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, None if caches is None else caches[i], None if memory is None else memory[i])
         logits = self.lm_head(self.ln_f(x))
+        if isinstance(caches, PagedKVCache) and caches.static:
+            caches.advance(T)  # a static cache's lengths move after the whole step
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(B * T, -1), targets.reshape(B * T),
@@ -148,6 +152,9 @@ class GPT(nn.Module):
         if memory is not None and len(memory) != n_layer:
             raise ValueError(f"memory: expected one entry per layer ({n_layer}), got {len(memory)}")
         end = idx.shape[1] + (0 if caches is None else max(caches[0].lengths))
+        if caches is not None and caches[0].static and not isinstance(caches, PagedKVCache):
+            raise ValueError("caches: a static cache is driven by the model: pass the "
+                             "PagedKVCache itself, not a list of its layers")
         if end > self.config.block_size:
             raise ValueError(f"idx: the sequence reaches position {end}, beyond block_size "
                              f"{self.config.block_size}")

@@ -41,7 +41,7 @@ class FastMKAAttention(RoutedAttention):
         kf, vf, k_state, v_state = self.ops.route_fuse(k, v, lam, self.beta, k3, v3,
                                                        cache.states["k"], cache.states["v"])
         y = self._attend_cached(q, kf, vf, cache)
-        cache.states.update(k=k_state, v=v_state)
+        cache.update_states(k=k_state, v=v_state)
         return self._output(y)
 
     def _level3(self, k: Tensor, recalled: Memory) -> tuple[Optional[Tensor], Optional[Tensor]]:

@@ -40,7 +40,7 @@ class MKAAttention(RoutedAttention):
         k_state, v_state = self.ops.paged_write_ema(
             k, v, *pages, self.beta, cache.k_page_states, cache.v_page_states,
             cache.states["k"], cache.states["v"])
-        cache.states.update(k=k_state, v=v_state)
+        cache.update_states(k=k_state, v=v_state)
         y = self.ops.paged_mka_attention(q, cache.k_pages, cache.v_pages, cache.k_page_states,
                                          cache.v_page_states, step.block_table, step.seqlens,
                                          lam, self.beta, causal=True, window=self.window)

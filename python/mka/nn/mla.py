@@ -123,7 +123,7 @@ class MultiHeadLatentAttention(CausalSelfAttention):
     def forward(self, x: Tensor, cache: Optional[LayerCache] = None,
                 memory: Memory = None) -> Tensor:
         self._check_input(x, cache, memory)
-        start = 0 if cache is None else cache.lengths  # per sequence: they may differ
+        start = 0 if cache is None else cache.positions  # per sequence: they may differ
         q_nope, q_pe = self._query(x, start)
         latent = self._latent(x, start)
         if self.path == "naive":

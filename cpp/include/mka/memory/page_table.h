@@ -62,8 +62,9 @@ class PageTable {
   };
   const Sequence& live(int64_t seq) const;
   Sequence& live(int64_t seq);
-  // Pages that reserving `tokens` in s takes from the free list (new pages plus copies).
-  int64_t pages_needed(const Sequence& s, int64_t tokens) const;
+  // Pages reserving `tokens` in s appends, and the shared pages it would write into.
+  int64_t new_pages(const Sequence& s, int64_t tokens) const;
+  void written_shared(const Sequence& s, int64_t tokens, std::vector<int32_t>& pages) const;
   void reserve_locked(int64_t seq, int64_t tokens, std::vector<PageCopy>& copies);
   int64_t new_id();  // a free sequence id (a reused one first)
   int32_t take_page();
