@@ -1,5 +1,6 @@
-"""`mka generate-bench` runs tiny on CPU: both attentions, every phase's numbers, and the
-KV bytes per token read from the cache."""
+"""`mka generate-bench` runs tiny on CPU: both attentions on DynamicCache, mka on the
+PagedCache, the library's GPT variants on their paged cache, every phase's numbers, and the
+KV bytes per token read from the cache objects."""
 
 from __future__ import annotations
 
@@ -9,22 +10,46 @@ import pytest
 
 pytest.importorskip("transformers")
 
+from mka.cli import main  # noqa: E402
+from mka.integrations.hf.generation_bench import GPT_SIZES, GPT_VARIANTS, SIZES  # noqa: E402
+
 
 def test_generate_bench_tiny_cpu(tmp_path, capsys):
-    from mka.cli import main
-    from mka.integrations.hf.generation_bench import SIZES
     out = tmp_path / "bench.json"
     assert main(["generate-bench", "--device", "cpu", "--batches", "1,2", "--prompts", "16",
                  "--new-tokens", "3", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "random weights" in printed and "not measured on cpu" in printed
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["attn"], r["batch"]) for r in rows] == [("sdpa", 1), ("mka", 1), ("sdpa", 2), ("mka", 2)]
-    size = SIZES["tiny"]
-    # keys and values of every layer, float32
-    kv = (2 * size["num_hidden_layers"] * size["num_key_value_heads"]
-          * size["hidden_size"] // size["num_attention_heads"] * 4)
+    hf_runs = [("sdpa", "DynamicCache"), ("mka", "DynamicCache"), ("mka", "PagedCache")]
+    assert [(r["model"], r["attn"], r["cache"], r["batch"]) for r in rows] == (
+        [("hf", a, c, b) for b in (1, 2) for a, c in hf_runs]
+        + [("gpt", v, "PagedKVCache", b) for v in GPT_VARIANTS for b in (1, 2)])
+    size, gpt = SIZES["tiny"], GPT_SIZES["tiny"]
+    # keys and values of every layer, float32 (16 prompt tokens fill one 16-token page)
+    hf_kv = (2 * size["num_hidden_layers"] * size["num_key_value_heads"]
+             * size["hidden_size"] // size["num_attention_heads"] * 4)
+    gpt_kv = {"mha": 2 * gpt["n_layer"] * gpt["n_embd"] * 4,
+              "gqa": gpt["n_layer"] * gpt["n_embd"] * 4}  # half the key/value heads
     for r in rows:
-        assert r["kv_bytes_per_token"] == kv
         assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["ms_per_output_token"] > 0
         assert r["peak_prefill_bytes"] is None and r["peak_decode_bytes"] is None
+        if r["model"] == "hf":
+            assert r["kv_bytes_per_token"] == hf_kv
+        elif r["attn"] in gpt_kv:
+            assert r["kv_bytes_per_token"] == gpt_kv[r["attn"]]
+        else:  # mla's latent is smaller; mka/fastmka add their EMA states and checkpoints
+            assert r["kv_bytes_per_token"] > 0
+
+
+def test_generate_bench_reports_shapes_beyond_the_gpt_block(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    too_long = GPT_SIZES["tiny"]["block_size"]
+    assert main(["generate-bench", "--device", "cpu", "--batches", "1", "--prompts",
+                 str(too_long), "--new-tokens", "2", "--attns", "none", "--gpt", "mha",
+                 "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["error"] == f"prompt + new tokens exceed block_size {too_long}"
+    with pytest.raises(SystemExit):
+        main(["generate-bench", "--device", "cpu", "--gpt", "rwkv"])
+    assert "--gpt: unknown ['rwkv']" in capsys.readouterr().err

@@ -8,7 +8,9 @@ Importing this package registers the library's attention with transformers (see
 
 ``convert(model, variant="fastmka" | "mka")`` adds a router per attention layer and runs the
 model on ``mka.fastmka`` / ``mka.mka``; ``load_converted(path)`` loads what a converted
-model's ``save_pretrained`` wrote. ``docs/integrations.md`` has the details.
+model's ``save_pretrained`` wrote. ``PagedCache(model, batch_size, max_tokens)`` (or
+``paged_generate(model, ids, max_new_tokens=...)``) generates on the library's paged KV cache.
+``docs/integrations.md`` has the details.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from .conversion import (ROUTED_IMPLEMENTATIONS, attention_layers, convert,
                          fastmka_attention_forward, load_converted, load_model,
                          mka_routed_attention_forward)
 from .masks import MaskSpec, mka_mask
+from .paged_cache import PagedCache, PagedKV, paged_generate
 
 IMPLEMENTATIONS = {
     "mka": mka_attention_forward,
@@ -43,4 +46,4 @@ register()
 
 __all__ = ["register", "convert", "load_converted", "load_model", "attention_layers",
            "mka_attention_forward", "mka_mask",
-           "MaskSpec", "IMPLEMENTATIONS"]
+           "MaskSpec", "IMPLEMENTATIONS", "PagedCache", "PagedKV", "paged_generate"]

@@ -5,6 +5,11 @@ cache returned, ``(B, G, Tk, d)``; the op's layout is ``(B, T, H, d)`` with any 
 contiguous last dim, so ``.transpose(1, 2)`` views go in without copies, and the op's GQA
 reads the ``G`` key/value heads without repeating them. The output ``(B, Tq, H, d)`` is what
 transformers expects back.
+
+With a :class:`~.paged_cache.PagedCache` the cache returns a :class:`~.paged_cache.PagedKV`
+(the new tokens and their cache layer) instead of tensors; the function hands it the query and
+the call's :class:`MaskSpec`, and the layer writes the tokens into its pages and attends over
+them.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from torch import Tensor
 import mka
 
 from .masks import MaskSpec
+from .paged_cache import PagedKV
 
 Call = Callable[..., Tensor]
 
@@ -27,6 +33,8 @@ def mka_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, v
     """The function registered as ``"mka"`` with ``transformers.AttentionInterface``."""
     q, k, v, spec = prepare(module, query, key, value, attention_mask, dropout,
                             sliding_window, kwargs)
+    if isinstance(key, PagedKV):
+        return key.layer.attend("attention", q, k, v, spec, scaling), None
 
     def call(q, k, v):
         return mka.attention(q, k, v, causal=True, scale=scaling, window=spec.window)
@@ -36,7 +44,8 @@ def mka_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, v
 def prepare(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask,
             dropout: float, sliding_window: Optional[int], kwargs: dict):
     """Checks the options the op cannot honour and returns ``q, k, v`` as ``(B, T, H, d)``
-    views and the :class:`MaskSpec` to run them with."""
+    views and the :class:`MaskSpec` to run them with (``k, v``: the new tokens of a
+    :class:`PagedKV`)."""
     if dropout:
         raise ValueError(f"dropout: the 'mka' attention has no attention dropout, got {dropout} "
                          "(set config.attention_dropout = 0.0, or call model.eval())")
@@ -52,6 +61,8 @@ def prepare(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, 
         raise ValueError("is_causal: the 'mka' attention is causal (decoder) attention only; "
                          "this call asks for bidirectional attention")
     spec = _mask_spec(attention_mask, sliding_window)
+    if isinstance(key, PagedKV):
+        key, value = key.keys, key.values
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     return q, k, v, spec
 

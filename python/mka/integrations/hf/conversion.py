@@ -29,6 +29,7 @@ import mka
 from mka.nn import Router
 
 from .attention import over_sequences, prepare
+from .paged_cache import PagedKV
 
 ROUTED_IMPLEMENTATIONS = {"fastmka": "mka_fastmka", "mka": "mka_mka"}
 CONFIG_KEY = "mka"  # the conversion's options in config.json
@@ -150,6 +151,8 @@ def fastmka_attention_forward(module: nn.Module, query: Tensor, key: Tensor, val
     """``"mka_fastmka"``: ``mka.fastmka`` with key-side router weights of every key."""
     q, k, v, spec = prepare(module, query, key, value, attention_mask, dropout, sliding_window, kwargs)
     lam = module.mka_router(q)
+    if isinstance(key, PagedKV):  # fuses the new tokens from the carried EMA states
+        return key.layer.attend("fastmka", q, k, v, spec, scaling, lam, module.mka_beta), None
     cache_layer = _cache_layer(module, q.shape[1], k.shape[1])
     if isinstance(cache_layer, RoutedCacheLayer):
         lam = cache_layer.extend(lam, k.shape[1], module.layer_idx)
@@ -173,6 +176,8 @@ def mka_routed_attention_forward(module: nn.Module, query: Tensor, key: Tensor, 
     first key (the first real token under left padding)."""
     q, k, v, spec = prepare(module, query, key, value, attention_mask, dropout, sliding_window, kwargs)
     lam = module.mka_router(q)
+    if isinstance(key, PagedKV):  # level 2 from the page checkpoints, no re-scan
+        return key.layer.attend("mka", q, k, v, spec, scaling, lam, module.mka_beta), None
     _cache_layer(module, q.shape[1], k.shape[1])
 
     def call(q, k, v, lam):

@@ -1,12 +1,17 @@
 """``mka generate-bench``: prefill and decode of a Hugging Face causal LM under transformers'
-``sdpa`` and the library's ``mka`` attention, side by side in one run.
+``sdpa`` and the library's ``mka`` attention, and of the library's own GPT variants, side by
+side in one run.
 
-Per attention, batch and prompt length: prefill tokens/s (one forward over the prompt into a
-fresh ``DynamicCache``), decode tokens/s and ms per output token (greedy steps of one token
-per sequence), peak memory per phase (CUDA: peak allocated bytes, reset before each phase;
-CPU: not measured — torch keeps no CPU peak, and the process high-water mark cannot be reset
-per phase), and KV bytes per token read from the cache object after prefill. The default
-model on CUDA is a Llama-architecture model of about 1B parameters with random weights.
+Per attention, cache, batch and prompt length: prefill tokens/s (one forward over the prompt
+into a fresh cache), decode tokens/s and ms per output token (greedy steps of one token per
+sequence), peak memory per phase (CUDA: peak allocated bytes, reset before each phase; CPU:
+not measured — torch keeps no CPU peak, and the process high-water mark cannot be reset per
+phase), and KV bytes per token read from the cache object after prefill. The Hugging Face
+model runs with transformers' ``DynamicCache`` (the ``sdpa`` baseline, and ``mka``) and with
+the library's ``PagedCache`` (``mka``); the default model on CUDA is a Llama-architecture
+model of about 1B parameters with random weights. The GPT rows (``mka.models.GPT``, one per
+attention variant, random weights; GPT-2-small's shape on CUDA) run on their own paged cache
+(``GPT.new_caches``).
 """
 
 from __future__ import annotations
@@ -26,9 +31,17 @@ SIZES = {  # LlamaConfig fields; "1b": Llama-3.2-1B's shape with a 32k vocabular
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, vocab_size=128),
 }
+GPT_SIZES = {  # GPTConfig fields; "gpt2-small": 12 layers, 768 wide, 12 heads
+    "gpt2-small": dict(n_layer=12, n_embd=768, n_head=12, block_size=2048, vocab_size=50304),
+    "tiny": dict(n_layer=2, n_embd=64, n_head=4, block_size=128, vocab_size=128),
+}
+GPT_VARIANTS = ["mha", "gqa", "mla", "mka", "fastmka"]
+CACHES = {"dynamic": "DynamicCache", "paged": "PagedCache"}  # --caches names: cache classes
 DEFAULTS = {
-    "cuda": dict(size="1b", dtype="bfloat16", batches=[1, 32], prompts=[1024, 16384], new_tokens=256),
-    "cpu": dict(size="tiny", dtype="float32", batches=[1, 2], prompts=[64], new_tokens=8),
+    "cuda": dict(size="1b", gpt_size="gpt2-small", dtype="bfloat16", batches=[1, 32],
+                 prompts=[1024, 16384], new_tokens=256),
+    "cpu": dict(size="tiny", gpt_size="tiny", dtype="float32", batches=[1, 2], prompts=[64],
+                new_tokens=8),
 }
 
 
@@ -42,6 +55,9 @@ class Settings:
     size: str = "tiny"
     model: Optional[str] = None  # a local model folder instead of a random-weight config
     attns: list[str] = field(default_factory=lambda: ["sdpa", "mka"])
+    caches: list[str] = field(default_factory=lambda: list(CACHES))
+    gpt: list[str] = field(default_factory=lambda: list(GPT_VARIANTS))
+    gpt_size: str = "tiny"
     seed: int = 0
 
 
@@ -82,66 +98,150 @@ def _phase(device: str, fn):
 
 
 def kv_bytes_per_token(cache, batch: int) -> float:
-    """Bytes the cache holds per token and sequence, read from its layers' tensors."""
+    """Bytes the cache holds per token and sequence, read from the cache object: the pages the
+    sequences hold (``used_bytes``) of a paged cache, the layers' tensors of a
+    ``DynamicCache``."""
+    if hasattr(cache, "used_bytes"):
+        return cache.used_bytes() / (batch * cache.get_seq_length())
     held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
     return held / (batch * cache.get_seq_length())
 
 
-def measure(model, attn: str, batch: int, prompt: int, new_tokens: int, device: str,
-            seed: int) -> dict:
-    from transformers import DynamicCache
-
-    model.set_attn_implementation(attn)
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), generator=g).to(device)
-    cache = DynamicCache(config=model.config)
+def _timed(device: str, batch: int, new_tokens: int, prefill, step, kv_bytes) -> dict:
+    """Times ``prefill() -> logits (B, V)`` of the last position and ``new_tokens`` greedy
+    ``step(token (B, 1)) -> logits (B, V)``; ``kv_bytes()`` is read after prefill."""
     with torch.no_grad():
-        out, t_prefill, mem_prefill = _phase(device, lambda: model(
-            ids, past_key_values=cache, use_cache=True, logits_to_keep=1))
-        kv = kv_bytes_per_token(cache, batch)
+        last, t_prefill, mem_prefill = _phase(device, prefill)
+        kv = kv_bytes()
 
         def decode():
-            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            token = last.argmax(-1, keepdim=True)
             for _ in range(new_tokens):
-                step = model(token, past_key_values=cache, use_cache=True)
-                token = step.logits[:, -1].argmax(-1, keepdim=True)
+                token = step(token).argmax(-1, keepdim=True)
         _, t_decode, mem_decode = _phase(device, decode)
-    return {"attn": attn, "batch": batch, "prompt": prompt, "new_tokens": new_tokens,
-            "prefill_tok_s": batch * prompt / t_prefill,
-            "decode_tok_s": batch * new_tokens / t_decode,
-            "ms_per_output_token": 1e3 * t_decode / new_tokens,
+    return {"prefill_seconds": t_prefill, "decode_seconds": t_decode,
             "peak_prefill_bytes": mem_prefill, "peak_decode_bytes": mem_decode,
             "kv_bytes_per_token": kv}
 
 
+def _ids(vocab: int, batch: int, prompt: int, device: str, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, prompt), generator=g).to(device)
+
+
+def measure(model, attn: str, cache_kind: str, batch: int, prompt: int, new_tokens: int,
+            device: str, seed: int) -> dict:
+    """One row of the Hugging Face model: ``cache_kind`` "dynamic" (``DynamicCache``) or
+    "paged" (the library's ``PagedCache``)."""
+    from transformers import DynamicCache
+
+    from .paged_cache import PagedCache
+
+    model.set_attn_implementation(attn)
+    ids = _ids(model.config.vocab_size, batch, prompt, device, seed)
+    cache = (PagedCache(model, batch, prompt + new_tokens) if cache_kind == "paged"
+             else DynamicCache(config=model.config))
+    forward = lambda t, **kw: model(t, past_key_values=cache, use_cache=True, **kw).logits[:, -1]  # noqa: E731
+    times = _timed(device, batch, new_tokens, lambda: forward(ids, logits_to_keep=1), forward,
+                   lambda: kv_bytes_per_token(cache, batch))
+    return _row("hf", attn, CACHES[cache_kind], batch, prompt, new_tokens, times)
+
+
+def measure_gpt(model, batch: int, prompt: int, new_tokens: int, device: str, seed: int) -> dict:
+    """One row of a library GPT on its paged cache (``GPT.new_caches``)."""
+    ids = _ids(model.config.vocab_size, batch, prompt, device, seed)
+    caches = model.new_caches(batch)
+    forward = lambda t: model(t, caches=caches)[0][:, -1]  # noqa: E731
+    times = _timed(device, batch, new_tokens, lambda: forward(ids), forward,
+                   lambda: caches.used_bytes() / (batch * caches[0].length))
+    return _row("gpt", model.config.attention, type(caches).__name__, batch, prompt, new_tokens,
+                times)
+
+
+def _row(source: str, attn: str, cache: str, batch: int, prompt: int, new_tokens: int,
+         times: Optional[dict] = None, error: Optional[str] = None) -> dict:
+    row = {"model": source, "attn": attn, "cache": cache, "batch": batch, "prompt": prompt,
+           "new_tokens": new_tokens}
+    if error is not None:
+        return {**row, "error": error}
+    return {**row, "prefill_tok_s": batch * prompt / times["prefill_seconds"],
+            "decode_tok_s": batch * new_tokens / times["decode_seconds"],
+            "ms_per_output_token": 1e3 * times["decode_seconds"] / new_tokens,
+            **{k: times[k] for k in ("peak_prefill_bytes", "peak_decode_bytes",
+                                     "kv_bytes_per_token")}}
+
+
+def _or_out_of_memory(key: tuple, fn) -> dict:
+    """``fn()``'s row, or a row saying the shape ran out of memory."""
+    try:
+        return fn()
+    except torch.OutOfMemoryError as e:
+        torch.cuda.empty_cache()
+        return _row(*key, error=f"out of memory: {e}"[:200])
+
+
+def hf_runs(s: Settings) -> list[tuple[str, str]]:
+    """(attention, cache) pairs: every attention on a ``DynamicCache``, the library's also on
+    the ``PagedCache`` (``sdpa`` cannot read pages)."""
+    return [(a, c) for a in s.attns for c in s.caches if c == "dynamic" or a != "sdpa"]
+
+
+def build_gpt(s: Settings, variant: str):
+    from mka.models import GPT, GPTConfig
+
+    shape = GPT_SIZES[s.gpt_size]
+    kv_heads = shape["n_head"] // 2 if variant == "gqa" else None  # mka train's gqa default
+    torch.manual_seed(s.seed)
+    with torch.device(s.device):
+        model = GPT(GPTConfig(**shape, n_kv_head=kv_heads, attention=variant))
+    return model.to(s.dtype).eval()
+
+
 def run(s: Settings) -> tuple[str, list[dict]]:
-    """(what model ran, one row per attention, batch and prompt length)."""
+    """(what models ran, one row per model, attention, cache, batch and prompt length)."""
     import mka.integrations.hf  # noqa: F401  (registers "mka")
 
-    model, what = build_model(s)
-    for attn in s.attns:  # warm-up: first calls, allocator, kernel choice
-        measure(model, attn, 1, min(s.prompts), 2, s.device, s.seed)
-    rows = []
-    for batch in s.batches:
-        for prompt in s.prompts:
-            for attn in s.attns:
-                try:
-                    rows.append(measure(model, attn, batch, prompt, s.new_tokens, s.device, s.seed))
-                except torch.OutOfMemoryError as e:
-                    rows.append({"attn": attn, "batch": batch, "prompt": prompt,
-                                 "new_tokens": s.new_tokens, "error": f"out of memory: {e}"[:200]})
-                    torch.cuda.empty_cache()
-    return what, rows
+    rows, what = [], []
+    shapes = [(b, p) for b in s.batches for p in s.prompts]
+    if s.attns:
+        model, line = build_model(s)
+        what.append(line)
+        for attn, cache in hf_runs(s):  # warm-up: first calls, allocator, kernel choice
+            measure(model, attn, cache, 1, min(s.prompts), 2, s.device, s.seed)
+        for batch, prompt in shapes:
+            for attn, cache in hf_runs(s):
+                key = ("hf", attn, CACHES[cache], batch, prompt, s.new_tokens)
+                rows.append(_or_out_of_memory(key,
+                            lambda: measure(model, attn, cache, batch, prompt, s.new_tokens,
+                                            s.device, s.seed)))
+        del model
+    for variant in s.gpt:
+        model = build_gpt(s, variant)
+        block = model.config.block_size
+        params = sum(p.numel() for p in model.parameters())
+        what.append(f"gpt {variant}: mka.models.GPT, size {s.gpt_size!r}, random weights: "
+                    f"{params / 1e6:.1f}M parameters, {s.dtype}, {s.device}")
+        measure_gpt(model, 1, min(min(s.prompts), block - 2), 2, s.device, s.seed)
+        for batch, prompt in shapes:
+            key = ("gpt", variant, "PagedKVCache", batch, prompt, s.new_tokens)
+            if prompt + s.new_tokens > block:
+                rows.append(_row(*key, error=f"prompt + new tokens exceed block_size {block}"))
+                continue
+            rows.append(_or_out_of_memory(key, lambda: measure_gpt(
+                model, batch, prompt, s.new_tokens, s.device, s.seed)))
+        del model
+    return "\n".join(what), rows
 
 
 def report(what: str, rows: list[dict], device: str) -> str:
     gib = lambda b: "n/a (cpu)" if b is None else f"{b / 2**30:.2f}"  # noqa: E731
-    lines = [f"model: {what}",
-             f"{'attn':<6} {'B':>3} {'prompt':>7} {'new':>5} {'prefill tok/s':>14} "
-             f"{'decode tok/s':>13} {'ms/token':>9} {'peak prefill GiB':>17} "
-             f"{'peak decode GiB':>16} {'KV B/token':>11}"]
+    lines = [f"model: {line}" for line in what.splitlines()]
+    lines.append(f"{'model':<5} {'attn':<12} {'cache':<12} {'B':>3} {'prompt':>7} {'new':>5} "
+                 f"{'prefill tok/s':>14} {'decode tok/s':>13} {'ms/token':>9} "
+                 f"{'peak prefill GiB':>17} {'peak decode GiB':>16} {'KV B/token':>11}")
     for r in rows:
-        head = f"{r['attn']:<6} {r['batch']:>3} {r['prompt']:>7} {r['new_tokens']:>5} "
+        head = (f"{r['model']:<5} {r['attn']:<12} {r['cache']:<12} {r['batch']:>3} "
+                f"{r['prompt']:>7} {r['new_tokens']:>5} ")
         if "error" in r:
             lines.append(head + r["error"])
             continue
@@ -168,15 +268,29 @@ def main(argv: Optional[list[str]] = None) -> int:
                    "on cuda, 64 on cpu)")
     p.add_argument("--new-tokens", type=int, help="default: 256 on cuda, 8 on cpu")
     p.add_argument("--attns", type=_names, default=["sdpa", "mka"],
-                   help="attention implementations (default: sdpa,mka)")
+                   help="attention implementations of the Hugging Face model (default: sdpa,mka; "
+                   "none: no Hugging Face rows)")
+    p.add_argument("--caches", type=_names, default=list(CACHES),
+                   help="caches of the Hugging Face model: dynamic (transformers' DynamicCache), "
+                   "paged (the library's PagedCache, for the library's attentions) (default: both)")
+    p.add_argument("--gpt", type=_names, default=list(GPT_VARIANTS),
+                   help=f"library GPT variants to run (default: {','.join(GPT_VARIANTS)}; none: "
+                   "no GPT rows)")
+    p.add_argument("--gpt-size", choices=sorted(GPT_SIZES), help="GPT shape (default: "
+                   "gpt2-small on cuda, tiny on cpu)")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     args = p.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     d = DEFAULTS[device]
     pick = lambda key: d[key] if getattr(args, key) is None else getattr(args, key)  # noqa: E731
+    for name, given, known in (("--caches", args.caches, CACHES), ("--gpt", args.gpt, GPT_VARIANTS)):
+        if unknown := sorted(set(given) - set(known) - {"none"}):
+            p.error(f"{name}: unknown {unknown}, expected some of {','.join(known)} or none")
+    drop_none = lambda names: [n for n in names if n != "none"]  # noqa: E731
     s = Settings(device=device, dtype=getattr(torch, pick("dtype")), batches=pick("batches"),
                  prompts=pick("prompts"), new_tokens=pick("new_tokens"), size=pick("size"),
-                 model=args.model, attns=args.attns)
+                 model=args.model, attns=drop_none(args.attns), caches=drop_none(args.caches),
+                 gpt=drop_none(args.gpt), gpt_size=pick("gpt_size"))
     try:
         what, rows = run(s)
     except ValueError as e:

@@ -1,0 +1,354 @@
+"""A transformers ``Cache`` on the library's page pool (SPEC §7.1, §9): ``PagedCache``.
+
+One :class:`mka.memory.PagedKVCache` holds every decoder layer's keys and values in
+preallocated pages. transformers' attention layers call ``past_key_values.update(k, v,
+layer_idx)`` and pass what it returns to the attention function; here ``update`` returns a
+:class:`PagedKV` (the new tokens and their layer) instead of concatenated tensors, and the
+library's attention functions (``"mka"``, ``"mka_fastmka"``, ``"mka_mka"``) hand it to
+:meth:`PagedLayer.attend`, which writes the new tokens into the pages and attends over them
+through the block table (``paged_write`` + ``paged_attention``; FastMKA fuses the new tokens
+with the carried EMA states first; MKA writes with ``paged_write_ema`` and attends with
+``paged_mka_attention``). The write waits for the attention function because it needs the
+call's left padding (the mask function's :class:`MaskSpec`) and, for FastMKA, the router
+weights of the new tokens.
+
+Left padding: a sequence's pages hold its real tokens only, from position 0; transformers'
+view of the cache (``get_seq_length``, the mask sizes) stays the padded length it expects.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+import mka
+from mka.memory import (LayerSpec, PagedKVCache, paged_attention, paged_mka_attention,
+                        paged_write, paged_write_ema)
+from mka.memory.cache import PageStep
+
+from .masks import MaskSpec
+
+# What each variant caches per layer: keys and values; FastMKA its fused keys and the running
+# EMA states; MKA the raw keys plus per-page EMA checkpoints and the running states.
+_SPECS = {
+    "attention": dict(),
+    "fastmka": dict(states=("k", "v")),
+    "mka": dict(page_states=True, states=("k", "v")),
+}
+
+
+@dataclass(frozen=True)
+class PagedKV:
+    """What :meth:`PagedLayer.update` returns in place of key/value tensors: the step's new
+    keys and values ``(B, G, T, d)`` as transformers made them, and the layer whose pages they
+    go to. Only the library's attention functions take it."""
+
+    layer: "PagedLayer"
+    keys: Tensor
+    values: Tensor
+
+
+class PagedLayer(CacheLayerMixin):
+    """One decoder layer's view of a :class:`PagedCache` (its pages are ``cache.pages[i]``)."""
+
+    is_compileable = False  # host-side page bookkeeping each step (SPEC §9)
+    is_sliding = False  # every token stays in the pages; the attention applies the window
+
+    def __init__(self, owner: "PagedCache", index: int):
+        super().__init__()
+        self.owner, self.index = owner, index
+        self.seen = 0  # tokens transformers counts, left padding included
+        self.is_initialized = True  # the pages are preallocated
+
+    @property
+    def pages(self):
+        return self.owner.pages[self.index]
+
+    @property
+    def batch_size(self) -> int:
+        return self.owner.pages.batch_size
+
+    @property
+    def is_croppable(self) -> bool:
+        return self.owner.variant != "fastmka"
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        """Nothing to allocate (the pages exist); checks that the tensors fit them."""
+        spec = self.pages.spec
+        for name, t, dim in (("key_states", key_states, spec.key_dim),
+                             ("value_states", value_states, spec.value_dim)):
+            if t.dim() != 4 or t.shape[1] != spec.kv_heads or t.shape[3] != dim:
+                raise ValueError(f"{name}: expected (B, {spec.kv_heads}, T, {dim}) for layer "
+                                 f"{self.index} of the PagedCache, got {tuple(t.shape)}")
+            self.pages.check(name, t)
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
+        implementation = self.owner.config._attn_implementation
+        if implementation != self.owner.implementation:
+            raise ValueError(
+                f"past_key_values: a PagedCache hands its pages to the library's attention "
+                f"{self.owner.implementation!r}; the model runs {implementation!r} (set "
+                f"model.set_attn_implementation({self.owner.implementation!r}))")
+        self.lazy_initialization(key_states, value_states)
+        kv = PagedKV(self, key_states, value_states)
+        return kv, kv
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return self.owner.pages.max_tokens
+
+    # ------------------------------------------------------------------ one step
+
+    def attend(self, variant: str, q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec,
+               scale: Optional[float], lam: Optional[Tensor] = None,
+               beta: Optional[float] = None) -> Tensor:
+        """Writes the new tokens ``k, v: (B, T, G, d)`` (their padding left out) and attends
+        ``q: (B, T, H, d)`` over each sequence's pages: bottom-right causal per sequence, so
+        padding queries see no key and output zeros. ``lam``: the router weights of the new
+        tokens (FastMKA fuses with them, MKA mixes its levels with them); ``beta`` the EMA
+        decay."""
+        if variant != self.owner.variant:
+            raise ValueError(f"past_key_values: the PagedCache was made for the model's "
+                             f"{self.owner.variant!r} attention, not {variant!r}; make it from "
+                             "the model as it runs now")
+        new = self._new_tokens(spec.left_padding, k.shape[1])
+        step = self._step(new)
+        self._write(variant, k, v, new, step, lam, beta)
+        self.seen += k.shape[1]
+        lc = self.pages
+        if variant == "mka":
+            return paged_mka_attention(q, lc.k_pages, lc.v_pages, lc.k_page_states,
+                                       lc.v_page_states, step.block_table, step.seqlens, lam,
+                                       beta, causal=True, scale=scale, window=spec.window)
+        return paged_attention(q, lc.k_pages, lc.v_pages, step.block_table, step.seqlens,
+                               causal=True, scale=scale, window=spec.window)
+
+    def _new_tokens(self, left_padding: Optional[tuple[int, ...]], T: int) -> list[int]:
+        """Real (not padding) tokens among the ``T`` new ones, per sequence; checks that the
+        pages hold exactly the earlier real tokens."""
+        padding = left_padding or (0,) * self.batch_size
+        written = self.pages.lengths
+        for b, (n, held) in enumerate(zip(padding, written)):
+            if held != max(0, self.seen - n):
+                raise ValueError(
+                    f"attention_mask: sequence {b} has {n} leading padding tokens in this call, "
+                    f"but layer {self.index} of the PagedCache holds {held} of its {self.seen} "
+                    "earlier tokens; pass the same left-padding mask (extended by the new "
+                    "tokens) with every call on a cache")
+        self.owner.padding = list(padding)
+        return [T - min(T, max(0, n - self.seen)) for n in padding]
+
+    def _step(self, new: list[int]) -> PageStep:
+        lc = self.pages
+        if len(set(new)) == 1:
+            return lc.step(new[0])
+        # Sequences grow by different amounts (left padding in this call): the per-sequence
+        # form of LayerCache.step, which grows every sequence by the same T.
+        before = lc.lengths
+        after = [a + n for a, n in zip(before, new)]
+        if max(after) > lc.parent.max_tokens:
+            raise ValueError(f"past_key_values: a sequence would hold {max(after)} tokens, beyond "
+                             f"the PagedCache's max_tokens = {lc.parent.max_tokens}")
+        lc.parent._reserve(after)
+        lc.written = after
+        lengths = torch.tensor([before, after], dtype=torch.int32).to(lc.device)
+        return PageStep(lc.parent.block_table(), lengths[0], lengths[1])
+
+    def _write(self, variant: str, k: Tensor, v: Tensor, new: list[int], step: PageStep,
+               lam: Optional[Tensor], beta: Optional[float]) -> None:
+        """Writes the last ``new[b]`` tokens of each sequence: one call per group of sequences
+        with the same count (one call for the whole batch without padding)."""
+        lc, T = self.pages, k.shape[1]
+        groups: dict[int, list[int]] = {}
+        for b, n in enumerate(new):
+            groups.setdefault(n, []).append(b)
+        for n, rows in groups.items():
+            if n == 0:
+                continue
+            index = None if len(rows) == len(new) else torch.tensor(rows, device=k.device)
+            pick = (lambda t: t) if index is None else (lambda t: t.index_select(0, index))
+            kg, vg = pick(k)[:, T - n:], pick(v)[:, T - n:]
+            where = (pick(step.block_table), pick(step.cache_seqlens))
+            states = [pick(lc.states[s]) for s in lc.spec.states]
+            if variant == "attention":
+                paged_write(kg, vg, lc.k_pages, lc.v_pages, *where)
+                continue
+            if variant == "fastmka":
+                kg, vg, *states = mka.route_fuse(kg, vg, pick(lam)[:, T - n:], beta,
+                                                 k_state=states[0], v_state=states[1])
+                paged_write(kg, vg, lc.k_pages, lc.v_pages, *where)
+            else:
+                states = paged_write_ema(kg, vg, lc.k_pages, lc.v_pages, *where, beta,
+                                         lc.k_page_states, lc.v_page_states, *states)
+            for name, state in zip(lc.spec.states, states):
+                if index is None:
+                    lc.states[name] = state
+                else:
+                    lc.states[name].index_copy_(0, index, state)
+
+    def _rebuild_states(self, beta: float) -> None:
+        """MKA's running EMA states after each sequence's last cached token, from the
+        checkpoint of that token's page and the raw tokens before it in the page (crop)."""
+        lc, S = self.pages, self.owner.pages.page_size
+        table = lc.parent.block_table()
+        for b, n in enumerate(lc.lengths):
+            if n == 0:
+                for s in lc.states.values():
+                    s[b].zero_()
+                continue
+            page, used = int(table[b, (n - 1) // S]), (n - 1) % S + 1
+            k, v = lc.k_pages[page, None, :used], lc.v_pages[page, None, :used]
+            keys_only = torch.zeros((1, used, 2), dtype=k.dtype, device=k.device)
+            keys_only[..., 1] = 1  # route_fuse's level 2 alone: its states are the EMA's
+            _, _, ks, vs = mka.route_fuse(k, v, keys_only, beta,
+                                          k_state=lc.k_page_states[page, None],
+                                          v_state=lc.v_page_states[page, None])
+            lc.states["k"][b], lc.states["v"][b] = ks[0], vs[0]
+
+
+class PagedCache(Cache):
+    """transformers ``Cache`` whose layers keep keys and values in the library's pages.
+
+    ``PagedCache(model, batch_size, max_tokens)``: one page pool for all of ``model``'s
+    decoder layers (key/value heads and head dim from its config; converted FastMKA/MKA models
+    cache what their attention needs, see :data:`_SPECS`), on the model's device and dtype
+    unless given. ``batch_size`` counts every row generate runs (``num_beams`` times the
+    prompts for beam search); ``max_tokens`` bounds a sequence (prompt plus new tokens);
+    ``num_pages`` defaults to every sequence at ``max_tokens`` plus one page per sequence: beam
+    search's forked rows copy a shared last page before writing it (copy-on-write), and the
+    page table asks for room for every such copy at once. Needs the model's attention to be
+    the library's (``"mka"``, or a converted model's)."""
+
+    def __init__(self, model: torch.nn.Module, batch_size: int, max_tokens: int, *,
+                 page_size: int = 16, num_pages: Optional[int] = None,
+                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None):
+        # Imported here: conversion imports this module's PagedKV through attention.py.
+        from .conversion import CONFIG_KEY, ROUTED_IMPLEMENTATIONS
+
+        if not isinstance(page_size, int) or isinstance(page_size, bool) or page_size < 1:
+            raise ValueError(f"page_size: must be a positive integer, got {page_size!r}")
+        self.config = model.config
+        text = model.config.get_text_config(decoder=True)
+        kinds = set(getattr(text, "layer_types", None) or ["full_attention"])
+        if not kinds <= {"full_attention", "sliding_attention"}:
+            raise ValueError(f"model: a PagedCache caches attention layers only; this model has "
+                             f"layer types {sorted(kinds)}")
+        options = getattr(text, CONFIG_KEY, None)
+        self.variant = options["variant"] if isinstance(options, dict) else "attention"
+        self.implementation = ROUTED_IMPLEMENTATIONS.get(self.variant, "mka")
+        self.beta = options["beta"] if isinstance(options, dict) else None
+        heads = text.num_attention_heads
+        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        param = next(model.parameters())
+        spec = LayerSpec(kv_heads, head_dim, head_dim, **_SPECS[self.variant])
+        if num_pages is None:
+            num_pages = batch_size * (math.ceil(max_tokens / page_size) + 1)
+        self.pages = PagedKVCache([spec] * text.num_hidden_layers, batch_size,
+                                  max_tokens=max_tokens, page_size=page_size, num_pages=num_pages,
+                                  device=param.device if device is None else device,
+                                  dtype=param.dtype if dtype is None else dtype)
+        self.padding = [0] * batch_size  # leading padding tokens per sequence
+        super().__init__(layers=[PagedLayer(self, i) for i in range(text.num_hidden_layers)])
+
+    # ------------------------------------------------------------------ accounting
+
+    def nbytes(self) -> int:
+        """Every byte the cache holds (preallocated pages, checkpoints, states)."""
+        return self.pages.nbytes()
+
+    def used_bytes(self) -> int:
+        """Bytes of the pages the sequences hold (shared pages once) plus the states."""
+        return self.pages.used_bytes()
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes one cached token of one sequence takes in the pages of all layers."""
+        return sum(layer.spec.bytes_per_token(self.pages.dtype) for layer in self.pages)
+
+    # ------------------------------------------------------------------ batch changes
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: row ``j`` continues row ``beam_idx[j]``; repeated rows share their
+        pages until written (copy-on-write, ``PagedKVCache.reorder``)."""
+        self._select(beam_idx.tolist())
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._select([b for b in range(self.pages.batch_size) for _ in range(repeats)])
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        if indices.dtype == torch.bool:
+            indices = indices.nonzero().flatten()
+        self._select(indices.tolist())
+
+    def _select(self, rows: list[int]) -> None:
+        self.pages.reorder(rows)
+        self.padding = [self.padding[r] for r in rows]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drops the last ``-tokens_to_remove`` tokens (transformers' convention; a positive
+        value is the length to keep, as ``DynamicLayer.crop`` still accepts). Pages emptied
+        by it go back to the pool (``PageTable.truncate``). MKA's running states are rebuilt
+        from the page checkpoints; FastMKA's cannot be (its pages hold fused keys), so it
+        raises."""
+        tokens_to_remove = int(tokens_to_remove)  # assisted generation passes a 0-d tensor
+        seen = self.get_seq_length()
+        keep = min(seen, tokens_to_remove) if tokens_to_remove > 0 else seen + tokens_to_remove
+        if keep < 0:
+            raise ValueError(f"tokens_to_remove: {tokens_to_remove} removes more than the "
+                             f"{seen} cached tokens")
+        if keep == seen:
+            return
+        if self.variant == "fastmka":
+            raise ValueError("past_key_values: a FastMKA PagedCache cannot be cropped: its pages "
+                             "hold fused keys, from which the running EMA state of an earlier "
+                             "token cannot be rebuilt (assisted decoding needs use_cache=False "
+                             "or a DynamicCache)")
+        self._truncate(keep)
+
+    def reset(self) -> None:
+        self._truncate(0)
+        for layer in self.pages:
+            for state in layer.states.values():
+                state.zero_()
+        self.padding = [0] * self.pages.batch_size
+
+    def _truncate(self, keep: int) -> None:
+        """Every layer keeps the first ``keep`` tokens transformers counts."""
+        lengths = [max(0, keep - n) for n in self.padding]
+        for seq, n in zip(self.pages.seqs, lengths):
+            self.pages.table.truncate(seq, n)
+        for layer in self.layers:
+            layer.seen = keep
+            layer.pages.written = list(lengths)
+            if self.variant == "mka":
+                layer._rebuild_states(self.beta)
+
+    def __repr__(self) -> str:
+        return f"PagedCache({self.variant}, {self.pages!r})"
+
+
+def paged_generate(model: torch.nn.Module, input_ids: Tensor, *, max_new_tokens: int,
+                   page_size: int = 16, num_pages: Optional[int] = None, **kwargs):
+    """``model.generate(input_ids, max_new_tokens=..., **kwargs)`` on a :class:`PagedCache`
+    sized for it: a row per prompt and beam (or returned sequence), each up to its prompt plus
+    ``max_new_tokens`` tokens."""
+    if "past_key_values" in kwargs:
+        raise ValueError("past_key_values: paged_generate makes the PagedCache; call "
+                         "model.generate(past_key_values=PagedCache(...)) to pass your own")
+    config = model.generation_config
+    rows = max(kwargs.get("num_beams") or config.num_beams or 1,
+               kwargs.get("num_return_sequences") or config.num_return_sequences or 1)
+    cache = PagedCache(model, input_ids.shape[0] * rows, input_ids.shape[1] + max_new_tokens,
+                       page_size=page_size, num_pages=num_pages)
+    return model.generate(input_ids, max_new_tokens=max_new_tokens, past_key_values=cache,
+                          **kwargs)
