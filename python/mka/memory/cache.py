@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple, Optional, Sequence
+from typing import Iterator, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -125,12 +125,13 @@ class PagedKVCache:
             self._block_table = table.to(self.device)
         return self._block_table
 
-    def _step_lengths(self, before: tuple[int, ...], T: int) -> tuple[Tensor, Tensor]:
+    def _step_lengths(self, before: tuple[int, ...],
+                      after: tuple[int, ...]) -> tuple[Tensor, Tensor]:
         """``cache_seqlens`` and ``seqlens`` tensors of a step, made once for all layers."""
-        key = (before, T)
+        key = (before, after)
         if key not in self._lengths:
-            start = torch.tensor(before, dtype=torch.int32)
-            self._lengths = {key: (start.to(self.device), (start + T).to(self.device))}
+            both = torch.tensor([before, after], dtype=torch.int32).to(self.device)
+            self._lengths = {key: (both[0], both[1])}
         return self._lengths[key]
 
     # ------------------------------------------------------------------ static steps
@@ -306,17 +307,23 @@ class LayerCache:
             raise ValueError(f"cache: {name} is {t.dtype} on {t.device}, the cache was made "
                              f"for {self.dtype} on {self.device}")
 
-    def step(self, T: int) -> PageStep:
-        """Reserves ``T`` more tokens per sequence and returns where they go."""
+    def step(self, T: Union[int, Sequence[int]]) -> PageStep:
+        """Reserves ``T`` more tokens per sequence (or ``T[b]`` for sequence ``b``: a call
+        whose sequences grow by different amounts) and returns where they go."""
         if self.parent.static:
+            if not isinstance(T, int):
+                raise ValueError("T: a static cache grows every sequence by the same count")
             return self._static_step(T)
         before = tuple(self.written)
-        after = [n + T for n in before]
+        grow = [T] * len(before) if isinstance(T, int) else [int(n) for n in T]
+        if len(grow) != len(before) or min(grow, default=0) < 0:
+            raise ValueError(f"T: expected a count >= 0 per sequence ({len(before)}), got {T!r}")
+        after = [n + g for n, g in zip(before, grow)]
         if max(after, default=0) > self.parent.max_tokens:
             raise ValueError(f"cache: a sequence would hold {max(after)} tokens, beyond the "
                              f"cache's max_tokens = {self.parent.max_tokens}")
         self.parent._reserve(after)
-        start, end = self.parent._step_lengths(before, T)
+        start, end = self.parent._step_lengths(before, tuple(after))
         self.written = after
         return PageStep(self.parent.block_table(), start, end, max(after, default=0))
 

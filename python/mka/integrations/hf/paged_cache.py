@@ -149,20 +149,8 @@ class PagedLayer(CacheLayerMixin):
         return [T - min(T, max(0, n - self.seen)) for n in padding]
 
     def _step(self, new: list[int]) -> PageStep:
-        lc = self.pages
-        if len(set(new)) == 1:
-            return lc.step(new[0])
-        # Sequences grow by different amounts (left padding in this call): the per-sequence
-        # form of LayerCache.step, which grows every sequence by the same T.
-        before = lc.lengths
-        after = [a + n for a, n in zip(before, new)]
-        if max(after) > lc.parent.max_tokens:
-            raise ValueError(f"past_key_values: a sequence would hold {max(after)} tokens, beyond "
-                             f"the PagedCache's max_tokens = {lc.parent.max_tokens}")
-        lc.parent._reserve(after)
-        lc.written = after
-        lengths = torch.tensor([before, after], dtype=torch.int32).to(lc.device)
-        return PageStep(lc.parent.block_table(), lengths[0], lengths[1])
+        """Room for ``new[b]`` more tokens in sequence ``b`` (they differ under left padding)."""
+        return self.pages.step(new[0] if len(set(new)) == 1 else new)
 
     def _write(self, variant: str, k: Tensor, v: Tensor, new: list[int], step: PageStep,
                lam: Optional[Tensor], beta: Optional[float]) -> None:
@@ -191,10 +179,8 @@ class PagedLayer(CacheLayerMixin):
                 states = paged_write_ema(kg, vg, lc.k_pages, lc.v_pages, *where, beta,
                                          lc.k_page_states, lc.v_page_states, *states)
             for name, state in zip(lc.spec.states, states):
-                if index is None:
-                    lc.states[name] = state
-                else:
-                    lc.states[name].index_copy_(0, index, state)
+                lc.states[name].index_copy_(0, index, state) if index is not None else \
+                    lc.states[name].copy_(state)
 
     def _rebuild_states(self, beta: float) -> None:
         """MKA's running EMA states after each sequence's last cached token, from the
