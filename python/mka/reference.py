@@ -137,3 +137,45 @@ def _page_ema(x: Tensor, states: Tensor, table_row: Tensor, page_size: int,
         start = states[int(table_row[j0 // page_size])][None]
         parts.append(ema(x[:, j0:j0 + page_size], beta, start)[0])
     return torch.cat(parts, 1) if parts else x
+
+
+
+def recall_attention(q: Tensor, k: Tensor, v: Tensor, *, chunk: int, top: int,
+                     planes: Tensor, window: Optional[int] = None,
+                     scale: Optional[float] = None) -> tuple[Tensor, Tensor]:
+    """Level 3 by recall (SPEC §7.2), one query row and key/value head at a time: mean keys
+    of whole chunks, the row's mean query over the kv head's query heads, their sign patterns
+    against ``planes``, the chunks wholly before the row's window ranked by matching signs
+    (ties: the later chunk), the top ``R`` recalled, attention over their tokens. Returns
+    ``(O3, chosen)`` as the op."""
+    B, Tq, H, d = q.shape
+    Tk, G = k.shape[1], k.shape[2]
+    grp, nC = H // G, Tk // chunk
+    sign = lambda x: torch.where(x.double() @ planes.double().t() >= 0, 1.0, -1.0)  # noqa: E731
+    counts = []
+    for i in range(Tq):
+        end = i + (Tk - Tq) - (1 if window is None else window) + 1
+        counts.append(max(0, min(end // chunk, nC)))
+    width = min(top, max(counts, default=0))
+    chosen = torch.full((B, Tq, G, width), -1, dtype=torch.long)
+    rows = []
+    for b in range(B):
+        per_row = []
+        for i in range(Tq):
+            heads = []
+            for g in range(G):
+                qs = sign(q[b, i, g * grp:(g + 1) * grp].mean(0))
+                ranked = sorted(range(counts[i]), key=lambda c: (
+                    -float(qs @ sign(k[b, c * chunk:(c + 1) * chunk, g].mean(0))), -c))
+                pick = ranked[:top]
+                chosen[b, i, g, :len(pick)] = torch.tensor(pick, dtype=torch.long)
+                qq = q[b:b + 1, i:i + 1, g * grp:(g + 1) * grp]
+                if not pick:
+                    heads.append(torch.zeros_like(qq))
+                    continue
+                tok = torch.cat([torch.arange(c * chunk, (c + 1) * chunk) for c in pick])
+                heads.append(attention(qq, k[b:b + 1, tok, g:g + 1], v[b:b + 1, tok, g:g + 1],
+                                       False, scale))
+            per_row.append(torch.cat(heads, 2))
+        rows.append(torch.cat(per_row, 1))
+    return torch.cat(rows, 0), chosen

@@ -30,9 +30,10 @@ class FastMKAAttention(RoutedAttention):
     def forward(self, x: Tensor, cache: Optional[LayerCache] = None,
                 memory: Memory = None) -> Tensor:
         self._check_input(x, cache, memory)
+        self._check_recall(cache, memory)
         q, k, v = self._project(x)
         lam = self.router(q)
-        k3, v3 = self._level3(k, memory)
+        k3, v3 = self._level3(k, v, memory)
         if cache is None:  # the fused op: fused keys never written to memory
             y, _, _ = self.ops.fastmka(q, k, v, lam, self.beta, k3, v3, causal=True,
                                        window=self.window)
@@ -44,7 +45,10 @@ class FastMKAAttention(RoutedAttention):
         cache.update_states(k=k_state, v=v_state)
         return self._output(y)
 
-    def _level3(self, k: Tensor, recalled: Memory) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    def _level3(self, k: Tensor, v: Tensor,
+                recalled: Memory) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        if self.recall is not None:  # each key reads the chunks its block recalls
+            return self.recall(k, k, k, self.window), self.recall(k, k, v, self.window)
         mem_k, mem_v = self._memory(k, recalled)
         if mem_k is None:
             return None, None

@@ -27,8 +27,14 @@ class MKAAttention(RoutedAttention):
     def forward(self, x: Tensor, cache: Optional[LayerCache] = None,
                 memory: Memory = None) -> Tensor:
         self._check_input(x, cache, memory)
+        self._check_recall(cache, memory)
         q, k, v = self._project(x)
         lam = self.router(q)
+        if self.recall is not None:  # levels 1, 2 by the op, level 3 recalled per block
+            y, _, _ = self.ops.mka(q, k, v, lam[..., :2], self.beta, causal=True,
+                                   window=self.window)
+            o3 = self.recall(q, k, v, self.window)
+            return self._output(y + lam[..., 2, None, None].to(y.dtype) * o3)
         mem_k, mem_v = self._memory(k, memory)
         if cache is None:
             y, _, _ = self.ops.mka(q, k, v, lam, self.beta, mem_k, mem_v, causal=True,

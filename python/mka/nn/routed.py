@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ..reference import state_dtype
 from .base import Memory, QKVAttention
+from ..memory.recall import Recall
 from .long_term_memory import LongTermMemory
 from .router import Router
 
@@ -17,22 +18,41 @@ from .router import Router
 class RoutedAttention(QKVAttention):
     """Options: ``levels`` 2 (local + session EMA) or 3 (+ long-term memory), ``beta`` the
     EMA decay in [0, 1), ``router_hidden`` the router MLP's width, ``memory_slots`` the
-    learned level-3 slots per key/value head (used when ``levels == 3``)."""
+    learned level-3 slots per key/value head (used when ``levels == 3``). ``recall_chunk``
+    > 0 makes level 3 recall instead (SPEC §7.2): chunks of ``recall_chunk`` earlier tokens
+    keyed by SimHash (``recall_tables`` x ``recall_bits`` hyperplanes), the ``recall_top``
+    best-matching ones per block of queries, outside the L1 ``window``."""
 
     accepts_memory = True
 
     def __init__(self, n_embd: int, n_head: int, n_kv_head: Optional[int] = None, *,
                  levels: int = 2, beta: float = 0.9, router_hidden: int = 64,
-                 memory_slots: int = 16, bias: bool = True, dropout: float = 0.0,
-                 backend: str = "mka", window: Optional[int] = None):
+                 memory_slots: int = 16, recall_chunk: int = 0, recall_top: int = 4,
+                 recall_tables: int = 4, recall_bits: int = 16, bias: bool = True,
+                 dropout: float = 0.0, backend: str = "mka", window: Optional[int] = None):
         super().__init__(n_embd, n_head, n_kv_head, bias=bias, dropout=dropout,
                          backend=backend, window=window)
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
             raise ValueError(f"beta: the EMA decay must be a float in [0, 1), got {beta!r}")
         self.levels, self.beta = levels, float(beta)
         self.router = Router(n_head * self.head_dim, levels, router_hidden, bias)
+        if recall_chunk and levels != 3:
+            raise ValueError(f"recall_chunk: recall is level 3; set levels=3, got levels={levels}")
+        self.recall = (Recall(self.head_dim, recall_chunk, recall_top, recall_tables, recall_bits)
+                       if recall_chunk else None)
         self.long_term = (LongTermMemory(memory_slots, self.n_kv_head, self.head_dim)
-                          if levels == 3 else None)
+                          if levels == 3 and self.recall is None else None)
+
+    def _check_recall(self, cache, memory: Memory) -> None:
+        if self.recall is None:
+            return
+        if memory is not None:
+            raise ValueError("memory: this module recalls its level 3 from its own context "
+                             "(recall_chunk > 0); it takes no memory argument")
+        if cache is not None:
+            raise ValueError("cache: decoding with recall as level 3 is not supported yet "
+                             "(the cache does not keep chunk signatures); decode without "
+                             "recall_chunk or run full forwards")
 
     def _memory(self, like: Tensor, recalled: Memory) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """Level-3 ``(mem_k, mem_v): (B, M, G, d)`` in the dtype of the keys ``like`` (the

@@ -1,0 +1,152 @@
+"""Level 3 by recall (SPEC §7.2): older context kept in chunks, each keyed by a SimHash
+signature, and each query attending to the few chunks whose signatures match its own.
+
+Chunks are ``C`` consecutive tokens of a sequence; a chunk's signature per key/value head is
+the sign pattern of its **mean key** against fixed random hyperplanes (``tables`` groups of
+``bits``). The mean key is the chunk's centroid: a query's dot product with it is the mean of
+its scores over the chunk, so matching signs (angular similarity, which SimHash estimates)
+rank chunks by their average attention logit — cheap to keep (one vector per chunk and head,
+updated as tokens arrive) and exact for a chunk of near-identical keys. A query's signature
+is that of its mean over the query heads of the kv head (GQA: one selection per token and
+key/value head, shared by its query heads). Selection is per query token, never per block
+of queries: a block's later rows would otherwise steer its earlier rows' recall, which is
+a look at the future in training and impossible in decoding.
+
+Query row ``i`` (key position ``p = i + Tk - Tq``, bottom-right) may recall chunk ``c`` iff the
+chunk lies wholly before its L1 window: ``(c + 1) C <= p - W + 1`` (``W`` the window; without
+one, ``W = 1``: wholly in the past). The top ``R`` eligible chunks by signature agreement are
+recalled (ties: the later chunk), fewer where fewer are eligible, none in the first chunks.
+``O3`` is the attention of the row to its recalled tokens. Selection is discrete and carries no
+gradient; ``O3`` is differentiable in ``q, k, v``.
+
+This is the composite form (PyTorch, blocks of queries at a time so the gathered keys stay
+small); a fused kernel reading the chosen chunks in place is the next step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+QUERY_BLOCK = 64  # query rows whose recalled keys are gathered at once
+
+
+def simhash_planes(head_dim: int, tables: int = 4, bits: int = 16, seed: int = 0,
+                   device=None) -> Tensor:
+    """Random Gaussian hyperplanes ``(tables * bits, head_dim)``, float32, fixed by ``seed``."""
+    for value, name in ((head_dim, "head_dim"), (tables, "tables"), (bits, "bits")):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(tables * bits, head_dim, generator=g).to(device)
+
+
+def signatures(x: Tensor, planes: Tensor) -> Tensor:
+    """Sign patterns ``±1`` of ``x: (..., d)`` against ``planes: (P, d)``: ``(..., P)``, in
+    float32 (float64 for float64 inputs)."""
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    proj = x.to(dt) @ planes.t().to(x.device, dt)
+    return torch.where(proj >= 0, 1.0, -1.0).to(dt)
+
+
+def chunk_means(k: Tensor, chunk: int) -> Tensor:
+    """Mean key of every complete chunk: ``(B, Tk // C, G, d)``."""
+    B, T, G, d = k.shape
+    n = T // chunk
+    return k[:, :n * chunk].reshape(B, n, chunk, G, d).mean(2)
+
+
+def eligible(Tq: int, Tk: int, chunk: int, window: Optional[int], device=None) -> Tensor:
+    """``(Tq,)``: how many of the first chunks each query row may recall."""
+    p = torch.arange(Tq, device=device) + (Tk - Tq)
+    end = p - (1 if window is None else window) + 1
+    return torch.clamp(torch.div(end, chunk, rounding_mode="floor"), 0, Tk // chunk)
+
+
+def select(q_sig: Tensor, k_sig: Tensor, counts: Tensor, top: int) -> Tensor:
+    """Indices ``(B, Tq, G, R)`` of the recalled chunks per query row and key/value head, best
+    first, -1 where a row has fewer eligible chunks; ``R = min(top, max count)``."""
+    B, Tq, G, _ = q_sig.shape
+    nC = k_sig.shape[1]
+    width = min(top, int(counts.max())) if counts.numel() else 0
+    out = torch.full((B, Tq, G, width), -1, dtype=torch.long, device=q_sig.device)
+    if width == 0:
+        return out
+    agree = torch.einsum("btgp,bcgp->btgc", q_sig, k_sig)  # matches - mismatches
+    # agreement is an integer: scaled past nC, the chunk index breaks ties (the later wins)
+    key = agree.double() * (nC + 1) + torch.arange(nC, device=q_sig.device, dtype=torch.float64)
+    allowed = torch.arange(nC, device=q_sig.device)[None, :] < counts[:, None]  # (Tq, nC)
+    key = key.masked_fill(~allowed[None, :, None, :], -math.inf)
+    best = key.topk(width, dim=-1).indices
+    valid = torch.arange(width, device=q_sig.device)[None, :] < counts.clamp(max=width)[:, None]
+    return torch.where(valid[None, :, None, :], best, out)
+
+
+def _attend_recalled(q: Tensor, k: Tensor, v: Tensor, chosen: Tensor, chunk: int,
+                     scale: float) -> Tensor:
+    """Rows ``q: (B, n, H, d)`` over their chunks ``chosen: (B, n, G, R)`` of ``k, v``."""
+    B, n, H, d = q.shape
+    G, R = chosen.shape[2], chosen.shape[3]
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    tok = (chosen.clamp(min=0)[..., None] * chunk
+           + torch.arange(chunk, device=q.device)).reshape(B, n, G, R * chunk)
+    valid = (chosen >= 0)[..., None].expand(B, n, G, R, chunk).reshape(B, n, G, R * chunk)
+
+    def gather(x: Tensor) -> Tensor:  # (B, n, G, R C, d)
+        idx = tok.permute(0, 1, 3, 2).reshape(B, n * R * chunk, G)[..., None].expand(-1, -1, -1, d)
+        return torch.gather(x, 1, idx).reshape(B, n, R * chunk, G, d).permute(0, 1, 3, 2, 4)
+
+    qg = q.to(cdt).reshape(B, n, G, H // G, d)
+    s = torch.einsum("bngxd,bngtd->bngxt", qg, gather(k).to(cdt)) * scale
+    s = s.masked_fill(~valid[:, :, :, None, :], -math.inf)
+    seen = valid.any(-1)[:, :, :, None, None]
+    p = torch.where(seen, torch.softmax(torch.where(seen, s, 0.0), -1), 0.0)
+    o = torch.einsum("bngxt,bngtd->bngxd", p, gather(v).to(cdt))
+    return o.reshape(B, n, H, d).to(q.dtype)
+
+
+def recall_attention(q: Tensor, k: Tensor, v: Tensor, *, chunk: int, top: int,
+                     planes: Tensor, window: Optional[int] = None,
+                     scale: Optional[float] = None) -> tuple[Tensor, Tensor]:
+    """``O3`` of SPEC §7.2 for ``q: (B, Tq, H, d)`` over ``k, v: (B, Tk, G, d)`` (bottom-right
+    aligned, ``Tq <= Tk``): ``(O3 (B, Tq, H, d), chosen (B, Tq, G, R))``."""
+    B, Tq, H, d = q.shape
+    Tk, G = k.shape[1], k.shape[2]
+    if chunk < 1 or top < 1:
+        raise ValueError(f"chunk, top: must be >= 1, got chunk={chunk}, top={top}")
+    if Tq > Tk:
+        raise ValueError(f"q: {Tq} query rows against {Tk} keys (rows align with the last keys)")
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    counts = eligible(Tq, Tk, chunk, window, q.device)
+    with torch.no_grad():
+        q_sig = signatures(q.reshape(B, Tq, G, H // G, d).mean(3), planes)
+        chosen = select(q_sig, signatures(chunk_means(k, chunk), planes), counts, top)
+    if chosen.shape[-1] == 0:
+        return q.new_zeros(q.shape) + 0 * q, chosen  # no recall anywhere (keeps the graph)
+    parts = [_attend_recalled(q[:, i:i + QUERY_BLOCK], k, v, chosen[:, i:i + QUERY_BLOCK],
+                              chunk, scale) for i in range(0, Tq, QUERY_BLOCK)]
+    return torch.cat(parts, 1), chosen
+
+
+class Recall(torch.nn.Module):
+    """A layer's recall settings and its fixed hyperplanes (a buffer: saved with the model,
+    the same after a reload). ``chunk`` tokens per chunk, ``top`` chunks recalled per block."""
+
+    def __init__(self, head_dim: int, chunk: int = 64, top: int = 4, tables: int = 4,
+                 bits: int = 16, seed: int = 0):
+        super().__init__()
+        for value, name in ((chunk, "recall_chunk"), (top, "recall_top")):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        self.chunk, self.top = chunk, top
+        self.register_buffer("planes", simhash_planes(head_dim, tables, bits, seed))
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, window: Optional[int]) -> Tensor:
+        return recall_attention(q, k, v, chunk=self.chunk, top=self.top, planes=self.planes,
+                                window=window)[0]
+
+    def extra_repr(self) -> str:
+        return f"chunk={self.chunk}, top={self.top}, planes={tuple(self.planes.shape)}"

@@ -1,0 +1,101 @@
+"""Level 3 by recall (SPEC §7.2): selection equals a brute-force reference, outputs and
+gradients equal the float64 reference (GQA, windows, chunk edges, R above the chunks there
+are, no chunk yet, fewer queries than keys), recall is causal per token, deterministic per
+seed, and MKA/FastMKA train with it on both backends."""
+
+import pytest
+import torch
+
+from mka import reference as R
+from mka.memory.recall import Recall, recall_attention, simhash_planes
+from mka.models import GPT, GPTConfig
+from conftest import rel_err
+
+CASES = [  # B, Tq, Tk, H, G, d, chunk, top, window
+    (2, 150, 150, 4, 2, 16, 16, 3, 40),
+    (1, 100, 100, 2, 1, 8, 16, 10, None),  # R above the chunks there are
+    (2, 70, 70, 4, 4, 8, 16, 2, 1),
+    (1, 5, 90, 4, 2, 8, 8, 3, 20),         # a few new queries after a cache
+    (2, 12, 12, 2, 1, 8, 16, 4, None),     # no whole chunk yet: O3 = 0
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_recall_equals_the_reference(case):
+    B, Tq, Tk, H, G, d, C, top, W = case
+    torch.manual_seed(Tq)
+    q = torch.randn(B, Tq, H, d, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(B, Tk, G, d, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    planes = simhash_planes(d, 4, 16, seed=3)
+    out, chosen = recall_attention(q, k, v, chunk=C, top=top, planes=planes, window=W)
+    ref, ref_chosen = R.recall_attention(q, k, v, chunk=C, top=top, planes=planes, window=W)
+    assert torch.equal(chosen, ref_chosen)
+    assert rel_err(out, ref) < 1e-10
+    if not ref.requires_grad or not ref.abs().sum():
+        assert not out.abs().sum()
+        return
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        assert rel_err(a, b) < 1e-10
+
+
+def test_selection_only_sees_chunks_before_the_window_and_is_per_token():
+    """Row i recalls only chunks ending before its window; changing later tokens changes
+    nothing at earlier rows (no block of queries steers another row's choice)."""
+    torch.manual_seed(0)
+    B, T, H, G, d, C, W = 1, 96, 2, 1, 8, 8, 17
+    q, k, v = torch.randn(B, T, H, d), torch.randn(B, T, G, d), torch.randn(B, T, G, d)
+    planes = simhash_planes(d)
+    out, chosen = recall_attention(q, k, v, chunk=C, top=3, planes=planes, window=W)
+    for i in range(T):
+        for c in chosen[0, i, 0].tolist():
+            if c >= 0:
+                assert (c + 1) * C <= i - W + 1
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
+    for t in (q2, k2, v2):
+        t[:, 60:] = torch.randn_like(t[:, 60:])
+    out2, chosen2 = recall_attention(q2, k2, v2, chunk=C, top=3, planes=planes, window=W)
+    assert torch.equal(chosen2[:, :60], chosen[:, :60])
+    assert rel_err(out2[:, :60], out[:, :60]) < 1e-6
+
+
+def test_recall_is_deterministic_per_seed_and_saved_with_the_model():
+    a, b = Recall(16, chunk=8, seed=0), Recall(16, chunk=8, seed=0)
+    assert torch.equal(a.planes, b.planes)
+    assert not torch.equal(a.planes, Recall(16, chunk=8, seed=1).planes)
+    assert "planes" in a.state_dict()
+    with pytest.raises(ValueError, match="recall_chunk: must be a positive integer"):
+        Recall(16, chunk=0)
+
+
+def _gpt(attention, backend, **options):
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=2, n_embd=32, n_head=4, block_size=128, vocab_size=23,
+                    attention=attention, attn_backend=backend,
+                    attn_options={"levels": 3, "recall_chunk": 8, "recall_top": 2, "window": 16,
+                                  **options})
+    return GPT(cfg).double()
+
+
+@pytest.mark.parametrize("attention", ["mka", "fastmka"])
+def test_models_train_with_recall_on_both_backends(attention):
+    idx = torch.randint(0, 23, (2, 100))
+    native, torch_ = _gpt(attention, "mka"), _gpt(attention, "torch")
+    torch_.load_state_dict(native.state_dict())
+    (a, la), (b, lb) = native(idx, idx), torch_(idx, idx)
+    assert rel_err(a, b) < 1e-10
+    la.backward()
+    router = native.blocks[0].attn.router
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in router.parameters())
+    changed = idx.clone()
+    changed[:, 70:] = (changed[:, 70:] + 1) % 23
+    assert rel_err(native(changed)[0][:, :70], a[:, :70]) < 1e-10  # causal
+
+
+def test_recall_options_are_checked():
+    with pytest.raises(ValueError, match="recall_chunk: recall is level 3"):
+        GPT(GPTConfig(n_layer=1, n_embd=32, n_head=4, vocab_size=11, attention="mka",
+                      attn_options={"recall_chunk": 8}))
+    m = _gpt("mka", "mka")
+    with pytest.raises(ValueError, match="cache: decoding with recall as level 3"):
+        m(torch.randint(0, 23, (1, 4)), caches=m.new_caches(1))
