@@ -5,6 +5,7 @@ accuracy_vs_length.png. ``curves`` maps a model's label to its held-out metrics 
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 
@@ -32,13 +33,16 @@ def _plot(path: Path, curves: dict[str, dict], title: str) -> str | None:
         lengths = sorted(int(n) for n in by)
         for ax, key in ((a1, "token_accuracy"), (a2, "example_accuracy")):
             ax.plot(lengths, [by[str(n)][key] for n in lengths], "o-", label=label)
+    lengths = sorted({int(n) for by in curves.values() for n in by})
     for ax, what in ((a1, "per answer token"), (a2, "per example (all answers right)")):
         ax.set(xscale="log", xlabel="sequence length (tokens)", title=f"held-out accuracy, {what}")
+        ax.set_xticks(lengths, [str(n) for n in lengths])
+        ax.minorticks_off()
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     a1.set_ylabel("accuracy")
     a2.legend(fontsize=8)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, 160), fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
