@@ -134,6 +134,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if argv[:1] == ["train"]:  # the training CLI parses its own flags
         from .train import main as train_main
         return int(train_main(argv[1:]) or 0)
+    if argv[:2] == ["eval", "recall"]:  # mka train --task checkpoints: no hf extra needed
+        from .train.recall_eval import main as recall_main
+        return int(recall_main(argv[2:]))
     if argv[:1] in (["eval"], ["generate-bench"]):  # Hugging Face tools: need the hf extra
         from .integrations.hf import generation_bench, ruler_eval
         return int({"eval": ruler_eval, "generate-bench": generation_bench}[argv[0]].main(argv[1:]))
@@ -142,7 +145,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
     _bench_parser(sub)
     sub.add_parser("train", help="train GPT-style models per attention variant (mka train -h)")
-    sub.add_parser("eval", help="long-context evaluation of a Hugging Face model (mka eval ruler -h)")
+    sub.add_parser("eval", help="long-context evaluation of a Hugging Face model (mka eval ruler -h) or of "
+                   "mka train --task checkpoints (mka eval recall -h)")
     sub.add_parser("generate-bench", help="prefill/decode of a Hugging Face model, sdpa vs mka "
                    "(mka generate-bench -h)")
     args = p.parse_args(argv)

@@ -31,7 +31,8 @@ def _git_commit() -> Optional[str]:
         return None
 
 
-def _meta(settings: Settings, rt: D.Runtime, data: dataset.TokenizedData, argv: list[str]) -> dict:
+def _meta(settings: Settings, rt: D.Runtime, data: dataset.TokenizedData | dataset.TaskData,
+          argv: list[str]) -> dict:
     return {"command": "mka train " + shlex.join(argv),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "commit": _git_commit(), "device": rt.describe(), "processes": rt.world,
@@ -55,10 +56,7 @@ def run(settings: Settings, argv: list[str]) -> list[dict]:
         out = Path(settings.out)
         meta = _meta(settings, rt, data, argv)
         if rt.is_main:
-            d = data.describe()
-            print(f"data: {d['train_tokens']:,} training tokens ({d['train_source']}), "
-                  f"{d['heldout_tokens']:,} held-out tokens ({d['heldout_source']}); "
-                  f"tokenizer {d['tokenizer']} ({d['vocab_size']} symbols); device {meta['device']}", flush=True)
+            print(f"data: {data.summary()}; device {meta['device']}", flush=True)
         results = []
         with StopFlag() as stop:
             for variant in settings.variants():

@@ -26,7 +26,16 @@ class MicroBatch:
 
 def _to_batch(rows: list[np.ndarray], device: torch.device) -> MicroBatch:
     a = torch.from_numpy(np.stack(rows).astype(np.int64))
-    x, y = a[:, :-1], a[:, 1:]
+    return _move(a[:, :-1], a[:, 1:], device)
+
+
+def example_batch(examples: list, device: torch.device) -> MicroBatch:
+    """Task examples (``recall_tasks.Example``, of one length): targets -1 but at answers."""
+    x = torch.from_numpy(np.stack([e.tokens[:-1] for e in examples]))
+    return _move(x, torch.from_numpy(np.stack([e.targets() for e in examples])), device)
+
+
+def _move(x: torch.Tensor, y: torch.Tensor, device: torch.device) -> MicroBatch:
     if device.type == "cuda":
         return MicroBatch(x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True))
     return MicroBatch(x.contiguous(), y.contiguous())
@@ -53,6 +62,17 @@ class TrainSampler:
                 f"{seq_len}, fewer than one global batch of {self.global_batch} blocks "
                 f"(--batch-size x --grad-accum x processes); use more data or smaller settings")
         self._epoch, self._layout = None, None
+
+    def step_tokens(self, step: int) -> int:
+        """Input tokens of optimizer step ``step`` (0-based), over all processes."""
+        return self.global_batch * self.T
+
+    def tokens_through(self, steps: int) -> int:
+        return steps * self.global_batch * self.T
+
+    @property
+    def lengths_text(self) -> str:
+        return str(self.T)
 
     def layout(self, epoch: int) -> tuple[int, np.ndarray]:
         if epoch != self._epoch:

@@ -16,9 +16,9 @@ from tqdm import tqdm
 
 from . import checkpoint, peak_memory
 from . import distributed as D
-from .blocks import TrainSampler, heldout_blocks
 from .dataset import TokenizedData
-from .evaluation import autocast, heldout_loss
+from .evaluation import autocast
+from .task_data import TaskData
 from .model_factory import PRECISION_DTYPES, choose_attn_backend, gpt_config
 from .options import ConfigError, Settings
 from .schedule import make_optimizer, step_budget
@@ -139,7 +139,8 @@ def check_resumable(settings: Settings, out: Path) -> None:
 
 
 class VariantRun:
-    def __init__(self, settings: Settings, variant: str, data: TokenizedData, rt: D.Runtime, out: Path):
+    def __init__(self, settings: Settings, variant: str, data: TokenizedData | TaskData, rt: D.Runtime,
+                 out: Path):
         self.s, self.variant, self.data, self.rt = settings, variant, data, rt
         self.dir = out / variant
         self.result_path, self.deepspeed_path = self.dir / "result.json", self.dir / "deepspeed"
@@ -160,7 +161,7 @@ class VariantRun:
         self.kv_dtype = PRECISION_DTYPES[s.precision]
         self.kv_bytes = model.kv_cache_bytes_per_token(self.kv_dtype)
         self.model = model
-        self.sampler = TrainSampler(self.data.train, s.seq_len, s.batch_size, s.grad_accum, rt.world, s.seed)
+        self.sampler = self.data.train_sampler(s, rt.world)
         self.total_steps = step_budget(s, self.sampler)
         self.engine = None
         if s.deepspeed:
@@ -174,8 +175,8 @@ class VariantRun:
             if s.compile:
                 self.train_model = torch.compile(self.train_model)
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=s.precision == "fp16")
-        self.periodic_blocks = heldout_blocks(self.data.heldout, s.seq_len, s.eval_tokens)
-        self.final_blocks = heldout_blocks(self.data.heldout, s.seq_len)
+        self.periodic_blocks = self.data.heldout_set(s, periodic=True)
+        self.final_blocks = self.data.heldout_set(s, periodic=False)
 
     def _ckpt_args(self) -> dict:
         return dict(model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
@@ -254,7 +255,7 @@ class VariantRun:
         torchrun every rank must finish the evaluation's collectives)."""
         t0 = time.perf_counter()
         asked = None if self.rt.distributed else (lambda: stop.requested)
-        ev = heldout_loss(self.train_model, blocks, self.s.batch_size, self.rt, self.s.precision, asked)
+        ev = self.data.evaluate(self.train_model, blocks, self.s, self.rt, asked)
         _sync(self.rt.device)
         history["eval_seconds"] += time.perf_counter() - t0
         return ev
@@ -344,7 +345,7 @@ class VariantRun:
         if rt.is_main:
             print(f"[{self.variant}] attention kernels: {self.backend} ({self.backend_reason}); "
                   f"{self.params:,} parameters; {self.total_steps:,} steps of {self.sampler.global_batch} x "
-                  f"{s.seq_len} tokens", flush=True)
+                  f"{self.sampler.lengths_text} tokens", flush=True)
         self._preflight()
         history, done = _new_history(), 0
         restored = self._restore() if s.resume else None
@@ -357,7 +358,6 @@ class VariantRun:
                 print(f"[{self.variant}] no checkpoint in {self.dir}: starting at step 0", flush=True)
             torch.manual_seed(s.seed + rt.rank)  # dropout masks differ per rank, as in data-parallel training
         self.train_model.train()
-        tokens_per_step = self.sampler.global_batch * s.seq_len
         timing_from = done + s.timing_warmup_steps  # warm-up again after a resume: caches are cold
         clock, pending = Clock(rt.device, history), []
         bar = tqdm(total=self.total_steps, initial=done, desc=self.variant, disable=not rt.is_main,
@@ -373,14 +373,15 @@ class VariantRun:
                     self._check_eval(ev, done)
                     history["evals"].append([done, ev["loss"]])
                     if rt.is_main:
-                        bar.write(f"[{self.variant}] step {done}: held-out loss {ev['loss']:.4f}")
+                        acc = f", answer accuracy {ev['token_accuracy']:.3f}" if "token_accuracy" in ev else ""
+                        bar.write(f"[{self.variant}] step {done}: held-out loss {ev['loss']:.4f}{acc}")
                 if clock.start is None or (done == timing_from and not clock.timed):
                     clock.close()
                     clock.open(timed=done >= timing_from)
                 lr = self.scheduler.get_last_lr()[0]
                 loss = self._train_step(done, history)
+                clock.tokens += self.sampler.step_tokens(done)
                 done += 1
-                clock.tokens += tokens_per_step
                 if loss is not None:  # a skipped step has no point on the curve
                     pending.append((done, loss, lr))
                 if (done % s.log_interval == 0 or done == self.total_steps) and (pending or history["train"]):
@@ -433,10 +434,11 @@ class VariantRun:
             "params": self.params, "params_non_embedding": self.params_non_embedding,
             "kv_cache_bytes_per_token": self.kv_bytes, "kv_cache_dtype": str(self.kv_dtype).replace("torch.", ""),
             "steps": done, "total_steps": self.total_steps, "global_batch_blocks": self.sampler.global_batch,
-            "tokens_trained": done * self.sampler.global_batch * self.s.seq_len,
+            "tokens_trained": self.sampler.tokens_through(done),
             "steps_per_epoch": self.sampler.steps_per_epoch,
             "heldout_loss": final["loss"] if final else None, "heldout_ppl": final["ppl"] if final else None,
             "heldout_tokens": final["tokens"] if final else None,
+            **self.data.result_fields(final),
             "best_heldout_loss": min((e[1] for e in history["evals"]), default=None),
             "train_loss_last10": sum(tail) / len(tail) if tail else None,
             "tokens_per_s": history["timed_tokens"] / history["timed_seconds"] if history["timed_seconds"] else None,

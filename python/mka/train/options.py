@@ -12,7 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-VARIANTS = ("mha", "mqa", "gqa", "mla", "mka", "fastmka")
+VARIANTS = ("mha", "mqa", "gqa", "mla", "mka", "fastmka")  # what --attention all trains
+
+
+def registered_variants() -> tuple[str, ...]:
+    """Every name of the attention registry: a variant added there trains here by its name."""
+    from mka.nn import ATTENTION_REGISTRY
+    return tuple(ATTENTION_REGISTRY)
 
 # (n_layer, n_head, n_embd): GPT-2 sizes from the paper, "tiny" for CPU smoke runs.
 MODEL_PRESETS = {
@@ -48,7 +54,8 @@ def _nonneg(x) -> bool:
 
 OPTIONS = [
     # what to train
-    Option("attention", str, "mha", "variant(s): one of mha,mqa,gqa,mla,mka,fastmka,all or a comma list"),
+    Option("attention", str, "mha", "variant(s): one of mha,mqa,gqa,mla,mka,fastmka (or another name of "
+           "mka.nn.ATTENTION_REGISTRY), all (the six), or a comma list"),
     Option("num_kv_heads", int, None, "key/value heads for gqa (default n_head // 2; mqa uses 1)",
            aliases=("--num-groups",), check=_pos, check_msg="must be > 0"),
     Option("model", str, "tiny", "size preset", choices=tuple(MODEL_PRESETS)),
@@ -69,6 +76,27 @@ OPTIONS = [
     Option("holdout_fraction", float, 0.1, "single-file data: the last fraction is held out",
            check=lambda x: 0 < x < 1, check_msg="must be in (0, 1)"),
     Option("cache_dir", str, None, "token cache folder (default ~/.cache/mka/train)"),
+    # synthetic recall tasks (instead of --data; recall_tasks.py describes them)
+    Option("task", str, None, "train on a generated recall task instead of --data: mqar (multi-query "
+           "associative recall) or passkey (a passkey in filler)", choices=("mqar", "passkey")),
+    Option("task_lengths", str, None, "--task: sequence lengths trained on, a comma list taken in turn, one per "
+           "step (e.g. 64,256 or 1k,4k; default --seq-len, each at most --seq-len)"),
+    Option("eval_lengths", str, None, "--task: held-out lengths, a comma list (default: --task-lengths)"),
+    Option("eval_examples", int, 256, "--task: held-out examples per length (periodic evals read at most "
+           "--eval-tokens // length of them when --eval-tokens is set)", check=_pos, check_msg="must be > 0"),
+    Option("task_filler", str, None, "--task: filler between the task's tokens: random ids or one repeated "
+           "text (default random)", choices=("random", "repeat")),
+    Option("task_vocab", int, None, "--task mqar: vocabulary size: 16 filler ids, then keys and values in "
+           "halves of the rest (default 256)", check=_pos, check_msg="must be > 0"),
+    Option("num_kv_pairs", int, None, "--task mqar: key-value pairs at the start (default 8)",
+           check=_pos, check_msg="must be > 0"),
+    Option("num_queries", int, None, "--task mqar: queries at the end, distinct keys (default --num-kv-pairs)",
+           check=_pos, check_msg="must be > 0"),
+    Option("passkey_digits", int, None, "--task passkey: digits of the passkey (default 5)",
+           check=_pos, check_msg="must be > 0"),
+    Option("passkey_depth", float, None, "--task passkey: where the passkey sits, 0 = the start, 1 = just "
+           "before the query (default: uniform per example)", check=lambda x: 0 <= x <= 1,
+           check_msg="must be in [0, 1]"),
     # budget and optimisation
     Option("seq_len", int, 128, "tokens per block (model block size)", check=_pos, check_msg="must be > 0"),
     Option("batch_size", int, 8, "blocks per micro-batch per process", check=_pos, check_msg="must be > 0"),
@@ -185,10 +213,24 @@ def _parse_attn_options(items: list[str]) -> dict:
     for item in items:
         key, sep, raw = item.partition("=")
         variant, dot, opt = key.partition(".")
-        if not sep or not dot or variant not in VARIANTS or not opt:
+        if not sep or not dot or variant not in registered_variants() or not opt:
             raise ConfigError(f"--attn-option: expected VARIANT.KEY=VALUE with VARIANT in "
-                              f"{', '.join(VARIANTS)}, got {item!r}")
+                              f"{', '.join(registered_variants())}, got {item!r}")
         out.setdefault(variant, {})[opt] = yaml.safe_load(raw)
+    return out
+
+
+def parse_lengths(text: str, name: str) -> list[int]:
+    """'64,256' or '1k,4k' -> [64, 256] / [1024, 4096]; ConfigError naming the setting."""
+    out = []
+    for item in (t.strip().lower() for t in str(text).split(",")):
+        digits, scale = (item[:-1], 1024) if item.endswith("k") else (item, 1)
+        if not digits.isdigit() or int(digits) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')}: expected a comma list of positive lengths "
+                              f"(e.g. 64,256 or 1k,4k), got {text!r}")
+        out.append(int(digits) * scale)
+    if len(set(out)) != len(out):
+        raise ConfigError(f"--{name.replace('_', '-')}: a length is listed twice in {text!r}")
     return out
 
 
@@ -205,6 +247,12 @@ class Settings:
 
     def variants(self) -> list[str]:
         return list(VARIANTS) if self.attention == "all" else self.attention.split(",")
+
+    def task_lengths_list(self) -> list[int]:
+        return parse_lengths(self.task_lengths, "task_lengths") if self.task_lengths else [self.seq_len]
+
+    def eval_lengths_list(self) -> list[int]:
+        return parse_lengths(self.eval_lengths, "eval_lengths") if self.eval_lengths else self.task_lengths_list()
 
     def model_shape(self) -> tuple[int, int, int]:
         n_layer, n_head, n_embd = MODEL_PRESETS[self.model]
@@ -236,23 +284,50 @@ def parse(argv: Optional[list[str]]) -> Settings:
     return s
 
 
+def _check_task(s: Settings, budgets: list[str]) -> None:
+    from .recall_tasks import build_task, check_task_settings
+    if s.task is None:
+        for name in ("task_lengths", "eval_lengths"):
+            if s.values[name] is not None:
+                raise ConfigError(f"--{name.replace('_', '-')} is a setting of --task, not of text data (--data)")
+        check_task_settings(s)
+        return
+    if budgets != ["max_steps"]:
+        raise ConfigError("--task: give the budget as --max-steps (a generated stream has no epochs, and "
+                          "steps of mixed lengths no fixed token count)")
+    task = build_task(s)
+    for name, lengths in (("task_lengths", s.task_lengths_list()), ("eval_lengths", s.eval_lengths_list())):
+        for n in lengths:
+            if n > s.seq_len:
+                raise ConfigError(f"--{name.replace('_', '-')}: {n} exceeds --seq-len {s.seq_len}, the model's "
+                                  "block size (its learned positions end there): raise --seq-len")
+            if n < task.min_length:
+                raise ConfigError(f"--{name.replace('_', '-')}: {n} is shorter than one {task.name} example "
+                                  f"({task.min_length} tokens with these settings)")
+
+
 def _check_together(s: Settings) -> None:
     """Checks that involve more than one setting."""
     for v in s.variants():
-        if v not in VARIANTS:
+        if v not in registered_variants():
             raise ConfigError(f"--attention: unknown variant {v!r}; expected one of "
-                              f"{', '.join(VARIANTS)}, all, or a comma list")
+                              f"{', '.join(registered_variants())}, all, or a comma list")
     if len(set(s.variants())) != len(s.variants()):
         raise ConfigError(f"--attention: variant listed twice in {s.attention!r}")
-    if s.data is None:
-        raise ConfigError("--data is required (wikitext-2, wikitext-103, tinyshakespeare or a PATH)")
+    if s.data is None and s.task is None:
+        raise ConfigError("--data is required (wikitext-2, wikitext-103, tinyshakespeare or a PATH), "
+                          "or --task mqar|passkey")
+    if s.data is not None and s.task is not None:
+        raise ConfigError(f"--data {s.data!r} and --task {s.task}: train on one or the other")
     budgets = [n for n in ("epochs", "max_steps", "max_tokens") if s.values[n] is not None]
     if len(budgets) > 1:
         raise ConfigError(f"give one training budget, not {' and '.join('--' + b.replace('_', '-') for b in budgets)}")
+    _check_task(s, budgets)
     opts = s.attn_options
-    if not isinstance(opts, dict) or any(k not in VARIANTS or not isinstance(v, dict) for k, v in opts.items()):
+    known = registered_variants()
+    if not isinstance(opts, dict) or any(k not in known or not isinstance(v, dict) for k, v in opts.items()):
         raise ConfigError(f"'attn_options': expected a mapping VARIANT -> {{option: value}} with VARIANT in "
-                          f"{', '.join(VARIANTS)}, got {opts!r}")
+                          f"{', '.join(known)}, got {opts!r}")
     n_layer, n_head, n_embd = s.model_shape()
     if n_embd % n_head:
         raise ConfigError(f"--n-embd {n_embd} must be divisible by --n-head {n_head}")

@@ -6,6 +6,8 @@ import csv
 import json
 from pathlib import Path
 
+from . import recall_report
+
 COLUMNS = [  # (header, result key, format)
     ("variant", "variant", "{}"),
     ("backend", "attn_backend", "{}"),
@@ -17,6 +19,8 @@ COLUMNS = [  # (header, result key, format)
     ("held-out loss", "heldout_loss", "{:.4f}"),
     ("best held-out", "best_heldout_loss", "{:.4f}"),
     ("held-out ppl", "heldout_ppl", "{:.3f}"),
+    ("answer acc", "heldout_token_accuracy", "{:.3f}"),
+    ("example acc", "heldout_example_accuracy", "{:.3f}"),
     ("tokens/s", "tokens_per_s", "{:,.0f}"),
     ("train s", "train_time_s", "{:.1f}"),
     ("eval s", "eval_time_s", "{:.1f}"),
@@ -36,12 +40,21 @@ def _cell(result: dict, key: str, fmt: str) -> str:
     return fmt.format(v)
 
 
+# Columns of --task runs only: left out of a table of text runs.
+TASK_KEYS = ("heldout_token_accuracy", "heldout_example_accuracy")
+
+
+def _columns(results: list[dict]) -> list[tuple[str, str, str]]:
+    task = any(r.get(k) is not None for r in results for k in TASK_KEYS)
+    return [c for c in COLUMNS if task or c[1] not in TASK_KEYS]
+
+
 def table_rows(results: list[dict]) -> list[list[str]]:
-    return [[_cell(r, k, f) for _, k, f in COLUMNS] for r in results]
+    return [[_cell(r, k, f) for _, k, f in _columns(results)] for r in results]
 
 
 def text_table(results: list[dict]) -> str:
-    headers = [h for h, _, _ in COLUMNS]
+    headers = [h for h, _, _ in _columns(results)]
     rows = table_rows(results)
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
@@ -49,7 +62,7 @@ def text_table(results: list[dict]) -> str:
 
 
 def markdown(results: list[dict], meta: dict) -> str:
-    headers = [h for h, _, _ in COLUMNS]
+    headers = [h for h, _, _ in _columns(results)]
     out = ["# mka train: attention variants compared", ""]
     out += [f"- **{k}**: {v}" for k, v in meta.items() if not isinstance(v, (dict, list))]
     data = meta.get("data", {})
@@ -65,6 +78,10 @@ def markdown(results: list[dict], meta: dict) -> str:
                 f"Train loss: mean of the last 10 steps. tokens/s: training steps after the timing warm-up, "
                 f"evaluation excluded. Peak memory: {', '.join(kinds)}, reset per variant. "
                 f"KV B/token: decode-cache bytes per token, all layers, in the training precision."]
+    if any(r.get("heldout_token_accuracy") is not None for r in results):
+        out += ["--task: held-out loss and perplexity are over answer tokens only; answer acc: the share of "
+                "answer tokens predicted exactly (greedy), example acc: the share of held-out examples with every "
+                "answer right, over all evaluation lengths (accuracy_vs_length.json has them per length)."]
     eval_tokens = meta.get("settings", {}).get("eval_tokens")
     if eval_tokens:
         out += [f"Periodic evaluations read the first {eval_tokens:,} held-out tokens; the final one reads all."]
@@ -73,7 +90,8 @@ def markdown(results: list[dict], meta: dict) -> str:
 
 
 def write_csv(path: Path, results: list[dict]) -> None:
-    keys = list(dict.fromkeys(k for r in results for k in r if k not in ("curves", "trajectory", "attn_options")))
+    nested = ("curves", "trajectory", "attn_options", "accuracy_by_length")
+    keys = list(dict.fromkeys(k for r in results for k in r if k not in nested))
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
@@ -123,4 +141,9 @@ def write_all(out: Path, results: list[dict], meta: dict, plots: bool) -> list[s
     (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     write_csv(out / "results.csv", results)
     (out / "results.md").write_text(markdown(results, meta))
-    return plot(out, results) if plots and results else []
+    notes = plot(out, results) if plots and results else []
+    curves = {r["variant"]: r["accuracy_by_length"] for r in results if r.get("accuracy_by_length")}
+    if curves:
+        notes += recall_report.write(out, curves, {"title": meta.get("command", ""), **meta}, plots)
+        notes += [recall_report.text_table(curves)]
+    return notes

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Recall beyond a window: five models trained at equal budget on MQAR (mka train --task mqar:
+# the same steps, examples, lengths, learning rate, seed and model shape for each), then the
+# held-out accuracy of each against sequence length (mka eval recall), in one table and one
+# accuracy_vs_length.{json,png} under $OUT. From the repository root:
+#   bash bench/train_recall.sh                  # PRESET=cpu: a plumbing run, minutes on 2 cores
+#   PRESET=gpu OUT=runs/recall_gpu bash bench/train_recall.sh
+# Models (the window W is the same for all that have one):
+#   full          mha                               the ceiling: sees the whole sequence
+#   window        mha, mha.window=W                 the floor: sees W tokens back
+#   mka           mka (levels 2: no L3), mka.window=W
+#   mka-hash      MKA with hash recall       $MKA_HASH_ARGS      } skipped, with the reason, until the
+#   fastmka-hash  FastMKA with hash recall   $FASTMKA_HASH_ARGS  } registry and options accept them
+# A recall variant plugs in by name: set MKA_HASH_ARGS / FASTMKA_HASH_ARGS to its mka train flags
+# (--attention NAME, --attn-option NAME.KEY=VALUE ...) once it exists.
+# The models have learned absolute positions: --seq-len (the block size) is the longest length,
+# and every length is trained on (one length per step, in turn), so no length is extrapolated.
+# Presets (any variable below can be set instead):
+#   cpu  W 16, lengths 16,64,256 (1x, 4x, 16x W), tiny model, 300 steps: plumbing, not a result
+#   gpu  W 1024, lengths 1k,4k,16k, a 4-layer 256-wide model, bf16 (not tuned: a starting point)
+set -uo pipefail
+PRESET=${PRESET:-cpu}
+case $PRESET in
+    cpu) D_WINDOW=16; D_LENGTHS=16,64,256; D_STEPS=300; D_BATCH=16; D_EXAMPLES=128
+         D_MODEL="--n-layer 2 --n-head 4 --n-embd 64 --precision fp32"
+         D_TASK="--task-vocab 64 --num-kv-pairs 4 --num-queries 4" ;;
+    gpu) D_WINDOW=1024; D_LENGTHS=1k,4k,16k; D_STEPS=3000; D_BATCH=8; D_EXAMPLES=256
+         D_MODEL="--n-layer 4 --n-head 8 --n-embd 256 --precision bf16"
+         D_TASK="--task-vocab 8192 --num-kv-pairs 64 --num-queries 64" ;;
+    *) echo "PRESET: expected cpu or gpu, got '$PRESET'" >&2; exit 2 ;;
+esac
+WINDOW=${WINDOW:-$D_WINDOW}
+LENGTHS=${LENGTHS:-$D_LENGTHS}           # trained on in turn, and evaluated
+STEPS=${STEPS:-$D_STEPS}
+BATCH=${BATCH:-$D_BATCH}                 # examples per step, every length
+EXAMPLES=${EXAMPLES:-$D_EXAMPLES}        # held-out examples per length
+MODEL=${MODEL:-$D_MODEL}
+TASK=${TASK:-$D_TASK}
+LR=${LR:-3e-3}
+EXTRA=${EXTRA:-}                         # flags added to every mka train call
+OUT=${OUT:-runs/recall_$PRESET}
+MKA_HASH_ARGS=${MKA_HASH_ARGS:-"--attention mka --attn-option mka.levels=3 --attn-option mka.recall=hash --attn-option mka.window=$WINDOW"}
+FASTMKA_HASH_ARGS=${FASTMKA_HASH_ARGS:-"--attention fastmka --attn-option fastmka.levels=3 --attn-option fastmka.recall=hash --attn-option fastmka.window=$WINDOW"}
+export PYTHONUNBUFFERED=1
+
+SEQ_LEN=$(python3 -c "from mka.train.options import parse_lengths; print(max(parse_lengths('$LENGTHS', 'lengths')))") || exit 2
+# shellcheck disable=SC2206
+COMMON=(--task mqar $TASK --seq-len "$SEQ_LEN" --task-lengths "$LENGTHS" --max-steps "$STEPS" --batch-size "$BATCH"
+        --lr "$LR" --warmup-steps $(( STEPS / 10 )) --eval-examples "$EXAMPLES" --log-interval 10 $MODEL $EXTRA)
+mkdir -p "$OUT"
+echo "== $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), PRESET=$PRESET"
+echo "== MQAR, window $WINDOW, lengths $LENGTHS, $STEPS steps of $BATCH examples per model; out $OUT"
+
+MODELS=()   # LABEL=CHECKPOINT_FOLDER of the models that trained
+train() {   # train LABEL FLAGS...: one mka train run per model; a variant the registry lacks is skipped
+    local label=$1 problem variant
+    shift
+    # shellcheck disable=SC2086
+    problem=$(python3 - "${COMMON[@]}" "$@" --out "$OUT/$label" <<'EOF' 2>&1
+import sys
+from mka.train.model_factory import gpt_config
+from mka.train.options import ConfigError, parse
+from mka.train.recall_tasks import build_task
+try:
+    s = parse(sys.argv[1:])
+    for v in s.variants():
+        gpt_config(s, v, build_task(s).vocab_size, "torch")   # the registry validates name and options
+except ConfigError as e:
+    print(e)
+EOF
+)
+    if [[ -n $problem ]]; then echo "== $label: SKIPPED, not available in this build: $problem"; return; fi
+    variant=$(python3 -c "from mka.train.options import parse; import sys; print(parse(sys.argv[1:]).attention)" \
+              "${COMMON[@]}" "$@")
+    if [[ -d $OUT/$label/$variant ]]; then echo "== $label: $OUT/$label holds a run already: evaluating it"
+    else
+        echo "== $label: mka train $*"
+        python3 -m mka.train "${COMMON[@]}" "$@" --out "$OUT/$label" || { echo "== $label: FAILED (exit $?)"; return; }
+    fi
+    MODELS+=("$label=$OUT/$label/$variant")
+}
+
+train full --attention mha
+train window --attention mha --attn-option "mha.window=$WINDOW"
+train mka --attention mka --attn-option mka.levels=2 --attn-option "mka.window=$WINDOW"
+# shellcheck disable=SC2086
+train mka-hash $MKA_HASH_ARGS
+# shellcheck disable=SC2086
+train fastmka-hash $FASTMKA_HASH_ARGS
+
+if (( ${#MODELS[@]} == 0 )); then echo "== no model trained"; exit 1; fi
+echo "== held-out accuracy against length: mka eval recall ${MODELS[*]}"
+python3 -m mka.cli eval recall "${MODELS[@]}" --lengths "$LENGTHS" --examples "$EXAMPLES" --batch-size "$BATCH" \
+    --out "$OUT"
