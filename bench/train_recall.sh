@@ -9,10 +9,10 @@
 #   full          mha                               the ceiling: sees the whole sequence
 #   window        mha, mha.window=W                 the floor: sees W tokens back
 #   mka           mka (levels 2: no L3), mka.window=W
-#   mka-hash      MKA with hash recall       $MKA_HASH_ARGS      } skipped, with the reason, until the
-#   fastmka-hash  FastMKA with hash recall   $FASTMKA_HASH_ARGS  } registry and options accept them
-# A recall variant plugs in by name: set MKA_HASH_ARGS / FASTMKA_HASH_ARGS to its mka train flags
-# (--attention NAME, --attn-option NAME.KEY=VALUE ...) once it exists.
+#   mka-hash      mka, levels=3, recall_chunk=CHUNK, recall_top=TOP, same window   (SPEC §7.2)
+#   fastmka-hash  fastmka, likewise
+# MKA_HASH_ARGS / FASTMKA_HASH_ARGS replace their mka train flags (--attention NAME,
+# --attn-option NAME.KEY=VALUE ...); a variant the registry rejects is skipped with the reason.
 # The models have learned absolute positions: --seq-len (the block size) is the longest length,
 # and every length is trained on (one length per step, in turn), so no length is extrapolated.
 # Presets (any variable below can be set instead):
@@ -22,14 +22,18 @@ set -uo pipefail
 PRESET=${PRESET:-cpu}
 case $PRESET in
     cpu) D_WINDOW=16; D_LENGTHS=16,64,256; D_STEPS=300; D_BATCH=16; D_EXAMPLES=128
+         D_CHUNK=8; D_TOP=4
          D_MODEL="--n-layer 2 --n-head 4 --n-embd 64 --precision fp32"
          D_TASK="--task-vocab 64 --num-kv-pairs 4 --num-queries 4" ;;
     gpu) D_WINDOW=1024; D_LENGTHS=1k,4k,16k; D_STEPS=3000; D_BATCH=8; D_EXAMPLES=256
+         D_CHUNK=64; D_TOP=8
          D_MODEL="--n-layer 4 --n-head 8 --n-embd 256 --precision bf16"
          D_TASK="--task-vocab 8192 --num-kv-pairs 64 --num-queries 64" ;;
     *) echo "PRESET: expected cpu or gpu, got '$PRESET'" >&2; exit 2 ;;
 esac
 WINDOW=${WINDOW:-$D_WINDOW}
+CHUNK=${CHUNK:-$D_CHUNK}                 # recall: tokens per chunk, chunks recalled per query
+TOP=${TOP:-$D_TOP}
 LENGTHS=${LENGTHS:-$D_LENGTHS}           # trained on in turn, and evaluated
 STEPS=${STEPS:-$D_STEPS}
 BATCH=${BATCH:-$D_BATCH}                 # examples per step, every length
@@ -39,8 +43,9 @@ TASK=${TASK:-$D_TASK}
 LR=${LR:-3e-3}
 EXTRA=${EXTRA:-}                         # flags added to every mka train call
 OUT=${OUT:-runs/recall_$PRESET}
-MKA_HASH_ARGS=${MKA_HASH_ARGS:-"--attention mka --attn-option mka.levels=3 --attn-option mka.recall=hash --attn-option mka.window=$WINDOW"}
-FASTMKA_HASH_ARGS=${FASTMKA_HASH_ARGS:-"--attention fastmka --attn-option fastmka.levels=3 --attn-option fastmka.recall=hash --attn-option fastmka.window=$WINDOW"}
+recall() { echo "--attention $1 --attn-option $1.levels=3 --attn-option $1.recall_chunk=$CHUNK --attn-option $1.recall_top=$TOP --attn-option $1.window=$WINDOW"; }
+MKA_HASH_ARGS=${MKA_HASH_ARGS:-$(recall mka)}
+FASTMKA_HASH_ARGS=${FASTMKA_HASH_ARGS:-$(recall fastmka)}
 export PYTHONUNBUFFERED=1
 
 SEQ_LEN=$(python3 -c "from mka.train.options import parse_lengths; print(max(parse_lengths('$LENGTHS', 'lengths')))") || exit 2
