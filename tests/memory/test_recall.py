@@ -96,6 +96,31 @@ def test_recall_options_are_checked():
     with pytest.raises(ValueError, match="recall_chunk: recall is level 3"):
         GPT(GPTConfig(n_layer=1, n_embd=32, n_head=4, vocab_size=11, attention="mka",
                       attn_options={"recall_chunk": 8}))
-    m = _gpt("mka", "mka")
-    with pytest.raises(ValueError, match="cache: decoding with recall as level 3"):
+    m = _gpt("fastmka", "mka")
+    with pytest.raises(ValueError, match="cache: FastMKAAttention has no cached decoding"):
         m(torch.randint(0, 23, (1, 4)), caches=m.new_caches(1))
+    with pytest.raises(ValueError, match="make_static: recall"):
+        _gpt("mka", "mka").new_caches(1).make_static(8)
+
+
+@pytest.mark.parametrize("backend", ["mka", "torch"])
+def test_mka_with_recall_decodes_as_one_full_pass(backend):
+    """Prefill, a chunk, then token by token over the paged cache: the chunk means kept in the
+    cache and the recalled tokens read from the pages give the full forward's logits."""
+    m = _gpt("mka", backend)
+    idx = torch.randint(0, 23, (2, 90))
+    full = m(idx)[0]
+    caches = m.new_caches(2, page_size=4)
+    steps = [m(idx[:, :37], caches=caches)[0], m(idx[:, 37:60], caches=caches)[0]]
+    steps += [m(idx[:, t:t + 1], caches=caches)[0] for t in range(60, 90)]
+    assert rel_err(torch.cat(steps, 1), full) < 1e-10
+    held = caches[0].states["chunk_means"]
+    assert held.shape == (2, 128 // 8, 4, 8)  # one mean key per whole chunk, up to block_size
+
+
+def test_prompts_of_different_lengths_generate_with_recall():
+    m = _gpt("mka", "mka")
+    prompts = [torch.randint(0, 23, (n,)) for n in (40, 13)]
+    out = m.generate(prompts, 12, greedy=True)
+    for p, o in zip(prompts, out):
+        assert torch.equal(o, m.generate(p[None], 12, greedy=True)[0])

@@ -27,13 +27,15 @@ class LayerSpec:
     """What one attention layer caches. Per token: keys ``(kv_heads, key_dim)`` and values
     ``(kv_heads, value_dim)`` (``value_dim = 0``: the values are the keys — MLA's latent).
     Per page, with ``page_states``: MKA's EMA checkpoints of k and v. Per sequence: the
-    running EMA states named in ``states``, ``(kv_heads, key_dim)`` each."""
+    running EMA states named in ``states``, ``(kv_heads, key_dim)`` each, and with
+    ``recall_chunk`` the mean keys of its whole chunks (level 3 by recall, SPEC §7.2)."""
 
     kv_heads: int
     key_dim: int
     value_dim: int = 0
     page_states: bool = False
     states: tuple[str, ...] = ()
+    recall_chunk: int = 0  # > 0: the mean key of every whole chunk of this many tokens
 
     def bytes_per_token(self, dtype: torch.dtype) -> int:
         return self.kv_heads * (self.key_dim + self.value_dim) * dtype.itemsize
@@ -142,6 +144,9 @@ class PagedKVCache:
         that move in place, so a step does no host work and allocates nothing — a CUDA
         graph can capture it. The model drives a static cache: it calls :meth:`advance` after
         all layers (``GPT.forward`` does); the modules' steps only read the lengths."""
+        if any(layer.spec.recall_chunk for layer in self.layers):
+            raise ValueError("make_static: recall keeps its chunk means on the host's schedule; "
+                             "a static cache of a recall layer is not supported")
         if tokens > self.max_tokens or tokens < max(self.layers[0].written, default=0):
             raise ValueError(f"tokens: must be between the longest sequence "
                              f"({max(self.layers[0].written)}) and max_tokens "
@@ -224,7 +229,8 @@ class PagedKVCache:
         the states."""
         pages = {p for s in self.seqs for p in self.table.pages(s)}
         return sum(len(pages) * layer.spec.bytes_per_page(self.page_size, self.dtype)
-                   + self.batch_size * layer.spec.state_bytes(self.dtype) for layer in self.layers)
+                   + sum(s.numel() * s.element_size() for s in layer.states.values())
+                   for layer in self.layers)
 
     def __repr__(self) -> str:
         return (f"PagedKVCache(layers={len(self)}, batch={self.batch_size}, "
@@ -251,6 +257,10 @@ class LayerCache:
             self.v_page_states = torch.zeros((P, G, dk), device=dev, dtype=sdt)
         self.states = {n: torch.zeros((parent.batch_size, G, dk), device=dev, dtype=sdt)
                        for n in spec.states}
+        if spec.recall_chunk:
+            chunks = math.ceil(parent.max_tokens / spec.recall_chunk)
+            self.states["chunk_means"] = torch.zeros((parent.batch_size, chunks, G, dk),
+                                                     device=dev, dtype=sdt)
         self.written = [0] * parent.batch_size
 
     @property

@@ -68,7 +68,8 @@ def eligible(Tq: int, Tk: int, chunk: int, window: Optional[int], device=None) -
 
 def select(q_sig: Tensor, k_sig: Tensor, counts: Tensor, top: int) -> Tensor:
     """Indices ``(B, Tq, G, R)`` of the recalled chunks per query row and key/value head, best
-    first, -1 where a row has fewer eligible chunks; ``R = min(top, max count)``."""
+    first, -1 where a row has fewer eligible chunks; ``R = min(top, max count)``. ``counts``:
+    eligible chunks per row, ``(Tq,)`` or per sequence and row ``(B, Tq)``."""
     B, Tq, G, _ = q_sig.shape
     nC = k_sig.shape[1]
     width = min(top, int(counts.max())) if counts.numel() else 0
@@ -78,26 +79,34 @@ def select(q_sig: Tensor, k_sig: Tensor, counts: Tensor, top: int) -> Tensor:
     agree = torch.einsum("btgp,bcgp->btgc", q_sig, k_sig)  # matches - mismatches
     # agreement is an integer: scaled past nC, the chunk index breaks ties (the later wins)
     key = agree.double() * (nC + 1) + torch.arange(nC, device=q_sig.device, dtype=torch.float64)
-    allowed = torch.arange(nC, device=q_sig.device)[None, :] < counts[:, None]  # (Tq, nC)
-    key = key.masked_fill(~allowed[None, :, None, :], -math.inf)
+    counts = counts.expand(B, Tq)
+    allowed = torch.arange(nC, device=q_sig.device) < counts[..., None]  # (B, Tq, nC)
+    key = key.masked_fill(~allowed[:, :, None, :], -math.inf)
     best = key.topk(width, dim=-1).indices
-    valid = torch.arange(width, device=q_sig.device)[None, :] < counts.clamp(max=width)[:, None]
-    return torch.where(valid[None, :, None, :], best, out)
+    valid = torch.arange(width, device=q_sig.device) < counts.clamp(max=width)[..., None]
+    return torch.where(valid[:, :, None, :], best, out)
 
 
-def _attend_recalled(q: Tensor, k: Tensor, v: Tensor, chosen: Tensor, chunk: int,
-                     scale: float) -> Tensor:
-    """Rows ``q: (B, n, H, d)`` over their chunks ``chosen: (B, n, G, R)`` of ``k, v``."""
+def gather_tokens(x: Tensor, tok: Tensor) -> Tensor:
+    """Tokens ``tok: (B, n, G, m)`` (positions per row and kv head) of ``x: (B, T, G, d)``:
+    ``(B, n, G, m, d)``."""
+    B, n, G, m = tok.shape
+    d = x.shape[-1]
+    idx = tok.permute(0, 1, 3, 2).reshape(B, n * m, G)[..., None].expand(-1, -1, -1, d)
+    return torch.gather(x, 1, idx).reshape(B, n, m, G, d).permute(0, 1, 3, 2, 4)
+
+
+def _attend_recalled(q: Tensor, k, v, chosen: Tensor, chunk: int, scale: float,
+                     fetch=gather_tokens) -> Tensor:
+    """Rows ``q: (B, n, H, d)`` over their chunks ``chosen: (B, n, G, R)`` of ``k, v``, whose
+    tokens ``fetch(k, positions)`` reads (contiguous tensors by default; pages in decoding)."""
     B, n, H, d = q.shape
     G, R = chosen.shape[2], chosen.shape[3]
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     tok = (chosen.clamp(min=0)[..., None] * chunk
            + torch.arange(chunk, device=q.device)).reshape(B, n, G, R * chunk)
     valid = (chosen >= 0)[..., None].expand(B, n, G, R, chunk).reshape(B, n, G, R * chunk)
-
-    def gather(x: Tensor) -> Tensor:  # (B, n, G, R C, d)
-        idx = tok.permute(0, 1, 3, 2).reshape(B, n * R * chunk, G)[..., None].expand(-1, -1, -1, d)
-        return torch.gather(x, 1, idx).reshape(B, n, R * chunk, G, d).permute(0, 1, 3, 2, 4)
+    gather = lambda x: fetch(x, tok)  # noqa: E731
 
     qg = q.to(cdt).reshape(B, n, G, H // G, d)
     s = torch.einsum("bngxd,bngtd->bngxt", qg, gather(k).to(cdt)) * scale
@@ -150,3 +159,57 @@ class Recall(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"chunk={self.chunk}, top={self.top}, planes={tuple(self.planes.shape)}"
+
+
+# --------------------------------------------------------------------------- decoding
+
+def page_fetch(block_table: Tensor, page_size: int):
+    """``fetch`` for :func:`_attend_recalled` reading tokens from pages ``(P, S, G, d)``
+    through ``block_table (B, W)``."""
+    def fetch(pages: Tensor, tok: Tensor) -> Tensor:
+        B, n, G, m = tok.shape
+        page = torch.gather(block_table.long(), 1, (tok // page_size).reshape(B, -1))
+        heads = torch.arange(G, device=tok.device)[None, None, :, None]  # each head its own
+        return pages[page.reshape(B, n, G, m), tok % page_size, heads]  # (B, n, G, m, d)
+    return fetch
+
+
+def update_chunk_means(means: Tensor, k_pages: Tensor, block_table: Tensor, before: list[int],
+                       after: list[int], chunk: int) -> None:
+    """Mean keys of the chunks a step completed (sequence ``b`` grew ``before[b]`` ->
+    ``after[b]`` tokens), read back from the pages into ``means (B, max chunks, G, d)``."""
+    S = k_pages.shape[1]
+    for b, (n0, n1) in enumerate(zip(before, after)):
+        done = range(n0 // chunk, n1 // chunk)
+        if not done:
+            continue
+        pos = torch.arange(done.start * chunk, done.stop * chunk, device=k_pages.device)
+        keys = k_pages[block_table[b].long()[pos // S], pos % S]  # (n C, G, d)
+        means[b, done.start:done.stop] = keys.reshape(len(done), chunk, *keys.shape[1:]).mean(
+            1).to(means.dtype)
+
+
+def recall_decode(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor,
+                  means: Tensor, before: list[int], *, chunk: int, top: int, planes: Tensor,
+                  window: Optional[int] = None, scale: Optional[float] = None) -> Tensor:
+    """``O3`` of the new query rows ``q: (B, T, H, d)`` of a cached step: row ``i`` of sequence
+    ``b`` sits at position ``before[b] + i``; its chunks come from ``means`` (kept by
+    :func:`update_chunk_means`) and its tokens from the pages — the same selection and result
+    as :func:`recall_attention` over the whole sequence."""
+    B, T, H, d = q.shape
+    G = k_pages.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    pos = torch.tensor(before)[:, None] + torch.arange(T)[None, :]  # (B, T) on the host
+    end = pos - (1 if window is None else window) + 1
+    counts = torch.clamp(torch.div(end, chunk, rounding_mode="floor"), min=0)
+    counts = torch.minimum(counts, (pos + 1) // chunk).to(q.device)
+    with torch.no_grad():
+        q_sig = signatures(q.reshape(B, T, G, H // G, d).mean(3), planes)
+        nC = int(counts.max()) if counts.numel() else 0
+        chosen = select(q_sig, signatures(means[:, :nC], planes), counts, top)
+    if chosen.shape[-1] == 0:
+        return q.new_zeros(q.shape)
+    fetch = page_fetch(block_table, k_pages.shape[1])
+    return torch.cat([_attend_recalled(q[:, i:i + QUERY_BLOCK], k_pages, v_pages,
+                                       chosen[:, i:i + QUERY_BLOCK], chunk, scale, fetch)
+                      for i in range(0, T, QUERY_BLOCK)], 1)

@@ -7,6 +7,7 @@ from typing import Optional
 from torch import Tensor
 
 from ..memory.cache import LayerCache, LayerSpec
+from ..memory.recall import recall_decode, update_chunk_means
 from .base import Memory
 from .routed import RoutedAttention
 
@@ -24,13 +25,15 @@ class MKAAttention(RoutedAttention):
     step neither re-scans the sequence nor reads more than the pages and one state per page.
     """
 
+    recall_decodes = True  # the cache holds raw keys: recall reads them from the pages
+
     def forward(self, x: Tensor, cache: Optional[LayerCache] = None,
                 memory: Memory = None) -> Tensor:
         self._check_input(x, cache, memory)
         self._check_recall(cache, memory)
         q, k, v = self._project(x)
         lam = self.router(q)
-        if self.recall is not None:  # levels 1, 2 by the op, level 3 recalled per block
+        if self.recall is not None and cache is None:  # levels 1, 2 by the op, 3 by recall
             y, _, _ = self.ops.mka(q, k, v, lam[..., :2], self.beta, causal=True,
                                    window=self.window)
             o3 = self.recall(q, k, v, self.window)
@@ -41,6 +44,7 @@ class MKAAttention(RoutedAttention):
                                    window=self.window)
             return self._output(y)
         cache.check("k", k)
+        before = cache.lengths
         step = cache.step(k.shape[1])
         pages = (cache.k_pages, cache.v_pages, step.block_table, step.cache_seqlens)
         k_state, v_state = self.ops.paged_write_ema(
@@ -53,8 +57,17 @@ class MKAAttention(RoutedAttention):
         if mem_k is not None and mem_k.shape[1] > 0:  # level 3: every query reads the memory
             o3 = self.ops.attention(q, mem_k, mem_v, causal=False)
             y = y + lam[..., 2, None, None].to(y.dtype) * o3
+        if self.recall is not None:  # level 3: the chunks each new query recalls
+            r = self.recall
+            means = cache.states["chunk_means"]
+            update_chunk_means(means, cache.k_pages, step.block_table, before, cache.lengths,
+                               r.chunk)
+            o3 = recall_decode(q, cache.k_pages, cache.v_pages, step.block_table, means, before,
+                               chunk=r.chunk, top=r.top, planes=r.planes, window=self.window)
+            y = y + lam[..., 2, None, None].to(y.dtype) * o3
         return self._output(y)
 
     def cache_spec(self) -> LayerSpec:
         return LayerSpec(self.n_kv_head, self.head_dim, self.head_dim, page_states=True,
-                         states=("k", "v"))
+                         states=("k", "v"),
+                         recall_chunk=self.recall.chunk if self.recall is not None else 0)

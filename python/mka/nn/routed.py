@@ -24,6 +24,7 @@ class RoutedAttention(QKVAttention):
     best-matching ones per block of queries, outside the L1 ``window``."""
 
     accepts_memory = True
+    recall_decodes = False  # whether cached decoding supports recall as level 3
 
     def __init__(self, n_embd: int, n_head: int, n_kv_head: Optional[int] = None, *,
                  levels: int = 2, beta: float = 0.9, router_hidden: int = 64,
@@ -49,10 +50,10 @@ class RoutedAttention(QKVAttention):
         if memory is not None:
             raise ValueError("memory: this module recalls its level 3 from its own context "
                              "(recall_chunk > 0); it takes no memory argument")
-        if cache is not None:
-            raise ValueError("cache: decoding with recall as level 3 is not supported yet "
-                             "(the cache does not keep chunk signatures); decode without "
-                             "recall_chunk or run full forwards")
+        if cache is not None and not self.recall_decodes:
+            raise ValueError(f"cache: {type(self).__name__} has no cached decoding with recall "
+                             "as level 3 (its cache holds fused keys, recall reads raw ones); "
+                             "run full forwards")
 
     def _memory(self, like: Tensor, recalled: Memory) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """Level-3 ``(mem_k, mem_v): (B, M, G, d)`` in the dtype of the keys ``like`` (the
