@@ -1,0 +1,106 @@
+"""How much of the attention level 3 is meant to serve does a chunk selector recall?
+(issue 21: recall quality on real keys and queries.)
+
+For every query row and head, the exact softmax over the keys level 3 may serve — the tokens
+of the chunks wholly before the row's L1 window (SPEC §7.2) — splits into a mass per chunk.
+A selector with a budget of ``R`` chunks captures the mass of the chunks it picks; the
+**oracle** picks the ``R`` heaviest (the ceiling at that budget). Compared selectors, all
+choosing per token and key/value head (GQA-shared, as recall does):
+
+- ``simhash``: recall's own — agreement of sign patterns of the mean query over the group's
+  heads and of each chunk's mean key;
+- ``quest``: Quest's bound (Tang et al., 2024) — per chunk the channel-wise min and max key,
+  a query's upper bound ``sum_d max(q_d min_d, q_d max_d)``, averaged over the group's heads;
+- ``oracle``: the exact mass, summed over the group's heads.
+
+Budgets are fractions of the context: ``R = max(1, round(f · Tk / C))`` chunks, at most the
+row's eligible chunks. Rows with no eligible chunk are left out. Memory is ``O(rows · Tk)``
+per block of rows: meant for analysis at a few thousand tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .recall import chunk_means, eligible, signatures
+
+ROWS = 128  # query rows scored at once
+
+
+def _chunk_mass(q: Tensor, k: Tensor, chunk: int, counts: Tensor, scale: float) -> Tensor:
+    """``(B, n, H, nC)``: each row's exact attention mass per chunk over its eligible chunks."""
+    B, n, H, d = q.shape
+    G, nC = k.shape[2], k.shape[1] // chunk
+    kk = k[:, :nC * chunk].double().repeat_interleave(H // G, dim=2)
+    s = torch.einsum("bnhd,bthd->bnht", q.double(), kk) * scale
+    allowed = (torch.arange(nC * chunk, device=q.device) // chunk)[None, :] < counts[:, None]
+    s = s.masked_fill(~allowed[None, :, None, :], -math.inf)
+    p = torch.softmax(s, -1).nan_to_num(0.0)  # rows with nothing eligible: all zero
+    return p.reshape(B, n, H, nC, chunk).sum(-1)
+
+
+def _quest_bound(q: Tensor, k: Tensor, chunk: int) -> Tensor:
+    """``(B, n, G, nC)``: Quest's upper bound of each chunk's score, mean over group heads."""
+    B, n, H, d = q.shape
+    G, nC = k.shape[2], k.shape[1] // chunk
+    blocks = k[:, :nC * chunk].double().reshape(B, nC, chunk, G, d)
+    lo, hi = blocks.amin(2), blocks.amax(2)  # (B, nC, G, d)
+    qg = q.double().reshape(B, n, G, H // G, d)
+    bound = torch.maximum(torch.einsum("bngxd,bcgd->bngxcd", qg, lo),
+                          torch.einsum("bngxd,bcgd->bngxcd", qg, hi)).sum(-1)
+    return bound.mean(3)
+
+
+def recall_quality(q: Tensor, k: Tensor, *, chunk: int, window: Optional[int],
+                   budgets: Sequence[float], planes: Tensor,
+                   scale: Optional[float] = None) -> dict[str, dict[float, float]]:
+    """Mean captured fraction of the eligible attention mass, per selector and budget, for
+    ``q: (B, Tq, H, d)`` against ``k: (B, Tk, G, d)`` (bottom-right aligned)."""
+    B, Tq, H, d = q.shape
+    Tk, G = k.shape[1], k.shape[2]
+    if not budgets or any(not 0 < f <= 1 for f in budgets):
+        raise ValueError(f"budgets: fractions of the context in (0, 1], got {list(budgets)}")
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    counts = eligible(Tq, Tk, chunk, window, q.device)
+    width = {f: max(1, round(f * Tk / chunk)) for f in budgets}
+    k_sig = signatures(chunk_means(k, chunk), planes)
+    total = {m: {f: 0.0 for f in budgets} for m in ("simhash", "quest", "oracle")}
+    rows = 0
+    for i in range(0, Tq, ROWS):
+        qi, ci = q[:, i:i + ROWS], counts[i:i + ROWS]
+        keep = ci > 0
+        if not keep.any():
+            continue
+        n = qi.shape[1]
+        mass = _chunk_mass(qi, k, chunk, ci, scale)  # (B, n, H, nC)
+        group_mass = mass.reshape(B, n, G, H // G, -1).sum(3)  # what a kv head's pick serves
+        scores = {
+            "simhash": torch.einsum("bngp,bcgp->bngc", signatures(
+                qi.reshape(B, n, G, H // G, d).mean(3), planes).double(), k_sig.double()),
+            "quest": _quest_bound(qi, k, chunk),
+            "oracle": group_mass,
+        }
+        nC = mass.shape[-1]
+        allowed = torch.arange(nC, device=q.device)[None, :] < ci[:, None]  # (n, nC)
+        for name, sc in scores.items():
+            # ties: the later chunk, as recall breaks them
+            key = sc * (nC + 1) + torch.arange(nC, device=q.device, dtype=sc.dtype) \
+                if name == "simhash" else sc
+            key = key.masked_fill(~allowed[None, :, None, :], -math.inf)
+            order = key.argsort(-1, descending=True)
+            for f, R in width.items():
+                pick = order[..., :R]
+                got = torch.gather(group_mass, -1, pick)
+                got = got.masked_fill(torch.arange(R, device=q.device) >= ci[None, :, None, None],
+                                      0.0).sum(-1)  # (B, n, G): mass of the picked chunks
+                share = got / (H // G)  # each head's mass sums to 1 over eligible chunks
+                total[name][f] += float(share[:, keep].sum())
+        rows += int(keep.sum()) * B * G
+    if rows == 0:
+        raise ValueError("q: no query row has an eligible chunk (the context is shorter than "
+                         "the window plus one chunk)")
+    return {name: {f: v / rows for f, v in per.items()} for name, per in total.items()}
