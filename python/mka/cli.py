@@ -137,6 +137,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if argv[:2] == ["eval", "recall"]:  # mka train --task checkpoints: no hf extra needed
         from .train.recall_eval import main as recall_main
         return int(recall_main(argv[2:]))
+    if argv[:2] == ["eval", "recall-quality"]:  # mka train text checkpoints
+        from .train.recall_quality_eval import main as quality_main
+        return int(quality_main(argv[2:]))
     if argv[:1] in (["eval"], ["generate-bench"]):  # Hugging Face tools: need the hf extra
         from .integrations.hf import generation_bench, ruler_eval
         return int({"eval": ruler_eval, "generate-bench": generation_bench}[argv[0]].main(argv[1:]))
@@ -146,7 +149,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     _bench_parser(sub)
     sub.add_parser("train", help="train GPT-style models per attention variant (mka train -h)")
     sub.add_parser("eval", help="long-context evaluation of a Hugging Face model (mka eval ruler -h) or of "
-                   "mka train --task checkpoints (mka eval recall -h)")
+                   "mka train --task checkpoints (mka eval recall -h), or recall quality on a text model's "
+                   "queries and keys (mka eval recall-quality -h)")
     sub.add_parser("generate-bench", help="prefill/decode of a Hugging Face model, sdpa vs mka "
                    "(mka generate-bench -h)")
     args = p.parse_args(argv)
