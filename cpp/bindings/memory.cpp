@@ -4,6 +4,7 @@
 #include <nanobind/stl/vector.h>
 
 #include "mka/error.h"
+#include "mka/memory/chunk_store.h"
 #include "mka/memory/page_table.h"
 #include "mka/memory/paged_ops.h"
 #include "module_parts.h"
@@ -50,6 +51,61 @@ void bind_memory(nb::module_& m) {
       .def_prop_ro("max_pages_per_seq", &PageTable::max_pages_per_seq)
       .def_prop_ro("num_free_pages", &PageTable::num_free_pages)
       .def_prop_ro("num_sequences", &PageTable::num_sequences);
+
+  using memory::ChunkStore;
+  using Bytes = nb::ndarray<nb::c_contig, nb::device::cpu>;
+  using Words = nb::ndarray<int64_t, nb::c_contig, nb::device::cpu>;  // uint64 bit patterns
+  nb::class_<ChunkStore>(m, "ChunkStore",
+                         "Host-memory chunks with SimHash signatures (the DRAM tier, SPEC §7.2)")
+      .def("__init__",
+           [](ChunkStore* self, int64_t chunk_bytes, int64_t kv_heads, int64_t signature_bits,
+              int64_t budget_bytes, bool evict_oldest, bool pinned) {
+             new (self) ChunkStore(chunk_bytes, kv_heads, signature_bits, budget_bytes,
+                                   evict_oldest ? ChunkStore::Full::evict_oldest
+                                                : ChunkStore::Full::error, pinned);
+           },
+           "chunk_bytes"_a, "kv_heads"_a, "signature_bits"_a, "budget_bytes"_a,
+           "evict_oldest"_a = false, "pinned"_a = false)
+      .def("insert",
+           [](ChunkStore& s, int64_t seq, int64_t index, const Bytes& payload, const Words& sig) {
+             MKA_CHECK(int64_t(payload.nbytes()) == s.chunk_bytes(), "payload: expected ",
+                       s.chunk_bytes(), " contiguous bytes, got ", int64_t(payload.nbytes()));
+             MKA_CHECK(int64_t(sig.size()) == s.kv_heads() * s.words(), "signatures: expected ",
+                       s.kv_heads(), " x ", s.words(), " int64 words, got ", int64_t(sig.size()));
+             const void* p = payload.data();
+             const auto* w = reinterpret_cast<const uint64_t*>(sig.data());
+             without_gil([&] { s.insert(seq, index, p, w); });
+           },
+           "seq"_a, "index"_a, "payload"_a, "signatures"_a)
+      .def("read",
+           [](const ChunkStore& s, int64_t seq, int64_t index, Bytes& out) {
+             MKA_CHECK(int64_t(out.nbytes()) == s.chunk_bytes(), "out: expected ",
+                       s.chunk_bytes(), " contiguous bytes, got ", int64_t(out.nbytes()));
+             void* p = out.data();
+             without_gil([&] { s.read(seq, index, p); });
+           },
+           "seq"_a, "index"_a, "out"_a)
+      .def("select",
+           [](const ChunkStore& s, int64_t seq, int64_t limit, const Words& query, int64_t top,
+              Words& out) {
+             MKA_CHECK(int64_t(query.size()) == s.kv_heads() * s.words(), "query: expected ",
+                       s.kv_heads(), " x ", s.words(), " int64 words, got ", int64_t(query.size()));
+             MKA_CHECK(top >= 0 && int64_t(out.size()) == s.kv_heads() * top, "out: expected ",
+                       s.kv_heads(), " x top int64 entries, got ", int64_t(out.size()));
+             const auto* q = reinterpret_cast<const uint64_t*>(query.data());
+             int64_t* o = out.data();
+             without_gil([&] { s.select(seq, limit, q, top, o); });
+           },
+           "seq"_a, "limit"_a, "query"_a, "top"_a, "out"_a)
+      .def("contains", &ChunkStore::contains, "seq"_a, "index"_a)
+      .def("drop_sequence", &ChunkStore::drop_sequence, "seq"_a)
+      .def_prop_ro("words", &ChunkStore::words)
+      .def_prop_ro("kv_heads", &ChunkStore::kv_heads)
+      .def_prop_ro("chunk_bytes", &ChunkStore::chunk_bytes)
+      .def_prop_ro("capacity", &ChunkStore::capacity)
+      .def_prop_ro("size", &ChunkStore::size)
+      .def_prop_ro("bytes_used", &ChunkStore::bytes_used)
+      .def_prop_ro("pinned", &ChunkStore::pinned);
 
   def_op(m, "paged_write", &mka::paged_write);
   def_op(m, "paged_attention", &mka::paged_attention);

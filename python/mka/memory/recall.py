@@ -52,6 +52,17 @@ def signatures(x: Tensor, planes: Tensor) -> Tensor:
     return torch.where(proj >= 0, 1.0, -1.0).to(dt)
 
 
+def pack_signatures(signs: Tensor) -> Tensor:
+    """``±1`` patterns ``(..., P)`` as bits, 64 to an int64 word (bit ``j`` of word ``w`` is
+    sign ``64 w + j`` > 0): ``(..., ceil(P / 64))`` — the ChunkStore's layout."""
+    P = signs.shape[-1]
+    W = -(-P // 64)
+    bits = torch.nn.functional.pad((signs > 0).to(torch.int64), (0, 64 * W - P))
+    weights = torch.ones(64, dtype=torch.int64, device=signs.device).bitwise_left_shift(
+        torch.arange(64, device=signs.device))
+    return (bits.reshape(*signs.shape[:-1], W, 64) * weights).sum(-1)
+
+
 def chunk_means(k: Tensor, chunk: int) -> Tensor:
     """Mean key of every complete chunk: ``(B, Tk // C, G, d)``."""
     B, T, G, d = k.shape

@@ -1,0 +1,129 @@
+#include "mka/memory/chunk_store.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+
+#include "mka/error.h"
+#ifdef MKA_WITH_CUDA
+#include <cuda_runtime.h>
+#endif
+
+namespace mka::memory {
+
+ChunkStore::ChunkStore(int64_t chunk_bytes, int64_t kv_heads, int64_t signature_bits,
+                       int64_t budget_bytes, Full when_full, bool pinned)
+    : chunk_bytes_(chunk_bytes), heads_(kv_heads), bits_(signature_bits),
+      slots_(chunk_bytes > 0 ? budget_bytes / chunk_bytes : 0), when_full_(when_full) {
+  MKA_CHECK(chunk_bytes >= 1, "chunk_bytes: must be at least 1, got ", chunk_bytes);
+  MKA_CHECK(kv_heads >= 1, "kv_heads: must be at least 1, got ", kv_heads);
+  MKA_CHECK(signature_bits >= 1, "signature_bits: must be at least 1, got ", signature_bits);
+  MKA_CHECK(slots_ >= 1, "budget_bytes: ", budget_bytes, " holds no chunk of ", chunk_bytes,
+            " bytes");
+  const size_t bytes = size_t(slots_) * size_t(chunk_bytes_);
+  if (pinned) {
+#ifdef MKA_WITH_CUDA
+    void* p = nullptr;
+    MKA_CHECK(cudaHostAlloc(&p, bytes, cudaHostAllocDefault) == cudaSuccess,
+              "pinned: cudaHostAlloc of ", bytes, " bytes failed");
+    arena_ = static_cast<unsigned char*>(p);
+    pinned_ = true;
+#else
+    fail("pinned: this build of mka has no CUDA (pinned host memory needs it)");
+#endif
+  } else {
+    arena_ = static_cast<unsigned char*>(std::malloc(bytes));
+    MKA_CHECK(arena_ != nullptr, "budget_bytes: could not allocate ", bytes, " bytes");
+  }
+  free_slots_.reserve(size_t(slots_));
+  for (int64_t s = slots_ - 1; s >= 0; --s) free_slots_.push_back(s);
+}
+
+ChunkStore::~ChunkStore() {
+#ifdef MKA_WITH_CUDA
+  if (pinned_) {
+    cudaFreeHost(arena_);
+    return;
+  }
+#endif
+  std::free(arena_);
+}
+
+int64_t ChunkStore::take_slot() {
+  if (free_slots_.empty()) {
+    MKA_CHECK(when_full_ == Full::evict_oldest, "chunk store: full (", slots_, " chunks of ",
+              chunk_bytes_, " bytes: the byte budget); drop sequences, raise the budget, or "
+              "let it evict the oldest chunks");
+    auto oldest = std::min_element(entries_.begin(), entries_.end(), [](auto& a, auto& b) {
+      return a.second.age < b.second.age;
+    });
+    free_slots_.push_back(oldest->second.slot);
+    entries_.erase(oldest);
+  }
+  const int64_t s = free_slots_.back();
+  free_slots_.pop_back();
+  return s;
+}
+
+void ChunkStore::insert(int64_t seq, int64_t index, const void* payload,
+                        const uint64_t* signatures) {
+  MKA_CHECK(index >= 0, "index: must be >= 0, got ", index);
+  std::unique_lock lock(mu_);
+  auto it = entries_.find({seq, index});
+  const int64_t slot = it != entries_.end() ? it->second.slot : take_slot();
+  std::memcpy(arena_ + slot * chunk_bytes_, payload, size_t(chunk_bytes_));
+  Entry e{slot, clock_++, std::vector<uint64_t>(signatures, signatures + heads_ * words())};
+  entries_[{seq, index}] = std::move(e);
+}
+
+void ChunkStore::read(int64_t seq, int64_t index, void* dst) const {
+  std::shared_lock lock(mu_);
+  auto it = entries_.find({seq, index});
+  MKA_CHECK(it != entries_.end(), "chunk store: no chunk ", index, " of sequence ", seq);
+  std::memcpy(dst, arena_ + it->second.slot * chunk_bytes_, size_t(chunk_bytes_));
+}
+
+bool ChunkStore::contains(int64_t seq, int64_t index) const {
+  std::shared_lock lock(mu_);
+  return entries_.count({seq, index}) > 0;
+}
+
+void ChunkStore::select(int64_t seq, int64_t limit, const uint64_t* query, int64_t top,
+                        int64_t* out) const {
+  MKA_CHECK(top >= 0, "top: must be >= 0, got ", top);
+  std::shared_lock lock(mu_);
+  const int64_t W = words();
+  // (matching bits, index) per candidate and head; the chunks of seq sit together in the map
+  std::vector<std::pair<int64_t, int64_t>> ranked;
+  for (int64_t g = 0; g < heads_; ++g) {
+    ranked.clear();
+    for (auto it = entries_.lower_bound({seq, 0}); it != entries_.end() && it->first.first == seq &&
+                                                    it->first.second < limit; ++it) {
+      const uint64_t* k = it->second.sig.data() + g * W;
+      int64_t mismatch = 0;
+      for (int64_t w = 0; w < W; ++w) mismatch += __builtin_popcountll(query[g * W + w] ^ k[w]);
+      ranked.emplace_back(bits_ - mismatch, it->first.second);
+    }
+    const size_t n = std::min<size_t>(size_t(top), ranked.size());
+    std::partial_sort(ranked.begin(), ranked.begin() + long(n), ranked.end(),
+                      [](auto& a, auto& b) { return a > b; });  // more matches, then later
+    for (int64_t r = 0; r < top; ++r)
+      out[g * top + r] = size_t(r) < n ? ranked[size_t(r)].second : -1;
+  }
+}
+
+void ChunkStore::drop_sequence(int64_t seq) {
+  std::unique_lock lock(mu_);
+  for (auto it = entries_.lower_bound({seq, 0}); it != entries_.end() && it->first.first == seq;) {
+    free_slots_.push_back(it->second.slot);
+    it = entries_.erase(it);
+  }
+}
+
+int64_t ChunkStore::size() const {
+  std::shared_lock lock(mu_);
+  return int64_t(entries_.size());
+}
+
+}  // namespace mka::memory
