@@ -41,9 +41,10 @@ void bind_memory(nb::module_& m) {
            [](const PageTable& t, const std::vector<int64_t>& seqs, const Array& out) {
              const TensorRef r = ref(out, "out");
              MKA_CHECK(r.device == Device::cpu && r.dtype == DType::i32 && r.ndim == 2 &&
-                           r.shape[0] == int64_t(seqs.size()) && r.stride[1] == 1,
+                           r.shape[0] == int64_t(seqs.size()) && r.stride[1] == 1 &&
+                           (r.shape[0] <= 1 || r.stride[0] >= r.shape[1]),
                        "out: expected a CPU int32 (len(seqs), W) array with contiguous rows");
-             t.fill_block_table(seqs, ptr<int32_t>(r), r.stride[0]);
+             t.fill_block_table(seqs, ptr<int32_t>(r), r.stride[0], r.shape[1]);
            },
            "seqs"_a, "out"_a)
       .def_prop_ro("num_pages", &PageTable::num_pages)
@@ -84,7 +85,7 @@ void bind_memory(nb::module_& m) {
              void* p = out.data();
              without_gil([&] { s.read(seq, index, p); });
            },
-           "seq"_a, "index"_a, "out"_a)
+           "seq"_a, "index"_a, "out"_a.noconvert())
       .def("select",
            [](const ChunkStore& s, int64_t seq, int64_t limit, const Words& query, int64_t top,
               Words& out) {
@@ -96,7 +97,7 @@ void bind_memory(nb::module_& m) {
              int64_t* o = out.data();
              without_gil([&] { s.select(seq, limit, q, top, o); });
            },
-           "seq"_a, "limit"_a, "query"_a, "top"_a, "out"_a)
+           "seq"_a, "limit"_a, "query"_a, "top"_a, "out"_a.noconvert())
       .def("contains", &ChunkStore::contains, "seq"_a, "index"_a)
       .def("drop_sequence", &ChunkStore::drop_sequence, "seq"_a)
       .def_prop_ro("words", &ChunkStore::words)

@@ -114,3 +114,19 @@ def test_bad_arguments_raise():
     if not _C.built_with_cuda():
         with pytest.raises(ValueError, match="pinned: this build of mka has no CUDA"):
             _store(pinned=True)
+
+
+def test_outputs_are_never_silently_copied_and_stray_bits_do_not_rank():
+    s = _store()
+    s.insert(0, 0, torch.zeros(256, dtype=torch.uint8), _sig())
+    with pytest.raises(TypeError):
+        s.read(0, 0, torch.zeros(512, dtype=torch.uint8)[::2])  # not contiguous: refused
+    with pytest.raises(TypeError):
+        s.select(0, 1, _sig(), 1, torch.zeros(2, 1, dtype=torch.int32))  # wrong dtype
+    t = _C.ChunkStore(chunk_bytes=1, kv_heads=1, signature_bits=10, budget_bytes=2)
+    one = torch.zeros(1, dtype=torch.uint8)
+    t.insert(0, 0, one, torch.tensor([[1 << 40]]))  # bit 40 is past the 10 bits
+    t.insert(0, 1, one, torch.tensor([[1]]))       # differs from the query in bit 0
+    out = torch.empty(1, 1, dtype=torch.int64)
+    t.select(0, 2, torch.tensor([[0]]), 1, out)
+    assert out.item() == 0  # bit 40 ignored: chunk 0 matches all 10 bits

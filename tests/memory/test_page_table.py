@@ -106,3 +106,15 @@ def test_every_sharer_writing_a_page_needs_one_copy_fewer():
     copies = t.reserve([a, b], [7, 7])
     assert len(copies) == 1 and t.num_free_pages == 0
     assert t.pages(a)[1] != t.pages(b)[1]
+
+
+def test_block_table_rows_narrower_than_the_table_and_huge_counts_raise():
+    t = PageTable(4, 2, 3)
+    a = t.add_sequence()
+    base = torch.zeros(30, dtype=torch.int32)
+    with pytest.raises(ValueError, match="cannot hold max_pages_per_seq = 3"):
+        t.fill_block_table([a], base[15:].as_strided((1, 2), (12, 1)))
+    assert not base.any()
+    with pytest.raises(ValueError, match="more than max_pages_per_seq"):
+        t.reserve([a], [2**63 - 1])
+    assert t.length(a) == 0

@@ -277,3 +277,30 @@ def test_mka_decode_step_over_a_long_contiguous_cache():
     want = torch.autograd.grad(ref.sum(), (q, k, v))
     for a, b in zip(grads, want):
         assert rel_err(a, b) < 1e-10
+
+
+def test_torch_path_ignores_garbage_past_the_lengths_and_refuses_shared_writes():
+    """Unwritten slots may hold NaN (a pool never zeroed, a recycled page): they must not
+    reach the output; a page written by two sequences raises on this path too."""
+    args, ref_args = _case((6, 3), 4, 4, 2, 16, 2, torch.float64, "cpu")
+    q, kp, vp, bt, n = ref_args
+    kp2, vp2 = kp.clone(), vp.clone()
+    for b, L in enumerate((6, 3)):  # NaN in every slot past each length of its last page
+        for pos in range(L, -(-L // 4) * 4):
+            kp2[int(bt[b, pos // 4]), pos % 4] = float("nan")
+            vp2[int(bt[b, pos // 4]), pos % 4] = float("nan")
+    states = [torch.randn(kp.shape[0], 2, 16, dtype=torch.float64) for _ in range(2)]
+    lam = torch.softmax(torch.randn(2, 2, 2, dtype=torch.float64), -1)
+    out = TP.paged_attention(q, kp2, vp2, bt, n)
+    assert rel_err(out, R.paged_attention(q, kp, vp, bt, n)) < 1e-10
+    out = TP.paged_mka_attention(q, kp2, vp2, *states, bt, n, lam, 0.9)
+    want = R.paged_attention(q, kp, vp, bt, n, lam=lam, beta=0.9, k_page_states=states[0],
+                             v_page_states=states[1])
+    assert rel_err(out, want) < 1e-10
+    bt2 = bt.clone()
+    spare = next(p for p in range(kp.shape[0]) if p not in bt[:, :2].flatten().tolist())
+    bt2[0, 1] = bt2[1, 0] = spare
+    new = torch.randn(2, 1, 2, 16, dtype=torch.float64).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="is written by sequences 0 and 1"):
+        TP.paged_write(new, new, kp.to(torch.bfloat16), vp.to(torch.bfloat16), bt2,
+                       torch.tensor([5, 2], dtype=torch.int32))

@@ -114,8 +114,8 @@ def test_mka_with_recall_decodes_as_one_full_pass(backend):
     steps = [m(idx[:, :37], caches=caches)[0], m(idx[:, 37:60], caches=caches)[0]]
     steps += [m(idx[:, t:t + 1], caches=caches)[0] for t in range(60, 90)]
     assert rel_err(torch.cat(steps, 1), full) < 1e-10
-    held = caches[0].states["chunk_means"]
-    assert held.shape == (2, 128 // 8, 4, 8)  # one mean key per whole chunk, up to block_size
+    held = caches[0].states["chunk_signs"]
+    assert held.shape == (2, 128 // 8, 4, 64)  # one signature per whole chunk, up to block_size
 
 
 def test_prompts_of_different_lengths_generate_with_recall():

@@ -49,3 +49,9 @@ def test_bad_budgets_and_short_contexts_raise():
         recall_quality(q, k, chunk=4, window=2, budgets=[0.0], planes=simhash_planes(8))
     with pytest.raises(ValueError, match="no query row has an eligible chunk"):
         recall_quality(q, k, chunk=4, window=8, budgets=[0.5], planes=simhash_planes(8))
+
+
+def test_a_budget_above_the_chunks_there_are_takes_them_all():
+    q, k = torch.randn(1, 115, 2, 8), torch.randn(1, 115, 1, 8)
+    got = recall_quality(q, k, chunk=10, window=4, budgets=[1.0], planes=simhash_planes(8))
+    assert got["simhash"][1.0] == pytest.approx(1.0)

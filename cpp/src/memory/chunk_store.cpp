@@ -55,26 +55,43 @@ int64_t ChunkStore::take_slot() {
     MKA_CHECK(when_full_ == Full::evict_oldest, "chunk store: full (", slots_, " chunks of ",
               chunk_bytes_, " bytes: the byte budget); drop sequences, raise the budget, or "
               "let it evict the oldest chunks");
-    auto oldest = std::min_element(entries_.begin(), entries_.end(), [](auto& a, auto& b) {
-      return a.second.age < b.second.age;
-    });
-    free_slots_.push_back(oldest->second.slot);
-    entries_.erase(oldest);
+    const auto oldest = by_age_.begin();
+    auto it = entries_.find(oldest->second);
+    free_slots_.push_back(it->second.slot);
+    entries_.erase(it);
+    by_age_.erase(oldest);
   }
   const int64_t s = free_slots_.back();
   free_slots_.pop_back();
   return s;
 }
 
+std::vector<uint64_t> ChunkStore::masked(const uint64_t* words_in) const {
+  const int64_t W = words();
+  std::vector<uint64_t> out(words_in, words_in + heads_ * W);
+  const int64_t spare = W * 64 - bits_;
+  if (spare > 0)
+    for (int64_t g = 0; g < heads_; ++g) out[size_t(g * W + W - 1)] &= ~uint64_t(0) >> spare;
+  return out;
+}
+
 void ChunkStore::insert(int64_t seq, int64_t index, const void* payload,
                         const uint64_t* signatures) {
   MKA_CHECK(index >= 0, "index: must be >= 0, got ", index);
+  std::vector<uint64_t> sig = masked(signatures);  // allocations before any change
   std::unique_lock lock(mu_);
   auto it = entries_.find({seq, index});
-  const int64_t slot = it != entries_.end() ? it->second.slot : take_slot();
+  int64_t slot;
+  if (it != entries_.end()) {
+    slot = it->second.slot;
+    by_age_.erase(it->second.age);
+  } else {
+    slot = take_slot();
+  }
   std::memcpy(arena_ + slot * chunk_bytes_, payload, size_t(chunk_bytes_));
-  Entry e{slot, clock_++, std::vector<uint64_t>(signatures, signatures + heads_ * words())};
-  entries_[{seq, index}] = std::move(e);
+  const uint64_t age = clock_++;
+  by_age_[age] = {seq, index};
+  entries_[{seq, index}] = Entry{slot, age, std::move(sig)};
 }
 
 void ChunkStore::read(int64_t seq, int64_t index, void* dst) const {
@@ -92,6 +109,7 @@ bool ChunkStore::contains(int64_t seq, int64_t index) const {
 void ChunkStore::select(int64_t seq, int64_t limit, const uint64_t* query, int64_t top,
                         int64_t* out) const {
   MKA_CHECK(top >= 0, "top: must be >= 0, got ", top);
+  const std::vector<uint64_t> qs = masked(query);
   std::shared_lock lock(mu_);
   const int64_t W = words();
   // (matching bits, index) per candidate and head; the chunks of seq sit together in the map
@@ -102,7 +120,7 @@ void ChunkStore::select(int64_t seq, int64_t limit, const uint64_t* query, int64
                                                     it->first.second < limit; ++it) {
       const uint64_t* k = it->second.sig.data() + g * W;
       int64_t mismatch = 0;
-      for (int64_t w = 0; w < W; ++w) mismatch += __builtin_popcountll(query[g * W + w] ^ k[w]);
+      for (int64_t w = 0; w < W; ++w) mismatch += __builtin_popcountll(qs[size_t(g * W + w)] ^ k[w]);
       ranked.emplace_back(bits_ - mismatch, it->first.second);
     }
     const size_t n = std::min<size_t>(size_t(top), ranked.size());
@@ -117,6 +135,7 @@ void ChunkStore::drop_sequence(int64_t seq) {
   std::unique_lock lock(mu_);
   for (auto it = entries_.lower_bound({seq, 0}); it != entries_.end() && it->first.first == seq;) {
     free_slots_.push_back(it->second.slot);
+    by_age_.erase(it->second.age);
     it = entries_.erase(it);
   }
 }

@@ -7,7 +7,7 @@
 namespace mka::memory {
 
 namespace {
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }  // no overflow
 }  // namespace
 
 PageTable::PageTable(int64_t num_pages, int64_t page_size, int64_t max_pages_per_seq)
@@ -172,17 +172,17 @@ int32_t PageTable::refcount(int32_t page) const {
   return refcount_[size_t(page)];
 }
 
-void PageTable::fill_block_table(const std::vector<int64_t>& seqs, int32_t* out,
-                                 int64_t ld) const {
+void PageTable::fill_block_table(const std::vector<int64_t>& seqs, int32_t* out, int64_t ld,
+                                 int64_t width) const {
   std::lock_guard<std::mutex> lock(mu_);
-  MKA_CHECK(ld >= max_pages_, "block_table: rows of ", ld,
-            " entries cannot hold max_pages_per_seq = ", max_pages_);
+  MKA_CHECK(width >= max_pages_ && ld >= width, "block_table: rows of ", width,
+            " entries (", ld, " apart) cannot hold max_pages_per_seq = ", max_pages_);
   for (int64_t s : seqs) live(s);  // all checked before anything is written
   for (size_t i = 0; i < seqs.size(); ++i) {
     const std::vector<int32_t>& p = seqs_[size_t(seqs[i])].pages;
     int32_t* row = out + int64_t(i) * ld;
     std::copy(p.begin(), p.end(), row);
-    std::fill(row + p.size(), row + ld, -1);
+    std::fill(row + p.size(), row + width, -1);
   }
 }
 

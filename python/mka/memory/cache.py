@@ -28,14 +28,15 @@ class LayerSpec:
     ``(kv_heads, value_dim)`` (``value_dim = 0``: the values are the keys — MLA's latent).
     Per page, with ``page_states``: MKA's EMA checkpoints of k and v. Per sequence: the
     running EMA states named in ``states``, ``(kv_heads, key_dim)`` each, and with
-    ``recall_chunk`` the mean keys of its whole chunks (level 3 by recall, SPEC §7.2)."""
+    ``recall_chunk`` the SimHash signatures of its whole chunks (level 3 by recall, SPEC §7.2)."""
 
     kv_heads: int
     key_dim: int
     value_dim: int = 0
     page_states: bool = False
     states: tuple[str, ...] = ()
-    recall_chunk: int = 0  # > 0: the mean key of every whole chunk of this many tokens
+    recall_chunk: int = 0  # > 0: the signature of every whole chunk of this many tokens
+    recall_bits: int = 0   # signs per signature
 
     def bytes_per_token(self, dtype: torch.dtype) -> int:
         return self.kv_heads * (self.key_dim + self.value_dim) * dtype.itemsize
@@ -139,14 +140,15 @@ class PagedKVCache:
     # ------------------------------------------------------------------ static steps
 
     def make_static(self, tokens: int) -> None:
-        """Graph-ready decoding up to ``tokens`` tokens per sequence: every page is reserved
-        now (the block table stops changing) and a step's lengths live in device tensors
-        that move in place, so a step does no host work and allocates nothing — a CUDA
-        graph can capture it. The model drives a static cache: it calls :meth:`advance` after
-        all layers (``GPT.forward`` does); the modules' steps only read the lengths."""
+        """Decoding up to ``tokens`` tokens per sequence with no host work in the cache: every
+        page is reserved now (the block table stops changing) and a step's lengths live in
+        device tensors that move in place — what a CUDA graph of a step needs from the cache
+        (the paged ops must then run without host checks too). The model drives a static
+        cache: it calls :meth:`advance` after all layers (``GPT.forward`` does); the modules'
+        steps only read the lengths."""
         if any(layer.spec.recall_chunk for layer in self.layers):
-            raise ValueError("make_static: recall keeps its chunk means on the host's schedule; "
-                             "a static cache of a recall layer is not supported")
+            raise ValueError("make_static: recall updates its chunk signatures on the host's "
+                             "schedule; a static cache of a recall layer is not supported")
         if tokens > self.max_tokens or tokens < max(self.layers[0].written, default=0):
             raise ValueError(f"tokens: must be between the longest sequence "
                              f"({max(self.layers[0].written)}) and max_tokens "
@@ -178,6 +180,9 @@ class PagedKVCache:
             raise ValueError(f"rows: expected indices into the batch of {self.batch_size}, got {rows}")
         if self.static:
             raise ValueError("reorder: a static cache keeps its rows (make a new cache)")
+        if getattr(self, "_view_of", None) is not None:
+            raise ValueError("reorder: this is select()'s view of some rows; reorder the cache "
+                             "it came from")
         seqs, used = [], set()
         for r in rows:
             seqs.append(self.seqs[r] if r not in used else self.table.fork(self.seqs[r]))
@@ -205,18 +210,20 @@ class PagedKVCache:
         sub = object.__new__(PagedKVCache)
         sub.__dict__.update(self.__dict__)
         sub.seqs = [self.seqs[r] for r in rows]
-        sub._block_table, sub._lengths = None, {}
+        sub._block_table, sub._lengths, sub._view_of = None, {}, self
         sub.layers = [layer._rows(sub, rows) for layer in self.layers]
         try:
             yield sub
-        finally:
-            index = torch.tensor(rows, device=self.device)
-            for layer, part in zip(self.layers, sub.layers):
-                for i, r in enumerate(rows):
-                    layer.written[r] = part.written[i]
-                for name, s in part.states.items():
-                    layer.states[name][index] = s
+        finally:  # pages the rows took stay theirs; table rows are rebuilt either way
             self._block_table, self._lengths = None, {}
+        # Only a block that ran to its end hands lengths and states back: a failed forward
+        # leaves the rows as they were.
+        index = torch.tensor(rows, device=self.device)
+        for layer, part in zip(self.layers, sub.layers):
+            for i, r in enumerate(rows):
+                layer.written[r] = part.written[i]
+            for name, s in part.states.items():
+                layer.states[name][index] = s
 
     # ------------------------------------------------------------------ accounting
 
@@ -257,10 +264,10 @@ class LayerCache:
             self.v_page_states = torch.zeros((P, G, dk), device=dev, dtype=sdt)
         self.states = {n: torch.zeros((parent.batch_size, G, dk), device=dev, dtype=sdt)
                        for n in spec.states}
-        if spec.recall_chunk:
+        if spec.recall_chunk:  # one sign per bit: computed once, when a chunk completes
             chunks = math.ceil(parent.max_tokens / spec.recall_chunk)
-            self.states["chunk_means"] = torch.zeros((parent.batch_size, chunks, G, dk),
-                                                     device=dev, dtype=sdt)
+            self.states["chunk_signs"] = torch.zeros(
+                (parent.batch_size, chunks, G, spec.recall_bits), device=dev, dtype=torch.int8)
         self.written = [0] * parent.batch_size
 
     @property

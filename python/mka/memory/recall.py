@@ -83,7 +83,7 @@ def select(q_sig: Tensor, k_sig: Tensor, counts: Tensor, top: int) -> Tensor:
     eligible chunks per row, ``(Tq,)`` or per sequence and row ``(B, Tq)``."""
     B, Tq, G, _ = q_sig.shape
     nC = k_sig.shape[1]
-    width = min(top, int(counts.max())) if counts.numel() else 0
+    width = min(top, int(counts.max())) if counts.numel() else 0  # counts live on the host
     out = torch.full((B, Tq, G, width), -1, dtype=torch.long, device=q_sig.device)
     if width == 0:
         return out
@@ -153,7 +153,7 @@ def recall_attention(q: Tensor, k: Tensor, v: Tensor, *, chunk: int, top: int,
 
 class Recall(torch.nn.Module):
     """A layer's recall settings and its fixed hyperplanes (a buffer: saved with the model,
-    the same after a reload). ``chunk`` tokens per chunk, ``top`` chunks recalled per block."""
+    the same after a reload). ``chunk`` tokens per chunk, ``top`` chunks recalled per query."""
 
     def __init__(self, head_dim: int, chunk: int = 64, top: int = 4, tables: int = 4,
                  bits: int = 16, seed: int = 0):
@@ -185,10 +185,11 @@ def page_fetch(block_table: Tensor, page_size: int):
     return fetch
 
 
-def update_chunk_means(means: Tensor, k_pages: Tensor, block_table: Tensor, before: list[int],
-                       after: list[int], chunk: int) -> None:
-    """Mean keys of the chunks a step completed (sequence ``b`` grew ``before[b]`` ->
-    ``after[b]`` tokens), read back from the pages into ``means (B, max chunks, G, d)``."""
+def update_chunk_signs(signs: Tensor, k_pages: Tensor, block_table: Tensor,
+                       before: list[int], after: list[int], chunk: int, planes: Tensor) -> None:
+    """Signatures of the chunks a step completed (sequence ``b`` grew ``before[b]`` ->
+    ``after[b]`` tokens), from their keys read back from the pages, into ``signs (B, max
+    chunks, G, P)`` (int8 ±1): each chunk's signature is computed once."""
     S = k_pages.shape[1]
     for b, (n0, n1) in enumerate(zip(before, after)):
         done = range(n0 // chunk, n1 // chunk)
@@ -196,28 +197,28 @@ def update_chunk_means(means: Tensor, k_pages: Tensor, block_table: Tensor, befo
             continue
         pos = torch.arange(done.start * chunk, done.stop * chunk, device=k_pages.device)
         keys = k_pages[block_table[b].long()[pos // S], pos % S]  # (n C, G, d)
-        means[b, done.start:done.stop] = keys.reshape(len(done), chunk, *keys.shape[1:]).mean(
-            1).to(means.dtype)
+        means = keys.reshape(len(done), chunk, *keys.shape[1:]).mean(1)
+        signs[b, done.start:done.stop] = signatures(means, planes).to(signs.dtype)
 
 
 def recall_decode(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor,
-                  means: Tensor, before: list[int], *, chunk: int, top: int, planes: Tensor,
+                  signs: Tensor, before: list[int], *, chunk: int, top: int, planes: Tensor,
                   window: Optional[int] = None, scale: Optional[float] = None) -> Tensor:
     """``O3`` of the new query rows ``q: (B, T, H, d)`` of a cached step: row ``i`` of sequence
-    ``b`` sits at position ``before[b] + i``; its chunks come from ``means`` (kept by
-    :func:`update_chunk_means`) and its tokens from the pages — the same selection and result
-    as :func:`recall_attention` over the whole sequence."""
+    ``b`` sits at position ``before[b] + i``; its chunks are ranked by the signatures in
+    ``signs`` (kept by :func:`update_chunk_signs`) and their tokens read from the pages — the
+    same selection and result as :func:`recall_attention` over the whole sequence."""
     B, T, H, d = q.shape
     G = k_pages.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     pos = torch.tensor(before)[:, None] + torch.arange(T)[None, :]  # (B, T) on the host
     end = pos - (1 if window is None else window) + 1
     counts = torch.clamp(torch.div(end, chunk, rounding_mode="floor"), min=0)
-    counts = torch.minimum(counts, (pos + 1) // chunk).to(q.device)
+    counts = torch.minimum(counts, (pos + 1) // chunk)
+    nC = int(counts.max()) if counts.numel() else 0  # on the host: no synchronisation
     with torch.no_grad():
         q_sig = signatures(q.reshape(B, T, G, H // G, d).mean(3), planes)
-        nC = int(counts.max()) if counts.numel() else 0
-        chosen = select(q_sig, signatures(means[:, :nC], planes), counts, top)
+        chosen = select(q_sig, signs[:, :nC].to(q_sig.dtype), counts.to(q.device), top)
     if chosen.shape[-1] == 0:
         return q.new_zeros(q.shape)
     fetch = page_fetch(block_table, k_pages.shape[1])

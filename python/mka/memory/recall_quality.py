@@ -66,7 +66,7 @@ def recall_quality(q: Tensor, k: Tensor, *, chunk: int, window: Optional[int],
         raise ValueError(f"budgets: fractions of the context in (0, 1], got {list(budgets)}")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     counts = eligible(Tq, Tk, chunk, window, q.device)
-    width = {f: max(1, round(f * Tk / chunk)) for f in budgets}
+    width = {f: min(max(1, round(f * Tk / chunk)), Tk // chunk) for f in budgets}
     k_sig = signatures(chunk_means(k, chunk), planes)
     total = {m: {f: 0.0 for f in budgets} for m in ("simhash", "quest", "oracle")}
     rows = 0

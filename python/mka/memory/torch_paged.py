@@ -17,8 +17,10 @@ from torch import Tensor
 
 
 def check_slots(block_table: Tensor, ends: Tensor, num_pages: int, page_size: int,
-                what: str) -> None:
-    """Every page holding tokens ``[0, ends[b])`` of sequence ``b`` is a valid index."""
+                what: str, starts: Optional[Tensor] = None) -> None:
+    """Every page holding tokens ``[0, ends[b])`` of sequence ``b`` is a valid index; with
+    ``starts`` (a write of tokens ``[starts[b], ends[b])``) no page is written by two
+    sequences."""
     ends = ends.long().cpu()
     if (ends < 0).any():
         raise ValueError(f"{what}: entries must be >= 0, got {ends.tolist()}")
@@ -35,6 +37,17 @@ def check_slots(block_table: Tensor, ends: Tensor, num_pages: int, page_size: in
         b, i = (int(x) for x in torch.nonzero(bad)[0])
         raise ValueError(f"block_table: entry [{b}, {i}] = {int(table[b, i])} is not a page "
                          f"index in [0, {num_pages})")
+    if starts is None:
+        return
+    first = starts.long().cpu() // page_size
+    writer: dict[int, int] = {}
+    for b in range(table.shape[0]):
+        for i in range(int(first[b]), int(need[b])):
+            page = int(table[b, i])
+            if writer.setdefault(page, b) != b:
+                raise ValueError(f"block_table: page {page} is written by sequences "
+                                 f"{writer[page]} and {b} (a shared page must be copied before "
+                                 "a write: PageTable.reserve does)")
 
 
 def _positions(block_table: Tensor, start: Tensor, T: int, page_size: int) -> tuple[Tensor, Tensor]:
@@ -49,7 +62,7 @@ def paged_write(k: Tensor, v: Tensor, k_pages: Tensor, v_pages: Tensor, block_ta
     if k.shape[1] == 0:
         return
     check_slots(block_table, cache_seqlens + k.shape[1], k_pages.shape[0], k_pages.shape[1],
-                "cache_seqlens")
+                "cache_seqlens", starts=cache_seqlens)
     page, slot = _positions(block_table, cache_seqlens, k.shape[1], k_pages.shape[1])
     k_pages[page, slot] = k.to(k_pages.dtype)
     v_pages[page, slot] = v.to(v_pages.dtype)
@@ -84,22 +97,33 @@ def paged_write_ema(k: Tensor, v: Tensor, k_pages: Tensor, v_pages: Tensor,
     return ks, vs
 
 
-def gather(pages: Tensor, block_table: Tensor, n: int) -> Tensor:
-    """The first ``n`` tokens of each sequence's pages, ``(B, n, G, d)``."""
+def _held(seqlens: Tensor, n: int) -> Tensor:
+    """``(B, n, 1, 1)``: which gathered slots hold a token of their sequence."""
+    return (torch.arange(n, device=seqlens.device)[None, :] < seqlens.long()[:, None])[..., None, None]
+
+
+def gather(pages: Tensor, block_table: Tensor, n: int, seqlens: Tensor) -> Tensor:
+    """The first ``n`` tokens of each sequence's pages, ``(B, n, G, d)``; slots past a
+    sequence's length read as zeros (never written, they may hold anything — a NaN there
+    would turn its zero attention weight into NaN)."""
     S = pages.shape[1]
     W = max(1, math.ceil(n / S))
     idx = block_table[:, :W].long().clamp(min=0)
-    return pages[idx].flatten(1, 2)[:, :n]
+    x = pages[idx].flatten(1, 2)[:, :n]
+    return torch.where(_held(seqlens, n), x, 0.0)
 
 
-def page_ema(pages: Tensor, states: Tensor, block_table: Tensor, n: int, beta: float) -> Tensor:
+def page_ema(pages: Tensor, states: Tensor, block_table: Tensor, n: int, beta: float,
+             seqlens: Tensor) -> Tensor:
     """EMA of the first ``n`` tokens of each sequence, rebuilt page by page from the page
-    checkpoints: token ``o`` of a page is ``beta^(o+1) s + (1 - beta) sum_u<=o beta^(o-u) x_u``."""
+    checkpoints: token ``o`` of a page is ``beta^(o+1) s + (1 - beta) sum_u<=o beta^(o-u) x_u``
+    (slots past a sequence's length as zeros, as in :func:`gather`)."""
     S = pages.shape[1]
     W = max(1, math.ceil(n / S))
     idx = block_table[:, :W].long().clamp(min=0)
     sdt = states.dtype
-    x = pages[idx].to(sdt)                      # (B, W, S, G, d)
+    held = _held(seqlens, W * S).reshape(-1, W, S, 1, 1)
+    x = torch.where(held, pages[idx].to(sdt), 0.0)  # (B, W, S, G, d)
     s = states[idx]                             # (B, W, G, d)
     t = torch.arange(S, device=pages.device, dtype=torch.float64)
     lag = t[:, None] - t[None, :]
@@ -138,7 +162,7 @@ def paged_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Te
                     window: Optional[int] = None) -> Tensor:
     check_slots(block_table, seqlens, k_pages.shape[0], k_pages.shape[1], "seqlens")
     n = int(seqlens.max()) if seqlens.numel() else 0
-    k, v = gather(k_pages, block_table, n), gather(v_pages, block_table, n)
+    k, v = gather(k_pages, block_table, n, seqlens), gather(v_pages, block_table, n, seqlens)
     return _attend(q, k, v, _mask(q.shape[1], n, seqlens, causal, window), scale)
 
 
@@ -148,9 +172,9 @@ def paged_mka_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, k_page_stat
                         scale: Optional[float] = None, window: Optional[int] = None) -> Tensor:
     check_slots(block_table, seqlens, k_pages.shape[0], k_pages.shape[1], "seqlens")
     n = int(seqlens.max()) if seqlens.numel() else 0
-    k, v = gather(k_pages, block_table, n), gather(v_pages, block_table, n)
-    ek = page_ema(k_pages, k_page_states, block_table, n, beta)
-    ev = page_ema(v_pages, v_page_states, block_table, n, beta)
+    k, v = gather(k_pages, block_table, n, seqlens), gather(v_pages, block_table, n, seqlens)
+    ek = page_ema(k_pages, k_page_states, block_table, n, beta, seqlens)
+    ev = page_ema(v_pages, v_page_states, block_table, n, beta, seqlens)
     Tq = q.shape[1]
     o1 = _attend(q, k, v, _mask(Tq, n, seqlens, causal, window), scale)
     o2 = _attend(q, ek, ev, _mask(Tq, n, seqlens, causal, None), scale)

@@ -7,7 +7,7 @@ from typing import Optional
 from torch import Tensor
 
 from ..memory.cache import LayerCache, LayerSpec
-from ..memory.recall import recall_decode, update_chunk_means
+from ..memory.recall import recall_decode, update_chunk_signs
 from .base import Memory
 from .routed import RoutedAttention
 
@@ -59,10 +59,10 @@ class MKAAttention(RoutedAttention):
             y = y + lam[..., 2, None, None].to(y.dtype) * o3
         if self.recall is not None:  # level 3: the chunks each new query recalls
             r = self.recall
-            means = cache.states["chunk_means"]
-            update_chunk_means(means, cache.k_pages, step.block_table, before, cache.lengths,
-                               r.chunk)
-            o3 = recall_decode(q, cache.k_pages, cache.v_pages, step.block_table, means, before,
+            signs = cache.states["chunk_signs"]
+            update_chunk_signs(signs, cache.k_pages, step.block_table, before, cache.lengths,
+                               r.chunk, r.planes)
+            o3 = recall_decode(q, cache.k_pages, cache.v_pages, step.block_table, signs, before,
                                chunk=r.chunk, top=r.top, planes=r.planes, window=self.window)
             y = y + lam[..., 2, None, None].to(y.dtype) * o3
         return self._output(y)
@@ -70,4 +70,5 @@ class MKAAttention(RoutedAttention):
     def cache_spec(self) -> LayerSpec:
         return LayerSpec(self.n_kv_head, self.head_dim, self.head_dim, page_states=True,
                          states=("k", "v"),
-                         recall_chunk=self.recall.chunk if self.recall is not None else 0)
+                         recall_chunk=self.recall.chunk if self.recall is not None else 0,
+                         recall_bits=self.recall.planes.shape[0] if self.recall is not None else 0)

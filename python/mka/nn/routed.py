@@ -21,7 +21,7 @@ class RoutedAttention(QKVAttention):
     learned level-3 slots per key/value head (used when ``levels == 3``). ``recall_chunk``
     > 0 makes level 3 recall instead (SPEC §7.2): chunks of ``recall_chunk`` earlier tokens
     keyed by SimHash (``recall_tables`` x ``recall_bits`` hyperplanes), the ``recall_top``
-    best-matching ones per block of queries, outside the L1 ``window``."""
+    best-matching ones per query, outside the L1 ``window``."""
 
     accepts_memory = True
     recall_decodes = False  # whether cached decoding supports recall as level 3

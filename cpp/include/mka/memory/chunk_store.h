@@ -56,12 +56,15 @@ class ChunkStore {
   using Key = std::pair<int64_t, int64_t>;  // (seq, index)
 
   int64_t take_slot();  // a free slot, evicting the oldest chunk if allowed (lock held)
+  // The signature words with the bits past signature_bits cleared (they must not rank).
+  std::vector<uint64_t> masked(const uint64_t* words) const;
 
   const int64_t chunk_bytes_, heads_, bits_, slots_;
   const Full when_full_;
   bool pinned_ = false;
   unsigned char* arena_ = nullptr;
   std::map<Key, Entry> entries_;
+  std::map<uint64_t, Key> by_age_;  // insertion order: the oldest chunk in O(log n)
   std::vector<int64_t> free_slots_;
   uint64_t clock_ = 0;
   mutable std::shared_mutex mu_;

@@ -44,9 +44,10 @@ class PageTable {
   int64_t length(int64_t seq) const;
   std::vector<int32_t> pages(int64_t seq) const;
   int32_t refcount(int32_t page) const;
-  // Writes the tables of `seqs` as rows of `out` (row stride `ld` >= max_pages_per_seq),
-  // unused entries -1.
-  void fill_block_table(const std::vector<int64_t>& seqs, int32_t* out, int64_t ld) const;
+  // Writes the tables of `seqs` as rows of `width` >= max_pages_per_seq entries of `out`,
+  // `ld` apart, unused entries -1.
+  void fill_block_table(const std::vector<int64_t>& seqs, int32_t* out, int64_t ld,
+                        int64_t width) const;
 
   int64_t num_pages() const { return num_pages_; }
   int64_t page_size() const { return page_size_; }

@@ -313,6 +313,7 @@ class PagedCache(Cache):
         lengths = [max(0, keep - n) for n in self.padding]
         for seq, n in zip(self.pages.seqs, lengths):
             self.pages.table.truncate(seq, n)
+        self.pages._block_table = None  # released pages must not linger in the table rows
         for layer in self.layers:
             layer.seen = keep
             layer.pages.written = list(lengths)
