@@ -78,6 +78,16 @@ def test_resume_equals_uninterrupted_run(corpus_file, tmp_path):
     assert (tmp_path / "pieces" / "hf-none" / "hf" / "tokenizer.json").is_file()
 
 
+@pytest.mark.parametrize("conversion", ["none", "fastmka"])
+def test_bf16_autocast_trains(corpus_file, tmp_path, conversion):
+    # under autocast q and k leave RoPE in float32 while v is bf16: the attention casts them as sdpa does
+    argv = hf_args(tmp_path, corpus_file, "--hf-config", inline(config()), "--hf-convert", conversion,
+                   "--precision", "bf16", "--max-steps", 2)
+    assert main(argv) == 0
+    (r,) = results(tmp_path / "out")
+    assert math.isfinite(r["heldout_loss"]) and r["kv_cache_dtype"] == "bfloat16"
+
+
 def test_fsdp_shards_each_decoder_layer():
     from transformers import AutoConfig, AutoModelForCausalLM
     cfg = config()
