@@ -42,7 +42,8 @@ TRAJECTORY_KEYS = ("attention", "num_kv_heads", "model", "n_layer", "n_head", "n
                    "seq_len", "batch_size", "grad_accum", "epochs", "max_steps", "max_tokens", "lr", "min_lr",
                    "warmup_steps", "lr_decay_steps", "weight_decay", "beta1", "beta2", "grad_clip",
                    "precision", "seed", "fsdp", "task", "task_lengths", "task_filler", "task_vocab", "num_kv_pairs",
-                   "num_queries", "passkey_digits", "passkey_depth")
+                   "num_queries", "passkey_digits", "passkey_depth", "hf_model", "hf_config", "hf_convert", "hf_beta",
+                   "hf_init_gap")
 
 MAGIC = b"MKACKPT1"
 HEADER = struct.Struct("<8s32sQ")  # magic, SHA-256 of the payload, payload bytes

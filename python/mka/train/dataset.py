@@ -10,6 +10,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from . import distributed as D
+from . import hf_source
 from .blocks import TrainSampler, heldout_blocks
 from .corpus import load_corpus
 from .evaluation import heldout_loss
@@ -60,7 +61,12 @@ def _prepare(settings: Settings) -> TokenizedData:
     corpus = load_corpus(settings.data, settings.train_split, settings.eval_split, settings.holdout_fraction)
     cache = Path(settings.cache_dir).expanduser() if settings.cache_dir else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(settings.tokenizer, corpus.train, corpus.heldout, cache)
+    folder = hf_source.tokenizer_folder(settings)
+    if folder is not None:
+        from .hf_model import PretrainedTextTokenizer
+        tok = PretrainedTextTokenizer(folder)
+    else:
+        tok = build_tokenizer(settings.tokenizer, corpus.train, corpus.heldout, cache)
     return TokenizedData(tok, cached_tokens(corpus.train, tok, cache), cached_tokens(corpus.heldout, tok, cache),
                          corpus.train_source, corpus.heldout_source)
 

@@ -107,12 +107,12 @@ def wrap(model: torch.nn.Module, rt: Runtime, settings: Settings) -> torch.nn.Mo
 
 
 def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Transformer blocks to shard one by one (the usual FSDP unit)."""
-    for name in ("blocks", "h", "layers"):
-        for holder in (model, getattr(model, "transformer", None)):
-            seq = getattr(holder, name, None) if holder is not None else None
-            if isinstance(seq, torch.nn.ModuleList):
-                return list(seq)
+    """Transformer blocks to shard one by one (the usual FSDP unit): the first module list
+    named blocks, h or layers, outermost first (GPT's blocks; a transformers decoder's
+    ``model.layers``, also inside the trainer's wrapper)."""
+    for name, module in sorted(model.named_modules(), key=lambda nm: nm[0].count(".")):
+        if isinstance(module, torch.nn.ModuleList) and name.rpartition(".")[2] in ("blocks", "h", "layers"):
+            return list(module)
     return []
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import checkpoint, peak_memory
+from . import checkpoint, hf_model, hf_source, peak_memory
 from . import distributed as D
 from .dataset import TokenizedData
 from .evaluation import autocast
@@ -107,6 +107,8 @@ def _new_history() -> dict:
 def _trajectory(settings: Settings, variant: str) -> dict:
     t = {k: settings.values[k] for k in checkpoint.TRAJECTORY_KEYS}
     t["attention"] = variant
+    if hf_source.is_hf_run(settings):  # one variant's conversion: the others may come and go
+        t["hf_convert"] = hf_source.conversion_of(variant)
     return t
 
 
@@ -153,9 +155,13 @@ class VariantRun:
         from mka.models import GPT
         s, rt = self.s, self.rt
         self.backend, self.backend_reason = choose_attn_backend(s.attn_backend, rt.device)
-        self.config = gpt_config(s, self.variant, self.data.vocab_size, self.backend)
-        torch.manual_seed(s.seed)  # the same initial weights on every rank, for every run of a variant
-        model = GPT(self.config).to(rt.device)
+        if hf_source.is_hf_run(s):
+            model, self.config = hf_model.build(s, self.variant, self.data.vocab_size, self.backend,
+                                                self.backend_reason, rt.device)
+        else:
+            self.config = gpt_config(s, self.variant, self.data.vocab_size, self.backend)
+            torch.manual_seed(s.seed)  # the same initial weights on every rank, for every run of a variant
+            model = GPT(self.config).to(rt.device)
         self.params = model.num_params(non_embedding=False)
         self.params_non_embedding = model.num_params(non_embedding=True)
         self.kv_dtype = PRECISION_DTYPES[s.precision]
@@ -407,6 +413,9 @@ class VariantRun:
         self._check_eval(final, done)
         history["evals"].append([done, final["loss"]])
         result = self._result(history, done, final)
+        if hf_source.is_hf_run(s):  # before result.json: a complete result implies the export
+            hf_model.export(self.train_model, self.dir / "hf", rt, getattr(self.data, "tokenizer", None))
+            result["hf_export"] = str(self.dir / "hf")
         self._write_result(result)
         return result
 

@@ -76,6 +76,19 @@ OPTIONS = [
     Option("holdout_fraction", float, 0.1, "single-file data: the last fraction is held out",
            check=lambda x: 0 < x < 1, check_msg="must be in (0, 1)"),
     Option("cache_dir", str, None, "token cache folder (default ~/.cache/mka/train)"),
+    # a Hugging Face model instead of a GPT (hf_source.py checks these)
+    Option("hf_model", str, None, "fine-tune a transformers causal LM from a local folder (save_pretrained "
+           "output, converted or not; without weights: random init from its config.json); its tokenizer, "
+           "if the folder has one, replaces --tokenizer"),
+    Option("hf_config", str, None, "train a transformers causal LM from random init: a config.json, a folder "
+           "with one, or inline JSON with a model_type"),
+    Option("hf_convert", str, None, "--hf-model/--hf-config: fastmka, mka (convert: add routers) or none (the "
+           "library's attention as is), or a comma list run in turn as variants hf-<name> (default fastmka, "
+           "or the conversion a converted folder already has)"),
+    Option("hf_beta", float, None, "--hf-convert: EMA decay of the converted layers (default the converter's, "
+           "0.9)", check=lambda x: 0 <= x < 1, check_msg="must be in [0, 1)"),
+    Option("hf_init_gap", float, None, "--hf-convert: the routers' initial bias of level 1 over level 2 "
+           "(default the converter's, equal outputs at conversion; smaller: larger router gradients)"),
     # synthetic recall tasks (instead of --data; recall_tasks.py describes them)
     Option("task", str, None, "train on a generated recall task instead of --data: mqar (multi-query "
            "associative recall) or passkey (a passkey in filler)", choices=("mqar", "passkey")),
@@ -246,6 +259,9 @@ class Settings:
             raise AttributeError(name) from None
 
     def variants(self) -> list[str]:
+        from . import hf_source
+        if hf_source.is_hf_run(self):
+            return [hf_source.variant_name(c) for c in hf_source.conversions(self)]
         return list(VARIANTS) if self.attention == "all" else self.attention.split(",")
 
     def task_lengths_list(self) -> list[int]:
@@ -308,7 +324,9 @@ def _check_task(s: Settings, budgets: list[str]) -> None:
 
 def _check_together(s: Settings) -> None:
     """Checks that involve more than one setting."""
-    for v in s.variants():
+    from . import hf_source
+    hf_source.check(s)
+    for v in ([] if hf_source.is_hf_run(s) else s.variants()):
         if v not in registered_variants():
             raise ConfigError(f"--attention: unknown variant {v!r}; expected one of "
                               f"{', '.join(registered_variants())}, all, or a comma list")

@@ -64,6 +64,9 @@ def prepare(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, 
     if isinstance(key, PagedKV):
         key, value = key.keys, key.values
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    device = q.device.type
+    if torch.is_autocast_enabled(device):  # RoPE's float32 tables promote q and k; sdpa casts all three too
+        q, k, v = (t.to(torch.get_autocast_dtype(device)) for t in (q, k, v))
     return q, k, v, spec
 
 

@@ -42,6 +42,15 @@ _SPECS = {
 }
 
 
+def layer_spec(text_config, variant: str) -> LayerSpec:
+    """What one decoder layer of ``text_config`` caches per token under ``variant``
+    ("attention", "fastmka" or "mka"): its key/value heads and head size."""
+    heads = text_config.num_attention_heads
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+    return LayerSpec(kv_heads, head_dim, head_dim, **_SPECS[variant])
+
+
 @dataclass(frozen=True)
 class PagedKV:
     """What :meth:`PagedLayer.update` returns in place of key/value tensors: the step's new
@@ -233,11 +242,8 @@ class PagedCache(Cache):
         self.variant = options["variant"] if isinstance(options, dict) else "attention"
         self.implementation = ROUTED_IMPLEMENTATIONS.get(self.variant, "mka")
         self.beta = options["beta"] if isinstance(options, dict) else None
-        heads = text.num_attention_heads
-        kv_heads = getattr(text, "num_key_value_heads", None) or heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        spec = layer_spec(text, self.variant)
         param = next(model.parameters())
-        spec = LayerSpec(kv_heads, head_dim, head_dim, **_SPECS[self.variant])
         if num_pages is None:
             num_pages = batch_size * (math.ceil(max_tokens / page_size) + 1)
         self.pages = PagedKVCache([spec] * text.num_hidden_layers, batch_size,
