@@ -187,3 +187,20 @@ def test_static_cache_decodes_like_the_dynamic_one(variant):
         m(idx[:, :1], caches=b)
     with pytest.raises(ValueError, match="a static cache keeps its rows"):
         b.reorder([0, 0])
+
+
+def test_block_table_rows_are_refreshed_in_place():
+    """As sequences take pages the device table keeps its storage and only their rows change;
+    it always equals a fresh fill of the page table."""
+    m = tiny_model("mha", block_size=40)
+    caches = m.new_caches(3, page_size=4)
+    for b, n in enumerate((5, 9, 2)):
+        with caches.select([b]) as one:
+            m(_tokens(1, n), caches=one)
+    table = caches.block_table()
+    for _ in range(12):
+        m(_tokens(3, 1), caches=caches)
+        assert caches.block_table().data_ptr() == table.data_ptr()
+        fresh = torch.empty_like(table)
+        caches.table.fill_block_table(caches.seqs, fresh)
+        assert torch.equal(caches.block_table(), fresh)

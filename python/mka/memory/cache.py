@@ -108,8 +108,11 @@ class PagedKVCache:
 
     def _reserve(self, tokens: list[int]) -> None:
         """Room for ``tokens[b]`` tokens in sequence ``b`` (a no-op for layers after the
-        first in a step); shared pages about to be written are copied in every layer."""
-        free = self.table.num_free_pages
+        first in a step); shared pages about to be written are copied in every layer. The
+        rows of the device block table whose pages changed are refreshed, the others kept:
+        a decode step moves a few entries, not the whole table."""
+        S = self.page_size
+        held = [-(-self.table.length(s) // S) for s in self.seqs]
         copies = self.table.reserve(self.seqs, tokens)
         if copies:
             src = torch.tensor([c[0] for c in copies], device=self.device)
@@ -117,11 +120,20 @@ class PagedKVCache:
             for layer in self.layers:
                 for t in layer.page_tensors():
                     t[dst] = t[src]
-        if copies or free != self.table.num_free_pages:
-            self._block_table = None
+        if self._block_table is None:
+            return
+        # a copy replaced a page of some row (which: not reported): all rows then
+        rows = (range(self.batch_size) if copies else
+                [b for b, s in enumerate(self.seqs) if -(-self.table.length(s) // S) != held[b]])
+        if rows:
+            fresh = torch.empty((len(rows), self.table.max_pages_per_seq), dtype=torch.int32)
+            self.table.fill_block_table([self.seqs[b] for b in rows], fresh)
+            index = torch.tensor(list(rows), device=self.device)
+            self._block_table.index_copy_(0, index, fresh.to(self.device))
 
     def block_table(self) -> Tensor:
-        """``(B, W)`` int32 on the cache's device (rebuilt only when pages change)."""
+        """``(B, W)`` int32 on the cache's device: made once, its rows refreshed in place as
+        their sequences take pages (the tensor stays the same)."""
         if self._block_table is None:
             table = torch.empty((self.batch_size, self.table.max_pages_per_seq), dtype=torch.int32)
             self.table.fill_block_table(self.seqs, table)
