@@ -64,6 +64,19 @@ def _supported(t: Tensor, name: str) -> None:
 MAX_FLOAT_SCALE = 3.4028234663852886e38 / 1.4426950408889634
 
 
+def _check_options(causal, scale, window, dtype: torch.dtype) -> None:
+    """causal, scale and window of an attention call (SPEC §1, §4)."""
+    if not isinstance(causal, bool):
+        _fail(f"causal: must be True or False, got {_short(causal)}")
+    if window is not None and not (_is_int(window) and window >= 1):
+        _fail(f"window: must be at least 1 (an integer, or None for no window), got {_short(window)}")
+    if scale is not None and not (_is_real(scale) and abs(scale) < float("inf")):
+        _fail(f"scale: must be a finite number or None, got {_short(scale)}")
+    if scale is not None and dtype != torch.float64 and abs(scale) > MAX_FLOAT_SCALE:
+        _fail(f"scale: {scale} is out of float32's range for {dtype} inputs "
+              f"(|scale| at most {MAX_FLOAT_SCALE:.4g})")
+
+
 def check_attention(q, k, v, scale=None, window=None, causal=True) -> None:
     if not isinstance(causal, bool):
         _fail(f"causal: must be True or False, got {_short(causal)}")
@@ -87,13 +100,7 @@ def check_attention(q, k, v, scale=None, window=None, causal=True) -> None:
         _fail(f"q: head dim {d} is not supported on cuda {CUDA_HEAD_DIMS}")
     if q.device.type == "cpu" and not 1 <= d <= CPU_MAX_HEAD_DIM:
         _fail(f"q: head dim {d} is not supported on cpu (1 to {CPU_MAX_HEAD_DIM})")
-    if window is not None and not (_is_int(window) and window >= 1):
-        _fail(f"window: must be at least 1 (an integer, or None for no window), got {_short(window)}")
-    if scale is not None and not (_is_real(scale) and abs(scale) < float("inf")):
-        _fail(f"scale: must be a finite number or None, got {_short(scale)}")
-    if scale is not None and q.dtype != torch.float64 and abs(scale) > MAX_FLOAT_SCALE:
-        _fail(f"scale: {scale} is out of float32's range for {q.dtype} inputs "
-              f"(|scale| at most {MAX_FLOAT_SCALE:.4g})")
+    _check_options(causal, scale, window, q.dtype)
 
 
 def check_route(k, v, lam, beta, k3, v3, k_state, v_state, lam_tokens: Optional[int],
@@ -203,12 +210,7 @@ def check_paged(x, k_pages, v_pages, block_table, lens, lens_name: str, *, v=Non
         _fail(f"block_table: expected shape (B, W) with B = {B}, got {tuple(block_table.shape)}")
     if tuple(lens.shape) != (B,):
         _fail(f"{lens_name}: expected shape (B,) = ({B},), got {tuple(lens.shape)}")
-    if not isinstance(causal, bool):
-        _fail(f"causal: must be True or False, got {_short(causal)}")
-    if window is not None and not (_is_int(window) and window >= 1):
-        _fail(f"window: must be at least 1 (an integer, or None for no window), got {_short(window)}")
-    if scale is not None and not (_is_real(scale) and abs(scale) < float("inf")):
-        _fail(f"scale: must be a finite number or None, got {_short(scale)}")
+    _check_options(causal, scale, window, k_pages.dtype)
     if k_pages.device.type == "cpu" and not 1 <= max(dk, dv) <= CPU_MAX_HEAD_DIM:
         _fail(f"k_pages: head dim {max(dk, dv)} is not supported on cpu (1 to {CPU_MAX_HEAD_DIM})")
     if page_states is None:

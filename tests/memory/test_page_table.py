@@ -118,3 +118,23 @@ def test_block_table_rows_narrower_than_the_table_and_huge_counts_raise():
     with pytest.raises(ValueError, match="more than max_pages_per_seq"):
         t.reserve([a], [2**63 - 1])
     assert t.length(a) == 0
+
+
+def test_paged_cache_truncate_keeps_a_prefix_in_every_layer():
+    from mka.memory import LayerSpec, PagedKVCache
+    c = PagedKVCache([LayerSpec(1, 4, 4)] * 2, 2, max_tokens=16, page_size=4)
+    c[0].step([9, 5])
+    c[1].step([9, 5])
+    free = c.table.num_free_pages
+    c.truncate([3, 5])
+    assert c[0].lengths == c[1].lengths == [3, 5] and c.table.num_free_pages == free + 2
+    fresh = torch.empty_like(c.block_table())
+    c.table.fill_block_table(c.seqs, fresh)
+    assert torch.equal(c.block_table(), fresh) and (fresh[0, 1:] == -1).all()
+    with pytest.raises(ValueError, match="lengths: expected one per sequence"):
+        c.truncate([1])
+    with pytest.raises(ValueError, match="lengths: sequence 0 holds 3 tokens, cannot keep 4"):
+        c.truncate([4, 5])
+    with pytest.raises(ValueError, match="lengths: sequence 1 holds 5 tokens, cannot keep 6"):
+        c.truncate([2, 6])
+    assert c[0].lengths == [3, 5]  # nothing changed

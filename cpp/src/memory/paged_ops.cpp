@@ -7,31 +7,19 @@
 #include <string>
 #include <vector>
 
+#include "../ops/checks.h"
 #include "mka/error.h"
 
 namespace mka {
 namespace {
 
-std::string shape_str(const TensorRef& t) {
-  std::string s = "(";
-  for (int i = 0; i < t.ndim; ++i) s += (i ? ", " : "") + std::to_string(t.shape[i]);
-  return s + ")";
-}
+using checks::dtype_supported;
 
+// Present, of `shape`'s rank and its dims (-1: any), last dim contiguous.
 void check_shape(const TensorRef& t, const char* name, std::initializer_list<int64_t> shape,
                  const char* layout) {
-  MKA_CHECK(t.present(), name, ": expected a tensor ", layout, ", got None");
-  MKA_CHECK(t.ndim == int(shape.size()), name, ": expected a ", shape.size(), "-d tensor ",
-            layout, ", got shape ", shape_str(t));
-  int i = 0;
-  for (int64_t s : shape) {
-    MKA_CHECK(s < 0 || t.shape[i] == s, name, ": expected shape ", layout, " with dim ", i,
-              " = ", s, ", got ", shape_str(t));
-    ++i;
-  }
-  MKA_CHECK(t.shape[t.ndim - 1] <= 1 || t.numel() == 0 || t.stride[t.ndim - 1] == 1, name,
-            ": the last dimension must be contiguous (stride 1), got stride ",
-            t.stride[t.ndim - 1]);
+  checks::check_layout(t, name, int(shape.size()), layout);
+  checks::check_dims(t, name, shape, layout);
 }
 
 void check_device(const TensorRef& t, const char* name, const TensorRef& ref) {
@@ -42,11 +30,6 @@ void check_device(const TensorRef& t, const char* name, const TensorRef& ref) {
 
 void check_dtype(const TensorRef& t, const char* name, DType dt) {
   MKA_CHECK(t.dtype == dt, name, ": dtype ", dtype_name(t.dtype), ", expected ", dtype_name(dt));
-}
-
-bool dtype_supported(DType dt, Device dev) {
-  if (dev == Device::cpu) return dt == DType::f32 || dt == DType::f64;
-  return dt == DType::f16 || dt == DType::bf16 || dt == DType::f32;
 }
 
 // The pages, the table and the per-sequence lengths (B,) int32.
@@ -175,12 +158,7 @@ void paged_attention(const PagedAttentionFwd& a) {
     MKA_CHECK(p.dk <= 256 && p.dv <= 256, "k_pages: head dim ", std::max(p.dk, p.dv),
               " is not supported on cpu (at most 256)");
   const AttnOptions& o = a.opts;
-  if (o.window) MKA_CHECK(*o.window >= 1, "window: must be at least 1, got ", *o.window);
-  if (o.scale) {
-    MKA_CHECK(std::isfinite(*o.scale), "scale: must be finite, got ", *o.scale);
-    MKA_CHECK(p.dtype == DType::f64 || std::fabs(*o.scale) <= kMaxFloatScale, "scale: ",
-              *o.scale, " is out of float32's range for ", dtype_name(p.dtype), " inputs");
-  }
+  checks::check_attn_options(o, p.dtype);
   p.causal = o.causal;
   p.scale = o.scale ? *o.scale : 1.0 / std::sqrt(double(p.dk));
   // Windows beyond 2^62 hide nothing a table can hold; clamped so bounds never overflow.

@@ -4,6 +4,7 @@
 
 #include <cmath>
 
+#include "checks.h"
 #include "mka/error.h"
 
 namespace mka {
@@ -25,26 +26,13 @@ DType stats_dtype(DType input) { return input == DType::f64 ? DType::f64 : DType
 
 namespace {
 
-std::string shape_str(const TensorRef& t) {
-  std::string s = "(";
-  for (int i = 0; i < t.ndim; ++i) s += (i ? ", " : "") + std::to_string(t.shape[i]);
-  return s + ")";
-}
-
-bool dtype_supported(DType dt, Device dev) {
-  if (dev == Device::cpu) return dt == DType::f32 || dt == DType::f64;
-  return dt == DType::f16 || dt == DType::bf16 || dt == DType::f32;
-}
+using checks::check_dims;
+using checks::dtype_supported;
 
 // Present, `ndim`-d, last dim contiguous, on `ref`'s device.
 void check_tensor(const TensorRef& t, const char* name, int ndim, const char* layout,
                   const TensorRef& ref, const char* ref_name) {
-  MKA_CHECK(t.present(), name, ": expected a tensor ", layout, ", got None");
-  MKA_CHECK(t.ndim == ndim, name, ": expected a ", ndim, "-d tensor ", layout, ", got shape ",
-            shape_str(t));
-  MKA_CHECK(t.shape[ndim - 1] <= 1 || t.numel() == 0 || t.stride[ndim - 1] == 1, name,
-            ": the last dimension must be contiguous (stride 1), got stride ",
-            t.stride[ndim - 1]);
+  checks::check_layout(t, name, ndim, layout);
   MKA_CHECK(t.device == ref.device && t.device_id == ref.device_id, name, ": is on ",
             device_name(t.device), ":", t.device_id, " but ", ref_name, " is on ",
             device_name(ref.device), ":", ref.device_id);
@@ -54,16 +42,6 @@ void check_same_dtype(const TensorRef& t, const char* name, const TensorRef& ref
                       const char* ref_name) {
   MKA_CHECK(t.dtype == ref.dtype, name, ": dtype ", dtype_name(t.dtype), " does not match ",
             ref_name, "'s ", dtype_name(ref.dtype));
-}
-
-void check_dims(const TensorRef& t, const char* name, std::initializer_list<int64_t> shape,
-                const char* layout) {
-  int i = 0;
-  for (int64_t s : shape) {
-    MKA_CHECK(s < 0 || t.shape[i] == s, name, ": expected shape ", layout, " with dim ", i,
-              " = ", s, ", got ", shape_str(t));
-    ++i;
-  }
 }
 
 }  // namespace
@@ -92,14 +70,7 @@ AttentionProblem check_attention(const TensorRef& q, const TensorRef& k, const T
   else
     MKA_CHECK(p.d == 64 || p.d == 128, "q: head dim ", p.d,
               " is not supported on cuda (64 or 128)");
-  if (o.window) MKA_CHECK(*o.window >= 1, "window: must be at least 1, got ", *o.window);
-  if (o.scale) {
-    MKA_CHECK(std::isfinite(*o.scale), "scale: must be finite, got ", *o.scale);
-    // Below float64 the kernels compute in float32, the GPU ones with scale * log2(e).
-    MKA_CHECK(q.dtype == DType::f64 || std::fabs(*o.scale) <= kMaxFloatScale, "scale: ",
-              *o.scale, " is out of float32's range for ", dtype_name(q.dtype),
-              " inputs (|scale| at most ", kMaxFloatScale, ")");
-  }
+  checks::check_attn_options(o, q.dtype);
   p.causal = o.causal;
   p.scale = o.scale ? *o.scale : 1.0 / std::sqrt(double(p.d));
   // A window of Tk keys or more hides none: no window, which also keeps the visibility

@@ -183,6 +183,26 @@ class PagedKVCache:
         for layer in self.layers:
             layer.written = [n + T for n in layer.written]
 
+    def truncate(self, lengths: Sequence[int]) -> None:
+        """Sequence ``b`` keeps its first ``lengths[b]`` tokens in every layer (speculative
+        decoding's rejected tail, a crop); emptied pages go back to the pool. Running EMA
+        states are the caller's to rebuild (they summarise the dropped tokens too)."""
+        lengths = [int(n) for n in lengths]
+        if len(lengths) != self.batch_size:
+            raise ValueError(f"lengths: expected one per sequence ({self.batch_size}), "
+                             f"got {len(lengths)}")
+        if self.static:
+            raise ValueError("truncate: a static cache keeps its pages (make a new cache)")
+        for b, (seq, n) in enumerate(zip(self.seqs, lengths)):  # all checked, then changed
+            if not 0 <= n <= self.table.length(seq):
+                raise ValueError(f"lengths: sequence {b} holds {self.table.length(seq)} "
+                                 f"tokens, cannot keep {n}")
+        for seq, n in zip(self.seqs, lengths):
+            self.table.truncate(seq, n)
+        for layer in self.layers:
+            layer.written = list(lengths)
+        self._block_table, self._lengths = None, {}
+
     def reorder(self, rows: Sequence[int]) -> None:
         """Row ``j`` of the batch continues sequence ``rows[j]`` (beam search, parallel
         sampling): repeated rows fork (their pages are shared until written: copy-on-write),

@@ -128,6 +128,15 @@ def _attend_recalled(q: Tensor, k, v, chosen: Tensor, chunk: int, scale: float,
     return o.reshape(B, n, H, d).to(q.dtype)
 
 
+def _attend_in_blocks(q: Tensor, k, v, chosen: Tensor, chunk: int, scale: float,
+                      fetch=gather_tokens) -> Tensor:
+    """:func:`_attend_recalled` over ``QUERY_BLOCK`` rows at a time (the gathered keys of a
+    block stay small)."""
+    return torch.cat([_attend_recalled(q[:, i:i + QUERY_BLOCK], k, v,
+                                       chosen[:, i:i + QUERY_BLOCK], chunk, scale, fetch)
+                      for i in range(0, q.shape[1], QUERY_BLOCK)], 1)
+
+
 def recall_attention(q: Tensor, k: Tensor, v: Tensor, *, chunk: int, top: int,
                      planes: Tensor, window: Optional[int] = None,
                      scale: Optional[float] = None) -> tuple[Tensor, Tensor]:
@@ -146,9 +155,7 @@ def recall_attention(q: Tensor, k: Tensor, v: Tensor, *, chunk: int, top: int,
         chosen = select(q_sig, signatures(chunk_means(k, chunk), planes), counts, top)
     if chosen.shape[-1] == 0:
         return q.new_zeros(q.shape) + 0 * q, chosen  # no recall anywhere (keeps the graph)
-    parts = [_attend_recalled(q[:, i:i + QUERY_BLOCK], k, v, chosen[:, i:i + QUERY_BLOCK],
-                              chunk, scale) for i in range(0, Tq, QUERY_BLOCK)]
-    return torch.cat(parts, 1), chosen
+    return _attend_in_blocks(q, k, v, chosen, chunk, scale), chosen
 
 
 class Recall(torch.nn.Module):
@@ -221,7 +228,5 @@ def recall_decode(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tens
         chosen = select(q_sig, signs[:, :nC].to(q_sig.dtype), counts.to(q.device), top)
     if chosen.shape[-1] == 0:
         return q.new_zeros(q.shape)
-    fetch = page_fetch(block_table, k_pages.shape[1])
-    return torch.cat([_attend_recalled(q[:, i:i + QUERY_BLOCK], k_pages, v_pages,
-                                       chosen[:, i:i + QUERY_BLOCK], chunk, scale, fetch)
-                      for i in range(0, T, QUERY_BLOCK)], 1)
+    return _attend_in_blocks(q, k_pages, v_pages, chosen, chunk, scale,
+                             page_fetch(block_table, k_pages.shape[1]))

@@ -316,13 +316,9 @@ class PagedCache(Cache):
 
     def _truncate(self, keep: int) -> None:
         """Every layer keeps the first ``keep`` tokens transformers counts."""
-        lengths = [max(0, keep - n) for n in self.padding]
-        for seq, n in zip(self.pages.seqs, lengths):
-            self.pages.table.truncate(seq, n)
-        self.pages._block_table = None  # released pages must not linger in the table rows
+        self.pages.truncate([max(0, keep - n) for n in self.padding])
         for layer in self.layers:
             layer.seen = keep
-            layer.pages.written = list(lengths)
             if self.variant == "mka":
                 layer._rebuild_states(self.beta)
 
