@@ -33,6 +33,9 @@ void bind_memory(nb::module_& m) {
            "Room for tokens[i] tokens in seqs[i]; returns the page copies (src, dst) to apply")
       .def("fork", &PageTable::fork, "seq"_a)
       .def("truncate", &PageTable::truncate, "seq"_a, "tokens"_a)
+      .def("release_front", &PageTable::release_front, "seq"_a, "tokens"_a,
+           "Gives back the pages wholly before position `tokens` (their entries become -1)")
+      .def("released", &PageTable::released, "seq"_a)
       .def("free", &PageTable::free, "seq"_a)
       .def("length", &PageTable::length, "seq"_a)
       .def("pages", &PageTable::pages, "seq"_a)

@@ -179,3 +179,20 @@ def recall_attention(q: Tensor, k: Tensor, v: Tensor, *, chunk: int, top: int,
             per_row.append(torch.cat(heads, 2))
         rows.append(torch.cat(per_row, 1))
     return torch.cat(rows, 0), chosen
+
+
+def summary_attention(q: Tensor, ek: Tensor, ev: Tensor, stride: int,
+                      scale: Optional[float] = None) -> Tensor:
+    """MKA's level 2 with ``ema_stride = stride`` (SPEC §7.3): row ``i`` (position ``p``,
+    bottom-right) attends to the EMA keys/values at the positions ``j <= p`` that end a chunk
+    of ``stride`` tokens (``j % stride == stride - 1``) or are ``p`` itself."""
+    Tq, Tk = q.shape[1], ek.shape[1]
+    p = torch.arange(Tq, device=q.device)[:, None] + (Tk - Tq)
+    j = torch.arange(Tk, device=q.device)[None, :]
+    vis = (j <= p) & ((j % stride == stride - 1) | (j == p))
+    B, _, H, d = q.shape
+    G = ek.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    s = torch.einsum("bqhd,bkhd->bhqk", q, ek.repeat_interleave(H // G, 2)) * scale
+    w = torch.softmax(s.masked_fill(~vis, float("-inf")), -1)
+    return torch.einsum("bhqk,bkhd->bqhd", w, ev.repeat_interleave(H // G, 2))

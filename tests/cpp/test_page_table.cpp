@@ -39,6 +39,32 @@ TEST(PageTable, ForkSharesAndTheFirstWriteCopies) {
   EXPECT_EQ(t.refcount(1), 1);
 }
 
+TEST(PageTable, ReleaseFrontGivesBackLeadingPagesOnly) {
+  PageTable t(8, 4, 8);
+  const int64_t a = t.add_sequence();
+  t.reserve(a, 14);                        // pages 0..3
+  const int64_t b = t.fork(a);             // shares all four
+  t.release_front(a, 9);                   // pages wholly before token 9: 0 and 1
+  EXPECT_EQ(t.pages(a), (std::vector<int32_t>{-1, -1, 2, 3}));
+  EXPECT_EQ(t.released(a), 2);
+  EXPECT_EQ(t.refcount(0), 1);             // still b's
+  EXPECT_EQ(t.num_free_pages(), 4);
+  t.release_front(b, 8);
+  EXPECT_EQ(t.num_free_pages(), 6);        // 0 and 1 are free now
+  t.release_front(a, 4);                   // behind the front: nothing changes
+  EXPECT_EQ(t.released(a), 2);
+  t.reserve(a, 20);                        // grows at the tail; the 3rd page is copied (shared)
+  EXPECT_EQ(t.pages(a)[0], -1);
+  EXPECT_THROW(t.truncate(a, 7), mka::Error);  // before the released front
+  EXPECT_THROW(t.release_front(a, 21), mka::Error);
+  const int64_t c = t.fork(a);             // a fork keeps the holes
+  EXPECT_EQ(t.pages(c)[1], -1);
+  t.free(a);
+  t.free(b);
+  t.free(c);
+  EXPECT_EQ(t.num_free_pages(), 8);
+}
+
 TEST(PageTable, ErrorsChangeNothing) {
   PageTable t(3, 4, 2);
   const int64_t a = t.add_sequence(), b = t.add_sequence();

@@ -45,7 +45,7 @@ int64_t PageTable::new_id() {
 int64_t PageTable::add_sequence() {
   std::lock_guard<std::mutex> lock(mu_);
   const int64_t id = new_id();
-  seqs_[size_t(id)] = Sequence{true, 0, {}};
+  seqs_[size_t(id)] = Sequence{true, 0, 0, {}};
   return id;
 }
 
@@ -131,7 +131,8 @@ int64_t PageTable::fork(int64_t seq) {
   std::lock_guard<std::mutex> lock(mu_);
   const Sequence src = live(seq);  // a copy: seqs_ may grow below
   const int64_t id = new_id();
-  for (int32_t p : src.pages) ++refcount_[size_t(p)];
+  for (int32_t p : src.pages)
+    if (p >= 0) ++refcount_[size_t(p)];
   seqs_[size_t(id)] = src;
   return id;
 }
@@ -139,18 +140,33 @@ int64_t PageTable::fork(int64_t seq) {
 void PageTable::truncate(int64_t seq, int64_t tokens) {
   std::lock_guard<std::mutex> lock(mu_);
   Sequence& s = live(seq);
-  MKA_CHECK(tokens >= 0 && tokens <= s.length, "tokens: must be in [0, ", s.length,
-            "] (the length of seq ", seq, "), got ", tokens);
+  MKA_CHECK(tokens >= s.released * page_size_ && tokens <= s.length, "tokens: must be in [",
+            s.released * page_size_, ", ", s.length, "] (the released front and the length of seq ",
+            seq, "), got ", tokens);
   const size_t keep = size_t(ceil_div(tokens, page_size_));
   for (size_t i = keep; i < s.pages.size(); ++i) release(s.pages[i]);
   s.pages.resize(keep);
   s.length = tokens;
 }
 
+void PageTable::release_front(int64_t seq, int64_t tokens) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Sequence& s = live(seq);
+  MKA_CHECK(tokens >= 0 && tokens <= s.length, "tokens: must be in [0, ", s.length,
+            "] (the length of seq ", seq, "), got ", tokens);
+  const int64_t front = tokens / page_size_;  // pages wholly before `tokens`
+  for (int64_t i = s.released; i < front; ++i) {
+    release(s.pages[size_t(i)]);
+    s.pages[size_t(i)] = -1;
+  }
+  s.released = std::max(s.released, front);
+}
+
 void PageTable::free(int64_t seq) {
   std::lock_guard<std::mutex> lock(mu_);
   Sequence& s = live(seq);
-  for (int32_t p : s.pages) release(p);
+  for (int32_t p : s.pages)
+    if (p >= 0) release(p);
   s = Sequence{};
   free_ids_.push_back(seq);
 }
@@ -163,6 +179,11 @@ int64_t PageTable::length(int64_t seq) const {
 std::vector<int32_t> PageTable::pages(int64_t seq) const {
   std::lock_guard<std::mutex> lock(mu_);
   return live(seq).pages;
+}
+
+int64_t PageTable::released(int64_t seq) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return live(seq).released;
 }
 
 int32_t PageTable::refcount(int32_t page) const {

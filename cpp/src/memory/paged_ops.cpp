@@ -61,14 +61,15 @@ PagedProblem check_pages(const PagedKV& kv, const TensorRef& lens, const char* l
   return p;
 }
 
-// Sequence b's tokens [0, end) must lie in valid pages of its table row.
-void check_table_row(const PagedProblem& p, const TensorRef& table, int64_t b, int64_t end,
-                     const char* lens_name, int64_t len) {
+// Sequence b's tokens [begin, end) — the slots a call touches — must lie in valid pages of
+// its table row. Entries before `begin` may be -1: pages the DRAM tier gave back (SPEC §7.3).
+void check_table_row(const PagedProblem& p, const TensorRef& table, int64_t b, int64_t begin,
+                     int64_t end, const char* lens_name, int64_t len) {
   MKA_CHECK(end <= p.W * p.S, lens_name, ": sequence ", b, " needs ", end,
             " token slots, more than its block table row holds (", p.W, " pages of ", p.S,
             " tokens)");
   const int32_t* row = ptr<const int32_t>(table) + b * table.stride[0];
-  for (int64_t i = 0; i * p.S < end; ++i) {
+  for (int64_t i = begin / p.S; i * p.S < end; ++i) {
     const int32_t page = row[i * table.stride[1]];
     MKA_CHECK(page >= 0 && page < p.P, "block_table: entry [", b, ", ", i, "] = ", page,
               " is not a page index in [0, ", p.P, ") (sequence ", b, " has ", len,
@@ -129,7 +130,7 @@ void paged_write(const PagedWrite& a) {
     const int64_t start = lens[b * a.cache_seqlens.stride[0]];
     MKA_CHECK(start >= 0, "cache_seqlens: entry ", b, " is negative (", start, ")");
     if (p.T == 0) continue;
-    check_table_row(p, a.pages.block_table, b, start + p.T, "cache_seqlens", start);
+    check_table_row(p, a.pages.block_table, b, start, start + p.T, "cache_seqlens", start);
     const int32_t* row = ptr<const int32_t>(a.pages.block_table) + b * a.pages.block_table.stride[0];
     for (int64_t i = start / p.S; i * p.S < start + p.T; ++i)
       written.emplace_back(row[i * a.pages.block_table.stride[1]], b);
@@ -187,7 +188,8 @@ void paged_attention(const PagedAttentionFwd& a) {
   for (int64_t b = 0; b < p.B; ++b) {
     const int64_t n = lens[b * a.seqlens.stride[0]];
     MKA_CHECK(n >= 0, "seqlens: entry ", b, " is negative (", n, ")");
-    check_table_row(p, a.pages.block_table, b, n, "seqlens", n);
+    // the first row's window start is every row's lowest key; level 2 (ema) reads from 0
+    check_table_row(p, a.pages.block_table, b, p.ema ? 0 : p.key_lo(0, n), n, "seqlens", n);
   }
   cpu::paged_attention(p, a);
 }

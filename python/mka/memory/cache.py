@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .._C import PageTable
 from ..reference import state_dtype
+from .host_tier import HostTier, LayerHost, check_host
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,10 @@ class LayerSpec:
     ``(kv_heads, value_dim)`` (``value_dim = 0``: the values are the keys — MLA's latent).
     Per page, with ``page_states``: MKA's EMA checkpoints of k and v. Per sequence: the
     running EMA states named in ``states``, ``(kv_heads, key_dim)`` each, and with
-    ``recall_chunk`` the SimHash signatures of its whole chunks (level 3 by recall, SPEC §7.2)."""
+    ``recall_chunk`` the SimHash signatures of its whole chunks (level 3 by recall, SPEC §7.2),
+    with ``summary_stride`` the EMA keys/values at every chunk end (level 2 over summaries,
+    SPEC §7.3). ``window``: the L1 window of a layer whose pages are read only within it and by
+    recall — what lets the DRAM tier move older pages to host memory (:mod:`.host_tier`)."""
 
     kv_heads: int
     key_dim: int
@@ -37,6 +41,15 @@ class LayerSpec:
     states: tuple[str, ...] = ()
     recall_chunk: int = 0  # > 0: the signature of every whole chunk of this many tokens
     recall_bits: int = 0   # signs per signature
+    summary_stride: int = 0  # > 0: the EMA keys/values at positions s - 1, 2s - 1, ...
+    window: Optional[int] = None
+
+    @property
+    def spillable(self) -> bool:
+        """Whether only the last ``window`` tokens and recalled chunks are read from the
+        pages: level 1 windowed, level 2 over summaries, level 3 by recall."""
+        return (self.recall_chunk > 0 and self.summary_stride > 0 and self.window is not None
+                and not self.page_states)
 
     def bytes_per_token(self, dtype: torch.dtype) -> int:
         return self.kv_heads * (self.key_dim + self.value_dim) * dtype.itemsize
@@ -68,22 +81,40 @@ class PagedKVCache:
     ``max_tokens`` bounds a sequence (the block table's width is ``ceil(max_tokens /
     page_size)``); ``num_pages`` defaults to every sequence at ``max_tokens`` and may be
     smaller (pages are taken as sequences grow) or larger (room for :meth:`reorder`'s
-    copies). Indexing gives the layers' caches: ``cache[i]`` is what layer ``i`` reads."""
+    copies). Indexing gives the layers' caches: ``cache[i]`` is what layer ``i`` reads.
+
+    ``host``: the DRAM tier (:class:`~mka.memory.host_tier.HostTier`): every layer must be
+    :attr:`LayerSpec.spillable`; chunks level 1 is done with move to host memory at the start
+    of each step and their pages return to the pool, so ``num_pages`` (default: room for the
+    window, two chunks and a step of ``host.step_tokens`` per sequence) bounds device memory,
+    not ``max_tokens``. Steps are then at most ``host.step_tokens`` tokens."""
 
     def __init__(self, specs: Sequence[LayerSpec], batch_size: int, *, max_tokens: int,
                  page_size: int = 16, num_pages: Optional[int] = None,
-                 device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32):
+                 device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32,
+                 host: Optional[HostTier] = None):
         for value, name in ((batch_size, "batch_size"), (max_tokens, "max_tokens"),
                             (page_size, "page_size")):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
         width = math.ceil(max_tokens / page_size)
+        if host is not None:
+            check_host(specs, page_size, host)
+            if num_pages is None:
+                num_pages = batch_size * max(
+                    math.ceil((s.window + 2 * s.recall_chunk + host.step_tokens) / page_size) + 1
+                    for s in specs)
         num_pages = batch_size * width if num_pages is None else num_pages
         self.table = PageTable(num_pages, page_size, width)
         self.device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0"
         self.dtype, self.page_size, self.max_tokens = dtype, page_size, max_tokens
         self.seqs = [self.table.add_sequence() for _ in range(batch_size)]
         self.layers = [LayerCache(self, i, spec) for i, spec in enumerate(specs)]
+        self.host = host
+        if host is not None:
+            share = host.budget_bytes // len(self.layers)
+            for layer in self.layers:
+                layer.host = LayerHost(layer, host, share)
         self._block_table: Optional[Tensor] = None
         self._lengths: dict[tuple, tuple[Tensor, Tensor]] = {}
         self.static = False
@@ -112,6 +143,8 @@ class PagedKVCache:
         rows of the device block table whose pages changed are refreshed, the others kept:
         a decode step moves a few entries, not the whole table."""
         S = self.page_size
+        if self.host is not None and any(n > self.table.length(s) for n, s in zip(tokens, self.seqs)):
+            self._spill(tokens)  # a new step (the first layer's call): the last one is done
         held = [-(-self.table.length(s) // S) for s in self.seqs]
         copies = self.table.reserve(self.seqs, tokens)
         if copies:
@@ -130,6 +163,34 @@ class PagedKVCache:
             self.table.fill_block_table([self.seqs[b] for b in rows], fresh)
             index = torch.tensor(list(rows), device=self.device)
             self._block_table.index_copy_(0, index, fresh.to(self.device))
+
+    def _spill(self, tokens: list[int]) -> None:
+        """Before a step to ``tokens`` per sequence: every layer's chunks that level 1 is done
+        with go to its store, then the pages all layers spilled return to the pool (their
+        block-table entries become -1; no op reads them: levels 1 and 3 read the window and
+        the store)."""
+        grow = max(n - self.table.length(s) for n, s in zip(tokens, self.seqs))
+        if grow > self.host.step_tokens:
+            raise ValueError(f"T: a step of {grow} tokens, beyond the host tier's step_tokens "
+                             f"= {self.host.step_tokens} (prefill long prompts in pieces)")
+        changed = False
+        for b, seq in enumerate(self.seqs):
+            n = self.table.length(seq)
+            row = self.table.pages(seq)
+            for layer in self.layers:
+                layer.host.spill(layer, b, seq, n, row)
+            front = min(layer.host.spilled_tokens(seq) for layer in self.layers)
+            if front // self.page_size > self.table.released(seq):
+                self.table.release_front(seq, front)
+                changed = True
+        if changed and self._block_table is not None:
+            table = torch.empty((self.batch_size, self.table.max_pages_per_seq), dtype=torch.int32)
+            self.table.fill_block_table(self.seqs, table)
+            self._block_table.copy_(table.to(self.device))
+
+    def host_bytes(self) -> int:
+        """Bytes the DRAM tier holds (every layer's stored chunks)."""
+        return sum(layer.host.store.bytes_used for layer in self.layers) if self.host else 0
 
     def block_table(self) -> Tensor:
         """``(B, W)`` int32 on the cache's device: made once, its rows refreshed in place as
@@ -158,9 +219,10 @@ class PagedKVCache:
         (the paged ops must then run without host checks too). The model drives a static
         cache: it calls :meth:`advance` after all layers (``GPT.forward`` does); the modules'
         steps only read the lengths."""
-        if any(layer.spec.recall_chunk for layer in self.layers):
-            raise ValueError("make_static: recall updates its chunk signatures on the host's "
-                             "schedule; a static cache of a recall layer is not supported")
+        if any(layer.spec.recall_chunk or layer.spec.summary_stride for layer in self.layers):
+            raise ValueError("make_static: recall's chunk signatures and level 2's summaries "
+                             "are updated on the host's schedule; a static cache of such a "
+                             "layer is not supported")
         if tokens > self.max_tokens or tokens < max(self.layers[0].written, default=0):
             raise ValueError(f"tokens: must be between the longest sequence "
                              f"({max(self.layers[0].written)}) and max_tokens "
@@ -194,9 +256,12 @@ class PagedKVCache:
         if self.static:
             raise ValueError("truncate: a static cache keeps its pages (make a new cache)")
         for b, (seq, n) in enumerate(zip(self.seqs, lengths)):  # all checked, then changed
-            if not 0 <= n <= self.table.length(seq):
+            kept = max((layer.host.spilled_tokens(seq) for layer in self.layers), default=0) \
+                if self.host else 0
+            if not kept <= n <= self.table.length(seq):
+                held = f" ({kept} of them in host memory)" if kept else ""
                 raise ValueError(f"lengths: sequence {b} holds {self.table.length(seq)} "
-                                 f"tokens, cannot keep {n}")
+                                 f"tokens{held}, cannot keep {n}")
         for seq, n in zip(self.seqs, lengths):
             self.table.truncate(seq, n)
         for layer in self.layers:
@@ -212,6 +277,9 @@ class PagedKVCache:
             raise ValueError(f"rows: expected indices into the batch of {self.batch_size}, got {rows}")
         if self.static:
             raise ValueError("reorder: a static cache keeps its rows (make a new cache)")
+        if self.host is not None:
+            raise ValueError("reorder: a cache with a host tier keeps its rows (its spilled "
+                             "chunks belong to one sequence each)")
         if getattr(self, "_view_of", None) is not None:
             raise ValueError("reorder: this is select()'s view of some rows; reorder the cache "
                              "it came from")
@@ -266,7 +334,7 @@ class PagedKVCache:
     def used_bytes(self) -> int:
         """Bytes of the pages sequences hold (a page shared by several counted once) plus
         the states."""
-        pages = {p for s in self.seqs for p in self.table.pages(s)}
+        pages = {p for s in self.seqs for p in self.table.pages(s) if p >= 0}
         return sum(len(pages) * layer.spec.bytes_per_page(self.page_size, self.dtype)
                    + sum(s.numel() * s.element_size() for s in layer.states.values())
                    for layer in self.layers)
@@ -300,7 +368,12 @@ class LayerCache:
             chunks = math.ceil(parent.max_tokens / spec.recall_chunk)
             self.states["chunk_signs"] = torch.zeros(
                 (parent.batch_size, chunks, G, spec.recall_bits), device=dev, dtype=torch.int8)
+        if spec.summary_stride:  # in the cache's dtype, as a full forward computes them
+            n = math.ceil(parent.max_tokens / spec.summary_stride)
+            for name in ("summary_k", "summary_v"):
+                self.states[name] = torch.zeros((parent.batch_size, n, G, dk), device=dev, dtype=dt)
         self.written = [0] * parent.batch_size
+        self.host: Optional[LayerHost] = None  # the DRAM tier's store, set by the parent
 
     @property
     def batch_size(self) -> int:
@@ -342,6 +415,18 @@ class LayerCache:
         reading the same memory)."""
         for name, value in states.items():
             self.states[name].copy_(value)
+
+    def write_summaries(self, ek: Tensor, ev: Tensor, before: Sequence[int]) -> None:
+        """Keeps the EMA keys/values ``ek, ev: (B, T, G, d)`` of a step's tokens (sequence
+        ``b``'s start at position ``before[b]``) at the chunk ends among them."""
+        s = self.spec.summary_stride
+        for b, n0 in enumerate(before):
+            first = (n0 + 1 + s - 1) // s * s - 1 - n0  # the first chunk end at or after n0
+            rows = torch.tensor(range(first, ek.shape[1], s), dtype=torch.long)
+            if rows.numel():
+                index = (n0 + rows) // s
+                self.states["summary_k"][b, index] = ek[b, rows].to(self.dtype)
+                self.states["summary_v"][b, index] = ev[b, rows].to(self.dtype)
 
     def page_tensors(self) -> list[Tensor]:
         return [t for t in (self.k_pages, self.v_pages, self.k_page_states, self.v_page_states)

@@ -17,9 +17,10 @@ from torch import Tensor
 
 
 def check_slots(block_table: Tensor, ends: Tensor, num_pages: int, page_size: int,
-                what: str, starts: Optional[Tensor] = None) -> None:
-    """Every page holding tokens ``[0, ends[b])`` of sequence ``b`` is a valid index; with
-    ``starts`` (a write of tokens ``[starts[b], ends[b])``) no page is written by two
+                what: str, starts: Optional[Tensor] = None, begin: int = 0) -> None:
+    """Every page holding tokens ``[begin, ends[b])`` of sequence ``b`` is a valid index
+    (entries before may be -1: pages the DRAM tier gave back); with ``starts`` (a write of
+    tokens ``[starts[b], ends[b])``, checked from ``starts[b]``) no page is written by two
     sequences."""
     ends = ends.long().cpu()
     if (ends < 0).any():
@@ -30,7 +31,9 @@ def check_slots(block_table: Tensor, ends: Tensor, num_pages: int, page_size: in
         b = int(torch.nonzero(need > W)[0])
         raise ValueError(f"{what}: sequence {b} needs {int(ends[b])} token slots, more than its "
                          f"block table row holds ({W} pages of {page_size} tokens)")
-    used = torch.arange(W)[None, :] < need[:, None]
+    first = (starts.long().cpu() if starts is not None else torch.full_like(ends, begin))
+    pages = torch.arange(W)[None, :]
+    used = (pages < need[:, None]) & (pages >= first[:, None] // page_size)
     table = block_table.cpu()
     bad = used & ((table < 0) | (table >= num_pages))
     if bad.any():
@@ -102,15 +105,15 @@ def _held(seqlens: Tensor, n: int) -> Tensor:
     return (torch.arange(n, device=seqlens.device)[None, :] < seqlens.long()[:, None])[..., None, None]
 
 
-def gather(pages: Tensor, block_table: Tensor, n: int, seqlens: Tensor) -> Tensor:
-    """The first ``n`` tokens of each sequence's pages, ``(B, n, G, d)``; slots past a
-    sequence's length read as zeros (never written, they may hold anything — a NaN there
-    would turn its zero attention weight into NaN)."""
+def gather(pages: Tensor, block_table: Tensor, n: int, seqlens: Tensor, first: int = 0) -> Tensor:
+    """Tokens ``[first, n)`` of each sequence's pages (``first`` a multiple of the page size),
+    ``(B, n - first, G, d)``; slots past a sequence's length read as zeros (never written, they
+    may hold anything — a NaN there would turn its zero attention weight into NaN)."""
     S = pages.shape[1]
     W = max(1, math.ceil(n / S))
-    idx = block_table[:, :W].long().clamp(min=0)
-    x = pages[idx].flatten(1, 2)[:, :n]
-    return torch.where(_held(seqlens, n), x, 0.0)
+    idx = block_table[:, first // S:W].long().clamp(min=0)
+    x = pages[idx].flatten(1, 2)[:, :n - first]
+    return torch.where(_held(seqlens, n)[:, first:], x, 0.0)
 
 
 def page_ema(pages: Tensor, states: Tensor, block_table: Tensor, n: int, beta: float,
@@ -132,11 +135,13 @@ def page_ema(pages: Tensor, states: Tensor, block_table: Tensor, n: int, beta: f
     return y.flatten(1, 2)[:, :n].to(pages.dtype)
 
 
-def _mask(Tq: int, n: int, seqlens: Tensor, causal: bool, window: Optional[int]) -> Tensor:
-    """(B, Tq, n) bool: query i of sequence b sees key j (bottom-right per sequence)."""
+def _mask(Tq: int, n: int, seqlens: Tensor, causal: bool, window: Optional[int],
+          first: int = 0) -> Tensor:
+    """(B, Tq, n - first) bool: query i of sequence b sees key j in [first, n) (bottom-right
+    per sequence)."""
     L = seqlens.long()[:, None, None]
     i = torch.arange(Tq, device=seqlens.device)[None, :, None] + (L - Tq)
-    j = torch.arange(n, device=seqlens.device)[None, None, :]
+    j = torch.arange(first, n, device=seqlens.device)[None, None, :]
     vis = j < L
     if causal:
         vis = vis & (j <= i)
@@ -160,10 +165,15 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, vis: Tensor, scale: Optional[float]
 def paged_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor,
                     seqlens: Tensor, causal: bool = True, scale: Optional[float] = None,
                     window: Optional[int] = None) -> Tensor:
-    check_slots(block_table, seqlens, k_pages.shape[0], k_pages.shape[1], "seqlens")
+    S = k_pages.shape[1]
     n = int(seqlens.max()) if seqlens.numel() else 0
-    k, v = gather(k_pages, block_table, n, seqlens), gather(v_pages, block_table, n, seqlens)
-    return _attend(q, k, v, _mask(q.shape[1], n, seqlens, causal, window), scale)
+    # with a window, no row reads below the first row's window start in the shortest sequence
+    lo = 0 if window is None or not seqlens.numel() else \
+        max(0, int(seqlens.min()) - q.shape[1] - window + 1) // S * S
+    check_slots(block_table, seqlens, k_pages.shape[0], S, "seqlens", begin=lo)
+    k = gather(k_pages, block_table, n, seqlens, lo)
+    v = gather(v_pages, block_table, n, seqlens, lo)
+    return _attend(q, k, v, _mask(q.shape[1], n, seqlens, causal, window, lo), scale)
 
 
 def paged_mka_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, k_page_states: Tensor,

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..memory import LayerCache, PagedKVCache
+from ..memory.host_tier import HostTier
 from ..nn import ATTENTION_REGISTRY, build_attention, check_attention_config
 from ..nn.backends import BACKENDS
 
@@ -164,10 +165,12 @@ class GPT(nn.Module):
 
     def new_caches(self, batch_size: int, device: Optional[torch.device] = None,
                    dtype: Optional[torch.dtype] = None, *, page_size: int = 16,
-                   num_pages: Optional[int] = None) -> PagedKVCache:
+                   num_pages: Optional[int] = None,
+                   host: Optional[HostTier] = None) -> PagedKVCache:
         """One paged KV cache for every layer (``caches[i]`` is layer ``i``'s), sequences of up
         to ``block_size`` tokens. Device defaults to the model's; dtype to the autocast dtype
-        when autocast is on there (what the keys will be), else the model's."""
+        when autocast is on there (what the keys will be), else the model's. ``host``: the
+        DRAM tier (SPEC §7.3; MKA layers with a window, ``ema_stride > 1`` and recall)."""
         p = self.wte.weight
         device = p.device if device is None else torch.device(device)
         if dtype is None:
@@ -175,17 +178,20 @@ class GPT(nn.Module):
             dtype = torch.get_autocast_dtype(device.type) if autocast else p.dtype
         return PagedKVCache([b.attn.cache_spec() for b in self.blocks], batch_size,
                             max_tokens=self.config.block_size, page_size=page_size,
-                            num_pages=num_pages, device=device, dtype=dtype)
+                            num_pages=num_pages, device=device, dtype=dtype, host=host)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: Optional[int] = None, greedy: bool = False):
+                 top_k: Optional[int] = None, greedy: bool = False,
+                 host: Optional[HostTier] = None):
         """Appends ``max_new_tokens`` tokens to each prompt: ``idx`` is ``(B, T)`` or a list of
         1-d prompts of different lengths (then a list comes back). Prompts are prefilled into
         one paged cache (batched when they are as long, else one at a time), then every step
         decodes one token for all sequences at once, each at its own position. Past
         ``block_size`` the context slides as in nanoGPT: learned positions end at
-        ``block_size``, so each step refills the caches from the last ``block_size`` tokens."""
+        ``block_size``, so each step refills the caches from the last ``block_size`` tokens.
+        ``host``: keep chunks outside the attention window in host memory (SPEC §7.3);
+        prompts are then prefilled in steps of ``host.step_tokens``."""
         if not greedy and not temperature > 0:
             raise ValueError(f"temperature: must be > 0 when sampling, got {temperature!r}")
         if top_k is not None and top_k < 1:
@@ -195,7 +201,7 @@ class GPT(nn.Module):
         if not seqs or any(p.numel() == 0 for p in seqs):
             raise ValueError("idx: every prompt needs at least one token")
         new = torch.empty(len(seqs), 0, dtype=torch.long, device=seqs[0].device)
-        caches, logits = self._prefill(seqs)
+        caches, logits = self._prefill(seqs, host)
         for step in range(max_new_tokens):
             nxt = self._pick(logits, temperature, top_k, greedy)
             new = torch.cat((new, nxt), dim=1)
@@ -204,23 +210,32 @@ class GPT(nn.Module):
             if max(caches[0].lengths) < self.config.block_size:
                 logits = self(nxt, caches=caches)[0][:, -1]
             else:
-                caches, logits = self._prefill([torch.cat((p, n)) for p, n in zip(seqs, new)])
+                caches, logits = self._prefill([torch.cat((p, n)) for p, n in zip(seqs, new)],
+                                               host)
         if ragged:
             return [torch.cat((p, n)) for p, n in zip(seqs, new)]
         return torch.cat((idx, new), dim=1)
 
-    def _prefill(self, seqs: list[Tensor]) -> tuple[PagedKVCache, Tensor]:
+    def _prefill(self, seqs: list[Tensor],
+                 host: Optional[HostTier] = None) -> tuple[PagedKVCache, Tensor]:
         """A fresh cache holding the last ``block_size`` tokens of each sequence, and each
         sequence's logits after its last token ``(B, vocab)``."""
         block = self.config.block_size
         seqs = [p[-block:] for p in seqs]
-        caches = self.new_caches(len(seqs))
+        caches = self.new_caches(len(seqs), host=host)
+        step = block if host is None else host.step_tokens
+
+        def run(x: Tensor, cache: PagedKVCache) -> Tensor:  # in steps the cache takes
+            for i in range(0, x.shape[1], step):
+                logits = self(x[:, i:i + step], caches=cache)[0]
+            return logits[:, -1]
+
         if len({p.numel() for p in seqs}) == 1:
-            return caches, self(torch.stack(seqs), caches=caches)[0][:, -1]
+            return caches, run(torch.stack(seqs), caches)
         last = []
         for b, p in enumerate(seqs):
             with caches.select([b]) as one:
-                last.append(self(p[None], caches=one)[0][:, -1])
+                last.append(run(p[None], one))
         return caches, torch.cat(last)
 
     @staticmethod

@@ -38,11 +38,19 @@ class PageTable {
   // Drops the tokens from position `tokens` on (speculative decoding's rejected tail);
   // pages left empty are released.
   void truncate(int64_t seq, int64_t tokens);
+  // Releases the pages wholly before position `tokens` (the DRAM tier spilled them): their
+  // block-table entries become -1, the length stays. Already released pages are skipped; a
+  // page shared with another sequence stays with it. Positions before the released front can
+  // no longer be written or truncated to.
+  void release_front(int64_t seq, int64_t tokens);
   // Releases the sequence's pages and its id.
   void free(int64_t seq);
 
   int64_t length(int64_t seq) const;
+  // The block table entries of `seq` (-1 for released pages).
   std::vector<int32_t> pages(int64_t seq) const;
+  // Leading pages of `seq` released by release_front.
+  int64_t released(int64_t seq) const;
   int32_t refcount(int32_t page) const;
   // Writes the tables of `seqs` as rows of `width` >= max_pages_per_seq entries of `out`,
   // `ld` apart, unused entries -1.
@@ -59,6 +67,7 @@ class PageTable {
   struct Sequence {
     bool live = false;
     int64_t length = 0;
+    int64_t released = 0;  // leading pages given back by release_front (entries -1)
     std::vector<int32_t> pages;
   };
   const Sequence& live(int64_t seq) const;

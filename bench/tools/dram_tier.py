@@ -1,0 +1,106 @@
+"""Decoding with the DRAM tier (SPEC §7.3) at long contexts: a stack of MKA layers (window,
+level 2 over EMA summaries, level 3 by recall) prefilled to each context length in steps,
+then decode steps timed. Reports, per context: the device-side bytes the cache holds (pages
+in use, summaries, signatures, states) against the full KV bytes of the context, the host
+bytes, the bytes recalled from host memory per decode step, and the step time — beside the
+all-resident cache where it fits (``--resident-max``).
+
+    python bench/tools/dram_tier.py --contexts 16384,65536,262144,1048576 --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from mka.memory import HostTier, PagedKVCache
+from mka.nn import MKAAttention
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run(args, context: int, host: bool) -> dict:
+    torch.manual_seed(0)
+    dev, dt = torch.device(args.device), getattr(torch, args.dtype)
+    layers = [MKAAttention(args.n_embd, args.heads, args.kv_heads, levels=3,
+                           recall_chunk=args.chunk, recall_top=args.top, window=args.window,
+                           ema_stride=args.chunk).to(dev, dt).eval() for _ in range(args.layers)]
+    tier = HostTier(args.host_gib << 30, step_tokens=args.step) if host else None
+    total = context + args.decode
+    cache = PagedKVCache([m.cache_spec() for m in layers], 1, max_tokens=total,
+                         page_size=args.page_size, device=dev, dtype=dt, host=tier)
+    x = torch.randn(1, total, args.n_embd, device=dev, dtype=dt)
+
+    def forward(h: torch.Tensor) -> None:
+        for m, c in zip(layers, cache):
+            h = m(h, cache=c)
+
+    with torch.no_grad():
+        start = time.perf_counter()
+        for t in range(0, context, args.step):
+            forward(x[:, t:min(t + args.step, context)])
+        _sync(dev)
+        prefill_s = time.perf_counter() - start
+        read0 = sum(c.host.read_bytes for c in cache) if host else 0
+        times = []
+        for t in range(context, total):
+            _sync(dev)
+            t0 = time.perf_counter()
+            forward(x[:, t:t + 1])
+            _sync(dev)
+            times.append(time.perf_counter() - t0)
+    spec = layers[0].cache_spec()
+    kv = total * spec.bytes_per_token(dt) * args.layers
+    pages = {p for s in cache.seqs for p in cache.table.pages(s) if p >= 0}
+    page_bytes = len(pages) * sum(m.cache_spec().bytes_per_page(args.page_size, dt) for m in layers)
+    states = sum(t.numel() * t.element_size() for c in cache for t in c.states.values())
+    read = (sum(c.host.read_bytes for c in cache) - read0) / args.decode if host else 0
+    return dict(context=context, mode="host tier" if host else "resident", kv_mb=kv / 2**20,
+                device_mb=(page_bytes + states) / 2**20, device_pct=100 * (page_bytes + states) / kv,
+                host_mb=cache.host_bytes() / 2**20, read_kb=read / 2**10,
+                step_ms=1e3 * statistics.median(times), prefill_s=prefill_s)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--contexts", default="16384,65536")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--n-embd", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--chunk", type=int, default=64)
+    p.add_argument("--top", type=int, default=8)
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--step", type=int, default=1024, help="prefill step (tokens)")
+    p.add_argument("--decode", type=int, default=16, help="decode steps timed")
+    p.add_argument("--host-gib", type=int, default=16)
+    p.add_argument("--resident-max", type=int, default=65536,
+                   help="longest context also run with every page resident")
+    args = p.parse_args()
+    rows = []
+    for n in (int(c) for c in args.contexts.split(",")):
+        if n <= args.resident_max:
+            rows.append(run(args, n, host=False))
+        rows.append(run(args, n, host=True))
+        r = rows[-1]
+        print(f"# {r['context']}: prefill {r['prefill_s']:.1f} s", flush=True)
+    print(f"\n{args.layers} MKA layers, d_model {args.n_embd}, H {args.heads}, G {args.kv_heads}, "
+          f"window {args.window}, chunk {args.chunk}, top {args.top}, {args.dtype} on {args.device}")
+    print("| context | cache | full KV MB | device MB (% of KV) | host MB | recalled KB/step | decode ms/step |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['context']} | {r['mode']} | {r['kv_mb']:.1f} | {r['device_mb']:.1f} "
+              f"({r['device_pct']:.1f}%) | {r['host_mb']:.1f} | {r['read_kb']:.0f} | {r['step_ms']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
