@@ -78,7 +78,7 @@ def test_resume_equals_uninterrupted_run(corpus_file, tmp_path):
     assert (tmp_path / "pieces" / "hf-none" / "hf" / "tokenizer.json").is_file()
 
 
-@pytest.mark.parametrize("conversion", ["none", "fastmka"])
+@pytest.mark.parametrize("conversion", ["none", "fastmka", "mka-recall"])
 def test_bf16_autocast_trains(corpus_file, tmp_path, conversion):
     # under autocast q and k leave RoPE in float32 while v is bf16: the attention casts them as sdpa does
     argv = hf_args(tmp_path, corpus_file, "--hf-config", inline(config()), "--hf-convert", conversion,

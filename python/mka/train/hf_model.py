@@ -121,7 +121,7 @@ def build(s: Settings, variant: str, vocab_size: int, backend: str, reason: str,
             hf.convert(model, **options)
     if conversion != "none" and hf_source.saved_conversion(s) is None:
         opts = {k: v for k, v in (("beta", s.hf_beta), ("init_gap", s.hf_init_gap)) if v is not None}
-        hf.convert(model, conversion, **opts)
+        hf.convert(model, **hf_source.CONVERT_OPTIONS[conversion], **opts)
     text = model.config.get_text_config(decoder=True)
     if vocab_size > text.vocab_size:
         source = f"{s.hf_model}'s tokenizer" if hf_source.tokenizer_folder(s) else f"--tokenizer {s.tokenizer}"

@@ -10,7 +10,10 @@ from typing import Optional
 
 from .options import ConfigError, Settings
 
-CONVERSIONS = ("fastmka", "mka", "none")
+CONVERSIONS = ("fastmka", "mka", "mka-recall", "none")
+# What each --hf-convert name asks of mka.integrations.hf.convert.
+CONVERT_OPTIONS = {"fastmka": {"variant": "fastmka"}, "mka": {"variant": "mka"},
+                   "mka-recall": {"variant": "mka", "levels": 3}}
 CONFIG_KEY = "mka"  # the converter's entry in config.json (mka.integrations.hf.conversion)
 # Files that mark a folder as holding a tokenizer AutoTokenizer can load.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -75,7 +78,9 @@ def saved_conversion(s: Settings) -> Optional[str]:
     if s.hf_model is None:
         return None
     options = config_dict(s).get(CONFIG_KEY)
-    return options.get("variant") if isinstance(options, dict) else None
+    if not isinstance(options, dict):
+        return None
+    return "mka-recall" if options.get("levels") == 3 else options.get("variant")
 
 
 def conversions(s: Settings) -> list[str]:

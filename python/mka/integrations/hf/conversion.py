@@ -5,6 +5,9 @@ query after RoPE, as ``mka.nn``'s modules route) and switches the model to the
 implementation that runs ``mka.fastmka`` (key-side routing) or ``mka.mka`` (query-side).
 The router starts at ``lam = (1, 2**-25)``: level 1 (the attention the model had) takes the
 whole weight to float32 precision, so the converted model computes what the original did.
+``levels=3`` (MKA) adds level 3 by recall (SPEC §7.2): chunks of the layer's own earlier keys
+recalled by SimHash, outside its sliding window if it has one; the router starts with
+``lam = (1, 2**-26, 2**-26)``.
 
 Cached generation: ``mka.mka`` recomputes level 2's EMA over every cached key inside the
 op, so transformers' ``DynamicCache`` holding the raw keys/values is all its decode needs.
@@ -26,6 +29,7 @@ from torch import Tensor, nn
 from transformers.cache_utils import DynamicLayer
 
 import mka
+from mka.memory.recall import Recall, recall_attention
 from mka.nn import Router
 
 from .attention import over_sequences, prepare
@@ -34,25 +38,32 @@ from .paged_cache import PagedKV
 ROUTED_IMPLEMENTATIONS = {"fastmka": "mka_fastmka", "mka": "mka_mka"}
 CONFIG_KEY = "mka"  # the conversion's options in config.json
 _ROUTER_PATTERN = r"\.mka_router\."
+_ADDED_PATTERN = r"\.mka_(router|recall)\."  # what convert() adds (recall: fixed hyperplanes)
 # Router bias of level 1 over level 2: lam_1 = 2**-25, below half of float32's epsilon, so
 # lam_0 rounds to exactly 1 in float32.
 INIT_GAP = math.log(4 / torch.finfo(torch.float32).eps)
 
 
 def convert(model: nn.Module, variant: str = "fastmka", beta: float = 0.9, levels: int = 2,
-            router_hidden: int = 64, init_gap: float = INIT_GAP) -> nn.Module:
+            router_hidden: int = 64, init_gap: float = INIT_GAP,
+            recall: Optional[dict] = None) -> nn.Module:
     """Adds a router to each attention layer of ``model`` (in place; returned too) and sets
     its attention implementation to ``"mka_fastmka"`` or ``"mka_mka"``. ``init_gap``: the
-    router's initial bias of level 1 over level 2 (the default makes outputs equal to the
+    router's initial bias of level 1 over the others (the default makes outputs equal to the
     original's in float32; a smaller gap gives the router larger gradients at the start of
-    fine-tuning, at the price of that equality). Options go to ``model.config.mka``."""
+    fine-tuning, at the price of that equality). ``levels=3`` (``variant="mka"``): level 3 by
+    recall, ``recall`` its options (``chunk`` 64, ``top`` 4, ``tables`` 4, ``bits`` 16,
+    ``seed`` 0: :class:`mka.memory.recall.Recall`). Options go to ``model.config.mka``."""
     if variant not in ROUTED_IMPLEMENTATIONS:
         raise ValueError(f"variant: expected one of {sorted(ROUTED_IMPLEMENTATIONS)}, got {variant!r}")
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
         raise ValueError(f"beta: the EMA decay must be a float in [0, 1), got {beta!r}")
-    if levels != 2:
-        raise ValueError(f"levels: converted models have levels=2 (local + session EMA); level 3 "
-                         f"needs the long-term chunk store, got {levels!r}")
+    if levels not in (2, 3) or (levels == 3 and variant != "mka"):
+        raise ValueError(f"levels: 2 (local + session EMA), or 3 with variant='mka' (+ recall "
+                         f"of earlier chunks), got levels={levels!r}, variant={variant!r}")
+    if recall is not None and levels != 3:
+        raise ValueError("recall: level 3's options; set levels=3")
+    recall = _recall_options(recall) if levels == 3 else None
     if not math.isfinite(init_gap):
         raise ValueError(f"init_gap: must be finite, got {init_gap!r}")
     layers = attention_layers(model)
@@ -62,14 +73,26 @@ def convert(model: nn.Module, variant: str = "fastmka", beta: float = 0.9, level
         with torch.no_grad():
             router.out.weight.zero_()
             router.out.bias.zero_()
-            router.out.bias[0] = init_gap
+            # the levels after the first share e^-gap: 2**-25 in all, as with two levels
+            router.out.bias[0] = init_gap + math.log(levels - 1)
         layer.mka_router = router.to(device=param.device, dtype=param.dtype)
         layer.mka_beta = float(beta)
+        if recall is not None:
+            layer.mka_recall = Recall(layer.head_dim, **recall).to(param.device)
         _watch_cache(layer)
     setattr(model.config, CONFIG_KEY, {"variant": variant, "beta": float(beta), "levels": levels,
-                                      "router_hidden": router_hidden})
+                                      "router_hidden": router_hidden,
+                                      **({"recall": recall} if recall else {})})
     model.set_attn_implementation(ROUTED_IMPLEMENTATIONS[variant])
     return model
+
+
+def _recall_options(recall: Optional[dict]) -> dict:
+    options = {"chunk": 64, "top": 4, "tables": 4, "bits": 16, "seed": 0}
+    unknown = sorted(set(recall or {}) - set(options))
+    if unknown:
+        raise ValueError(f"recall: unknown options {unknown} (allowed: {sorted(options)})")
+    return {**options, **(recall or {})}
 
 
 def attention_layers(model: nn.Module) -> list[nn.Module]:
@@ -100,7 +123,7 @@ def load_converted(path: str, **kwargs) -> nn.Module:
     # The routers are loaded below; the class-level pattern keeps from_pretrained from
     # reporting them as unexpected weights while it builds the model.
     ignored = model_cls._keys_to_ignore_on_load_unexpected
-    model_cls._keys_to_ignore_on_load_unexpected = [*(ignored or []), _ROUTER_PATTERN]
+    model_cls._keys_to_ignore_on_load_unexpected = [*(ignored or []), _ADDED_PATTERN]
     try:
         model = model_cls.from_pretrained(path, config=config, **kwargs)
     finally:
@@ -176,13 +199,23 @@ def mka_routed_attention_forward(module: nn.Module, query: Tensor, key: Tensor, 
     first key (the first real token under left padding)."""
     q, k, v, spec = prepare(module, query, key, value, attention_mask, dropout, sliding_window, kwargs)
     lam = module.mka_router(q)
+    recall = getattr(module, "mka_recall", None)
     if isinstance(key, PagedKV):  # level 2 from the page checkpoints, no re-scan
+        if recall is not None:
+            raise ValueError("past_key_values: a converted model with level 3 (recall) decodes "
+                             "with a DynamicCache; the paged cache of the HF integration has no "
+                             "recall yet")
         return key.layer.attend("mka", q, k, v, spec, scaling, lam, module.mka_beta), None
     _cache_layer(module, q.shape[1], k.shape[1])
 
     def call(q, k, v, lam):
-        return mka.mka(q, k, v, lam, module.mka_beta, causal=True, scale=scaling,
-                       window=spec.window)[0]
+        out = mka.mka(q, k, v, lam[..., :2], module.mka_beta, causal=True, scale=scaling,
+                      window=spec.window)[0]
+        if recall is None:
+            return out
+        o3 = recall_attention(q, k, v, chunk=recall.chunk, top=recall.top, planes=recall.planes,
+                              window=spec.window, scale=scaling)[0]
+        return out + lam[..., 2, None, None].to(out.dtype) * o3
     return over_sequences(call, q, k, v, spec.left_padding, query_side=lam), None
 
 
