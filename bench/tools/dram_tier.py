@@ -86,20 +86,17 @@ def main() -> None:
     p.add_argument("--resident-max", type=int, default=65536,
                    help="longest context also run with every page resident")
     args = p.parse_args()
-    rows = []
-    for n in (int(c) for c in args.contexts.split(",")):
-        if n <= args.resident_max:
-            rows.append(run(args, n, host=False))
-        rows.append(run(args, n, host=True))
-        r = rows[-1]
-        print(f"# {r['context']}: prefill {r['prefill_s']:.1f} s", flush=True)
-    print(f"\n{args.layers} MKA layers, d_model {args.n_embd}, H {args.heads}, G {args.kv_heads}, "
+    print(f"{args.layers} MKA layers, d_model {args.n_embd}, H {args.heads}, G {args.kv_heads}, "
           f"window {args.window}, chunk {args.chunk}, top {args.top}, {args.dtype} on {args.device}")
-    print("| context | cache | full KV MB | device MB (% of KV) | host MB | recalled KB/step | decode ms/step |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['context']} | {r['mode']} | {r['kv_mb']:.1f} | {r['device_mb']:.1f} "
-              f"({r['device_pct']:.1f}%) | {r['host_mb']:.1f} | {r['read_kb']:.0f} | {r['step_ms']:.2f} |")
+    print("| context | cache | full KV MB | device MB (% of KV) | host MB | recalled KB/step "
+          "| decode ms/step | prefill s |")
+    print("|---|---|---|---|---|---|---|---|", flush=True)
+    for n in (int(c) for c in args.contexts.split(",")):
+        for host in ((False, True) if n <= args.resident_max else (True,)):
+            r = run(args, n, host)
+            print(f"| {r['context']} | {r['mode']} | {r['kv_mb']:.1f} | {r['device_mb']:.1f} "
+                  f"({r['device_pct']:.1f}%) | {r['host_mb']:.1f} | {r['read_kb']:.0f} "
+                  f"| {r['step_ms']:.2f} | {r['prefill_s']:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
