@@ -12,6 +12,8 @@
 #   BENCH_ARGS=...   extra flags for the benchmark, e.g. "--seqs 2k,8k --rounds 3"
 #   AB="SET SET..."  A/B kernel-option sets (mka bench --ab), e.g. AB="scan=1pass scan=3pass";
 #                    AB_ARGS=... extra flags for it (default "--impls attention,fastmka,mka")
+#   DRAM=1           also decode with the DRAM tier at 16k..1M tokens (bench/tools/dram_tier.py);
+#                    DRAM_ARGS=... its flags (default: bf16, those contexts, resident up to 256k)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/mka_gpu_suite_$(date -u +%Y%m%d_%H%M)}"
@@ -70,4 +72,11 @@ if [ -n "${AB:-}" ]; then
   # shellcheck disable=SC2086
   python3 -m mka.cli bench --preset gpu-suite ${AB_ARGS:---impls attention,fastmka,mka} --ab $AB --json "$OUT/ab.json" \
     2>&1 | tee "$OUT/ab.log" | tee -a "$LOG"
+fi
+
+if [ "${DRAM:-0}" = 1 ]; then
+  step "DRAM tier decode (bench/tools/dram_tier.py ${DRAM_ARGS:-})"
+  # shellcheck disable=SC2086
+  python3 bench/tools/dram_tier.py ${DRAM_ARGS:---dtype bfloat16 --device cuda --contexts 16384,65536,262144,1048576 --resident-max 262144} \
+    2>&1 | tee "$OUT/dram_tier.log" | tee -a "$LOG"
 fi

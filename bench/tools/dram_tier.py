@@ -31,7 +31,8 @@ def run(args, context: int, host: bool) -> dict:
     layers = [MKAAttention(args.n_embd, args.heads, args.kv_heads, levels=3,
                            recall_chunk=args.chunk, recall_top=args.top, window=args.window,
                            ema_stride=args.chunk).to(dev, dt).eval() for _ in range(args.layers)]
-    tier = HostTier(args.host_gib << 30, step_tokens=args.step) if host else None
+    tier = (HostTier(args.host_gib << 30, pinned=dev.type == "cuda", step_tokens=args.step)
+            if host else None)  # page-locked on the GPU host: asynchronous copies
     total = context + args.decode
     cache = PagedKVCache([m.cache_spec() for m in layers], 1, max_tokens=total,
                          page_size=args.page_size, device=dev, dtype=dt, host=tier)

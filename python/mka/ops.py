@@ -156,14 +156,14 @@ def _lse(q: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _attention_fwd_impl(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: _OptF,
-                        window: _OptI, kernels: str) -> Tuple[Tensor, Tensor]:
-    V.check_attention(q, k, v, scale, window, causal)
+                        window: _OptI, dropout_p: float, seed: _OptT,
+                        kernels: str) -> Tuple[Tensor, Tensor]:
+    V.check_attention(q, k, v, scale, window, causal, dropout_p, seed)
     cdt = _compute_dtype(q)
-    qc = _cast(q, cdt)
-    out = torch.empty_like(qc, memory_format=torch.contiguous_format)
+    out = q.new_empty(q.shape, dtype=cdt)
     lse = _lse(q, state_dtype(cdt))
-    _native(_C.attention_forward, q=qc, k=_cast(k, cdt), v=_cast(v, cdt), causal=causal,
-            scale=scale, window=window, out=out, lse=lse, **_launch(q, kernels))
+    _native(_C.attention_forward, **_attn_args(q, causal, scale, window, dropout_p, seed, cdt),
+            k=_cast(k, cdt), v=_cast(v, cdt), out=out, lse=lse, **_launch(q, kernels))
     return out.to(q.dtype), lse
 
 
@@ -171,20 +171,20 @@ _attention_fwd = _custom_op(_attention_fwd_impl)
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, causal, scale, window, kernels):
-    V.check_attention(q, k, v, scale, window, causal)
+def _(q, k, v, causal, scale, window, dropout_p, seed, kernels):
+    V.check_attention(q, k, v, scale, window, causal, dropout_p, seed)
     return torch.empty_like(q, memory_format=torch.contiguous_format), _lse(q, state_dtype(q.dtype))
 
 
 def _attention_bwd_impl(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
-                        causal: bool, scale: _OptF, window: _OptI,
-                        kernels: str) -> Tuple[Tensor, Tensor, Tensor]:
-    V.check_attention(q, k, v, scale, window, causal)
+                        causal: bool, scale: _OptF, window: _OptI, dropout_p: float,
+                        seed: _OptT, kernels: str) -> Tuple[Tensor, Tensor, Tensor]:
+    V.check_attention(q, k, v, scale, window, causal, dropout_p, seed)
     cdt = _compute_dtype(q)
     # Uninitialized: the kernels overwrite every element (accumulate=False), no zero fills.
     dq, dk, dv = (q.new_empty(t.shape, dtype=cdt) for t in (q, k, v))
-    _native(_C.attention_backward, q=_cast(q, cdt), k=_cast(k, cdt), v=_cast(v, cdt),
-            causal=causal, scale=scale, window=window, out=_cast(out, cdt), lse=lse.contiguous(),
+    _native(_C.attention_backward, **_attn_args(q, causal, scale, window, dropout_p, seed, cdt),
+            k=_cast(k, cdt), v=_cast(v, cdt), out=_cast(out, cdt), lse=lse.contiguous(),
             dout=_cast(dout, cdt).contiguous(), dq=dq, dk=dk, dv=dv, accumulate=False,
             **_launch(q, kernels))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
@@ -194,8 +194,8 @@ _attention_bwd = _custom_op(_attention_bwd_impl)
 
 
 @_attention_bwd.register_fake
-def _(q, k, v, out, lse, dout, causal, scale, window, kernels):
-    V.check_attention(q, k, v, scale, window, causal)
+def _(q, k, v, out, lse, dout, causal, scale, window, dropout_p, seed, kernels):
+    V.check_attention(q, k, v, scale, window, causal, dropout_p, seed)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
@@ -203,18 +203,19 @@ def _(q, k, v, out, lse, dout, causal, scale, window, kernels):
 
 def _attention_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # unused outputs' grads stay None: no zero fills
-    q, k, v, causal, scale, window, kernels = inputs
+    q, k, v, causal, scale, window, dropout_p, seed, kernels = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.opts = (causal, scale, window, kernels)
+    ctx.save_for_backward(q, k, v, out, lse, seed)
+    ctx.opts = (causal, scale, window, dropout_p)
+    ctx.kernels = kernels
     ctx.mark_non_differentiable(lse)
 
 
 def _attention_backward(ctx, dout, _dlse):
-    q, k, v, out, lse = ctx.saved_tensors
+    q, k, v, out, lse, seed = ctx.saved_tensors
     bwd = _bwd(ctx, _attention_bwd, _attention_bwd_impl)
-    dq, dk, dv = bwd(q, k, v, out, lse, _grad(dout, out), *ctx.opts)
-    return dq, dk, dv, None, None, None, None
+    dq, dk, dv = bwd(q, k, v, out, lse, _grad(dout, out), *ctx.opts, seed, ctx.kernels)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 _attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup)
@@ -350,8 +351,9 @@ _route_fuse_fwd.register_autograd(_route_fuse_backward, setup_context=_route_fus
 
 # --------------------------------------------------------------------------- fastmka
 
-def _check_fastmka(q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window) -> None:
-    V.check_attention(q, k, v, scale, window, causal)
+def _check_fastmka(q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window,
+                   dropout_p=0.0, seed=None) -> None:
+    V.check_attention(q, k, v, scale, window, causal, dropout_p, seed)
     V.check_route(k, v, lam, beta, k3, v3, k_state, v_state, None, "(B, Tk, L)", True)
 
 
@@ -367,23 +369,36 @@ def _fastmka_saved(q: Tensor, k: Tensor, cdt: torch.dtype,
             k.new_empty((n,), dtype=torch.float32))
 
 
-def _attn_args(q: Tensor, causal: bool, scale: _OptF, window: _OptI, cdt: torch.dtype) -> dict:
-    """q in the compute dtype and the attention options (op_args.h: AttnOptions)."""
-    return {"q": _cast(q, cdt), "causal": causal, "scale": scale, "window": window}
+def _seed(dropout_p: float) -> _OptT:
+    """A call's dropout seed (SPEC §3.5), drawn from torch's default CPU generator (so
+    ``torch.manual_seed`` repeats it) as a one-element int64 tensor; None without dropout."""
+    if not dropout_p:
+        return None
+    return torch.randint(0, 2 ** 62, (1,), dtype=torch.int64)
+
+
+def _attn_args(q: Tensor, causal: bool, scale: _OptF, window: _OptI, dropout_p: float,
+               seed: _OptT, cdt: torch.dtype) -> dict:
+    """q in the compute dtype and the attention options (op_args.h: AttnOptions); the
+    dropout seed, a one-element int64 tensor, read on the host (it lives there)."""
+    return {"q": _cast(q, cdt), "causal": causal, "scale": scale, "window": window,
+            "dropout_p": float(dropout_p), "seed": None if seed is None else int(seed[0])}
 
 
 def _fastmka_fwd_impl(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: _OptT,
                       v3: _OptT, k_state: _OptT, v_state: _OptT, causal: bool, scale: _OptF,
-                      window: _OptI, kernels: str) -> Tuple[Tensor, Tensor, Tensor, Tensor,
-                                                            Tensor, Tensor, Tensor]:
+                      window: _OptI, dropout_p: float, seed: _OptT,
+                      kernels: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                             Tensor]:
     """Returns (out, lse, k_state, v_state, k_fused, v_fused, carry)."""
-    _check_fastmka(q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window)
+    _check_fastmka(q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window,
+                   dropout_p, seed)
     cdt = _compute_dtype(q)
     out = q.new_empty(q.shape, dtype=cdt)
     lse = _lse(q, state_dtype(cdt))
     ks, vs = _states_out(k)
     kf, vf, carry = _fastmka_saved(q, k, cdt, kernels)
-    _native(_C.fastmka_forward, **_attn_args(q, causal, scale, window, cdt),
+    _native(_C.fastmka_forward, **_attn_args(q, causal, scale, window, dropout_p, seed, cdt),
             **_route_args(k, v, lam, beta, k3, v3, k_state, v_state, cdt), out=out, lse=lse,
             k_state_out=ks, v_state_out=vs, saved_k=kf, saved_v=vf, saved_carry=carry,
             **_launch(q, kernels))
@@ -394,8 +409,10 @@ _fastmka_fwd = _custom_op(_fastmka_fwd_impl)
 
 
 @_fastmka_fwd.register_fake
-def _(q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window, kernels):
-    _check_fastmka(q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window)
+def _(q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window, dropout_p, seed,
+      kernels):
+    _check_fastmka(q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window,
+                   dropout_p, seed)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             _lse(q, state_dtype(q.dtype)), *_states_out(k),
             *_fastmka_saved(q, k, _compute_dtype(q), kernels))
@@ -403,18 +420,20 @@ def _(q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window, kerne
 
 def _fastmka_bwd_impl(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: _OptT,
                       v3: _OptT, k_state: _OptT, v_state: _OptT, causal: bool, scale: _OptF,
-                      window: _OptI, out: Tensor, lse: Tensor, dout: Tensor, dk_state_out: _OptT,
-                      dv_state_out: _OptT, k_fused: Tensor, v_fused: Tensor, carry: Tensor,
-                      need_dlam: bool, kernels: str) -> Tuple[Tensor, Tensor, Tensor, Tensor,
-                                                              Tensor, Tensor, Tensor, Tensor]:
+                      window: _OptI, dropout_p: float, seed: _OptT, out: Tensor, lse: Tensor,
+                      dout: Tensor, dk_state_out: _OptT, dv_state_out: _OptT, k_fused: Tensor,
+                      v_fused: Tensor, carry: Tensor, need_dlam: bool,
+                      kernels: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                             Tensor, Tensor]:
     """Returns (dq, dk, dv, dlam, dk3, dv3, dk_state, dv_state); dlam is empty without
     need_dlam."""
-    _check_fastmka(q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window)
+    _check_fastmka(q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window,
+                   dropout_p, seed)
     cdt = _compute_dtype(q)
     sdt = state_dtype(cdt)
     dq = q.new_empty(q.shape, dtype=cdt)  # overwritten (accumulate=False), as all of g
     g = _route_grads_alloc(k, lam, k3, k_state, v_state, cdt, need_dlam)
-    _native(_C.fastmka_backward, **_attn_args(q, causal, scale, window, cdt),
+    _native(_C.fastmka_backward, **_attn_args(q, causal, scale, window, dropout_p, seed, cdt),
             **_route_args(k, v, lam, beta, k3, v3, k_state, v_state, cdt), out=_cast(out, cdt),
             lse=lse.contiguous(), dout=_cast(dout, cdt).contiguous(),
             dk_state_out=_opt_grad(dk_state_out, sdt), dv_state_out=_opt_grad(dv_state_out, sdt),
@@ -427,30 +446,33 @@ _fastmka_bwd = _custom_op(_fastmka_bwd_impl)
 
 
 @_fastmka_bwd.register_fake
-def _(q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window, out, lse, dout,
-      dk_state_out, dv_state_out, k_fused, v_fused, carry, need_dlam, kernels):
-    _check_fastmka(q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window)
+def _(q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window, dropout_p, seed, out,
+      lse, dout, dk_state_out, dv_state_out, k_fused, v_fused, carry, need_dlam, kernels):
+    _check_fastmka(q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window,
+                   dropout_p, seed)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             *_route_grads_fake(k, lam, k3, k_state, v_state, need_dlam))
 
 
 def _fastmka_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # unused outputs' grads stay None: no zero fills
-    q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window, kernels = inputs
+    (q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window, dropout_p, seed,
+     kernels) = inputs
     out, lse, _, _, kf, vf, carry = output
-    ctx.save_for_backward(q, k, v, lam, k3, v3, k_state, v_state, out, lse, kf, vf, carry)
-    ctx.args = (beta, causal, scale, window, kernels)
+    ctx.save_for_backward(q, k, v, lam, k3, v3, k_state, v_state, out, lse, kf, vf, carry, seed)
+    ctx.args = (beta, causal, scale, window, dropout_p, kernels)
     ctx.mark_non_differentiable(lse, kf, vf, carry)
 
 
 def _fastmka_backward(ctx, dout, _dlse, dks, dvs, _dkf, _dvf, _dcarry):
-    q, k, v, lam, k3, v3, ks, vs, out, lse, kf, vf, carry = ctx.saved_tensors
-    beta, causal, scale, window, kernels = ctx.args
+    q, k, v, lam, k3, v3, ks, vs, out, lse, kf, vf, carry, seed = ctx.saved_tensors
+    beta, causal, scale, window, dropout_p, kernels = ctx.args
     bwd = _bwd(ctx, _fastmka_bwd, _fastmka_bwd_impl)
-    g = bwd(q, k, v, lam, beta, k3, v3, ks, vs, causal, scale, window, out, lse, _grad(dout, out),
-            dks, dvs, kf, vf, carry, ctx.needs_input_grad[3], kernels)
+    g = bwd(q, k, v, lam, beta, k3, v3, ks, vs, causal, scale, window, dropout_p, seed, out, lse,
+            _grad(dout, out), dks, dvs, kf, vf, carry, ctx.needs_input_grad[3], kernels)
     dlam, dk3, dv3, dks_in, dvs_in = _route_inputs_grads(g[3:])
-    return g[0], g[1], g[2], dlam, None, dk3, dv3, dks_in, dvs_in, None, None, None, None
+    return (g[0], g[1], g[2], dlam, None, dk3, dv3, dks_in, dvs_in, None, None, None, None, None,
+            None)
 
 
 _fastmka_fwd.register_autograd(_fastmka_backward, setup_context=_fastmka_setup)
@@ -458,8 +480,9 @@ _fastmka_fwd.register_autograd(_fastmka_backward, setup_context=_fastmka_setup)
 
 # --------------------------------------------------------------------------- mka
 
-def _check_mka(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window) -> int:
-    V.check_attention(q, k, v, scale, window, causal)
+def _check_mka(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window,
+               dropout_p=0.0, seed=None) -> int:
+    V.check_attention(q, k, v, scale, window, causal, dropout_p, seed)
     L = V.check_route(k, v, lam, beta, None, None, k_state, v_state, q.shape[1], "(B, Tq, L)",
                       False)
     V.check_memory(q, k, mem_k, mem_v, L)
@@ -477,17 +500,18 @@ def _mka_saved(q: Tensor, L: int, cdt: torch.dtype) -> Tuple[Tensor, Tensor]:
 
 def _mka_fwd_impl(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, mem_k: _OptT,
                   mem_v: _OptT, k_state: _OptT, v_state: _OptT, causal: bool, scale: _OptF,
-                  window: _OptI, kernels: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                        Tensor, Tensor]:
+                  window: _OptI, dropout_p: float, seed: _OptT,
+                  kernels: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (out, o_levels (L, B, Tq, H, d), lse_levels (L, B, H, Tq), k_state, v_state,
     k_ema, v_ema): the levels' outputs, statistics and EMA keys/values kept for backward."""
-    L = _check_mka(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window)
+    L = _check_mka(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window,
+                   dropout_p, seed)
     cdt = _compute_dtype(q)
     out = q.new_empty(q.shape, dtype=cdt)
     o_levels, lse_levels = _mka_saved(q, L, cdt)
     ks, vs = _states_out(k)
     ke, ve = k.new_empty(k.shape, dtype=cdt), k.new_empty(v.shape, dtype=cdt)
-    _native(_C.mka_forward, **_attn_args(q, causal, scale, window, cdt),
+    _native(_C.mka_forward, **_attn_args(q, causal, scale, window, dropout_p, seed, cdt),
             **_route_args(k, v, lam, beta, mem_k, mem_v, k_state, v_state, cdt, "mem_k"),
             out=out, o_levels=o_levels, lse_levels=lse_levels, k_state_out=ks, v_state_out=vs,
             saved_k=ke, saved_v=ve, **_launch(q, kernels))
@@ -498,8 +522,10 @@ _mka_fwd = _custom_op(_mka_fwd_impl)
 
 
 @_mka_fwd.register_fake
-def _(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window, kernels):
-    L = _check_mka(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window)
+def _(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window, dropout_p, seed,
+      kernels):
+    L = _check_mka(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window,
+                   dropout_p, seed)
     cdt = _compute_dtype(q)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             *_mka_saved(q, L, cdt), *_states_out(k), k.new_empty(k.shape, dtype=cdt),
@@ -508,17 +534,19 @@ def _(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window,
 
 def _mka_bwd_impl(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, mem_k: _OptT,
                   mem_v: _OptT, k_state: _OptT, v_state: _OptT, causal: bool, scale: _OptF,
-                  window: _OptI, o_levels: Tensor, lse_levels: Tensor, dout: Tensor,
-                  dk_state_out: _OptT, dv_state_out: _OptT, k_ema: Tensor, v_ema: Tensor,
+                  window: _OptI, dropout_p: float, seed: _OptT, o_levels: Tensor,
+                  lse_levels: Tensor, dout: Tensor, dk_state_out: _OptT, dv_state_out: _OptT,
+                  k_ema: Tensor, v_ema: Tensor,
                   kernels: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                                          Tensor]:
     """Returns (dq, dk, dv, dlam, dmem_k, dmem_v, dk_state, dv_state)."""
-    _check_mka(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window)
+    _check_mka(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window,
+               dropout_p, seed)
     cdt = _compute_dtype(q)
     sdt = state_dtype(cdt)
     dq = q.new_empty(q.shape, dtype=cdt)  # overwritten (accumulate=False), as all the rest
     g = _route_grads_alloc(k, lam, mem_k, k_state, v_state, cdt)
-    _native(_C.mka_backward, **_attn_args(q, causal, scale, window, cdt),
+    _native(_C.mka_backward, **_attn_args(q, causal, scale, window, dropout_p, seed, cdt),
             **_route_args(k, v, lam, beta, mem_k, mem_v, k_state, v_state, cdt, "mem_k"),
             o_levels=o_levels, lse_levels=lse_levels.contiguous(),
             dout=_cast(dout, cdt).contiguous(), dk_state_out=_opt_grad(dk_state_out, sdt),
@@ -533,31 +561,34 @@ _mka_bwd = _custom_op(_mka_bwd_impl)
 
 
 @_mka_bwd.register_fake
-def _(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window, o_levels,
-      lse_levels, dout, dk_state_out, dv_state_out, k_ema, v_ema, kernels):
-    _check_mka(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window)
+def _(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window, dropout_p, seed,
+      o_levels, lse_levels, dout, dk_state_out, dv_state_out, k_ema, v_ema, kernels):
+    _check_mka(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window,
+               dropout_p, seed)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             *_route_grads_fake(k, lam, mem_k, k_state, v_state))
 
 
 def _mka_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # unused outputs' grads stay None: no zero fills
-    q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window, kernels = inputs
+    (q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window, dropout_p, seed,
+     kernels) = inputs
     _, o_levels, lse_levels, _, _, ke, ve = output
     ctx.save_for_backward(q, k, v, lam, mem_k, mem_v, k_state, v_state, o_levels, lse_levels,
-                          ke, ve)
-    ctx.args = (beta, causal, scale, window, kernels)
+                          ke, ve, seed)
+    ctx.args = (beta, causal, scale, window, dropout_p, kernels)
     ctx.mark_non_differentiable(o_levels, lse_levels, ke, ve)
 
 
 def _mka_backward(ctx, dout, _dol, _dlse, dks, dvs, _dke, _dve):
-    q, k, v, lam, mem_k, mem_v, ks, vs, o_levels, lse_levels, ke, ve = ctx.saved_tensors
-    beta, causal, scale, window, kernels = ctx.args
+    q, k, v, lam, mem_k, mem_v, ks, vs, o_levels, lse_levels, ke, ve, seed = ctx.saved_tensors
+    beta, causal, scale, window, dropout_p, kernels = ctx.args
     bwd = _bwd(ctx, _mka_bwd, _mka_bwd_impl)
-    g = bwd(q, k, v, lam, beta, mem_k, mem_v, ks, vs, causal, scale, window, o_levels, lse_levels,
-            _grad(dout, q), dks, dvs, ke, ve, kernels)
+    g = bwd(q, k, v, lam, beta, mem_k, mem_v, ks, vs, causal, scale, window, dropout_p, seed,
+            o_levels, lse_levels, _grad(dout, q), dks, dvs, ke, ve, kernels)
     dlam, dmk, dmv, dks_in, dvs_in = _route_inputs_grads(g[3:])
-    return g[0], g[1], g[2], dlam, None, dmk, dmv, dks_in, dvs_in, None, None, None, None
+    return (g[0], g[1], g[2], dlam, None, dmk, dmv, dks_in, dvs_in, None, None, None, None, None,
+            None)
 
 
 _mka_fwd.register_autograd(_mka_backward, setup_context=_mka_setup)
@@ -570,23 +601,26 @@ _mka_fwd.register_autograd(_mka_backward, setup_context=_mka_setup)
 
 _lib = torch.library.Library("mka", "FRAGMENT")
 _lib.define("attention(Tensor q, Tensor k, Tensor v, bool causal=True, float? scale=None, "
-            "int? window=None) -> Tensor")
+            "int? window=None, float dropout_p=0.0) -> Tensor")
 _lib.define("route_fuse(Tensor k, Tensor v, Tensor lam, float beta, Tensor? k3=None, "
             "Tensor? v3=None, Tensor? k_state=None, Tensor? v_state=None) "
             "-> (Tensor, Tensor, Tensor, Tensor)")
 _lib.define("fastmka(Tensor q, Tensor k, Tensor v, Tensor lam, float beta, Tensor? k3=None, "
             "Tensor? v3=None, Tensor? k_state=None, Tensor? v_state=None, bool causal=True, "
-            "float? scale=None, int? window=None) -> (Tensor, Tensor, Tensor)")
+            "float? scale=None, int? window=None, float dropout_p=0.0) -> (Tensor, Tensor, Tensor)")
 _lib.define("mka(Tensor q, Tensor k, Tensor v, Tensor lam, float beta, Tensor? mem_k=None, "
             "Tensor? mem_v=None, Tensor? k_state=None, Tensor? v_state=None, bool causal=True, "
-            "float? scale=None, int? window=None) -> (Tensor, Tensor, Tensor)")
+            "float? scale=None, int? window=None, float dropout_p=0.0) -> (Tensor, Tensor, Tensor)")
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: _OptF = None,
-              window: _OptI = None) -> Tensor:
-    """Exact attention, BTHD layout, GQA, bottom-right causal mask, optional window."""
+              window: _OptI = None, dropout_p: float = 0.0) -> Tensor:
+    """Exact attention, BTHD layout, GQA, bottom-right causal mask, optional window; with
+    ``dropout_p``, dropout of the attention weights (SPEC §3.5)."""
     return _forward(torch.ops.mka._attention_fwd, (_attention_fwd_impl, _attention_setup,
-                    _attention_backward), (q, k, v, causal, scale, window, _State.token))[0]
+                    _attention_backward),
+                    (q, k, v, causal, scale, window, dropout_p, _seed(dropout_p),
+                     _State.token))[0]
 
 
 def route_fuse(k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: _OptT = None,
@@ -600,22 +634,26 @@ def route_fuse(k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: _OptT = None,
 
 def fastmka(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: _OptT = None,
             v3: _OptT = None, k_state: _OptT = None, v_state: _OptT = None,
-            causal: bool = True, scale: _OptF = None,
-            window: _OptI = None) -> Tuple[Tensor, Tensor, Tensor]:
+            causal: bool = True, scale: _OptF = None, window: _OptI = None,
+            dropout_p: float = 0.0) -> Tuple[Tensor, Tensor, Tensor]:
     """Route fusion (key-side lam) then one attention: ``(out, k_state, v_state)``."""
     out, _, ks, vs, _, _, _ = _forward(
         torch.ops.mka._fastmka_fwd, (_fastmka_fwd_impl, _fastmka_setup, _fastmka_backward),
-        (q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window, _State.token))
+        (q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window, dropout_p,
+         _seed(dropout_p), _State.token))
     return out, ks, vs
 
 
 def mka(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, mem_k: _OptT = None,
         mem_v: _OptT = None, k_state: _OptT = None, v_state: _OptT = None, causal: bool = True,
-        scale: _OptF = None, window: _OptI = None) -> Tuple[Tensor, Tensor, Tensor]:
-    """Full MKA, one attention per level mixed by query-side lam: ``(out, k_state, v_state)``."""
+        scale: _OptF = None, window: _OptI = None,
+        dropout_p: float = 0.0) -> Tuple[Tensor, Tensor, Tensor]:
+    """Full MKA, one attention per level mixed by query-side lam: ``(out, k_state, v_state)``;
+    with ``dropout_p`` each level's weights get their own mask."""
     out, _, _, ks, vs, _, _ = _forward(
         torch.ops.mka._mka_fwd, (_mka_fwd_impl, _mka_setup, _mka_backward),
-        (q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window, _State.token))
+        (q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window, dropout_p,
+         _seed(dropout_p), _State.token))
     return out, ks, vs
 
 

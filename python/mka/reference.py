@@ -25,8 +25,54 @@ def visible(Tq: int, Tk: int, causal: bool, window: Optional[int], device=None) 
     return vis
 
 
+_MASK32 = 0xFFFFFFFF
+
+
+def _mulhilo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
+    """High and low 32 bits of ``a * b`` (``a`` a 32-bit constant, ``b`` uint32 values in
+    int64), without leaving int64: ``a`` in 16-bit halves."""
+    t1 = b * (a & 0xFFFF)
+    t2 = b * (a >> 16)
+    mid = t1 + ((t2 & 0xFFFF) << 16)
+    return (t2 >> 16) + (mid >> 32), mid & _MASK32
+
+
+def philox4x32_10(counter: tuple[Tensor, Tensor, Tensor, Tensor], seed: int) -> Tensor:
+    """Philox4x32-10 of the four counter words (uint32 values in int64 tensors of one shape)
+    and the 64-bit key ``seed``: ``(..., 4)`` words — ``mka/dropout.h`` in PyTorch."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for _ in range(10):
+        hi0, lo0 = _mulhilo(0xD2511F53, c0)
+        hi1, lo1 = _mulhilo(0xCD9E8D57, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + 0x9E3779B9) & _MASK32, (k1 + 0xBB67AE85) & _MASK32
+    return torch.stack((c0, c1, c2, c3), -1)
+
+
+def dropout_mask(seed: int, p: float, B: int, H: int, Tq: int, Tk: int, level: int = 0,
+                 device=None) -> Tensor:
+    """SPEC §3.5: the ``(B, H, Tq, Tk)`` multipliers of attention dropout — ``1 / (1 - p)``
+    where weight ``(b, h, i, j)`` is kept, else 0 — of a call with ``seed`` (memory ``level``
+    for mka). Word ``j % 4`` of Philox4x32-10 with key ``seed`` and counter ``(j // 4, i,
+    b H + h, level)`` keeps it iff below ``round((1 - p) 2^32)``."""
+    groups = -(-Tk // 4)
+    shape = (B * H, Tq, groups)
+    c0 = torch.arange(groups, device=device).expand(shape)
+    c1 = torch.arange(Tq, device=device)[:, None].expand(shape)
+    c2 = torch.arange(B * H, device=device)[:, None, None].expand(shape)
+    words = philox4x32_10((c0, c1, c2, torch.full(shape, level, device=device)), int(seed))
+    words = words.reshape(B, H, Tq, 4 * groups)[..., :Tk]
+    threshold = min(math.floor((1.0 - p) * 2.0 ** 32 + 0.5), _MASK32)
+    keep = torch.tensor(1.0 / (1.0 - p), dtype=torch.float64, device=device)
+    return torch.where(words < threshold, keep, 0.0)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True,
-              scale: Optional[float] = None, window: Optional[int] = None) -> Tensor:
+              scale: Optional[float] = None, window: Optional[int] = None,
+              dropout_p: float = 0.0, seed: Optional[int] = None, level: int = 0) -> Tensor:
+    """With ``dropout_p``: the weights times :func:`dropout_mask` after the softmax (SPEC
+    §3.5; the softmax itself, and so the logsumexp, is unchanged)."""
     B, Tq, H, d = q.shape
     Tk, G = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
@@ -36,6 +82,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True,
     vis = visible(Tq, Tk, causal, window, q.device)
     p = torch.softmax(s.masked_fill(~vis, float("-inf")), dim=-1)
     p = torch.where(vis.any(-1, keepdim=True), p, torch.zeros_like(p))  # no key: zeros
+    if dropout_p:
+        p = p * dropout_mask(seed, dropout_p, B, H, Tq, Tk, level, q.device).to(p.dtype)
     return torch.einsum("bhqk,bkhd->bqhd", p, v)
 
 
@@ -76,23 +124,26 @@ def fastmka(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float,
             k3: Optional[Tensor] = None, v3: Optional[Tensor] = None,
             k_state: Optional[Tensor] = None, v_state: Optional[Tensor] = None,
             causal: bool = True, scale: Optional[float] = None,
-            window: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor]:
+            window: Optional[int] = None, dropout_p: float = 0.0,
+            seed: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor]:
     kf, vf, ks, vs = route_fuse(k, v, lam, beta, k3, v3, k_state, v_state)
-    return attention(q, kf, vf, causal, scale, window), ks, vs
+    return attention(q, kf, vf, causal, scale, window, dropout_p, seed), ks, vs
 
 
 def mka(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float,
         mem_k: Optional[Tensor] = None, mem_v: Optional[Tensor] = None,
         k_state: Optional[Tensor] = None, v_state: Optional[Tensor] = None,
         causal: bool = True, scale: Optional[float] = None,
-        window: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor]:
-    o1 = attention(q, k, v, causal, scale, window)
+        window: Optional[int] = None, dropout_p: float = 0.0,
+        seed: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """With ``dropout_p``: each level's weights with the mask of its level (0, 1, 2)."""
+    o1 = attention(q, k, v, causal, scale, window, dropout_p, seed, 0)
     ek, ks = ema(k, beta, k_state)
     ev, vs = ema(v, beta, v_state)
-    o2 = attention(q, ek, ev, causal, scale)
+    o2 = attention(q, ek, ev, causal, scale, None, dropout_p, seed, 1)
     out = _weight(lam, 0, q) * o1 + _weight(lam, 1, q) * o2
     if lam.shape[-1] == 3:
-        o3 = attention(q, mem_k, mem_v, False, scale)
+        o3 = attention(q, mem_k, mem_v, False, scale, None, dropout_p, seed, 2)
         out = out + _weight(lam, 2, q) * o3
     return out, ks, vs
 

@@ -80,7 +80,7 @@ def test_backward_overwrites_gradient_buffers(device, dtype, Tq, Tk):
     k = randn(B, Tk, G, d, device=device, dtype=dtype)
     v = randn(B, Tk, G, d, device=device, dtype=dtype)
     token = current_kernels().token
-    out, lse = torch.ops.mka._attention_fwd(q, k, v, True, None, None, token)
+    out, lse = torch.ops.mka._attention_fwd(q, k, v, True, None, None, 0.0, None, token)
     dout = randn(B, Tq, H, d, device=device, dtype=dtype)
     grads = {}
     for accumulate, fill in ((True, 0.0), (False, float("nan"))):

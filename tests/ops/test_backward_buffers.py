@@ -103,7 +103,7 @@ def test_backward_overwrites_and_uses_saved(op, device, dtype, B, Tq, T, H, G, d
     x = _inputs(device, dtype, B, Tq, T, H, G, d, 3, key_side)
     token = current_kernels().token
     args = (x["q"], x["k"], x["v"], x["lam"], 0.8, x["x3"], x["v3"], x["ks"], x["vs"], causal,
-            None, window, token)
+            None, window, 0.0, None, token)
     kept, saved = split(fwd(*args))  # fastmka: (out, lse), mka: (o_levels, lse_levels)
     inputs = dict(q=x["q"], k=x["k"], v=x["v"], lam=x["lam"], beta=0.8, k_state=x["ks"],
                   v_state=x["vs"], causal=causal, scale=None, window=window)

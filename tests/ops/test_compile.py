@@ -60,7 +60,7 @@ def _private_call(name, case):
     full = dict(zip(names, args)) | dict(kwargs)
     defaults = {"causal": True, "scale": None, "window": None, "k3": None, "v3": None,
                 "mem_k": None, "mem_v": None, "k_state": None, "v_state": None,
-                "kernels": mka.current_kernels().token}
+                "dropout_p": 0.0, "seed": None, "kernels": mka.current_kernels().token}
     return private, tuple(full.get(n, defaults.get(n)) for n in names)
 
 
@@ -71,6 +71,17 @@ def test_opcheck(name):
     to the private ops, which carry the fake kernels and autograd)."""
     private, call = _private_call(name, _cases()[name])
     torch.library.opcheck(private.default, call)
+
+
+@pytest.mark.parametrize("name", ["attention", "fastmka", "mka"])
+def test_opcheck_with_dropout(name):
+    """The same with attention dropout: a fixed seed makes the op a function of its inputs."""
+    private, call = _private_call(name, _cases()[name])
+    names = [a.name for a in private.default._schema.arguments]
+    call = list(call)
+    call[names.index("dropout_p")] = 0.2
+    call[names.index("seed")] = torch.tensor([987654321], dtype=torch.int64)
+    torch.library.opcheck(private.default, tuple(call))
 
 
 @pytest.mark.parametrize("name", ["attention", "route_fuse", "fastmka", "fastmka_l3", "mka",

@@ -15,13 +15,17 @@
 
 namespace mka {
 
+// dropout_p > 0: attention dropout with the mask of `seed` (mka/dropout.h); 0: none.
 struct AttnOptions {
   bool causal = true;
   std::optional<double> scale;
   std::optional<int64_t> window;
+  double dropout_p = 0.0;
+  std::optional<int64_t> seed;
 
   template <class F> void fields(F&& f) {
-    f("causal", causal), f("scale", scale), f("window", window);
+    f("causal", causal), f("scale", scale), f("window", window), f("dropout_p", dropout_p),
+        f("seed", seed);
   }
 };
 

@@ -5,6 +5,7 @@
 #include <initializer_list>
 #include <optional>
 
+#include "mka/dropout.h"
 #include "mka/error.h"
 #include "mka/kernel_options.h"
 #include "mka/op_args.h"
@@ -18,6 +19,7 @@ struct AttentionProblem {
   bool causal = true;
   double scale = 1.0;
   int64_t window = -1;  // -1: no window
+  DropoutMask dropout;  // of the attention weights; inactive at p = 0
   DType dtype = DType::f32;
   Device device = Device::cpu;
   int device_id = 0;

@@ -28,6 +28,25 @@ template <class T> TilePlan cpu_plan(int64_t d) {
   return plan_tiles(Target::cpu, int(d), sizeof(T), std::max(cpu_tile_budget(), floor));
 }
 
+// Attention dropout of a tile (mka/dropout.h): the m x n weights of rows i0.. and key columns
+// j0.. of head bh, element (r, c) at s[r * rs + c * cs], each scaled by 1 / (1 - p) or zeroed.
+template <class T>
+void drop_tile(const DropoutMask& mask, uint64_t bh, int64_t i0, int64_t m, int64_t j0,
+               int64_t n, T* s, int64_t rs, int64_t cs) {
+  const uint32_t threshold = mask.threshold();
+  const T keep = T(mask.keep_scale());
+  for (int64_t r = 0; r < m; ++r) {
+    T* row = s + r * rs;
+    for (int64_t c = j0 / 4; 4 * c < j0 + n; ++c) {
+      const Philox4 w = mask.words(bh, uint64_t(i0 + r), uint64_t(c));
+      for (int u = 0; u < 4; ++u) {
+        const int64_t j = 4 * c + u - j0;
+        if (j >= 0 && j < n) row[j * cs] *= w.x[u] < threshold ? keep : T(0);
+      }
+    }
+  }
+}
+
 // --- forward ------------------------------------------------------------------------
 
 template <class T> struct FwdCtx {
@@ -93,6 +112,8 @@ template <class T> struct AttentionFwd {
         if (alpha != T(1))
           for (int64_t x = 0; x < d; ++x) O[r * d + x] *= alpha;
       }
+      // dropout after the row sums: the softmax normalises over every weight, P V sees the kept
+      if (p.dropout.active()) drop_tile(p.dropout, uint64_t(bh), i0, m, j0, n, S, bk, 1);
       gemm_nn<T, I>(m, d, n, S, bk, v.row(j0), v.ld, O, d, true);
     }
     for (int64_t r = 0; r < m; ++r) {
@@ -142,7 +163,7 @@ template <class T> struct AttentionBwd {
     T* dk = c.dk + b * c.dk_sb + h * c.dk_sh;
     T* dv = c.dv + b * c.dv_sb + h * c.dv_sh;
 
-    T* Qt = scratch<T>(3 * Tq * d + Tq + 3 * bk * bq + 2 * bk * d);
+    T* Qt = scratch<T>(3 * Tq * d + Tq + 4 * bk * bq + 2 * bk * d);
     T* dOt = Qt + Tq * d;       // d x Tq, weighted dout transposed
     T* dO = dOt + Tq * d;       // Tq x d, weighted dout rows
     T* D = dO + Tq * d;         // rowsum(dO * O)
@@ -151,6 +172,8 @@ template <class T> struct AttentionBwd {
     T* dS = dPt + bk * bq;      // bq x bk, scale * dS
     T* dKl = dS + bq * bk;      // bk x d
     T* dVl = dKl + bk * d;      // bk x d
+    T* Zt = dVl + bk * d;       // bk x bq, dropout's multipliers (transposed)
+    const bool drop = p.dropout.active();
     const T scale = T(p.scale);
     const T* wp = static_cast<const T*>(c.w.data);
     for (int64_t i = 0; i < Tq; ++i) {
@@ -179,13 +202,18 @@ template <class T> struct AttentionBwd {
         const bool full = p.key_lo(i0 + m - 1) <= j0 && j0 + n <= p.key_hi(i0);
         gemm_nn<T, I>(n, m, d, k.row(j0), k.ld, Qt + i0, Tq, St, bq, false);
         gemm_nn<T, I>(n, m, d, v.row(j0), v.ld, dOt + i0, Tq, dPt, bq, false);
+        if (drop) {  // the forward's mask, regenerated: dV from Z P, dS = P (Z dP - D)
+          for (int64_t jj = 0; jj < n; ++jj) std::fill(Zt + jj * bq, Zt + jj * bq + m, T(1));
+          drop_tile(p.dropout, uint64_t(b * p.H + h), i0, m, j0, n, Zt, 1, bq);
+        }
         for (int64_t jj = 0; jj < n; ++jj) {
           T* s = St + jj * bq;
           T* dp = dPt + jj * bq;
+          const T* z = Zt + jj * bq;
           for (int64_t ii = 0; ii < m; ++ii) {
             const T pr = exp_approx(s[ii] - lse[i0 + ii]);
-            s[ii] = pr;
-            dp[ii] = pr * (dp[ii] - D[i0 + ii]);
+            s[ii] = drop ? pr * z[ii] : pr;
+            dp[ii] = pr * ((drop ? dp[ii] * z[ii] : dp[ii]) - D[i0 + ii]);
           }
           if (!full)
             for (int64_t ii = 0; ii < m; ++ii) {
@@ -258,7 +286,7 @@ void bwd(const AttentionProblem& p, const TensorRef& q, const TensorRef& k, cons
 
 void attention_fwd(const AttentionProblem& p, const TensorRef& q, const TensorRef& k,
                    const TensorRef& v, const TensorRef& out, const TensorRef& lse) {
-  if (decode_shaped(p)) return decode_attention(p, q, k, v, out, lse);
+  if (decode_shaped(p) && !p.dropout.active()) return decode_attention(p, q, k, v, out, lse);
   if (p.dtype == DType::f64) fwd<double>(p, q, k, v, out, lse);
   else fwd<float>(p, q, k, v, out, lse);
 }

@@ -48,6 +48,9 @@ inline void check_layout(const TensorRef& t, const char* name, int ndim, const c
 // in float32, the GPU ones with scale * log2(e)).
 inline void check_attn_options(const AttnOptions& o, DType dtype) {
   if (o.window) MKA_CHECK(*o.window >= 1, "window: must be at least 1, got ", *o.window);
+  MKA_CHECK(o.dropout_p >= 0.0 && o.dropout_p < 1.0, "dropout_p: must be in [0, 1), got ",
+            o.dropout_p);
+  MKA_CHECK(o.dropout_p == 0.0 || o.seed, "seed: required with dropout_p > 0 (the mask's key)");
   if (!o.scale) return;
   MKA_CHECK(std::isfinite(*o.scale), "scale: must be finite, got ", *o.scale);
   MKA_CHECK(dtype == DType::f64 || std::fabs(*o.scale) <= kMaxFloatScale, "scale: ", *o.scale,

@@ -76,6 +76,10 @@ AttentionProblem check_attention(const TensorRef& q, const TensorRef& k, const T
   // A window of Tk keys or more hides none: no window, which also keeps the visibility
   // bounds' arithmetic (i + (Tk - Tq) - window) far from overflow.
   p.window = o.window && *o.window < p.Tk ? *o.window : -1;
+  MKA_CHECK(o.dropout_p == 0.0 || q.device == Device::cpu, "dropout_p: ", o.dropout_p,
+            " on ", device_name(q.device), ": the CUDA kernels do not apply attention dropout "
+            "yet (the CPU kernels do); use dropout_p = 0 there");
+  p.dropout = DropoutMask{o.dropout_p, uint64_t(o.seed.value_or(0)), 0};
   p.dtype = q.dtype;
   p.device = q.device;
   p.device_id = q.device_id;
@@ -147,6 +151,7 @@ void check_memory(const AttentionProblem& p, const TensorRef& q, const TensorRef
 
 AttentionProblem level_problem(const AttentionProblem& ap, int l, int64_t M) {
   AttentionProblem p = ap;
+  p.dropout.level = uint32_t(l);  // each level's weights: a mask of their own
   if (l >= 1) p.window = -1;
   if (l == 2) {
     p.Tk = M;

@@ -3,6 +3,8 @@ the variants whose heads are plain key/value heads (MHA, MQA, GQA, MKA, FastMKA)
 
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import Optional
 
 import torch
@@ -12,6 +14,13 @@ from ..memory.cache import LayerCache, LayerSpec, PagedKVCache
 from .backends import get_ops
 
 Memory = Optional[tuple[Tensor, Tensor]]
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_no_cuda_dropout() -> None:
+    warnings.warn("dropout: the CUDA kernels do not drop attention weights yet; on CUDA the "
+                  "modules drop the attention output only (attn_backend='torch' drops both)",
+                  stacklevel=3)
 
 
 def _positive_int(value, name: str) -> None:
@@ -51,7 +60,20 @@ class CausalSelfAttention(nn.Module):
         self.n_embd, self.n_head, self.head_dim = n_embd, n_head, n_embd // n_head
         get_ops(backend)  # rejects an unknown backend here, not at the first forward
         self.backend, self.window = backend, window
-        self.resid_dropout = nn.Dropout(dropout)  # on the output; the attention ops have none
+        # nanoGPT's two: on the attention weights (inside the ops, SPEC §3.5) and the output
+        self.attn_dropout = float(dropout)
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def _attn_p(self, q: Tensor) -> float:
+        """The attention weights' dropout of a forward on ``q``: in training only. The native
+        CUDA kernels have none yet: there the weights are not dropped (once-per-process
+        warning), only the output — what every version before this one did."""
+        if not self.training or not self.attn_dropout:
+            return 0.0
+        if q.device.type == "cuda" and self.backend == "mka":
+            _warn_no_cuda_dropout()
+            return 0.0
+        return self.attn_dropout
 
     @property
     def ops(self):

@@ -21,7 +21,8 @@ class GroupedQueryAttention(QKVAttention):
         q, k, v = self._project(x)
         if cache is not None:
             return self._output(self._attend_cached(q, k, v, cache))
-        return self._output(self.ops.attention(q, k, v, causal=True, window=self.window))
+        return self._output(self.ops.attention(q, k, v, causal=True, window=self.window,
+                                               dropout_p=self._attn_p(q)))
 
 
 class MultiHeadAttention(GroupedQueryAttention):

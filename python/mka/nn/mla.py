@@ -167,7 +167,8 @@ class MultiHeadLatentAttention(CausalSelfAttention):
             width = _kernel_head_dim(max(q.shape[-1], dv), q.device)
             q, k, v = (t if t.shape[-1] == width else F.pad(t, (0, width - t.shape[-1]))
                        for t in (q, k, v))
-        out = self.ops.attention(q, k, v, causal=True, scale=self.scale, window=self.window)
+        out = self.ops.attention(q, k, v, causal=True, scale=self.scale, window=self.window,
+                                 dropout_p=self._attn_p(q))
         return out[..., :dv]
 
     def _attend_cached(self, q: Tensor, k: Tensor, v: Optional[Tensor],

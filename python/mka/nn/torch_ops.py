@@ -25,9 +25,11 @@ EMA_CHUNK = 64
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True,
-              scale: Optional[float] = None, window: Optional[int] = None) -> Tensor:
+              scale: Optional[float] = None, window: Optional[int] = None,
+              dropout_p: float = 0.0) -> Tensor:
     """SDPA in BTHD layout with the SPEC's bottom-right causal mask, window and GQA.
-    ``v`` may have a different head dim from ``q``/``k`` (SDPA allows it)."""
+    ``v`` may have a different head dim from ``q``/``k`` (SDPA allows it). ``dropout_p``:
+    SDPA's own dropout of the weights (its generator and mask, not SPEC §3.5's)."""
     B, Tq, H, _ = q.shape
     Tk, G = k.shape[1], k.shape[2]
     if Tk == 0:  # no visible key: zeros (SPEC §1), where SDPA would give NaN
@@ -47,7 +49,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True,
         mask = mask | empty_rows
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=mask, is_causal=is_causal, scale=scale,
-                                         enable_gqa=G != H).transpose(1, 2)
+                                         dropout_p=dropout_p, enable_gqa=G != H).transpose(1, 2)
     if empty_rows is not None:
         out = out.masked_fill(empty_rows.view(1, Tq, 1, 1), 0.0)
     return out
@@ -109,23 +111,23 @@ def route_fuse(k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: _OptT = None,
 def fastmka(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: _OptT = None,
             v3: _OptT = None, k_state: _OptT = None, v_state: _OptT = None,
             causal: bool = True, scale: Optional[float] = None,
-            window: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor]:
+            window: Optional[int] = None, dropout_p: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     """Route fusion then one attention: ``(out, k_state_out, v_state_out)``."""
     kf, vf, ks, vs = route_fuse(k, v, lam, beta, k3, v3, k_state, v_state)
-    return attention(q, kf, vf, causal, scale, window), ks, vs
+    return attention(q, kf, vf, causal, scale, window, dropout_p), ks, vs
 
 
 def mka(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, mem_k: _OptT = None,
         mem_v: _OptT = None, k_state: _OptT = None, v_state: _OptT = None,
         causal: bool = True, scale: Optional[float] = None,
-        window: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor]:
+        window: Optional[int] = None, dropout_p: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     """One attention per level mixed by query-side ``lam``: ``(out, k_state_out, v_state_out)``."""
     ek, ks = ema(k, beta, k_state)
     ev, vs = ema(v, beta, v_state)
-    out = (_weight(lam, 0, q) * attention(q, k, v, causal, scale, window)
-           + _weight(lam, 1, q) * attention(q, ek, ev, causal, scale))
+    out = (_weight(lam, 0, q) * attention(q, k, v, causal, scale, window, dropout_p)
+           + _weight(lam, 1, q) * attention(q, ek, ev, causal, scale, None, dropout_p))
     if lam.shape[-1] == 3 and mem_k.shape[1] > 0:  # M = 0 recalled tokens: O3 = 0
-        out = out + _weight(lam, 2, q) * attention(q, mem_k, mem_v, False, scale)
+        out = out + _weight(lam, 2, q) * attention(q, mem_k, mem_v, False, scale, None, dropout_p)
     return out, ks, vs
 
 

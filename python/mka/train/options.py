@@ -62,7 +62,7 @@ OPTIONS = [
     Option("n_layer", int, None, "layers (overrides --model)", check=_pos, check_msg="must be > 0"),
     Option("n_head", int, None, "query heads (overrides --model)", check=_pos, check_msg="must be > 0"),
     Option("n_embd", int, None, "model width (overrides --model)", check=_pos, check_msg="must be > 0"),
-    Option("dropout", float, 0.0, "dropout probability", check=lambda x: 0 <= x < 1, check_msg="must be in [0, 1)"),
+    Option("dropout", float, 0.0, "dropout probability (nanoGPT's: attention weights and outputs, MLP)", check=lambda x: 0 <= x < 1, check_msg="must be in [0, 1)"),
     Option("bias", bool, True, "biases in linear layers and layer norms"),
     Option("attn_backend", str, "auto", "attention kernels: the library's ops or PyTorch/SDPA",
            choices=("auto", "mka", "torch")),
