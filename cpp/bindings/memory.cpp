@@ -7,6 +7,7 @@
 #include "mka/memory/chunk_store.h"
 #include "mka/memory/page_table.h"
 #include "mka/memory/paged_ops.h"
+#include "mka/memory/recall_ops.h"
 #include "module_parts.h"
 #include "tensor_ref.h"
 
@@ -113,6 +114,8 @@ void bind_memory(nb::module_& m) {
 
   def_op(m, "paged_write", &mka::paged_write);
   def_op(m, "paged_attention", &mka::paged_attention);
+  def_op(m, "recall_forward", &mka::recall_forward);
+  def_op(m, "recall_backward", &mka::recall_backward);
 }
 
 }  // namespace mka::bind

@@ -48,6 +48,10 @@ void ArgsFiller::set(double& x, nb::handle h, const char* name) {
   x = cast<double>(h, op_, name, "a float");
 }
 
+void ArgsFiller::set(int64_t& x, nb::handle h, const char* name) {
+  x = cast<int64_t>(h, op_, name, "an int");
+}
+
 void ArgsFiller::set(bool& x, nb::handle h, const char* name) {
   x = cast<bool>(h, op_, name, "a bool");
 }

@@ -38,6 +38,7 @@ class ArgsFiller {
   void set(TensorRef& t, nanobind::handle h, const char* name);
   void set(double& x, nanobind::handle h, const char* name);
   void set(bool& x, nanobind::handle h, const char* name);
+  void set(int64_t& x, nanobind::handle h, const char* name);
   void set(std::optional<double>& x, nanobind::handle h, const char* name);
   void set(std::optional<int64_t>& x, nanobind::handle h, const char* name);
   void set(void*& stream, nanobind::handle h, const char* name);

@@ -13,23 +13,14 @@
 namespace mka {
 namespace {
 
+using checks::check_dtype;
+using checks::check_shape;
 using checks::dtype_supported;
-
-// Present, of `shape`'s rank and its dims (-1: any), last dim contiguous.
-void check_shape(const TensorRef& t, const char* name, std::initializer_list<int64_t> shape,
-                 const char* layout) {
-  checks::check_layout(t, name, int(shape.size()), layout);
-  checks::check_dims(t, name, shape, layout);
-}
 
 void check_device(const TensorRef& t, const char* name, const TensorRef& ref) {
   MKA_CHECK(t.device == ref.device && t.device_id == ref.device_id, name, ": is on ",
             device_name(t.device), ":", t.device_id, " but the pages are on ",
             device_name(ref.device), ":", ref.device_id);
-}
-
-void check_dtype(const TensorRef& t, const char* name, DType dt) {
-  MKA_CHECK(t.dtype == dt, name, ": dtype ", dtype_name(t.dtype), ", expected ", dtype_name(dt));
 }
 
 // The pages, the table and the per-sequence lengths (B,) int32.

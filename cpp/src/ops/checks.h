@@ -44,6 +44,17 @@ inline void check_layout(const TensorRef& t, const char* name, int ndim, const c
             t.stride[ndim - 1]);
 }
 
+// Present, of `shape`'s rank and its dims (-1: any), last dim contiguous.
+inline void check_shape(const TensorRef& t, const char* name, std::initializer_list<int64_t> shape,
+                        const char* layout) {
+  check_layout(t, name, int(shape.size()), layout);
+  check_dims(t, name, shape, layout);
+}
+
+inline void check_dtype(const TensorRef& t, const char* name, DType dt) {
+  MKA_CHECK(t.dtype == dt, name, ": dtype ", dtype_name(t.dtype), ", expected ", dtype_name(dt));
+}
+
 // window >= 1; a finite scale, within float32's range below float64 (the kernels compute
 // in float32, the GPU ones with scale * log2(e)).
 inline void check_attn_options(const AttnOptions& o, DType dtype) {

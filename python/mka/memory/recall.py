@@ -19,8 +19,9 @@ recalled (ties: the later chunk), fewer where fewer are eligible, none in the fi
 ``O3`` is the attention of the row to its recalled tokens. Selection is discrete and carries no
 gradient; ``O3`` is differentiable in ``q, k, v``.
 
-This is the composite form (PyTorch, blocks of queries at a time so the gathered keys stay
-small); a fused kernel reading the chosen chunks in place is the next step.
+``O3`` runs the native kernels on the CPU (:mod:`.recall_ops`: the chosen chunks read in
+place); elsewhere, and for decoding over pages, the composite form below (PyTorch, blocks of
+queries at a time so the gathered keys stay small).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+
+from . import recall_ops
 
 QUERY_BLOCK = 64  # query rows whose recalled keys are gathered at once
 
@@ -155,6 +158,8 @@ def recall_attention(q: Tensor, k: Tensor, v: Tensor, *, chunk: int, top: int,
         chosen = select(q_sig, signatures(chunk_means(k, chunk), planes), counts, top)
     if chosen.shape[-1] == 0:
         return q.new_zeros(q.shape) + 0 * q, chosen  # no recall anywhere (keeps the graph)
+    if recall_ops.native(q):  # the chunks read in place by the native kernels
+        return recall_ops.recall_op(q, k, v, chosen, chunk, scale), chosen
     return _attend_in_blocks(q, k, v, chosen, chunk, scale), chosen
 
 
