@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 
 from .._C import ChunkStore
-from .recall import _attend_in_blocks, pack_signatures, select, signatures
+from .recall import (Distinct, attend_distinct, distinct_chunks, pack_signatures, page_chunks,
+                     select, signatures)
 
 
 class RecallPlan(NamedTuple):
@@ -174,42 +175,25 @@ class LayerHost:
             return q.new_zeros(q.shape)
         if plan.ready is not None:
             plan.ready.synchronize()  # the choice only: the GPU goes on with the step
-        keys, vals, lookup = self._fetch(layer, plan.chosen_host, nC)
-        lookup = lookup.to(q.device)
-
-        def fetch(x: Tensor, tok: Tensor) -> Tensor:  # tok: (B, n, G, m) positions
-            b = torch.arange(B, device=tok.device)[:, None, None, None]
-            g = torch.arange(G, device=tok.device)[None, None, :, None]
-            u = lookup[b, g, (tok // C).clamp(max=max(nC - 1, 0))]
-            return x[u, tok % C]  # (B, n, G, m, d)
-
+        d = distinct_chunks(plan.chosen_host, G, nC)
+        keys, vals = self._fetch(layer, d)
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale  # as recall_decode
-        return _attend_in_blocks(q, keys, vals, plan.chosen, C, scale, fetch)
+        return attend_distinct(q, keys, vals, plan.chosen, d, C, scale)
 
-    def _fetch(self, layer, chosen: Tensor, nC: int) -> tuple[Tensor, Tensor, Tensor]:
-        """The distinct chunks of ``chosen (B, T, G, R)`` (host) on the device, ``keys (U, C,
-        dk)``, ``vals (U, C, dv)``, and ``lookup (B, G, max(nC, 1))``: which of them holds
-        chunk ``c`` of sequence ``b``, head ``g`` (0 where none is chosen)."""
-        C, G = self.chunk, self.heads
-        B = chosen.shape[0]
-        width = max(nC, 1)
-        b = torch.arange(B)[:, None, None, None].expand_as(chosen)
-        g = torch.arange(G)[None, None, :, None].expand_as(chosen)
-        ok = chosen >= 0
-        flat = torch.unique((b[ok] * G + g[ok]) * width + chosen[ok])  # sorted (b, g, c)
-        rows, heads, index = flat // (G * width), flat // width % G, flat % width
-        lookup = torch.zeros((B, G, width), dtype=torch.long)
-        lookup[rows, heads, index] = torch.arange(flat.numel())
-        seqs = [layer.parent.seqs[int(r)] for r in rows]
-        stored = torch.tensor([int(c) < self.spilled.get(s, 0) for s, c in zip(seqs, index)],
+    def _fetch(self, layer, d: Distinct) -> tuple[Tensor, Tensor]:
+        """The distinct chunks ``d`` on the device, ``keys (U, C, dk)``, ``vals (U, C, dv)``:
+        spilled ones read from the store (staged, then copied), the others from the pages."""
+        C = self.chunk
+        seqs = [layer.parent.seqs[int(r)] for r in d.rows]
+        stored = torch.tensor([int(c) < self.spilled.get(s, 0) for s, c in zip(seqs, d.index)],
                               dtype=torch.bool)
         dt, dev = layer.dtype, layer.device
         cuda = dev.type == "cuda"
         staged = torch.empty((int(stored.sum()), C, self.dk + self.dv), dtype=dt, pin_memory=cuda)
         for j, u in enumerate(torch.nonzero(stored).flatten().tolist()):
-            self.store.read(self._key(seqs[u], int(heads[u])), int(index[u]), staged[j])
+            self.store.read(self._key(seqs[u], int(d.heads[u])), int(d.index[u]), staged[j])
         self.read_bytes += staged.numel() * staged.element_size()
-        out = torch.empty((flat.numel(), C, self.dk + self.dv), dtype=dt, device=dev)
+        out = torch.empty((d.rows.numel(), C, self.dk + self.dv), dtype=dt, device=dev)
         if staged.shape[0]:  # host -> device beside the layer's other work, then joined
             moved = staged
             if cuda:  # allocated on the copy stream, handed to the compute stream
@@ -221,12 +205,6 @@ class LayerHost:
             out[torch.nonzero(stored).flatten().to(dev)] = moved
         if not bool(stored.all()):  # chunks still in the pool: gathered from the pages
             u = torch.nonzero(~stored).flatten()
-            S = layer.parent.page_size
-            table = layer.parent.block_table().long()
-            pos = index[u, None] * C + torch.arange(C)  # (n, C)
-            rr, hh = rows[u, None].to(dev), heads[u, None].to(dev)
-            pos = pos.to(dev)
-            pages = table[rr, pos // S]
-            out[u.to(dev)] = torch.cat((layer.k_pages[pages, pos % S, hh],
-                                        layer.v_pages[pages, pos % S, hh]), -1)
-        return out[..., :self.dk], out[..., self.dk:], lookup
+            k, v = page_chunks(layer.k_pages, layer.v_pages, layer.parent.block_table(), d, C, u)
+            out[u.to(dev)] = torch.cat((k, v), -1)
+        return out[..., :self.dk], out[..., self.dk:]

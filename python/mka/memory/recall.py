@@ -27,7 +27,7 @@ queries at a time so the gathered keys stay small).
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -186,15 +186,75 @@ class Recall(torch.nn.Module):
 
 # --------------------------------------------------------------------------- decoding
 
-def page_fetch(block_table: Tensor, page_size: int):
-    """``fetch`` for :func:`_attend_recalled` reading tokens from pages ``(P, S, G, d)``
-    through ``block_table (B, W)``."""
-    def fetch(pages: Tensor, tok: Tensor) -> Tensor:
-        B, n, G, m = tok.shape
-        page = torch.gather(block_table.long(), 1, (tok // page_size).reshape(B, -1))
-        heads = torch.arange(G, device=tok.device)[None, None, :, None]  # each head its own
-        return pages[page.reshape(B, n, G, m), tok % page_size, heads]  # (B, n, G, m, d)
-    return fetch
+class Distinct(NamedTuple):
+    """The distinct chunks of a choice ``chosen (B, T, G, R)``: chunk ``index[u]`` of batch
+    row ``rows[u]``, kv head ``heads[u]`` (sorted by row, head, chunk; host tensors), and
+    ``lookup (B, G, width)``: which ``u`` holds chunk ``c`` of row ``b``, head ``g``."""
+
+    rows: Tensor
+    heads: Tensor
+    index: Tensor
+    lookup: Tensor
+
+
+def distinct_chunks(chosen: Tensor, heads: int, width: int) -> Distinct:
+    """:class:`Distinct` of ``chosen`` (on the host; indices below ``width``)."""
+    B, width = chosen.shape[0], max(width, 1)
+    b = torch.arange(B)[:, None, None, None].expand_as(chosen)
+    g = torch.arange(heads)[None, None, :, None].expand_as(chosen)
+    ok = chosen >= 0
+    flat = torch.unique((b[ok] * heads + g[ok]) * width + chosen[ok])  # sorted (b, g, c)
+    rows, hs, index = flat // (heads * width), flat // width % heads, flat % width
+    lookup = torch.zeros((B, heads, width), dtype=torch.long)
+    lookup[rows, hs, index] = torch.arange(flat.numel())
+    return Distinct(rows, hs, index, lookup)
+
+
+def attend_distinct(q: Tensor, keys: Tensor, vals: Tensor, chosen: Tensor, d: Distinct,
+                    chunk: int, scale: float) -> Tensor:
+    """``O3`` of ``q: (B, T, H, d)`` over its ``chosen`` chunks, whose tokens are ``keys (U,
+    C, dk)``, ``vals (U, C, dv)`` in the order of ``d`` (decoding: read from pages or the
+    host store). On the CPU the native op over a compact sequence per (row, head) — slot
+    ``s`` holds the ``s``-th distinct chunk of that row and head; else the composite."""
+    B, G, C = q.shape[0], d.lookup.shape[1], chunk
+    if recall_ops.native(q) and keys.shape[-1] == vals.shape[-1] == q.shape[-1]:
+        group = d.rows * G + d.heads
+        first = torch.searchsorted(group, group)  # the first u of each (row, head)
+        slot = torch.arange(group.numel()) - first
+        n = int(slot.max()) + 1 if slot.numel() else 1
+        pos = (slot[:, None] * C + torch.arange(C)).to(q.device)  # (U, C)
+        rr, hh = d.rows[:, None].to(q.device), d.heads[:, None].to(q.device)
+        k = keys.new_zeros((B, n * C, G, keys.shape[-1]))
+        v = vals.new_zeros((B, n * C, G, vals.shape[-1]))
+        k[rr, pos, hh], v[rr, pos, hh] = keys, vals
+        slots = torch.zeros_like(d.lookup)
+        slots[d.rows, d.heads, d.index] = slot
+        b = torch.arange(B)[:, None, None, None]
+        g = torch.arange(G)[None, None, :, None]
+        ch = chosen.cpu()
+        remapped = torch.where(ch >= 0, slots[b, g, ch.clamp(min=0)], -1).to(q.device)
+        return recall_ops.recall_op(q, k, v, remapped, C, scale)
+    lookup = d.lookup.to(q.device)
+    last = lookup.shape[-1] - 1
+
+    def fetch(x: Tensor, tok: Tensor) -> Tensor:  # tok: (B, n, G, m) positions
+        b = torch.arange(B, device=tok.device)[:, None, None, None]
+        g = torch.arange(G, device=tok.device)[None, None, :, None]
+        return x[lookup[b, g, (tok // C).clamp(max=last)], tok % C]  # (B, n, G, m, d)
+
+    return _attend_in_blocks(q, keys, vals, chosen, C, scale, fetch)
+
+
+def page_chunks(k_pages: Tensor, v_pages: Tensor, block_table: Tensor, d: Distinct,
+                chunk: int, rows: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """The tokens ``(U, C, dk)``, ``(U, C, dv)`` of the distinct chunks ``d`` (those listed
+    in ``rows`` of ``d``'s order if given) read from the pages through ``block_table``."""
+    sel = torch.arange(d.rows.numel()) if rows is None else rows
+    dev, S = k_pages.device, k_pages.shape[1]
+    pos = (d.index[sel, None] * chunk + torch.arange(chunk)).to(dev)  # (n, C)
+    rr, hh = d.rows[sel, None].to(dev), d.heads[sel, None].to(dev)
+    pages = block_table.long()[rr, pos // S]
+    return k_pages[pages, pos % S, hh], v_pages[pages, pos % S, hh]
 
 
 def update_chunk_signs(signs: Tensor, k_pages: Tensor, block_table: Tensor,
@@ -233,5 +293,6 @@ def recall_decode(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tens
         chosen = select(q_sig, signs[:, :nC].to(q_sig.dtype), counts.to(q.device), top)
     if chosen.shape[-1] == 0:
         return q.new_zeros(q.shape)
-    return _attend_in_blocks(q, k_pages, v_pages, chosen, chunk, scale,
-                             page_fetch(block_table, k_pages.shape[1]))
+    d = distinct_chunks(chosen.cpu(), G, nC)
+    keys, vals = page_chunks(k_pages, v_pages, block_table, d, chunk)
+    return attend_distinct(q, keys, vals, chosen, d, chunk, scale)
