@@ -29,8 +29,8 @@ import torch
 from torch import Tensor
 
 from .._C import ChunkStore
-from .recall import (Distinct, attend_distinct, distinct_chunks, pack_signatures, page_chunks,
-                     select, signatures)
+from .recall import (Distinct, attend_distinct, choose_for_step, distinct_chunks,
+                     pack_signatures, page_chunks)
 
 
 class RecallPlan(NamedTuple):
@@ -72,15 +72,6 @@ def check_host(specs, page_size: int, host: HostTier) -> None:
         if spec.recall_chunk % page_size:
             raise ValueError(f"host: layer {i}'s recall chunk ({spec.recall_chunk} tokens) must "
                              f"be a multiple of page_size = {page_size} (chunks spill as pages)")
-
-
-def recall_counts(before: list[int], T: int, chunk: int, window: Optional[int]) -> Tensor:
-    """``(B, T)`` on the host: the chunks row ``i`` of sequence ``b`` (position ``before[b] +
-    i``) may recall — wholly before its window."""
-    pos = torch.tensor(before)[:, None] + torch.arange(T)[None, :]
-    end = pos - (1 if window is None else window) + 1
-    counts = torch.clamp(torch.div(end, chunk, rounding_mode="floor"), min=0)
-    return torch.minimum(counts, (pos + 1) // chunk)
 
 
 def spill_target(length: int, chunk: int, window: int) -> int:
@@ -137,11 +128,6 @@ class LayerHost:
                                   words[i, g].contiguous())
         self.spilled[seq] = target
 
-    def drop(self, seq: int) -> None:
-        for g in range(self.heads):
-            self.store.drop_sequence(self._key(seq, g))
-        self.spilled.pop(seq, None)
-
     # ------------------------------------------------------------------ recall
 
     def select(self, layer, q: Tensor, before: list[int], *, top: int, planes: Tensor,
@@ -149,14 +135,8 @@ class LayerHost:
         """Chooses the chunks of the new rows ``q: (B, T, H, d)`` (row ``i`` of sequence ``b``
         at position ``before[b] + i``) on the device and starts copying the choice to the
         host: the caller launches the step's other work before :meth:`recall` waits for it."""
-        C, G = self.chunk, self.heads
-        B, T, H, d = q.shape
-        counts = recall_counts(before, T, C, window)
-        nC = int(counts.max()) if counts.numel() else 0
-        with torch.no_grad():
-            q_sig = signatures(q.reshape(B, T, G, H // G, d).mean(3), planes)
-            signs = layer.states["chunk_signs"][:, :nC].to(q_sig.dtype)
-            chosen = select(q_sig, signs, counts.to(q.device), top)
+        chosen, nC = choose_for_step(q, layer.states["chunk_signs"], before, chunk=self.chunk,
+                                     top=top, planes=planes, window=window)
         if q.device.type != "cuda":
             return RecallPlan(chosen, chosen, None, nC)
         host = torch.empty(chosen.shape, dtype=chosen.dtype, pin_memory=True)

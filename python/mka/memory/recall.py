@@ -273,26 +273,35 @@ def update_chunk_signs(signs: Tensor, k_pages: Tensor, block_table: Tensor,
         signs[b, done.start:done.stop] = signatures(means, planes).to(signs.dtype)
 
 
-def recall_decode(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor,
-                  signs: Tensor, before: list[int], *, chunk: int, top: int, planes: Tensor,
-                  window: Optional[int] = None, scale: Optional[float] = None) -> Tensor:
-    """``O3`` of the new query rows ``q: (B, T, H, d)`` of a cached step: row ``i`` of sequence
-    ``b`` sits at position ``before[b] + i``; its chunks are ranked by the signatures in
-    ``signs`` (kept by :func:`update_chunk_signs`) and their tokens read from the pages — the
-    same selection and result as :func:`recall_attention` over the whole sequence."""
+def choose_for_step(q: Tensor, signs: Tensor, before: list[int], *, chunk: int, top: int,
+                    planes: Tensor, window: Optional[int]) -> tuple[Tensor, int]:
+    """The chunks the new rows ``q: (B, T, H, d)`` of a cached step recall (row ``i`` of
+    sequence ``b`` at position ``before[b] + i``), ranked by the chunk signatures ``signs``
+    (kept by :func:`update_chunk_signs`): ``(chosen (B, T, G, R), chunks any row may see)``.
+    The eligible counts are known on the host: no synchronisation."""
     B, T, H, d = q.shape
-    G = k_pages.shape[2]
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    pos = torch.tensor(before)[:, None] + torch.arange(T)[None, :]  # (B, T) on the host
+    G = signs.shape[2]
+    pos = torch.tensor(before)[:, None] + torch.arange(T)[None, :]  # (B, T)
     end = pos - (1 if window is None else window) + 1
     counts = torch.clamp(torch.div(end, chunk, rounding_mode="floor"), min=0)
     counts = torch.minimum(counts, (pos + 1) // chunk)
-    nC = int(counts.max()) if counts.numel() else 0  # on the host: no synchronisation
+    nC = int(counts.max()) if counts.numel() else 0
     with torch.no_grad():
         q_sig = signatures(q.reshape(B, T, G, H // G, d).mean(3), planes)
-        chosen = select(q_sig, signs[:, :nC].to(q_sig.dtype), counts.to(q.device), top)
+        return select(q_sig, signs[:, :nC].to(q_sig.dtype), counts.to(q.device), top), nC
+
+
+def recall_decode(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor,
+                  signs: Tensor, before: list[int], *, chunk: int, top: int, planes: Tensor,
+                  window: Optional[int] = None, scale: Optional[float] = None) -> Tensor:
+    """``O3`` of the new query rows ``q: (B, T, H, d)`` of a cached step, their chunks
+    (:func:`choose_for_step`) read from the pages — the same selection and result as
+    :func:`recall_attention` over the whole sequence."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    chosen, nC = choose_for_step(q, signs, before, chunk=chunk, top=top, planes=planes,
+                                 window=window)
     if chosen.shape[-1] == 0:
         return q.new_zeros(q.shape)
-    d = distinct_chunks(chosen.cpu(), G, nC)
-    keys, vals = page_chunks(k_pages, v_pages, block_table, d, chunk)
-    return attend_distinct(q, keys, vals, chosen, d, chunk, scale)
+    chunks = distinct_chunks(chosen.cpu(), k_pages.shape[2], nC)
+    keys, vals = page_chunks(k_pages, v_pages, block_table, chunks, chunk)
+    return attend_distinct(q, keys, vals, chosen, chunks, chunk, scale)
