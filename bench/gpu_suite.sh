@@ -12,6 +12,8 @@
 #   BENCH_ARGS=...   extra flags for the benchmark, e.g. "--seqs 2k,8k --rounds 3"
 #   AB="SET SET..."  A/B kernel-option sets (mka bench --ab), e.g. AB="scan=1pass scan=3pass";
 #                    AB_ARGS=... extra flags for it (default "--impls attention,fastmka,mka")
+#   PREBUILT=FILE    skip the build: use this _C*.so (built elsewhere for this machine's Python)
+#   DECODE=1         also the decode table (mka bench --preset decode); DECODE_ARGS=... its flags
 #   DRAM=1           also decode with the DRAM tier at 16k..1M tokens (bench/tools/dram_tier.py);
 #                    DRAM_ARGS=... its flags (default: bf16, those contexts, resident up to 256k)
 set -uo pipefail
@@ -32,21 +34,29 @@ step "environment"
   echo "cpu cores: $(nproc)"
 } 2>&1 | tee -a "$LOG"
 
-step "build (pip install --no-build-isolation)"
-start=$(date +%s)
-python3 -m pip install --no-build-isolation --no-deps -q . > "$OUT/build.log" 2>&1
-rc=$?
-echo "build rc=$rc in $(( $(date +%s) - start )) s with $(nproc) cores" | tee -a "$LOG"
-if [ $rc -ne 0 ]; then tail -40 "$OUT/build.log"; exit 1; fi
+if [ -n "${PREBUILT:-}" ]; then
+  step "prebuilt extension $PREBUILT"
+  cp "$PREBUILT" python/mka/ && export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
+else
+  step "build (pip install --no-build-isolation)"
+  start=$(date +%s)
+  python3 -m pip install --no-build-isolation --no-deps -q . > "$OUT/build.log" 2>&1
+  rc=$?
+  echo "build rc=$rc in $(( $(date +%s) - start )) s with $(nproc) cores" | tee -a "$LOG"
+  if [ $rc -ne 0 ]; then tail -40 "$OUT/build.log"; exit 1; fi
+fi
 python3 -c "import mka._C as C; print('built_with_cuda:', C.built_with_cuda())" 2>&1 | tee -a "$LOG"
 
 step "CUDA tests"
 [ "${TESTS:-1}" = 0 ] && echo "skipped (TESTS=0)" | tee -a "$LOG"
-for t in $([ "${TESTS:-1}" = 0 ] || echo tests/cuda tests/ops); do
+# tests/memory: its CUDA cases only (-m cuda), the rest is the CPU suite's.
+for t in $([ "${TESTS:-1}" = 0 ] || echo tests/cuda tests/ops tests/memory); do
   log="$OUT/tests_$(basename "$t").log"
+  sel=$([ "$t" = tests/memory ] && echo "-m cuda")
   # Separate runs on xdist workers: a crashed worker is reported and the rest still run. Two
   # CPU threads per worker: the float64 references run on the CPU.
-  OMP_NUM_THREADS=2 python3 -m pytest "$t" -q -n 8 --timeout=600 -p no:cacheprovider -rf > "$log" 2>&1
+  # shellcheck disable=SC2086
+  OMP_NUM_THREADS=2 python3 -m pytest "$t" $sel -q -n 8 --timeout=600 -p no:cacheprovider -rf > "$log" 2>&1
   echo "pytest $t rc=$? : $(tail -1 "$log")" | tee -a "$LOG"
   grep -E "^FAILED|crashed" "$log" | head -20 | tee -a "$LOG"
 done
@@ -65,6 +75,13 @@ if [ "${BENCH:-1}" = 0 ]; then
 else
   # shellcheck disable=SC2086
   python3 -m mka.cli bench --preset gpu-suite ${BENCH_ARGS:-} --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | tee -a "$LOG"
+fi
+
+if [ "${DECODE:-0}" = 1 ]; then
+  step "decode table (mka bench --preset decode ${DECODE_ARGS:-})"
+  # shellcheck disable=SC2086
+  python3 -m mka.cli bench --preset decode ${DECODE_ARGS:-} --json "$OUT/decode.json" 2>&1 \
+    | tee "$OUT/decode.log" | tee -a "$LOG"
 fi
 
 if [ -n "${AB:-}" ]; then

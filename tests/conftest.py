@@ -28,6 +28,21 @@ def dtype_params(device_dtypes=DTYPES):
     return out
 
 
+def shuffled_block_table(lens, S: int, W: int, P: int, gen: torch.Generator) -> torch.Tensor:
+    """A (B, W) int32 block table giving each sequence of ``lens`` tokens distinct pages of a
+    pool of ``P`` in shuffled order (-1 past its pages)."""
+    import math
+    perm = torch.randperm(P, generator=gen).int()
+    bt = torch.full((len(lens), W), -1, dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(lens):
+        k = math.ceil(n / S)
+        bt[b, :k] = perm[used:used + k]
+        used += k
+    assert used <= P
+    return bt
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref||, in float64; absolute error where the reference is zero."""
     out, ref = out.detach().double().cpu(), ref.detach().double().cpu()

@@ -239,6 +239,7 @@ bool attention_bwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows 
 }
 
 void attention_fwd(const AttentionProblem& p, const AttentionFwd& a) {
+  if (decode_shaped(p)) return decode_attention(p, a);
   DeviceGuard guard(a.q.device_id);
   attention_fwd_rows(p, rows(a.q), rows(a.k), rows(a.v), rows(a.out),
                      static_cast<float*>(a.lse.data), static_cast<cudaStream_t>(a.launch.stream));

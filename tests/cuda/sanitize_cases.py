@@ -61,8 +61,37 @@ def main():
         with mka.use_kernels(scan_through=through):
             out, kso, vso = ops.fastmka(q, k, v, lam_t, 0.9, None, None, ks, vs)
         (out.float().sum() + kso.sum() + vso.sum()).backward()
+    paged_cases()
     torch.cuda.synchronize()
     print("sanitize cases: done")
+
+
+def paged_cases():
+    """The paged kernels (cuda/memory/): a prefill write with EMA checkpoints over pages of 16,
+    decode and verification steps over split keys (plain, windowed, MKA's level 2), every
+    head-dim kernel, and a table with an invalid entry (NaN rows, no access outside)."""
+    from mka.memory import paged_attention, paged_mka_attention, paged_write_ema
+    B, S, G, H, T = 2, 16, 2, 8, 700
+    W = T // S + 2
+    for dtype in (torch.bfloat16, torch.float32):
+        for d in (64, 128, 256):
+            P = B * W
+            kp, vp = (torch.randn(P, S, G, d, device="cuda", dtype=dtype) for _ in range(2))
+            kst, vst = (torch.zeros(P, G, d, device="cuda") for _ in range(2))
+            table = torch.randperm(P, device="cuda").int().view(B, W)
+            start = torch.zeros(B, dtype=torch.int32, device="cuda")
+            k, v = (torch.randn(B, T, G, d, device="cuda", dtype=dtype) for _ in range(2))
+            paged_write_ema(k, v, kp, vp, table, start, 0.9, kst, vst)
+            lens = torch.tensor([T, T - 77], dtype=torch.int32, device="cuda")
+            for Tq in (1, 3):
+                q = torch.randn(B, Tq, H, d, device="cuda", dtype=dtype)
+                lam = torch.full((B, Tq, 2), 0.5, device="cuda", dtype=dtype)
+                paged_attention(q, kp, vp, table, lens)
+                paged_attention(q, kp, vp, table, lens, window=100)
+                paged_mka_attention(q, kp, vp, kst, vst, table, lens, lam, 0.9, window=50)
+            bad = table.clone()
+            bad[0, 3] = 10 ** 6
+            assert torch.isnan(paged_attention(q, kp, vp, bad, lens)[0]).all()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import mka
 from mka import reference as R
 from mka.memory import paged_attention, paged_mka_attention, paged_write, paged_write_ema
 from mka.memory import torch_paged as TP
-from conftest import TOL, dtype_params, rel_err
+from conftest import TOL, dtype_params, rel_err, shuffled_block_table
 
 IMPLS = {
     "ops": (paged_attention, paged_mka_attention, paged_write, paged_write_ema),
@@ -24,24 +24,11 @@ IMPLS = {
 }
 
 
-def _table(lens, S, W, P, gen):
-    """A block table giving each sequence distinct pages in shuffled order."""
-    perm = torch.randperm(P, generator=gen).int()
-    bt = torch.full((len(lens), W), -1, dtype=torch.int32)
-    used = 0
-    for b, n in enumerate(lens):
-        k = math.ceil(n / S)
-        bt[b, :k] = perm[used:used + k]
-        used += k
-    assert used <= P
-    return bt
-
-
 def _case(lens, S, H, G, d, Tq, dtype, device, seed=0):
     gen = torch.Generator().manual_seed(seed)
     W = max(1, max(math.ceil(n / S) for n in lens)) + 1
     P = sum(math.ceil(n / S) for n in lens) + 3
-    bt = _table(lens, S, W, P, gen)
+    bt = shuffled_block_table(lens, S, W, P, gen)
     kp = torch.randn(P, S, G, d, generator=gen, dtype=torch.float64)
     vp = torch.randn(P, S, G, d, generator=gen, dtype=torch.float64)
     q = torch.randn(len(lens), Tq, H, d, generator=gen, dtype=torch.float64)
@@ -107,7 +94,7 @@ def test_write_then_decode_equals_the_contiguous_ops(impl, S):
     lam = torch.softmax(torch.randn(B, T, 2, dtype=torch.float64), -1)
     W = math.ceil(T / S)
     P = B * W + 2
-    bt = _table([T] * B, S, W, P, torch.Generator().manual_seed(0))
+    bt = shuffled_block_table([T] * B, S, W, P, torch.Generator().manual_seed(0))
     kp, vp = (torch.zeros(P, S, G, d, dtype=torch.float64) for _ in range(2))
     kp2, vp2 = kp.clone(), vp.clone()
     kst, vst = (torch.zeros(P, G, d, dtype=torch.float64) for _ in range(2))

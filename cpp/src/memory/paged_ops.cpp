@@ -84,6 +84,24 @@ void check_ema(PagedProblem& p, const PagedEma& e, const TensorRef& pages, int64
   p.beta = e.beta;
 }
 
+void run_cuda_write(const PagedProblem& p, const PagedWrite& a) {
+#if MKA_WITH_CUDA
+  cuda::paged_write(p, a);
+#else
+  (void)p, (void)a;
+  fail("paged_write: this build of mka has no CUDA kernels");
+#endif
+}
+
+void run_cuda_attention(const PagedProblem& p, const PagedAttentionFwd& a) {
+#if MKA_WITH_CUDA
+  cuda::paged_attention(p, a);
+#else
+  (void)p, (void)a;
+  fail("paged_attention: this build of mka has no CUDA kernels");
+#endif
+}
+
 }  // namespace
 
 void paged_write(const PagedWrite& a) {
@@ -111,8 +129,15 @@ void paged_write(const PagedWrite& a) {
   if (p.ema)
     MKA_CHECK(a.k_state_out.present() && a.v_state_out.present(),
               "k_state_out: required with page states (the running EMA state after the write)");
-  if (p.device != Device::cpu)
-    fail("paged_write: no native CUDA kernel in this build; the Python layer runs CUDA pages");
+  if (p.device != Device::cpu) {
+    // The table and lengths are on the device: the Python layer checked the slots written.
+    for (auto [t, name] : {std::pair{&a.k_state, "k_state"}, std::pair{&a.v_state, "v_state"},
+                           std::pair{&a.k_state_out, "k_state_out"},
+                           std::pair{&a.v_state_out, "v_state_out"}})
+      MKA_CHECK(!t->present() || t->stride[2] == 1, name, ": its last dim must be contiguous");
+    run_cuda_write(p, a);
+    return;
+  }
   // Every slot written must be a valid page of its row, and no page may be written by two
   // sequences (a shared page must be copied first, as PageTable::reserve does).
   const int32_t* lens = ptr<const int32_t>(a.cache_seqlens);
@@ -173,8 +198,14 @@ void paged_attention(const PagedAttentionFwd& a) {
     check_dtype(a.lse, "lse", stats_dtype(p.dtype));
     MKA_CHECK(is_contiguous(a.lse), "lse: must be contiguous");
   }
-  if (p.device != Device::cpu)
-    fail("paged_attention: no native CUDA kernel in this build; the Python layer runs CUDA pages");
+  if (p.device != Device::cpu) {
+    // Entries and lengths stay on the device (reading them would synchronise every step): a
+    // kernel meeting an invalid one reads nothing outside the pages and writes NaN rows.
+    MKA_CHECK(std::max(p.dk, p.dv) <= 256, "k_pages: head dim ", std::max(p.dk, p.dv),
+              " is not supported on cuda (at most 256)");
+    run_cuda_attention(p, a);
+    return;
+  }
   const int32_t* lens = ptr<const int32_t>(a.seqlens);
   for (int64_t b = 0; b < p.B; ++b) {
     const int64_t n = lens[b * a.seqlens.stride[0]];

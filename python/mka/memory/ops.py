@@ -2,14 +2,22 @@
 ``paged_write_ema``, ``paged_attention`` and ``paged_mka_attention``.
 
 Inference only (no autograd). Float32/float64 pages on the CPU run the native kernels
-(``cpp/src/cpu/paged_*.cpp``); other pages (CUDA, half precision on the CPU) run the PyTorch
-implementation of :mod:`.torch_paged`. Every op has a fake kernel with the same shape checks,
-so ``torch.compile(fullgraph=True)`` traces through them.
+(``cpp/src/cpu/paged_*.cpp``), float16/bfloat16/float32 pages on CUDA the CUDA kernels
+(``cuda/memory/``, head dims up to 256); other pages (half precision on the CPU, a build
+without CUDA, wider heads) run the PyTorch implementation of :mod:`.torch_paged`. Every op
+has a fake kernel with the same shape checks, so ``torch.compile(fullgraph=True)`` traces
+through them.
+
+On CUDA the block table and lengths stay on the device: the writes check the slots they
+write on the host (one synchronisation; a silently lost token would be worse), the
+attention does not (it would synchronise every decode step) — a kernel meeting an invalid
+entry reads nothing outside the pages and returns NaN for the rows that needed it.
 
 ``v_pages=None`` (and ``v=None`` for the writes) means the values are the keys: MLA's
 absorbed path caches one latent that serves as both.
 """
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -26,23 +34,61 @@ _OptF = Optional[float]
 _OptI = Optional[int]
 
 
-def _native_pages(pages: Tensor) -> bool:
-    return pages.device.type == "cpu" and pages.dtype in (torch.float32, torch.float64)
+_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LIB = torch.library.Library("mka", "FRAGMENT")
+
+
+def _inference_op(name: str, mutates_args: Tuple[str, ...] = ()):
+    """Registers ``fn`` as ``torch.ops.mka.<name>`` straight on the dispatcher's CPU and CUDA
+    keys (schema inferred as torch.library.custom_op does). custom_op would also wrap each
+    call in a Python autograd function and a dynamo guard — ~30 us a call on a slow host,
+    paid by every layer of every decode step — which ops without gradients do not need.
+    Returns the op as a function with custom_op's ``register_fake``."""
+    def wrap(fn):
+        _LIB.define(name + torch.library.infer_schema(fn, mutates_args=mutates_args))
+        for key in ("CPU", "CUDA"):
+            _LIB.impl(name, fn, key)
+        op = getattr(torch.ops.mka, name).default
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            return op(*args, **kwargs)
+
+        call.register_fake = lambda fake: torch.library.register_fake(f"mka::{name}", fake,
+                                                                      lib=_LIB)
+        return call
+    return wrap
+
+
+def _native_pages(pages: Tensor, *others: _OptT) -> bool:
+    """Whether the native kernels take these pages (``others``: more pages, for head dims)."""
+    if pages.device.type == "cpu":
+        return pages.dtype in (torch.float32, torch.float64)
+    return (pages.device.type == "cuda" and _C.built_with_cuda() and pages.dtype in _CUDA_DTYPES
+            and max(t.shape[-1] for t in (pages, *others) if t is not None) <= 256)
+
+
+def _check_write(k: Tensor, k_pages: Tensor, block_table: Tensor, cache_seqlens: Tensor) -> None:
+    """The host check of the slots a CUDA write touches (the native layer checks CPU ones)."""
+    if k_pages.device.type == "cuda" and k.shape[1] > 0:
+        torch_paged.check_slots(block_table, cache_seqlens + k.shape[1], k_pages.shape[0],
+                                k_pages.shape[1], "cache_seqlens", starts=cache_seqlens)
 
 
 def _state(t: _OptT, like: Tensor) -> _OptT:
-    return None if t is None else t.detach().to(like.dtype)
+    return None if t is None else t.detach().to(like.dtype).contiguous()
 
 
-@torch.library.custom_op("mka::paged_write", mutates_args=("k_pages", "v_pages"))
+@_inference_op("paged_write", mutates_args=("k_pages", "v_pages"))
 def paged_write(k: Tensor, v: _OptT, k_pages: Tensor, v_pages: _OptT, block_table: Tensor,
                 cache_seqlens: Tensor) -> None:
     """Writes ``k, v: (B, T, G, d)`` at positions ``[cache_seqlens[b], cache_seqlens[b] + T)``
     of each sequence's pages (in place)."""
     check_paged(k, k_pages, v_pages, block_table, cache_seqlens, "cache_seqlens", v=v)
     v, v_pages = (k, k_pages) if v_pages is None else (v, v_pages)
-    if not _native_pages(k_pages):
+    if not _native_pages(k_pages, v_pages):
         return torch_paged.paged_write(k, v, k_pages, v_pages, block_table, cache_seqlens)
+    _check_write(k, k_pages, block_table, cache_seqlens)
     _native(_C.paged_write, k=k.to(k_pages.dtype), v=v.to(k_pages.dtype), k_pages=k_pages,
             v_pages=v_pages, block_table=block_table, cache_seqlens=cache_seqlens,
             **_launch(k, _State.token))
@@ -53,8 +99,8 @@ def _(k, v, k_pages, v_pages, block_table, cache_seqlens):
     check_paged(k, k_pages, v_pages, block_table, cache_seqlens, "cache_seqlens", v=v)
 
 
-@torch.library.custom_op("mka::paged_write_ema",
-                         mutates_args=("k_pages", "v_pages", "k_page_states", "v_page_states"))
+@_inference_op("paged_write_ema",
+               mutates_args=("k_pages", "v_pages", "k_page_states", "v_page_states"))
 def paged_write_ema(k: Tensor, v: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor,
                     cache_seqlens: Tensor, beta: float, k_page_states: Tensor,
                     v_page_states: Tensor, k_state: _OptT = None,
@@ -65,9 +111,10 @@ def paged_write_ema(k: Tensor, v: Tensor, k_pages: Tensor, v_pages: Tensor, bloc
     states after the new tokens."""
     check_paged(k, k_pages, v_pages, block_table, cache_seqlens, "cache_seqlens", v=v,
                 page_states=(k_page_states, v_page_states), beta=beta)
-    if not _native_pages(k_pages):
+    if not _native_pages(k_pages, v_pages):
         return torch_paged.paged_write_ema(k, v, k_pages, v_pages, block_table, cache_seqlens,
                                            beta, k_page_states, v_page_states, k_state, v_state)
+    _check_write(k, k_pages, block_table, cache_seqlens)
     ks, vs = (k_page_states.new_empty((k.shape[0], *k.shape[2:])) for _ in range(2))
     _native(_C.paged_write, k=k.to(k_pages.dtype), v=v.to(k_pages.dtype), k_pages=k_pages,
             v_pages=v_pages, block_table=block_table, cache_seqlens=cache_seqlens, beta=beta,
@@ -90,7 +137,7 @@ def _out(q: Tensor, k_pages: Tensor, v_pages: _OptT) -> Tensor:
     return q.new_empty((*q.shape[:3], dv), dtype=k_pages.dtype)
 
 
-@torch.library.custom_op("mka::paged_attention", mutates_args=())
+@_inference_op("paged_attention")
 def paged_attention(q: Tensor, k_pages: Tensor, v_pages: _OptT, block_table: Tensor,
                     seqlens: Tensor, causal: bool = True, scale: _OptF = None,
                     window: _OptI = None) -> Tensor:
@@ -100,7 +147,7 @@ def paged_attention(q: Tensor, k_pages: Tensor, v_pages: _OptT, block_table: Ten
     check_paged(q, k_pages, v_pages, block_table, seqlens, "seqlens", causal=causal,
                 scale=scale, window=window)
     v_pages = k_pages if v_pages is None else v_pages
-    if not _native_pages(k_pages):
+    if not _native_pages(k_pages, v_pages):
         return torch_paged.paged_attention(q.to(k_pages.dtype), k_pages, v_pages, block_table,
                                            seqlens, causal, scale, window)
     out = _out(q, k_pages, v_pages)
@@ -117,7 +164,7 @@ def _(q, k_pages, v_pages, block_table, seqlens, causal=True, scale=None, window
     return _out(q, k_pages, v_pages)
 
 
-@torch.library.custom_op("mka::paged_mka_attention", mutates_args=())
+@_inference_op("paged_mka_attention")
 def paged_mka_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, k_page_states: Tensor,
                         v_page_states: Tensor, block_table: Tensor, seqlens: Tensor,
                         lam: Tensor, beta: float, causal: bool = True, scale: _OptF = None,
@@ -129,7 +176,7 @@ def paged_mka_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, k_page_stat
     check_paged(q, k_pages, v_pages, block_table, seqlens, "seqlens", causal=causal,
                 scale=scale, window=window, page_states=(k_page_states, v_page_states),
                 beta=beta, lam=lam)
-    if not _native_pages(k_pages):
+    if not _native_pages(k_pages, v_pages):
         return torch_paged.paged_mka_attention(q.to(k_pages.dtype), k_pages, v_pages,
                                                k_page_states, v_page_states, block_table,
                                                seqlens, lam, beta, causal, scale, window)

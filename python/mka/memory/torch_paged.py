@@ -1,9 +1,9 @@
 """The paged ops of SPEC §7.1 in plain PyTorch: gather each sequence's pages, rebuild MKA's
 EMA keys from the page checkpoints, then SDPA with a per-sequence mask.
 
-The ``backend="torch"`` of the modules' paged caches, and the path of pages the native
-kernels do not take (CUDA pages until the CUDA decode kernel lands, half-precision pages on
-the CPU). Index values are checked on the host: one synchronisation per call.
+The ``backend="torch"`` of the modules' paged caches, the path of pages the native kernels
+do not take (half-precision pages on the CPU, CUDA pages of a build without CUDA kernels),
+and the tests' second opinion on the CUDA kernels. Index values are checked on the host: one synchronisation per call.
 """
 
 from __future__ import annotations

@@ -10,6 +10,11 @@
 namespace mka::cuda {
 
 void attention_fwd(const AttentionProblem& p, const AttentionFwd& a);
+// Few query rows per key/value head against many keys (decoding, verification): the paged
+// decode kernel (cuda/memory/) with sequence b as its one page; attention_fwd takes it for
+// the shapes decode_shaped accepts.
+bool decode_shaped(const AttentionProblem& p);
+void decode_attention(const AttentionProblem& p, const AttentionFwd& a);
 void attention_bwd(const AttentionProblem& p, const AttentionBwd& a);
 
 void route_fuse_fwd(const RouteProblem& p, const RouteFuseFwd& a);

@@ -106,4 +106,10 @@ void paged_write(const PagedProblem& p, const PagedWrite& a);
 void paged_attention(const PagedProblem& p, const PagedAttentionFwd& a);
 }  // namespace cpu
 
+// Defined in builds with CUDA (MKA_WITH_CUDA): cuda/memory/.
+namespace cuda {
+void paged_write(const PagedProblem& p, const PagedWrite& a);
+void paged_attention(const PagedProblem& p, const PagedAttentionFwd& a);
+}  // namespace cuda
+
 }  // namespace mka

@@ -1,0 +1,526 @@
+// Attention of Tq >= 1 new query tokens against each sequence's pages on the GPU (SPEC §7.1),
+// split over keys (flash-decoding). A block is (key split, sequence, key/value head, up to
+// kRows query rows of that head's group): it reads each key and value row of its split once
+// into shared memory and serves every query head of the group from there, so GQA costs no
+// extra HBM bytes. Decoding is memory-bound: the block count is raised by splitting the keys
+// until the GPU is full, and a combine kernel merges the splits' partial softmaxes.
+//
+// MKA's level 2 (EMA keys/values) is rebuilt in shared memory from each page's checkpoint of
+// the EMA state while the raw rows are there: a step reads the pages once plus one (G, d)
+// float32 state per page, with no scan of the sequence and no extra kernel.
+//
+// Table entries and lengths live on the device and are not read by the host (that would
+// synchronise every step); a block that meets an invalid entry or length never reads outside
+// the pages and writes NaN for its rows.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <mutex>
+
+#include "common/device_utils.cuh"
+#include "mka/cuda/kernels.h"
+#include "mka/memory/paged_ops.h"
+
+namespace mka::cuda {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kRows = 16;  // query rows (tokens x heads of one kv head) per block
+constexpr int kTile = 64;  // keys per shared-memory tile
+constexpr int64_t kMinSplit = 256;  // keys a split gets at least
+constexpr float kLog2e = 1.4426950408889634f;
+
+struct PagedArgs {
+  const void *q, *kp, *vp;
+  const float *kst, *vst;  // EMA page checkpoints (P, G, d), or null
+  TokenScalar lam0, lam1;
+  void* out;
+  float* lse;
+  int64_t qs[3], ks[3], vs[3], os[3];
+  const int32_t* table;  // null: contiguous cache, sequence b is "page" b
+  int64_t ts0, ts1;
+  const int32_t* lens;  // null: every sequence holds S keys (a contiguous cache)
+  int64_t ls;
+  int B, T, H, G, grp, dk, dv, S, W;
+  int64_t P;
+  bool causal;
+  float scale_log2;  // softmax scale x log2(e): scores in base 2
+  int64_t window;    // <= 0: none
+  float beta;
+  int row_blocks, splits;
+  int64_t unit;  // a split is a whole number of these keys (tiles; pages too with level 2)
+  float* ws;  // splits > 1: partials [split][b][t][h][level][dv + 2]
+};
+
+__device__ __forceinline__ int64_t key_hi(const PagedArgs& a, int64_t i, int64_t n) {
+  if (!a.causal) return n;
+  const int64_t x = i + (n - a.T) + 1;
+  return x < 0 ? 0 : (x > n ? n : x);
+}
+__device__ __forceinline__ int64_t key_lo(const PagedArgs& a, int64_t i, int64_t n) {
+  if (a.window <= 0) return 0;
+  const int64_t x = i + (n - a.T) - a.window + 1;
+  return x < 0 ? 0 : (x > n ? n : x);
+}
+
+// Shared-memory rows are padded by 16 bytes so that 16-byte reads of consecutive rows by a
+// warp's lanes fall in different banks.
+template <class T, int D> struct Smem {
+  static constexpr int kVec = 16 / sizeof(T);
+  static constexpr int kLd = D + kVec;
+  static constexpr size_t bytes() {
+    return 2 * size_t(kTile) * kLd * sizeof(T) + size_t(kRows) * D * 4 + size_t(kRows) * kTile * 4 +
+           5 * kRows * 4 + 2 * kTile * 4;
+  }
+};
+
+// Scores of rows [0, R) against the tile's keys in sK (q pre-scaled, base 2), masked to
+// each row's visible keys: -inf where masked or the key's page is invalid.
+template <class T, int D>
+__device__ __forceinline__ void tile_scores(const PagedArgs& a, const T* sK, const float* sQ,
+                                            float* sS, const int* sPage, int R, int f0,
+                                            int64_t nk, int64_t j0, int n, bool windowed) {
+  using Sm = Smem<T, D>;
+  for (int idx = threadIdx.x; idx < R * kTile; idx += kThreads) {
+    const int r = idx / kTile, jj = idx % kTile;
+    const int64_t i = (f0 + r) / a.grp, pos = j0 + jj;
+    float s = -INFINITY;
+    if (jj < n && sPage[jj] >= 0 && pos < key_hi(a, i, nk) &&
+        (!windowed || pos >= key_lo(a, i, nk))) {
+      const T* k = sK + jj * Sm::kLd;
+      const float* q = sQ + r * D;
+      float acc = 0.f;
+#pragma unroll
+      for (int x = 0; x < D; x += Sm::kVec) {
+        float kv[Sm::kVec];
+        load_v<Sm::kVec>(k + x, kv);
+#pragma unroll
+        for (int e = 0; e < Sm::kVec; e += 4) {
+          const float4 qv = *reinterpret_cast<const float4*>(q + x + e);
+          acc = fmaf(qv.x, kv[e], acc);
+          acc = fmaf(qv.y, kv[e + 1], acc);
+          acc = fmaf(qv.z, kv[e + 2], acc);
+          acc = fmaf(qv.w, kv[e + 3], acc);
+        }
+      }
+      s = acc;
+    }
+    sS[r * kTile + jj] = s;
+  }
+}
+
+// Online softmax of the tile's scores, one warp per row: probabilities (relative to the new
+// running max) replace the scores; sA gets each row's rescale factor of its accumulator.
+__device__ __forceinline__ void tile_softmax(float* sS, float* sM, float* sL, float* sA, int R) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int r = warp; r < R; r += kThreads / 32) {
+    float* s = sS + r * kTile;
+    float v[kTile / 32], mx = -INFINITY;
+#pragma unroll
+    for (int c = 0; c < kTile / 32; ++c) mx = fmaxf(mx, v[c] = s[lane + 32 * c]);
+    mx = warp_max(mx);
+    const float m_old = sM[r], m_new = fmaxf(m_old, mx);
+    float sum = 0.f, alpha = 1.f;
+    if (m_new != -INFINITY) {
+      alpha = exp2f(m_old - m_new);  // m_old = -inf: 0
+#pragma unroll
+      for (int c = 0; c < kTile / 32; ++c) sum += (v[c] = exp2f(v[c] - m_new));
+    } else {
+#pragma unroll
+      for (int c = 0; c < kTile / 32; ++c) v[c] = 0.f;
+    }
+#pragma unroll
+    for (int c = 0; c < kTile / 32; ++c) s[lane + 32 * c] = v[c];
+    sum = warp_sum(sum);
+    if (lane == 0) sL[r] = sL[r] * alpha + sum, sM[r] = m_new, sA[r] = alpha;
+  }
+}
+
+// acc (this thread's rows x 4 columns) = acc * alpha + P V over the tile's n keys.
+template <class T, int D, int RPT>
+__device__ __forceinline__ void tile_pv(const T* sV, const float* sS, const float* sA,
+                                        float (&acc)[RPT][4], int R, int n) {
+  using Sm = Smem<T, D>;
+  constexpr int kColThreads = D / 4, kRowStep = kThreads / kColThreads;
+  const int cx = (threadIdx.x % kColThreads) * 4, r0 = threadIdx.x / kColThreads;
+#pragma unroll
+  for (int k = 0; k < RPT; ++k) {
+    const int r = r0 + k * kRowStep;
+    if (r < R) {
+      const float al = sA[r];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[k][e] *= al;
+    }
+  }
+  for (int jj = 0; jj < n; ++jj) {
+    float v[4];
+    const T* src = sV + jj * Sm::kLd + cx;
+    if constexpr (sizeof(T) == 4) {
+      const float4 f = *reinterpret_cast<const float4*>(src);
+      v[0] = f.x, v[1] = f.y, v[2] = f.z, v[3] = f.w;
+    } else {
+      const uint2 u = *reinterpret_cast<const uint2*>(src);
+      const T* e = reinterpret_cast<const T*>(&u);
+#pragma unroll
+      for (int x = 0; x < 4; ++x) v[x] = to_f(e[x]);
+    }
+#pragma unroll
+    for (int k = 0; k < RPT; ++k) {
+      const int r = r0 + k * kRowStep;
+      if (r < R) {
+        const float p = sS[r * kTile + jj];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[k][e] = fmaf(p, v[e], acc[k][e]);
+      }
+    }
+  }
+}
+
+// Rows [j0, j0 + n) of one kv head's pages into shared memory (zeros past d and for invalid
+// pages). vec: 16-byte loads (rows and strides aligned).
+template <class T, int D>
+__device__ __forceinline__ void load_tile(T* dst, const T* base, const int64_t* st, int g, int d,
+                                          const int* sPage, const int* sRow, int n, bool vec) {
+  using Sm = Smem<T, D>;
+  constexpr int kChunks = D / Sm::kVec;
+  for (int idx = threadIdx.x; idx < kTile * kChunks; idx += kThreads) {
+    const int jj = idx / kChunks, x = (idx % kChunks) * Sm::kVec;
+    uint4 val = make_uint4(0, 0, 0, 0);
+    if (jj < n && sPage[jj] >= 0 && x < d) {
+      const T* src = base + sPage[jj] * st[0] + sRow[jj] * st[1] + g * st[2] + x;
+      if (vec) {
+        val = __ldg(reinterpret_cast<const uint4*>(src));
+      } else {
+        T* e = reinterpret_cast<T*>(&val);
+        for (int u = 0; u < Sm::kVec && x + u < d; ++u) e[u] = src[u];
+      }
+    }
+    *reinterpret_cast<uint4*>(dst + jj * Sm::kLd + x) = val;
+  }
+}
+
+// EMA of the tile's rows in place (float32 states, stored rounded to T), restarting from a
+// page's checkpoint at its first row. st: this thread's running states of its columns.
+template <class T, int D>
+__device__ __forceinline__ void tile_ema(const PagedArgs& a, T* sK, T* sV, const int* sPage,
+                                         const int* sRow, int g, int n, float (&st)[2 * D / kThreads]) {
+  using Sm = Smem<T, D>;
+  const float beta = a.beta, one_m = 1.f - a.beta;
+#pragma unroll
+  for (int u = 0; u < 2 * D / kThreads; ++u) {
+    const int c = threadIdx.x + u * kThreads;
+    const bool is_v = c >= D;
+    const int col = is_v ? c - D : c;
+    const int d = is_v ? a.dv : a.dk;
+    if (col >= d) continue;
+    T* buf = is_v ? sV : sK;
+    const float* ckpt = is_v ? a.vst : a.kst;
+    float s = st[u];
+    for (int jj = 0; jj < n; ++jj) {
+      if (sRow[jj] == 0) s = sPage[jj] >= 0 ? ckpt[(int64_t(sPage[jj]) * a.G + g) * d + col] : 0.f;
+      T* e = buf + jj * Sm::kLd + col;
+      s = fmaf(beta, s, one_m * to_f(*e));
+      *e = from_f<T>(s);
+    }
+    st[u] = s;
+  }
+}
+
+template <class T, int D, bool kEma>
+__global__ void __launch_bounds__(kThreads) paged_attention_kernel(const PagedArgs a) {
+  using Sm = Smem<T, D>;
+  constexpr int kLevels = kEma ? 2 : 1;
+  constexpr int kRowStep = kThreads / (D / 4), RPT = (kRows + kRowStep - 1) / kRowStep;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw);
+  T* sV = sK + kTile * Sm::kLd;
+  float* sQ = reinterpret_cast<float*>(sV + kTile * Sm::kLd);
+  float* sS = sQ + kRows * D;
+  float* sM = sS + kRows * kTile;  // [level][row]
+  float* sL = sM + 2 * kRows;
+  float* sA = sL + 2 * kRows;
+  int* sPage = reinterpret_cast<int*>(sA + kRows);
+  int* sRow = sPage + kTile;
+  __shared__ int bad;
+
+  const int rb = blockIdx.x % a.row_blocks;
+  const int bg = blockIdx.x / a.row_blocks;
+  const int b = bg / a.G, g = bg % a.G, split = blockIdx.y;
+  const int f0 = rb * kRows, R = min(kRows, a.T * a.grp - f0);
+  const int64_t raw_nk = a.lens ? a.lens[b * a.ls] : a.S;
+  const int64_t cap = a.table ? int64_t(a.W) * a.S : int64_t(a.S);
+  if (threadIdx.x == 0) bad = raw_nk < 0 || raw_nk > cap;
+  const int64_t nk = raw_nk < 0 ? 0 : (raw_nk > cap ? cap : raw_nk);
+
+  for (int idx = threadIdx.x; idx < kRows * D; idx += kThreads) {
+    const int r = idx / D, x = idx % D;
+    float v = 0.f;
+    if (r < R && x < a.dk) {
+      const int f = f0 + r, i = f / a.grp, h = g * a.grp + f % a.grp;
+      v = to_f(static_cast<const T*>(a.q)[b * a.qs[0] + i * a.qs[1] + h * a.qs[2] + x]) *
+          a.scale_log2;
+    }
+    sQ[idx] = v;
+  }
+  if (threadIdx.x < 2 * kRows) sM[threadIdx.x] = -INFINITY, sL[threadIdx.x] = 0.f;
+
+  float acc[kLevels][RPT][4] = {};
+  float st[2 * D / kThreads] = {};
+  const bool vec = (a.dk % Sm::kVec == 0) && (a.dv % Sm::kVec == 0) &&
+                   (reinterpret_cast<uintptr_t>(a.kp) % 16 == 0) &&
+                   (reinterpret_cast<uintptr_t>(a.vp) % 16 == 0) && a.ks[0] % Sm::kVec == 0 &&
+                   a.ks[1] % Sm::kVec == 0 && a.ks[2] % Sm::kVec == 0 && a.vs[0] % Sm::kVec == 0 &&
+                   a.vs[1] % Sm::kVec == 0 && a.vs[2] % Sm::kVec == 0;
+
+  // Keys of this block: its split of [lo, hi); level 2 reads from 0 (no window).
+  const int64_t i_first = f0 / a.grp, i_last = (f0 + R - 1) / a.grp;
+  const int64_t lo1 = key_lo(a, i_first, nk);
+  int64_t lo = kEma ? 0 : lo1, hi = key_hi(a, i_last, nk);
+  // Each sequence splits its own length: a short one in a wide table still fills the splits.
+  int64_t split_len = ceil_div(nk > 1 ? nk : 1, a.splits);
+  split_len = ceil_div(split_len > kMinSplit ? split_len : kMinSplit, a.unit) * a.unit;
+  lo = std::max(lo, int64_t(split) * split_len);
+  hi = std::min(hi, int64_t(split + 1) * split_len);
+  __syncthreads();
+
+  for (int64_t j0 = lo; j0 < hi; j0 += kTile) {
+    const int n = int(std::min<int64_t>(kTile, hi - j0));
+    for (int jj = threadIdx.x; jj < kTile; jj += kThreads) {
+      const int64_t pos = j0 + jj;
+      int page = -1, row = 0;
+      if (jj < n) {
+        if (a.table) {
+          const int64_t slot = pos / a.S;
+          page = a.table[b * a.ts0 + slot * a.ts1];
+          row = int(pos - slot * a.S);
+          if (page < 0 || page >= a.P) bad = 1, page = -1;
+        } else {
+          page = b, row = int(pos);
+        }
+      }
+      sPage[jj] = page, sRow[jj] = row;
+    }
+    __syncthreads();
+    load_tile<T, D>(sK, static_cast<const T*>(a.kp), a.ks, g, a.dk, sPage, sRow, n, vec);
+    load_tile<T, D>(sV, static_cast<const T*>(a.vp), a.vs, g, a.dv, sPage, sRow, n, vec);
+    __syncthreads();
+    if (j0 + n > lo1) {  // level 1: raw keys within the window
+      tile_scores<T, D>(a, sK, sQ, sS, sPage, R, f0, nk, j0, n, true);
+      __syncthreads();
+      tile_softmax(sS, sM, sL, sA, R);
+      __syncthreads();
+      tile_pv<T, D, RPT>(sV, sS, sA, acc[0], R, n);
+      __syncthreads();
+    }
+    if constexpr (kEma) {  // level 2: EMA keys/values, no window
+      tile_ema<T, D>(a, sK, sV, sPage, sRow, g, n, st);
+      __syncthreads();
+      tile_scores<T, D>(a, sK, sQ, sS, sPage, R, f0, nk, j0, n, false);
+      __syncthreads();
+      tile_softmax(sS, sM + kRows, sL + kRows, sA, R);
+      __syncthreads();
+      tile_pv<T, D, RPT>(sV, sS, sA, acc[1], R, n);
+    }
+    __syncthreads();
+  }
+
+  // Out: this block's partial (splits > 1) or the final rows.
+  constexpr int kColThreads = D / 4;
+  const int cx = (threadIdx.x % kColThreads) * 4, r0 = threadIdx.x / kColThreads;
+  const float nan = __int_as_float(0x7fc00000);
+#pragma unroll
+  for (int k = 0; k < RPT; ++k) {
+    const int r = r0 + k * kRowStep;
+    if (r >= R) continue;
+    const int f = f0 + r, i = f / a.grp, h = g * a.grp + f % a.grp;
+    if (a.splits > 1) {
+      float* part = a.ws + ((((int64_t(split) * a.B + b) * a.T + i) * a.H + h) * kLevels) * (a.dv + 2);
+#pragma unroll
+      for (int l = 0; l < kLevels; ++l, part += a.dv + 2) {
+        for (int e = 0; e < 4 && cx + e < a.dv; ++e) part[cx + e] = bad ? nan : acc[l][k][e];
+        if (cx == 0) part[a.dv] = sM[l * kRows + r], part[a.dv + 1] = bad ? nan : sL[l * kRows + r];
+      }
+      continue;
+    }
+    float o[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int l = 0; l < kLevels; ++l) {
+      const float li = sL[l * kRows + r];
+      const float w = kEma ? (l == 0 ? a.lam0 : a.lam1).load(b, i, 1.f) : 1.f;
+      if (li > 0.f)
+        for (int e = 0; e < 4; ++e) o[e] += acc[l][k][e] * (w / li);
+    }
+    T* dst = static_cast<T*>(a.out) + b * a.os[0] + i * a.os[1] + h * a.os[2];
+    for (int e = 0; e < 4 && cx + e < a.dv; ++e) dst[cx + e] = from_f<T>(bad ? nan : o[e]);
+    if (a.lse && cx == 0) {
+      const float li = sL[r];
+      a.lse[(int64_t(b) * a.H + h) * a.T + i] =
+          bad ? nan : (li > 0.f ? (sM[r] + log2f(li)) / kLog2e : -INFINITY);
+    }
+  }
+}
+
+// Merges the splits' partials of one (b, t, h) per block.
+template <class T, int kLevels>
+__global__ void __launch_bounds__(kThreads) paged_combine_kernel(const PagedArgs a) {
+  const int64_t bth = blockIdx.x;
+  const int h = int(bth % a.H), t = int((bth / a.H) % a.T), b = int(bth / (int64_t(a.H) * a.T));
+  const int64_t per_split = int64_t(a.B) * a.T * a.H * kLevels * (a.dv + 2);
+  const float* base = a.ws + (((int64_t(b) * a.T + t) * a.H + h) * kLevels) * (a.dv + 2);
+  float m[kLevels], L[kLevels];
+#pragma unroll
+  for (int l = 0; l < kLevels; ++l) {
+    m[l] = -INFINITY, L[l] = 0.f;
+    for (int s = 0; s < a.splits; ++s) m[l] = fmaxf(m[l], base[s * per_split + l * (a.dv + 2) + a.dv]);
+    for (int s = 0; s < a.splits; ++s) {
+      const float* part = base + s * per_split + l * (a.dv + 2);
+      const float ls = part[a.dv + 1];
+      if (ls != 0.f) L[l] += ls * exp2f(part[a.dv] - m[l]);  // NaN propagates
+    }
+  }
+  T* dst = static_cast<T*>(a.out) + b * a.os[0] + t * a.os[1] + h * a.os[2];
+  for (int x = threadIdx.x; x < a.dv; x += kThreads) {
+    float o = 0.f;
+#pragma unroll
+    for (int l = 0; l < kLevels; ++l) {
+      if (!(L[l] > 0.f)) {
+        if (L[l] != L[l]) o = L[l];  // NaN: a bad page or length
+        continue;
+      }
+      float sum = 0.f;
+      for (int s = 0; s < a.splits; ++s) {
+        const float* part = base + s * per_split + l * (a.dv + 2);
+        if (part[a.dv + 1] != 0.f) sum += part[x] * exp2f(part[a.dv] - m[l]);
+      }
+      const float w = kLevels == 2 ? (l == 0 ? a.lam0 : a.lam1).load(b, t, 1.f) : 1.f;
+      o += sum * (w / L[l]);
+    }
+    dst[x] = from_f<T>(o);
+  }
+  if (a.lse && threadIdx.x == 0)
+    a.lse[(int64_t(b) * a.H + h) * a.T + t] =
+        L[0] > 0.f ? (m[0] + log2f(L[0])) / kLog2e : (L[0] != L[0] ? L[0] : -INFINITY);
+}
+
+int num_sms(int device) {
+  static std::once_flag once[64];
+  static int sms[64];
+  if (device >= 64) return 132;
+  std::call_once(once[device], [device] {
+    if (cudaDeviceGetAttribute(&sms[device], cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+      sms[device] = 132;
+  });
+  return sms[device];
+}
+
+int64_t gcd64(int64_t x, int64_t y) { return y == 0 ? x : gcd64(y, x % y); }
+
+// Splits: enough blocks for ~4 per SM, each split at least kMinSplit keys and a whole number
+// of tiles (and of pages with level 2: its EMA restarts at page boundaries). The lengths are
+// on the device: the host plans with the table's capacity, and each block cuts its own
+// sequence's length into that many splits.
+void plan_splits(PagedArgs& a, int64_t capacity, int device) {
+  const int64_t base = int64_t(a.row_blocks) * a.B * a.G;
+  const int64_t want = 4 * int64_t(num_sms(device));
+  a.splits = int(std::clamp<int64_t>(std::min((want + base - 1) / base, ceil_div(capacity, kMinSplit)),
+                                     1, 65535));
+  a.unit = a.kst ? kTile / gcd64(kTile, a.S) * a.S : kTile;
+}
+
+template <class T, int D, bool kEma> void launch(PagedArgs& a, int64_t max_len, int device,
+                                                 cudaStream_t s) {
+  using Sm = Smem<T, D>;
+  a.row_blocks = int(ceil_div(int64_t(a.T) * a.grp, kRows));
+  plan_splits(a, max_len, device);
+  const int64_t blocks = int64_t(a.row_blocks) * a.B * a.G;
+  MKA_CHECK(blocks < (int64_t(1) << 31), "paged_attention: too many blocks (B x G x row blocks = ",
+            blocks, ")");
+  Workspace ws(a.splits > 1 ? size_t(a.splits) * a.B * a.T * a.H * (kEma ? 2 : 1) * (a.dv + 2) * 4 : 0,
+               s, false);
+  a.ws = ws.as<float>();
+  auto kernel = paged_attention_kernel<T, D, kEma>;
+  const int smem = int(Sm::bytes());
+  static std::once_flag once[64];
+  std::call_once(once[device % 64], [&] { set_smem(kernel, smem); });
+  kernel<<<dim3(unsigned(blocks), unsigned(a.splits)), kThreads, smem, s>>>(a);
+  check_launch("paged_attention_kernel");
+  if (a.splits > 1) {
+    paged_combine_kernel<T, kEma ? 2 : 1><<<unsigned(int64_t(a.B) * a.T * a.H), kThreads, 0, s>>>(a);
+    check_launch("paged_combine_kernel");
+  }
+}
+
+template <class T> void dispatch(PagedArgs& a, int64_t max_len, int device, cudaStream_t s) {
+  const int d = std::max(a.dk, a.dv);
+  const bool ema = a.kst != nullptr;
+  auto go = [&](auto dc) {
+    constexpr int D = decltype(dc)::value;
+    if (ema) launch<T, D, true>(a, max_len, device, s);
+    else launch<T, D, false>(a, max_len, device, s);
+  };
+  if (d <= 64) go(std::integral_constant<int, 64>{});
+  else if (d <= 128) go(std::integral_constant<int, 128>{});
+  else if (d <= 256) go(std::integral_constant<int, 256>{});
+  else fail("paged_attention: head dim ", d, " has no CUDA kernel (at most 256)");
+}
+
+PagedArgs common_args(const TensorRef& q, const TensorRef& kp, const TensorRef& vp,
+                      const TensorRef& out, const TensorRef& lse, int64_t B, int64_t T,
+                      int64_t H, int64_t G, int64_t dk, int64_t dv, bool causal, double scale,
+                      int64_t window) {
+  PagedArgs a{};
+  a.q = q.data, a.kp = kp.data, a.vp = vp.data, a.out = out.data;
+  a.lse = lse.present() ? static_cast<float*>(lse.data) : nullptr;
+  for (int i = 0; i < 3; ++i)
+    a.qs[i] = q.stride[i], a.ks[i] = kp.stride[i], a.vs[i] = vp.stride[i], a.os[i] = out.stride[i];
+  a.B = int(B), a.T = int(T), a.H = int(H), a.G = int(G), a.grp = int(H / G);
+  a.dk = int(dk), a.dv = int(dv);
+  a.causal = causal, a.scale_log2 = float(scale) * kLog2e, a.window = window;
+  return a;
+}
+
+}  // namespace
+
+bool decode_shaped(const AttentionProblem& p) {
+  return p.group() * p.Tq <= kRows && p.Tk >= 4 * kTile && p.d <= 256 && !p.dropout.active() &&
+         p.Tk < (int64_t(1) << 31) && p.B * p.Tq * p.H < (int64_t(1) << 31);
+}
+
+void decode_attention(const AttentionProblem& p, const AttentionFwd& f) {
+  if (p.B == 0 || p.Tq == 0 || p.H == 0) return;
+  DeviceGuard guard(f.q.device_id);
+  PagedArgs args = common_args(f.q, f.k, f.v, f.out, f.lse, p.B, p.Tq, p.H, p.G, p.d, p.d,
+                               p.causal, p.scale, p.window);
+  args.S = int(p.Tk), args.W = 1, args.P = p.B;  // "page" b is sequence b: no table, no lengths
+  dispatch_dtype(p.dtype, "attention", [&](auto* t) {
+    dispatch<std::remove_pointer_t<decltype(t)>>(args, p.Tk, f.q.device_id,
+                                                 static_cast<cudaStream_t>(f.launch.stream));
+  });
+}
+
+void paged_attention(const PagedProblem& p, const PagedAttentionFwd& a) {
+  if (p.B == 0 || p.T == 0 || p.H == 0) return;
+  MKA_CHECK(p.B * p.T * p.H < (int64_t(1) << 31) && p.T * p.group() < (int64_t(1) << 31),
+            "q: too many rows for the CUDA kernel (B x Tq x H = ", p.B * p.T * p.H, ")");
+  MKA_CHECK(p.W * p.S < (int64_t(1) << 31), "block_table: ", p.W, " pages of ", p.S,
+            " tokens exceed 2^31 token slots");
+  DeviceGuard guard(p.device_id);
+  auto s = static_cast<cudaStream_t>(a.launch.stream);
+  PagedArgs args = common_args(a.q, a.pages.k_pages, a.pages.v_pages, a.out, a.lse, p.B, p.T,
+                               p.H, p.G, p.dk, p.dv, p.causal, p.scale, p.window);
+  args.table = static_cast<const int32_t*>(a.pages.block_table.data);
+  args.ts0 = a.pages.block_table.stride[0], args.ts1 = a.pages.block_table.stride[1];
+  args.lens = static_cast<const int32_t*>(a.seqlens.data), args.ls = a.seqlens.stride[0];
+  args.S = int(p.S), args.W = int(p.W), args.P = p.P;
+  if (p.ema) {
+    args.kst = static_cast<const float*>(a.ema.k_page_states.data);
+    args.vst = static_cast<const float*>(a.ema.v_page_states.data);
+    args.beta = float(p.beta);
+    args.lam0 = lam_level(a.lam, 0), args.lam1 = lam_level(a.lam, 1);
+  }
+  dispatch_dtype(p.dtype, "paged_attention", [&](auto* t) {
+    dispatch<std::remove_pointer_t<decltype(t)>>(args, p.W * p.S, p.device_id, s);
+  });
+}
+
+}  // namespace mka::cuda
