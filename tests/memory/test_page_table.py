@@ -138,3 +138,19 @@ def test_paged_cache_truncate_keeps_a_prefix_in_every_layer():
     with pytest.raises(ValueError, match="lengths: sequence 1 holds 5 tokens, cannot keep 6"):
         c.truncate([2, 6])
     assert c[0].lengths == [3, 5]  # nothing changed
+
+
+def test_tables_a_cache_made_are_known_until_they_die():
+    """CUDA writes skip the host check (and its synchronisation) only for the block table and
+    lengths a cache made from its page table; the mark goes with the tensor."""
+    import gc
+
+    from mka.memory import LayerSpec, PagedKVCache, ops as O
+    cache = PagedKVCache([LayerSpec(2, 8, 8)], batch_size=2, max_tokens=64, page_size=4)
+    step = cache[0].step(3)
+    assert O._pool_made(step.block_table) and O._pool_made(step.cache_seqlens)
+    assert not O._pool_made(step.block_table.clone())
+    key = step.block_table.untyped_storage().data_ptr()
+    del cache, step
+    gc.collect()
+    assert key not in O._POOL_MADE

@@ -21,6 +21,7 @@ from torch import Tensor
 from .._C import PageTable
 from ..reference import state_dtype
 from .host_tier import HostTier, LayerHost, check_host
+from .ops import mark_pool_made
 
 
 @dataclass(frozen=True)
@@ -199,6 +200,7 @@ class PagedKVCache:
             table = torch.empty((self.batch_size, self.table.max_pages_per_seq), dtype=torch.int32)
             self.table.fill_block_table(self.seqs, table)
             self._block_table = table.to(self.device)
+            mark_pool_made(self._block_table)
         return self._block_table
 
     def _step_lengths(self, before: tuple[int, ...],
@@ -208,6 +210,7 @@ class PagedKVCache:
         if key not in self._lengths:
             both = torch.tensor([before, after], dtype=torch.int32).to(self.device)
             self._lengths = {key: (both[0], both[1])}
+            mark_pool_made(*self._lengths[key])
         return self._lengths[key]
 
     # ------------------------------------------------------------------ static steps
@@ -231,6 +234,7 @@ class PagedKVCache:
         before = torch.tensor(self.layers[0].written, dtype=torch.int32)
         self._static_before = before.to(self.device, copy=True)
         self._static_after = before.to(self.device, copy=True)
+        mark_pool_made(self._static_before, self._static_after)
         self.block_table()
         self.static, self._capacity = True, tokens
 
