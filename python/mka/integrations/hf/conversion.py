@@ -298,7 +298,9 @@ def _watch_cache(layer: nn.Module) -> None:
 
 
 def _keep_cache(module, args, kwargs):
-    module._mka_past_key_values = kwargs.get("past_key_values")
+    # transformers >= 5.25 passes the cache to the attention modules as `cache` (before:
+    # `past_key_values`, accepted until 5.40).
+    module._mka_past_key_values = kwargs.get("cache", kwargs.get("past_key_values"))
 
 
 def _drop_cache(module, args, kwargs, output):
