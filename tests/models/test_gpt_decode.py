@@ -204,3 +204,13 @@ def test_block_table_rows_are_refreshed_in_place():
         fresh = torch.empty_like(table)
         caches.table.fill_block_table(caches.seqs, fresh)
         assert torch.equal(caches.block_table(), fresh)
+
+
+def test_cuda_graph_generation_refuses_what_cannot_be_captured():
+    m = tiny_model("mha", block_size=16)
+    with pytest.raises(ValueError, match="cuda_graph: needs a CUDA cache"):
+        m.generate(_tokens(1, 3), 4, greedy=True, cuda_graph=True)
+    from mka.memory import HostTier
+    with pytest.raises(ValueError, match="cuda_graph: the DRAM tier"):
+        m.generate(_tokens(1, 3), 4, greedy=True, cuda_graph=True, host=HostTier(1 << 20))
+    assert m.generate(_tokens(1, 3), 1, greedy=True, cuda_graph=True).shape == (1, 4)

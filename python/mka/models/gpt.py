@@ -183,7 +183,7 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0,
                  top_k: Optional[int] = None, greedy: bool = False,
-                 host: Optional[HostTier] = None):
+                 host: Optional[HostTier] = None, cuda_graph: bool = False):
         """Appends ``max_new_tokens`` tokens to each prompt: ``idx`` is ``(B, T)`` or a list of
         1-d prompts of different lengths (then a list comes back). Prompts are prefilled into
         one paged cache (batched when they are as long, else one at a time), then every step
@@ -191,7 +191,9 @@ class GPT(nn.Module):
         ``block_size`` the context slides as in nanoGPT: learned positions end at
         ``block_size``, so each step refills the caches from the last ``block_size`` tokens.
         ``host``: keep chunks outside the attention window in host memory (SPEC §7.3);
-        prompts are then prefilled in steps of ``host.step_tokens``."""
+        prompts are then prefilled in steps of ``host.step_tokens``. ``cuda_graph``: decode
+        steps replay one captured CUDA graph (:class:`~mka.models.decode_graph.DecodeGraph`;
+        CUDA, the native backend, no DRAM tier) until the context slides."""
         if not greedy and not temperature > 0:
             raise ValueError(f"temperature: must be > 0 when sampling, got {temperature!r}")
         if top_k is not None and top_k < 1:
@@ -200,14 +202,26 @@ class GPT(nn.Module):
         seqs = [torch.as_tensor(p).view(-1) for p in idx] if ragged else list(idx)
         if not seqs or any(p.numel() == 0 for p in seqs):
             raise ValueError("idx: every prompt needs at least one token")
+        if cuda_graph and host is not None:
+            raise ValueError("cuda_graph: the DRAM tier's host work per step cannot be captured")
         new = torch.empty(len(seqs), 0, dtype=torch.long, device=seqs[0].device)
         caches, logits = self._prefill(seqs, host)
+        graph = None
+        if cuda_graph and max_new_tokens > 1:
+            from .decode_graph import DecodeGraph
+            longest = max(caches[0].lengths)
+            graph = DecodeGraph(self, caches, min(self.config.block_size,
+                                                  longest + max_new_tokens - 1))
         for step in range(max_new_tokens):
             nxt = self._pick(logits, temperature, top_k, greedy)
             new = torch.cat((new, nxt), dim=1)
             if step == max_new_tokens - 1:
                 break
-            if max(caches[0].lengths) < self.config.block_size:
+            if graph is not None and not graph.room():
+                graph = None  # the static capacity is reached: the context slides as below
+            if graph is not None:
+                logits = graph.step(nxt)
+            elif max(caches[0].lengths) < self.config.block_size:
                 logits = self(nxt, caches=caches)[0][:, -1]
             else:
                 caches, logits = self._prefill([torch.cat((p, n)) for p, n in zip(seqs, new)],

@@ -58,6 +58,7 @@ class Settings:
     caches: list[str] = field(default_factory=lambda: list(CACHES))
     gpt: list[str] = field(default_factory=lambda: list(GPT_VARIANTS))
     gpt_size: str = "tiny"
+    gpt_graph: bool = False  # also GPT rows with the decode step in a CUDA graph
     seed: int = 0
 
 
@@ -147,15 +148,28 @@ def measure(model, attn: str, cache_kind: str, batch: int, prompt: int, new_toke
     return _row("hf", attn, CACHES[cache_kind], batch, prompt, new_tokens, times)
 
 
-def measure_gpt(model, batch: int, prompt: int, new_tokens: int, device: str, seed: int) -> dict:
-    """One row of a library GPT on its paged cache (``GPT.new_caches``)."""
+def measure_gpt(model, batch: int, prompt: int, new_tokens: int, device: str, seed: int,
+                graph: bool = False) -> dict:
+    """One row of a library GPT on its paged cache (``GPT.new_caches``); ``graph``: decode
+    steps replayed from a CUDA graph (DecodeGraph; its capture, in the first step, is timed
+    with the decode)."""
+    from mka.models.decode_graph import DecodeGraph
+
     ids = _ids(model.config.vocab_size, batch, prompt, device, seed)
     caches = model.new_caches(batch)
     forward = lambda t: model(t, caches=caches)[0][:, -1]  # noqa: E731
-    times = _timed(device, batch, new_tokens, lambda: forward(ids), forward,
+    step = forward
+    if graph:
+        made: list[DecodeGraph] = []
+
+        def step(t):  # the graph is made at the first decode step, after the prefill
+            if not made:
+                made.append(DecodeGraph(model, caches, prompt + new_tokens))
+            return made[0].step(t)
+    times = _timed(device, batch, new_tokens, lambda: forward(ids), step,
                    lambda: caches.used_bytes() / (batch * caches[0].length))
-    return _row("gpt", model.config.attention, type(caches).__name__, batch, prompt, new_tokens,
-                times)
+    name = type(caches).__name__ + ("+graph" if graph else "")
+    return _row("gpt", model.config.attention, name, batch, prompt, new_tokens, times)
 
 
 def _row(source: str, attn: str, cache: str, batch: int, prompt: int, new_tokens: int,
@@ -229,6 +243,10 @@ def run(s: Settings) -> tuple[str, list[dict]]:
                 continue
             rows.append(_or_out_of_memory(key, lambda: measure_gpt(
                 model, batch, prompt, s.new_tokens, s.device, s.seed)))
+            if s.gpt_graph:
+                key = ("gpt", variant, "PagedKVCache+graph", batch, prompt, s.new_tokens)
+                rows.append(_or_out_of_memory(key, lambda: measure_gpt(
+                    model, batch, prompt, s.new_tokens, s.device, s.seed, graph=True)))
         del model
     return "\n".join(what), rows
 
@@ -278,8 +296,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                    "no GPT rows)")
     p.add_argument("--gpt-size", choices=sorted(GPT_SIZES), help="GPT shape (default: "
                    "gpt2-small on cuda, tiny on cpu)")
+    p.add_argument("--cuda-graph", action="store_true", help="also GPT rows with the decode "
+                   "step replayed from a CUDA graph (GPT.generate(cuda_graph=True)'s DecodeGraph)")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     args = p.parse_args(argv)
+    if args.cuda_graph and (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) != "cuda":
+        p.error("--cuda-graph: needs --device cuda")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     d = DEFAULTS[device]
     pick = lambda key: d[key] if getattr(args, key) is None else getattr(args, key)  # noqa: E731
@@ -290,7 +312,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     s = Settings(device=device, dtype=getattr(torch, pick("dtype")), batches=pick("batches"),
                  prompts=pick("prompts"), new_tokens=pick("new_tokens"), size=pick("size"),
                  model=args.model, attns=drop_none(args.attns), caches=drop_none(args.caches),
-                 gpt=drop_none(args.gpt), gpt_size=pick("gpt_size"))
+                 gpt=drop_none(args.gpt), gpt_size=pick("gpt_size"), gpt_graph=args.cuda_graph)
     try:
         what, rows = run(s)
     except ValueError as e:
