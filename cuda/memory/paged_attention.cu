@@ -17,51 +17,15 @@
 #include <limits>
 #include <mutex>
 
-#include "common/device_utils.cuh"
+#include "memory/paged_mma.cuh"
+#include "memory/paged_params.cuh"
 #include "mka/cuda/kernels.h"
 #include "mka/memory/paged_ops.h"
 
 namespace mka::cuda {
 namespace {
 
-constexpr int kThreads = 128;
-constexpr int kRows = 16;  // query rows (tokens x heads of one kv head) per block
-constexpr int kTile = 64;  // keys per shared-memory tile
-constexpr int64_t kMinSplit = 256;  // keys a split gets at least
-constexpr float kLog2e = 1.4426950408889634f;
-
-struct PagedArgs {
-  const void *q, *kp, *vp;
-  const float *kst, *vst;  // EMA page checkpoints (P, G, d), or null
-  TokenScalar lam0, lam1;
-  void* out;
-  float* lse;
-  int64_t qs[3], ks[3], vs[3], os[3];
-  const int32_t* table;  // null: contiguous cache, sequence b is "page" b
-  int64_t ts0, ts1;
-  const int32_t* lens;  // null: every sequence holds S keys (a contiguous cache)
-  int64_t ls;
-  int B, T, H, G, grp, dk, dv, S, W;
-  int64_t P;
-  bool causal;
-  float scale_log2;  // softmax scale x log2(e): scores in base 2
-  int64_t window;    // <= 0: none
-  float beta;
-  int row_blocks, splits;
-  int64_t unit;  // a split is a whole number of these keys (tiles; pages too with level 2)
-  float* ws;  // splits > 1: partials [split][b][t][h][level][dv + 2]
-};
-
-__device__ __forceinline__ int64_t key_hi(const PagedArgs& a, int64_t i, int64_t n) {
-  if (!a.causal) return n;
-  const int64_t x = i + (n - a.T) + 1;
-  return x < 0 ? 0 : (x > n ? n : x);
-}
-__device__ __forceinline__ int64_t key_lo(const PagedArgs& a, int64_t i, int64_t n) {
-  if (a.window <= 0) return 0;
-  const int64_t x = i + (n - a.T) - a.window + 1;
-  return x < 0 ? 0 : (x > n ? n : x);
-}
+using namespace paged;
 
 // Shared-memory rows are padded by 16 bytes so that 16-byte reads of consecutive rows by a
 // warp's lanes fall in different banks.
@@ -243,14 +207,10 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(const PagedAr
   int* sRow = sPage + kTile;
   __shared__ int bad;
 
-  const int rb = blockIdx.x % a.row_blocks;
-  const int bg = blockIdx.x / a.row_blocks;
-  const int b = bg / a.G, g = bg % a.G, split = blockIdx.y;
-  const int f0 = rb * kRows, R = min(kRows, a.T * a.grp - f0);
-  const int64_t raw_nk = a.lens ? a.lens[b * a.ls] : a.S;
-  const int64_t cap = a.table ? int64_t(a.W) * a.S : int64_t(a.S);
-  if (threadIdx.x == 0) bad = raw_nk < 0 || raw_nk > cap;
-  const int64_t nk = raw_nk < 0 ? 0 : (raw_nk > cap ? cap : raw_nk);
+  const BlockKeys bk = block_keys<kEma>(a);
+  const int b = bk.b, g = bk.g, split = bk.split, f0 = bk.f0, R = bk.R;
+  const int64_t nk = bk.nk;
+  if (threadIdx.x == 0) bad = bk.bad;
 
   for (int idx = threadIdx.x; idx < kRows * D; idx += kThreads) {
     const int r = idx / D, x = idx % D;
@@ -272,15 +232,7 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(const PagedAr
                    a.ks[1] % Sm::kVec == 0 && a.ks[2] % Sm::kVec == 0 && a.vs[0] % Sm::kVec == 0 &&
                    a.vs[1] % Sm::kVec == 0 && a.vs[2] % Sm::kVec == 0;
 
-  // Keys of this block: its split of [lo, hi); level 2 reads from 0 (no window).
-  const int64_t i_first = f0 / a.grp, i_last = (f0 + R - 1) / a.grp;
-  const int64_t lo1 = key_lo(a, i_first, nk);
-  int64_t lo = kEma ? 0 : lo1, hi = key_hi(a, i_last, nk);
-  // Each sequence splits its own length: a short one in a wide table still fills the splits.
-  int64_t split_len = ceil_div(nk > 1 ? nk : 1, a.splits);
-  split_len = ceil_div(split_len > kMinSplit ? split_len : kMinSplit, a.unit) * a.unit;
-  lo = std::max(lo, int64_t(split) * split_len);
-  hi = std::min(hi, int64_t(split + 1) * split_len);
+  const int64_t lo1 = bk.lo1, lo = bk.lo, hi = bk.hi;
   __syncthreads();
 
   for (int64_t j0 = lo; j0 < hi; j0 += kTile) {
@@ -289,14 +241,8 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(const PagedAr
       const int64_t pos = j0 + jj;
       int page = -1, row = 0;
       if (jj < n) {
-        if (a.table) {
-          const int64_t slot = pos / a.S;
-          page = a.table[b * a.ts0 + slot * a.ts1];
-          row = int(pos - slot * a.S);
-          if (page < 0 || page >= a.P) bad = 1, page = -1;
-        } else {
-          page = b, row = int(pos);
-        }
+        page = page_of(a, b, pos, row);
+        if (page < 0) bad = 1;
       }
       sPage[jj] = page, sRow[jj] = row;
     }
@@ -450,9 +396,50 @@ template <class T, int D, bool kEma> void launch(PagedArgs& a, int64_t max_len, 
   }
 }
 
+// The tensor-core kernel's case: 16-bit pages, dk = dv = 64 or 128, 16-byte aligned rows of
+// q, k and v (ldmatrix tiles filled by 16-byte cp.async).
+bool mma_case(const PagedArgs& a, int elem) {
+  auto aligned = [&](const void* p, const int64_t* st) {
+    return reinterpret_cast<uintptr_t>(p) % 16 == 0 && st[0] % 8 == 0 && st[1] % 8 == 0 &&
+           st[2] % 8 == 0;
+  };
+  return elem == 2 && a.dk == a.dv && (a.dk == 64 || a.dk == 128) && aligned(a.q, a.qs) &&
+         aligned(a.kp, a.ks) && aligned(a.vp, a.vs);
+}
+
+template <class T, int D, bool kEma> void launch_mma(PagedArgs& a, int64_t capacity, int device,
+                                                     cudaStream_t s) {
+  a.row_blocks = int(ceil_div(int64_t(a.T) * a.grp, kRows));
+  plan_splits(a, capacity, device);
+  const int64_t blocks = int64_t(a.row_blocks) * a.B * a.G;
+  MKA_CHECK(blocks < (int64_t(1) << 31), "paged_attention: too many blocks (B x G x row blocks = ",
+            blocks, ")");
+  Workspace ws(a.splits > 1 ? size_t(a.splits) * a.B * a.T * a.H * (kEma ? 2 : 1) * (D + 2) * 4 : 0,
+               s, false);
+  a.ws = ws.as<float>();
+  auto kernel = paged_attention_mma<T, D, kEma>;
+  const int smem = int(mma_smem_bytes<D>());
+  static std::once_flag once[64];
+  std::call_once(once[device % 64], [&] { set_smem(kernel, smem); });
+  kernel<<<dim3(unsigned(blocks), unsigned(a.splits)), kThreads, smem, s>>>(a);
+  check_launch("paged_attention_mma");
+  if (a.splits > 1) {
+    paged_combine_kernel<T, kEma ? 2 : 1><<<unsigned(int64_t(a.B) * a.T * a.H), kThreads, 0, s>>>(a);
+    check_launch("paged_combine_kernel");
+  }
+}
+
 template <class T> void dispatch(PagedArgs& a, int64_t max_len, int device, cudaStream_t s) {
   const int d = std::max(a.dk, a.dv);
   const bool ema = a.kst != nullptr;
+  if constexpr (sizeof(T) == 2) {
+    if (mma_case(a, 2)) {
+      if (a.dk == 64) return ema ? launch_mma<T, 64, true>(a, max_len, device, s)
+                                 : launch_mma<T, 64, false>(a, max_len, device, s);
+      return ema ? launch_mma<T, 128, true>(a, max_len, device, s)
+                 : launch_mma<T, 128, false>(a, max_len, device, s);
+    }
+  }
   auto go = [&](auto dc) {
     constexpr int D = decltype(dc)::value;
     if (ema) launch<T, D, true>(a, max_len, device, s);

@@ -51,6 +51,7 @@ SHAPES = [
     ((600,), 16, 4, 4, 80, 48, 2),             # dv != dk (MLA's absorbed path shapes)
     ((90,), 16, 2, 1, 64, 64, 70),             # a prefill chunk
     ((33, 70), 4, 2, 1, 20, 20, 1),            # rows too narrow for 16-byte loads
+    ((2000, 3), 64, 8, 2, 128, 128, 16),       # 64 rows per kv head: four m16 row blocks
 ]
 
 
@@ -135,7 +136,8 @@ def test_prefill_then_decode_equals_the_contiguous_reference(dtype, S):
 
 
 def test_write_without_ema_and_values_as_keys():
-    q, kp, vp, bt, n, _, _ = _case((40, 9), 4, 4, 1, 16, 16, 1)
+    q, kp, vp, bt, n, _, _ = _case((43, 12), 4, 4, 1, 16, 16, 1)  # pages for 3 more tokens
+    n = n - 3
     q, kp = q.float(), kp.float()
     kpc, btc, nc = kp.cuda(), bt.cuda(), n.cuda()
     new = torch.randn(2, 3, 1, 16)
