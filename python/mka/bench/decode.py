@@ -99,9 +99,12 @@ def _paged_mka(x: DecodeInputs):
 
 @DECODE.impl("paged_fastmka", against=("paged",))
 def _paged_fastmka(x: DecodeInputs):
-    """The whole FastMKA step: fuse the new key/value, write it over the last slot, attend."""
+    """The whole FastMKA step: fuse the new key/value, write it over the last slot, attend.
+    The table and lengths are marked as a cache's own (valid by construction, as this
+    case's are), so the CUDA write skips the host check a cache's step skips too."""
     import mka
     from mka.memory import paged_attention, paged_write
+    from mka.memory.ops import mark_pool_made
     B, _, G, d = x.q.shape[0], 1, x.k_pages.shape[2], x.k_pages.shape[3]
     dev, dt = x.q.device, x.q.dtype
     sdt = torch.float32 if dt != torch.float64 else torch.float64
@@ -109,6 +112,7 @@ def _paged_fastmka(x: DecodeInputs):
     lam = torch.full((B, 1, 2), 0.5, device=dev, dtype=dt)
     ks, vs = (torch.zeros(B, G, d, device=dev, dtype=sdt) for _ in range(2))
     last = x.seqlens - 1
+    mark_pool_made(x.table, last)
 
     def call():
         kf, vf, _, _ = mka.route_fuse(k1, v1, lam, BETA, None, None, ks, vs)
