@@ -208,7 +208,11 @@ class PagedKVCache:
         """``cache_seqlens`` and ``seqlens`` tensors of a step, made once for all layers."""
         key = (before, after)
         if key not in self._lengths:
-            both = torch.tensor([before, after], dtype=torch.int32).to(self.device)
+            both = torch.tensor([before, after], dtype=torch.int32)
+            if self.device.type == "cuda":  # pinned: the copy does not wait for the GPU
+                both = both.pin_memory().to(self.device, non_blocking=True)
+            else:
+                both = both.to(self.device)
             self._lengths = {key: (both[0], both[1])}
             mark_pool_made(*self._lengths[key])
         return self._lengths[key]
