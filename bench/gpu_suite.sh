@@ -14,6 +14,8 @@
 #                    AB_ARGS=... extra flags for it (default "--impls attention,fastmka,mka")
 #   PREBUILT=FILE    skip the build: use this _C*.so (built elsewhere for this machine's Python)
 #   DECODE=1         also the decode table (mka bench --preset decode); DECODE_ARGS=... its flags
+#   GENERATE=1       also generation of the GPT variants, eager and with the decode step in a
+#                    CUDA graph (mka generate-bench --cuda-graph); GENERATE_ARGS=... its flags
 #   DRAM=1           also decode with the DRAM tier at 16k..1M tokens (bench/tools/dram_tier.py);
 #                    DRAM_ARGS=... its flags (default: bf16, those contexts, resident up to 256k)
 set -uo pipefail
@@ -82,6 +84,13 @@ if [ "${DECODE:-0}" = 1 ]; then
   # shellcheck disable=SC2086
   python3 -m mka.cli bench --preset decode ${DECODE_ARGS:-} --json "$OUT/decode.json" 2>&1 \
     | tee "$OUT/decode.log" | tee -a "$LOG"
+fi
+
+if [ "${GENERATE:-0}" = 1 ]; then
+  step "generation (mka generate-bench --cuda-graph ${GENERATE_ARGS:-})"
+  # shellcheck disable=SC2086
+  python3 -m mka.cli generate-bench --cuda-graph ${GENERATE_ARGS:---attns none --batches 1,16 --prompts 1k --new-tokens 128} \
+    --json "$OUT/generate.json" 2>&1 | tee "$OUT/generate.log" | tee -a "$LOG"
 fi
 
 if [ -n "${AB:-}" ]; then
