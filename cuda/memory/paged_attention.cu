@@ -361,17 +361,15 @@ int num_sms(int device) {
 
 int64_t gcd64(int64_t x, int64_t y) { return y == 0 ? x : gcd64(y, x % y); }
 
-// Splits (the lengths are on the device: the host plans with the table's capacity, and each
-// block cuts its own sequence's length into that many splits of at least kMinSplit keys, a
-// whole number of tiles, and of pages with level 2, whose EMA restarts at page boundaries).
-// With blocks_per_sm (the kernel's occupancy) the grid is at most one whole wave when it is
-// below one: ~4 blocks per SM over 3 resident left a partial second wave at batch 1.
-// Without it: ~4 blocks per SM.
-void plan_splits(PagedArgs& a, int64_t capacity, int device, int blocks_per_sm = 0) {
+// Splits: enough blocks for ~4 per SM, each split at least kMinSplit keys and a whole number
+// of tiles (and of pages with level 2: its EMA restarts at page boundaries). The lengths are
+// on the device: the host plans with the table's capacity, and each block cuts its own
+// sequence's length into that many splits.
+void plan_splits(PagedArgs& a, int64_t capacity, int device) {
   const int64_t base = int64_t(a.row_blocks) * a.B * a.G;
-  const int64_t want = blocks_per_sm > 0 ? int64_t(num_sms(device)) * blocks_per_sm / base
-                                         : (4 * int64_t(num_sms(device)) + base - 1) / base;
-  a.splits = int(std::clamp<int64_t>(std::min(want, ceil_div(capacity, kMinSplit)), 1, 65535));
+  const int64_t want = 4 * int64_t(num_sms(device));
+  a.splits = int(std::clamp<int64_t>(std::min((want + base - 1) / base, ceil_div(capacity, kMinSplit)),
+                                     1, 65535));
   a.unit = a.kst ? kTile / gcd64(kTile, a.S) * a.S : kTile;
 }
 
@@ -411,25 +409,18 @@ bool mma_case(const PagedArgs& a, int elem) {
 
 template <class T, int D, bool kEma> void launch_mma(PagedArgs& a, int64_t capacity, int device,
                                                      cudaStream_t s) {
-  auto kernel = paged_attention_mma<T, D, kEma>;
-  const int smem = int(mma_smem_bytes<D>());
-  static std::once_flag once[64];
-  static int occupancy[64];
-  std::call_once(once[device % 64], [&] {
-    set_smem(kernel, smem);
-    int& occ = occupancy[device % 64];
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, kThreads, smem) != cudaSuccess ||
-        occ < 1)
-      occ = 1;
-  });
   a.row_blocks = int(ceil_div(int64_t(a.T) * a.grp, kRows));
-  plan_splits(a, capacity, device, occupancy[device % 64]);
+  plan_splits(a, capacity, device);
   const int64_t blocks = int64_t(a.row_blocks) * a.B * a.G;
   MKA_CHECK(blocks < (int64_t(1) << 31), "paged_attention: too many blocks (B x G x row blocks = ",
             blocks, ")");
   Workspace ws(a.splits > 1 ? size_t(a.splits) * a.B * a.T * a.H * (kEma ? 2 : 1) * (D + 2) * 4 : 0,
                s, false);
   a.ws = ws.as<float>();
+  auto kernel = paged_attention_mma<T, D, kEma>;
+  const int smem = int(mma_smem_bytes<D>());
+  static std::once_flag once[64];
+  std::call_once(once[device % 64], [&] { set_smem(kernel, smem); });
   kernel<<<dim3(unsigned(blocks), unsigned(a.splits)), kThreads, smem, s>>>(a);
   check_launch("paged_attention_mma");
   if (a.splits > 1) {

@@ -107,33 +107,25 @@ __device__ __forceinline__ void mma_tile_level(const PagedArgs& a, const BlockKe
   }
 }
 
-// Page and row of each key of tile j0, looked up once per tile (not per 16-byte chunk): -1
-// outside [lo, hi) and for an invalid entry (which sets bad).
-__device__ __forceinline__ void mma_tile_pages(const PagedArgs& a, const BlockKeys& bk,
-                                               int64_t j0, int* pg, int* rw, int* bad) {
-  if (threadIdx.x < kTile) {
-    const int64_t pos = j0 + threadIdx.x;
-    int row = 0, page = -1;
-    if (pos >= bk.lo && pos < bk.hi) {
-      page = page_of(a, bk.b, pos, row);
-      if (page < 0) atomicOr(bad, 1);
-    }
-    pg[threadIdx.x] = page, rw[threadIdx.x] = row;
-  }
-}
-
-// The tile's K and V rows into a stage by cp.async (zeros where pg is -1).
+// Rows [j0, j0 + 64) of the split's keys, K and V, into a stage (zeros outside [lo, hi) and
+// for invalid entries, which set bad).
 template <class T, int D>
 __device__ __forceinline__ void mma_issue_tile(const PagedArgs& a, const BlockKeys& bk, T* sK,
-                                               T* sV, const int* pg, const int* rw) {
+                                               T* sV, int64_t j0, int* bad) {
   using namespace mma;
   constexpr int kChunks = D / 8;
-  const T* k = static_cast<const T*>(a.kp);
-  const T* v = static_cast<const T*>(a.vp);
   for (int e = threadIdx.x; e < kTile * kChunks; e += kThreads) {
     const int r = e / kChunks, c = e % kChunks;
-    const int page = pg[r], row = rw[r];
-    const bool ok = page >= 0;
+    const int64_t pos = j0 + r;
+    int row = 0, page = -1;
+    const bool in = pos >= bk.lo && pos < bk.hi;
+    if (in) {
+      page = page_of(a, bk.b, pos, row);
+      if (page < 0) *bad = 1;
+    }
+    const bool ok = in && page >= 0;
+    const T* k = static_cast<const T*>(a.kp);
+    const T* v = static_cast<const T*>(a.vp);
     const T* ksrc = ok ? k + page * a.ks[0] + row * a.ks[1] + bk.g * a.ks[2] + c * 8 : k;
     const T* vsrc = ok ? v + page * a.vs[0] + row * a.vs[1] + bk.g * a.vs[2] + c * 8 : v;
     cp_async16(sK + swz<D>(r, c), ksrc, ok);
@@ -141,63 +133,29 @@ __device__ __forceinline__ void mma_issue_tile(const PagedArgs& a, const BlockKe
   }
 }
 
-// Level 2's page checkpoints of the tile's page starts into shared memory before the walk
-// (a global load inside the walk's dependent chain cost it most of its time), where the pages
-// are at least kMaxStarts / 64 of a tile: at most kMaxStarts starts.
-constexpr int kMaxStarts = 8;
-
-template <int D>
-__device__ __forceinline__ bool mma_stage_checkpoints(const PagedArgs& a, const BlockKeys& bk,
-                                                      int64_t j0, const int* pg,
-                                                      float (*ck)[2 * D]) {
-  if (a.S < kTile / kMaxStarts) return false;
-  const int n = int(bk.hi - j0 < kTile ? bk.hi - j0 : kTile);
-  const int first = (a.S - int(j0 % a.S)) % a.S;
-  const int starts = first < n ? (n - 1 - first) / a.S + 1 : 0;
-  for (int e = threadIdx.x; e < starts * 2 * D; e += kThreads) {
-    const int k = e / (2 * D), c = e % (2 * D);
-    const int page = pg[first + k * a.S];
-    const float* src = c < D ? a.kst : a.vst;
-    ck[k][c] = page >= 0 ? src[(int64_t(page) * a.G + bk.g) * D + c % D] : 0.f;
-  }
-  return true;
-}
-
 // The tile's rows turned into their EMA in place (float32 states, rounded to T), restarting
-// from each page's checkpoint at its first row (staged in ck, else read from global memory).
-// The walk is a dependent chain per column: the rows' loads are issued 8 ahead of it.
-// st[u]: column threadIdx.x + 128 u of [K | V].
+// from each page's checkpoint at its first row. st[u]: column threadIdx.x + 128 u of [K | V].
 template <class T, int D>
 __device__ __forceinline__ void mma_tile_ema(const PagedArgs& a, const BlockKeys& bk, T* sK,
-                                             T* sV, const int* pg, const int* rw,
-                                             const float (*ck)[2 * D], bool staged, int64_t j0,
+                                             T* sV, const int* sStart, int64_t j0,
                                              float (&st)[2 * D / kThreads]) {
   using namespace mma;
   const float beta = a.beta, one_m = 1.f - a.beta;
   const int n = int(bk.hi - j0 < kTile ? bk.hi - j0 : kTile);
-  const int first = (a.S - int(j0 % a.S)) % a.S;
 #pragma unroll
   for (int u = 0; u < 2 * D / kThreads; ++u) {
     const int cidx = threadIdx.x + u * kThreads;
     const bool is_v = cidx >= D;
     const int col = is_v ? cidx - D : cidx;
-    T* buf = (is_v ? sV : sK) + (col & 7);
+    T* buf = is_v ? sV : sK;
     const float* ckpt = is_v ? a.vst : a.kst;
     float s = st[u];
-    for (int r0 = 0; r0 < n; r0 += 8) {
-      float x[8];
-#pragma unroll
-      for (int q = 0; q < 8; ++q) x[q] = r0 + q < n ? to_f(buf[swz<D>(r0 + q, col >> 3)]) : 0.f;
-#pragma unroll
-      for (int q = 0; q < 8; ++q) {
-        const int r = r0 + q;
-        if (r >= n) break;
-        if (rw[r] == 0)
-          s = staged ? ck[(r - first) / a.S][cidx]
-                     : (pg[r] >= 0 ? ckpt[(int64_t(pg[r]) * a.G + bk.g) * D + col] : 0.f);
-        s = fmaf(beta, s, one_m * x[q]);
-        buf[swz<D>(r, col >> 3)] = from_f<T>(s);
-      }
+    for (int r = 0; r < n; ++r) {
+      const int page = sStart[r];  // -2: not a page's first row; -1: an invalid page
+      if (page > -2) s = page >= 0 ? ckpt[(int64_t(page) * a.G + bk.g) * D + col] : 0.f;
+      T* e = buf + swz<D>(r, col >> 3) + (col & 7);
+      s = fmaf(beta, s, one_m * to_f(*e));
+      *e = from_f<T>(s);
     }
     st[u] = s;
   }
@@ -213,8 +171,7 @@ __global__ void __launch_bounds__(kThreads) paged_attention_mma(const PagedArgs 
   __shared__ int bad;
   __shared__ float sM[kLevels][kMmaWarps][16], sL[kLevels][kMmaWarps][16];
   __shared__ float rowM[kLevels][16], rowL[kLevels][16];
-  __shared__ int sPg[2][kTile], sRw[2][kTile];  // each stage's keys: page, row
-  __shared__ float sCk[kEma ? kMaxStarts : 1][2 * D];  // level 2: the tile's checkpoints
+  __shared__ int sStart[kTile];  // level 2: the page a tile row starts, -2 if none
 
   const BlockKeys bk = block_keys<kEma>(a);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -228,15 +185,10 @@ __global__ void __launch_bounds__(kThreads) paged_attention_mma(const PagedArgs 
     cp_async16(sQ + swz<D>(r, c), src, in);
   }
   const int64_t t_begin = bk.lo / kTile, t_end = bk.hi > bk.lo ? ceil_div(bk.hi, kTile) : t_begin;
-  auto par = [&](int64_t t) { return int(t - t_begin) & 1; };
-  auto stage = [&](int64_t t) { return stage0 + par(t) * 2 * kTile * D; };
-  __syncthreads();  // bad's first value before the lookups may set it
-  // Pages of the first two tiles; later, tile t + 2's are looked up at the end of tile t.
-  for (int64_t t = t_begin; t < t_begin + 2 && t < t_end; ++t)
-    mma_tile_pages(a, bk, t * kTile, sPg[par(t)], sRw[par(t)], &bad);
-  __syncthreads();
-  if (t_begin < t_end)
-    mma_issue_tile<T, D>(a, bk, stage(t_begin), stage(t_begin) + kTile * D, sPg[0], sRw[0]);
+  auto stage = [&](int64_t t) { return stage0 + (int(t - t_begin) & 1) * 2 * kTile * D; };
+  __syncthreads();  // bad's first value before the loads may set it
+  if (t_begin < t_end) mma_issue_tile<T, D>(a, bk, stage(t_begin), stage(t_begin) + kTile * D,
+                                            t_begin * kTile, &bad);
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
@@ -251,8 +203,7 @@ __global__ void __launch_bounds__(kThreads) paged_attention_mma(const PagedArgs 
 
   for (int64_t t = t_begin; t < t_end; ++t) {
     cp_async_next_stage(t + 1 < t_end, [&] {
-      mma_issue_tile<T, D>(a, bk, stage(t + 1), stage(t + 1) + kTile * D, sPg[par(t + 1)],
-                           sRw[par(t + 1)]);
+      mma_issue_tile<T, D>(a, bk, stage(t + 1), stage(t + 1) + kTile * D, (t + 1) * kTile, &bad);
     });
     __syncthreads();
     T* sK = stage(t);
@@ -260,14 +211,17 @@ __global__ void __launch_bounds__(kThreads) paged_attention_mma(const PagedArgs 
     const int64_t j0 = t * kTile;
     if (j0 + kTile > bk.lo1) mma_tile_level<T, D>(a, bk, qa, sK, sV, j0, true, lv[0]);
     if constexpr (kEma) {
-      const bool staged = mma_stage_checkpoints<D>(a, bk, j0, sPg[par(t)], sCk);
-      __syncthreads();  // level 1 is done with the tile; the checkpoints are in
-      mma_tile_ema<T, D>(a, bk, sK, sV, sPg[par(t)], sRw[par(t)], sCk, staged, j0, est);
+      if (threadIdx.x < kTile) {
+        int row = 1;
+        const int64_t pos = j0 + threadIdx.x;
+        const int page = pos < bk.hi ? page_of(a, bk.b, pos, row) : -1;
+        sStart[threadIdx.x] = row == 0 ? page : -2;
+      }
+      __syncthreads();
+      mma_tile_ema<T, D>(a, bk, sK, sV, sStart, j0, est);
       __syncthreads();
       mma_tile_level<T, D>(a, bk, qa, sK, sV, j0, false, lv[kLevels - 1]);
     }
-    // Tile t + 2's pages into this tile's slots (its issue and walk are past a barrier).
-    if (t + 2 < t_end) mma_tile_pages(a, bk, (t + 2) * kTile, sPg[par(t)], sRw[par(t)], &bad);
     __syncthreads();  // the stage is refilled next iteration
   }
 
