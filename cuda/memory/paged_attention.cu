@@ -242,7 +242,7 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(const PagedAr
       int page = -1, row = 0;
       if (jj < n) {
         page = page_of(a, b, pos, row);
-        if (page < 0) bad = 1;
+        if (page < 0) atomicOr(&bad, 1);  // an atomic: many threads may set it
       }
       sPage[jj] = page, sRow[jj] = row;
     }

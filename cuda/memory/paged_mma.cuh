@@ -121,7 +121,7 @@ __device__ __forceinline__ void mma_issue_tile(const PagedArgs& a, const BlockKe
     const bool in = pos >= bk.lo && pos < bk.hi;
     if (in) {
       page = page_of(a, bk.b, pos, row);
-      if (page < 0) *bad = 1;
+      if (page < 0) atomicOr(bad, 1);  // an atomic: many threads may set it
     }
     const bool ok = in && page >= 0;
     const T* k = static_cast<const T*>(a.kp);
