@@ -15,6 +15,7 @@ CASES = [  # B, Tq, Tk, H, G, d, chunk, top, window
     (1, 70, 75, 2, 1, 8, 16, 10, None),   # Tk not a multiple of the chunk; R above the chunks
     (2, 1, 64, 4, 4, 8, 8, 2, 8),         # one decoding row
     (1, 6, 6, 2, 1, 8, 16, 4, None),      # no whole chunk: O3 = 0
+    (1, 40, 64, 12, 1, 64, 8, 3, None),   # a group of 12 heads: the micro-kernels' row blocks
 ]
 
 

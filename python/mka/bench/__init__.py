@@ -5,7 +5,7 @@
     print(report(results))
 """
 
-from . import decode, modules  # noqa: F401  (register the decode and module cases)
+from . import decode, modules, recall  # noqa: F401  (register the decode, module and recall cases)
 from .cases import OPS, Case, Impl, Shape, register, registry
 from .report import report
 from .runner import PRESETS, KernelSet, Settings, parse_kernel_set, run
