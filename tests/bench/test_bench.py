@@ -189,3 +189,18 @@ def test_tools_load_against_the_runner(tool):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert callable(module.main) and list(OPS.passes) == ["fwd", "fwd+bwd"]
+
+
+def test_recall_case_runs_and_its_implementations_agree():
+    """The recall case on a real SimHash choice: the native op equals the composite it is
+    compared with (float64), and every CPU implementation runs both passes."""
+    from mka.bench.recall import RECALL, recall_inputs
+    x = recall_inputs(Shape(1, 600, 4, 2, 16), "cpu", torch.float64)  # chunks before the window
+    assert (x.lam >= 0).any()  # some rows recalled chunks
+    got, want = (RECALL.impls[n].fn(x.q, x.k, x.v, x.lam, True) for n in ("recall", "composite"))
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
+    results = run(Settings(device="cpu", dtype=torch.float32, cases=["recall"], seqs=[600],
+                           heads=4, kv_heads=[2], head_dim=16, rounds=1, reps=1))
+    rows = {r["impl"]: r for r in results["rows"]}
+    assert set(rows) == {"recall", "composite", "attention"}
+    assert all(r["ms"]["fwd+bwd"] > 0 for r in rows.values())
