@@ -17,6 +17,7 @@ attention variant, random weights; GPT-2-small's shape on CUDA) run on their own
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 import time
@@ -142,7 +143,9 @@ def measure(model, attn: str, cache_kind: str, batch: int, prompt: int, new_toke
     ids = _ids(model.config.vocab_size, batch, prompt, device, seed)
     cache = (PagedCache(model, batch, prompt + new_tokens) if cache_kind == "paged"
              else DynamicCache(config=model.config))
-    forward = lambda t, **kw: model(t, past_key_values=cache, use_cache=True, **kw).logits[:, -1]  # noqa: E731
+    # transformers >= 5.25 takes the cache as `cache` (`past_key_values` until 5.40)
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    forward = lambda t, **kw: model(t, use_cache=True, **{key: cache}, **kw).logits[:, -1]  # noqa: E731
     times = _timed(device, batch, new_tokens, lambda: forward(ids, logits_to_keep=1), forward,
                    lambda: kv_bytes_per_token(cache, batch))
     return _row("hf", attn, CACHES[cache_kind], batch, prompt, new_tokens, times)
