@@ -137,8 +137,13 @@ def _eager(*tensors: Tensor) -> bool:
 
 def _forward(op, eager_parts, args: tuple):
     """A private forward op on args: as :class:`_Eager` (eager_parts: implementation, setup,
-    backward) where :func:`_eager` allows, else the custom op itself."""
-    if _eager(*(a for a in args if isinstance(a, Tensor))):
+    backward) where :func:`_eager` allows — the implementation alone when no gradient can
+    be asked for (no grad mode, or no input needs one: inference and decoding skip the
+    autograd.Function's bookkeeping) — else the custom op itself."""
+    tensors = [a for a in args if isinstance(a, Tensor)]
+    if _eager(*tensors):
+        if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+            return eager_parts[0](*args)
         return _Eager.apply(*args, eager_parts)
     return op(*args)
 
