@@ -373,81 +373,61 @@ void plan_splits(PagedArgs& a, int64_t capacity, int device) {
   a.unit = a.kst ? kTile / gcd64(kTile, a.S) * a.S : kTile;
 }
 
-template <class T, int D, bool kEma> void launch(PagedArgs& a, int64_t max_len, int device,
-                                                 cudaStream_t s) {
-  using Sm = Smem<T, D>;
+// Plans the splits, launches `Kernel` (either kernel: same grid and partials) and, with
+// several splits, the combine kernel. The static flag is per kernel instantiation.
+template <auto Kernel, class T, bool kEma>
+void launch(PagedArgs& a, int smem, const char* name, int64_t capacity, int device,
+            cudaStream_t s) {
   a.row_blocks = int(ceil_div(int64_t(a.T) * a.grp, kRows));
-  plan_splits(a, max_len, device);
+  plan_splits(a, capacity, device);
   const int64_t blocks = int64_t(a.row_blocks) * a.B * a.G;
   MKA_CHECK(blocks < (int64_t(1) << 31), "paged_attention: too many blocks (B x G x row blocks = ",
             blocks, ")");
   Workspace ws(a.splits > 1 ? size_t(a.splits) * a.B * a.T * a.H * (kEma ? 2 : 1) * (a.dv + 2) * 4 : 0,
                s, false);
   a.ws = ws.as<float>();
-  auto kernel = paged_attention_kernel<T, D, kEma>;
-  const int smem = int(Sm::bytes());
   static std::once_flag once[64];
-  std::call_once(once[device % 64], [&] { set_smem(kernel, smem); });
-  kernel<<<dim3(unsigned(blocks), unsigned(a.splits)), kThreads, smem, s>>>(a);
-  check_launch("paged_attention_kernel");
+  std::call_once(once[device % 64], [&] { set_smem(Kernel, smem); });
+  Kernel<<<dim3(unsigned(blocks), unsigned(a.splits)), kThreads, smem, s>>>(a);
+  check_launch(name);
   if (a.splits > 1) {
     paged_combine_kernel<T, kEma ? 2 : 1><<<unsigned(int64_t(a.B) * a.T * a.H), kThreads, 0, s>>>(a);
     check_launch("paged_combine_kernel");
   }
 }
 
-// The tensor-core kernel's case: 16-bit pages, dk = dv = 64 or 128, 16-byte aligned rows of
-// q, k and v (ldmatrix tiles filled by 16-byte cp.async).
-bool mma_case(const PagedArgs& a, int elem) {
+// The tensor-core kernel's case (16-bit pages, checked by the caller): dk = dv = 64 or 128,
+// 16-byte aligned rows of q, k and v (ldmatrix tiles filled by 16-byte cp.async).
+bool mma_case(const PagedArgs& a) {
   auto aligned = [&](const void* p, const int64_t* st) {
     return reinterpret_cast<uintptr_t>(p) % 16 == 0 && st[0] % 8 == 0 && st[1] % 8 == 0 &&
            st[2] % 8 == 0;
   };
-  return elem == 2 && a.dk == a.dv && (a.dk == 64 || a.dk == 128) && aligned(a.q, a.qs) &&
+  return a.dk == a.dv && (a.dk == 64 || a.dk == 128) && aligned(a.q, a.qs) &&
          aligned(a.kp, a.ks) && aligned(a.vp, a.vs);
 }
 
-template <class T, int D, bool kEma> void launch_mma(PagedArgs& a, int64_t capacity, int device,
-                                                     cudaStream_t s) {
-  a.row_blocks = int(ceil_div(int64_t(a.T) * a.grp, kRows));
-  plan_splits(a, capacity, device);
-  const int64_t blocks = int64_t(a.row_blocks) * a.B * a.G;
-  MKA_CHECK(blocks < (int64_t(1) << 31), "paged_attention: too many blocks (B x G x row blocks = ",
-            blocks, ")");
-  Workspace ws(a.splits > 1 ? size_t(a.splits) * a.B * a.T * a.H * (kEma ? 2 : 1) * (D + 2) * 4 : 0,
-               s, false);
-  a.ws = ws.as<float>();
-  auto kernel = paged_attention_mma<T, D, kEma>;
-  const int smem = int(mma_smem_bytes<D>());
-  static std::once_flag once[64];
-  std::call_once(once[device % 64], [&] { set_smem(kernel, smem); });
-  kernel<<<dim3(unsigned(blocks), unsigned(a.splits)), kThreads, smem, s>>>(a);
-  check_launch("paged_attention_mma");
-  if (a.splits > 1) {
-    paged_combine_kernel<T, kEma ? 2 : 1><<<unsigned(int64_t(a.B) * a.T * a.H), kThreads, 0, s>>>(a);
-    check_launch("paged_combine_kernel");
-  }
-}
-
-template <class T> void dispatch(PagedArgs& a, int64_t max_len, int device, cudaStream_t s) {
+template <class T> void dispatch(PagedArgs& a, int64_t capacity, int device, cudaStream_t s) {
   const int d = std::max(a.dk, a.dv);
   const bool ema = a.kst != nullptr;
-  if constexpr (sizeof(T) == 2) {
-    if (mma_case(a, 2)) {
-      if (a.dk == 64) return ema ? launch_mma<T, 64, true>(a, max_len, device, s)
-                                 : launch_mma<T, 64, false>(a, max_len, device, s);
-      return ema ? launch_mma<T, 128, true>(a, max_len, device, s)
-                 : launch_mma<T, 128, false>(a, max_len, device, s);
-    }
-  }
-  auto go = [&](auto dc) {
+  auto go = [&](auto dc, auto ec) {
     constexpr int D = decltype(dc)::value;
-    if (ema) launch<T, D, true>(a, max_len, device, s);
-    else launch<T, D, false>(a, max_len, device, s);
+    constexpr bool kEma = decltype(ec)::value;
+    if constexpr (sizeof(T) == 2 && D <= 128) {
+      if (mma_case(a) && a.dk == D)
+        return launch<paged_attention_mma<T, D, kEma>, T, kEma>(
+            a, int(mma_smem_bytes<D>()), "paged_attention_mma", capacity, device, s);
+    }
+    launch<paged_attention_kernel<T, D, kEma>, T, kEma>(
+        a, int(Smem<T, D>::bytes()), "paged_attention_kernel", capacity, device, s);
   };
-  if (d <= 64) go(std::integral_constant<int, 64>{});
-  else if (d <= 128) go(std::integral_constant<int, 128>{});
-  else if (d <= 256) go(std::integral_constant<int, 256>{});
+  auto with_ema = [&](auto dc) {
+    if (ema) go(dc, std::true_type{});
+    else go(dc, std::false_type{});
+  };
+  if (d <= 64) with_ema(std::integral_constant<int, 64>{});
+  else if (d <= 128) with_ema(std::integral_constant<int, 128>{});
+  else if (d <= 256) with_ema(std::integral_constant<int, 256>{});
   else fail("paged_attention: head dim ", d, " has no CUDA kernel (at most 256)");
 }
 
