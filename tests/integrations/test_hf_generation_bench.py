@@ -53,3 +53,6 @@ def test_generate_bench_reports_shapes_beyond_the_gpt_block(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["generate-bench", "--device", "cpu", "--gpt", "rwkv"])
     assert "--gpt: unknown ['rwkv']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["generate-bench", "--device", "cpu", "--cuda-graph"])
+    assert "--cuda-graph: needs --device cuda" in capsys.readouterr().err

@@ -303,9 +303,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                    "step replayed from a CUDA graph (GPT.generate(cuda_graph=True)'s DecodeGraph)")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     args = p.parse_args(argv)
-    if args.cuda_graph and (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) != "cuda":
-        p.error("--cuda-graph: needs --device cuda")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.cuda_graph and device != "cuda":
+        p.error("--cuda-graph: needs --device cuda")
     d = DEFAULTS[device]
     pick = lambda key: d[key] if getattr(args, key) is None else getattr(args, key)  # noqa: E731
     for name, given, known in (("--caches", args.caches, CACHES), ("--gpt", args.gpt, GPT_VARIANTS)):
