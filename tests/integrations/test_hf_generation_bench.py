@@ -56,3 +56,15 @@ def test_generate_bench_reports_shapes_beyond_the_gpt_block(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["generate-bench", "--device", "cpu", "--cuda-graph"])
     assert "--cuda-graph: needs --device cuda" in capsys.readouterr().err
+
+
+def test_generate_bench_runs_a_variant_on_the_torch_backend(tmp_path):
+    """VARIANT@torch: the same GPT on the PyTorch backend (SDPA), its rows labelled so."""
+    out = tmp_path / "bench.json"
+    assert main(["generate-bench", "--device", "cpu", "--batches", "1", "--prompts", "16",
+                 "--new-tokens", "3", "--attns", "none", "--gpt", "mha,mha@torch",
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["attn"] for r in rows] == ["mha", "mha@torch"]
+    assert rows[0]["kv_bytes_per_token"] == rows[1]["kv_bytes_per_token"]
+    assert all(r["decode_tok_s"] > 0 for r in rows)

@@ -172,7 +172,8 @@ def measure_gpt(model, batch: int, prompt: int, new_tokens: int, device: str, se
     times = _timed(device, batch, new_tokens, lambda: forward(ids), step,
                    lambda: caches.used_bytes() / (batch * caches[0].length))
     name = type(caches).__name__ + ("+graph" if graph else "")
-    return _row("gpt", model.config.attention, name, batch, prompt, new_tokens, times)
+    attn = model.config.attention + ("@torch" if model.config.attn_backend == "torch" else "")
+    return _row("gpt", attn, name, batch, prompt, new_tokens, times)
 
 
 def _row(source: str, attn: str, cache: str, batch: int, prompt: int, new_tokens: int,
@@ -203,14 +204,23 @@ def hf_runs(s: Settings) -> list[tuple[str, str]]:
     return [(a, c) for a in s.attns for c in s.caches if c == "dynamic" or a != "sdpa"]
 
 
-def build_gpt(s: Settings, variant: str):
+def gpt_variant(name: str) -> tuple[str, str]:
+    """``--gpt`` names: ``VARIANT`` (native ops) or ``VARIANT@torch`` (the PyTorch backend,
+    SDPA): (attention, attn_backend)."""
+    variant, _, backend = name.partition("@")
+    return variant, backend or "mka"
+
+
+def build_gpt(s: Settings, name: str):
     from mka.models import GPT, GPTConfig
 
+    variant, backend = gpt_variant(name)
     shape = GPT_SIZES[s.gpt_size]
     kv_heads = shape["n_head"] // 2 if variant == "gqa" else None  # mka train's gqa default
     torch.manual_seed(s.seed)
     with torch.device(s.device):
-        model = GPT(GPTConfig(**shape, n_kv_head=kv_heads, attention=variant))
+        model = GPT(GPTConfig(**shape, n_kv_head=kv_heads, attention=variant,
+                              attn_backend=backend))
     return model.to(s.dtype).eval()
 
 
@@ -246,7 +256,7 @@ def run(s: Settings) -> tuple[str, list[dict]]:
                 continue
             rows.append(_or_out_of_memory(key, lambda: measure_gpt(
                 model, batch, prompt, s.new_tokens, s.device, s.seed)))
-            if s.gpt_graph:
+            if s.gpt_graph and gpt_variant(variant)[1] == "mka":  # the torch backend: no graph
                 key = ("gpt", variant, "PagedKVCache+graph", batch, prompt, s.new_tokens)
                 rows.append(_or_out_of_memory(key, lambda: measure_gpt(
                     model, batch, prompt, s.new_tokens, s.device, s.seed, graph=True)))
@@ -257,11 +267,11 @@ def run(s: Settings) -> tuple[str, list[dict]]:
 def report(what: str, rows: list[dict], device: str) -> str:
     gib = lambda b: "n/a (cpu)" if b is None else f"{b / 2**30:.2f}"  # noqa: E731
     lines = [f"model: {line}" for line in what.splitlines()]
-    lines.append(f"{'model':<5} {'attn':<12} {'cache':<12} {'B':>3} {'prompt':>7} {'new':>5} "
+    lines.append(f"{'model':<5} {'attn':<14} {'cache':<12} {'B':>3} {'prompt':>7} {'new':>5} "
                  f"{'prefill tok/s':>14} {'decode tok/s':>13} {'ms/token':>9} "
                  f"{'peak prefill GiB':>17} {'peak decode GiB':>16} {'KV B/token':>11}")
     for r in rows:
-        head = (f"{r['model']:<5} {r['attn']:<12} {r['cache']:<12} {r['batch']:>3} "
+        head = (f"{r['model']:<5} {r['attn']:<14} {r['cache']:<12} {r['batch']:>3} "
                 f"{r['prompt']:>7} {r['new_tokens']:>5} ")
         if "error" in r:
             lines.append(head + r["error"])
@@ -296,7 +306,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                    "paged (the library's PagedCache, for the library's attentions) (default: both)")
     p.add_argument("--gpt", type=_names, default=list(GPT_VARIANTS),
                    help=f"library GPT variants to run (default: {','.join(GPT_VARIANTS)}; none: "
-                   "no GPT rows)")
+                   "no GPT rows); VARIANT@torch: the variant on the PyTorch backend (SDPA)")
     p.add_argument("--gpt-size", choices=sorted(GPT_SIZES), help="GPT shape (default: "
                    "gpt2-small on cuda, tiny on cpu)")
     p.add_argument("--cuda-graph", action="store_true", help="also GPT rows with the decode "
@@ -308,7 +318,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         p.error("--cuda-graph: needs --device cuda")
     d = DEFAULTS[device]
     pick = lambda key: d[key] if getattr(args, key) is None else getattr(args, key)  # noqa: E731
-    for name, given, known in (("--caches", args.caches, CACHES), ("--gpt", args.gpt, GPT_VARIANTS)):
+    gpt_known = [*GPT_VARIANTS, *(f"{v}@torch" for v in GPT_VARIANTS)]
+    for name, given, known in (("--caches", args.caches, CACHES), ("--gpt", args.gpt, gpt_known)):
         if unknown := sorted(set(given) - set(known) - {"none"}):
             p.error(f"{name}: unknown {unknown}, expected some of {','.join(known)} or none")
     drop_none = lambda names: [n for n in names if n != "none"]  # noqa: E731
