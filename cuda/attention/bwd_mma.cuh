@@ -6,9 +6,12 @@
 //   dV += (w P)^T dO,  dK += dS^T Q        with dS = w P (dP - delta)
 // then dS goes through shared memory so the warps can re-split by query rows for
 //   dQ += dS K                             (float32 atomics: many key blocks share a row).
-// Q, dO and the row statistics are double-buffered with cp.async.
+// Q, dO and the row statistics are double-buffered with cp.async. kDrop: attention dropout
+// (p.dropout), its mask Z (0 or 1 / (1 - p) per weight) regenerated: dV from w P Z, and
+// dS = w P (Z dP - delta).
 #pragma once
 #include "attention/bwd_rows.cuh"
+#include "attention/dropout.cuh"
 #include "attention/params.cuh"
 #include "mma/mma_tile.cuh"
 
@@ -22,7 +25,7 @@ template <int D> constexpr int bwd_smem_bytes() {
          2 * 3 * kBwdBlockM * 4;
 }
 
-template <class T, int D>
+template <class T, int D, bool kDrop>
 __global__ void __launch_bounds__(kBwdThreads, 2) attention_bwd_mma(AttnParams p) {
   using namespace mma;
   constexpr int BN = kBwdBlockN, BM = kBwdBlockM, KS = D / 16, DT = D / 8, MT = BM / 8;
@@ -43,6 +46,7 @@ __global__ void __launch_bounds__(kBwdThreads, 2) attention_bwd_mma(AttnParams p
   // Keys of this thread's accumulator rows: kr0 and kr0 + 8.
   const int64_t kr0 = j0 + warp * 16 + lane / 4;
   const float sl2 = p.scale * 1.4426950408889634f;
+  const DropKeep drop(p.dropout);  // read only where kDrop
 
   auto issue = [&](int64_t it, int stage) {  // prefetch query block `it` into `stage`
     const int64_t h = g * p.group + it / nq, i0 = (mb0 + it % nq) * BM;
@@ -87,20 +91,25 @@ __global__ void __launch_bounds__(kBwdThreads, 2) attention_bwd_mma(AttnParams p
       }
     }
 
-    // s <- w P (for dV), dp <- dS = w P (dP - delta) (for dK and dQ).
+    // s <- w P (for dV), dp <- dS = w P (dP - delta) (for dK and dQ); with dropout
+    // s <- w P Z, dp <- w P (Z dP - delta).
     const bool full = i0 >= p.query_lo(j_last) && i0 + BM <= q_hi && j0 + BN <= p.Tk &&
                       i0 + BM <= p.query_hi(j0);
     #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
+    for (int mt = 0; mt < MT; ++mt) {
+      unsigned keep = 0;
+      if constexpr (kDrop) keep = drop.frag_key_rows(b * p.H + h, i0 + mt * 8, j0 + warp * 16);
       #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = mt * 8 + (lane % 4) * 2 + (e & 1);
         const int64_t i = i0 + r, j = kr0 + (e >> 1) * 8;
         const bool vis = full || (i < p.Tq && j < p.Tk && j >= p.key_lo(i) && j < p.key_hi(i));
         const float pr = vis ? exp2f(s[mt][e] * sl2 - lse2[r]) : 0.f;
-        s[mt][e] = wr[r] * pr;
-        dp[mt][e] = s[mt][e] * (dp[mt][e] - delta[r]);
+        const float pw = wr[r] * pr;
+        s[mt][e] = kDrop ? drop.apply(keep, e, pw) : pw;
+        dp[mt][e] = pw * ((kDrop ? drop.apply(keep, e, dp[mt][e]) : dp[mt][e]) - delta[r]);
       }
+    }
 
     #pragma unroll
     for (int kk = 0; kk < BM / 16; ++kk) {

@@ -3,8 +3,10 @@
 // m16 tiles share every K/V fragment read from shared memory, halving that traffic). K/V tiles
 // stream through shared memory double-buffered with cp.async; scores, the online softmax
 // (float32, exp2) and the output accumulator stay in registers; P is reused in registers as
-// the A operand of P V. Tiles wholly outside the causal/window band are skipped.
+// the A operand of P V. Tiles wholly outside the causal/window band are skipped. kDrop:
+// attention dropout (p.dropout) on P after the row sums, before P V.
 #pragma once
+#include "attention/dropout.cuh"
 #include "attention/params.cuh"
 #include "mma/mma_tile.cuh"
 
@@ -17,11 +19,12 @@ template <int D, int BN> constexpr int fwd_smem_bytes() {
   return (kFwdBlockM * D + 2 * 2 * BN * D) * 2;  // Q, then K and V in two stages (2-byte T)
 }
 
-template <class T, int D, int BN>
+template <class T, int D, int BN, bool kDrop>
 __global__ void __launch_bounds__(kFwdThreads, 2) attention_fwd_mma(AttnParams p) {
   using namespace mma;
   constexpr int kBM = kFwdBlockM, NT = BN / 8, DT = D / 8, KS = D / 16;
   static_assert(kFwdWarpRows % 16 == 0, "whole m16 tiles per warp");
+  static_assert(NT <= 16, "dropout's keep bits: 64 per m16 tile");
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* qs = reinterpret_cast<T*>(smem_raw);
   T* ks = qs + kBM * D;  // [2][BN][D]
@@ -36,6 +39,7 @@ __global__ void __launch_bounds__(kFwdThreads, 2) attention_fwd_mma(AttnParams p
   const int64_t n_begin = lo / BN, n_end = hi > lo ? ceil_div(hi, BN) : n_begin;
   // Accumulator rows of this thread: row(m, r) = i0 + warp*32 + m*16 + lane/4 + 8r.
   const int64_t row0 = i0 + warp * kFwdWarpRows + lane / 4;
+  const DropKeep drop(p.dropout);  // read only where kDrop
 
   load_tile<kBM, D, kFwdThreads>(qs, p.q, b, i0, p.Tq, h);
   if (n_begin < n_end) {
@@ -57,6 +61,18 @@ __global__ void __launch_bounds__(kFwdThreads, 2) attention_fwd_mma(AttnParams p
 
   for (int64_t n = n_begin; n < n_end; ++n) {
     const int stage = int(n - n_begin) & 1;
+    // Dropout's keep bits of this tile, 4 per fragment (bit 4 nt + e: s[mt][nt][e]), made
+    // here, where the scores' registers are free: next to them Philox spilled. Four
+    // evaluations at a time hide each one's latency without spilling either.
+    uint64_t keep[MT] = {};
+    if constexpr (kDrop)
+      #pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+        #pragma unroll 4
+        for (int nt = 0; nt < NT; ++nt)
+          keep[mt] |= uint64_t(drop.frag_query_rows(b * p.H + h, i0 + warp * kFwdWarpRows + mt * 16,
+                                                    n * BN + nt * 8))
+                      << (4 * nt);
     cp_async_next_stage(n + 1 < n_end, [&] {
       load_tile<BN, D, kFwdThreads>(ks + (stage ^ 1) * BN * D, p.k, b, (n + 1) * BN, p.Tk, g);
       load_tile<BN, D, kFwdThreads>(vs + (stage ^ 1) * BN * D, p.v, b, (n + 1) * BN, p.Tk, g);
@@ -125,6 +141,12 @@ __global__ void __launch_bounds__(kFwdThreads, 2) attention_fwd_mma(AttnParams p
         }
       #pragma unroll
       for (int r = 0; r < 2; ++r) l[mt][r] = l[mt][r] * corr[r] + rs[r];
+      if constexpr (kDrop)  // after the row sums: the softmax normalises over every weight
+        #pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+          #pragma unroll
+          for (int e = 0; e < 4; ++e)
+            s[mt][nt][e] = drop.apply(unsigned(keep[mt] >> (4 * nt)), e, s[mt][nt][e]);
       #pragma unroll
       for (int dt = 0; dt < DT; ++dt) {
         o[mt][dt][0] *= corr[0], o[mt][dt][1] *= corr[0];

@@ -1,5 +1,8 @@
 // attention on the GPU: launchers. Half-precision inputs with 16-byte aligned rows take the
 // tensor-core kernels; float32 (and unaligned views) take the float32 CUDA-core kernels.
+// Attention dropout runs in the mma.sync and CUDA-core kernels' dropout instantiations (their
+// kDrop flag); the Hopper (wgmma) kernels do not apply it, so with dropout the tensor-core
+// work takes the mma.sync kernels on Hopper too.
 #include "attention/bwd_mma.cuh"
 #include "attention/bwd_wgmma.cuh"
 #include "attention/fwd_mma.cuh"
@@ -58,7 +61,8 @@ template <class Kernel> bool has_sm90a_image(Kernel k) {
 template <class T, int D> bool fwd_wgmma(const AttnParams& a, AttnKernel kernel_choice,
                                          cudaStream_t s) {
   constexpr int BN = 128;
-  if (kernel_choice == AttnKernel::mma || !has_sm90a_image(attention_fwd_wgmma<T, D, BN>))
+  if (kernel_choice == AttnKernel::mma || a.dropout.active() ||
+      !has_sm90a_image(attention_fwd_wgmma<T, D, BN>))
     return false;
   const bool pp = kernel_choice == AttnKernel::pingpong;
   const TilePlan plan = plan_tiles(Target::gpu, D, 2, kWgmmaSmemBudget);
@@ -84,7 +88,8 @@ template <class T, int D> void fwd_tensor_cores(const AttnParams& a, AttnKernel 
             "attention: TilePlan (", plan.block_q, "x", plan.block_k,
             ") has no compiled tensor-core kernel for head dim ", D);
   constexpr int smem = fwd_smem_bytes<D, BN>();
-  auto kernel = attention_fwd_mma<T, D, BN>;
+  auto kernel = a.dropout.active() ? attention_fwd_mma<T, D, BN, true>
+                                   : attention_fwd_mma<T, D, BN, false>;
   set_smem(kernel, smem);
   const dim3 grid(unsigned(ceil_div(a.Tq, kFwdBlockM)), unsigned(a.H), unsigned(a.B));
   kernel<<<grid, kFwdThreads, smem, s>>>(a);
@@ -94,7 +99,8 @@ template <class T, int D> void fwd_tensor_cores(const AttnParams& a, AttnKernel 
 template <class T, int D> bool bwd_wgmma(const AttnParams& a, AttnKernel kernel_choice,
                                          cudaStream_t s) {
   auto kernel = attention_bwd_wgmma<T, D>;
-  if (kernel_choice == AttnKernel::mma || !has_sm90a_image(kernel)) return false;
+  if (kernel_choice == AttnKernel::mma || a.dropout.active() || !has_sm90a_image(kernel))
+    return false;
   const int smem = wg_bwd_smem_bytes<D>() + (a.scan.dlam ? wg_bwd_dlam_smem_bytes<D>() : 0);
   set_smem(kernel, smem);
   if (a.Tk > 0) {
@@ -110,7 +116,7 @@ template <class T, int D> void bwd_tensor_cores(const AttnParams& a, AttnKernel 
   if (bwd_wgmma<T, D>(a, kernel_choice, s)) return;
   MKA_CHECK(!a.scan.link, "attention backward: ScanThrough needs the wgmma kernel");
   constexpr int smem = bwd_smem_bytes<D>();
-  auto kernel = attention_bwd_mma<T, D>;
+  auto kernel = a.dropout.active() ? attention_bwd_mma<T, D, true> : attention_bwd_mma<T, D, false>;
   set_smem(kernel, smem);
   if (a.Tk > 0) {
     const dim3 grid(unsigned(ceil_div(a.Tk, kBwdBlockN)), unsigned(a.G), unsigned(a.B));
@@ -135,7 +141,9 @@ void attention_fwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows 
         if (tc) return fwd_tensor_cores<T, D>(a, p.kernels.attention, s);
       }
       const dim3 grid(unsigned(ceil_div(p.Tq, kSimtWarps)), unsigned(p.H), unsigned(p.B));
-      attention_fwd_simt<T, D / 32><<<grid, kSimtWarps * 32, 0, s>>>(a);
+      auto kernel = a.dropout.active() ? attention_fwd_simt<T, D / 32, true>
+                                       : attention_fwd_simt<T, D / 32, false>;
+      kernel<<<grid, kSimtWarps * 32, 0, s>>>(a);
       check_launch("attention_fwd_simt");
     });
   });
@@ -152,9 +160,10 @@ size_t scan_link_bytes(const AttentionProblem& p) {
 
 bool attention_bwd_can_scan(const AttentionProblem& p, std::initializer_list<Rows> views,
                             bool dlam) {
+  // The wgmma backward runs ScanThrough; with dropout the mma.sync one runs (bwd_wgmma).
   if (!p.kernels.scan_through || p.B == 0 || p.Tq == 0 || p.Tk == 0 || p.H == 0 ||
       (p.d != 64 && p.d != 128) || !use_tensor_cores(p, views) ||
-      p.kernels.attention == AttnKernel::mma)
+      p.kernels.attention == AttnKernel::mma || p.dropout.active())
     return false;
   const auto image = [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
@@ -226,12 +235,17 @@ bool attention_bwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows 
       if constexpr (!std::is_same_v<T, float>) {
         if (tc) return bwd_tensor_cores<T, D>(a, p.kernels.attention, s);
       }
+      const bool drop = a.dropout.active();
       const dim3 qgrid(unsigned(ceil_div(p.Tq, kSimtWarps)), unsigned(p.H), unsigned(p.B));
-      attention_bwd_dq_simt<T, D / 32><<<qgrid, kSimtWarps * 32, 0, s>>>(a);
+      auto dq_kernel = drop ? attention_bwd_dq_simt<T, D / 32, true>
+                            : attention_bwd_dq_simt<T, D / 32, false>;
+      dq_kernel<<<qgrid, kSimtWarps * 32, 0, s>>>(a);
       check_launch("attention_bwd_dq_simt");
       if (p.Tk == 0) return;
       const dim3 kgrid(unsigned(ceil_div(p.Tk, kSimtWarps)), unsigned(p.G), unsigned(p.B));
-      attention_bwd_dkdv_simt<T, D / 32><<<kgrid, kSimtWarps * 32, 0, s>>>(a);
+      auto dkdv_kernel = drop ? attention_bwd_dkdv_simt<T, D / 32, true>
+                              : attention_bwd_dkdv_simt<T, D / 32, false>;
+      dkdv_kernel<<<kgrid, kSimtWarps * 32, 0, s>>>(a);
       check_launch("attention_bwd_dkdv_simt");
     });
   });

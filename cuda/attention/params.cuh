@@ -27,6 +27,7 @@ struct AttnParams {
   TokenScalar w;           // per query row weight on dout (mka); absent: 1
   ScanSums sums;           // made where asked for (the tensor-core kernels only)
   ScanThrough scan;        // run where asked for (the wgmma kernel only)
+  DropoutMask dropout;     // of the attention weights (attention/dropout.cuh applies it)
 
   // Bottom-right alignment (SPEC §1): row i sees key j iff key_lo(i) <= j < key_hi(i).
   __host__ __device__ int64_t key_hi(int64_t i) const {
@@ -54,6 +55,7 @@ inline AttnParams attn_params(const AttentionProblem& p) {
   a.causal = p.causal;
   a.window = p.window;
   a.scale = float(p.scale);
+  a.dropout = p.dropout;
   return a;
 }
 

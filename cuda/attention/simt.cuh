@@ -2,11 +2,13 @@
 // to tf32, above SPEC's 1e-5) and the fallback for half inputs whose rows are not 16-byte
 // aligned. One warp per query row (forward, dq) or key row (dk/dv); lanes split the head
 // dim (NC = d / 32 channels each) and, for scores, take one key or query of a 32-row tile
-// kept in shared memory.
+// kept in shared memory. kDrop: attention dropout (p.dropout), each lane's weight's
+// multiplier evaluated by the lane (its four-key Philox group's lanes run it together).
 #pragma once
 #include <cmath>
 
 #include "attention/bwd_rows.cuh"
+#include "attention/dropout.cuh"
 #include "attention/params.cuh"
 
 namespace mka::cuda {
@@ -25,7 +27,7 @@ __device__ __forceinline__ void load_tile(float* tile, int ld, const Rows& x, in
   }
 }
 
-template <class T, int NC> __global__ void __launch_bounds__(kSimtWarps * 32)
+template <class T, int NC, bool kDrop> __global__ void __launch_bounds__(kSimtWarps * 32)
 attention_fwd_simt(AttnParams p) {
   constexpr int D = NC * 32, LD = D + 1;  // +1: a lane per key reads a column conflict-free
   __shared__ float ks[kSimtTile * LD], vs[kSimtTile * D], qs[kSimtWarps * D];
@@ -37,6 +39,7 @@ attention_fwd_simt(AttnParams p) {
   const int64_t last = min(p.Tq, i0 + kSimtWarps) - 1;
   const int64_t blk_lo = p.key_lo(i0), blk_hi = p.key_hi(last);
   for (int c = lane; c < D; c += 32) qs[warp * D + c] = row ? to_f(p.q.at<const T>(b, i, h)[c]) : 0.f;
+  const DropKeep drop(p.dropout);  // read only where kDrop
 
   float m = -INFINITY, l = 0.f, acc[NC] = {};
   for (int64_t j0 = blk_lo - blk_lo % kSimtTile; j0 < blk_hi; j0 += kSimtTile) {
@@ -55,9 +58,11 @@ attention_fwd_simt(AttnParams p) {
     if (m_new == -INFINITY) continue;  // nothing visible yet in this row
     const float corr = expf(m - m_new), e = expf(s - m_new);
     l = l * corr + warp_sum(e);
+    // Dropout after the row sum: the softmax normalises over every weight.
+    const float pe = kDrop ? e * drop.at(b * p.H + h, i, j) : e;
     for (int r = 0; r < NC; ++r) acc[r] *= corr;
     for (int jj = 0; jj < kSimtTile; ++jj) {
-      const float pj = __shfl_sync(0xffffffffu, e, jj);
+      const float pj = __shfl_sync(0xffffffffu, pe, jj);
       for (int r = 0; r < NC; ++r) acc[r] += pj * vs[jj * D + lane + 32 * r];
     }
     m = m_new;
@@ -97,7 +102,7 @@ template <class T, int V> __global__ void attention_bwd_delta(AttnParams p) {
 }
 
 // dq: one warp per query row, looping over its visible keys.
-template <class T, int NC> __global__ void __launch_bounds__(kSimtWarps * 32)
+template <class T, int NC, bool kDrop> __global__ void __launch_bounds__(kSimtWarps * 32)
 attention_bwd_dq_simt(AttnParams p) {
   constexpr int D = NC * 32, LD = D + 1;
   __shared__ float ks[kSimtTile * LD], vs[kSimtTile * LD], qs[kSimtWarps * D], dos[kSimtWarps * D];
@@ -114,6 +119,7 @@ attention_bwd_dq_simt(AttnParams p) {
   }
   const float lse = row ? p.lse_at(b, h)[i] : 0.f, delta = row ? p.delta_at(b, h)[i] : 0.f;
   const float w = row ? p.w.load(b, i, 1.f) : 0.f;
+  const DropKeep drop(p.dropout);  // read only where kDrop
   float acc[NC] = {};
   for (int64_t j0 = blk_lo - blk_lo % kSimtTile; j0 < blk_hi; j0 += kSimtTile) {
     __syncthreads();
@@ -128,7 +134,8 @@ attention_bwd_dq_simt(AttnParams p) {
         s += qs[warp * D + c] * ks[lane * LD + c];
         dp += dos[warp * D + c] * vs[lane * LD + c];
       }
-      ds = w * expf(s * p.scale - lse) * (dp - delta);
+      // With dropout dS = w P (Z dP - delta), Z the weight's multiplier.
+      ds = w * expf(s * p.scale - lse) * ((kDrop ? dp * drop.at(b * p.H + h, i, j) : dp) - delta);
     }
     for (int jj = 0; jj < kSimtTile; ++jj) {
       const float dsj = __shfl_sync(0xffffffffu, ds, jj);
@@ -141,7 +148,7 @@ attention_bwd_dq_simt(AttnParams p) {
 }
 
 // dk, dv: one warp per key row, looping over the group's query heads and visible queries.
-template <class T, int NC> __global__ void __launch_bounds__(kSimtWarps * 32)
+template <class T, int NC, bool kDrop> __global__ void __launch_bounds__(kSimtWarps * 32)
 attention_bwd_dkdv_simt(AttnParams p) {
   constexpr int D = NC * 32, LD = D + 1;
   __shared__ float qs[kSimtTile * LD], dos[kSimtTile * LD], ks[kSimtWarps * D], vs[kSimtWarps * D];
@@ -157,6 +164,7 @@ attention_bwd_dkdv_simt(AttnParams p) {
     ks[warp * D + c] = key ? to_f(p.k.at<const T>(b, j, g)[c]) : 0.f;
     vs[warp * D + c] = key ? to_f(p.v.at<const T>(b, j, g)[c]) : 0.f;
   }
+  const DropKeep drop(p.dropout);  // read only where kDrop
   float dk[NC] = {}, dv[NC] = {};
   for (int64_t h = g * p.group; h < (g + 1) * p.group; ++h) {
     for (int64_t i0 = blk_lo - blk_lo % kSimtTile; i0 < blk_hi; i0 += kSimtTile) {
@@ -172,7 +180,7 @@ attention_bwd_dkdv_simt(AttnParams p) {
       }
       __syncthreads();
       const int64_t i = i0 + lane;
-      float pw = 0.f, ds = 0.f;  // weighted probability and score gradient of (i, j)
+      float pw = 0.f, ds = 0.f;  // weighted (dropped) probability, score gradient of (i, j)
       if (i >= qlo && i < qhi) {
         float s = 0.f, dp = 0.f;
         for (int c = 0; c < D; ++c) {
@@ -180,8 +188,10 @@ attention_bwd_dkdv_simt(AttnParams p) {
           dp += dos[lane * LD + c] * vs[warp * D + c];
         }
         const float pr = expf(s * p.scale - lse_s[lane]);
+        const float z = kDrop ? drop.at(b * p.H + h, i, j) : 1.f;  // dropout's multiplier
         pw = w_s[lane] * pr;
-        ds = pw * (dp - delta_s[lane]);
+        ds = pw * ((kDrop ? z * dp : dp) - delta_s[lane]);  // w P (Z dP - delta)
+        if constexpr (kDrop) pw *= z;                       // w P Z, for dV
       }
       for (int ii = 0; ii < kSimtTile; ++ii) {
         const float pwi = __shfl_sync(0xffffffffu, pw, ii);

@@ -102,17 +102,14 @@ def check_attention(q, k, v, scale=None, window=None, causal=True, dropout_p=0.0
     if q.device.type == "cpu" and not 1 <= d <= CPU_MAX_HEAD_DIM:
         _fail(f"q: head dim {d} is not supported on cpu (1 to {CPU_MAX_HEAD_DIM})")
     _check_options(causal, scale, window, q.dtype)
-    check_dropout(dropout_p, seed, q)
+    check_dropout(dropout_p, seed)
 
 
-def check_dropout(dropout_p, seed, q) -> None:
-    """Attention dropout (SPEC §3.5): p in [0, 1), a seed with it, CPU kernels only for now."""
+def check_dropout(dropout_p, seed) -> None:
+    """Attention dropout (SPEC §3.5): p in [0, 1) and a seed with it."""
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) \
             or not 0.0 <= dropout_p < 1.0:
         _fail(f"dropout_p: must be a float in [0, 1), got {_short(dropout_p)}")
-    if dropout_p > 0 and q.device.type == "cuda":
-        _fail(f"dropout_p: {dropout_p} on cuda: the CUDA kernels do not apply attention dropout "
-              "yet (the CPU kernels do); use dropout_p = 0 there, or attn_backend='torch'")
     if dropout_p > 0 and (seed is None or seed.dtype != torch.int64 or seed.numel() != 1):
         _fail("seed: a one-element int64 tensor is required with dropout_p > 0")
 

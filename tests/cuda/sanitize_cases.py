@@ -1,7 +1,8 @@
 """One small call of every CUDA kernel of mka, forward and backward, for compute-sanitizer
 (memcheck, racecheck): run as `compute-sanitizer --tool memcheck python tests/cuda/sanitize_cases.py`.
 Shapes are tiny but cover partial tiles, GQA, windows, Tq != Tk, both attention paths
-(tensor cores for aligned half inputs, CUDA cores for float32), L = 3 and EMA states."""
+(tensor cores for aligned half inputs, CUDA cores for float32), L = 3 and EMA states, and
+attention dropout in each attention kernel that applies it."""
 
 import torch
 
@@ -25,7 +26,12 @@ def main():
                 q, k, v = r(B, Tq, H, d, dtype=dtype), r(B, Tk, G, d, dtype=dtype), r(B, Tk, G, d, dtype=dtype)
                 ops.attention(q, k, v, True, None, 33).float().sum().backward()
                 ops.attention(q, k, v, False).float().sum().backward()
+    # Attention dropout: the mma.sync kernels (on Hopper too) and the CUDA-core ones.
     mka.set_kernels(attention="pingpong")
+    for dtype in (torch.bfloat16, torch.float32):
+        for d in (64, 128):
+            q, k, v = r(B, Tq, H, d, dtype=dtype), r(B, Tk, G, d, dtype=dtype), r(B, Tk, G, d, dtype=dtype)
+            ops.attention(q, k, v, True, None, 33, 0.2).float().sum().backward()
     d = 64
     q, k, v = r(B, Tq, H, d), r(B, Tk, G, d), r(B, Tk, G, d)
     k3, v3 = r(B, Tk, G, d), r(B, Tk, G, d)
@@ -50,6 +56,11 @@ def main():
         out, kso, vso = ops.mka(q, k, v, lam_q, 0.9, mk, mv, ks, vs, True, None, 25)
         (out.float().sum() + vso.sum()).backward()
     mka.set_kernels(attention="pingpong")
+    # With dropout: each level's attention drops with its own mask; no ScanThrough.
+    out, kso, vso = ops.fastmka(q, k, v, lam_k, 0.9, k3, v3, ks, vs, True, None, None, 0.2)
+    (out.float().sum() + kso.sum()).backward()
+    out, kso, vso = ops.mka(q, k, v, lam_q, 0.9, mk, mv, ks, vs, True, None, 25, 0.2)
+    (out.float().sum() + vso.sum()).backward()
     # fastmka: the scan's backward through the attention backward's write-out (ScanThrough),
     # over three key blocks, with lam a constant and with its gradient (x staged by
     # cp.async); then with dlam by the separate passes (mka's level 2 above runs it too).

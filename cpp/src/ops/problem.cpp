@@ -76,9 +76,6 @@ AttentionProblem check_attention(const TensorRef& q, const TensorRef& k, const T
   // A window of Tk keys or more hides none: no window, which also keeps the visibility
   // bounds' arithmetic (i + (Tk - Tq) - window) far from overflow.
   p.window = o.window && *o.window < p.Tk ? *o.window : -1;
-  MKA_CHECK(o.dropout_p == 0.0 || q.device == Device::cpu, "dropout_p: ", o.dropout_p,
-            " on ", device_name(q.device), ": the CUDA kernels do not apply attention dropout "
-            "yet (the CPU kernels do); use dropout_p = 0 there");
   p.dropout = DropoutMask{o.dropout_p, uint64_t(o.seed.value_or(0)), 0};
   p.dtype = q.dtype;
   p.device = q.device;

@@ -3,8 +3,6 @@ the variants whose heads are plain key/value heads (MHA, MQA, GQA, MKA, FastMKA)
 
 from __future__ import annotations
 
-import functools
-import warnings
 from typing import Optional
 
 import torch
@@ -14,13 +12,6 @@ from ..memory.cache import LayerCache, LayerSpec, PagedKVCache
 from .backends import get_ops
 
 Memory = Optional[tuple[Tensor, Tensor]]
-
-
-@functools.lru_cache(maxsize=1)
-def _warn_no_cuda_dropout() -> None:
-    warnings.warn("dropout: the CUDA kernels do not drop attention weights yet; on CUDA the "
-                  "modules drop the attention output only (attn_backend='torch' drops both)",
-                  stacklevel=3)
 
 
 def _positive_int(value, name: str) -> None:
@@ -64,16 +55,9 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = float(dropout)
         self.resid_dropout = nn.Dropout(dropout)
 
-    def _attn_p(self, q: Tensor) -> float:
-        """The attention weights' dropout of a forward on ``q``: in training only. The native
-        CUDA kernels have none yet: there the weights are not dropped (once-per-process
-        warning), only the output — what every version before this one did."""
-        if not self.training or not self.attn_dropout:
-            return 0.0
-        if q.device.type == "cuda" and self.backend == "mka":
-            _warn_no_cuda_dropout()
-            return 0.0
-        return self.attn_dropout
+    def _attn_p(self) -> float:
+        """The attention weights' dropout of a forward (``dropout_p``): in training only."""
+        return self.attn_dropout if self.training else 0.0
 
     @property
     def ops(self):

@@ -36,7 +36,7 @@ class FastMKAAttention(RoutedAttention):
         k3, v3 = self._level3(k, v, memory)
         if cache is None:  # the fused op: fused keys never written to memory
             y, _, _ = self.ops.fastmka(q, k, v, lam, self.beta, k3, v3, causal=True,
-                                       window=self.window, dropout_p=self._attn_p(q))
+                                       window=self.window, dropout_p=self._attn_p())
             return self._output(y)
         cache.check("k", k)
         kf, vf, k_state, v_state = self.ops.route_fuse(k, v, lam, self.beta, k3, v3,

@@ -22,7 +22,7 @@ class GroupedQueryAttention(QKVAttention):
         if cache is not None:
             return self._output(self._attend_cached(q, k, v, cache))
         return self._output(self.ops.attention(q, k, v, causal=True, window=self.window,
-                                               dropout_p=self._attn_p(q)))
+                                               dropout_p=self._attn_p()))
 
 
 class MultiHeadAttention(GroupedQueryAttention):

@@ -53,13 +53,13 @@ class MKAAttention(RoutedAttention):
             return self._output(self._forward_summaries(q, k, v, lam, cache, memory))
         if self.recall is not None and cache is None:  # levels 1, 2 by the op, 3 by recall
             y, _, _ = self.ops.mka(q, k, v, lam[..., :2], self.beta, causal=True,
-                                   window=self.window, dropout_p=self._attn_p(q))
+                                   window=self.window, dropout_p=self._attn_p())
             o3 = self.recall(q, k, v, self.window)
             return self._output(y + lam[..., 2, None, None].to(y.dtype) * o3)
         mem_k, mem_v = self._memory(k, memory)
         if cache is None:
             y, _, _ = self.ops.mka(q, k, v, lam, self.beta, mem_k, mem_v, causal=True,
-                                   window=self.window, dropout_p=self._attn_p(q))
+                                   window=self.window, dropout_p=self._attn_p())
             return self._output(y)
         cache.check("k", k)
         before = cache.lengths
@@ -89,7 +89,7 @@ class MKAAttention(RoutedAttention):
             ek, _ = torch_ops.ema(k, self.beta)
             ev, _ = torch_ops.ema(v, self.beta)
             o1 = self.ops.attention(q, k, v, causal=True, window=self.window,
-                                    dropout_p=self._attn_p(q))
+                                    dropout_p=self._attn_p())
             y = w(0, o1) * o1 + w(1, o1) * summary_attention(q, ek, ev, self.ema_stride)
             if self.recall is not None:
                 y = y + w(2, y) * self.recall(q, k, v, self.window)

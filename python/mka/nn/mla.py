@@ -168,7 +168,7 @@ class MultiHeadLatentAttention(CausalSelfAttention):
             q, k, v = (t if t.shape[-1] == width else F.pad(t, (0, width - t.shape[-1]))
                        for t in (q, k, v))
         out = self.ops.attention(q, k, v, causal=True, scale=self.scale, window=self.window,
-                                 dropout_p=self._attn_p(q))
+                                 dropout_p=self._attn_p())
         return out[..., :dv]
 
     def _attend_cached(self, q: Tensor, k: Tensor, v: Optional[Tensor],
