@@ -89,15 +89,28 @@ def test_right_padding_and_gaps_raise():
             model(ids, attention_mask=mask)
 
 
-def test_unsupported_options_raise():
-    model = tiny("llama", attention_dropout=0.1)
+def test_training_drops_attention_weights():
+    """attention_dropout in training reaches the op (SPEC §3.5): a seed of torch's generator
+    repeats the output, eval mode has none."""
+    model = tiny("llama", attention_dropout=0.3)
     model.set_attn_implementation("mka")
     ids = torch.randint(1, 97, (1, 8))
     model.train()
-    with pytest.raises(ValueError, match="^dropout: "):
-        model(ids)
+    torch.manual_seed(0)
+    a = model(ids).logits
+    torch.manual_seed(0)
+    assert torch.equal(a, model(ids).logits)
     model.eval()
-    model(ids)  # dropout is 0 in eval mode
+    plain = model(ids).logits
+    assert not torch.allclose(a, plain)
+    model.set_attn_implementation("sdpa")
+    torch.testing.assert_close(model(ids).logits, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_unsupported_options_raise():
+    model = tiny("llama")
+    model.set_attn_implementation("mka")
+    ids = torch.randint(1, 97, (1, 8))
     with pytest.raises(ValueError, match="^attention_mask: a 4-d mask tensor"):
         model(ids, attention_mask=torch.ones(1, 1, 8, 8, dtype=torch.bool))
     layer = model.model.layers[0].self_attn

@@ -37,7 +37,8 @@ def mka_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, v
         return key.layer.attend("attention", q, k, v, spec, scaling), None
 
     def call(q, k, v):
-        return mka.attention(q, k, v, causal=True, scale=scaling, window=spec.window)
+        return mka.attention(q, k, v, causal=True, scale=scaling, window=spec.window,
+                             dropout_p=dropout)
     return over_sequences(call, q, k, v, spec.left_padding), None
 
 
@@ -46,9 +47,9 @@ def prepare(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, 
     """Checks the options the op cannot honour and returns ``q, k, v`` as ``(B, T, H, d)``
     views and the :class:`MaskSpec` to run them with (``k, v``: the new tokens of a
     :class:`PagedKV`)."""
-    if dropout:
-        raise ValueError(f"dropout: the 'mka' attention has no attention dropout, got {dropout} "
-                         "(set config.attention_dropout = 0.0, or call model.eval())")
+    if dropout and isinstance(key, PagedKV):
+        raise ValueError(f"dropout: {dropout} with the paged cache: it decodes (inference); "
+                         "call model.eval() (attention dropout is for training)")
     for name, what in (("softcap", "attention logit soft-capping"),
                        ("s_aux", "attention sinks"), ("position_bias", "a position bias")):
         if kwargs.get(name) is not None:

@@ -187,7 +187,7 @@ def fastmka_attention_forward(module: nn.Module, query: Tensor, key: Tensor, val
 
     def call(q, k, v, lam):
         return mka.fastmka(q, k, v, lam, module.mka_beta, causal=True, scale=scaling,
-                           window=spec.window)[0]
+                           window=spec.window, dropout_p=dropout)[0]
     return over_sequences(call, q, k, v, spec.left_padding, key_side=lam), None
 
 
@@ -207,10 +207,13 @@ def mka_routed_attention_forward(module: nn.Module, query: Tensor, key: Tensor, 
                              "recall yet")
         return key.layer.attend("mka", q, k, v, spec, scaling, lam, module.mka_beta), None
     _cache_layer(module, q.shape[1], k.shape[1])
+    if dropout and recall is not None:
+        raise ValueError(f"dropout: {dropout} with level 3 by recall: the recall op has no "
+                         "attention dropout; set config.attention_dropout = 0.0")
 
     def call(q, k, v, lam):
         out = mka.mka(q, k, v, lam[..., :2], module.mka_beta, causal=True, scale=scaling,
-                      window=spec.window)[0]
+                      window=spec.window, dropout_p=dropout)[0]
         if recall is None:
             return out
         o3 = recall_attention(q, k, v, chunk=recall.chunk, top=recall.top, planes=recall.planes,
