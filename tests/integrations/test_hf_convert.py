@@ -163,3 +163,15 @@ def test_convert_bad_options(kwargs, name):
         hf.convert(tiny("llama"), **kwargs)
     with pytest.raises(ValueError, match="^model: found no attention layers"):
         hf.convert(torch.nn.Linear(2, 2))
+
+
+def test_dropout_with_level_3_recall_is_refused():
+    """The recall op has no attention dropout: training a converted model with level 3 by
+    recall and attention_dropout > 0 is a clear error; the same model trains without it."""
+    model = hf.convert(tiny("llama", attention_dropout=0.1), "mka", levels=3, recall=RECALL)
+    model.train()
+    ids = torch.randint(1, 97, (1, 8))
+    with pytest.raises(ValueError, match="^dropout: 0.1 with level 3 by recall"):
+        model(ids)
+    model.eval()
+    model(ids)

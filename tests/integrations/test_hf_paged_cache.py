@@ -232,3 +232,13 @@ def test_bad_uses_raise():
         hf.paged_generate(model, ids, max_new_tokens=2, past_key_values=hf.PagedCache(model, 1, 8))
     with pytest.raises(ValueError, match="^page_size: must be a positive integer"):
         hf.PagedCache(model, 1, 8, page_size=0)
+
+
+def test_dropout_in_training_is_refused_on_pages():
+    """The paged cache decodes; attention dropout on it is a clear error, not a silent skip."""
+    model = tiny("llama", attention_dropout=0.1)
+    model.set_attn_implementation("mka")
+    model.train()
+    cache = hf.PagedCache(model, 1, 8, page_size=PAGE)
+    with pytest.raises(ValueError, match="^dropout: 0.1 with the paged cache"):
+        model(_ids(1, 5), past_key_values=cache, use_cache=True)

@@ -132,13 +132,13 @@ def check(s: Settings) -> None:
     if isinstance(max_pos, int) and s.seq_len > max_pos:
         raise ConfigError(f"--seq-len {s.seq_len} exceeds the model's max_position_embeddings {max_pos}")
     items = conversions(s)
+    if any(c not in CONVERSIONS for c in items) or len(set(items)) != len(items):
+        raise ConfigError(f"--hf-convert: expected one or a comma list of {', '.join(CONVERSIONS)} "
+                          f"without repeats, got {s.hf_convert!r}")
     if float(config.get("attention_dropout", 0.0) or 0.0) > 0 and "mka-recall" in items:
         raise ConfigError(f"{_flag('hf_model' if s.hf_model else 'hf_config')}: attention_dropout "
                           f"{config['attention_dropout']} in the config with --hf-convert mka-recall: "
                           "the recall op has no attention dropout; set it to 0")
-    if any(c not in CONVERSIONS for c in items) or len(set(items)) != len(items):
-        raise ConfigError(f"--hf-convert: expected one or a comma list of {', '.join(CONVERSIONS)} "
-                          f"without repeats, got {s.hf_convert!r}")
     saved = saved_conversion(s)
     if saved is not None:
         if items != [saved]:
