@@ -361,33 +361,54 @@ int num_sms(int device) {
 
 int64_t gcd64(int64_t x, int64_t y) { return y == 0 ? x : gcd64(y, x % y); }
 
-// Splits: enough blocks for ~4 per SM, each split at least kMinSplit keys and a whole number
-// of tiles (and of pages with level 2: its EMA restarts at page boundaries). The lengths are
-// on the device: the host plans with the table's capacity, and each block cuts its own
-// sequence's length into that many splits.
-void plan_splits(PagedArgs& a, int64_t capacity, int device) {
+// Splits: a block's time is about its keys plus a fixed cost (Q, the merge, its partials;
+// ~2 tiles), and a launch takes ceil(blocks / slots) waves of it, slots = SMs x the blocks
+// resident per SM. The plan takes the fewest splits within 1 % of the best such estimate
+// (at batch 1 one full wave, not the 1.3 waves a fixed 4 blocks per SM gave), each split at
+// least kMinSplit keys and a whole number of tiles (and of pages with level 2: its EMA
+// restarts at page boundaries). The lengths are on the device: the host plans with the
+// table's capacity, and each block cuts its own sequence's length into that many splits.
+void plan_splits(PagedArgs& a, int64_t capacity, int64_t slots) {
   const int64_t base = int64_t(a.row_blocks) * a.B * a.G;
-  const int64_t want = 4 * int64_t(num_sms(device));
-  a.splits = int(std::clamp<int64_t>(std::min((want + base - 1) / base, ceil_div(capacity, kMinSplit)),
-                                     1, 65535));
+  const int64_t most = std::clamp<int64_t>(
+      std::min(ceil_div(capacity, kMinSplit), 4 * ceil_div(slots, base) + 1), 1, 65535);
+  auto cost = [&](int64_t n) {
+    return double(ceil_div(base * n, slots)) * (double(capacity) / double(n) + 2 * kTile);
+  };
+  double best = cost(1);
+  for (int64_t n = 2; n <= most; ++n) best = std::min(best, cost(n));
+  a.splits = 1;
+  while (a.splits < most && cost(a.splits) > 1.01 * best) ++a.splits;
   a.unit = a.kst ? kTile / gcd64(kTile, a.S) * a.S : kTile;
 }
 
+// Blocks of Kernel resident per SM at this shared-memory size (queried once per device, when
+// the kernel's shared-memory limit is raised).
+template <auto Kernel> int64_t resident_slots(int smem, int device) {
+  static std::once_flag once[64];
+  static int per_sm[64];
+  std::call_once(once[device % 64], [&] {
+    set_smem(Kernel, smem);
+    int n = 0;
+    per_sm[device % 64] =
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, Kernel, kThreads, smem) == cudaSuccess && n > 0 ? n : 1;
+  });
+  return int64_t(per_sm[device % 64]) * num_sms(device);
+}
+
 // Plans the splits, launches `Kernel` (either kernel: same grid and partials) and, with
-// several splits, the combine kernel. The static flag is per kernel instantiation.
+// several splits, the combine kernel.
 template <auto Kernel, class T, bool kEma>
 void launch(PagedArgs& a, int smem, const char* name, int64_t capacity, int device,
             cudaStream_t s) {
   a.row_blocks = int(ceil_div(int64_t(a.T) * a.grp, kRows));
-  plan_splits(a, capacity, device);
+  plan_splits(a, capacity, resident_slots<Kernel>(smem, device));
   const int64_t blocks = int64_t(a.row_blocks) * a.B * a.G;
   MKA_CHECK(blocks < (int64_t(1) << 31), "paged_attention: too many blocks (B x G x row blocks = ",
             blocks, ")");
   Workspace ws(a.splits > 1 ? size_t(a.splits) * a.B * a.T * a.H * (kEma ? 2 : 1) * (a.dv + 2) * 4 : 0,
                s, false);
   a.ws = ws.as<float>();
-  static std::once_flag once[64];
-  std::call_once(once[device % 64], [&] { set_smem(Kernel, smem); });
   Kernel<<<dim3(unsigned(blocks), unsigned(a.splits)), kThreads, smem, s>>>(a);
   check_launch(name);
   if (a.splits > 1) {
@@ -416,7 +437,7 @@ template <class T> void dispatch(PagedArgs& a, int64_t capacity, int device, cud
     if constexpr (sizeof(T) == 2 && D <= 128) {
       if (mma_case(a) && a.dk == D)
         return launch<paged_attention_mma<T, D, kEma>, T, kEma>(
-            a, int(mma_smem_bytes<D>()), "paged_attention_mma", capacity, device, s);
+            a, int(mma_smem_bytes<D, kEma>()), "paged_attention_mma", capacity, device, s);
     }
     launch<paged_attention_kernel<T, D, kEma>, T, kEma>(
         a, int(Smem<T, D>::bytes()), "paged_attention_kernel", capacity, device, s);

@@ -8,9 +8,12 @@
 // and from shared memory once per warp (ldmatrix) — the CUDA-core kernel read each key row
 // once per query row, which bound it at a third of the bandwidth.
 //
+// The block table is read once per tile row, two tiles ahead (TileRows), not per 16-byte copy.
+//
 // MKA's level 2 (kEma): after level 1 of a tile, the tile's rows become their EMA in place
-// (one thread per column, restarting from the page checkpoint at each page's first row), and
-// a second softmax and accumulator run over them.
+// and a second softmax and accumulator run over them. Where pages hold a multiple of 16 tokens
+// (or the cache is contiguous) the EMA runs on tensor cores, 16 rows at a time (EmaTc); other
+// page sizes take one thread per column walking the rows (mma_tile_ema_serial).
 #pragma once
 #include "memory/paged_params.cuh"
 #include "mma/mma_tile.cuh"
@@ -20,10 +23,44 @@ namespace mka::cuda::paged {
 constexpr int kMmaWarps = kThreads / 32;
 static_assert(kTile == 16 * kMmaWarps, "a warp owns 16 keys of a tile");
 
-template <int D> constexpr size_t mma_smem_bytes() {
-  // Q (16 x D), then K and V in two stages; the merge reuses the stages.
-  return size_t(16 * D + 2 * 2 * kTile * D) * 2;
+constexpr int kSegs = kTile / 16;  // 16-row segments of a tile (level 2 on tensor cores)
+
+template <int D, bool kEma> constexpr size_t mma_smem_bytes() {
+  // Q (16 x D), then K and V in two stages; the merge reuses the stages. Level 2: the page
+  // checkpoints of each segment that starts a page, per stage (float32, k then v).
+  return size_t(16 * D + 2 * 2 * kTile * D) * 2 + (kEma ? size_t(2 * kSegs * 2 * D) * 4 : 0);
 }
+
+// Where each row of a tile lives: page (-1: an invalid entry, or outside the block's keys)
+// and row within it (-1 outside the block's keys). Looked up by threads < kTile, one row each:
+// the table entry is loaded two tiles ahead (raw) and checked and stored in shared memory one
+// iteration later (put), so its latency never stalls the copies.
+struct TileRows {
+  int raw = -1, row = -1;
+  bool in = false;
+  __device__ __forceinline__ void get(const PagedArgs& a, const BlockKeys& bk, int64_t j0) {
+    const int64_t pos = j0 + threadIdx.x;
+    in = pos >= bk.lo && pos < bk.hi;
+    row = -1, raw = -1;
+    if (in) {
+      if (!a.table) {
+        raw = bk.b, row = int(pos);
+      } else {
+        const int p = int(pos), slot = p / a.S;  // positions < 2^31 (checked on the host)
+        row = p - slot * a.S;
+        raw = a.table[bk.b * a.ts0 + slot * a.ts1];
+      }
+    }
+  }
+  __device__ __forceinline__ void put(const PagedArgs& a, int2* rows, int* bad) const {
+    int page = -1;
+    if (in) {
+      page = raw >= 0 && raw < a.P ? raw : -1;
+      if (page < 0) atomicOr(bad, 1);  // an atomic: many threads may set it
+    }
+    rows[threadIdx.x] = make_int2(page, row);
+  }
+};
 
 // One level's per-warp state: the running max and sum of rows lane/4 and lane/4 + 8, and the
 // output accumulator (16 rows x D in m16n8 tiles).
@@ -108,37 +145,112 @@ __device__ __forceinline__ void mma_tile_level(const PagedArgs& a, const BlockKe
 }
 
 // Rows [j0, j0 + 64) of the split's keys, K and V, into a stage (zeros outside [lo, hi) and
-// for invalid entries, which set bad).
-template <class T, int D>
+// for invalid entries); with level 2 on tensor cores, the checkpoints of the segments that
+// start a page too (sC: [segment][k | v][D] float32; zeros for an invalid page).
+template <class T, int D, bool kCkpt>
 __device__ __forceinline__ void mma_issue_tile(const PagedArgs& a, const BlockKeys& bk, T* sK,
-                                               T* sV, int64_t j0, int* bad) {
+                                               T* sV, float* sC, const int2* rows) {
   using namespace mma;
   constexpr int kChunks = D / 8;
+  const T* k = static_cast<const T*>(a.kp);
+  const T* v = static_cast<const T*>(a.vp);
   for (int e = threadIdx.x; e < kTile * kChunks; e += kThreads) {
     const int r = e / kChunks, c = e % kChunks;
-    const int64_t pos = j0 + r;
-    int row = 0, page = -1;
-    const bool in = pos >= bk.lo && pos < bk.hi;
-    if (in) {
-      page = page_of(a, bk.b, pos, row);
-      if (page < 0) atomicOr(bad, 1);  // an atomic: many threads may set it
-    }
-    const bool ok = in && page >= 0;
-    const T* k = static_cast<const T*>(a.kp);
-    const T* v = static_cast<const T*>(a.vp);
-    const T* ksrc = ok ? k + page * a.ks[0] + row * a.ks[1] + bk.g * a.ks[2] + c * 8 : k;
-    const T* vsrc = ok ? v + page * a.vs[0] + row * a.vs[1] + bk.g * a.vs[2] + c * 8 : v;
+    const int2 pr = rows[r];
+    const bool ok = pr.x >= 0;
+    const T* ksrc = ok ? k + pr.x * a.ks[0] + pr.y * a.ks[1] + bk.g * a.ks[2] + c * 8 : k;
+    const T* vsrc = ok ? v + pr.x * a.vs[0] + pr.y * a.vs[1] + bk.g * a.vs[2] + c * 8 : v;
     cp_async16(sK + swz<D>(r, c), ksrc, ok);
     cp_async16(sV + swz<D>(r, c), vsrc, ok);
   }
+  if constexpr (kCkpt) {
+    constexpr int kC = 2 * D / 4;  // 16-byte chunks of one segment's k and v checkpoints
+    for (int e = threadIdx.x; e < kSegs * kC; e += kThreads) {
+      const int seg = e / kC, c = e % kC, kv = c / (D / 4), x = 4 * (c % (D / 4));
+      const int2 pr = rows[16 * seg];
+      if (pr.y != 0) continue;  // not a page's first row: the EMA carries on
+      const float* ck = kv ? a.vst : a.kst;
+      const bool ok = pr.x >= 0;
+      cp_async16(sC + (seg * 2 + kv) * D + x, ok ? ck + (int64_t(pr.x) * a.G + bk.g) * D + x : ck, ok);
+    }
+  }
 }
 
-// The tile's rows turned into their EMA in place (float32 states, rounded to T), restarting
-// from each page's checkpoint at its first row. st[u]: column threadIdx.x + 128 u of [K | V].
+// Level 2 on tensor cores. Within 16 rows, EMA = L X + beta^(r+1) s_in with
+// L[r][c] = (1 - beta) beta^(r-c) for c <= r (lower triangular) and s_in the state before
+// the rows: the page's checkpoint where they start a page, else the last EMA row before them
+// (sE, float32, [k | v][D]). L is split into two 16-bit parts (hi + lo: ~16-bit coefficients)
+// with float32 sums, so the result matches the float32 scan up to its final rounding to T.
+// A warp owns 16-column pairs w, w + 4, ... of [K | V] over all rows (4 per warp at D = 128):
+// it reads and rewrites only its own columns and states, so no warp waits on another.
+template <class T, int D> struct EmaTc {
+  static constexpr int kPairs = 2 * D / 16 / kMmaWarps;
+  unsigned lh[4], ll[4];
+  float pw[2];  // beta^(g + 1), beta^(g + 9): g = lane / 4
+
+  __device__ __forceinline__ void init(float beta) {
+    using namespace mma;
+    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    auto coef = [&](int r, int c) { return c <= r ? (1.f - beta) * powf(beta, float(r - c)) : 0.f; };
+    // A fragment: a[0] (g, 2t..), a[1] (g + 8, 2t..), a[2] (g, 2t + 8..), a[3] (g + 8, 2t + 8..).
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = g + 8 * (i & 1), c = 2 * t + 8 * (i >> 1);
+      const float x0 = coef(r, c), x1 = coef(r, c + 1);
+      const float h0 = to_f(from_f<T>(x0)), h1 = to_f(from_f<T>(x1));
+      lh[i] = pack2<T>(h0, h1);
+      ll[i] = pack2<T>(x0 - h0, x1 - h1);
+    }
+    pw[0] = powf(beta, float(g + 1)), pw[1] = powf(beta, float(g + 9));
+  }
+
+  // The tile's rows below hi become their EMA in place (sC: its checkpoints, see above).
+  __device__ __forceinline__ void tile(const BlockKeys& bk, T* sK, T* sV, const float* sC,
+                                       float* sE, const int2* rows, int64_t j0) const {
+    using namespace mma;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int seg = 0; seg < kSegs; ++seg) {
+      if (j0 + 16 * seg >= bk.hi) break;
+      // A page starts here (the same for the whole block): its checkpoint, else the carry.
+      const float* s_in = rows[16 * seg].y == 0 ? sC + seg * 2 * D : sE;
+#pragma unroll
+      for (int j = 0; j < kPairs; ++j) {
+        const int p = warp + kMmaWarps * j, kv = p >= D / 16, np = kv ? p - D / 16 : p;
+        T* buf = kv ? sV : sK;
+        unsigned b[4];
+        load_b_trans<D>(b, buf, 16 * seg, np);
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+          const int col = kv * D + 16 * np + 8 * n + 2 * t;
+          const float2 si = *reinterpret_cast<const float2*>(s_in + col);
+          float z[4] = {};
+          mma16816<T>(z, ll, b[2 * n], b[2 * n + 1]);
+          mma16816<T>(z, lh, b[2 * n], b[2 * n + 1]);
+          const float e0 = fmaf(pw[0], si.x, z[0]), e1 = fmaf(pw[0], si.y, z[1]);
+          const float e2 = fmaf(pw[1], si.x, z[2]), e3 = fmaf(pw[1], si.y, z[3]);
+          const int chunk = 2 * np + n;
+          *reinterpret_cast<unsigned*>(buf + swz<D>(16 * seg + g, chunk) + 2 * t) = pack2<T>(e0, e1);
+          *reinterpret_cast<unsigned*>(buf + swz<D>(16 * seg + g + 8, chunk) + 2 * t) = pack2<T>(e2, e3);
+          // The segment's last row (g = 7, second half) is the next one's state.
+          const float c0 = __shfl_sync(0xffffffffu, e2, 28 + t);
+          const float c1 = __shfl_sync(0xffffffffu, e3, 28 + t);
+          __syncwarp();  // every lane has read its s_in (sE) before it is overwritten
+          if (g == 0) *reinterpret_cast<float2*>(sE + col) = make_float2(c0, c1);
+        }
+      }
+    }
+  }
+};
+
+// Level 2 where pages hold a number of tokens that is not a multiple of 16: the tile's rows
+// turned into their EMA in place, one thread per column (float32 states, rounded to T),
+// restarting from each page's checkpoint at its first row. st[u]: column threadIdx.x + 128 u
+// of [K | V].
 template <class T, int D>
-__device__ __forceinline__ void mma_tile_ema(const PagedArgs& a, const BlockKeys& bk, T* sK,
-                                             T* sV, const int* sStart, int64_t j0,
-                                             float (&st)[2 * D / kThreads]) {
+__device__ __forceinline__ void mma_tile_ema_serial(const PagedArgs& a, const BlockKeys& bk,
+                                                    T* sK, T* sV, const int2* rows, int64_t j0,
+                                                    float (&st)[2 * D / kThreads]) {
   using namespace mma;
   const float beta = a.beta, one_m = 1.f - a.beta;
   const int n = int(bk.hi - j0 < kTile ? bk.hi - j0 : kTile);
@@ -151,8 +263,8 @@ __device__ __forceinline__ void mma_tile_ema(const PagedArgs& a, const BlockKeys
     const float* ckpt = is_v ? a.vst : a.kst;
     float s = st[u];
     for (int r = 0; r < n; ++r) {
-      const int page = sStart[r];  // -2: not a page's first row; -1: an invalid page
-      if (page > -2) s = page >= 0 ? ckpt[(int64_t(page) * a.G + bk.g) * D + col] : 0.f;
+      const int2 pr = rows[r];
+      if (pr.y == 0) s = pr.x >= 0 ? ckpt[(int64_t(pr.x) * a.G + bk.g) * D + col] : 0.f;
       T* e = buf + swz<D>(r, col >> 3) + (col & 7);
       s = fmaf(beta, s, one_m * to_f(*e));
       *e = from_f<T>(s);
@@ -171,10 +283,13 @@ __global__ void __launch_bounds__(kThreads) paged_attention_mma(const PagedArgs 
   __shared__ int bad;
   __shared__ float sM[kLevels][kMmaWarps][16], sL[kLevels][kMmaWarps][16];
   __shared__ float rowM[kLevels][16], rowL[kLevels][16];
-  __shared__ int sStart[kTile];  // level 2: the page a tile row starts, -2 if none
+  __shared__ int2 sRows[2][kTile];  // TileRows of the two stages
+  __shared__ float sE[kEma ? 2 * D : 1];  // level 2 on tensor cores: the EMA carried (EmaTc)
 
   const BlockKeys bk = block_keys<kEma>(a);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  // Level 2 on tensor cores needs every 16-row segment inside one page (see EmaTc).
+  const bool ema_tc = kEma && (!a.table || a.S % 16 == 0);
   if (threadIdx.x == 0) bad = bk.bad;
   // Q rows (zeros past R) into a swizzled tile.
   for (int e = threadIdx.x; e < 16 * (D / 8); e += kThreads) {
@@ -185,10 +300,23 @@ __global__ void __launch_bounds__(kThreads) paged_attention_mma(const PagedArgs 
     cp_async16(sQ + swz<D>(r, c), src, in);
   }
   const int64_t t_begin = bk.lo / kTile, t_end = bk.hi > bk.lo ? ceil_div(bk.hi, kTile) : t_begin;
-  auto stage = [&](int64_t t) { return stage0 + (int(t - t_begin) & 1) * 2 * kTile * D; };
-  __syncthreads();  // bad's first value before the loads may set it
-  if (t_begin < t_end) mma_issue_tile<T, D>(a, bk, stage(t_begin), stage(t_begin) + kTile * D,
-                                            t_begin * kTile, &bad);
+  auto slot = [&](int64_t t) { return int(t - t_begin) & 1; };
+  auto stage = [&](int64_t t) { return stage0 + slot(t) * 2 * kTile * D; };
+  float* sC0 = reinterpret_cast<float*>(stage0 + 2 * 2 * kTile * D);  // [stage][seg][k | v][D]
+  auto ckpts = [&](int64_t t) { return sC0 + slot(t) * kSegs * 2 * D; };
+  auto issue = [&](int64_t t) {
+    if (ema_tc) mma_issue_tile<T, D, kEma>(a, bk, stage(t), stage(t) + kTile * D, ckpts(t), sRows[slot(t)]);
+    else mma_issue_tile<T, D, false>(a, bk, stage(t), stage(t) + kTile * D, nullptr, sRows[slot(t)]);
+  };
+  __syncthreads();  // bad's first value before the lookups may set it
+  if (threadIdx.x < kTile)
+    for (int64_t t = t_begin; t < t_end && t < t_begin + 2; ++t) {
+      TileRows tr;
+      tr.get(a, bk, t * kTile);
+      tr.put(a, sRows[slot(t)], &bad);
+    }
+  __syncthreads();
+  if (t_begin < t_end) issue(t_begin);
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
@@ -200,29 +328,28 @@ __global__ void __launch_bounds__(kThreads) paged_attention_mma(const PagedArgs 
 #pragma unroll
   for (int l = 0; l < kLevels; ++l) lv[l].init();
   float est[2 * D / kThreads] = {};
+  EmaTc<T, D> etc;
+  if (ema_tc) etc.init(a.beta);
 
   for (int64_t t = t_begin; t < t_end; ++t) {
-    cp_async_next_stage(t + 1 < t_end, [&] {
-      mma_issue_tile<T, D>(a, bk, stage(t + 1), stage(t + 1) + kTile * D, (t + 1) * kTile, &bad);
-    });
+    TileRows ahead;  // tile t + 2: loaded now, stored where tile t's rows were at the end
+    const bool look = threadIdx.x < kTile && t + 2 < t_end;
+    if (look) ahead.get(a, bk, (t + 2) * kTile);
+    cp_async_next_stage(t + 1 < t_end, [&] { issue(t + 1); });
     __syncthreads();
     T* sK = stage(t);
     T* sV = sK + kTile * D;
     const int64_t j0 = t * kTile;
     if (j0 + kTile > bk.lo1) mma_tile_level<T, D>(a, bk, qa, sK, sV, j0, true, lv[0]);
     if constexpr (kEma) {
-      if (threadIdx.x < kTile) {
-        int row = 1;
-        const int64_t pos = j0 + threadIdx.x;
-        const int page = pos < bk.hi ? page_of(a, bk.b, pos, row) : -1;
-        sStart[threadIdx.x] = row == 0 ? page : -2;
-      }
-      __syncthreads();
-      mma_tile_ema<T, D>(a, bk, sK, sV, sStart, j0, est);
+      __syncthreads();  // level 1 has read the rows
+      if (ema_tc) etc.tile(bk, sK, sV, ckpts(t), sE, sRows[slot(t)], j0);
+      else mma_tile_ema_serial<T, D>(a, bk, sK, sV, sRows[slot(t)], j0, est);
       __syncthreads();
       mma_tile_level<T, D>(a, bk, qa, sK, sV, j0, false, lv[kLevels - 1]);
     }
-    __syncthreads();  // the stage is refilled next iteration
+    if (look) ahead.put(a, sRows[slot(t)], &bad);
+    __syncthreads();  // the stage and its rows are refilled next iteration
   }
 
   // Merge the warps: per row the max over warps, each warp's share rescaled into sO.
