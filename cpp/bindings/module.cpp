@@ -7,6 +7,7 @@
 
 #include "mka/cpu/isa.h"
 #include "mka/environment.h"
+#include "mka/layers/norm_ops.h"
 #include "mka/ops.h"
 #include "mka/cpu/thread_pool.h"
 #include "mka/tile_plan.h"
@@ -28,6 +29,7 @@ NB_MODULE(_C, m) {
   def_op(m, "fastmka_backward", &mka::fastmka_backward);
   def_op(m, "mka_forward", &mka::mka_forward);
   def_op(m, "mka_backward", &mka::mka_backward);
+  def_op(m, "add_layer_norm", &mka::add_layer_norm);
   mka::bind::bind_memory(m);
 
   m.def("set_num_threads", &mka::set_num_threads, "n"_a);

@@ -43,6 +43,22 @@ def test_prefill_decode_and_chunked_prefill_equal_one_pass(variant, backend):
     assert rel_err(torch.cat(chunks, 1), full) < EXACT
 
 
+@pytest.mark.parametrize("backend", ["mka", "torch"])
+@pytest.mark.parametrize("variant", variant_params())
+def test_inference_path_with_fused_norms_equals_the_blocks(variant, backend):
+    """Without gradients an eval model runs its residual adds fused with the next LayerNorm
+    (mka.layers.add_layer_norm): the same logits as the blocks, in one pass and decoding."""
+    m = tiny_model(variant, backend)
+    idx = _tokens(T=14)
+    full, _ = m(idx)  # gradients enabled: the blocks as written
+    with torch.no_grad():
+        assert rel_err(m(idx)[0], full) < EXACT
+        caches = m.new_caches(2)
+        decoded = [m(idx[:, :6], caches=caches)[0]]
+        decoded += [m(idx[:, t:t + 1], caches=caches)[0] for t in range(6, 14)]
+    assert rel_err(torch.cat(decoded, 1), full) < EXACT
+
+
 @pytest.mark.parametrize("variant", variant_params())
 def test_cache_bytes_per_token_match_the_caches(variant):
     m = tiny_model(variant)

@@ -55,6 +55,14 @@ inline void check_dtype(const TensorRef& t, const char* name, DType dt) {
   MKA_CHECK(t.dtype == dt, name, ": dtype ", dtype_name(t.dtype), ", expected ", dtype_name(dt));
 }
 
+// t lives where `ref` (named ref_name) does.
+inline void check_same_device(const TensorRef& t, const char* name, const TensorRef& ref,
+                              const char* ref_name) {
+  MKA_CHECK(t.device == ref.device && t.device_id == ref.device_id, name, ": is on ",
+            device_name(t.device), ":", t.device_id, " but ", ref_name, " is on ",
+            device_name(ref.device), ":", ref.device_id);
+}
+
 // window >= 1; a finite scale, within float32's range below float64 (the kernels compute
 // in float32, the GPU ones with scale * log2(e)).
 inline void check_attn_options(const AttnOptions& o, DType dtype) {

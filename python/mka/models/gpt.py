@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..layers import add_layer_norm
 from ..memory import LayerCache, PagedKVCache
 from ..memory.host_tier import HostTier
 from ..nn import ATTENTION_REGISTRY, build_attention, check_attention_config
@@ -132,9 +133,14 @@ class GPT(nn.Module):
             else:  # sequences of different lengths: positions per sequence
                 pos = torch.tensor(starts, device=idx.device)[:, None] + pos
         x = self.drop(self.wte(idx) + self.wpe(pos))
-        for i, block in enumerate(self.blocks):
-            x = block(x, None if caches is None else caches[i], None if memory is None else memory[i])
-        logits = self.lm_head(self.ln_f(x))
+        if self.training or torch.is_grad_enabled():
+            for i, block in enumerate(self.blocks):
+                x = block(x, None if caches is None else caches[i],
+                          None if memory is None else memory[i])
+            h = self.ln_f(x)
+        else:
+            h = self._fused_blocks(x, caches, memory)
+        logits = self.lm_head(h)
         if isinstance(caches, PagedKVCache) and caches.static:
             caches.advance(T)  # a static cache's lengths move after the whole step
         loss = None
@@ -142,6 +148,22 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.reshape(B * T, -1), targets.reshape(B * T),
                                    ignore_index=-1)
         return logits, loss
+
+    def _fused_blocks(self, x: Tensor, caches, memory) -> Tensor:
+        """The blocks and the final norm for inference (no dropout, no gradients): each
+        residual add runs fused with the LayerNorm after it (:func:`mka.layers.add_layer_norm`),
+        one kernel where the unfused blocks launch two — a decode step is launch-bound. ``x``
+        (this forward's own embedding sum) is the residual stream, updated in place; returns
+        ``ln_f`` of the last block's output."""
+        norms = [b.ln_2 for b in self.blocks]
+        nexts = [b.ln_1 for b in self.blocks[1:]] + [self.ln_f]
+        h = self.blocks[0].ln_1(x) if len(self.blocks) else self.ln_f(x)
+        for i, block in enumerate(self.blocks):
+            a = block.attn(h, cache=None if caches is None else caches[i],
+                           memory=None if memory is None else memory[i])
+            h = add_layer_norm(a, x, norms[i].weight, norms[i].bias, norms[i].eps)
+            h = add_layer_norm(block.mlp(h), x, nexts[i].weight, nexts[i].bias, nexts[i].eps)
+        return h
 
     def _check_forward(self, idx: Tensor, caches, memory) -> tuple[int, int]:
         if idx.dim() != 2 or idx.dtype != torch.long:

@@ -1,0 +1,78 @@
+"""Fused building blocks of a decode step (SPEC §3.8) as PyTorch custom operators.
+
+At decode sizes a transformer layer's elementwise work is a few kilobytes per kernel, so each
+costs its launch and its latency, not its bytes; fusing two kernels into one is worth a
+launch per layer per step. ``torch.ops.mka.add_layer_norm`` is the residual add followed by
+the next LayerNorm (the pair every pre-LayerNorm block and the final norm run), one native
+kernel on CPU (float32/float64) and CUDA (float16/bfloat16/float32); other inputs (half
+precision on the CPU, weights of another dtype as under autocast) run the same arithmetic in
+PyTorch. Inference only: no autograd.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _C
+from .kernels import _State
+from .memory.ops import _inference_op
+from .ops import _launch, _native
+
+_NATIVE = {"cpu": (torch.float32, torch.float64),
+           "cuda": (torch.float16, torch.bfloat16, torch.float32)}
+
+
+def _check(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+           eps: float) -> None:
+    if x.dim() < 1 or x.shape != residual.shape:
+        raise ValueError(f"residual: expected the shape of x {tuple(x.shape)}, got "
+                         f"{tuple(residual.shape)}")
+    if x.device != residual.device:
+        raise ValueError(f"residual: is on {residual.device} but x is on {x.device}")
+    C = x.shape[-1]
+    for t, name in ((weight, "weight"), (bias, "bias")):
+        if t is not None and (t.shape != (C,) or t.device != x.device):
+            raise ValueError(f"{name}: expected ({C},) on {x.device}, got {tuple(t.shape)} on "
+                             f"{t.device}")
+    if not eps >= 0:
+        raise ValueError(f"eps: must be >= 0, got {eps}")
+
+
+def _rows(residual: Tensor) -> Optional[Tensor]:
+    """``residual`` as ``(N, C)`` rows sharing its memory (it is written in place), or None."""
+    try:
+        return residual.view(-1, residual.shape[-1])
+    except RuntimeError:
+        return None
+
+
+@_inference_op("add_layer_norm", mutates_args=("residual",))
+def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None,
+                   bias: Optional[Tensor] = None,
+                   eps: float = 1e-5) -> Tensor:
+    """``residual += x``, then ``layer_norm(residual, (C,), weight, bias, eps)``: the sum
+    is rounded to ``residual``'s dtype before the statistics are taken, as in the unfused
+    pair, so both give the same residual stream."""
+    _check(x, residual, weight, bias, eps)
+    rows = _rows(residual)
+    same = all(t is None or t.dtype == residual.dtype for t in (x, weight, bias))
+    if (rows is None or (rows.shape[1] > 1 and rows.stride(1) != 1) or not same
+            or residual.dtype not in _NATIVE.get(x.device.type, ())):
+        residual.add_(x)
+        return F.layer_norm(residual, (x.shape[-1],), weight, bias, eps)
+    out = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
+    _native(_C.add_layer_norm, x=x.reshape(rows.shape).contiguous(), residual=rows,
+            weight=None if weight is None else weight.contiguous(),
+            bias=None if bias is None else bias.contiguous(), out=out, eps=eps,
+            **_launch(x, _State.token))
+    return out.view(x.shape)
+
+
+@add_layer_norm.register_fake
+def _(x, residual, weight=None, bias=None, eps=1e-5):
+    _check(x, residual, weight, bias, eps)
+    return torch.empty_like(residual, memory_format=torch.contiguous_format)
