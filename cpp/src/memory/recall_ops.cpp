@@ -1,8 +1,11 @@
 // Validation and dispatch of recall attention (mka/memory/recall_ops.h): shapes, dtypes and
-// devices of every tensor and every chosen chunk index, before any key is read.
+// devices of every tensor, and on the CPU every chosen chunk index, before any key is read.
+// CUDA tensors' chosen indices stay on the device (reading them here would synchronise every
+// call): the kernels check each entry and write NaN rows for invalid ones (SPEC §7.2).
 #include "mka/memory/recall_ops.h"
 
 #include <cmath>
+#include <type_traits>
 
 #include "../ops/checks.h"
 #include "mka/error.h"
@@ -25,8 +28,6 @@ RecallProblem check_recall(const TensorRef& q, const TensorRef& k, const TensorR
   check_shape(q, "q", {-1, -1, -1, -1}, "(B, Tq, H, d)");
   MKA_CHECK(checks::dtype_supported(q.dtype, q.device), "q: dtype ", dtype_name(q.dtype),
             " is not supported on ", device_name(q.device));
-  MKA_CHECK(q.device == Device::cpu, "recall: no native CUDA kernel yet (the Python layer runs "
-            "CUDA tensors through its composite)");
   RecallProblem p;
   p.B = q.shape[0], p.Tq = q.shape[1], p.H = q.shape[2], p.d = q.shape[3], p.dtype = q.dtype;
   check_shape(k, "k", {p.B, -1, -1, p.d}, "(B, Tk, G, d) matching q's B and d");
@@ -46,6 +47,7 @@ RecallProblem check_recall(const TensorRef& q, const TensorRef& k, const TensorR
   p.R = chosen.shape[3];
   if (scale) MKA_CHECK(std::isfinite(*scale), "scale: must be finite, got ", *scale);
   p.scale = scale ? *scale : 1.0 / std::sqrt(double(p.d));
+  if (q.device != Device::cpu) return p;
   // every index the kernels follow: -1 or a whole chunk of the keys
   const int64_t chunks = p.Tk / p.C;
   const int32_t* c = ptr<const int32_t>(chosen);
@@ -69,6 +71,21 @@ void check_out(const TensorRef& t, const char* name, std::initializer_list<int64
   check_like_q(t, name, q);
 }
 
+template <class A> void run(const RecallProblem& p, const A& a) {
+  constexpr bool fwd = std::is_same_v<A, RecallFwd>;
+  if (a.q.device == Device::cpu) {
+    if constexpr (fwd) cpu::recall_fwd(p, a);
+    else cpu::recall_bwd(p, a);
+    return;
+  }
+#if MKA_WITH_CUDA
+  if constexpr (fwd) cuda::recall_fwd(p, a);
+  else cuda::recall_bwd(p, a);
+#else
+  fail("recall: this build of mka has no CUDA kernels");
+#endif
+}
+
 }  // namespace
 
 void recall_forward(const RecallFwd& a) {
@@ -76,7 +93,7 @@ void recall_forward(const RecallFwd& a) {
   check_out(a.out, "out", {p.B, p.Tq, p.H, p.d}, p.dtype, a.q);
   check_out(a.lse, "lse", {p.B, p.H, p.Tq}, stats_dtype(p.dtype), a.q);
   MKA_CHECK(is_contiguous(a.lse), "lse: must be contiguous");
-  cpu::recall_fwd(p, a);
+  run(p, a);
 }
 
 void recall_backward(const RecallBwd& a) {
@@ -88,7 +105,7 @@ void recall_backward(const RecallBwd& a) {
   check_out(a.dq, "dq", {p.B, p.Tq, p.H, p.d}, p.dtype, a.q);
   check_out(a.dk, "dk", {p.B, p.Tk, p.G, p.d}, p.dtype, a.q);
   check_out(a.dv, "dv", {p.B, p.Tk, p.G, p.d}, p.dtype, a.q);
-  cpu::recall_bwd(p, a);
+  run(p, a);
 }
 
 }  // namespace mka

@@ -19,9 +19,9 @@ recalled (ties: the later chunk), fewer where fewer are eligible, none in the fi
 ``O3`` is the attention of the row to its recalled tokens. Selection is discrete and carries no
 gradient; ``O3`` is differentiable in ``q, k, v``.
 
-``O3`` runs the native kernels on the CPU (:mod:`.recall_ops`: the chosen chunks read in
-place); elsewhere, and for decoding over pages, the composite form below (PyTorch, blocks of
-queries at a time so the gathered keys stay small).
+``O3`` runs the native kernels on the CPU and CUDA (:mod:`.recall_ops`: the chosen chunks
+read in place); elsewhere, and for decoding over pages on CUDA, the composite form below
+(PyTorch, blocks of queries at a time so the gathered keys stay small).
 """
 
 from __future__ import annotations
@@ -217,7 +217,7 @@ def attend_distinct(q: Tensor, keys: Tensor, vals: Tensor, chosen: Tensor, d: Di
     host store). On the CPU the native op over a compact sequence per (row, head) — slot
     ``s`` holds the ``s``-th distinct chunk of that row and head; else the composite."""
     B, G, C = q.shape[0], d.lookup.shape[1], chunk
-    if recall_ops.native(q) and keys.shape[-1] == vals.shape[-1] == q.shape[-1]:
+    if q.device.type == "cpu" and keys.shape[-1] == vals.shape[-1] == q.shape[-1]:
         group = d.rows * G + d.heads
         first = torch.searchsorted(group, group)  # the first u of each (row, head)
         slot = torch.arange(group.numel()) - first

@@ -1,12 +1,14 @@
 """Recall attention as a custom op (SPEC §7.2): ``O3`` of every query row over the chunks
-chosen for it, read in place by the native CPU kernels (``cpp/src/cpu/recall_attention.cpp``)
-— no gathered copy of the recalled keys. ``mka::_recall_fwd`` returns the output and the
+chosen for it, read in place by the native kernels (CPU ``cpp/src/cpu/recall_attention.cpp``,
+CUDA ``cuda/memory/recall_attention.cu``) — no gathered copy of the recalled keys. ``mka::_recall_fwd`` returns the output and the
 softmax logsumexp, ``mka::_recall_bwd`` the gradients of ``q, k, v``; fake kernels make both
 traceable by ``torch.compile``. The selection (``chosen``) is discrete and the caller's.
 
-Native kernels run CPU float32/float64 (half inputs computed in float32, as the other ops);
-CUDA tensors go through the PyTorch composite (:func:`mka.memory.recall._attend_in_blocks`)
-until a CUDA kernel lands: :func:`native` says which.
+Native kernels run CPU float32/float64 (half inputs computed in float32, as the other ops)
+and CUDA float16/bfloat16/float32 (tensor cores for 16-bit inputs with head dim 64 or 128);
+elsewhere the PyTorch composite (:func:`mka.memory.recall._attend_in_blocks`): :func:`native`
+says which. On CUDA an invalid ``chosen`` entry is not raised (the indices stay on the device):
+its row's output, lse and dq are NaN.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from ..reference import state_dtype
 
 
 def native(q: Tensor) -> bool:
-    """Whether the native kernels take ``q``'s device."""
-    return q.device.type == "cpu"
+    """Whether the native kernels take ``q`` (its device; float64 has no CUDA kernel)."""
+    return q.device.type == "cpu" or (q.device.type == "cuda" and _C.built_with_cuda()
+                                      and q.dtype != torch.float64)
 
 
 def _scale(q: Tensor, scale: Optional[float]) -> float:

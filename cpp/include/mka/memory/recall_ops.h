@@ -57,4 +57,11 @@ void recall_fwd(const RecallProblem& p, const RecallFwd& a);
 void recall_bwd(const RecallProblem& p, const RecallBwd& a);
 }  // namespace cpu
 
+// Defined in builds with CUDA (MKA_WITH_CUDA): cuda/memory/recall_attention.cu. chosen is not
+// read by the host: a row with an invalid entry gets NaN output, lse and dq (SPEC §7.2).
+namespace cuda {
+void recall_fwd(const RecallProblem& p, const RecallFwd& a);
+void recall_bwd(const RecallProblem& p, const RecallBwd& a);
+}  // namespace cuda
+
 }  // namespace mka
