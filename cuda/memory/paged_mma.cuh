@@ -75,11 +75,28 @@ template <int D> struct WarpSoftmax {
 
 // Scores of this warp's 16 keys (rows j0 + 16 warp.. of the tile), masked; then the online
 // softmax update and O += P V.
+// The keys [lo, hi) each of the block's 16 rows sees, per level (level 1 within the window,
+// level 2 from the split's start): fixed for the block, so worked out once into shared
+// memory (two 64-bit divisions and the causal/window bounds per row), not in every tile and
+// not in registers. Positions fit in 32 bits (checked on the host).
+struct RowMask {
+  int lo[2][16], hi[16];
+
+  __device__ __forceinline__ void init(const PagedArgs& a, const BlockKeys& bk) {
+    if (threadIdx.x < 16) {
+      const int r = threadIdx.x;
+      const int64_t i = (bk.f0 + r) / a.grp;
+      hi[r] = int(r < bk.R ? min(key_hi(a, i, bk.nk), bk.hi) : 0);
+      lo[0][r] = int(max(key_lo(a, i, bk.nk), bk.lo));
+      lo[1][r] = int(bk.lo);
+    }
+  }
+};
+
 template <class T, int D>
-__device__ __forceinline__ void mma_tile_level(const PagedArgs& a, const BlockKeys& bk,
-                                               const unsigned (&qa)[D / 16][4], const T* sK,
-                                               const T* sV, int64_t j0, bool windowed,
-                                               WarpSoftmax<D>& st) {
+__device__ __forceinline__ void mma_tile_level(const PagedArgs& a, const unsigned (&qa)[D / 16][4],
+                                               const T* sK, const T* sV, int64_t j0,
+                                               const RowMask& mask, int level, WarpSoftmax<D>& st) {
   using namespace mma;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int k0 = 16 * warp;
@@ -95,15 +112,12 @@ __device__ __forceinline__ void mma_tile_level(const PagedArgs& a, const BlockKe
   float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
-    const int r = lane / 4 + 8 * hr;
-    const int64_t i = (bk.f0 + r) / a.grp;
-    const int64_t hi = r < bk.R ? min(key_hi(a, i, bk.nk), bk.hi) : 0;
-    const int64_t lo = windowed ? max(key_lo(a, i, bk.nk), bk.lo) : bk.lo;
+    const int lo = mask.lo[level][lane / 4 + 8 * hr], hi = mask.hi[lane / 4 + 8 * hr];
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
-        const int64_t pos = j0 + k0 + 8 * nt + 2 * (lane % 4) + c;
+        const int pos = int(j0) + k0 + 8 * nt + 2 * (lane % 4) + c;
         float& x = s[nt][2 * hr + c];
         x = (pos >= lo && pos < hi) ? x * a.scale_log2 : -INFINITY;
         mx[hr] = fmaxf(mx[hr], x);
@@ -285,12 +299,14 @@ __global__ void __launch_bounds__(kThreads) paged_attention_mma(const PagedArgs 
   __shared__ float rowM[kLevels][16], rowL[kLevels][16];
   __shared__ int2 sRows[2][kTile];  // TileRows of the two stages
   __shared__ float sE[kEma ? 2 * D : 1];  // level 2 on tensor cores: the EMA carried (EmaTc)
+  __shared__ RowMask mask;
 
   const BlockKeys bk = block_keys<kEma>(a);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   // Level 2 on tensor cores needs every 16-row segment inside one page (see EmaTc).
   const bool ema_tc = kEma && (!a.table || a.S % 16 == 0);
   if (threadIdx.x == 0) bad = bk.bad;
+  mask.init(a, bk);  // read after the next barrier
   // Q rows (zeros past R) into a swizzled tile.
   for (int e = threadIdx.x; e < 16 * (D / 8); e += kThreads) {
     const int r = e / (D / 8), c = e % (D / 8);
@@ -340,20 +356,25 @@ __global__ void __launch_bounds__(kThreads) paged_attention_mma(const PagedArgs 
     T* sK = stage(t);
     T* sV = sK + kTile * D;
     const int64_t j0 = t * kTile;
-    if (j0 + kTile > bk.lo1) mma_tile_level<T, D>(a, bk, qa, sK, sV, j0, true, lv[0]);
+    if (j0 + kTile > bk.lo1) mma_tile_level<T, D>(a, qa, sK, sV, j0, mask, 0, lv[0]);
     if constexpr (kEma) {
       __syncthreads();  // level 1 has read the rows
       if (ema_tc) etc.tile(bk, sK, sV, ckpts(t), sE, sRows[slot(t)], j0);
       else mma_tile_ema_serial<T, D>(a, bk, sK, sV, sRows[slot(t)], j0, est);
       __syncthreads();
-      mma_tile_level<T, D>(a, bk, qa, sK, sV, j0, false, lv[kLevels - 1]);
+      mma_tile_level<T, D>(a, qa, sK, sV, j0, mask, 1, lv[kLevels - 1]);
     }
     if (look) ahead.put(a, sRows[slot(t)], &bad);
     __syncthreads();  // the stage and its rows are refilled next iteration
   }
 
-  // Merge the warps: per row the max over warps, each warp's share rescaled into sO.
+  // Merge the warps: per row the max over warps; each warp's share, rescaled to it, goes to
+  // its own slice of sW and the slices are summed in a fixed order (no shared-memory atomics:
+  // float atomics on shared memory are compare-and-swap loops, four warps contending).
   float* sO = reinterpret_cast<float*>(stage0);  // [level][16][D]
+  float* sW = sO + kLevels * 16 * D;              // [warp][16][D], one level at a time
+  static_assert((kLevels + kMmaWarps) * 16 * D * 4 <= 2 * 2 * kTile * D * sizeof(T),
+                "the merge fits in the stages");
   if (lane % 4 == 0)
 #pragma unroll
     for (int l = 0; l < kLevels; ++l)
@@ -362,7 +383,6 @@ __global__ void __launch_bounds__(kThreads) paged_attention_mma(const PagedArgs 
         sM[l][warp][lane / 4 + 8 * hr] = lv[l].m[hr];
         sL[l][warp][lane / 4 + 8 * hr] = lv[l].l[hr];
       }
-  for (int e = threadIdx.x; e < kLevels * 16 * D; e += kThreads) sO[e] = 0.f;
   __syncthreads();
   if (threadIdx.x < kLevels * 16) {
     const int l = threadIdx.x / 16, r = threadIdx.x % 16;
@@ -374,19 +394,25 @@ __global__ void __launch_bounds__(kThreads) paged_attention_mma(const PagedArgs 
   }
   __syncthreads();
 #pragma unroll
-  for (int l = 0; l < kLevels; ++l)
+  for (int l = 0; l < kLevels; ++l) {
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
       const int r = lane / 4 + 8 * hr;
       const float f = lv[l].l[hr] > 0.f ? exp2f(lv[l].m[hr] - rowM[l][r]) : 0.f;
 #pragma unroll
-      for (int t = 0; t < D / 8; ++t) {
-        float* dst = sO + (l * 16 + r) * D + 8 * t + 2 * (lane % 4);
-        atomicAdd(dst, lv[l].o[t][2 * hr] * f);
-        atomicAdd(dst + 1, lv[l].o[t][2 * hr + 1] * f);
-      }
+      for (int t = 0; t < D / 8; ++t)
+        *reinterpret_cast<float2*>(sW + (warp * 16 + r) * D + 8 * t + 2 * (lane % 4)) =
+            make_float2(lv[l].o[t][2 * hr] * f, lv[l].o[t][2 * hr + 1] * f);
     }
-  __syncthreads();
+    __syncthreads();
+    for (int e = threadIdx.x; e < 16 * D; e += kThreads) {
+      float acc = 0.f;
+#pragma unroll
+      for (int w = 0; w < kMmaWarps; ++w) acc += sW[w * 16 * D + e];
+      sO[l * 16 * D + e] = acc;
+    }
+    __syncthreads();
+  }
 
   const float nan = __int_as_float(0x7fc00000);
   for (int e = threadIdx.x; e < bk.R * D; e += kThreads) {
