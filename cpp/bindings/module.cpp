@@ -7,6 +7,7 @@
 
 #include "mka/cpu/isa.h"
 #include "mka/environment.h"
+#include "mka/layers/linear_ops.h"
 #include "mka/layers/norm_ops.h"
 #include "mka/ops.h"
 #include "mka/cpu/thread_pool.h"
@@ -30,6 +31,7 @@ NB_MODULE(_C, m) {
   def_op(m, "mka_forward", &mka::mka_forward);
   def_op(m, "mka_backward", &mka::mka_backward);
   def_op(m, "add_layer_norm", &mka::add_layer_norm);
+  def_op(m, "linear_small", &mka::linear_small);
   mka::bind::bind_memory(m);
 
   m.def("set_num_threads", &mka::set_num_threads, "n"_a);

@@ -1,11 +1,14 @@
-"""Fused building blocks of a decode step (SPEC §3.8) as PyTorch custom operators.
+"""Fused building blocks of a decode step (SPEC §3.7) as PyTorch custom operators.
 
 At decode sizes a transformer layer's elementwise work is a few kilobytes per kernel, so each
 costs its launch and its latency, not its bytes; fusing two kernels into one is worth a
 launch per layer per step. ``torch.ops.mka.add_layer_norm`` is the residual add followed by
-the next LayerNorm (the pair every pre-LayerNorm block and the final norm run), one native
-kernel on CPU (float32/float64) and CUDA (float16/bfloat16/float32); other inputs (half
-precision on the CPU, weights of another dtype as under autocast) run the same arithmetic in
+the next LayerNorm (the pair every pre-LayerNorm block and the final norm run);
+``torch.ops.mka.linear`` a linear layer, optionally followed by GELU, that at most 8 rows read
+through a kernel made for it (a warp per output feature streaming its row of the weight: at
+decode sizes a linear layer is a read of its weight). Native kernels on CPU
+(float32/float64) and CUDA (float16/bfloat16/float32); other inputs (half precision on the
+CPU, weights of another dtype as under autocast, more rows) run the same arithmetic in
 PyTorch. Inference only: no autograd.
 """
 
@@ -76,3 +79,46 @@ def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None,
 def _(x, residual, weight=None, bias=None, eps=1e-5):
     _check(x, residual, weight, bias, eps)
     return torch.empty_like(residual, memory_format=torch.contiguous_format)
+
+
+_ACTIVATIONS = {"none": 0, "gelu": 1}
+MAX_ROWS = 8  # rows (tokens) the linear kernels take; more go to torch's GEMM
+
+
+def _check_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str) -> None:
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation: one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+    if x.dim() < 1 or weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"weight: expected (N, {x.shape[-1] if x.dim() else '?'}) for x "
+                         f"{tuple(x.shape)}, got {tuple(weight.shape)}")
+    if weight.device != x.device or (bias is not None and bias.device != x.device):
+        raise ValueError(f"weight: is on {weight.device} but x is on {x.device}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias: expected ({weight.shape[0]},), got {tuple(bias.shape)}")
+
+
+@_inference_op("linear")
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+           activation: str = "none") -> Tensor:
+    """``activation(x @ weight.T + bias)`` for ``x: (..., K)``, ``weight: (N, K)`` (nn.Linear's
+    layout); ``activation`` "none" or "gelu" (erf form, of the product in ``x``'s dtype, as
+    ``F.gelu(F.linear(...))``)."""
+    _check_linear(x, weight, bias, activation)
+    K, N = x.shape[-1], weight.shape[0]
+    rows = x.reshape(-1, K)
+    same = all(t is None or t.dtype == x.dtype for t in (weight, bias))
+    if (rows.shape[0] > MAX_ROWS or not same or x.dtype not in _NATIVE.get(x.device.type, ())
+            or weight.stride(-1) != 1 or rows.shape[0] == 0):
+        y = F.linear(x, weight, bias)
+        return F.gelu(y) if activation == "gelu" else y
+    out = torch.empty(rows.shape[0], N, dtype=x.dtype, device=x.device)
+    _native(_C.linear_small, x=rows if rows.stride(-1) == 1 else rows.contiguous(), weight=weight,
+            bias=None if bias is None else bias.contiguous(), out=out,
+            activation=_ACTIVATIONS[activation], **_launch(x, _State.token))
+    return out.view(*x.shape[:-1], N)
+
+
+@linear.register_fake
+def _(x, weight, bias=None, activation="none"):
+    _check_linear(x, weight, bias, activation)
+    return x.new_empty(*x.shape[:-1], weight.shape[0])

@@ -1,4 +1,4 @@
-"""mka.layers.add_layer_norm (SPEC §3.8): the residual equals the unfused add in its dtype
+"""mka.layers.add_layer_norm (SPEC §3.7): the residual equals the unfused add in its dtype
 (bit for bit), the output the float64 LayerNorm of that residual; optional weight and bias,
 strided rows, empty and odd sizes, rows longer than 48 KiB of shared memory on CUDA,
 torch.compile, the PyTorch path for what the kernels do not take, and clear errors."""

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers import add_layer_norm
+from ..layers import add_layer_norm, linear
 from ..memory import LayerCache, PagedKVCache
 from ..memory.host_tier import HostTier
 from ..nn import ATTENTION_REGISTRY, build_attention, check_attention_config
@@ -138,9 +138,9 @@ class GPT(nn.Module):
                 x = block(x, None if caches is None else caches[i],
                           None if memory is None else memory[i])
             h = self.ln_f(x)
+            logits = self.lm_head(h)
         else:
-            h = self._fused_blocks(x, caches, memory)
-        logits = self.lm_head(h)
+            logits = linear(self._fused_blocks(x, caches, memory), self.lm_head.weight)
         if isinstance(caches, PagedKVCache) and caches.static:
             caches.advance(T)  # a static cache's lengths move after the whole step
         loss = None
@@ -152,7 +152,9 @@ class GPT(nn.Module):
     def _fused_blocks(self, x: Tensor, caches, memory) -> Tensor:
         """The blocks and the final norm for inference (no dropout, no gradients): each
         residual add runs fused with the LayerNorm after it (:func:`mka.layers.add_layer_norm`),
-        one kernel where the unfused blocks launch two — a decode step is launch-bound. ``x``
+        one kernel where the unfused blocks launch two — a decode step is launch-bound — and
+        the MLP's linear layers (GELU fused into the first) through :func:`mka.layers.linear`,
+        whose kernels stream the weights at decode sizes. ``x``
         (this forward's own embedding sum) is the residual stream, updated in place; returns
         ``ln_f`` of the last block's output."""
         norms = [b.ln_2 for b in self.blocks]
@@ -162,7 +164,9 @@ class GPT(nn.Module):
             a = block.attn(h, cache=None if caches is None else caches[i],
                            memory=None if memory is None else memory[i])
             h = add_layer_norm(a, x, norms[i].weight, norms[i].bias, norms[i].eps)
-            h = add_layer_norm(block.mlp(h), x, nexts[i].weight, nexts[i].bias, nexts[i].eps)
+            m = linear(linear(h, block.mlp.c_fc.weight, block.mlp.c_fc.bias, "gelu"),
+                       block.mlp.c_proj.weight, block.mlp.c_proj.bias)
+            h = add_layer_norm(m, x, nexts[i].weight, nexts[i].bias, nexts[i].eps)
         return h
 
     def _check_forward(self, idx: Tensor, caches, memory) -> tuple[int, int]:

@@ -1,5 +1,5 @@
 // Model building blocks of a decode step, fused where the unfused form costs a kernel launch
-// per layer for a few kilobytes of work (SPEC §3.8).
+// per layer for a few kilobytes of work (SPEC §3.7).
 //
 // add_layer_norm: residual += x (rounded to the residual's dtype, as the unfused add), then
 // out = LayerNorm(residual) · weight + bias over the last dimension, statistics in float32

@@ -116,12 +116,18 @@ def _timed(device: str, batch: int, new_tokens: int, prefill, step, kv_bytes) ->
         last, t_prefill, mem_prefill = _phase(device, prefill)
         kv = kv_bytes()
 
+        marks = []  # after the first two steps (a graph's eager step and its capture), and at the end
+
         def decode():
             token = last.argmax(-1, keepdim=True)
-            for _ in range(new_tokens):
+            for i in range(new_tokens):
                 token = step(token).argmax(-1, keepdim=True)
+                if i == 1 or i == new_tokens - 1:
+                    _sync(device)
+                    marks.append(time.perf_counter())
         _, t_decode, mem_decode = _phase(device, decode)
-    return {"prefill_seconds": t_prefill, "decode_seconds": t_decode,
+    steady = (marks[-1] - marks[0]) / (new_tokens - 2) if new_tokens > 2 else None
+    return {"prefill_seconds": t_prefill, "decode_seconds": t_decode, "steady_step_seconds": steady,
             "peak_prefill_bytes": mem_prefill, "peak_decode_bytes": mem_decode,
             "kv_bytes_per_token": kv}
 
@@ -185,6 +191,8 @@ def _row(source: str, attn: str, cache: str, batch: int, prompt: int, new_tokens
     return {**row, "prefill_tok_s": batch * prompt / times["prefill_seconds"],
             "decode_tok_s": batch * new_tokens / times["decode_seconds"],
             "ms_per_output_token": 1e3 * times["decode_seconds"] / new_tokens,
+            "steady_ms_per_token": (None if times["steady_step_seconds"] is None
+                                    else 1e3 * times["steady_step_seconds"]),
             **{k: times[k] for k in ("peak_prefill_bytes", "peak_decode_bytes",
                                      "kv_bytes_per_token")}}
 
@@ -266,9 +274,10 @@ def run(s: Settings) -> tuple[str, list[dict]]:
 
 def report(what: str, rows: list[dict], device: str) -> str:
     gib = lambda b: "n/a (cpu)" if b is None else f"{b / 2**30:.2f}"  # noqa: E731
+    steady = lambda r: "–" if r["steady_ms_per_token"] is None else f"{r['steady_ms_per_token']:.2f}"  # noqa: E731
     lines = [f"model: {line}" for line in what.splitlines()]
     lines.append(f"{'model':<5} {'attn':<14} {'cache':<12} {'B':>3} {'prompt':>7} {'new':>5} "
-                 f"{'prefill tok/s':>14} {'decode tok/s':>13} {'ms/token':>9} "
+                 f"{'prefill tok/s':>14} {'decode tok/s':>13} {'ms/token':>9} {'steady':>7} "
                  f"{'peak prefill GiB':>17} {'peak decode GiB':>16} {'KV B/token':>11}")
     for r in rows:
         head = (f"{r['model']:<5} {r['attn']:<14} {r['cache']:<12} {r['batch']:>3} "
@@ -277,7 +286,7 @@ def report(what: str, rows: list[dict], device: str) -> str:
             lines.append(head + r["error"])
             continue
         lines.append(head + f"{r['prefill_tok_s']:>14.1f} {r['decode_tok_s']:>13.1f} "
-                     f"{r['ms_per_output_token']:>9.2f} {gib(r['peak_prefill_bytes']):>17} "
+                     f"{r['ms_per_output_token']:>9.2f} {steady(r):>7} {gib(r['peak_prefill_bytes']):>17} "
                      f"{gib(r['peak_decode_bytes']):>16} {r['kv_bytes_per_token']:>11.0f}")
     if device != "cuda":
         lines.append("peak memory: not measured on cpu (torch tracks CUDA allocations only)")

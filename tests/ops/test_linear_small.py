@@ -1,0 +1,71 @@
+"""mka.layers.linear (SPEC §3.7): the decode-size linear layer against the float64 reference
+(F.linear, then F.gelu of the product in the dtype) for 1-8 rows, with and without bias and
+GELU, K in whole 16-byte vectors or not, strided rows; more rows, other dtypes and the CPU's
+half precision through PyTorch; torch.compile; clear errors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mka.layers import linear
+from conftest import TOL, dtype_params, rel_err
+
+
+def _case(M, K, N, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    make = lambda *s: (torch.randn(*s, generator=g, dtype=torch.float64) / 8).to(device, dtype)
+    return make(M, K), make(N, K), make(N)
+
+
+def _ref(x, w, b, act):
+    y = F.linear(x.double(), w.double(), None if b is None else b.double())
+    if act == "gelu":  # of the product as the dtype holds it
+        y = F.gelu(y.to(x.dtype).double())
+    return y
+
+
+@pytest.mark.parametrize("device,dtype", dtype_params())
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("K,N", [(768, 257), (64, 33), (20, 7), (3072, 48)], ids=str)
+@pytest.mark.parametrize("act,bias", [("none", True), ("gelu", True), ("none", False)], ids=str)
+def test_matches_the_reference(device, dtype, M, K, N, act, bias):
+    x, w, b = _case(M, K, N, dtype, device, seed=M + K + N)
+    b = b if bias else None
+    out = linear(x, w, b, act)
+    assert out.shape == (M, N) and out.dtype == dtype
+    assert rel_err(out, _ref(x, w, b, act)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("device,dtype", dtype_params())
+def test_strided_rows_batch_dims_and_more_rows(device, dtype):
+    x, w, b = _case(24, 128, 40, dtype, device)
+    xs = x.view(2, 12, 128)[:, 3:5]  # (2, 2, 128), rows 12 apart: 4 rows, strided
+    out = linear(xs, w, b, "gelu")
+    assert out.shape == (2, 2, 40)
+    assert rel_err(out, _ref(xs, w, b, "gelu")) < TOL[dtype]
+    out = linear(x, w, b)  # 24 rows: torch's GEMM
+    assert rel_err(out, _ref(x, w, b, "none")) < TOL[dtype]
+    assert linear(x[:0], w, b).shape == (0, 40)
+
+
+def test_pytorch_path_for_other_dtypes():
+    x, w, b = _case(2, 64, 9, torch.bfloat16, "cpu")
+    torch.testing.assert_close(linear(x, w, b, "gelu"), F.gelu(F.linear(x, w, b)))
+    x32 = x.float()
+    torch.testing.assert_close(linear(x32, w.float(), b.float()), F.linear(x32, w.float(), b.float()))
+
+
+def test_compiles_fullgraph():
+    x, w, b = _case(2, 32, 8, torch.float32, "cpu")
+    f = torch.compile(lambda x: linear(x, w, b, "gelu") * 2, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(f(x), linear(x, w, b, "gelu") * 2)
+
+
+def test_errors_name_the_argument():
+    x, w, b = _case(2, 32, 8, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="weight"):
+        linear(x, w[:, :16], b)
+    with pytest.raises(ValueError, match="bias"):
+        linear(x, w, b[:3])
+    with pytest.raises(ValueError, match="activation"):
+        linear(x, w, b, "relu")
