@@ -82,9 +82,24 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: Tensor, cache: Optional[LayerCache] = None,
-                memory: LayerMemory = None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), cache=cache, memory=memory)
-        return x + self.mlp(self.ln_2(x))
+                memory: LayerMemory = None, *, fused: bool = False,
+                pending: Optional[Tensor] = None) -> Tensor:
+        """The block's output; with ``fused`` (inference: no dropout, no gradients) the
+        residual stream ``x`` is updated in place and the MLP's output is returned *pending*:
+        the next block (its ``pending``) or the final norm adds it, fused with its LayerNorm
+        (:func:`mka.layers.add_layer_norm`: one kernel where the unfused pair launches two);
+        the MLP's linear layers (GELU fused into the first) run :func:`mka.layers.linear`,
+        whose kernels stream the weights at decode sizes. A block only reads its own
+        parameters either way (sharded training wrappers gather them per block)."""
+        if not fused:
+            x = x + self.attn(self.ln_1(x), cache=cache, memory=memory)
+            return x + self.mlp(self.ln_2(x))
+        ln1, ln2, mlp = self.ln_1, self.ln_2, self.mlp
+        h = ln1(x) if pending is None else add_layer_norm(pending, x, ln1.weight, ln1.bias, ln1.eps)
+        h = add_layer_norm(self.attn(h, cache=cache, memory=memory), x, ln2.weight, ln2.bias,
+                           ln2.eps)
+        return linear(linear(h, mlp.c_fc.weight, mlp.c_fc.bias, "gelu"), mlp.c_proj.weight,
+                      mlp.c_proj.bias)
 
 
 class GPT(nn.Module):
@@ -150,24 +165,16 @@ class GPT(nn.Module):
         return logits, loss
 
     def _fused_blocks(self, x: Tensor, caches, memory) -> Tensor:
-        """The blocks and the final norm for inference (no dropout, no gradients): each
-        residual add runs fused with the LayerNorm after it (:func:`mka.layers.add_layer_norm`),
-        one kernel where the unfused blocks launch two — a decode step is launch-bound — and
-        the MLP's linear layers (GELU fused into the first) through :func:`mka.layers.linear`,
-        whose kernels stream the weights at decode sizes. ``x``
+        """The blocks and the final norm for inference (``Block.forward(fused=True)``): ``x``
         (this forward's own embedding sum) is the residual stream, updated in place; returns
         ``ln_f`` of the last block's output."""
-        norms = [b.ln_2 for b in self.blocks]
-        nexts = [b.ln_1 for b in self.blocks[1:]] + [self.ln_f]
-        h = self.blocks[0].ln_1(x) if len(self.blocks) else self.ln_f(x)
+        pending = None
         for i, block in enumerate(self.blocks):
-            a = block.attn(h, cache=None if caches is None else caches[i],
-                           memory=None if memory is None else memory[i])
-            h = add_layer_norm(a, x, norms[i].weight, norms[i].bias, norms[i].eps)
-            m = linear(linear(h, block.mlp.c_fc.weight, block.mlp.c_fc.bias, "gelu"),
-                       block.mlp.c_proj.weight, block.mlp.c_proj.bias)
-            h = add_layer_norm(m, x, nexts[i].weight, nexts[i].bias, nexts[i].eps)
-        return h
+            pending = block(x, None if caches is None else caches[i],
+                            None if memory is None else memory[i], fused=True, pending=pending)
+        if pending is None:
+            return self.ln_f(x)
+        return add_layer_norm(pending, x, self.ln_f.weight, self.ln_f.bias, self.ln_f.eps)
 
     def _check_forward(self, idx: Tensor, caches, memory) -> tuple[int, int]:
         if idx.dim() != 2 or idx.dtype != torch.long:
