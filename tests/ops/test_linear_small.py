@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import mka.layers
 from mka.layers import linear
 from conftest import TOL, dtype_params, rel_err
 
@@ -28,7 +29,8 @@ def _ref(x, w, b, act):
 @pytest.mark.parametrize("M", [1, 2, 3, 5, 8])
 @pytest.mark.parametrize("K,N", [(768, 257), (64, 33), (20, 7), (3072, 48)], ids=str)
 @pytest.mark.parametrize("act,bias", [("none", True), ("gelu", True), ("none", False)], ids=str)
-def test_matches_the_reference(device, dtype, M, K, N, act, bias):
+def test_matches_the_reference(device, dtype, M, K, N, act, bias, monkeypatch):
+    monkeypatch.setattr(mka.layers, "MAX_ROWS", 8)  # the kernel's own limit: all rows native
     x, w, b = _case(M, K, N, dtype, device, seed=M + K + N)
     b = b if bias else None
     out = linear(x, w, b, act)
@@ -37,7 +39,8 @@ def test_matches_the_reference(device, dtype, M, K, N, act, bias):
 
 
 @pytest.mark.parametrize("device,dtype", dtype_params())
-def test_strided_rows_batch_dims_and_more_rows(device, dtype):
+def test_strided_rows_batch_dims_and_more_rows(device, dtype, monkeypatch):
+    monkeypatch.setattr(mka.layers, "MAX_ROWS", 8)
     x, w, b = _case(24, 128, 40, dtype, device)
     xs = x.view(2, 12, 128)[:, 3:5]  # (2, 2, 128), rows 12 apart: 4 rows, strided
     out = linear(xs, w, b, "gelu")
@@ -46,6 +49,12 @@ def test_strided_rows_batch_dims_and_more_rows(device, dtype):
     out = linear(x, w, b)  # 24 rows: torch's GEMM
     assert rel_err(out, _ref(x, w, b, "none")) < TOL[dtype]
     assert linear(x[:0], w, b).shape == (0, 40)
+
+
+@pytest.mark.parametrize("device,dtype", dtype_params())
+def test_rows_past_max_rows_take_torch(device, dtype):
+    x, w, b = _case(mka.layers.MAX_ROWS + 1, 64, 9, dtype, device)
+    assert torch.equal(linear(x, w, b, "gelu"), F.gelu(F.linear(x, w, b)))
 
 
 def test_pytorch_path_for_other_dtypes():

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ..layers import linear
 from ..memory.cache import LayerCache, LayerSpec, PagedKVCache
 from .backends import get_ops
 
@@ -114,11 +115,18 @@ class QKVAttention(CausalSelfAttention):
         self.qkv = nn.Linear(n_embd, (n_head + 2 * n_kv_head) * d, bias=bias)
         self.proj = nn.Linear(n_head * d, n_embd, bias=bias)
 
+    def _linear(self, layer: nn.Linear, x: Tensor) -> Tensor:
+        """``layer(x)``; in inference on the native backend, :func:`mka.layers.linear`, whose
+        kernels stream the weight at decode sizes (the same product)."""
+        if self.backend == "mka" and not self.training and not torch.is_grad_enabled():
+            return linear(x, layer.weight, layer.bias)
+        return layer(x)
+
     def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``q: (B, T, H, d)``, ``k, v: (B, T, G, d)`` (views of one matmul's output)."""
         B, T, _ = x.shape
         H, G, d = self.n_head, self.n_kv_head, self.head_dim
-        q, k, v = self.qkv(x).split((H * d, G * d, G * d), dim=-1)
+        q, k, v = self._linear(self.qkv, x).split((H * d, G * d, G * d), dim=-1)
         return q.view(B, T, H, d), k.view(B, T, G, d), v.view(B, T, G, d)
 
     def project_memory(self, h: Tensor) -> tuple[Tensor, Tensor]:
@@ -129,7 +137,7 @@ class QKVAttention(CausalSelfAttention):
 
     def _output(self, y: Tensor) -> Tensor:
         B, T = y.shape[:2]
-        return self.resid_dropout(self.proj(y.reshape(B, T, self.n_head * self.head_dim)))
+        return self.resid_dropout(self._linear(self.proj, y.reshape(B, T, self.n_head * self.head_dim)))
 
     def cache_spec(self) -> LayerSpec:
         """Keys and values of every key/value head."""
