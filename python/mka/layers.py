@@ -5,11 +5,12 @@ costs its launch and its latency, not its bytes; fusing two kernels into one is 
 launch per layer per step. ``torch.ops.mka.add_layer_norm`` is the residual add followed by
 the next LayerNorm (the pair every pre-LayerNorm block and the final norm run);
 ``torch.ops.mka.linear`` a linear layer, optionally followed by GELU, that at most 8 rows read
-through a kernel made for it (a warp per output feature streaming its row of the weight: at
-decode sizes a linear layer is a read of its weight). Native kernels on CPU
-(float32/float64) and CUDA (float16/bfloat16/float32); other inputs (half precision on the
-CPU, weights of another dtype as under autocast, more rows) run the same arithmetic in
-PyTorch. Inference only: no autograd.
+through a kernel made for it on CUDA (a warp per output feature streaming its row of the
+weight: at decode sizes a linear layer is a read of its weight; CPU tensors take torch's
+BLAS GEMV, which the C++ op's own CPU loop did not beat). Native kernels: add_layer_norm on CPU
+(float32/float64) and CUDA (float16/bfloat16/float32), linear on CUDA; other inputs (half
+precision on the CPU, weights of another dtype as under autocast, more rows) run the same
+arithmetic in PyTorch. Inference only: no autograd.
 """
 
 from __future__ import annotations
@@ -110,7 +111,8 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     K, N = x.shape[-1], weight.shape[0]
     rows = x.reshape(-1, K)
     same = all(t is None or t.dtype == x.dtype for t in (weight, bias))
-    if (rows.shape[0] > MAX_ROWS or not same or x.dtype not in _NATIVE.get(x.device.type, ())
+    if (rows.shape[0] > MAX_ROWS or not same or x.device.type != "cuda"
+            or x.dtype not in _NATIVE["cuda"]
             or weight.stride(-1) != 1 or rows.shape[0] == 0):
         y = F.linear(x, weight, bias)
         return F.gelu(y) if activation == "gelu" else y

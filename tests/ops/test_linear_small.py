@@ -57,6 +57,21 @@ def test_rows_past_max_rows_take_torch(device, dtype):
     assert torch.equal(linear(x, w, b, "gelu"), F.gelu(F.linear(x, w, b)))
 
 
+@pytest.mark.parametrize("M", [1, 3, 8])
+def test_the_cpu_kernel_matches_the_reference(M):
+    """CPU tensors take F.linear; the C++ op's own CPU loop (framework-free) computes the
+    same, K past its vector blocks included."""
+    from mka import _C
+    from mka.ops import _launch, _native
+    from mka.kernels import _State
+    x, w, b = _case(M, 99, 17, torch.float64, "cpu")
+    for act, code in (("none", 0), ("gelu", 1)):
+        out = torch.empty(M, 17, dtype=torch.float64)
+        _native(_C.linear_small, x=x, weight=w, bias=b, out=out, activation=code,
+                **_launch(x, _State.token))
+        assert rel_err(out, _ref(x, w, b, act)) < TOL[torch.float64]
+
+
 def test_pytorch_path_for_other_dtypes():
     x, w, b = _case(2, 64, 9, torch.bfloat16, "cpu")
     torch.testing.assert_close(linear(x, w, b, "gelu"), F.gelu(F.linear(x, w, b)))

@@ -1,6 +1,8 @@
 // linear_small (mka/layers/linear_ops.h): validation, the CPU loops and the device switch.
+#include <algorithm>
 #include <cmath>
 
+#include "../cpu/simd.h"
 #include "../ops/checks.h"
 #include "mka/cpu/thread_pool.h"
 #include "mka/error.h"
@@ -40,17 +42,39 @@ LinearProblem check(const LinearSmall& a) {
   return p;
 }
 
+// x . w over K: four 16-byte vector accumulators (SSE2/NEON width, every build has it), so a
+// row of W streams at a few GB/s per core instead of one multiply-add per element.
+template <class T> T dot(const T* x, const T* w, int64_t K) {
+  using V = typename cpu::VecOf<T, 16>::type;
+  constexpr int64_t L = 16 / sizeof(T);
+  V a0{}, a1{}, a2{}, a3{};
+  int64_t k = 0;
+  for (; k + 4 * L <= K; k += 4 * L) {
+    a0 += cpu::load_vec<V>(x + k) * cpu::load_vec<V>(w + k);
+    a1 += cpu::load_vec<V>(x + k + L) * cpu::load_vec<V>(w + k + L);
+    a2 += cpu::load_vec<V>(x + k + 2 * L) * cpu::load_vec<V>(w + k + 2 * L);
+    a3 += cpu::load_vec<V>(x + k + 3 * L) * cpu::load_vec<V>(w + k + 3 * L);
+  }
+  for (; k + L <= K; k += L) a0 += cpu::load_vec<V>(x + k) * cpu::load_vec<V>(w + k);
+  T s = cpu::reduce_add((a0 + a1) + (a2 + a3));
+  for (; k < K; ++k) s += x[k] * w[k];
+  return s;
+}
+
 template <class T> void cpu_linear(const LinearProblem& p, const LinearSmall& a) {
   const T* b = a.bias.present() ? ptr<const T>(a.bias) : nullptr;
-  parallel_for(p.N, [&](int64_t n) {
-    const T* w = ptr<const T>(a.weight) + n * a.weight.stride[0];
-    for (int64_t m = 0; m < p.M; ++m) {
-      const T* x = ptr<const T>(a.x) + m * a.x.stride[0];
-      T acc = 0;
-      for (int64_t k = 0; k < p.K; ++k) acc += x[k] * w[k];
-      if (b) acc += b[n];
-      if (p.activation == 1) acc = T(0.5) * acc * (T(1) + std::erf(acc / std::sqrt(T(2))));
-      ptr<T>(a.out)[m * a.out.stride[0] + n] = acc;
+  constexpr int64_t kFeatures = 64;  // output features per task: a task is ~64 rows of W
+  parallel_for((p.N + kFeatures - 1) / kFeatures, [&](int64_t task) {
+    const int64_t end = std::min(p.N, (task + 1) * kFeatures);
+    for (int64_t n = task * kFeatures; n < end; ++n) {
+      const T* w = ptr<const T>(a.weight) + n * a.weight.stride[0];
+      for (int64_t m = 0; m < p.M; ++m) {
+        const T* x = ptr<const T>(a.x) + m * a.x.stride[0];
+        T acc = dot(x, w, p.K);
+        if (b) acc += b[n];
+        if (p.activation == 1) acc = T(0.5) * acc * (T(1) + std::erf(acc / std::sqrt(T(2))));
+        ptr<T>(a.out)[m * a.out.stride[0] + n] = acc;
+      }
     }
   });
 }
