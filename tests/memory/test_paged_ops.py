@@ -291,3 +291,22 @@ def test_torch_path_ignores_garbage_past_the_lengths_and_refuses_shared_writes()
     with pytest.raises(ValueError, match="is written by sequences 0 and 1"):
         TP.paged_write(new, new, kp.to(torch.bfloat16), vp.to(torch.bfloat16), bt2,
                        torch.tensor([5, 2], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_torch_path_without_host_reads_equals_the_checked_path(monkeypatch, window):
+    """A CUDA cache's own table and lengths skip the host reads in the PyTorch path: every
+    page of the table is gathered and masked (entries of -1 read as zeros, even if the pool
+    holds NaN there). Same outputs as the checked path; forced here on the CPU."""
+    from mka.memory import torch_paged
+    torch.manual_seed(0)
+    P, S, G, d, B, W = 12, 4, 2, 8, 2, 5
+    kp, vp = torch.randn(P, S, G, d, dtype=torch.float64), torch.randn(P, S, G, d, dtype=torch.float64)
+    kp[0], vp[0] = float("nan"), float("nan")  # a page no sequence holds
+    table = torch.tensor([[3, 7, 1, -1, -1], [5, 2, 9, 11, -1]], dtype=torch.int32)
+    lens = torch.tensor([10, 15], dtype=torch.int32)
+    q = torch.randn(B, 2, 4, d, dtype=torch.float64)
+    ref = torch_paged.paged_attention(q, kp, vp, table, lens, True, None, window)
+    monkeypatch.setattr(torch_paged, "_own_tables", lambda *a: True)
+    out = torch_paged.paged_attention(q, kp, vp, table, lens, True, None, window)
+    assert torch.allclose(out, ref, rtol=0, atol=1e-12)

@@ -3,7 +3,9 @@ EMA keys from the page checkpoints, then SDPA with a per-sequence mask.
 
 The ``backend="torch"`` of the modules' paged caches, the path of pages the native kernels
 do not take (half-precision pages on the CPU, CUDA pages of a build without CUDA kernels),
-and the tests' second opinion on the CUDA kernels. Index values are checked on the host: one synchronisation per call.
+and the tests' second opinion on the CUDA kernels. Index values are checked on the host (a
+synchronisation per call), except for a CUDA cache's own tables and lengths, whose pages are
+then read up to the table's width and masked (no host read of the lengths).
 """
 
 from __future__ import annotations
@@ -53,6 +55,14 @@ def check_slots(block_table: Tensor, ends: Tensor, num_pages: int, page_size: in
                                  "a write: PageTable.reserve does)")
 
 
+def _own_tables(block_table: Tensor, lengths: Tensor) -> bool:
+    """Whether a CUDA call's table and lengths are a cache's own (its page table made them
+    valid): such calls skip the host checks and host reads of the lengths, each a
+    synchronisation, as the native ops do (SPEC §7.1)."""
+    from .ops import _pool_made  # ops imports this module
+    return lengths.is_cuda and _pool_made(block_table) and _pool_made(lengths)
+
+
 def _positions(block_table: Tensor, start: Tensor, T: int, page_size: int) -> tuple[Tensor, Tensor]:
     """(page, slot) of new tokens ``start[b] + t``, each (B, T)."""
     pos = start.long()[:, None] + torch.arange(T, device=start.device)[None, :]
@@ -64,8 +74,9 @@ def paged_write(k: Tensor, v: Tensor, k_pages: Tensor, v_pages: Tensor, block_ta
                 cache_seqlens: Tensor) -> None:
     if k.shape[1] == 0:
         return
-    check_slots(block_table, cache_seqlens + k.shape[1], k_pages.shape[0], k_pages.shape[1],
-                "cache_seqlens", starts=cache_seqlens)
+    if not _own_tables(block_table, cache_seqlens):
+        check_slots(block_table, cache_seqlens + k.shape[1], k_pages.shape[0], k_pages.shape[1],
+                    "cache_seqlens", starts=cache_seqlens)
     page, slot = _positions(block_table, cache_seqlens, k.shape[1], k_pages.shape[1])
     k_pages[page, slot] = k.to(k_pages.dtype)
     v_pages[page, slot] = v.to(v_pages.dtype)
@@ -111,9 +122,11 @@ def gather(pages: Tensor, block_table: Tensor, n: int, seqlens: Tensor, first: i
     may hold anything — a NaN there would turn its zero attention weight into NaN)."""
     S = pages.shape[1]
     W = max(1, math.ceil(n / S))
-    idx = block_table[:, first // S:W].long().clamp(min=0)
-    x = pages[idx].flatten(1, 2)[:, :n - first]
-    return torch.where(_held(seqlens, n)[:, first:], x, 0.0)
+    raw = block_table[:, first // S:W].long()
+    x = pages[raw.clamp(min=0)].flatten(1, 2)[:, :n - first]
+    # entries of -1 (pages given back) read as zeros too
+    paged = (raw >= 0)[:, :, None].expand(-1, -1, S).flatten(1)[:, :n - first, None, None]
+    return torch.where(_held(seqlens, n)[:, first:] & paged, x, 0.0)
 
 
 def page_ema(pages: Tensor, states: Tensor, block_table: Tensor, n: int, beta: float,
@@ -166,11 +179,14 @@ def paged_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Te
                     seqlens: Tensor, causal: bool = True, scale: Optional[float] = None,
                     window: Optional[int] = None) -> Tensor:
     S = k_pages.shape[1]
-    n = int(seqlens.max()) if seqlens.numel() else 0
-    # with a window, no row reads below the first row's window start in the shortest sequence
-    lo = 0 if window is None or not seqlens.numel() else \
-        max(0, int(seqlens.min()) - q.shape[1] - window + 1) // S * S
-    check_slots(block_table, seqlens, k_pages.shape[0], S, "seqlens", begin=lo)
+    if _own_tables(block_table, seqlens):  # every page of the table, masked: no host read
+        n, lo = block_table.shape[1] * S, 0
+    else:
+        n = int(seqlens.max()) if seqlens.numel() else 0
+        # with a window, no row reads below the first row's window start in the shortest sequence
+        lo = 0 if window is None or not seqlens.numel() else \
+            max(0, int(seqlens.min()) - q.shape[1] - window + 1) // S * S
+        check_slots(block_table, seqlens, k_pages.shape[0], S, "seqlens", begin=lo)
     k = gather(k_pages, block_table, n, seqlens, lo)
     v = gather(v_pages, block_table, n, seqlens, lo)
     return _attend(q, k, v, _mask(q.shape[1], n, seqlens, causal, window, lo), scale)
@@ -180,8 +196,11 @@ def paged_mka_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, k_page_stat
                         v_page_states: Tensor, block_table: Tensor, seqlens: Tensor,
                         lam: Tensor, beta: float, causal: bool = True,
                         scale: Optional[float] = None, window: Optional[int] = None) -> Tensor:
-    check_slots(block_table, seqlens, k_pages.shape[0], k_pages.shape[1], "seqlens")
-    n = int(seqlens.max()) if seqlens.numel() else 0
+    if _own_tables(block_table, seqlens):  # every page of the table, masked: no host read
+        n = block_table.shape[1] * k_pages.shape[1]
+    else:
+        check_slots(block_table, seqlens, k_pages.shape[0], k_pages.shape[1], "seqlens")
+        n = int(seqlens.max()) if seqlens.numel() else 0
     k, v = gather(k_pages, block_table, n, seqlens), gather(v_pages, block_table, n, seqlens)
     ek = page_ema(k_pages, k_page_states, block_table, n, beta, seqlens)
     ev = page_ema(v_pages, v_page_states, block_table, n, beta, seqlens)
