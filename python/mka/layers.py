@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import _C
 from .kernels import _State
@@ -127,3 +127,24 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
 def _(x, weight, bias=None, activation="none"):
     _check_linear(x, weight, bias, activation)
     return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def plain(layer: nn.Module, kind: type) -> bool:
+    """Whether calling ``layer`` is exactly ``kind``'s own computation with its parameters:
+    a ``kind`` itself (not a subclass or a wrapper such as an adapter) with no forward hooks
+    of its own or global ones (observers, quantisation, activation capture) — what the fused
+    paths may replace by reading its parameters."""
+    from torch.nn.modules import module as M
+    return (type(layer) is kind and not layer._forward_hooks
+            and not layer._forward_pre_hooks and not M._global_forward_hooks
+            and not M._global_forward_pre_hooks)
+
+
+def apply_linear(layer: nn.Module, x: Tensor, activation: str = "none") -> Tensor:
+    """``layer(x)`` (then GELU with ``activation="gelu"``) through :func:`linear` where that is
+    the same computation (:func:`plain`), else by calling the layer, so hooks and wrapped
+    layers keep their behaviour. For inference (no autograd)."""
+    if plain(layer, nn.Linear):
+        return linear(x, layer.weight, layer.bias, activation)
+    y = layer(x)
+    return F.gelu(y) if activation == "gelu" else y

@@ -230,3 +230,26 @@ def test_cuda_graph_generation_refuses_what_cannot_be_captured():
     with pytest.raises(ValueError, match="cuda_graph: the DRAM tier"):
         m.generate(_tokens(1, 3), 4, greedy=True, cuda_graph=True, host=HostTier(1 << 20))
     assert m.generate(_tokens(1, 3), 1, greedy=True, cuda_graph=True).shape == (1, 4)
+
+
+def test_inference_path_keeps_hooks_and_replaced_layers():
+    """The fused inference path reads parameters only of plain nn.Linear / nn.LayerNorm
+    layers: a forward hook on a projection still fires, and a replaced LayerNorm or a
+    hooked one sends the model through its blocks as written."""
+    m = tiny_model("mha")
+    idx = _tokens()
+    full, _ = m(idx)
+    seen = []
+    h = m.blocks[0].attn.qkv.register_forward_hook(lambda mod, i, o: seen.append(o.shape))
+    with torch.no_grad():
+        out = m(idx)[0]
+    h.remove()
+    assert seen and rel_err(out, full) < EXACT
+    scaled = []
+    h = m.blocks[1].ln_2.register_forward_hook(lambda mod, i, o: scaled.append(1) or o * 2)
+    with torch.no_grad():
+        hooked = m(idx)[0]
+    with torch.enable_grad():
+        ref = m(idx)[0]
+    h.remove()
+    assert len(scaled) == 2 and rel_err(hooked, ref) < EXACT and rel_err(hooked, full) > 1e-6

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers import add_layer_norm, linear
+from ..layers import add_layer_norm, apply_linear, plain
 from ..memory import LayerCache, PagedKVCache
 from ..memory.host_tier import HostTier
 from ..nn import ATTENTION_REGISTRY, build_attention, check_attention_config
@@ -98,8 +98,9 @@ class Block(nn.Module):
         h = ln1(x) if pending is None else add_layer_norm(pending, x, ln1.weight, ln1.bias, ln1.eps)
         h = add_layer_norm(self.attn(h, cache=cache, memory=memory), x, ln2.weight, ln2.bias,
                            ln2.eps)
-        return linear(linear(h, mlp.c_fc.weight, mlp.c_fc.bias, "gelu"), mlp.c_proj.weight,
-                      mlp.c_proj.bias)
+        if type(mlp) is not MLP or mlp._forward_hooks or mlp._forward_pre_hooks:
+            return mlp(h)  # a replaced or observed MLP keeps its behaviour
+        return apply_linear(mlp.c_proj, apply_linear(mlp.c_fc, h, "gelu"))
 
 
 class GPT(nn.Module):
@@ -148,14 +149,14 @@ class GPT(nn.Module):
             else:  # sequences of different lengths: positions per sequence
                 pos = torch.tensor(starts, device=idx.device)[:, None] + pos
         x = self.drop(self.wte(idx) + self.wpe(pos))
-        if self.training or torch.is_grad_enabled():
+        if self.training or torch.is_grad_enabled() or not self._norms_plain():
             for i, block in enumerate(self.blocks):
                 x = block(x, None if caches is None else caches[i],
                           None if memory is None else memory[i])
             h = self.ln_f(x)
             logits = self.lm_head(h)
         else:
-            logits = linear(self._fused_blocks(x, caches, memory), self.lm_head.weight)
+            logits = apply_linear(self.lm_head, self._fused_blocks(x, caches, memory))
         if isinstance(caches, PagedKVCache) and caches.static:
             caches.advance(T)  # a static cache's lengths move after the whole step
         loss = None
@@ -163,6 +164,12 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.reshape(B * T, -1), targets.reshape(B * T),
                                    ignore_index=-1)
         return logits, loss
+
+    def _norms_plain(self) -> bool:
+        """The fused path reads the LayerNorms' parameters: only where each is a plain
+        ``nn.LayerNorm`` (not replaced, not observed by hooks)."""
+        norms = [self.ln_f] + [n for b in self.blocks for n in (b.ln_1, b.ln_2)]
+        return all(plain(n, nn.LayerNorm) for n in norms)
 
     def _fused_blocks(self, x: Tensor, caches, memory) -> Tensor:
         """The blocks and the final norm for inference (``Block.forward(fused=True)``): ``x``

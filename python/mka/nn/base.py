@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..layers import linear
+from ..layers import apply_linear
 from ..memory.cache import LayerCache, LayerSpec, PagedKVCache
 from .backends import get_ops
 
@@ -116,10 +116,11 @@ class QKVAttention(CausalSelfAttention):
         self.proj = nn.Linear(n_head * d, n_embd, bias=bias)
 
     def _linear(self, layer: nn.Linear, x: Tensor) -> Tensor:
-        """``layer(x)``; in inference on the native backend, :func:`mka.layers.linear`, whose
-        kernels stream the weight at decode sizes (the same product)."""
+        """``layer(x)``; in inference on the native backend, :func:`mka.layers.apply_linear`
+        (the same product through kernels that stream the weight at decode sizes; hooked or
+        wrapped layers are called as they are)."""
         if self.backend == "mka" and not self.training and not torch.is_grad_enabled():
-            return linear(x, layer.weight, layer.bias)
+            return apply_linear(layer, x)
         return layer(x)
 
     def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
