@@ -307,6 +307,6 @@ def test_torch_path_without_host_reads_equals_the_checked_path(monkeypatch, wind
     lens = torch.tensor([10, 15], dtype=torch.int32)
     q = torch.randn(B, 2, 4, d, dtype=torch.float64)
     ref = torch_paged.paged_attention(q, kp, vp, table, lens, True, None, window)
-    monkeypatch.setattr(torch_paged, "_own_tables", lambda *a: True)
+    monkeypatch.setattr(torch_paged, "own_tables", lambda *a: True)
     out = torch_paged.paged_attention(q, kp, vp, table, lens, True, None, window)
     assert torch.allclose(out, ref, rtol=0, atol=1e-12)

@@ -104,7 +104,7 @@ def _paged_fastmka(x: DecodeInputs):
     case's are), so the CUDA write skips the host check a cache's step skips too."""
     import mka
     from mka.memory import paged_attention, paged_write
-    from mka.memory.ops import mark_pool_made
+    from mka.memory.torch_paged import mark_pool_made
     B, _, G, d = x.q.shape[0], 1, x.k_pages.shape[2], x.k_pages.shape[3]
     dev, dt = x.q.device, x.q.dtype
     sdt = torch.float32 if dt != torch.float64 else torch.float64

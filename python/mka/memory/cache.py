@@ -21,7 +21,7 @@ from torch import Tensor
 from .._C import PageTable
 from ..reference import state_dtype
 from .host_tier import HostTier, LayerHost, check_host
-from .ops import mark_pool_made
+from .torch_paged import mark_pool_made
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ absorbed path caches one latent that serves as both.
 """
 
 import functools
-import weakref
 from typing import Optional, Tuple
 
 import torch
@@ -69,30 +68,11 @@ def _native_pages(pages: Tensor, *others: _OptT) -> bool:
             and max(t.shape[-1] for t in (pages, *others) if t is not None) <= 256)
 
 
-# Storages of the block tables and lengths that a PagedKVCache made from its PageTable: valid
-# by construction, so CUDA writes through them skip the host check and its synchronisation
-# (one per layer and decode step otherwise). A key leaves when its tensor dies — before its
-# storage can be freed and its address reused.
-_POOL_MADE: set[int] = set()
-
-
-def mark_pool_made(*tensors: Tensor) -> None:
-    """Registers tensors (block tables, step lengths) made by a cache's page table."""
-    for t in tensors:
-        key = t.untyped_storage().data_ptr()
-        _POOL_MADE.add(key)
-        weakref.finalize(t, _POOL_MADE.discard, key)
-
-
-def _pool_made(t: Tensor) -> bool:
-    return t.untyped_storage().data_ptr() in _POOL_MADE
-
-
 def _check_write(k: Tensor, k_pages: Tensor, block_table: Tensor, cache_seqlens: Tensor) -> None:
     """The host check of the slots a CUDA write touches (the native layer checks CPU ones),
     unless the table and lengths are a cache's own."""
-    if k_pages.device.type == "cuda" and k.shape[1] > 0 and not (
-            _pool_made(block_table) and _pool_made(cache_seqlens)):
+    if k_pages.device.type == "cuda" and k.shape[1] > 0 and not torch_paged.own_tables(
+            block_table, cache_seqlens):
         torch_paged.check_slots(block_table, cache_seqlens + k.shape[1], k_pages.shape[0],
                                 k_pages.shape[1], "cache_seqlens", starts=cache_seqlens)
 

@@ -11,6 +11,7 @@ then read up to the table's width and masked (no host read of the lengths).
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Optional
 
 import torch
@@ -55,12 +56,26 @@ def check_slots(block_table: Tensor, ends: Tensor, num_pages: int, page_size: in
                                  "a write: PageTable.reserve does)")
 
 
-def _own_tables(block_table: Tensor, lengths: Tensor) -> bool:
-    """Whether a CUDA call's table and lengths are a cache's own (its page table made them
-    valid): such calls skip the host checks and host reads of the lengths, each a
-    synchronisation, as the native ops do (SPEC §7.1)."""
-    from .ops import _pool_made  # ops imports this module
-    return lengths.is_cuda and _pool_made(block_table) and _pool_made(lengths)
+# Storages of the block tables and lengths that a PagedKVCache made from its PageTable: valid
+# by construction, so CUDA calls through them skip the host checks and host reads of the
+# lengths (each a synchronisation, per layer and decode step). A key leaves when its tensor
+# dies — before its storage can be freed and its address reused.
+_POOL_MADE: set[int] = set()
+
+
+def mark_pool_made(*tensors: Tensor) -> None:
+    """Registers tensors (block tables, step lengths) made by a cache's page table."""
+    for t in tensors:
+        key = t.untyped_storage().data_ptr()
+        _POOL_MADE.add(key)
+        weakref.finalize(t, _POOL_MADE.discard, key)
+
+
+def own_tables(block_table: Tensor, lengths: Tensor) -> bool:
+    """Whether a CUDA call's table and lengths are a cache's own: the native ops then skip
+    the host check of a write, this module its checks and host reads of the lengths."""
+    return (lengths.is_cuda and block_table.untyped_storage().data_ptr() in _POOL_MADE
+            and lengths.untyped_storage().data_ptr() in _POOL_MADE)
 
 
 def _positions(block_table: Tensor, start: Tensor, T: int, page_size: int) -> tuple[Tensor, Tensor]:
@@ -74,7 +89,7 @@ def paged_write(k: Tensor, v: Tensor, k_pages: Tensor, v_pages: Tensor, block_ta
                 cache_seqlens: Tensor) -> None:
     if k.shape[1] == 0:
         return
-    if not _own_tables(block_table, cache_seqlens):
+    if not own_tables(block_table, cache_seqlens):
         check_slots(block_table, cache_seqlens + k.shape[1], k_pages.shape[0], k_pages.shape[1],
                     "cache_seqlens", starts=cache_seqlens)
     page, slot = _positions(block_table, cache_seqlens, k.shape[1], k_pages.shape[1])
@@ -179,7 +194,7 @@ def paged_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Te
                     seqlens: Tensor, causal: bool = True, scale: Optional[float] = None,
                     window: Optional[int] = None) -> Tensor:
     S = k_pages.shape[1]
-    if _own_tables(block_table, seqlens):  # every page of the table, masked: no host read
+    if own_tables(block_table, seqlens):  # every page of the table, masked: no host read
         n, lo = block_table.shape[1] * S, 0
     else:
         n = int(seqlens.max()) if seqlens.numel() else 0
@@ -196,7 +211,7 @@ def paged_mka_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, k_page_stat
                         v_page_states: Tensor, block_table: Tensor, seqlens: Tensor,
                         lam: Tensor, beta: float, causal: bool = True,
                         scale: Optional[float] = None, window: Optional[int] = None) -> Tensor:
-    if _own_tables(block_table, seqlens):  # every page of the table, masked: no host read
+    if own_tables(block_table, seqlens):  # every page of the table, masked: no host read
         n = block_table.shape[1] * k_pages.shape[1]
     else:
         check_slots(block_table, seqlens, k_pages.shape[0], k_pages.shape[1], "seqlens")
