@@ -3,6 +3,7 @@
 #include <string>
 
 #include "../ops/checks.h"
+#include "../ops/on_device.h"
 #include "mka/cpu/thread_pool.h"
 #include "mka/error.h"
 #include "mka/layers/norm_ops.h"
@@ -69,16 +70,10 @@ template <class T> void cpu_rows(const NormProblem& p, const AddLayerNorm& a) {
 void add_layer_norm(const AddLayerNorm& a) {
   const NormProblem p = check(a);
   if (p.N == 0) return;
-  if (p.device == Device::cpu) {
+  on_device(p.device, "add_layer_norm", [&] {
     if (p.dtype == DType::f64) cpu_rows<double>(p, a);
     else cpu_rows<float>(p, a);
-    return;
-  }
-#ifdef MKA_WITH_CUDA
-  cuda::add_layer_norm(p, a);
-#else
-  fail("add_layer_norm: this build of mka has no CUDA kernels (built without a CUDA compiler)");
-#endif
+  }, [&] { MKA_CUDA_CALL(cuda::add_layer_norm(p, a)); });
 }
 
 }  // namespace mka

@@ -4,6 +4,7 @@
 
 #include "../cpu/simd.h"
 #include "../ops/checks.h"
+#include "../ops/on_device.h"
 #include "mka/cpu/thread_pool.h"
 #include "mka/error.h"
 #include "mka/layers/linear_ops.h"
@@ -84,16 +85,10 @@ template <class T> void cpu_linear(const LinearProblem& p, const LinearSmall& a)
 void linear_small(const LinearSmall& a) {
   const LinearProblem p = check(a);
   if (p.M == 0 || p.N == 0) return;
-  if (p.device == Device::cpu) {
+  on_device(p.device, "linear_small", [&] {
     if (p.dtype == DType::f64) cpu_linear<double>(p, a);
     else cpu_linear<float>(p, a);
-    return;
-  }
-#ifdef MKA_WITH_CUDA
-  cuda::linear_small(p, a);
-#else
-  fail("linear_small: this build of mka has no CUDA kernels (built without a CUDA compiler)");
-#endif
+  }, [&] { MKA_CUDA_CALL(cuda::linear_small(p, a)); });
 }
 
 }  // namespace mka

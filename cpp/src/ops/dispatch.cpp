@@ -6,6 +6,7 @@
 #include "mka/cpu/kernels.h"
 #include "mka/error.h"
 #include "mka/ops.h"
+#include "on_device.h"
 #ifdef MKA_WITH_CUDA
 #include "mka/cuda/kernels.h"
 #endif
@@ -13,27 +14,6 @@
 namespace mka {
 namespace {
 
-// Device switch: the CPU kernels, or the CUDA kernels (cuda/) in a CUDA build.
-template <class CpuFn, class CudaFn>
-void on_device(Device dev, [[maybe_unused]] const char* op, CpuFn&& cpu,
-               [[maybe_unused]] CudaFn&& cuda) {
-  if (dev == Device::cpu) {
-    cpu();
-    return;
-  }
-#ifdef MKA_WITH_CUDA
-  cuda();
-#else
-  fail(op, ": this build of mka has no CUDA kernels (built without a CUDA compiler)");
-#endif
-}
-
-// Expands to the CUDA call in a CUDA build, to nothing otherwise.
-#ifdef MKA_WITH_CUDA
-#define MKA_CUDA_CALL(...) __VA_ARGS__
-#else
-#define MKA_CUDA_CALL(...)
-#endif
 
 // Softmax statistics are addressed as dense (B, H, Tq) rows.
 void check_contiguous(const TensorRef& t, const char* name) {
