@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _module
 
 from . import _C
 from .kernels import _State
@@ -134,10 +135,9 @@ def plain(layer: nn.Module, kind: type) -> bool:
     a ``kind`` itself (not a subclass or a wrapper such as an adapter) with no forward hooks
     of its own or global ones (observers, quantisation, activation capture) — what the fused
     paths may replace by reading its parameters."""
-    from torch.nn.modules import module as M
     return (type(layer) is kind and not layer._forward_hooks
-            and not layer._forward_pre_hooks and not M._global_forward_hooks
-            and not M._global_forward_pre_hooks)
+            and not layer._forward_pre_hooks and not _module._global_forward_hooks
+            and not _module._global_forward_pre_hooks)
 
 
 def apply_linear(layer: nn.Module, x: Tensor, activation: str = "none") -> Tensor:

@@ -98,7 +98,7 @@ class Block(nn.Module):
         h = ln1(x) if pending is None else add_layer_norm(pending, x, ln1.weight, ln1.bias, ln1.eps)
         h = add_layer_norm(self.attn(h, cache=cache, memory=memory), x, ln2.weight, ln2.bias,
                            ln2.eps)
-        if type(mlp) is not MLP or mlp._forward_hooks or mlp._forward_pre_hooks:
+        if not plain(mlp, MLP):
             return mlp(h)  # a replaced or observed MLP keeps its behaviour
         return apply_linear(mlp.c_proj, apply_linear(mlp.c_fc, h, "gelu"))
 
