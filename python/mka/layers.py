@@ -4,13 +4,14 @@ At decode sizes a transformer layer's elementwise work is a few kilobytes per ke
 costs its launch and its latency, not its bytes; fusing two kernels into one is worth a
 launch per layer per step. ``torch.ops.mka.add_layer_norm`` is the residual add followed by
 the next LayerNorm (the pair every pre-LayerNorm block and the final norm run);
-``torch.ops.mka.linear`` a linear layer, optionally followed by GELU, that at most 8 rows read
-through a kernel made for it on CUDA (a warp per output feature streaming its row of the
+``torch.ops.mka.linear`` a linear layer, optionally followed by GELU, that up to ``MAX_ROWS``
+rows (one decode token) read through a kernel made for it on CUDA (a warp per output feature streaming its row of the
 weight: at decode sizes a linear layer is a read of its weight; CPU tensors take torch's
 BLAS GEMV, which the C++ op's own CPU loop did not beat). Native kernels: add_layer_norm on CPU
 (float32/float64) and CUDA (float16/bfloat16/float32), linear on CUDA; other inputs (half
 precision on the CPU, weights of another dtype as under autocast, more rows) run the same
-arithmetic in PyTorch. Inference only: no autograd.
+arithmetic in PyTorch, as do CUDA tensors in a build of mka without its CUDA kernels.
+Inference only: no autograd.
 """
 
 from __future__ import annotations
@@ -29,6 +30,14 @@ from .ops import _launch, _native
 
 _NATIVE = {"cpu": (torch.float32, torch.float64),
            "cuda": (torch.float16, torch.bfloat16, torch.float32)}
+
+
+def _native_dtype(t: Tensor, devices=("cpu", "cuda")) -> bool:
+    """Whether the native kernels take ``t``'s dtype on its device (CUDA tensors: only in a
+    build with the CUDA kernels)."""
+    kind = t.device.type
+    return (kind in devices and t.dtype in _NATIVE[kind]
+            and (kind != "cuda" or _C.built_with_cuda()))
 
 
 def _check(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -66,7 +75,7 @@ def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None,
     rows = _rows(residual)
     same = all(t is None or t.dtype == residual.dtype for t in (x, weight, bias))
     if (rows is None or (rows.shape[1] > 1 and rows.stride(1) != 1) or not same
-            or residual.dtype not in _NATIVE.get(x.device.type, ())):
+            or not _native_dtype(residual)):
         residual.add_(x)
         return F.layer_norm(residual, (x.shape[-1],), weight, bias, eps)
     out = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
@@ -112,8 +121,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     K, N = x.shape[-1], weight.shape[0]
     rows = x.reshape(-1, K)
     same = all(t is None or t.dtype == x.dtype for t in (weight, bias))
-    if (rows.shape[0] > MAX_ROWS or not same or x.device.type != "cuda"
-            or x.dtype not in _NATIVE["cuda"]
+    if (rows.shape[0] > MAX_ROWS or not same or not _native_dtype(x, ("cuda",))
             or weight.stride(-1) != 1 or rows.shape[0] == 0):
         y = F.linear(x, weight, bias)
         return F.gelu(y) if activation == "gelu" else y
