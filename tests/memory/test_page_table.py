@@ -145,7 +145,7 @@ def test_tables_a_cache_made_are_known_until_they_die():
     lengths a cache made from its page table; the mark goes with the tensor."""
     import gc
 
-    from mka.memory import LayerSpec, PagedKVCache, ops as O
+    from mka.memory import LayerSpec, PagedKVCache, torch_paged as O  # the registry's home
     cache = PagedKVCache([LayerSpec(2, 8, 8)], batch_size=2, max_tokens=64, page_size=4)
     step = cache[0].step(3)
     assert O._pool_made(step.block_table) and O._pool_made(step.cache_seqlens)

@@ -71,11 +71,14 @@ def mark_pool_made(*tensors: Tensor) -> None:
         weakref.finalize(t, _POOL_MADE.discard, key)
 
 
+def _pool_made(t: Tensor) -> bool:
+    return t.untyped_storage().data_ptr() in _POOL_MADE
+
+
 def own_tables(block_table: Tensor, lengths: Tensor) -> bool:
     """Whether a CUDA call's table and lengths are a cache's own: the native ops then skip
     the host check of a write, this module its checks and host reads of the lengths."""
-    return (lengths.is_cuda and block_table.untyped_storage().data_ptr() in _POOL_MADE
-            and lengths.untyped_storage().data_ptr() in _POOL_MADE)
+    return lengths.is_cuda and _pool_made(block_table) and _pool_made(lengths)
 
 
 def _positions(block_table: Tensor, start: Tensor, T: int, page_size: int) -> tuple[Tensor, Tensor]:
