@@ -310,3 +310,23 @@ def test_torch_path_without_host_reads_equals_the_checked_path(monkeypatch, wind
     monkeypatch.setattr(torch_paged, "own_tables", lambda *a: True)
     out = torch_paged.paged_attention(q, kp, vp, table, lens, True, None, window)
     assert torch.allclose(out, ref, rtol=0, atol=1e-12)
+
+
+def test_the_layers_of_a_step_share_its_index_tensors():
+    """The PyTorch path makes a step's masks and gather indices once for all layers: the same
+    tensors while the table and lengths are unchanged, new ones after an in-place update of
+    the lengths, none kept for lengths that move inside CUDA graphs (a static cache's)."""
+    from mka.memory import torch_paged
+    table = torch.tensor([[3, 7, 1], [5, 2, 0]], dtype=torch.int32)
+    lens = torch.tensor([5, 9], dtype=torch.int32)
+    first = torch_paged._attend_mask(1, 12, lens, True, None)
+    assert torch_paged._attend_mask(1, 12, lens, True, None) is first
+    assert torch_paged._gather_index(table, lens, 4, 12, 0) is torch_paged._gather_index(table, lens, 4, 12, 0)
+    lens += 1
+    moved = torch_paged._attend_mask(1, 12, lens, True, None)
+    assert moved is not first and not torch.equal(moved[0], first[0])
+    assert torch.equal(moved[0], torch_paged._mask(1, 12, lens, True, None)[:, None])
+    static = torch.tensor([5, 9], dtype=torch.int32)
+    torch_paged.mark_static(static)
+    assert torch_paged._attend_mask(1, 12, static, True, None) is not \
+        torch_paged._attend_mask(1, 12, static, True, None)

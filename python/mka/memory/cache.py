@@ -21,7 +21,7 @@ from torch import Tensor
 from .._C import PageTable
 from ..reference import state_dtype
 from .host_tier import HostTier, LayerHost, check_host
-from .torch_paged import mark_pool_made
+from .torch_paged import mark_pool_made, mark_static
 
 
 @dataclass(frozen=True)
@@ -239,6 +239,7 @@ class PagedKVCache:
         self._static_before = before.to(self.device, copy=True)
         self._static_after = before.to(self.device, copy=True)
         mark_pool_made(self._static_before, self._static_after)
+        mark_static(self._static_before, self._static_after)
         self.block_table()
         self.static, self._capacity = True, tokens
 

@@ -75,6 +75,45 @@ def _pool_made(t: Tensor) -> bool:
     return t.untyped_storage().data_ptr() in _POOL_MADE
 
 
+# Lengths that move inside a captured CUDA graph (a static cache's): their contents change on
+# replay without a version bump, so nothing derived from them is kept between calls.
+_MOVES_IN_GRAPHS: set[int] = set()
+
+
+def mark_static(*tensors: Tensor) -> None:
+    """Registers lengths a static cache moves in place (also inside CUDA graphs)."""
+    for t in tensors:
+        key = t.untyped_storage().data_ptr()
+        _MOVES_IN_GRAPHS.add(key)
+        weakref.finalize(t, _MOVES_IN_GRAPHS.discard, key)
+
+
+# What the layers of one decode step share: every layer reads the same block table and
+# lengths, so the positions of a write, the gather indices and masks and the attention mask
+# are made by the first layer and reused by the others (a 12-layer step made them 12 times: a
+# few dozen small launches per layer, the host's time on the GPU). Keyed by the tensors'
+# identity and version counters: an in-place update or a new tensor makes new ones; a dead
+# tensor's entry never matches (weak references). Not kept under torch.compile (it traces its
+# own graph), while a CUDA graph is captured, or for lengths that move inside graphs.
+_STEP: dict = {}
+
+
+def _per_step(tensors: tuple[Tensor, ...], extra: tuple, make):
+    if (torch.compiler.is_compiling()
+            or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+            or any(t.untyped_storage().data_ptr() in _MOVES_IN_GRAPHS for t in tensors)):
+        return make()
+    key = tuple((id(t), t._version) for t in tensors) + extra
+    hit = _STEP.get(key)
+    if hit is not None and all(r() is t for r, t in zip(hit[0], tensors)):
+        return hit[1]
+    value = make()
+    if len(_STEP) >= 64:
+        _STEP.clear()
+    _STEP[key] = (tuple(weakref.ref(t) for t in tensors), value)
+    return value
+
+
 def own_tables(block_table: Tensor, lengths: Tensor) -> bool:
     """Whether a CUDA call's table and lengths are a cache's own: the native ops then skip
     the host check of a write, this module its checks and host reads of the lengths."""
@@ -83,9 +122,11 @@ def own_tables(block_table: Tensor, lengths: Tensor) -> bool:
 
 def _positions(block_table: Tensor, start: Tensor, T: int, page_size: int) -> tuple[Tensor, Tensor]:
     """(page, slot) of new tokens ``start[b] + t``, each (B, T)."""
-    pos = start.long()[:, None] + torch.arange(T, device=start.device)[None, :]
-    page = torch.gather(block_table.long(), 1, pos // page_size)
-    return page, pos % page_size
+    def make():
+        pos = start.long()[:, None] + torch.arange(T, device=start.device)[None, :]
+        page = torch.gather(block_table.long(), 1, pos // page_size)
+        return page, pos % page_size
+    return _per_step((block_table, start), ("positions", T, page_size), make)
 
 
 def paged_write(k: Tensor, v: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor,
@@ -138,13 +179,21 @@ def gather(pages: Tensor, block_table: Tensor, n: int, seqlens: Tensor, first: i
     """Tokens ``[first, n)`` of each sequence's pages (``first`` a multiple of the page size),
     ``(B, n - first, G, d)``; slots past a sequence's length read as zeros (never written, they
     may hold anything — a NaN there would turn its zero attention weight into NaN)."""
-    S = pages.shape[1]
-    W = max(1, math.ceil(n / S))
-    raw = block_table[:, first // S:W].long()
-    x = pages[raw.clamp(min=0)].flatten(1, 2)[:, :n - first]
-    # entries of -1 (pages given back) read as zeros too
-    paged = (raw >= 0)[:, :, None].expand(-1, -1, S).flatten(1)[:, :n - first, None, None]
-    return torch.where(_held(seqlens, n)[:, first:] & paged, x, 0.0)
+    idx, keep = _gather_index(block_table, seqlens, pages.shape[1], n, first)
+    return torch.where(keep, pages[idx].flatten(1, 2)[:, :n - first], 0.0)
+
+
+def _gather_index(block_table: Tensor, seqlens: Tensor, S: int, n: int,
+                  first: int) -> tuple[Tensor, Tensor]:
+    """The pages of tokens ``[first, n)`` (-1 entries as page 0) and which of the gathered
+    slots hold a token, ``(B, n - first, 1, 1)``: entries of -1 (pages given back) read as
+    zeros too."""
+    def make():
+        W = max(1, math.ceil(n / S))
+        raw = block_table[:, first // S:W].long()
+        paged = (raw >= 0)[:, :, None].expand(-1, -1, S).flatten(1)[:, :n - first, None, None]
+        return raw.clamp(min=0), _held(seqlens, n)[:, first:] & paged
+    return _per_step((block_table, seqlens), ("gather", S, n, first), make)
 
 
 def page_ema(pages: Tensor, states: Tensor, block_table: Tensor, n: int, beta: float,
@@ -154,15 +203,23 @@ def page_ema(pages: Tensor, states: Tensor, block_table: Tensor, n: int, beta: f
     (slots past a sequence's length as zeros, as in :func:`gather`)."""
     S = pages.shape[1]
     W = max(1, math.ceil(n / S))
-    idx = block_table[:, :W].long().clamp(min=0)
     sdt = states.dtype
-    held = _held(seqlens, W * S).reshape(-1, W, S, 1, 1)
+
+    def index():
+        idx = block_table[:, :W].long().clamp(min=0)
+        return idx, _held(seqlens, W * S).reshape(-1, W, S, 1, 1)
+
+    def coefficients():
+        t = torch.arange(S, device=pages.device, dtype=torch.float64)
+        lag = t[:, None] - t[None, :]
+        decay = torch.where(lag >= 0, (1.0 - beta) * beta ** lag.clamp(min=0), 0.0).to(sdt)
+        return decay, (beta ** (t + 1)).to(sdt)[None, None, :, None, None]
+
+    idx, held = _per_step((block_table, seqlens), ("page_ema", S, W), index)
+    decay, first = _per_step((), ("decay", S, float(beta), sdt, pages.device), coefficients)
     x = torch.where(held, pages[idx].to(sdt), 0.0)  # (B, W, S, G, d)
     s = states[idx]                             # (B, W, G, d)
-    t = torch.arange(S, device=pages.device, dtype=torch.float64)
-    lag = t[:, None] - t[None, :]
-    decay = torch.where(lag >= 0, (1.0 - beta) * beta ** lag.clamp(min=0), 0.0).to(sdt)
-    y = torch.einsum("ou,bwugd->bwogd", decay, x) + (beta ** (t + 1)).to(sdt)[None, None, :, None, None] * s[:, :, None]
+    y = torch.einsum("ou,bwugd->bwogd", decay, x) + first * s[:, :, None]
     return y.flatten(1, 2)[:, :n].to(pages.dtype)
 
 
@@ -181,12 +238,23 @@ def _mask(Tq: int, n: int, seqlens: Tensor, causal: bool, window: Optional[int],
     return vis
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, vis: Tensor, scale: Optional[float]) -> Tensor:
+def _attend_mask(Tq: int, n: int, seqlens: Tensor, causal: bool, window: Optional[int],
+                 first: int = 0) -> tuple[Tensor, Tensor]:
+    """SDPA's mask ``(B, 1, Tq, n - first)`` and which rows see a key ``(B, Tq, 1)``: rows
+    seeing nothing attend to all, zeroed after."""
+    def make():
+        vis = _mask(Tq, n, seqlens, causal, window, first)
+        seen = vis.any(-1, keepdim=True)
+        return (vis | ~seen)[:, None], seen
+    return _per_step((seqlens,), ("mask", Tq, n, causal, window, first), make)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, masks: tuple[Tensor, Tensor],
+            scale: Optional[float]) -> Tensor:
     B, Tq, H, _ = q.shape
     if k.shape[1] == 0:
         return q.new_zeros((B, Tq, H, v.shape[-1]))
-    seen = vis.any(-1, keepdim=True)
-    mask = (vis | ~seen)[:, None]  # rows seeing nothing attend to all, zeroed below
+    mask, seen = masks
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=mask, scale=scale,
                                          enable_gqa=k.shape[2] != H).transpose(1, 2)
@@ -207,7 +275,7 @@ def paged_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Te
         check_slots(block_table, seqlens, k_pages.shape[0], S, "seqlens", begin=lo)
     k = gather(k_pages, block_table, n, seqlens, lo)
     v = gather(v_pages, block_table, n, seqlens, lo)
-    return _attend(q, k, v, _mask(q.shape[1], n, seqlens, causal, window, lo), scale)
+    return _attend(q, k, v, _attend_mask(q.shape[1], n, seqlens, causal, window, lo), scale)
 
 
 def paged_mka_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, k_page_states: Tensor,
@@ -223,8 +291,8 @@ def paged_mka_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, k_page_stat
     ek = page_ema(k_pages, k_page_states, block_table, n, beta, seqlens)
     ev = page_ema(v_pages, v_page_states, block_table, n, beta, seqlens)
     Tq = q.shape[1]
-    o1 = _attend(q, k, v, _mask(Tq, n, seqlens, causal, window), scale)
-    o2 = _attend(q, ek, ev, _mask(Tq, n, seqlens, causal, None), scale)
+    o1 = _attend(q, k, v, _attend_mask(Tq, n, seqlens, causal, window), scale)
+    o2 = _attend(q, ek, ev, _attend_mask(Tq, n, seqlens, causal, None), scale)
     w = lam.to(q.dtype)
     return w[..., 0, None, None] * o1 + w[..., 1, None, None] * o2
 
