@@ -400,8 +400,9 @@ template <auto Kernel> int64_t resident_slots(int smem, int device) {
 // several splits, the combine kernel.
 template <auto Kernel, class T, bool kEma>
 void launch(PagedArgs& a, int smem, const char* name, int64_t capacity, int device,
-            cudaStream_t s) {
-  a.row_blocks = int(ceil_div(int64_t(a.T) * a.grp, kRows));
+            cudaStream_t s, int rows = kRows) {
+  a.rows = rows;
+  a.row_blocks = int(ceil_div(int64_t(a.T) * a.grp, rows));
   plan_splits(a, capacity, resident_slots<Kernel>(smem, device));
   const int64_t blocks = int64_t(a.row_blocks) * a.B * a.G;
   MKA_CHECK(blocks < (int64_t(1) << 31), "paged_attention: too many blocks (B x G x row blocks = ",
@@ -435,9 +436,15 @@ template <class T> void dispatch(PagedArgs& a, int64_t capacity, int device, cud
     constexpr int D = decltype(dc)::value;
     constexpr bool kEma = decltype(ec)::value;
     if constexpr (sizeof(T) == 2 && D <= 128) {
-      if (mma_case(a) && a.dk == D)
+      if (mma_case(a) && a.dk == D) {
+        // MKA with at most 8 query rows per kv head, level 2 from level 1's scores: stacked.
+        if constexpr (kEma)
+          if (int64_t(a.T) * a.grp <= 8 && (!a.table || a.S % 16 == 0))
+            return launch<paged_attention_mma<T, D, true, true>, T, true>(
+                a, int(mma_smem_bytes<D, true, true>()), "paged_attention_mma", capacity, device, s, 8);
         return launch<paged_attention_mma<T, D, kEma>, T, kEma>(
             a, int(mma_smem_bytes<D, kEma>()), "paged_attention_mma", capacity, device, s);
+      }
     }
     launch<paged_attention_kernel<T, D, kEma>, T, kEma>(
         a, int(Smem<T, D>::bytes()), "paged_attention_kernel", capacity, device, s);

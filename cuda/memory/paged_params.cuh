@@ -29,6 +29,7 @@ struct PagedArgs {
   float scale_log2;  // softmax scale x log2(e): scores in base 2
   int64_t window;    // <= 0: none
   float beta;
+  int rows;  // query rows per block: kRows, or 8 where MKA's levels share the m16 tile
   int row_blocks, splits;
   int64_t unit;  // a split is a whole number of these keys (tiles; pages too with level 2)
   float* ws;  // splits > 1: partials [split][b][t][h][level][dv + 2]
@@ -45,7 +46,7 @@ __device__ __forceinline__ int64_t key_lo(const PagedArgs& a, int64_t i, int64_t
   return x < 0 ? 0 : (x > n ? n : x);
 }
 
-// What a block (key split, sequence, kv head, up to kRows query rows) reads: keys [lo, hi)
+// What a block (key split, sequence, kv head, up to a.rows query rows) reads: keys [lo, hi)
 // (level 1 sees [lo1, hi) at most; with level 2, lo is the split's start). Each sequence cuts
 // its own length into the splits. bad: a length beyond the table (NaN rows, nothing read).
 struct BlockKeys {
@@ -58,8 +59,8 @@ template <bool kEma> __device__ __forceinline__ BlockKeys block_keys(const Paged
   BlockKeys k;
   const int rb = blockIdx.x % a.row_blocks, bg = blockIdx.x / a.row_blocks;
   k.b = bg / a.G, k.g = bg % a.G, k.split = blockIdx.y;
-  k.f0 = rb * kRows;
-  k.R = min(kRows, a.T * a.grp - k.f0);
+  k.f0 = rb * a.rows;
+  k.R = min(a.rows, a.T * a.grp - k.f0);
   const int64_t raw = a.lens ? a.lens[k.b * a.ls] : a.S;
   const int64_t cap = a.table ? int64_t(a.W) * a.S : int64_t(a.S);
   k.bad = raw < 0 || raw > cap;
