@@ -1,9 +1,7 @@
 // MKA's level 2 in the paged decode kernel: attention over EMA(k), EMA(v) of the cached
-// keys and values, rebuilt from the page checkpoints (the state before each page's first
-// token) without writing the EMA rows anywhere.
+// keys and values, without writing the EMA rows anywhere.
 //
-// Within a 16-key segment that starts from the state s_in (the page's checkpoint, or the EMA
-// at the previous segment's last key),
+// Within a 16-key segment that starts from the state s_in,
 //   EMA_t = sum_{u <= t} L[t][u] x_u + beta^(t+1) s_in,   L[t][u] = (1 - beta) beta^(t - u),
 // so level 2 needs no EMA rows at all (EmaScores, where pages hold a multiple of 16 tokens):
 //   scores  q . EMA(k)_t = (S1 L^T)[t] + beta^(t+1) (q . s_in_k)      S1 = level 1's scores
@@ -12,7 +10,12 @@
 // the same ldmatrix as level 1's. What crosses segments — and so warps — is small: per query
 // row the scalar q . s_in_k, per value column the state s_in_v; each warp publishes its
 // segment's local sums (from a zero state) and after one barrier every warp walks the four
-// segments' chain itself (resetting at page starts), so no warp waits for another's softmax.
+// segments' chain itself, so no warp waits for another's softmax.
+//
+// s_in is a page checkpoint only where the block's keys start (a split starts on a page):
+// along a sequence a page's checkpoint is the EMA carried over the pages before it (what
+// paged_write_ema writes), so the chain carries on across pages — the checkpoints of the
+// other pages are neither read nor multiplied by q (12.5 % of the bytes at pages of 16).
 // L is split into two 16-bit parts (hi + lo), and so are the scores it multiplies: the
 // products keep ~16 bits where one 16-bit operand would keep 8.
 #pragma once
@@ -24,10 +27,10 @@ namespace mka::cuda::paged {
 
 template <class T, int D> struct EmaScores {
   // The segment's local sums cross warps through shared memory (sums of the rows from a
-  // zero state at the segment's last key; at page starts, the checkpoint terms).
+  // zero state at the segment's last key; at the block's first page, the checkpoint terms).
   struct Shared {
     float zk[kSegs][16];  // (S1 L^T)[15] per query row
-    float ck[kSegs][16];  // q . checkpoint_k per query row, segments that start a page
+    float ck[kSegs][16];  // q . checkpoint_k per query row, where a segment starts from one
     T sv[kSegs][D];       // s_in_v of each segment (its value columns; rounded as EMA rows were)
     // L's B fragments, per lane (the same in every warp; shared memory, not 16 registers):
     // [S1 L^T hi | S1 L^T lo | P2 L][n-tile][reg][lane] (P2 is 16-bit already: L's hi serves).
@@ -76,7 +79,7 @@ template <class T, int D> struct EmaScores {
   template <int kQRows>
   __device__ __forceinline__ void scores_local(float (&z)[2][4], const float (&s1)[2][4],
                                                const T* sQ, const T* qzero, const float* sC,
-                                               const int2* rows, float scale_log2,
+                                               unsigned starts, float scale_log2,
                                                Shared& sh) const {
     using namespace mma;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -100,9 +103,9 @@ template <class T, int D> struct EmaScores {
       mma16816<T>(z[nt], ah, h0, h1);
     }
     if (t == 3) sh.zk[warp][g] = z[1][1], sh.zk[warp][g + 8] = z[1][3];  // key 15
-    if (rows[16 * warp].y == 0) {
+    if ((starts >> warp) & 1u) {
       // q . checkpoint on tensor cores: column 0 of B the checkpoint's hi part, column 1 its lo.
-      const float* ck = sC + warp * 2 * D;
+      const float* ck = sC;
       float c[4] = {};
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
@@ -126,14 +129,7 @@ template <class T, int D> struct EmaScores {
   // state, then the chain over the tile's segments (shuffles within the pair's threads) into
   // sh.sv. The parts start their walks kTile / kParts / 8 ... rows apart (rotated within the
   // segment, split into two walks) so that the threads of a warp read different banks.
-  __device__ __forceinline__ static unsigned page_starts(const int2* rows) {
-    unsigned m = 0;
-#pragma unroll
-    for (int seg = 0; seg < kSegs; ++seg) m |= unsigned(rows[16 * seg].y == 0) << seg;
-    return m;
-  }
-
-  __device__ __forceinline__ void values_chain(const T* sV, const float* sC, const int2* rows,
+  __device__ __forceinline__ void values_chain(const T* sV, const float* sC, unsigned starts,
                                                Shared& sh) {
     constexpr int kLanes = 32 / kParts;  // lanes of one part in a warp
     const int lane = threadIdx.x % 32, part = lane / kLanes;
@@ -162,7 +158,7 @@ template <class T, int D> struct EmaScores {
       const int src = (lane % kLanes) + kLanes * (seg / kSegPer);
       const float zx = __shfl_sync(0xffffffffu, zs[seg % kSegPer].x, src);
       const float zy = __shfl_sync(0xffffffffu, zs[seg % kSegPer].y, src);
-      if (rows[16 * seg].y == 0) s = *reinterpret_cast<const float2*>(sC + (seg * 2 + 1) * D + col);
+      if ((starts >> seg) & 1u) s = *reinterpret_cast<const float2*>(sC + D + col);
       if (seg / kSegPer == part) *reinterpret_cast<unsigned*>(&sh.sv[seg][col]) = mma::pack2<T>(s.x, s.y);
       s = make_float2(fmaf(b16, s.x, zx), fmaf(b16, s.y, zy));
     }

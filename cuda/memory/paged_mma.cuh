@@ -62,7 +62,7 @@ __global__ void __launch_bounds__(kThreads, kStack ? 3 : 1) paged_attention_mma(
   const int64_t t_begin = bk.lo / kTile, t_end = bk.hi > bk.lo ? ceil_div(bk.hi, kTile) : t_begin;
   auto slot = [&](int64_t t) { return int(t - t_begin) & 1; };
   auto stage = [&](int64_t t) { return stage0 + slot(t) * 2 * kTile * D; };
-  float* sC = reinterpret_cast<float*>(stage0 + 2 * 2 * kTile * D);  // [seg][k | v][D]
+  float* sC = reinterpret_cast<float*>(stage0 + 2 * 2 * kTile * D);  // [k | v][D]
   auto issue = [&](int64_t t) { mma_issue_tile<T, D>(a, bk, stage(t), stage(t) + kTile * D, sRows[slot(t)]); };
   __syncthreads();  // bad's first value before the lookups may set it
   if (threadIdx.x < kTile)
@@ -128,13 +128,11 @@ __global__ void __launch_bounds__(kThreads, kStack ? 3 : 1) paged_attention_mma(
     if constexpr (kEma) {
       const int2* rows = sRows[slot(t)];
       if (ema_tc) {
-        const unsigned starts = Ema::page_starts(rows);
+        const unsigned starts = t == t_begin ? 1u : 0u;  // the split's first page (see EmaScores)
         float z[2][4];
-        ema.template scores_local<kQRows>(z, s1, sQ, qzero, sC, rows, a.scale_log2, esh);
-        ema.values_chain(sV, sC, rows, esh);
-        __syncthreads();  // the segments' local sums are published, the checkpoints read
-        if (t + 1 < t_end) mma_issue_ckpts<D>(a, bk, sC, sRows[slot(t + 1)]);
-        cp_async_commit();  // waited for with tile t + 1's K and V
+        ema.template scores_local<kQRows>(z, s1, sQ, qzero, sC, starts, a.scale_log2, esh);
+        ema.values_chain(sV, sC, starts, esh);
+        __syncthreads();  // the segments' local sums are published
         if constexpr (kStack) ema.stacked(s1, z, sV, starts, j0, mask, esh, lv[0]);
         else ema.level2(z, sV, starts, j0, mask, esh, lv[kRegLevels - 1]);
       } else {

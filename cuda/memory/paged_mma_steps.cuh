@@ -16,10 +16,9 @@ constexpr int kSegs = kTile / 16;  // 16-row segments of a tile (level 2 on tens
 template <bool kStack> constexpr int q_rows() { return kStack ? 8 : 16; }
 
 template <int D, bool kEma, bool kStack = false> constexpr size_t mma_smem_bytes() {
-  // Q (q_rows x D), then K and V in two stages; the merge reuses the stages. Level 2: the page
-  // checkpoints of each segment of one tile that starts a page (float32, k then v): the next
-  // tile's are copied once this tile's are read, so one buffer serves.
-  return size_t(q_rows<kStack>() * D + 2 * 2 * kTile * D) * 2 + (kEma ? size_t(kSegs * 2 * D) * 4 : 0);
+  // Q (q_rows x D), then K and V in two stages; the merge reuses the stages. Level 2: the
+  // checkpoint pair of the block's first page (float32, k then v).
+  return size_t(q_rows<kStack>() * D + 2 * 2 * kTile * D) * 2 + (kEma ? size_t(2 * D) * 4 : 0);
 }
 
 // Where each row of a tile lives: page (-1: an invalid entry, or outside the block's keys)
@@ -219,19 +218,16 @@ __device__ __forceinline__ void mma_issue_tile(const PagedArgs& a, const BlockKe
   }
 }
 
-// The checkpoints of a tile's segments that start a page (sC: [segment][k | v][D] float32;
-// zeros for an invalid page; others left as they are: the EMA carries on there).
+// The checkpoint pair of the page where the block's keys start (sC: [k | v][D] float32;
+// zeros for an invalid page).
 template <int D>
 __device__ __forceinline__ void mma_issue_ckpts(const PagedArgs& a, const BlockKeys& bk,
                                                 float* sC, const int2* rows) {
-  constexpr int kC = 2 * D / 4;  // 16-byte chunks of one segment's k and v checkpoints
-  for (int e = threadIdx.x; e < kSegs * kC; e += kThreads) {
-    const int seg = e / kC, c = e % kC, kv = c / (D / 4), x = 4 * (c % (D / 4));
-    const int2 pr = rows[16 * seg];
-    if (pr.y != 0) continue;
+  for (int e = threadIdx.x; e < 2 * D / 4; e += kThreads) {
+    const int kv = e / (D / 4), x = 4 * (e % (D / 4));
     const float* ck = kv ? a.vst : a.kst;
-    const bool ok = pr.x >= 0;
-    mma::cp_async16(sC + (seg * 2 + kv) * D + x, ok ? ck + (int64_t(pr.x) * a.G + bk.g) * D + x : ck, ok);
+    const int page = rows[0].x;
+    mma::cp_async16(sC + kv * D + x, page >= 0 ? ck + (int64_t(page) * a.G + bk.g) * D + x : ck, page >= 0);
   }
 }
 

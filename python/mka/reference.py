@@ -180,6 +180,25 @@ def paged_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Te
     return torch.cat(outs) if outs else q.new_zeros((0, *q.shape[1:3], v_pages.shape[-1]))
 
 
+def page_checkpoints(k_pages: Tensor, v_pages: Tensor, block_table: Tensor, seqlens: Tensor,
+                     beta: float, k_start: Tensor, v_start: Tensor) -> tuple[Tensor, Tensor]:
+    """What ``paged_write_ema`` leaves in the page checkpoints (SPEC §7.1): for every page of
+    sequence ``b`` the EMA state before its first token, carried from ``k_start[b],
+    v_start[b]: (G, d)`` over the tokens before it; ``(P, G, d)`` each, zeros for pages no
+    sequence holds."""
+    P, S = k_pages.shape[:2]
+    out = [k_pages.new_zeros((P, *k_pages.shape[2:])), v_pages.new_zeros((P, *v_pages.shape[2:]))]
+    for b in range(block_table.shape[0]):
+        n = int(seqlens[b])
+        for states, pages, start in zip(out, (k_pages, v_pages), (k_start, v_start)):
+            s = start[b][None].to(states.dtype)
+            for j0 in range(0, n, S):
+                page = int(block_table[b, j0 // S])
+                states[page] = s[0]
+                s = ema(pages[page][None, :min(S, n - j0)].to(states.dtype), beta, s)[1]
+    return out[0], out[1]
+
+
 def _page_ema(x: Tensor, states: Tensor, table_row: Tensor, page_size: int,
               beta: float) -> Tensor:
     """EMA of one sequence's tokens ``x: (1, n, G, d)``, each page from its checkpoint."""

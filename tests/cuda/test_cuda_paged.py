@@ -22,7 +22,8 @@ pytestmark = [requires_cuda, pytest.mark.cuda]
 
 
 def _case(lens, S, H, G, dk, dv, Tq, seed=0):
-    """float64 CPU tensors: q, k_pages, v_pages, block table, lengths, page states, lam."""
+    """float64 CPU tensors: q, k_pages, v_pages, block table, lengths, random states (P, G, d;
+    the first B rows: states before each sequence), lam."""
     gen = torch.Generator().manual_seed(seed)
     W = max(1, max(math.ceil(n / S) for n in lens)) + 1
     P = sum(math.ceil(n / S) for n in lens) + 3
@@ -82,9 +83,10 @@ MKA_SHAPES = [s for s in SHAPES if s[4] == s[5]] + [
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_paged_mka_attention_matches_the_reference(shape, dtype):
     lens, S, H, G, dk, dv, Tq = shape
-    q, kp, vp, bt, n, states, lam = _case(lens, S, H, G, dk, dv, Tq, seed=1)
+    q, kp, vp, bt, n, starts, lam = _case(lens, S, H, G, dk, dv, Tq, seed=1)
     q, kp, vp, lam = (_cuda(t, dtype).double().cpu() for t in (q, kp, vp, lam))
-    states = [s.float().double() for s in states]
+    # the checkpoints paged_write_ema leaves (from a nonzero state before each sequence)
+    states = [s.float().double() for s in R.page_checkpoints(kp, vp, bt, n, 0.9, *(x[:len(lens)] for x in starts))]
     out = paged_mka_attention(*(_cuda(t, dtype) for t in (q, kp, vp)),
                               *(s.to("cuda", torch.float32) for s in states),
                               _cuda(bt, dtype), _cuda(n, dtype), _cuda(lam, dtype), 0.9, window=50)

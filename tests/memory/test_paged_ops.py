@@ -68,8 +68,8 @@ def test_paged_mka_attention_equals_the_reference(impl, shape, device, dtype):
     lens, S, H, G, d, Tq = shape
     args, ref_args = _case(lens, S, H, G, d, Tq, dtype, device, seed=1)
     gen = torch.Generator().manual_seed(2)
-    P = ref_args[1].shape[0]
-    states = [torch.randn(P, G, d, generator=gen, dtype=torch.float64) for _ in range(2)]
+    starts = [torch.randn(len(lens), G, d, generator=gen, dtype=torch.float64) for _ in range(2)]
+    states = R.page_checkpoints(*ref_args[1:5], 0.85, *starts)  # as paged_write_ema leaves them
     lam = torch.softmax(torch.randn(len(lens), Tq, 3, generator=gen, dtype=torch.float64), -1)
     sdt = R.state_dtype(dtype)
     q, kp, vp, bt, n = args
