@@ -3,7 +3,8 @@
 Three tables, each timed inside a CUDA graph (20 calls captured, median of 7 replays: at these
 sizes a call is a few microseconds and the eager host would be what is measured):
 
-1. ``paged``: `paged_attention` per call at small caches (pages of 16, a shuffled table).
+1. ``paged``: `paged_attention` and `paged_mka_attention` per call at small caches (pages of
+   16, a shuffled table).
 2. ``layers``: `mka.layers.linear` and `add_layer_norm` against torch on the same tensors.
 3. ``step``: a GPT (GPT-2-small size by default, random weights) decode step at 1k cached
    tokens: its kernels per step (torch.profiler over replays of `DecodeGraph`) and the replay
@@ -44,9 +45,9 @@ def graph_us(fn, calls: int = 20) -> float:
 
 
 def paged(dtype: torch.dtype) -> None:
-    from mka.memory import paged_attention
+    from mka.memory import paged_attention, paged_mka_attention
     S = 16
-    print("paged_attention per call (graph), one query token per sequence")
+    print("paged_attention and paged_mka_attention per call (graph), one query token per sequence")
     for B, H, G, d, n in ((1, 12, 12, 64, 256), (1, 12, 12, 64, 1088), (1, 12, 12, 64, 4096),
                           (16, 12, 12, 64, 1088), (64, 12, 12, 64, 1088), (1, 32, 8, 128, 1024),
                           (1, 32, 8, 128, 4096)):
@@ -56,9 +57,13 @@ def paged(dtype: torch.dtype) -> None:
         table = torch.randperm(B * W, device="cuda", dtype=torch.int32).reshape(B, W)
         lens = torch.full((B,), n, device="cuda", dtype=torch.int32)
         q = torch.randn(B, 1, H, d, device="cuda", dtype=dtype)
+        kst, vst = (torch.randn(B * W, G, d, device="cuda") for _ in range(2))
+        lam = torch.full((B, 1, 2), 0.5, device="cuda", dtype=dtype)
         us = graph_us(lambda: paged_attention(q, kp, vp, table, lens))
+        mka = graph_us(lambda: paged_mka_attention(q, kp, vp, kst, vst, table, lens, lam, 0.9))
         kv = 2 * B * n * G * d * kp.element_size()
-        print(f"  B {B:3d} H {H} G {G} d {d:3d} tokens {n:5d}: {us:7.1f} us  ({kv / us / 1e3:.0f} GB/s)")
+        print(f"  B {B:3d} H {H} G {G} d {d:3d} tokens {n:5d}: {us:7.1f} us  ({kv / us / 1e3:.0f} GB/s), "
+              f"MKA {mka:7.1f} us ({mka / us:.2f}x)")
 
 
 def layers(dtype: torch.dtype) -> None:

@@ -42,22 +42,32 @@ template <class T, int D> struct EmaScores {
   static_assert(kSegs % kParts == 0 && 32 % kParts == 0, "a column pair's threads share a warp");
 
   float pw[2][2];        // beta^(t + 1) of this lane's key columns t = 8 nt + 2 (lane % 4) + c
-  float b16, beta;
+  float b16, beta, tail;  // beta^16; tail: beta^((16 - off) % 16) of this thread's V walk
   float ck_in[2];   // q . s_in_k before the tile (rows lane/4, lane/4 + 8; the same in every warp)
   float2 sv_in;     // s_in_v before the tile, this thread's column pair (V chain)
 
-  // sh.l is written by warp 0: read after the next barrier.
+  // Powers of beta as exp2(e log2 beta) (the special-function unit; powf is ~40 instructions
+  // each, a fixed cost that shows at small caches). sh.l is written by warp 0: read after the
+  // next barrier.
   __device__ __forceinline__ void init(float b, Shared& sh) {
     using namespace mma;
     const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    beta = b, b16 = powf(b, 16.f);
-    auto L = [&](int r, int c) { return c <= r ? (1.f - b) * powf(b, float(r - c)) : 0.f; };
+    const float lb = log2f(b);
+    auto pow_b = [&](int e) { return e == 0 ? 1.f : exp2f(float(e) * lb); };  // beta = 0: 0^0 = 1
+    beta = b, b16 = pow_b(16);
+    tail = pow_b((16 - (lane / (32 / kParts)) * 8 / kParts) & 15);
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int i = 0; i < 2; ++i) pw[nt][i] = pow_b(8 * nt + 2 * t + i + 1);
+    ck_in[0] = ck_in[1] = 0.f;
+    sv_in = make_float2(0.f, 0.f);
+    if (threadIdx.x >= 32) return;
+    auto L = [&](int r, int c) { return c <= r ? (1.f - b) * pow_b(r - c) : 0.f; };
     auto split = [&](int which, int nt, int i, float x0, float x1) {
       const float h0 = to_f(from_f<T>(x0)), h1 = to_f(from_f<T>(x1));
-      if (threadIdx.x < 32) {
-        sh.l[which][nt][i][lane] = pack2<T>(h0, h1);
-        if (which == 0) sh.l[1][nt][i][lane] = pack2<T>(x0 - h0, x1 - h1);
-      }
+      sh.l[which][nt][i][lane] = pack2<T>(h0, h1);
+      if (which == 0) sh.l[1][nt][i][lane] = pack2<T>(x0 - h0, x1 - h1);
     };
     // B fragment: reg i holds rows k = 2t + 8i, 2t + 8i + 1 of column n = 8 nt + g.
 #pragma unroll
@@ -67,10 +77,7 @@ template <class T, int D> struct EmaScores {
         const int n = 8 * nt + g, k = 2 * t + 8 * i;
         split(0, nt, i, L(n, k), L(n, k + 1));  // B[k][n] = L[n][k]
         split(2, nt, i, L(k, n), L(k + 1, n));  // B[k][n] = L[k][n]
-        pw[nt][i] = powf(b, float(8 * nt + 2 * t + i + 1));
       }
-    ck_in[0] = ck_in[1] = 0.f;
-    sv_in = make_float2(0.f, 0.f);
   }
 
   // Before the barrier, each warp: its segment's S1 L^T (z, kept for after), its last column
@@ -134,8 +141,8 @@ template <class T, int D> struct EmaScores {
     constexpr int kLanes = 32 / kParts;  // lanes of one part in a warp
     const int lane = threadIdx.x % 32, part = lane / kLanes;
     const int col = 2 * ((threadIdx.x / 32) * kLanes + lane % kLanes);
-    const int off = part * 8 / kParts;
-    const float one_m = 1.f - beta, tail = powf(beta, float((16 - off) & 15));
+    const int off = part * 8 / kParts;  // init's tail is beta^((16 - off) % 16)
+    const float one_m = 1.f - beta;
     float2 zs[kSegPer];
 #pragma unroll
     for (int u = 0; u < kSegPer; ++u) {

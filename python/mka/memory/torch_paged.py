@@ -179,20 +179,20 @@ def gather(pages: Tensor, block_table: Tensor, n: int, seqlens: Tensor, first: i
     """Tokens ``[first, n)`` of each sequence's pages (``first`` a multiple of the page size),
     ``(B, n - first, G, d)``; slots past a sequence's length read as zeros (never written, they
     may hold anything — a NaN there would turn its zero attention weight into NaN)."""
-    idx, keep = _gather_index(block_table, seqlens, pages.shape[1], n, first)
-    return torch.where(keep, pages[idx].flatten(1, 2)[:, :n - first], 0.0)
+    idx, drop = _gather_index(block_table, seqlens, pages.shape[1], n, first)
+    return pages[idx].flatten(1, 2)[:, :n - first].masked_fill_(drop, 0.0)
 
 
 def _gather_index(block_table: Tensor, seqlens: Tensor, S: int, n: int,
                   first: int) -> tuple[Tensor, Tensor]:
     """The pages of tokens ``[first, n)`` (-1 entries as page 0) and which of the gathered
-    slots hold a token, ``(B, n - first, 1, 1)``: entries of -1 (pages given back) read as
+    slots hold no token, ``(B, n - first, 1, 1)``: entries of -1 (pages given back) read as
     zeros too."""
     def make():
         W = max(1, math.ceil(n / S))
         raw = block_table[:, first // S:W].long()
         paged = (raw >= 0)[:, :, None].expand(-1, -1, S).flatten(1)[:, :n - first, None, None]
-        return raw.clamp(min=0), _held(seqlens, n)[:, first:] & paged
+        return raw.clamp(min=0), ~(_held(seqlens, n)[:, first:] & paged)
     return _per_step((block_table, seqlens), ("gather", S, n, first), make)
 
 
@@ -240,12 +240,12 @@ def _mask(Tq: int, n: int, seqlens: Tensor, causal: bool, window: Optional[int],
 
 def _attend_mask(Tq: int, n: int, seqlens: Tensor, causal: bool, window: Optional[int],
                  first: int = 0) -> tuple[Tensor, Tensor]:
-    """SDPA's mask ``(B, 1, Tq, n - first)`` and which rows see a key ``(B, Tq, 1)``: rows
+    """SDPA's mask ``(B, 1, Tq, n - first)`` and which rows see no key ``(B, Tq, 1, 1)``: rows
     seeing nothing attend to all, zeroed after."""
     def make():
         vis = _mask(Tq, n, seqlens, causal, window, first)
         seen = vis.any(-1, keepdim=True)
-        return (vis | ~seen)[:, None], seen
+        return (vis | ~seen)[:, None], ~seen[..., None]
     return _per_step((seqlens,), ("mask", Tq, n, causal, window, first), make)
 
 
@@ -254,11 +254,11 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, masks: tuple[Tensor, Tensor],
     B, Tq, H, _ = q.shape
     if k.shape[1] == 0:
         return q.new_zeros((B, Tq, H, v.shape[-1]))
-    mask, seen = masks
+    mask, blind = masks
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=mask, scale=scale,
                                          enable_gqa=k.shape[2] != H).transpose(1, 2)
-    return out.masked_fill(~seen[..., None], 0.0)
+    return out.masked_fill(blind, 0.0)
 
 
 def paged_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor,
