@@ -108,7 +108,7 @@ def _per_step(tensors: tuple[Tensor, ...], extra: tuple, make):
     if hit is not None and all(r() is t for r, t in zip(hit[0], tensors)):
         return hit[1]
     value = make()
-    if len(_STEP) >= 64:
+    if len(_STEP) >= 16:  # a step makes up to 6 kinds: keep about two steps, not old masks
         _STEP.clear()
     _STEP[key] = (tuple(weakref.ref(t) for t in tensors), value)
     return value
