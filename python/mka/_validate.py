@@ -41,7 +41,12 @@ def _tensor(t, name: str, ndim: int, layout: str, ref: Optional[Tensor] = None,
         _fail(f"{name}: expected a {ndim}-d tensor {layout}, got shape {tuple(t.shape)}")
     if t.shape[-1] > 1 and t.numel() > 0 and t.stride(-1) != 1:
         _fail(f"{name}: the last dimension must be contiguous (stride 1), got stride {t.stride(-1)}")
-    if ref is not None and t.device != ref.device:
+    if ref is not None:
+        _same_device(t, name, ref, ref_name)
+
+
+def _same_device(t: Tensor, name: str, ref: Tensor, ref_name: str) -> None:
+    if t.device != ref.device:
         _fail(f"{name}: is on {t.device} but {ref_name} is on {ref.device}")
 
 

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
 from . import _C
+from ._validate import _same_device
 from .kernels import _State
 from .memory.ops import _inference_op
 from .ops import _launch, _native
@@ -45,13 +46,13 @@ def _check(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional
     if x.dim() < 1 or x.shape != residual.shape:
         raise ValueError(f"residual: expected the shape of x {tuple(x.shape)}, got "
                          f"{tuple(residual.shape)}")
-    if x.device != residual.device:
-        raise ValueError(f"residual: is on {residual.device} but x is on {x.device}")
+    _same_device(residual, "residual", x, "x")
     C = x.shape[-1]
     for t, name in ((weight, "weight"), (bias, "bias")):
-        if t is not None and (t.shape != (C,) or t.device != x.device):
-            raise ValueError(f"{name}: expected ({C},) on {x.device}, got {tuple(t.shape)} on "
-                             f"{t.device}")
+        if t is not None:
+            if t.shape != (C,):
+                raise ValueError(f"{name}: expected ({C},), got {tuple(t.shape)}")
+            _same_device(t, name, x, "x")
     if not eps >= 0:
         raise ValueError(f"eps: must be >= 0, got {eps}")
 
@@ -105,10 +106,11 @@ def _check_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation:
     if x.dim() < 1 or weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
         raise ValueError(f"weight: expected (N, {x.shape[-1] if x.dim() else '?'}) for x "
                          f"{tuple(x.shape)}, got {tuple(weight.shape)}")
-    if weight.device != x.device or (bias is not None and bias.device != x.device):
-        raise ValueError(f"weight: is on {weight.device} but x is on {x.device}")
-    if bias is not None and bias.shape != (weight.shape[0],):
-        raise ValueError(f"bias: expected ({weight.shape[0]},), got {tuple(bias.shape)}")
+    _same_device(weight, "weight", x, "x")
+    if bias is not None:
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias: expected ({weight.shape[0]},), got {tuple(bias.shape)}")
+        _same_device(bias, "bias", x, "x")
 
 
 @_inference_op("linear")

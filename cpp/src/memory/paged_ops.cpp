@@ -17,10 +17,9 @@ using checks::check_dtype;
 using checks::check_shape;
 using checks::dtype_supported;
 
-void check_device(const TensorRef& t, const char* name, const TensorRef& ref) {
-  MKA_CHECK(t.device == ref.device && t.device_id == ref.device_id, name, ": is on ",
-            device_name(t.device), ":", t.device_id, " but the pages are on ",
-            device_name(ref.device), ":", ref.device_id);
+// Every tensor of a paged op lives where the pages do.
+void check_device(const TensorRef& t, const char* name, const TensorRef& pages) {
+  checks::check_same_device(t, name, pages, "k_pages");
 }
 
 // The pages, the table and the per-sequence lengths (B,) int32.

@@ -5,9 +5,9 @@
 #include "mka/memory/recall_ops.h"
 
 #include <cmath>
-#include <type_traits>
 
 #include "../ops/checks.h"
+#include "../ops/on_device.h"
 #include "mka/error.h"
 #include "mka/problem.h"
 
@@ -18,8 +18,7 @@ using checks::check_dtype;
 using checks::check_shape;
 
 void check_like_q(const TensorRef& t, const char* name, const TensorRef& q) {
-  MKA_CHECK(t.device == q.device && t.device_id == q.device_id, name, ": is on ",
-            device_name(t.device), " but q is on ", device_name(q.device));
+  checks::check_same_device(t, name, q, "q");
 }
 
 RecallProblem check_recall(const TensorRef& q, const TensorRef& k, const TensorRef& v,
@@ -71,21 +70,6 @@ void check_out(const TensorRef& t, const char* name, std::initializer_list<int64
   check_like_q(t, name, q);
 }
 
-template <class A> void run(const RecallProblem& p, const A& a) {
-  constexpr bool fwd = std::is_same_v<A, RecallFwd>;
-  if (a.q.device == Device::cpu) {
-    if constexpr (fwd) cpu::recall_fwd(p, a);
-    else cpu::recall_bwd(p, a);
-    return;
-  }
-#if MKA_WITH_CUDA
-  if constexpr (fwd) cuda::recall_fwd(p, a);
-  else cuda::recall_bwd(p, a);
-#else
-  fail("recall: this build of mka has no CUDA kernels");
-#endif
-}
-
 }  // namespace
 
 void recall_forward(const RecallFwd& a) {
@@ -93,7 +77,8 @@ void recall_forward(const RecallFwd& a) {
   check_out(a.out, "out", {p.B, p.Tq, p.H, p.d}, p.dtype, a.q);
   check_out(a.lse, "lse", {p.B, p.H, p.Tq}, stats_dtype(p.dtype), a.q);
   MKA_CHECK(is_contiguous(a.lse), "lse: must be contiguous");
-  run(p, a);
+  on_device(a.q.device, "recall_forward", [&] { cpu::recall_fwd(p, a); },
+            [&] { MKA_CUDA_CALL(cuda::recall_fwd(p, a)); });
 }
 
 void recall_backward(const RecallBwd& a) {
@@ -105,7 +90,8 @@ void recall_backward(const RecallBwd& a) {
   check_out(a.dq, "dq", {p.B, p.Tq, p.H, p.d}, p.dtype, a.q);
   check_out(a.dk, "dk", {p.B, p.Tk, p.G, p.d}, p.dtype, a.q);
   check_out(a.dv, "dv", {p.B, p.Tk, p.G, p.d}, p.dtype, a.q);
-  run(p, a);
+  on_device(a.q.device, "recall_backward", [&] { cpu::recall_bwd(p, a); },
+            [&] { MKA_CUDA_CALL(cuda::recall_bwd(p, a)); });
 }
 
 }  // namespace mka

@@ -33,9 +33,7 @@ using checks::dtype_supported;
 void check_tensor(const TensorRef& t, const char* name, int ndim, const char* layout,
                   const TensorRef& ref, const char* ref_name) {
   checks::check_layout(t, name, ndim, layout);
-  MKA_CHECK(t.device == ref.device && t.device_id == ref.device_id, name, ": is on ",
-            device_name(t.device), ":", t.device_id, " but ", ref_name, " is on ",
-            device_name(ref.device), ":", ref.device_id);
+  checks::check_same_device(t, name, ref, ref_name);
 }
 
 void check_same_dtype(const TensorRef& t, const char* name, const TensorRef& ref,
