@@ -254,7 +254,7 @@ template <class T, int D> struct EmaScores {
     // acc_to_a's layout: a[0], a[2] rows g, a[1], a[3] rows g + 8.
     if (kFirst == 0) pa[0] = pack2<T>(w[0][0], w[0][1]), pa[2] = pack2<T>(w[1][0], w[1][1]);
     pa[1] = pack2<T>(w[0][2], w[0][3]), pa[3] = pack2<T>(w[1][2], w[1][3]);
-    pv_step<T, D>(st.o, pa, sV, 16 * warp);
+    warp_times_rows<T, D>(st.o, pa, sV, 16 * warp);
 #pragma unroll
     for (int n8 = 0; n8 < D / 8; ++n8) {
       const T* vp = &sh.sv[warp][8 * n8 + 2 * t];

@@ -103,13 +103,11 @@ __global__ void __launch_bounds__(kThreads, kStack ? 3 : 1) paged_attention_mma(
     T* sV = sK + kTile * D;
     const int64_t j0 = t * kTile;
     const int k0 = 16 * warp;
-    float s1[2][4];  // this warp's 16 keys' scores, scaled (base 2)
+    float s1[2][4] = {};  // this warp's 16 keys' scores, scaled (base 2)
     if constexpr (kEma)  // Q's registers go to level 2
-      qk_step<T, D>(s1, [&](unsigned (&f)[4], int kk) { load_q<D, kQRows>(f, sQ, qzero, kk); }, sK, k0);
+      warp_scores_by<T, D>(s1, [&](unsigned (&f)[4], int kk) { load_q<D, kQRows>(f, sQ, qzero, kk); }, sK, k0);
     else
-      qk_step<T, D>(s1, [&](unsigned (&f)[4], int kk) {
-        f[0] = qa[kk][0], f[1] = qa[kk][1], f[2] = qa[kk][2], f[3] = qa[kk][3];
-      }, sK, k0);
+      warp_scores<T, D>(s1, qa, sK, k0);
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
@@ -121,9 +119,7 @@ __global__ void __launch_bounds__(kThreads, kStack ? 3 : 1) paged_attention_mma(
 #pragma unroll
         for (int c = 0; c < 4; ++c) p[nt][c] = s1[nt][c];
       softmax_step<D>(p, j0, k0, mask, 0, lv[0]);
-      unsigned pa[4];
-      acc_to_a<T, 2>(pa, p, 0);
-      pv_step<T, D>(lv[0].o, pa, sV, k0);
+      warp_times_rows<T, D>(lv[0].o, p, sV, k0);
     }
     if constexpr (kEma) {
       const int2* rows = sRows[slot(t)];
@@ -146,9 +142,8 @@ __global__ void __launch_bounds__(kThreads, kStack ? 3 : 1) paged_attention_mma(
     __syncthreads();  // the stage and its rows are refilled next iteration
   }
 
-  // Merge the warps: per row the max over warps; each warp's share, rescaled to it, goes to
-  // its own slice of sW and the slices are summed in a fixed order (no shared-memory atomics:
-  // float atomics on shared memory are compare-and-swap loops, four warps contending).
+  // Merge the warps (mma/warp_keys.cuh): per row the max over warps, each warp's share rescaled
+  // to it and summed in a fixed order, level by level through sW.
   float* sO = reinterpret_cast<float*>(stage0);  // [level][16][D]
   float* sW = sO + kRegLevels * 16 * D;           // [warp][16][D], one level at a time
   static_assert((kRegLevels + kMmaWarps) * 16 * D * 4 <= 2 * 2 * kTile * D * sizeof(T),
@@ -164,32 +159,16 @@ __global__ void __launch_bounds__(kThreads, kStack ? 3 : 1) paged_attention_mma(
   __syncthreads();
   if (threadIdx.x < kRegLevels * 16) {
     const int l = threadIdx.x / 16, r = threadIdx.x % 16;
-    float m = -INFINITY, L = 0.f;
-    for (int w = 0; w < kMmaWarps; ++w) m = fmaxf(m, sM[l][w][r]);
-    for (int w = 0; w < kMmaWarps; ++w)
-      if (sL[l][w][r] > 0.f) L += sL[l][w][r] * exp2f(sM[l][w][r] - m);
-    rowM[l][r] = m, rowL[l][r] = L;
+    merge_stats<kMmaWarps>(sM[l], sL[l], r, rowM[l][r], rowL[l][r]);
   }
   __syncthreads();
 #pragma unroll
   for (int l = 0; l < kRegLevels; ++l) {
+    float f[2];
 #pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      const int r = lane / 4 + 8 * hr;
-      const float f = lv[l].l[hr] > 0.f ? exp2f(lv[l].m[hr] - rowM[l][r]) : 0.f;
-#pragma unroll
-      for (int t = 0; t < D / 8; ++t)
-        *reinterpret_cast<float2*>(sW + (warp * 16 + r) * D + 8 * t + 2 * (lane % 4)) =
-            make_float2(lv[l].o[t][2 * hr] * f, lv[l].o[t][2 * hr + 1] * f);
-    }
-    __syncthreads();
-    for (int e = threadIdx.x; e < 16 * D; e += kThreads) {
-      float acc = 0.f;
-#pragma unroll
-      for (int w = 0; w < kMmaWarps; ++w) acc += sW[w * 16 * D + e];
-      sO[l * 16 * D + e] = acc;
-    }
-    __syncthreads();
+    for (int hr = 0; hr < 2; ++hr)
+      f[hr] = lv[l].l[hr] > 0.f ? exp2f(lv[l].m[hr] - rowM[l][lane / 4 + 8 * hr]) : 0.f;
+    merge_warps<kMmaWarps, D>(sW, lv[l].o, f, [&](int r, int x, float sum) { sO[(l * 16 + r) * D + x] = sum; });
   }
 
   // Level l of query row r: merged row (l, r), or row r + 8 l of the stacked tile.

@@ -1,9 +1,10 @@
 // The steps of the paged decode kernel on tensor cores (paged_mma.cuh): where a tile's rows
 // live (TileRows), the rows' key ranges (RowMask), a level's online softmax per warp
-// (WarpSoftmax; qk_step, softmax_step, pv_step) and the copies of a tile into shared memory.
+// (softmax_step over mma/warp_keys.cuh's steps) and the copies of a tile into shared memory.
 #pragma once
 #include "memory/paged_params.cuh"
 #include "mma/mma_tile.cuh"
+#include "mma/warp_keys.cuh"
 
 namespace mka::cuda::paged {
 
@@ -52,16 +53,7 @@ struct TileRows {
   }
 };
 
-// One level's per-warp state: the running max and sum of rows lane/4 and lane/4 + 8, and the
-// output accumulator (16 rows x D in m16n8 tiles).
-template <int D> struct WarpSoftmax {
-  float m[2], l[2], o[D / 8][4];
-  __device__ __forceinline__ void init() {
-    m[0] = m[1] = -INFINITY, l[0] = l[1] = 0.f;
-#pragma unroll
-    for (int t = 0; t < D / 8; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.f;
-  }
-};
+using mma::WarpSoftmax;
 
 // The keys [lo, hi) each of the block's 16 rows sees, per level (level 1 within the window,
 // level 2 from the split's start): fixed for the block, so worked out once into shared
@@ -92,24 +84,10 @@ struct RowMask {
 };
 
 
-// One warp's 16 keys of a tile, for one level: QK^T (qk_step), the online-softmax update of
-// the scores (softmax_step: masked, base 2, already scaled), then O += P V (pv_step).
-// qfrag(a, kk) gives Q's A operand of k-chunk pair kk: from registers (MHA) or loaded from
-// shared memory per tile (load_q; MKA, whose level 2 needs those 32 registers).
-template <class T, int D, class QFrag>
-__device__ __forceinline__ void qk_step(float (&s)[2][4], QFrag&& qfrag, const T* sK, int k0) {
-  using namespace mma;
-#pragma unroll
-  for (int nt = 0; nt < 2; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    unsigned qa[4], b[4];
-    qfrag(qa, kk);
-    load_b<D>(b, sK, k0, kk);
-    mma16816<T>(s[0], qa, b[0], b[1]);
-    mma16816<T>(s[1], qa, b[2], b[3]);
-  }
-}
+// One warp's 16 keys of a tile, for one level: S = Q K^T (mma::warp_scores, Q's fragments
+// from registers (MHA) or loaded from shared memory per tile (load_q; MKA, whose level 2
+// needs those 32 registers)), the masked online softmax (softmax_step), O += P V
+// (mma::warp_times_rows).
 
 // Q's A operand (16 x 16, k-chunk pair kk) from its shared-memory tile of kQRows rows
 // (swizzled); rows past it read a 16-byte zero chunk.
@@ -141,44 +119,7 @@ __device__ __forceinline__ void softmax_step(float (&s)[2][4], int64_t j0, int k
         mx[hr] = fmaxf(mx[hr], x);
       }
   }
-  float alpha[2];
-#pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    const float m_new = fmaxf(st.m[hr], quad_max(mx[hr]));
-    float sum = 0.f;
-    if (m_new == -INFINITY) {
-      alpha[hr] = 1.f;
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt) s[nt][2 * hr] = s[nt][2 * hr + 1] = 0.f;
-    } else {
-      alpha[hr] = exp2f(st.m[hr] - m_new);
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-        for (int c = 0; c < 2; ++c) sum += (s[nt][2 * hr + c] = exp2f(s[nt][2 * hr + c] - m_new));
-    }
-    st.l[hr] = st.l[hr] * alpha[hr] + quad_sum(sum);
-    st.m[hr] = m_new;
-  }
-#pragma unroll
-  for (int t = 0; t < D / 8; ++t) {
-    st.o[t][0] *= alpha[0], st.o[t][1] *= alpha[0];
-    st.o[t][2] *= alpha[1], st.o[t][3] *= alpha[1];
-  }
-}
-
-// o += A V over the warp's 16 value rows (k0..), A the 16 x 16 weights as an A operand.
-template <class T, int D>
-__device__ __forceinline__ void pv_step(float (&o)[D / 8][4], const unsigned (&pa)[4], const T* sV,
-                                        int k0) {
-  using namespace mma;
-#pragma unroll
-  for (int np = 0; np < D / 16; ++np) {
-    unsigned b[4];
-    load_b_trans<D>(b, sV, k0, np);
-    mma16816<T>(o[2 * np], pa, b[0], b[1]);
-    mma16816<T>(o[2 * np + 1], pa, b[2], b[3]);
-  }
+  st.update(s, mx);
 }
 
 // One level over the warp's keys of a tile whose rows hold that level's keys and values.
@@ -186,16 +127,14 @@ template <class T, int D>
 __device__ __forceinline__ void tile_level(const PagedArgs& a, const T* sQ, const T* sK, const T* sV, int64_t j0,
                                            const RowMask& mask, int level, WarpSoftmax<D>& st) {
   const int k0 = 16 * (threadIdx.x / 32);
-  float s[2][4];
-  qk_step<T, D>(s, [&](unsigned (&f)[4], int kk) { load_q<D, 16>(f, sQ, sQ, kk); }, sK, k0);
+  float s[2][4] = {};
+  mma::warp_scores_by<T, D>(s, [&](unsigned (&f)[4], int kk) { load_q<D, 16>(f, sQ, sQ, kk); }, sK, k0);
 #pragma unroll
   for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
     for (int c = 0; c < 4; ++c) s[nt][c] *= a.scale_log2;
   softmax_step<D>(s, j0, k0, mask, level, st);
-  unsigned pa[4];
-  mma::acc_to_a<T, 2>(pa, s, 0);
-  pv_step<T, D>(st.o, pa, sV, k0);
+  mma::warp_times_rows<T, D>(st.o, s, sV, k0);
 }
 
 // Rows [j0, j0 + 64) of the split's keys, K and V, into a stage (zeros outside [lo, hi) and

@@ -17,6 +17,7 @@
 #pragma once
 #include "memory/recall_params.cuh"
 #include "mma/mma_tile.cuh"
+#include "mma/warp_keys.cuh"
 
 namespace mka::cuda::recall {
 
@@ -80,58 +81,6 @@ __device__ __forceinline__ void key_tiles(const Args& a, const RowSmem& s, const
   }
 }
 
-// Each warp's 16 x D float accumulator (m16n8 tiles) into sO[warp] times f[hr] (rows lane/4
-// and lane/4 + 8), then the sum over the warps in order, per element, to `put(m, x, sum)`.
-template <int D, class Put>
-__device__ __forceinline__ void merge_warps(float* sO, const float (&o)[D / 8][4],
-                                            const float (&f)[2], Put&& put) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-#pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    float* row = sO + (warp * 16 + lane / 4 + 8 * hr) * D + 2 * (lane % 4);
-#pragma unroll
-    for (int t = 0; t < D / 8; ++t)
-      *reinterpret_cast<float2*>(row + 8 * t) = make_float2(o[t][2 * hr] * f[hr], o[t][2 * hr + 1] * f[hr]);
-  }
-  __syncthreads();
-  for (int e = threadIdx.x; e < 16 * D; e += kThreads) {
-    float sum = 0.f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) sum += sO[w * 16 * D + e];
-    put(e / D, e % D, sum);
-  }
-}
-
-// S (this warp's 16 keys k0.. of a tile) += A (16 x D, fragments xa) times the keys: QK^T, dO V^T.
-template <class T, int D>
-__device__ __forceinline__ void warp_scores(float (&sc)[2][4], const unsigned (&xa)[D / 16][4],
-                                            const T* tile, int k0) {
-  using namespace mma;
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    unsigned b[4];
-    load_b<D>(b, tile, k0, kk);
-    mma16816<T>(sc[0], xa[kk], b[0], b[1]);
-    mma16816<T>(sc[1], xa[kk], b[2], b[3]);
-  }
-}
-
-// acc (16 x D) += x (16 x this warp's 16 keys, as accumulators) times the keys' rows: P V, dS K.
-template <class T, int D>
-__device__ __forceinline__ void warp_times_rows(float (&acc)[D / 8][4], const float (&x)[2][4],
-                                                const T* tile, int k0) {
-  using namespace mma;
-  unsigned xa[4];
-  acc_to_a<T, 2>(xa, x, 0);
-#pragma unroll
-  for (int np = 0; np < D / 16; ++np) {
-    unsigned b[4];
-    load_b_trans<D>(b, tile, k0, np);
-    mma16816<T>(acc[2 * np], xa, b[0], b[1]);
-    mma16816<T>(acc[2 * np + 1], xa, b[2], b[3]);
-  }
-}
-
 // f(hr, nt, c, n) for each of this thread's score elements sc[nt][2 hr + c] of tile kt: M row
 // lane/4 + 8 hr, key 64 kt + 16 warp + 8 nt + 2 (lane % 4) + c, chosen n times by the row.
 template <class F>
@@ -167,7 +116,8 @@ __global__ void __launch_bounds__(kThreads) recall_fwd_mma(const Args a) {
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) load_a<D>(qa[kk], sQ, 0, kk);
 
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, o[D / 8][4] = {};
+  WarpSoftmax<D> st;
+  st.init();
   key_tiles<T, D>(a, s, rb, stage0, tiles, [&](const T* sK, const T* sV, int kt) {
     float sc[2][4] = {};
     warp_scores<T, D>(sc, qa, sK, k0);
@@ -177,52 +127,22 @@ __global__ void __launch_bounds__(kThreads) recall_fwd_mma(const Args a) {
       x = n > 0 ? counted(x * a.scale_log2, n) : -INFINITY;
       mx[hr] = fmaxf(mx[hr], x);
     });
-    float alpha[2];
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      const float m_new = fmaxf(m[hr], quad_max(mx[hr]));
-      float sum = 0.f;
-      if (m_new == -INFINITY) {
-        alpha[hr] = 1.f;
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt) sc[nt][2 * hr] = sc[nt][2 * hr + 1] = 0.f;
-      } else {
-        alpha[hr] = exp2f(m[hr] - m_new);
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-          for (int c = 0; c < 2; ++c) sum += (sc[nt][2 * hr + c] = exp2f(sc[nt][2 * hr + c] - m_new));
-      }
-      l[hr] = l[hr] * alpha[hr] + quad_sum(sum);
-      m[hr] = m_new;
-    }
-#pragma unroll
-    for (int t = 0; t < D / 8; ++t) {
-      o[t][0] *= alpha[0], o[t][1] *= alpha[0];
-      o[t][2] *= alpha[1], o[t][3] *= alpha[1];
-    }
-    warp_times_rows<T, D>(o, sc, sV, k0);
+    st.update(sc, mx);
+    warp_times_rows<T, D>(st.o, sc, sV, k0);
   });
   cp_async_wait<0>();
 
   // Merge the warps: per row the max over warps, each warp's share rescaled to it.
   if (lane % 4 == 0)
 #pragma unroll
-    for (int hr = 0; hr < 2; ++hr) sM[warp][lane / 4 + 8 * hr] = m[hr], sL[warp][lane / 4 + 8 * hr] = l[hr];
+    for (int hr = 0; hr < 2; ++hr) sM[warp][lane / 4 + 8 * hr] = st.m[hr], sL[warp][lane / 4 + 8 * hr] = st.l[hr];
   __syncthreads();
-  if (threadIdx.x < 16) {
-    const int r = threadIdx.x;
-    float mm = -INFINITY, L = 0.f;
-    for (int w = 0; w < kWarps; ++w) mm = fmaxf(mm, sM[w][r]);
-    for (int w = 0; w < kWarps; ++w)
-      if (sL[w][r] > 0.f) L += sL[w][r] * exp2f(sM[w][r] - mm);
-    rowM[r] = mm, rowL[r] = L;
-  }
+  if (threadIdx.x < 16) merge_stats<kWarps>(sM, sL, threadIdx.x, rowM[threadIdx.x], rowL[threadIdx.x]);
   __syncthreads();
   float f[2];
 #pragma unroll
-  for (int hr = 0; hr < 2; ++hr) f[hr] = l[hr] > 0.f ? exp2f(m[hr] - rowM[lane / 4 + 8 * hr]) : 0.f;
-  merge_warps<D>(reinterpret_cast<float*>(stage0), o, f, [&](int r, int x, float sum) {
+  for (int hr = 0; hr < 2; ++hr) f[hr] = st.l[hr] > 0.f ? exp2f(st.m[hr] - rowM[lane / 4 + 8 * hr]) : 0.f;
+  merge_warps<kWarps, D>(reinterpret_cast<float*>(stage0), st.o, f, [&](int r, int x, float sum) {
     const int i = s.rowi[r];
     if (i < 0) return;
     const int64_t t = rb.t0 + i;
@@ -288,7 +208,7 @@ __global__ void __launch_bounds__(kThreads) recall_dq_mma(const Args a) {
   cp_async_wait<0>();
 
   const float f[2] = {a.scale, a.scale};
-  merge_warps<D>(reinterpret_cast<float*>(stage0), dq, f, [&](int r, int x, float sum) {
+  merge_warps<kWarps, D>(reinterpret_cast<float*>(stage0), dq, f, [&](int r, int x, float sum) {
     const int i = s.rowi[r];
     if (i < 0) return;
     a.dq.at<T>(rb.b, rb.t0 + i, s.head[r])[x] = from_f<T>(s.bad[i] ? qnan() : sum);
