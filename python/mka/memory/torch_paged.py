@@ -56,36 +56,45 @@ def check_slots(block_table: Tensor, ends: Tensor, num_pages: int, page_size: in
                                  "a write: PageTable.reserve does)")
 
 
-# Storages of the block tables and lengths that a PagedKVCache made from its PageTable: valid
-# by construction, so CUDA calls through them skip the host checks and host reads of the
-# lengths (each a synchronisation, per layer and decode step). A key leaves when its tensor
-# dies — before its storage can be freed and its address reused.
-_POOL_MADE: set[int] = set()
+class _Storages:
+    """A set of tensors' storages; a key leaves when its tensor dies — before its storage can
+    be freed and its address reused."""
+
+    def __init__(self) -> None:
+        self.keys: set[int] = set()
+
+    def add(self, *tensors: Tensor) -> None:
+        for t in tensors:
+            key = t.untyped_storage().data_ptr()
+            self.keys.add(key)
+            weakref.finalize(t, self.keys.discard, key)
+
+    def __contains__(self, t) -> bool:
+        """``t``: a tensor, or a storage address."""
+        return (t if isinstance(t, int) else t.untyped_storage().data_ptr()) in self.keys
+
+
+# The block tables and lengths that a PagedKVCache made from its PageTable: valid by
+# construction, so CUDA calls through them skip the host checks and host reads of the
+# lengths (each a synchronisation, per layer and decode step).
+_POOL_MADE = _Storages()
+# Lengths that move inside a captured CUDA graph (a static cache's): their contents change on
+# replay without a version bump, so nothing derived from them is kept between calls.
+_MOVES_IN_GRAPHS = _Storages()
 
 
 def mark_pool_made(*tensors: Tensor) -> None:
     """Registers tensors (block tables, step lengths) made by a cache's page table."""
-    for t in tensors:
-        key = t.untyped_storage().data_ptr()
-        _POOL_MADE.add(key)
-        weakref.finalize(t, _POOL_MADE.discard, key)
-
-
-def _pool_made(t: Tensor) -> bool:
-    return t.untyped_storage().data_ptr() in _POOL_MADE
-
-
-# Lengths that move inside a captured CUDA graph (a static cache's): their contents change on
-# replay without a version bump, so nothing derived from them is kept between calls.
-_MOVES_IN_GRAPHS: set[int] = set()
+    _POOL_MADE.add(*tensors)
 
 
 def mark_static(*tensors: Tensor) -> None:
     """Registers lengths a static cache moves in place (also inside CUDA graphs)."""
-    for t in tensors:
-        key = t.untyped_storage().data_ptr()
-        _MOVES_IN_GRAPHS.add(key)
-        weakref.finalize(t, _MOVES_IN_GRAPHS.discard, key)
+    _MOVES_IN_GRAPHS.add(*tensors)
+
+
+def _pool_made(t: Tensor) -> bool:
+    return t in _POOL_MADE
 
 
 # What the layers of one decode step share: every layer reads the same block table and
@@ -101,7 +110,7 @@ _STEP: dict = {}
 def _per_step(tensors: tuple[Tensor, ...], extra: tuple, make):
     if (torch.compiler.is_compiling()
             or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
-            or any(t.untyped_storage().data_ptr() in _MOVES_IN_GRAPHS for t in tensors)):
+            or any(t in _MOVES_IN_GRAPHS for t in tensors)):
         return make()
     key = tuple((id(t), t._version) for t in tensors) + extra
     hit = _STEP.get(key)
