@@ -65,7 +65,7 @@ def _rows(residual: Tensor) -> Optional[Tensor]:
         return None
 
 
-@_inference_op("add_layer_norm", mutates_args=("residual",))
+@_inference_op("add_layer_norm", mutates_args=("residual",), refuse_grad=True)
 def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None,
                    bias: Optional[Tensor] = None,
                    eps: float = 1e-5) -> Tensor:
@@ -113,7 +113,7 @@ def _check_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation:
         _same_device(bias, "bias", x, "x")
 
 
-@_inference_op("linear")
+@_inference_op("linear", refuse_grad=True)
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
            activation: str = "none") -> Tensor:
     """``activation(x @ weight.T + bias)`` for ``x: (..., K)``, ``weight: (N, K)`` (nn.Linear's

@@ -115,3 +115,14 @@ def test_errors_name_the_argument():
         add_layer_norm(x, r, w, b, -1.0)
     with pytest.raises(ValueError, match="residual"):
         add_layer_norm(r, r, w, b, 1e-5)
+
+
+def test_inputs_that_require_grad_raise():
+    """No backward: a gradient asked for is an error, not a gradient silently missing."""
+    x, r = torch.randn(2, 8), torch.randn(2, 8)
+    w = torch.ones(8, requires_grad=True)
+    with pytest.raises(ValueError, match="inference only"):
+        add_layer_norm(x, r, w)
+    with torch.no_grad():
+        assert add_layer_norm(x, r, w).shape == (2, 8)
+

@@ -93,3 +93,13 @@ def test_errors_name_the_argument():
         linear(x, w, b[:3])
     with pytest.raises(ValueError, match="activation"):
         linear(x, w, b, "relu")
+
+
+def test_inputs_that_require_grad_raise():
+    """No backward: a gradient asked for is an error, not a gradient silently missing."""
+    x, w, b = _case(1, 16, 4, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="inference only"):
+        linear(x.requires_grad_(), w, b)
+    with torch.no_grad():
+        assert linear(x, w, b).shape == (1, 4)
+

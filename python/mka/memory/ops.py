@@ -38,12 +38,25 @@ _CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LIB = torch.library.Library("mka", "FRAGMENT")
 
 
-def _inference_op(name: str, mutates_args: Tuple[str, ...] = ()):
+def _no_gradient(name: str, args, kwargs) -> None:
+    """An op without a backward whose output is a function of its inputs: an input that asks
+    for a gradient is an error, where autograd would run on and leave that gradient silently
+    missing."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Tensor) and value.requires_grad:
+            raise ValueError(f"mka.{name}: inference only (no gradients); an input requires "
+                             "grad: call it under torch.no_grad() or on detached tensors")
+
+
+def _inference_op(name: str, mutates_args: Tuple[str, ...] = (), refuse_grad: bool = False):
     """Registers ``fn`` as ``torch.ops.mka.<name>`` straight on the dispatcher's CPU and CUDA
     keys (schema inferred as torch.library.custom_op does). custom_op would also wrap each
     call in a Python autograd function and a dynamo guard — ~30 us a call on a slow host,
     paid by every layer of every decode step — which ops without gradients do not need.
-    Returns the op as a function with custom_op's ``register_fake``."""
+    ``refuse_grad``: inputs that require grad (with grad mode on) raise (:func:`_no_gradient`);
+    the paged ops leave it off, as a model decoding with grad mode on writes its keys to the
+    cache, a store without gradients. Returns the op as a function with custom_op's
+    ``register_fake``."""
     def wrap(fn):
         _LIB.define(name + torch.library.infer_schema(fn, mutates_args=mutates_args))
         for key in ("CPU", "CUDA"):
@@ -52,6 +65,8 @@ def _inference_op(name: str, mutates_args: Tuple[str, ...] = ()):
 
         @functools.wraps(fn)
         def call(*args, **kwargs):
+            if refuse_grad and torch.is_grad_enabled():
+                _no_gradient(name, args, kwargs)
             return op(*args, **kwargs)
 
         call.register_fake = lambda fake: torch.library.register_fake(f"mka::{name}", fake,
