@@ -48,7 +48,7 @@ __global__ void __launch_bounds__(kThreads, kStack ? 3 : 1) paged_attention_mma(
   // Level 2 from level 1's scores needs every 16-row segment inside one page (EmaScores).
   const bool ema_tc = kStack || (kEma && (!a.table || a.S % 16 == 0));  // kStack: checked by the host
   if (threadIdx.x == 0) bad = bk.bad;
-  if (threadIdx.x < 8) qzero[threadIdx.x] = from_f<T>(0.f);
+  if (kStack && threadIdx.x < 8) qzero[threadIdx.x] = from_f<T>(0.f);  // read by load_q past 8 rows
   if constexpr (kStack) mask.init_stacked(a, bk);  // read after the next barrier
   else mask.init(a, bk);
   // Q rows (zeros past R) into a swizzled tile.
