@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <mutex>
+#include <utility>
 
 #include "mka/error.h"
 #include "mka/tensor.h"
@@ -23,6 +24,23 @@ template <> __device__ __forceinline__ float from_f<float>(float x) { return x; 
 template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
+}
+
+// --- programmatic dependent launch (sm_90) ---------------------------------------------
+// A kernel launched with launch_after (the programmatic-serialization attribute) may start
+// while the kernel before it in the stream still runs, once that kernel's blocks have all
+// called allow_dependents (or ended): its launch overlaps their last work. It must call
+// wait_for_prior_grid before reading what that kernel writes (the wait ends when it has ended
+// and its writes are visible). Both are no-ops below sm_90.
+__device__ __forceinline__ void allow_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+__device__ __forceinline__ void wait_for_prior_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
 }
 
 __device__ __forceinline__ float warp_sum(float x) {
@@ -184,6 +202,32 @@ inline void check_cuda(cudaError_t e, const char* what) {
 }
 // After every launch: a bad configuration surfaces here, not at the next sync.
 inline void check_launch(const char* kernel) { check_cuda(cudaGetLastError(), kernel); }
+
+// Compute capability major of a device (queried once per device).
+inline int cc_major(int device) {
+  static std::once_flag once[64];
+  static int major[64];
+  if (device < 0 || device >= 64) return 0;
+  std::call_once(once[device], [device] {
+    if (cudaDeviceGetAttribute(&major[device], cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess)
+      major[device] = 0;
+  });
+  return major[device];
+}
+
+// Launches kernel<<<grid, block, smem, s>>>(args...) as a programmatic dependent of the kernel
+// before it in the stream where the device has it (sm_90+; see allow_dependents), else plainly.
+template <class... Params, class... Args>
+void launch_after(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t s,
+                  int device, Args&&... args) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid, cfg.blockDim = block, cfg.dynamicSmemBytes = smem, cfg.stream = s;
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = &attr, cfg.numAttrs = cc_major(device) >= 9 ? 1 : 0;
+  check_cuda(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...), "cudaLaunchKernelEx");
+}
 // Lets kernel k use `bytes` of dynamic shared memory (needed past 48 KB less its static part).
 template <class Kernel> void set_smem(Kernel k, int bytes) {
   check_cuda(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),

@@ -192,6 +192,7 @@ __device__ __forceinline__ void tile_ema(const PagedArgs& a, T* sK, T* sV, const
 
 template <class T, int D, bool kEma>
 __global__ void __launch_bounds__(kThreads) paged_attention_kernel(const PagedArgs a) {
+  allow_dependents();  // the combine may launch now: it waits for this grid's end
   using Sm = Smem<T, D>;
   constexpr int kLevels = kEma ? 2 : 1;
   constexpr int kRowStep = kThreads / (D / 4), RPT = (kRows + kRowStep - 1) / kRowStep;
@@ -306,42 +307,105 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(const PagedAr
   }
 }
 
-// Merges the splits' partials of one (b, t, h) per block.
+// Merges the splits' partials of one (b, t, h) per block in two parallel passes (a loop over
+// the splits per thread is a chain of load latencies: 18 us at 49 splits on an H100). First
+// each thread reads the statistics of some splits into shared memory and the block reduces
+// them to the row's max and sum, leaving each split's weight exp2(m_s - m); then groups of
+// threads, one column per thread, each sum every groups-th split's values, eight loads in
+// flight per thread, and the groups' sums meet in shared memory. A split without keys
+// (L_s = 0) weighs 0 and its values, which may be anything, are not used.
 template <class T, int kLevels>
-__global__ void __launch_bounds__(kThreads) paged_combine_kernel(const PagedArgs a) {
+__global__ void __launch_bounds__(kCombineThreads) paged_combine_kernel(const PagedArgs a) {
+  constexpr int kWarps = kCombineThreads / 32, kBatch = 8;
+  __shared__ float sW[kLevels][kMaxSplits], sLs[kLevels][kMaxSplits];
+  __shared__ float sRed[kWarps][kLevels];
+  __shared__ float sSum[kCombineThreads];
   const int64_t bth = blockIdx.x;
   const int h = int(bth % a.H), t = int((bth / a.H) % a.T), b = int(bth / (int64_t(a.H) * a.T));
   const int64_t per_split = int64_t(a.B) * a.T * a.H * kLevels * (a.dv + 2);
   const float* base = a.ws + (((int64_t(b) * a.T + t) * a.H + h) * kLevels) * (a.dv + 2);
-  float m[kLevels], L[kLevels];
-#pragma unroll
-  for (int l = 0; l < kLevels; ++l) {
-    m[l] = -INFINITY, L[l] = 0.f;
-    for (int s = 0; s < a.splits; ++s) m[l] = fmaxf(m[l], base[s * per_split + l * (a.dv + 2) + a.dv]);
-    for (int s = 0; s < a.splits; ++s) {
-      const float* part = base + s * per_split + l * (a.dv + 2);
-      const float ls = part[a.dv + 1];
-      if (ls != 0.f) L[l] += ls * exp2f(part[a.dv] - m[l]);  // NaN propagates
-    }
-  }
-  T* dst = static_cast<T*>(a.out) + b * a.os[0] + t * a.os[1] + h * a.os[2];
-  for (int x = threadIdx.x; x < a.dv; x += kThreads) {
-    float o = 0.f;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  // A block-wide reduction of one value per level: max (fmaxf) or sum (a NaN propagates).
+  auto reduce = [&](float (&v)[kLevels], bool is_max) {
 #pragma unroll
     for (int l = 0; l < kLevels; ++l) {
-      if (!(L[l] > 0.f)) {
-        if (L[l] != L[l]) o = L[l];  // NaN: a bad page or length
-        continue;
+      for (int o = 16; o > 0; o /= 2) {
+        const float u = __shfl_xor_sync(0xffffffffu, v[l], o);
+        v[l] = is_max ? fmaxf(v[l], u) : v[l] + u;
       }
-      float sum = 0.f;
-      for (int s = 0; s < a.splits; ++s) {
-        const float* part = base + s * per_split + l * (a.dv + 2);
-        if (part[a.dv + 1] != 0.f) sum += part[x] * exp2f(part[a.dv] - m[l]);
-      }
-      const float w = kLevels == 2 ? (l == 0 ? a.lam0 : a.lam1).load(b, t, 1.f) : 1.f;
-      o += sum * (w / L[l]);
+      if (lane == 0) sRed[warp][l] = v[l];
     }
-    dst[x] = from_f<T>(o);
+    __syncthreads();
+#pragma unroll
+    for (int l = 0; l < kLevels; ++l) {
+      float r = sRed[0][l];
+      for (int w = 1; w < kWarps; ++w) r = is_max ? fmaxf(r, sRed[w][l]) : r + sRed[w][l];
+      v[l] = r;
+    }
+    __syncthreads();
+  };
+  wait_for_prior_grid();  // the partials (launched by launch_after)
+  float m[kLevels], L[kLevels];
+#pragma unroll
+  for (int l = 0; l < kLevels; ++l) m[l] = -INFINITY, L[l] = 0.f;
+  for (int s = threadIdx.x; s < a.splits; s += kCombineThreads)
+#pragma unroll
+    for (int l = 0; l < kLevels; ++l) {
+      const float* part = base + s * per_split + l * (a.dv + 2);
+      const float ms = part[a.dv], ls = part[a.dv + 1];
+      sW[l][s] = ms, sLs[l][s] = ls;
+      if (ls != 0.f) m[l] = fmaxf(m[l], ms);
+    }
+  reduce(m, true);
+  for (int s = threadIdx.x; s < a.splits; s += kCombineThreads)
+#pragma unroll
+    for (int l = 0; l < kLevels; ++l) {
+      const float ls = sLs[l][s];
+      const float e = ls != 0.f ? exp2f(sW[l][s] - m[l]) : 0.f;  // a NaN sum propagates
+      sW[l][s] = e;
+      L[l] += ls * e;
+    }
+  reduce(L, false);  // its barriers also publish sW
+  float scale[kLevels];
+#pragma unroll
+  for (int l = 0; l < kLevels; ++l) {
+    const float w = kLevels == 2 ? (l == 0 ? a.lam0 : a.lam1).load(b, t, 1.f) : 1.f;
+    scale[l] = L[l] > 0.f ? w / L[l] : (L[l] != L[l] ? L[l] : 0.f);  // NaN: a bad page or length
+  }
+  T* dst = static_cast<T*>(a.out) + b * a.os[0] + t * a.os[1] + h * a.os[2];
+  const int cols = a.dv <= 32 ? 32 : a.dv <= 64 ? 64 : a.dv <= 128 ? 128 : 256;
+  const int groups = kCombineThreads / cols, group = threadIdx.x / cols, x = threadIdx.x % cols;
+  for (int x0 = 0; x0 < a.dv; x0 += cols) {
+    float o = 0.f;
+    if (x0 + x < a.dv) {
+#pragma unroll
+      for (int l = 0; l < kLevels; ++l) {
+        const float* col = base + l * (a.dv + 2) + x0 + x;
+        float sum = 0.f;
+        for (int s0 = group; s0 < a.splits; s0 += kBatch * groups) {
+          float v[kBatch];
+#pragma unroll
+          for (int j = 0; j < kBatch; ++j) {
+            const int s = s0 + j * groups;
+            v[j] = s < a.splits ? col[s * per_split] : 0.f;
+          }
+#pragma unroll
+          for (int j = 0; j < kBatch; ++j) {
+            const int s = s0 + j * groups;
+            const float w = s < a.splits ? sW[l][s] : 0.f;
+            sum += w != 0.f ? v[j] * w : 0.f;
+          }
+        }
+        o += sum * scale[l];
+      }
+    }
+    sSum[threadIdx.x] = o;
+    __syncthreads();
+    if (group == 0 && x0 + x < a.dv) {
+      for (int g = 1; g < groups; ++g) o += sSum[g * cols + x];
+      dst[x0 + x] = from_f<T>(o);
+    }
+    __syncthreads();
   }
   if (a.lse && threadIdx.x == 0)
     a.lse[(int64_t(b) * a.H + h) * a.T + t] =
@@ -371,7 +435,7 @@ int64_t gcd64(int64_t x, int64_t y) { return y == 0 ? x : gcd64(y, x % y); }
 void plan_splits(PagedArgs& a, int64_t capacity, int64_t slots) {
   const int64_t base = int64_t(a.row_blocks) * a.B * a.G;
   const int64_t most = std::clamp<int64_t>(
-      std::min(ceil_div(capacity, kMinSplit), 4 * ceil_div(slots, base) + 1), 1, 65535);
+      std::min(ceil_div(capacity, kMinSplit), 4 * ceil_div(slots, base) + 1), 1, kMaxSplits);
   auto cost = [&](int64_t n) {
     return double(ceil_div(base * n, slots)) * (double(capacity) / double(n) + 2 * kTile);
   };
@@ -413,8 +477,9 @@ void launch(PagedArgs& a, int smem, const char* name, int64_t capacity, int devi
   Kernel<<<dim3(unsigned(blocks), unsigned(a.splits)), kThreads, smem, s>>>(a);
   check_launch(name);
   if (a.splits > 1) {
-    paged_combine_kernel<T, kEma ? 2 : 1><<<unsigned(int64_t(a.B) * a.T * a.H), kThreads, 0, s>>>(a);
-    check_launch("paged_combine_kernel");
+    // Launched while the blocks of the last wave still run; it waits for their partials.
+    launch_after(paged_combine_kernel<T, kEma ? 2 : 1>, dim3(unsigned(int64_t(a.B) * a.T * a.H)),
+                 dim3(kCombineThreads), 0, s, device, a);
   }
 }
 

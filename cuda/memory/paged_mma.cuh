@@ -28,6 +28,7 @@ template <class T, int D, bool kEma, bool kStack = false>
 __global__ void __launch_bounds__(kThreads, kStack ? 3 : 1) paged_attention_mma(const PagedArgs a) {
   using namespace mma;
   static_assert(kEma || !kStack, "only MKA's levels stack");
+  allow_dependents();  // the combine may launch now: it waits for this grid's end
   constexpr int kLevels = kEma ? 2 : 1;                 // levels of the output
   constexpr int kRegLevels = kEma && !kStack ? 2 : 1;  // softmax states and accumulators
   extern __shared__ __align__(128) unsigned char smem_raw[];

@@ -9,7 +9,9 @@ namespace mka::cuda::paged {
 constexpr int kThreads = 128;
 constexpr int kRows = 16;  // query rows (tokens x heads of one kv head) per block
 constexpr int kTile = 64;  // keys per shared-memory tile
-constexpr int64_t kMinSplit = 256;  // keys a split gets at least
+constexpr int64_t kMinSplit = 128;  // keys a split gets at least (two tiles)
+constexpr int kMaxSplits = 1024;  // splits of one row (the combine keeps a weight per split)
+constexpr int kCombineThreads = 256;
 constexpr float kLog2e = 1.4426950408889634f;
 
 struct PagedArgs {

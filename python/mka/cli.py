@@ -67,6 +67,10 @@ def _bench_parser(sub) -> argparse.ArgumentParser:
     b.add_argument("--rounds", type=int, help=f"interleaved rounds; medians over them ({both('rounds')})")
     b.add_argument("--reps", type=int, help=f"timed calls per implementation and round, median "
                    f"({both('reps')})")
+    b.add_argument("--cuda-graph", action="store_true",
+                   help="time the device, not the host: each timing captures --reps calls in one "
+                        "CUDA graph and replays it (median replay / reps); for calls shorter than "
+                        "their host work, e.g. small decode steps")
     b.add_argument("--preset", choices=sorted(PRESETS),
                    help="gpu-suite: the GPU suite's table (cuda, bf16, causal, B·T = 16k, H = 16, "
                         "d = 128, G 16,4, T 1k..16k, 5 rounds); flags given override it")
@@ -94,7 +98,7 @@ def _settings(args: argparse.Namespace):
         kv_heads=pick("kv_heads"), head_dim=pick("head_dim"), tokens=pick("tokens"),
         batches=pick("batches"),
         causal=args.causal, rounds=pick("rounds"), reps=pick("reps"),
-        ab=[parse_kernel_set(x) for x in args.ab or []])
+        ab=[parse_kernel_set(x) for x in args.ab or []], cuda_graph=args.cuda_graph)
 
 
 def _list_cases(device: str) -> str:

@@ -138,6 +138,7 @@ def test_parse_kernel_set():
     (["--impls", "nope"], "matches no implementation"),
     (["--cases", "nope"], "unknown case"),
     (["--kv-heads", "3"], "must divide"),
+    (["--cuda-graph"], "needs --device cuda"),
 ])
 def test_bench_bad_settings(argv, message, kernel_options, capsys):
     assert cli.main(["bench", *TINY, *argv]) == 2

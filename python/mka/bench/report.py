@@ -175,6 +175,9 @@ def ab_table(results: dict) -> Optional[str]:
 def report(results: dict) -> str:
     """Every row first, then the short table (A/B comparison, else the suite's table)."""
     parts = [rows_table(results)]
+    if results.get("settings", {}).get("cuda_graph"):
+        parts[0] = ("timed in CUDA graphs (device time: reps calls per graph, median replay / "
+                    "reps)\n" + parts[0])
     short = ab_table(results) or suite_table(results)
     if short:
         parts.append(short)

@@ -95,6 +95,7 @@ class Settings:
     rounds: Optional[int] = None
     reps: Optional[int] = None
     ab: list[KernelSet] = field(default_factory=list)
+    cuda_graph: bool = False  # time captured calls (device time), not eager calls
 
     def resolve(self, key: str, case: Optional[Case] = None) -> Any:
         """A setting: the flag (or preset) if given, else the case's default, else the device's."""
@@ -130,6 +131,8 @@ def check(s: Settings) -> None:
     """Raises ValueError (one line) for settings that cannot run."""
     if s.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is visible to torch")
+    if s.cuda_graph and s.device != "cuda":
+        raise ValueError("--cuda-graph: times CUDA graphs, so needs --device cuda")
     cases = registry()
     for name in s.cases:
         if name not in cases:
@@ -193,7 +196,7 @@ def _time_shape(case: Case, impls: list[Impl], shape: Shape, s: Settings, rounds
         for k in sets_of(impl):
             variants[impl.name, k.label] = timer.Variant(passes, k.context)
     timings = timer.interleaved(variants, s.device, rounds, reps,
-                                seed=1000 * shape.T + 10 * shape.G)
+                                seed=1000 * shape.T + 10 * shape.G, graph=s.cuda_graph)
     errors.update(timings.errors)
     rows = []
     for impl in impls:
@@ -255,7 +258,7 @@ def metadata(s: Settings, command: str) -> dict:
         "dtype": str(s.dtype).removeprefix("torch."), "causal": s.causal,
         "cases": s.cases, "impls": s.impls or "all",
         "rounds": s.resolve("rounds"), "reps": s.resolve("reps"),
-        "ab": [asdict(k) for k in s.ab] or None,
+        "cuda_graph": s.cuda_graph, "ab": [asdict(k) for k in s.ab] or None,
     }
     info["rows"] = []
     return info

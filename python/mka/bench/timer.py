@@ -4,7 +4,11 @@ of several functions.
 On CUDA, calls are queued back to back (as triton's do_bench does), each between two CUDA
 events, with one synchronization at the end: the host work of a call overlaps the GPU work
 of the one before, as in a training step (a synchronization after every call would add each
-op's host time to its GPU time). On the CPU, each call is timed by a monotonic clock.
+op's host time to its GPU time). A call shorter than its host work is then timed at the
+host's speed; ``graph=True`` times the device instead: ``reps`` calls captured in one CUDA
+graph, the graph replayed, the median replay divided by ``reps`` (how a serving loop runs a
+decode step; an implementation that cannot be captured raises). On the CPU, each call is
+timed by a monotonic clock.
 """
 
 from __future__ import annotations
@@ -22,10 +26,16 @@ WARM_S = 0.1  # CUDA: seconds of warm-up calls before each timing
 PAUSE_S = 0.1  # CUDA: pause before each implementation in a round
 
 
+GRAPH_REPLAYS = 7  # graph timing: replays of the captured calls, median
+
+
 def time_ms(fn: Callable[[], object], device: str, reps: int = 10,
-            warmup: Optional[int] = None) -> float:
-    """Median time of one fn() call in milliseconds, over `reps` timed calls."""
+            warmup: Optional[int] = None, graph: bool = False) -> float:
+    """Median time of one fn() call in milliseconds, over `reps` timed calls (``graph``: CUDA
+    only, `reps` calls in one CUDA graph, the median of its replays divided by `reps`)."""
     if device == "cuda":
+        if graph:
+            return _graph_ms(fn, reps, 3 if warmup is None else warmup)
         return _cuda_ms(fn, reps, 3 if warmup is None else warmup)
     for _ in range(1 if warmup is None else warmup):
         fn()
@@ -57,6 +67,35 @@ def _cuda_ms(fn: Callable[[], object], reps: int, warmup: int) -> float:
     return statistics.median(a.elapsed_time(b) for a, b in events)
 
 
+def _graph_ms(fn: Callable[[], object], reps: int, warmup: int) -> float:
+    # Eager calls first, on a side stream as capture wants: lazy initialisation (plans,
+    # workspaces, libraries' handles) happens outside the graph.
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(max(warmup, 1)):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    start = time.perf_counter()
+    while time.perf_counter() - start < WARM_S:
+        graph.replay()
+        torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(GRAPH_REPLAYS)]
+    for a, b in events:
+        a.record()
+        graph.replay()
+        b.record()
+    torch.cuda.synchronize()
+    del graph
+    return statistics.median(a.elapsed_time(b) for a, b in events) / reps
+
+
 def warm_gpu(seconds: float = 1.0) -> None:
     """Brings the GPU to its steady clocks before the first timing (bf16 matmuls)."""
     a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
@@ -82,7 +121,7 @@ class Timings:
 
 
 def interleaved(variants: dict[Hashable, Variant], device: str, rounds: int, reps: int,
-                seed: int = 0, pause_s: Optional[float] = None) -> Timings:
+                seed: int = 0, pause_s: Optional[float] = None, graph: bool = False) -> Timings:
     """Every variant once per round, in a fresh random order each round and after a pause,
     so a drift of the device's clocks shifts all of them alike and none always follows the
     same one. A variant that raises is recorded with its error and left out of later rounds."""
@@ -100,7 +139,7 @@ def interleaved(variants: dict[Hashable, Variant], device: str, rounds: int, rep
             try:
                 with variant.context():
                     for name, call in variant.passes.items():
-                        out.ms[key][name].append(time_ms(call, device, reps))
+                        out.ms[key][name].append(time_ms(call, device, reps, graph=graph))
             except Exception as e:  # a backend may refuse a shape: record why, keep going
                 out.errors[key] = describe(e)
     return out
