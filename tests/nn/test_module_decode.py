@@ -47,6 +47,23 @@ def test_chunked_prefill_equals_one_pass(variant, backend):
     assert rel_err(torch.cat(chunks, 1), full) < EXACT
 
 
+@pytest.mark.parametrize("variant", ["mha", "gqa", "fastmka"])
+def test_a_prompt_into_an_empty_cache_takes_the_attention_op(variant, monkeypatch):
+    """Its own keys are all the keys: no decode kernel reading them again per 16 query rows;
+    later steps read the pages."""
+    m = make(variant)
+    calls = []
+    for name in ("attention", "paged_attention"):
+        op = getattr(m.ops, name)
+        monkeypatch.setattr(m.ops, name,
+                            lambda *a, _op=op, _n=name, **k: calls.append(_n) or _op(*a, **k))
+    x = hidden(T=9)
+    cache = m.new_cache(2, dtype=torch.float64)
+    y = torch.cat([m(x[:, :6], cache), m(x[:, 6:], cache)], 1)
+    assert calls == ["attention", "paged_attention"]
+    assert rel_err(y, m(x)) < EXACT
+
+
 @pytest.mark.parametrize("variant", variant_params())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cache_bytes_match_the_tensors_held(variant, dtype):

@@ -145,10 +145,16 @@ class QKVAttention(CausalSelfAttention):
         return LayerSpec(self.n_kv_head, self.head_dim, self.head_dim)
 
     def _attend_cached(self, q: Tensor, k: Tensor, v: Tensor, cache: LayerCache) -> Tensor:
-        """Writes the new ``k, v`` into the cache's pages and attends over them."""
+        """Writes the new ``k, v`` into the cache's pages and attends over them. A prompt
+        into an empty cache attends over its own ``k, v`` with the attention op: they are
+        all the keys, and the decode kernel, which serves a few query rows per read of the
+        keys, would read them again for every 16 rows of a long prompt."""
         cache.check("k", k)
+        empty = not cache.static and not any(cache.written)
         step = cache.step(k.shape[1])
         self.ops.paged_write(k, v, cache.k_pages, cache.v_pages, step.block_table,
                              step.cache_seqlens)
+        if empty:
+            return self.ops.attention(q, k, v, causal=True, window=self.window)
         return self.ops.paged_attention(q, cache.k_pages, cache.v_pages, step.block_table,
                                         step.seqlens, causal=True, window=self.window)

@@ -133,7 +133,15 @@ class PagedLayer(CacheLayerMixin):
         new = self._new_tokens(spec.left_padding, k.shape[1])
         step = self._step(new)
         self._write(variant, k, v, new, step, lam, beta)
-        self.seen += k.shape[1]
+        empty, self.seen = self.seen == 0, self.seen + k.shape[1]
+        if empty and variant == "attention":
+            # A prompt into an empty cache: its own k, v are all the keys; the attention op
+            # takes them (padding cut), where the decode kernel would read every key again for
+            # every 16 query rows of a long prompt.
+            from .attention import over_sequences  # attention.py imports this module
+            return over_sequences(lambda q, k, v: mka.attention(
+                q, k, v, causal=True, scale=scale, window=spec.window), q, k, v,
+                spec.left_padding)
         lc = self.pages
         if variant == "mka":
             return paged_mka_attention(q, lc.k_pages, lc.v_pages, lc.k_page_states,
