@@ -47,20 +47,23 @@ def test_chunked_prefill_equals_one_pass(variant, backend):
     assert rel_err(torch.cat(chunks, 1), full) < EXACT
 
 
-@pytest.mark.parametrize("variant", ["mha", "gqa", "fastmka"])
-def test_a_prompt_into_an_empty_cache_takes_the_attention_op(variant, monkeypatch):
-    """Its own keys are all the keys: no decode kernel reading them again per 16 query rows;
+@pytest.mark.parametrize("variant, ops", [("mha", ("attention", "paged_attention")),
+                                          ("gqa", ("attention", "paged_attention")),
+                                          ("fastmka", ("attention", "paged_attention")),
+                                          ("mka", ("mka", "paged_mka_attention"))])
+def test_a_prompt_into_an_empty_cache_takes_the_attention_op(variant, ops, monkeypatch):
+    """Its own keys are all the keys: no decode kernel reading them again per few query rows;
     later steps read the pages."""
     m = make(variant)
     calls = []
-    for name in ("attention", "paged_attention"):
+    for name in ops:
         op = getattr(m.ops, name)
         monkeypatch.setattr(m.ops, name,
                             lambda *a, _op=op, _n=name, **k: calls.append(_n) or _op(*a, **k))
     x = hidden(T=9)
     cache = m.new_cache(2, dtype=torch.float64)
     y = torch.cat([m(x[:, :6], cache), m(x[:, 6:], cache)], 1)
-    assert calls == ["attention", "paged_attention"]
+    assert calls == list(ops)
     assert rel_err(y, m(x)) < EXACT
 
 

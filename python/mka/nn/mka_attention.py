@@ -63,15 +63,24 @@ class MKAAttention(RoutedAttention):
             return self._output(y)
         cache.check("k", k)
         before = cache.lengths
+        y = None
+        if not cache.static and not any(before):
+            # A prompt into an empty cache: its own k, v (the EMA from the cache's states)
+            # are all the keys; the op runs it, where the decode kernel would read the keys
+            # again for every few query rows of a long prompt.
+            y, _, _ = self.ops.mka(q, k, v, lam[..., :2], self.beta, k_state=cache.states["k"],
+                                   v_state=cache.states["v"], causal=True, window=self.window)
         step = cache.step(k.shape[1])
         pages = (cache.k_pages, cache.v_pages, step.block_table, step.cache_seqlens)
         k_state, v_state = self.ops.paged_write_ema(
             k, v, *pages, self.beta, cache.k_page_states, cache.v_page_states,
             cache.states["k"], cache.states["v"])
         cache.update_states(k=k_state, v=v_state)
-        y = self.ops.paged_mka_attention(q, cache.k_pages, cache.v_pages, cache.k_page_states,
-                                         cache.v_page_states, step.block_table, step.seqlens,
-                                         lam, self.beta, causal=True, window=self.window)
+        if y is None:
+            y = self.ops.paged_mka_attention(q, cache.k_pages, cache.v_pages,
+                                             cache.k_page_states, cache.v_page_states,
+                                             step.block_table, step.seqlens, lam, self.beta,
+                                             causal=True, window=self.window)
         if mem_k is not None and mem_k.shape[1] > 0:  # level 3: every query reads the memory
             o3 = self.ops.attention(q, mem_k, mem_v, causal=False)
             y = y + lam[..., 2, None, None].to(y.dtype) * o3
