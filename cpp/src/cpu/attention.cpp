@@ -132,7 +132,7 @@ void fwd(const AttentionProblem& p, const TensorRef& q, const TensorRef& k, cons
   const TilePlan plan = cpu_plan<T>(p.d);
   FwdCtx<T> c{p, plan.block_q, plan.block_k, (p.Tq + plan.block_q - 1) / plan.block_q,
               q, k, v, out, lse};
-  run_tasks<AttentionFwd<T>>(p.B * p.H * c.n_qblocks, c);
+  run_tasks<AttentionFwd<T>>(p.B * p.H * c.n_qblocks, c, 2.0 * p.B * p.H * p.Tq * p.Tk * p.d);
 }
 
 // --- backward -----------------------------------------------------------------------
@@ -263,7 +263,7 @@ void bwd(const AttentionProblem& p, const TensorRef& q, const TensorRef& k, cons
     c.dk_sh = dk.stride[2];
     c.dv_sh = dv.stride[2];
   }
-  run_tasks<AttentionBwd<T>>(p.B * p.H, c);
+  run_tasks<AttentionBwd<T>>(p.B * p.H, c, 5.0 * p.B * p.H * p.Tq * p.Tk * p.d);
   if (grp == 1) return;
   parallel_for(p.B * p.G, [&](int64_t bg) {  // reduce the group's heads
     const int64_t b = bg / p.G, g = bg % p.G;
@@ -279,7 +279,7 @@ void bwd(const AttentionProblem& p, const TensorRef& q, const TensorRef& k, cons
         }
       }
     }
-  });
+  }, 2.0 * p.B * p.H * p.Tk * p.d);
 }
 
 }  // namespace

@@ -136,7 +136,7 @@ void fwd(const RouteProblem& p, const TensorRef& x, const TensorRef& lam, const 
          const TensorRef& state_in, const TensorRef& y, const TensorRef& state_out) {
   ScanCtx<T> c = make_ctx<T>(p);
   c.x = x; c.lam = lam; c.x3 = x3; c.state_in = state_in; c.y = y; c.state_out = state_out;
-  run_tasks<ScanFwd<T>>(p.B * p.G * c.n_chunks, c);
+  run_tasks<ScanFwd<T>>(p.B * p.G * c.n_chunks, c, 4.0 * p.B * p.T * p.G * p.d * p.L);
 }
 
 template <class T>
@@ -153,7 +153,7 @@ void bwd(const RouteProblem& p, const TensorRef& x, const TensorRef& lam, const 
     part.assign(size_t(tasks * p.T * p.L), T(0));
     c.dlam_part = part.data();
   }
-  run_tasks<ScanBwd<T>>(tasks, c);
+  run_tasks<ScanBwd<T>>(tasks, c, 10.0 * p.B * p.T * p.G * p.d * p.L);
   if (!c.dlam_part) return;
   parallel_for(p.B, [&](int64_t b) {  // reduce the partial sums of dlam over (g, chunk)
     for (int64_t t = 0; t < p.T; ++t)
@@ -162,7 +162,7 @@ void bwd(const RouteProblem& p, const TensorRef& x, const TensorRef& lam, const 
         for (int64_t i = 0; i < per_b; ++i) s += part[((b * per_b + i) * p.T + t) * p.L + l];
         ptr<T>(dlam)[b * dlam.stride[0] + t * dlam.stride[1] + l * dlam.stride[2]] += s;
       }
-  });
+  }, double(tasks) * p.T * p.L);
 }
 
 }  // namespace

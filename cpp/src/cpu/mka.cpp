@@ -38,7 +38,7 @@ void mix(const AttentionProblem& p, int64_t L, const TensorRef& lam, const Tenso
       T* dst = ptr<T>(dlam) + b * dlam.stride[0] + t * dlam.stride[1];
       for (int64_t l = 0; l < L; ++l) dst[l * dlam.stride[2]] += dl[l];
     }
-  });
+  }, double(p.B) * p.Tq * p.H * p.d * L);
 }
 
 RowWeight level_weight(const TensorRef& lam, int64_t l) {

@@ -272,8 +272,10 @@ template <class T> void run(PagedCtx<T>& c) {
     ws.resize(size_t(c.splits * p.B * p.T * p.H * c.levels * (p.dv + 2)));
     c.ws = ws.data();
   }
-  run_tasks<PagedTask<T>>(c.splits * base, c);
-  if (c.splits > 1) parallel_for(p.B * p.T * p.H, [&](int64_t i) { combine(c, i); });
+  run_tasks<PagedTask<T>>(c.splits * base, c, double(p.B) * p.T * p.H * max_len * (p.dk + p.dv));
+  if (c.splits > 1)
+    parallel_for(p.B * p.T * p.H, [&](int64_t i) { combine(c, i); },
+                 double(c.splits) * p.B * p.T * p.H * c.levels * p.dv);
 }
 
 template <class T> void attend(const PagedProblem& p, const PagedAttentionFwd& a) {

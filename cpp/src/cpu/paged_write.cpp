@@ -46,7 +46,7 @@ template <class T> void write(const PagedProblem& p, const PagedWrite& a) {
     const TensorRef &ko = a.k_state_out, &vo = a.v_state_out;
     std::copy(sk.begin(), sk.end(), ptr<T>(ko) + b * ko.stride[0] + g * ko.stride[1]);
     std::copy(sv.begin(), sv.end(), ptr<T>(vo) + b * vo.stride[0] + g * vo.stride[1]);
-  });
+  }, double(p.B) * p.T * p.G * (p.dk + p.dv) * (p.ema ? 4 : 1));
 }
 
 }  // namespace

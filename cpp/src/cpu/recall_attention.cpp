@@ -175,7 +175,7 @@ template <class T> struct BwdTask {
 template <class T> void fwd(const RecallProblem& p, const RecallFwd& a) {
   typename FwdTask<T>::Ctx c{p, rows<const T>(a.q), rows<const T>(a.k), rows<const T>(a.v),
                              rows<T>(a.out), static_cast<T*>(a.lse.data), chosen_of(a.chosen)};
-  run_tasks<FwdTask<T>>(p.B * p.Tq * p.G, c);
+  run_tasks<FwdTask<T>>(p.B * p.Tq * p.G, c, 2.0 * p.B * p.Tq * p.H * p.R * p.C * p.d);
 }
 
 template <class T> void bwd(const RecallProblem& p, const RecallBwd& a) {
@@ -190,7 +190,7 @@ template <class T> void bwd(const RecallProblem& p, const RecallBwd& a) {
                              rows<T>(a.dv),
                              static_cast<const T*>(a.lse.data),
                              chosen_of(a.chosen)};
-  run_tasks<BwdTask<T>>(p.B * p.G, c);
+  run_tasks<BwdTask<T>>(p.B * p.G, c, 5.0 * p.B * p.Tq * p.H * p.R * p.C * p.d);
 }
 
 }  // namespace

@@ -258,11 +258,11 @@ template <class K> void task_generic(const typename K::Ctx& c, int64_t i) {
   K::template run<Isa::generic>(c, i);
 }
 
-template <class K> void run_tasks(int64_t n, const typename K::Ctx& c) {
+template <class K> void run_tasks(int64_t n, const typename K::Ctx& c, double work = kInlineWork) {
   void (*fn)(const typename K::Ctx&, int64_t) = &task_generic<K>;
   if (cpu_isa() == Isa::avx512) fn = &task_avx512<K>;
   else if (cpu_isa() == Isa::avx2) fn = &task_avx2<K>;
-  parallel_for(n, [&](int64_t i) { fn(c, i); });
+  parallel_for(n, [&](int64_t i) { fn(c, i); }, work);
 }
 
 }  // namespace mka::cpu

@@ -136,10 +136,10 @@ void set_num_threads(int n) { pool().resize(std::max(1, n <= 0 ? default_threads
 
 int num_threads() { return pool().size(); }
 
-void parallel_for(int64_t n, const std::function<void(int64_t)>& fn) {
+void parallel_for(int64_t n, const std::function<void(int64_t)>& fn, double work) {
   if (n <= 0) return;
   MKA_CHECK(n <= int64_t(0xffffffff), "parallel_for: ", n, " tasks exceed the 32-bit index");
-  if (n == 1 || in_parallel_region || num_threads() == 1) {
+  if (n == 1 || work < kInlineWork || in_parallel_region || num_threads() == 1) {
     for (int64_t i = 0; i < n; ++i) fn(i);
     return;
   }

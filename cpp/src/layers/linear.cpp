@@ -77,7 +77,7 @@ template <class T> void cpu_linear(const LinearProblem& p, const LinearSmall& a)
         ptr<T>(a.out)[m * a.out.stride[0] + n] = acc;
       }
     }
-  });
+  }, double(p.M) * p.N * p.K);
 }
 
 }  // namespace
