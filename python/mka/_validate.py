@@ -56,11 +56,12 @@ def _same_dtype(t: Tensor, name: str, ref: Tensor, ref_name: str) -> None:
 
 
 def _supported(t: Tensor, name: str) -> None:
-    ok = CUDA_DTYPES if t.device.type == "cuda" else CPU_DTYPES
-    if t.device.type not in ("cpu", "cuda"):
+    kind = t.device.type
+    ok = CUDA_DTYPES if kind == "cuda" else CPU_DTYPES
+    if kind not in ("cpu", "cuda"):
         _fail(f"{name}: device {t.device} is not supported (cpu, cuda)")
     if t.dtype not in ok:
-        _fail(f"{name}: dtype {t.dtype} is not supported on {t.device.type} "
+        _fail(f"{name}: dtype {t.dtype} is not supported on {kind} "
               f"({', '.join(str(d) for d in ok)})")
 
 
@@ -102,9 +103,10 @@ def check_attention(q, k, v, scale=None, window=None, causal=True, dropout_p=0.0
         _fail(f"k: needs at least one key/value head, got G = {G}")
     if H % G != 0:
         _fail(f"q: the number of query heads H = {H} must be a multiple of the key/value heads G = {G}")
-    if q.device.type == "cuda" and d not in CUDA_HEAD_DIMS:
+    kind = q.device.type
+    if kind == "cuda" and d not in CUDA_HEAD_DIMS:
         _fail(f"q: head dim {d} is not supported on cuda {CUDA_HEAD_DIMS}")
-    if q.device.type == "cpu" and not 1 <= d <= CPU_MAX_HEAD_DIM:
+    if kind == "cpu" and not 1 <= d <= CPU_MAX_HEAD_DIM:
         _fail(f"q: head dim {d} is not supported on cpu (1 to {CPU_MAX_HEAD_DIM})")
     _check_options(causal, scale, window, q.dtype)
     check_dropout(dropout_p, seed)

@@ -53,10 +53,12 @@ def _launch(t: Tensor, kernels: str) -> dict:
 
 def _native(fn, **kw) -> None:
     """Calls a native op with its arguments by name, every tensor handed over as a DLPack
-    capsule of a detached view: ``to_dlpack`` costs ~0.5 us a tensor, against ~3 us through
-    ``Tensor.__dlpack__``, which nanobind calls otherwise (a fastmka forward and backward pass
-    24 tensors). ``kw`` keeps the tensors alive while the native op reads them."""
-    fn(**{k: to_dlpack(a.detach()) if isinstance(a, Tensor) else a for k, a in kw.items()})
+    capsule (of a detached view where it requires grad, which DLPack refuses): ``to_dlpack``
+    costs ~0.5 us a tensor, against ~3 us through ``Tensor.__dlpack__``, which nanobind calls
+    otherwise (a fastmka forward and backward pass 24 tensors). ``kw`` keeps the tensors alive
+    while the native op reads them."""
+    fn(**{k: to_dlpack(a.detach() if a.requires_grad else a) if isinstance(a, Tensor) else a
+          for k, a in kw.items()})
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
@@ -70,7 +72,9 @@ def _lam_dtype(lam: Tensor, cdt: torch.dtype) -> torch.dtype:
 
 
 def _cast(t: _OptT, dtype: torch.dtype) -> _OptT:
-    return None if t is None else t.detach().to(dtype)
+    """``t`` in ``dtype`` for a native op (detached by :func:`_native`; no call when it is
+    already: ``.to`` costs ~1 us even then)."""
+    return t if t is None or t.dtype == dtype else t.detach().to(dtype)
 
 
 def _lam(lam: Tensor, cdt: torch.dtype) -> Tensor:
@@ -169,7 +173,7 @@ def _attention_fwd_impl(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: _O
     lse = _lse(q, state_dtype(cdt))
     _native(_C.attention_forward, **_attn_args(q, causal, scale, window, dropout_p, seed, cdt),
             k=_cast(k, cdt), v=_cast(v, cdt), out=out, lse=lse, **_launch(q, kernels))
-    return out.to(q.dtype), lse
+    return (out if out.dtype == q.dtype else out.to(q.dtype)), lse
 
 
 _attention_fwd = _custom_op(_attention_fwd_impl)
