@@ -62,6 +62,17 @@ def test_timer_cpu_and_errors():
     assert t.errors == {"bad": "RuntimeError: refused"}
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_graph_timing_replays_the_captured_calls():
+    """--cuda-graph: reps calls in one graph; the time per call is about the eager one for a
+    call long enough to hide its host time."""
+    a = torch.randn(2048, 2048, device="cuda")
+    graphed = timer.time_ms(lambda: a @ a, "cuda", reps=10, graph=True)
+    eager = timer.time_ms(lambda: a @ a, "cuda", reps=10)
+    assert 0.5 < graphed / eager < 2.0
+
+
 def test_bench_end_to_end_json(tmp_path, capsys):
     out = tmp_path / "r.json"
     assert cli.main(["bench", *TINY, "--impls", "attention,fastmka*,sdpa", "--json", str(out)]) == 0
