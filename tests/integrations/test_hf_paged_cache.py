@@ -52,25 +52,32 @@ def test_prefill_and_decode_on_pages_equal_the_full_forward(arch):
     assert cache.get_seq_length() == 21 and cache.pages[0].lengths == [21] * 3
 
 
-def test_a_prompt_into_an_empty_cache_takes_the_attention_op(monkeypatch):
-    """The prompt's own keys are all the keys: the attention op, not the decode kernel
-    (which would read them again per 16 query rows); the steps after read the pages."""
+@pytest.mark.parametrize("variant, ops", [(None, ("attention", "paged_attention")),
+                                          ("fastmka", ("attention", "paged_attention")),
+                                          ("mka", ("mka", "paged_mka_attention"))])
+def test_a_prompt_into_an_empty_cache_takes_the_attention_op(variant, ops, monkeypatch):
+    """The prompt's own keys are all the keys: the attention op (FastMKA: over its fused
+    keys; MKA: the mka op from the cache's states), not the decode kernel, which would read
+    them again per few query rows; the steps after read the pages."""
     import mka
     from mka.integrations.hf import paged_cache
     calls = []
-    for owner, name in ((mka, "attention"), (paged_cache, "paged_attention")):
+    for owner, name in ((mka, ops[0]), (paged_cache, ops[1])):
         op = getattr(owner, name)
         monkeypatch.setattr(owner, name,
                             lambda *a, _op=op, _n=name, **k: calls.append(_n) or _op(*a, **k))
-    model = tiny("llama")
+    model = tiny("llama") if variant is None else _converted(variant)
     ids = _ids(2, 9, seed=5)
-    want = logits(model, "sdpa", ids)
-    model.set_attn_implementation("mka")
+    with torch.no_grad():
+        want = model(ids).logits
+    if variant is None:
+        model.set_attn_implementation("mka")
     cache = hf.PagedCache(model, 2, 16, page_size=PAGE)
+    calls.clear()
     got = _chunks(model, ids, cache, [0, 7, 8, 9])
     layers = len(hf.attention_layers(model))
-    assert calls == ["attention"] * layers + ["paged_attention"] * 2 * layers
-    assert_close(got, want, torch.float32, "prefill by the attention op, then pages")
+    assert calls == [ops[0]] * layers + [ops[1]] * 2 * layers
+    assert_close(got, want, torch.float32, f"{variant}: prefill by the op, then pages")
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -132,17 +132,27 @@ class PagedLayer(CacheLayerMixin):
                              "the model as it runs now")
         new = self._new_tokens(spec.left_padding, k.shape[1])
         step = self._step(new)
-        self._write(variant, k, v, new, step, lam, beta)
+        # A prompt into an empty cache: its own keys are all the keys, and the ops over them
+        # (padding cut) replace the decode kernel, which would read every key again for every
+        # few query rows of a long prompt. FastMKA and MKA take it without left padding: the
+        # fused keys and the EMA states are per sequence.
         empty, self.seen = self.seen == 0, self.seen + k.shape[1]
-        if empty and variant == "attention":
-            # A prompt into an empty cache: its own k, v are all the keys; the attention op
-            # takes them (padding cut), where the decode kernel would read every key again for
-            # every 16 query rows of a long prompt.
+        plain = empty and (variant == "attention" or spec.left_padding is None)
+        lc = self.pages
+        y = None
+        if plain and variant == "mka":  # from the states before the write moves them
+            y, _, _ = mka.mka(q, k, v, lam[..., :2], beta, k_state=lc.states["k"],
+                              v_state=lc.states["v"], causal=True, scale=scale,
+                              window=spec.window)
+        written = self._write(variant, k, v, new, step, lam, beta)
+        if y is not None:
+            return y
+        if plain:
             from .attention import over_sequences  # attention.py imports this module
+            k, v = written if variant == "fastmka" else (k, v)
             return over_sequences(lambda q, k, v: mka.attention(
                 q, k, v, causal=True, scale=scale, window=spec.window), q, k, v,
                 spec.left_padding)
-        lc = self.pages
         if variant == "mka":
             return paged_mka_attention(q, lc.k_pages, lc.v_pages, lc.k_page_states,
                                        lc.v_page_states, step.block_table, step.seqlens, lam,
@@ -170,9 +180,11 @@ class PagedLayer(CacheLayerMixin):
         return self.pages.step(new[0] if len(set(new)) == 1 else new)
 
     def _write(self, variant: str, k: Tensor, v: Tensor, new: list[int], step: PageStep,
-               lam: Optional[Tensor], beta: Optional[float]) -> None:
+               lam: Optional[Tensor], beta: Optional[float]) -> Optional[tuple[Tensor, Tensor]]:
         """Writes the last ``new[b]`` tokens of each sequence: one call per group of sequences
-        with the same count (one call for the whole batch without padding)."""
+        with the same count (one call for the whole batch without padding). Returns the keys
+        and values written when that one call took the whole batch (FastMKA's fused ones)."""
+        written = None
         lc, T = self.pages, k.shape[1]
         groups: dict[int, list[int]] = {}
         for b, n in enumerate(new):
@@ -187,17 +199,20 @@ class PagedLayer(CacheLayerMixin):
             states = [pick(lc.states[s]) for s in lc.spec.states]
             if variant == "attention":
                 paged_write(kg, vg, lc.k_pages, lc.v_pages, *where)
+                written = (kg, vg) if index is None else None
                 continue
             if variant == "fastmka":
                 kg, vg, *states = mka.route_fuse(kg, vg, pick(lam)[:, T - n:], beta,
                                                  k_state=states[0], v_state=states[1])
                 paged_write(kg, vg, lc.k_pages, lc.v_pages, *where)
+                written = (kg, vg) if index is None else None
             else:
                 states = paged_write_ema(kg, vg, lc.k_pages, lc.v_pages, *where, beta,
                                          lc.k_page_states, lc.v_page_states, *states)
             for name, state in zip(lc.spec.states, states):
                 lc.states[name].index_copy_(0, index, state) if index is not None else \
                     lc.states[name].copy_(state)
+        return written
 
     def _rebuild_states(self, beta: float) -> None:
         """MKA's running EMA states after each sequence's last cached token, from the
