@@ -319,14 +319,14 @@ def test_the_layers_of_a_step_share_its_index_tensors():
     from mka.memory import torch_paged
     table = torch.tensor([[3, 7, 1], [5, 2, 0]], dtype=torch.int32)
     lens = torch.tensor([5, 9], dtype=torch.int32)
-    first = torch_paged._attend_mask(1, 12, lens, True, None)
-    assert torch_paged._attend_mask(1, 12, lens, True, None) is first
+    first = torch_paged._attend_mask(1, 12, lens, True, None, torch.float32)
+    assert torch_paged._attend_mask(1, 12, lens, True, None, torch.float32) is first
     assert torch_paged._gather_index(table, lens, 4, 12, 0) is torch_paged._gather_index(table, lens, 4, 12, 0)
     lens += 1
-    moved = torch_paged._attend_mask(1, 12, lens, True, None)
+    moved = torch_paged._attend_mask(1, 12, lens, True, None, torch.float32)
     assert moved is not first and not torch.equal(moved[0], first[0])
-    assert torch.equal(moved[0], torch_paged._mask(1, 12, lens, True, None)[:, None])
+    assert torch.equal(moved[0] == 0, torch_paged._mask(1, 12, lens, True, None)[:, None])
     static = torch.tensor([5, 9], dtype=torch.int32)
     torch_paged.mark_static(static)
-    assert torch_paged._attend_mask(1, 12, static, True, None) is not \
-        torch_paged._attend_mask(1, 12, static, True, None)
+    assert torch_paged._attend_mask(1, 12, static, True, None, torch.float32) is not \
+        torch_paged._attend_mask(1, 12, static, True, None, torch.float32)

@@ -248,14 +248,17 @@ def _mask(Tq: int, n: int, seqlens: Tensor, causal: bool, window: Optional[int],
 
 
 def _attend_mask(Tq: int, n: int, seqlens: Tensor, causal: bool, window: Optional[int],
-                 first: int = 0) -> tuple[Tensor, Tensor]:
-    """SDPA's mask ``(B, 1, Tq, n - first)`` and which rows see no key ``(B, Tq, 1, 1)``: rows
-    seeing nothing attend to all, zeroed after."""
+                 dtype: torch.dtype, first: int = 0) -> tuple[Tensor, Tensor]:
+    """SDPA's additive mask ``(B, 1, Tq, n - first)`` in ``dtype`` (0 or -inf: SDPA turns a
+    boolean one into that at every call, three ops per layer) and which rows see no key
+    ``(B, Tq, 1, 1)``: rows seeing nothing attend to all, zeroed after."""
     def make():
         vis = _mask(Tq, n, seqlens, causal, window, first)
         seen = vis.any(-1, keepdim=True)
-        return (vis | ~seen)[:, None], ~seen[..., None]
-    return _per_step((seqlens,), ("mask", Tq, n, causal, window, first), make)
+        hidden = ~(vis | ~seen)[:, None]
+        mask = torch.zeros(hidden.shape, dtype=dtype, device=seqlens.device)
+        return mask.masked_fill_(hidden, float("-inf")), ~seen[..., None]
+    return _per_step((seqlens,), ("mask", Tq, n, causal, window, first, dtype), make)
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, masks: tuple[Tensor, Tensor],
@@ -284,7 +287,8 @@ def paged_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Te
         check_slots(block_table, seqlens, k_pages.shape[0], S, "seqlens", begin=lo)
     k = gather(k_pages, block_table, n, seqlens, lo)
     v = gather(v_pages, block_table, n, seqlens, lo)
-    return _attend(q, k, v, _attend_mask(q.shape[1], n, seqlens, causal, window, lo), scale)
+    return _attend(q, k, v, _attend_mask(q.shape[1], n, seqlens, causal, window, q.dtype, lo),
+                   scale)
 
 
 def paged_mka_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, k_page_states: Tensor,
@@ -300,8 +304,8 @@ def paged_mka_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, k_page_stat
     ek = page_ema(k_pages, k_page_states, block_table, n, beta, seqlens)
     ev = page_ema(v_pages, v_page_states, block_table, n, beta, seqlens)
     Tq = q.shape[1]
-    o1 = _attend(q, k, v, _attend_mask(Tq, n, seqlens, causal, window), scale)
-    o2 = _attend(q, ek, ev, _attend_mask(Tq, n, seqlens, causal, None), scale)
+    o1 = _attend(q, k, v, _attend_mask(Tq, n, seqlens, causal, window, q.dtype), scale)
+    o2 = _attend(q, ek, ev, _attend_mask(Tq, n, seqlens, causal, None, q.dtype), scale)
     w = lam.to(q.dtype)
     return w[..., 0, None, None] * o1 + w[..., 1, None, None] * o2
 
