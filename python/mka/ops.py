@@ -47,8 +47,28 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 def _launch(t: Tensor, kernels: str) -> dict:
     """Where the native op runs: the current stream of t's device (0 on CPU) and the kernels."""
-    stream = torch.cuda.current_stream(t.device).cuda_stream if t.device.type == "cuda" else 0
-    return launch(kernels, stream)
+    return launch(kernels, _stream(t.device.index) if t.device.type == "cuda" else 0)
+
+
+def _official_stream(index: int) -> int:
+    return torch.cuda.current_stream(index).cuda_stream
+
+
+_stream_of = None  # the accessor _stream uses, chosen at the first CUDA call
+
+
+def _stream(index: int) -> int:
+    """The handle of device ``index``'s current CUDA stream. torch.cuda.current_stream builds
+    a Stream object each call (microseconds, paid by every op of every decode step); torch's
+    raw accessor (the one inductor's generated code calls) returns the handle itself. It is
+    used once it gave the same handle as the public API; else, or where it is missing, the
+    public API is."""
+    global _stream_of
+    if _stream_of is None:
+        raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+        same = raw is not None and raw(index) == _official_stream(index)
+        _stream_of = raw if same else _official_stream
+    return _stream_of(index)
 
 
 def _native(fn, **kw) -> None:

@@ -105,3 +105,22 @@ def test_environment_sets_the_defaults(env, token):
 def test_bad_environment_values_raise_at_import(var, value, message):
     r = _import_with({var: value})
     assert r.returncode != 0 and message in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("raw_handle, want", [(1234, "raw"), (99, "official"), (None, "official")])
+def test_the_stream_handle_comes_from_the_raw_accessor_once_it_agrees(raw_handle, want,
+                                                                      monkeypatch):
+    """The ops' launch stream: torch's raw accessor where it returned the public API's handle
+    at the first call, else (missing, or disagreeing) the public API."""
+    calls = []
+    monkeypatch.setattr(ops, "_stream_of", None)
+    monkeypatch.setattr(ops, "_official_stream", lambda i: calls.append("official") or 1234)
+    if raw_handle is None:
+        monkeypatch.delattr(torch._C, "_cuda_getCurrentRawStream", raising=False)
+    else:
+        monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream",
+                            lambda i: calls.append("raw") or raw_handle, raising=False)
+    assert ops._stream(0) in (1234, raw_handle)
+    calls.clear()
+    ops._stream(0)
+    assert calls == [want]
