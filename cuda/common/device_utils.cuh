@@ -215,18 +215,28 @@ inline int cc_major(int device) {
   return major[device];
 }
 
-// Launches kernel<<<grid, block, smem, s>>>(args...) as a programmatic dependent of the kernel
-// before it in the stream where the device has it (sm_90+; see allow_dependents), else plainly.
-template <class... Params, class... Args>
-void launch_after(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t s,
-                  int device, Args&&... args) {
+// Launches Kernel<<<grid, block, smem, s>>>(args...) as a programmatic dependent of the kernel
+// before it in the stream (see allow_dependents) where that is safe: the code the device runs
+// for Kernel was compiled for sm_90 or later (its ptxVersion: compute_80 code JIT-compiled for
+// a Hopper or later GPU has griddepcontrol.wait compiled out) and the runtime captures such
+// launches into CUDA graphs (12.3+). Else a plain launch.
+template <auto Kernel, class... Args>
+void launch_after(dim3 grid, dim3 block, size_t smem, cudaStream_t s, int device, Args&&... args) {
+  static std::once_flag once[64];
+  static bool dependent[64];
+  const int slot = device >= 0 && device < 64 ? device : 0;
+  std::call_once(once[slot], [&] {
+    cudaFuncAttributes fa{};
+    dependent[slot] = CUDART_VERSION >= 12030 && device == slot && cc_major(device) >= 9 &&
+                      cudaFuncGetAttributes(&fa, Kernel) == cudaSuccess && fa.ptxVersion >= 90;
+  });
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = grid, cfg.blockDim = block, cfg.dynamicSmemBytes = smem, cfg.stream = s;
   cudaLaunchAttribute attr{};
   attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr.val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = &attr, cfg.numAttrs = cc_major(device) >= 9 ? 1 : 0;
-  check_cuda(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...), "cudaLaunchKernelEx");
+  cfg.attrs = &attr, cfg.numAttrs = dependent[slot] ? 1 : 0;
+  check_cuda(cudaLaunchKernelEx(&cfg, Kernel, std::forward<Args>(args)...), "cudaLaunchKernelEx");
 }
 // Lets kernel k use `bytes` of dynamic shared memory (needed past 48 KB less its static part).
 template <class Kernel> void set_smem(Kernel k, int bytes) {

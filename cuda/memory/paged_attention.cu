@@ -392,8 +392,9 @@ __global__ void __launch_bounds__(kCombineThreads) paged_combine_kernel(const Pa
 #pragma unroll
           for (int j = 0; j < kBatch; ++j) {
             const int s = s0 + j * groups;
-            const float w = s < a.splits ? sW[l][s] : 0.f;
-            sum += w != 0.f ? v[j] * w : 0.f;
+            // A split with keys adds v * w even where w underflowed to 0: a NaN or Inf in its
+            // values spreads, as in an unsplit call.
+            if (s < a.splits && sLs[l][s] != 0.f) sum += v[j] * sW[l][s];
           }
         }
         o += sum * scale[l];
@@ -478,8 +479,8 @@ void launch(PagedArgs& a, int smem, const char* name, int64_t capacity, int devi
   check_launch(name);
   if (a.splits > 1) {
     // Launched while the blocks of the last wave still run; it waits for their partials.
-    launch_after(paged_combine_kernel<T, kEma ? 2 : 1>, dim3(unsigned(int64_t(a.B) * a.T * a.H)),
-                 dim3(kCombineThreads), 0, s, device, a);
+    launch_after<paged_combine_kernel<T, kEma ? 2 : 1>>(
+        dim3(unsigned(int64_t(a.B) * a.T * a.H)), dim3(kCombineThreads), 0, s, device, a);
   }
 }
 

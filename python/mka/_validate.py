@@ -112,6 +112,14 @@ def check_attention(q, k, v, scale=None, window=None, causal=True, dropout_p=0.0
     check_dropout(dropout_p, seed)
 
 
+def attention_takes(q: Tensor) -> bool:
+    """Whether the attention ops (attention, fastmka, mka) take queries like ``q`` (device,
+    head dim): the paged ops take more (CUDA head dims up to 256), so a caller choosing
+    between them asks first."""
+    d, kind = q.shape[-1], q.device.type
+    return d in CUDA_HEAD_DIMS if kind == "cuda" else kind == "cpu" and 1 <= d <= CPU_MAX_HEAD_DIM
+
+
 def check_dropout(dropout_p, seed) -> None:
     """Attention dropout (SPEC §3.5): p in [0, 1) and a seed with it."""
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) \

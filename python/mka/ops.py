@@ -61,12 +61,21 @@ def _stream(index: int) -> int:
     """The handle of device ``index``'s current CUDA stream. torch.cuda.current_stream builds
     a Stream object each call (microseconds, paid by every op of every decode step); torch's
     raw accessor (the one inductor's generated code calls) returns the handle itself. It is
-    used once it gave the same handle as the public API; else, or where it is missing, the
-    public API is."""
+    used once it gave the public API's handle on the current stream and on a side stream (on
+    the default stream both may say 0); else, or where it is missing, the public API is."""
     global _stream_of
     if _stream_of is None:
+        if torch.cuda.is_current_stream_capturing():  # choose outside a capture
+            return _official_stream(index)
         raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-        same = raw is not None and raw(index) == _official_stream(index)
+
+        def agree() -> bool:
+            return raw(index) == _official_stream(index)
+        same = raw is not None and agree()
+        if same:
+            side = torch.cuda.Stream(index)
+            with torch.cuda.stream(side):
+                same = agree() and raw(index) == side.cuda_stream
         _stream_of = raw if same else _official_stream
     return _stream_of(index)
 

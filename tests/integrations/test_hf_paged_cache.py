@@ -78,6 +78,13 @@ def test_a_prompt_into_an_empty_cache_takes_the_attention_op(variant, ops, monke
     layers = len(hf.attention_layers(model))
     assert calls == [ops[0]] * layers + [ops[1]] * 2 * layers
     assert_close(got, want, torch.float32, f"{variant}: prefill by the op, then pages")
+    # queries the attention op does not take (a CUDA head dim only the paged kernels have)
+    monkeypatch.setattr(paged_cache, "attention_takes", lambda q: False)
+    cache = hf.PagedCache(model, 2, 16, page_size=PAGE)
+    calls.clear()
+    got = _chunks(model, ids, cache, [0, 7, 8, 9])
+    assert calls == [ops[1]] * 3 * layers
+    assert_close(got, want, torch.float32, f"{variant}: all on pages")
 
 
 @pytest.mark.parametrize("arch", ARCHS)

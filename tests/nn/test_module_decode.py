@@ -65,6 +65,15 @@ def test_a_prompt_into_an_empty_cache_takes_the_attention_op(variant, ops, monke
     y = torch.cat([m(x[:, :6], cache), m(x[:, 6:], cache)], 1)
     assert calls == list(ops)
     assert rel_err(y, m(x)) < EXACT
+    # where the attention op does not take the queries (a CUDA head dim only the paged
+    # kernels have), the prompt reads the pages too
+    import mka.nn.base
+    monkeypatch.setattr(mka.nn.base, "attention_takes", lambda q: False)
+    calls.clear()
+    cache = m.new_cache(2, dtype=torch.float64)
+    y = torch.cat([m(x[:, :6], cache), m(x[:, 6:], cache)], 1)
+    assert calls == [ops[1], ops[1]]
+    assert rel_err(y, m(x)) < EXACT
 
 
 @pytest.mark.parametrize("variant", variant_params())

@@ -112,8 +112,12 @@ def test_the_stream_handle_comes_from_the_raw_accessor_once_it_agrees(raw_handle
                                                                       monkeypatch):
     """The ops' launch stream: torch's raw accessor where it returned the public API's handle
     at the first call, else (missing, or disagreeing) the public API."""
+    import contextlib
     calls = []
     monkeypatch.setattr(ops, "_stream_of", None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda i: type("S", (), {"cuda_stream": 1234})())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.setattr(ops, "_official_stream", lambda i: calls.append("official") or 1234)
     if raw_handle is None:
         monkeypatch.delattr(torch._C, "_cuda_getCurrentRawStream", raising=False)

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .._validate import attention_takes
 from ..layers import apply_linear
 from ..memory.cache import LayerCache, LayerSpec, PagedKVCache
 from .backends import get_ops
@@ -144,13 +145,18 @@ class QKVAttention(CausalSelfAttention):
         """Keys and values of every key/value head."""
         return LayerSpec(self.n_kv_head, self.head_dim, self.head_dim)
 
+    def _attention_takes(self, q: Tensor) -> bool:
+        """Whether this backend's attention ops take ``q`` (the native ones: not every head
+        dim the paged ops take)."""
+        return self.backend == "torch" or attention_takes(q)
+
     def _attend_cached(self, q: Tensor, k: Tensor, v: Tensor, cache: LayerCache) -> Tensor:
         """Writes the new ``k, v`` into the cache's pages and attends over them. A prompt
         into an empty cache attends over its own ``k, v`` with the attention op: they are
         all the keys, and the decode kernel, which serves a few query rows per read of the
         keys, would read them again for every 16 rows of a long prompt."""
         cache.check("k", k)
-        empty = not cache.static and not any(cache.written)
+        empty = not cache.static and not any(cache.written) and self._attention_takes(q)
         step = cache.step(k.shape[1])
         self.ops.paged_write(k, v, cache.k_pages, cache.v_pages, step.block_table,
                              step.cache_seqlens)

@@ -64,7 +64,7 @@ class MKAAttention(RoutedAttention):
         cache.check("k", k)
         before = cache.lengths
         y = None
-        if not cache.static and not any(before):
+        if not cache.static and not any(before) and self._attention_takes(q):
             # A prompt into an empty cache: its own k, v (the EMA from the cache's states)
             # are all the keys; the op runs it, where the decode kernel would read the keys
             # again for every few query rows of a long prompt.

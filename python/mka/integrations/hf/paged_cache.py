@@ -27,6 +27,7 @@ from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 import mka
+from mka._validate import attention_takes
 from mka.memory import (LayerSpec, PagedKVCache, paged_attention, paged_mka_attention,
                         paged_write, paged_write_ema)
 from mka.memory.cache import PageStep
@@ -137,7 +138,8 @@ class PagedLayer(CacheLayerMixin):
         # few query rows of a long prompt. FastMKA and MKA take it without left padding: the
         # fused keys and the EMA states are per sequence.
         empty, self.seen = self.seen == 0, self.seen + k.shape[1]
-        plain = empty and (variant == "attention" or spec.left_padding is None)
+        plain = (empty and k.shape[1] > 0 and attention_takes(q)
+                 and (variant == "attention" or spec.left_padding is None))
         lc = self.pages
         y = None
         if plain and variant == "mka":  # from the states before the write moves them
