@@ -325,14 +325,12 @@ __global__ void __launch_bounds__(kCombineThreads) paged_combine_kernel(const Pa
   const int64_t per_split = int64_t(a.B) * a.T * a.H * kLevels * (a.dv + 2);
   const float* base = a.ws + (((int64_t(b) * a.T + t) * a.H + h) * kLevels) * (a.dv + 2);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  // A block-wide reduction of one value per level: max (fmaxf) or sum (a NaN propagates).
+  // A block-wide reduction of one value per level, both levels behind one pair of barriers:
+  // max (fmaxf) or sum (a NaN propagates).
   auto reduce = [&](float (&v)[kLevels], bool is_max) {
 #pragma unroll
     for (int l = 0; l < kLevels; ++l) {
-      for (int o = 16; o > 0; o /= 2) {
-        const float u = __shfl_xor_sync(0xffffffffu, v[l], o);
-        v[l] = is_max ? fmaxf(v[l], u) : v[l] + u;
-      }
+      v[l] = is_max ? warp_max(v[l]) : warp_sum(v[l]);
       if (lane == 0) sRed[warp][l] = v[l];
     }
     __syncthreads();

@@ -4,11 +4,12 @@ At decode sizes a transformer layer's elementwise work is a few kilobytes per ke
 costs its launch and its latency, not its bytes; fusing two kernels into one is worth a
 launch per layer per step. ``torch.ops.mka.add_layer_norm`` is the residual add followed by
 the next LayerNorm (the pair every pre-LayerNorm block and the final norm run);
-``torch.ops.mka.linear`` a linear layer, optionally followed by GELU, that up to ``MAX_ROWS``
-rows (one decode token) read through a kernel made for it on CUDA (a warp per output feature streaming its row of the
-weight: at decode sizes a linear layer is a read of its weight; CPU tensors take torch's
-BLAS GEMV, which the C++ op's own CPU loop did not beat). Native kernels: add_layer_norm on CPU
-(float32/float64) and CUDA (float16/bfloat16/float32), linear on CUDA; other inputs (half
+``torch.ops.mka.linear`` a linear layer, optionally followed by GELU, that up to
+``MAX_ROWS`` rows (one decode token) read through a kernel made for it on CUDA (a warp per
+output feature streaming its row of the weight: at decode sizes a linear layer is a read of
+its weight; CPU tensors take torch's BLAS GEMV, which the C++ op's own CPU loop did not
+beat). Native kernels: add_layer_norm on CPU (float32/float64) and CUDA
+(float16/bfloat16/float32), linear on CUDA; other inputs (half
 precision on the CPU, weights of another dtype as under autocast, more rows) run the same
 arithmetic in PyTorch, as do CUDA tensors in a build of mka without its CUDA kernels.
 Inference only: no autograd.
