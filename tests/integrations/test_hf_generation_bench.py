@@ -68,3 +68,41 @@ def test_generate_bench_runs_a_variant_on_the_torch_backend(tmp_path):
     assert [r["attn"] for r in rows] == ["mha", "mha@torch"]
     assert rows[0]["kv_bytes_per_token"] == rows[1]["kv_bytes_per_token"]
     assert all(r["decode_tok_s"] > 0 for r in rows)
+
+
+def test_sdpa_flash_rows_run_without_cudnn(tmp_path, monkeypatch):
+    """sdpa.flash: transformers' sdpa code with SDPA's cuDNN backend ruled out in every call
+    (prefill and decode), on the DynamicCache only; plain sdpa leaves PyTorch's choice alone."""
+    import torch
+    seen = {}
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def watched(*args, **kwargs):
+        seen.setdefault(current[0], set()).add(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(*args, **kwargs)
+
+    from mka.integrations.hf import generation_bench
+    current = [None]
+    measure = generation_bench.measure
+
+    def measure_and_mark(model, attn, *args, **kwargs):
+        current[0] = attn
+        return measure(model, attn, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", watched)
+    monkeypatch.setattr(generation_bench, "measure", measure_and_mark)
+    out = tmp_path / "bench.json"
+    assert main(["generate-bench", "--device", "cpu", "--batches", "1", "--prompts", "16",
+                 "--new-tokens", "3", "--attns", "sdpa,sdpa.flash,mka", "--gpt", "none",
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["attn"], r["cache"]) for r in rows] == [
+        ("sdpa", "DynamicCache"), ("sdpa.flash", "DynamicCache"), ("mka", "DynamicCache"),
+        ("mka", "PagedCache")]
+    assert seen == {"sdpa": {torch.backends.cuda.cudnn_sdp_enabled()}, "sdpa.flash": {False}}
+
+
+def test_only_sdpa_takes_the_flash_suffix(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate-bench", "--device", "cpu", "--attns", "eager.flash"])
+    assert "--attns: ['eager.flash']: only sdpa.flash" in capsys.readouterr().err

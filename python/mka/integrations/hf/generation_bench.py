@@ -2,6 +2,13 @@
 ``sdpa`` and the library's ``mka`` attention, and of the library's own GPT variants, side by
 side in one run.
 
+``sdpa`` is what transformers runs by default: PyTorch picks SDPA's backend, and on Hopper with
+a recent cuDNN that is cuDNN's attention, which builds an execution plan for every new
+key length (each decode step over a growing ``DynamicCache``) unless PyTorch is told
+otherwise. ``sdpa.flash`` is the same model code with cuDNN ruled out (flash, else the
+memory-efficient or math kernel): the baseline of SDPA's kernels rather than of that plan
+cache.
+
 Per attention, cache, batch and prompt length: prefill tokens/s (one forward over the prompt
 into a fresh cache), decode tokens/s and ms per output token (greedy steps of one token per
 sequence), peak memory per phase (CUDA: peak allocated bytes, reset before each phase; CPU:
@@ -40,10 +47,11 @@ GPT_VARIANTS = ["mha", "gqa", "mla", "mka", "fastmka"]
 CACHES = {"dynamic": "DynamicCache", "paged": "PagedCache"}  # --caches names: cache classes
 DEFAULTS = {
     "cuda": dict(size="1b", gpt_size="gpt2-small", dtype="bfloat16", batches=[1, 32],
-                 prompts=[1024, 16384], new_tokens=256),
+                 prompts=[1024, 16384], new_tokens=256, attns=["sdpa", "sdpa.flash", "mka"]),
     "cpu": dict(size="tiny", gpt_size="tiny", dtype="float32", batches=[1, 2], prompts=[64],
-                new_tokens=8),
+                new_tokens=8, attns=["sdpa", "mka"]),
 }
+SDPA_WITHOUT_CUDNN = ".flash"  # --attns sdpa.flash: transformers' sdpa, SDPA's cuDNN ruled out
 
 
 @dataclass
@@ -99,6 +107,21 @@ def _phase(device: str, fn):
     return out, seconds, torch.cuda.max_memory_allocated() if device == "cuda" else None
 
 
+def attn_implementation(attn: str) -> str:
+    """The transformers attention implementation an ``--attns`` name runs."""
+    return attn.removesuffix(SDPA_WITHOUT_CUDNN)
+
+
+def sdpa_backends(attn: str):
+    """A context in which the row runs: SDPA without its cuDNN backend for ``sdpa.flash``."""
+    import contextlib
+    if not attn.endswith(SDPA_WITHOUT_CUDNN):
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                        SDPBackend.MATH])
+
+
 def kv_bytes_per_token(cache, batch: int) -> float:
     """Bytes the cache holds per token and sequence, read from the cache object: the pages the
     sequences hold (``used_bytes``) of a paged cache, the layers' tensors of a
@@ -109,10 +132,13 @@ def kv_bytes_per_token(cache, batch: int) -> float:
     return held / (batch * cache.get_seq_length())
 
 
-def _timed(device: str, batch: int, new_tokens: int, prefill, step, kv_bytes) -> dict:
+def _timed(device: str, batch: int, new_tokens: int, prefill, step, kv_bytes, warm) -> dict:
     """Times ``prefill() -> logits (B, V)`` of the last position and ``new_tokens`` greedy
-    ``step(token (B, 1)) -> logits (B, V)``; ``kv_bytes()`` is read after prefill."""
+    ``step(token (B, 1)) -> logits (B, V)``; ``kv_bytes()`` is read after prefill. ``warm()``
+    runs first, untimed: a prefill of the same shape into a cache of its own (kernel choice,
+    plans, allocator blocks of that shape)."""
     with torch.no_grad():
+        warm()
         last, t_prefill, mem_prefill = _phase(device, prefill)
         kv = kv_bytes()
 
@@ -145,15 +171,18 @@ def measure(model, attn: str, cache_kind: str, batch: int, prompt: int, new_toke
 
     from .paged_cache import PagedCache
 
-    model.set_attn_implementation(attn)
+    model.set_attn_implementation(attn_implementation(attn))
     ids = _ids(model.config.vocab_size, batch, prompt, device, seed)
-    cache = (PagedCache(model, batch, prompt + new_tokens) if cache_kind == "paged"
-             else DynamicCache(config=model.config))
+    new_cache = lambda: (PagedCache(model, batch, prompt + new_tokens)  # noqa: E731
+                         if cache_kind == "paged" else DynamicCache(config=model.config))
     # transformers >= 5.25 takes the cache as `cache` (`past_key_values` until 5.40)
     key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    forward = lambda t, **kw: model(t, use_cache=True, **{key: cache}, **kw).logits[:, -1]  # noqa: E731
-    times = _timed(device, batch, new_tokens, lambda: forward(ids, logits_to_keep=1), forward,
-                   lambda: kv_bytes_per_token(cache, batch))
+    cache = new_cache()
+    forward = lambda t, c=cache, **kw: model(t, use_cache=True, **{key: c}, **kw).logits[:, -1]  # noqa: E731
+    with sdpa_backends(attn):
+        times = _timed(device, batch, new_tokens, lambda: forward(ids, logits_to_keep=1), forward,
+                       lambda: kv_bytes_per_token(cache, batch),
+                       warm=lambda: forward(ids, new_cache(), logits_to_keep=1))
     return _row("hf", attn, CACHES[cache_kind], batch, prompt, new_tokens, times)
 
 
@@ -166,7 +195,7 @@ def measure_gpt(model, batch: int, prompt: int, new_tokens: int, device: str, se
 
     ids = _ids(model.config.vocab_size, batch, prompt, device, seed)
     caches = model.new_caches(batch)
-    forward = lambda t: model(t, caches=caches)[0][:, -1]  # noqa: E731
+    forward = lambda t, c=caches: model(t, caches=c)[0][:, -1]  # noqa: E731
     step = forward
     if graph:
         made: list[DecodeGraph] = []
@@ -176,7 +205,8 @@ def measure_gpt(model, batch: int, prompt: int, new_tokens: int, device: str, se
                 made.append(DecodeGraph(model, caches, prompt + new_tokens))
             return made[0].step(t)
     times = _timed(device, batch, new_tokens, lambda: forward(ids), step,
-                   lambda: caches.used_bytes() / (batch * caches[0].length))
+                   lambda: caches.used_bytes() / (batch * caches[0].length),
+                   warm=lambda: forward(ids, model.new_caches(batch)))
     name = type(caches).__name__ + ("+graph" if graph else "")
     attn = model.config.attention + ("@torch" if model.config.attn_backend == "torch" else "")
     return _row("gpt", attn, name, batch, prompt, new_tokens, times)
@@ -209,7 +239,8 @@ def _or_out_of_memory(key: tuple, fn) -> dict:
 def hf_runs(s: Settings) -> list[tuple[str, str]]:
     """(attention, cache) pairs: every attention on a ``DynamicCache``, the library's also on
     the ``PagedCache`` (``sdpa`` cannot read pages)."""
-    return [(a, c) for a in s.attns for c in s.caches if c == "dynamic" or a != "sdpa"]
+    return [(a, c) for a in s.attns for c in s.caches
+            if c == "dynamic" or attn_implementation(a) != "sdpa"]
 
 
 def gpt_variant(name: str) -> tuple[str, str]:
@@ -307,9 +338,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--prompts", type=_ints, help="prompt lengths, e.g. 1k,16k (default: 1k,16k "
                    "on cuda, 64 on cpu)")
     p.add_argument("--new-tokens", type=int, help="default: 256 on cuda, 8 on cpu")
-    p.add_argument("--attns", type=_names, default=["sdpa", "mka"],
-                   help="attention implementations of the Hugging Face model (default: sdpa,mka; "
-                   "none: no Hugging Face rows)")
+    p.add_argument("--attns", type=_names,
+                   help="attention implementations of the Hugging Face model (default: "
+                   "sdpa,sdpa.flash,mka on cuda, sdpa,mka on cpu; none: no Hugging Face rows); "
+                   "sdpa.flash: sdpa with SDPA's cuDNN backend ruled out")
     p.add_argument("--caches", type=_names, default=list(CACHES),
                    help="caches of the Hugging Face model: dynamic (transformers' DynamicCache), "
                    "paged (the library's PagedCache, for the library's attentions) (default: both)")
@@ -328,13 +360,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     d = DEFAULTS[device]
     pick = lambda key: d[key] if getattr(args, key) is None else getattr(args, key)  # noqa: E731
     gpt_known = [*GPT_VARIANTS, *(f"{v}@torch" for v in GPT_VARIANTS)]
+    attns = pick("attns")
+    if bad := [a for a in attns if a.endswith(SDPA_WITHOUT_CUDNN) and a != "sdpa.flash"]:
+        p.error(f"--attns: {bad}: only sdpa{SDPA_WITHOUT_CUDNN} rules out a backend")
     for name, given, known in (("--caches", args.caches, CACHES), ("--gpt", args.gpt, gpt_known)):
         if unknown := sorted(set(given) - set(known) - {"none"}):
             p.error(f"{name}: unknown {unknown}, expected some of {','.join(known)} or none")
     drop_none = lambda names: [n for n in names if n != "none"]  # noqa: E731
     s = Settings(device=device, dtype=getattr(torch, pick("dtype")), batches=pick("batches"),
                  prompts=pick("prompts"), new_tokens=pick("new_tokens"), size=pick("size"),
-                 model=args.model, attns=drop_none(args.attns), caches=drop_none(args.caches),
+                 model=args.model, attns=drop_none(attns), caches=drop_none(args.caches),
                  gpt=drop_none(args.gpt), gpt_size=pick("gpt_size"), gpt_graph=args.cuda_graph)
     try:
         what, rows = run(s)
