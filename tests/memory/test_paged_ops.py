@@ -297,7 +297,7 @@ def test_torch_path_ignores_garbage_past_the_lengths_and_refuses_shared_writes()
 def test_torch_path_without_host_reads_equals_the_checked_path(monkeypatch, window):
     """A CUDA cache's own table and lengths skip the host reads in the PyTorch path: every
     page of the table is gathered and masked (entries of -1 read as zeros, even if the pool
-    holds NaN there). Same outputs as the checked path; forced here on the CPU."""
+    holds NaN there). Same outputs as the path that reads the lengths; forced on the CPU."""
     from mka.memory import torch_paged
     torch.manual_seed(0)
     P, S, G, d, B, W = 12, 4, 2, 8, 2, 5
@@ -307,9 +307,36 @@ def test_torch_path_without_host_reads_equals_the_checked_path(monkeypatch, wind
     lens = torch.tensor([10, 15], dtype=torch.int32)
     q = torch.randn(B, 2, 4, d, dtype=torch.float64)
     ref = torch_paged.paged_attention(q, kp, vp, table, lens, True, None, window)
-    monkeypatch.setattr(torch_paged, "own_tables", lambda *a: True)
+    monkeypatch.setattr(torch_paged, "_reads_whole_table", lambda *a: True)
     out = torch_paged.paged_attention(q, kp, vp, table, lens, True, None, window)
     assert torch.allclose(out, ref, rtol=0, atol=1e-12)
+
+
+def test_a_caches_own_tables_skip_the_host_checks_on_the_cpu(monkeypatch):
+    """Tables and lengths a PagedKVCache made are valid by construction: the PyTorch path
+    does not check them again (the check was ~50 µs of a tiny model's decode step per call),
+    while tables a caller made are still checked."""
+    from mka.memory import torch_paged
+    from mka.models import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_embd=32, n_head=2, block_size=64, vocab_size=50,
+                          attn_backend="torch")).eval()
+    ids = torch.randint(0, 50, (1, 9))
+    with torch.no_grad():
+        want = model(ids)[0][:, -1]
+        caches = model.new_caches(1)
+        model(ids[:, :8], caches=caches)
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("a cache's own table was checked again")
+        monkeypatch.setattr(torch_paged, "check_slots", refuse)
+        got = model(ids[:, 8:], caches=caches)[0][:, -1]
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+    kp, vp = torch.randn(4, 4, 1, 8), torch.randn(4, 4, 1, 8)
+    with pytest.raises(AssertionError, match="checked again"):
+        torch_paged.paged_attention(torch.randn(1, 1, 1, 8), kp, vp,
+                                    torch.tensor([[0, 1]], dtype=torch.int32),
+                                    torch.tensor([5], dtype=torch.int32))
 
 
 def test_the_layers_of_a_step_share_its_index_tensors():
