@@ -183,7 +183,11 @@ def _forward(op, eager_parts, args: tuple):
 
 def _bwd(ctx, op, impl):
     """The backward op to call from a backward function: its implementation on the eager
-    path, else the custom op (autograd of the custom op, under torch.compile too)."""
+    path, else the custom op (autograd of the custom op, under torch.compile too).
+
+    The backward ops do not check their inputs again: they are what the forward checked and
+    saved (the native layer still checks shapes); the Python checks were ~15 % of a small
+    call's host time."""
     return impl if getattr(ctx, "eager", False) else op
 
 
@@ -217,7 +221,6 @@ def _(q, k, v, causal, scale, window, dropout_p, seed, kernels):
 def _attention_bwd_impl(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
                         causal: bool, scale: _OptF, window: _OptI, dropout_p: float,
                         seed: _OptT, kernels: str) -> Tuple[Tensor, Tensor, Tensor]:
-    V.check_attention(q, k, v, scale, window, causal, dropout_p, seed)
     cdt = _compute_dtype(q)
     # Uninitialized: the kernels overwrite every element (accumulate=False), no zero fills.
     dq, dk, dv = (q.new_empty(t.shape, dtype=cdt) for t in (q, k, v))
@@ -233,7 +236,6 @@ _attention_bwd = _custom_op(_attention_bwd_impl)
 
 @_attention_bwd.register_fake
 def _(q, k, v, out, lse, dout, causal, scale, window, dropout_p, seed, kernels):
-    V.check_attention(q, k, v, scale, window, causal, dropout_p, seed)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
@@ -341,7 +343,6 @@ def _route_fuse_bwd_impl(k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: _Op
                                                 Tensor]:
     """Returns (dk, dv, dlam, dk3, dv3, dk_state, dv_state); absent inputs (and lam without
     need_dlam) get empty grads."""
-    V.check_route(k, v, lam, beta, k3, v3, k_state, v_state, None, "(B, Tk, L)", True)
     cdt = _compute_dtype(k)
     g = _route_grads_alloc(k, lam, k3, k_state, v_state, cdt, need_dlam)
     sdt = state_dtype(cdt)
@@ -358,7 +359,6 @@ _route_fuse_bwd = _custom_op(_route_fuse_bwd_impl)
 @_route_fuse_bwd.register_fake
 def _(k, v, lam, beta, k3, v3, k_state, v_state, dk_fused, dv_fused, dk_state_out,
       dv_state_out, need_dlam, kernels):
-    V.check_route(k, v, lam, beta, k3, v3, k_state, v_state, None, "(B, Tk, L)", True)
     return _route_grads_fake(k, lam, k3, k_state, v_state, need_dlam)
 
 
@@ -465,8 +465,6 @@ def _fastmka_bwd_impl(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float,
                                              Tensor, Tensor]:
     """Returns (dq, dk, dv, dlam, dk3, dv3, dk_state, dv_state); dlam is empty without
     need_dlam."""
-    _check_fastmka(q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window,
-                   dropout_p, seed)
     cdt = _compute_dtype(q)
     sdt = state_dtype(cdt)
     dq = q.new_empty(q.shape, dtype=cdt)  # overwritten (accumulate=False), as all of g
@@ -486,8 +484,6 @@ _fastmka_bwd = _custom_op(_fastmka_bwd_impl)
 @_fastmka_bwd.register_fake
 def _(q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window, dropout_p, seed, out,
       lse, dout, dk_state_out, dv_state_out, k_fused, v_fused, carry, need_dlam, kernels):
-    _check_fastmka(q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window,
-                   dropout_p, seed)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             *_route_grads_fake(k, lam, k3, k_state, v_state, need_dlam))
 
@@ -578,8 +574,6 @@ def _mka_bwd_impl(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, mem
                   kernels: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                                          Tensor]:
     """Returns (dq, dk, dv, dlam, dmem_k, dmem_v, dk_state, dv_state)."""
-    _check_mka(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window,
-               dropout_p, seed)
     cdt = _compute_dtype(q)
     sdt = state_dtype(cdt)
     dq = q.new_empty(q.shape, dtype=cdt)  # overwritten (accumulate=False), as all the rest
@@ -601,8 +595,6 @@ _mka_bwd = _custom_op(_mka_bwd_impl)
 @_mka_bwd.register_fake
 def _(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window, dropout_p, seed,
       o_levels, lse_levels, dout, dk_state_out, dv_state_out, k_ema, v_ema, kernels):
-    _check_mka(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window,
-               dropout_p, seed)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             *_route_grads_fake(k, lam, mem_k, k_state, v_state))
 
