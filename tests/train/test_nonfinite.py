@@ -11,6 +11,7 @@ from mka.models import GPT
 from mka.train import checkpoint, main
 from mka.train import distributed as D
 from mka.train.checkpoint import checkpoint_files, read
+from mka.train.loop import defers_nonfinite_checks  # before the fixture replaces it
 
 from .train_cases import results
 
@@ -45,6 +46,43 @@ def inject(monkeypatch):
             return logits, loss
         monkeypatch.setattr(GPT, "forward", forward)
     return arm
+
+
+@pytest.fixture(autouse=True, params=["host", "device"])
+def where_checked(request, monkeypatch):
+    """Every test in both modes: each step checked on the host before its update, and (a
+    single CUDA process's) checks on the device read with the loss records, the update of a
+    non-finite step skipped by the fused AdamW — forced here on the CPU."""
+    if request.param == "device":
+        from mka.train import loop
+        from mka.train.schedule import lr_at
+        real = loop.make_optimizer
+
+        def fused(model, settings, device, total_steps):
+            groups = [{"params": g["params"], "weight_decay": g["weight_decay"]}
+                      for g in real(model, settings, device, total_steps)[0].param_groups]
+            opt = torch.optim.AdamW(groups, lr=settings.lr, betas=(settings.beta1, settings.beta2),
+                                    fused=True)
+            return opt, torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda s: lr_at(s, settings, total_steps) / settings.lr)
+        monkeypatch.setattr(loop, "make_optimizer", fused)
+        monkeypatch.setattr(loop, "defers_nonfinite_checks", lambda *a: True)
+    return request.param
+
+
+def test_only_a_single_cuda_process_with_the_fused_adamw_defers():
+    from types import SimpleNamespace
+    p = [torch.nn.Parameter(torch.ones(2))]
+    fused, plain = torch.optim.AdamW(p, fused=True), torch.optim.AdamW(p)
+    off, on = torch.amp.GradScaler("cpu", enabled=False), torch.amp.GradScaler("cpu", enabled=True)
+    cuda = SimpleNamespace(device=torch.device("cuda"), distributed=False)
+    assert defers_nonfinite_checks(cuda, fused, off, None)
+    assert not defers_nonfinite_checks(cuda, plain, off, None)
+    assert not defers_nonfinite_checks(cuda, fused, on, None)  # fp16: the GradScaler skips
+    assert not defers_nonfinite_checks(SimpleNamespace(device=torch.device("cuda"), distributed=True),
+                                       fused, off, None)
+    assert not defers_nonfinite_checks(SimpleNamespace(device=torch.device("cpu"), distributed=False),
+                                       fused, off, None)
 
 
 def _weights_finite(path):

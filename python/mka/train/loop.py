@@ -131,6 +131,21 @@ def _scalar(t: torch.Tensor) -> torch.Tensor:
     return t.detach().float().reshape(())
 
 
+def defers_nonfinite_checks(rt: D.Runtime, optimizer, scaler, engine) -> bool:
+    """Whether a run checks losses and gradient norms for NaN/infinity on the device and
+    reads the verdict with the loss records (one host read per --log-interval steps) instead
+    of after every step: a host read per step waits for the GPU, which then idles while the
+    host starts the next step (nanoGPT reads its loss every log interval too). It needs an
+    optimizer that skips an update on the device (the fused AdamW's ``found_inf``), one
+    process (ranks would have to agree on every step), and no GradScaler (fp16 has its own
+    skipping). Elsewhere each step is checked on the host before its update."""
+    return (rt.device.type == "cuda" and not rt.distributed and engine is None
+            and getattr(optimizer, "_step_supports_amp_scaling", False) and not scaler.is_enabled())
+
+
+NONFINITE_NAMES = ("training loss", "gradient norm")
+
+
 def check_resumable(settings: Settings, out: Path) -> None:
     """``--resume`` continues a run: refuse it when ``out`` holds nothing of any requested
     variant (a mistyped ``--out`` would otherwise start training from scratch)."""
@@ -181,6 +196,7 @@ class VariantRun:
             if s.compile:
                 self.train_model = torch.compile(self.train_model)
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=s.precision == "fp16")
+        self.defer_checks = defers_nonfinite_checks(rt, self.optimizer, self.scaler, self.engine)
         self.periodic_blocks = self.data.heldout_set(s, periodic=True)
         self.final_blocks = self.data.heldout_set(s, periodic=False)
 
@@ -225,20 +241,31 @@ class VariantRun:
     def _where_saved(self) -> str:
         return f"the newest checkpoint is {self.last_saved}" if self.last_saved else "no checkpoint was written"
 
-    def _nonfinite(self, step: int, history: dict, loss: torch.Tensor, norm: torch.Tensor | None) -> bool:
+    @staticmethod
+    def _nonfinite_flags(loss: torch.Tensor, norm: torch.Tensor | None) -> torch.Tensor:
+        """(2,) float on the device: 1 where the loss, the gradient norm (None: not checked)
+        is NaN or infinite. No host read."""
+        flags = [(~torch.isfinite(_scalar(loss))).float()]
+        flags.append((~torch.isfinite(_scalar(norm))).float() if norm is not None else torch.zeros_like(flags[0]))
+        return torch.stack(flags)
+
+    def _nonfinite(self, step: int, history: dict, flags: list[float], stopped_at: int | None = None) -> bool:
         """Whether step ``step + 1`` (as the curves number it) had a NaN or infinite loss or
-        gradient norm, on any rank: --on-nonfinite stop raises NonFinite, skip records it."""
-        named = [("training loss", loss)] + ([("gradient norm", norm)] if norm is not None else [])
-        flags = torch.stack([(~torch.isfinite(_scalar(t))).float() for _, t in named]).tolist()  # one sync
-        flags = D.all_reduce(self.rt, flags, "max")
-        bad = [name for (name, _), f in zip(named, flags) if f > 0]
+        gradient norm (``flags``, as :meth:`_nonfinite_flags`, read on the host), on any rank:
+        --on-nonfinite stop raises NonFinite, skip records it. ``stopped_at``: the step the
+        run reached when the flags were read (a run that checks on the device, whose update
+        of that step was skipped there); None: checked before the update."""
+        bad = [name for name, f in zip(NONFINITE_NAMES, flags) if f > 0]
         if not bad:
             self.skips_in_row = 0
             return False
         what = f"[{self.variant}] step {step + 1}: the {' and the '.join(bad)} {'is' if len(bad) == 1 else 'are'} " \
                "not finite (NaN or infinity)"
         if self.s.on_nonfinite == "stop":
-            raise NonFinite(f"{what}; stopped before updating the weights (--on-nonfinite stop); "
+            when = ("stopped before updating the weights" if stopped_at is None else
+                    f"its update was skipped and the run stopped at step {stopped_at}, where the losses "
+                    "were read")
+            raise NonFinite(f"{what}; {when} (--on-nonfinite stop); "
                             f"{self._where_saved()}; --resume --on-nonfinite skip continues from it, "
                             "skipping such steps")
         history["skipped"].append([step + 1, " and ".join(bad)])
@@ -266,8 +293,10 @@ class VariantRun:
         history["eval_seconds"] += time.perf_counter() - t0
         return ev
 
-    def _train_step(self, step: int, history: dict) -> torch.Tensor | None:
-        """One optimizer step; its mean loss, or None when it was skipped as not finite."""
+    def _train_step(self, step: int, history: dict) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """One optimizer step: its mean loss and, where the checks are deferred, its
+        non-finite flags on the device (the update skipped there if one is set); None when it
+        was skipped as not finite on the host."""
         s, rt = self.s, self.rt
         if self.engine is not None:
             return self._deepspeed_step(step, history)
@@ -291,7 +320,15 @@ class VariantRun:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip)
         elif check_grads:
             norm = _grad_norm(self.model)
-        if self._nonfinite(step, history, mean_loss, norm if check_grads else None):
+        flags = self._nonfinite_flags(mean_loss, norm if check_grads else None)
+        if self.defer_checks:
+            self.optimizer.found_inf = flags.max()  # the fused update is a no-op where it is 1
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            return mean_loss, flags
+        host_flags = D.all_reduce(self.rt, flags.tolist(), "max")  # one sync
+        if self._nonfinite(step, history, host_flags):
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler.is_enabled():  # forget this step's unscale_ and back off, as on an overflow
                 self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
@@ -301,7 +338,7 @@ class VariantRun:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return mean_loss
+        return mean_loss, None
 
     def _deepspeed_step(self, step: int, history: dict) -> torch.Tensor:
         """The engine accumulates, clips, scales and steps optimizer and schedule at the boundary;
@@ -314,16 +351,24 @@ class VariantRun:
             self.engine.backward(loss)
             self.engine.step()
             mean_loss += loss.detach().float() / self.s.grad_accum
-        self._nonfinite(step, history, mean_loss, None)
-        return mean_loss
+        flags = self._nonfinite_flags(mean_loss, None)
+        self._nonfinite(step, history, D.all_reduce(self.rt, flags.tolist(), "max"))
+        return mean_loss, None
 
-    def _flush(self, pending: list, history: dict) -> None:
-        """Record pending per-step losses, averaged over ranks (one host sync per flush)."""
+    def _flush(self, pending: list, history: dict, done: int) -> None:
+        """Record pending per-step losses, averaged over ranks (one host sync per flush), and
+        act on the deferred non-finite flags of their steps, in order (``done``: the step the
+        run has reached). Steps found not finite get no point on the curve."""
         if not pending:
             return
         losses = torch.stack([p[1] for p in pending]).double().tolist()
         losses = [x / self.rt.world for x in D.all_reduce(self.rt, losses)]
-        history["train"].extend([step, loss, lr] for (step, _, lr), loss in zip(pending, losses))
+        deferred = [p[3] for p in pending if p[3] is not None]
+        flags = iter(torch.stack(deferred).tolist() if deferred else [])
+        for (step, _, lr, checked), loss in zip(pending, losses):
+            if checked is not None and self._nonfinite(step - 1, history, next(flags), stopped_at=done):
+                continue
+            history["train"].append([step, loss, lr])
         pending.clear()
 
     def _stop_requested(self, stop: StopFlag, done: int) -> bool:
@@ -385,20 +430,20 @@ class VariantRun:
                     clock.close()
                     clock.open(timed=done >= timing_from)
                 lr = self.scheduler.get_last_lr()[0]
-                loss = self._train_step(done, history)
+                stepped = self._train_step(done, history)
                 clock.tokens += self.sampler.step_tokens(done)
                 done += 1
-                if loss is not None:  # a skipped step has no point on the curve
-                    pending.append((done, loss, lr))
+                if stepped is not None:  # a skipped step has no point on the curve
+                    pending.append((done, stepped[0], lr, stepped[1]))
                 if (done % s.log_interval == 0 or done == self.total_steps) and (pending or history["train"]):
-                    self._flush(pending, history)
+                    self._flush(pending, history, done)
                     tps = clock.live_rate()
                     bar.set_postfix(loss=f"{history['train'][-1][1]:.4f}",
                                     tok_s=f"{tps:,.0f}" if tps else "warm-up", refresh=False)
                 bar.update(1)
                 stopping = self._stop_requested(stop, done) and done < self.total_steps
                 if stopping or self._checkpoint_due(done) or done == self.total_steps:
-                    self._flush(pending, history)
+                    self._flush(pending, history, done)
                     clock.close()
                     if not stopping:
                         self._save(done, history)
@@ -421,7 +466,7 @@ class VariantRun:
 
     def _stop(self, history: dict, done: int, pending: list, saved: bool = False) -> None:
         """Checkpoint, record a partial result and leave the run (Ctrl-C, SIGTERM, --stop-after-steps)."""
-        self._flush(pending, history)
+        self._flush(pending, history, done)
         if not saved:
             self._save(done, history)
         self._write_result(self._result(history, done, final=None))
