@@ -135,7 +135,7 @@ OPTIONS = [
     # long runs
     Option("out", str, "runs/train", "output folder (results, plots, checkpoints)"),
     Option("resume", bool, False, "continue from the checkpoints in --out"),
-    Option("eval_interval", int, 0, "evaluate every N steps (0 = only at start and end)",
+    Option("eval_interval", int, 0, "evaluate every N steps, the first at step 0 (0 = only at the end)",
            check=_nonneg, check_msg="must be >= 0"),
     Option("eval_tokens", int, 0, "periodic evals read this many held-out tokens (0 = all); "
            "the final eval always reads the whole split", check=_nonneg, check_msg="must be >= 0"),
