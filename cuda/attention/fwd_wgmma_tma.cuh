@@ -18,6 +18,12 @@
 namespace mka::cuda {
 
 constexpr int kTmaThreads = 384, kTmaStages = 3;
+constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+// setmaxnreg.inc waits until the block's pool has the registers: the producer's release must
+// cover the consumers' growth, or the consumers spin forever.
+static_assert(128 * kProducerRegs + 2 * 128 * kConsumerRegs <=
+                  65536 / kTmaThreads / 8 * 8 * kTmaThreads,
+              "the producer's registers must cover the consumers' setmaxnreg");
 
 struct FwdMaps {
   CUtensorMap q, k, v;  // 64-column boxes of kWgBlockM (q) and BN (k, v) rows
@@ -54,14 +60,14 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
     mbar::init(qbar, 1);
     for (int st = 0; st < S; ++st) {
       mbar::init(kfull + st, 1), mbar::init(vfull + st, 1);
-      mbar::init(kempty + st, 2 * 128), mbar::init(vempty + st, 2 * 128);
+      mbar::init(kempty + st, 8), mbar::init(vempty + st, 8);  // one arrival per consumer warp
     }
     mbar::fence_init();
   }
   __syncthreads();
 
   if (wg == 0) {  // producer
-    regs_down<24>();
+    regs_down<kProducerRegs>();
     if (threadIdx.x == 0) {
       tma::prefetch(maps.q), tma::prefetch(maps.k), tma::prefetch(maps.v);
       mbar::arrive_expect_tx(qbar, kQBytes);
@@ -81,7 +87,10 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
     return;
   }
 
-  regs_up<240>();
+  regs_up<kConsumerRegs>();
+  // A warp is done with a stage once its wgmma.wait_group returned (warp-synchronous): its
+  // first lane arrives for it.
+  const bool arrives = threadIdx.x % 32 == 0;
   WgFwdRows<T, D, BN> rows;
   const float sl2 = p.scale * 1.4426950408889634f;
   const T* qw = qs + cw * 64 * 64;  // this consumer's rows in panel 0 of the Q tile
@@ -99,7 +108,7 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
     turn_pass(cw);
     wgmma::wait<0>();
     wgmma::fence_regs(reinterpret_cast<float(&)[NT * 4]>(s));
-    mbar::arrive(kempty);
+    if (arrives) mbar::arrive(kempty);
     rows.weights(s, p, blk.row0, blk.n_begin * BN, blk.full(blk.n_begin), sl2, corr);
     rows.to_a(pa, s);  // O is still zero: no rescale
     for (int64_t t = 1; t < tiles; ++t) {
@@ -113,11 +122,11 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
       turn_pass(cw);
       wgmma::wait<1>();  // S_t done (groups complete in order)
       wgmma::fence_regs(reinterpret_cast<float(&)[NT * 4]>(s));
-      mbar::arrive(kempty + st);
+      if (arrives) mbar::arrive(kempty + st);
       rows.weights(s, p, blk.row0, n * BN, blk.full(n), sl2, corr);
       wgmma::wait<0>();  // O's product done: O and P's registers are free
       rows.fence_o();
-      mbar::arrive(vempty + prev);
+      if (arrives) mbar::arrive(vempty + prev);
       rows.rescale_o(corr);
       rows.to_a(pa, s);
     }
