@@ -20,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 import mka
 from mka.bench import OPS, Shape, time_ms
 
-MODES = ("pingpong", "lockstep", "mma")
+MODES = ("pingpong", "lockstep", "tma", "mma")
 
 
 def kernels(mode: str):

@@ -47,18 +47,41 @@ template <class T, int D, int BN> struct WgFwdRows {
   __device__ __forceinline__ void softmax(float (&s)[NT][4], unsigned (&pa)[BN / 16][4],
                                           const AttnParams& p, int64_t row0, int64_t j0,
                                           bool full, float sl2) {
+    float corr[2];
+    weights(s, p, row0, j0, full, sl2, corr);
+    rescale_o(corr);
+    to_a(pa, s);
+  }
+
+  // The softmax in its three steps, for pipelines where O += P V of the previous tile is
+  // still in flight while this tile's weights are made: scores -> unnormalised weights in
+  // place (m, l updated; corr: the factor O must take before the next P V), then O's
+  // rescale and P's conversion once that product is done.
+  __device__ __forceinline__ void weights(float (&s)[NT][4], const AttnParams& p, int64_t row0,
+                                          int64_t j0, bool full, float sl2, float (&corr)[2]) {
     if (full)
-      softmax_impl<false>(s, pa, p, row0, j0, sl2);
+      weights_impl<false>(s, p, row0, j0, sl2, corr);
     else
-      softmax_impl<true>(s, pa, p, row0, j0, sl2);
+      weights_impl<true>(s, p, row0, j0, sl2, corr);
+  }
+  __device__ __forceinline__ void rescale_o(const float (&corr)[2]) {
+    #pragma unroll
+    for (int dt = 0; dt < DT; ++dt) {
+      o[dt][0] *= corr[0], o[dt][1] *= corr[0];
+      o[dt][2] *= corr[1], o[dt][3] *= corr[1];
+    }
+  }
+  __device__ __forceinline__ void to_a(unsigned (&pa)[BN / 16][4], const float (&s)[NT][4]) {
+    #pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) mma::acc_to_a<T>(pa[kk], s, kk);
   }
 
   // With only two warps per scheduler the kernel is latency-bound (ncu: "fixed latency
   // execution dependency"): row max and row sum run as four independent chains each.
   template <bool kMasked>
-  __device__ __forceinline__ void softmax_impl(float (&s)[NT][4], unsigned (&pa)[BN / 16][4],
-                                               const AttnParams& p, int64_t row0, int64_t j0,
-                                               float sl2) {
+  __device__ __forceinline__ void weights_impl(float (&s)[NT][4], const AttnParams& p,
+                                               int64_t row0, int64_t j0, float sl2,
+                                               float (&corr)[2]) {
     using namespace mma;
     const int lane = threadIdx.x % 32;
     int vlo[2] = {0, 0}, vhi[2] = {BN, BN};
@@ -87,7 +110,7 @@ template <class T, int D, int BN> struct WgFwdRows {
         s[nt][e] = x;
         mx[r][nt % 4] = fmaxf(mx[r][nt % 4], x);
       }
-    float corr[2], base[2];
+    float base[2];
     #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const float tile_max = fmaxf(fmaxf(mx[r][0], mx[r][1]), fmaxf(mx[r][2], mx[r][3]));
@@ -107,13 +130,6 @@ template <class T, int D, int BN> struct WgFwdRows {
     #pragma unroll
     for (int r = 0; r < 2; ++r)
       l[r] = l[r] * corr[r] + ((rs[r][0] + rs[r][1]) + (rs[r][2] + rs[r][3]));
-    #pragma unroll
-    for (int dt = 0; dt < DT; ++dt) {
-      o[dt][0] *= corr[0], o[dt][1] *= corr[0];
-      o[dt][2] *= corr[1], o[dt][3] *= corr[1];
-    }
-    #pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) acc_to_a<T>(pa[kk], s, kk);
   }
 
   // Issues O += P V (vt: a V tile, read N-major). One commit group.
@@ -156,8 +172,9 @@ template <int BN> struct WgFwdBlock {
   int64_t h, b, g, i0, n_begin, n_end, row0;
   int64_t band_lo, band_hi, any_lo, any_hi;
   bool wg_rows;
-  __device__ __forceinline__ WgFwdBlock(const AttnParams& p) {
-    const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+  // wg: which 64-row half of the block's query rows the calling warpgroup computes.
+  __device__ __forceinline__ WgFwdBlock(const AttnParams& p, int wg) {
+    const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
     // Heavy (late, causal) query blocks first so the tail of the grid is short.
     const int64_t mb = p.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
     h = blockIdx.y, b = blockIdx.z, g = h / p.group;
@@ -197,7 +214,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) attention_fwd_wgmma(AttnParams 
   T* ks = qs + kBM * D;                               // [2][BN x D]
   T* vs = ks + 2 * BN * D;                            // [2][BN x D]
   const int wg = threadIdx.x / 128;
-  const WgFwdBlock<BN> blk(p);
+  const WgFwdBlock<BN> blk(p, wg);
   const int64_t b = blk.b, g = blk.g;
 
   wgmma::load_tile<kBM, D, kWgThreads>(qs, p.q, b, blk.i0, p.Tq, blk.h);

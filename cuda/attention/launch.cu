@@ -8,6 +8,7 @@
 #include "attention/fwd_mma.cuh"
 #include "attention/fwd_wgmma.cuh"
 #include "attention/fwd_wgmma_pingpong.cuh"
+#include "attention/fwd_wgmma_tma.cuh"
 #include "attention/simt.cuh"
 #include "ops/building_blocks.h"
 #include "mka/cuda/kernels.h"
@@ -55,20 +56,38 @@ template <class Kernel> bool has_sm90a_image(Kernel k) {
   return attr.binaryVersion == 90;
 }
 
+// The warp-specialised forward, where TMA can describe the views (16-byte strides, a driver
+// with the encoder); false: the caller takes the ping-pong kernel.
+template <class T, int D, int BN> bool fwd_wgmma_tma(const AttnParams& a, cudaStream_t s) {
+  FwdMaps maps;
+  if (a.Tk < 1 || !rows_tensor_map(&maps.q, a.q, a.B, a.Tq, a.H, D, kWgBlockM) ||
+      !rows_tensor_map(&maps.k, a.k, a.B, a.Tk, a.G, D, BN) ||
+      !rows_tensor_map(&maps.v, a.v, a.B, a.Tk, a.G, D, BN))
+    return false;
+  constexpr int smem = tma_fwd_smem_bytes<D, BN>();
+  auto kernel = attention_fwd_wgmma_tma<T, D, BN>;
+  set_smem(kernel, smem);
+  const dim3 grid(unsigned(ceil_div(a.Tq, kWgBlockM)), unsigned(a.H), unsigned(a.B));
+  kernel<<<grid, kTmaThreads, smem, s>>>(maps, a);
+  check_launch("attention_fwd_wgmma_tma");
+  return true;
+}
+
 // The forward on Hopper: by default the three-stage ping-pong pipeline (in interleaved A/B
 // rounds it matched or beat the two-stage lockstep one at every length measured:
-// docs/kernels.md).
+// docs/kernels.md); the warp-specialised one where asked for.
 template <class T, int D> bool fwd_wgmma(const AttnParams& a, AttnKernel kernel_choice,
                                          cudaStream_t s) {
   constexpr int BN = 128;
   if (kernel_choice == AttnKernel::mma || a.dropout.active() ||
       !has_sm90a_image(attention_fwd_wgmma<T, D, BN>))
     return false;
-  const bool pp = kernel_choice == AttnKernel::pingpong;
   const TilePlan plan = plan_tiles(Target::gpu, D, 2, kWgmmaSmemBudget);
   MKA_CHECK(plan.block_q == kWgBlockM && plan.block_k == BN,
             "attention: TilePlan (", plan.block_q, "x", plan.block_k,
             ") has no compiled wgmma kernel for head dim ", D);
+  if (kernel_choice == AttnKernel::tma && fwd_wgmma_tma<T, D, BN>(a, s)) return true;
+  const bool pp = kernel_choice != AttnKernel::lockstep;
   const int smem = pp ? wg_fwd_smem_bytes<D, BN, 3>() : wg_fwd_smem_bytes<D, BN, 2>();
   auto kernel = pp ? attention_fwd_wgmma_pp<T, D, BN> : attention_fwd_wgmma<T, D, BN>;
   set_smem(kernel, smem);

@@ -26,8 +26,9 @@ ATTENTION_KERNELS, SCAN_KERNELS = (tuple(names) for names in _C.kernel_option_na
 @dataclasses.dataclass(frozen=True)
 class KernelOptions:
     """attention: "pingpong" (Hopper wgmma kernels, three-stage ping-pong forward),
-    "lockstep" (wgmma, two-stage forward) or "mma" (the sm_80 mma.sync kernels; pingpong and
-    lockstep fall back to them off Hopper). scan: the EMA scan's forward, "1pass" (decoupled
+    "lockstep" (wgmma, two-stage forward), "tma" (wgmma, warp-specialised forward: a TMA
+    producer and two consumers that overlap their softmax with the products) or "mma" (the
+    sm_80 mma.sync kernels; the wgmma choices fall back to them off Hopper). scan: the EMA scan's forward, "1pass" (decoupled
     look-back) or "3pass" (chunked). scan_through: run fastmka's and mka's EMA backward
     inside the Hopper attention backward where it can (else separate scan passes)."""
 

@@ -19,7 +19,7 @@ def main():
     torch.manual_seed(0)
     B, Tq, Tk, H, G = 1, 70, 90, 4, 2
     # Every attention kernel choice (on Hopper: two wgmma pipelines, and mma.sync).
-    for mode in ("lockstep", "pingpong", "mma"):
+    for mode in ("lockstep", "pingpong", "tma", "mma"):
         mka.set_kernels(attention=mode)
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             for d in (64, 128):

@@ -88,8 +88,9 @@ def test_long_sequence_tensor_cores_bf16():
 
 
 # The attention kernel choice picks the forward kernel on Hopper (by default ping-pong): the
-# two-stage wgmma pipeline, the three-stage ping-pong one, or the mma.sync kernels of sm_80.
-@pytest.mark.parametrize("mode", ["lockstep", "pingpong", "mma"])
+# two-stage wgmma pipeline, the three-stage ping-pong one, the warp-specialised TMA one, or
+# the mma.sync kernels of sm_80.
+@pytest.mark.parametrize("mode", ["lockstep", "pingpong", "tma", "mma"])
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("case", CASES + [(1, 1100, 1100, 4, 1, True, None),
                                           (1, 700, 1300, 2, 2, True, 300)],
@@ -153,6 +154,8 @@ def _kernel_names(fn) -> set[str]:
 @pytest.mark.parametrize("T, mode, fwd", [(256, None, "attention_fwd_wgmma_pp<"),
                                           (4096, None, "attention_fwd_wgmma_pp<"),
                                           (256, "lockstep", "attention_fwd_wgmma<"),
+                                          (256, "tma", "attention_fwd_wgmma_tma<"),
+                                          (4096, "tma", "attention_fwd_wgmma_tma<"),
                                           (256, "mma", "attention_fwd_mma<")])
 def test_hopper_dispatch(T, mode, fwd, request):
     # The default build has sm_90a code: on Hopper the wgmma kernels must run (a silent fall-

@@ -14,7 +14,7 @@ pytestmark = [requires_cuda, pytest.mark.cuda]
 BETA = 0.9
 
 
-@pytest.fixture(autouse=True, params=["pingpong", "mma"])
+@pytest.fixture(autouse=True, params=["pingpong", "tma", "mma"])
 def attention_kernel(request):
     kernels_for_test(request, attention=request.param)
 

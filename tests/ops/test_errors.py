@@ -102,7 +102,7 @@ def test_native_arguments_by_name():
            widnow=4)
     raises("attention_forward: causal: expected a bool", mka._C.attention_forward, **ok,
            causal="yes")
-    raises("attention_forward: attention_kernel: expected one of pingpong, lockstep, mma, got "
+    raises("attention_forward: attention_kernel: expected one of pingpong, lockstep, mma, tma, got "
            "'flash'", mka._C.attention_forward, **ok, attention_kernel="flash")
     raises("attention_forward: q: expected an array", mka._C.attention_forward,
            **{**ok, "q": [1.0]})

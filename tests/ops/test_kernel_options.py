@@ -13,7 +13,7 @@ from mka import ops
 
 
 def test_options_are_validated():
-    with pytest.raises(ValueError, match="attention: expected one of pingpong, lockstep, mma"):
+    with pytest.raises(ValueError, match="attention: expected one of pingpong, lockstep, mma, tma"):
         mka.set_kernels(attention="flash")
     with pytest.raises(ValueError, match="scan: expected one of 1pass, 3pass"):
         mka.KernelOptions(scan="2pass")
@@ -99,7 +99,7 @@ def test_environment_sets_the_defaults(env, token):
 
 
 @pytest.mark.parametrize("var,value,message", [
-    ("MKA_CUDA_WGMMA", "pingpog", "MKA_CUDA_WGMMA: expected 0, lockstep or pingpong"),
+    ("MKA_CUDA_WGMMA", "pingpog", "MKA_CUDA_WGMMA: expected 0, lockstep, pingpong or tma"),
     ("MKA_CUDA_SCAN", "2pass", "MKA_CUDA_SCAN: expected 1pass or 3pass"),
     ("MKA_CUDA_SCAN_THROUGH", "yes", "MKA_CUDA_SCAN_THROUGH: expected 0 or 1")])
 def test_bad_environment_values_raise_at_import(var, value, message):

@@ -9,7 +9,7 @@
 
 namespace mka {
 
-// MKA_CUDA_WGMMA (0 -> mma, lockstep, pingpong), MKA_CUDA_SCAN (1pass, 3pass),
+// MKA_CUDA_WGMMA (0 -> mma, lockstep, pingpong, tma), MKA_CUDA_SCAN (1pass, 3pass),
 // MKA_CUDA_SCAN_THROUGH (0, 1); unset: KernelOptions' defaults; other values raise.
 KernelOptions kernel_options_from_environment();
 

@@ -6,12 +6,13 @@
 
 namespace mka {
 
-// The attention kernels on tensor cores. pingpong and lockstep run the Hopper (wgmma) kernels
+// The attention kernels on tensor cores. pingpong, lockstep and tma run the Hopper (wgmma) kernels
 // where the device is sm_90 and the build has sm_90a code, else the mma.sync ones.
 enum class AttnKernel : int {
   pingpong,  // wgmma; forward in a three-stage ping-pong pipeline
   lockstep,  // wgmma; forward in the two-stage lockstep pipeline
   mma,       // the sm_80 mma.sync kernels in both directions
+  tma,       // wgmma; forward warp-specialised: a TMA producer, two overlapped consumers
 };
 
 // The EMA-route scan's forward on the GPU.
@@ -21,7 +22,7 @@ enum class ScanKernel : int {
 };
 
 // The options' names across the native boundary, in enum order.
-inline constexpr const char* kAttnKernelNames[] = {"pingpong", "lockstep", "mma"};
+inline constexpr const char* kAttnKernelNames[] = {"pingpong", "lockstep", "mma", "tma"};
 inline constexpr const char* kScanKernelNames[] = {"1pass", "3pass"};
 
 struct KernelOptions {
