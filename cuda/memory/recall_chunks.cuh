@@ -6,9 +6,10 @@
 // entries that chose a chunk are one run of the sorted keys. A block takes a stripe of
 // consecutive sorted entries (~1024 (entry, query head) pairs: a long run is split over
 // several blocks, so the early chunks that many rows recall do not make a tail) and, per
-// chunk its stripe meets, holds one key tile of the chunk (up to 128 keys, its K and V read
-// once) in shared memory and walks the (entry, query head) pairs 64 at a time, Q gathered by
-// cp.async, double-buffered. Each warp owns 16 pairs and all the tile's keys: S = Q K^T, its
+// chunk its stripe meets, holds one key tile of the chunk (up to 128 keys; its K and V read
+// once per stripe, the stripes of one run mostly from L2) in shared memory and walks the
+// (entry, query head) pairs 64 at a time, Q gathered by cp.async, double-buffered, the sorted
+// keys a step ahead (PairKey). Each warp owns 16 pairs and all the tile's keys: S = Q K^T, its
 // own softmax (no merge across warps), O = P V, written as the pair's partial — O normalised
 // by its own sum, in float32, with one base-2 log-sum-exp — at (row, head, entry r, key tile).
 // recall_merge_partials then combines a row's partials in a fixed order (deterministic).

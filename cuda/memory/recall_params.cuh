@@ -33,7 +33,7 @@ struct Args {
   float* delta = nullptr;          // (B, H, Tq): rowsum(dO o O), backward scratch
   uint64_t* entry_keys = nullptr;    // the inverse index's keys (entry_key), in entry order
   const uint64_t* sorted = nullptr;  // ... sorted
-  int64_t* run_starts = nullptr;     // [(b G + g) nC + c]: the first sorted key of that chunk
+  int64_t* run_starts = nullptr;     // [(b G + g) nC + c]: where that chunk's run starts
   int64_t B = 0, Tq = 0, Tk = 0, H = 0, G = 0, grp = 0, d = 0, R = 0, C = 0, nC = 0;
   // The (b G + g) units [bg0, bg1) one launch of the chunk-tile kernels covers (a slab).
   int64_t bg0 = 0, bg1 = 0;
