@@ -7,8 +7,9 @@ traceable by ``torch.compile``. The selection (``chosen``) is discrete and the c
 Native kernels run CPU float32/float64 (half inputs computed in float32, as the other ops)
 and CUDA float16/bfloat16/float32 (tensor cores for 16-bit inputs with head dim 64 or 128:
 chunk-major or row-major by the ``recall`` kernel option, :mod:`mka.kernels`, read at the
-forward and handed to the backward as the other ops do); elsewhere the PyTorch composite
-(:func:`mka.memory.recall._attend_in_blocks`): :func:`native` says which. On CUDA an invalid ``chosen`` entry is not raised (the indices stay on the device):
+forward and handed to the backward as the other ops do; on the current stream); elsewhere
+the PyTorch composite (:func:`mka.memory.recall._attend_in_blocks`): :func:`native` says
+which. On CUDA an invalid ``chosen`` entry is not raised (the indices stay on the device):
 its row's output, lse and dq are NaN.
 """
 
