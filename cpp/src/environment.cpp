@@ -1,5 +1,6 @@
 #include "mka/environment.h"
 
+#include <cerrno>
 #include <cstdlib>
 #include <string>
 
@@ -40,9 +41,10 @@ std::optional<int64_t> recall_scratch_from_environment() {
   const std::string v = env("MKA_CUDA_RECALL_SCRATCH");
   if (v.empty()) return std::nullopt;
   char* end = nullptr;
+  errno = 0;
   const long long n = std::strtoll(v.c_str(), &end, 10);
-  MKA_CHECK(*end == '\0' && n > 0, "MKA_CUDA_RECALL_SCRATCH: expected a positive number of bytes, got '",
-            v, "'");
+  MKA_CHECK(*end == '\0' && n > 0 && errno != ERANGE,
+            "MKA_CUDA_RECALL_SCRATCH: expected a positive number of bytes, got '", v, "'");
   return int64_t(n);
 }
 

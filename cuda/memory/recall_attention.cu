@@ -406,10 +406,16 @@ struct InverseIndex {
   int end_bit = 1;  // the sort looks at the bits in use only
   size_t cub_bytes = 0;
 
+  // What must stay below 2^31: the entries (CUB's item count is an int) and one chunk's run of
+  // (entry, query head) pairs, at most Tq R grp (32-bit divisions by grp and R in the kernels).
+  static bool fits(const Args& a) {
+    return a.B * a.Tq * a.G * a.R < (int64_t(1) << 31) && a.Tq * a.R * a.grp < (int64_t(1) << 31);
+  }
+
   InverseIndex(const Args& a, cudaStream_t s)
       : entries(a.B * a.Tq * a.G * a.R), units(a.B * a.G * a.nC) {
-    MKA_CHECK(entries * a.grp < (int64_t(1) << 31), "chosen: too many (row, query head, ",
-              "entry) triples for the CUDA kernel (", entries * a.grp, ")");
+    MKA_CHECK(fits(a), "chosen: too many entries for the CUDA kernel (", entries,
+              " entries, runs of up to ", a.Tq * a.R * a.grp, " pairs)");
     int64_t keys = 1;  // B G nC Tq R: past every key
     for (int64_t x : {a.B * a.G, a.nC, a.Tq, a.R})
       MKA_CHECK(!__builtin_mul_overflow(keys, std::max<int64_t>(x, 1), &keys),
@@ -448,8 +454,17 @@ struct InverseIndex {
 // this budget (the scratch is one stream-ordered allocation, cached by the memory pool after
 // the call): 8.7 GB for all of B = 1, Tq = 64k, H = 32, R = 8, d = 128 would sit in the pool.
 // MKA_CUDA_RECALL_SCRATCH overrides it (tests run many slabs with a small one).
+// Without it, 4 GiB or a quarter of the device memory free at the first call, whichever is
+// smaller (the pool keeps the scratch after the call, out of PyTorch's allocator's reach).
 int64_t partial_budget() {
-  static const int64_t budget = recall_scratch_from_environment().value_or(int64_t(4) << 30);
+  static const int64_t budget = recall_scratch_from_environment().value_or([] {
+    size_t free = 0, total = 0;
+    if (cudaMemGetInfo(&free, &total) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return int64_t(1) << 30;
+    }
+    return std::min<int64_t>(int64_t(4) << 30, int64_t(free / 4));
+  }());
   return budget;
 }
 
@@ -491,7 +506,7 @@ bool forward_chunks(const RecallProblem& p, Args& a, cudaStream_t s) {
   a.tile_keys = ceil_div(p.C, a.kts);  // <= kFwdMaxKeys, and kts - 1 tiles stay below C
   const int64_t P = p.R * a.kts, row_parts = a.grp * P;  // a row t's partials in a unit
   const int64_t per = slab_units(p.Tq * row_parts * (D + 1) * 4, p.B * p.G);
-  if (per == 0) return false;
+  if (per == 0 || !InverseIndex::fits(a)) return false;  // the row-major kernels need no index
   InverseIndex index(a, s);
   const size_t part_bytes = InverseIndex::round(size_t(per * p.Tq * row_parts) * D * 4);
   const size_t lse_bytes = InverseIndex::round(size_t(per * p.Tq * row_parts) * 4);
