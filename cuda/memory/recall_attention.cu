@@ -386,7 +386,9 @@ template <class Kernel> void launch(Kernel k, int64_t blocks, size_t smem, cudaS
   if (blocks == 0) return;
   MKA_CHECK(smem <= 227 * 1024, name, ": needs ", smem, " bytes of shared memory (the query ",
             "heads per kv head x head dim are too many for the CUDA-core kernel)");
-  if (smem > 48 * 1024) set_smem(k, int(smem));
+  // The kernels' static shared memory (a few KiB) counts against the 48 KiB a launch may take
+  // without the opt-in, so large requests opt in below that line too (setting it is harmless).
+  if (smem > 32 * 1024) set_smem(k, int(smem));
   k<<<unsigned(blocks), kThreads, smem, s>>>(a);
   check_launch(name);
 }
