@@ -46,15 +46,17 @@ NB_MODULE(_C, m) {
         "B"_a, "Tk"_a, "G"_a, "d"_a, "cuda"_a, "scan"_a);
   // The kernel options' names and their defaults from the environment (environment.h).
   m.def("kernel_option_names", [] {
-    nb::list attention, scan;
+    nb::list attention, scan, recall;
     for (const char* n : mka::kAttnKernelNames) attention.append(n);
     for (const char* n : mka::kScanKernelNames) scan.append(n);
-    return nb::make_tuple(attention, scan);
+    for (const char* n : mka::kRecallKernelNames) recall.append(n);
+    return nb::make_tuple(attention, scan, recall);
   });
   m.def("kernel_options_from_environment", [] {
     const mka::KernelOptions o = mka::kernel_options_from_environment();
     return nb::make_tuple(mka::kAttnKernelNames[int(o.attention)],
-                          mka::kScanKernelNames[int(o.scan)], o.scan_through);
+                          mka::kScanKernelNames[int(o.scan)], o.scan_through,
+                          mka::kRecallKernelNames[int(o.recall)]);
   });
   m.def("cpu_tile_budget", &mka::cpu_tile_budget);
   m.def("plan_tiles",

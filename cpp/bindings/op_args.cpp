@@ -79,6 +79,11 @@ void ArgsFiller::set(ScanKernel& k, nb::handle h, const char* name) {
   k = scan_kernel(cast<std::string>(h, op_, name, "a string"), what(name));
 }
 
+void ArgsFiller::set(RecallKernel& k, nanobind::handle h, const char* name) {
+  k = choice<RecallKernel>(cast<std::string>(h, op_, name, "a string"), what(name),
+                           kRecallKernelNames);
+}
+
 std::string ArgsFiller::what(const char* name) const { return std::string(op_) + ": " + name; }
 
 void ArgsFiller::reject_unknown(const std::vector<std::string>& names) {

@@ -44,6 +44,7 @@ class ArgsFiller {
   void set(void*& stream, nanobind::handle h, const char* name);
   void set(AttnKernel& k, nanobind::handle h, const char* name);
   void set(ScanKernel& k, nanobind::handle h, const char* name);
+  void set(RecallKernel& k, nanobind::handle h, const char* name);
 
   // Raises naming the first keyword that is none of Args' fields.
   template <class Args> [[noreturn]] void reject_unknown(Args a) {

@@ -1,5 +1,6 @@
 #include "mka/environment.h"
 
+#include <cerrno>
 #include <cstdlib>
 #include <string>
 
@@ -30,7 +31,22 @@ KernelOptions kernel_options_from_environment() {
   MKA_CHECK(through.empty() || through == "0" || through == "1",
             "MKA_CUDA_SCAN_THROUGH: expected 0 or 1, got '", through, "'");
   o.scan_through = through != "0";
+  const std::string recall = env("MKA_CUDA_RECALL");
+  MKA_CHECK(recall.empty() || recall == "chunks" || recall == "rows",
+            "MKA_CUDA_RECALL: expected chunks or rows, got '", recall, "'");
+  if (recall == "rows") o.recall = RecallKernel::rows;
   return o;
+}
+
+std::optional<int64_t> recall_scratch_from_environment() {
+  const std::string v = env("MKA_CUDA_RECALL_SCRATCH");
+  if (v.empty()) return std::nullopt;
+  char* end = nullptr;
+  errno = 0;
+  const long long n = std::strtoll(v.c_str(), &end, 10);
+  MKA_CHECK(*end == '\0' && n > 0 && errno != ERANGE,
+            "MKA_CUDA_RECALL_SCRATCH: expected a positive number of bytes, got '", v, "'");
+  return int64_t(n);
 }
 
 std::optional<int> num_threads_from_environment() {

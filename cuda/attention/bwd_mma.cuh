@@ -138,18 +138,7 @@ __global__ void __launch_bounds__(kBwdThreads, 2) attention_bwd_mma(AttnParams p
     }
     __syncthreads();
     float dq[DT][4] = {};
-    #pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      unsigned a[4];
-      load_a_trans<BM>(a, dst, kk * 16, warp);
-      #pragma unroll
-      for (int np = 0; np < DT / 2; ++np) {
-        unsigned kb[4];
-        load_b_trans<D>(kb, ks, kk * 16, np);
-        mma16816<T>(dq[2 * np], a, kb[0], kb[1]);
-        mma16816<T>(dq[2 * np + 1], a, kb[2], kb[3]);
-      }
-    }
+    mma_at_rows<T, BM, D, BN, DT>(dq, dst, warp, ks, 0);
     #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int64_t i = i0 + warp * 16 + lane / 4 + r * 8;

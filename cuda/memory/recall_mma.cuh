@@ -177,8 +177,7 @@ __global__ void __launch_bounds__(kThreads) recall_dq_mma(const Args a) {
     float lse2 = INFINITY, delta = 0.f;  // padding rows: P = 0
     if (i >= 0) {
       const int64_t at = a.stat(rb.b, s.head[r], rb.t0 + i);
-      const float lse = a.lse[at];
-      lse2 = lse == -INFINITY ? INFINITY : lse * kLog2e;
+      lse2 = lse2_of(a.lse[at]);
       delta = a.delta[at];
     }
     sLse2[r] = lse2, sDelta[r] = delta;
@@ -215,92 +214,94 @@ __global__ void __launch_bounds__(kThreads) recall_dq_mma(const Args a) {
   });
 }
 
-// --- dK, dV per chunk tile ------------------------------------------------------------
+// --- dK, dV (and dQ partials) per chunk tile ------------------------------------------
 constexpr int kPairs = 64;  // (row, head) pairs per step
+static_assert(kPairs <= kThreads, "a thread per pair of a step");
 
-template <int D> constexpr size_t dkdv_mma_smem() {
-  // K, V; Q and dO in two stages; lse2 and delta in two stages (float).
-  return size_t(2 * kTile * D + 2 * 2 * kPairs * D) * 2 + 2 * 2 * kPairs * 4;
-}
-
-// First index of `sorted[0, n)` not below `key`.
-__device__ __forceinline__ int64_t lower_bound(const uint64_t* sorted, int64_t n, uint64_t key) {
-  int64_t lo = 0, hi = n;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi) / 2;
-    if (sorted[mid] < key) lo = mid + 1;
-    else hi = mid;
+// The step loop of the chunk-tile kernels (recall_dkdv_mma, recall_fwd_chunks): step it + 1's
+// rows load by cp.async while body(it, stage) computes step it. issue(it, stage) fills a
+// stage with step it's pairs (every thread calls it; a barrier inside); copies the caller
+// issued before (the tile's K and V) join step 0's group.
+template <class Issue, class Body>
+__device__ __forceinline__ void pair_steps(int64_t iters, Issue&& issue, Body&& body) {
+  if (iters == 0) return;
+  issue(0, 0);
+  mma::cp_async_commit();
+  for (int64_t it = 0; it < iters; ++it) {
+    const int stage = int(it & 1);
+    mma::cp_async_next_stage(it + 1 < iters, [&] { issue(it + 1, stage ^ 1); });
+    __syncthreads();
+    body(it, stage);
+    __syncthreads();  // the next prefetch overwrites this stage
   }
-  return lo;
 }
 
-// The rows that chose chunk c of (b, g): entries [lo, hi) of the sorted index.
-struct ChunkRows {
-  int64_t lo, hi;
+// The sorted key of pair threadIdx.x of a step, loaded one step ahead into a register: a
+// step's issue then waits on no global load (its statistics and rows go by cp.async).
+struct PairKey {
+  uint64_t key = 0;
+  // Loads the key of pair f = it BM + threadIdx.x of the run at sorted[lo..] (pairs: the
+  // run's pairs, entry f / group).
+  __device__ __forceinline__ void load(const Args& a, int64_t lo, int64_t pairs, int64_t it) {
+    const int64_t f = it * kPairs + threadIdx.x;
+    if (threadIdx.x < kPairs && f < pairs) key = a.sorted[lo + a.fgrp.div(uint32_t(f))];
+  }
 };
-__device__ __forceinline__ ChunkRows chunk_rows(const Args& a, int64_t b, int64_t g, int64_t c) {
-  return {lower_bound(a.sorted, a.n_sorted, a.entry_key(b, g, c, 0)),
-          lower_bound(a.sorted, a.n_sorted, a.entry_key(b, g, c + 1, 0))};
+
+template <int D> constexpr size_t dkdv_mma_smem(bool dq) {
+  // K, V; Q and dO in two stages; with dq the tile's dS^T; lse and delta in two stages.
+  return size_t(2 * kTile * D + 2 * 2 * kPairs * D + (dq ? kTile * kPairs : 0)) * 2 +
+         2 * 2 * kPairs * 4;
 }
 
-struct ChunkTile {
-  int64_t b, g, c, j0;  // keys [j0, j0 + n) of kv head g
-  int n;
-};
-__device__ __forceinline__ ChunkTile chunk_tile(const Args& a, int tile_keys) {
-  const int64_t kts = (a.C + tile_keys - 1) / tile_keys;
-  int64_t idx = blockIdx.x;
-  ChunkTile ct;
-  const int64_t kt = idx % kts;
-  idx /= kts;
-  ct.c = idx % a.nC;
-  idx /= a.nC;
-  ct.g = idx % a.G;
-  ct.b = idx / a.G;
-  ct.j0 = ct.c * a.C + kt * tile_keys;
-  ct.n = int(min(int64_t(tile_keys), a.C - kt * tile_keys));
-  return ct;
-}
-
-// Pair f of a chunk's rows: its query row and head.
-__device__ __forceinline__ void pair_of(const Args& a, const ChunkRows& cr, const ChunkTile& ct,
-                                        int64_t f, int64_t& t, int64_t& h) {
-  const int64_t e = f / a.grp;
-  t = int64_t(a.sorted[cr.lo + e] % uint64_t(a.Tq));
-  h = ct.g * a.grp + f % a.grp;
-}
-
-template <class T, int D>
+// kDq (the chunk-major backward): each step also computes its pairs' dQ over the tile's keys,
+// dQ = dS K, and writes it, times the scale, as the pair's partial (row, head, entry r, key
+// tile) into a.part — a pair appears once in a chunk's run, so nothing accumulates across
+// steps, and recall_merge_partials sums a row's partials in a fixed order. dS goes through
+// shared memory so the warps can re-split by pairs (as the attention backward, bwd_mma.cuh),
+// and the dQ columns are done in halves at d = 128 so the 16 x d accumulator does not sit
+// beside dK and dV whole (registers).
+template <class T, int D, bool kDq>
 __global__ void __launch_bounds__(kThreads, 2) recall_dkdv_mma(const Args a) {
   using namespace mma;
   constexpr int BN = kTile, BM = kPairs, KS = D / 16, DT = D / 8, MT = BM / 8;
+  constexpr int kHalves = D == 128 ? 2 : 1, HT = DT / kHalves;  // dQ column tiles per half
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* ks = reinterpret_cast<T*>(smem_raw);
   T* vs = ks + BN * D;
   T* qs = vs + BN * D;        // [2][BM][D]
   T* dos = qs + 2 * BM * D;   // [2][BM][D]
-  float* stats = reinterpret_cast<float*>(dos + 2 * BM * D);  // [2][2][BM]: lse2, delta
+  T* dst = dos + 2 * BM * D;  // kDq: [BN][BM] dS^T
+  float* stats = reinterpret_cast<float*>(dst + (kDq ? BN * BM : 0));  // [2][2][BM]: lse, delta
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const ChunkTile ct = chunk_tile(a, BN);
-  const ChunkRows cr = chunk_rows(a, ct.b, ct.g, ct.c);
+  const ChunkRows cr = chunk_rows(a, ct.bg, ct.c);
   const int64_t pairs = (cr.hi - cr.lo) * a.grp, iters = (pairs + BM - 1) / BM;
 
-  __shared__ int sT[2][BM], sH[2][BM];  // each stage's pairs: query row (-1: none) and head
+  // Each stage's pairs: query row (-1: none) and head; kDq: where its dQ partial goes.
+  __shared__ int sT[2][BM], sH[2][BM];
+  __shared__ int64_t sPart[kDq ? 2 : 1][BM];
+  PairKey pk;
   auto issue = [&](int64_t it, int stage) {  // pairs [it BM, it BM + BM) into `stage`
-    for (int r = threadIdx.x; r < BM; r += kThreads) {
+    if (threadIdx.x < BM) {
+      const int r = threadIdx.x;
       const int64_t f = it * BM + r;
-      float lse2 = INFINITY, delta = 0.f;  // past the last pair: P = 0
-      int64_t t = -1, h = 0;
+      float* st = stats + stage * 2 * BM;
+      int64_t t = -1, e = 0, h = 0;
       if (f < pairs) {
-        pair_of(a, cr, ct, f, t, h);
-        const float lse = a.lse[a.stat(ct.b, h, t)];
-        lse2 = lse == -INFINITY ? INFINITY : lse * kLog2e;
-        delta = a.delta[a.stat(ct.b, h, t)];
+        a.key_row(pk.key, cr.first, t, e);
+        h = ct.g * a.grp + (f - int64_t(a.fgrp.div(uint32_t(f))) * a.grp);
+        cp_async4(st + r, a.lse + a.stat(ct.b, h, t));
+        cp_async4(st + BM + r, a.delta + a.stat(ct.b, h, t));
+      } else {
+        st[r] = INFINITY, st[BM + r] = 0.f;  // past the last pair: P = 0
       }
       sT[stage][r] = int(t), sH[stage][r] = int(h);
-      stats[stage * 2 * BM + r] = lse2, stats[stage * 2 * BM + BM + r] = delta;
+      if constexpr (kDq)
+        sPart[stage][r] = t < 0 ? -1 : a.part_index(ct.bg, t, h - ct.g * a.grp, e * a.kts + ct.kt);
     }
+    pk.load(a, cr.lo, pairs, it + 1);
     __syncthreads();
     T* qt = qs + stage * BM * D;
     T* dot = dos + stage * BM * D;
@@ -314,23 +315,15 @@ __global__ void __launch_bounds__(kThreads, 2) recall_dkdv_mma(const Args a) {
 
   float dk[DT][4] = {}, dv[DT][4] = {};
   if (iters > 0) {
-    for (int e = threadIdx.x; e < BN * (D / 8); e += kThreads) {
-      const int r = e / (D / 8), c = e % (D / 8);
-      const bool ok = r < ct.n;
-      cp_async16(ks + swz<D>(r, c), ok ? a.k.at<const T>(ct.b, ct.j0 + r, ct.g) + c * 8 : static_cast<const T*>(a.k.data), ok);
-      cp_async16(vs + swz<D>(r, c), ok ? a.v.at<const T>(ct.b, ct.j0 + r, ct.g) + c * 8 : static_cast<const T*>(a.v.data), ok);
-    }
-    issue(0, 0);  // iters is the block's: every thread meets issue's barrier
-    cp_async_commit();
+    load_tile<BN, D, kThreads>(ks, a.k, ct.b, ct.j0, ct.j0 + ct.n, ct.g);
+    load_tile<BN, D, kThreads>(vs, a.v, ct.b, ct.j0, ct.j0 + ct.n, ct.g);
+    pk.load(a, cr.lo, pairs, 0);
   }
-  for (int64_t it = 0; it < iters; ++it) {
-    const int stage = int(it & 1);
-    cp_async_next_stage(it + 1 < iters, [&] { issue(it + 1, stage ^ 1); });
-    __syncthreads();
+  pair_steps(iters, issue, [&](int64_t, int stage) {
     const T* qt = qs + stage * BM * D;
     const T* dot = dos + stage * BM * D;
-    const float* lse2 = stats + stage * 2 * BM;
-    const float* delta = lse2 + BM;
+    const float* lse = stats + stage * 2 * BM;
+    const float* delta = lse + BM;
 
     float s[MT][4] = {}, dp[MT][4] = {};
 #pragma unroll
@@ -350,16 +343,29 @@ __global__ void __launch_bounds__(kThreads, 2) recall_dkdv_mma(const Args a) {
       }
     }
     // s[mt][e]: key warp 16 + lane/4 + 8 (e >> 1), pair mt 8 + 2 (lane % 4) + (e & 1).
-    // s <- P (for dV), dp <- dS = P (dP - delta) (for dK).
+    // s <- P (for dV), dp <- dS = P (dP - delta) (for dK and dQ).
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = mt * 8 + (lane % 4) * 2 + (e & 1);
-        const float pr = exp2f(s[mt][e] * a.scale_log2 - lse2[r]);
+        const float pr = exp2f(s[mt][e] * a.scale_log2 - lse2_of(lse[r]));
         s[mt][e] = pr;
         dp[mt][e] = pr * (dp[mt][e] - delta[r]);
       }
+    if constexpr (kDq) {
+      // dS^T to shared memory (keys as rows; read after the barrier below), zeros for the
+      // keys past the tile's n (zero rows of K, but their P is not masked: exp2(-lse2) may
+      // overflow for a row of very negative scores, and inf times 0 is NaN).
+      const int row = warp * 16 + lane / 4, c = (lane % 4) * 2;
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        *reinterpret_cast<unsigned*>(dst + swz<BM>(row, mt) + c) =
+            row < ct.n ? pack2<T>(dp[mt][0], dp[mt][1]) : 0u;
+        *reinterpret_cast<unsigned*>(dst + swz<BM>(row + 8, mt) + c) =
+            row + 8 < ct.n ? pack2<T>(dp[mt][2], dp[mt][3]) : 0u;
+      }
+    }
 #pragma unroll
     for (int kk = 0; kk < BM / 16; ++kk) {
       unsigned pa[4], da[4];
@@ -376,9 +382,28 @@ __global__ void __launch_bounds__(kThreads, 2) recall_dkdv_mma(const Args a) {
         mma16816<T>(dk[2 * np + 1], da, qb[2], qb[3]);
       }
     }
-    __syncthreads();  // the next prefetch overwrites this stage
-  }
-  cp_async_wait<0>();
+    if constexpr (kDq) {
+      __syncthreads();  // every warp's dS^T is in (pair_steps' barrier ends its reads)
+      // dQ of pairs warp 16 + lane/4 + 8 hr over the tile's keys, columns 8 dt + 2 (lane % 4).
+      int64_t part[2];
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) part[hr] = sPart[stage][warp * 16 + lane / 4 + 8 * hr];
+#pragma unroll
+      for (int half = 0; half < kHalves; ++half) {
+        float dq[HT][4] = {};
+        mma_at_rows<T, BM, D, BN, HT>(dq, dst, warp, ks, half * (HT / 2));
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+          if (part[hr] < 0) continue;
+          float* row = a.part + part[hr] * D + half * (D / kHalves) + 2 * (lane % 4);
+#pragma unroll
+          for (int dt = 0; dt < HT; ++dt)
+            *reinterpret_cast<float2*>(row + 8 * dt) =
+                make_float2(dq[dt][2 * hr] * a.scale, dq[dt][2 * hr + 1] * a.scale);
+        }
+      }
+    }
+  });
 
   // Rows warp 16 + lane/4 + 8 hr of the tile, columns 8 dt + 2 (lane % 4) + {0, 1}.
 #pragma unroll

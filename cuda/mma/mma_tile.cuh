@@ -18,6 +18,11 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem),
                "r"(valid ? 16 : 0));  // size 0: zero-fill (rows past the end)
 }
+// One 4-byte element (a row statistic); .ca: .cg takes 16 bytes only.
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
+  const unsigned s = unsigned(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(gmem));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
@@ -139,6 +144,26 @@ __device__ __forceinline__ void acc_to_a(unsigned (&a)[4], const float (&c)[NT][
   a[1] = pack2<T>(c[2 * kk][2], c[2 * kk][3]);
   a[2] = pack2<T>(c[2 * kk + 1][0], c[2 * kk + 1][1]);
   a[3] = pack2<T>(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+}
+
+// acc += A B over k = 0..BK-1 for the warp's 16 rows: A[m][k] = at[k][16 mc + m] (the
+// transpose of a row-major tile with LDA columns: dS^T, keys as rows) and B[k][n] = bt[k][n]
+// (rows of a D-wide tile: K), NT 8-column n-tiles from column 16 np0. The dQ = dS K step.
+template <class T, int LDA, int D, int BK, int NT>
+__device__ __forceinline__ void mma_at_rows(float (&acc)[NT][4], const T* at, int mc, const T* bt,
+                                            int np0) {
+#pragma unroll
+  for (int kk = 0; kk < BK / 16; ++kk) {
+    unsigned a[4];
+    load_a_trans<LDA>(a, at, kk * 16, mc);
+#pragma unroll
+    for (int np = 0; np < NT / 2; ++np) {
+      unsigned b[4];
+      load_b_trans<D>(b, bt, kk * 16, np0 + np);
+      mma16816<T>(acc[2 * np], a, b[0], b[1]);
+      mma16816<T>(acc[2 * np + 1], a, b[2], b[3]);
+    }
+  }
 }
 
 // Max and sum over the 4 lanes of a quad (they share an accumulator row).

@@ -66,9 +66,11 @@ template <int D> struct WarpSoftmax {
     for (int t = 0; t < D / 8; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.f;
   }
 
-  // s: the warp's scores (scaled, masked keys -inf), mx: this thread's max of each row half.
-  // On return s holds P (unnormalised) and the max, sum and accumulator are rescaled.
-  __device__ __forceinline__ void update(float (&s)[2][4], const float (&mx)[2]) {
+  // s: the warp's scores (scaled, masked keys -inf) of 8 NT keys (16 in the layout above;
+  // more n-tiles alike), mx: this thread's max of each row half. On return s holds P
+  // (unnormalised) and the max, sum and accumulator are rescaled.
+  template <int NT>
+  __device__ __forceinline__ void update(float (&s)[NT][4], const float (&mx)[2]) {
     float alpha[2];
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
@@ -77,11 +79,11 @@ template <int D> struct WarpSoftmax {
       if (m_new == -INFINITY) {
         alpha[hr] = 1.f;
 #pragma unroll
-        for (int nt = 0; nt < 2; ++nt) s[nt][2 * hr] = s[nt][2 * hr + 1] = 0.f;
+        for (int nt = 0; nt < NT; ++nt) s[nt][2 * hr] = s[nt][2 * hr + 1] = 0.f;
       } else {
         alpha[hr] = exp2f(m[hr] - m_new);
 #pragma unroll
-        for (int nt = 0; nt < 2; ++nt)
+        for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
           for (int c = 0; c < 2; ++c) sum += (s[nt][2 * hr + c] = exp2f(s[nt][2 * hr + c] - m_new));
       }

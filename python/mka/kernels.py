@@ -10,8 +10,8 @@ The choice is process-wide, like ``torch.backends`` flags. Eager calls read it a
 forward; a ``torch.compile`` graph reads it once, when the graph is traced (recompile, e.g.
 after ``torch.compiler.reset()``, to change it there). The CPU kernels have one path per op
 and ignore it. The
-environment variables MKA_CUDA_WGMMA, MKA_CUDA_SCAN and MKA_CUDA_SCAN_THROUGH set the
-defaults, read once at import by the native module (docs/configuration.md).
+environment variables MKA_CUDA_WGMMA, MKA_CUDA_SCAN, MKA_CUDA_SCAN_THROUGH and MKA_CUDA_RECALL
+set the defaults, read once at import by the native module (docs/configuration.md).
 """
 
 import contextlib
@@ -20,7 +20,8 @@ from typing import Iterator
 
 from . import _C
 
-ATTENTION_KERNELS, SCAN_KERNELS = (tuple(names) for names in _C.kernel_option_names())
+ATTENTION_KERNELS, SCAN_KERNELS, RECALL_KERNELS = (tuple(names)
+                                                   for names in _C.kernel_option_names())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,11 +31,15 @@ class KernelOptions:
     producer and two consumers that overlap their softmax with the products) or "mma" (the
     sm_80 mma.sync kernels; the wgmma choices fall back to them off Hopper). scan: the EMA scan's forward, "1pass" (decoupled
     look-back) or "3pass" (chunked). scan_through: run fastmka's and mka's EMA backward
-    inside the Hopper attention backward where it can (else separate scan passes)."""
+    inside the Hopper attention backward where it can (else separate scan passes). recall:
+    the recall op's tensor-core kernels, "chunks" (chunk-major: each chosen chunk read once
+    per kv head, per-entry partials merged) or "rows" (row-major: each row block reads its
+    rows' chunks)."""
 
     attention: str = "pingpong"
     scan: str = "1pass"
     scan_through: bool = True
+    recall: str = "chunks"
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_KERNELS:
@@ -44,12 +49,15 @@ class KernelOptions:
             raise ValueError(f"scan: expected one of {', '.join(SCAN_KERNELS)}, got {self.scan!r}")
         if not isinstance(self.scan_through, bool):
             raise ValueError(f"scan_through: expected a bool, got {self.scan_through!r}")
+        if self.recall not in RECALL_KERNELS:
+            raise ValueError(f"recall: expected one of {', '.join(RECALL_KERNELS)}, "
+                             f"got {self.recall!r}")
 
     @property
     def token(self) -> str:
         """The choice as one string, the form the private ops take it in (a custom op's
         argument, saved by the forward for its backward)."""
-        return f"{self.attention},{self.scan},{int(self.scan_through)}"
+        return f"{self.attention},{self.scan},{int(self.scan_through)},{self.recall}"
 
     @classmethod
     def from_token(cls, token: str) -> "KernelOptions":
@@ -57,16 +65,17 @@ class KernelOptions:
 
 
 def _fields(token: str) -> tuple:
-    """(attention, scan, scan_through) of a token, unchecked: tokens come from KernelOptions."""
-    attention, scan, through = token.split(",")
-    return attention, scan, through == "1"
+    """(attention, scan, scan_through, recall) of a token, unchecked: tokens come from
+    KernelOptions."""
+    attention, scan, through, recall = token.split(",")
+    return attention, scan, through == "1", recall
 
 
 def launch(token: str, stream: int) -> dict:
     """The native ops' launch arguments (op_args.h: Launch) for a token and stream."""
-    attention, scan, through = _fields(token)
+    attention, scan, through, recall = _fields(token)
     return {"stream": stream, "attention_kernel": attention, "scan_kernel": scan,
-            "scan_through": through}
+            "scan_through": through, "recall_kernel": recall}
 
 
 class _State:

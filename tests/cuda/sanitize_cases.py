@@ -108,20 +108,25 @@ def paged_cases():
 
 def recall_cases():
     """The recall kernels (cuda/memory/recall_attention.cu): tensor cores (bf16, d 64 and
-    128, a group of 20) and CUDA cores (float32, d 80), an odd chunk with keys past the last
-    one, -1 padding, and invalid entries (NaN rows, no access outside k and v)."""
+    128, a group of 20; chunk-major and row-major) and CUDA cores (float32, d 80), an odd
+    chunk with keys past the last one, chunks of 200 (two forward key tiles), -1 padding, and
+    invalid entries (NaN rows, no access outside k and v)."""
     from mka.memory.recall_ops import recall_op
-    B, Tq, Tk, C, R = 2, 70, 200, 24, 5
-    for dtype, d, H, G in ((torch.bfloat16, 64, 8, 2), (torch.bfloat16, 128, 40, 2),
-                           (torch.float32, 80, 8, 2)):
+    B, Tq, Tk, R = 2, 70, 500, 5
+    for dtype, d, H, G, C in ((torch.bfloat16, 64, 8, 2, 24), (torch.bfloat16, 128, 40, 2, 24),
+                              (torch.bfloat16, 128, 8, 2, 200), (torch.float32, 80, 8, 2, 24)):
         q, k, v = (torch.randn(B, T, n, d, device="cuda", dtype=dtype, requires_grad=True)
                    for T, n in ((Tq, H), (Tk, G), (Tk, G)))
         chosen = torch.randint(-1, Tk // C, (B, Tq, G, R), device="cuda", dtype=torch.int32)
-        recall_op(q, k, v, chosen, C).float().sum().backward()
-        chosen[0, 3, 1, 0], chosen[1, 9, 0, 4] = 10 ** 6, -5
-        out = recall_op(q, k, v, chosen, C)
-        out.float().sum().backward()
-        assert torch.isnan(out[0, 3, H // 2:]).all() and torch.isnan(out[1, 9, :H // 2]).all()
+        for path in ("chunks", "rows"):
+            with mka.use_kernels(recall=path):
+                recall_op(q, k, v, chosen, C).float().sum().backward()
+                bad = chosen.clone()
+                bad[0, 3, 1, 0], bad[1, 9, 0, 4] = 10 ** 6, -5
+                out = recall_op(q, k, v, bad, C)
+                out.float().sum().backward()
+                assert torch.isnan(out[0, 3, H // 2:]).all()
+                assert torch.isnan(out[1, 9, :H // 2]).all()
 
 
 if __name__ == "__main__":

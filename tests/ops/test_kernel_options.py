@@ -19,6 +19,8 @@ def test_options_are_validated():
         mka.KernelOptions(scan="2pass")
     with pytest.raises(ValueError, match="scan_through: expected a bool"):
         mka.KernelOptions(scan_through="no")
+    with pytest.raises(ValueError, match="recall: expected one of chunks, rows"):
+        mka.set_kernels(recall="row")
     with pytest.raises(TypeError):
         mka.set_kernels(wgmma="off")
 
@@ -37,7 +39,7 @@ def test_set_and_use_restore():
     finally:
         mka.set_kernels(**vars(previous))
     assert mka.current_kernels() == before
-    opts = mka.KernelOptions("lockstep", "3pass", False)
+    opts = mka.KernelOptions("lockstep", "3pass", False, "rows")
     assert mka.KernelOptions.from_token(opts.token) == opts
 
 
@@ -67,7 +69,7 @@ def test_backward_takes_the_forwards_choice(monkeypatch, op):
     with mka.use_kernels(attention="lockstep", scan="3pass", scan_through=False):
         out = call()
     out.sum().backward()
-    assert seen == ["lockstep,3pass,0"]
+    assert seen == ["lockstep,3pass,0,chunks"]
 
 
 def test_compiled_graph_carries_the_choice():
@@ -87,12 +89,14 @@ def _import_with(env: dict) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("env,token", [({}, "pingpong,1pass,1"),
-                                       ({"MKA_CUDA_WGMMA": "0"}, "mma,1pass,1"),
+@pytest.mark.parametrize("env,token", [({}, "pingpong,1pass,1,chunks"),
+                                       ({"MKA_CUDA_WGMMA": "0"}, "mma,1pass,1,chunks"),
                                        ({"MKA_CUDA_WGMMA": "lockstep", "MKA_CUDA_SCAN": "3pass",
-                                         "MKA_CUDA_SCAN_THROUGH": "0"}, "lockstep,3pass,0")])
+                                         "MKA_CUDA_SCAN_THROUGH": "0", "MKA_CUDA_RECALL": "rows"},
+                                        "lockstep,3pass,0,rows")])
 def test_environment_sets_the_defaults(env, token):
-    clean = {"MKA_CUDA_WGMMA": "", "MKA_CUDA_SCAN": "", "MKA_CUDA_SCAN_THROUGH": ""}
+    clean = {"MKA_CUDA_WGMMA": "", "MKA_CUDA_SCAN": "", "MKA_CUDA_SCAN_THROUGH": "",
+             "MKA_CUDA_RECALL": ""}
     r = _import_with({**clean, **env})
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == token
@@ -101,7 +105,8 @@ def test_environment_sets_the_defaults(env, token):
 @pytest.mark.parametrize("var,value,message", [
     ("MKA_CUDA_WGMMA", "pingpog", "MKA_CUDA_WGMMA: expected 0, lockstep, pingpong or tma"),
     ("MKA_CUDA_SCAN", "2pass", "MKA_CUDA_SCAN: expected 1pass or 3pass"),
-    ("MKA_CUDA_SCAN_THROUGH", "yes", "MKA_CUDA_SCAN_THROUGH: expected 0 or 1")])
+    ("MKA_CUDA_SCAN_THROUGH", "yes", "MKA_CUDA_SCAN_THROUGH: expected 0 or 1"),
+    ("MKA_CUDA_RECALL", "row", "MKA_CUDA_RECALL: expected chunks or rows")])
 def test_bad_environment_values_raise_at_import(var, value, message):
     r = _import_with({var: value})
     assert r.returncode != 0 and message in r.stderr, r.stderr

@@ -2,6 +2,7 @@
 // sets a default: the kernel options a call takes when its caller names none, the CPU
 // thread count and the CPU's vector instruction set. docs/configuration.md lists them.
 #pragma once
+#include <cstdint>
 #include <optional>
 
 #include "mka/cpu/isa.h"
@@ -10,8 +11,14 @@
 namespace mka {
 
 // MKA_CUDA_WGMMA (0 -> mma, lockstep, pingpong, tma), MKA_CUDA_SCAN (1pass, 3pass),
-// MKA_CUDA_SCAN_THROUGH (0, 1); unset: KernelOptions' defaults; other values raise.
+// MKA_CUDA_SCAN_THROUGH (0, 1), MKA_CUDA_RECALL (chunks, rows); unset: KernelOptions'
+// defaults; other values raise.
 KernelOptions kernel_options_from_environment();
+
+// MKA_CUDA_RECALL_SCRATCH: bytes of float32 partials one slab of the chunk-major CUDA recall
+// kernels may hold (cuda/memory/recall_attention.cu), or nullopt (unset); other values than a
+// positive integer raise. A knob for tests and memory-tight runs, read at the first call.
+std::optional<int64_t> recall_scratch_from_environment();
 
 // MKA_NUM_THREADS: a positive thread count, or nullopt (unset or not a positive integer).
 std::optional<int> num_threads_from_environment();

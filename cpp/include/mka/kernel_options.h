@@ -21,9 +21,17 @@ enum class ScanKernel : int {
   three_pass,  // local, carry and final passes over chunks sized by ema_scan_chunk
 };
 
+// The recall op's tensor-core kernels (16-bit inputs, head dim 64 or 128;
+// cuda/memory/recall_attention.cu says when each wins).
+enum class RecallKernel : int {
+  chunks,  // chunk-major: each chosen chunk's keys read once per kv head, partials merged
+  rows,    // row-major: a block per row block reads the chunks its rows chose
+};
+
 // The options' names across the native boundary, in enum order.
 inline constexpr const char* kAttnKernelNames[] = {"pingpong", "lockstep", "mma", "tma"};
 inline constexpr const char* kScanKernelNames[] = {"1pass", "3pass"};
+inline constexpr const char* kRecallKernelNames[] = {"chunks", "rows"};
 
 struct KernelOptions {
   AttnKernel attention = AttnKernel::pingpong;
@@ -31,6 +39,7 @@ struct KernelOptions {
   // fastmka's and mka's EMA backward inside the Hopper attention backward's write-out, where
   // it can run (attention_bwd_can_scan); false: separate scan passes.
   bool scan_through = true;
+  RecallKernel recall = RecallKernel::chunks;
 };
 
 }  // namespace mka

@@ -71,7 +71,7 @@ struct Launch {
 
   template <class F> void fields(F&& f) {
     f("stream", stream), f("attention_kernel", kernels.attention), f("scan_kernel", kernels.scan),
-        f("scan_through", kernels.scan_through);
+        f("scan_through", kernels.scan_through), f("recall_kernel", kernels.recall);
   }
 };
 
