@@ -458,17 +458,25 @@ class LayerCache:
                 raise ValueError("T: a static cache grows every sequence by the same count")
             return self._static_step(T)
         before = tuple(self.written)
-        grow = [T] * len(before) if isinstance(T, int) else [int(n) for n in T]
-        if len(grow) != len(before) or min(grow, default=0) < 0:
-            raise ValueError(f"T: expected a count >= 0 per sequence ({len(before)}), got {T!r}")
-        after = [n + g for n, g in zip(before, grow)]
+        if isinstance(T, int) and T >= 0:
+            after = tuple(n + T for n in before)
+        else:
+            grow = [T] * len(before) if isinstance(T, int) else [int(n) for n in T]
+            if len(grow) != len(before) or min(grow, default=0) < 0:
+                raise ValueError(f"T: expected a count >= 0 per sequence ({len(before)}), "
+                                 f"got {T!r}")
+            after = tuple(n + g for n, g in zip(before, grow))
         if max(after, default=0) > self.parent.max_tokens:
             raise ValueError(f"cache: a sequence would hold {max(after)} tokens, beyond the "
                              f"cache's max_tokens = {self.parent.max_tokens}")
-        self.parent._reserve(after)
-        start, end = self.parent._step_lengths(before, tuple(after))
-        self.written = after
-        return PageStep(self.parent.block_table(), start, end, max(after, default=0))
+        # The step's first layer reserves the pages; the others find its lengths (every
+        # other change of the table drops them) and skip the page table's host work.
+        lengths = self.parent._lengths.get((before, after))
+        if lengths is None:
+            self.parent._reserve(list(after))
+            lengths = self.parent._step_lengths(before, after)
+        self.written = list(after)
+        return PageStep(self.parent.block_table(), *lengths, max(after, default=0))
 
     def _static_step(self, T: int) -> PageStep:
         p = self.parent
