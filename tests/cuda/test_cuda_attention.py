@@ -9,7 +9,7 @@ import mka  # noqa: F401  (registers torch.ops.mka)
 from mka import reference as R
 from cuda_checks import DTYPES, assert_close, check_op, kernels_for_test, rand, requires_cuda
 
-pytestmark = requires_cuda
+pytestmark = [requires_cuda, pytest.mark.cuda]
 
 CASES = [  # (B, Tq, Tk, H, G, causal, window)
     (2, 150, 150, 4, 2, True, None),

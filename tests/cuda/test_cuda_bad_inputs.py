@@ -6,7 +6,7 @@ import torch
 import mka  # noqa: F401
 from cuda_checks import requires_cuda
 
-pytestmark = requires_cuda
+pytestmark = [requires_cuda, pytest.mark.cuda]
 
 
 def _t(*shape, dtype=torch.bfloat16, device="cuda"):

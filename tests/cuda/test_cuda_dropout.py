@@ -18,7 +18,7 @@ from mka import reference as R
 from mka.nn import MultiHeadAttention
 from cuda_checks import DTYPES, assert_close, check_op, rand, requires_cuda, softmax_rows
 
-pytestmark = requires_cuda
+pytestmark = [requires_cuda, pytest.mark.cuda]
 BETA = 0.9
 PS = (0.1, 0.5)
 

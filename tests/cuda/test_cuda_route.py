@@ -10,7 +10,7 @@ from mka import reference as R
 from cuda_checks import (DTYPES, assert_close, check_op, kernels_for_test, rand, requires_cuda,
                          softmax_rows)
 
-pytestmark = requires_cuda
+pytestmark = [requires_cuda, pytest.mark.cuda]
 BETA = 0.9
 
 
