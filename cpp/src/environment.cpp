@@ -22,8 +22,8 @@ KernelOptions kernel_options_from_environment() {
                     through = env("MKA_CUDA_SCAN_THROUGH");
   if (wgmma == "0") o.attention = AttnKernel::mma;
   else if (wgmma == "lockstep") o.attention = AttnKernel::lockstep;
-  else if (wgmma == "tma") o.attention = AttnKernel::tma;
-  else MKA_CHECK(wgmma.empty() || wgmma == "pingpong",
+  else if (wgmma == "pingpong") o.attention = AttnKernel::pingpong;
+  else MKA_CHECK(wgmma.empty() || wgmma == "tma",
                  "MKA_CUDA_WGMMA: expected 0, lockstep, pingpong or tma, got '", wgmma, "'");
   MKA_CHECK(scan.empty() || scan == "1pass" || scan == "3pass",
             "MKA_CUDA_SCAN: expected 1pass or 3pass, got '", scan, "'");

@@ -1,7 +1,7 @@
 """Which CUDA kernels the ops run: an explicit choice, made when an op's forward runs and
 handed to its backward, so the two never disagree.
 
-    mka.current_kernels()                      # KernelOptions(attention='pingpong', ...)
+    mka.current_kernels()                      # KernelOptions(attention='tma', ...)
     mka.set_kernels(scan="3pass")              # the process default; returns the previous one
     with mka.use_kernels(attention="mma"):     # a scoped change
         out = torch.ops.mka.attention(q, k, v)
@@ -26,17 +26,17 @@ ATTENTION_KERNELS, SCAN_KERNELS, RECALL_KERNELS = (tuple(names)
 
 @dataclasses.dataclass(frozen=True)
 class KernelOptions:
-    """attention: "pingpong" (Hopper wgmma kernels, three-stage ping-pong forward),
-    "lockstep" (wgmma, two-stage forward), "tma" (wgmma, warp-specialised forward: a TMA
-    producer and two consumers that overlap their softmax with the products) or "mma" (the
-    sm_80 mma.sync kernels; the wgmma choices fall back to them off Hopper). scan: the EMA scan's forward, "1pass" (decoupled
-    look-back) or "3pass" (chunked). scan_through: run fastmka's and mka's EMA backward
-    inside the Hopper attention backward where it can (else separate scan passes). recall:
-    the recall op's tensor-core kernels, "chunks" (chunk-major: each chosen chunk read once
-    per kv head, per-entry partials merged) or "rows" (row-major: each row block reads its
-    rows' chunks)."""
+    """attention: "tma" (the default: Hopper wgmma kernels, a warp-specialised forward, a TMA
+    producer and two consumers that overlap their softmax with the products), "pingpong"
+    (wgmma, three-stage ping-pong forward), "lockstep" (wgmma, two-stage forward) or "mma" (the
+    sm_80 mma.sync kernels; the wgmma choices fall back to them off Hopper). scan: the EMA
+    scan's forward, "1pass" (decoupled look-back) or "3pass" (chunked). scan_through: run
+    fastmka's and mka's EMA backward inside the Hopper attention backward where it can (else
+    separate scan passes). recall: the recall op's tensor-core kernels, "chunks" (chunk-major:
+    each chosen chunk read once per kv head, per-entry partials merged) or "rows" (row-major:
+    each row block reads its rows' chunks)."""
 
-    attention: str = "pingpong"
+    attention: str = "tma"
     scan: str = "1pass"
     scan_through: bool = True
     recall: str = "chunks"

@@ -151,8 +151,9 @@ def _kernel_names(fn) -> set[str]:
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
                     reason="needs a Hopper (sm_90) GPU")
-@pytest.mark.parametrize("T, mode, fwd", [(256, None, "attention_fwd_wgmma_pp<"),
-                                          (4096, None, "attention_fwd_wgmma_pp<"),
+@pytest.mark.parametrize("T, mode, fwd", [(256, None, "attention_fwd_wgmma_tma<"),
+                                          (4096, None, "attention_fwd_wgmma_tma<"),
+                                          (256, "pingpong", "attention_fwd_wgmma_pp<"),
                                           (256, "lockstep", "attention_fwd_wgmma<"),
                                           (256, "tma", "attention_fwd_wgmma_tma<"),
                                           (4096, "tma", "attention_fwd_wgmma_tma<"),

@@ -89,8 +89,9 @@ def _import_with(env: dict) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("env,token", [({}, "pingpong,1pass,1,chunks"),
+@pytest.mark.parametrize("env,token", [({}, "tma,1pass,1,chunks"),
                                        ({"MKA_CUDA_WGMMA": "0"}, "mma,1pass,1,chunks"),
+                                       ({"MKA_CUDA_WGMMA": "pingpong"}, "pingpong,1pass,1,chunks"),
                                        ({"MKA_CUDA_WGMMA": "lockstep", "MKA_CUDA_SCAN": "3pass",
                                          "MKA_CUDA_SCAN_THROUGH": "0", "MKA_CUDA_RECALL": "rows"},
                                         "lockstep,3pass,0,rows")])

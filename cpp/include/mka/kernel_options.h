@@ -34,7 +34,7 @@ inline constexpr const char* kScanKernelNames[] = {"1pass", "3pass"};
 inline constexpr const char* kRecallKernelNames[] = {"chunks", "rows"};
 
 struct KernelOptions {
-  AttnKernel attention = AttnKernel::pingpong;
+  AttnKernel attention = AttnKernel::tma;
   ScanKernel scan = ScanKernel::one_pass;
   // fastmka's and mka's EMA backward inside the Hopper attention backward's write-out, where
   // it can run (attention_bwd_can_scan); false: separate scan passes.
