@@ -9,7 +9,8 @@ Importing this package registers the library's attention with transformers (see
 ``convert(model, variant="fastmka" | "mka")`` adds a router per attention layer and runs the
 model on ``mka.fastmka`` / ``mka.mka``; ``load_converted(path)`` loads what a converted
 model's ``save_pretrained`` wrote. ``PagedCache(model, batch_size, max_tokens)`` (or
-``paged_generate(model, ids, max_new_tokens=...)``) generates on the library's paged KV cache.
+``paged_generate(model, ids, max_new_tokens=...)``) generates on the library's paged KV cache;
+``HFDecodeGraph(model, cache)`` replays its decode step from a CUDA graph.
 ``docs/integrations.md`` has the details.
 """
 
@@ -22,6 +23,7 @@ from .attention import mka_attention_forward
 from .conversion import (ROUTED_IMPLEMENTATIONS, attention_layers, convert,
                          fastmka_attention_forward, load_converted, load_model,
                          mka_routed_attention_forward)
+from .decode_graph import HFDecodeGraph
 from .masks import MaskSpec, mka_mask
 from .paged_cache import PagedCache, PagedKV, paged_generate
 
@@ -46,4 +48,5 @@ register()
 
 __all__ = ["register", "convert", "load_converted", "load_model", "attention_layers",
            "mka_attention_forward", "mka_mask",
-           "MaskSpec", "IMPLEMENTATIONS", "PagedCache", "PagedKV", "paged_generate"]
+           "MaskSpec", "IMPLEMENTATIONS", "PagedCache", "PagedKV", "paged_generate",
+           "HFDecodeGraph"]

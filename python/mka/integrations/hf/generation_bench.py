@@ -24,7 +24,6 @@ attention variant, random weights; GPT-2-small's shape on CUDA) run on their own
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import sys
 import time
@@ -67,7 +66,7 @@ class Settings:
     caches: list[str] = field(default_factory=lambda: list(CACHES))
     gpt: list[str] = field(default_factory=lambda: list(GPT_VARIANTS))
     gpt_size: str = "tiny"
-    gpt_graph: bool = False  # also GPT rows with the decode step in a CUDA graph
+    gpt_graph: bool = False  # also GPT and PagedCache rows with the decode step in a CUDA graph
     seed: int = 0
 
 
@@ -164,26 +163,37 @@ def _ids(vocab: int, batch: int, prompt: int, device: str, seed: int) -> torch.T
 
 
 def measure(model, attn: str, cache_kind: str, batch: int, prompt: int, new_tokens: int,
-            device: str, seed: int) -> dict:
+            device: str, seed: int, graph: bool = False) -> dict:
     """One row of the Hugging Face model: ``cache_kind`` "dynamic" (``DynamicCache``) or
-    "paged" (the library's ``PagedCache``)."""
+    "paged" (the library's ``PagedCache``); ``graph``: on the paged cache, decode steps
+    replayed from a CUDA graph (:class:`~.decode_graph.HFDecodeGraph`; its capture, in the
+    first step, is timed with the decode)."""
     from transformers import DynamicCache
 
+    from .decode_graph import HFDecodeGraph, cache_keyword
     from .paged_cache import PagedCache
 
     model.set_attn_implementation(attn_implementation(attn))
     ids = _ids(model.config.vocab_size, batch, prompt, device, seed)
     new_cache = lambda: (PagedCache(model, batch, prompt + new_tokens)  # noqa: E731
                          if cache_kind == "paged" else DynamicCache(config=model.config))
-    # transformers >= 5.25 takes the cache as `cache` (`past_key_values` until 5.40)
-    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    key = cache_keyword(model)
     cache = new_cache()
     forward = lambda t, c=cache, **kw: model(t, use_cache=True, **{key: c}, **kw).logits[:, -1]  # noqa: E731
+    step = forward
+    if graph:
+        made: list[HFDecodeGraph] = []
+
+        def step(t):  # the graph is made at the first decode step, after the prefill
+            if not made:
+                made.append(HFDecodeGraph(model, cache))
+            return made[0].step(t)
     with sdpa_backends(attn):
-        times = _timed(device, batch, new_tokens, lambda: forward(ids, logits_to_keep=1), forward,
+        times = _timed(device, batch, new_tokens, lambda: forward(ids, logits_to_keep=1), step,
                        lambda: kv_bytes_per_token(cache, batch),
                        warm=lambda: forward(ids, new_cache(), logits_to_keep=1))
-    return _row("hf", attn, CACHES[cache_kind], batch, prompt, new_tokens, times)
+    return _row("hf", attn, CACHES[cache_kind] + ("+graph" if graph else ""), batch, prompt,
+                new_tokens, times)
 
 
 def measure_gpt(model, batch: int, prompt: int, new_tokens: int, device: str, seed: int,
@@ -280,6 +290,11 @@ def run(s: Settings) -> tuple[str, list[dict]]:
                 rows.append(_or_out_of_memory(key,
                             lambda: measure(model, attn, cache, batch, prompt, s.new_tokens,
                                             s.device, s.seed)))
+                if s.gpt_graph and cache == "paged":
+                    key = ("hf", attn, CACHES[cache] + "+graph", batch, prompt, s.new_tokens)
+                    rows.append(_or_out_of_memory(key, lambda: measure(
+                        model, attn, cache, batch, prompt, s.new_tokens, s.device, s.seed,
+                        graph=True)))
         del model
     for variant in s.gpt:
         model = build_gpt(s, variant)
@@ -350,8 +365,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                    "no GPT rows); VARIANT@torch: the variant on the PyTorch backend (SDPA)")
     p.add_argument("--gpt-size", choices=sorted(GPT_SIZES), help="GPT shape (default: "
                    "gpt2-small on cuda, tiny on cpu)")
-    p.add_argument("--cuda-graph", action="store_true", help="also GPT rows with the decode "
-                   "step replayed from a CUDA graph (GPT.generate(cuda_graph=True)'s DecodeGraph)")
+    p.add_argument("--cuda-graph", action="store_true", help="also rows with the decode step "
+                   "replayed from a CUDA graph: the GPT variants (GPT.generate(cuda_graph=True)'s "
+                   "DecodeGraph) and the Hugging Face model on the PagedCache (HFDecodeGraph)")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     args = p.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
