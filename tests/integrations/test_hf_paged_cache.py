@@ -52,8 +52,10 @@ def test_prefill_and_decode_on_pages_equal_the_full_forward(arch):
     assert cache.get_seq_length() == 21 and cache.pages[0].lengths == [21] * 3
 
 
-@pytest.mark.parametrize("variant, ops", [(None, ("attention", "paged_attention")),
-                                          ("fastmka", ("attention", "paged_attention")),
+# paged_cache's name of the paged attention: _cache_attention (paged_attention through the
+# cache's own table and lengths)
+@pytest.mark.parametrize("variant, ops", [(None, ("attention", "_cache_attention")),
+                                          ("fastmka", ("attention", "_cache_attention")),
                                           ("mka", ("mka", "paged_mka_attention"))])
 def test_a_prompt_into_an_empty_cache_takes_the_attention_op(variant, ops, monkeypatch):
     """The prompt's own keys are all the keys: the attention op (FastMKA: over its fused

@@ -26,7 +26,7 @@ from torch import Tensor
 from .. import _C
 from .._validate import check_paged
 from ..kernels import _State
-from ..ops import _launch, _native
+from ..ops import _PLAIN, _cast, _eager, _launch, _native
 from . import torch_paged
 
 _OptT = Optional[Tensor]
@@ -65,14 +65,31 @@ def _inference_op(name: str, mutates_args: Tuple[str, ...] = (), refuse_grad: bo
 
         @functools.wraps(fn)
         def call(*args, **kwargs):
-            if refuse_grad and torch.is_grad_enabled():
+            grad = torch.is_grad_enabled()
+            if refuse_grad and grad:
                 _no_gradient(name, args, kwargs)
+            if _direct(grad, args, kwargs):
+                return fn(*args, **kwargs)
             return op(*args, **kwargs)
 
         call.register_fake = lambda fake: torch.library.register_fake(f"mka::{name}", fake,
                                                                       lib=_LIB)
         return call
     return wrap
+
+
+def _direct(grad: bool, args: tuple, kwargs: dict) -> bool:
+    """Whether an inference op may run its implementation without the dispatcher (~4 us a
+    call on a slow host, paid by each paged op of every layer of a decode step): as
+    :func:`mka.ops._eager` allows (no compilation, tracing, dispatch mode or functorch
+    transform; plain tensors only) and no input asks for a gradient with grad mode on (those
+    calls keep the dispatcher's autograd fallback)."""
+    if not _eager():
+        return False
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, Tensor) and (type(a) not in _PLAIN or (grad and a.requires_grad)):
+            return False
+    return True
 
 
 def _native_pages(pages: Tensor, *others: _OptT) -> bool:
@@ -106,9 +123,8 @@ def paged_write(k: Tensor, v: _OptT, k_pages: Tensor, v_pages: _OptT, block_tabl
     if not _native_pages(k_pages, v_pages):
         return torch_paged.paged_write(k, v, k_pages, v_pages, block_table, cache_seqlens)
     _check_write(k, k_pages, block_table, cache_seqlens)
-    _native(_C.paged_write, k=k.to(k_pages.dtype), v=v.to(k_pages.dtype), k_pages=k_pages,
-            v_pages=v_pages, block_table=block_table, cache_seqlens=cache_seqlens,
-            **_launch(k, _State.token))
+    _native(_C.paged_write, k=k, v=v, k_pages=k_pages, v_pages=v_pages, block_table=block_table,
+            cache_seqlens=cache_seqlens, **_launch(k, _State.token))
 
 
 @paged_write.register_fake
@@ -133,8 +149,8 @@ def paged_write_ema(k: Tensor, v: Tensor, k_pages: Tensor, v_pages: Tensor, bloc
                                            beta, k_page_states, v_page_states, k_state, v_state)
     _check_write(k, k_pages, block_table, cache_seqlens)
     ks, vs = (k_page_states.new_empty((k.shape[0], *k.shape[2:])) for _ in range(2))
-    _native(_C.paged_write, k=k.to(k_pages.dtype), v=v.to(k_pages.dtype), k_pages=k_pages,
-            v_pages=v_pages, block_table=block_table, cache_seqlens=cache_seqlens, beta=beta,
+    _native(_C.paged_write, k=k, v=v, k_pages=k_pages, v_pages=v_pages, block_table=block_table,
+            cache_seqlens=cache_seqlens, beta=beta,
             k_page_states=k_page_states, v_page_states=v_page_states,
             k_state=_state(k_state, k_page_states), v_state=_state(v_state, k_page_states),
             k_state_out=ks, v_state_out=vs, **_launch(k, _State.token))
@@ -168,9 +184,9 @@ def paged_attention(q: Tensor, k_pages: Tensor, v_pages: _OptT, block_table: Ten
         return torch_paged.paged_attention(q.to(k_pages.dtype), k_pages, v_pages, block_table,
                                            seqlens, causal, scale, window)
     out = _out(q, k_pages, v_pages)
-    _native(_C.paged_attention, q=q.to(k_pages.dtype), k_pages=k_pages, v_pages=v_pages,
-            block_table=block_table, seqlens=seqlens, causal=causal, scale=scale,
-            window=window, out=out, **_launch(q, _State.token))
+    _native(_C.paged_attention, q=q, k_pages=k_pages, v_pages=v_pages, block_table=block_table,
+            seqlens=seqlens, causal=causal, scale=scale, window=window, out=out,
+            **_launch(q, _State.token))
     return out
 
 
@@ -198,10 +214,10 @@ def paged_mka_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, k_page_stat
                                                k_page_states, v_page_states, block_table,
                                                seqlens, lam, beta, causal, scale, window)
     out = _out(q, k_pages, v_pages)
-    _native(_C.paged_attention, q=q.to(k_pages.dtype), k_pages=k_pages, v_pages=v_pages,
-            block_table=block_table, seqlens=seqlens, causal=causal, scale=scale,
-            window=window, beta=beta, k_page_states=k_page_states, v_page_states=v_page_states,
-            lam=lam.to(k_pages.dtype), out=out, **_launch(q, _State.token))
+    _native(_C.paged_attention, q=q, k_pages=k_pages, v_pages=v_pages, block_table=block_table,
+            seqlens=seqlens, causal=causal, scale=scale, window=window, beta=beta,
+            k_page_states=k_page_states, v_page_states=v_page_states,
+            lam=_cast(lam, k_pages.dtype), out=out, **_launch(q, _State.token))
     return out
 
 
@@ -212,3 +228,40 @@ def _(q, k_pages, v_pages, k_page_states, v_page_states, block_table, seqlens, l
                 scale=scale, window=window, page_states=(k_page_states, v_page_states),
                 beta=beta, lam=lam)
     return _out(q, k_pages, v_pages)
+
+
+# --------------------------------------------------------------------------- a cache's own steps
+
+def _cache_write(lc, step, k: Tensor, v: _OptT) -> None:
+    """:func:`paged_write` of new tokens ``k, v: (B, T, G, d)`` into the pages of ``lc`` (a
+    :class:`~mka.memory.cache.LayerCache`) at ``step`` (what its ``step`` returned: the
+    cache's own block table and lengths, valid by construction). Where the native kernels
+    take the pages and the op would run its implementation directly (:func:`_direct`), the
+    native op is called without :func:`check_paged`: the native layer checks the same shapes,
+    dtypes and devices (cpp/src/memory/paged_ops.cpp: messages naming the same arguments),
+    and the host check of a CUDA write skips a cache's own tables anyway. ~8 us less host
+    time per layer and step on a slow CPU. Else the op, checks and all."""
+    kp, vp = lc.k_pages, lc.v_pages
+    if _native_pages(kp, vp) and _direct(torch.is_grad_enabled(), (k, v), {}):
+        v, vp = (k, kp) if vp is None else (v, vp)
+        _native(_C.paged_write, k=k, v=v, k_pages=kp, v_pages=vp, block_table=step.block_table,
+                cache_seqlens=step.cache_seqlens, **_launch(k, _State.token))
+        return
+    paged_write(k, v, kp, vp, step.block_table, step.cache_seqlens)
+
+
+def _cache_attention(lc, step, q: Tensor, scale: _OptF, window: _OptI) -> Tensor:
+    """:func:`paged_attention` (causal) of ``q: (B, Tq, H, dk)`` over the pages of ``lc`` at
+    ``step``, as :func:`_cache_write` calls :func:`paged_write`: the native op without the
+    Python checks where it would run directly (the native layer checks ``q``, the options and
+    every table entry it reads on the CPU; a cache's own table and lengths are valid)."""
+    kp, vp = lc.k_pages, lc.v_pages
+    if _native_pages(kp, vp) and _direct(torch.is_grad_enabled(), (q,), {}):
+        vp = kp if vp is None else vp
+        out = _out(q, kp, vp)
+        _native(_C.paged_attention, q=q, k_pages=kp, v_pages=vp, block_table=step.block_table,
+                seqlens=step.seqlens, causal=True, scale=scale, window=window, out=out,
+                **_launch(q, _State.token))
+        return out
+    return paged_attention(q, kp, vp, step.block_table, step.seqlens, causal=True, scale=scale,
+                           window=window)

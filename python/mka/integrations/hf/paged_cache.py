@@ -28,9 +28,9 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 import mka
 from mka._validate import attention_takes
-from mka.memory import (LayerSpec, PagedKVCache, paged_attention, paged_mka_attention,
-                        paged_write, paged_write_ema)
+from mka.memory import LayerSpec, PagedKVCache, paged_mka_attention, paged_write, paged_write_ema
 from mka.memory.cache import PageStep
+from mka.memory.ops import _cache_attention, _cache_write
 
 from .masks import MaskSpec
 
@@ -89,7 +89,15 @@ class PagedLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         """Nothing to allocate (the pages exist); checks that the tensors fit them."""
-        spec = self.pages.spec
+        lc = self.pages
+        spec, ks, vs = lc.spec, key_states.shape, value_states.shape
+        # Every layer of every step: one test of the usual case (~1 us, against ~3 for the
+        # checks below, which then only run to name what is wrong).
+        if (len(ks) == 4 and len(vs) == 4 and ks[0] == vs[0] == len(lc.written)
+                and ks[1] == vs[1] == spec.kv_heads and ks[3] == spec.key_dim
+                and vs[3] == spec.value_dim and key_states.dtype == value_states.dtype == lc.dtype
+                and key_states.device == lc.device and value_states.device == lc.device):
+            return
         for name, t, dim in (("key_states", key_states, spec.key_dim),
                              ("value_states", value_states, spec.value_dim)):
             if t.dim() != 4 or t.shape[1] != spec.kv_heads or t.shape[3] != dim:
@@ -98,15 +106,19 @@ class PagedLayer(CacheLayerMixin):
             self.pages.check(name, t)
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
+        if self.index == 0:  # once a step: the layers share the config (~2 us a read)
+            self._check_implementation()
+        self.lazy_initialization(key_states, value_states)
+        kv = PagedKV(self, key_states, value_states)
+        return kv, kv
+
+    def _check_implementation(self) -> None:
         implementation = self.owner.config._attn_implementation
         if implementation != self.owner.implementation:
             raise ValueError(
                 f"past_key_values: a PagedCache hands its pages to the library's attention "
                 f"{self.owner.implementation!r}; the model runs {implementation!r} (set "
                 f"model.set_attn_implementation({self.owner.implementation!r}))")
-        self.lazy_initialization(key_states, value_states)
-        kv = PagedKV(self, key_states, value_states)
-        return kv, kv
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -131,6 +143,17 @@ class PagedLayer(CacheLayerMixin):
             raise ValueError(f"past_key_values: the PagedCache was made for the model's "
                              f"{self.owner.variant!r} attention, not {variant!r}; make it from "
                              "the model as it runs now")
+        lc, T = self.pages, k.shape[1]
+        if (variant == "attention" and spec.left_padding is None and self.seen > 0 and T > 0
+                and lc.written.count(self.seen) == len(lc.written)):
+            # The usual decode step: no padding, every sequence holds all earlier tokens (what
+            # _new_tokens checks), all T tokens new in each; one write, one paged attention.
+            step = lc.step(T)
+            self.seen += T
+            if any(self.owner.padding):
+                self.owner.padding = [0] * len(lc.written)
+            _cache_write(lc, step, k, v)
+            return _cache_attention(lc, step, q, scale, spec.window)
         new = self._new_tokens(spec.left_padding, k.shape[1])
         step = self._step(new)
         # A prompt into an empty cache: its own keys are all the keys, and the ops over them
@@ -140,7 +163,6 @@ class PagedLayer(CacheLayerMixin):
         empty, self.seen = self.seen == 0, self.seen + k.shape[1]
         plain = (empty and k.shape[1] > 0 and attention_takes(q)
                  and (variant == "attention" or spec.left_padding is None))
-        lc = self.pages
         y = None
         if plain and variant == "mka":  # from the states before the write moves them
             y, _, _ = mka.mka(q, k, v, lam[..., :2], beta, k_state=lc.states["k"],
@@ -159,8 +181,7 @@ class PagedLayer(CacheLayerMixin):
             return paged_mka_attention(q, lc.k_pages, lc.v_pages, lc.k_page_states,
                                        lc.v_page_states, step.block_table, step.seqlens, lam,
                                        beta, causal=True, scale=scale, window=spec.window)
-        return paged_attention(q, lc.k_pages, lc.v_pages, step.block_table, step.seqlens,
-                               causal=True, scale=scale, window=spec.window)
+        return _cache_attention(lc, step, q, scale, spec.window)
 
     def _new_tokens(self, left_padding: Optional[tuple[int, ...]], T: int) -> list[int]:
         """Real (not padding) tokens among the ``T`` new ones, per sequence; checks that the
@@ -199,15 +220,17 @@ class PagedLayer(CacheLayerMixin):
             kg, vg = pick(k)[:, T - n:], pick(v)[:, T - n:]
             where = (pick(step.block_table), pick(step.cache_seqlens))
             states = [pick(lc.states[s]) for s in lc.spec.states]
-            if variant == "attention":
-                paged_write(kg, vg, lc.k_pages, lc.v_pages, *where)
-                written = (kg, vg) if index is None else None
-                continue
-            if variant == "fastmka":
-                kg, vg, *states = mka.route_fuse(kg, vg, pick(lam)[:, T - n:], beta,
-                                                 k_state=states[0], v_state=states[1])
-                paged_write(kg, vg, lc.k_pages, lc.v_pages, *where)
-                written = (kg, vg) if index is None else None
+            if variant in ("attention", "fastmka"):
+                if variant == "fastmka":
+                    kg, vg, *states = mka.route_fuse(kg, vg, pick(lam)[:, T - n:], beta,
+                                                     k_state=states[0], v_state=states[1])
+                if index is None:  # the step's own table and lengths
+                    _cache_write(lc, step, kg, vg)
+                    written = (kg, vg)
+                else:
+                    paged_write(kg, vg, lc.k_pages, lc.v_pages, *where)
+                if variant == "attention":
+                    continue
             else:
                 states = paged_write_ema(kg, vg, lc.k_pages, lc.v_pages, *where, beta,
                                          lc.k_page_states, lc.v_page_states, *states)
