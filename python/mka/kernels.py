@@ -16,6 +16,7 @@ set the defaults, read once at import by the native module (docs/configuration.m
 
 import contextlib
 import dataclasses
+import functools
 from typing import Iterator
 
 from . import _C
@@ -64,6 +65,7 @@ class KernelOptions:
         return cls(*_fields(token))
 
 
+@functools.lru_cache(maxsize=64)  # read by every op call; a process sees a few tokens
 def _fields(token: str) -> tuple:
     """(attention, scan, scan_through, recall) of a token, unchecked: tokens come from
     KernelOptions."""
