@@ -279,3 +279,85 @@ def test_dropout_in_training_is_refused_on_pages():
     cache = hf.PagedCache(model, 1, 8, page_size=PAGE)
     with pytest.raises(ValueError, match="^dropout: 0.1 with the paged cache"):
         model(_ids(1, 5), past_key_values=cache, use_cache=True)
+
+
+def _decode(model, ids, cache, steps):
+    """Logits of a prefill of ``ids`` then ``steps`` greedy decode steps on ``cache``."""
+    out = []
+    with torch.no_grad():
+        x = model(ids, past_key_values=cache, use_cache=True).logits
+        out.append(x)
+        for _ in range(steps):
+            x = model(x[:, -1:].argmax(-1), past_key_values=cache, use_cache=True).logits
+            out.append(x)
+    return torch.cat(out, dim=1)
+
+
+def test_the_lean_decode_path_equals_the_general_one(monkeypatch):
+    """Decode steps without padding take attend's lean path (no _new_tokens bookkeeping) and
+    give the general path's logits exactly; a prompt into the empty cache does not take it."""
+    from mka.integrations.hf import paged_cache
+    model = tiny("llama")
+    model.set_attn_implementation("mka")
+    ids = _ids(2, 6, seed=3)
+    general = []
+    monkeypatch.setattr(paged_cache.PagedLayer, "_new_tokens", lambda self, *a, _f=paged_cache
+                        .PagedLayer._new_tokens: general.append(self.index) or _f(self, *a))
+    got = _decode(model, ids, hf.PagedCache(model, 2, 16, page_size=PAGE), 5)
+    assert general == [0, 1]  # the prefill only
+    monkeypatch.setattr(paged_cache.PagedLayer, "_lean", lambda self, *a: False)
+    general.clear()
+    cache = hf.PagedCache(model, 2, 16, page_size=PAGE)
+    want = _decode(model, ids, cache, 5)
+    assert general == [0, 1] * 6
+    assert torch.equal(got, want)
+    assert cache.get_seq_length() == 11 and cache.pages[0].lengths == [11, 11]
+
+
+def test_a_static_cache_decodes_on_the_lean_path():
+    """A static cache (what HFDecodeGraph captures; here on the CPU, advanced by hand) decodes
+    through the same lean path, reading its lengths from the device tensors."""
+    model = tiny("llama")
+    model.set_attn_implementation("mka")
+    ids = _ids(1, 5, seed=4)
+    want = _decode(model, ids, hf.PagedCache(model, 1, 16, page_size=PAGE), 4)
+    cache = hf.PagedCache(model, 1, 16, page_size=PAGE)
+    with torch.no_grad():
+        x = model(ids, past_key_values=cache, use_cache=True).logits
+        got = [x]
+        cache.pages.make_static(12)
+        for _ in range(4):
+            x = model(x[:, -1:].argmax(-1), past_key_values=cache, use_cache=True).logits
+            cache.pages.advance(1)
+            got.append(x)
+    assert torch.equal(torch.cat(got, dim=1), want)
+    assert cache.pages[0].lengths == [9] and int(cache.pages._static_before) == 9
+
+
+def test_bad_inputs_on_the_lean_path_raise_naming_the_argument():
+    """The lean path leaves the Python checks of the paged ops to the native layer's; what
+    reaches it still raises a ValueError naming the argument, before any page is read."""
+    from mka.integrations.hf.masks import MaskSpec
+    model = tiny("llama")
+    model.set_attn_implementation("mka")
+    cache = hf.PagedCache(model, 1, 16, page_size=PAGE)
+    _decode(model, _ids(1, 5), cache, 0)
+    layer, spec = cache.layers[0], MaskSpec(None, None)
+    k = v = torch.randn(1, 1, 2, 16)
+    q = torch.randn(1, 1, 4, 16)
+    assert layer._lean("attention", spec, 1)
+    bad = [(q.double(), k, v, "^q: dtype float64, expected float32"),
+           (q[:, :, :3], k, v, "^q: the number of query heads H = 3 must be a multiple"),
+           (torch.randn(1, 1, 4, 32)[..., ::2], k, v, "^q: the last dimension must be contiguous"),
+           (q, k.double(), v, "^k: dtype float64, expected float32"),
+           (q, k, torch.randn(1, 1, 2, 8), "^v: expected shape"),
+           (q, torch.randn(1, 1, 3, 16), v, "^k: expected shape")]
+    for q_, k_, v_, match in bad:
+        with pytest.raises(ValueError, match=match):
+            layer.attend("attention", q_, k_, v_, spec, None)
+    with pytest.raises(ValueError, match="^window: must be at least 1"):
+        layer.attend("attention", q, k, v, MaskSpec(0, None), None)
+    with pytest.raises(ValueError, match="^key_states: expected \\(B, 2, T, 16\\) for layer 1"):
+        cache.update(torch.randn(1, 3, 1, 16), torch.randn(1, 3, 1, 16), 1)
+    with pytest.raises(ValueError, match="^cache: value_states is torch.float64"):
+        cache.update(torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16).double(), 1)

@@ -357,3 +357,38 @@ def test_the_layers_of_a_step_share_its_index_tensors():
     torch_paged.mark_static(static)
     assert torch_paged._attend_mask(1, 12, static, True, None, torch.float32) is not \
         torch_paged._attend_mask(1, 12, static, True, None, torch.float32)
+
+
+def test_eager_calls_skip_the_dispatcher_with_the_same_results():
+    """A plain call runs the op's implementation directly (no dispatcher hop); under a
+    dispatch mode, or with an input asking for a gradient in grad mode, it goes through
+    torch.ops as before. Both give the same outputs, and bad input the same errors."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    (q, kp, vp, bt, n), _ = _case((5, 9), 4, 4, 2, 16, 1, torch.float32, "cpu")
+    k, v = torch.randn(2, 1, 2, 16), torch.randn(2, 1, 2, 16)
+    want = torch.ops.mka.paged_attention(q, kp, vp, bt, n, True, 0.5, None)
+    assert torch.equal(paged_attention(q, kp, vp, bt, n, scale=0.5), want)
+    with Seen() as seen:
+        got = paged_attention(q, kp, vp, bt, n, scale=0.5)
+    assert "mka.paged_attention.default" in seen.ops and torch.equal(got, want)
+    kp2, vp2 = kp.clone(), vp.clone()
+    torch.ops.mka.paged_write(k, v, kp2, vp2, bt, n)
+    paged_write(k, v, kp, vp, bt, n)
+    assert torch.equal(kp, kp2) and torch.equal(vp, vp2)
+    with torch.enable_grad():  # a query asking for a gradient: the dispatcher's path
+        out = paged_attention(q.clone().requires_grad_(), kp, vp, bt, n, scale=0.5)
+    assert torch.equal(out.detach(), want)
+    with pytest.raises(ValueError, match="^q: dtype torch.float64 does not match k_pages'"):
+        paged_attention(q.double(), kp, vp, bt, n)
+    with pytest.raises(ValueError, match="^block_table: expected an int32 tensor"):
+        paged_write(k, v, kp, vp, bt.long(), n)
