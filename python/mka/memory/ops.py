@@ -84,7 +84,7 @@ def _direct(grad: bool, args: tuple, kwargs: dict) -> bool:
     :func:`mka.ops._eager` allows (no compilation, tracing, dispatch mode or functorch
     transform; plain tensors only) and no input asks for a gradient with grad mode on (those
     calls keep the dispatcher's autograd fallback)."""
-    if not _eager():
+    if not _eager() or torch._C._get_tracing_state() is not None:  # torch.jit.trace records ops
         return False
     for a in (*args, *kwargs.values()):
         if isinstance(a, Tensor) and (type(a) not in _PLAIN or (grad and a.requires_grad)):
