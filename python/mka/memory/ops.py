@@ -123,6 +123,12 @@ def paged_write(k: Tensor, v: _OptT, k_pages: Tensor, v_pages: _OptT, block_tabl
     if not _native_pages(k_pages, v_pages):
         return torch_paged.paged_write(k, v, k_pages, v_pages, block_table, cache_seqlens)
     _check_write(k, k_pages, block_table, cache_seqlens)
+    _write_native(k, v, k_pages, v_pages, block_table, cache_seqlens)
+
+
+def _write_native(k: Tensor, v: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor,
+                  cache_seqlens: Tensor) -> None:
+    """The native write, its inputs checked (or a cache's own)."""
     _native(_C.paged_write, k=k, v=v, k_pages=k_pages, v_pages=v_pages, block_table=block_table,
             cache_seqlens=cache_seqlens, **_launch(k, _State.token))
 
@@ -183,6 +189,12 @@ def paged_attention(q: Tensor, k_pages: Tensor, v_pages: _OptT, block_table: Ten
     if not _native_pages(k_pages, v_pages):
         return torch_paged.paged_attention(q.to(k_pages.dtype), k_pages, v_pages, block_table,
                                            seqlens, causal, scale, window)
+    return _attention_native(q, k_pages, v_pages, block_table, seqlens, causal, scale, window)
+
+
+def _attention_native(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor,
+                      seqlens: Tensor, causal: bool, scale: _OptF, window: _OptI) -> Tensor:
+    """The native paged attention, its inputs checked (or a cache's own)."""
     out = _out(q, k_pages, v_pages)
     _native(_C.paged_attention, q=q, k_pages=k_pages, v_pages=v_pages, block_table=block_table,
             seqlens=seqlens, causal=causal, scale=scale, window=window, out=out,
@@ -244,9 +256,7 @@ def _cache_write(lc, step, k: Tensor, v: _OptT) -> None:
     kp, vp = lc.k_pages, lc.v_pages
     if _native_pages(kp, vp) and _direct(torch.is_grad_enabled(), (k, v), {}):
         v, vp = (k, kp) if vp is None else (v, vp)
-        _native(_C.paged_write, k=k, v=v, k_pages=kp, v_pages=vp, block_table=step.block_table,
-                cache_seqlens=step.cache_seqlens, **_launch(k, _State.token))
-        return
+        return _write_native(k, v, kp, vp, step.block_table, step.cache_seqlens)
     paged_write(k, v, kp, vp, step.block_table, step.cache_seqlens)
 
 
@@ -257,11 +267,7 @@ def _cache_attention(lc, step, q: Tensor, scale: _OptF, window: _OptI) -> Tensor
     every table entry it reads on the CPU; a cache's own table and lengths are valid)."""
     kp, vp = lc.k_pages, lc.v_pages
     if _native_pages(kp, vp) and _direct(torch.is_grad_enabled(), (q,), {}):
-        vp = kp if vp is None else vp
-        out = _out(q, kp, vp)
-        _native(_C.paged_attention, q=q, k_pages=kp, v_pages=vp, block_table=step.block_table,
-                seqlens=step.seqlens, causal=True, scale=scale, window=window, out=out,
-                **_launch(q, _State.token))
-        return out
+        return _attention_native(q, kp, kp if vp is None else vp, step.block_table,
+                                 step.seqlens, True, scale, window)
     return paged_attention(q, kp, vp, step.block_table, step.seqlens, causal=True, scale=scale,
                            window=window)

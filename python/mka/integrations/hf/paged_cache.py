@@ -147,8 +147,6 @@ class PagedLayer(CacheLayerMixin):
         if self._lean(variant, spec, T):
             step = lc.step(T)
             self.seen += T
-            if any(self.owner.padding):
-                self.owner.padding = [0] * len(lc.written)
             _cache_write(lc, step, k, v)
             return _cache_attention(lc, step, q, scale, spec.window)
         new = self._new_tokens(spec.left_padding, k.shape[1])
