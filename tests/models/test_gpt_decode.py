@@ -205,6 +205,25 @@ def test_static_cache_decodes_like_the_dynamic_one(variant):
         b.reorder([0, 0])
 
 
+def test_host_counts_kept_undoes_a_blocks_length_changes():
+    """What a graph capture relies on: the host lengths a step moved inside the block are
+    put back at its end, also when the block raises; the device lengths are the block's."""
+    m = tiny_model("mha", block_size=16)
+    idx = _tokens(2, 8)
+    caches = m.new_caches(2)
+    m(idx[:, :5], caches=caches)
+    caches.make_static(12)
+    with caches.host_counts_kept():
+        caches.advance(1)
+        assert caches[0].lengths == [6, 6]
+    assert caches[0].lengths == [5, 5] and caches._static_before.tolist() == [6, 6]
+    with pytest.raises(RuntimeError, match="boom"):
+        with caches.host_counts_kept():
+            caches.advance(2, host_only=True)
+            raise RuntimeError("boom")
+    assert all(layer.lengths == [5, 5] for layer in caches)
+
+
 def test_block_table_rows_are_refreshed_in_place():
     """As sequences take pages the device table keeps its storage and only their rows change;
     it always equals a fresh fill of the page table."""

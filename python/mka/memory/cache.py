@@ -243,6 +243,18 @@ class PagedKVCache:
         self.block_table()
         self.static, self._capacity = True, tokens
 
+    @contextlib.contextmanager
+    def host_counts_kept(self) -> Iterator[None]:
+        """A block whose changes to the layers' host lengths are undone at its end: a CUDA
+        graph capture runs a step's host side without its device side, and each replay then
+        advances the lengths (:meth:`advance` with ``host_only``)."""
+        written = [list(layer.written) for layer in self.layers]
+        try:
+            yield
+        finally:
+            for layer, w in zip(self.layers, written):
+                layer.written = w
+
     def advance(self, T: int, *, host_only: bool = False) -> None:
         """A static step of ``T`` tokens is done: the lengths move, on the device (in place:
         part of a captured step) and on the host (``host_only``: after a graph replay, whose

@@ -52,14 +52,10 @@ class DecodeGraph:
         return self.logits.clone()  # the next replay overwrites the graph's output
 
     def _capture(self) -> None:
-        written = [list(layer.written) for layer in self.caches.layers]
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            with self.caches.host_counts_kept(), torch.cuda.graph(graph):
                 self.logits = self.model(self.idx, caches=self.caches)[0][:, -1]
         except RuntimeError as e:
             raise RuntimeError(f"cuda_graph: the decode step could not be captured ({e})") from e
-        finally:  # capture ran the step's host side only
-            for layer, w in zip(self.caches.layers, written):
-                layer.written = w
         self.graph = graph

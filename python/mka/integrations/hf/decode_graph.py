@@ -93,20 +93,16 @@ class HFDecodeGraph:
         return self.logits.clone()  # the next replay overwrites the graph's output
 
     def _capture(self) -> None:
-        pages = self.cache.pages
-        written = [list(layer.written) for layer in pages.layers]
         seen = [layer.seen for layer in self.cache.layers]
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            with self.cache.pages.host_counts_kept(), torch.cuda.graph(graph):
                 self.logits = self._forward(self.tokens)
                 self._advance()
         except RuntimeError as e:
             raise RuntimeError(f"cuda_graph: the decode step could not be captured ({e}); "
                                "decode eagerly") from e
-        finally:  # capture ran the step's host side only
-            for layer, w in zip(pages.layers, written):
-                layer.written = w
+        finally:  # the layers' token counts, like the cache's lengths
             for layer, n in zip(self.cache.layers, seen):
                 layer.seen = n
         self.graph = graph
