@@ -58,6 +58,34 @@ def seeded(s: int, fn):
     return run
 
 
+def attention_term_scales(causal, window, p, seed):
+    """Sizes of the terms of dq and dk, `scale Σ |dS| |k|` and `scale Σ |dS| |q|` with each
+    dS = P (Z dP - delta) taken as |P Z dP| + |P delta|: a row that sees one key has dS = 0
+    exactly (delta = Z dP), while a kernel's delta comes from the rounded output, so its
+    dq, dk there are that rounding times these sizes (FlashAttention's delta does the same)."""
+    def scales(rin, incoming):
+        q, k, v = (t.detach() for t in rin)
+        g = incoming[0]
+        B, Tq, H, d = q.shape
+        Tk, G = k.shape[1], k.shape[2]
+        sc = d ** -0.5
+        kr, vr = (t.repeat_interleave(H // G, dim=2) for t in (k, v))
+        s = torch.einsum("bqhd,bkhd->bhqk", q, kr) * sc
+        vis = R.visible(Tq, Tk, causal, window)
+        w = torch.softmax(s.masked_fill(~vis, float("-inf")), -1)
+        w = torch.where(vis.any(-1, keepdim=True), w, torch.zeros_like(w))
+        z = R.dropout_mask(seed, p, B, H, Tq, Tk)
+        out = R.attention(q, k, v, causal, None, window, p, seed)
+        delta = (g * out).sum(-1).permute(0, 2, 1)[..., None]        # (B, H, Tq, 1)
+        dp = torch.einsum("bqhd,bkhd->bhqk", g, vr)
+        a = w * ((z * dp).abs() + delta.abs())
+        dq = sc * torch.einsum("bhqk,bkhd->bqhd", a, kr.abs())
+        dk = sc * torch.einsum("bhqk,bqhd->bkhd", a, q.abs())
+        dk = dk.reshape(B, Tk, G, H // G, d).sum(3)
+        return {"q": dq.norm().item(), "k": dk.norm().item()}
+    return scales
+
+
 @pytest.mark.parametrize("p", PS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("d", [64, 128])
@@ -70,7 +98,8 @@ def test_attention_dropout_matches_reference(case, d, dtype, p):
     v, v64 = rand(gen, B, Tk, G, d, dtype=dtype)
     check_op(seeded(11, lambda q, k, v: torch.ops.mka.attention(q, k, v, causal, None, window, p)),
              lambda q, k, v: R.attention(q, k, v, causal, None, window, p, seed_of(11)),
-             (q, k, v), (q64, k64, v64), dtype, ("q", "k", "v"), gen)
+             (q, k, v), (q64, k64, v64), dtype, ("q", "k", "v"), gen,
+             term_scales=attention_term_scales(causal, window, p, seed_of(11)))
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
