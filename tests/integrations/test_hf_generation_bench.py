@@ -106,3 +106,34 @@ def test_only_sdpa_takes_the_flash_suffix(capsys):
     with pytest.raises(SystemExit):
         main(["generate-bench", "--device", "cpu", "--attns", "eager.flash"])
     assert "--attns: ['eager.flash']: only sdpa.flash" in capsys.readouterr().err
+
+
+def test_a_row_never_holds_two_paged_pools(tmp_path, monkeypatch):
+    """The warm-up's cache is gone before the measured one is made: a paged cache allocates
+    its whole pool when made, so two at once would not fit where one does (B 32 x 16k tokens
+    of a 1B model: 17 GB each on an 80 GB card)."""
+    import gc
+    import weakref
+
+    from mka.integrations.hf import paged_cache
+    from mka.memory.cache import PagedKVCache
+
+    alive, most = weakref.WeakSet(), [0]
+    init = PagedKVCache.__init__
+
+    def counted(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        gc.collect()
+        alive.add(self)
+        most[0] = max(most[0], len(alive))
+
+    monkeypatch.setattr(PagedKVCache, "__init__", counted)
+    assert paged_cache.PagedKVCache is PagedKVCache
+    out = tmp_path / "bench.json"
+    assert main(["generate-bench", "--device", "cpu", "--batches", "1", "--prompts", "16",
+                 "--new-tokens", "3", "--attns", "mka", "--caches", "paged",
+                 "--gpt", "mha", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["cache"]) for r in rows] == [("hf", "PagedCache"),
+                                                         ("gpt", "PagedKVCache")]
+    assert most[0] == 1

@@ -131,13 +131,17 @@ def kv_bytes_per_token(cache, batch: int) -> float:
     return held / (batch * cache.get_seq_length())
 
 
-def _timed(device: str, batch: int, new_tokens: int, prefill, step, kv_bytes, warm) -> dict:
+def _timed(device: str, batch: int, new_tokens: int, prefill, step, kv_bytes, warm,
+           setup) -> dict:
     """Times ``prefill() -> logits (B, V)`` of the last position and ``new_tokens`` greedy
     ``step(token (B, 1)) -> logits (B, V)``; ``kv_bytes()`` is read after prefill. ``warm()``
     runs first, untimed: a prefill of the same shape into a cache of its own (kernel choice,
-    plans, allocator blocks of that shape)."""
+    plans, allocator blocks of that shape); then ``setup()`` makes the measured cache, once
+    the warm-up's is gone: a paged cache allocates its whole pool when made, and two pools
+    at once would not fit where one does."""
     with torch.no_grad():
         warm()
+        setup()
         last, t_prefill, mem_prefill = _phase(device, prefill)
         kv = kv_bytes()
 
@@ -178,20 +182,21 @@ def measure(model, attn: str, cache_kind: str, batch: int, prompt: int, new_toke
     new_cache = lambda: (PagedCache(model, batch, prompt + new_tokens)  # noqa: E731
                          if cache_kind == "paged" else DynamicCache(config=model.config))
     key = cache_keyword(model)
-    cache = new_cache()
-    forward = lambda t, c=cache, **kw: model(t, use_cache=True, **{key: c}, **kw).logits[:, -1]  # noqa: E731
-    step = forward
+    held = []  # the measured cache, made by _timed's setup after the warm-up
+    forward = lambda t, c, **kw: model(t, use_cache=True, **{key: c}, **kw).logits[:, -1]  # noqa: E731
+    step = lambda t: forward(t, held[0])  # noqa: E731
     if graph:
         made: list[HFDecodeGraph] = []
 
         def step(t):  # the graph is made at the first decode step, after the prefill
             if not made:
-                made.append(HFDecodeGraph(model, cache))
+                made.append(HFDecodeGraph(model, held[0]))
             return made[0].step(t)
     with sdpa_backends(attn):
-        times = _timed(device, batch, new_tokens, lambda: forward(ids, logits_to_keep=1), step,
-                       lambda: kv_bytes_per_token(cache, batch),
-                       warm=lambda: forward(ids, new_cache(), logits_to_keep=1))
+        times = _timed(device, batch, new_tokens, lambda: forward(ids, held[0], logits_to_keep=1),
+                       step, lambda: kv_bytes_per_token(held[0], batch),
+                       warm=lambda: forward(ids, new_cache(), logits_to_keep=1),
+                       setup=lambda: held.append(new_cache()))
     return _row("hf", attn, CACHES[cache_kind] + ("+graph" if graph else ""), batch, prompt,
                 new_tokens, times)
 
@@ -204,20 +209,21 @@ def measure_gpt(model, batch: int, prompt: int, new_tokens: int, device: str, se
     from mka.models.decode_graph import DecodeGraph
 
     ids = _ids(model.config.vocab_size, batch, prompt, device, seed)
-    caches = model.new_caches(batch)
-    forward = lambda t, c=caches: model(t, caches=c)[0][:, -1]  # noqa: E731
-    step = forward
+    held = []  # the measured caches, made by _timed's setup after the warm-up
+    forward = lambda t, c: model(t, caches=c)[0][:, -1]  # noqa: E731
+    step = lambda t: forward(t, held[0])  # noqa: E731
     if graph:
         made: list[DecodeGraph] = []
 
         def step(t):  # the graph is made at the first decode step, after the prefill
             if not made:
-                made.append(DecodeGraph(model, caches, prompt + new_tokens))
+                made.append(DecodeGraph(model, held[0], prompt + new_tokens))
             return made[0].step(t)
-    times = _timed(device, batch, new_tokens, lambda: forward(ids), step,
-                   lambda: caches.used_bytes() / (batch * caches[0].length),
-                   warm=lambda: forward(ids, model.new_caches(batch)))
-    name = type(caches).__name__ + ("+graph" if graph else "")
+    times = _timed(device, batch, new_tokens, lambda: forward(ids, held[0]), step,
+                   lambda: held[0].used_bytes() / (batch * held[0][0].length),
+                   warm=lambda: forward(ids, model.new_caches(batch)),
+                   setup=lambda: held.append(model.new_caches(batch)))
+    name = type(held[0]).__name__ + ("+graph" if graph else "")
     attn = model.config.attention + ("@torch" if model.config.attn_backend == "torch" else "")
     return _row("gpt", attn, name, batch, prompt, new_tokens, times)
 
