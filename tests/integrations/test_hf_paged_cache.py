@@ -112,6 +112,30 @@ def test_beam_search_equals_dynamic_cache():
     assert torch.equal(hf.paged_generate(model, ids, page_size=PAGE, **kwargs), want)
 
 
+def test_a_dropped_cache_frees_its_pages_at_once():
+    """No reference cycle holds a PagedCache (its whole page pool) after its last reference
+    goes, also after generation and beam search reordered it: freed without a collection."""
+    import gc
+    import weakref
+    model = tiny("qwen2")
+    model.set_attn_implementation("mka")
+    ids = _ids(2, 10, seed=2)
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        for kwargs in (dict(), dict(num_beams=2)):
+            out = hf.paged_generate(model, ids, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                                    return_dict_in_generate=True, page_size=PAGE, **kwargs)
+            cache = weakref.ref(out.past_key_values)
+            pool = weakref.ref(out.past_key_values.pages)
+            del out
+            assert cache() is None and pool() is None, kwargs
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def test_left_padding_keeps_padding_out_of_the_pages():
     model = tiny("mistral")
     ids = _ids(3, 14, seed=3)

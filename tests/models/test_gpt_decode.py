@@ -121,6 +121,30 @@ def test_prompts_of_different_lengths_decode_together(variant):
 
 
 @pytest.mark.parametrize("variant", variant_params())
+def test_dropped_caches_free_their_pages_at_once(variant):
+    """No reference cycle holds a PagedKVCache (its page pools) after its last reference
+    goes, also after a forward and a row selection: freed without a garbage collection."""
+    import gc
+    import weakref
+    m = tiny_model(variant)
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        caches = m.new_caches(2)
+        m(_tokens(2, 5), caches=caches)
+        with caches.select([1]) as one:
+            m(_tokens(1, 1), caches=one)
+        pages = weakref.ref(caches[0].k_pages)
+        cache = weakref.ref(caches)
+        del caches, one
+        assert cache() is None and pages() is None
+    finally:
+        if enabled:
+            gc.enable()
+
+
+@pytest.mark.parametrize("variant", variant_params())
 def test_select_extends_only_the_chosen_rows(variant):
     """cache.select(rows): a forward on a row subset equals the batched forward for those
     rows, and leaves the other rows' lengths, states and pages alone."""

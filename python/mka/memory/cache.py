@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple, Optional, Sequence, Union
 
@@ -128,6 +129,15 @@ class PagedKVCache:
 
     def __getitem__(self, i):
         return self.layers[i]
+
+    def lone_layer(self) -> "LayerCache":
+        """The layer of a one-layer cache, holding the cache itself: a module's own cache is
+        that layer alone (a layer refers to its cache weakly otherwise)."""
+        if len(self.layers) != 1:
+            raise ValueError(f"lone_layer: the cache has {len(self.layers)} layers, not 1")
+        layer = self.layers[0]
+        layer.owner = self
+        return layer
 
     def __iter__(self):
         return iter(self.layers)
@@ -373,7 +383,10 @@ class LayerCache:
     tokens it has written per sequence."""
 
     def __init__(self, parent: PagedKVCache, index: int, spec: LayerSpec):
-        self.parent, self.index, self.spec = parent, index, spec
+        # A weak reference: the cache holds its layers, and a strong one back would make a
+        # cycle, so a dropped cache (its whole page pool) waited for a garbage collection.
+        self.parent, self.index, self.spec = weakref.proxy(parent), index, spec
+        self.owner: Optional[PagedKVCache] = None  # set by lone_layer only
         P, S, dev, dt = parent.table.num_pages, parent.page_size, parent.device, parent.dtype
         G, dk, dv = spec.kv_heads, spec.key_dim, spec.value_dim
         sdt = state_dtype(dt)
@@ -504,7 +517,7 @@ class LayerCache:
         rows' lengths and a copy of their states."""
         part = object.__new__(LayerCache)
         part.__dict__.update(self.__dict__)
-        part.parent = parent
+        part.parent = weakref.proxy(parent)
         part.written = [self.written[r] for r in rows]
         index = torch.tensor(rows, device=parent.device)
         part.states = {n: s[index] for n, s in self.states.items()}

@@ -75,7 +75,7 @@ class CausalSelfAttention(nn.Module):
                   page_size: int = 16) -> LayerCache:
         """An empty paged cache of ``batch_size`` sequences of up to ``max_tokens`` tokens."""
         return PagedKVCache([self.cache_spec()], batch_size, max_tokens=max_tokens,
-                            page_size=page_size, device=device, dtype=dtype)[0]
+                            page_size=page_size, device=device, dtype=dtype).lone_layer()
 
     def cache_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> int:
         return self.cache_spec().bytes_per_token(dtype)

@@ -19,6 +19,7 @@ view of the cache (``get_seq_length``, the mask sizes) stays the padded length i
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -71,7 +72,9 @@ class PagedLayer(CacheLayerMixin):
 
     def __init__(self, owner: "PagedCache", index: int):
         super().__init__()
-        self.owner, self.index = owner, index
+        # Weak: the cache holds its layers (a strong reference back would keep a dropped
+        # cache's page pool until a garbage collection).
+        self.owner, self.index = weakref.proxy(owner), index
         self.seen = 0  # tokens transformers counts, left padding included
         self.is_initialized = True  # the pages are preallocated
 
