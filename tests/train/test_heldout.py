@@ -69,6 +69,21 @@ def test_global_batch_is_the_same_for_any_split_of_it():
         assert blocks(8, 1, 1, step) == blocks(4, 2, 1, step) == blocks(4, 1, 2, step) == blocks(2, 2, 2, step)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_batches_leave_from_contiguous_pinned_memory():
+    """The inputs and targets are strided views of one array; each is copied into contiguous
+    page-locked memory before its transfer (a strided source would go through pageable memory)."""
+    from mka.train.blocks import pinned
+    a = torch.arange(4 * 9).view(4, 9)
+    for view in (a[:, :-1], a[:, 1:]):
+        p = pinned(view)
+        assert p.is_pinned() and p.is_contiguous() and torch.equal(p, view)
+    s = TrainSampler(np.arange(5000) % 65000, 16, 4, 1, 1, seed=5)
+    cpu, cuda = s.micro_batch(3, 0, 0, CPU), s.micro_batch(3, 0, 0, torch.device("cuda"))
+    assert torch.equal(cuda.x.cpu(), cpu.x) and torch.equal(cuda.y.cpu(), cpu.y)
+
+
 def test_token_weighted_mean_includes_the_short_tail(corpus_file, run_args, tmp_path):
     """Final held-out loss equals a hand-computed token-weighted mean over all held-out blocks."""
     from mka.models import GPT, GPTConfig

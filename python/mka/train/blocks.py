@@ -37,8 +37,19 @@ def example_batch(examples: list, device: torch.device) -> MicroBatch:
 
 def _move(x: torch.Tensor, y: torch.Tensor, device: torch.device) -> MicroBatch:
     if device.type == "cuda":
-        return MicroBatch(x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True))
+        return MicroBatch(*(pinned(t).to(device, non_blocking=True) for t in (x, y)))
     return MicroBatch(x.contiguous(), y.contiguous())
+
+
+def pinned(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous page-locked copy of CPU tensor ``t``, for a ``non_blocking`` transfer that
+    leaves the host free. Not ``t.pin_memory()``: that keeps ``t``'s strides, and the inputs and
+    targets are strided views of one (B, T + 1) array; the transfer of a strided tensor first
+    copies it into ordinary (pageable) memory, and a copy from pageable memory may wait for the
+    work already queued on the device (CUDA's API synchronization rules), so the host would lose
+    its lead on the GPU at every step."""
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return out.copy_(t)
 
 
 class TrainSampler:
