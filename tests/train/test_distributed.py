@@ -24,3 +24,15 @@ def test_two_gloo_processes_match_one(corpus_file, run_args, tmp_path, sharding)
     (one,), (two,) = results(tmp_path / "single"), results(tmp_path / "ranks")
     assert two["global_batch_blocks"] == 8
     assert_same_training(one, two)
+
+
+def test_gradient_accumulation_matches_one_batch(run_args, corpus_file, tmp_path):
+    """Batch 8 == batch 4 x --grad-accum 2 in one process: the same curve (each step's loss is
+    the mean of its micro-batches') and held-out loss."""
+    one = [*run_args(corpus_file, *FLAGS, out="one")]
+    one[one.index("--batch-size") + 1] = "8"
+    assert main(one) == 0
+    assert main(run_args(corpus_file, *FLAGS, "--grad-accum", 2, out="accum")) == 0
+    (a,), (b,) = results(tmp_path / "one"), results(tmp_path / "accum")
+    assert b["global_batch_blocks"] == 8
+    assert_same_training(a, b)

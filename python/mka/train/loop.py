@@ -126,6 +126,16 @@ def _grad_norm(model) -> torch.Tensor:
     return total(grads) if total is not None else torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf)
 
 
+def _add_loss(total: torch.Tensor | None, loss: torch.Tensor, accum: int) -> torch.Tensor:
+    """The step's mean loss so far (None before its first micro-batch) plus ``loss``'s share,
+    of ``accum`` micro-batches a step. One micro-batch's loss is the step's as it is: no zeros
+    to add it to and no division by 1, kernels that would run at every step."""
+    part = loss.detach().float()
+    if accum > 1:
+        part = part / accum
+    return part if total is None else total + part
+
+
 def _scalar(t: torch.Tensor) -> torch.Tensor:
     t = t.full_tensor() if hasattr(t, "full_tensor") else t  # FSDP2 returns a DTensor norm
     return t.detach().float().reshape(())
@@ -301,7 +311,7 @@ class VariantRun:
         if self.engine is not None:
             return self._deepspeed_step(step, history)
         ddp = isinstance(self.train_model, torch.nn.parallel.DistributedDataParallel)
-        mean_loss = torch.zeros((), device=rt.device)
+        mean_loss = None
         for micro in range(s.grad_accum):
             mb = self.sampler.micro_batch(step, micro, rt.rank, rt.device)
             # gradients are all-reduced once per step, on the last micro-batch
@@ -309,8 +319,9 @@ class VariantRun:
             with sync:
                 with autocast(rt.device, s.precision):
                     _, loss = self.train_model(mb.x, mb.y)
-                self.scaler.scale(loss / s.grad_accum).backward()
-            mean_loss += loss.detach().float() / s.grad_accum
+                # the gradient of the step's mean loss (a division by 1 would be two kernels)
+                self.scaler.scale(loss / s.grad_accum if s.grad_accum > 1 else loss).backward()
+            mean_loss = _add_loss(mean_loss, loss, s.grad_accum)
         # fp16: gradients that overflow are the GradScaler's to skip (it lowers the scale); the
         # loss is checked in every precision
         check_grads = not self.scaler.is_enabled()
@@ -343,14 +354,14 @@ class VariantRun:
     def _deepspeed_step(self, step: int, history: dict) -> torch.Tensor:
         """The engine accumulates, clips, scales and steps optimizer and schedule at the boundary;
         a non-finite loss stops the run (before any checkpoint of the updated weights)."""
-        mean_loss = torch.zeros((), device=self.rt.device)
+        mean_loss = None
         for micro in range(self.s.grad_accum):
             mb = self.sampler.micro_batch(step, micro, self.rt.rank, self.rt.device)
             with autocast(self.rt.device, self.s.precision):
                 _, loss = self.engine(mb.x, mb.y)
             self.engine.backward(loss)
             self.engine.step()
-            mean_loss += loss.detach().float() / self.s.grad_accum
+            mean_loss = _add_loss(mean_loss, loss, self.s.grad_accum)
         flags = self._nonfinite_flags(mean_loss, None)
         self._nonfinite(step, history, D.all_reduce(self.rt, flags.tolist(), "max"))
         return mean_loss, None
