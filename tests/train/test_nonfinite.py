@@ -85,6 +85,19 @@ def test_only_a_single_cuda_process_with_the_fused_adamw_defers():
                                        fused, off, None)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_nonfinite_flags_name_exactly_the_nan_and_infinite_values(dtype):
+    from mka.train.loop import VariantRun
+    info = torch.finfo(dtype)
+    values = [0.0, -0.0, 1.5, -2.0, info.max, -info.max, info.tiny, math.inf, -math.inf, math.nan]
+    for a in values:
+        for b in values + [None]:
+            loss, norm = torch.tensor(a, dtype=dtype), None if b is None else torch.tensor(b, dtype=dtype)
+            flags = VariantRun._nonfinite_flags(loss, norm)
+            assert flags.dtype == torch.float32 and flags.shape == (2,)
+            assert flags.tolist() == [float(not math.isfinite(a)), float(b is not None and not math.isfinite(b))]
+
+
 def _weights_finite(path):
     return checkpoint.first_nonfinite(read(path)["model"]) is None
 

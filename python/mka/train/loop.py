@@ -254,10 +254,12 @@ class VariantRun:
     @staticmethod
     def _nonfinite_flags(loss: torch.Tensor, norm: torch.Tensor | None) -> torch.Tensor:
         """(2,) float on the device: 1 where the loss, the gradient norm (None: not checked)
-        is NaN or infinite. No host read."""
-        flags = [(~torch.isfinite(_scalar(loss))).float()]
-        flags.append((~torch.isfinite(_scalar(norm))).float() if norm is not None else torch.zeros_like(flags[0]))
-        return torch.stack(flags)
+        is NaN or infinite. No host read. ``x * 0`` is 0 for a finite ``x`` and NaN otherwise:
+        four kernels for both values where ``(~torch.isfinite(x)).float()`` launches six per
+        value, and this runs at every step."""
+        loss = _scalar(loss)
+        both = torch.stack((loss, _scalar(norm) if norm is not None else torch.zeros_like(loss)))
+        return both.mul(0).ne(0).float()
 
     def _nonfinite(self, step: int, history: dict, flags: list[float], stopped_at: int | None = None) -> bool:
         """Whether step ``step + 1`` (as the curves number it) had a NaN or infinite loss or
