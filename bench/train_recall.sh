@@ -17,6 +17,8 @@
 # and every length is trained on (one length per step, in turn), so no length is extrapolated.
 # Presets (any variable below can be set instead):
 #   cpu  W 16, lengths 16,64,256 (1x, 4x, 16x W), tiny model, 300 steps: plumbing, not a result
+#   gpu-quick  W 256, lengths 256,1k,4k (1x, 4x, 16x W), the gpu model, 1500 steps: the
+#              question at 16x the window in minutes of one GPU
 #   gpu  W 1024, lengths 1k,4k,16k, a 4-layer 256-wide model, bf16 (not tuned: a starting point)
 set -uo pipefail
 PRESET=${PRESET:-cpu}
@@ -25,11 +27,15 @@ case $PRESET in
          D_CHUNK=8; D_TOP=4
          D_MODEL="--n-layer 2 --n-head 4 --n-embd 64 --precision fp32"
          D_TASK="--task-vocab 64 --num-kv-pairs 4 --num-queries 4" ;;
+    gpu-quick) D_WINDOW=256; D_LENGTHS=256,1k,4k; D_STEPS=1500; D_BATCH=16; D_EXAMPLES=256
+         D_CHUNK=64; D_TOP=8
+         D_MODEL="--n-layer 4 --n-head 8 --n-embd 256 --precision bf16"
+         D_TASK="--task-vocab 2048 --num-kv-pairs 16 --num-queries 16" ;;
     gpu) D_WINDOW=1024; D_LENGTHS=1k,4k,16k; D_STEPS=3000; D_BATCH=8; D_EXAMPLES=256
          D_CHUNK=64; D_TOP=8
          D_MODEL="--n-layer 4 --n-head 8 --n-embd 256 --precision bf16"
          D_TASK="--task-vocab 8192 --num-kv-pairs 64 --num-queries 64" ;;
-    *) echo "PRESET: expected cpu or gpu, got '$PRESET'" >&2; exit 2 ;;
+    *) echo "PRESET: expected cpu, gpu-quick or gpu, got '$PRESET'" >&2; exit 2 ;;
 esac
 WINDOW=${WINDOW:-$D_WINDOW}
 CHUNK=${CHUNK:-$D_CHUNK}                 # recall: tokens per chunk, chunks recalled per query
