@@ -36,6 +36,28 @@ def test_prefill_then_decode_equals_full_forward(variant, backend):
     assert rel_err(torch.cat(steps, 1), full) < EXACT
 
 
+@pytest.mark.parametrize("variant", variant_params())
+def test_a_dropped_module_cache_frees_its_pages_at_once(variant):
+    """A module's cache is one layer holding its cache: used, then dropped, both go without a
+    garbage collection (no reference cycle keeps the pages)."""
+    import gc
+    import weakref
+    m = make(variant, "mka")
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        cache = m.new_cache(2, dtype=torch.float64)
+        m(hidden(T=5), cache)
+        m(hidden(T=1), cache)
+        pages, owner = weakref.ref(cache.k_pages), weakref.ref(cache.owner)
+        del cache
+        assert pages() is None and owner() is None
+    finally:
+        if enabled:
+            gc.enable()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("variant", variant_params())
 def test_chunked_prefill_equals_one_pass(variant, backend):

@@ -132,11 +132,13 @@ class PagedKVCache:
 
     def lone_layer(self) -> "LayerCache":
         """The layer of a one-layer cache, holding the cache itself: a module's own cache is
-        that layer alone (a layer refers to its cache weakly otherwise)."""
+        that layer alone (a layer refers to its cache weakly otherwise). The cache then refers
+        to the layer weakly, so dropping the layer frees both at once (no cycle)."""
         if len(self.layers) != 1:
             raise ValueError(f"lone_layer: the cache has {len(self.layers)} layers, not 1")
         layer = self.layers[0]
         layer.owner = self
+        self.layers = [weakref.proxy(layer)]
         return layer
 
     def __iter__(self):
