@@ -154,3 +154,14 @@ def test_tables_a_cache_made_are_known_until_they_die():
     del cache, step
     gc.collect()
     assert key not in O._POOL_MADE
+
+
+def test_lone_layer_is_taken_once_and_only_from_one_layer():
+    from mka.memory import LayerSpec, PagedKVCache
+    with pytest.raises(ValueError, match="lone_layer: the cache has 2 layers, not 1"):
+        PagedKVCache([LayerSpec(1, 4, 4)] * 2, 1, max_tokens=8, page_size=4).lone_layer()
+    cache = PagedKVCache([LayerSpec(1, 4, 4)], 1, max_tokens=8, page_size=4)
+    layer = cache.lone_layer()
+    assert layer.owner is cache and cache[0].index == layer.index == 0
+    with pytest.raises(ValueError, match="lone_layer: the cache's layer was taken already"):
+        cache.lone_layer()

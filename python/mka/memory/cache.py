@@ -137,6 +137,8 @@ class PagedKVCache:
         if len(self.layers) != 1:
             raise ValueError(f"lone_layer: the cache has {len(self.layers)} layers, not 1")
         layer = self.layers[0]
+        if isinstance(layer, weakref.ProxyType):  # a second call would hand out the proxy
+            raise ValueError("lone_layer: the cache's layer was taken already")
         layer.owner = self
         self.layers = [weakref.proxy(layer)]
         return layer
