@@ -203,6 +203,23 @@ def test_tools_load_against_the_runner(tool):
     assert callable(module.main) and list(OPS.passes) == ["fwd", "fwd+bwd"]
 
 
+def test_hf_profile_refuses_to_run_without_cuda(monkeypatch, capsys):
+    """bench/tools/hf_profile.py loads on any machine and says it needs a CUDA device."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "tools" / "hf_profile.py"
+    spec = importlib.util.spec_from_file_location("bench_tool_hf_profile", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["hf_profile.py", "decode"])
+    with pytest.raises(SystemExit) as e:
+        module.main()
+    assert e.value.code == 2 and "needs a CUDA device" in capsys.readouterr().err
+
+
 def test_recall_case_runs_and_its_implementations_agree():
     """The recall case on a real SimHash choice: the native op equals the composite it is
     compared with (float64), and every CPU implementation runs both passes."""
