@@ -26,6 +26,15 @@ def test_cpu_defaults_to_library_ops_and_flag_wins():
     assert choose_attn_backend("torch", CPU) == ("torch", "requested")
 
 
+def test_cuda_head_dim_without_kernels_takes_torch(monkeypatch):
+    # a head size the CUDA kernels lack trains on torch's attention, before any probe runs
+    monkeypatch.setattr("mka.train.model_factory._probe_cuda_kernels",
+                        lambda device: pytest.fail("probed a head size without kernels"))
+    backend, why = choose_attn_backend("auto", torch.device("cuda"), 32)
+    assert backend == "torch" and "head dim 32" in why
+    assert choose_attn_backend("mka", torch.device("cuda"), 32) == ("mka", "requested")
+
+
 def test_probe_passes_correct_ops(monkeypatch):
     monkeypatch.setattr(mka._C, "built_with_cuda", lambda: True)
     assert _probe_cuda_kernels(CPU) is None

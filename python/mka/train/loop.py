@@ -179,7 +179,9 @@ class VariantRun:
     def _build(self) -> None:
         from mka.models import GPT
         s, rt = self.s, self.rt
-        self.backend, self.backend_reason = choose_attn_backend(s.attn_backend, rt.device)
+        n_head, n_embd = s.model_shape()[1:]
+        head_dim = None if hf_source.is_hf_run(s) else n_embd // n_head  # an HF model's comes from its config
+        self.backend, self.backend_reason = choose_attn_backend(s.attn_backend, rt.device, head_dim)
         if hf_source.is_hf_run(s):
             model, self.config = hf_model.build(s, self.variant, self.data.vocab_size, self.backend,
                                                 self.backend_reason, rt.device)

@@ -61,11 +61,16 @@ def _probe_cuda_kernels(device: torch.device) -> str | None:
     return None
 
 
-def choose_attn_backend(requested: str, device: torch.device) -> tuple[str, str]:
-    """(backend, why). CPU: the library's kernels; CUDA: them only if a probe call works."""
+def choose_attn_backend(requested: str, device: torch.device,
+                        head_dim: int | None = None) -> tuple[str, str]:
+    """(backend, why). CPU: the library's kernels; CUDA: them only if the model's head size
+    (`head_dim`, where known) has CUDA kernels and a probe call works."""
+    from mka._validate import CUDA_HEAD_DIMS
     if requested != "auto":
         return requested, "requested"
     if device.type != "cuda":
         return "mka", "default on CPU"
+    if head_dim is not None and head_dim not in CUDA_HEAD_DIMS:
+        return "torch", f"head dim {head_dim} has no mka CUDA kernel (those: {CUDA_HEAD_DIMS})"
     problem = _probe_cuda_kernels(device)
     return ("torch", f"mka CUDA kernels unavailable: {problem}") if problem else ("mka", "CUDA probe passed")

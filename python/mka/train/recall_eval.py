@@ -75,7 +75,8 @@ def settings_of(state: dict, path: Path) -> Settings:
 
 def model_of(state: dict, settings: Settings, vocab_size: int, device: torch.device, requested_backend: str):
     from mka.models import GPT
-    backend, _ = choose_attn_backend(requested_backend, device)
+    n_head, n_embd = settings.model_shape()[1:]
+    backend, _ = choose_attn_backend(requested_backend, device, n_embd // n_head)
     model = GPT(gpt_config(settings, settings.attention, vocab_size, backend))
     model.load_state_dict(state["model"])
     return model.to(device).eval()
