@@ -6,9 +6,11 @@
 //   S^T = K Q^T, dP^T = V dO^T                 (A and B from shared memory)
 //   dV += (w P)^T dO, dK += dS^T Q             (A from registers, B = dO, Q read N-major)
 // with dS = w P (dP - delta); dS^T goes to shared memory and each warpgroup then computes
-// half of the columns of dQ = dS K (A read M-major) for float32 atomics.
+// half of the columns of dQ = dS K (A read M-major) for float32 atomics. kDrop: attention
+// dropout (SPEC §3.5), as in the mma.sync backward: w P Z for dV, dS = w P (Z dP - delta).
 #pragma once
 #include "attention/bwd_rows.cuh"
+#include "attention/dropout.cuh"
 #include "attention/params.cuh"
 #include "mma/wgmma.cuh"
 
@@ -29,7 +31,7 @@ template <int D> constexpr int wg_bwd_dlam_smem_bytes() {
   return 2 * kWgBwdBlockN * D * 2 + 2 * kWgBwdBlockN * 4;
 }
 
-template <class T, int D>
+template <class T, int D, bool kDrop = false>
 __global__ void __launch_bounds__(kWgBwdThreads, 1) attention_bwd_wgmma(AttnParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace mma;
@@ -54,6 +56,7 @@ __global__ void __launch_bounds__(kWgBwdThreads, 1) attention_bwd_wgmma(AttnPara
   const int64_t wj0 = j0 + wg * 64, wj_last = min(j_last, wj0 + 63);
   const int64_t kr0 = wj0 + warp * 16 + lane / 4;
   const float sl2 = p.scale * 1.4426950408889634f;
+  const DropKeep drop(p.dropout);  // read only where kDrop
 
   auto issue = [&](int64_t it, int stage) {  // prefetch query block `it` into `stage`
     const int64_t h = g * p.group + it / nq, i0 = (mb0 + it % nq) * BM;
@@ -103,11 +106,20 @@ __global__ void __launch_bounds__(kWgBwdThreads, 1) attention_bwd_wgmma(AttnPara
                                            wgmma::desc_k(dot + off_q), kk > 0);
     }
     wgmma::commit();
+    // Dropout's keep bits while the products run, bit 4 mt + e for s[mt][e]: per warp the
+    // accumulators are MT m16n8 fragments of the warp's 16 key rows and query columns
+    // i0 + 8 mt + ..., the layout DropKeep::frag_key_rows reads.
+    unsigned keep = 0;
+    if constexpr (kDrop)
+      #pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+        keep |= drop.frag_key_rows(uint64_t(b * p.H + h), i0 + mt * 8, wj0 + warp * 16) << (4 * mt);
     wgmma::wait<0>();
     wgmma::fence_regs(s_flat);
     wgmma::fence_regs(dp_flat);
 
-    // s <- w P (for dV), dp <- dS = w P (dP - delta) (for dK and dQ).
+    // s <- w P (for dV), dp <- dS = w P (dP - delta) (for dK and dQ); with dropout w P Z and
+    // w P (Z dP - delta).
     const bool full = i0 >= p.query_lo(wj_last) && i0 + BM <= q_hi && wj0 + 63 < p.Tk &&
                       i0 + BM <= p.query_hi(wj0);
     auto ds = [&](auto masked) {  // the per-element mask only on tiles that cross a band edge
@@ -121,8 +133,15 @@ __global__ void __launch_bounds__(kWgBwdThreads, 1) attention_bwd_wgmma(AttnPara
             const int64_t i = i0 + r, j = kr0 + (e >> 1) * 8;
             if (!(i < p.Tq && j < p.Tk && j >= p.key_lo(i) && j < p.key_hi(i))) pr = 0.f;
           }
-          s[mt][e] = wr[r] * pr;
-          dp[mt][e] = s[mt][e] * (dp[mt][e] - delta[r]);
+          const float pw = wr[r] * pr;
+          if constexpr (kDrop) {
+            const unsigned kb = keep >> (4 * mt);
+            s[mt][e] = drop.apply(kb, e, pw);
+            dp[mt][e] = pw * (drop.apply(kb, e, dp[mt][e]) - delta[r]);
+          } else {
+            s[mt][e] = pw;
+            dp[mt][e] = pw * (dp[mt][e] - delta[r]);
+          }
         }
     };
     if (full)

@@ -8,6 +8,7 @@
 // both warpgroups meeting at a barrier per tile; fwd_wgmma_pingpong.cuh has the
 // ping-pong pipeline built from the same pieces.
 #pragma once
+#include "attention/dropout.cuh"
 #include "attention/params.cuh"
 #include "mma/wgmma.cuh"
 
@@ -44,13 +45,39 @@ template <class T, int D, int BN> struct WgFwdRows {
 
   // Scores (complete) -> P in A-operand registers; updates m, l and rescales O. Row i sees
   // tile column jj iff vlo[r] <= jj < vhi[r]; `full`: every column of every row (no mask).
+  // With dropout (kDrop; SPEC §3.5) the weights take their keep multipliers after the row
+  // sums (l sums every weight: the softmax normalises over all of them, and the lse the
+  // backward reads is unchanged).
+  template <bool kDrop>
   __device__ __forceinline__ void softmax(float (&s)[NT][4], unsigned (&pa)[BN / 16][4],
                                           const AttnParams& p, int64_t row0, int64_t j0,
-                                          bool full, float sl2) {
+                                          bool full, float sl2, const DropKeep& drop,
+                                          uint64_t keep) {
     float corr[2];
     weights(s, p, row0, j0, full, sl2, corr);
+    if constexpr (kDrop) apply_keep(s, drop, keep);
     rescale_o(corr);
     to_a(pa, s);
+  }
+
+  // Dropout's keep bits of a tile, bit 4 nt + e for s[nt][e]. Per warp the accumulator is NT
+  // m16n8 fragments of the warp's 16 rows (from wrow0) and key columns j0 + 8 nt + ..., the
+  // layout DropKeep::frag_query_rows reads. The whole warp calls it; made before the tile's
+  // scores, where their registers are still free.
+  __device__ __forceinline__ static uint64_t keep_bits(const DropKeep& drop, uint64_t bh,
+                                                       int64_t wrow0, int64_t j0) {
+    uint64_t keep = 0;
+    #pragma unroll 4
+    for (int nt = 0; nt < NT; ++nt)
+      keep |= uint64_t(drop.frag_query_rows(bh, wrow0, j0 + nt * 8)) << (4 * nt);
+    return keep;
+  }
+  __device__ __forceinline__ static void apply_keep(float (&s)[NT][4], const DropKeep& drop,
+                                                    uint64_t keep) {
+    #pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+      #pragma unroll
+      for (int e = 0; e < 4; ++e) s[nt][e] = drop.apply(unsigned(keep >> (4 * nt)), e, s[nt][e]);
   }
 
   // The softmax in its three steps, for pipelines where O += P V of the previous tile is
@@ -203,7 +230,7 @@ __device__ __forceinline__ unsigned char* align1024(unsigned char* smem) {
   return smem + (1024u - unsigned(__cvta_generic_to_shared(smem)) % 1024u) % 1024u;
 }
 
-template <class T, int D, int BN>
+template <class T, int D, int BN, bool kDrop = false>
 __global__ void __launch_bounds__(kWgThreads, 1) attention_fwd_wgmma(AttnParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace mma;
@@ -226,6 +253,9 @@ __global__ void __launch_bounds__(kWgThreads, 1) attention_fwd_wgmma(AttnParams 
 
   WgFwdRows<T, D, BN> rows;
   const float sl2 = p.scale * 1.4426950408889634f;  // scores in log2 units: exp2 is one MUFU op
+  const DropKeep drop(p.dropout);  // read only where kDrop
+  const uint64_t bh = uint64_t(b * p.H + blk.h);
+  const int64_t wrow0 = blk.row0 - (threadIdx.x % 32) / 4;  // the warp's first row
   for (int64_t n = blk.n_begin; n < blk.n_end; ++n) {
     const int stage = int(n - blk.n_begin) & 1;
     cp_async_next_stage(n + 1 < blk.n_end, [&] {
@@ -235,12 +265,14 @@ __global__ void __launch_bounds__(kWgThreads, 1) attention_fwd_wgmma(AttnParams 
     wgmma::fence_async_smem();
     __syncthreads();
     if (blk.sees(n)) {
+      uint64_t keep = 0;
+      if constexpr (kDrop) keep = rows.keep_bits(drop, bh, wrow0, n * BN);
       float s[NT][4] = {};
       unsigned pa[BN / 16][4];
       rows.issue_scores(s, qs + wg * 64 * 64, kBM, ks + stage * BN * D);
       wgmma::wait<0>();
       wgmma::fence_regs(reinterpret_cast<float(&)[NT * 4]>(s));
-      rows.softmax(s, pa, p, blk.row0, n * BN, blk.full(n), sl2);
+      rows.template softmax<kDrop>(s, pa, p, blk.row0, n * BN, blk.full(n), sl2, drop, keep);
       rows.issue_pv(pa, vs + stage * BN * D);
       wgmma::wait<0>();
       rows.fence_o();

@@ -19,7 +19,7 @@ __device__ __forceinline__ void turn_pass(int wg) {
   asm volatile("bar.arrive %0, 256;\n" ::"r"(2 - wg) : "memory");
 }
 
-template <class T, int D, int BN>
+template <class T, int D, int BN, bool kDrop = false>
 __global__ void __launch_bounds__(kWgThreads, 1) attention_fwd_wgmma_pp(AttnParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace mma;
@@ -54,6 +54,9 @@ __global__ void __launch_bounds__(kWgThreads, 1) attention_fwd_wgmma_pp(AttnPara
 
   WgFwdRows<T, D, BN> rows;
   const float sl2 = p.scale * 1.4426950408889634f;
+  const DropKeep drop(p.dropout);  // read only where kDrop
+  const uint64_t bh = uint64_t(b * p.H + blk.h);
+  const int64_t wrow0 = blk.row0 - (threadIdx.x % 32) / 4;  // the warp's first row
   if (wg == 1) turn_pass(wg);  // warpgroup 0 takes the first turn
   for (int64_t t = 0; t < tiles; ++t) {
     const int st = int(t % S);
@@ -67,6 +70,10 @@ __global__ void __launch_bounds__(kWgThreads, 1) attention_fwd_wgmma_pp(AttnPara
     wgmma::fence_async_smem();
     const int64_t n = blk.n_begin + t;
     const bool sees = blk.sees(n);
+    // Dropout's keep bits before the turn: Philox runs while the other warpgroup's products do.
+    uint64_t keep = 0;
+    if constexpr (kDrop)
+      if (sees) keep = rows.keep_bits(drop, bh, wrow0, n * BN);
     float s[NT][4] = {};
     unsigned pa[BN / 16][4];
     turn_wait(wg);
@@ -75,7 +82,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) attention_fwd_wgmma_pp(AttnPara
     turn_pass(wg);
     if (sees) {
       wgmma::fence_regs(reinterpret_cast<float(&)[NT * 4]>(s));
-      rows.softmax(s, pa, p, blk.row0, n * BN, blk.full(n), sl2);
+      rows.template softmax<kDrop>(s, pa, p, blk.row0, n * BN, blk.full(n), sl2, drop, keep);
     }
     turn_wait(wg);
     if (sees) rows.issue_pv(pa, vs + st * BN * D);

@@ -1,8 +1,8 @@
 // attention on the GPU: launchers. Half-precision inputs with 16-byte aligned rows take the
 // tensor-core kernels; float32 (and unaligned views) take the float32 CUDA-core kernels.
-// Attention dropout runs in the mma.sync and CUDA-core kernels' dropout instantiations (their
-// kDrop flag); the Hopper (wgmma) kernels do not apply it, so with dropout the tensor-core
-// work takes the mma.sync kernels on Hopper too.
+// Attention dropout runs in the kernels' dropout instantiations (their kDrop flag). On Hopper
+// the wgmma backward and the ping-pong and lockstep forwards have one; the warp-specialised
+// (TMA) forward does not, so with dropout `tma` takes the ping-pong forward.
 #include "attention/bwd_mma.cuh"
 #include "attention/bwd_wgmma.cuh"
 #include "attention/fwd_mma.cuh"
@@ -79,17 +79,18 @@ template <class T, int D, int BN> bool fwd_wgmma_tma(const AttnParams& a, cudaSt
 template <class T, int D> bool fwd_wgmma(const AttnParams& a, AttnKernel kernel_choice,
                                          cudaStream_t s) {
   constexpr int BN = 128;
-  if (kernel_choice == AttnKernel::mma || a.dropout.active() ||
-      !has_sm90a_image(attention_fwd_wgmma<T, D, BN>))
+  if (kernel_choice == AttnKernel::mma || !has_sm90a_image(attention_fwd_wgmma<T, D, BN>))
     return false;
+  const bool drop = a.dropout.active();
   const TilePlan plan = plan_tiles(Target::gpu, D, 2, kWgmmaSmemBudget);
   MKA_CHECK(plan.block_q == kWgBlockM && plan.block_k == BN,
             "attention: TilePlan (", plan.block_q, "x", plan.block_k,
             ") has no compiled wgmma kernel for head dim ", D);
-  if (kernel_choice == AttnKernel::tma && fwd_wgmma_tma<T, D, BN>(a, s)) return true;
+  if (kernel_choice == AttnKernel::tma && !drop && fwd_wgmma_tma<T, D, BN>(a, s)) return true;
   const bool pp = kernel_choice != AttnKernel::lockstep;
   const int smem = pp ? wg_fwd_smem_bytes<D, BN, 3>() : wg_fwd_smem_bytes<D, BN, 2>();
-  auto kernel = pp ? attention_fwd_wgmma_pp<T, D, BN> : attention_fwd_wgmma<T, D, BN>;
+  auto kernel = pp ? (drop ? attention_fwd_wgmma_pp<T, D, BN, true> : attention_fwd_wgmma_pp<T, D, BN>)
+                   : (drop ? attention_fwd_wgmma<T, D, BN, true> : attention_fwd_wgmma<T, D, BN>);
   set_smem(kernel, smem);
   const dim3 grid(unsigned(ceil_div(a.Tq, kWgBlockM)), unsigned(a.H), unsigned(a.B));
   kernel<<<grid, kWgThreads, smem, s>>>(a);
@@ -117,9 +118,8 @@ template <class T, int D> void fwd_tensor_cores(const AttnParams& a, AttnKernel 
 
 template <class T, int D> bool bwd_wgmma(const AttnParams& a, AttnKernel kernel_choice,
                                          cudaStream_t s) {
-  auto kernel = attention_bwd_wgmma<T, D>;
-  if (kernel_choice == AttnKernel::mma || a.dropout.active() || !has_sm90a_image(kernel))
-    return false;
+  auto kernel = a.dropout.active() ? attention_bwd_wgmma<T, D, true> : attention_bwd_wgmma<T, D>;
+  if (kernel_choice == AttnKernel::mma || !has_sm90a_image(kernel)) return false;
   const int smem = wg_bwd_smem_bytes<D>() + (a.scan.dlam ? wg_bwd_dlam_smem_bytes<D>() : 0);
   set_smem(kernel, smem);
   if (a.Tk > 0) {
@@ -179,15 +179,15 @@ size_t scan_link_bytes(const AttentionProblem& p) {
 
 bool attention_bwd_can_scan(const AttentionProblem& p, std::initializer_list<Rows> views,
                             bool dlam) {
-  // The wgmma backward runs ScanThrough; with dropout the mma.sync one runs (bwd_wgmma).
+  // The wgmma backward runs ScanThrough (with or without dropout).
   if (!p.kernels.scan_through || p.B == 0 || p.Tq == 0 || p.Tk == 0 || p.H == 0 ||
       (p.d != 64 && p.d != 128) || !use_tensor_cores(p, views) ||
-      p.kernels.attention == AttnKernel::mma || p.dropout.active())
+      p.kernels.attention == AttnKernel::mma)
     return false;
   const auto image = [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     return p.d == 64 ? has_sm90a_image(attention_bwd_wgmma<T, 64>)
-                     : has_sm90a_image(attention_bwd_wgmma<T, 128>);
+                     : has_sm90a_image(attention_bwd_wgmma<T, 128>);  // kDrop: the same image
   };
   if (!(p.dtype == DType::bf16 ? image(static_cast<__nv_bfloat16*>(nullptr))
                                : image(static_cast<__half*>(nullptr))))

@@ -134,8 +134,8 @@ def test_unaligned_views_drop_on_the_cuda_core_path(dtype):
 @pytest.mark.parametrize("op", ["fastmka", "mka"])
 def test_fastmka_and_mka_dropout_match_reference(op, L, d, dtype, p):
     # fastmka drops its one attention with level 0's mask, mka each level's with its own
-    # (0, 1, 2). Without dropout fastmka's L = 2 backward and mka's level 2 would run the scan
-    # through the Hopper attention backward (ScanThrough), which has no dropout.
+    # (0, 1, 2). On Hopper fastmka's L = 2 backward and mka's level 2 run the scan through
+    # the attention backward (ScanThrough) with the mask.
     gen = _gen(op, L, d, str(dtype), p)
     B, Tq, Tk, H, G, M = 2, 110, 130, 8, 2, 40
     q, q64 = rand(gen, B, Tq, H, d, dtype=dtype)
@@ -159,7 +159,7 @@ def test_fastmka_and_mka_dropout_match_reference(op, L, d, dtype, p):
 
 
 def test_fastmka_dropout_with_lam_a_constant():
-    # lam without a gradient, several key blocks: without dropout, ScanThrough's case.
+    # lam without a gradient, several key blocks: ScanThrough's case on Hopper.
     gen = _gen("fastmka_const")
     dtype, B, T, H, G, d, p = torch.bfloat16, 1, 1000, 4, 2, 64, 0.2
     q, q64 = rand(gen, B, T, H, d, dtype=dtype)
@@ -173,20 +173,24 @@ def test_fastmka_dropout_with_lam_a_constant():
              (q, k, v), (q64, k64, v64), dtype, ("q", "k", "v"), gen, n_out=3)
 
 
+@pytest.mark.parametrize("kernels", ["tma", "lockstep", "mma"])
 @pytest.mark.parametrize("p", PS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_kernel_masks_are_the_reference_bit_for_bit(dtype, p):
+def test_kernel_masks_are_the_reference_bit_for_bit(dtype, p, kernels):
     """With q = 0 every visible weight is 1 / Tk, so v = the identity (Tk = d) makes out[i, j]
     = Z[i, j] / Tk: the forward's mask itself; dout = the identity (Tq = d) makes dv[j, i] =
-    Z[i, j] / Tk: the backward's. Both must equal the reference's, and keep 1 - p of 2M."""
+    Z[i, j] / Tk: the backward's. Both must equal the reference's, and keep 1 - p of 2M, for
+    every kernel choice (on Hopper: tma takes the ping-pong forward with dropout, lockstep
+    its own, both the wgmma backward; mma the sm_80 kernels)."""
     B, H, T, d = 8, 16, 128, 128
     q = torch.zeros(B, T, H, d, device="cuda", dtype=dtype)
     k = torch.randn(B, T, H, d, device="cuda", dtype=dtype)
     eye = torch.eye(T, device="cuda", dtype=dtype)[None, :, None, :]
     v = eye.expand(B, T, H, d).contiguous().requires_grad_(True)
     torch.manual_seed(21)
-    out = torch.ops.mka.attention(q, k, v, False, None, None, p)
-    (dv,) = torch.autograd.grad(out, v, eye.expand(B, T, H, d))
+    with mka.use_kernels(attention=kernels):
+        out = torch.ops.mka.attention(q, k, v, False, None, None, p)
+        (dv,) = torch.autograd.grad(out, v, eye.expand(B, T, H, d))
     want = R.dropout_mask(seed_of(21), p, B, H, T, T).cuda() > 0  # (B, H, Tq, Tk)
     assert torch.equal(out.permute(0, 2, 1, 3) != 0, want), "forward mask"
     assert torch.equal(dv.permute(0, 2, 3, 1) != 0, want), "backward mask"
@@ -203,20 +207,24 @@ def test_same_seed_repeats_another_differs(dtype):
     assert not torch.equal(torch.ops.mka.attention(q, k, v, True, None, None, 0.3), a)
 
 
+@pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
-def test_every_kernel_choice_drops_alike(dtype):
-    # The wgmma kernels (pingpong, lockstep) hand dropout to the mma.sync ones: the same bits.
-    q, k, v, dout = _cuda_qkv(("choice", str(dtype)), dtype, 1, 300, 4, 2, 128)
-    results = []
-    for mode in ("pingpong", "lockstep", "mma"):
+def test_every_kernel_choice_drops_alike(dtype, d):
+    # The wgmma kernels (tma's ping-pong fallback, pingpong, lockstep) and the mma.sync ones
+    # drop the same weights: their outputs and gradients agree to rounding (the sums run in
+    # other orders); ping-pong and lockstep share the per-tile math: the same output bits.
+    q, k, v, dout = _cuda_qkv(("choice", str(dtype), d), dtype, 1, 300, 4, 2, d)
+    results = {}
+    for mode in ("tma", "pingpong", "lockstep", "mma"):
         with mka.use_kernels(attention=mode):
             torch.manual_seed(9)
             out = torch.ops.mka.attention(q, k, v, True, None, None, 0.25)
-            results.append((out, *torch.autograd.grad(out, (q, k, v), dout)))
-    for other in results[1:]:
-        assert torch.equal(other[0], results[0][0]), "out"
-        assert torch.equal(other[2], results[0][2]) and torch.equal(other[3], results[0][3])
-        assert_close(other[1], results[0][1], dtype, "dq")  # float32 atomics: any order
+            results[mode] = (out, *torch.autograd.grad(out, (q, k, v), dout))
+    assert torch.equal(results["pingpong"][0], results["lockstep"][0])
+    assert torch.equal(results["tma"][0], results["pingpong"][0])
+    for mode in ("tma", "pingpong", "lockstep"):
+        for what, x, ref in zip(("out", "dq", "dk", "dv"), results[mode], results["mma"]):
+            assert_close(x, ref, dtype, f"{what} ({mode} against mma)")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
