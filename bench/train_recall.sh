@@ -16,7 +16,8 @@
 # The models have learned absolute positions: --seq-len (the block size) is the longest length,
 # and every length is trained on (one length per step, in turn), so no length is extrapolated.
 # Presets (any variable below can be set instead):
-#   cpu  W 16, lengths 16,64,256 (1x, 4x, 16x W), tiny model, 300 steps: plumbing, not a result
+#   cpu  W 16, lengths 16,64,256 (1x, 4x, 16x W), tiny model (one 64-dim head, lr 1e-3: what
+#        learnt fastest in bench/results/cpu_recall_task.md), 300 steps: plumbing, not a result
 #   gpu-quick  W 256, lengths 256,1k,4k (1x, 4x, 16x W), a 4-layer 256-wide model (head size
 #              64: the CUDA kernels' smallest), 3000 steps at lr 1e-3, 8 pairs of a 256-token
 #              vocabulary: ~6 minutes of an H100 for the five; too few steps to answer the
@@ -26,15 +27,15 @@ set -uo pipefail
 PRESET=${PRESET:-cpu}
 case $PRESET in
     cpu) D_WINDOW=16; D_LENGTHS=16,64,256; D_STEPS=300; D_BATCH=16; D_EXAMPLES=128
-         D_CHUNK=8; D_TOP=4
-         D_MODEL="--n-layer 2 --n-head 4 --n-embd 64 --precision fp32"
+         D_CHUNK=8; D_TOP=4; D_LR=1e-3
+         D_MODEL="--n-layer 2 --n-head 1 --n-embd 64 --precision fp32"
          D_TASK="--task-vocab 64 --num-kv-pairs 4 --num-queries 4" ;;
     gpu-quick) D_WINDOW=256; D_LENGTHS=256,1k,4k; D_STEPS=3000; D_BATCH=16; D_EXAMPLES=256
          D_CHUNK=64; D_TOP=8; D_LR=1e-3
          D_MODEL="--n-layer 4 --n-head 4 --n-embd 256 --precision bf16"
          D_TASK="--task-vocab 256 --num-kv-pairs 8 --num-queries 8" ;;
     gpu) D_WINDOW=1024; D_LENGTHS=1k,4k,16k; D_STEPS=3000; D_BATCH=8; D_EXAMPLES=256
-         D_CHUNK=64; D_TOP=8
+         D_CHUNK=64; D_TOP=8; D_LR=1e-3
          D_MODEL="--n-layer 4 --n-head 4 --n-embd 256 --precision bf16"
          D_TASK="--task-vocab 8192 --num-kv-pairs 64 --num-queries 64" ;;
     *) echo "PRESET: expected cpu, gpu-quick or gpu, got '$PRESET'" >&2; exit 2 ;;
@@ -48,7 +49,7 @@ BATCH=${BATCH:-$D_BATCH}                 # examples per step, every length
 EXAMPLES=${EXAMPLES:-$D_EXAMPLES}        # held-out examples per length
 MODEL=${MODEL:-$D_MODEL}
 TASK=${TASK:-$D_TASK}
-LR=${LR:-${D_LR:-3e-3}}
+LR=${LR:-$D_LR}
 EXTRA=${EXTRA:-}                         # flags added to every mka train call
 OUT=${OUT:-runs/recall_$PRESET}
 recall() { echo "--attention $1 --attn-option $1.levels=3 --attn-option $1.recall_chunk=$CHUNK --attn-option $1.recall_top=$TOP --attn-option $1.window=$WINDOW"; }
