@@ -14,7 +14,10 @@
 # MKA_HASH_ARGS / FASTMKA_HASH_ARGS replace their mka train flags (--attention NAME,
 # --attn-option NAME.KEY=VALUE ...); a variant the registry rejects is skipped with the reason.
 # The models have learned absolute positions: --seq-len (the block size) is the longest length,
-# and every length is trained on (one length per step, in turn), so no length is extrapolated.
+# and by default every length is trained on (one length per step, in turn), so no length is
+# extrapolated. TRAIN_LENGTHS=LONGEST trains at the longest alone (every position still seen;
+# shorter lengths then test the same skill earlier in the sequence): in the CPU probes of
+# bench/results/cpu_recall_task.md mixing lengths slowed learning.
 # Presets (any variable below can be set instead):
 #   cpu  W 16, lengths 16,64,256 (1x, 4x, 16x W), tiny model (one 64-dim head, lr 1e-3: what
 #        learnt fastest in bench/results/cpu_recall_task.md), 300 steps: plumbing, not a result
@@ -43,7 +46,8 @@ esac
 WINDOW=${WINDOW:-$D_WINDOW}
 CHUNK=${CHUNK:-$D_CHUNK}                 # recall: tokens per chunk, chunks recalled per query
 TOP=${TOP:-$D_TOP}
-LENGTHS=${LENGTHS:-$D_LENGTHS}           # trained on in turn, and evaluated
+LENGTHS=${LENGTHS:-$D_LENGTHS}           # evaluated, and trained on in turn ...
+TRAIN_LENGTHS=${TRAIN_LENGTHS:-$LENGTHS} # ... unless these are given (e.g. the longest alone)
 STEPS=${STEPS:-$D_STEPS}
 BATCH=${BATCH:-$D_BATCH}                 # examples per step, every length
 EXAMPLES=${EXAMPLES:-$D_EXAMPLES}        # held-out examples per length
@@ -57,13 +61,13 @@ MKA_HASH_ARGS=${MKA_HASH_ARGS:-$(recall mka)}
 FASTMKA_HASH_ARGS=${FASTMKA_HASH_ARGS:-$(recall fastmka)}
 export PYTHONUNBUFFERED=1
 
-SEQ_LEN=$(python3 -c "from mka.train.options import parse_lengths; print(max(parse_lengths('$LENGTHS', 'lengths')))") || exit 2
+SEQ_LEN=$(python3 -c "from mka.train.options import parse_lengths as p; print(max(p('$LENGTHS', 'lengths') + p('$TRAIN_LENGTHS', 'lengths')))") || exit 2
 # shellcheck disable=SC2206
-COMMON=(--task mqar $TASK --seq-len "$SEQ_LEN" --task-lengths "$LENGTHS" --max-steps "$STEPS" --batch-size "$BATCH"
+COMMON=(--task mqar $TASK --seq-len "$SEQ_LEN" --task-lengths "$TRAIN_LENGTHS" --max-steps "$STEPS" --batch-size "$BATCH"
         --lr "$LR" --warmup-steps $(( STEPS / 10 )) --eval-examples "$EXAMPLES" --log-interval 10 $MODEL $EXTRA)
 mkdir -p "$OUT"
 echo "== $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), PRESET=$PRESET"
-echo "== MQAR, window $WINDOW, lengths $LENGTHS, $STEPS steps of $BATCH examples per model; out $OUT"
+echo "== MQAR, window $WINDOW, lengths $LENGTHS (trained on $TRAIN_LENGTHS), $STEPS steps of $BATCH examples per model; out $OUT"
 
 MODELS=()   # LABEL=CHECKPOINT_FOLDER of the models that trained
 train() {   # train LABEL FLAGS...: one mka train run per model; a variant the registry lacks is skipped
