@@ -26,12 +26,15 @@ def main():
                 q, k, v = r(B, Tq, H, d, dtype=dtype), r(B, Tk, G, d, dtype=dtype), r(B, Tk, G, d, dtype=dtype)
                 ops.attention(q, k, v, True, None, 33).float().sum().backward()
                 ops.attention(q, k, v, False).float().sum().backward()
-    # Attention dropout: the mma.sync kernels (on Hopper too) and the CUDA-core ones.
+    # Attention dropout: on Hopper the wgmma kernels' dropout instantiations (ping-pong and
+    # lockstep forwards, the backward), the mma.sync ones, and the CUDA-core ones (float32).
+    for mode in ("pingpong", "lockstep", "mma"):
+        mka.set_kernels(attention=mode)
+        for dtype in (torch.bfloat16, torch.float32):
+            for d in (64, 128):
+                q, k, v = r(B, Tq, H, d, dtype=dtype), r(B, Tk, G, d, dtype=dtype), r(B, Tk, G, d, dtype=dtype)
+                ops.attention(q, k, v, True, None, 33, 0.2).float().sum().backward()
     mka.set_kernels(attention="pingpong")
-    for dtype in (torch.bfloat16, torch.float32):
-        for d in (64, 128):
-            q, k, v = r(B, Tq, H, d, dtype=dtype), r(B, Tk, G, d, dtype=dtype), r(B, Tk, G, d, dtype=dtype)
-            ops.attention(q, k, v, True, None, 33, 0.2).float().sum().backward()
     d = 64
     q, k, v = r(B, Tq, H, d), r(B, Tk, G, d), r(B, Tk, G, d)
     k3, v3 = r(B, Tk, G, d), r(B, Tk, G, d)
@@ -56,7 +59,8 @@ def main():
         out, kso, vso = ops.mka(q, k, v, lam_q, 0.9, mk, mv, ks, vs, True, None, 25)
         (out.float().sum() + vso.sum()).backward()
     mka.set_kernels(attention="pingpong")
-    # With dropout: each level's attention drops with its own mask; no ScanThrough.
+    # With dropout: each level's attention drops with its own mask (on Hopper through
+    # ScanThrough where it applies).
     out, kso, vso = ops.fastmka(q, k, v, lam_k, 0.9, k3, v3, ks, vs, True, None, None, 0.2)
     (out.float().sum() + kso.sum()).backward()
     out, kso, vso = ops.mka(q, k, v, lam_q, 0.9, mk, mv, ks, vs, True, None, 25, 0.2)
