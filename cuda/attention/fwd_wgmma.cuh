@@ -60,18 +60,7 @@ template <class T, int D, int BN> struct WgFwdRows {
     to_a(pa, s);
   }
 
-  // Dropout's keep bits of a tile, bit 4 nt + e for s[nt][e]. Per warp the accumulator is NT
-  // m16n8 fragments of the warp's 16 rows (from wrow0) and key columns j0 + 8 nt + ..., the
-  // layout DropKeep::frag_query_rows reads. The whole warp calls it; made before the tile's
-  // scores, where their registers are still free.
-  __device__ __forceinline__ static uint64_t keep_bits(const DropKeep& drop, uint64_t bh,
-                                                       int64_t wrow0, int64_t j0) {
-    uint64_t keep = 0;
-    #pragma unroll 4
-    for (int nt = 0; nt < NT; ++nt)
-      keep |= uint64_t(drop.frag_query_rows(bh, wrow0, j0 + nt * 8)) << (4 * nt);
-    return keep;
-  }
+  // keep: WgFwdBlock::keep_bits of the tile.
   __device__ __forceinline__ static void apply_keep(float (&s)[NT][4], const DropKeep& drop,
                                                     uint64_t keep) {
     #pragma unroll
@@ -224,6 +213,20 @@ template <int BN> struct WgFwdBlock {
   __device__ __forceinline__ bool full(int64_t n) const {
     return n * BN >= band_lo && n * BN + BN <= band_hi;
   }
+  // Dropout's keep bits of tile n for the calling thread, bit 4 nt + e for its scores
+  // s[nt][e] (WgFwdRows): per warp the accumulator is BN / 8 m16n8 fragments of the warp's 16
+  // rows and key columns n BN + 8 nt + ..., the layout DropKeep::frag_query_rows reads. The
+  // whole warp calls it; made before the tile's scores, where their registers are still free.
+  __device__ __forceinline__ uint64_t keep_bits(const DropKeep& drop, const AttnParams& p,
+                                                int64_t n) const {
+    const uint64_t bh = uint64_t(b * p.H + h);
+    const int64_t wrow0 = row0 - (threadIdx.x % 32) / 4;  // the warp's first row
+    uint64_t keep = 0;
+    #pragma unroll 4
+    for (int nt = 0; nt < BN / 8; ++nt)
+      keep |= uint64_t(drop.frag_query_rows(bh, wrow0, n * BN + nt * 8)) << (4 * nt);
+    return keep;
+  }
 };
 
 __device__ __forceinline__ unsigned char* align1024(unsigned char* smem) {
@@ -254,8 +257,6 @@ __global__ void __launch_bounds__(kWgThreads, 1) attention_fwd_wgmma(AttnParams 
   WgFwdRows<T, D, BN> rows;
   const float sl2 = p.scale * 1.4426950408889634f;  // scores in log2 units: exp2 is one MUFU op
   const DropKeep drop(p.dropout);  // read only where kDrop
-  const uint64_t bh = uint64_t(b * p.H + blk.h);
-  const int64_t wrow0 = blk.row0 - (threadIdx.x % 32) / 4;  // the warp's first row
   for (int64_t n = blk.n_begin; n < blk.n_end; ++n) {
     const int stage = int(n - blk.n_begin) & 1;
     cp_async_next_stage(n + 1 < blk.n_end, [&] {
@@ -266,7 +267,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) attention_fwd_wgmma(AttnParams 
     __syncthreads();
     if (blk.sees(n)) {
       uint64_t keep = 0;
-      if constexpr (kDrop) keep = rows.keep_bits(drop, bh, wrow0, n * BN);
+      if constexpr (kDrop) keep = blk.keep_bits(drop, p, n);
       float s[NT][4] = {};
       unsigned pa[BN / 16][4];
       rows.issue_scores(s, qs + wg * 64 * 64, kBM, ks + stage * BN * D);

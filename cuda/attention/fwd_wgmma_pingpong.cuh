@@ -55,8 +55,6 @@ __global__ void __launch_bounds__(kWgThreads, 1) attention_fwd_wgmma_pp(AttnPara
   WgFwdRows<T, D, BN> rows;
   const float sl2 = p.scale * 1.4426950408889634f;
   const DropKeep drop(p.dropout);  // read only where kDrop
-  const uint64_t bh = uint64_t(b * p.H + blk.h);
-  const int64_t wrow0 = blk.row0 - (threadIdx.x % 32) / 4;  // the warp's first row
   if (wg == 1) turn_pass(wg);  // warpgroup 0 takes the first turn
   for (int64_t t = 0; t < tiles; ++t) {
     const int st = int(t % S);
@@ -73,7 +71,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) attention_fwd_wgmma_pp(AttnPara
     // Dropout's keep bits before the turn: Philox runs while the other warpgroup's products do.
     uint64_t keep = 0;
     if constexpr (kDrop)
-      if (sees) keep = rows.keep_bits(drop, bh, wrow0, n * BN);
+      if (sees) keep = blk.keep_bits(drop, p, n);
     float s[NT][4] = {};
     unsigned pa[BN / 16][4];
     turn_wait(wg);

@@ -19,7 +19,7 @@ from . import distributed as D
 from .dataset import TokenizedData
 from .evaluation import autocast
 from .task_data import TaskData
-from .model_factory import PRECISION_DTYPES, choose_attn_backend, gpt_config
+from .model_factory import PRECISION_DTYPES, choose_attn_backend, gpt_config, model_head_dim
 from .options import ConfigError, Settings
 from .schedule import make_optimizer, step_budget
 
@@ -179,10 +179,10 @@ class VariantRun:
     def _build(self) -> None:
         from mka.models import GPT
         s, rt = self.s, self.rt
-        n_head, n_embd = s.model_shape()[1:]
-        head_dim = None if hf_source.is_hf_run(s) else n_embd // n_head  # an HF model's comes from its config
-        self.backend, self.backend_reason = choose_attn_backend(s.attn_backend, rt.device, head_dim)
-        if hf_source.is_hf_run(s):
+        hf = hf_source.is_hf_run(s)  # an HF model's head size comes from its own config
+        self.backend, self.backend_reason = choose_attn_backend(s.attn_backend, rt.device,
+                                                                None if hf else model_head_dim(s))
+        if hf:
             model, self.config = hf_model.build(s, self.variant, self.data.vocab_size, self.backend,
                                                 self.backend_reason, rt.device)
         else:

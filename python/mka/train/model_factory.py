@@ -61,6 +61,12 @@ def _probe_cuda_kernels(device: torch.device) -> str | None:
     return None
 
 
+def model_head_dim(settings: Settings) -> int:
+    """The head width ``n_embd / n_head`` of the library's GPT that ``settings`` describe."""
+    _, n_head, n_embd = settings.model_shape()
+    return n_embd // n_head
+
+
 def choose_attn_backend(requested: str, device: torch.device,
                         head_dim: int | None = None) -> tuple[str, str]:
     """(backend, why). CPU: the library's kernels; CUDA: them only if the model's head size

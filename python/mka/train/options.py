@@ -64,7 +64,9 @@ OPTIONS = [
     Option("n_embd", int, None, "model width (overrides --model)", check=_pos, check_msg="must be > 0"),
     Option("dropout", float, 0.0, "dropout probability (nanoGPT's: attention weights and outputs, MLP)", check=lambda x: 0 <= x < 1, check_msg="must be in [0, 1)"),
     Option("bias", bool, True, "biases in linear layers and layer norms"),
-    Option("attn_backend", str, "auto", "attention kernels: the library's ops or PyTorch/SDPA",
+    Option("attn_backend", str, "auto", "attention kernels: the library's ops or PyTorch/SDPA; auto: "
+           "the library's on CPU, and on CUDA where the head size has kernels and a probe call "
+           "matches the float64 reference",
            choices=("auto", "mka", "torch")),
     Option("attn_options", dict, {}, "variant options, e.g. {mka: {beta: 0.9}} or, as a flag, "
            "--attn-option mka.beta=0.9 (repeatable)"),

@@ -20,7 +20,7 @@ import torch
 
 from . import checkpoint, recall_report
 from . import distributed as D
-from .model_factory import choose_attn_backend, gpt_config
+from .model_factory import choose_attn_backend, gpt_config, model_head_dim
 from .options import BY_NAME, OPTIONS, ConfigError, Settings, parse_lengths
 from .recall_metrics import heldout_recall
 from .recall_tasks import HELDOUT
@@ -75,8 +75,7 @@ def settings_of(state: dict, path: Path) -> Settings:
 
 def model_of(state: dict, settings: Settings, vocab_size: int, device: torch.device, requested_backend: str):
     from mka.models import GPT
-    n_head, n_embd = settings.model_shape()[1:]
-    backend, _ = choose_attn_backend(requested_backend, device, n_embd // n_head)
+    backend, _ = choose_attn_backend(requested_backend, device, model_head_dim(settings))
     model = GPT(gpt_config(settings, settings.attention, vocab_size, backend))
     model.load_state_dict(state["model"])
     return model.to(device).eval()
