@@ -135,3 +135,50 @@ def test_a_row_never_holds_two_paged_pools(tmp_path, monkeypatch):
     assert [(r["model"], r["cache"]) for r in rows] == [("hf", "PagedCache"),
                                                          ("gpt", "PagedKVCache")]
     assert most[0] == 1
+
+
+def test_rounds_alternate_the_rows_and_report_medians(tmp_path, monkeypatch):
+    """--rounds N: each shape's rows measured N times, in alternating order (so the host's
+    drift falls alike on every row), one row each with the median ms/token, the rates that
+    follow from it, and the range over the rounds."""
+    from mka.integrations.hf import generation_bench
+    order = []
+    measure = generation_bench.measure
+
+    def measure_and_note(model, attn, cache, batch, *args, **kwargs):
+        if batch == 2:  # the measured shape, not the warm-up
+            order.append((attn, cache))
+        return measure(model, attn, cache, batch, *args, **kwargs)
+
+    monkeypatch.setattr(generation_bench, "measure", measure_and_note)
+    out = tmp_path / "bench.json"
+    assert main(["generate-bench", "--device", "cpu", "--batches", "2", "--prompts", "16",
+                 "--new-tokens", "3", "--gpt", "none", "--rounds", "3", "--json", str(out)]) == 0
+    runs = [("sdpa", "dynamic"), ("mka", "dynamic"), ("mka", "paged")]
+    assert order == runs + runs[::-1] + runs
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["attn"], r["cache"]) for r in rows] == [
+        ("sdpa", "DynamicCache"), ("mka", "DynamicCache"), ("mka", "PagedCache")]
+    for r in rows:
+        low, high = r["ms_per_output_token_range"]
+        assert r["rounds"] == 3 and low <= r["ms_per_output_token"] <= high
+        assert r["decode_tok_s"] == pytest.approx(2 * 1e3 / r["ms_per_output_token"])
+    with pytest.raises(SystemExit):
+        main(["generate-bench", "--device", "cpu", "--rounds", "0"])
+
+
+def test_median_row_takes_the_median_round():
+    from mka.integrations.hf.generation_bench import median_row
+    base = {"model": "hf", "attn": "mka", "cache": "DynamicCache", "batch": 4, "prompt": 10,
+            "new_tokens": 5, "peak_prefill_bytes": None, "peak_decode_bytes": None,
+            "kv_bytes_per_token": 8.0}
+    rounds = [{**base, "prefill_tok_s": 40 / s, "ms_per_output_token": ms,
+               "decode_tok_s": 4e3 / ms, "steady_ms_per_token": ms - 1}
+              for s, ms in ((1.0, 30.0), (4.0, 10.0), (2.0, 20.0))]
+    row = median_row(rounds)
+    assert row["prefill_tok_s"] == 20 and row["ms_per_output_token"] == 20
+    assert row["decode_tok_s"] == 200 and row["steady_ms_per_token"] == 19
+    assert row["ms_per_output_token_range"] == [10, 30] and row["rounds"] == 3
+    assert median_row(rounds[:1]) == rounds[0]
+    failed = {**base, "error": "out of memory: ..."}
+    assert median_row([rounds[0], failed]) == failed

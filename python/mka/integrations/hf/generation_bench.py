@@ -68,6 +68,7 @@ class Settings:
     gpt_size: str = "tiny"
     gpt_graph: bool = False  # also GPT and PagedCache rows with the decode step in a CUDA graph
     seed: int = 0
+    rounds: int = 1  # Hugging Face rows: rounds per shape, in alternating order (medians)
 
 
 def build_model(s: Settings):
@@ -243,6 +244,25 @@ def _row(source: str, attn: str, cache: str, batch: int, prompt: int, new_tokens
                                      "kv_bytes_per_token")}}
 
 
+def median_row(rounds: list[dict]) -> dict:
+    """One row from the rounds of one measurement: the median prefill time and ms per output
+    token (the rates follow from them), the median steady step, peaks and KV bytes of the
+    first round, and the range of ms per output token; a round's error stands for the row."""
+    import statistics
+    first = rounds[0]
+    if len(rounds) == 1 or any("error" in r for r in rounds):
+        return next((r for r in rounds if "error" in r), first)
+    tokens = first["batch"] * first["prompt"]
+    prefill = statistics.median(tokens / r["prefill_tok_s"] for r in rounds)
+    ms = [r["ms_per_output_token"] for r in rounds]
+    steady = [r["steady_ms_per_token"] for r in rounds if r["steady_ms_per_token"] is not None]
+    return {**first, "prefill_tok_s": tokens / prefill,
+            "decode_tok_s": first["batch"] * 1e3 / statistics.median(ms),
+            "ms_per_output_token": statistics.median(ms),
+            "steady_ms_per_token": statistics.median(steady) if steady else None,
+            "rounds": len(rounds), "ms_per_output_token_range": [min(ms), max(ms)]}
+
+
 def _or_out_of_memory(key: tuple, fn) -> dict:
     """``fn()``'s row, or a row saying the shape ran out of memory."""
     try:
@@ -290,17 +310,20 @@ def run(s: Settings) -> tuple[str, list[dict]]:
         what.append(line)
         for attn, cache in hf_runs(s):  # warm-up: first calls, allocator, kernel choice
             measure(model, attn, cache, 1, min(s.prompts), 2, s.device, s.seed)
+        runs = [(attn, cache, graph) for attn, cache in hf_runs(s)
+                for graph in ((False, True) if s.gpt_graph and cache == "paged" else (False,))]
         for batch, prompt in shapes:
-            for attn, cache in hf_runs(s):
-                key = ("hf", attn, CACHES[cache], batch, prompt, s.new_tokens)
-                rows.append(_or_out_of_memory(key,
-                            lambda: measure(model, attn, cache, batch, prompt, s.new_tokens,
-                                            s.device, s.seed)))
-                if s.gpt_graph and cache == "paged":
-                    key = ("hf", attn, CACHES[cache] + "+graph", batch, prompt, s.new_tokens)
-                    rows.append(_or_out_of_memory(key, lambda: measure(
+            # The host's speed drifts between rows (eager decoding is host-bound): in rounds of
+            # alternating order each row sees the same drift, and its medians are reported.
+            done: dict[tuple, list[dict]] = {}
+            for r in range(s.rounds):
+                for attn, cache, graph in (runs if r % 2 == 0 else runs[::-1]):
+                    key = ("hf", attn, CACHES[cache] + ("+graph" if graph else ""), batch,
+                           prompt, s.new_tokens)
+                    done.setdefault(key, []).append(_or_out_of_memory(key, lambda: measure(
                         model, attn, cache, batch, prompt, s.new_tokens, s.device, s.seed,
-                        graph=True)))
+                        graph=graph)))
+            rows += [median_row(done[key]) for key in done]
         del model
     for variant in s.gpt:
         model = build_gpt(s, variant)
@@ -331,6 +354,8 @@ def report(what: str, rows: list[dict], device: str) -> str:
     lines.append(f"{'model':<5} {'attn':<14} {'cache':<12} {'B':>3} {'prompt':>7} {'new':>5} "
                  f"{'prefill tok/s':>14} {'decode tok/s':>13} {'ms/token':>9} {'steady':>7} "
                  f"{'peak prefill GiB':>17} {'peak decode GiB':>16} {'KV B/token':>11}")
+    spread = lambda r: ("{:.2f}-{:.2f} of {}".format(*r["ms_per_output_token_range"], r["rounds"])  # noqa: E731
+                        if "rounds" in r else "")
     for r in rows:
         head = (f"{r['model']:<5} {r['attn']:<14} {r['cache']:<12} {r['batch']:>3} "
                 f"{r['prompt']:>7} {r['new_tokens']:>5} ")
@@ -339,7 +364,11 @@ def report(what: str, rows: list[dict], device: str) -> str:
             continue
         lines.append(head + f"{r['prefill_tok_s']:>14.1f} {r['decode_tok_s']:>13.1f} "
                      f"{r['ms_per_output_token']:>9.2f} {steady(r):>7} {gib(r['peak_prefill_bytes']):>17} "
-                     f"{gib(r['peak_decode_bytes']):>16} {r['kv_bytes_per_token']:>11.0f}")
+                     f"{gib(r['peak_decode_bytes']):>16} {r['kv_bytes_per_token']:>11.0f}"
+                     f"  {spread(r)}".rstrip())
+    if any("rounds" in r for r in rows):
+        lines.append("rows with rounds: medians of rounds in alternating order; last column: "
+                     "the range of ms/token over the rounds")
     if device != "cuda":
         lines.append("peak memory: not measured on cpu (torch tracks CUDA allocations only)")
     return "\n".join(lines)
@@ -374,11 +403,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--cuda-graph", action="store_true", help="also rows with the decode step "
                    "replayed from a CUDA graph: the GPT variants (GPT.generate(cuda_graph=True)'s "
                    "DecodeGraph) and the Hugging Face model on the PagedCache (HFDecodeGraph)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="Hugging Face rows: measure each N times per shape, the rows in "
+                   "alternating order, and report medians (the host's speed drifts, and eager "
+                   "decoding is host-bound: rounds give every row the same drift) (default: 1)")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     args = p.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.cuda_graph and device != "cuda":
         p.error("--cuda-graph: needs --device cuda")
+    if args.rounds < 1:
+        p.error(f"--rounds: must be at least 1, got {args.rounds}")
     d = DEFAULTS[device]
     pick = lambda key: d[key] if getattr(args, key) is None else getattr(args, key)  # noqa: E731
     gpt_known = [*GPT_VARIANTS, *(f"{v}@torch" for v in GPT_VARIANTS)]
@@ -392,7 +427,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     s = Settings(device=device, dtype=getattr(torch, pick("dtype")), batches=pick("batches"),
                  prompts=pick("prompts"), new_tokens=pick("new_tokens"), size=pick("size"),
                  model=args.model, attns=drop_none(attns), caches=drop_none(args.caches),
-                 gpt=drop_none(args.gpt), gpt_size=pick("gpt_size"), gpt_graph=args.cuda_graph)
+                 gpt=drop_none(args.gpt), gpt_size=pick("gpt_size"), gpt_graph=args.cuda_graph,
+                 rounds=args.rounds)
     try:
         what, rows = run(s)
     except ValueError as e:
