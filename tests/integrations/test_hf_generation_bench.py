@@ -24,7 +24,7 @@ def test_generate_bench_tiny_cpu(tmp_path, capsys):
     hf_runs = [("sdpa", "DynamicCache"), ("mka", "DynamicCache"), ("mka", "PagedCache")]
     assert [(r["model"], r["attn"], r["cache"], r["batch"]) for r in rows] == (
         [("hf", a, c, b) for b in (1, 2) for a, c in hf_runs]
-        + [("gpt", v, "PagedKVCache", b) for v in GPT_VARIANTS for b in (1, 2)])
+        + [("gpt", v, "PagedKVCache", b) for b in (1, 2) for v in GPT_VARIANTS])
     size, gpt = SIZES["tiny"], GPT_SIZES["tiny"]
     # keys and values of every layer, float32 (16 prompt tokens fill one 16-token page)
     hf_kv = (2 * size["num_hidden_layers"] * size["num_key_value_heads"]
@@ -165,6 +165,28 @@ def test_rounds_alternate_the_rows_and_report_medians(tmp_path, monkeypatch):
         assert r["decode_tok_s"] == pytest.approx(2 * 1e3 / r["ms_per_output_token"])
     with pytest.raises(SystemExit):
         main(["generate-bench", "--device", "cpu", "--rounds", "0"])
+
+
+def test_rounds_alternate_the_gpt_rows(tmp_path, monkeypatch):
+    """The GPT rows take rounds the same way: every variant's model is built first, then each
+    shape's rows run in alternating order (the native ops against the PyTorch backend)."""
+    from mka.integrations.hf import generation_bench
+    order = []
+    measure_gpt = generation_bench.measure_gpt
+
+    def measure_and_note(model, batch, *args, **kwargs):
+        if batch == 2:
+            order.append(model.config.attn_backend)
+        return measure_gpt(model, batch, *args, **kwargs)
+
+    monkeypatch.setattr(generation_bench, "measure_gpt", measure_and_note)
+    out = tmp_path / "bench.json"
+    assert main(["generate-bench", "--device", "cpu", "--batches", "2", "--prompts", "16",
+                 "--new-tokens", "3", "--attns", "none", "--gpt", "mha,mha@torch",
+                 "--rounds", "2", "--json", str(out)]) == 0
+    assert order == ["mka", "torch", "torch", "mka"]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["attn"], r["rounds"]) for r in rows] == [("mha", 2), ("mha@torch", 2)]
 
 
 def test_median_row_takes_the_median_round():

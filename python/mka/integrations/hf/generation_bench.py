@@ -68,7 +68,7 @@ class Settings:
     gpt_size: str = "tiny"
     gpt_graph: bool = False  # also GPT and PagedCache rows with the decode step in a CUDA graph
     seed: int = 0
-    rounds: int = 1  # Hugging Face rows: rounds per shape, in alternating order (medians)
+    rounds: int = 1  # rounds per shape, rows in alternating order (medians)
 
 
 def build_model(s: Settings):
@@ -325,25 +325,31 @@ def run(s: Settings) -> tuple[str, list[dict]]:
                         graph=graph)))
             rows += [median_row(done[key]) for key in done]
         del model
+    models = {}
     for variant in s.gpt:
-        model = build_gpt(s, variant)
-        block = model.config.block_size
+        model = models[variant] = build_gpt(s, variant)
         params = sum(p.numel() for p in model.parameters())
         what.append(f"gpt {variant}: mka.models.GPT, size {s.gpt_size!r}, random weights: "
                     f"{params / 1e6:.1f}M parameters, {s.dtype}, {s.device}")
-        measure_gpt(model, 1, min(min(s.prompts), block - 2), 2, s.device, s.seed)
-        for batch, prompt in shapes:
-            key = ("gpt", variant, "PagedKVCache", batch, prompt, s.new_tokens)
-            if prompt + s.new_tokens > block:
-                rows.append(_row(*key, error=f"prompt + new tokens exceed block_size {block}"))
-                continue
-            rows.append(_or_out_of_memory(key, lambda: measure_gpt(
-                model, batch, prompt, s.new_tokens, s.device, s.seed)))
-            if s.gpt_graph and gpt_variant(variant)[1] == "mka":  # the torch backend: no graph
-                key = ("gpt", variant, "PagedKVCache+graph", batch, prompt, s.new_tokens)
-                rows.append(_or_out_of_memory(key, lambda: measure_gpt(
-                    model, batch, prompt, s.new_tokens, s.device, s.seed, graph=True)))
-        del model
+        measure_gpt(model, 1, min(min(s.prompts), model.config.block_size - 2), 2, s.device,
+                    s.seed)
+    runs = [(variant, graph) for variant in s.gpt  # the torch backend: no graph
+            for graph in ((False, True) if s.gpt_graph and gpt_variant(variant)[1] == "mka"
+                          else (False,))]
+    for batch, prompt in shapes:
+        done = {}  # as for the Hugging Face rows: rounds in alternating order, medians
+        for r in range(s.rounds):
+            for variant, graph in (runs if r % 2 == 0 else runs[::-1]):
+                model, block = models[variant], models[variant].config.block_size
+                key = ("gpt", variant, "PagedKVCache" + ("+graph" if graph else ""), batch,
+                       prompt, s.new_tokens)
+                if prompt + s.new_tokens > block:
+                    done[key] = [_row(*key, error=f"prompt + new tokens exceed block_size {block}")]
+                    continue
+                done.setdefault(key, []).append(_or_out_of_memory(key, lambda: measure_gpt(
+                    model, batch, prompt, s.new_tokens, s.device, s.seed, graph=graph)))
+        rows += [median_row(done[key]) for key in done]
+    del models
     return "\n".join(what), rows
 
 
@@ -404,9 +410,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                    "replayed from a CUDA graph: the GPT variants (GPT.generate(cuda_graph=True)'s "
                    "DecodeGraph) and the Hugging Face model on the PagedCache (HFDecodeGraph)")
     p.add_argument("--rounds", type=int, default=1,
-                   help="Hugging Face rows: measure each N times per shape, the rows in "
-                   "alternating order, and report medians (the host's speed drifts, and eager "
-                   "decoding is host-bound: rounds give every row the same drift) (default: 1)")
+                   help="measure each row N times per shape, the rows of a model kind (Hugging "
+                   "Face, GPT) in alternating order, and report medians (the host's speed "
+                   "drifts, and eager decoding is host-bound: rounds give every row the same "
+                   "drift) (default: 1)")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     args = p.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
