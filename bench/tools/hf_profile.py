@@ -8,7 +8,7 @@ model is `mka generate-bench`'s 1B Llama shape with random weights, bf16, on CUD
 Rows: `sdpa.flash` and `mka` on a DynamicCache, and for decode `mka` on the PagedCache;
 decode: after the prompt, 5 untimed steps, 20 timed (wall), 5 profiled; prefill: 3, 5, 1.
 A wall time well above the kernels' sum is host time (or a synchronisation). To tell the two
-apart, each row also times the host alone: 3 calls queued behind a sleeping GPU (~0.2 s). A
+apart, each row also times the host alone: one call queued behind a sleeping GPU (~0.2 s). A
 call that synchronises waits out the sleep; one that does not returns in its host time. With
 `--host-top N` the profile also records the host and lists its N most expensive events
 (CUDA runtime calls included: a blocking one shows there)."""
@@ -92,7 +92,7 @@ def main() -> None:
         stats = prof.key_averages()
         gpu = sum(e.self_device_time_total for e in stats) / a.steps
         print(f"== {a.phase} {attn} {kind} B{a.batch} T{a.prompt}: wall {wall * 1e3:.2f} ms, "
-              f"GPU kernels {gpu / 1e3:.2f} ms per call; host alone {host:.2f} ms per call "
+              f"GPU kernels {gpu / 1e3:.2f} ms per call; host alone {host:.2f} ms for one call "
               f"behind a {SLEEP_MS} ms GPU sleep")
         for e in sorted(stats, key=lambda e: -e.self_device_time_total)[:a.top]:
             print(f"   {e.self_device_time_total / a.steps / 1e3:8.3f} ms {e.count / a.steps:6.1f}x"
@@ -182,14 +182,15 @@ def sync_site(model, run, tok):
 
 
 def host_ms(run, tok) -> float:
-    """Host time per call of 3 calls queued behind a sleeping GPU (ms): near the sleep
-    if a call synchronises with the device."""
+    """Host time of one call queued behind a sleeping GPU (ms): near the sleep if the call
+    synchronises with the device. One call only: a 1B model's decode step queues ~600
+    launches, and a second one would fill the launch queue, which blocks the host as a
+    synchronisation would."""
     torch.cuda.synchronize()
     torch.cuda._sleep(int(SLEEP_MS * 1e3 * 1980))  # cycles at the H100's 1980 MHz; a slower clock sleeps longer
     start = time.perf_counter()
-    for _ in range(3):
-        tok = run(tok)
-    elapsed = (time.perf_counter() - start) / 3
+    run(tok)
+    elapsed = time.perf_counter() - start
     torch.cuda.synchronize()
     return elapsed * 1e3
 
