@@ -55,3 +55,25 @@ def test_a_budget_above_the_chunks_there_are_takes_them_all():
     q, k = torch.randn(1, 115, 2, 8), torch.randn(1, 115, 1, 8)
     got = recall_quality(q, k, chunk=10, window=4, budgets=[1.0], planes=simhash_planes(8))
     assert got["simhash"][1.0] == pytest.approx(1.0)
+
+
+def test_sub_chunk_signatures_find_keys_their_chunk_mean_hides():
+    """Two keys of a chunk point at the queries and six away: the chunk's mean key points away
+    (recall's signature misses it) while the attention mass is all there; signatures of the
+    chunk's quarters keep the two keys' direction, and the chunk is found."""
+    torch.manual_seed(3)
+    d = 32
+    direction = torch.randn(d)
+    k = torch.randn(1, 256, 1, d) * 0.1
+    k[0, 64:66, 0] = direction * 3 + torch.randn(2, d) * 0.1
+    k[0, 66:72, 0] = -direction * 3 + torch.randn(6, d) * 0.1
+    q = direction * 2 + torch.randn(1, 100, 2, d) * 0.1
+    planes = simhash_planes(d, tables=8)
+    whole = recall_quality(q, k, chunk=8, window=32, budgets=[8 / 256], planes=planes)
+    parts = recall_quality(q, k, chunk=8, window=32, budgets=[8 / 256], planes=planes,
+                           sub_chunks=4)
+    assert whole["oracle"][8 / 256] > 0.9 and parts["oracle"] == whole["oracle"]
+    assert whole["simhash"][8 / 256] < 0.5 < 0.9 < parts["simhash"][8 / 256]
+    assert parts["quest"] == whole["quest"]
+    with pytest.raises(ValueError, match="sub_chunks"):
+        recall_quality(q, k, chunk=8, window=32, budgets=[0.1], planes=planes, sub_chunks=3)

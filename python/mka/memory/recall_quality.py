@@ -8,7 +8,9 @@ A selector with a budget of ``R`` chunks captures the mass of the chunks it pick
 choosing per token and key/value head (GQA-shared, as recall does):
 
 - ``simhash``: recall's own — agreement of sign patterns of the mean query over the group's
-  heads and of each chunk's mean key;
+  heads and of each chunk's mean key; with ``sub_chunks = S`` (an experiment, not what
+  recall runs) a chunk keeps the signatures of the mean keys of its ``S`` equal parts and
+  scores by the best agreement among them (a finer picture of where its keys point);
 - ``quest``: Quest's bound (Tang et al., 2024) — per chunk the channel-wise min and max key,
   a query's upper bound ``sum_d max(q_d min_d, q_d max_d)``, averaged over the group's heads;
 - ``oracle``: the exact mass, summed over the group's heads.
@@ -56,18 +58,21 @@ def _quest_bound(q: Tensor, k: Tensor, chunk: int) -> Tensor:
 
 
 def recall_quality(q: Tensor, k: Tensor, *, chunk: int, window: Optional[int],
-                   budgets: Sequence[float], planes: Tensor,
-                   scale: Optional[float] = None) -> dict[str, dict[float, float]]:
+                   budgets: Sequence[float], planes: Tensor, scale: Optional[float] = None,
+                   sub_chunks: int = 1) -> dict[str, dict[float, float]]:
     """Mean captured fraction of the eligible attention mass, per selector and budget, for
     ``q: (B, Tq, H, d)`` against ``k: (B, Tk, G, d)`` (bottom-right aligned)."""
     B, Tq, H, d = q.shape
     Tk, G = k.shape[1], k.shape[2]
     if not budgets or any(not 0 < f <= 1 for f in budgets):
         raise ValueError(f"budgets: fractions of the context in (0, 1], got {list(budgets)}")
+    if sub_chunks < 1 or chunk % sub_chunks:
+        raise ValueError(f"sub_chunks: must divide the chunk of {chunk} tokens, got {sub_chunks}")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     counts = eligible(Tq, Tk, chunk, window, q.device)
     width = {f: min(max(1, round(f * Tk / chunk)), Tk // chunk) for f in budgets}
-    k_sig = signatures(chunk_means(k, chunk), planes)
+    nC = Tk // chunk
+    k_sig = signatures(chunk_means(k[:, :nC * chunk], chunk // sub_chunks), planes)  # (B, nC S, G, P)
     total = {m: {f: 0.0 for f in budgets} for m in ("simhash", "quest", "oracle")}
     rows = 0
     for i in range(0, Tq, ROWS):
@@ -78,13 +83,13 @@ def recall_quality(q: Tensor, k: Tensor, *, chunk: int, window: Optional[int],
         n = qi.shape[1]
         mass = _chunk_mass(qi, k, chunk, ci, scale)  # (B, n, H, nC)
         group_mass = mass.reshape(B, n, G, H // G, -1).sum(3)  # what a kv head's pick serves
+        agree = torch.einsum("bngp,bcgp->bngc", signatures(
+            qi.reshape(B, n, G, H // G, d).mean(3), planes).double(), k_sig.double())
         scores = {
-            "simhash": torch.einsum("bngp,bcgp->bngc", signatures(
-                qi.reshape(B, n, G, H // G, d).mean(3), planes).double(), k_sig.double()),
+            "simhash": agree.reshape(B, n, G, nC, sub_chunks).amax(-1),
             "quest": _quest_bound(qi, k, chunk),
             "oracle": group_mass,
         }
-        nC = mass.shape[-1]
         allowed = torch.arange(nC, device=q.device)[None, :] < ci[:, None]  # (n, nC)
         for name, sc in scores.items():
             # ties: the later chunk, as recall breaks them

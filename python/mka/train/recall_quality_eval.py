@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="fractions of the context recalled (default 0.01,0.02,0.05,0.1)")
     p.add_argument("--tables", type=int, default=4, help="SimHash tables (default 4)")
     p.add_argument("--bits", type=int, default=16, help="bits per table (default 16)")
+    p.add_argument("--sub-chunks", type=int, default=1,
+                   help="an experiment: SimHash keeps a signature of each of a chunk's S equal "
+                   "parts and scores by the best (default 1: the chunk's mean key, as recall does)")
     p.add_argument("--seed", type=int, default=0, help="the hyperplanes' seed (default 0)")
     p.add_argument("--data", help="text to read instead of the run's own data (its held-out split)")
     p.add_argument("--cache-dir", help="tokenizer/token cache (default: the run's)")
@@ -112,14 +115,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         planes = simhash_planes(layers[0][0].shape[-1], args.tables, args.bits, args.seed,
                                 rt.device)
         per_layer = [recall_quality(q, k, chunk=args.chunk, window=args.window, budgets=budgets,
-                                    planes=planes) for q, k in layers]
+                                    planes=planes, sub_chunks=args.sub_chunks) for q, k in layers]
     except (ConfigError, ValueError) as e:
         print(f"mka eval recall-quality: {e}", file=sys.stderr)
         return 2
     mean = {m: {f: sum(r[m][f] for r in per_layer) / len(per_layer) for f in budgets}
             for m in METHODS}
     print(f"{file}: {s.attention}, {length} held-out tokens of {s.data}, chunk {args.chunk}, "
-          f"window {args.window}; captured share of the eligible attention mass")
+          f"window {args.window}, SimHash {args.tables} x {args.bits} bits"
+          f"{f' of {args.sub_chunks} sub-chunks' if args.sub_chunks > 1 else ''}; captured "
+          "share of the eligible attention mass")
     head = "layer  method  " + "  ".join(f"{f:>7.0%}" for f in budgets)
     print(head)
     for name, rows in [(str(i), r) for i, r in enumerate(per_layer)] + [("mean", mean)]:
@@ -131,5 +136,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         out.write_text(json.dumps({"checkpoint": str(file), "attention": s.attention,
                                    "length": length, "data": s.data, "chunk": args.chunk,
                                    "window": args.window, "budgets": budgets,
+                                   "tables": args.tables, "bits": args.bits,
+                                   "sub_chunks": args.sub_chunks,
                                    "per_layer": per_layer, "mean": mean}, indent=2))
     return 0
