@@ -11,6 +11,8 @@ choosing per token and key/value head (GQA-shared, as recall does):
   heads and of each chunk's mean key; with ``sub_chunks = S`` (an experiment, not what
   recall runs) a chunk keeps the signatures of the mean keys of its ``S`` equal parts and
   scores by the best agreement among them (a finer picture of where its keys point);
+- ``mean``: the exact dot product of the group's mean query with each chunk's mean key (the
+  chunk's mean logit) — what the signatures estimate, without the hash's noise;
 - ``quest``: Quest's bound (Tang et al., 2024) — per chunk the channel-wise min and max key,
   a query's upper bound ``sum_d max(q_d min_d, q_d max_d)``, averaged over the group's heads;
 - ``oracle``: the exact mass, summed over the group's heads.
@@ -73,7 +75,8 @@ def recall_quality(q: Tensor, k: Tensor, *, chunk: int, window: Optional[int],
     width = {f: min(max(1, round(f * Tk / chunk)), Tk // chunk) for f in budgets}
     nC = Tk // chunk
     k_sig = signatures(chunk_means(k[:, :nC * chunk], chunk // sub_chunks), planes)  # (B, nC S, G, P)
-    total = {m: {f: 0.0 for f in budgets} for m in ("simhash", "quest", "oracle")}
+    k_mean = chunk_means(k[:, :nC * chunk], chunk).double()  # (B, nC, G, d)
+    total = {m: {f: 0.0 for f in budgets} for m in ("simhash", "mean", "quest", "oracle")}
     rows = 0
     for i in range(0, Tq, ROWS):
         qi, ci = q[:, i:i + ROWS], counts[i:i + ROWS]
@@ -83,10 +86,12 @@ def recall_quality(q: Tensor, k: Tensor, *, chunk: int, window: Optional[int],
         n = qi.shape[1]
         mass = _chunk_mass(qi, k, chunk, ci, scale)  # (B, n, H, nC)
         group_mass = mass.reshape(B, n, G, H // G, -1).sum(3)  # what a kv head's pick serves
-        agree = torch.einsum("bngp,bcgp->bngc", signatures(
-            qi.reshape(B, n, G, H // G, d).mean(3), planes).double(), k_sig.double())
+        q_mean = qi.reshape(B, n, G, H // G, d).mean(3)
+        agree = torch.einsum("bngp,bcgp->bngc", signatures(q_mean, planes).double(),
+                             k_sig.double())
         scores = {
             "simhash": agree.reshape(B, n, G, nC, sub_chunks).amax(-1),
+            "mean": torch.einsum("bngd,bcgd->bngc", q_mean.double(), k_mean),
             "quest": _quest_bound(qi, k, chunk),
             "oracle": group_mass,
         }

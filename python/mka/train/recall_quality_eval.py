@@ -24,13 +24,13 @@ from .dataset import prepare
 from .options import BY_NAME, OPTIONS, ConfigError, Settings, parse_lengths
 from .recall_eval import model_of, read_checkpoint
 
-METHODS = ("simhash", "quest", "oracle")
+METHODS = ("simhash", "mean", "quest", "oracle")
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mka eval recall-quality",
-        description="Captured attention mass of chunk selectors (SimHash recall, Quest, oracle) on a text "
+        description="Captured attention mass of chunk selectors (SimHash recall, the exact mean key, Quest, oracle) on a text "
                     "model's own queries and keys.")
     p.add_argument("checkpoint", help="a checkpoint file, or a variant's folder of them (its newest)")
     p.add_argument("--length", type=int, help="held-out tokens read (default: the model's block size)")
