@@ -183,19 +183,19 @@ template <class T, int D, int BN> struct WgFwdRows {
   }
 };
 
-// What a block of BM query rows and its warpgroup cover: query rows, key tiles, mask bands.
-template <int BN, int BM = kWgBlockM> struct WgFwdBlock {
+// What a block and its warpgroup cover: query rows, key tiles, mask bands.
+template <int BN> struct WgFwdBlock {
   int64_t h, b, g, i0, n_begin, n_end, row0;
   int64_t band_lo, band_hi, any_lo, any_hi;
   bool wg_rows;
-  // wg: which 64 rows of the block's query rows the calling warpgroup computes.
+  // wg: which 64-row half of the block's query rows the calling warpgroup computes.
   __device__ __forceinline__ WgFwdBlock(const AttnParams& p, int wg) {
     const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
     // Heavy (late, causal) query blocks first so the tail of the grid is short.
     const int64_t mb = p.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
     h = blockIdx.y, b = blockIdx.z, g = h / p.group;
-    i0 = mb * BM;
-    const int64_t i_last = min(p.Tq, i0 + BM) - 1;
+    i0 = mb * kWgBlockM;
+    const int64_t i_last = min(p.Tq, i0 + kWgBlockM) - 1;
     const int64_t lo = p.key_lo(i0), hi = p.key_hi(i_last);
     n_begin = lo / BN, n_end = hi > lo ? ceil_div(hi, BN) : n_begin;
     // This warpgroup's rows [w0, w_last] (empty past Tq); the thread's rows row0, row0 + 8.

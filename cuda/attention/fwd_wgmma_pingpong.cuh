@@ -10,14 +10,13 @@
 
 namespace mka::cuda {
 
-// Named barriers 1 .. N (0 is __syncthreads): of N warpgroups taking turns on the tensor
-// cores in a ring, warpgroup w waits on 1 + w for its turn and hands it to the next by
-// arriving on that one's barrier (128 threads wait, 128 arrive).
+// Named barriers 1 and 2 (0 is __syncthreads): warpgroup w waits on 1 + w for its turn on
+// the tensor cores and hands the turn over by arriving on the other's.
 __device__ __forceinline__ void turn_wait(int wg) {
   asm volatile("bar.sync %0, 256;\n" ::"r"(1 + wg) : "memory");
 }
-template <int N = 2> __device__ __forceinline__ void turn_pass(int wg) {
-  asm volatile("bar.arrive %0, 256;\n" ::"r"(1 + (wg + 1) % N) : "memory");
+__device__ __forceinline__ void turn_pass(int wg) {
+  asm volatile("bar.arrive %0, 256;\n" ::"r"(2 - wg) : "memory");
 }
 
 template <class T, int D, int BN, bool kDrop = false>

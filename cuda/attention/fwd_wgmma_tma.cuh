@@ -1,21 +1,22 @@
 // Attention forward for Hopper, warp-specialised (the FlashAttention-3 schedule): a producer
-// warpgroup whose one thread loads Q and every K/V tile by TMA, and NC consumer warpgroups of
+// warpgroup whose one thread loads Q and every K/V tile by TMA, and two consumer warpgroups of
 // 64 query rows each. K and V have their own stages and barriers (full: the tile's bytes
-// landed; empty: every consumer is done with it), so a K stage is refilled as soon as its
+// landed; empty: both consumers are done with it), so a K stage is refilled as soon as its
 // S = Q K^T is done and a V stage once its P V is.
 //
 // Each consumer overlaps its own work (intra-warpgroup pipelining): per tile t it issues
 // S_t = Q K_t^T and O += P_{t-1} V_{t-1} together, then makes tile t's softmax weights while
-// both products run, and converts them to P_t once O's product is done. The consumers take
-// turns on the tensor cores per issue (named barriers in a ring, as in the ping-pong kernel),
-// so their softmax runs during the others' products and the tensor cores always have a
-// queue. The producer gives its registers to the consumers (setmaxnreg).
+// both products run, and converts them to P_t once O's product is done. Between the two
+// consumers the tensor cores are handed over per issue (named barriers, as in the ping-pong
+// kernel), so one consumer's softmax runs during the other's products and the tensor cores
+// always have a queue. The producer gives its registers to the consumers (setmaxnreg).
 //
-// NC = 2 at both head dims. At d = 64 a tile's exp2 work on the special-function units takes
-// as long as its products on the tensor cores, which is why FlashAttention-3 runs three
-// consumers there (192 query rows a block); here NC = 3 fits its 160 registers per consumer
-// thread only with ~260 bytes of spills, and on an H100 it was slower with a causal mask
-// (0.80x at 1k, 0.94x at 4k, 0.98x at 16k) and 1.06x without (bench/results/h100_ops.md).
+// Two consumers at both head dims. At d = 64 a tile's exp2 work on the special-function units
+// takes as long as its products on the tensor cores, which is why FlashAttention-3 runs three
+// consumers there (192 query rows a block); three fit 160 registers per consumer thread only
+// with ~260 bytes of spills, and on an H100 they were slower with a causal mask (0.80x at 1k,
+// 0.94x at 4k, 0.98x at 16k) and 1.06x without (bench/results/h100_ops.md, built from
+// 159a9b4, where the consumer count was a template parameter).
 #pragma once
 #include "attention/fwd_wgmma.cuh"
 #include "attention/fwd_wgmma_pingpong.cuh"
@@ -23,22 +24,16 @@
 
 namespace mka::cuda {
 
-constexpr int kTmaStages = 3;
-// Threads, rows and register budgets per number of consumer warpgroups: setmaxnreg.inc waits
-// until the block's pool has the registers, so the producer's release must cover the
-// consumers' growth (or the consumers spin forever).
-template <int NC> struct TmaFwdShape {
-  static_assert(NC == 2 || NC == 3, "two or three consumer warpgroups");
-  static constexpr int kThreads = 128 * (NC + 1), kBlockM = 64 * NC;
-  static constexpr int kProducerRegs = NC == 2 ? 24 : 32, kConsumerRegs = NC == 2 ? 240 : 160;
-  static_assert(128 * kProducerRegs + NC * 128 * kConsumerRegs <= 65536 / kThreads / 8 * 8 * kThreads,
-                "the producer's registers must cover the consumers' setmaxnreg");
-};
-// The consumers a head dim runs with (see the top of this file).
-template <int D> constexpr int tma_fwd_consumers() { return 2; }
+constexpr int kTmaThreads = 384, kTmaStages = 3;
+constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+// setmaxnreg.inc waits until the block's pool has the registers: the producer's release must
+// cover the consumers' growth, or the consumers spin forever.
+static_assert(128 * kProducerRegs + 2 * 128 * kConsumerRegs <=
+                  65536 / kTmaThreads / 8 * 8 * kTmaThreads,
+              "the producer's registers must cover the consumers' setmaxnreg");
 
 struct FwdMaps {
-  CUtensorMap q, k, v;  // 64-column boxes of kBlockM (q) and BN (k, v) rows
+  CUtensorMap q, k, v;  // 64-column boxes of kWgBlockM (q) and BN (k, v) rows
 };
 
 // A stage of the K/V ring and the phase its barriers complete in on this lap.
@@ -50,19 +45,17 @@ struct Ring {
   }
 };
 
-template <int D, int BN, int NC> constexpr int tma_fwd_smem_bytes() {
+template <int D, int BN> constexpr int tma_fwd_smem_bytes() {
   // Q, K and V stages, mbarriers (Q; full and empty per stage of K and of V), alignment slack.
-  return (TmaFwdShape<NC>::kBlockM * D + kTmaStages * 2 * BN * D) * 2 + (1 + 4 * kTmaStages) * 8 +
-         1024;
+  return (kWgBlockM * D + kTmaStages * 2 * BN * D) * 2 + (1 + 4 * kTmaStages) * 8 + 1024;
 }
 
-template <class T, int D, int BN, int NC>
-__global__ void __launch_bounds__(TmaFwdShape<NC>::kThreads, 1)
+template <class T, int D, int BN>
+__global__ void __launch_bounds__(kTmaThreads, 1)
     attention_fwd_wgmma_tma(const __grid_constant__ FwdMaps maps, AttnParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace mma;
-  using Shape = TmaFwdShape<NC>;
-  constexpr int kBM = Shape::kBlockM, NT = BN / 8, S = kTmaStages;
+  constexpr int kBM = kWgBlockM, NT = BN / 8, S = kTmaStages;
   constexpr unsigned kTileBytes = BN * D * 2, kQBytes = kBM * D * 2;
   static_assert(D % 64 == 0 && BN % 64 == 0, "whole 128-byte panels");
   extern __shared__ unsigned char smem_raw[];
@@ -74,23 +67,23 @@ __global__ void __launch_bounds__(TmaFwdShape<NC>::kThreads, 1)
   uint64_t* vfull = kfull + S;    // [S]
   uint64_t* kempty = vfull + S;   // [S]
   uint64_t* vempty = kempty + S;  // [S]
-  const int wg = threadIdx.x / 128;  // 0: producer; 1 .. NC: consumers of rows [64 (wg-1), +64)
+  const int wg = threadIdx.x / 128;  // 0: producer; 1, 2: consumers of rows [64 (wg-1), +64)
   const int cw = max(wg - 1, 0);
-  const WgFwdBlock<BN, kBM> blk(p, cw);
+  const WgFwdBlock<BN> blk(p, cw);
   const int tiles = int(blk.n_end - blk.n_begin);
 
   if (threadIdx.x == 0) {
     mbar::init(qbar, 1);
     for (int st = 0; st < S; ++st) {
       mbar::init(kfull + st, 1), mbar::init(vfull + st, 1);
-      mbar::init(kempty + st, 4 * NC), mbar::init(vempty + st, 4 * NC);  // one per consumer warp
+      mbar::init(kempty + st, 8), mbar::init(vempty + st, 8);  // one arrival per consumer warp
     }
     mbar::fence_init();
   }
   __syncthreads();
 
   if (wg == 0) {  // producer
-    regs_down<Shape::kProducerRegs>();
+    regs_down<kProducerRegs>();
     if (threadIdx.x == 0) {
       tma::prefetch(maps.q), tma::prefetch(maps.k), tma::prefetch(maps.v);
       mbar::arrive_expect_tx(qbar, kQBytes);
@@ -109,7 +102,7 @@ __global__ void __launch_bounds__(TmaFwdShape<NC>::kThreads, 1)
     return;
   }
 
-  regs_up<Shape::kConsumerRegs>();
+  regs_up<kConsumerRegs>();
   // A warp is done with a stage once its wgmma.wait_group returned (warp-synchronous): its
   // first lane arrives for it.
   const bool arrives = threadIdx.x % 32 == 0;
@@ -120,14 +113,14 @@ __global__ void __launch_bounds__(TmaFwdShape<NC>::kThreads, 1)
   unsigned pa[BN / 16][4];
   float corr[2];
   mbar::wait(qbar, 0);
-  if (cw == NC - 1) turn_pass<NC>(cw);  // consumer 0 takes the first turn
+  if (cw == 1) turn_pass(cw);  // consumer 0 takes the first turn
   if (tiles > 0) {
     // Tile 0: its scores alone.
     Ring kr, vr;  // the stages (and phases) of tile t's K and of tile t - 1's V
     mbar::wait(kfull, 0);
     turn_wait(cw);
     rows.issue_scores(s, qw, kBM, ks);
-    turn_pass<NC>(cw);
+    turn_pass(cw);
     wgmma::wait<0>();
     wgmma::fence_regs(reinterpret_cast<float(&)[NT * 4]>(s));
     if (arrives) mbar::arrive(kempty);
@@ -141,7 +134,7 @@ __global__ void __launch_bounds__(TmaFwdShape<NC>::kThreads, 1)
       turn_wait(cw);
       rows.issue_scores(s, qw, kBM, ks + kr.st * BN * D);  // S_t
       rows.issue_pv(pa, vs + vr.st * BN * D);              // O += P_{t-1} V_{t-1}
-      turn_pass<NC>(cw);
+      turn_pass(cw);
       wgmma::wait<1>();  // S_t done (groups complete in order)
       wgmma::fence_regs(reinterpret_cast<float(&)[NT * 4]>(s));
       if (arrives) mbar::arrive(kempty + kr.st);
@@ -156,11 +149,11 @@ __global__ void __launch_bounds__(TmaFwdShape<NC>::kThreads, 1)
     mbar::wait(vfull + vr.st, vr.ph);
     turn_wait(cw);
     rows.issue_pv(pa, vs + vr.st * BN * D);
-    turn_pass<NC>(cw);
+    turn_pass(cw);
     wgmma::wait<0>();
     rows.fence_o();
   }
-  if (cw == 0) turn_wait(cw);  // the last consumer's last hand-over
+  if (cw == 0) turn_wait(cw);  // the other consumer's last hand-over
   rows.store(p, blk.b, blk.h, blk.row0);
 #else
   __trap();  // launched only where the binary has sm_90a code (see attention/launch.cu)

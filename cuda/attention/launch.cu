@@ -59,18 +59,16 @@ template <class Kernel> bool has_sm90a_image(Kernel k) {
 // The warp-specialised forward, where TMA can describe the views (16-byte strides, a driver
 // with the encoder); false: the caller takes the ping-pong kernel.
 template <class T, int D, int BN> bool fwd_wgmma_tma(const AttnParams& a, cudaStream_t s) {
-  constexpr int NC = tma_fwd_consumers<D>();
-  using Shape = TmaFwdShape<NC>;
   FwdMaps maps;
-  if (a.Tk < 1 || !rows_tensor_map(&maps.q, a.q, a.B, a.Tq, a.H, D, Shape::kBlockM) ||
+  if (a.Tk < 1 || !rows_tensor_map(&maps.q, a.q, a.B, a.Tq, a.H, D, kWgBlockM) ||
       !rows_tensor_map(&maps.k, a.k, a.B, a.Tk, a.G, D, BN) ||
       !rows_tensor_map(&maps.v, a.v, a.B, a.Tk, a.G, D, BN))
     return false;
-  constexpr int smem = tma_fwd_smem_bytes<D, BN, NC>();
-  auto kernel = attention_fwd_wgmma_tma<T, D, BN, NC>;
+  constexpr int smem = tma_fwd_smem_bytes<D, BN>();
+  auto kernel = attention_fwd_wgmma_tma<T, D, BN>;
   set_smem(kernel, smem);
-  const dim3 grid(unsigned(ceil_div(a.Tq, Shape::kBlockM)), unsigned(a.H), unsigned(a.B));
-  kernel<<<grid, Shape::kThreads, smem, s>>>(maps, a);
+  const dim3 grid(unsigned(ceil_div(a.Tq, kWgBlockM)), unsigned(a.H), unsigned(a.B));
+  kernel<<<grid, kTmaThreads, smem, s>>>(maps, a);
   check_launch("attention_fwd_wgmma_tma");
   return true;
 }
