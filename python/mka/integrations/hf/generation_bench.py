@@ -299,6 +299,24 @@ def build_gpt(s: Settings, name: str):
     return model.to(s.dtype).eval()
 
 
+def _interleaved(runs: dict, shapes: list[tuple[int, int]], s: Settings) -> list[dict]:
+    """One row per run and shape. ``runs``: (model kind, attention, cache) -> ``measure(batch,
+    prompt) -> row``. The host's speed drifts between rows (eager decoding is host-bound): each
+    shape's runs go ``s.rounds`` times, in alternating order so that every row sees the same
+    drift, and :func:`median_row` merges a row's rounds."""
+    rows = []
+    for batch, prompt in shapes:
+        done: dict[tuple, list[dict]] = {}
+        order = list(runs)
+        for r in range(s.rounds):
+            for name in (order if r % 2 == 0 else order[::-1]):
+                key = (*name, batch, prompt, s.new_tokens)
+                done.setdefault(key, []).append(
+                    _or_out_of_memory(key, lambda: runs[name](batch, prompt)))
+        rows += [median_row(done[key]) for key in done]
+    return rows
+
+
 def run(s: Settings) -> tuple[str, list[dict]]:
     """(what models ran, one row per model, attention, cache, batch and prompt length)."""
     import mka.integrations.hf  # noqa: F401  (registers "mka")
@@ -310,21 +328,13 @@ def run(s: Settings) -> tuple[str, list[dict]]:
         what.append(line)
         for attn, cache in hf_runs(s):  # warm-up: first calls, allocator, kernel choice
             measure(model, attn, cache, 1, min(s.prompts), 2, s.device, s.seed)
-        runs = [(attn, cache, graph) for attn, cache in hf_runs(s)
-                for graph in ((False, True) if s.gpt_graph and cache == "paged" else (False,))]
-        for batch, prompt in shapes:
-            # The host's speed drifts between rows (eager decoding is host-bound): in rounds of
-            # alternating order each row sees the same drift, and its medians are reported.
-            done: dict[tuple, list[dict]] = {}
-            for r in range(s.rounds):
-                for attn, cache, graph in (runs if r % 2 == 0 else runs[::-1]):
-                    key = ("hf", attn, CACHES[cache] + ("+graph" if graph else ""), batch,
-                           prompt, s.new_tokens)
-                    done.setdefault(key, []).append(_or_out_of_memory(key, lambda: measure(
-                        model, attn, cache, batch, prompt, s.new_tokens, s.device, s.seed,
-                        graph=graph)))
-            rows += [median_row(done[key]) for key in done]
-        del model
+        runs = {("hf", attn, CACHES[cache] + ("+graph" if graph else "")):
+                (lambda b, p, attn=attn, cache=cache, graph=graph: measure(
+                    model, attn, cache, b, p, s.new_tokens, s.device, s.seed, graph=graph))
+                for attn, cache in hf_runs(s)
+                for graph in ((False, True) if s.gpt_graph and cache == "paged" else (False,))}
+        rows += _interleaved(runs, shapes, s)
+        del model, runs
     models = {}
     for variant in s.gpt:
         model = models[variant] = build_gpt(s, variant)
@@ -333,22 +343,21 @@ def run(s: Settings) -> tuple[str, list[dict]]:
                     f"{params / 1e6:.1f}M parameters, {s.dtype}, {s.device}")
         measure_gpt(model, 1, min(min(s.prompts), model.config.block_size - 2), 2, s.device,
                     s.seed)
-    runs = [(variant, graph) for variant in s.gpt  # the torch backend: no graph
-            for graph in ((False, True) if s.gpt_graph and gpt_variant(variant)[1] == "mka"
-                          else (False,))]
-    for batch, prompt in shapes:
-        done = {}  # as for the Hugging Face rows: rounds in alternating order, medians
-        for r in range(s.rounds):
-            for variant, graph in (runs if r % 2 == 0 else runs[::-1]):
-                model, block = models[variant], models[variant].config.block_size
-                key = ("gpt", variant, "PagedKVCache" + ("+graph" if graph else ""), batch,
-                       prompt, s.new_tokens)
-                if prompt + s.new_tokens > block:
-                    done[key] = [_row(*key, error=f"prompt + new tokens exceed block_size {block}")]
-                    continue
-                done.setdefault(key, []).append(_or_out_of_memory(key, lambda: measure_gpt(
-                    model, batch, prompt, s.new_tokens, s.device, s.seed, graph=graph)))
-        rows += [median_row(done[key]) for key in done]
+
+    def gpt_row(variant: str, graph: bool):
+        model, block = models[variant], models[variant].config.block_size
+        key = ("gpt", variant, "PagedKVCache" + ("+graph" if graph else ""))
+
+        def row(b: int, p: int) -> dict:
+            if p + s.new_tokens > block:
+                return _row(*key, b, p, s.new_tokens,
+                            error=f"prompt + new tokens exceed block_size {block}")
+            return measure_gpt(model, b, p, s.new_tokens, s.device, s.seed, graph=graph)
+        return key, row
+    rows += _interleaved(dict(gpt_row(variant, graph) for variant in s.gpt  # torch backend: no graph
+                              for graph in ((False, True) if s.gpt_graph
+                                            and gpt_variant(variant)[1] == "mka" else (False,))),
+                         shapes, s)
     del models
     return "\n".join(what), rows
 
