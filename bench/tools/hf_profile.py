@@ -125,27 +125,26 @@ def sync_site(model, run, tok):
         hooks.append(m.register_forward_hook(
             lambda mod, args, out, name=name: stamps.append((time.perf_counter(), "exit " + name))))
     sites = []
-    shown = warnings.showwarning
 
     def note(message, *args, **kwargs):
+        if "synchroniz" not in str(message) or "prototype" in str(message):
+            return  # the debug mode's own notice, or another warning
         frames = [f for f in traceback.extract_stack()[:-1]
                   if "/torch/" not in f.filename and "warnings" not in f.filename]
         sites.append(f"{str(message)[:60]} at " + " <- ".join(
             f"{f.filename.split('/')[-1]}:{f.lineno} {f.name}" for f in frames[-3:]))
     torch.cuda.synchronize()
     torch.cuda._sleep(int(SLEEP_MS * 1e3 * 1980))
-    warnings.showwarning = note
-    torch.cuda.set_sync_debug_mode("warn")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # restores showwarning on leaving
             warnings.simplefilter("always")
             warnings.showwarning = note
+            torch.cuda.set_sync_debug_mode("warn")
             stamps[0] = (time.perf_counter(), "start")
             tok = run(tok)
             stamps.append((time.perf_counter(), "end"))
     finally:
         torch.cuda.set_sync_debug_mode(0)
-        warnings.showwarning = shown
         for h in hooks:
             h.remove()
     torch.cuda.synchronize()
