@@ -7,7 +7,7 @@ import torch
 
 from mka.models import GPT, GPTConfig
 
-# test id -> (attention, n_kv_head, attn_options)
+# test id -> (attention, n_kv_head, attn_options[, other GPTConfig fields])
 VARIANTS = {
     "mha": ("mha", None, {}),
     "mqa": ("mqa", None, {}),
@@ -18,14 +18,23 @@ VARIANTS = {
     "mka-l3-window": ("mka", None, {"levels": 3, "window": 6, "memory_slots": 4}),
     "fastmka": ("fastmka", 2, {}),
     "fastmka-l3": ("fastmka", None, {"levels": 3, "memory_slots": 4}),
+    # rotary positions instead of the table (a small base: angles that differ at these
+    # lengths), keys that read the previous token
+    "gqa-rope": ("gqa", 2, {}, {"rope": 100.0}),
+    "mha-shift": ("mha", None, {}, {"key_shift": True}),
+    "mka-rope-shift-window": ("mka", 2, {"window": 6}, {"rope": 100.0, "key_shift": True}),
+    "mka-rope-shift-recall": ("mka", None, {"levels": 3, "window": 4, "recall_chunk": 2,
+                                            "recall_top": 2}, {"rope": 100.0, "key_shift": True}),
+    "fastmka-rope-shift": ("fastmka", None, {"levels": 3, "memory_slots": 4},
+                           {"rope": 100.0, "key_shift": True}),
 }
 
 
 def tiny_config(variant: str, backend: str = "mka", **overrides) -> GPTConfig:
-    attention, n_kv_head, options = VARIANTS[variant]
+    attention, n_kv_head, options, *more = VARIANTS[variant]
     fields = dict(n_layer=2, n_embd=32, n_head=4, n_kv_head=n_kv_head, block_size=24,
                   vocab_size=19, attention=attention, attn_backend=backend,
-                  attn_options=dict(options))
+                  attn_options=dict(options), **(more[0] if more else {}))
     fields.update(overrides)
     return GPTConfig(**fields)
 

@@ -22,13 +22,19 @@ def test_cuda_autocast_train_step_decode_and_generate(variant):
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in m.parameters())
     m.eval()
+    for dtype in (torch.float32, torch.bfloat16):
+        with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            full, _ = m(idx)
+            caches = m.new_caches(4)
+            steps = [m(idx[:, :12], caches=caches)[0]] + [m(idx[:, t:t + 1], caches=caches)[0]
+                                                          for t in range(12, 20)]
+        # Recall picks chunks by the signs of bf16 keys that a prompt pass and a decode step
+        # round differently: a near tie may flip a choice (float32 decodes exactly: checked
+        # first), so bf16 gets twice the tolerance where level 3 is recall (seen: up to 1.4e-2).
+        tol = TOL[dtype] * (2 if dtype == torch.bfloat16 and "recall" in variant else 1)
+        assert rel_err(torch.cat(steps, 1), full) < tol
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        full, _ = m(idx)
-        caches = m.new_caches(4)
-        steps = [m(idx[:, :12], caches=caches)[0]] + [m(idx[:, t:t + 1], caches=caches)[0]
-                                                      for t in range(12, 20)]
         out = m.generate(idx[:, :5], 30, temperature=0.8, top_k=5)  # past block_size 24
-    assert rel_err(torch.cat(steps, 1), full) < TOL[torch.bfloat16]
     assert out.shape == (4, 35) and out.max() < m.config.vocab_size
 
 

@@ -34,7 +34,9 @@ class LayerSpec:
     ``recall_chunk`` the SimHash signatures of its whole chunks (level 3 by recall, SPEC §7.2),
     with ``summary_stride`` the EMA keys/values at every chunk end (level 2 over summaries,
     SPEC §7.3). ``window``: the L1 window of a layer whose pages are read only within it and by
-    recall — what lets the DRAM tier move older pages to host memory (:mod:`.host_tier`)."""
+    recall — what lets the DRAM tier move older pages to host memory (:mod:`.host_tier`).
+    ``shift_dim``: the width of the last token's hidden state kept per sequence (the key shift
+    of :class:`~mka.nn.base.QKVAttention`), in the state dtype."""
 
     kv_heads: int
     key_dim: int
@@ -45,6 +47,7 @@ class LayerSpec:
     recall_bits: int = 0   # signs per signature
     summary_stride: int = 0  # > 0: the EMA keys/values at positions s - 1, 2s - 1, ...
     window: Optional[int] = None
+    shift_dim: int = 0
 
     @property
     def spillable(self) -> bool:
@@ -62,8 +65,16 @@ class LayerSpec:
             pages += 2 * self.kv_heads * self.key_dim * state_dtype(dtype).itemsize
         return pages
 
-    def state_bytes(self, dtype: torch.dtype) -> int:
-        return len(self.states) * self.kv_heads * self.key_dim * state_dtype(dtype).itemsize
+    def state_bytes(self, dtype: torch.dtype, max_tokens: int = 0) -> int:
+        """Per-sequence bytes beside the pages: the running states, and for a sequence of up
+        to ``max_tokens`` tokens the chunk signatures (int8, one per bit) and summaries."""
+        G, d = self.kv_heads, self.key_dim
+        n = (len(self.states) * G * d + self.shift_dim) * state_dtype(dtype).itemsize
+        if self.recall_chunk:
+            n += math.ceil(max_tokens / self.recall_chunk) * G * self.recall_bits
+        if self.summary_stride:
+            n += 2 * math.ceil(max_tokens / self.summary_stride) * G * d * dtype.itemsize
+        return n
 
 
 class PageStep(NamedTuple):
@@ -402,6 +413,9 @@ class LayerCache:
             self.v_page_states = torch.zeros((P, G, dk), device=dev, dtype=sdt)
         self.states = {n: torch.zeros((parent.batch_size, G, dk), device=dev, dtype=sdt)
                        for n in spec.states}
+        if spec.shift_dim:
+            self.states["shift"] = torch.zeros((parent.batch_size, spec.shift_dim), device=dev,
+                                               dtype=sdt)
         if spec.recall_chunk:  # one sign per bit: computed once, when a chunk completes
             chunks = math.ceil(parent.max_tokens / spec.recall_chunk)
             self.states["chunk_signs"] = torch.zeros(

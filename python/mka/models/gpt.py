@@ -1,6 +1,7 @@
 """A GPT-style language model (nanoGPT's shape) whose attention is any ``mka.nn`` variant.
 
-Pre-LayerNorm blocks, learned absolute positions, tied input/output embeddings. With
+Pre-LayerNorm blocks, learned absolute positions (or rotary ones: ``GPTConfig.rope``), tied
+input/output embeddings. With
 ``caches`` from :meth:`GPT.new_caches`, ``forward`` continues a sequence: ``generate``
 prefills the prompt once and then feeds one token at a time.
 """
@@ -30,7 +31,10 @@ class GPTConfig:
     "mka", "fastmka"); ``attn_backend`` "mka" (native ops) or "torch" (SDPA); ``attn_options``
     the variant's own options (``mka.nn.attention_options(name)`` lists them: MLA ranks and
     dims, MKA/FastMKA ``levels``, ``beta``, ``window``, ...). ``n_kv_head`` None means
-    ``n_head`` (1 for "mqa"). Validated on construction."""
+    ``n_head`` (1 for "mqa"). ``rope`` None: a learned position table (nanoGPT's); a base
+    (e.g. 10000.0): no table, every layer rotates its queries and keys (RoPE; MLA rotates its
+    decoupled dims in either case). ``key_shift``: keys also read the previous token
+    (``mka.nn.base.QKVAttention``; not MLA). Validated on construction."""
 
     n_layer: int = 12
     n_embd: int = 768
@@ -43,6 +47,8 @@ class GPTConfig:
     attention: str = "mha"
     attn_backend: str = "mka"
     attn_options: dict = field(default_factory=dict)
+    rope: Optional[float] = None
+    key_shift: bool = False
 
     def __post_init__(self):
         for name in ("n_layer", "n_embd", "n_head", "block_size", "vocab_size"):
@@ -108,7 +114,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.rope is None else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
@@ -139,16 +145,10 @@ class GPT(nn.Module):
         the cached sequences, each from its own length. ``memory``: per-layer level-3 memory
         ``(mem_k, mem_v)`` or None, for MKA/FastMKA with ``levels=3``."""
         B, T = self._check_forward(idx, caches, memory)
-        pos = torch.arange(T, device=idx.device)
-        if caches is not None:
-            starts = caches[0].positions
-            if isinstance(starts, Tensor):  # a static cache: positions on the device
-                pos = starts.to(torch.long)[:, None] + pos
-            elif len(set(starts)) == 1:
-                pos = pos + starts[0]
-            else:  # sequences of different lengths: positions per sequence
-                pos = torch.tensor(starts, device=idx.device)[:, None] + pos
-        x = self.drop(self.wte(idx) + self.wpe(pos))
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(self._positions(T, idx.device, caches))
+        x = self.drop(x)
         if self.training or torch.is_grad_enabled() or not self._norms_plain():
             for i, block in enumerate(self.blocks):
                 x = block(x, None if caches is None else caches[i],
@@ -164,6 +164,20 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.reshape(B * T, -1), targets.reshape(B * T),
                                    ignore_index=-1)
         return logits, loss
+
+    @staticmethod
+    def _positions(T: int, device: torch.device, caches) -> Tensor:
+        """The position table's rows of this forward's tokens: from 0, or after each
+        sequence's cached tokens."""
+        pos = torch.arange(T, device=device)
+        if caches is None:
+            return pos
+        starts = caches[0].positions
+        if isinstance(starts, Tensor):  # a static cache: positions on the device
+            return starts.to(torch.long)[:, None] + pos
+        if len(set(starts)) == 1:
+            return pos + starts[0]
+        return torch.tensor(starts, device=device)[:, None] + pos  # per sequence
 
     def _norms_plain(self) -> bool:
         """The fused path reads the LayerNorms' parameters: only where each is a plain
@@ -307,12 +321,14 @@ class GPT(nn.Module):
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameters (tied embeddings counted once); without the position table by default."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.wpe.weight.numel() if non_embedding else n
+        return n - self.wpe.weight.numel() if non_embedding and self.wpe is not None else n
 
     def kv_cache_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> int:
         """KV-cache bytes one more token adds, summed over layers, per sequence."""
         return sum(b.attn.cache_bytes_per_token(dtype) for b in self.blocks)
 
     def kv_cache_state_bytes(self, dtype: torch.dtype = torch.bfloat16) -> int:
-        """Fixed per-sequence cache bytes (EMA states), summed over layers."""
-        return sum(b.attn.cache_state_bytes(dtype) for b in self.blocks)
+        """Per-sequence cache bytes beside the pages, summed over layers: EMA states, and the
+        chunk signatures or summaries of a sequence of ``block_size`` tokens (what
+        :meth:`new_caches` holds)."""
+        return sum(b.attn.cache_state_bytes(dtype, self.config.block_size) for b in self.blocks)

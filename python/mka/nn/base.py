@@ -6,12 +6,14 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._validate import attention_takes
 from ..layers import apply_linear
 from ..memory.cache import LayerCache, LayerSpec, PagedKVCache
 from .backends import get_ops
+from .rope import rope_tables, rotate
 
 Memory = Optional[tuple[Tensor, Tensor]]
 
@@ -33,8 +35,9 @@ class CausalSelfAttention(nn.Module):
     The cache is paged (SPEC §7.1): :meth:`cache_spec` says what a layer keeps per token,
     per page and per sequence; :meth:`new_cache` makes a one-layer cache of it (a model makes
     one :class:`~mka.memory.PagedKVCache` for all its layers). :meth:`cache_bytes_per_token`
-    is what a token adds per sequence (keys and values); :meth:`cache_state_bytes` the fixed
-    per-sequence part (EMA states; 0 for most).
+    is what a token adds per sequence (keys and values); :meth:`cache_state_bytes` the
+    per-sequence part beside the pages (EMA states; with recall or summaries also their
+    signatures or summaries for ``max_tokens``; 0 for most).
     """
 
     accepts_memory = False
@@ -80,8 +83,8 @@ class CausalSelfAttention(nn.Module):
     def cache_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> int:
         return self.cache_spec().bytes_per_token(dtype)
 
-    def cache_state_bytes(self, dtype: torch.dtype = torch.bfloat16) -> int:
-        return self.cache_spec().state_bytes(dtype)
+    def cache_state_bytes(self, dtype: torch.dtype = torch.bfloat16, max_tokens: int = 0) -> int:
+        return self.cache_spec().state_bytes(dtype, max_tokens)
 
     def _check_input(self, x: Tensor, cache: Optional[LayerCache], memory: Memory) -> None:
         if x.dim() != 3 or x.shape[-1] != self.n_embd:
@@ -100,21 +103,41 @@ class CausalSelfAttention(nn.Module):
 
 class QKVAttention(CausalSelfAttention):
     """A fused q/k/v projection to ``H`` query heads and ``G`` key/value heads of width
-    ``d = D / H``, and the output projection back to ``D``."""
+    ``d = D / H``, and the output projection back to ``D``.
+
+    ``rope``: None, or the base of a rotary position embedding applied to every query and key
+    at its position (the cache's length before it, in cached steps) — the model then needs no
+    position table. ``key_shift``: each key also reads the previous token,
+    ``k_t = W_k (x_t + s * x_{t-1})`` with a learned per-channel ``s`` (a token shift, as in
+    RWKV, or a short convolution of width 2): one attention layer can then match a query
+    against the token *before* each key — the induction step of associative recall, which
+    otherwise takes a second layer. A cache keeps the last token's ``x`` per sequence.
+    Keys are cached as attended to (rotated, shifted): level 2's EMA and recall's chunk
+    signatures read them so."""
 
     def __init__(self, n_embd: int, n_head: int, n_kv_head: Optional[int] = None, *,
                  bias: bool = True, dropout: float = 0.0, backend: str = "mka",
-                 window: Optional[int] = None):
+                 window: Optional[int] = None, rope: Optional[float] = None,
+                 key_shift: bool = False):
         super().__init__(n_embd, n_head, bias=bias, dropout=dropout, backend=backend,
                          window=window)
         n_kv_head = n_head if n_kv_head is None else n_kv_head
         _positive_int(n_kv_head, "n_kv_head")
         if n_head % n_kv_head != 0:
             raise ValueError(f"n_kv_head: must divide n_head = {n_head}, got {n_kv_head}")
-        self.n_kv_head = n_kv_head
+        if rope is not None:
+            if isinstance(rope, bool) or not isinstance(rope, (int, float)) or not rope > 1:
+                raise ValueError(f"rope: the rotary base must be a number > 1 (or None), got {rope!r}")
+            if self.head_dim % 2:
+                raise ValueError(f"rope: rotates pairs of dims, needs an even head dim, got {self.head_dim}")
+        if not isinstance(key_shift, bool):
+            raise ValueError(f"key_shift: expected True or False, got {key_shift!r}")
+        self.n_kv_head, self.rope = n_kv_head, None if rope is None else float(rope)
         d = self.head_dim
         self.qkv = nn.Linear(n_embd, (n_head + 2 * n_kv_head) * d, bias=bias)
         self.proj = nn.Linear(n_head * d, n_embd, bias=bias)
+        # s of the key shift: 0.5 at the start, so keys read both tokens from the first step
+        self.shift_mix = nn.Parameter(torch.full((n_embd,), 0.5)) if key_shift else None
 
     def _linear(self, layer: nn.Linear, x: Tensor) -> Tensor:
         """``layer(x)``; in inference on the native backend, :func:`mka.layers.apply_linear`
@@ -124,17 +147,49 @@ class QKVAttention(CausalSelfAttention):
             return apply_linear(layer, x)
         return layer(x)
 
-    def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``q: (B, T, H, d)``, ``k, v: (B, T, G, d)`` (views of one matmul's output)."""
+    def _split(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``q: (B, T, H, d)``, ``k, v: (B, T, G, d)``: views of one matmul's output."""
         B, T, _ = x.shape
         H, G, d = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self._linear(self.qkv, x).split((H * d, G * d, G * d), dim=-1)
         return q.view(B, T, H, d), k.view(B, T, G, d), v.view(B, T, G, d)
 
+    def _project(self, x: Tensor,
+                 cache: Optional[LayerCache] = None) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`_split`, with the key shift added and ``q, k`` rotated at their positions
+        (from 0, or after the cached tokens) where the module has them."""
+        q, k, v = self._split(x)
+        if self.shift_mix is not None:
+            k = k + self._shifted_keys(x, k, cache)
+        if self.rope is None:
+            return q, k, v
+        fdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        tables = rope_tables(0 if cache is None else cache.positions, q.shape[1],
+                             self.head_dim, self.rope, q.device, fdt)
+        return rotate(q, *tables), rotate(k, *tables), v
+
+    def _shifted_keys(self, x: Tensor, k: Tensor, cache: Optional[LayerCache]) -> Tensor:
+        """``W_k (s * x_{t-1})`` as ``(B, T, G, d)``; ``x_{-1}`` is zeros, or a cache's last
+        token, which this step's last token then replaces."""
+        B, T, D = x.shape
+        if cache is None:
+            prev = x.new_zeros(B, 1, D)
+        else:
+            cache.check("k", k)  # before the state moves: a step refused leaves it as it was
+            prev = cache.states["shift"][:, None].to(x.dtype)
+        before = torch.cat((prev, x[:, :-1]), 1)
+        H, G, d = self.n_head, self.n_kv_head, self.head_dim
+        w_k = self.qkv.weight[H * d:(H + G) * d]
+        shifted = F.linear(self.shift_mix.to(x.dtype) * before, w_k)
+        if cache is not None and T:
+            cache.update_states(shift=x[:, -1])
+        return shifted.view(B, T, G, d)
+
     def project_memory(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """Level-3 memory from hidden states ``h: (B, M, D)`` (e.g. recalled chunks of older
-        context): this layer's key/value projections, ``(mem_k, mem_v): (B, M, G, d)``."""
-        _, k, v = self._project(h)
+        context): this layer's key/value projections, ``(mem_k, mem_v): (B, M, G, d)``. Memory
+        has no order: its keys are neither rotated nor shifted."""
+        _, k, v = self._split(h)
         return k, v
 
     def _output(self, y: Tensor) -> Tensor:
@@ -143,7 +198,12 @@ class QKVAttention(CausalSelfAttention):
 
     def cache_spec(self) -> LayerSpec:
         """Keys and values of every key/value head."""
-        return LayerSpec(self.n_kv_head, self.head_dim, self.head_dim)
+        return LayerSpec(self.n_kv_head, self.head_dim, self.head_dim, shift_dim=self._shift_dim)
+
+    @property
+    def _shift_dim(self) -> int:
+        """The width of the last token's ``x`` a cache keeps for the key shift (0: none)."""
+        return self.n_embd if self.shift_mix is not None else 0
 
     def _attention_takes(self, q: Tensor) -> bool:
         """Whether this backend's attention ops take ``q`` (the native ones: not every head

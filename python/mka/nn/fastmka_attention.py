@@ -31,7 +31,7 @@ class FastMKAAttention(RoutedAttention):
                 memory: Memory = None) -> Tensor:
         self._check_input(x, cache, memory)
         self._check_recall(cache, memory)
-        q, k, v = self._project(x)
+        q, k, v = self._project(x, cache)
         lam = self.router(q)
         k3, v3 = self._level3(k, v, memory)
         if cache is None:  # the fused op: fused keys never written to memory
@@ -60,4 +60,5 @@ class FastMKAAttention(RoutedAttention):
         return k3, v3
 
     def cache_spec(self) -> LayerSpec:
-        return LayerSpec(self.n_kv_head, self.head_dim, self.head_dim, states=("k", "v"))
+        return LayerSpec(self.n_kv_head, self.head_dim, self.head_dim, states=("k", "v"),
+                         shift_dim=self._shift_dim)

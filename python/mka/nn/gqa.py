@@ -18,7 +18,7 @@ class GroupedQueryAttention(QKVAttention):
     def forward(self, x: Tensor, cache: Optional[LayerCache] = None,
                 memory: Memory = None) -> Tensor:
         self._check_input(x, cache, memory)
-        q, k, v = self._project(x)
+        q, k, v = self._project(x, cache)
         if cache is not None:
             return self._output(self._attend_cached(q, k, v, cache))
         return self._output(self.ops.attention(q, k, v, causal=True, window=self.window,

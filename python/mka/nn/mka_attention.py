@@ -47,7 +47,7 @@ class MKAAttention(RoutedAttention):
                 memory: Memory = None) -> Tensor:
         self._check_input(x, cache, memory)
         self._check_recall(cache, memory)
-        q, k, v = self._project(x)
+        q, k, v = self._project(x, cache)
         lam = self.router(q)
         if self.ema_stride > 1:
             return self._output(self._forward_summaries(q, k, v, lam, cache, memory))
@@ -147,4 +147,4 @@ class MKAAttention(RoutedAttention):
                          states=("k", "v"),
                          recall_chunk=self.recall.chunk if self.recall is not None else 0,
                          recall_bits=self.recall.planes.shape[0] if self.recall is not None else 0,
-                         summary_stride=stride, window=self.window)
+                         summary_stride=stride, window=self.window, shift_dim=self._shift_dim)

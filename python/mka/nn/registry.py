@@ -22,18 +22,25 @@ ATTENTION_REGISTRY: dict[str, type[CausalSelfAttention]] = {
 }
 
 # Taken from the config's own fields, not from attn_options.
-_FROM_CONFIG = ("n_embd", "n_head", "n_kv_head", "bias", "dropout", "backend")
+_FROM_CONFIG = ("n_embd", "n_head", "n_kv_head", "bias", "dropout", "backend", "rope",
+                "key_shift")
 
 
 def attention_options(name: str) -> tuple[str, ...]:
     """The ``attn_options`` keys the variant ``name`` accepts."""
+    return tuple(p for p in _parameters(_variant(name))
+                 if p not in ("self", "kwargs", *_FROM_CONFIG))
+
+
+def _parameters(cls: type) -> list[str]:
+    """The constructor's parameters, with those a ``**kwargs`` passes up to a base class."""
     names: list[str] = []
-    for cls in _variant(name).__mro__:  # a constructor taking **kwargs passes them up
-        params = inspect.signature(cls.__init__).parameters
+    for c in cls.__mro__:
+        params = inspect.signature(c.__init__).parameters
         names += [p for p in params if p not in names]
         if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
             break
-    return tuple(p for p in names if p not in ("self", "kwargs", *_FROM_CONFIG))
+    return names
 
 
 def _variant(name: str) -> type[CausalSelfAttention]:
@@ -46,7 +53,10 @@ def _variant(name: str) -> type[CausalSelfAttention]:
 def build_attention(config) -> CausalSelfAttention:
     """The attention module ``config`` asks for. ``config`` has ``attention`` (a registry
     name), ``n_embd, n_head, n_kv_head, bias, dropout, attn_backend`` and ``attn_options``
-    (a dict of the variant's own options, see :func:`attention_options`)."""
+    (a dict of the variant's own options, see :func:`attention_options`); the optional
+    ``rope`` (the model's rotary base, None: a position table) and ``key_shift`` go to the
+    variants with plain key heads (not MLA: it rotates its decoupled dims always, by its own
+    ``rope_theta``, next to the model's position table)."""
     cls = _variant(config.attention)
     options = dict(config.attn_options or {})
     allowed = attention_options(config.attention)
@@ -54,6 +64,12 @@ def build_attention(config) -> CausalSelfAttention:
     if unknown:
         raise ValueError(f"attn_options: {unknown} not options of attention "
                          f"{config.attention!r} (allowed: {list(allowed)})")
+    for name in ("rope", "key_shift"):
+        value = getattr(config, name, None)
+        if value not in (None, False):
+            if name not in _parameters(cls):
+                raise ValueError(f"{name}: attention {config.attention!r} does not take it")
+            options[name] = value
     return cls(config.n_embd, config.n_head, config.n_kv_head, bias=config.bias,
                dropout=config.dropout, backend=config.attn_backend, **options)
 

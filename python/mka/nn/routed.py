@@ -5,10 +5,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor
 
-from ..reference import state_dtype
 from .base import Memory, QKVAttention
 from ..memory.recall import Recall
 from .long_term_memory import LongTermMemory
@@ -30,9 +28,10 @@ class RoutedAttention(QKVAttention):
                  levels: int = 2, beta: float = 0.9, router_hidden: int = 64,
                  memory_slots: int = 16, recall_chunk: int = 0, recall_top: int = 4,
                  recall_tables: int = 4, recall_bits: int = 16, bias: bool = True,
-                 dropout: float = 0.0, backend: str = "mka", window: Optional[int] = None):
+                 dropout: float = 0.0, backend: str = "mka", window: Optional[int] = None,
+                 rope: Optional[float] = None, key_shift: bool = False):
         super().__init__(n_embd, n_head, n_kv_head, bias=bias, dropout=dropout,
-                         backend=backend, window=window)
+                         backend=backend, window=window, rope=rope, key_shift=key_shift)
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
             raise ValueError(f"beta: the EMA decay must be a float in [0, 1), got {beta!r}")
         self.levels, self.beta = levels, float(beta)
@@ -64,11 +63,3 @@ class RoutedAttention(QKVAttention):
             return None, None
         mem_k, mem_v = self.long_term(like.shape[0], recalled)
         return mem_k.to(like.dtype), mem_v.to(like.dtype)
-
-    def _zero_states(self, batch_size: int, device, dtype: torch.dtype) -> Tensor:
-        return torch.zeros(batch_size, self.n_kv_head, self.head_dim, device=device,
-                           dtype=state_dtype(dtype))
-
-    def _state_bytes(self, dtype: torch.dtype) -> int:
-        """One EMA state, ``(G, d)`` in the state dtype, per sequence."""
-        return self.n_kv_head * self.head_dim * state_dtype(dtype).itemsize

@@ -20,7 +20,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 # GPT settings that an HF model takes from its own config instead.
 GPT_ONLY = ("attention", "num_kv_heads", "model", "n_layer", "n_head", "n_embd", "dropout", "bias",
-            "attn_options")
+            "rope", "key_shift", "attn_options")
 
 
 def _flag(name: str) -> str:

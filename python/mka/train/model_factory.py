@@ -25,7 +25,7 @@ def gpt_config(settings: Settings, variant: str, vocab_size: int, attn_backend: 
     try:
         return GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_kv_head=kv_heads(settings, variant, n_head),
                          block_size=settings.seq_len, vocab_size=vocab_size, dropout=settings.dropout,
-                         bias=settings.bias, attention=variant, attn_backend=attn_backend,
+                         bias=settings.bias, rope=settings.rope, key_shift=settings.key_shift, attention=variant, attn_backend=attn_backend,
                          attn_options=dict(settings.attn_options.get(variant, {})))
     except (TypeError, ValueError) as e:  # the model validates its own config
         raise ConfigError(f"model config for --attention {variant}: {e}") from e

@@ -64,6 +64,10 @@ OPTIONS = [
     Option("n_embd", int, None, "model width (overrides --model)", check=_pos, check_msg="must be > 0"),
     Option("dropout", float, 0.0, "dropout probability (nanoGPT's: attention weights and outputs, MLP)", check=lambda x: 0 <= x < 1, check_msg="must be in [0, 1)"),
     Option("bias", bool, True, "biases in linear layers and layer norms"),
+    Option("rope", float, None, "rotary position embedding with this base (e.g. 10000) in every layer, "
+           "instead of the learned position table", check=lambda x: x > 1, check_msg="must be > 1"),
+    Option("key_shift", bool, False, "keys also read the previous token (k = W_k (x_t + s x_{t-1}), s learned): "
+           "one attention layer then does associative recall's induction step"),
     Option("attn_backend", str, "auto", "attention kernels: the library's ops or PyTorch/SDPA; auto: "
            "the library's on CPU, and on CUDA where the head size has kernels and a probe call "
            "matches the float64 reference",
