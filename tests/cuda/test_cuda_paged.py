@@ -108,35 +108,6 @@ def test_equals_the_torch_path_and_takes_strided_queries():
     assert rel_err(out, paged_attention(qv.contiguous(), *args[1:], window=300)) == 0
 
 
-def test_the_torch_path_runs_sdpa_without_cudnn_and_restores_the_flag(monkeypatch):
-    """The PyTorch path calls SDPA with cuDNN's attention ruled out (its per-call host cost)
-    and leaves the backend flag as it found it, also when SDPA raises."""
-    q, kp, vp, bt, n, _, _ = _case((300,), 16, 4, 2, 64, 64, 1, seed=4)
-    args = [_cuda(t, torch.bfloat16) for t in (q, kp, vp, bt, n)]
-    sdpa, seen = TP.F.scaled_dot_product_attention, []
-
-    def watched(*a, **kw):
-        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
-        return sdpa(*a, **kw)
-    monkeypatch.setattr(TP.F, "scaled_dot_product_attention", watched)
-    before = torch.backends.cuda.cudnn_sdp_enabled()
-    try:
-        for enabled in (True, False):
-            torch.backends.cuda.enable_cudnn_sdp(enabled)
-            TP.paged_attention(*args)
-            assert seen.pop() is False and torch.backends.cuda.cudnn_sdp_enabled() is enabled
-
-        def boom(*a, **kw):
-            raise RuntimeError("boom")
-        monkeypatch.setattr(TP.F, "scaled_dot_product_attention", boom)
-        torch.backends.cuda.enable_cudnn_sdp(True)
-        with pytest.raises(RuntimeError, match="boom"):
-            TP.paged_attention(*args)
-        assert torch.backends.cuda.cudnn_sdp_enabled() is True
-    finally:
-        torch.backends.cuda.enable_cudnn_sdp(before)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("S", [1, 16, 64])
 def test_prefill_then_decode_equals_the_contiguous_reference(dtype, S):

@@ -276,21 +276,10 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, masks: tuple[Tensor, Tensor],
     if k.shape[1] == 0:
         return q.new_zeros((B, Tq, H, v.shape[-1]))
     mask, blind = masks
-    args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    kw = dict(attn_mask=mask, scale=scale, enable_gqa=k.shape[2] != H)
-    if q.is_cuda and not torch.compiler.is_compiling() and torch.backends.cuda.cudnn_sdp_enabled():
-        # With a mask PyTorch picks cuDNN's attention first on Hopper, whose per-call host
-        # cost (~60 us on an H100 host, a GPT-2-small decode step's 12 calls: 0.75 ms) is
-        # several times the memory-efficient kernel's, which takes masks too. The flag, not
-        # torch.nn.attention.sdpa_kernel: the context manager costs ~10x the toggle.
-        torch.backends.cuda.enable_cudnn_sdp(False)
-        try:
-            out = F.scaled_dot_product_attention(*args, **kw)
-        finally:
-            torch.backends.cuda.enable_cudnn_sdp(True)
-    else:
-        out = F.scaled_dot_product_attention(*args, **kw)
-    return out.transpose(1, 2).masked_fill(blind, 0.0)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask, scale=scale,
+                                         enable_gqa=k.shape[2] != H).transpose(1, 2)
+    return out.masked_fill(blind, 0.0)
 
 
 def paged_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor,
