@@ -2,11 +2,13 @@
 all selectors reach 1 when the budget covers every eligible chunk, Quest's bound is an upper
 bound of the chunk's scores, and a planted chunk is found."""
 
+import math
+
 import pytest
 import torch
 
 from mka.memory.recall import simhash_planes
-from mka.memory.recall_quality import _quest_bound, recall_quality
+from mka.memory.recall_quality import _moments, _quest_bound, recall_quality
 
 
 def test_oracle_is_the_ceiling_and_a_full_budget_captures_everything():
@@ -15,7 +17,7 @@ def test_oracle_is_the_ceiling_and_a_full_budget_captures_everything():
     got = recall_quality(q, k, chunk=8, window=16, budgets=[0.05, 0.2, 1.0],
                          planes=simhash_planes(16))
     for f in (0.05, 0.2):
-        for name in ("simhash", "mean", "quest"):
+        for name in ("simhash", "mean", "moments", "quest"):
             assert got["oracle"][f] >= got[name][f] - 1e-9
         assert 0 < got["simhash"][f] <= 1
     for name in got:
@@ -39,8 +41,30 @@ def test_a_planted_chunk_is_recalled():
     k[0, 64:72, 0] = direction * 3 + torch.randn(8, d) * 0.1
     q = (direction * 2 + torch.randn(1, 100, 2, d) * 0.1)  # the last 100 rows: all see it
     got = recall_quality(q, k, chunk=8, window=32, budgets=[8 / 256], planes=simhash_planes(d))
-    for name in ("simhash", "mean", "quest", "oracle"):
+    for name in ("simhash", "mean", "moments", "quest", "oracle"):
         assert got[name][8 / 256] > 0.9
+
+
+def test_moments_is_the_log_mass_of_gaussian_keys():
+    """Keys drawn from N(mu, diag(var)): the estimate is log E[exp(scale q.k)] exactly, so it
+    matches the log of the chunk's mean exp-score as the chunk grows; and it ranks a spread
+    chunk above a tight one of the same mean, as the mass does (the mean key ties them)."""
+    torch.manual_seed(3)
+    d, C, scale = 8, 200_000, 0.5
+    mu, std = torch.randn(d, dtype=torch.float64), torch.rand(d, dtype=torch.float64)
+    k = (mu + std * torch.randn(C, d, dtype=torch.float64)).reshape(1, C, 1, d)
+    q = torch.randn(1, 1, 1, d, dtype=torch.float64)
+    est = _moments(q, k.mean(1, keepdim=True), k.var(1, unbiased=False, keepdim=True), scale)
+    exact = torch.logsumexp(scale * (k[0, :, 0] @ q[0, 0, 0]), 0) - math.log(C)
+    assert abs(float(est) - float(exact)) < 2e-2
+    tight, spread = (torch.zeros(1, 16, 1, d, dtype=torch.float64) for _ in range(2))
+    spread[0, ::2], spread[0, 1::2] = 1.0, -1.0  # same mean (0) as tight, variance 1
+    k2 = torch.cat((spread, tight), 1)
+    qs = torch.ones(1, 1, 1, d, dtype=torch.float64)
+    est2 = _moments(qs, torch.stack((spread.mean(1), tight.mean(1)), 1),
+                    torch.stack((spread.var(1, unbiased=False), tight.var(1, unbiased=False)), 1), 1.0)
+    mass = torch.exp(torch.einsum("bnhd,bthd->bnht", qs, k2)).reshape(1, 1, 1, 2, 16).sum(-1)
+    assert est2[0, 0, 0, 0] > est2[0, 0, 0, 1] and mass[0, 0, 0, 0] > mass[0, 0, 0, 1]
 
 
 def test_bad_budgets_and_short_contexts_raise():

@@ -13,6 +13,10 @@ choosing per token and key/value head (GQA-shared, as recall does):
   scores by the best agreement among them (a finer picture of where its keys point);
 - ``mean``: the exact dot product of the group's mean query with each chunk's mean key (the
   chunk's mean logit) — what the signatures estimate, without the hash's noise;
+- ``moments``: the chunk's mean logit plus half the query-weighted variance of its keys,
+  ``scale q·mu + scale² / 2 · sum_d q_d² var_d`` — the log of the chunk's mass were its keys
+  Gaussian with a diagonal covariance (a log-sum-exp estimate, ``2 d`` numbers a chunk, as
+  Quest's), averaged over the group's heads;
 - ``quest``: Quest's bound (Tang et al., 2024) — per chunk the channel-wise min and max key,
   a query's upper bound ``sum_d max(q_d min_d, q_d max_d)``, averaged over the group's heads;
 - ``oracle``: the exact mass, summed over the group's heads.
@@ -59,6 +63,17 @@ def _quest_bound(q: Tensor, k: Tensor, chunk: int) -> Tensor:
     return bound.mean(3)
 
 
+def _moments(q: Tensor, k_mean: Tensor, k_var: Tensor, scale: float) -> Tensor:
+    """``(B, n, G, nC)``: each chunk's log-mass estimate from its keys' mean and per-channel
+    variance, mean over group heads."""
+    B, n, H, d = q.shape
+    G = k_mean.shape[2]
+    qg = q.double().reshape(B, n, G, H // G, d)
+    est = scale * torch.einsum("bngxd,bcgd->bngxc", qg, k_mean) \
+        + 0.5 * scale ** 2 * torch.einsum("bngxd,bcgd->bngxc", qg * qg, k_var)
+    return est.mean(3)
+
+
 def recall_quality(q: Tensor, k: Tensor, *, chunk: int, window: Optional[int],
                    budgets: Sequence[float], planes: Tensor, scale: Optional[float] = None,
                    sub_chunks: int = 1) -> dict[str, dict[float, float]]:
@@ -76,7 +91,8 @@ def recall_quality(q: Tensor, k: Tensor, *, chunk: int, window: Optional[int],
     nC = Tk // chunk
     k_sig = signatures(chunk_means(k[:, :nC * chunk], chunk // sub_chunks), planes)  # (B, nC S, G, P)
     k_mean = chunk_means(k[:, :nC * chunk], chunk).double()  # (B, nC, G, d)
-    total = {m: {f: 0.0 for f in budgets} for m in ("simhash", "mean", "quest", "oracle")}
+    k_var = k[:, :nC * chunk].double().reshape(B, nC, chunk, G, d).var(2, unbiased=False)
+    total = {m: {f: 0.0 for f in budgets} for m in ("simhash", "mean", "moments", "quest", "oracle")}
     rows = 0
     for i in range(0, Tq, ROWS):
         qi, ci = q[:, i:i + ROWS], counts[i:i + ROWS]
@@ -92,6 +108,7 @@ def recall_quality(q: Tensor, k: Tensor, *, chunk: int, window: Optional[int],
         scores = {
             "simhash": agree.reshape(B, n, G, nC, sub_chunks).amax(-1),
             "mean": torch.einsum("bngd,bcgd->bngc", q_mean.double(), k_mean),
+            "moments": _moments(qi, k_mean, k_var, scale),
             "quest": _quest_bound(qi, k, chunk),
             "oracle": group_mass,
         }

@@ -24,7 +24,7 @@ from .dataset import prepare
 from .options import BY_NAME, OPTIONS, ConfigError, Settings, parse_lengths
 from .recall_eval import model_of, read_checkpoint
 
-METHODS = ("simhash", "mean", "quest", "oracle")
+METHODS = ("simhash", "mean", "moments", "quest", "oracle")
 
 
 def _parser() -> argparse.ArgumentParser:
