@@ -82,6 +82,10 @@ echo "== $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2
 echo "== MQAR, window $WINDOW, lengths $LENGTHS (trained on $TRAIN_LENGTHS), $STEPS steps of $BATCH examples per model; out $OUT"
 
 TRAINED=()  # LABEL=CHECKPOINT_FOLDER of the models that trained (or are training: PARALLEL)
+complete() {  # complete FOLDER: its run ended with the full budget (result.json says so)
+    python3 -c "import json, sys; sys.exit(0 if json.load(open(sys.argv[1])).get('complete') else 1)" \
+        "$1/result.json" 2>/dev/null
+}
 train() {   # train LABEL FLAGS...: one mka train run per model; a variant the registry lacks is skipped
     local label=$1 problem variant
     shift
@@ -102,7 +106,7 @@ EOF
     if [[ -n $problem ]]; then echo "== $label: SKIPPED, not available in this build: $problem"; return; fi
     variant=$(python3 -c "from mka.train.options import parse; import sys; print(parse(sys.argv[1:]).attention)" \
               "${COMMON[@]}" "$@")
-    if [[ -f $OUT/$label/$variant/result.json ]]; then echo "== $label: $OUT/$label holds a run already: evaluating it"
+    if complete "$OUT/$label/$variant"; then echo "== $label: $OUT/$label holds a finished run already: evaluating it"
     elif [[ $PARALLEL == 1 ]]; then
         echo "== $label: mka train $* (in the background: $OUT/$label.log)"
         python3 -m mka.train "${COMMON[@]}" "$@" --out "$OUT/$label" > "$OUT/$label.log" 2>&1 &
@@ -114,6 +118,8 @@ EOF
 }
 
 summaries() { echo "--attn-option mka.ema_stride=$CHUNK"; }
+# PARALLEL: the background trainings stop with the script (they would keep the GPU)
+trap 'kill $(jobs -p) 2>/dev/null; exit 130' INT TERM
 for label in $PICK; do
     # shellcheck disable=SC2046,SC2086
     case $label in
@@ -131,8 +137,8 @@ done
 if [[ $PARALLEL == 1 ]]; then
     wait
     finished=()
-    for entry in "${TRAINED[@]}"; do   # the runs that ended: result.json is written last
-        if [[ -f ${entry#*=}/result.json ]]; then finished+=("$entry")
+    for entry in "${TRAINED[@]}"; do   # the runs that ended with their full budget
+        if complete "${entry#*=}"; then finished+=("$entry")
         else echo "== ${entry%%=*}: FAILED (see $OUT/${entry%%=*}.log)"; fi
     done
     TRAINED=("${finished[@]}")

@@ -114,10 +114,10 @@ def test_cache_bytes_match_the_tensors_held(variant, dtype):
     spec = m.cache_spec()
     pool = cache.parent
     assert cache.nbytes() == (pool.table.num_pages * spec.bytes_per_page(S, dtype)
-                              + B * m.cache_state_bytes(dtype))
+                              + B * m.cache_state_bytes(dtype, 16))
     pages = -(-T // S)
     assert pool.used_bytes() == B * (pages * spec.bytes_per_page(S, dtype)
-                                     + m.cache_state_bytes(dtype))
+                                     + m.cache_state_bytes(dtype, 16))
     assert spec.bytes_per_page(S, dtype) >= S * m.cache_bytes_per_token(dtype)
     assert cache.lengths == [T] * B
 

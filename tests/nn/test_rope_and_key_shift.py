@@ -1,6 +1,7 @@
 """Rotary positions (``rope``) and the key shift (``key_shift``) of the q/k/v attention
 modules against a float64 reference written out here; their errors."""
 
+import copy
 from types import SimpleNamespace
 
 import pytest
@@ -82,14 +83,32 @@ def test_cached_steps_continue_positions_and_the_shift():
     assert rel_err(cache.states["shift"], x[:, -1]) == 0
 
 
-def test_a_refused_step_leaves_the_shift_state():
-    m = _module("mha", key_shift=True)
-    cache = m.new_cache(2, dtype=torch.float64)
-    m(torch.randn(2, 4, D, dtype=torch.float64), cache)
+@pytest.mark.parametrize("name,n_kv_head", [("mha", None), ("mka", 2), ("fastmka", 2)])
+def test_a_refused_step_leaves_the_shift_state(name, n_kv_head):
+    """The last token's state moves only with a step the cache grants: after a refusal (too
+    long for max_tokens, a wrong dtype) the next steps continue as if it never came."""
+    m = _module(name, n_kv_head, key_shift=True)
+    x = torch.randn(2, 8, D, dtype=torch.float64)
+    want = m(x)
+    cache = m.new_cache(2, dtype=torch.float64, max_tokens=8)
+    first = m(x[:, :5], cache)
     kept = cache.states["shift"].clone()
+    with pytest.raises(ValueError, match="beyond the cache's max_tokens = 8"):
+        m(torch.randn(2, 4, D, dtype=torch.float64), cache)
     with pytest.raises(ValueError, match="cache: k is torch.float32"):
-        m.float()(torch.randn(2, 1, D), cache)
+        copy.deepcopy(m).float()(torch.randn(2, 1, D), cache)
     assert torch.equal(cache.states["shift"], kept)
+    assert rel_err(torch.cat((first, m(x[:, 5:], cache)), 1), want) < EXACT
+
+
+def test_no_tokens_and_truncate():
+    m = _module("mha", key_shift=True)
+    assert m(torch.randn(2, 0, D, dtype=torch.float64)).shape == (2, 0, D)
+    cache = m.new_cache(2, dtype=torch.float64)
+    m(torch.randn(2, 3, D, dtype=torch.float64), cache)
+    assert m(torch.randn(2, 0, D, dtype=torch.float64), cache).shape == (2, 0, D)
+    with pytest.raises(ValueError, match="truncate: a layer with the key shift"):
+        cache.parent.truncate([2, 2])
 
 
 def test_memory_keys_are_neither_rotated_nor_shifted():
@@ -110,6 +129,11 @@ def test_errors_name_the_argument():
                                         attn_options={}, rope=100.0))
     with pytest.raises(ValueError, match="key_shift: expected True or False"):
         _module("mha", key_shift=1)
+    cfg = dict(n_layer=1, n_embd=D, n_head=H, block_size=8, vocab_size=11)
+    with pytest.raises(ValueError, match="rope: the rotary base"):  # 0 is not "off"
+        GPTConfig(**cfg, rope=0)
+    with pytest.raises(ValueError, match="key_shift: expected True or False"):
+        GPTConfig(**cfg, key_shift=0)
     for field in ({"rope": 1e4}, {"key_shift": True}):
         with pytest.raises(ValueError, match=f"{next(iter(field))}: attention 'mla' does not"):
             GPTConfig(n_layer=1, n_embd=D, n_head=H, block_size=8, vocab_size=11,

@@ -123,6 +123,22 @@ def test_train_on_mqar_reports_accuracy_per_length_and_eval_recall_reproduces_it
     assert "--lengths: 128 exceeds the block size 64" in capsys.readouterr().err
 
 
+def test_a_rope_and_key_shift_run_is_evaluated_as_trained(tmp_path):
+    """The checkpoint's settings carry --rope and --key-shift: mka eval recall rebuilds the
+    same model (no position table, the shift's weights) and reproduces the final evaluation."""
+    out = tmp_path / "out"
+    argv = [*TINY, "--task", "mqar", "--task-vocab", "64", "--num-kv-pairs", "4", "--seq-len", "48",
+            "--task-lengths", "48", "--eval-examples", "8", "--max-steps", "2", "--rope", "100",
+            "--key-shift", "--out", str(out), "--no-plots"]
+    assert main(argv) == 0
+    (r,) = results(out)
+    ev = tmp_path / "eval"
+    assert mka_main(["eval", "recall", f"tiny={out / 'mha'}", "--lengths", "48", "--examples", "8",
+                     "--out", str(ev), "--no-plots"]) == 0
+    curve = json.loads((ev / "accuracy_vs_length.json").read_text())["accuracy_by_length"]["tiny"]
+    assert math.isclose(curve["48"]["loss"], r["accuracy_by_length"]["48"]["loss"], rel_tol=1e-5)
+
+
 def test_train_on_passkey(tmp_path):
     out = tmp_path / "out"
     argv = [*TINY, "--task", "passkey", "--passkey-digits", "3", "--task-filler", "repeat", "--seq-len", "40",

@@ -76,7 +76,7 @@ def _info(impl: Impl, s: Shape) -> dict:
         attn = impl.fn(s).attn
     return {"attn_params": sum(p.numel() for p in attn.parameters()),
             "kv_bytes_per_token": attn.cache_bytes_per_token(torch.bfloat16),
-            "state_bytes": attn.cache_state_bytes(torch.bfloat16)}
+            "state_bytes": attn.cache_state_bytes(torch.bfloat16, s.T)}
 
 
 BLOCK = register(Case(

@@ -301,6 +301,10 @@ class PagedKVCache:
                              f"got {len(lengths)}")
         if self.static:
             raise ValueError("truncate: a static cache keeps its pages (make a new cache)")
+        if any(layer.spec.shift_dim for layer in self.layers):
+            raise ValueError("truncate: a layer with the key shift keeps the last token's hidden "
+                             "state, which the cache cannot rebuild for a shorter sequence "
+                             "(prefill the kept tokens into a new cache)")
         for b, (seq, n) in enumerate(zip(self.seqs, lengths)):  # all checked, then changed
             kept = max((layer.host.spilled_tokens(seq) for layer in self.layers), default=0) \
                 if self.host else 0
@@ -426,6 +430,7 @@ class LayerCache:
                 self.states[name] = torch.zeros((parent.batch_size, n, G, dk), device=dev, dtype=dt)
         self.written = [0] * parent.batch_size
         self.host: Optional[LayerHost] = None  # the DRAM tier's store, set by the parent
+        self.pending: dict[str, Tensor] = {}  # states of the next step, kept when it is granted
 
     @property
     def batch_size(self) -> int:
@@ -495,7 +500,16 @@ class LayerCache:
 
     def step(self, T: Union[int, Sequence[int]]) -> PageStep:
         """Reserves ``T`` more tokens per sequence (or ``T[b]`` for sequence ``b``: a call
-        whose sequences grow by different amounts) and returns where they go."""
+        whose sequences grow by different amounts) and returns where they go. States a module
+        left in :attr:`pending` for this step (the key shift's last hidden state) are written
+        then: a step refused here leaves every state as it was."""
+        granted = self._grant(T)
+        if self.pending:
+            self.update_states(**self.pending)
+            self.pending = {}
+        return granted
+
+    def _grant(self, T: Union[int, Sequence[int]]) -> PageStep:
         if self.parent.static:
             if not isinstance(T, int):
                 raise ValueError("T: a static cache grows every sequence by the same count")
@@ -537,6 +551,7 @@ class LayerCache:
         part.__dict__.update(self.__dict__)
         part.parent = weakref.proxy(parent)
         part.written = [self.written[r] for r in rows]
+        part.pending = {}
         index = torch.tensor(rows, device=parent.device)
         part.states = {n: s[index] for n, s in self.states.items()}
         return part

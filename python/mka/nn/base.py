@@ -170,19 +170,19 @@ class QKVAttention(CausalSelfAttention):
 
     def _shifted_keys(self, x: Tensor, k: Tensor, cache: Optional[LayerCache]) -> Tensor:
         """``W_k (s * x_{t-1})`` as ``(B, T, G, d)``; ``x_{-1}`` is zeros, or a cache's last
-        token, which this step's last token then replaces."""
+        token, which this step's last token replaces once the cache grants the step."""
         B, T, D = x.shape
+        if T == 0:
+            return torch.zeros_like(k)
         if cache is None:
             prev = x.new_zeros(B, 1, D)
         else:
-            cache.check("k", k)  # before the state moves: a step refused leaves it as it was
             prev = cache.states["shift"][:, None].to(x.dtype)
+            cache.pending["shift"] = x[:, -1]  # kept by cache.step: a refused step moves nothing
         before = torch.cat((prev, x[:, :-1]), 1)
         H, G, d = self.n_head, self.n_kv_head, self.head_dim
         w_k = self.qkv.weight[H * d:(H + G) * d]
         shifted = F.linear(self.shift_mix.to(x.dtype) * before, w_k)
-        if cache is not None and T:
-            cache.update_states(shift=x[:, -1])
         return shifted.view(B, T, G, d)
 
     def project_memory(self, h: Tensor) -> tuple[Tensor, Tensor]:

@@ -66,7 +66,7 @@ def build_attention(config) -> CausalSelfAttention:
                          f"{config.attention!r} (allowed: {list(allowed)})")
     for name in ("rope", "key_shift"):
         value = getattr(config, name, None)
-        if value not in (None, False):
+        if value is not None and value is not False:  # 0 too: the module's check refuses it
             if name not in _parameters(cls):
                 raise ValueError(f"{name}: attention {config.attention!r} does not take it")
             options[name] = value

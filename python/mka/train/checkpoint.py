@@ -38,7 +38,7 @@ from .options import ConfigError
 
 # Settings that change the trajectory: resuming with any of them changed is refused.
 TRAJECTORY_KEYS = ("attention", "num_kv_heads", "model", "n_layer", "n_head", "n_embd", "dropout", "bias",
-                   "attn_options", "data", "tokenizer", "train_split", "eval_split", "holdout_fraction",
+                   "rope", "key_shift", "attn_options", "data", "tokenizer", "train_split", "eval_split", "holdout_fraction",
                    "seq_len", "batch_size", "grad_accum", "epochs", "max_steps", "max_tokens", "lr", "min_lr",
                    "warmup_steps", "lr_decay_steps", "weight_decay", "beta1", "beta2", "grad_clip",
                    "precision", "seed", "fsdp", "task", "task_lengths", "task_filler", "task_vocab", "num_kv_pairs",

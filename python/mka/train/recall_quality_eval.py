@@ -74,12 +74,10 @@ def queries_and_keys(model, idx: torch.Tensor) -> list[tuple[torch.Tensor, torch
             raise ConfigError(f"checkpoint: {type(attn).__name__} has no fused q/k/v projection "
                               "(mha, mqa, gqa, mka, fastmka have)")
 
-        def hook(module, inputs, output, attn=attn):
-            B, T, _ = output.shape
-            H, G, d = attn.n_head, attn.n_kv_head, attn.head_dim
-            q, k, _ = output.split((H * d, G * d, G * d), dim=-1)
-            taken.append((q.reshape(B, T, H, d).float(), k.reshape(B, T, G, d).float()))
-        hooks.append(attn.qkv.register_forward_hook(hook))
+        def hook(module, inputs, attn=attn):  # q, k as attention reads them (rotated, shifted)
+            q, k, _ = attn._project(inputs[0])
+            taken.append((q.float(), k.float()))
+        hooks.append(attn.register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
             model(idx)
