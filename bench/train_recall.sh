@@ -67,7 +67,8 @@ PARALLEL=${PARALLEL:-0}
 PICK=${MODELS:-full window mka mka-sum fastmka mka-hash mka-sum-hash fastmka-hash}
 EXTRA=${EXTRA:-}                         # flags added to every mka train call
 OUT=${OUT:-runs/recall_$PRESET}
-recall() { echo "--attention $1 --attn-option $1.levels=3 --attn-option $1.recall_chunk=$CHUNK --attn-option $1.recall_top=$TOP --attn-option $1.window=$WINDOW"; }
+SCORE=${SCORE:-hash}                     # how recall ranks chunks: hash (signatures) or mean (exact)
+recall() { echo "--attention $1 --attn-option $1.levels=3 --attn-option $1.recall_chunk=$CHUNK --attn-option $1.recall_top=$TOP --attn-option $1.window=$WINDOW --attn-option $1.recall_score=$SCORE"; }
 MKA_HASH_ARGS=${MKA_HASH_ARGS:-$(recall mka)}
 FASTMKA_HASH_ARGS=${FASTMKA_HASH_ARGS:-$(recall fastmka)}
 export PYTHONUNBUFFERED=1

@@ -212,16 +212,20 @@ def _page_ema(x: Tensor, states: Tensor, table_row: Tensor, page_size: int,
 
 def recall_attention(q: Tensor, k: Tensor, v: Tensor, *, chunk: int, top: int,
                      planes: Tensor, window: Optional[int] = None,
-                     scale: Optional[float] = None) -> tuple[Tensor, Tensor]:
+                     scale: Optional[float] = None, score: str = "hash") -> tuple[Tensor, Tensor]:
     """Level 3 by recall (SPEC §7.2), one query row and key/value head at a time: mean keys
     of whole chunks, the row's mean query over the kv head's query heads, their sign patterns
-    against ``planes``, the chunks wholly before the row's window ranked by matching signs
-    (ties: the later chunk), the top ``R`` recalled, attention over their tokens. Returns
-    ``(O3, chosen)`` as the op."""
+    against ``planes`` (``score="mean"``: the vectors themselves, scored exactly), the chunks
+    wholly before the row's window ranked by matching signs or dot product (ties: the later
+    chunk), the top ``R`` recalled, attention over their tokens. Returns ``(O3, chosen)`` as
+    the op."""
     B, Tq, H, d = q.shape
     Tk, G = k.shape[1], k.shape[2]
     grp, nC = H // G, Tk // chunk
-    sign = lambda x: torch.where(x.double() @ planes.double().t() >= 0, 1.0, -1.0)  # noqa: E731
+    if score == "mean":
+        sign = lambda x: x.double()  # noqa: E731
+    else:
+        sign = lambda x: torch.where(x.double() @ planes.double().t() >= 0, 1.0, -1.0)  # noqa: E731
     counts = []
     for i in range(Tq):
         end = i + (Tk - Tq) - (1 if window is None else window) + 1

@@ -24,11 +24,12 @@ def _run(m, x, steps, host, *, page_size=4, max_tokens=160, layers=1):
     return torch.cat(outs, 1), cache
 
 
+@pytest.mark.parametrize("score", ["hash", "mean"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("top", [2, 100])  # 100: R covers every chunk
-def test_spilled_decoding_equals_resident_decoding_bit_for_bit(dtype, top):
+def test_spilled_decoding_equals_resident_decoding_bit_for_bit(dtype, top, score):
     torch.manual_seed(0)
-    m = MKAAttention(32, 4, 2, **{**OPTS, "recall_top": top}).to(dtype)
+    m = MKAAttention(32, 4, 2, **{**OPTS, "recall_top": top, "recall_score": score}).to(dtype)
     x = torch.randn(2, 120, 32, dtype=dtype)
     steps = [5] + [1] * 20 + [13] + [1] * 40 + [16] + [1] * 26  # prefill pieces and decoding
     resident, _ = _run(m, x, steps, None)

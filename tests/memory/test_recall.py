@@ -20,15 +20,18 @@ CASES = [  # B, Tq, Tk, H, G, d, chunk, top, window
 ]
 
 
+@pytest.mark.parametrize("score", ["hash", "mean"])
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_recall_equals_the_reference(case):
+def test_recall_equals_the_reference(case, score):
     B, Tq, Tk, H, G, d, C, top, W = case
     torch.manual_seed(Tq)
     q = torch.randn(B, Tq, H, d, dtype=torch.float64, requires_grad=True)
     k, v = (torch.randn(B, Tk, G, d, dtype=torch.float64, requires_grad=True) for _ in range(2))
     planes = simhash_planes(d, 4, 16, seed=3)
-    out, chosen = recall_attention(q, k, v, chunk=C, top=top, planes=planes, window=W)
-    ref, ref_chosen = R.recall_attention(q, k, v, chunk=C, top=top, planes=planes, window=W)
+    out, chosen = recall_attention(q, k, v, chunk=C, top=top, planes=planes, window=W,
+                                   score=score)
+    ref, ref_chosen = R.recall_attention(q, k, v, chunk=C, top=top, planes=planes, window=W,
+                                         score=score)
     assert torch.equal(chosen, ref_chosen)
     assert rel_err(out, ref) < 1e-10
     if not ref.requires_grad or not ref.abs().sum():
@@ -93,6 +96,8 @@ def test_models_train_with_recall_on_both_backends(attention):
 
 
 def test_recall_options_are_checked():
+    with pytest.raises(ValueError, match="recall_score: expected one of"):
+        _gpt("mka", "mka", recall_score="exact")
     with pytest.raises(ValueError, match="recall_chunk: recall is level 3"):
         GPT(GPTConfig(n_layer=1, n_embd=32, n_head=4, vocab_size=11, attention="mka",
                       attn_options={"recall_chunk": 8}))
@@ -103,11 +108,12 @@ def test_recall_options_are_checked():
         _gpt("mka", "mka").new_caches(1).make_static(8)
 
 
+@pytest.mark.parametrize("score", ["hash", "mean"])
 @pytest.mark.parametrize("backend", ["mka", "torch"])
-def test_mka_with_recall_decodes_as_one_full_pass(backend):
+def test_mka_with_recall_decodes_as_one_full_pass(backend, score):
     """Prefill, a chunk, then token by token over the paged cache: the chunk means kept in the
     cache and the recalled tokens read from the pages give the full forward's logits."""
-    m = _gpt("mka", backend)
+    m = _gpt("mka", backend, recall_score=score)
     idx = torch.randint(0, 23, (2, 90))
     full = m(idx)[0]
     caches = m.new_caches(2, page_size=4)
@@ -116,6 +122,10 @@ def test_mka_with_recall_decodes_as_one_full_pass(backend):
     assert rel_err(torch.cat(steps, 1), full) < 1e-10
     held = caches[0].states["chunk_signs"]
     assert held.shape == (2, 128 // 8, 4, 64)  # one signature per whole chunk, up to block_size
+    means = caches[0].states.get("chunk_means")
+    assert (means is not None) == (score == "mean")
+    if means is not None:  # the exact ranking's mean keys, beside the signatures
+        assert means.shape == (2, 128 // 8, 4, 8) and means[:, :90 // 8].abs().sum() > 0
 
 
 def test_prompts_of_different_lengths_generate_with_recall():

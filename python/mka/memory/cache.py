@@ -45,6 +45,7 @@ class LayerSpec:
     states: tuple[str, ...] = ()
     recall_chunk: int = 0  # > 0: the signature of every whole chunk of this many tokens
     recall_bits: int = 0   # signs per signature
+    recall_score: str = "hash"  # "mean": the chunks' mean keys are kept too (exact scoring)
     summary_stride: int = 0  # > 0: the EMA keys/values at positions s - 1, 2s - 1, ...
     window: Optional[int] = None
     shift_dim: int = 0
@@ -71,7 +72,10 @@ class LayerSpec:
         G, d = self.kv_heads, self.key_dim
         n = (len(self.states) * G * d + self.shift_dim) * state_dtype(dtype).itemsize
         if self.recall_chunk:
-            n += math.ceil(max_tokens / self.recall_chunk) * G * self.recall_bits
+            chunks = math.ceil(max_tokens / self.recall_chunk)
+            n += chunks * G * self.recall_bits
+            if self.recall_score == "mean":
+                n += chunks * G * d * state_dtype(dtype).itemsize
         if self.summary_stride:
             n += 2 * math.ceil(max_tokens / self.summary_stride) * G * d * dtype.itemsize
         return n
@@ -424,6 +428,9 @@ class LayerCache:
             chunks = math.ceil(parent.max_tokens / spec.recall_chunk)
             self.states["chunk_signs"] = torch.zeros(
                 (parent.batch_size, chunks, G, spec.recall_bits), device=dev, dtype=torch.int8)
+            if spec.recall_score == "mean":  # exact scoring: the mean keys, in the state dtype
+                self.states["chunk_means"] = torch.zeros((parent.batch_size, chunks, G, dk),
+                                                         device=dev, dtype=sdt)
         if spec.summary_stride:  # in the cache's dtype, as a full forward computes them
             n = math.ceil(parent.max_tokens / spec.summary_stride)
             for name in ("summary_k", "summary_v"):

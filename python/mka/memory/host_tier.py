@@ -136,7 +136,8 @@ class LayerHost:
         at position ``before[b] + i``) on the device and starts copying the choice to the
         host: the caller launches the step's other work before :meth:`recall` waits for it."""
         chosen, nC = choose_for_step(q, layer.states["chunk_signs"], before, chunk=self.chunk,
-                                     top=top, planes=planes, window=window)
+                                     top=top, planes=planes, window=window,
+                                     means=layer.states.get("chunk_means"))
         if q.device.type != "cuda":
             return RecallPlan(chosen, chosen, None, nC)
         host = torch.empty(chosen.shape, dtype=chosen.dtype, pin_memory=True)

@@ -3,7 +3,9 @@ signature, and each query attending to the few chunks whose signatures match its
 
 Chunks are ``C`` consecutive tokens of a sequence; a chunk's signature per key/value head is
 the sign pattern of its **mean key** against fixed random hyperplanes (``tables`` groups of
-``bits``). The mean key is the chunk's centroid: a query's dot product with it is the mean of
+``bits``). ``score="mean"`` ranks by the exact dot product of the mean query with the mean key
+instead (the chunk's mean logit, which the signatures estimate: a cache then keeps the mean
+keys too, ``d`` numbers a chunk and head, beside the signatures its host store files). The mean key is the chunk's centroid: a query's dot product with it is the mean of
 its scores over the chunk, so matching signs (angular similarity, which SimHash estimates)
 rank chunks by their average attention logit — cheap to keep (one vector per chunk and head,
 updated as tokens arrive) and exact for a chunk of near-identical keys. A query's signature
@@ -80,19 +82,38 @@ def eligible(Tq: int, Tk: int, chunk: int, window: Optional[int], device=None) -
     return torch.clamp(torch.div(end, chunk, rounding_mode="floor"), 0, Tk // chunk)
 
 
-def select(q_sig: Tensor, k_sig: Tensor, counts: Tensor, top: int) -> Tensor:
+SCORES = ("hash", "mean")
+
+
+def check_score(score) -> None:
+    if score not in SCORES:
+        raise ValueError(f"recall_score: expected one of {list(SCORES)}, got {score!r}")
+
+
+def representatives(x: Tensor, planes: Tensor, score: str) -> Tensor:
+    """What selection compares, from mean queries or mean keys ``x: (..., d)``: their sign
+    patterns (``"hash"``) or themselves in float32/float64 (``"mean"``)."""
+    if score == "hash":
+        return signatures(x, planes)
+    return x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+
+
+def select(q_sig: Tensor, k_sig: Tensor, counts: Tensor, top: int, exact: bool = False) -> Tensor:
     """Indices ``(B, Tq, G, R)`` of the recalled chunks per query row and key/value head, best
     first, -1 where a row has fewer eligible chunks; ``R = min(top, max count)``. ``counts``:
-    eligible chunks per row, ``(Tq,)`` or per sequence and row ``(B, Tq)``."""
+    eligible chunks per row, ``(Tq,)`` or per sequence and row ``(B, Tq)``. ``q_sig, k_sig``:
+    signatures (±1), or with ``exact`` mean vectors (:func:`representatives`)."""
     B, Tq, G, _ = q_sig.shape
     nC = k_sig.shape[1]
     width = min(top, int(counts.max())) if counts.numel() else 0  # counts live on the host
     out = torch.full((B, Tq, G, width), -1, dtype=torch.long, device=q_sig.device)
     if width == 0:
         return out
-    agree = torch.einsum("btgp,bcgp->btgc", q_sig, k_sig)  # matches - mismatches
-    # agreement is an integer: scaled past nC, the chunk index breaks ties (the later wins)
-    key = agree.double() * (nC + 1) + torch.arange(nC, device=q_sig.device, dtype=torch.float64)
+    agree = torch.einsum("btgp,bcgp->btgc", q_sig, k_sig).double()  # signs: matches - mismatches
+    # An integer agreement scaled past nC takes the chunk index as the tie-break (the later
+    # wins); exact scores are real numbers, whose ties (next to impossible) topk orders.
+    key = agree if exact else \
+        agree * (nC + 1) + torch.arange(nC, device=q_sig.device, dtype=torch.float64)
     counts = counts.expand(B, Tq)
     allowed = torch.arange(nC, device=q_sig.device) < counts[..., None]  # (B, Tq, nC)
     key = key.masked_fill(~allowed[:, :, None, :], -math.inf)
@@ -142,7 +163,7 @@ def _attend_in_blocks(q: Tensor, k, v, chosen: Tensor, chunk: int, scale: float,
 
 def recall_attention(q: Tensor, k: Tensor, v: Tensor, *, chunk: int, top: int,
                      planes: Tensor, window: Optional[int] = None,
-                     scale: Optional[float] = None) -> tuple[Tensor, Tensor]:
+                     scale: Optional[float] = None, score: str = "hash") -> tuple[Tensor, Tensor]:
     """``O3`` of SPEC §7.2 for ``q: (B, Tq, H, d)`` over ``k, v: (B, Tk, G, d)`` (bottom-right
     aligned, ``Tq <= Tk``): ``(O3 (B, Tq, H, d), chosen (B, Tq, G, R))``."""
     B, Tq, H, d = q.shape
@@ -153,9 +174,11 @@ def recall_attention(q: Tensor, k: Tensor, v: Tensor, *, chunk: int, top: int,
         raise ValueError(f"q: {Tq} query rows against {Tk} keys (rows align with the last keys)")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     counts = eligible(Tq, Tk, chunk, window, q.device)
+    check_score(score)
     with torch.no_grad():
-        q_sig = signatures(q.reshape(B, Tq, G, H // G, d).mean(3), planes)
-        chosen = select(q_sig, signatures(chunk_means(k, chunk), planes), counts, top)
+        q_rep = representatives(q.reshape(B, Tq, G, H // G, d).mean(3), planes, score)
+        chosen = select(q_rep, representatives(chunk_means(k, chunk), planes, score), counts,
+                        top, exact=score == "mean")
     if chosen.shape[-1] == 0:
         return q.new_zeros(q.shape) + 0 * q, chosen  # no recall anywhere (keeps the graph)
     if recall_ops.native(q):  # the chunks read in place by the native kernels
@@ -165,23 +188,26 @@ def recall_attention(q: Tensor, k: Tensor, v: Tensor, *, chunk: int, top: int,
 
 class Recall(torch.nn.Module):
     """A layer's recall settings and its fixed hyperplanes (a buffer: saved with the model,
-    the same after a reload). ``chunk`` tokens per chunk, ``top`` chunks recalled per query."""
+    the same after a reload). ``chunk`` tokens per chunk, ``top`` chunks recalled per query,
+    ``score`` how chunks are ranked (``"hash"``: signatures, ``"mean"``: exact mean logits)."""
 
     def __init__(self, head_dim: int, chunk: int = 64, top: int = 4, tables: int = 4,
-                 bits: int = 16, seed: int = 0):
+                 bits: int = 16, seed: int = 0, score: str = "hash"):
         super().__init__()
         for value, name in ((chunk, "recall_chunk"), (top, "recall_top")):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
-        self.chunk, self.top = chunk, top
+        check_score(score)
+        self.chunk, self.top, self.score = chunk, top, score
         self.register_buffer("planes", simhash_planes(head_dim, tables, bits, seed))
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, window: Optional[int]) -> Tensor:
         return recall_attention(q, k, v, chunk=self.chunk, top=self.top, planes=self.planes,
-                                window=window)[0]
+                                window=window, score=self.score)[0]
 
     def extra_repr(self) -> str:
-        return f"chunk={self.chunk}, top={self.top}, planes={tuple(self.planes.shape)}"
+        return (f"chunk={self.chunk}, top={self.top}, planes={tuple(self.planes.shape)}, "
+                f"score={self.score}")
 
 
 # --------------------------------------------------------------------------- decoding
@@ -258,10 +284,12 @@ def page_chunks(k_pages: Tensor, v_pages: Tensor, block_table: Tensor, d: Distin
 
 
 def update_chunk_signs(signs: Tensor, k_pages: Tensor, block_table: Tensor,
-                       before: list[int], after: list[int], chunk: int, planes: Tensor) -> None:
+                       before: list[int], after: list[int], chunk: int, planes: Tensor,
+                       means: Optional[Tensor] = None) -> None:
     """Signatures of the chunks a step completed (sequence ``b`` grew ``before[b]`` ->
     ``after[b]`` tokens), from their keys read back from the pages, into ``signs (B, max
-    chunks, G, P)`` (int8 ±1): each chunk's signature is computed once."""
+    chunks, G, P)`` (int8 ±1), and their mean keys into ``means (B, max chunks, G, d)`` where
+    given (``score="mean"``): each chunk's are computed once."""
     S = k_pages.shape[1]
     for b, (n0, n1) in enumerate(zip(before, after)):
         done = range(n0 // chunk, n1 // chunk)
@@ -269,16 +297,20 @@ def update_chunk_signs(signs: Tensor, k_pages: Tensor, block_table: Tensor,
             continue
         pos = torch.arange(done.start * chunk, done.stop * chunk, device=k_pages.device)
         keys = k_pages[block_table[b].long()[pos // S], pos % S]  # (n C, G, d)
-        means = keys.reshape(len(done), chunk, *keys.shape[1:]).mean(1)
-        signs[b, done.start:done.stop] = signatures(means, planes).to(signs.dtype)
+        mean = keys.reshape(len(done), chunk, *keys.shape[1:]).mean(1)
+        signs[b, done.start:done.stop] = signatures(mean, planes).to(signs.dtype)
+        if means is not None:
+            means[b, done.start:done.stop] = mean.to(means.dtype)
 
 
 def choose_for_step(q: Tensor, signs: Tensor, before: list[int], *, chunk: int, top: int,
-                    planes: Tensor, window: Optional[int]) -> tuple[Tensor, int]:
+                    planes: Tensor, window: Optional[int],
+                    means: Optional[Tensor] = None) -> tuple[Tensor, int]:
     """The chunks the new rows ``q: (B, T, H, d)`` of a cached step recall (row ``i`` of
     sequence ``b`` at position ``before[b] + i``), ranked by the chunk signatures ``signs``
-    (kept by :func:`update_chunk_signs`): ``(chosen (B, T, G, R), chunks any row may see)``.
-    The eligible counts are known on the host: no synchronisation."""
+    or, where given, exactly by the mean keys ``means`` (both kept by
+    :func:`update_chunk_signs`): ``(chosen (B, T, G, R), chunks any row may see)``. The
+    eligible counts are known on the host: no synchronisation."""
     B, T, H, d = q.shape
     G = signs.shape[2]
     pos = torch.tensor(before)[:, None] + torch.arange(T)[None, :]  # (B, T)
@@ -286,20 +318,23 @@ def choose_for_step(q: Tensor, signs: Tensor, before: list[int], *, chunk: int, 
     counts = torch.clamp(torch.div(end, chunk, rounding_mode="floor"), min=0)
     counts = torch.minimum(counts, (pos + 1) // chunk)
     nC = int(counts.max()) if counts.numel() else 0
+    score = "hash" if means is None else "mean"
     with torch.no_grad():
-        q_sig = signatures(q.reshape(B, T, G, H // G, d).mean(3), planes)
-        return select(q_sig, signs[:, :nC].to(q_sig.dtype), counts.to(q.device), top), nC
+        q_rep = representatives(q.reshape(B, T, G, H // G, d).mean(3), planes, score)
+        k_rep = (signs if means is None else means)[:, :nC].to(q_rep.dtype)
+        return select(q_rep, k_rep, counts.to(q.device), top, exact=means is not None), nC
 
 
 def recall_decode(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor,
                   signs: Tensor, before: list[int], *, chunk: int, top: int, planes: Tensor,
-                  window: Optional[int] = None, scale: Optional[float] = None) -> Tensor:
+                  window: Optional[int] = None, scale: Optional[float] = None,
+                  means: Optional[Tensor] = None) -> Tensor:
     """``O3`` of the new query rows ``q: (B, T, H, d)`` of a cached step, their chunks
     (:func:`choose_for_step`) read from the pages — the same selection and result as
     :func:`recall_attention` over the whole sequence."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     chosen, nC = choose_for_step(q, signs, before, chunk=chunk, top=top, planes=planes,
-                                 window=window)
+                                 window=window, means=means)
     if chosen.shape[-1] == 0:
         return q.new_zeros(q.shape)
     chunks = distinct_chunks(chosen.cpu(), k_pages.shape[2], nC)

@@ -130,16 +130,16 @@ class MKAAttention(RoutedAttention):
         function that finishes it: their tokens read from the pages or, where the cache
         spills to host memory, from its DRAM tier, and attended to."""
         r = self.recall
-        signs = cache.states["chunk_signs"]
+        signs, means = cache.states["chunk_signs"], cache.states.get("chunk_means")
         update_chunk_signs(signs, cache.k_pages, step.block_table, before, cache.lengths,
-                           r.chunk, r.planes)
+                           r.chunk, r.planes, means)
         if cache.host is not None:
             plan = cache.host.select(cache, q, before, top=r.top, planes=r.planes,
                                      window=self.window)
             return lambda: cache.host.recall(cache, q, plan)
         return lambda: recall_decode(q, cache.k_pages, cache.v_pages, step.block_table, signs,
                                      before, chunk=r.chunk, top=r.top, planes=r.planes,
-                                     window=self.window)
+                                     window=self.window, means=means)
 
     def cache_spec(self) -> LayerSpec:
         stride = self.ema_stride if self.ema_stride > 1 else 0
@@ -147,4 +147,5 @@ class MKAAttention(RoutedAttention):
                          states=("k", "v"),
                          recall_chunk=self.recall.chunk if self.recall is not None else 0,
                          recall_bits=self.recall.planes.shape[0] if self.recall is not None else 0,
+                         recall_score=self.recall.score if self.recall is not None else "hash",
                          summary_stride=stride, window=self.window, shift_dim=self._shift_dim)

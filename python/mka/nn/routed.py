@@ -19,7 +19,8 @@ class RoutedAttention(QKVAttention):
     learned level-3 slots per key/value head (used when ``levels == 3``). ``recall_chunk``
     > 0 makes level 3 recall instead (SPEC §7.2): chunks of ``recall_chunk`` earlier tokens
     keyed by SimHash (``recall_tables`` x ``recall_bits`` hyperplanes), the ``recall_top``
-    best-matching ones per query, outside the L1 ``window``."""
+    best-matching ones per query, outside the L1 ``window``; ``recall_score="mean"`` ranks the
+    chunks by the exact dot product with their mean keys instead of the signatures."""
 
     accepts_memory = True
     recall_decodes = False  # whether cached decoding supports recall as level 3
@@ -27,7 +28,8 @@ class RoutedAttention(QKVAttention):
     def __init__(self, n_embd: int, n_head: int, n_kv_head: Optional[int] = None, *,
                  levels: int = 2, beta: float = 0.9, router_hidden: int = 64,
                  memory_slots: int = 16, recall_chunk: int = 0, recall_top: int = 4,
-                 recall_tables: int = 4, recall_bits: int = 16, bias: bool = True,
+                 recall_tables: int = 4, recall_bits: int = 16, recall_score: str = "hash",
+                 bias: bool = True,
                  dropout: float = 0.0, backend: str = "mka", window: Optional[int] = None,
                  rope: Optional[float] = None, key_shift: bool = False):
         super().__init__(n_embd, n_head, n_kv_head, bias=bias, dropout=dropout,
@@ -38,8 +40,8 @@ class RoutedAttention(QKVAttention):
         self.router = Router(n_head * self.head_dim, levels, router_hidden, bias)
         if recall_chunk and levels != 3:
             raise ValueError(f"recall_chunk: recall is level 3; set levels=3, got levels={levels}")
-        self.recall = (Recall(self.head_dim, recall_chunk, recall_top, recall_tables, recall_bits)
-                       if recall_chunk else None)
+        self.recall = (Recall(self.head_dim, recall_chunk, recall_top, recall_tables, recall_bits,
+                              score=recall_score) if recall_chunk else None)
         self.long_term = (LongTermMemory(memory_slots, self.n_kv_head, self.head_dim)
                           if levels == 3 and self.recall is None else None)
 
