@@ -15,6 +15,8 @@
 #   mka-hash      mka, levels=3, recall_chunk=CHUNK, recall_top=TOP, same window   (SPEC §7.2)
 #   mka-sum-hash  mka-hash with ema_stride=CHUNK    (the configuration the DRAM tier serves)
 #   fastmka-hash  fastmka, levels=3 by recall
+# SCORE=mean ranks recalled chunks exactly (recall_score, SPEC §7.2): the three recall models are
+# then labelled (and kept in folders) mka-mean, mka-sum-mean, fastmka-mean.
 # MODELS="full window ..." picks some of them. MKA_HASH_ARGS / FASTMKA_HASH_ARGS replace the
 # recall models' mka train flags (--attention NAME, --attn-option NAME.KEY=VALUE ...); a variant
 # the registry rejects is skipped with the reason. PARALLEL=1 trains the models at once (logs
@@ -129,9 +131,10 @@ for label in $PICK; do
         mka) train mka --attention mka --attn-option mka.levels=2 --attn-option "mka.window=$WINDOW" ;;
         mka-sum) train mka-sum --attention mka --attn-option mka.levels=2 --attn-option "mka.window=$WINDOW" $(summaries) ;;
         fastmka) train fastmka --attention fastmka --attn-option fastmka.levels=2 --attn-option "fastmka.window=$WINDOW" ;;
-        mka-hash) train mka-hash $MKA_HASH_ARGS ;;
-        mka-sum-hash) train mka-sum-hash $MKA_HASH_ARGS $(summaries) ;;
-        fastmka-hash) train fastmka-hash $FASTMKA_HASH_ARGS ;;
+        # the recall models' labels (and run folders) name the score: mka-hash or mka-mean ...
+        mka-hash) train "mka-$SCORE" $MKA_HASH_ARGS ;;
+        mka-sum-hash) train "mka-sum-$SCORE" $MKA_HASH_ARGS $(summaries) ;;
+        fastmka-hash) train "fastmka-$SCORE" $FASTMKA_HASH_ARGS ;;
         *) echo "MODELS: unknown model '$label' (known: full window mka mka-sum fastmka mka-hash mka-sum-hash fastmka-hash)" >&2; exit 2 ;;
     esac
 done

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mka import reference as R
-from mka.memory.recall import Recall, recall_attention, simhash_planes
+from mka.memory.recall import Recall, recall_attention, select, simhash_planes
 from mka.models import GPT, GPTConfig
 from conftest import rel_err
 
@@ -40,6 +40,36 @@ def test_recall_equals_the_reference(case, score):
     g = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
         assert rel_err(a, b) < 1e-10
+
+
+def test_exact_ties_go_to_the_later_chunk_however_many_are_scored():
+    """Equal scores (zero keys): the latest eligible chunks, as the reference picks them, and
+    the same when a cached step scores fewer chunks than a full pass."""
+    B, T, H, G, d, C = 1, 96, 2, 1, 8, 8
+    q = torch.randn(B, T, H, d, dtype=torch.float64)
+    k = torch.zeros(B, T, G, d, dtype=torch.float64)
+    planes = simhash_planes(d)
+    _, chosen = recall_attention(q, k, k, chunk=C, top=3, planes=planes, window=16, score="mean")
+    _, ref = R.recall_attention(q, k, k, chunk=C, top=3, planes=planes, window=16, score="mean")
+    assert torch.equal(chosen, ref)
+    last = chosen[0, -1, 0].tolist()
+    assert last == [9, 8, 7]  # row 95: chunks 0..9 eligible
+    q_rep, k_rep = torch.randn(1, 1, 1, d), torch.zeros(1, 64, 1, d)  # every score 0
+    for scored in (10, 11, 20, 64):  # a cached step scores only the chunks its rows may see
+        got = select(q_rep, k_rep[:, :scored], torch.tensor([10]), 4, exact=True)
+        assert got[0, 0, 0].tolist() == [9, 8, 7, 6]
+
+
+@pytest.mark.parametrize("score", ["hash", "mean"])
+def test_selection_ignores_autocast(score):
+    """Signatures and scores in float32 under bf16 autocast: the choice of float32 inputs."""
+    torch.manual_seed(4)
+    q, k = torch.randn(2, 200, 4, 16), torch.randn(2, 200, 2, 16)
+    planes = simhash_planes(16)
+    _, want = recall_attention(q, k, k, chunk=8, top=4, planes=planes, window=16, score=score)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, got = recall_attention(q, k, k, chunk=8, top=4, planes=planes, window=16, score=score)
+    assert torch.equal(got, want)
 
 
 def test_selection_only_sees_chunks_before_the_window_and_is_per_token():

@@ -53,7 +53,8 @@ def signatures(x: Tensor, planes: Tensor) -> Tensor:
     """Sign patterns ``±1`` of ``x: (..., d)`` against ``planes: (P, d)``: ``(..., P)``, in
     float32 (float64 for float64 inputs)."""
     dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    proj = x.to(dt) @ planes.t().to(x.device, dt)
+    with torch.autocast(x.device.type, enabled=False):  # autocast would round to bf16
+        proj = x.to(dt) @ planes.t().to(x.device, dt)
     return torch.where(proj >= 0, 1.0, -1.0).to(dt)
 
 
@@ -109,15 +110,21 @@ def select(q_sig: Tensor, k_sig: Tensor, counts: Tensor, top: int, exact: bool =
     out = torch.full((B, Tq, G, width), -1, dtype=torch.long, device=q_sig.device)
     if width == 0:
         return out
-    agree = torch.einsum("btgp,bcgp->btgc", q_sig, k_sig).double()  # signs: matches - mismatches
-    # An integer agreement scaled past nC takes the chunk index as the tie-break (the later
-    # wins); exact scores are real numbers, whose ties (next to impossible) topk orders.
-    key = agree if exact else \
-        agree * (nC + 1) + torch.arange(nC, device=q_sig.device, dtype=torch.float64)
+    with torch.autocast(q_sig.device.type, enabled=False):  # scores in the inputs' dtype
+        agree = torch.einsum("btgp,bcgp->btgc", q_sig, k_sig).double()  # signs: matches - mismatches
     counts = counts.expand(B, Tq)
     allowed = torch.arange(nC, device=q_sig.device) < counts[..., None]  # (B, Tq, nC)
-    key = key.masked_fill(~allowed[:, :, None, :], -math.inf)
-    best = key.topk(width, dim=-1).indices
+    # Ties go to the later chunk, whatever the number of chunks scored (a cached step scores
+    # fewer than a full pass). Signs: the integer agreement scaled past nC takes the index.
+    # Exact scores: a stable sort of the chunks in reverse order keeps the later one first.
+    if exact:
+        key = agree.flip(-1).masked_fill(~allowed.flip(-1)[:, :, None, :], -math.inf)
+        order = key.sort(dim=-1, descending=True, stable=True).indices[..., :width]
+        best = nC - 1 - order
+    else:
+        key = agree * (nC + 1) + torch.arange(nC, device=q_sig.device, dtype=torch.float64)
+        key = key.masked_fill(~allowed[:, :, None, :], -math.inf)
+        best = key.topk(width, dim=-1).indices
     valid = torch.arange(width, device=q_sig.device) < counts.clamp(max=width)[..., None]
     return torch.where(valid[:, :, None, :], best, out)
 
@@ -177,8 +184,10 @@ def recall_attention(q: Tensor, k: Tensor, v: Tensor, *, chunk: int, top: int,
     check_score(score)
     with torch.no_grad():
         q_rep = representatives(q.reshape(B, Tq, G, H // G, d).mean(3), planes, score)
-        chosen = select(q_rep, representatives(chunk_means(k, chunk), planes, score), counts,
-                        top, exact=score == "mean")
+        # exact scoring: the mean of each chunk in float32 (float64), as a cache keeps it
+        means = chunk_means(k if score == "hash" else k.to(q_rep.dtype), chunk)
+        chosen = select(q_rep, representatives(means, planes, score), counts, top,
+                        exact=score == "mean")
     if chosen.shape[-1] == 0:
         return q.new_zeros(q.shape) + 0 * q, chosen  # no recall anywhere (keeps the graph)
     if recall_ops.native(q):  # the chunks read in place by the native kernels
@@ -297,10 +306,11 @@ def update_chunk_signs(signs: Tensor, k_pages: Tensor, block_table: Tensor,
             continue
         pos = torch.arange(done.start * chunk, done.stop * chunk, device=k_pages.device)
         keys = k_pages[block_table[b].long()[pos // S], pos % S]  # (n C, G, d)
-        mean = keys.reshape(len(done), chunk, *keys.shape[1:]).mean(1)
-        signs[b, done.start:done.stop] = signatures(mean, planes).to(signs.dtype)
-        if means is not None:
-            means[b, done.start:done.stop] = mean.to(means.dtype)
+        shape = (len(done), chunk, *keys.shape[1:])
+        signs[b, done.start:done.stop] = signatures(keys.reshape(shape).mean(1),
+                                                    planes).to(signs.dtype)
+        if means is not None:  # in the state dtype, as a full pass computes them
+            means[b, done.start:done.stop] = keys.to(means.dtype).reshape(shape).mean(1)
 
 
 def choose_for_step(q: Tensor, signs: Tensor, before: list[int], *, chunk: int, top: int,
