@@ -223,9 +223,9 @@ def recall_attention(q: Tensor, k: Tensor, v: Tensor, *, chunk: int, top: int,
     Tk, G = k.shape[1], k.shape[2]
     grp, nC = H // G, Tk // chunk
     if score == "mean":
-        sign = lambda x: x.double()  # noqa: E731
+        rep = lambda x: x.double()  # noqa: E731
     else:
-        sign = lambda x: torch.where(x.double() @ planes.double().t() >= 0, 1.0, -1.0)  # noqa: E731
+        rep = lambda x: torch.where(x.double() @ planes.double().t() >= 0, 1.0, -1.0)  # noqa: E731
     counts = []
     for i in range(Tq):
         end = i + (Tk - Tq) - (1 if window is None else window) + 1
@@ -238,9 +238,9 @@ def recall_attention(q: Tensor, k: Tensor, v: Tensor, *, chunk: int, top: int,
         for i in range(Tq):
             heads = []
             for g in range(G):
-                qs = sign(q[b, i, g * grp:(g + 1) * grp].mean(0))
+                qs = rep(q[b, i, g * grp:(g + 1) * grp].mean(0))
                 ranked = sorted(range(counts[i]), key=lambda c: (
-                    -float(qs @ sign(k[b, c * chunk:(c + 1) * chunk, g].mean(0))), -c))
+                    -float(qs @ rep(k[b, c * chunk:(c + 1) * chunk, g].mean(0))), -c))
                 pick = ranked[:top]
                 chosen[b, i, g, :len(pick)] = torch.tensor(pick, dtype=torch.long)
                 qq = q[b:b + 1, i:i + 1, g * grp:(g + 1) * grp]

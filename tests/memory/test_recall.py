@@ -56,7 +56,7 @@ def test_exact_ties_go_to_the_later_chunk_however_many_are_scored():
     assert last == [9, 8, 7]  # row 95: chunks 0..9 eligible
     q_rep, k_rep = torch.randn(1, 1, 1, d), torch.zeros(1, 64, 1, d)  # every score 0
     for scored in (10, 11, 20, 64):  # a cached step scores only the chunks its rows may see
-        got = select(q_rep, k_rep[:, :scored], torch.tensor([10]), 4, exact=True)
+        got = select(q_rep, k_rep[:, :scored], torch.tensor([10]), 4)
         assert got[0, 0, 0].tolist() == [9, 8, 7, 6]
 
 

@@ -49,10 +49,15 @@ def _reference_qkv(m, x, start=0):
 @pytest.mark.parametrize("name,n_kv_head", [("mha", None), ("gqa", 2)])
 def test_attention_matches_the_written_out_reference(name, n_kv_head, rope, shift, backend):
     m = _module(name, n_kv_head, backend, rope=rope, key_shift=shift)
-    x = torch.randn(2, 13, D, dtype=torch.float64)
+    x = torch.randn(2, 13, D, dtype=torch.float64, requires_grad=True)
     q, k, v = _reference_qkv(m, x)
     want = m.proj(reference.attention(q, k, v, causal=True).reshape(2, 13, D))
-    assert rel_err(m(x), want) < EXACT
+    got = m(x)
+    assert rel_err(got, want) < EXACT
+    g = torch.randn_like(got)  # gradients into the input and every weight, the shift's too
+    wrt = (x, *m.parameters())
+    for a, b in zip(torch.autograd.grad(got, wrt, g), torch.autograd.grad(want, wrt, g)):
+        assert rel_err(a, b) < EXACT
 
 
 @pytest.mark.parametrize("name", ["mka", "fastmka"])

@@ -3,16 +3,17 @@ signature, and each query attending to the few chunks whose signatures match its
 
 Chunks are ``C`` consecutive tokens of a sequence; a chunk's signature per key/value head is
 the sign pattern of its **mean key** against fixed random hyperplanes (``tables`` groups of
-``bits``). ``score="mean"`` ranks by the exact dot product of the mean query with the mean key
-instead (the chunk's mean logit, which the signatures estimate: a cache then keeps the mean
-keys too, ``d`` numbers a chunk and head, beside the signatures its host store files). The mean key is the chunk's centroid: a query's dot product with it is the mean of
+``bits``). The mean key is the chunk's centroid: a query's dot product with it is the mean of
 its scores over the chunk, so matching signs (angular similarity, which SimHash estimates)
 rank chunks by their average attention logit — cheap to keep (one vector per chunk and head,
 updated as tokens arrive) and exact for a chunk of near-identical keys. A query's signature
 is that of its mean over the query heads of the kv head (GQA: one selection per token and
 key/value head, shared by its query heads). Selection is per query token, never per block
 of queries: a block's later rows would otherwise steer its earlier rows' recall, which is
-a look at the future in training and impossible in decoding.
+a look at the future in training and impossible in decoding. ``score="mean"`` ranks by the
+exact dot product of the mean query with the mean key instead (the chunk's mean logit, which
+the signatures estimate): a cache then keeps the mean keys too, ``d`` numbers a chunk and head,
+beside the signatures its host store files.
 
 Query row ``i`` (key position ``p = i + Tk - Tq``, bottom-right) may recall chunk ``c`` iff the
 chunk lies wholly before its L1 window: ``(c + 1) C <= p - W + 1`` (``W`` the window; without
@@ -34,6 +35,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from ..reference import state_dtype
 from . import recall_ops
 
 QUERY_BLOCK = 64  # query rows whose recalled keys are gathered at once
@@ -96,14 +98,14 @@ def representatives(x: Tensor, planes: Tensor, score: str) -> Tensor:
     patterns (``"hash"``) or themselves in float32/float64 (``"mean"``)."""
     if score == "hash":
         return signatures(x, planes)
-    return x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return x.to(state_dtype(x.dtype))
 
 
-def select(q_sig: Tensor, k_sig: Tensor, counts: Tensor, top: int, exact: bool = False) -> Tensor:
+def select(q_sig: Tensor, k_sig: Tensor, counts: Tensor, top: int) -> Tensor:
     """Indices ``(B, Tq, G, R)`` of the recalled chunks per query row and key/value head, best
     first, -1 where a row has fewer eligible chunks; ``R = min(top, max count)``. ``counts``:
     eligible chunks per row, ``(Tq,)`` or per sequence and row ``(B, Tq)``. ``q_sig, k_sig``:
-    signatures (±1), or with ``exact`` mean vectors (:func:`representatives`)."""
+    signatures (±1) or mean vectors (:func:`representatives`), scored by their dot product."""
     B, Tq, G, _ = q_sig.shape
     nC = k_sig.shape[1]
     width = min(top, int(counts.max())) if counts.numel() else 0  # counts live on the host
@@ -111,20 +113,13 @@ def select(q_sig: Tensor, k_sig: Tensor, counts: Tensor, top: int, exact: bool =
     if width == 0:
         return out
     with torch.autocast(q_sig.device.type, enabled=False):  # scores in the inputs' dtype
-        agree = torch.einsum("btgp,bcgp->btgc", q_sig, k_sig).double()  # signs: matches - mismatches
+        score = torch.einsum("btgp,bcgp->btgc", q_sig, k_sig)  # signs: matches - mismatches
     counts = counts.expand(B, Tq)
     allowed = torch.arange(nC, device=q_sig.device) < counts[..., None]  # (B, Tq, nC)
-    # Ties go to the later chunk, whatever the number of chunks scored (a cached step scores
-    # fewer than a full pass). Signs: the integer agreement scaled past nC takes the index.
-    # Exact scores: a stable sort of the chunks in reverse order keeps the later one first.
-    if exact:
-        key = agree.flip(-1).masked_fill(~allowed.flip(-1)[:, :, None, :], -math.inf)
-        order = key.sort(dim=-1, descending=True, stable=True).indices[..., :width]
-        best = nC - 1 - order
-    else:
-        key = agree * (nC + 1) + torch.arange(nC, device=q_sig.device, dtype=torch.float64)
-        key = key.masked_fill(~allowed[:, :, None, :], -math.inf)
-        best = key.topk(width, dim=-1).indices
+    # Ties go to the later chunk, however many chunks are scored (a cached step scores fewer
+    # than a full pass): a stable sort of the chunks in reverse order keeps the later first.
+    key = score.flip(-1).masked_fill(~allowed.flip(-1)[:, :, None, :], -math.inf)
+    best = nC - 1 - key.sort(dim=-1, descending=True, stable=True).indices[..., :width]
     valid = torch.arange(width, device=q_sig.device) < counts.clamp(max=width)[..., None]
     return torch.where(valid[:, :, None, :], best, out)
 
@@ -186,8 +181,7 @@ def recall_attention(q: Tensor, k: Tensor, v: Tensor, *, chunk: int, top: int,
         q_rep = representatives(q.reshape(B, Tq, G, H // G, d).mean(3), planes, score)
         # exact scoring: the mean of each chunk in float32 (float64), as a cache keeps it
         means = chunk_means(k if score == "hash" else k.to(q_rep.dtype), chunk)
-        chosen = select(q_rep, representatives(means, planes, score), counts, top,
-                        exact=score == "mean")
+        chosen = select(q_rep, representatives(means, planes, score), counts, top)
     if chosen.shape[-1] == 0:
         return q.new_zeros(q.shape) + 0 * q, chosen  # no recall anywhere (keeps the graph)
     if recall_ops.native(q):  # the chunks read in place by the native kernels
@@ -332,7 +326,7 @@ def choose_for_step(q: Tensor, signs: Tensor, before: list[int], *, chunk: int, 
     with torch.no_grad():
         q_rep = representatives(q.reshape(B, T, G, H // G, d).mean(3), planes, score)
         k_rep = (signs if means is None else means)[:, :nC].to(q_rep.dtype)
-        return select(q_rep, k_rep, counts.to(q.device), top, exact=means is not None), nC
+        return select(q_rep, k_rep, counts.to(q.device), top), nC
 
 
 def recall_decode(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor,

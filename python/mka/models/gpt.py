@@ -1,9 +1,8 @@
 """A GPT-style language model (nanoGPT's shape) whose attention is any ``mka.nn`` variant.
 
 Pre-LayerNorm blocks, learned absolute positions (or rotary ones: ``GPTConfig.rope``), tied
-input/output embeddings. With
-``caches`` from :meth:`GPT.new_caches`, ``forward`` continues a sequence: ``generate``
-prefills the prompt once and then feeds one token at a time.
+input/output embeddings. With ``caches`` from :meth:`GPT.new_caches`, ``forward`` continues a
+sequence: ``generate`` prefills the prompt once and then feeds one token at a time.
 """
 
 from __future__ import annotations

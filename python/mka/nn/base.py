@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from .._validate import attention_takes
 from ..layers import apply_linear
 from ..memory.cache import LayerCache, LayerSpec, PagedKVCache
+from ..reference import state_dtype
 from .backends import get_ops
 from .rope import rope_tables, rotate
 
@@ -127,9 +128,11 @@ class QKVAttention(CausalSelfAttention):
             raise ValueError(f"n_kv_head: must divide n_head = {n_head}, got {n_kv_head}")
         if rope is not None:
             if isinstance(rope, bool) or not isinstance(rope, (int, float)) or not rope > 1:
-                raise ValueError(f"rope: the rotary base must be a number > 1 (or None), got {rope!r}")
+                raise ValueError(f"rope: the rotary base must be a number > 1 (or None), "
+                                 f"got {rope!r}")
             if self.head_dim % 2:
-                raise ValueError(f"rope: rotates pairs of dims, needs an even head dim, got {self.head_dim}")
+                raise ValueError(f"rope: rotates pairs of dims, needs an even head dim, "
+                                 f"got {self.head_dim}")
         if not isinstance(key_shift, bool):
             raise ValueError(f"key_shift: expected True or False, got {key_shift!r}")
         self.n_kv_head, self.rope = n_kv_head, None if rope is None else float(rope)
@@ -163,9 +166,8 @@ class QKVAttention(CausalSelfAttention):
             k = k + self._shifted_keys(x, k, cache)
         if self.rope is None:
             return q, k, v
-        fdt = torch.float64 if q.dtype == torch.float64 else torch.float32
         tables = rope_tables(0 if cache is None else cache.positions, q.shape[1],
-                             self.head_dim, self.rope, q.device, fdt)
+                             self.head_dim, self.rope, q.device, state_dtype(q.dtype))
         return rotate(q, *tables), rotate(k, *tables), v
 
     def _shifted_keys(self, x: Tensor, k: Tensor, cache: Optional[LayerCache]) -> Tensor:

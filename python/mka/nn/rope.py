@@ -8,6 +8,8 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor
 
+from ..reference import state_dtype
+
 Start = Union[int, Sequence[int], Tensor]
 
 
@@ -39,5 +41,5 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 def apply_rope(x: Tensor, start: Start, theta: float = 10000.0) -> Tensor:
     """Rotates ``x: (B, T, heads, r)`` (``r`` even) for positions ``start .. start + T - 1``.
     Angles are computed in float32 (float64 for float64 inputs)."""
-    fdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return rotate(x, *rope_tables(start, x.shape[1], x.shape[-1], theta, x.device, fdt))
+    return rotate(x, *rope_tables(start, x.shape[1], x.shape[-1], theta, x.device,
+                                  state_dtype(x.dtype)))

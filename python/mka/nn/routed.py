@@ -29,9 +29,9 @@ class RoutedAttention(QKVAttention):
                  levels: int = 2, beta: float = 0.9, router_hidden: int = 64,
                  memory_slots: int = 16, recall_chunk: int = 0, recall_top: int = 4,
                  recall_tables: int = 4, recall_bits: int = 16, recall_score: str = "hash",
-                 bias: bool = True,
-                 dropout: float = 0.0, backend: str = "mka", window: Optional[int] = None,
-                 rope: Optional[float] = None, key_shift: bool = False):
+                 bias: bool = True, dropout: float = 0.0, backend: str = "mka",
+                 window: Optional[int] = None, rope: Optional[float] = None,
+                 key_shift: bool = False):
         super().__init__(n_embd, n_head, n_kv_head, bias=bias, dropout=dropout,
                          backend=backend, window=window, rope=rope, key_shift=key_shift)
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
