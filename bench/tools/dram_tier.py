@@ -2,8 +2,11 @@
 level 2 over EMA summaries, level 3 by recall) prefilled to each context length in steps,
 then decode steps timed. Reports, per context: the device-side bytes the cache holds (pages
 in use, summaries, signatures, states) against the full KV bytes of the context, the host
-bytes, the bytes recalled from host memory per decode step, and the step time — beside the
-all-resident cache where it fits (``--resident-max``).
+bytes, the PCIe bytes per decode step (chunks recalled from host memory, chunks spilled to
+it), and the step time — beside the all-resident cache (``--resident-max``) and beside full
+attention over the whole KV cache, GQA layers of the same shape (``--full-max``), where they
+fit. A decode step reads about what the device side holds (the window's pages, every summary
+and signature, the recalled chunks): the HBM bytes per step.
 
     python bench/tools/dram_tier.py --contexts 16384,65536,262144,1048576 --device cpu
 """
@@ -17,7 +20,7 @@ import time
 import torch
 
 from mka.memory import HostTier, PagedKVCache
-from mka.nn import MKAAttention
+from mka.nn import GroupedQueryAttention, MKAAttention
 
 
 def _sync(device: torch.device) -> None:
@@ -25,15 +28,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run(args, context: int, host: bool) -> dict:
+def run(args, context: int, mode: str) -> dict:
+    """One context under ``mode``: "resident", "host tier" or "full attention"."""
     torch.manual_seed(0)
     dev, dt = torch.device(args.device), getattr(torch, args.dtype)
-    layers = [MKAAttention(args.n_embd, args.heads, args.kv_heads, levels=3,
-                           recall_chunk=args.chunk, recall_top=args.top, window=args.window,
-                           ema_stride=args.chunk).to(dev, dt).eval() for _ in range(args.layers)]
+    host = mode == "host tier"
+    if mode == "full attention":
+        make = lambda: GroupedQueryAttention(args.n_embd, args.heads, args.kv_heads)
+    else:
+        make = lambda: MKAAttention(args.n_embd, args.heads, args.kv_heads, levels=3,
+                                    recall_chunk=args.chunk, recall_top=args.top,
+                                    window=args.window, ema_stride=args.chunk)
+    layers = [make().to(dev, dt).eval() for _ in range(args.layers)]
     tier = (HostTier(args.host_gib << 30, pinned=dev.type == "cuda", step_tokens=args.step)
             if host else None)  # page-locked on the GPU host: asynchronous copies
-    total = context + args.decode
+    total = context + 1 + args.decode
     cache = PagedKVCache([m.cache_spec() for m in layers], 1, max_tokens=total,
                          page_size=args.page_size, device=dev, dtype=dt, host=tier)
     x = torch.randn(1, total, args.n_embd, device=dev, dtype=dt)
@@ -48,9 +57,11 @@ def run(args, context: int, host: bool) -> dict:
             forward(x[:, t:min(t + args.step, context)])
         _sync(dev)
         prefill_s = time.perf_counter() - start
+        forward(x[:, context:context + 1])  # untimed: spills the prefill's last chunks
         read0 = sum(c.host.read_bytes for c in cache) if host else 0
+        stored0 = cache.host_bytes()
         times = []
-        for t in range(context, total):
+        for t in range(context + 1, total):
             _sync(dev)
             t0 = time.perf_counter()
             forward(x[:, t:t + 1])
@@ -62,9 +73,10 @@ def run(args, context: int, host: bool) -> dict:
     page_bytes = len(pages) * sum(m.cache_spec().bytes_per_page(args.page_size, dt) for m in layers)
     states = sum(t.numel() * t.element_size() for c in cache for t in c.states.values())
     read = (sum(c.host.read_bytes for c in cache) - read0) / args.decode if host else 0
-    return dict(context=context, mode="host tier" if host else "resident", kv_mb=kv / 2**20,
+    written = (cache.host_bytes() - stored0) / args.decode
+    return dict(context=context, mode=mode, kv_mb=kv / 2**20,
                 device_mb=(page_bytes + states) / 2**20, device_pct=100 * (page_bytes + states) / kv,
-                host_mb=cache.host_bytes() / 2**20, read_kb=read / 2**10,
+                host_mb=cache.host_bytes() / 2**20, read_kb=read / 2**10, write_kb=written / 2**10,
                 step_ms=1e3 * statistics.median(times), prefill_s=prefill_s)
 
 
@@ -82,22 +94,27 @@ def main() -> None:
     p.add_argument("--top", type=int, default=8)
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--step", type=int, default=1024, help="prefill step (tokens)")
-    p.add_argument("--decode", type=int, default=16, help="decode steps timed")
+    p.add_argument("--decode", type=int, default=64,
+                   help="decode steps timed (64: one chunk spills on the way)")
     p.add_argument("--host-gib", type=int, default=16)
     p.add_argument("--resident-max", type=int, default=65536,
                    help="longest context also run with every page resident")
+    p.add_argument("--full-max", type=int, default=0,
+                   help="longest context also run with full attention (GQA) over every page")
     args = p.parse_args()
     print(f"{args.layers} MKA layers, d_model {args.n_embd}, H {args.heads}, G {args.kv_heads}, "
           f"window {args.window}, chunk {args.chunk}, top {args.top}, {args.dtype} on {args.device}")
-    print("| context | cache | full KV MB | device MB (% of KV) | host MB | recalled KB/step "
-          "| decode ms/step | prefill s |")
+    print("| context | cache | full KV MB | device MB (% of KV) | host MB | PCIe KB/step: "
+          "recalled + spilled | decode ms/step | prefill s |")
     print("|---|---|---|---|---|---|---|---|", flush=True)
     for n in (int(c) for c in args.contexts.split(",")):
-        for host in ((False, True) if n <= args.resident_max else (True,)):
-            r = run(args, n, host)
+        modes = (["full attention"] if n <= args.full_max else []) + \
+                (["resident"] if n <= args.resident_max else []) + ["host tier"]
+        for mode in modes:
+            r = run(args, n, mode)
             print(f"| {r['context']} | {r['mode']} | {r['kv_mb']:.1f} | {r['device_mb']:.1f} "
-                  f"({r['device_pct']:.1f}%) | {r['host_mb']:.1f} | {r['read_kb']:.0f} "
-                  f"| {r['step_ms']:.2f} | {r['prefill_s']:.1f} |", flush=True)
+                  f"({r['device_pct']:.1f}%) | {r['host_mb']:.1f} | {r['read_kb']:.0f} + "
+                  f"{r['write_kb']:.0f} | {r['step_ms']:.2f} | {r['prefill_s']:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

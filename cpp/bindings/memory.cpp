@@ -82,6 +82,38 @@ void bind_memory(nb::module_& m) {
              without_gil([&] { s.insert(seq, index, p, w); });
            },
            "seq"_a, "index"_a, "payload"_a, "signatures"_a)
+      .def("insert_many",
+           [](ChunkStore& s, const Words& seqs, const Words& indices, const Bytes& payloads,
+              const Words& sigs) {
+             const int64_t n = int64_t(seqs.size());
+             MKA_CHECK(int64_t(indices.size()) == n, "indices: expected ", n,
+                       " entries (one per seqs entry), got ", int64_t(indices.size()));
+             MKA_CHECK(int64_t(payloads.nbytes()) == n * s.chunk_bytes(), "payloads: expected ",
+                       n, " x ", s.chunk_bytes(), " contiguous bytes, got ",
+                       int64_t(payloads.nbytes()));
+             MKA_CHECK(int64_t(sigs.size()) == n * s.kv_heads() * s.words(), "signatures: expected ",
+                       n, " x ", s.kv_heads(), " x ", s.words(), " int64 words, got ",
+                       int64_t(sigs.size()));
+             const int64_t* q = seqs.data();
+             const int64_t* i = indices.data();
+             const void* p = payloads.data();
+             const auto* w = reinterpret_cast<const uint64_t*>(sigs.data());
+             without_gil([&] { s.insert_many(n, q, i, p, w); });
+           },
+           "seqs"_a, "indices"_a, "payloads"_a, "signatures"_a)
+      .def("read_many",
+           [](const ChunkStore& s, const Words& seqs, const Words& indices, Bytes& out) {
+             const int64_t n = int64_t(seqs.size());
+             MKA_CHECK(int64_t(indices.size()) == n, "indices: expected ", n,
+                       " entries (one per seqs entry), got ", int64_t(indices.size()));
+             MKA_CHECK(int64_t(out.nbytes()) == n * s.chunk_bytes(), "out: expected ", n, " x ",
+                       s.chunk_bytes(), " contiguous bytes, got ", int64_t(out.nbytes()));
+             const int64_t* q = seqs.data();
+             const int64_t* i = indices.data();
+             void* p = out.data();
+             without_gil([&] { s.read_many(n, q, i, p); });
+           },
+           "seqs"_a, "indices"_a, "out"_a.noconvert())
       .def("read",
            [](const ChunkStore& s, int64_t seq, int64_t index, Bytes& out) {
              MKA_CHECK(int64_t(out.nbytes()) == s.chunk_bytes(), "out: expected ",

@@ -43,3 +43,25 @@ TEST(ChunkStore, SelectsByMatchingBitsTiesToTheLater) {
   EXPECT_EQ(out[0], 0);
   EXPECT_EQ(out[1], -1);
 }
+
+TEST(ChunkStore, BatchedInsertAndReadAreAllOrNothing) {
+  ChunkStore s(4, 1, 64, 12);  // room for three chunks
+  unsigned char payloads[12], out[12];
+  for (int i = 0; i < 12; ++i) payloads[i] = (unsigned char)(7 * i);
+  const uint64_t sigs[3] = {1, 2, 3};
+  const int64_t seqs[3] = {5, 5, 6}, idx[3] = {0, 1, 0};
+  s.insert_many(2, seqs, idx, payloads, sigs);
+  const int64_t over_seqs[2] = {6, 7}, over_idx[2] = {0, 0};  // two new chunks, one free slot
+  EXPECT_THROW(s.insert_many(2, over_seqs, over_idx, payloads, sigs), mka::Error);
+  EXPECT_EQ(s.size(), 2);  // nothing of the refused batch was stored
+  s.insert_many(3, seqs, idx, payloads, sigs);  // two replaced, one new: fits
+  const int64_t rs[3] = {6, 5, 5}, ri[3] = {0, 1, 0};
+  s.read_many(3, rs, ri, out);
+  EXPECT_EQ(std::memcmp(out, payloads + 8, 4), 0);
+  EXPECT_EQ(std::memcmp(out + 4, payloads + 4, 4), 0);
+  EXPECT_EQ(std::memcmp(out + 8, payloads, 4), 0);
+  const int64_t miss_s[2] = {5, 9}, miss_i[2] = {0, 0};
+  std::memset(out, 0xAB, sizeof out);
+  EXPECT_THROW(s.read_many(2, miss_s, miss_i, out), mka::Error);
+  EXPECT_EQ(out[0], 0xAB);  // checked before any copy
+}

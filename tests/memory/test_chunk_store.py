@@ -35,6 +35,47 @@ def test_round_trip_is_bitwise():
     assert torch.equal(back.view(torch.int32), halves.view(torch.int32))
 
 
+def test_batched_insert_and_read_equal_one_at_a_time():
+    s, one = _store(), _store()
+    payloads = torch.randint(0, 256, (3, 256), dtype=torch.uint8)
+    sigs = torch.stack([_sig(seed=i) for i in range(3)])
+    seqs, idx = torch.tensor([4, 4, 9]), torch.tensor([0, 1, 0])
+    s.insert_many(seqs, idx, payloads, sigs)
+    for i in range(3):
+        one.insert(int(seqs[i]), int(idx[i]), payloads[i], sigs[i])
+    out = torch.empty(3, 256, dtype=torch.uint8)
+    s.read_many(torch.tensor([9, 4, 4]), torch.tensor([0, 1, 0]), out)
+    assert torch.equal(out, payloads[[2, 1, 0]])
+    query = _sig(seed=7)
+    a, b = torch.empty(2, 2, dtype=torch.int64), torch.empty(2, 2, dtype=torch.int64)
+    s.select(4, 2, query, 2, a)
+    one.select(4, 2, query, 2, b)
+    assert torch.equal(a, b)  # the same signatures stored
+    s.read_many(torch.tensor([], dtype=torch.int64), torch.tensor([], dtype=torch.int64),
+                torch.empty(0, 256, dtype=torch.uint8))  # nothing to read
+
+
+def test_batched_calls_check_their_arguments():
+    s = _store(chunks=2)
+    two = torch.zeros(2, 256, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="indices: expected 2 entries"):
+        s.insert_many(torch.tensor([0, 0]), torch.tensor([0]), two, torch.zeros(2, 2, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="payloads: expected 2 x 256"):
+        s.insert_many(torch.tensor([0, 0]), torch.tensor([0, 1]), two[:, :128], torch.zeros(2, 2, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="signatures: expected 2 x 2 x 2"):
+        s.insert_many(torch.tensor([0, 0]), torch.tensor([0, 1]), two, torch.zeros(2, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="indices: must be >= 0"):
+        s.insert_many(torch.tensor([0]), torch.tensor([-1]), two[:1], torch.zeros(1, 2, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="chunk store: full"):
+        s.insert_many(torch.tensor([0, 0, 0]), torch.tensor([0, 1, 2]), torch.zeros(3, 256, dtype=torch.uint8),
+                      torch.zeros(3, 2, 2, dtype=torch.int64))
+    assert s.size == 0  # the refused batch stored nothing
+    with pytest.raises(ValueError, match="out: expected 1 x 256"):
+        s.read_many(torch.tensor([0]), torch.tensor([0]), two)
+    with pytest.raises(ValueError, match="no chunk 0 of sequence 0 \\(entry 0\\)"):
+        s.read_many(torch.tensor([0]), torch.tensor([0]), two[:1])
+
+
 def test_the_budget_is_an_error_or_evicts_the_oldest():
     s = _store(chunks=2)
     block = torch.zeros(256, dtype=torch.uint8)

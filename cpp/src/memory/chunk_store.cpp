@@ -75,11 +75,8 @@ std::vector<uint64_t> ChunkStore::masked(const uint64_t* words_in) const {
   return out;
 }
 
-void ChunkStore::insert(int64_t seq, int64_t index, const void* payload,
-                        const uint64_t* signatures) {
-  MKA_CHECK(index >= 0, "index: must be >= 0, got ", index);
-  std::vector<uint64_t> sig = masked(signatures);  // allocations before any change
-  std::unique_lock lock(mu_);
+void ChunkStore::put(int64_t seq, int64_t index, const void* payload,
+                     std::vector<uint64_t>&& sig) {
   auto it = entries_.find({seq, index});
   int64_t slot;
   if (it != entries_.end()) {
@@ -92,6 +89,58 @@ void ChunkStore::insert(int64_t seq, int64_t index, const void* payload,
   const uint64_t age = clock_++;
   by_age_[age] = {seq, index};
   entries_[{seq, index}] = Entry{slot, age, std::move(sig)};
+}
+
+void ChunkStore::insert(int64_t seq, int64_t index, const void* payload,
+                        const uint64_t* signatures) {
+  MKA_CHECK(index >= 0, "index: must be >= 0, got ", index);
+  std::vector<uint64_t> sig = masked(signatures);  // allocations before any change
+  std::unique_lock lock(mu_);
+  put(seq, index, payload, std::move(sig));
+}
+
+void ChunkStore::insert_many(int64_t n, const int64_t* seqs, const int64_t* indices,
+                             const void* payloads, const uint64_t* signatures) {
+  MKA_CHECK(n >= 0, "n: must be >= 0, got ", n);
+  const int64_t W = words();
+  std::vector<std::vector<uint64_t>> sigs;  // allocations before any change
+  sigs.reserve(size_t(n));
+  for (int64_t i = 0; i < n; ++i) {
+    MKA_CHECK(indices[i] >= 0, "indices: must be >= 0, got ", indices[i], " at ", i);
+    sigs.push_back(masked(signatures + i * heads_ * W));
+  }
+  std::unique_lock lock(mu_);
+  if (when_full_ == Full::error) {  // room for the chunks not stored yet, counted once each
+    std::vector<Key> fresh;
+    for (int64_t i = 0; i < n; ++i)
+      if (!entries_.count({seqs[i], indices[i]})) fresh.push_back({seqs[i], indices[i]});
+    std::sort(fresh.begin(), fresh.end());
+    const auto need = int64_t(std::unique(fresh.begin(), fresh.end()) - fresh.begin());
+    MKA_CHECK(need <= int64_t(free_slots_.size()), "chunk store: full (", slots_, " chunks of ",
+              chunk_bytes_, " bytes: the byte budget; ", need, " new chunks, ",
+              int64_t(free_slots_.size()), " free); drop sequences, raise the budget, or let it "
+              "evict the oldest chunks");
+  }
+  const auto* bytes = static_cast<const unsigned char*>(payloads);
+  for (int64_t i = 0; i < n; ++i)
+    put(seqs[i], indices[i], bytes + i * chunk_bytes_, std::move(sigs[size_t(i)]));
+}
+
+void ChunkStore::read_many(int64_t n, const int64_t* seqs, const int64_t* indices,
+                           void* dst) const {
+  MKA_CHECK(n >= 0, "n: must be >= 0, got ", n);
+  std::shared_lock lock(mu_);
+  std::vector<int64_t> slots(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    auto it = entries_.find({seqs[i], indices[i]});
+    MKA_CHECK(it != entries_.end(), "chunk store: no chunk ", indices[i], " of sequence ",
+              seqs[i], " (entry ", i, ")");
+    slots[size_t(i)] = it->second.slot;
+  }
+  auto* out = static_cast<unsigned char*>(dst);
+  for (int64_t i = 0; i < n; ++i)
+    std::memcpy(out + i * chunk_bytes_, arena_ + slots[size_t(i)] * chunk_bytes_,
+                size_t(chunk_bytes_));
 }
 
 void ChunkStore::read(int64_t seq, int64_t index, void* dst) const {

@@ -120,12 +120,12 @@ class LayerHost:
         slots = (pos % S).to(layer.device)
         keys = layer.k_pages[pages, slots].reshape(target - done, C, self.heads, self.dk)
         vals = layer.v_pages[pages, slots].reshape(target - done, C, self.heads, self.dv)
-        payload = torch.cat((keys, vals), -1).permute(0, 2, 1, 3).cpu()  # (n, G, C, dk + dv)
+        payload = torch.cat((keys, vals), -1).permute(0, 2, 1, 3).contiguous().cpu()  # (n, G, C, dk + dv)
         words = pack_signatures(layer.states["chunk_signs"][row, done:target].float()).cpu()
-        for i, c in enumerate(range(done, target)):
-            for g in range(self.heads):
-                self.store.insert(self._key(seq, g), c, payload[i, g].contiguous(),
-                                  words[i, g].contiguous())
+        n, G = target - done, self.heads
+        heads = torch.arange(G).repeat(n)
+        self.store.insert_many(self._key(seq, heads), torch.arange(done, target).repeat_interleave(G),
+                               payload, words.contiguous())  # one call: all or nothing
         self.spilled[seq] = target
 
     # ------------------------------------------------------------------ recall
@@ -165,14 +165,17 @@ class LayerHost:
         """The distinct chunks ``d`` on the device, ``keys (U, C, dk)``, ``vals (U, C, dv)``:
         spilled ones read from the store (staged, then copied), the others from the pages."""
         C = self.chunk
-        seqs = [layer.parent.seqs[int(r)] for r in d.rows]
-        stored = torch.tensor([int(c) < self.spilled.get(s, 0) for s, c in zip(seqs, d.index)],
-                              dtype=torch.bool)
+        row_seqs = torch.tensor(layer.parent.seqs, dtype=torch.int64)  # per batch row
+        row_spilled = torch.tensor([self.spilled.get(s, 0) for s in layer.parent.seqs],
+                                   dtype=torch.int64)
+        rows = d.rows.long()
+        stored = d.index.long() < row_spilled[rows]
         dt, dev = layer.dtype, layer.device
         cuda = dev.type == "cuda"
         staged = torch.empty((int(stored.sum()), C, self.dk + self.dv), dtype=dt, pin_memory=cuda)
-        for j, u in enumerate(torch.nonzero(stored).flatten().tolist()):
-            self.store.read(self._key(seqs[u], int(d.heads[u])), int(d.index[u]), staged[j])
+        picked = torch.nonzero(stored).flatten()
+        self.store.read_many(self._key(row_seqs[rows[picked]], d.heads[picked].long()),
+                             d.index[picked].long().contiguous(), staged)  # one call
         self.read_bytes += staged.numel() * staged.element_size()
         out = torch.empty((d.rows.numel(), C, self.dk + self.dv), dtype=dt, device=dev)
         if staged.shape[0]:  # host -> device beside the layer's other work, then joined
@@ -183,7 +186,7 @@ class LayerHost:
                 main = torch.cuda.current_stream(dev)
                 main.wait_stream(self.copy_stream)
                 moved.record_stream(main)
-            out[torch.nonzero(stored).flatten().to(dev)] = moved
+            out[picked.to(dev)] = moved
         if not bool(stored.all()):  # chunks still in the pool: gathered from the pages
             u = torch.nonzero(~stored).flatten()
             k, v = page_chunks(layer.k_pages, layer.v_pages, layer.parent.block_table(), d, C, u)

@@ -30,8 +30,15 @@ class ChunkStore {
   // Stores chunk `index` of sequence `seq`: chunk_bytes of payload and kv_heads signatures of
   // words() words each. Replaces an earlier chunk of the same (seq, index).
   void insert(int64_t seq, int64_t index, const void* payload, const uint64_t* signatures);
+  // insert() of n chunks under one lock: payloads n x chunk_bytes, signatures n x kv_heads x
+  // words(). All or nothing: an Error (a full store, a negative index) changes nothing.
+  void insert_many(int64_t n, const int64_t* seqs, const int64_t* indices, const void* payloads,
+                   const uint64_t* signatures);
   // Copies chunk (seq, index)'s payload into dst; an Error if it is not stored.
   void read(int64_t seq, int64_t index, void* dst) const;
+  // read() of n chunks under one lock into dst, n x chunk_bytes (a decode step's recall is
+  // one call, not one per chunk); an Error naming the first chunk not stored, before any copy.
+  void read_many(int64_t n, const int64_t* seqs, const int64_t* indices, void* dst) const;
   // For each kv head, the `top` stored chunks of `seq` with index < limit whose signatures
   // agree most with `query` (kv_heads x words()), best first, ties to the later index; -1
   // pads. out: kv_heads x top chunk indices.
@@ -56,6 +63,8 @@ class ChunkStore {
   using Key = std::pair<int64_t, int64_t>;  // (seq, index)
 
   int64_t take_slot();  // a free slot, evicting the oldest chunk if allowed (lock held)
+  // Stores or replaces (seq, index) (lock held; the signature masked already).
+  void put(int64_t seq, int64_t index, const void* payload, std::vector<uint64_t>&& sig);
   // The signature words with the bits past signature_bits cleared (they must not rank).
   std::vector<uint64_t> masked(const uint64_t* words) const;
 
