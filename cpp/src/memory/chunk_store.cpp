@@ -5,6 +5,7 @@
 #include <cstring>
 #include <mutex>
 
+#include "mka/cpu/thread_pool.h"
 #include "mka/error.h"
 #ifdef MKA_WITH_CUDA
 #include <cuda_runtime.h>
@@ -138,9 +139,12 @@ void ChunkStore::read_many(int64_t n, const int64_t* seqs, const int64_t* indice
     slots[size_t(i)] = it->second.slot;
   }
   auto* out = static_cast<unsigned char*>(dst);
-  for (int64_t i = 0; i < n; ++i)
+  // A prefill step's recall reads thousands of chunks (tens of MB): one thread's memcpy is
+  // far below the host's memory bandwidth, so the pool's threads share them.
+  parallel_for(n, [&](int64_t i) {
     std::memcpy(out + i * chunk_bytes_, arena_ + slots[size_t(i)] * chunk_bytes_,
                 size_t(chunk_bytes_));
+  }, double(n) * double(chunk_bytes_));
 }
 
 void ChunkStore::read(int64_t seq, int64_t index, void* dst) const {

@@ -117,9 +117,18 @@ def select(q_sig: Tensor, k_sig: Tensor, counts: Tensor, top: int) -> Tensor:
     counts = counts.expand(B, Tq)
     allowed = torch.arange(nC, device=q_sig.device) < counts[..., None]  # (B, Tq, nC)
     # Ties go to the later chunk, however many chunks are scored (a cached step scores fewer
-    # than a full pass): a stable sort of the chunks in reverse order keeps the later first.
-    key = score.flip(-1).masked_fill(~allowed.flip(-1)[:, :, None, :], -math.inf)
-    best = nC - 1 - key.sort(dim=-1, descending=True, stable=True).indices[..., :width]
+    # than a full pass): float32 scores and the chunk index packed into one int64 key per
+    # chunk, unique, so topk's choice is the order's (a full sort cost ~10x more at 1k rows
+    # by 1k chunks on the CPU); float64 scores by a stable sort of the chunks in reverse order.
+    if score.dtype == torch.float32:
+        mono = (score + 0.0).view(torch.int32).long()  # + 0.0: -0.0 ranks as +0.0
+        mono = torch.where(mono < 0, mono ^ 0x7FFFFFFF, mono)  # the floats' order as integers
+        key = (mono << 32) + torch.arange(nC, device=q_sig.device)
+        key = key.masked_fill(~allowed[:, :, None, :], torch.iinfo(torch.int64).min)
+        best = key.topk(width, dim=-1).indices
+    else:
+        key = score.flip(-1).masked_fill(~allowed.flip(-1)[:, :, None, :], -math.inf)
+        best = nC - 1 - key.sort(dim=-1, descending=True, stable=True).indices[..., :width]
     valid = torch.arange(width, device=q_sig.device) < counts.clamp(max=width)[..., None]
     return torch.where(valid[:, :, None, :], best, out)
 
