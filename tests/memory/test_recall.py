@@ -164,3 +164,26 @@ def test_prompts_of_different_lengths_generate_with_recall():
     out = m.generate(prompts, 12, greedy=True)
     for p, o in zip(prompts, out):
         assert torch.equal(o, m.generate(p[None], 12, greedy=True)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_direct_page_gather_equals_the_distinct_chunk_path(dtype):
+    """Decoding's gather of each row's chunks (no host read of the choice) and prefill's
+    distinct chunks give the same O3: GQA, several rows, -1 padding, a chunk chosen by
+    several rows, pages out of order."""
+    from mka.memory import recall as RC
+    gen = torch.Generator().manual_seed(5)
+    B, T, H, G, d, C, S, R = 2, 3, 4, 2, 8, 4, 2, 3
+    pages = 40
+    kp = torch.randn(pages, S, G, d, generator=gen, dtype=dtype)
+    vp = torch.randn(pages, S, G, d, generator=gen, dtype=dtype)
+    table = torch.stack([torch.randperm(pages, generator=gen)[:16] for _ in range(B)]).int()
+    q = torch.randn(B, T, H, d, generator=gen, dtype=dtype)
+    chosen = torch.randint(0, 6, (B, T, G, R), generator=gen)
+    chosen[0, 1, 1, 2] = -1
+    chosen[1, 2, :, 1:] = -1
+    direct = RC._attend_chosen_pages(q, kp, vp, table, chosen, C, 0.3)
+    dist = RC.distinct_chunks(chosen, G, 8)
+    keys, vals = RC.page_chunks(kp, vp, table, dist, C)
+    composite = RC.attend_distinct(q, keys, vals, chosen, dist, C, 0.3)
+    assert rel_err(direct, composite) < (1e-12 if dtype == torch.float64 else 1e-5)

@@ -40,7 +40,7 @@ def recall_inputs(s: Shape, device: str, dtype: torch.dtype) -> RecallInputs:
     with torch.no_grad():
         q_sig = signatures(q.reshape(s.B, s.T, s.G, s.H // s.G, s.d).mean(3), planes)
         chosen = select(q_sig, signatures(chunk_means(k, CHUNK), planes),
-                        eligible(s.T, s.T, CHUNK, WINDOW, q.device), TOP)
+                        eligible(s.T, s.T, CHUNK, WINDOW), TOP)
     return RecallInputs(q, k, v, chosen)
 
 

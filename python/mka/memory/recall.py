@@ -104,17 +104,18 @@ def representatives(x: Tensor, planes: Tensor, score: str) -> Tensor:
 def select(q_sig: Tensor, k_sig: Tensor, counts: Tensor, top: int) -> Tensor:
     """Indices ``(B, Tq, G, R)`` of the recalled chunks per query row and key/value head, best
     first, -1 where a row has fewer eligible chunks; ``R = min(top, max count)``. ``counts``:
-    eligible chunks per row, ``(Tq,)`` or per sequence and row ``(B, Tq)``. ``q_sig, k_sig``:
+    eligible chunks per row, ``(Tq,)`` or per sequence and row ``(B, Tq)``, best on the host
+    (its largest entry sets R: read from a device tensor, a synchronisation). ``q_sig, k_sig``:
     signatures (±1) or mean vectors (:func:`representatives`), scored by their dot product."""
     B, Tq, G, _ = q_sig.shape
     nC = k_sig.shape[1]
-    width = min(top, int(counts.max())) if counts.numel() else 0  # counts live on the host
+    width = min(top, int(counts.max())) if counts.numel() else 0  # host counts: no sync
     out = torch.full((B, Tq, G, width), -1, dtype=torch.long, device=q_sig.device)
     if width == 0:
         return out
     with torch.autocast(q_sig.device.type, enabled=False):  # scores in the inputs' dtype
         score = torch.einsum("btgp,bcgp->btgc", q_sig, k_sig)  # signs: matches - mismatches
-    counts = counts.expand(B, Tq)
+    counts = counts.to(q_sig.device).expand(B, Tq)
     allowed = torch.arange(nC, device=q_sig.device) < counts[..., None]  # (B, Tq, nC)
     # Ties go to the later chunk, however many chunks are scored (a cached step scores fewer
     # than a full pass): float32 scores and the chunk index packed into one int64 key per
@@ -184,7 +185,7 @@ def recall_attention(q: Tensor, k: Tensor, v: Tensor, *, chunk: int, top: int,
     if Tq > Tk:
         raise ValueError(f"q: {Tq} query rows against {Tk} keys (rows align with the last keys)")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    counts = eligible(Tq, Tk, chunk, window, q.device)
+    counts = eligible(Tq, Tk, chunk, window)  # on the host: select reads its largest
     check_score(score)
     with torch.no_grad():
         q_rep = representatives(q.reshape(B, Tq, G, H // G, d).mean(3), planes, score)
@@ -335,7 +336,34 @@ def choose_for_step(q: Tensor, signs: Tensor, before: list[int], *, chunk: int, 
     with torch.no_grad():
         q_rep = representatives(q.reshape(B, T, G, H // G, d).mean(3), planes, score)
         k_rep = (signs if means is None else means)[:, :nC].to(q_rep.dtype)
-        return select(q_rep, k_rep, counts.to(q.device), top), nC
+        return select(q_rep, k_rep, counts, top), nC
+
+
+# New rows per sequence up to which a cached step gathers each row's chosen chunks from the
+# pages by itself (decoding, speculative verification): no host read of the choice, so no
+# synchronisation and a step a CUDA graph can hold. Longer steps (prefill) read each distinct
+# chunk once instead (:func:`distinct_chunks`), their rows sharing many.
+DIRECT_ROWS = 16
+
+
+def _attend_chosen_pages(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor,
+                         chosen: Tensor, chunk: int, scale: float) -> Tensor:
+    """``O3`` of ``q: (B, T, H, d)`` over ``chosen (B, T, G, R)`` read from the pages: every
+    row's chunks gathered, on the device, into a key sequence of its own (R chunks, -1 slots
+    read chunk 0 and are not attended), then the recall op over rows as a batch."""
+    B, T, H, d = q.shape
+    G, R = chosen.shape[2], chosen.shape[3]
+    S, dev = k_pages.shape[1], q.device
+    c = chosen.permute(0, 1, 3, 2).clamp(min=0).long()  # (B, T, R, G)
+    pos = c[:, :, :, None, :] * chunk + torch.arange(chunk, device=dev)[:, None]  # (B,T,R,C,G)
+    b = torch.arange(B, device=dev)[:, None, None, None, None]
+    g = torch.arange(G, device=dev)
+    page = block_table.long()[b, pos // S]
+    k = k_pages[page, pos % S, g].reshape(B * T, R * chunk, G, k_pages.shape[-1])
+    v = v_pages[page, pos % S, g].reshape(B * T, R * chunk, G, v_pages.shape[-1])
+    local = torch.where(chosen >= 0, torch.arange(R, device=dev), -1).reshape(B * T, 1, G, R)
+    out = recall_ops.recall_op(q.reshape(B * T, 1, H, d), k, v, local, chunk, scale)
+    return out.reshape(B, T, H, d)
 
 
 def recall_decode(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor,
@@ -350,6 +378,8 @@ def recall_decode(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tens
                                  window=window, means=means)
     if chosen.shape[-1] == 0:
         return q.new_zeros(q.shape)
+    if q.shape[1] <= DIRECT_ROWS and recall_ops.native(q):
+        return _attend_chosen_pages(q, k_pages, v_pages, block_table, chosen, chunk, scale)
     chunks = distinct_chunks(chosen.cpu(), k_pages.shape[2], nC)
     keys, vals = page_chunks(k_pages, v_pages, block_table, chunks, chunk)
     return attend_distinct(q, keys, vals, chosen, chunks, chunk, scale)
