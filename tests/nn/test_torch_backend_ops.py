@@ -76,6 +76,25 @@ def test_ema_in_pieces_and_empty():
     assert y0.shape == (1, 0, 2, 4) and torch.equal(s0, s)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_ema_one_token_is_the_chunked_forms_first_token(dtype):
+    """A decode step's recurrence (the one-token path) rounds as the chunked scan's first
+    token does, bit for bit; token by token it follows the whole sequence's scan."""
+    z = torch.randn(2, 9, 3, 5).to(dtype)
+    s = torch.randn(2, 3, 5, dtype=R.state_dtype(dtype))
+    y, _ = T.ema(z, 0.93, s)
+    one, s1 = T.ema(z[:, :1], 0.93, s)
+    assert torch.equal(one, y[:, :1]) and s1.dtype == s.dtype
+    if dtype != torch.bfloat16:
+        assert torch.equal(s1, y[:, 0])
+    state, steps = s, []
+    for t in range(9):
+        out, state = T.ema(z[:, t:t + 1], 0.93, state)
+        steps.append(out)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
+    assert rel_err(torch.cat(steps, 1).double(), y.double()) < tol
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("L,with_state", [(2, True), (3, False), (3, True)])
 def test_route_fuse(dtype, L, with_state):
