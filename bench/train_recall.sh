@@ -33,8 +33,9 @@
 #              (4 heads of 64) with the key shift (--key-shift: keys read the previous token),
 #              2400 steps of 32 examples at lr 1e-3, 8 pairs of a 256-token vocabulary:
 #              bench/results/h100_recall_task.md (about 4 minutes of an H100, PARALLEL=1)
-#   gpu  W 1024, lengths 1k,4k,16k, the gpu-quick model, bf16 (not tuned: a starting point;
-#        batch 8 without short lengths learnt nothing in 2000 steps at W 256, same file)
+#   gpu  W 256, lengths 1k,4k,16k (4x, 16x, 64x W; trained on 64 and 256 too), the gpu-quick
+#        model and task, batch 16, 2000 steps (not run yet: batch 8 without the short lengths
+#        learnt nothing in 2000 steps, h100_recall_task.md; about 8 minutes of an H100 expected)
 set -uo pipefail
 PRESET=${PRESET:-cpu}
 case $PRESET in
@@ -46,10 +47,10 @@ case $PRESET in
          D_BATCH=32; D_EXAMPLES=256; D_CHUNK=64; D_TOP=8; D_LR=1e-3; D_WARMUP=200
          D_MODEL="--n-layer 2 --n-head 4 --n-embd 256 --precision bf16 --key-shift"
          D_TASK="--task-vocab 256 --num-kv-pairs 8 --num-queries 8" ;;
-    gpu) D_WINDOW=1024; D_LENGTHS=1k,4k,16k; D_TRAIN_LENGTHS=64,256,1k,4k,16k; D_STEPS=3000
-         D_BATCH=8; D_EXAMPLES=256; D_CHUNK=64; D_TOP=8; D_LR=1e-3; D_WARMUP=300
+    gpu) D_WINDOW=256; D_LENGTHS=1k,4k,16k; D_TRAIN_LENGTHS=64,256,1k,4k,16k; D_STEPS=2000
+         D_BATCH=16; D_EXAMPLES=128; D_CHUNK=64; D_TOP=8; D_LR=1e-3; D_WARMUP=200
          D_MODEL="--n-layer 2 --n-head 4 --n-embd 256 --precision bf16 --key-shift"
-         D_TASK="--task-vocab 8192 --num-kv-pairs 64 --num-queries 64" ;;
+         D_TASK="--task-vocab 256 --num-kv-pairs 8 --num-queries 8" ;;
     *) echo "PRESET: expected cpu, gpu-quick or gpu, got '$PRESET'" >&2; exit 2 ;;
 esac
 WINDOW=${WINDOW:-$D_WINDOW}
