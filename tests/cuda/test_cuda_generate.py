@@ -13,10 +13,10 @@ from cuda_checks import requires_cuda
 pytestmark = [requires_cuda, pytest.mark.cuda]
 
 
-def _model(variant: str, block_size: int = 64) -> GPT:
+def _model(variant: str, block_size: int = 64, **options) -> GPT:
     torch.manual_seed(0)
     cfg = GPTConfig(n_layer=2, n_embd=64, n_head=4, block_size=block_size, vocab_size=97,
-                    attention=variant)
+                    attention=variant, attn_options=options)
     return GPT(cfg).cuda().eval()
 
 
@@ -26,6 +26,20 @@ def test_graphed_decode_equals_eager(variant):
     idx = torch.randint(0, 97, (3, 11), device="cuda")
     want = m.generate(idx, 20, greedy=True)
     got = m.generate(idx, 20, greedy=True, cuda_graph=True)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("options", [
+    dict(levels=3, window=8, recall_chunk=4, recall_top=2),
+    dict(levels=3, window=8, recall_chunk=4, recall_top=2, ema_stride=4, recall_score="mean")],
+    ids=["recall", "summaries-recall-mean"])
+def test_graphed_decode_with_recall_equals_eager(options):
+    """MKA with recall (and level 2 over summaries): signatures, means and summaries kept by
+    masked writes at device positions, every stored chunk scored — captured and replayed."""
+    m = _model("mka", **options)
+    idx = torch.randint(0, 97, (2, 11), device="cuda")
+    want = m.generate(idx, 40, greedy=True)
+    got = m.generate(idx, 40, greedy=True, cuda_graph=True)
     assert torch.equal(got, want)
 
 

@@ -95,6 +95,33 @@ def test_misuse_is_a_clear_error():
     with pytest.raises(ValueError, match=r"of them in host memory\), cannot keep 3"):
         cache.truncate([3, 40])
     cache.truncate([39, 38])  # the tail, after the spilled chunks: fine
+    with pytest.raises(ValueError, match="make_static: the DRAM tier"):
+        cache.make_static(64)
+
+
+@pytest.mark.parametrize("score", ["hash", "mean"])
+def test_static_cache_with_summaries_and_recall_decodes_like_the_dynamic_one(score):
+    """A static cache (what a CUDA graph of a step needs) keeps the summaries and the chunk
+    signatures by masked one-token writes at device positions and scores every stored chunk
+    with R fixed: the same outputs as the ordinary cache across chunk ends; steps of more
+    than one token are refused before anything changes."""
+    torch.manual_seed(3)
+    m = MKAAttention(32, 4, 2, **OPTS, recall_score=score).double()
+    x = torch.randn(2, 70, 32, dtype=torch.float64)
+    a, b = (PagedKVCache([m.cache_spec()], 2, max_tokens=80, page_size=4, dtype=x.dtype)
+            for _ in range(2))
+    m(x[:, :29], cache=a[0])
+    m(x[:, :29], cache=b[0])
+    b.make_static(70)
+    with pytest.raises(ValueError, match="takes steps of one token, got 2"):
+        m(x[:, 29:31], cache=b[0])
+    for t in range(29, 70):
+        want = m(x[:, t:t + 1], cache=a[0])
+        got = m(x[:, t:t + 1], cache=b[0])
+        b.advance(1)
+        assert rel_err(got, want) < 1e-12, t
+    for name in ("summary_k", "chunk_signs") + (("chunk_means",) if score == "mean" else ()):
+        assert torch.equal(a[0].states[name], b[0].states[name]), name
 
 
 def test_a_full_host_store_is_an_error():

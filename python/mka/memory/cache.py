@@ -255,10 +255,9 @@ class PagedKVCache:
         (the paged ops must then run without host checks too). The model drives a static
         cache: it calls :meth:`advance` after all layers (``GPT.forward`` does); the modules'
         steps only read the lengths."""
-        if any(layer.spec.recall_chunk or layer.spec.summary_stride for layer in self.layers):
-            raise ValueError("make_static: recall's chunk signatures and level 2's summaries "
-                             "are updated on the host's schedule; a static cache of such a "
-                             "layer is not supported")
+        if self.host is not None:
+            raise ValueError("make_static: the DRAM tier reads and writes host memory every "
+                             "step; a static cache keeps every page on the device")
         if tokens > self.max_tokens or tokens < max(self.layers[0].written, default=0):
             raise ValueError(f"tokens: must be between the longest sequence "
                              f"({max(self.layers[0].written)}) and max_tokens "
@@ -491,6 +490,18 @@ class LayerCache:
                 index = (n0 + rows) // s
                 self.states["summary_k"][b, index] = ek[b, rows].to(self.dtype)
                 self.states["summary_v"][b, index] = ev[b, rows].to(self.dtype)
+
+    def write_summaries_at(self, ek: Tensor, ev: Tensor, start: Tensor) -> None:
+        """:meth:`write_summaries` for a one-token step of a static cache, sequence ``b``'s
+        token at position ``start[b]`` (a device tensor): written where it ends a chunk, by
+        a masked write (no host read)."""
+        sk, sv = self.states["summary_k"], self.states["summary_v"]
+        s, p = self.spec.summary_stride, start.long()
+        index = torch.div(p, s, rounding_mode="floor").clamp(max=sk.shape[1] - 1)
+        done = ((p + 1) % s == 0)[:, None, None]
+        b = torch.arange(p.shape[0], device=p.device)
+        sk[b, index] = torch.where(done, ek[:, 0].to(sk.dtype), sk[b, index])
+        sv[b, index] = torch.where(done, ev[:, 0].to(sv.dtype), sv[b, index])
 
     def page_tensors(self) -> list[Tensor]:
         return [t for t in (self.k_pages, self.v_pages, self.k_page_states, self.v_page_states)

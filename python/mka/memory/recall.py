@@ -101,15 +101,19 @@ def representatives(x: Tensor, planes: Tensor, score: str) -> Tensor:
     return x.to(state_dtype(x.dtype))
 
 
-def select(q_sig: Tensor, k_sig: Tensor, counts: Tensor, top: int) -> Tensor:
+def select(q_sig: Tensor, k_sig: Tensor, counts: Tensor, top: int,
+           width: Optional[int] = None) -> Tensor:
     """Indices ``(B, Tq, G, R)`` of the recalled chunks per query row and key/value head, best
     first, -1 where a row has fewer eligible chunks; ``R = min(top, max count)``. ``counts``:
     eligible chunks per row, ``(Tq,)`` or per sequence and row ``(B, Tq)``, best on the host
     (its largest entry sets R: read from a device tensor, a synchronisation). ``q_sig, k_sig``:
-    signatures (±1) or mean vectors (:func:`representatives`), scored by their dot product."""
+    signatures (±1) or mean vectors (:func:`representatives`), scored by their dot product.
+    ``width``: R given (at most the chunks scored; rows with fewer eligible chunks get -1):
+    ``counts`` is then not read on the host (a static step's are on the device)."""
     B, Tq, G, _ = q_sig.shape
     nC = k_sig.shape[1]
-    width = min(top, int(counts.max())) if counts.numel() else 0  # host counts: no sync
+    if width is None:
+        width = min(top, int(counts.max())) if counts.numel() else 0  # host counts: no sync
     out = torch.full((B, Tq, G, width), -1, dtype=torch.long, device=q_sig.device)
     if width == 0:
         return out
@@ -317,26 +321,57 @@ def update_chunk_signs(signs: Tensor, k_pages: Tensor, block_table: Tensor,
             means[b, done.start:done.stop] = keys.to(means.dtype).reshape(shape).mean(1)
 
 
-def choose_for_step(q: Tensor, signs: Tensor, before: list[int], *, chunk: int, top: int,
+def update_chunk_signs_at(signs: Tensor, k_pages: Tensor, block_table: Tensor, start: Tensor,
+                          chunk: int, planes: Tensor, means: Optional[Tensor] = None) -> None:
+    """:func:`update_chunk_signs` for a one-token step of a static cache, the new token of
+    sequence ``b`` at position ``start[b]`` (a device tensor: no host read, so a CUDA graph
+    can hold it): every step computes the signature of the chunk the token is in and keeps it
+    where the token completes that chunk."""
+    B, S = start.shape[0], k_pages.shape[1]
+    p = start.long()
+    c = torch.div(p, chunk, rounding_mode="floor").clamp(max=signs.shape[1] - 1)
+    pos = c[:, None] * chunk + torch.arange(chunk, device=p.device)  # (B, C)
+    page = block_table.long().gather(1, (pos // S).clamp(max=block_table.shape[1] - 1))
+    keys = k_pages[page.clamp(min=0), pos % S]  # (B, C, G, d); kept where the chunk is done
+    done = ((p + 1) % chunk == 0)[:, None, None]
+    b = torch.arange(B, device=p.device)
+    signs[b, c] = torch.where(done, signatures(keys.mean(1), planes).to(signs.dtype), signs[b, c])
+    if means is not None:
+        means[b, c] = torch.where(done, keys.to(means.dtype).mean(1), means[b, c])
+
+
+def _eligible_counts(pos: Tensor, chunk: int, window: Optional[int]) -> Tensor:
+    """Chunks rows at positions ``pos`` may recall: wholly before the window, complete."""
+    end = pos - (1 if window is None else window) + 1
+    counts = torch.clamp(torch.div(end, chunk, rounding_mode="floor"), min=0)
+    return torch.minimum(counts, (pos + 1) // chunk)
+
+
+def choose_for_step(q: Tensor, signs: Tensor, before, *, chunk: int, top: int,
                     planes: Tensor, window: Optional[int],
                     means: Optional[Tensor] = None) -> tuple[Tensor, int]:
     """The chunks the new rows ``q: (B, T, H, d)`` of a cached step recall (row ``i`` of
     sequence ``b`` at position ``before[b] + i``), ranked by the chunk signatures ``signs``
     or, where given, exactly by the mean keys ``means`` (both kept by
-    :func:`update_chunk_signs`): ``(chosen (B, T, G, R), chunks any row may see)``. The
-    eligible counts are known on the host: no synchronisation."""
+    :func:`update_chunk_signs`): ``(chosen (B, T, G, R), chunks any row may see)``.
+    ``before``: the host lengths (the eligible counts known on the host: no synchronisation)
+    or, for a static cache, a device tensor (every stored chunk scored, R = ``top``: shapes
+    that do not change from step to step)."""
     B, T, H, d = q.shape
     G = signs.shape[2]
-    pos = torch.tensor(before)[:, None] + torch.arange(T)[None, :]  # (B, T)
-    end = pos - (1 if window is None else window) + 1
-    counts = torch.clamp(torch.div(end, chunk, rounding_mode="floor"), min=0)
-    counts = torch.minimum(counts, (pos + 1) // chunk)
-    nC = int(counts.max()) if counts.numel() else 0
+    if isinstance(before, Tensor):
+        pos = before.long()[:, None] + torch.arange(T, device=before.device)[None, :]
+        counts, nC = _eligible_counts(pos, chunk, window), signs.shape[1]
+        width: Optional[int] = min(top, nC)
+    else:
+        pos = torch.tensor(before)[:, None] + torch.arange(T)[None, :]  # (B, T)
+        counts = _eligible_counts(pos, chunk, window)
+        nC, width = (int(counts.max()) if counts.numel() else 0), None
     score = "hash" if means is None else "mean"
     with torch.no_grad():
         q_rep = representatives(q.reshape(B, T, G, H // G, d).mean(3), planes, score)
         k_rep = (signs if means is None else means)[:, :nC].to(q_rep.dtype)
-        return select(q_rep, k_rep, counts, top), nC
+        return select(q_rep, k_rep, counts, top, width=width), nC
 
 
 # New rows per sequence up to which a cached step gathers each row's chosen chunks from the
@@ -367,7 +402,7 @@ def _attend_chosen_pages(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_tabl
 
 
 def recall_decode(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor,
-                  signs: Tensor, before: list[int], *, chunk: int, top: int, planes: Tensor,
+                  signs: Tensor, before, *, chunk: int, top: int, planes: Tensor,
                   window: Optional[int] = None, scale: Optional[float] = None,
                   means: Optional[Tensor] = None) -> Tensor:
     """``O3`` of the new query rows ``q: (B, T, H, d)`` of a cached step, their chunks

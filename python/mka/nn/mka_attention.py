@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..memory.cache import LayerCache, LayerSpec
-from ..memory.recall import recall_decode, update_chunk_signs
+from ..memory.recall import recall_decode, update_chunk_signs, update_chunk_signs_at
 from ..memory.summary import attend_summaries, summary_attention, summary_counts
 from . import torch_ops
 from .base import Memory
@@ -47,6 +47,10 @@ class MKAAttention(RoutedAttention):
                 memory: Memory = None) -> Tensor:
         self._check_input(x, cache, memory)
         self._check_recall(cache, memory)
+        if (cache is not None and cache.static and (self.ema_stride > 1 or self.recall is not None)
+                and x.shape[1] != 1):  # their states kept by masked one-token writes
+            raise ValueError(f"cache: a static cache of a layer with summaries or recall takes "
+                             f"steps of one token, got {x.shape[1]}")
         q, k, v = self._project(x, cache)
         lam = self.router(q)
         if self.ema_stride > 1:
@@ -111,11 +115,15 @@ class MKAAttention(RoutedAttention):
             self.ops.paged_write(k, v, cache.k_pages, cache.v_pages, step.block_table,
                                  step.cache_seqlens)
             cache.update_states(k=ks, v=vs)
-            cache.write_summaries(ek, ev, before)
+            if cache.static:  # positions on the device: nothing read on the host
+                cache.write_summaries_at(ek, ev, step.cache_seqlens)
+                pos = step.cache_seqlens.long()[:, None]
+            else:
+                cache.write_summaries(ek, ev, before)
+                pos = torch.tensor(before)[:, None] + torch.arange(k.shape[1])[None, :]
             o3 = self._recall_cached(q, cache, step, before) if self.recall is not None else None
             o1 = self.ops.paged_attention(q, cache.k_pages, cache.v_pages, step.block_table,
                                           step.seqlens, causal=True, window=self.window)
-            pos = torch.tensor(before)[:, None] + torch.arange(k.shape[1])[None, :]
             o2 = attend_summaries(q, cache.states["summary_k"], cache.states["summary_v"],
                                   summary_counts(pos, self.ema_stride), ek, ev)
             y = w(0, o1) * o1 + w(1, o1) * o2
@@ -131,8 +139,13 @@ class MKAAttention(RoutedAttention):
         spills to host memory, from its DRAM tier, and attended to."""
         r = self.recall
         signs, means = cache.states["chunk_signs"], cache.states.get("chunk_means")
-        update_chunk_signs(signs, cache.k_pages, step.block_table, before, cache.lengths,
-                           r.chunk, r.planes, means)
+        if cache.static:  # the step's positions on the device (a CUDA graph holds the step)
+            before = step.cache_seqlens
+            update_chunk_signs_at(signs, cache.k_pages, step.block_table, before, r.chunk,
+                                  r.planes, means)
+        else:
+            update_chunk_signs(signs, cache.k_pages, step.block_table, before, cache.lengths,
+                               r.chunk, r.planes, means)
         if cache.host is not None:
             plan = cache.host.select(cache, q, before, top=r.top, planes=r.planes,
                                      window=self.window)
