@@ -102,6 +102,8 @@ def main() -> None:
     p.add_argument("--full-max", type=int, default=0,
                    help="longest context also run with full attention (GQA) over every page")
     args = p.parse_args()
+    if args.decode < 1:
+        p.error(f"--decode: must be at least 1 (steps timed), got {args.decode}")
     print(f"{args.layers} MKA layers, d_model {args.n_embd}, H {args.heads}, G {args.kv_heads}, "
           f"window {args.window}, chunk {args.chunk}, top {args.top}, {args.dtype} on {args.device}")
     print("| context | cache | full KV MB | device MB (% of KV) | host MB | PCIe KB/step: "

@@ -23,8 +23,9 @@ recalled (ties: the later chunk), fewer where fewer are eligible, none in the fi
 gradient; ``O3`` is differentiable in ``q, k, v``.
 
 ``O3`` runs the native kernels on the CPU and CUDA (:mod:`.recall_ops`: the chosen chunks
-read in place); elsewhere, and for decoding over pages on CUDA, the composite form below
-(PyTorch, blocks of queries at a time so the gathered keys stay small).
+read in place; decoding steps of a few rows gather their chunks from the pages first);
+elsewhere, and for long cached steps over pages on CUDA, the composite form below (PyTorch,
+blocks of queries at a time so the gathered keys stay small).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from torch import Tensor
 
 from ..reference import state_dtype
 from . import recall_ops
+from .summary import to_device
 
 QUERY_BLOCK = 64  # query rows whose recalled keys are gathered at once
 
@@ -119,7 +121,7 @@ def select(q_sig: Tensor, k_sig: Tensor, counts: Tensor, top: int,
         return out
     with torch.autocast(q_sig.device.type, enabled=False):  # scores in the inputs' dtype
         score = torch.einsum("btgp,bcgp->btgc", q_sig, k_sig)  # signs: matches - mismatches
-    counts = counts.to(q_sig.device).expand(B, Tq)
+    counts = to_device(counts, q_sig.device).expand(B, Tq)
     allowed = torch.arange(nC, device=q_sig.device) < counts[..., None]  # (B, Tq, nC)
     # Ties go to the later chunk, however many chunks are scored (a cached step scores fewer
     # than a full pass): float32 scores and the chunk index packed into one int64 key per

@@ -24,6 +24,16 @@ import torch
 from torch import Tensor
 
 
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` on ``device``; a host tensor bound for a GPU goes through pinned memory without
+    blocking (from pageable memory the copy would synchronise with the GPU)."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def summary_counts(positions: Tensor, stride: int) -> Tensor:
     """How many summaries a row at ``positions`` sees: the chunk ends ``j < p``,
     ``floor(p / s)``."""
@@ -41,7 +51,7 @@ def attend_summaries(q: Tensor, sk: Tensor, sv: Tensor, counts: Tensor, ek_self:
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     qg = q.to(cdt).reshape(B, T, G, H // G, d)
     s_sum = torch.einsum("btgxd,bngd->btgxn", qg, sk.to(cdt)) * scale
-    seen = torch.arange(sk.shape[1], device=q.device) < counts.to(q.device)[..., None]  # (B, T, n)
+    seen = torch.arange(sk.shape[1], device=q.device) < to_device(counts, q.device)[..., None]
     s_sum = s_sum.masked_fill(~seen[:, :, None, None, :], -math.inf)
     s_self = torch.einsum("btgxd,btgd->btgx", qg, ek_self.to(cdt)) * scale
     p = torch.softmax(torch.cat((s_sum, s_self[..., None]), -1), -1)  # the self term: never empty
