@@ -82,9 +82,7 @@ def chunk_means(k: Tensor, chunk: int) -> Tensor:
 
 def eligible(Tq: int, Tk: int, chunk: int, window: Optional[int], device=None) -> Tensor:
     """``(Tq,)``: how many of the first chunks each query row may recall."""
-    p = torch.arange(Tq, device=device) + (Tk - Tq)
-    end = p - (1 if window is None else window) + 1
-    return torch.clamp(torch.div(end, chunk, rounding_mode="floor"), 0, Tk // chunk)
+    return _eligible_counts(torch.arange(Tq, device=device) + (Tk - Tq), chunk, window)
 
 
 SCORES = ("hash", "mean")
