@@ -3,6 +3,8 @@ gradients equal the float64 reference (GQA, windows, chunk edges, R above the ch
 are, no chunk yet, fewer queries than keys), recall is causal per token, deterministic per
 seed, and MKA/FastMKA train with it on both backends."""
 
+import math
+
 import pytest
 import torch
 
@@ -58,6 +60,17 @@ def test_exact_ties_go_to_the_later_chunk_however_many_are_scored():
     for scored in (10, 11, 20, 64):  # a cached step scores only the chunks its rows may see
         got = select(q_rep, k_rep[:, :scored], torch.tensor([10]), 4)
         assert got[0, 0, 0].tolist() == [9, 8, 7, 6]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_selection_never_returns_an_ineligible_chunk(dtype):
+    """Scores of -inf (infinite mean keys) on eligible chunks: the chosen are still eligible
+    ones, in both selection paths (float32 keys, float64 sort)."""
+    q_rep = torch.ones(1, 1, 1, 4, dtype=dtype)
+    k_rep = torch.zeros(1, 8, 1, 4, dtype=dtype)
+    k_rep[:, :3] = -math.inf  # the three eligible chunks score -inf, the others 0
+    got = select(q_rep, k_rep, torch.tensor([3]), 3)
+    assert sorted(got[0, 0, 0].tolist()) == [0, 1, 2]
 
 
 @pytest.mark.parametrize("score", ["hash", "mean"])

@@ -132,7 +132,10 @@ def select(q_sig: Tensor, k_sig: Tensor, counts: Tensor, top: int,
         key = key.masked_fill(~allowed[:, :, None, :], torch.iinfo(torch.int64).min)
         best = key.topk(width, dim=-1).indices
     else:
-        key = score.flip(-1).masked_fill(~allowed.flip(-1)[:, :, None, :], -math.inf)
+        # an eligible chunk scored -inf still ranks above every ineligible one
+        floor = torch.finfo(score.dtype).min
+        key = score.clamp(min=floor).flip(-1).masked_fill(~allowed.flip(-1)[:, :, None, :],
+                                                          -math.inf)
         best = nC - 1 - key.sort(dim=-1, descending=True, stable=True).indices[..., :width]
     valid = torch.arange(width, device=q_sig.device) < counts.clamp(max=width)[..., None]
     return torch.where(valid[:, :, None, :], best, out)
