@@ -412,8 +412,12 @@ class LayerCache:
         P, S, dev, dt = parent.table.num_pages, parent.page_size, parent.device, parent.dtype
         G, dk, dv = spec.kv_heads, spec.key_dim, spec.value_dim
         sdt = state_dtype(dt)
-        self.k_pages = torch.zeros((P, S, G, dk), device=dev, dtype=dt)
-        self.v_pages = torch.zeros((P, S, G, dv), device=dev, dtype=dt) if dv else None
+        if dv == dk:  # one tensor: the torch backend writes and reads both in one op each
+            kv = torch.zeros((2, P, S, G, dk), device=dev, dtype=dt)
+            self.k_pages, self.v_pages = kv[0], kv[1]  # not unbind's views: written in place
+        else:
+            self.k_pages = torch.zeros((P, S, G, dk), device=dev, dtype=dt)
+            self.v_pages = torch.zeros((P, S, G, dv), device=dev, dtype=dt) if dv else None
         self.k_page_states = self.v_page_states = None
         if spec.page_states:
             self.k_page_states = torch.zeros((P, G, dk), device=dev, dtype=sdt)
@@ -580,7 +584,8 @@ class LayerCache:
 
     def nbytes(self) -> int:
         held = self.page_tensors() + list(self.states.values())
-        return sum(t.untyped_storage().nbytes() for t in held)
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held}
+        return sum(storages.values())  # k_pages, v_pages: two views of one tensor
 
     def __repr__(self) -> str:
         return (f"LayerCache(layer={self.index}, lengths={self.written}, "

@@ -138,6 +138,22 @@ def _reads_whole_table(block_table: Tensor, lengths: Tensor) -> bool:
     return lengths.is_cuda and own_tables(block_table, lengths)
 
 
+def pair(a: Tensor, b: Tensor) -> Optional[Tensor]:
+    """``(2, *a.shape)``: ``a`` and ``b`` as one view where ``b`` is ``a`` moved by a fixed
+    number of elements in the same storage, same shape and strides (keys and values of one
+    projection's output, a cache's key and value pages): one op then serves both."""
+    if (a.shape != b.shape or a.stride() != b.stride() or a.dtype != b.dtype
+            or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()):
+        return None
+    step = b.storage_offset() - a.storage_offset()
+    if step <= 0 or a.numel() == 0:
+        return None
+    try:  # the view must fit the storage
+        return a.as_strided((2, *a.shape), (step, *a.stride()))
+    except RuntimeError:
+        return None
+
+
 def _positions(block_table: Tensor, start: Tensor, T: int, page_size: int) -> tuple[Tensor, Tensor]:
     """(page, slot) of new tokens ``start[b] + t``, each (B, T)."""
     def make():
@@ -155,8 +171,13 @@ def paged_write(k: Tensor, v: Tensor, k_pages: Tensor, v_pages: Tensor, block_ta
         check_slots(block_table, cache_seqlens + k.shape[1], k_pages.shape[0], k_pages.shape[1],
                     "cache_seqlens", starts=cache_seqlens)
     page, slot = _positions(block_table, cache_seqlens, k.shape[1], k_pages.shape[1])
-    k_pages[page, slot] = k.to(k_pages.dtype)
-    v_pages[page, slot] = v.to(v_pages.dtype)
+    k, v = k.detach(), v.detach()  # pages keep values, not a graph (as the native write)
+    pages, new = pair(k_pages, v_pages), pair(k, v)
+    if pages is not None and new is not None:
+        pages[:, page, slot] = new.to(pages.dtype)
+    else:
+        k_pages[page, slot] = k.to(k_pages.dtype)
+        v_pages[page, slot] = v.to(v_pages.dtype)
 
 
 def paged_write_ema(k: Tensor, v: Tensor, k_pages: Tensor, v_pages: Tensor,
@@ -199,6 +220,18 @@ def gather(pages: Tensor, block_table: Tensor, n: int, seqlens: Tensor, first: i
     may hold anything — a NaN there would turn its zero attention weight into NaN)."""
     idx, drop = _gather_index(block_table, seqlens, pages.shape[1], n, first)
     return pages[idx].flatten(1, 2)[:, :n - first].masked_fill_(drop, 0.0)
+
+
+def gather_pair(k_pages: Tensor, v_pages: Tensor, block_table: Tensor, n: int, seqlens: Tensor,
+                first: int = 0) -> tuple[Tensor, Tensor]:
+    """:func:`gather` of keys and values, in one op each where the pages are one tensor."""
+    pages = pair(k_pages, v_pages)
+    if pages is None:
+        return (gather(k_pages, block_table, n, seqlens, first),
+                gather(v_pages, block_table, n, seqlens, first))
+    idx, drop = _gather_index(block_table, seqlens, k_pages.shape[1], n, first)
+    kv = pages[:, idx].flatten(2, 3)[:, :, :n - first].masked_fill_(drop, 0.0)
+    return kv[0], kv[1]
 
 
 def _gather_index(block_table: Tensor, seqlens: Tensor, S: int, n: int,
@@ -295,8 +328,7 @@ def paged_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Te
             max(0, int(seqlens.min()) - q.shape[1] - window + 1) // S * S
         if not own_tables(block_table, seqlens):
             check_slots(block_table, seqlens, k_pages.shape[0], S, "seqlens", begin=lo)
-    k = gather(k_pages, block_table, n, seqlens, lo)
-    v = gather(v_pages, block_table, n, seqlens, lo)
+    k, v = gather_pair(k_pages, v_pages, block_table, n, seqlens, lo)
     return _attend(q, k, v, _attend_mask(q.shape[1], n, seqlens, causal, window, q.dtype, lo),
                    scale)
 
@@ -311,7 +343,7 @@ def paged_mka_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, k_page_stat
         if not own_tables(block_table, seqlens):
             check_slots(block_table, seqlens, k_pages.shape[0], k_pages.shape[1], "seqlens")
         n = int(seqlens.max()) if seqlens.numel() else 0
-    k, v = gather(k_pages, block_table, n, seqlens), gather(v_pages, block_table, n, seqlens)
+    k, v = gather_pair(k_pages, v_pages, block_table, n, seqlens)
     ek = page_ema(k_pages, k_page_states, block_table, n, beta, seqlens)
     ev = page_ema(v_pages, v_page_states, block_table, n, beta, seqlens)
     Tq = q.shape[1]

@@ -83,6 +83,9 @@ class Block(nn.Module):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = build_attention(config)
+        # Inference runs the MLP's linears on mka.layers' kernels on either attention backend,
+        # so the attention's projections too: attn_backend changes the attention alone.
+        self.attn.native_linears = True
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 

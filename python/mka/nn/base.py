@@ -57,6 +57,9 @@ class CausalSelfAttention(nn.Module):
         self.n_embd, self.n_head, self.head_dim = n_embd, n_head, n_embd // n_head
         get_ops(backend)  # rejects an unknown backend here, not at the first forward
         self.backend, self.window = backend, window
+        # The projections' kernels in inference whatever the backend: a model that runs its
+        # other layers on them (GPT) sets it, so its backends differ in attention alone.
+        self.native_linears = False
         # nanoGPT's two: on the attention weights (inside the ops, SPEC §3.5) and the output
         self.attn_dropout = float(dropout)
         self.resid_dropout = nn.Dropout(dropout)
@@ -143,10 +146,11 @@ class QKVAttention(CausalSelfAttention):
         self.shift_mix = nn.Parameter(torch.full((n_embd,), 0.5)) if key_shift else None
 
     def _linear(self, layer: nn.Linear, x: Tensor) -> Tensor:
-        """``layer(x)``; in inference on the native backend, :func:`mka.layers.apply_linear`
-        (the same product through kernels that stream the weight at decode sizes; hooked or
-        wrapped layers are called as they are)."""
-        if self.backend == "mka" and not self.training and not torch.is_grad_enabled():
+        """``layer(x)``; in inference on the native backend (or with :attr:`native_linears`),
+        :func:`mka.layers.apply_linear` (the same product through kernels that stream the
+        weight at decode sizes; hooked or wrapped layers are called as they are)."""
+        native = self.backend == "mka" or self.native_linears
+        if native and not self.training and not torch.is_grad_enabled():
             return apply_linear(layer, x)
         return layer(x)
 
