@@ -215,8 +215,10 @@ def recall_attention(q: Tensor, k: Tensor, v: Tensor, *, chunk: int, top: int,
                      scale: Optional[float] = None, score: str = "hash") -> tuple[Tensor, Tensor]:
     """Level 3 by recall (SPEC §7.2), one query row and key/value head at a time: mean keys
     of whole chunks, the row's mean query over the kv head's query heads, their sign patterns
-    against ``planes`` (``score="mean"``: the vectors themselves, scored exactly), the chunks
-    wholly before the row's window ranked by matching signs or dot product (ties: the later
+    against ``planes`` (``score="mean"``: the vectors themselves, scored exactly;
+    ``score="bound"``: Quest's bound of each query head's largest logit over the chunk from
+    its per-channel min and max keys, averaged over the group), the chunks
+    wholly before the row's window ranked by matching signs, dot product or bound (ties: the later
     chunk), the top ``R`` recalled, attention over their tokens. Returns ``(O3, chosen)`` as
     the op."""
     B, Tq, H, d = q.shape
@@ -224,6 +226,8 @@ def recall_attention(q: Tensor, k: Tensor, v: Tensor, *, chunk: int, top: int,
     grp, nC = H // G, Tk // chunk
     if score == "mean":
         rep = lambda x: x.double()  # noqa: E731
+    elif score == "bound":  # Quest's bound: q+ . max + q- . min, mean over the group's heads
+        rep = None
     else:
         rep = lambda x: torch.where(x.double() @ planes.double().t() >= 0, 1.0, -1.0)  # noqa: E731
     counts = []
@@ -238,9 +242,16 @@ def recall_attention(q: Tensor, k: Tensor, v: Tensor, *, chunk: int, top: int,
         for i in range(Tq):
             heads = []
             for g in range(G):
-                qs = rep(q[b, i, g * grp:(g + 1) * grp].mean(0))
-                ranked = sorted(range(counts[i]), key=lambda c: (
-                    -float(qs @ rep(k[b, c * chunk:(c + 1) * chunk, g].mean(0))), -c))
+                qh = q[b, i, g * grp:(g + 1) * grp]
+                if rep is None:
+                    def logit(c, qh=qh.double()):
+                        kc = k[b, c * chunk:(c + 1) * chunk, g].double()
+                        hi, lo = kc.amax(0), kc.amin(0)
+                        return float(torch.maximum(qh * hi, qh * lo).sum(-1).mean())
+                else:
+                    def logit(c, qs=rep(qh.mean(0))):
+                        return float(qs @ rep(k[b, c * chunk:(c + 1) * chunk, g].mean(0)))
+                ranked = sorted(range(counts[i]), key=lambda c: (-logit(c), -c))
                 pick = ranked[:top]
                 chosen[b, i, g, :len(pick)] = torch.tensor(pick, dtype=torch.long)
                 qq = q[b:b + 1, i:i + 1, g * grp:(g + 1) * grp]

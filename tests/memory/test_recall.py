@@ -22,7 +22,7 @@ CASES = [  # B, Tq, Tk, H, G, d, chunk, top, window
 ]
 
 
-@pytest.mark.parametrize("score", ["hash", "mean"])
+@pytest.mark.parametrize("score", ["hash", "mean", "bound"])
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_recall_equals_the_reference(case, score):
     B, Tq, Tk, H, G, d, C, top, W = case
@@ -73,7 +73,7 @@ def test_selection_never_returns_an_ineligible_chunk(dtype):
     assert sorted(got[0, 0, 0].tolist()) == [0, 1, 2]
 
 
-@pytest.mark.parametrize("score", ["hash", "mean"])
+@pytest.mark.parametrize("score", ["hash", "mean", "bound"])
 def test_selection_ignores_autocast(score):
     """Signatures and scores in float32 under bf16 autocast: the choice of float32 inputs."""
     torch.manual_seed(4)
@@ -149,11 +149,12 @@ def test_recall_options_are_checked():
         m(torch.randint(0, 23, (1, 4)), caches=m.new_caches(1))
 
 
-@pytest.mark.parametrize("score", ["hash", "mean"])
+@pytest.mark.parametrize("score", ["hash", "mean", "bound"])
 @pytest.mark.parametrize("backend", ["mka", "torch"])
 def test_mka_with_recall_decodes_as_one_full_pass(backend, score):
-    """Prefill, a chunk, then token by token over the paged cache: the chunk means kept in the
-    cache and the recalled tokens read from the pages give the full forward's logits."""
+    """Prefill, a chunk, then token by token over the paged cache: the chunk signatures (and
+    exact keys) kept in the cache and the recalled tokens read from the pages give the full
+    forward's logits."""
     m = _gpt("mka", backend, recall_score=score)
     idx = torch.randint(0, 23, (2, 90))
     full = m(idx)[0]
@@ -163,10 +164,11 @@ def test_mka_with_recall_decodes_as_one_full_pass(backend, score):
     assert rel_err(torch.cat(steps, 1), full) < 1e-10
     held = caches[0].states["chunk_signs"]
     assert held.shape == (2, 128 // 8, 4, 64)  # one signature per whole chunk, up to block_size
-    means = caches[0].states.get("chunk_means")
-    assert (means is not None) == (score == "mean")
-    if means is not None:  # the exact ranking's mean keys, beside the signatures
-        assert means.shape == (2, 128 // 8, 4, 8) and means[:, :90 // 8].abs().sum() > 0
+    means = caches[0].states.get("chunk_keys")
+    assert (means is not None) == (score != "hash")
+    if means is not None:  # the exact ranking's mean (max and min) keys, beside the signatures
+        width = 16 if score == "bound" else 8
+        assert means.shape == (2, 128 // 8, 4, width) and means[:, :90 // 8].abs().sum() > 0
 
 
 def test_prompts_of_different_lengths_generate_with_recall():

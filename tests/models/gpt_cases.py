@@ -27,6 +27,8 @@ VARIANTS = {
                                             "recall_top": 2}, {"rope": 100.0, "key_shift": True}),
     "mka-recall-mean": ("mka", 2, {"levels": 3, "window": 4, "recall_chunk": 2, "recall_top": 2,
                                    "recall_score": "mean"}),
+    "mka-recall-bound": ("mka", 2, {"levels": 3, "window": 4, "recall_chunk": 2, "recall_top": 2,
+                                    "recall_score": "bound"}),
     "fastmka-rope-shift": ("fastmka", None, {"levels": 3, "memory_slots": 4},
                            {"rope": 100.0, "key_shift": True}),
 }

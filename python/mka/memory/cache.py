@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .._C import PageTable
 from ..reference import state_dtype
+from .recall import exact_keys
 from .host_tier import HostTier, LayerHost, check_host
 from .torch_paged import mark_pool_made, mark_static
 
@@ -45,7 +46,7 @@ class LayerSpec:
     states: tuple[str, ...] = ()
     recall_chunk: int = 0  # > 0: the signature of every whole chunk of this many tokens
     recall_bits: int = 0   # signs per signature
-    recall_score: str = "hash"  # "mean": the chunks' mean keys are kept too (exact scoring)
+    recall_score: str = "hash"  # "mean" / "bound": the chunks' mean / max and min keys too
     summary_stride: int = 0  # > 0: the EMA keys/values at positions s - 1, 2s - 1, ...
     window: Optional[int] = None
     shift_dim: int = 0
@@ -74,8 +75,9 @@ class LayerSpec:
         if self.recall_chunk:
             chunks = math.ceil(max_tokens / self.recall_chunk)
             n += chunks * G * self.recall_bits
-            if self.recall_score == "mean":
-                n += chunks * G * d * state_dtype(dtype).itemsize
+            if self.recall_score != "hash":  # exact scoring: d (mean) or 2d (bound) numbers
+                width = 2 * d if self.recall_score == "bound" else d
+                n += chunks * G * width * state_dtype(dtype).itemsize
         if self.summary_stride:
             n += 2 * math.ceil(max_tokens / self.summary_stride) * G * d * dtype.itemsize
         return n
@@ -431,9 +433,9 @@ class LayerCache:
             chunks = math.ceil(parent.max_tokens / spec.recall_chunk)
             self.states["chunk_signs"] = torch.zeros(
                 (parent.batch_size, chunks, G, spec.recall_bits), device=dev, dtype=torch.int8)
-            if spec.recall_score == "mean":  # exact scoring: the mean keys, in the state dtype
-                self.states["chunk_means"] = torch.zeros((parent.batch_size, chunks, G, dk),
-                                                         device=dev, dtype=sdt)
+            exact = exact_keys(spec.recall_score, parent.batch_size, chunks, G, dk, sdt, dev)
+            if exact is not None:  # exact scoring (mean / max and min keys), state dtype
+                self.states["chunk_keys"] = exact
         if spec.summary_stride:  # in the cache's dtype, as a full forward computes them
             n = math.ceil(parent.max_tokens / spec.summary_stride)
             for name in ("summary_k", "summary_v"):

@@ -137,7 +137,7 @@ class LayerHost:
         host: the caller launches the step's other work before :meth:`recall` waits for it."""
         chosen, nC = choose_for_step(q, layer.states["chunk_signs"], before, chunk=self.chunk,
                                      top=top, planes=planes, window=window,
-                                     means=layer.states.get("chunk_means"))
+                                     exact=layer.states.get("chunk_keys"))
         if q.device.type != "cuda":
             return RecallPlan(chosen, chosen, None, nC)
         host = torch.empty(chosen.shape, dtype=chosen.dtype, pin_memory=True)

@@ -13,7 +13,11 @@ of queries: a block's later rows would otherwise steer its earlier rows' recall,
 a look at the future in training and impossible in decoding. ``score="mean"`` ranks by the
 exact dot product of the mean query with the mean key instead (the chunk's mean logit, which
 the signatures estimate): a cache then keeps the mean keys too, ``d`` numbers a chunk and head,
-beside the signatures its host store files.
+beside the signatures its host store files. ``score="bound"`` ranks by Quest's bound of the
+chunk's largest logit, ``sum_d max(q_d min_d, q_d max_d)`` over the chunk's per-channel
+minimum and maximum keys, averaged over the kv head's query heads: ``q+ . max + q- . min``, a
+dot product of ``2d`` numbers a side (the mean over heads of ``q+`` and of ``q-``), so the
+same selection serves it; a cache keeps the max and min keys, ``2d`` numbers a chunk and head.
 
 Query row ``i`` (key position ``p = i + Tk - Tq``, bottom-right) may recall chunk ``c`` iff the
 chunk lies wholly before its L1 window: ``(c + 1) C <= p - W + 1`` (``W`` the window; without
@@ -80,12 +84,23 @@ def chunk_means(k: Tensor, chunk: int) -> Tensor:
     return k[:, :n * chunk].reshape(B, n, chunk, G, d).mean(2)
 
 
+def chunk_keys(k: Tensor, chunk: int, score: str) -> Tensor:
+    """What exact scoring keeps of every complete chunk of ``k: (B, T, G, d)``: its mean key
+    (``"hash"``, ``"mean"``), or its per-channel max and min keys (``"bound"``, ``2d``)."""
+    if score != "bound":
+        return chunk_means(k, chunk)
+    B, T, G, d = k.shape
+    n = T // chunk
+    blocks = k[:, :n * chunk].reshape(B, n, chunk, G, d)
+    return torch.cat((blocks.amax(2), blocks.amin(2)), -1)
+
+
 def eligible(Tq: int, Tk: int, chunk: int, window: Optional[int], device=None) -> Tensor:
     """``(Tq,)``: how many of the first chunks each query row may recall."""
     return _eligible_counts(torch.arange(Tq, device=device) + (Tk - Tq), chunk, window)
 
 
-SCORES = ("hash", "mean")
+SCORES = ("hash", "mean", "bound")
 
 
 def check_score(score) -> None:
@@ -94,11 +109,21 @@ def check_score(score) -> None:
 
 
 def representatives(x: Tensor, planes: Tensor, score: str) -> Tensor:
-    """What selection compares, from mean queries or mean keys ``x: (..., d)``: their sign
-    patterns (``"hash"``) or themselves in float32/float64 (``"mean"``)."""
+    """What selection compares, from mean queries or :func:`chunk_keys` ``x``: their sign
+    patterns (``"hash"``) or themselves in float32/float64 (``"mean"``, ``"bound"``)."""
     if score == "hash":
         return signatures(x, planes)
     return x.to(state_dtype(x.dtype))
+
+
+def query_representatives(q: Tensor, planes: Tensor, score: str) -> Tensor:
+    """What selection compares of query rows grouped by kv head, ``q: (B, T, G, H / G, d)``:
+    their mean's representative, or for ``"bound"`` the means over the group of the positive
+    and negative parts, ``(B, T, G, 2d)`` (``q+ . max + q- . min`` is Quest's bound)."""
+    if score != "bound":
+        return representatives(q.mean(3), planes, score)
+    x = q.to(state_dtype(q.dtype))
+    return torch.cat((x.clamp(min=0).mean(3), x.clamp(max=0).mean(3)), -1)
 
 
 def select(q_sig: Tensor, k_sig: Tensor, counts: Tensor, top: int,
@@ -195,10 +220,10 @@ def recall_attention(q: Tensor, k: Tensor, v: Tensor, *, chunk: int, top: int,
     counts = eligible(Tq, Tk, chunk, window)  # on the host: select reads its largest
     check_score(score)
     with torch.no_grad():
-        q_rep = representatives(q.reshape(B, Tq, G, H // G, d).mean(3), planes, score)
-        # exact scoring: the mean of each chunk in float32 (float64), as a cache keeps it
-        means = chunk_means(k if score == "hash" else k.to(q_rep.dtype), chunk)
-        chosen = select(q_rep, representatives(means, planes, score), counts, top)
+        q_rep = query_representatives(q.reshape(B, Tq, G, H // G, d), planes, score)
+        # exact scoring: each chunk's keys in float32 (float64), as a cache keeps them
+        exact = chunk_keys(k if score == "hash" else k.to(q_rep.dtype), chunk, score)
+        chosen = select(q_rep, representatives(exact, planes, score), counts, top)
     if chosen.shape[-1] == 0:
         return q.new_zeros(q.shape) + 0 * q, chosen  # no recall anywhere (keeps the graph)
     if recall_ops.native(q):  # the chunks read in place by the native kernels
@@ -209,7 +234,8 @@ def recall_attention(q: Tensor, k: Tensor, v: Tensor, *, chunk: int, top: int,
 class Recall(torch.nn.Module):
     """A layer's recall settings and its fixed hyperplanes (a buffer: saved with the model,
     the same after a reload). ``chunk`` tokens per chunk, ``top`` chunks recalled per query,
-    ``score`` how chunks are ranked (``"hash"``: signatures, ``"mean"``: exact mean logits)."""
+    ``score`` how chunks are ranked (``"hash"``: signatures, ``"mean"``: exact mean logits,
+    ``"bound"``: Quest's bound of the largest logit)."""
 
     def __init__(self, head_dim: int, chunk: int = 64, top: int = 4, tables: int = 4,
                  bits: int = 16, seed: int = 0, score: str = "hash"):
@@ -303,13 +329,36 @@ def page_chunks(k_pages: Tensor, v_pages: Tensor, block_table: Tensor, d: Distin
     return k_pages[pages, pos % S, hh], v_pages[pages, pos % S, hh]
 
 
+def exact_keys(spec_score: str, batch: int, chunks: int, heads: int, d: int, dtype,
+               device) -> Optional[Tensor]:
+    """A cache's store of what exact scoring keeps per chunk and kv head (None for
+    ``"hash"``): ``(B, chunks, G, d)`` mean keys (``"mean"``) or ``(B, chunks, G, 2d)`` max
+    then min keys (``"bound"``), zeros until a chunk completes."""
+    if spec_score == "hash":
+        return None
+    width = 2 * d if spec_score == "bound" else d
+    return torch.zeros((batch, chunks, heads, width), device=device, dtype=dtype)
+
+
+def _exact_of(keys: Tensor, exact: Tensor) -> Tensor:
+    """Chunks' ``keys (n, C, G, d)`` as ``exact`` stores them: mean, or max and min."""
+    if exact.shape[-1] == keys.shape[-1]:
+        return keys.mean(1)
+    return torch.cat((keys.amax(1), keys.amin(1)), -1)
+
+
+def _exact_score(exact: Optional[Tensor], d: int) -> str:
+    """The score a cache's ``exact`` store serves (its width tells)."""
+    return "hash" if exact is None else ("bound" if exact.shape[-1] == 2 * d else "mean")
+
+
 def update_chunk_signs(signs: Tensor, k_pages: Tensor, block_table: Tensor,
                        before: list[int], after: list[int], chunk: int, planes: Tensor,
-                       means: Optional[Tensor] = None) -> None:
+                       exact: Optional[Tensor] = None) -> None:
     """Signatures of the chunks a step completed (sequence ``b`` grew ``before[b]`` ->
     ``after[b]`` tokens), from their keys read back from the pages, into ``signs (B, max
-    chunks, G, P)`` (int8 ±1), and their mean keys into ``means (B, max chunks, G, d)`` where
-    given (``score="mean"``): each chunk's are computed once."""
+    chunks, G, P)`` (int8 ±1), and what exact scoring keeps of them into ``exact`` where given
+    (:func:`exact_keys`): each chunk's are computed once."""
     S = k_pages.shape[1]
     for b, (n0, n1) in enumerate(zip(before, after)):
         done = range(n0 // chunk, n1 // chunk)
@@ -320,12 +369,12 @@ def update_chunk_signs(signs: Tensor, k_pages: Tensor, block_table: Tensor,
         shape = (len(done), chunk, *keys.shape[1:])
         signs[b, done.start:done.stop] = signatures(keys.reshape(shape).mean(1),
                                                     planes).to(signs.dtype)
-        if means is not None:  # in the state dtype, as a full pass computes them
-            means[b, done.start:done.stop] = keys.to(means.dtype).reshape(shape).mean(1)
+        if exact is not None:  # in the state dtype, as a full pass computes them
+            exact[b, done.start:done.stop] = _exact_of(keys.to(exact.dtype).reshape(shape), exact)
 
 
 def update_chunk_signs_at(signs: Tensor, k_pages: Tensor, block_table: Tensor, start: Tensor,
-                          chunk: int, planes: Tensor, means: Optional[Tensor] = None) -> None:
+                          chunk: int, planes: Tensor, exact: Optional[Tensor] = None) -> None:
     """:func:`update_chunk_signs` for a one-token step of a static cache, the new token of
     sequence ``b`` at position ``start[b]`` (a device tensor: no host read, so a CUDA graph
     can hold it): every step computes the signature of the chunk the token is in and keeps it
@@ -339,8 +388,8 @@ def update_chunk_signs_at(signs: Tensor, k_pages: Tensor, block_table: Tensor, s
     done = ((p + 1) % chunk == 0)[:, None, None]
     b = torch.arange(B, device=p.device)
     signs[b, c] = torch.where(done, signatures(keys.mean(1), planes).to(signs.dtype), signs[b, c])
-    if means is not None:
-        means[b, c] = torch.where(done, keys.to(means.dtype).mean(1), means[b, c])
+    if exact is not None:
+        exact[b, c] = torch.where(done, _exact_of(keys.to(exact.dtype), exact), exact[b, c])
 
 
 def _eligible_counts(pos: Tensor, chunk: int, window: Optional[int]) -> Tensor:
@@ -352,10 +401,10 @@ def _eligible_counts(pos: Tensor, chunk: int, window: Optional[int]) -> Tensor:
 
 def choose_for_step(q: Tensor, signs: Tensor, before, *, chunk: int, top: int,
                     planes: Tensor, window: Optional[int],
-                    means: Optional[Tensor] = None) -> tuple[Tensor, int]:
+                    exact: Optional[Tensor] = None) -> tuple[Tensor, int]:
     """The chunks the new rows ``q: (B, T, H, d)`` of a cached step recall (row ``i`` of
     sequence ``b`` at position ``before[b] + i``), ranked by the chunk signatures ``signs``
-    or, where given, exactly by the mean keys ``means`` (both kept by
+    or, where given, exactly by the ``exact`` store's keys (both kept by
     :func:`update_chunk_signs`): ``(chosen (B, T, G, R), chunks any row may see)``.
     ``before``: the host lengths (the eligible counts known on the host: no synchronisation)
     or, for a static cache, a device tensor (every stored chunk scored, R = ``top``: shapes
@@ -370,10 +419,10 @@ def choose_for_step(q: Tensor, signs: Tensor, before, *, chunk: int, top: int,
         pos = torch.tensor(before)[:, None] + torch.arange(T)[None, :]  # (B, T)
         counts = _eligible_counts(pos, chunk, window)
         nC, width = (int(counts.max()) if counts.numel() else 0), None
-    score = "hash" if means is None else "mean"
+    score = _exact_score(exact, d)
     with torch.no_grad():
-        q_rep = representatives(q.reshape(B, T, G, H // G, d).mean(3), planes, score)
-        k_rep = (signs if means is None else means)[:, :nC].to(q_rep.dtype)
+        q_rep = query_representatives(q.reshape(B, T, G, H // G, d), planes, score)
+        k_rep = (signs if exact is None else exact)[:, :nC].to(q_rep.dtype)
         return select(q_rep, k_rep, counts, top, width=width), nC
 
 
@@ -407,13 +456,13 @@ def _attend_chosen_pages(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_tabl
 def recall_decode(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor,
                   signs: Tensor, before, *, chunk: int, top: int, planes: Tensor,
                   window: Optional[int] = None, scale: Optional[float] = None,
-                  means: Optional[Tensor] = None) -> Tensor:
+                  exact: Optional[Tensor] = None) -> Tensor:
     """``O3`` of the new query rows ``q: (B, T, H, d)`` of a cached step, their chunks
     (:func:`choose_for_step`) read from the pages — the same selection and result as
     :func:`recall_attention` over the whole sequence."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     chosen, nC = choose_for_step(q, signs, before, chunk=chunk, top=top, planes=planes,
-                                 window=window, means=means)
+                                 window=window, exact=exact)
     if chosen.shape[-1] == 0:
         return q.new_zeros(q.shape)
     if q.shape[1] <= DIRECT_ROWS and recall_ops.native(q):

@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .recall import chunk_means, eligible, signatures
+from .recall import chunk_keys, chunk_means, eligible, query_representatives, signatures
 
 ROWS = 128  # query rows scored at once
 
@@ -52,15 +52,12 @@ def _chunk_mass(q: Tensor, k: Tensor, chunk: int, counts: Tensor, scale: float) 
 
 
 def _quest_bound(q: Tensor, k: Tensor, chunk: int) -> Tensor:
-    """``(B, n, G, nC)``: Quest's upper bound of each chunk's score, mean over group heads."""
+    """``(B, n, G, nC)``: Quest's upper bound of each chunk's score, mean over group heads —
+    recall's ``score="bound"``: ``q+ . max + q- . min``."""
     B, n, H, d = q.shape
-    G, nC = k.shape[2], k.shape[1] // chunk
-    blocks = k[:, :nC * chunk].double().reshape(B, nC, chunk, G, d)
-    lo, hi = blocks.amin(2), blocks.amax(2)  # (B, nC, G, d)
-    qg = q.double().reshape(B, n, G, H // G, d)
-    bound = torch.maximum(torch.einsum("bngxd,bcgd->bngxcd", qg, lo),
-                          torch.einsum("bngxd,bcgd->bngxcd", qg, hi)).sum(-1)
-    return bound.mean(3)
+    G = k.shape[2]
+    q_rep = query_representatives(q.double().reshape(B, n, G, H // G, d), None, "bound")
+    return torch.einsum("bngp,bcgp->bngc", q_rep, chunk_keys(k.double(), chunk, "bound"))
 
 
 def _moments(q: Tensor, k_mean: Tensor, k_var: Tensor, scale: float) -> Tensor:

@@ -138,21 +138,21 @@ class MKAAttention(RoutedAttention):
         function that finishes it: their tokens read from the pages or, where the cache
         spills to host memory, from its DRAM tier, and attended to."""
         r = self.recall
-        signs, means = cache.states["chunk_signs"], cache.states.get("chunk_means")
+        signs, exact = cache.states["chunk_signs"], cache.states.get("chunk_keys")
         if cache.static:  # the step's positions on the device (a CUDA graph holds the step)
             before = step.cache_seqlens
             update_chunk_signs_at(signs, cache.k_pages, step.block_table, before, r.chunk,
-                                  r.planes, means)
+                                  r.planes, exact)
         else:
             update_chunk_signs(signs, cache.k_pages, step.block_table, before, cache.lengths,
-                               r.chunk, r.planes, means)
+                               r.chunk, r.planes, exact)
         if cache.host is not None:
             plan = cache.host.select(cache, q, before, top=r.top, planes=r.planes,
                                      window=self.window)
             return lambda: cache.host.recall(cache, q, plan)
         return lambda: recall_decode(q, cache.k_pages, cache.v_pages, step.block_table, signs,
                                      before, chunk=r.chunk, top=r.top, planes=r.planes,
-                                     window=self.window, means=means)
+                                     window=self.window, exact=exact)
 
     def cache_spec(self) -> LayerSpec:
         stride = self.ema_stride if self.ema_stride > 1 else 0

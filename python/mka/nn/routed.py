@@ -20,7 +20,8 @@ class RoutedAttention(QKVAttention):
     > 0 makes level 3 recall instead (SPEC §7.2): chunks of ``recall_chunk`` earlier tokens
     keyed by SimHash (``recall_tables`` x ``recall_bits`` hyperplanes), the ``recall_top``
     best-matching ones per query, outside the L1 ``window``; ``recall_score="mean"`` ranks the
-    chunks by the exact dot product with their mean keys instead of the signatures."""
+    chunks by the exact dot product with their mean keys instead of the signatures, ``"bound"``
+    by Quest's bound from their per-channel max and min keys."""
 
     accepts_memory = True
     recall_decodes = False  # whether cached decoding supports recall as level 3
