@@ -140,7 +140,8 @@ void ChunkStore::read_many(int64_t n, const int64_t* seqs, const int64_t* indice
   }
   auto* out = static_cast<unsigned char*>(dst);
   // A prefill step's recall reads thousands of chunks (tens of MB): one thread's memcpy is
-  // far below the host's memory bandwidth, so the pool's threads share them.
+  // far below the host's memory bandwidth, so the pool's threads share them. The shared lock
+  // stays held through the copies: an insert that evicts would reuse these slots.
   parallel_for(n, [&](int64_t i) {
     std::memcpy(out + i * chunk_bytes_, arena_ + slots[size_t(i)] * chunk_bytes_,
                 size_t(chunk_bytes_));
