@@ -179,12 +179,17 @@ def test_prompts_of_different_lengths_generate_with_recall():
         assert torch.equal(o, m.generate(p[None], 12, greedy=True)[0])
 
 
+@pytest.mark.parametrize("rows_per_block", [None, 1, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_direct_page_gather_equals_the_distinct_chunk_path(dtype):
+def test_direct_page_gather_equals_the_distinct_chunk_path(dtype, rows_per_block, monkeypatch):
     """Decoding's gather of each row's chunks (no host read of the choice) and prefill's
     distinct chunks give the same O3: GQA, several rows, -1 padding, a chunk chosen by
-    several rows, pages out of order."""
+    several rows, pages out of order; also with the rows gathered in blocks (a budget of
+    gathered bytes for 1 or 4 rows: blocks across sequences, a short last one)."""
     from mka.memory import recall as RC
+    if rows_per_block is not None:
+        per_row = 3 * 4 * 2 * (8 + 8) * dtype.itemsize  # R C G (dk + dv) bytes
+        monkeypatch.setattr(RC, "GATHER_BYTES", rows_per_block * per_row)
     gen = torch.Generator().manual_seed(5)
     B, T, H, G, d, C, S, R = 2, 3, 4, 2, 8, 4, 2, 3
     pages = 40

@@ -433,24 +433,38 @@ def choose_for_step(q: Tensor, signs: Tensor, before, *, chunk: int, top: int,
 DIRECT_ROWS = 16
 
 
+# Bytes of chunk tokens a cached step gathers at once for its rows (B T R C G (dk + dv)): past
+# it, rows go in blocks (a wide batch verifying 16 tokens would otherwise gather gigabytes).
+GATHER_BYTES = 1 << 28
+
+
 def _attend_chosen_pages(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor,
                          chosen: Tensor, chunk: int, scale: float) -> Tensor:
     """``O3`` of ``q: (B, T, H, d)`` over ``chosen (B, T, G, R)`` read from the pages: every
     row's chunks gathered, on the device, into a key sequence of its own (R chunks, -1 slots
-    read chunk 0 and are not attended), then the recall op over rows as a batch."""
+    read chunk 0 and are not attended), then the recall op over rows as a batch — in blocks
+    of rows whose gathered tokens stay within ``GATHER_BYTES`` (a number of blocks the shapes
+    set: no host read)."""
     B, T, H, d = q.shape
     G, R = chosen.shape[2], chosen.shape[3]
     S, dev = k_pages.shape[1], q.device
-    c = chosen.permute(0, 1, 3, 2).clamp(min=0).long()  # (B, T, R, G)
-    pos = c[:, :, :, None, :] * chunk + torch.arange(chunk, device=dev)[:, None]  # (B,T,R,C,G)
-    b = torch.arange(B, device=dev)[:, None, None, None, None]
-    g = torch.arange(G, device=dev)
-    page = block_table.long()[b, pos // S]
-    k = k_pages[page, pos % S, g].reshape(B * T, R * chunk, G, k_pages.shape[-1])
-    v = v_pages[page, pos % S, g].reshape(B * T, R * chunk, G, v_pages.shape[-1])
-    local = torch.where(chosen >= 0, torch.arange(R, device=dev), -1).reshape(B * T, 1, G, R)
-    out = recall_ops.recall_op(q.reshape(B * T, 1, H, d), k, v, local, chunk, scale)
-    return out.reshape(B, T, H, d)
+    per_row = R * chunk * G * (k_pages.shape[-1] + v_pages.shape[-1]) * k_pages.element_size()
+    step = max(1, GATHER_BYTES // per_row)
+    rows, picks = q.reshape(B * T, 1, H, d), chosen.reshape(B * T, G, R)
+    seq = torch.arange(B, device=dev)
+    seq = seq.repeat_interleave(T) if T > 1 else seq  # each row's sequence
+    g, offset = torch.arange(G, device=dev), torch.arange(chunk, device=dev)[:, None]
+    out = []
+    for i in range(0, B * T, step):
+        pick = picks[i:i + step]
+        n = pick.shape[0]
+        pos = pick.permute(0, 2, 1).clamp(min=0).long()[:, :, None, :] * chunk + offset  # n R C G
+        page = block_table.long()[seq[i:i + step, None, None, None], pos // S]
+        k = k_pages[page, pos % S, g].reshape(n, R * chunk, G, k_pages.shape[-1])
+        v = v_pages[page, pos % S, g].reshape(n, R * chunk, G, v_pages.shape[-1])
+        local = torch.where(pick >= 0, torch.arange(R, device=dev), -1).reshape(n, 1, G, R)
+        out.append(recall_ops.recall_op(rows[i:i + step], k, v, local, chunk, scale))
+    return (out[0] if len(out) == 1 else torch.cat(out)).reshape(B, T, H, d)
 
 
 def recall_decode(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor,
