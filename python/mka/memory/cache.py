@@ -497,17 +497,32 @@ class LayerCache:
                 self.states["summary_k"][b, index] = ek[b, rows].to(self.dtype)
                 self.states["summary_v"][b, index] = ev[b, rows].to(self.dtype)
 
-    def write_summaries_at(self, ek: Tensor, ev: Tensor, start: Tensor) -> None:
-        """:meth:`write_summaries` for a one-token step of a static cache, sequence ``b``'s
-        token at position ``start[b]`` (a device tensor): written where it ends a chunk, by
-        a masked write (no host read)."""
+    def write_summary_slot(self, ek: Tensor, ev: Tensor, start: Tensor) -> Tensor:
+        """A one-token step's EMA key/value (sequence ``b``'s token at position ``start[b]``, a
+        device tensor: no host read) into the slot of the chunk it is in, ``floor(p / s)``,
+        every step: the slot holds the row's own term until the chunk ends, and then its
+        summary. Returns the slots each row attends to, ``floor(p / s) + 1`` (int32)."""
         sk, sv = self.states["summary_k"], self.states["summary_v"]
         s, p = self.spec.summary_stride, start.long()
         index = torch.div(p, s, rounding_mode="floor").clamp(max=sk.shape[1] - 1)
-        done = ((p + 1) % s == 0)[:, None, None]
         b = torch.arange(p.shape[0], device=p.device)
-        sk[b, index] = torch.where(done, ek[:, 0].to(sk.dtype), sk[b, index])
-        sv[b, index] = torch.where(done, ev[:, 0].to(sv.dtype), sv[b, index])
+        sk[b, index] = ek[:, 0].to(sk.dtype)
+        sv[b, index] = ev[:, 0].to(sv.dtype)
+        slots = (index + 1).to(torch.int32)
+        mark_pool_made(slots)  # valid by construction: the torch backend reads no lengths
+        if self.static:
+            mark_static(slots)
+        return slots
+
+    def summary_table(self) -> Tensor:
+        """``(B, 1)`` int32: sequence ``b``'s summaries as page ``b`` of ``summary_k``,
+        ``summary_v`` viewed as pages — one paged attention reads them."""
+        table = getattr(self, "_summary_table", None)
+        if table is None or table.shape[0] != self.batch_size:
+            table = torch.arange(self.batch_size, device=self.device, dtype=torch.int32)[:, None]
+            mark_pool_made(table)
+            self._summary_table = table
+        return table
 
     def page_tensors(self) -> list[Tensor]:
         return [t for t in (self.k_pages, self.v_pages, self.k_page_states, self.v_page_states)

@@ -115,17 +115,21 @@ class MKAAttention(RoutedAttention):
             self.ops.paged_write(k, v, cache.k_pages, cache.v_pages, step.block_table,
                                  step.cache_seqlens)
             cache.update_states(k=ks, v=vs)
-            if cache.static:  # positions on the device: nothing read on the host
-                cache.write_summaries_at(ek, ev, step.cache_seqlens)
-                pos = step.cache_seqlens.long()[:, None]
+            one = k.shape[1] == 1
+            if one:  # the row's own term in its chunk's slot: level 2 is one paged attention
+                slots = cache.write_summary_slot(ek, ev, step.cache_seqlens)
             else:
                 cache.write_summaries(ek, ev, before)
                 pos = torch.tensor(before)[:, None] + torch.arange(k.shape[1])[None, :]
             o3 = self._recall_cached(q, cache, step, before) if self.recall is not None else None
             o1 = self.ops.paged_attention(q, cache.k_pages, cache.v_pages, step.block_table,
                                           step.seqlens, causal=True, window=self.window)
-            o2 = attend_summaries(q, cache.states["summary_k"], cache.states["summary_v"],
-                                  summary_counts(pos, self.ema_stride), ek, ev)
+            sk, sv = cache.states["summary_k"], cache.states["summary_v"]
+            if one:
+                o2 = self.ops.paged_attention(q, sk, sv, cache.summary_table(), slots,
+                                              causal=False)
+            else:
+                o2 = attend_summaries(q, sk, sv, summary_counts(pos, self.ema_stride), ek, ev)
             y = w(0, o1) * o1 + w(1, o1) * o2
             if o3 is not None:  # chosen before levels 1 and 2 ran: their time hides the fetch
                 y = y + w(2, y) * o3()
