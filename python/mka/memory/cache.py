@@ -23,7 +23,7 @@ from .._C import PageTable
 from ..reference import state_dtype
 from .recall import exact_keys
 from .host_tier import HostTier, LayerHost, check_host
-from .torch_paged import mark_pool_made, mark_static
+from .torch_paged import mark_pool_made, mark_static, per_step
 
 
 @dataclass(frozen=True)
@@ -503,15 +503,20 @@ class LayerCache:
         every step: the slot holds the row's own term until the chunk ends, and then its
         summary. Returns the slots each row attends to, ``floor(p / s) + 1`` (int32)."""
         sk, sv = self.states["summary_k"], self.states["summary_v"]
-        s, p = self.spec.summary_stride, start.long()
-        index = torch.div(p, s, rounding_mode="floor").clamp(max=sk.shape[1] - 1)
-        b = torch.arange(p.shape[0], device=p.device)
-        sk[b, index] = ek[:, 0].to(sk.dtype)
-        sv[b, index] = ev[:, 0].to(sv.dtype)
-        slots = (index + 1).to(torch.int32)
-        mark_pool_made(slots)  # valid by construction: the torch backend reads no lengths
-        if self.static:
-            mark_static(slots)
+        s, n = self.spec.summary_stride, sk.shape[1]
+
+        def make():  # shared by the step's layers (the same lengths)
+            p = start.long()
+            index = torch.div(p, s, rounding_mode="floor").clamp(max=n - 1)
+            slots = (index + 1).to(torch.int32)
+            mark_pool_made(slots)  # valid by construction: the torch backend reads no lengths
+            if self.static:
+                mark_static(slots)
+            return index + n * torch.arange(p.shape[0], device=p.device), slots
+
+        flat, slots = per_step((start,), ("summary_slot", s, n), make)
+        sk.view(-1, *sk.shape[2:]).index_copy_(0, flat, ek[:, 0].to(sk.dtype))
+        sv.view(-1, *sv.shape[2:]).index_copy_(0, flat, ev[:, 0].to(sv.dtype))
         return slots
 
     def summary_table(self) -> Tensor:

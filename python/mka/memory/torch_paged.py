@@ -109,7 +109,7 @@ def _pool_made(t: Tensor) -> bool:
 _STEP: dict = {}
 
 
-def _per_step(tensors: tuple[Tensor, ...], extra: tuple, make):
+def per_step(tensors: tuple[Tensor, ...], extra: tuple, make):
     if (torch.compiler.is_compiling()
             or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
             or any(t in _MOVES_IN_GRAPHS for t in tensors)):
@@ -160,7 +160,7 @@ def _positions(block_table: Tensor, start: Tensor, T: int, page_size: int) -> tu
         pos = start.long()[:, None] + torch.arange(T, device=start.device)[None, :]
         page = torch.gather(block_table.long(), 1, pos // page_size)
         return page, pos % page_size
-    return _per_step((block_table, start), ("positions", T, page_size), make)
+    return per_step((block_table, start), ("positions", T, page_size), make)
 
 
 def paged_write(k: Tensor, v: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor,
@@ -244,7 +244,7 @@ def _gather_index(block_table: Tensor, seqlens: Tensor, S: int, n: int,
         raw = block_table[:, first // S:W].long()
         paged = (raw >= 0)[:, :, None].expand(-1, -1, S).flatten(1)[:, :n - first, None, None]
         return raw.clamp(min=0), ~(_held(seqlens, n)[:, first:] & paged)
-    return _per_step((block_table, seqlens), ("gather", S, n, first), make)
+    return per_step((block_table, seqlens), ("gather", S, n, first), make)
 
 
 def page_ema(pages: Tensor, states: Tensor, block_table: Tensor, n: int, beta: float,
@@ -266,8 +266,8 @@ def page_ema(pages: Tensor, states: Tensor, block_table: Tensor, n: int, beta: f
         decay = torch.where(lag >= 0, (1.0 - beta) * beta ** lag.clamp(min=0), 0.0).to(sdt)
         return decay, (beta ** (t + 1)).to(sdt)[None, None, :, None, None]
 
-    idx, held = _per_step((block_table, seqlens), ("page_ema", S, W), index)
-    decay, first = _per_step((), ("decay", S, float(beta), sdt, pages.device), coefficients)
+    idx, held = per_step((block_table, seqlens), ("page_ema", S, W), index)
+    decay, first = per_step((), ("decay", S, float(beta), sdt, pages.device), coefficients)
     x = torch.where(held, pages[idx].to(sdt), 0.0)  # (B, W, S, G, d)
     s = states[idx]                             # (B, W, G, d)
     y = torch.einsum("ou,bwugd->bwogd", decay, x) + first * s[:, :, None]
@@ -300,7 +300,7 @@ def _attend_mask(Tq: int, n: int, seqlens: Tensor, causal: bool, window: Optiona
         hidden = ~(vis | ~seen)[:, None]
         mask = torch.zeros(hidden.shape, dtype=dtype, device=seqlens.device)
         return mask.masked_fill_(hidden, float("-inf")), ~seen[..., None]
-    return _per_step((seqlens,), ("mask", Tq, n, causal, window, first, dtype), make)
+    return per_step((seqlens,), ("mask", Tq, n, causal, window, first, dtype), make)
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, masks: tuple[Tensor, Tensor],
