@@ -60,3 +60,22 @@ def test_cuda_graph_needs_the_native_backend():
     with pytest.raises(ValueError, match="cuda_graph: needs attn_backend='mka'"):
         m_torch.generate(idx, 3, greedy=True, cuda_graph=True)
     assert m.generate(idx, 1, greedy=True, cuda_graph=True).shape == (1, 5)
+
+
+@pytest.mark.parametrize("options", [
+    dict(levels=2, window=8, ema_stride=4),
+    dict(levels=3, window=8, recall_chunk=4, recall_top=2, ema_stride=4, recall_score="bound")],
+    ids=["summaries", "summaries-recall-bound"])
+def test_decode_with_summaries_equals_one_full_pass(options):
+    """One-token steps attend to level 2 through the summary slots (the row's own term in
+    its chunk's slot, one paged attention): a prefill and 21 such steps give the logits of
+    one full pass (float32)."""
+    from conftest import rel_err
+    m = _model("mka", **options)
+    idx = torch.randint(0, 97, (2, 30), device="cuda")
+    with torch.no_grad():
+        full = m(idx)[0]
+        caches = m.new_caches(2)
+        steps = [m(idx[:, :9], caches=caches)[0]]
+        steps += [m(idx[:, t:t + 1], caches=caches)[0] for t in range(9, 30)]
+    assert rel_err(torch.cat(steps, 1), full) < 1e-4
