@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .._C import PageTable
 from ..reference import state_dtype
-from .recall import exact_keys
+from .recall import exact_width
 from .host_tier import HostTier, LayerHost, check_host
 from .torch_paged import mark_pool_made, mark_static, per_step
 
@@ -75,9 +75,7 @@ class LayerSpec:
         if self.recall_chunk:
             chunks = math.ceil(max_tokens / self.recall_chunk)
             n += chunks * G * self.recall_bits
-            if self.recall_score != "hash":  # exact scoring: d (mean) or 2d (bound) numbers
-                width = 2 * d if self.recall_score == "bound" else d
-                n += chunks * G * width * state_dtype(dtype).itemsize
+            n += chunks * G * exact_width(self.recall_score, d) * state_dtype(dtype).itemsize
         if self.summary_stride:
             n += 2 * math.ceil(max_tokens / self.summary_stride) * G * d * dtype.itemsize
         return n
@@ -433,9 +431,10 @@ class LayerCache:
             chunks = math.ceil(parent.max_tokens / spec.recall_chunk)
             self.states["chunk_signs"] = torch.zeros(
                 (parent.batch_size, chunks, G, spec.recall_bits), device=dev, dtype=torch.int8)
-            exact = exact_keys(spec.recall_score, parent.batch_size, chunks, G, dk, sdt, dev)
-            if exact is not None:  # exact scoring (mean / max and min keys), state dtype
-                self.states["chunk_keys"] = exact
+            width = exact_width(spec.recall_score, dk)
+            if width:  # exact scoring: mean (max and min) keys, in the state dtype
+                self.states["chunk_keys"] = torch.zeros((parent.batch_size, chunks, G, width),
+                                                        device=dev, dtype=sdt)
         if spec.summary_stride:  # in the cache's dtype, as a full forward computes them
             n = math.ceil(parent.max_tokens / spec.summary_stride)
             for name in ("summary_k", "summary_v"):

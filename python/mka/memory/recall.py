@@ -79,20 +79,29 @@ def pack_signatures(signs: Tensor) -> Tensor:
 
 def chunk_means(k: Tensor, chunk: int) -> Tensor:
     """Mean key of every complete chunk: ``(B, Tk // C, G, d)``."""
-    B, T, G, d = k.shape
-    n = T // chunk
-    return k[:, :n * chunk].reshape(B, n, chunk, G, d).mean(2)
+    return chunk_keys(k, chunk, "mean")
+
+
+def exact_width(score: str, d: int) -> int:
+    """Numbers exact scoring keeps per chunk and kv head: 0 (``"hash"``: signatures only),
+    ``d`` (``"mean"``: the mean key), ``2d`` (``"bound"``: the max then the min keys)."""
+    return {"hash": 0, "mean": d, "bound": 2 * d}[score]
+
+
+def _summarize(blocks: Tensor, score: str) -> Tensor:
+    """Chunks' keys ``blocks (..., C, G, d)`` as exact scoring keeps them (chunk axis -3):
+    the mean key, or for ``"bound"`` the per-channel max and min keys, ``(..., G, 2d)``."""
+    if score != "bound":
+        return blocks.mean(-3)
+    return torch.cat((blocks.amax(-3), blocks.amin(-3)), -1)
 
 
 def chunk_keys(k: Tensor, chunk: int, score: str) -> Tensor:
     """What exact scoring keeps of every complete chunk of ``k: (B, T, G, d)``: its mean key
     (``"hash"``, ``"mean"``), or its per-channel max and min keys (``"bound"``, ``2d``)."""
-    if score != "bound":
-        return chunk_means(k, chunk)
     B, T, G, d = k.shape
     n = T // chunk
-    blocks = k[:, :n * chunk].reshape(B, n, chunk, G, d)
-    return torch.cat((blocks.amax(2), blocks.amin(2)), -1)
+    return _summarize(k[:, :n * chunk].reshape(B, n, chunk, G, d), score)
 
 
 def eligible(Tq: int, Tk: int, chunk: int, window: Optional[int], device=None) -> Tensor:
@@ -329,26 +338,8 @@ def page_chunks(k_pages: Tensor, v_pages: Tensor, block_table: Tensor, d: Distin
     return k_pages[pages, pos % S, hh], v_pages[pages, pos % S, hh]
 
 
-def exact_keys(spec_score: str, batch: int, chunks: int, heads: int, d: int, dtype,
-               device) -> Optional[Tensor]:
-    """A cache's store of what exact scoring keeps per chunk and kv head (None for
-    ``"hash"``): ``(B, chunks, G, d)`` mean keys (``"mean"``) or ``(B, chunks, G, 2d)`` max
-    then min keys (``"bound"``), zeros until a chunk completes."""
-    if spec_score == "hash":
-        return None
-    width = 2 * d if spec_score == "bound" else d
-    return torch.zeros((batch, chunks, heads, width), device=device, dtype=dtype)
-
-
-def _exact_of(keys: Tensor, exact: Tensor) -> Tensor:
-    """Chunks' ``keys (n, C, G, d)`` as ``exact`` stores them: mean, or max and min."""
-    if exact.shape[-1] == keys.shape[-1]:
-        return keys.mean(1)
-    return torch.cat((keys.amax(1), keys.amin(1)), -1)
-
-
 def _exact_score(exact: Optional[Tensor], d: int) -> str:
-    """The score a cache's ``exact`` store serves (its width tells)."""
+    """The score a cache's ``exact`` store (``(B, chunks, G, exact_width)``) serves."""
     return "hash" if exact is None else ("bound" if exact.shape[-1] == 2 * d else "mean")
 
 
@@ -358,7 +349,7 @@ def update_chunk_signs(signs: Tensor, k_pages: Tensor, block_table: Tensor,
     """Signatures of the chunks a step completed (sequence ``b`` grew ``before[b]`` ->
     ``after[b]`` tokens), from their keys read back from the pages, into ``signs (B, max
     chunks, G, P)`` (int8 ±1), and what exact scoring keeps of them into ``exact`` where given
-    (:func:`exact_keys`): each chunk's are computed once."""
+    (``(B, max chunks, G, exact_width)``): each chunk's are computed once."""
     S = k_pages.shape[1]
     for b, (n0, n1) in enumerate(zip(before, after)):
         done = range(n0 // chunk, n1 // chunk)
@@ -370,7 +361,8 @@ def update_chunk_signs(signs: Tensor, k_pages: Tensor, block_table: Tensor,
         signs[b, done.start:done.stop] = signatures(keys.reshape(shape).mean(1),
                                                     planes).to(signs.dtype)
         if exact is not None:  # in the state dtype, as a full pass computes them
-            exact[b, done.start:done.stop] = _exact_of(keys.to(exact.dtype).reshape(shape), exact)
+            exact[b, done.start:done.stop] = _summarize(keys.to(exact.dtype).reshape(shape),
+                                                        _exact_score(exact, shape[-1]))
 
 
 def update_chunk_signs_at(signs: Tensor, k_pages: Tensor, block_table: Tensor, start: Tensor,
@@ -389,7 +381,8 @@ def update_chunk_signs_at(signs: Tensor, k_pages: Tensor, block_table: Tensor, s
     b = torch.arange(B, device=p.device)
     signs[b, c] = torch.where(done, signatures(keys.mean(1), planes).to(signs.dtype), signs[b, c])
     if exact is not None:
-        exact[b, c] = torch.where(done, _exact_of(keys.to(exact.dtype), exact), exact[b, c])
+        summary = _summarize(keys.to(exact.dtype), _exact_score(exact, keys.shape[-1]))
+        exact[b, c] = torch.where(done, summary, exact[b, c])
 
 
 def _eligible_counts(pos: Tensor, chunk: int, window: Optional[int]) -> Tensor:
