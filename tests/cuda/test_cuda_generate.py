@@ -13,9 +13,9 @@ from cuda_checks import requires_cuda
 pytestmark = [requires_cuda, pytest.mark.cuda]
 
 
-def _model(variant: str, block_size: int = 64, **options) -> GPT:
+def _model(variant: str, block_size: int = 64, n_embd: int = 64, **options) -> GPT:
     torch.manual_seed(0)
-    cfg = GPTConfig(n_layer=2, n_embd=64, n_head=4, block_size=block_size, vocab_size=97,
+    cfg = GPTConfig(n_layer=2, n_embd=n_embd, n_head=4, block_size=block_size, vocab_size=97,
                     attention=variant, attn_options=options)
     return GPT(cfg).cuda().eval()
 
@@ -69,9 +69,9 @@ def test_cuda_graph_needs_the_native_backend():
 def test_decode_with_summaries_equals_one_full_pass(options):
     """One-token steps attend to level 2 through the summary slots (the row's own term in
     its chunk's slot, one paged attention): a prefill and 21 such steps give the logits of
-    one full pass (float32)."""
+    one full pass (float32; heads of 64: the full pass runs the CUDA attention kernel)."""
     from conftest import rel_err
-    m = _model("mka", **options)
+    m = _model("mka", n_embd=256, **options)
     idx = torch.randint(0, 97, (2, 30), device="cuda")
     with torch.no_grad():
         full = m(idx)[0]
