@@ -15,8 +15,9 @@
 #   mka-hash      mka, levels=3, recall_chunk=CHUNK, recall_top=TOP, same window   (SPEC §7.2)
 #   mka-sum-hash  mka-hash with ema_stride=CHUNK    (the configuration the DRAM tier serves)
 #   fastmka-hash  fastmka, levels=3 by recall
-# SCORE=mean ranks recalled chunks exactly, SCORE=bound by Quest's bound (recall_score, SPEC
-# §7.2): the three recall models are then labelled (and kept in folders) mka-SCORE,
+# SCORE=mean ranks recalled chunks exactly, SCORE=bound by Quest's bound, SCORE=corners by the
+# mean over the chunk's min/max key box's corners (recall_score, SPEC §7.2): the three recall
+# models are then labelled (and kept in folders) mka-SCORE,
 # mka-sum-SCORE, fastmka-SCORE.
 # MODELS="full window ..." picks some of them. MKA_HASH_ARGS / FASTMKA_HASH_ARGS replace the
 # recall models' mka train flags (--attention NAME, --attn-option NAME.KEY=VALUE ...); a variant
@@ -71,7 +72,7 @@ PARALLEL=${PARALLEL:-0}
 PICK=${MODELS:-full window mka mka-sum fastmka mka-hash mka-sum-hash fastmka-hash}
 EXTRA=${EXTRA:-}                         # flags added to every mka train call
 OUT=${OUT:-runs/recall_$PRESET}
-SCORE=${SCORE:-hash}                     # how recall ranks chunks: hash (signatures), mean or bound
+SCORE=${SCORE:-hash}                     # how recall ranks chunks: hash (signatures), mean, bound or corners
 recall() { echo "--attention $1 --attn-option $1.levels=3 --attn-option $1.recall_chunk=$CHUNK --attn-option $1.recall_top=$TOP --attn-option $1.window=$WINDOW --attn-option $1.recall_score=$SCORE"; }
 MKA_HASH_ARGS=${MKA_HASH_ARGS:-$(recall mka)}
 FASTMKA_HASH_ARGS=${FASTMKA_HASH_ARGS:-$(recall fastmka)}

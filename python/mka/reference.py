@@ -217,7 +217,9 @@ def recall_attention(q: Tensor, k: Tensor, v: Tensor, *, chunk: int, top: int,
     of whole chunks, the row's mean query over the kv head's query heads, their sign patterns
     against ``planes`` (``score="mean"``: the vectors themselves, scored exactly;
     ``score="bound"``: Quest's bound of each query head's largest logit over the chunk from
-    its per-channel min and max keys, averaged over the group), the chunks
+    its per-channel min and max keys, averaged over the group; ``score="corners"``: per query
+    head the log of the mean of ``exp(scale q.k)`` over the corners of the chunk's min/max key
+    box, the group's heads summed as masses), the chunks
     wholly before the row's window ranked by matching signs, dot product or bound (ties: the later
     chunk), the top ``R`` recalled, attention over their tokens. Returns ``(O3, chosen)`` as
     the op."""
@@ -226,7 +228,7 @@ def recall_attention(q: Tensor, k: Tensor, v: Tensor, *, chunk: int, top: int,
     grp, nC = H // G, Tk // chunk
     if score == "mean":
         rep = lambda x: x.double()  # noqa: E731
-    elif score == "bound":  # Quest's bound: q+ . max + q- . min, mean over the group's heads
+    elif score in ("bound", "corners"):  # from each chunk's per-channel max and min keys
         rep = None
     else:
         rep = lambda x: torch.where(x.double() @ planes.double().t() >= 0, 1.0, -1.0)  # noqa: E731
@@ -243,7 +245,13 @@ def recall_attention(q: Tensor, k: Tensor, v: Tensor, *, chunk: int, top: int,
             heads = []
             for g in range(G):
                 qh = q[b, i, g * grp:(g + 1) * grp]
-                if rep is None:
+                if score == "corners":
+                    def logit(c, qh=qh.double()):
+                        kc = k[b, c * chunk:(c + 1) * chunk, g].double()
+                        s = (1.0 / math.sqrt(d) if scale is None else scale) * qh
+                        corner = torch.logaddexp(s * kc.amax(0), s * kc.amin(0)) - math.log(2)
+                        return float(torch.logsumexp(corner.sum(-1), 0))
+                elif rep is None:
                     def logit(c, qh=qh.double()):
                         kc = k[b, c * chunk:(c + 1) * chunk, g].double()
                         hi, lo = kc.amax(0), kc.amin(0)

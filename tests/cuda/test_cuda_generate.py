@@ -32,8 +32,9 @@ def test_graphed_decode_equals_eager(variant):
 @pytest.mark.parametrize("options", [
     dict(levels=3, window=8, recall_chunk=4, recall_top=2),
     dict(levels=3, window=8, recall_chunk=4, recall_top=2, ema_stride=4, recall_score="mean"),
-    dict(levels=3, window=8, recall_chunk=4, recall_top=2, recall_score="bound")],
-    ids=["recall", "summaries-recall-mean", "recall-bound"])
+    dict(levels=3, window=8, recall_chunk=4, recall_top=2, recall_score="bound"),
+    dict(levels=3, window=8, recall_chunk=4, recall_top=2, recall_score="corners")],
+    ids=["recall", "summaries-recall-mean", "recall-bound", "recall-corners"])
 def test_graphed_decode_with_recall_equals_eager(options):
     """MKA with recall (and level 2 over summaries): signatures, means and summaries kept by
     masked writes at device positions, every stored chunk scored — captured and replayed."""

@@ -247,7 +247,7 @@ def test_recall_compile_fullgraph():
         assert torch.equal(x.grad, y.grad)
 
 
-@pytest.mark.parametrize("score", ["hash", "mean", "bound"])
+@pytest.mark.parametrize("score", ["hash", "mean", "bound", "corners"])
 def test_recall_attention_runs_native_on_cuda(score):
     """recall_attention (selection by either score + O3) takes the kernels on CUDA and agrees
     with the composite over the same selection."""

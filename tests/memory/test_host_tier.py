@@ -24,7 +24,7 @@ def _run(m, x, steps, host, *, page_size=4, max_tokens=160, layers=1):
     return torch.cat(outs, 1), cache
 
 
-@pytest.mark.parametrize("score", ["hash", "mean", "bound"])
+@pytest.mark.parametrize("score", ["hash", "mean", "bound", "corners"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("top", [2, 100])  # 100: R covers every chunk
 def test_spilled_decoding_equals_resident_decoding_bit_for_bit(dtype, top, score):
@@ -99,7 +99,7 @@ def test_misuse_is_a_clear_error():
         cache.make_static(64)
 
 
-@pytest.mark.parametrize("score", ["hash", "mean", "bound"])
+@pytest.mark.parametrize("score", ["hash", "mean", "bound", "corners"])
 def test_static_cache_with_summaries_and_recall_decodes_like_the_dynamic_one(score):
     """A static cache (what a CUDA graph of a step needs) keeps the summaries and the chunk
     signatures by masked one-token writes at device positions and scores every stored chunk

@@ -22,7 +22,7 @@ CASES = [  # B, Tq, Tk, H, G, d, chunk, top, window
 ]
 
 
-@pytest.mark.parametrize("score", ["hash", "mean", "bound"])
+@pytest.mark.parametrize("score", ["hash", "mean", "bound", "corners"])
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_recall_equals_the_reference(case, score):
     B, Tq, Tk, H, G, d, C, top, W = case
@@ -73,7 +73,7 @@ def test_selection_never_returns_an_ineligible_chunk(dtype):
     assert sorted(got[0, 0, 0].tolist()) == [0, 1, 2]
 
 
-@pytest.mark.parametrize("score", ["hash", "mean", "bound"])
+@pytest.mark.parametrize("score", ["hash", "mean", "bound", "corners"])
 def test_selection_ignores_autocast(score):
     """Signatures and scores in float32 under bf16 autocast: the choice of float32 inputs."""
     torch.manual_seed(4)
@@ -149,7 +149,7 @@ def test_recall_options_are_checked():
         m(torch.randint(0, 23, (1, 4)), caches=m.new_caches(1))
 
 
-@pytest.mark.parametrize("score", ["hash", "mean", "bound"])
+@pytest.mark.parametrize("score", ["hash", "mean", "bound", "corners"])
 @pytest.mark.parametrize("backend", ["mka", "torch"])
 def test_mka_with_recall_decodes_as_one_full_pass(backend, score):
     """Prefill, a chunk, then token by token over the paged cache: the chunk signatures (and
@@ -167,7 +167,7 @@ def test_mka_with_recall_decodes_as_one_full_pass(backend, score):
     means = caches[0].states.get("chunk_keys")
     assert (means is not None) == (score != "hash")
     if means is not None:  # the exact ranking's mean (max and min) keys, beside the signatures
-        width = 16 if score == "bound" else 8
+        width = 16 if score in ("bound", "corners") else 8
         assert means.shape == (2, 128 // 8, 4, width) and means[:, :90 // 8].abs().sum() > 0
 
 
@@ -205,3 +205,31 @@ def test_direct_page_gather_equals_the_distinct_chunk_path(dtype, rows_per_block
     keys, vals = RC.page_chunks(kp, vp, table, dist, C)
     composite = RC.attend_distinct(q, keys, vals, chosen, dist, C, 0.3)
     assert rel_err(direct, composite) < (1e-12 if dtype == torch.float64 else 1e-5)
+
+
+def test_corner_score_is_the_mean_over_the_key_box_corners():
+    """``score="corners"``: per query head the log of the mean of ``exp(scale q.k)`` over all
+    ``2^d`` corners of a chunk's min/max key box (enumerated here), the group's heads summed
+    as masses; in blocks of rows it is the same."""
+    import itertools
+    import mka.memory.recall as rc
+    B, T, G, x, d, nC, scale = 2, 5, 2, 3, 4, 6, 0.7
+    q = torch.randn(B, T, G, x, d, dtype=torch.float64)
+    keys = torch.randn(B, nC, 8, G, d, dtype=torch.float64)
+    hi, lo = keys.amax(2), keys.amin(2)
+    got = rc.corner_scores(q, torch.cat((hi, lo), -1), scale)
+    want = torch.empty(B, T, G, nC, dtype=torch.float64)
+    for b, t, g, c in itertools.product(range(B), range(T), range(G), range(nC)):
+        corners = torch.stack([torch.where(torch.tensor(bits, dtype=torch.bool), hi[b, c, g],
+                                           lo[b, c, g])
+                               for bits in itertools.product((0, 1), repeat=d)])  # (2^d, d)
+        logits = scale * q[b, t, g] @ corners.t()  # (x, 2^d)
+        per_head = torch.logsumexp(logits, -1) - d * math.log(2)
+        want[b, t, g, c] = torch.logsumexp(per_head, 0) + d * math.log(2)  # without -d log 2
+    assert torch.allclose(got, want, rtol=0, atol=1e-12)
+    blocks = rc.CORNER_ELEMENTS
+    try:
+        rc.CORNER_ELEMENTS = G * x * nC * d * B * 2  # two rows a block
+        assert torch.equal(rc.corner_scores(q, torch.cat((hi, lo), -1), scale), got)
+    finally:
+        rc.CORNER_ELEMENTS = blocks

@@ -17,7 +17,7 @@ def test_oracle_is_the_ceiling_and_a_full_budget_captures_everything():
     got = recall_quality(q, k, chunk=8, window=16, budgets=[0.05, 0.2, 1.0],
                          planes=simhash_planes(16))
     for f in (0.05, 0.2):
-        for name in ("simhash", "mean", "moments", "quest"):
+        for name in ("simhash", "mean", "moments", "quest", "corners"):
             assert got["oracle"][f] >= got[name][f] - 1e-9
         assert 0 < got["simhash"][f] <= 1
     for name in got:
@@ -41,7 +41,7 @@ def test_a_planted_chunk_is_recalled():
     k[0, 64:72, 0] = direction * 3 + torch.randn(8, d) * 0.1
     q = (direction * 2 + torch.randn(1, 100, 2, d) * 0.1)  # the last 100 rows: all see it
     got = recall_quality(q, k, chunk=8, window=32, budgets=[8 / 256], planes=simhash_planes(d))
-    for name in ("simhash", "mean", "moments", "quest", "oracle"):
+    for name in ("simhash", "mean", "moments", "quest", "corners", "oracle"):
         assert got[name][8 / 256] > 0.9
 
 

@@ -23,6 +23,7 @@ def test_recall_quality_of_a_text_model(corpus_file, run_args, tmp_path, capsys)
         for f in ("0.0625", "0.25"):
             assert 0 < layer["simhash"][f] <= layer["oracle"][f] + 1e-9 <= 1 + 1e-9
             assert layer["quest"][f] <= layer["oracle"][f] + 1e-9
+            assert layer["corners"][f] <= layer["oracle"][f] + 1e-9
     assert mka_main(["eval", "recall-quality", str(tmp_path / "out" / "gqa"), "--length", "999",
                      "--cache-dir", str(tmp_path / "cache")]) == 2
     assert "exceeds the block size 128" in capsys.readouterr().err

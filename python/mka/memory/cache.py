@@ -46,7 +46,7 @@ class LayerSpec:
     states: tuple[str, ...] = ()
     recall_chunk: int = 0  # > 0: the signature of every whole chunk of this many tokens
     recall_bits: int = 0   # signs per signature
-    recall_score: str = "hash"  # "mean" / "bound": the chunks' mean / max and min keys too
+    recall_score: str = "hash"  # "mean" / "bound", "corners": the chunks' mean / max and min keys too
     summary_stride: int = 0  # > 0: the EMA keys/values at positions s - 1, 2s - 1, ...
     window: Optional[int] = None
     shift_dim: int = 0

@@ -18,6 +18,14 @@ chunk's largest logit, ``sum_d max(q_d min_d, q_d max_d)`` over the chunk's per-
 minimum and maximum keys, averaged over the kv head's query heads: ``q+ . max + q- . min``, a
 dot product of ``2d`` numbers a side (the mean over heads of ``q+`` and of ``q-``), so the
 same selection serves it; a cache keeps the max and min keys, ``2d`` numbers a chunk and head.
+``score="corners"`` keeps the same ``2d`` numbers and ranks by the log of a query head's mean
+``exp(scale q.k)`` over the ``2^d`` corners of the chunk's key box (each channel at its min or
+its max), ``sum_d log((exp(scale q_d min_d) + exp(scale q_d max_d)) / 2)``, summed over the kv
+head's query heads as masses (log-sum-exp): Quest's bound is the largest corner; this counts
+how many corners score high, so a chunk whose bound comes from one wide channel ranks below
+one whose channels agree (an estimate of the chunk's attention mass, not a bound; it tends to
+Quest's ranking where ``scale q_d (max_d - min_d)`` is large and to the box's centre where it
+is small).
 
 Query row ``i`` (key position ``p = i + Tk - Tq``, bottom-right) may recall chunk ``c`` iff the
 chunk lies wholly before its L1 window: ``(c + 1) C <= p - W + 1`` (``W`` the window; without
@@ -82,23 +90,28 @@ def chunk_means(k: Tensor, chunk: int) -> Tensor:
     return chunk_keys(k, chunk, "mean")
 
 
+# Scores that keep each chunk's per-channel max and min keys (``2d`` numbers a chunk and head).
+EXTREMES = ("bound", "corners")
+
+
 def exact_width(score: str, d: int) -> int:
     """Numbers exact scoring keeps per chunk and kv head: 0 (``"hash"``: signatures only),
-    ``d`` (``"mean"``: the mean key), ``2d`` (``"bound"``: the max then the min keys)."""
-    return {"hash": 0, "mean": d, "bound": 2 * d}[score]
+    ``d`` (``"mean"``: the mean key), ``2d`` (``"bound"``, ``"corners"``: the max then the min
+    keys)."""
+    return {"hash": 0, "mean": d, "bound": 2 * d, "corners": 2 * d}[score]
 
 
 def _summarize(blocks: Tensor, score: str) -> Tensor:
     """Chunks' keys ``blocks (..., C, G, d)`` as exact scoring keeps them (chunk axis -3):
-    the mean key, or for ``"bound"`` the per-channel max and min keys, ``(..., G, 2d)``."""
-    if score != "bound":
+    the mean key, or for :data:`EXTREMES` the per-channel max and min keys, ``(..., G, 2d)``."""
+    if score not in EXTREMES:
         return blocks.mean(-3)
     return torch.cat((blocks.amax(-3), blocks.amin(-3)), -1)
 
 
 def chunk_keys(k: Tensor, chunk: int, score: str) -> Tensor:
     """What exact scoring keeps of every complete chunk of ``k: (B, T, G, d)``: its mean key
-    (``"hash"``, ``"mean"``), or its per-channel max and min keys (``"bound"``, ``2d``)."""
+    (``"hash"``, ``"mean"``), or its per-channel max and min keys (:data:`EXTREMES`, ``2d``)."""
     B, T, G, d = k.shape
     n = T // chunk
     return _summarize(k[:, :n * chunk].reshape(B, n, chunk, G, d), score)
@@ -109,7 +122,7 @@ def eligible(Tq: int, Tk: int, chunk: int, window: Optional[int], device=None) -
     return _eligible_counts(torch.arange(Tq, device=device) + (Tk - Tq), chunk, window)
 
 
-SCORES = ("hash", "mean", "bound")
+SCORES = ("hash", "mean", "bound", "corners")
 
 
 def check_score(score) -> None:
@@ -119,7 +132,7 @@ def check_score(score) -> None:
 
 def representatives(x: Tensor, planes: Tensor, score: str) -> Tensor:
     """What selection compares, from mean queries or :func:`chunk_keys` ``x``: their sign
-    patterns (``"hash"``) or themselves in float32/float64 (``"mean"``, ``"bound"``)."""
+    patterns (``"hash"``) or themselves in float32/float64 (the exact scores)."""
     if score == "hash":
         return signatures(x, planes)
     return x.to(state_dtype(x.dtype))
@@ -127,24 +140,52 @@ def representatives(x: Tensor, planes: Tensor, score: str) -> Tensor:
 
 def query_representatives(q: Tensor, planes: Tensor, score: str) -> Tensor:
     """What selection compares of query rows grouped by kv head, ``q: (B, T, G, H / G, d)``:
-    their mean's representative, or for ``"bound"`` the means over the group of the positive
-    and negative parts, ``(B, T, G, 2d)`` (``q+ . max + q- . min`` is Quest's bound)."""
+    their mean's representative; for ``"bound"`` the means over the group of the positive
+    and negative parts, ``(B, T, G, 2d)`` (``q+ . max + q- . min`` is Quest's bound); for
+    ``"corners"`` the query heads themselves, ``(B, T, G, H / G, d)``."""
+    if score == "corners":
+        return q.to(state_dtype(q.dtype))
     if score != "bound":
         return representatives(q.mean(3), planes, score)
     x = q.to(state_dtype(q.dtype))
     return torch.cat((x.clamp(min=0).mean(3), x.clamp(max=0).mean(3)), -1)
 
 
+# Elements of the (rows, heads, chunks, d) terms the corner score makes at once.
+CORNER_ELEMENTS = 1 << 26
+
+
+def corner_scores(q: Tensor, extremes: Tensor, scale: float) -> Tensor:
+    """``(B, T, G, nC)``: ``score="corners"`` of query heads ``q: (B, T, G, H / G, d)`` against
+    chunks' max and min keys ``extremes: (B, nC, G, 2d)`` — per head ``sum_d log((exp(scale
+    q_d min_d) + exp(scale q_d max_d)) / 2)`` without its constant ``-d log 2``, written as
+    ``scale q.min + sum_d softplus(scale q_d (max_d - min_d))``; the group's heads summed as
+    masses (log-sum-exp). Rows go in blocks of at most :data:`CORNER_ELEMENTS` terms."""
+    B, T, G, x, d = q.shape
+    nC = extremes.shape[1]
+    hi, lo = extremes[..., :d], extremes[..., d:]
+    width = (hi - lo).permute(0, 2, 1, 3)  # (B, G, nC, d)
+    base = torch.einsum("btgxd,bcgd->btgxc", q, lo) * scale
+    step = max(1, CORNER_ELEMENTS // max(1, B * G * x * nC * d))
+    soft = [torch.nn.functional.softplus(
+        q[:, i:i + step, :, :, None, :] * scale * width[:, None, :, None]).sum(-1)
+        for i in range(0, T, step)]
+    return torch.logsumexp(base + (torch.cat(soft, 1) if soft else base), 3)
+
+
 def select(q_sig: Tensor, k_sig: Tensor, counts: Tensor, top: int,
-           width: Optional[int] = None) -> Tensor:
+           width: Optional[int] = None, score: str = "hash",
+           scale: Optional[float] = None) -> Tensor:
     """Indices ``(B, Tq, G, R)`` of the recalled chunks per query row and key/value head, best
     first, -1 where a row has fewer eligible chunks; ``R = min(top, max count)``. ``counts``:
     eligible chunks per row, ``(Tq,)`` or per sequence and row ``(B, Tq)``, best on the host
     (its largest entry sets R: read from a device tensor, a synchronisation). ``q_sig, k_sig``:
     signatures (±1) or mean vectors (:func:`representatives`), scored by their dot product.
     ``width``: R given (at most the chunks scored; rows with fewer eligible chunks get -1):
-    ``counts`` is then not read on the host (a static step's are on the device)."""
-    B, Tq, G, _ = q_sig.shape
+    ``counts`` is then not read on the host (a static step's are on the device).
+    ``score="corners"``: ``q_sig`` the query heads and ``k_sig`` the chunks' max and min keys
+    (:func:`corner_scores`, at ``scale``, by default ``1 / sqrt(d)``)."""
+    B, Tq, G = q_sig.shape[:3]
     nC = k_sig.shape[1]
     if width is None:
         width = min(top, int(counts.max())) if counts.numel() else 0  # host counts: no sync
@@ -152,7 +193,11 @@ def select(q_sig: Tensor, k_sig: Tensor, counts: Tensor, top: int,
     if width == 0:
         return out
     with torch.autocast(q_sig.device.type, enabled=False):  # scores in the inputs' dtype
-        score = torch.einsum("btgp,bcgp->btgc", q_sig, k_sig)  # signs: matches - mismatches
+        if score == "corners":
+            d = q_sig.shape[-1]
+            score = corner_scores(q_sig, k_sig, 1.0 / math.sqrt(d) if scale is None else scale)
+        else:
+            score = torch.einsum("btgp,bcgp->btgc", q_sig, k_sig)  # signs: matches - mismatches
     counts = to_device(counts, q_sig.device).expand(B, Tq)
     allowed = torch.arange(nC, device=q_sig.device) < counts[..., None]  # (B, Tq, nC)
     # Ties go to the later chunk, however many chunks are scored (a cached step scores fewer
@@ -232,7 +277,8 @@ def recall_attention(q: Tensor, k: Tensor, v: Tensor, *, chunk: int, top: int,
         q_rep = query_representatives(q.reshape(B, Tq, G, H // G, d), planes, score)
         # exact scoring: each chunk's keys in float32 (float64), as a cache keeps them
         exact = chunk_keys(k if score == "hash" else k.to(q_rep.dtype), chunk, score)
-        chosen = select(q_rep, representatives(exact, planes, score), counts, top)
+        chosen = select(q_rep, representatives(exact, planes, score), counts, top,
+                        score=score, scale=scale)
     if chosen.shape[-1] == 0:
         return q.new_zeros(q.shape) + 0 * q, chosen  # no recall anywhere (keeps the graph)
     if recall_ops.native(q):  # the chunks read in place by the native kernels
@@ -244,7 +290,8 @@ class Recall(torch.nn.Module):
     """A layer's recall settings and its fixed hyperplanes (a buffer: saved with the model,
     the same after a reload). ``chunk`` tokens per chunk, ``top`` chunks recalled per query,
     ``score`` how chunks are ranked (``"hash"``: signatures, ``"mean"``: exact mean logits,
-    ``"bound"``: Quest's bound of the largest logit)."""
+    ``"bound"``: Quest's bound of the largest logit, ``"corners"``: the mean over the key box's
+    corners)."""
 
     def __init__(self, head_dim: int, chunk: int = 64, top: int = 4, tables: int = 4,
                  bits: int = 16, seed: int = 0, score: str = "hash"):
@@ -338,8 +385,9 @@ def page_chunks(k_pages: Tensor, v_pages: Tensor, block_table: Tensor, d: Distin
     return k_pages[pages, pos % S, hh], v_pages[pages, pos % S, hh]
 
 
-def _exact_score(exact: Optional[Tensor], d: int) -> str:
-    """The score a cache's ``exact`` store (``(B, chunks, G, exact_width)``) serves."""
+def _summary_of(exact: Optional[Tensor], d: int) -> str:
+    """What a cache's ``exact`` store (``(B, chunks, G, exact_width)``) keeps of a chunk, as a
+    score :func:`_summarize` reads: the max and min keys (``2d``) or the mean key."""
     return "hash" if exact is None else ("bound" if exact.shape[-1] == 2 * d else "mean")
 
 
@@ -362,7 +410,7 @@ def update_chunk_signs(signs: Tensor, k_pages: Tensor, block_table: Tensor,
                                                     planes).to(signs.dtype)
         if exact is not None:  # in the state dtype, as a full pass computes them
             exact[b, done.start:done.stop] = _summarize(keys.to(exact.dtype).reshape(shape),
-                                                        _exact_score(exact, shape[-1]))
+                                                        _summary_of(exact, shape[-1]))
 
 
 def update_chunk_signs_at(signs: Tensor, k_pages: Tensor, block_table: Tensor, start: Tensor,
@@ -381,7 +429,7 @@ def update_chunk_signs_at(signs: Tensor, k_pages: Tensor, block_table: Tensor, s
     b = torch.arange(B, device=p.device)
     signs[b, c] = torch.where(done, signatures(keys.mean(1), planes).to(signs.dtype), signs[b, c])
     if exact is not None:
-        summary = _summarize(keys.to(exact.dtype), _exact_score(exact, keys.shape[-1]))
+        summary = _summarize(keys.to(exact.dtype), _summary_of(exact, keys.shape[-1]))
         exact[b, c] = torch.where(done, summary, exact[b, c])
 
 
@@ -394,11 +442,13 @@ def _eligible_counts(pos: Tensor, chunk: int, window: Optional[int]) -> Tensor:
 
 def choose_for_step(q: Tensor, signs: Tensor, before, *, chunk: int, top: int,
                     planes: Tensor, window: Optional[int],
-                    exact: Optional[Tensor] = None) -> tuple[Tensor, int]:
+                    exact: Optional[Tensor] = None, score: str = "hash",
+                    scale: Optional[float] = None) -> tuple[Tensor, int]:
     """The chunks the new rows ``q: (B, T, H, d)`` of a cached step recall (row ``i`` of
     sequence ``b`` at position ``before[b] + i``), ranked by the chunk signatures ``signs``
-    or, where given, exactly by the ``exact`` store's keys (both kept by
-    :func:`update_chunk_signs`): ``(chosen (B, T, G, R), chunks any row may see)``.
+    or exactly by the ``exact`` store's keys (both kept by :func:`update_chunk_signs`) as
+    ``score`` says (the layer's ``recall_score``; ``"hash"`` without ``exact``):
+    ``(chosen (B, T, G, R), chunks any row may see)``.
     ``before``: the host lengths (the eligible counts known on the host: no synchronisation)
     or, for a static cache, a device tensor (every stored chunk scored, R = ``top``: shapes
     that do not change from step to step)."""
@@ -412,11 +462,15 @@ def choose_for_step(q: Tensor, signs: Tensor, before, *, chunk: int, top: int,
         pos = torch.tensor(before)[:, None] + torch.arange(T)[None, :]  # (B, T)
         counts = _eligible_counts(pos, chunk, window)
         nC, width = (int(counts.max()) if counts.numel() else 0), None
-    score = _exact_score(exact, d)
+    check_score(score)
+    if (exact is None) != (score == "hash") or (
+            exact is not None and exact.shape[-1] != exact_width(score, d)):
+        raise ValueError(f"exact: a store of width {None if exact is None else exact.shape[-1]} "
+                         f"does not serve recall_score={score!r} with heads of {d}")
     with torch.no_grad():
         q_rep = query_representatives(q.reshape(B, T, G, H // G, d), planes, score)
         k_rep = (signs if exact is None else exact)[:, :nC].to(q_rep.dtype)
-        return select(q_rep, k_rep, counts, top, width=width), nC
+        return select(q_rep, k_rep, counts, top, width=width, score=score, scale=scale), nC
 
 
 # New rows per sequence up to which a cached step gathers each row's chosen chunks from the
@@ -463,13 +517,13 @@ def _attend_chosen_pages(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_tabl
 def recall_decode(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor,
                   signs: Tensor, before, *, chunk: int, top: int, planes: Tensor,
                   window: Optional[int] = None, scale: Optional[float] = None,
-                  exact: Optional[Tensor] = None) -> Tensor:
+                  exact: Optional[Tensor] = None, score: str = "hash") -> Tensor:
     """``O3`` of the new query rows ``q: (B, T, H, d)`` of a cached step, their chunks
     (:func:`choose_for_step`) read from the pages — the same selection and result as
     :func:`recall_attention` over the whole sequence."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     chosen, nC = choose_for_step(q, signs, before, chunk=chunk, top=top, planes=planes,
-                                 window=window, exact=exact)
+                                 window=window, exact=exact, score=score, scale=scale)
     if chosen.shape[-1] == 0:
         return q.new_zeros(q.shape)
     if q.shape[1] <= DIRECT_ROWS and recall_ops.native(q):

@@ -19,6 +19,9 @@ choosing per token and key/value head (GQA-shared, as recall does):
   Quest's), averaged over the group's heads;
 - ``quest``: Quest's bound (Tang et al., 2024) — per chunk the channel-wise min and max key,
   a query's upper bound ``sum_d max(q_d min_d, q_d max_d)``, averaged over the group's heads;
+- ``corners``: recall's ``score="corners"`` from the same min and max keys — the log of a
+  head's mean ``exp(scale q.k)`` over the corners of the chunk's key box, the group's heads
+  summed as masses (:func:`~mka.memory.recall.corner_scores`);
 - ``oracle``: the exact mass, summed over the group's heads.
 
 Budgets are fractions of the context: ``R = max(1, round(f · Tk / C))`` chunks, at most the
@@ -34,9 +37,11 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .recall import chunk_keys, chunk_means, eligible, query_representatives, signatures
+from .recall import (chunk_keys, chunk_means, corner_scores, eligible, query_representatives,
+                     signatures)
 
 ROWS = 128  # query rows scored at once
+METHODS = ("simhash", "mean", "moments", "quest", "corners", "oracle")
 
 
 def _chunk_mass(q: Tensor, k: Tensor, chunk: int, counts: Tensor, scale: float) -> Tensor:
@@ -89,7 +94,8 @@ def recall_quality(q: Tensor, k: Tensor, *, chunk: int, window: Optional[int],
     k_sig = signatures(chunk_means(k[:, :nC * chunk], chunk // sub_chunks), planes)  # (B, nC S, G, P)
     k_mean = chunk_means(k[:, :nC * chunk], chunk).double()  # (B, nC, G, d)
     k_var = k[:, :nC * chunk].double().reshape(B, nC, chunk, G, d).var(2, unbiased=False)
-    total = {m: {f: 0.0 for f in budgets} for m in ("simhash", "mean", "moments", "quest", "oracle")}
+    extremes = chunk_keys(k.double(), chunk, "corners")  # (B, nC, G, 2d): max, then min
+    total = {m: {f: 0.0 for f in budgets} for m in METHODS}
     rows = 0
     for i in range(0, Tq, ROWS):
         qi, ci = q[:, i:i + ROWS], counts[i:i + ROWS]
@@ -107,6 +113,7 @@ def recall_quality(q: Tensor, k: Tensor, *, chunk: int, window: Optional[int],
             "mean": torch.einsum("bngd,bcgd->bngc", q_mean.double(), k_mean),
             "moments": _moments(qi, k_mean, k_var, scale),
             "quest": _quest_bound(qi, k, chunk),
+            "corners": corner_scores(qi.double().reshape(B, n, G, H // G, d), extremes, scale),
             "oracle": group_mass,
         }
         allowed = torch.arange(nC, device=q.device)[None, :] < ci[:, None]  # (n, nC)

@@ -152,11 +152,11 @@ class MKAAttention(RoutedAttention):
                                r.chunk, r.planes, exact)
         if cache.host is not None:
             plan = cache.host.select(cache, q, before, top=r.top, planes=r.planes,
-                                     window=self.window)
+                                     window=self.window, score=r.score)
             return lambda: cache.host.recall(cache, q, plan)
         return lambda: recall_decode(q, cache.k_pages, cache.v_pages, step.block_table, signs,
                                      before, chunk=r.chunk, top=r.top, planes=r.planes,
-                                     window=self.window, exact=exact)
+                                     window=self.window, exact=exact, score=r.score)
 
     def cache_spec(self) -> LayerSpec:
         stride = self.ema_stride if self.ema_stride > 1 else 0

@@ -21,7 +21,8 @@ class RoutedAttention(QKVAttention):
     keyed by SimHash (``recall_tables`` x ``recall_bits`` hyperplanes), the ``recall_top``
     best-matching ones per query, outside the L1 ``window``; ``recall_score="mean"`` ranks the
     chunks by the exact dot product with their mean keys instead of the signatures, ``"bound"``
-    by Quest's bound from their per-channel max and min keys."""
+    by Quest's bound from their per-channel max and min keys, ``"corners"`` by the mean of
+    ``exp(scale q.k)`` over the corners of that min/max box."""
 
     accepts_memory = True
     recall_decodes = False  # whether cached decoding supports recall as level 3

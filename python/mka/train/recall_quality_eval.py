@@ -4,7 +4,8 @@ selectors recall, on the queries and keys of a model ``mka train`` trained on te
 The checkpoint's model reads the first ``--length`` held-out tokens of its own data (or
 ``--data``); each layer's queries and keys (taken from its fused q/k/v projection) go to
 :func:`mka.memory.recall_quality.recall_quality`: the captured share of the eligible
-attention mass for SimHash recall, Quest's bound and the oracle, at each budget. Prints a
+attention mass for SimHash recall, the exact scores (mean key, Quest's bound, the box
+corners' mean) and the oracle, at each budget. Prints a
 table per layer and the mean over layers; ``--out`` writes the JSON. Models whose attention
 has a fused q/k/v projection (mha, mqa, gqa, mka, fastmka) only.
 """
@@ -19,12 +20,11 @@ from typing import Optional
 
 import torch
 
+from ..memory.recall_quality import METHODS
 from . import distributed as D
 from .dataset import prepare
 from .options import BY_NAME, OPTIONS, ConfigError, Settings, parse_lengths
 from .recall_eval import model_of, read_checkpoint
-
-METHODS = ("simhash", "mean", "moments", "quest", "oracle")
 
 
 def _parser() -> argparse.ArgumentParser:
