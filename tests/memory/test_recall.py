@@ -233,3 +233,22 @@ def test_corner_score_is_the_mean_over_the_key_box_corners():
         assert torch.equal(rc.corner_scores(q, torch.cat((hi, lo), -1), scale), got)
     finally:
         rc.CORNER_ELEMENTS = blocks
+
+
+@pytest.mark.parametrize("score", ["mean", "bound", "corners"])
+def test_a_cache_keeps_the_extremes_in_the_keys_dtype_and_counts_them(score):
+    """Max and min keys are stored keys: a bf16 cache keeps them in bf16 (nothing lost); the
+    mean key stays in the state dtype. ``cache_state_bytes`` counts what is held."""
+    from mka.nn import MKAAttention
+    m = MKAAttention(32, 4, 2, levels=3, recall_chunk=4, recall_top=2, window=8,
+                     recall_score=score).to(torch.bfloat16)
+    B = 2
+    cache = m.new_cache(B, dtype=torch.bfloat16, max_tokens=16, page_size=4)
+    m(torch.randn(B, 9, 32, dtype=torch.bfloat16), cache)
+    kept = cache.states["chunk_keys"]
+    assert kept.dtype == (torch.float32 if score == "mean" else torch.bfloat16)
+    assert sum(t.numel() * t.element_size() for t in cache.states.values()) \
+        == B * m.cache_state_bytes(torch.bfloat16, 16)
+    if score != "mean":  # chunk 0's max and min keys, exactly as the pages hold its keys
+        keys = cache.k_pages[cache.parent.block_table()[:, 0].long()]  # (B, 4, G, d)
+        assert torch.equal(kept[:, 0], torch.cat((keys.amax(1), keys.amin(1)), -1))

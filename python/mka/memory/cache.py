@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .._C import PageTable
 from ..reference import state_dtype
-from .recall import exact_width
+from .recall import exact_dtype, exact_width
 from .host_tier import HostTier, LayerHost, check_host
 from .torch_paged import mark_pool_made, mark_static, per_step
 
@@ -75,7 +75,8 @@ class LayerSpec:
         if self.recall_chunk:
             chunks = math.ceil(max_tokens / self.recall_chunk)
             n += chunks * G * self.recall_bits
-            n += chunks * G * exact_width(self.recall_score, d) * state_dtype(dtype).itemsize
+            n += (chunks * G * exact_width(self.recall_score, d)
+                  * exact_dtype(self.recall_score, dtype).itemsize)
         if self.summary_stride:
             n += 2 * math.ceil(max_tokens / self.summary_stride) * G * d * dtype.itemsize
         return n
@@ -432,9 +433,10 @@ class LayerCache:
             self.states["chunk_signs"] = torch.zeros(
                 (parent.batch_size, chunks, G, spec.recall_bits), device=dev, dtype=torch.int8)
             width = exact_width(spec.recall_score, dk)
-            if width:  # exact scoring: mean (max and min) keys, in the state dtype
-                self.states["chunk_keys"] = torch.zeros((parent.batch_size, chunks, G, width),
-                                                        device=dev, dtype=sdt)
+            if width:  # exact scoring: the mean key (state dtype), or the max and min keys
+                self.states["chunk_keys"] = torch.zeros(
+                    (parent.batch_size, chunks, G, width), device=dev,
+                    dtype=exact_dtype(spec.recall_score, dt))
         if spec.summary_stride:  # in the cache's dtype, as a full forward computes them
             n = math.ceil(parent.max_tokens / spec.summary_stride)
             for name in ("summary_k", "summary_v"):

@@ -101,6 +101,13 @@ def exact_width(score: str, d: int) -> int:
     return {"hash": 0, "mean": d, "bound": 2 * d, "corners": 2 * d}[score]
 
 
+def exact_dtype(score: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a cache of keys in ``dtype`` keeps exact scoring's numbers in: the keys' own
+    for the max and min keys (extremes of stored keys: nothing is lost), the state dtype for
+    the mean key."""
+    return dtype if score in EXTREMES else state_dtype(dtype)
+
+
 def _summarize(blocks: Tensor, score: str) -> Tensor:
     """Chunks' keys ``blocks (..., C, G, d)`` as exact scoring keeps them (chunk axis -3):
     the mean key, or for :data:`EXTREMES` the per-channel max and min keys, ``(..., G, 2d)``."""
