@@ -231,6 +231,10 @@ def test_corner_score_is_the_mean_over_the_key_box_corners():
     try:
         rc.CORNER_ELEMENTS = G * x * nC * d * B * 2  # two rows a block
         assert torch.equal(rc.corner_scores(q, torch.cat((hi, lo), -1), scale), got)
+        seen = torch.tensor([0, 1, 1, 3, 6])  # each row's eligible chunks: only those scored
+        part = rc.corner_scores(q, torch.cat((hi, lo), -1), scale, seen)
+        for t, n in enumerate(seen.tolist()):
+            assert torch.equal(part[:, t, :, :n], got[:, t, :, :n])
     finally:
         rc.CORNER_ELEMENTS = blocks
 

@@ -158,26 +158,38 @@ def query_representatives(q: Tensor, planes: Tensor, score: str) -> Tensor:
     return torch.cat((x.clamp(min=0).mean(3), x.clamp(max=0).mean(3)), -1)
 
 
-# Elements of the (rows, heads, chunks, d) terms the corner score makes at once.
+# Elements of the (rows, heads, chunks, d) terms the corner score makes at once, and rows per
+# block where the rows' eligible chunks are known (later rows see more: a block scores only
+# the chunks its last row may recall, about half of them over a causal sequence).
 CORNER_ELEMENTS = 1 << 26
+CORNER_ROWS = 256
 
 
-def corner_scores(q: Tensor, extremes: Tensor, scale: float) -> Tensor:
+def corner_scores(q: Tensor, extremes: Tensor, scale: float,
+                  seen: Optional[Tensor] = None) -> Tensor:
     """``(B, T, G, nC)``: ``score="corners"`` of query heads ``q: (B, T, G, H / G, d)`` against
     chunks' max and min keys ``extremes: (B, nC, G, 2d)`` — per head ``sum_d log((exp(scale
     q_d min_d) + exp(scale q_d max_d)) / 2)`` without its constant ``-d log 2``, written as
     ``scale q.min + sum_d softplus(scale q_d (max_d - min_d))``; the group's heads summed as
-    masses (log-sum-exp). Rows go in blocks of at most :data:`CORNER_ELEMENTS` terms."""
+    masses (log-sum-exp). Rows go in blocks of at most :data:`CORNER_ELEMENTS` terms. ``seen``:
+    each row's eligible chunks, ``(T,)`` or ``(B, T)`` on the host — chunks past them are
+    scored by ``scale q.min`` alone (their rank is not used)."""
     B, T, G, x, d = q.shape
     nC = extremes.shape[1]
     hi, lo = extremes[..., :d], extremes[..., d:]
-    width = (hi - lo).permute(0, 2, 1, 3)  # (B, G, nC, d)
+    width = (hi - lo).permute(0, 2, 1, 3)[:, None, :, None]  # (B, 1, G, 1, nC, d)
     base = torch.einsum("btgxd,bcgd->btgxc", q, lo) * scale
     step = max(1, CORNER_ELEMENTS // max(1, B * G * x * nC * d))
-    soft = [torch.nn.functional.softplus(
-        q[:, i:i + step, :, :, None, :] * scale * width[:, None, :, None]).sum(-1)
-        for i in range(0, T, step)]
-    return torch.logsumexp(base + (torch.cat(soft, 1) if soft else base), 3)
+    if seen is not None:
+        step = min(step, CORNER_ROWS)
+        seen = seen.reshape(-1, T).amax(0)
+    soft = torch.zeros_like(base)
+    for i in range(0, T, step):
+        m = nC if seen is None else int(seen[i:i + step].max())
+        if m:
+            soft[:, i:i + step, ..., :m] = torch.nn.functional.softplus(
+                q[:, i:i + step, :, :, None, :] * scale * width[..., :m, :]).sum(-1)
+    return torch.logsumexp(base + soft, 3)
 
 
 def select(q_sig: Tensor, k_sig: Tensor, counts: Tensor, top: int,
@@ -202,7 +214,8 @@ def select(q_sig: Tensor, k_sig: Tensor, counts: Tensor, top: int,
     with torch.autocast(q_sig.device.type, enabled=False):  # scores in the inputs' dtype
         if score == "corners":
             d = q_sig.shape[-1]
-            score = corner_scores(q_sig, k_sig, 1.0 / math.sqrt(d) if scale is None else scale)
+            score = corner_scores(q_sig, k_sig, 1.0 / math.sqrt(d) if scale is None else scale,
+                                  counts if counts.device.type == "cpu" else None)
         else:
             score = torch.einsum("btgp,bcgp->btgc", q_sig, k_sig)  # signs: matches - mismatches
     counts = to_device(counts, q_sig.device).expand(B, Tq)
