@@ -178,18 +178,20 @@ def corner_scores(q: Tensor, extremes: Tensor, scale: float,
     nC = extremes.shape[1]
     hi, lo = extremes[..., :d], extremes[..., d:]
     width = (hi - lo).permute(0, 2, 1, 3)[:, None, :, None]  # (B, 1, G, 1, nC, d)
-    base = torch.einsum("btgxd,bcgd->btgxc", q, lo) * scale
     step = max(1, CORNER_ELEMENTS // max(1, B * G * x * nC * d))
     if seen is not None:
         step = min(step, CORNER_ROWS)
         seen = seen.reshape(-1, T).amax(0)
-    soft = torch.zeros_like(base)
-    for i in range(0, T, step):
-        m = nC if seen is None else int(seen[i:i + step].max())
+    out = q.new_empty((B, T, G, nC))
+    for i in range(0, T, step):  # per block: no (rows, heads, chunks) tensor of all rows
+        qi = q[:, i:i + step]
+        per_head = torch.einsum("btgxd,bcgd->btgxc", qi, lo) * scale
+        m = nC if seen is None else min(nC, int(seen[i:i + step].max()))
         if m:
-            soft[:, i:i + step, ..., :m] = torch.nn.functional.softplus(
-                q[:, i:i + step, :, :, None, :] * scale * width[..., :m, :]).sum(-1)
-    return torch.logsumexp(base + soft, 3)
+            per_head[..., :m] += torch.nn.functional.softplus(
+                qi[..., None, :] * scale * width[..., :m, :]).sum(-1)
+        out[:, i:i + step] = torch.logsumexp(per_head, 3)
+    return out
 
 
 def select(q_sig: Tensor, k_sig: Tensor, counts: Tensor, top: int,
