@@ -290,17 +290,26 @@ def _mask(Tq: int, n: int, seqlens: Tensor, causal: bool, window: Optional[int],
 
 
 def _attend_mask(Tq: int, n: int, seqlens: Tensor, causal: bool, window: Optional[int],
-                 dtype: torch.dtype, first: int = 0) -> tuple[Tensor, Tensor]:
+                 dtype: torch.dtype, first: int = 0,
+                 all_see: bool = False) -> tuple[Tensor, Optional[Tensor]]:
     """SDPA's additive mask ``(B, 1, Tq, n - first)`` in ``dtype`` (0 or -inf: SDPA turns a
     boolean one into that at every call, three ops per layer) and which rows see no key
-    ``(B, Tq, 1, 1)``: rows seeing nothing attend to all, zeroed after."""
+    ``(B, Tq, 1, 1)``: rows seeing nothing attend to all, zeroed after. ``all_see``: every row
+    sees a key (its own: causal rows of a cache's step, whose lengths count the step's tokens),
+    so there is nothing to zero (None)."""
     def make():
         vis = _mask(Tq, n, seqlens, causal, window, first)
         seen = vis.any(-1, keepdim=True)
         hidden = ~(vis | ~seen)[:, None]
         mask = torch.zeros(hidden.shape, dtype=dtype, device=seqlens.device)
-        return mask.masked_fill_(hidden, float("-inf")), ~seen[..., None]
-    return per_step((seqlens,), ("mask", Tq, n, causal, window, first, dtype), make)
+        return mask.masked_fill_(hidden, float("-inf")), None if all_see else ~seen[..., None]
+    return per_step((seqlens,), ("mask", Tq, n, causal, window, first, dtype, all_see), make)
+
+
+def _rows_see_themselves(block_table: Tensor, seqlens: Tensor, causal: bool) -> bool:
+    """Causal rows of a step through a cache's own table and lengths: the lengths count the
+    step's own tokens (written first), so each row sees at least its own key."""
+    return causal and own_tables(block_table, seqlens)
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, masks: tuple[Tensor, Tensor],
@@ -312,7 +321,7 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, masks: tuple[Tensor, Tensor],
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=mask, scale=scale,
                                          enable_gqa=k.shape[2] != H).transpose(1, 2)
-    return out.masked_fill(blind, 0.0)
+    return out if blind is None else out.masked_fill(blind, 0.0)
 
 
 def paged_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor,
@@ -329,7 +338,8 @@ def paged_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Te
         if not own_tables(block_table, seqlens):
             check_slots(block_table, seqlens, k_pages.shape[0], S, "seqlens", begin=lo)
     k, v = gather_pair(k_pages, v_pages, block_table, n, seqlens, lo)
-    return _attend(q, k, v, _attend_mask(q.shape[1], n, seqlens, causal, window, q.dtype, lo),
+    return _attend(q, k, v, _attend_mask(q.shape[1], n, seqlens, causal, window, q.dtype, lo,
+                                         _rows_see_themselves(block_table, seqlens, causal)),
                    scale)
 
 
@@ -346,9 +356,9 @@ def paged_mka_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, k_page_stat
     k, v = gather_pair(k_pages, v_pages, block_table, n, seqlens)
     ek = page_ema(k_pages, k_page_states, block_table, n, beta, seqlens)
     ev = page_ema(v_pages, v_page_states, block_table, n, beta, seqlens)
-    Tq = q.shape[1]
-    o1 = _attend(q, k, v, _attend_mask(Tq, n, seqlens, causal, window, q.dtype), scale)
-    o2 = _attend(q, ek, ev, _attend_mask(Tq, n, seqlens, causal, None, q.dtype), scale)
+    Tq, sees = q.shape[1], _rows_see_themselves(block_table, seqlens, causal)
+    o1 = _attend(q, k, v, _attend_mask(Tq, n, seqlens, causal, window, q.dtype, 0, sees), scale)
+    o2 = _attend(q, ek, ev, _attend_mask(Tq, n, seqlens, causal, None, q.dtype, 0, sees), scale)
     w = lam.to(q.dtype)
     return w[..., 0, None, None] * o1 + w[..., 1, None, None] * o2
 
