@@ -392,3 +392,33 @@ def test_eager_calls_skip_the_dispatcher_with_the_same_results():
         paged_attention(q.double(), kp, vp, bt, n)
     with pytest.raises(ValueError, match="^block_table: expected an int32 tensor"):
         paged_write(k, v, kp, vp, bt.long(), n)
+
+
+@pytest.mark.parametrize("grow", [[5, 2], 3])
+def test_torch_paged_rows_of_a_partial_step_see_nothing_and_read_zero(grow):
+    """A step through a cache's own table that gives some sequence fewer tokens than the call
+    has query rows (left padding, as the HF cache writes; or a count below the rows): the
+    padding rows see no key and read zeros on the torch path too, as through copies of the
+    table (which take no shortcut); rows of whole steps are unchanged."""
+    from mka.memory import LayerSpec, PagedKVCache
+    from mka.memory import torch_paged as tp
+    torch.manual_seed(0)
+    G, d, H, T = 2, 8, 4, 5
+    cache = PagedKVCache([LayerSpec(G, d, d)], 2, max_tokens=16, page_size=4)
+    layer = cache[0]
+    step = layer.step(grow)
+    layer.k_pages.normal_()
+    layer.v_pages.normal_()
+    q = torch.randn(2, T, H, d)
+    own = tp.paged_attention(q, layer.k_pages, layer.v_pages, step.block_table, step.seqlens)
+    copy = tp.paged_attention(q, layer.k_pages, layer.v_pages, step.block_table.clone(),
+                              step.seqlens.clone())
+    assert torch.equal(own, copy)
+    short = 3 if grow == [5, 2] else 2  # padding rows of the shorter (or every) sequence
+    assert not own[1, :short].abs().sum()
+    whole = layer.step(1)
+    q1 = torch.randn(2, 1, H, d)
+    assert torch.equal(tp.paged_attention(q1, layer.k_pages, layer.v_pages, whole.block_table,
+                                          whole.seqlens),
+                       tp.paged_attention(q1, layer.k_pages, layer.v_pages,
+                                          whole.block_table.clone(), whole.seqlens.clone()))

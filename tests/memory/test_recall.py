@@ -256,3 +256,32 @@ def test_a_cache_keeps_the_extremes_in_the_keys_dtype_and_counts_them(score):
     if score != "mean":  # chunk 0's max and min keys, exactly as the pages hold its keys
         keys = cache.k_pages[cache.parent.block_table()[:, 0].long()]  # (B, 4, G, d)
         assert torch.equal(kept[:, 0], torch.cat((keys.amax(1), keys.amin(1)), -1))
+
+
+def test_a_cached_step_chooses_by_corners_per_sequence_at_its_scale(monkeypatch):
+    """``choose_for_step`` with ``score="corners"``: sequences at different positions (eligible
+    counts per sequence and row) in blocks of rows choose as each does alone, and as the
+    corner scores at the given scale rank the eligible chunks."""
+    import mka.memory.recall as rc
+    monkeypatch.setattr(rc, "CORNER_ROWS", 3)
+    torch.manual_seed(5)
+    B, T, H, G, d, C, top, W, scale = 2, 7, 4, 2, 8, 4, 3, 4, 0.3
+    keys = torch.randn(B, 64, G, d, dtype=torch.float64)
+    exact = rc.chunk_keys(keys, C, "corners")  # (B, 16, G, 2d)
+    signs = rc.signatures(rc.chunk_means(keys, C), rc.simhash_planes(d)).to(torch.int8)
+    q = torch.randn(B, T, H, d, dtype=torch.float64)
+    before = [5, 40]
+    kw = dict(chunk=C, top=top, planes=rc.simhash_planes(d), window=W, score="corners",
+              scale=scale)
+    chosen, _ = rc.choose_for_step(q, signs, before, exact=exact, **kw)
+    for b in range(B):
+        alone, _ = rc.choose_for_step(q[b:b + 1], signs[b:b + 1], [before[b]],
+                                      exact=exact[b:b + 1], **kw)
+        assert torch.equal(chosen[b:b + 1, :, :, :alone.shape[-1]], alone)
+        scores = rc.corner_scores(q[b:b + 1].reshape(1, T, G, H // G, d), exact[b:b + 1], scale)
+        for t in range(T):
+            n = int(rc.eligible(1, before[b] + t + 1, C, W)[0])
+            want = scores[0, t, :, :n].argsort(-1, descending=True)[:, :top]
+            assert torch.equal(chosen[b, t, :, :want.shape[-1]], want)
+    with pytest.raises(ValueError, match="does not serve recall_score='corners'"):
+        rc.choose_for_step(q, signs, before, exact=exact[..., :d], **kw)

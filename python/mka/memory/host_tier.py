@@ -131,13 +131,17 @@ class LayerHost:
     # ------------------------------------------------------------------ recall
 
     def select(self, layer, q: Tensor, before: list[int], *, top: int, planes: Tensor,
-               window: Optional[int], score: str = "hash") -> "RecallPlan":
+               window: Optional[int], score: str = "hash",
+               scale: Optional[float] = None) -> "RecallPlan":
         """Chooses the chunks of the new rows ``q: (B, T, H, d)`` (row ``i`` of sequence ``b``
         at position ``before[b] + i``) on the device and starts copying the choice to the
-        host: the caller launches the step's other work before :meth:`recall` waits for it."""
+        host: the caller launches the step's other work before :meth:`recall` waits for it.
+        ``score``, ``scale``: the layer's recall score and attention scale, as
+        :func:`~mka.memory.recall.recall_decode` takes them."""
         chosen, nC = choose_for_step(q, layer.states["chunk_signs"], before, chunk=self.chunk,
                                      top=top, planes=planes, window=window,
-                                     exact=layer.states.get("chunk_keys"), score=score)
+                                     exact=layer.states.get("chunk_keys"), score=score,
+                                     scale=scale)
         if q.device.type != "cuda":
             return RecallPlan(chosen, chosen, None, nC)
         host = torch.empty(chosen.shape, dtype=chosen.dtype, pin_memory=True)

@@ -99,6 +99,25 @@ def _pool_made(t: Tensor) -> bool:
     return t in _POOL_MADE
 
 
+# Step lengths (this tensor itself, not a view of its storage) after a step that appended the
+# same number of tokens to every sequence, and that number: each of up to that many query rows
+# then sees its own key (a left-padded step writes fewer tokens for some sequences).
+_WHOLE_STEPS: dict[int, tuple[weakref.ref, Optional[int]]] = {}
+
+
+def mark_whole_step(seqlens: Tensor, grew: Optional[int]) -> None:
+    """Registers lengths after a step in which every sequence grew by ``grew`` tokens (None:
+    by the step's rows, whatever they are — a static cache's lengths move by its steps)."""
+    key = id(seqlens)
+    _WHOLE_STEPS[key] = (weakref.ref(seqlens), grew)
+    weakref.finalize(seqlens, _WHOLE_STEPS.pop, key, None)
+
+
+def _whole_step(seqlens: Tensor, rows: int) -> bool:
+    ref, grew = _WHOLE_STEPS.get(id(seqlens), (None, 0))
+    return ref is not None and ref() is seqlens and (grew is None or rows <= grew)
+
+
 # What the layers of one decode step share: every layer reads the same block table and
 # lengths, so the positions of a write, the gather indices and masks and the attention mask
 # are made by the first layer and reused by the others (a 12-layer step made them 12 times: a
@@ -306,10 +325,10 @@ def _attend_mask(Tq: int, n: int, seqlens: Tensor, causal: bool, window: Optiona
     return per_step((seqlens,), ("mask", Tq, n, causal, window, first, dtype, all_see), make)
 
 
-def _rows_see_themselves(block_table: Tensor, seqlens: Tensor, causal: bool) -> bool:
-    """Causal rows of a step through a cache's own table and lengths: the lengths count the
-    step's own tokens (written first), so each row sees at least its own key."""
-    return causal and own_tables(block_table, seqlens)
+def _rows_see_themselves(block_table: Tensor, seqlens: Tensor, causal: bool, rows: int) -> bool:
+    """Causal rows of a whole step through a cache's own table (:func:`mark_whole_step`): the
+    lengths count every row's own token (written first), so each row sees at least its key."""
+    return causal and _whole_step(seqlens, rows) and own_tables(block_table, seqlens)
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, masks: tuple[Tensor, Tensor],
@@ -339,7 +358,8 @@ def paged_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Te
             check_slots(block_table, seqlens, k_pages.shape[0], S, "seqlens", begin=lo)
     k, v = gather_pair(k_pages, v_pages, block_table, n, seqlens, lo)
     return _attend(q, k, v, _attend_mask(q.shape[1], n, seqlens, causal, window, q.dtype, lo,
-                                         _rows_see_themselves(block_table, seqlens, causal)),
+                                         _rows_see_themselves(block_table, seqlens, causal,
+                                                              q.shape[1])),
                    scale)
 
 
@@ -356,7 +376,8 @@ def paged_mka_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, k_page_stat
     k, v = gather_pair(k_pages, v_pages, block_table, n, seqlens)
     ek = page_ema(k_pages, k_page_states, block_table, n, beta, seqlens)
     ev = page_ema(v_pages, v_page_states, block_table, n, beta, seqlens)
-    Tq, sees = q.shape[1], _rows_see_themselves(block_table, seqlens, causal)
+    Tq = q.shape[1]
+    sees = _rows_see_themselves(block_table, seqlens, causal, Tq)
     o1 = _attend(q, k, v, _attend_mask(Tq, n, seqlens, causal, window, q.dtype, 0, sees), scale)
     o2 = _attend(q, ek, ev, _attend_mask(Tq, n, seqlens, causal, None, q.dtype, 0, sees), scale)
     w = lam.to(q.dtype)
