@@ -38,7 +38,8 @@ def run(args, context: int, mode: str) -> dict:
     else:
         make = lambda: MKAAttention(args.n_embd, args.heads, args.kv_heads, levels=3,
                                     recall_chunk=args.chunk, recall_top=args.top,
-                                    window=args.window, ema_stride=args.chunk)
+                                    window=args.window, ema_stride=args.chunk,
+                                    recall_score=args.score)
     layers = [make().to(dev, dt).eval() for _ in range(args.layers)]
     tier = (HostTier(args.host_gib << 30, pinned=dev.type == "cuda", step_tokens=args.step)
             if host else None)  # page-locked on the GPU host: asynchronous copies
@@ -92,6 +93,7 @@ def main() -> None:
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--chunk", type=int, default=64)
     p.add_argument("--top", type=int, default=8)
+    p.add_argument("--score", default="hash", help="recall_score: hash, mean, bound, corners")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--step", type=int, default=1024, help="prefill step (tokens)")
     p.add_argument("--decode", type=int, default=64,
