@@ -23,7 +23,7 @@ from .._C import PageTable
 from ..reference import state_dtype
 from .recall import exact_dtype, exact_width
 from .host_tier import HostTier, LayerHost, check_host
-from .torch_paged import mark_pool_made, mark_static, mark_whole_step, per_step
+from .torch_paged import mark_pool_made, mark_static, per_step
 
 
 @dataclass(frozen=True)
@@ -245,9 +245,6 @@ class PagedKVCache:
                 both = both.to(self.device)
             self._lengths = {key: (both[0], both[1])}
             mark_pool_made(*self._lengths[key])
-            grew = {a - b for a, b in zip(after, before)}
-            if len(grew) == 1:  # every sequence took the step's tokens
-                mark_whole_step(self._lengths[key][1], grew.pop())
         return self._lengths[key]
 
     # ------------------------------------------------------------------ static steps
@@ -272,7 +269,6 @@ class PagedKVCache:
         self._static_after = before.to(self.device, copy=True)
         mark_pool_made(self._static_before, self._static_after)
         mark_static(self._static_before, self._static_after)
-        mark_whole_step(self._static_after, None)  # after = before + the step's tokens
         self.block_table()
         self.static, self._capacity = True, tokens
 

@@ -99,25 +99,6 @@ def _pool_made(t: Tensor) -> bool:
     return t in _POOL_MADE
 
 
-# Step lengths (this tensor itself, not a view of its storage) after a step that appended the
-# same number of tokens to every sequence, and that number: each of up to that many query rows
-# then sees its own key (a left-padded step writes fewer tokens for some sequences).
-_WHOLE_STEPS: dict[int, tuple[weakref.ref, Optional[int]]] = {}
-
-
-def mark_whole_step(seqlens: Tensor, grew: Optional[int]) -> None:
-    """Registers lengths after a step in which every sequence grew by ``grew`` tokens (None:
-    by the step's rows, whatever they are — a static cache's lengths move by its steps)."""
-    key = id(seqlens)
-    _WHOLE_STEPS[key] = (weakref.ref(seqlens), grew)
-    weakref.finalize(seqlens, _WHOLE_STEPS.pop, key, None)
-
-
-def _whole_step(seqlens: Tensor, rows: int) -> bool:
-    ref, grew = _WHOLE_STEPS.get(id(seqlens), (None, 0))
-    return ref is not None and ref() is seqlens and (grew is None or rows <= grew)
-
-
 # What the layers of one decode step share: every layer reads the same block table and
 # lengths, so the positions of a write, the gather indices and masks and the attention mask
 # are made by the first layer and reused by the others (a 12-layer step made them 12 times: a
@@ -309,26 +290,17 @@ def _mask(Tq: int, n: int, seqlens: Tensor, causal: bool, window: Optional[int],
 
 
 def _attend_mask(Tq: int, n: int, seqlens: Tensor, causal: bool, window: Optional[int],
-                 dtype: torch.dtype, first: int = 0,
-                 all_see: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+                 dtype: torch.dtype, first: int = 0) -> tuple[Tensor, Tensor]:
     """SDPA's additive mask ``(B, 1, Tq, n - first)`` in ``dtype`` (0 or -inf: SDPA turns a
     boolean one into that at every call, three ops per layer) and which rows see no key
-    ``(B, Tq, 1, 1)``: rows seeing nothing attend to all, zeroed after. ``all_see``: every row
-    sees a key (its own: causal rows of a cache's step, whose lengths count the step's tokens),
-    so there is nothing to zero (None)."""
+    ``(B, Tq, 1, 1)``: rows seeing nothing attend to all, zeroed after."""
     def make():
         vis = _mask(Tq, n, seqlens, causal, window, first)
         seen = vis.any(-1, keepdim=True)
         hidden = ~(vis | ~seen)[:, None]
         mask = torch.zeros(hidden.shape, dtype=dtype, device=seqlens.device)
-        return mask.masked_fill_(hidden, float("-inf")), None if all_see else ~seen[..., None]
-    return per_step((seqlens,), ("mask", Tq, n, causal, window, first, dtype, all_see), make)
-
-
-def _rows_see_themselves(block_table: Tensor, seqlens: Tensor, causal: bool, rows: int) -> bool:
-    """Causal rows of a whole step through a cache's own table (:func:`mark_whole_step`): the
-    lengths count every row's own token (written first), so each row sees at least its key."""
-    return causal and _whole_step(seqlens, rows) and own_tables(block_table, seqlens)
+        return mask.masked_fill_(hidden, float("-inf")), ~seen[..., None]
+    return per_step((seqlens,), ("mask", Tq, n, causal, window, first, dtype), make)
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, masks: tuple[Tensor, Tensor],
@@ -340,7 +312,7 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, masks: tuple[Tensor, Tensor],
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=mask, scale=scale,
                                          enable_gqa=k.shape[2] != H).transpose(1, 2)
-    return out if blind is None else out.masked_fill(blind, 0.0)
+    return out.masked_fill(blind, 0.0)
 
 
 def paged_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor,
@@ -357,9 +329,7 @@ def paged_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Te
         if not own_tables(block_table, seqlens):
             check_slots(block_table, seqlens, k_pages.shape[0], S, "seqlens", begin=lo)
     k, v = gather_pair(k_pages, v_pages, block_table, n, seqlens, lo)
-    return _attend(q, k, v, _attend_mask(q.shape[1], n, seqlens, causal, window, q.dtype, lo,
-                                         _rows_see_themselves(block_table, seqlens, causal,
-                                                              q.shape[1])),
+    return _attend(q, k, v, _attend_mask(q.shape[1], n, seqlens, causal, window, q.dtype, lo),
                    scale)
 
 
@@ -377,9 +347,8 @@ def paged_mka_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, k_page_stat
     ek = page_ema(k_pages, k_page_states, block_table, n, beta, seqlens)
     ev = page_ema(v_pages, v_page_states, block_table, n, beta, seqlens)
     Tq = q.shape[1]
-    sees = _rows_see_themselves(block_table, seqlens, causal, Tq)
-    o1 = _attend(q, k, v, _attend_mask(Tq, n, seqlens, causal, window, q.dtype, 0, sees), scale)
-    o2 = _attend(q, ek, ev, _attend_mask(Tq, n, seqlens, causal, None, q.dtype, 0, sees), scale)
+    o1 = _attend(q, k, v, _attend_mask(Tq, n, seqlens, causal, window, q.dtype), scale)
+    o2 = _attend(q, ek, ev, _attend_mask(Tq, n, seqlens, causal, None, q.dtype), scale)
     w = lam.to(q.dtype)
     return w[..., 0, None, None] * o1 + w[..., 1, None, None] * o2
 
