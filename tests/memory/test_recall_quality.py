@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mka.memory.recall import simhash_planes
+from mka.memory.recall import chunk_keys, simhash_planes
 from mka.memory.recall_quality import _moments, _quest_bound, recall_quality
 
 
@@ -27,7 +27,7 @@ def test_oracle_is_the_ceiling_and_a_full_budget_captures_everything():
 def test_quest_bound_bounds_every_score_in_the_chunk():
     torch.manual_seed(1)
     q, k = torch.randn(1, 5, 2, 8), torch.randn(1, 32, 2, 8)
-    bound = _quest_bound(q, k, 8)  # (1, 5, 2, 4), one head per kv head here
+    bound = _quest_bound(q, chunk_keys(k.double(), 8, "bound"))  # (1, 5, 2, 4): G = H here
     scores = torch.einsum("bnhd,bthd->bnht", q.double(), k.double()).reshape(1, 5, 2, 4, 8)
     assert (bound >= scores.amax(-1) - 1e-9).all()
 

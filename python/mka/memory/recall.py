@@ -201,7 +201,8 @@ def select(q_sig: Tensor, k_sig: Tensor, counts: Tensor, top: int,
     first, -1 where a row has fewer eligible chunks; ``R = min(top, max count)``. ``counts``:
     eligible chunks per row, ``(Tq,)`` or per sequence and row ``(B, Tq)``, best on the host
     (its largest entry sets R: read from a device tensor, a synchronisation). ``q_sig, k_sig``:
-    signatures (±1) or mean vectors (:func:`representatives`), scored by their dot product.
+    signatures (±1) or exact representatives (:func:`query_representatives`,
+    :func:`representatives`), scored by their dot product.
     ``width``: R given (at most the chunks scored; rows with fewer eligible chunks get -1):
     ``counts`` is then not read on the host (a static step's are on the device).
     ``score="corners"``: ``q_sig`` the query heads and ``k_sig`` the chunks' max and min keys
@@ -407,19 +408,14 @@ def page_chunks(k_pages: Tensor, v_pages: Tensor, block_table: Tensor, d: Distin
     return k_pages[pages, pos % S, hh], v_pages[pages, pos % S, hh]
 
 
-def _summary_of(exact: Optional[Tensor], d: int) -> str:
-    """What a cache's ``exact`` store (``(B, chunks, G, exact_width)``) keeps of a chunk, as a
-    score :func:`_summarize` reads: the max and min keys (``2d``) or the mean key."""
-    return "hash" if exact is None else ("bound" if exact.shape[-1] == 2 * d else "mean")
-
-
 def update_chunk_signs(signs: Tensor, k_pages: Tensor, block_table: Tensor,
                        before: list[int], after: list[int], chunk: int, planes: Tensor,
-                       exact: Optional[Tensor] = None) -> None:
+                       exact: Optional[Tensor] = None, score: str = "hash") -> None:
     """Signatures of the chunks a step completed (sequence ``b`` grew ``before[b]`` ->
     ``after[b]`` tokens), from their keys read back from the pages, into ``signs (B, max
-    chunks, G, P)`` (int8 ±1), and what exact scoring keeps of them into ``exact`` where given
-    (``(B, max chunks, G, exact_width)``): each chunk's are computed once."""
+    chunks, G, P)`` (int8 ±1), and what ``score`` keeps of them (:func:`chunk_keys`) into
+    ``exact`` where given (``(B, max chunks, G, exact_width)``): each chunk's are computed
+    once."""
     S = k_pages.shape[1]
     for b, (n0, n1) in enumerate(zip(before, after)):
         done = range(n0 // chunk, n1 // chunk)
@@ -430,13 +426,14 @@ def update_chunk_signs(signs: Tensor, k_pages: Tensor, block_table: Tensor,
         shape = (len(done), chunk, *keys.shape[1:])
         signs[b, done.start:done.stop] = signatures(keys.reshape(shape).mean(1),
                                                     planes).to(signs.dtype)
-        if exact is not None:  # in the state dtype, as a full pass computes them
+        if exact is not None:  # in the store's dtype (exact_dtype)
             exact[b, done.start:done.stop] = _summarize(keys.to(exact.dtype).reshape(shape),
-                                                        _summary_of(exact, shape[-1]))
+                                                        score)
 
 
 def update_chunk_signs_at(signs: Tensor, k_pages: Tensor, block_table: Tensor, start: Tensor,
-                          chunk: int, planes: Tensor, exact: Optional[Tensor] = None) -> None:
+                          chunk: int, planes: Tensor, exact: Optional[Tensor] = None,
+                          score: str = "hash") -> None:
     """:func:`update_chunk_signs` for a one-token step of a static cache, the new token of
     sequence ``b`` at position ``start[b]`` (a device tensor: no host read, so a CUDA graph
     can hold it): every step computes the signature of the chunk the token is in and keeps it
@@ -451,7 +448,7 @@ def update_chunk_signs_at(signs: Tensor, k_pages: Tensor, block_table: Tensor, s
     b = torch.arange(B, device=p.device)
     signs[b, c] = torch.where(done, signatures(keys.mean(1), planes).to(signs.dtype), signs[b, c])
     if exact is not None:
-        summary = _summarize(keys.to(exact.dtype), _summary_of(exact, keys.shape[-1]))
+        summary = _summarize(keys.to(exact.dtype), score)
         exact[b, c] = torch.where(done, summary, exact[b, c])
 
 

@@ -56,13 +56,14 @@ def _chunk_mass(q: Tensor, k: Tensor, chunk: int, counts: Tensor, scale: float) 
     return p.reshape(B, n, H, nC, chunk).sum(-1)
 
 
-def _quest_bound(q: Tensor, k: Tensor, chunk: int) -> Tensor:
-    """``(B, n, G, nC)``: Quest's upper bound of each chunk's score, mean over group heads —
-    recall's ``score="bound"``: ``q+ . max + q- . min``."""
+def _quest_bound(q: Tensor, extremes: Tensor) -> Tensor:
+    """``(B, n, G, nC)``: Quest's upper bound of each chunk's score against the chunks' max
+    and min keys ``extremes: (B, nC, G, 2d)``, mean over group heads — recall's
+    ``score="bound"``: ``q+ . max + q- . min``."""
     B, n, H, d = q.shape
-    G = k.shape[2]
+    G = extremes.shape[2]
     q_rep = query_representatives(q.double().reshape(B, n, G, H // G, d), None, "bound")
-    return torch.einsum("bngp,bcgp->bngc", q_rep, chunk_keys(k.double(), chunk, "bound"))
+    return torch.einsum("bngp,bcgp->bngc", q_rep, extremes)
 
 
 def _moments(q: Tensor, k_mean: Tensor, k_var: Tensor, scale: float) -> Tensor:
@@ -112,7 +113,7 @@ def recall_quality(q: Tensor, k: Tensor, *, chunk: int, window: Optional[int],
             "simhash": agree.reshape(B, n, G, nC, sub_chunks).amax(-1),
             "mean": torch.einsum("bngd,bcgd->bngc", q_mean.double(), k_mean),
             "moments": _moments(qi, k_mean, k_var, scale),
-            "quest": _quest_bound(qi, k, chunk),
+            "quest": _quest_bound(qi, extremes),
             "corners": corner_scores(qi.double().reshape(B, n, G, H // G, d), extremes, scale),
             "oracle": group_mass,
         }

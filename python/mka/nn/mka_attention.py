@@ -146,10 +146,10 @@ class MKAAttention(RoutedAttention):
         if cache.static:  # the step's positions on the device (a CUDA graph holds the step)
             before = step.cache_seqlens
             update_chunk_signs_at(signs, cache.k_pages, step.block_table, before, r.chunk,
-                                  r.planes, exact)
+                                  r.planes, exact, r.score)
         else:
             update_chunk_signs(signs, cache.k_pages, step.block_table, before, cache.lengths,
-                               r.chunk, r.planes, exact)
+                               r.chunk, r.planes, exact, r.score)
         if cache.host is not None:
             plan = cache.host.select(cache, q, before, top=r.top, planes=r.planes,
                                      window=self.window, score=r.score)
