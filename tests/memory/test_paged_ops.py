@@ -294,22 +294,34 @@ def test_torch_path_ignores_garbage_past_the_lengths_and_refuses_shared_writes()
 
 
 @pytest.mark.parametrize("window", [None, 5])
-def test_torch_path_without_host_reads_equals_the_checked_path(monkeypatch, window):
+@pytest.mark.parametrize("full", [False, True])
+def test_torch_path_without_host_reads_equals_the_checked_path(monkeypatch, window, full):
     """A CUDA cache's own table and lengths skip the host reads in the PyTorch path: every
     page of the table is gathered and masked (entries of -1 read as zeros, even if the pool
-    holds NaN there). Same outputs as the path that reads the lengths; forced on the CPU."""
+    holds NaN there). Same outputs as the path that reads the lengths; forced on the CPU.
+    ``full``: one sequence fills its table to the last slot and the other is shorter than
+    the query rows — its first rows see no key and read exactly zero (they attend to the
+    spare zero slots gathered past the table, which must stay zeros: page 0 holds NaN)."""
     from mka.memory import torch_paged
     torch.manual_seed(0)
     P, S, G, d, B, W = 12, 4, 2, 8, 2, 5
     kp, vp = torch.randn(P, S, G, d, dtype=torch.float64), torch.randn(P, S, G, d, dtype=torch.float64)
     kp[0], vp[0] = float("nan"), float("nan")  # a page no sequence holds
-    table = torch.tensor([[3, 7, 1, -1, -1], [5, 2, 9, 11, -1]], dtype=torch.int32)
-    lens = torch.tensor([10, 15], dtype=torch.int32)
-    q = torch.randn(B, 2, 4, d, dtype=torch.float64)
+    if full:
+        table = torch.tensor([[3, 7, 1, 4, 6], [5, -1, -1, -1, -1]], dtype=torch.int32)
+        lens, Tq = torch.tensor([20, 2], dtype=torch.int32), 3
+    else:
+        table = torch.tensor([[3, 7, 1, -1, -1], [5, 2, 9, 11, -1]], dtype=torch.int32)
+        lens, Tq = torch.tensor([10, 15], dtype=torch.int32), 2
+    q = torch.randn(B, Tq, 4, d, dtype=torch.float64)
     ref = torch_paged.paged_attention(q, kp, vp, table, lens, True, None, window)
     monkeypatch.setattr(torch_paged, "_reads_whole_table", lambda *a: True)
     out = torch_paged.paged_attention(q, kp, vp, table, lens, True, None, window)
     assert torch.allclose(out, ref, rtol=0, atol=1e-12)
+    if full:
+        assert torch.equal(out[1, 0], torch.zeros_like(out[1, 0])) and out[1, 1:].abs().sum() > 0
+        want = R.paged_attention(q[:, -2:], kp, vp, table, lens, window=window)
+        assert rel_err(out[:, -2:], want) < 1e-10
 
 
 def test_a_caches_own_tables_skip_the_host_checks_on_the_cpu(monkeypatch):

@@ -110,14 +110,19 @@ _STEP: dict = {}
 
 
 def per_step(tensors: tuple[Tensor, ...], extra: tuple, make):
+    # every layer of a decode step asks a few times: the checks cost a few µs of host time
+    # (CUDA cannot be capturing before it is initialised; the set of moving lengths is
+    # empty unless a static cache exists)
     if (torch.compiler.is_compiling()
-            or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
-            or any(t in _MOVES_IN_GRAPHS for t in tensors)):
+            or (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing())
+            or (_MOVES_IN_GRAPHS.keys and any(t in _MOVES_IN_GRAPHS for t in tensors))):
         return make()
-    key = tuple((id(t), t._version) for t in tensors) + extra
+    key = (*[(id(t), t._version) for t in tensors], *extra)
     hit = _STEP.get(key)
-    if hit is not None and all(r() is t for r, t in zip(hit[0], tensors)):
-        return hit[1]
+    if hit is not None:
+        refs, value = hit
+        if all(r() is t for r, t in zip(refs, tensors)):
+            return value
     value = make()
     if len(_STEP) >= 16:  # a step makes up to 6 kinds: keep about two steps, not old masks
         _STEP.clear()
@@ -214,37 +219,53 @@ def _held(seqlens: Tensor, n: int) -> Tensor:
     return (torch.arange(n, device=seqlens.device)[None, :] < seqlens.long()[:, None])[..., None, None]
 
 
-def gather(pages: Tensor, block_table: Tensor, n: int, seqlens: Tensor, first: int = 0) -> Tensor:
+def gather(pages: Tensor, block_table: Tensor, n: int, seqlens: Tensor, first: int = 0,
+           spare: int = 0) -> Tensor:
     """Tokens ``[first, n)`` of each sequence's pages (``first`` a multiple of the page size),
-    ``(B, n - first, G, d)``; slots past a sequence's length read as zeros (never written, they
-    may hold anything — a NaN there would turn its zero attention weight into NaN)."""
-    idx, drop = _gather_index(block_table, seqlens, pages.shape[1], n, first)
-    return pages[idx].flatten(1, 2)[:, :n - first].masked_fill_(drop, 0.0)
+    ``(B, n - first + spare, G, d)``; slots past a sequence's length read as zeros (never
+    written, they may hold anything — a NaN there would turn its zero attention weight into
+    NaN), and so do the ``spare`` slots after slot ``n``."""
+    idx, drop = _gather_index(block_table, seqlens, pages.shape[1], n, first, spare)
+    return _take(pages, idx, 0).masked_fill_(drop, 0.0)[:, :n - first + spare]
 
 
 def gather_pair(k_pages: Tensor, v_pages: Tensor, block_table: Tensor, n: int, seqlens: Tensor,
-                first: int = 0) -> tuple[Tensor, Tensor]:
+                first: int = 0, spare: int = 0) -> tuple[Tensor, Tensor]:
     """:func:`gather` of keys and values, in one op each where the pages are one tensor."""
     pages = pair(k_pages, v_pages)
     if pages is None:
-        return (gather(k_pages, block_table, n, seqlens, first),
-                gather(v_pages, block_table, n, seqlens, first))
-    idx, drop = _gather_index(block_table, seqlens, k_pages.shape[1], n, first)
-    kv = pages[:, idx].flatten(2, 3)[:, :, :n - first].masked_fill_(drop, 0.0)
+        return (gather(k_pages, block_table, n, seqlens, first, spare),
+                gather(v_pages, block_table, n, seqlens, first, spare))
+    idx, drop = _gather_index(block_table, seqlens, k_pages.shape[1], n, first, spare)
+    kv = _take(pages, idx, 1).masked_fill_(drop, 0.0)[:, :, :n - first + spare]
     return kv[0], kv[1]
 
 
-def _gather_index(block_table: Tensor, seqlens: Tensor, S: int, n: int,
-                  first: int) -> tuple[Tensor, Tensor]:
-    """The pages of tokens ``[first, n)`` (-1 entries as page 0) and which of the gathered
-    slots hold no token, ``(B, n - first, 1, 1)``: entries of -1 (pages given back) read as
+def _take(pages: Tensor, idx: Tensor, dim: int) -> Tensor:
+    """Pages ``idx: (B, W)`` of ``pages`` (pages at ``dim``, then their slots) as ``(..., B,
+    W * S, ...)``: ``index_select`` of the flat indices (advanced indexing costs the CPU's host
+    two to three times as much a call)."""
+    out = pages.index_select(dim, idx.flatten())
+    shape = pages.shape
+    return out.view(*shape[:dim], *idx.shape[:1], idx.shape[1] * shape[dim + 1], *shape[dim + 2:])
+
+
+def _gather_index(block_table: Tensor, seqlens: Tensor, S: int, n: int, first: int,
+                  spare: int = 0) -> tuple[Tensor, Tensor]:
+    """The pages of tokens ``[first, n + spare)`` (-1 entries, and columns past the table, as
+    page 0) and which slots of those pages hold no token, ``(B, pages * S, 1, 1)`` (the fill
+    runs on the whole gathered pages, contiguous): entries of -1 (pages given back) read as
     zeros too."""
     def make():
-        W = max(1, math.ceil(n / S))
+        end = n + spare
+        W = max(1, math.ceil(end / S))
         raw = block_table[:, first // S:W].long()
-        paged = (raw >= 0)[:, :, None].expand(-1, -1, S).flatten(1)[:, :n - first, None, None]
-        return raw.clamp(min=0), ~(_held(seqlens, n)[:, first:] & paged)
-    return per_step((block_table, seqlens), ("gather", S, n, first), make)
+        if raw.shape[1] < W - first // S:  # spare slots past the table's last page
+            raw = torch.cat((raw, raw.new_full((raw.shape[0], W - first // S - raw.shape[1]),
+                                               -1)), 1)
+        paged = (raw >= 0)[:, :, None].expand(-1, -1, S).flatten(1)[:, :, None, None]
+        return raw.clamp(min=0), ~(_held(seqlens, W * S)[:, first:] & paged)
+    return per_step((block_table, seqlens), ("gather", S, n, first, spare), make)
 
 
 def page_ema(pages: Tensor, states: Tensor, block_table: Tensor, n: int, beta: float,
@@ -290,20 +311,28 @@ def _mask(Tq: int, n: int, seqlens: Tensor, causal: bool, window: Optional[int],
 
 
 def _attend_mask(Tq: int, n: int, seqlens: Tensor, causal: bool, window: Optional[int],
-                 dtype: torch.dtype, first: int = 0) -> tuple[Tensor, Tensor]:
-    """SDPA's additive mask ``(B, 1, Tq, n - first)`` in ``dtype`` (0 or -inf: SDPA turns a
-    boolean one into that at every call, three ops per layer) and which rows see no key
-    ``(B, Tq, 1, 1)``: rows seeing nothing attend to all, zeroed after."""
+                 dtype: torch.dtype, first: int = 0,
+                 spare: int = 0) -> tuple[Tensor, Optional[Tensor]]:
+    """SDPA's additive mask ``(B, 1, Tq, n - first + spare)`` in ``dtype`` (0 or -inf: SDPA
+    turns a boolean one into that at every call, three ops per layer) and which rows see no
+    key ``(B, Tq, 1, 1)``, to be zeroed after. Rows seeing nothing cannot be left with no key
+    (a softmax of nothing is NaN): without ``spare`` slots they attend to all; with them (keys
+    and values of zeros, :func:`gather`) to those alone, which makes their output exactly zero
+    in the attention itself — one op less per layer — and the second result is None."""
     def make():
         vis = _mask(Tq, n, seqlens, causal, window, first)
         seen = vis.any(-1, keepdim=True)
-        hidden = ~(vis | ~seen)[:, None]
+        if spare:
+            hidden = ~torch.cat((vis, (~seen).expand(-1, -1, spare)), -1)[:, None]
+        else:
+            hidden = ~(vis | ~seen)[:, None]
         mask = torch.zeros(hidden.shape, dtype=dtype, device=seqlens.device)
-        return mask.masked_fill_(hidden, float("-inf")), ~seen[..., None]
-    return per_step((seqlens,), ("mask", Tq, n, causal, window, first, dtype), make)
+        return (mask.masked_fill_(hidden, float("-inf")),
+                None if spare else ~seen[..., None])
+    return per_step((seqlens,), ("mask", Tq, n, causal, window, first, dtype, spare), make)
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, masks: tuple[Tensor, Tensor],
+def _attend(q: Tensor, k: Tensor, v: Tensor, masks: tuple[Tensor, Optional[Tensor]],
             scale: Optional[float]) -> Tensor:
     B, Tq, H, _ = q.shape
     if k.shape[1] == 0:
@@ -312,7 +341,7 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, masks: tuple[Tensor, Tensor],
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=mask, scale=scale,
                                          enable_gqa=k.shape[2] != H).transpose(1, 2)
-    return out.masked_fill(blind, 0.0)
+    return out if blind is None else out.masked_fill(blind, 0.0)
 
 
 def paged_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor,
@@ -328,9 +357,12 @@ def paged_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Te
             max(0, int(seqlens.min()) - q.shape[1] - window + 1) // S * S
         if not own_tables(block_table, seqlens):
             check_slots(block_table, seqlens, k_pages.shape[0], S, "seqlens", begin=lo)
-    k, v = gather_pair(k_pages, v_pages, block_table, n, seqlens, lo)
-    return _attend(q, k, v, _attend_mask(q.shape[1], n, seqlens, causal, window, q.dtype, lo),
-                   scale)
+    # a page of zero slots after the keys for rows that see no key (a whole page keeps the
+    # key count a multiple of the page size, as SDPA's kernels like their masks' rows aligned)
+    spare = S if n > 0 else 0
+    k, v = gather_pair(k_pages, v_pages, block_table, n, seqlens, lo, spare)
+    return _attend(q, k, v, _attend_mask(q.shape[1], n, seqlens, causal, window, q.dtype, lo,
+                                         spare), scale)
 
 
 def paged_mka_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, k_page_states: Tensor,
