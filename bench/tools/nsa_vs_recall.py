@@ -56,7 +56,21 @@ def timed(fn, backward_of=None):
     return tt.do_bench(fwd, warmup=50, rep=300), fb
 
 
-rows = []
+scores = [s for s in args.scores.split(",") if s]
+names = ["sdpa", "attention"] + (["nsa"] if parallel_nsa is not None else []) + \
+    [f"recall-{s}" for s in scores]
+print(f"{torch.cuda.get_device_name()}, bf16, B 1, HQ {HQ}, H {H}, d {d}; top {TOP} of "
+      f"{C}-token blocks, window {W}; ms forward / forward+backward (x: SDPA's time over it)")
+print("T      " + "  ".join(f"{n:>26}" for n in names), flush=True)
+
+
+def show(T, res):
+    """One row, printed as soon as it is measured: a long run cut short keeps its rows."""
+    base_f, base_b = res["sdpa"]
+    cells = [f"{f:7.2f} / {b:7.2f} ({base_f / f:4.1f}x/{base_b / b:4.1f}x)" for f, b in res.values()]
+    print(f"{T:<6} " + "  ".join(f"{c:>26}" for c in cells), flush=True)
+
+
 for T in [int(s) for s in args.seqs.split(",")]:
     torch.manual_seed(0)
     mk = lambda n: torch.randn(1, T, n, d, device=dev, dtype=dt, requires_grad=True)  # noqa: E731
@@ -73,19 +87,10 @@ for T in [int(s) for s in args.seqs.split(",")]:
         gates = [torch.rand(1, T, HQ, device=dev, dtype=dt, requires_grad=True) for _ in range(3)]
         res["nsa"] = timed(lambda: parallel_nsa(q, k, v, *gates, block_counts=TOP, block_size=C,
                                                 window_size=W), leaves + tuple(gates))
-    for score in [s for s in args.scores.split(",") if s]:
+    for score in scores:
         res[f"recall-{score}"] = timed(
             lambda score=score: mka.attention(q, k, v, causal=True, window=W)
             + recall_attention(q, k, v, chunk=C, top=TOP, planes=planes, window=W,
                                score=score)[0], leaves)
-    rows.append((T, res))
+    show(T, res)
     torch.cuda.empty_cache()
-
-print(f"{torch.cuda.get_device_name()}, bf16, B 1, HQ {HQ}, H {H}, d {d}; top {TOP} of "
-      f"{C}-token blocks, window {W}; ms forward / forward+backward (x: SDPA's time over it)")
-names = list(rows[0][1])
-print("T      " + "  ".join(f"{n:>26}" for n in names))
-for T, res in rows:
-    base_f, base_b = res["sdpa"]
-    cells = [f"{f:7.2f} / {b:7.2f} ({base_f / f:4.1f}x/{base_b / b:4.1f}x)" for f, b in res.values()]
-    print(f"{T:<6} " + "  ".join(f"{c:>26}" for c in cells))
