@@ -293,6 +293,29 @@ def test_torch_path_ignores_garbage_past_the_lengths_and_refuses_shared_writes()
                        torch.tensor([5, 2], dtype=torch.int32))
 
 
+@pytest.mark.parametrize("lens", [(8,), (8, 3)])
+def test_torch_path_ignores_table_entries_past_each_sequences_pages(lens):
+    """Entries past a sequence's pages may hold anything (SPEC §7.1), out-of-range page
+    numbers included — a single sequence (whose spare zero slots reach past its pages) and the
+    shorter sequence of a ragged batch; an empty pool with a table of no columns reads zeros."""
+    torch.manual_seed(0)
+    P, S, G, d = 6, 4, 2, 8
+    kp, vp = torch.randn(P, S, G, d, dtype=torch.float64), torch.randn(P, S, G, d, dtype=torch.float64)
+    bt = torch.tensor([[2, 1, 999, -7], [4, 999, 123, 5]][:len(lens)], dtype=torch.int32)
+    n = torch.tensor(lens, dtype=torch.int32)
+    q = torch.randn(len(lens), 2, 4, d, dtype=torch.float64)
+    clean = torch.where(torch.arange(4)[None] * S < n[:, None].long(), bt, -1).int()
+    assert rel_err(TP.paged_attention(q, kp, vp, bt, n), R.paged_attention(q, kp, vp, clean, n)) < 1e-12
+    states = [torch.randn(P, G, d, dtype=torch.float64) for _ in range(2)]
+    lam = torch.softmax(torch.randn(len(lens), 2, 2, dtype=torch.float64), -1)
+    want = R.paged_attention(q, kp, vp, clean, n, lam=lam, beta=0.9, k_page_states=states[0],
+                             v_page_states=states[1])
+    assert rel_err(TP.paged_mka_attention(q, kp, vp, *states, bt, n, lam, 0.9), want) < 1e-12
+    empty = torch.empty(0, S, G, d, dtype=torch.float64)
+    out = TP.paged_attention(q, empty, empty, bt[:, :0], torch.zeros_like(n))
+    assert out.shape == q.shape and not out.abs().sum()
+
+
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("full", [False, True])
 def test_torch_path_without_host_reads_equals_the_checked_path(monkeypatch, window, full):

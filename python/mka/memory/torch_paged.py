@@ -257,12 +257,13 @@ def _gather_index(block_table: Tensor, seqlens: Tensor, S: int, n: int, first: i
     runs on the whole gathered pages, contiguous): entries of -1 (pages given back) read as
     zeros too."""
     def make():
-        end = n + spare
-        W = max(1, math.ceil(end / S))
-        raw = block_table[:, first // S:W].long()
-        if raw.shape[1] < W - first // S:  # spare slots past the table's last page
-            raw = torch.cat((raw, raw.new_full((raw.shape[0], W - first // S - raw.shape[1]),
-                                               -1)), 1)
+        c0, W = first // S, -(-(n + spare) // S)
+        raw = block_table[:, c0:-(-n // S)].long()
+        # entries past a sequence's own pages are ignored (SPEC §7.1: they may hold anything)
+        col = torch.arange(c0, c0 + raw.shape[1], device=raw.device)[None, :]
+        raw = torch.where(col * S < seqlens.long()[:, None], raw, -1)
+        if raw.shape[1] < W - c0:  # the spare slots' pages: none of the table's
+            raw = torch.cat((raw, raw.new_full((raw.shape[0], W - c0 - raw.shape[1]), -1)), 1)
         paged = (raw >= 0)[:, :, None].expand(-1, -1, S).flatten(1)[:, :, None, None]
         return raw.clamp(min=0), ~(_held(seqlens, W * S)[:, first:] & paged)
     return per_step((block_table, seqlens), ("gather", S, n, first, spare), make)
@@ -277,8 +278,10 @@ def page_ema(pages: Tensor, states: Tensor, block_table: Tensor, n: int, beta: f
     W = max(1, math.ceil(n / S))
     sdt = states.dtype
 
-    def index():
-        idx = block_table[:, :W].long().clamp(min=0)
+    def index():  # entries past a sequence's pages may hold anything: read as page 0, unheld
+        raw = block_table[:, :W].long()
+        col = torch.arange(raw.shape[1], device=raw.device)[None, :]
+        idx = torch.where(col * S < seqlens.long()[:, None], raw, 0).clamp(min=0)
         return idx, _held(seqlens, W * S).reshape(-1, W, S, 1, 1)
 
     def coefficients():
@@ -318,7 +321,8 @@ def _attend_mask(Tq: int, n: int, seqlens: Tensor, causal: bool, window: Optiona
     key ``(B, Tq, 1, 1)``, to be zeroed after. Rows seeing nothing cannot be left with no key
     (a softmax of nothing is NaN): without ``spare`` slots they attend to all; with them (keys
     and values of zeros, :func:`gather`) to those alone, which makes their output exactly zero
-    in the attention itself — one op less per layer — and the second result is None."""
+    in the attention itself — one op less per layer — and the second result is None. (A
+    non-finite query there reads NaN, not zero: such a row's residual is non-finite already.)"""
     def make():
         vis = _mask(Tq, n, seqlens, causal, window, first)
         seen = vis.any(-1, keepdim=True)
