@@ -316,6 +316,23 @@ def test_torch_path_ignores_table_entries_past_each_sequences_pages(lens):
     assert out.shape == q.shape and not out.abs().sum()
 
 
+def test_torch_path_window_start_and_spare_slots_past_the_table():
+    """The CPU path gathers from the first page any row's window reaches (``first`` > 0) and
+    a page of spare zero slots past a full table, in one call; NaN in every page no token of
+    the call is read from."""
+    torch.manual_seed(0)
+    P, S, G, d = 12, 4, 2, 8
+    kp, vp = torch.randn(P, S, G, d, dtype=torch.float64), torch.randn(P, S, G, d, dtype=torch.float64)
+    bt = torch.tensor([[3, 7, 1, 4, 6], [5, 2, 9, 11, 0]], dtype=torch.int32)
+    n = torch.tensor([20, 14], dtype=torch.int32)
+    kp2, vp2 = kp.clone(), vp.clone()
+    for page in (3, 7, 5, 0, 8, 10):  # before each sequence's window start, past its pages, unused
+        kp2[page], vp2[page] = float("nan"), float("nan")
+    q = torch.randn(2, 2, 4, d, dtype=torch.float64)
+    out = TP.paged_attention(q, kp2, vp2, bt, n, True, None, 3)
+    assert rel_err(out, R.paged_attention(q, kp, vp, bt, n, window=3)) < 1e-12
+
+
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("full", [False, True])
 def test_torch_path_without_host_reads_equals_the_checked_path(monkeypatch, window, full):
