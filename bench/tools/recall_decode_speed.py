@@ -14,6 +14,7 @@ import statistics
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import mka  # noqa: F401  (registers torch.ops.mka)
 from mka.memory import paged_attention
@@ -36,17 +37,32 @@ C, TOP, W = 64, 16, 512
 planes = simhash_planes(d, device=dev)
 
 
+# Written before each timed call, outside its events: a cache of a few tens of MB (B 1 at 8k-16k)
+# would otherwise be read from L2 by back-to-back calls, which a decode step between layers
+# does not see.
+flush = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
+
+
 def event_median(fn, reps):
-    """Median µs of ``fn()`` over ``reps`` calls, each between two CUDA events."""
+    """Median µs of ``fn()`` over ``reps`` calls, each between two CUDA events, L2 flushed."""
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        flush.zero_()
         a.record()
         fn()
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b) * 1e3)
     return statistics.median(times)
+
+
+def sdpa(q, k, v):
+    """SDPA's fused kernels only: its math fallback would repeat the kv heads (34 GB at B 16,
+    128k) — a clear error instead."""
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                      SDPBackend.EFFICIENT_ATTENTION]):
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
 
 
 def graphed(fn):
@@ -92,7 +108,7 @@ for B in [int(x) for x in args.batches.split(",")]:
 
         steps = {
             "full (paged)": lambda: paged_attention(q, k_pages, v_pages, table, lens),
-            "full (SDPA)": lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True),
+            "full (SDPA)": lambda: sdpa(qt, kt, vt),
         }
         for score in scores:
             def step(score=score):
