@@ -250,6 +250,14 @@ def _take(pages: Tensor, idx: Tensor, dim: int) -> Tensor:
     return out.view(*shape[:dim], *idx.shape[:1], idx.shape[1] * shape[dim + 1], *shape[dim + 2:])
 
 
+def _own_pages(block_table: Tensor, seqlens: Tensor, S: int, c0: int, c1: int) -> Tensor:
+    """Columns ``[c0, c1)`` of the table as int64, entries past each sequence's own pages as
+    -1: they may hold anything (SPEC §7.1), an out-of-range page number included."""
+    raw = block_table[:, c0:c1].long()
+    col = torch.arange(c0, c0 + raw.shape[1], device=raw.device)[None, :]
+    return torch.where(col * S < seqlens.long()[:, None], raw, -1)
+
+
 def _gather_index(block_table: Tensor, seqlens: Tensor, S: int, n: int, first: int,
                   spare: int = 0) -> tuple[Tensor, Tensor]:
     """The pages of tokens ``[first, n + spare)`` (-1 entries, and columns past the table, as
@@ -258,10 +266,7 @@ def _gather_index(block_table: Tensor, seqlens: Tensor, S: int, n: int, first: i
     zeros too."""
     def make():
         c0, W = first // S, -(-(n + spare) // S)
-        raw = block_table[:, c0:-(-n // S)].long()
-        # entries past a sequence's own pages are ignored (SPEC §7.1: they may hold anything)
-        col = torch.arange(c0, c0 + raw.shape[1], device=raw.device)[None, :]
-        raw = torch.where(col * S < seqlens.long()[:, None], raw, -1)
+        raw = _own_pages(block_table, seqlens, S, c0, -(-n // S))
         if raw.shape[1] < W - c0:  # the spare slots' pages: none of the table's
             raw = torch.cat((raw, raw.new_full((raw.shape[0], W - c0 - raw.shape[1]), -1)), 1)
         paged = (raw >= 0)[:, :, None].expand(-1, -1, S).flatten(1)[:, :, None, None]
@@ -278,10 +283,8 @@ def page_ema(pages: Tensor, states: Tensor, block_table: Tensor, n: int, beta: f
     W = max(1, math.ceil(n / S))
     sdt = states.dtype
 
-    def index():  # entries past a sequence's pages may hold anything: read as page 0, unheld
-        raw = block_table[:, :W].long()
-        col = torch.arange(raw.shape[1], device=raw.device)[None, :]
-        idx = torch.where(col * S < seqlens.long()[:, None], raw, 0).clamp(min=0)
+    def index():  # -1 entries read as page 0: their slots are not held
+        idx = _own_pages(block_table, seqlens, S, 0, W).clamp(min=0)
         return idx, _held(seqlens, W * S).reshape(-1, W, S, 1, 1)
 
     def coefficients():
