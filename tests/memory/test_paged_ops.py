@@ -230,15 +230,18 @@ def test_mismatched_shapes_and_dtypes_raise():
 
 # ------------------------------------------------------------------ contiguous decode
 
-@pytest.mark.parametrize("Tq,Tk,H,G", [(1, 256, 4, 2), (2, 1000, 8, 8), (4, 3000, 4, 1),
-                                       (1, 5000, 16, 1)])
+@pytest.mark.parametrize("Tq,Tk,H,G,d", [(1, 256, 4, 2, 32), (2, 1000, 8, 8, 32),
+                                         (4, 3000, 4, 1, 32), (1, 5000, 16, 1, 32),
+                                         (1, 1, 4, 2, 16), (3, 70, 8, 2, 24), (4, 3, 4, 1, 16),
+                                         (1, 200, 16, 2, 48)])
 @pytest.mark.parametrize("window", [None, 300])
 @pytest.mark.parametrize("causal", [True, False])
-def test_few_queries_over_a_long_contiguous_cache(Tq, Tk, H, G, window, causal):
-    """mka.attention with Tq << Tk runs the split decode kernel on the CPU (SPEC §7.1): its
-    outputs, logsumexp (the backward's input) and gradients equal the reference."""
+def test_few_queries_over_a_contiguous_cache(Tq, Tk, H, G, d, window, causal):
+    """mka.attention with few query rows (Tq x H / G <= 16) runs the split decode kernel on
+    the CPU (SPEC §7.1), over long caches and short ones (a cache of 1 to 255 keys, queries
+    that see no key): its outputs, logsumexp (the backward's input) and gradients equal the
+    reference."""
     torch.manual_seed(Tk)
-    d = 32
     q = torch.randn(2, Tq, H, d, dtype=torch.float64, requires_grad=True)
     k, v = (torch.randn(2, Tk, G, d, dtype=torch.float64, requires_grad=True) for _ in range(2))
     out = mka.attention(q, k, v, causal=causal, window=window)

@@ -19,6 +19,8 @@ CASES = [
     (1, 10, 4, 2, 1, 16, True, None),      # Tq > Tk: early rows see no key -> zeros
     (1, 1, 1, 2, 2, 16, True, None),       # one token
     (1, 7, 129, 2, 2, 64, True, 3),        # odd lengths, small window
+    (1, 9, 40, 4, 2, 48, True, None),      # head dims between the CPU GEMM's strips
+    (2, 3, 40, 4, 2, 24, False, 5),
 ]
 
 

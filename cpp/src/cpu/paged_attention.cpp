@@ -330,8 +330,7 @@ template <class T> void attend_contiguous(const AttentionProblem& ap, const Tens
 }  // namespace
 
 bool decode_shaped(const AttentionProblem& p) {
-  return p.group() * p.Tq <= kDirectRows && p.Tk >= 4 * kBlockK && p.Tk <= INT32_MAX &&
-         p.B <= INT32_MAX;
+  return p.group() * p.Tq <= kDirectRows && p.Tk >= 1 && p.Tk <= INT32_MAX && p.B <= INT32_MAX;
 }
 
 void decode_attention(const AttentionProblem& p, const TensorRef& q, const TensorRef& k,

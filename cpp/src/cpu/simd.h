@@ -84,6 +84,17 @@ MKA_INLINE void gemm_rows(int64_t N, int64_t K, const T* __restrict A, int64_t l
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < NV; ++c) store_vec(C + r * ldc + j + c * W, acc[r][c]);
   }
+  // A strip of one vector: with AVX-512, N = 16 (a head dim of 16) or the last 16 columns of
+  // N = 48, 80, ... would otherwise take the scalar loop below, which reads B down columns.
+  for (; j + W <= N; j += W) {
+    V acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = accumulate ? load_vec<V>(C + r * ldc + j) : V{};
+    for (int64_t kk = 0; kk < K; ++kk) {
+      const V bv = load_vec<V>(B + kk * ldb + j);
+      for (int r = 0; r < R; ++r) acc[r] += broadcast<V>(A[r * lda + kk]) * bv;
+    }
+    for (int r = 0; r < R; ++r) store_vec(C + r * ldc + j, acc[r]);
+  }
   for (int r = 0; r < R && j < N; ++r) {  // column remainder
     T* crow = C + r * ldc;
     for (int64_t c = j; c < N; ++c) {
