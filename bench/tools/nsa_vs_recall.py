@@ -34,6 +34,18 @@ try:
 except ImportError as e:  # the wheel travels separately
     parallel_nsa = None
     print(f"fla-core not importable ({e}): NSA rows left out")
+else:
+    import fla.ops.nsa.parallel as _nsa
+
+    if getattr(_nsa, "flash_attn_func", None) is None:
+        # fla runs NSA's sliding-window branch through the flash-attn package; without it,
+        # through mka.attention's window (the same kernel our rows' window takes, so the two
+        # differ only in compression + selection against recall). flash-attn's
+        # window_size=(W - 1, 0) is SPEC §1's window W.
+        def _window_attention(q, k, v, causal, window_size):
+            return mka.attention(q, k, v, causal=causal, window=window_size[0] + 1)
+        _nsa.flash_attn_func = _window_attention
+        print("flash-attn not installed: NSA's window branch runs on mka.attention")
 
 dev, dt = "cuda", torch.bfloat16
 HQ, H, d, C, TOP, W = args.heads, args.kv_heads, args.head_dim, 64, 16, 512
