@@ -29,6 +29,9 @@ p.add_argument("--head-dim", type=int, default=128)
 p.add_argument("--page-size", type=int, default=16)
 p.add_argument("--scores", default="hash,bound,corners")
 p.add_argument("--reps", type=int, default=200)
+p.add_argument("--profile", type=int, default=0, metavar="N",
+               help="also list each recall row's N most expensive kernels (device µs per step, "
+                    "torch.profiler over 10 replays of its graph)")
 args = p.parse_args()
 
 dev, dt = "cuda", torch.bfloat16
@@ -63,6 +66,20 @@ def sdpa(q, k, v):
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
                       SDPBackend.EFFICIENT_ATTENTION]):
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+
+def kernel_table(replay, top):
+    """The ``top`` kernels of 10 graph replays by device time: (name, µs per step, calls per
+    step) — where a step's device time goes."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            replay()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total / 10, e.count / 10) for e in prof.key_averages()
+            if e.device_time_total > 0]
+    return sorted(rows, key=lambda r: -r[1])[:top]
 
 
 def graphed(fn):
@@ -118,11 +135,18 @@ for B in [int(x) for x in args.batches.split(",")]:
                 return o1 + o3
             steps[f"window + recall ({score})"] = step
         with torch.no_grad():
-            res = {name: (event_median(fn, args.reps), event_median(graphed(fn), args.reps))
+            replays = {name: graphed(fn) for name, fn in steps.items()}
+            res = {name: (event_median(fn, args.reps), event_median(replays[name], args.reps))
                    for name, fn in steps.items()}
         base = res["full (paged)"][1]  # printed as measured: a run cut short keeps its rows
         print(f"{B:<3} {T:<7} " + "  ".join(f"{e:7.1f} / {g:7.1f} ({base / g:5.2f}x)".rjust(26)
                                            for e, g in res.values()), flush=True)
+        for name in [n for n in replays if n.startswith("window") and args.profile]:
+            print(f"    {name}, B {B}, T {T}: µs per step, calls per step, kernel")
+            with torch.no_grad():
+                for kname, us, calls in kernel_table(replays[name], args.profile):
+                    print(f"    {us:9.1f} {calls:5.1f}  {kname[:100]}", flush=True)
+        del replays
         del k, v, k_pages, v_pages, kt, vt
         torch.cuda.empty_cache()
 
