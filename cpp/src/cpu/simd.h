@@ -59,42 +59,43 @@ template <class V, class T> MKA_INLINE void store_vec(T* p, const V& v) {
 // add becomes one vbroadcastss plus an add, which measured faster.)
 template <class V, class T> MKA_INLINE V broadcast(T x) { return V{} + x; }
 
-// R rows of C (+)= A * B, in strips of NR columns held in registers.
+// R rows of C (+)= A * B over columns [j, j + NV * lanes): one strip held in registers.
+template <class T, Isa I, int R, int NV>
+MKA_INLINE void gemm_strip(int64_t j, int64_t K, const T* __restrict A, int64_t lda,
+                           const T* __restrict B, int64_t ldb, T* __restrict C, int64_t ldc,
+                           bool accumulate) {
+  using V = Vec<T, I>;
+  constexpr int W = kLanesOf<T, I>;
+  V acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NV; ++c)
+      acc[r][c] = accumulate ? load_vec<V>(C + r * ldc + j + c * W) : V{};
+  for (int64_t kk = 0; kk < K; ++kk) {
+    const T* b = B + kk * ldb + j;
+    V bv[NV];
+    for (int c = 0; c < NV; ++c) bv[c] = load_vec<V>(b + c * W);
+    for (int r = 0; r < R; ++r) {
+      const V a = broadcast<V>(A[r * lda + kk]);
+      for (int c = 0; c < NV; ++c) acc[r][c] += a * bv[c];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NV; ++c) store_vec(C + r * ldc + j + c * W, acc[r][c]);
+}
+
+// R rows of C (+)= A * B, in strips of NR columns held in registers, then strips of one
+// vector (with AVX-512, N = 16 — a head dim of 16 — or the last 16 columns of N = 48, 80, ...
+// would otherwise take the scalar loop, which reads B down columns), then the scalar rest.
 template <class T, Isa I, int R>
 MKA_INLINE void gemm_rows(int64_t N, int64_t K, const T* __restrict A, int64_t lda,
                           const T* __restrict B, int64_t ldb, T* __restrict C, int64_t ldc,
                           bool accumulate) {
-  using V = Vec<T, I>;
   constexpr int NV = Tile<T, I>::NV, W = kLanesOf<T, I>, NR = NV * W;
   int64_t j = 0;
-  for (; j + NR <= N; j += NR) {
-    V acc[R][NV];
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < NV; ++c)
-        acc[r][c] = accumulate ? load_vec<V>(C + r * ldc + j + c * W) : V{};
-    for (int64_t kk = 0; kk < K; ++kk) {
-      const T* b = B + kk * ldb + j;
-      V bv[NV];
-      for (int c = 0; c < NV; ++c) bv[c] = load_vec<V>(b + c * W);
-      for (int r = 0; r < R; ++r) {
-        const V a = broadcast<V>(A[r * lda + kk]);
-        for (int c = 0; c < NV; ++c) acc[r][c] += a * bv[c];
-      }
-    }
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < NV; ++c) store_vec(C + r * ldc + j + c * W, acc[r][c]);
-  }
-  // A strip of one vector: with AVX-512, N = 16 (a head dim of 16) or the last 16 columns of
-  // N = 48, 80, ... would otherwise take the scalar loop below, which reads B down columns.
-  for (; j + W <= N; j += W) {
-    V acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = accumulate ? load_vec<V>(C + r * ldc + j) : V{};
-    for (int64_t kk = 0; kk < K; ++kk) {
-      const V bv = load_vec<V>(B + kk * ldb + j);
-      for (int r = 0; r < R; ++r) acc[r] += broadcast<V>(A[r * lda + kk]) * bv;
-    }
-    for (int r = 0; r < R; ++r) store_vec(C + r * ldc + j, acc[r]);
-  }
+  for (; j + NR <= N; j += NR)
+    gemm_strip<T, I, R, NV>(j, K, A, lda, B, ldb, C, ldc, accumulate);
+  for (; j + W <= N; j += W)
+    gemm_strip<T, I, R, 1>(j, K, A, lda, B, ldb, C, ldc, accumulate);
   for (int r = 0; r < R && j < N; ++r) {  // column remainder
     T* crow = C + r * ldc;
     for (int64_t c = j; c < N; ++c) {

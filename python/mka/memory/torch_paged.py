@@ -74,6 +74,9 @@ class _Storages:
         """``t``: a tensor, or a storage address."""
         return (t if isinstance(t, int) else t.untyped_storage().data_ptr()) in self.keys
 
+    def __bool__(self) -> bool:
+        return bool(self.keys)
+
 
 # The block tables and lengths that a PagedKVCache made from its PageTable: valid by
 # construction, so calls through them skip the host checks (on the CPU, ~50 µs of a tiny
@@ -115,7 +118,7 @@ def per_step(tensors: tuple[Tensor, ...], extra: tuple, make):
     # empty unless a static cache exists)
     if (torch.compiler.is_compiling()
             or (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing())
-            or (_MOVES_IN_GRAPHS.keys and any(t in _MOVES_IN_GRAPHS for t in tensors))):
+            or (_MOVES_IN_GRAPHS and any(t in _MOVES_IN_GRAPHS for t in tensors))):
         return make()
     key = (*[(id(t), t._version) for t in tensors], *extra)
     hit = _STEP.get(key)
