@@ -24,15 +24,20 @@ tokens/s is measured as `mka train` measures it: wall time from the start of ste
 tokens = timed steps x batch x block; evaluation is outside it.
 
     python bench/tools/nanogpt_baseline.py --data data/tinyshakespeare/input.txt --steps 200
+    python bench/tools/nanogpt_baseline.py --data data/tinyshakespeare/input.txt --steps 5000 --eval-interval 250
+(the second: nanoGPT's whole recipe, with the best held-out loss of the evaluations, as
+nanoGPT keeps its best checkpoint)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -61,6 +66,7 @@ class Recipe:
     steps: int = 200             # the cosine decay ends here, as `mka train`'s does by default
     timing_warmup: int = 20      # steps left out of tokens/s (compilation, allocator warm-up)
     log_interval: int = 10       # loss.item() (a host sync) every this many steps
+    eval_interval: int = 0       # held-out loss every this many steps too (0: at the end only)
     holdout_fraction: float = 0.1
     seed: int = 1337
     device: str = "auto"
@@ -82,6 +88,8 @@ class Recipe:
             raise ValueError(f"n_embd {self.n_embd} must be divisible by n_head {self.n_head}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout: must be in [0, 1), got {self.dropout}")
+        if self.eval_interval < 0:
+            raise ValueError(f"eval_interval: must be >= 0, got {self.eval_interval}")
         if not 0 <= self.timing_warmup < self.steps:
             raise ValueError(f"timing_warmup {self.timing_warmup}: must be >= 0 and below steps "
                              f"{self.steps}, or no step is timed")
@@ -267,7 +275,7 @@ def heldout_loss(model: nn.Module, heldout: np.ndarray, r: Recipe, device: torch
     model.eval()
     for rows in heldout_batches(heldout_blocks(heldout, r.block_size), r.batch_size):
         a = torch.from_numpy(np.stack(rows).astype(np.int64)).to(device)
-        with autocast(device, precision):
+        with torch.no_grad(), autocast(device, precision):
             _, loss = model(a[:, :-1], a[:, 1:])
         total += float(loss) * a[:, 1:].numel()
         count += a[:, 1:].numel()
@@ -277,7 +285,8 @@ def heldout_loss(model: nn.Module, heldout: np.ndarray, r: Recipe, device: torch
 
 def train(r: Recipe, data: CharData) -> dict:
     """Train ``r.steps`` steps; tokens/s of the steps after ``r.timing_warmup`` and the
-    held-out loss at the end."""
+    held-out loss at the end, and with ``r.eval_interval`` every that many steps too (their
+    time left out of tokens/s) and the best of them, as nanoGPT keeps its best checkpoint."""
     r.check()
     check_data(r, data)
     device = r.resolved_device()
@@ -289,7 +298,7 @@ def train(r: Recipe, data: CharData) -> dict:
     step_model = torch.compile(model, backend=r.compile_backend) if r.compile else model
     gen = torch.Generator().manual_seed(r.seed)
     x, y = random_batch(data.train, r, device, gen)
-    t0, last_loss = None, math.nan
+    t0, last_loss, eval_seconds, curve = None, math.nan, 0.0, []
     for step in range(r.steps):
         if step == r.timing_warmup:
             sync(device)
@@ -308,12 +317,20 @@ def train(r: Recipe, data: CharData) -> dict:
         optimizer.zero_grad(set_to_none=True)
         if (step + 1) % r.log_interval == 0 or step + 1 == r.steps:
             last_loss = loss.item()  # the only host sync of a step, as in nanoGPT
+        if r.eval_interval and (step + 1) % r.eval_interval == 0 and step + 1 < r.steps:
+            sync(device)
+            e0 = time.perf_counter()
+            curve.append((step + 1, heldout_loss(step_model, data.heldout, r, device, precision)))
+            eval_seconds += time.perf_counter() - e0 if t0 is not None else 0.0
     sync(device)
-    seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0 - eval_seconds
     timed_steps = r.steps - r.timing_warmup
+    curve.append((r.steps, heldout_loss(step_model, data.heldout, r, device, precision)))
+    best_step, best = min(curve, key=lambda c: c[1])
     return {"tokens_per_s": timed_steps * r.batch_size * r.block_size / seconds,
             "timed_seconds": seconds, "timed_steps": timed_steps, "train_loss": last_loss,
-            "heldout_loss": heldout_loss(step_model, data.heldout, r, device, precision),
+            "heldout_loss": curve[-1][1], "best_heldout_loss": best, "best_step": best_step,
+            "heldout_curve": curve,
             "device": str(device), "precision": precision, "vocab_size": data.vocab_size,
             "params": sum(p.numel() for p in model.parameters())}
 
@@ -375,12 +392,17 @@ def checked_data(p: argparse.ArgumentParser, r: Recipe, path: str) -> CharData:
 def main(argv: Optional[list[str]] = None) -> None:
     p = command_parser(__doc__)
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--json", help="also write the recipe and results (the held-out curve too) here")
     args = p.parse_args(argv)
     r = recipe_from(args, compile=args.compile)
     out = train(r, checked_data(p, r, args.data))
     print(f"nanoGPT baseline ({'compiled' if r.compile else 'eager'}, {out['device']}, {out['precision']}): "
           f"{out['tokens_per_s']:,.0f} tokens/s over {out['timed_steps']} steps; "
-          f"train loss {out['train_loss']:.4f}, held-out loss {out['heldout_loss']:.4f}")
+          f"train loss {out['train_loss']:.4f}, held-out loss {out['heldout_loss']:.4f}"
+          + (f", best {out['best_heldout_loss']:.4f} (step {out['best_step']})"
+             if r.eval_interval else ""))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"recipe": asdict(r), **out}, indent=1))
 
 
 if __name__ == "__main__":

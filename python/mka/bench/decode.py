@@ -148,21 +148,37 @@ def _sdpa_cudnn(x: DecodeInputs):
     return lambda: sdpa(x.q, k, v, True, SDPBackend.CUDNN_ATTENTION)
 
 
-@DECODE.impl("flashinfer", devices=("cuda",), against=AGAINST)
-def _flashinfer(x: DecodeInputs):
-    """FlashInfer's paged decode (NHD pages, same tables), planned once outside the timing."""
+def _flashinfer_wrapper(x: DecodeInputs, tensor_cores: bool):
+    """FlashInfer's paged decode over the same NHD pages and tables, planned once outside
+    the timing, with its index buffers fixed so the call can be captured in a CUDA graph."""
     import flashinfer  # optional: an error row where it is not installed
     B, W = x.table.shape
     _, S, G, d = x.k_pages.shape
     H = x.q.shape[2]
     dev = x.q.device
     workspace = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device=dev)
-    wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD")
     pages = -(-x.T // S)
     indptr = torch.arange(B + 1, device=dev, dtype=torch.int32) * pages
     indices = x.table[:, :pages].reshape(-1).contiguous()
     last = torch.full((B,), x.T - (pages - 1) * S, dtype=torch.int32, device=dev)
+    wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+        workspace, "NHD", use_cuda_graph=True, use_tensor_cores=tensor_cores,
+        paged_kv_indptr_buffer=indptr.clone(), paged_kv_indices_buffer=indices.clone(),
+        paged_kv_last_page_len_buffer=last.clone())
     wrapper.plan(indptr, indices, last, H, G, d, S, q_data_type=x.q.dtype,
                  kv_data_type=x.k_pages.dtype)
     q = x.q[:, 0].contiguous()
     return lambda: wrapper.run(q, (x.k_pages, x.v_pages))
+
+
+@DECODE.impl("flashinfer", devices=("cuda",), against=AGAINST)
+def _flashinfer(x: DecodeInputs):
+    """FlashInfer's decode kernel (CUDA cores), its default."""
+    return _flashinfer_wrapper(x, tensor_cores=False)
+
+
+@DECODE.impl("flashinfer.tc", devices=("cuda",), against=AGAINST)
+def _flashinfer_tc(x: DecodeInputs):
+    """FlashInfer's decode on its prefill kernels (tensor cores), what it advises for GQA
+    groups of four or more."""
+    return _flashinfer_wrapper(x, tensor_cores=True)
