@@ -94,3 +94,22 @@ def test_bad_settings_are_one_line(argv, message, text_file, capsys):
     with pytest.raises(SystemExit) as e:
         tvb.main(["--data", str(text_file), *TINY, *argv])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_baseline_evaluates_every_interval(text_file, tmp_path, monkeypatch, one_thread):
+    """--eval-interval: a held-out loss every N steps and at the end; the best of them and
+    its step; the JSON holds the curve; a negative interval is a one-line error."""
+    import json
+    monkeypatch.setenv("MKA_CACHE", str(tmp_path / "cache"))
+    nb = _tool("nanogpt_baseline")
+    out = tmp_path / "baseline.json"
+    nb.main(["--data", str(text_file), *TINY, "--eval-interval", "2", "--json", str(out)])
+    got = json.loads(out.read_text())
+    curve = got["heldout_curve"]
+    assert [step for step, _ in curve] == [2, 4, 6]
+    assert all(math.isfinite(loss) for _, loss in curve)
+    assert got["heldout_loss"] == curve[-1][1]
+    assert (got["best_step"], got["best_heldout_loss"]) == tuple(min(curve, key=lambda c: c[1]))
+    assert got["recipe"]["eval_interval"] == 2
+    with pytest.raises(SystemExit):
+        nb.main(["--data", str(text_file), *TINY, "--eval-interval", "-1"])
