@@ -145,6 +145,7 @@ void bind_memory(nb::module_& m) {
       .def_prop_ro("pinned", &ChunkStore::pinned);
 
   def_op(m, "paged_write", &mka::paged_write);
+  def_op(m, "paged_write_fused", &mka::paged_write_fused);
   def_op(m, "paged_attention", &mka::paged_attention);
   def_op(m, "recall_forward", &mka::recall_forward);
   def_op(m, "recall_backward", &mka::recall_backward);

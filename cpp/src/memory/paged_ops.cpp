@@ -83,6 +83,40 @@ void check_ema(PagedProblem& p, const PagedEma& e, const TensorRef& pages, int64
   p.beta = e.beta;
 }
 
+// On the CPU, before a write: every slot written must be a valid page of its row, and no
+// page may be written by two sequences (a shared page must be copied first, as
+// PageTable::reserve does).
+void check_written_slots(const PagedProblem& p, const TensorRef& table, const TensorRef& starts) {
+  const int32_t* lens = ptr<const int32_t>(starts);
+  std::vector<std::pair<int32_t, int64_t>> written;
+  for (int64_t b = 0; b < p.B; ++b) {
+    const int64_t start = lens[b * starts.stride[0]];
+    MKA_CHECK(start >= 0, "cache_seqlens: entry ", b, " is negative (", start, ")");
+    if (p.T == 0) continue;
+    check_table_row(p, table, b, start, start + p.T, "cache_seqlens", start);
+    const int32_t* row = ptr<const int32_t>(table) + b * table.stride[0];
+    for (int64_t i = start / p.S; i * p.S < start + p.T; ++i)
+      written.emplace_back(row[i * table.stride[1]], b);
+  }
+  std::sort(written.begin(), written.end());
+  for (size_t i = 1; i < written.size(); ++i)
+    MKA_CHECK(written[i].first != written[i - 1].first || written[i].second == written[i - 1].second,
+              "block_table: page ", written[i].first, " is written by sequences ",
+              written[i - 1].second, " and ", written[i].second,
+              " (a shared page must be copied before a write: PageTable.reserve does)");
+}
+
+// The new rows k (B, T, G, dk) of a write and the pages they go to.
+PagedProblem check_write_rows(const TensorRef& k, const PagedKV& pages, const TensorRef& starts) {
+  check_shape(k, "k", {-1, -1, -1, -1}, "(B, T, G, dk)");
+  PagedProblem p = check_pages(pages, starts, "cache_seqlens", k.shape[0]);
+  p.T = k.shape[1];
+  check_shape(k, "k", {p.B, p.T, p.G, p.dk}, "(B, T, G, dk) matching k_pages' G and dk");
+  check_device(k, "k", pages.k_pages);
+  check_dtype(k, "k", p.dtype);
+  return p;
+}
+
 void run_cuda_write(const PagedProblem& p, const PagedWrite& a) {
 #if MKA_WITH_CUDA
   cuda::paged_write(p, a);
@@ -104,16 +138,10 @@ void run_cuda_attention(const PagedProblem& p, const PagedAttentionFwd& a) {
 }  // namespace
 
 void paged_write(const PagedWrite& a) {
-  const TensorRef &k = a.k, &v = a.v;
-  check_shape(k, "k", {-1, -1, -1, -1}, "(B, T, G, dk)");
-  PagedProblem p = check_pages(a.pages, a.cache_seqlens, "cache_seqlens", k.shape[0]);
-  p.T = k.shape[1];
-  check_shape(k, "k", {p.B, p.T, p.G, p.dk}, "(B, T, G, dk) matching k_pages' G and dk");
-  check_shape(v, "v", {p.B, p.T, p.G, p.dv}, "(B, T, G, dv) matching k and v_pages' dv");
-  for (auto [t, name] : {std::pair{&k, "k"}, std::pair{&v, "v"}}) {
-    check_device(*t, name, a.pages.k_pages);
-    check_dtype(*t, name, p.dtype);
-  }
+  PagedProblem p = check_write_rows(a.k, a.pages, a.cache_seqlens);
+  check_shape(a.v, "v", {p.B, p.T, p.G, p.dv}, "(B, T, G, dv) matching k and v_pages' dv");
+  check_device(a.v, "v", a.pages.k_pages);
+  check_dtype(a.v, "v", p.dtype);
   check_ema(p, a.ema, a.pages.k_pages, p.dk);
   const DType sdt = stats_dtype(p.dtype);
   for (auto [t, name] : {std::pair{&a.k_state, "k_state"}, std::pair{&a.v_state, "v_state"},
@@ -137,26 +165,32 @@ void paged_write(const PagedWrite& a) {
     run_cuda_write(p, a);
     return;
   }
-  // Every slot written must be a valid page of its row, and no page may be written by two
-  // sequences (a shared page must be copied first, as PageTable::reserve does).
-  const int32_t* lens = ptr<const int32_t>(a.cache_seqlens);
-  std::vector<std::pair<int32_t, int64_t>> written;
-  for (int64_t b = 0; b < p.B; ++b) {
-    const int64_t start = lens[b * a.cache_seqlens.stride[0]];
-    MKA_CHECK(start >= 0, "cache_seqlens: entry ", b, " is negative (", start, ")");
-    if (p.T == 0) continue;
-    check_table_row(p, a.pages.block_table, b, start, start + p.T, "cache_seqlens", start);
-    const int32_t* row = ptr<const int32_t>(a.pages.block_table) + b * a.pages.block_table.stride[0];
-    for (int64_t i = start / p.S; i * p.S < start + p.T; ++i)
-      written.emplace_back(row[i * a.pages.block_table.stride[1]], b);
-  }
-  std::sort(written.begin(), written.end());
-  for (size_t i = 1; i < written.size(); ++i)
-    MKA_CHECK(written[i].first != written[i - 1].first || written[i].second == written[i - 1].second,
-              "block_table: page ", written[i].first, " is written by sequences ",
-              written[i - 1].second, " and ", written[i].second,
-              " (a shared page must be copied before a write: PageTable.reserve does)");
+  check_written_slots(p, a.pages.block_table, a.cache_seqlens);
   cpu::paged_write(p, a);
+}
+
+void paged_write_fused(const PagedWriteFused& a) {
+  PagedProblem p = check_write_rows(a.k, a.pages, a.cache_seqlens);
+  MKA_CHECK(p.dv == p.dk, "v_pages: FastMKA's fusion needs dv = dk, got ", p.dv, " and ", p.dk);
+  // v, lam, k3/v3 and the states as route_fuse takes them (SPEC §3.2), lam over the T tokens.
+  const RouteProblem r = check_route(a.k, a.v, a.route, p.T, "(B, T, L)", true);
+  for (auto [t, name] : {std::pair{&a.route.k_state, "k_state"}, std::pair{&a.route.v_state, "v_state"}}) {
+    MKA_CHECK(t->present(), name, ": required (the running EMA state, overwritten with the "
+              "state after the new tokens)");
+    if (p.device != Device::cpu)
+      MKA_CHECK(t->stride[2] == 1, name, ": its last dim must be contiguous");
+  }
+  p.ema = true, p.beta = r.beta;
+  if (p.device != Device::cpu) {
+#if MKA_WITH_CUDA
+    cuda::paged_write_fused(p, r.L, a);
+#else
+    fail("paged_write_fused: this build of mka has no CUDA kernels");
+#endif
+    return;
+  }
+  check_written_slots(p, a.pages.block_table, a.cache_seqlens);
+  cpu::paged_write_fused(p, r.L, a);
 }
 
 void paged_attention(const PagedAttentionFwd& a) {

@@ -2,8 +2,9 @@
 
 "paged" is ``paged_attention`` over pages of 16 tokens in a shuffled block table;
 "paged_mka" MKA's levels 1 and 2 over the same pages (EMA rebuilt from page checkpoints);
-"paged_fastmka" FastMKA's whole step (fuse the new token's key/value from the carried EMA
-state, write it, attend); "attention" ``mka.attention`` with Tq = 1 over the contiguous
+"paged_step" MHA's whole step (write the new token's key/value, attend); "paged_fastmka"
+FastMKA's whole step (fuse the new token's key/value from the carried EMA state as it is
+written, attend); "attention" ``mka.attention`` with Tq = 1 over the contiguous
 cache; SDPA (flash, cuDNN on CUDA) over the same contiguous cache are the baselines, and
 FlashInfer's paged decode runs where it is installed. The contiguous cache is the pages
 themselves in identity order, so every implementation reads the same bytes and nothing is
@@ -97,26 +98,44 @@ def _paged_mka(x: DecodeInputs):
                                        lam, BETA)
 
 
-@DECODE.impl("paged_fastmka", against=("paged",))
-def _paged_fastmka(x: DecodeInputs):
-    """The whole FastMKA step: fuse the new key/value, write it over the last slot, attend.
-    The table and lengths are marked as a cache's own (valid by construction, as this
-    case's are), so the CUDA write skips the host check a cache's step skips too."""
-    import mka
-    from mka.memory import paged_attention, paged_write
+def _new_token(x: DecodeInputs):
+    """One new key/value per sequence, written over each sequence's last slot (the cache
+    keeps its length: every timed call reads the same bytes), the table and lengths marked as
+    a cache's own (valid by construction, as this case's are): no host check, as in a cache's
+    step."""
     from mka.memory.torch_paged import mark_pool_made
-    B, _, G, d = x.q.shape[0], 1, x.k_pages.shape[2], x.k_pages.shape[3]
-    dev, dt = x.q.device, x.q.dtype
-    sdt = torch.float32 if dt != torch.float64 else torch.float64
-    k1, v1 = (torch.randn(B, 1, G, d, device=dev, dtype=dt) for _ in range(2))
-    lam = torch.full((B, 1, 2), 0.5, device=dev, dtype=dt)
-    ks, vs = (torch.zeros(B, G, d, device=dev, dtype=sdt) for _ in range(2))
+    B, G, d = x.q.shape[0], x.k_pages.shape[2], x.k_pages.shape[3]
+    k1, v1 = (torch.randn(B, 1, G, d, device=x.q.device, dtype=x.q.dtype) for _ in range(2))
     last = x.seqlens - 1
     mark_pool_made(x.table, last)
+    return k1, v1, last
+
+
+@DECODE.impl("paged_step", against=("paged",))
+def _paged_step(x: DecodeInputs):
+    """MHA's whole step: write the new key/value, attend over the pages."""
+    from mka.memory import paged_attention, paged_write
+    k1, v1, last = _new_token(x)
 
     def call():
-        kf, vf, _, _ = mka.route_fuse(k1, v1, lam, BETA, None, None, ks, vs)
-        paged_write(kf, vf, x.k_pages, x.v_pages, x.table, last)
+        paged_write(k1, v1, x.k_pages, x.v_pages, x.table, last)
+        return paged_attention(x.q, x.k_pages, x.v_pages, x.table, x.seqlens)
+    return call
+
+
+@DECODE.impl("paged_fastmka", against=("paged_step", "paged"))
+def _paged_fastmka(x: DecodeInputs):
+    """FastMKA's whole step: fuse the new key/value from the carried EMA state as it is
+    written (``paged_write_fused``, one kernel), attend: as many kernels as MHA's step."""
+    from mka.memory import paged_attention, paged_write_fused
+    k1, v1, last = _new_token(x)
+    B, G, d = k1.shape[0], k1.shape[2], k1.shape[3]
+    sdt = torch.float32 if x.q.dtype != torch.float64 else torch.float64
+    lam = torch.full((B, 1, 2), 0.5, device=x.q.device, dtype=x.q.dtype)
+    ks, vs = (torch.zeros(B, G, d, device=x.q.device, dtype=sdt) for _ in range(2))
+
+    def call():
+        paged_write_fused(k1, v1, lam, BETA, x.k_pages, x.v_pages, x.table, last, ks, vs)
         return paged_attention(x.q, x.k_pages, x.v_pages, x.table, x.seqlens)
     return call
 

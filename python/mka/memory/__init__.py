@@ -9,7 +9,8 @@ outside the attention window kept in host memory and recalled from there (SPEC Â
 from .._C import PageTable
 from .cache import LayerCache, LayerSpec, PagedKVCache
 from .host_tier import HostTier
-from .ops import paged_attention, paged_mka_attention, paged_write, paged_write_ema
+from .ops import (paged_attention, paged_mka_attention, paged_write, paged_write_ema,
+                  paged_write_fused)
 
 __all__ = ["PageTable", "PagedKVCache", "HostTier", "LayerCache", "LayerSpec", "paged_attention",
-           "paged_mka_attention", "paged_write", "paged_write_ema"]
+           "paged_mka_attention", "paged_write", "paged_write_ema", "paged_write_fused"]

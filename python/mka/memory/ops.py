@@ -1,5 +1,5 @@
 """The paged ops of SPEC §7.1 as PyTorch custom operators: ``torch.ops.mka.paged_write``,
-``paged_write_ema``, ``paged_attention`` and ``paged_mka_attention``.
+``paged_write_ema``, ``paged_write_fused``, ``paged_attention`` and ``paged_mka_attention``.
 
 Inference only (no autograd). Float32/float64 pages on the CPU run the native kernels
 (``cpp/src/cpu/paged_*.cpp``), float16/bfloat16/float32 pages on CUDA the CUDA kernels
@@ -24,9 +24,9 @@ import torch
 from torch import Tensor
 
 from .. import _C
-from .._validate import check_paged
+from .._validate import check_paged, check_route
 from ..kernels import _State
-from ..ops import _PLAIN, _cast, _eager, _launch, _native
+from ..ops import _PLAIN, _cast, _eager, _lam, _launch, _native
 from . import torch_paged
 
 _OptT = Optional[Tensor]
@@ -169,6 +169,46 @@ def _(k, v, k_pages, v_pages, block_table, cache_seqlens, beta, k_page_states, v
     check_paged(k, k_pages, v_pages, block_table, cache_seqlens, "cache_seqlens", v=v,
                 page_states=(k_page_states, v_page_states), beta=beta)
     return tuple(k_page_states.new_empty((k.shape[0], *k.shape[2:])) for _ in range(2))
+
+
+def _check_fused(k, v, lam, beta, k_pages, v_pages, block_table, cache_seqlens, k_state,
+                 v_state, k3, v3) -> None:
+    check_paged(k, k_pages, v_pages, block_table, cache_seqlens, "cache_seqlens", v=v)
+    check_route(k, v, lam, beta, k3, v3, k_state, v_state, None, "(B, T, L)", True)
+    for t, name in ((k_state, "k_state"), (v_state, "v_state")):
+        if t is None:
+            raise ValueError(f"{name}: required (the running EMA state; it is overwritten with "
+                             "the state after the new tokens)")
+
+
+@_inference_op("paged_write_fused",
+               mutates_args=("k_pages", "v_pages", "k_state", "v_state"))
+def paged_write_fused(k: Tensor, v: Tensor, lam: Tensor, beta: float, k_pages: Tensor,
+                      v_pages: Tensor, block_table: Tensor, cache_seqlens: Tensor,
+                      k_state: Tensor, v_state: Tensor, k3: _OptT = None,
+                      v3: _OptT = None) -> None:
+    """FastMKA's write: ``route_fuse`` (SPEC §3.2) of the new tokens ``k, v: (B, T, G, d)``
+    with ``lam: (B, T, L)`` (and ``k3, v3`` iff L = 3) from the running EMA states ``k_state,
+    v_state: (B, G, d)``, the fused rows written where :func:`paged_write` writes ``k, v``,
+    and the states overwritten with those after the new tokens — in place, as a cache keeps
+    them. Natively one kernel: a decode step's fusion, write and state update in one launch."""
+    _check_fused(k, v, lam, beta, k_pages, v_pages, block_table, cache_seqlens, k_state,
+                 v_state, k3, v3)
+    if not _native_pages(k_pages, v_pages):
+        return torch_paged.paged_write_fused(k, v, lam, beta, k_pages, v_pages, block_table,
+                                             cache_seqlens, k_state, v_state, k3, v3)
+    _check_write(k, k_pages, block_table, cache_seqlens)
+    _native(_C.paged_write_fused, k=k, v=v, k_pages=k_pages, v_pages=v_pages,
+            block_table=block_table, cache_seqlens=cache_seqlens, lam=_lam(lam, k.dtype),
+            beta=float(beta), k3=k3, v3=v3, k_state=k_state, v_state=v_state,
+            **_launch(k, _State.token))
+
+
+@paged_write_fused.register_fake
+def _(k, v, lam, beta, k_pages, v_pages, block_table, cache_seqlens, k_state, v_state, k3=None,
+      v3=None):
+    _check_fused(k, v, lam, beta, k_pages, v_pages, block_table, cache_seqlens, k_state,
+                 v_state, k3, v3)
 
 
 def _out(q: Tensor, k_pages: Tensor, v_pages: _OptT) -> Tensor:

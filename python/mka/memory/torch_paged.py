@@ -217,6 +217,25 @@ def paged_write_ema(k: Tensor, v: Tensor, k_pages: Tensor, v_pages: Tensor,
     return ks, vs
 
 
+def paged_write_fused(k: Tensor, v: Tensor, lam: Tensor, beta: float, k_pages: Tensor,
+                      v_pages: Tensor, block_table: Tensor, cache_seqlens: Tensor,
+                      k_state: Tensor, v_state: Tensor, k3: Optional[Tensor] = None,
+                      v3: Optional[Tensor] = None) -> None:
+    """FastMKA's write: the torch backend's route_fuse of the new tokens from the held
+    states, its fused rows written as :func:`paged_write` writes, the states replaced in
+    place (no tokens: unchanged)."""
+    from ..nn.torch_ops import route_fuse  # the torch backend's fusion (chunked EMA)
+
+    if k.shape[1] == 0:
+        return
+    kf, vf, ks, vs = route_fuse(k.detach(), v.detach(), lam.detach(), beta,
+                                None if k3 is None else k3.detach(),
+                                None if v3 is None else v3.detach(), k_state, v_state)
+    paged_write(kf, vf, k_pages, v_pages, block_table, cache_seqlens)
+    k_state.copy_(ks)
+    v_state.copy_(vs)
+
+
 def _held(seqlens: Tensor, n: int) -> Tensor:
     """``(B, n, 1, 1)``: which gathered slots hold a token of their sequence."""
     return (torch.arange(n, device=seqlens.device)[None, :] < seqlens.long()[:, None])[..., None, None]

@@ -1,7 +1,8 @@
 """Where the attention modules get their ops: the native custom ops or plain PyTorch.
 
 Both namespaces expose ``attention, route_fuse, fastmka, mka`` (SPEC §3) and the paged ops
-``paged_write, paged_write_ema, paged_attention, paged_mka_attention`` (SPEC §7.1) with the
+``paged_write, paged_write_ema, paged_write_fused, paged_attention, paged_mka_attention``
+(SPEC §7.1) with the
 same signatures and results, so a module picks one by name and never branches on it again.
 """
 
@@ -14,7 +15,7 @@ from ..memory import ops as _paged_ops
 from . import torch_ops
 
 OP_NAMES = ("attention", "route_fuse", "fastmka", "mka", "paged_write", "paged_write_ema",
-            "paged_attention", "paged_mka_attention")
+            "paged_write_fused", "paged_attention", "paged_mka_attention")
 
 # The native ops live in two rooms (mka.ops, mka.memory.ops); one namespace holds both.
 _native = SimpleNamespace(**{n: getattr(_native_ops, n, None) or getattr(_paged_ops, n)

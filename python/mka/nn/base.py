@@ -216,13 +216,18 @@ class QKVAttention(CausalSelfAttention):
         dim the paged ops take)."""
         return self.backend == "torch" or attention_takes(q)
 
+    def _into_empty(self, q: Tensor, cache: LayerCache) -> bool:
+        """Whether these queries are a prompt into an empty cache, which attends over its own
+        keys with the attention op: they are all the keys, and the decode kernel, which
+        serves a few query rows per read of the keys, would read them again for every 16 rows
+        of a long prompt."""
+        return not cache.static and not any(cache.written) and self._attention_takes(q)
+
     def _attend_cached(self, q: Tensor, k: Tensor, v: Tensor, cache: LayerCache) -> Tensor:
-        """Writes the new ``k, v`` into the cache's pages and attends over them. A prompt
-        into an empty cache attends over its own ``k, v`` with the attention op: they are
-        all the keys, and the decode kernel, which serves a few query rows per read of the
-        keys, would read them again for every 16 rows of a long prompt."""
+        """Writes the new ``k, v`` into the cache's pages and attends over them (over its own
+        ``k, v`` with the attention op where :meth:`_into_empty`)."""
         cache.check("k", k)
-        empty = not cache.static and not any(cache.written) and self._attention_takes(q)
+        empty = self._into_empty(q, cache)
         step = cache.step(k.shape[1])
         self.ops.paged_write(k, v, cache.k_pages, cache.v_pages, step.block_table,
                              step.cache_seqlens)

@@ -24,7 +24,8 @@ class FastMKAAttention(RoutedAttention):
 
     Cache: the fused ``k, v`` in pages (GQA's bytes per token) and the running EMA states
     ``k, v``. Fused key ``t`` depends on tokens ``<= t`` only, so decode fuses the new tokens
-    from the carried state, writes them, and attends over the pages: exactly one full pass.
+    from the carried state as it writes them (``paged_write_fused``) and attends over the
+    pages: exactly one full pass, and as many kernels as MHA's step.
     """
 
     def forward(self, x: Tensor, cache: Optional[LayerCache] = None,
@@ -39,10 +40,20 @@ class FastMKAAttention(RoutedAttention):
                                        window=self.window, dropout_p=self._attn_p())
             return self._output(y)
         cache.check("k", k)
-        kf, vf, k_state, v_state = self.ops.route_fuse(k, v, lam, self.beta, k3, v3,
-                                                       cache.states["k"], cache.states["v"])
-        y = self._attend_cached(q, kf, vf, cache)
-        cache.update_states(k=k_state, v=v_state)
+        if self._into_empty(q, cache):  # the prompt attends over its own fused keys
+            kf, vf, k_state, v_state = self.ops.route_fuse(k, v, lam, self.beta, k3, v3,
+                                                           cache.states["k"], cache.states["v"])
+            y = self._attend_cached(q, kf, vf, cache)
+            cache.update_states(k=k_state, v=v_state)
+            return self._output(y)
+        # Decoding: fusion, write and the states' update in one op (one kernel natively, as
+        # MHA's write is one), then the paged attention MHA runs.
+        step = cache.step(k.shape[1])
+        self.ops.paged_write_fused(k, v, lam, self.beta, cache.k_pages, cache.v_pages,
+                                   step.block_table, step.cache_seqlens, cache.states["k"],
+                                   cache.states["v"], k3, v3)
+        y = self.ops.paged_attention(q, cache.k_pages, cache.v_pages, step.block_table,
+                                     step.seqlens, causal=True, window=self.window)
         return self._output(y)
 
     def _level3(self, k: Tensor, v: Tensor,

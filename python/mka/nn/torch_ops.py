@@ -151,6 +151,9 @@ def paged_write_ema(k: Tensor, v: Tensor, k_pages: Tensor, v_pages: Tensor, bloc
                                        k_page_states, v_page_states, k_state, v_state)
 
 
+paged_write_fused = torch_paged.paged_write_fused
+
+
 def paged_attention(q: Tensor, k_pages: Tensor, v_pages: _OptT, block_table: Tensor,
                     seqlens: Tensor, causal: bool = True, scale: Optional[float] = None,
                     window: Optional[int] = None) -> Tensor:

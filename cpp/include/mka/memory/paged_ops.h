@@ -54,6 +54,25 @@ struct PagedWrite {
   }
 };
 
+// FastMKA's write (SPEC §7.1): route_fuse (§3.2) of the new tokens k, v (B, T, G, d) with
+// route.lam (B, T, L) and route.k3, route.v3 (B, T, G, d) iff L == 3, its EMA carried from
+// the running states route.k_state, route.v_state (B, G, d; statistics dtype, required), and
+// the fused rows written where paged_write writes k, v. The states are then overwritten with
+// the states after the new tokens (in place: what a cache keeps). One pass over k and v, no
+// fused tensors in memory: a decode step's fusion, write and state update are one kernel.
+struct PagedWriteFused {
+  TensorRef k, v;
+  PagedKV pages;
+  TensorRef cache_seqlens;
+  RouteInputs route;
+  Launch launch;
+
+  template <class F> void fields(F&& f) {
+    f("k", k), f("v", v), pages.fields(f), f("cache_seqlens", cache_seqlens), route.fields(f),
+        launch.fields(f);
+  }
+};
+
 // out (B, Tq, H, dv) = attention of q (B, Tq, H, dk) over the first seqlens[b] tokens of
 // sequence b's pages (its new tokens included; bottom-right causal per sequence). With ema
 // and lam (B, Tq, L >= 2): out = lam[..., 0] O1 + lam[..., 1] O2 — MKA's levels 1 and 2,
@@ -99,16 +118,19 @@ struct PagedProblem {
 };
 
 void paged_write(const PagedWrite& a);
+void paged_write_fused(const PagedWriteFused& a);
 void paged_attention(const PagedAttentionFwd& a);
 
 namespace cpu {
 void paged_write(const PagedProblem& p, const PagedWrite& a);
+void paged_write_fused(const PagedProblem& p, int64_t L, const PagedWriteFused& a);
 void paged_attention(const PagedProblem& p, const PagedAttentionFwd& a);
 }  // namespace cpu
 
 // Defined in builds with CUDA (MKA_WITH_CUDA): cuda/memory/.
 namespace cuda {
 void paged_write(const PagedProblem& p, const PagedWrite& a);
+void paged_write_fused(const PagedProblem& p, int64_t L, const PagedWriteFused& a);
 void paged_attention(const PagedProblem& p, const PagedAttentionFwd& a);
 }  // namespace cuda
 
