@@ -7,8 +7,8 @@ layer_idx)`` and pass what it returns to the attention function; here ``update``
 library's attention functions (``"mka"``, ``"mka_fastmka"``, ``"mka_mka"``) hand it to
 :meth:`PagedLayer.attend`, which writes the new tokens into the pages and attends over them
 through the block table (``paged_write`` + ``paged_attention``; FastMKA fuses the new tokens
-with the carried EMA states first; MKA writes with ``paged_write_ema`` and attends with
-``paged_mka_attention``). The write waits for the attention function because it needs the
+with the carried EMA states as it writes them, ``paged_write_fused``; MKA writes with
+``paged_write_ema`` and attends with ``paged_mka_attention``). The write waits for the attention function because it needs the
 call's left padding (the mask function's :class:`MaskSpec`) and, for FastMKA, the router
 weights of the new tokens.
 
@@ -29,7 +29,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 import mka
 from mka._validate import attention_takes
-from mka.memory import LayerSpec, PagedKVCache, paged_mka_attention, paged_write, paged_write_ema
+from mka.memory import (LayerSpec, PagedKVCache, paged_mka_attention, paged_write,
+                        paged_write_ema, paged_write_fused)
 from mka.memory.cache import PageStep
 from mka.memory.ops import _cache_attention, _cache_write
 
@@ -166,7 +167,7 @@ class PagedLayer(CacheLayerMixin):
             y, _, _ = mka.mka(q, k, v, lam[..., :2], beta, k_state=lc.states["k"],
                               v_state=lc.states["v"], causal=True, scale=scale,
                               window=spec.window)
-        written = self._write(variant, k, v, new, step, lam, beta)
+        written = self._write(variant, k, v, new, step, lam, beta, keep=plain)
         if y is not None:
             return y
         if plain:
@@ -211,10 +212,13 @@ class PagedLayer(CacheLayerMixin):
         return self.pages.step(new[0] if len(set(new)) == 1 else new)
 
     def _write(self, variant: str, k: Tensor, v: Tensor, new: list[int], step: PageStep,
-               lam: Optional[Tensor], beta: Optional[float]) -> Optional[tuple[Tensor, Tensor]]:
+               lam: Optional[Tensor], beta: Optional[float],
+               keep: bool = False) -> Optional[tuple[Tensor, Tensor]]:
         """Writes the last ``new[b]`` tokens of each sequence: one call per group of sequences
         with the same count (one call for the whole batch without padding). Returns the keys
-        and values written when that one call took the whole batch (FastMKA's fused ones)."""
+        and values written when that one call took the whole batch (FastMKA's fused ones),
+        if ``keep`` asks for them; FastMKA's whole-batch write otherwise fuses as it writes
+        (``paged_write_fused``: one kernel, the states updated in place)."""
         written = None
         lc, T = self.pages, k.shape[1]
         groups: dict[int, list[int]] = {}
@@ -227,6 +231,11 @@ class PagedLayer(CacheLayerMixin):
             pick = (lambda t: t) if index is None else (lambda t: t.index_select(0, index))
             kg, vg = pick(k)[:, T - n:], pick(v)[:, T - n:]
             where = (pick(step.block_table), pick(step.cache_seqlens))
+            if variant == "fastmka" and index is None and not keep:
+                paged_write_fused(kg, vg, lam[:, T - n:], beta, lc.k_pages, lc.v_pages,
+                                  step.block_table, step.cache_seqlens, lc.states["k"],
+                                  lc.states["v"])
+                continue
             states = [pick(lc.states[s]) for s in lc.spec.states]
             if variant in ("attention", "fastmka"):
                 if variant == "fastmka":
