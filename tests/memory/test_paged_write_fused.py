@@ -64,6 +64,8 @@ CASES = [  # starts (held tokens per sequence), new tokens T, page size, G, d
     ((3, 9), 5, 4, 3, 8),            # a few tokens across page boundaries
     ((0, 30), 40, 16, 2, 128),       # a prefill chunk: several chunks of the CUDA scan
     ((7,), 70, 1, 1, 32),            # pages of one token
+    ((2,), 600, 16, 1, 8),           # 32 chunks of the CUDA scan, the last ones empty
+    ((5, 1), 3, 8, 2, 40),           # a head dim that is not a multiple of 32 columns
 ]
 
 
@@ -159,6 +161,27 @@ def _call(**change):
 def test_bad_inputs_raise_naming_the_argument(change, match):
     with pytest.raises(ValueError, match=match):
         _call(**change)
+
+
+def test_states_that_share_memory_raise():
+    """Both states are overwritten in place: one tensor for both, or an expanded view, would
+    lose values silently — refused by the op and by the native layer (which the caches' lean
+    path calls directly)."""
+    from mka import _C
+    from mka.kernels import _State
+    from mka.ops import _launch, _native
+    c = {n: (t.float() if t is not None and t.is_floating_point() else t)
+         for n, t in _case((3, 8), 2, 4, 2, 8, L=2).items()}
+    expanded = c["ks"][:1].expand(2, -1, -1)
+    for ks, vs, match in ((c["ks"], c["ks"], "the same memory as k_state"),
+                          (expanded, c["vs"], "expanded")):
+        with pytest.raises(ValueError, match=match):
+            paged_write_fused(c["k"], c["v"], c["lam"], BETA, c["kp"], c["vp"], c["bt"],
+                              c["start"], ks, vs)
+        with pytest.raises(ValueError, match=match):
+            _native(_C.paged_write_fused, k=c["k"], v=c["v"], k_pages=c["kp"], v_pages=c["vp"],
+                    block_table=c["bt"], cache_seqlens=c["start"], lam=c["lam"], beta=BETA,
+                    k_state=ks, v_state=vs, **_launch(c["k"], _State.token))
 
 
 def test_a_page_written_by_two_sequences_raises():

@@ -179,7 +179,13 @@ void paged_write_fused(const PagedWriteFused& a) {
               "state after the new tokens)");
     if (p.device != Device::cpu)
       MKA_CHECK(t->stride[2] == 1, name, ": its last dim must be contiguous");
+    // Written in place: two elements on one address would be overwritten by each other.
+    for (int d = 0; d < 3; ++d)
+      MKA_CHECK(t->shape[d] <= 1 || t->stride[d] != 0, name,
+                ": an expanded (stride 0) view cannot be updated in place; pass a tensor of its own");
   }
+  MKA_CHECK(a.route.k_state.data != a.route.v_state.data,
+            "v_state: the same memory as k_state; each needs its own (both are updated in place)");
   p.ema = true, p.beta = r.beta;
   if (p.device != Device::cpu) {
 #if MKA_WITH_CUDA

@@ -181,6 +181,17 @@ def _check_fused(k, v, lam, beta, k_pages, v_pages, block_table, cache_seqlens, 
                              "the state after the new tokens)")
 
 
+def _check_own_states(k_state: Tensor, v_state: Tensor) -> None:
+    """States updated in place must not share memory: not each other, not an expanded view."""
+    for t, name in ((k_state, "k_state"), (v_state, "v_state")):
+        if any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
+            raise ValueError(f"{name}: an expanded (stride 0) view cannot be updated in place; "
+                             "pass a tensor of its own")
+    if k_state.data_ptr() == v_state.data_ptr():
+        raise ValueError("v_state: the same memory as k_state; each needs its own (both are "
+                         "updated in place)")
+
+
 @_inference_op("paged_write_fused",
                mutates_args=("k_pages", "v_pages", "k_state", "v_state"))
 def paged_write_fused(k: Tensor, v: Tensor, lam: Tensor, beta: float, k_pages: Tensor,
@@ -194,6 +205,7 @@ def paged_write_fused(k: Tensor, v: Tensor, lam: Tensor, beta: float, k_pages: T
     them. Natively one kernel: a decode step's fusion, write and state update in one launch."""
     _check_fused(k, v, lam, beta, k_pages, v_pages, block_table, cache_seqlens, k_state,
                  v_state, k3, v3)
+    _check_own_states(k_state, v_state)
     if not _native_pages(k_pages, v_pages):
         return torch_paged.paged_write_fused(k, v, lam, beta, k_pages, v_pages, block_table,
                                              cache_seqlens, k_state, v_state, k3, v3)
@@ -298,6 +310,19 @@ def _cache_write(lc, step, k: Tensor, v: _OptT) -> None:
         v, vp = (k, kp) if vp is None else (v, vp)
         return _write_native(k, v, kp, vp, step.block_table, step.cache_seqlens)
     paged_write(k, v, kp, vp, step.block_table, step.cache_seqlens)
+
+
+def _cache_write_fused(lc, step, k: Tensor, v: Tensor, lam: Tensor, beta: float) -> None:
+    """:func:`paged_write_fused` of new tokens into the pages and running states of ``lc`` at
+    ``step``, as :func:`_cache_write` calls :func:`paged_write`: the native op without the
+    Python checks where it runs directly (the native layer checks the same arguments)."""
+    kp, vp, ks, vs = lc.k_pages, lc.v_pages, lc.states["k"], lc.states["v"]
+    if _native_pages(kp, vp) and _direct(torch.is_grad_enabled(), (k, v, lam), {}):
+        return _native(_C.paged_write_fused, k=k, v=v, k_pages=kp, v_pages=vp,
+                       block_table=step.block_table, cache_seqlens=step.cache_seqlens,
+                       lam=_lam(lam, k.dtype), beta=float(beta), k_state=ks, v_state=vs,
+                       **_launch(k, _State.token))
+    paged_write_fused(k, v, lam, beta, kp, vp, step.block_table, step.cache_seqlens, ks, vs)
 
 
 def _cache_attention(lc, step, q: Tensor, scale: _OptF, window: _OptI) -> Tensor:

@@ -58,8 +58,8 @@ struct PagedWrite {
 // route.lam (B, T, L) and route.k3, route.v3 (B, T, G, d) iff L == 3, its EMA carried from
 // the running states route.k_state, route.v_state (B, G, d; statistics dtype, required), and
 // the fused rows written where paged_write writes k, v. The states are then overwritten with
-// the states after the new tokens (in place: what a cache keeps). One pass over k and v, no
-// fused tensors in memory: a decode step's fusion, write and state update are one kernel.
+// the states after the new tokens (in place: what a cache keeps). No fused tensors in memory:
+// a decode step's fusion, write and state update are one kernel.
 struct PagedWriteFused {
   TensorRef k, v;
   PagedKV pages;

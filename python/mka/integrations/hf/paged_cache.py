@@ -29,10 +29,9 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 import mka
 from mka._validate import attention_takes
-from mka.memory import (LayerSpec, PagedKVCache, paged_mka_attention, paged_write,
-                        paged_write_ema, paged_write_fused)
+from mka.memory import LayerSpec, PagedKVCache, paged_mka_attention, paged_write, paged_write_ema
 from mka.memory.cache import PageStep
-from mka.memory.ops import _cache_attention, _cache_write
+from mka.memory.ops import _cache_attention, _cache_write, _cache_write_fused
 
 from .masks import MaskSpec
 
@@ -232,9 +231,7 @@ class PagedLayer(CacheLayerMixin):
             kg, vg = pick(k)[:, T - n:], pick(v)[:, T - n:]
             where = (pick(step.block_table), pick(step.cache_seqlens))
             if variant == "fastmka" and index is None and not keep:
-                paged_write_fused(kg, vg, lam[:, T - n:], beta, lc.k_pages, lc.v_pages,
-                                  step.block_table, step.cache_seqlens, lc.states["k"],
-                                  lc.states["v"])
+                _cache_write_fused(lc, step, kg, vg, lam[:, T - n:], beta)
                 continue
             states = [pick(lc.states[s]) for s in lc.spec.states]
             if variant in ("attention", "fastmka"):
