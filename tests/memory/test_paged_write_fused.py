@@ -165,8 +165,8 @@ def test_bad_inputs_raise_naming_the_argument(change, match):
 
 def test_states_that_share_memory_raise():
     """Both states are overwritten in place: one tensor for both, or an expanded view, would
-    lose values silently — refused by the op and by the native layer (which the caches' lean
-    path calls directly)."""
+    lose values silently — refused by the op, the torch path and the native layer (which the
+    caches' lean path calls directly)."""
     from mka import _C
     from mka.kernels import _State
     from mka.ops import _launch, _native
@@ -178,6 +178,9 @@ def test_states_that_share_memory_raise():
         with pytest.raises(ValueError, match=match):
             paged_write_fused(c["k"], c["v"], c["lam"], BETA, c["kp"], c["vp"], c["bt"],
                               c["start"], ks, vs)
+        with pytest.raises(ValueError, match=match):
+            TP.paged_write_fused(c["k"], c["v"], c["lam"], BETA, c["kp"], c["vp"], c["bt"],
+                                 c["start"], ks, vs)
         with pytest.raises(ValueError, match=match):
             _native(_C.paged_write_fused, k=c["k"], v=c["v"], k_pages=c["kp"], v_pages=c["vp"],
                     block_table=c["bt"], cache_seqlens=c["start"], lam=c["lam"], beta=BETA,

@@ -181,17 +181,6 @@ def _check_fused(k, v, lam, beta, k_pages, v_pages, block_table, cache_seqlens, 
                              "the state after the new tokens)")
 
 
-def _check_own_states(k_state: Tensor, v_state: Tensor) -> None:
-    """States updated in place must not share memory: not each other, not an expanded view."""
-    for t, name in ((k_state, "k_state"), (v_state, "v_state")):
-        if any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
-            raise ValueError(f"{name}: an expanded (stride 0) view cannot be updated in place; "
-                             "pass a tensor of its own")
-    if k_state.data_ptr() == v_state.data_ptr():
-        raise ValueError("v_state: the same memory as k_state; each needs its own (both are "
-                         "updated in place)")
-
-
 @_inference_op("paged_write_fused",
                mutates_args=("k_pages", "v_pages", "k_state", "v_state"))
 def paged_write_fused(k: Tensor, v: Tensor, lam: Tensor, beta: float, k_pages: Tensor,
@@ -205,7 +194,6 @@ def paged_write_fused(k: Tensor, v: Tensor, lam: Tensor, beta: float, k_pages: T
     them. Natively one kernel: a decode step's fusion, write and state update in one launch."""
     _check_fused(k, v, lam, beta, k_pages, v_pages, block_table, cache_seqlens, k_state,
                  v_state, k3, v3)
-    _check_own_states(k_state, v_state)
     if not _native_pages(k_pages, v_pages):
         return torch_paged.paged_write_fused(k, v, lam, beta, k_pages, v_pages, block_table,
                                              cache_seqlens, k_state, v_state, k3, v3)

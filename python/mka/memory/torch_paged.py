@@ -226,6 +226,14 @@ def paged_write_fused(k: Tensor, v: Tensor, lam: Tensor, beta: float, k_pages: T
     place (no tokens: unchanged)."""
     from ..nn.torch_ops import route_fuse  # the torch backend's fusion (chunked EMA)
 
+    # States overwritten in place must not share memory (the native layer checks the same).
+    for t, name in ((k_state, "k_state"), (v_state, "v_state")):
+        if any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
+            raise ValueError(f"{name}: an expanded (stride 0) view cannot be updated in place; "
+                             "pass a tensor of its own")
+    if k_state.data_ptr() == v_state.data_ptr():
+        raise ValueError("v_state: the same memory as k_state; each needs its own (both are "
+                         "updated in place)")
     if k.shape[1] == 0:
         return
     kf, vf, ks, vs = route_fuse(k.detach(), v.detach(), lam.detach(), beta,

@@ -2,8 +2,8 @@
 
 Both namespaces expose ``attention, route_fuse, fastmka, mka`` (SPEC §3) and the paged ops
 ``paged_write, paged_write_ema, paged_write_fused, paged_attention, paged_mka_attention``
-(SPEC §7.1) with the
-same signatures and results, so a module picks one by name and never branches on it again.
+(SPEC §7.1) with the same signatures and results, so a module picks one by name and never
+branches on it again.
 """
 
 from __future__ import annotations

@@ -8,9 +8,9 @@ library's attention functions (``"mka"``, ``"mka_fastmka"``, ``"mka_mka"``) hand
 :meth:`PagedLayer.attend`, which writes the new tokens into the pages and attends over them
 through the block table (``paged_write`` + ``paged_attention``; FastMKA fuses the new tokens
 with the carried EMA states as it writes them, ``paged_write_fused``; MKA writes with
-``paged_write_ema`` and attends with ``paged_mka_attention``). The write waits for the attention function because it needs the
-call's left padding (the mask function's :class:`MaskSpec`) and, for FastMKA, the router
-weights of the new tokens.
+``paged_write_ema`` and attends with ``paged_mka_attention``). The write waits for the
+attention function because it needs the call's left padding (the mask function's
+:class:`MaskSpec`) and, for FastMKA, the router weights of the new tokens.
 
 Left padding: a sequence's pages hold its real tokens only, from position 0; transformers'
 view of the cache (``get_seq_length``, the mask sizes) stays the padded length it expects.
