@@ -102,6 +102,12 @@ def _lam_dtype(lam: Tensor, cdt: torch.dtype) -> torch.dtype:
     return lam.dtype if lam.device.type == "cuda" and cdt != torch.float64 else cdt
 
 
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """An output of a native op in the caller's ``dtype`` (no call when it is already:
+    ``.to`` costs ~1 us even then, paid per output of every call)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _cast(t: _OptT, dtype: torch.dtype) -> _OptT:
     """``t`` in ``dtype`` for a native op (detached by :func:`_native`; no call when it is
     already: ``.to`` costs ~1 us even then)."""
@@ -119,13 +125,15 @@ def _empty(like: Tensor) -> Tensor:
 
 def _grad(g: _OptT, like: Tensor) -> Tensor:
     """Incoming gradient: contiguous, in the compute dtype; zeros where autograd gave None."""
-    if g is None:
-        return torch.zeros_like(like)
-    return g.detach().to(like.dtype).contiguous()
+    return torch.zeros_like(like) if g is None else _opt_grad(g, like.dtype)
 
 
 def _opt_grad(g: _OptT, dtype: torch.dtype) -> _OptT:
-    return None if g is None else g.detach().to(dtype).contiguous()
+    """Incoming gradient contiguous, in ``dtype``; None stays None."""
+    if g is None:
+        return None
+    g = _as(g.detach(), dtype)
+    return g if g.is_contiguous() else g.contiguous()
 
 
 def _none_if_empty(t: Tensor) -> _OptT:
@@ -208,7 +216,7 @@ def _attention_fwd_impl(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: _O
     lse = _lse(q, state_dtype(cdt))
     _native(_C.attention_forward, **_attn_args(q, causal, scale, window, dropout_p, seed, cdt),
             k=_cast(k, cdt), v=_cast(v, cdt), out=out, lse=lse, **_launch(q, kernels))
-    return (out if out.dtype == q.dtype else out.to(q.dtype)), lse
+    return _as(out, q.dtype), lse
 
 
 _attention_fwd = _custom_op(_attention_fwd_impl)
@@ -230,7 +238,7 @@ def _attention_bwd_impl(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tenso
             k=_cast(k, cdt), v=_cast(v, cdt), out=_cast(out, cdt), lse=lse.contiguous(),
             dout=_cast(dout, cdt).contiguous(), dq=dq, dk=dk, dv=dv, accumulate=False,
             **_launch(q, kernels))
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return _as(dq, q.dtype), _as(dk, k.dtype), _as(dv, v.dtype)
 
 
 _attention_bwd = _custom_op(_attention_bwd_impl)
@@ -291,7 +299,7 @@ def _route_fuse_fwd_impl(k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: _Op
     ks, vs = _states_out(k)
     _native(_C.route_fuse_forward, **_route_args(k, v, lam, beta, k3, v3, k_state, v_state, cdt),
             k_fused=kf, v_fused=vf, k_state_out=ks, v_state_out=vs, **_launch(k, kernels))
-    return kf.to(k.dtype), vf.to(v.dtype), ks, vs
+    return _as(kf, k.dtype), _as(vf, v.dtype), ks, vs
 
 
 _route_fuse_fwd = _custom_op(_route_fuse_fwd_impl)
@@ -330,9 +338,9 @@ def _route_grads_alloc(k: Tensor, lam: Tensor, x3: _OptT, k_state: _OptT, v_stat
 def _route_grads_out(g: dict, k: Tensor, lam: Tensor) -> Tuple[Tensor, ...]:
     """(dk, dv, dlam, d level-3 keys, d level-3 values, dk_state, dv_state) in the inputs'
     dtypes; absent ones empty."""
-    back = lambda t, dt: _empty(k) if t is None else t.to(dt)  # noqa: E731
+    back = lambda t, dt: _empty(k) if t is None else _as(t, dt)  # noqa: E731
     dks, dvs = g["dk_state"], g["dv_state"]
-    return (g["dk"].to(k.dtype), g["dv"].to(k.dtype), back(g["dlam"], lam.dtype),
+    return (_as(g["dk"], k.dtype), _as(g["dv"], k.dtype), back(g["dlam"], lam.dtype),
             back(g["dk3"], k.dtype), back(g["dv3"], k.dtype),
             back(dks, dks.dtype if dks is not None else k.dtype),
             back(dvs, dvs.dtype if dvs is not None else k.dtype))
@@ -442,7 +450,7 @@ def _fastmka_fwd_impl(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float,
             **_route_args(k, v, lam, beta, k3, v3, k_state, v_state, cdt), out=out, lse=lse,
             k_state_out=ks, v_state_out=vs, saved_k=kf, saved_v=vf, saved_carry=carry,
             **_launch(q, kernels))
-    return out.to(q.dtype), lse, ks, vs, kf, vf, carry
+    return _as(out, q.dtype), lse, ks, vs, kf, vf, carry
 
 
 _fastmka_fwd = _custom_op(_fastmka_fwd_impl)
@@ -477,7 +485,7 @@ def _fastmka_bwd_impl(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float,
             dk_state_out=_opt_grad(dk_state_out, sdt), dv_state_out=_opt_grad(dv_state_out, sdt),
             dq=dq, **g, saved_k=k_fused, saved_v=v_fused, saved_carry=carry, accumulate=False,
             **_launch(q, kernels))
-    return (dq.to(q.dtype), *_route_grads_out(g, k, lam))
+    return (_as(dq, q.dtype), *_route_grads_out(g, k, lam))
 
 
 _fastmka_bwd = _custom_op(_fastmka_bwd_impl)
@@ -551,7 +559,7 @@ def _mka_fwd_impl(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, mem
             **_route_args(k, v, lam, beta, mem_k, mem_v, k_state, v_state, cdt, "mem_k"),
             out=out, o_levels=o_levels, lse_levels=lse_levels, k_state_out=ks, v_state_out=vs,
             saved_k=ke, saved_v=ve, **_launch(q, kernels))
-    return out.to(q.dtype), o_levels, lse_levels, ks, vs, ke, ve
+    return _as(out, q.dtype), o_levels, lse_levels, ks, vs, ke, ve
 
 
 _mka_fwd = _custom_op(_mka_fwd_impl)
@@ -588,7 +596,7 @@ def _mka_bwd_impl(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, mem
             dmem_k=g["dk3"], dmem_v=g["dv3"], dlam=g["dlam"], dk_state=g["dk_state"],
             dv_state=g["dv_state"], saved_k=k_ema, saved_v=v_ema, accumulate=False,
             **_launch(q, kernels))
-    return (dq.to(q.dtype), *_route_grads_out(g, k, lam))
+    return (_as(dq, q.dtype), *_route_grads_out(g, k, lam))
 
 
 _mka_bwd = _custom_op(_mka_bwd_impl)
