@@ -233,5 +233,10 @@ class QKVAttention(CausalSelfAttention):
                              step.cache_seqlens)
         if empty:
             return self.ops.attention(q, k, v, causal=True, window=self.window)
+        return self._attend_pages(q, cache, step)
+
+    def _attend_pages(self, q: Tensor, cache: LayerCache, step) -> Tensor:
+        """Causal attention of ``q`` over the cache's pages at ``step`` (what
+        ``cache.step`` returned), within the module's window."""
         return self.ops.paged_attention(q, cache.k_pages, cache.v_pages, step.block_table,
                                         step.seqlens, causal=True, window=self.window)

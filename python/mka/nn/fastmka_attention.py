@@ -52,9 +52,7 @@ class FastMKAAttention(RoutedAttention):
         self.ops.paged_write_fused(k, v, lam, self.beta, cache.k_pages, cache.v_pages,
                                    step.block_table, step.cache_seqlens, cache.states["k"],
                                    cache.states["v"], k3, v3)
-        y = self.ops.paged_attention(q, cache.k_pages, cache.v_pages, step.block_table,
-                                     step.seqlens, causal=True, window=self.window)
-        return self._output(y)
+        return self._output(self._attend_pages(q, cache, step))
 
     def _level3(self, k: Tensor, v: Tensor,
                 recalled: Memory) -> tuple[Optional[Tensor], Optional[Tensor]]:

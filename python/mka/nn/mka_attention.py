@@ -122,8 +122,7 @@ class MKAAttention(RoutedAttention):
                 cache.write_summaries(ek, ev, before)
                 pos = torch.tensor(before)[:, None] + torch.arange(k.shape[1])[None, :]
             o3 = self._recall_cached(q, cache, step, before) if self.recall is not None else None
-            o1 = self.ops.paged_attention(q, cache.k_pages, cache.v_pages, step.block_table,
-                                          step.seqlens, causal=True, window=self.window)
+            o1 = self._attend_pages(q, cache, step)
             sk, sv = cache.states["summary_k"], cache.states["summary_v"]
             if one:
                 o2 = self.ops.paged_attention(q, sk, sv, cache.summary_table(), slots,
