@@ -103,15 +103,15 @@ def _lam_dtype(lam: Tensor, cdt: torch.dtype) -> torch.dtype:
 
 
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """An output of a native op in the caller's ``dtype`` (no call when it is already:
-    ``.to`` costs ~1 us even then, paid per output of every call)."""
-    return t if t.dtype == dtype else t.to(dtype)
+    """``t`` in ``dtype``, detached where converted: a native op's input or output (no call
+    when it is already: ``.to`` costs ~1 us even then, paid per tensor of every call; an
+    unconverted input is detached by :func:`_native`)."""
+    return t if t.dtype == dtype else t.detach().to(dtype)
 
 
 def _cast(t: _OptT, dtype: torch.dtype) -> _OptT:
-    """``t`` in ``dtype`` for a native op (detached by :func:`_native`; no call when it is
-    already: ``.to`` costs ~1 us even then)."""
-    return t if t is None or t.dtype == dtype else t.detach().to(dtype)
+    """:func:`_as` of an optional input."""
+    return None if t is None else _as(t, dtype)
 
 
 def _lam(lam: Tensor, cdt: torch.dtype) -> Tensor:
