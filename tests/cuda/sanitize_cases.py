@@ -86,7 +86,7 @@ def paged_cases():
     """The paged kernels (cuda/memory/): a prefill write with EMA checkpoints over pages of 16,
     decode and verification steps over split keys (plain, windowed, MKA's level 2), every
     head-dim kernel, and a table with an invalid entry (NaN rows, no access outside)."""
-    from mka.memory import paged_attention, paged_mka_attention, paged_write_ema
+    from mka.memory import paged_attention, paged_mka_attention, paged_write_ema, paged_write_fused
     B, S, G, H, T = 2, 16, 2, 8, 700
     W = T // S + 2
     for dtype in (torch.bfloat16, torch.float32):
@@ -105,6 +105,14 @@ def paged_cases():
                 paged_attention(q, kp, vp, table, lens)
                 paged_attention(q, kp, vp, table, lens, window=100)
                 paged_mka_attention(q, kp, vp, kst, vst, table, lens, lam, 0.9, window=50)
+            # Decode-step writes (one pass): checkpoints, and FastMKA's fused rows.
+            kst2, vst2 = kst.clone(), vst.clone()
+            for n in (1, 3):
+                start = torch.tensor([T - 77, T - 90], dtype=torch.int32, device="cuda")
+                k1, v1 = k[:, :n].contiguous(), v[:, :n].contiguous()
+                ks, vs = paged_write_ema(k1, v1, kp, vp, table, start, 0.9, kst2, vst2)
+                lam = torch.full((B, n, 2), 0.5, device="cuda", dtype=dtype)
+                paged_write_fused(k1, v1, lam, 0.9, kp, vp, table, start, ks, vs)
             bad = table.clone()
             bad[0, 3] = 10 ** 6
             assert torch.isnan(paged_attention(q, kp, vp, bad, lens)[0]).all()

@@ -129,7 +129,10 @@ def test_prefill_then_decode_equals_the_contiguous_reference(dtype, S):
     full_mka, k_end, v_end = R.mka(q, k, v, lam, beta, window=window)
     full = R.attention(q, k, v, window=window)
     c = lambda t: t.to("cuda", dtype)  # noqa: E731
-    for a, b in [(0, T0)] + [(t, t + 1) for t in range(T0, T)]:
+    # A prefill (several chunks of the write), single tokens, then 16 tokens at once (the
+    # write's one-pass case, across page boundaries).
+    steps = [(0, T0)] + [(t, t + 1) for t in range(T0, T - 16)] + [(T - 16, T)]
+    for a, b in steps:
         start = torch.full((B,), a, dtype=torch.int32, device="cuda")
         ks, vs = paged_write_ema(c(k[:, a:b]), c(v[:, a:b]), kp, vp, bt, start, beta, kst, vst,
                                  ks, vs)

@@ -62,6 +62,7 @@ CASES = [  # starts (held tokens per sequence), new tokens T, page size, G, d
     ((0,), 1, 16, 1, 64),
     ((5, 0, 17), 1, 4, 2, 16),       # a decode step, sequences of different lengths
     ((3, 9), 5, 4, 3, 8),            # a few tokens across page boundaries
+    ((9, 2), 16, 4, 2, 64),          # the most tokens the CUDA write takes in one pass
     ((0, 30), 40, 16, 2, 128),       # a prefill chunk: several chunks of the CUDA scan
     ((7,), 70, 1, 1, 32),            # pages of one token
     ((2,), 600, 16, 1, 8),           # 32 chunks of the CUDA scan, the last ones empty
