@@ -431,10 +431,22 @@ int64_t gcd64(int64_t x, int64_t y) { return y == 0 ? x : gcd64(y, x % y); }
 // least kMinSplit keys and a whole number of tiles (and of pages with level 2: its EMA
 // restarts at page boundaries). The lengths are on the device: the host plans with the
 // table's capacity, and each block cuts its own sequence's length into that many splits.
-void plan_splits(PagedArgs& a, int64_t capacity, int64_t slots) {
+//
+// busy > 0 (the tensor-core MHA kernel at d = 128): where fewer blocks than `busy` would
+// run, the keys are split just enough to reach about that many, which keeps HBM saturated;
+// more splits only add partials and combine work (H100, B 1, 32k keys: 32 splits 55.8 us, the wave model's 49
+// 59.6; G 32, B 1, 4k: 8 splits 31.9 us, 12 34.2; B 16, 4k: 2 splits 100.8, 3 101.8). MKA's
+// kernel has more work per key and gains from every slot (B 1, 128k: 48 splits 218 us, 32
+// 240): it keeps the wave model, as does the CUDA-core kernel.
+void plan_splits(PagedArgs& a, int64_t capacity, int64_t slots, int64_t busy) {
   const int64_t base = int64_t(a.row_blocks) * a.B * a.G;
   const int64_t most = std::clamp<int64_t>(
       std::min(ceil_div(capacity, kMinSplit), 4 * ceil_div(slots, base) + 1), 1, kMaxSplits);
+  a.unit = a.kst ? kTile / gcd64(kTile, a.S) * a.S : kTile;
+  if (busy > 0 && base < busy) {
+    a.splits = int(std::clamp<int64_t>((busy + base / 2) / base, 1, most));
+    return;
+  }
   auto cost = [&](int64_t n) {
     return double(ceil_div(base * n, slots)) * (double(capacity) / double(n) + 2 * kTile);
   };
@@ -442,7 +454,6 @@ void plan_splits(PagedArgs& a, int64_t capacity, int64_t slots) {
   for (int64_t n = 2; n <= most; ++n) best = std::min(best, cost(n));
   a.splits = 1;
   while (a.splits < most && cost(a.splits) > 1.01 * best) ++a.splits;
-  a.unit = a.kst ? kTile / gcd64(kTile, a.S) * a.S : kTile;
 }
 
 // Blocks of Kernel resident per SM at this shared-memory size (queried once per device, when
@@ -461,12 +472,17 @@ template <auto Kernel> int64_t resident_slots(int smem, int device) {
 
 // Plans the splits, launches `Kernel` (either kernel: same grid and partials) and, with
 // several splits, the combine kernel.
-template <auto Kernel, class T, bool kEma>
+template <auto Kernel, class T, bool kEma, bool kFillHbm = false>
 void launch(PagedArgs& a, int smem, const char* name, int64_t capacity, int device,
             cudaStream_t s, int rows = kRows) {
   a.rows = rows;
   a.row_blocks = int(ceil_div(int64_t(a.T) * a.grp, rows));
-  plan_splits(a, capacity, resident_slots<Kernel>(smem, device));
+  // kFillHbm (the tensor-core MHA kernel at d = 128): two blocks per SM hold ~64 KB of tiles
+  // in flight each, which saturates HBM. (At d = 64 the same rule measured slower: B 16, 1k
+  // keys, H = G = 12: 35.3 us against the wave model's 27.2.)
+  const int64_t slots = resident_slots<Kernel>(smem, device);
+  const int64_t busy = kFillHbm ? std::min<int64_t>(slots, 2 * num_sms(device)) : 0;
+  plan_splits(a, capacity, slots, busy);
   const int64_t blocks = int64_t(a.row_blocks) * a.B * a.G;
   MKA_CHECK(blocks < (int64_t(1) << 31), "paged_attention: too many blocks (B x G x row blocks = ",
             blocks, ")");
@@ -506,7 +522,7 @@ template <class T> void dispatch(PagedArgs& a, int64_t capacity, int device, cud
           if (int64_t(a.T) * a.grp <= 8 && (!a.table || a.S % 16 == 0))
             return launch<paged_attention_mma<T, D, true, true>, T, true>(
                 a, int(mma_smem_bytes<D, true, true>()), "paged_attention_mma", capacity, device, s, 8);
-        return launch<paged_attention_mma<T, D, kEma>, T, kEma>(
+        return launch<paged_attention_mma<T, D, kEma>, T, kEma, !kEma && D == 128>(
             a, int(mma_smem_bytes<D, kEma>()), "paged_attention_mma", capacity, device, s);
       }
     }
