@@ -366,6 +366,13 @@ __device__ __forceinline__ void scan_through_block(const AttnParams& p, T* tiles
   }
 }
 
+// A barrier of the THREADS threads that run the write-out (the block's first THREADS: the
+// warp-specialised backward's producer warps have exited by then, so __syncthreads would not
+// order the consumers).
+template <int THREADS> __device__ __forceinline__ void rows_sync() {
+  asm volatile("bar.sync 0, %0;\n" ::"n"(THREADS) : "memory");
+}
+
 // Hands over a key block's dK (times the softmax scale) and dV, BN = 16 keys per warp, through
 // shared memory: each thread's accumulator rows (keys kr0 and kr0 + 8, kr0 = the warp's first
 // key + lane / 4, columns dt * 8 + (lane % 4) * 2 + {0, 1}: the m16n8 layout) go in rounded to
@@ -397,7 +404,7 @@ __device__ __forceinline__ void put_dkdv_block(const AttnParams& p, unsigned cha
   ScanLane<D> carry = {}, ema_in = {};
   if (kScan && scan) carry = scan_carry_peek<D>(p, b, g, j0, BN);
   if (kScan && scan && p.scan.dlam) ema_in = scan_dlam_ema_in<D, BN>(p, b, g, j0);
-  __syncthreads();  // every warp is done with the main loop's tiles
+  rows_sync<THREADS>();  // every warp is done with the main loop's tiles
   // The old rows an adding write-out adds to, staged ([2][BN][P] 16-byte pieces).
   T* const old = reinterpret_cast<T*>(smem + 2 * BN * LD * sizeof(T) + 2 * BN * 4);
   const bool staged = kScan && p.kv_grad == KVGrad::add_io;
@@ -423,14 +430,14 @@ __device__ __forceinline__ void put_dkdv_block(const AttnParams& p, unsigned cha
     if (scan) reinterpret_cast<float2*>(weight)[threadIdx.x] = scan_weights(p, kw);
     else if (sums.k) weight[threadIdx.x] = kw.a;
   }
-  __syncthreads();
+  rows_sync<THREADS>();
   if constexpr (kScan) {
     if (scan)
       scan_through_block<T, D, BN>(p, tiles, reinterpret_cast<const float2*>(weight),
                                    reinterpret_cast<float*>(old + 2 * BN * D), b, g, j0, carry,
                                    dlam_smem, ema_in);
     if (staged) mma::cp_async_wait<0>();
-    if (scan || staged) __syncthreads();
+    if (scan || staged) rows_sync<THREADS>();
   }
   for (int i = threadIdx.x; i < 2 * BN * P; i += THREADS) {
     const int m = i / (BN * P), r = i / P % BN, piece = i % P;

@@ -31,6 +31,130 @@ template <int D> constexpr int wg_bwd_dlam_smem_bytes() {
   return 2 * kWgBwdBlockN * D * 2 + 2 * kWgBwdBlockN * 4;
 }
 
+// Pieces of a query block's step that the lockstep kernel and the warp-specialised one
+// (bwd_wgmma_ws.cuh) share, for a warpgroup's 64 keys and a 64-row query block.
+
+// A backward block: keys [j0, j_last] of kv head g in batch b, and the query blocks that see
+// them, iterated over the group's query heads: iteration it is rows [(mb0 + it % nq) BM, + BM)
+// of query head g * group + it / nq.
+template <int BN, int BM> struct WgBwdBlock {
+  int64_t g, b, j0, j_last, q_hi, mb0, nq, iters;
+  __device__ __forceinline__ explicit WgBwdBlock(const AttnParams& p)
+      : g(blockIdx.y), b(blockIdx.z), j0(int64_t(blockIdx.x) * BN), j_last(min(p.Tk, j0 + BN) - 1),
+        q_hi(min(p.Tq, p.query_hi(j_last))), mb0(p.query_lo(j0) / BM),
+        nq(q_hi > p.query_lo(j0) ? ceil_div(q_hi, BM) - mb0 : 0), iters(nq * p.group) {}
+};
+
+// Step kk (16 of the d columns) of S^T = K Q^T or dP^T = V dO^T: A = the warpgroup's 64 key
+// rows xw in panel 0 of a BN-row tile, B = the BM-row query tile yt, both K-major.
+template <class T, int BN, int BM>
+__device__ __forceinline__ void wg_bwd_scores_step(float (&acc)[BM / 8 * 4], const T* xw,
+                                                   const T* yt, int kk) {
+  const int off_x = (kk / 4) * BN * 64 + (kk % 4) * 16, off_y = (kk / 4) * BM * 64 + (kk % 4) * 16;
+  wgmma::Mma<T, BM>::template ss<0, 0>(acc, wgmma::desc_k(xw + off_x), wgmma::desc_k(yt + off_y), kk > 0);
+}
+
+// Dropout's keep bits of a warp's 16 key rows (from key j) against query rows i0 + 8 mt + ...:
+// bit 4 mt + e for s[mt][e], the layout DropKeep::frag_key_rows reads; 0 without dropout.
+template <bool kDrop, int MT>
+__device__ __forceinline__ unsigned wg_bwd_keep(const DropKeep& drop, uint64_t bh, int64_t i0,
+                                                int64_t j) {
+  unsigned keep = 0;
+  if constexpr (kDrop)
+    #pragma unroll
+    for (int mt = 0; mt < MT; ++mt) keep |= drop.frag_key_rows(bh, i0 + mt * 8, j) << (4 * mt);
+  return keep;
+}
+
+// Whether every (query row, key) of query rows [i0, i0 + BM) and keys [wj0, wj_last] is inside
+// the band and the sequences (no per-element mask), and whether query row i sees key j.
+template <int BM>
+__device__ __forceinline__ bool wg_bwd_full_tile(const AttnParams& p, int64_t i0, int64_t q_hi,
+                                                 int64_t wj0, int64_t wj_last) {
+  return i0 >= p.query_lo(wj_last) && i0 + BM <= q_hi && wj0 + 63 < p.Tk && i0 + BM <= p.query_hi(wj0);
+}
+__device__ __forceinline__ bool wg_bwd_sees(const AttnParams& p, int64_t i, int64_t j) {
+  return i < p.Tq && j < p.Tk && j >= p.key_lo(i) && j < p.key_hi(i);
+}
+
+// dV += (w P)^T dO and dK += dS^T Q (A from registers: s = w P, dp = dS; dO and Q read
+// N-major), issued as one wgmma group.
+template <class T, int D, int BM>
+__device__ __forceinline__ void wg_bwd_issue_dvdk(float (&dv)[D / 8 * 4], float (&dk)[D / 8 * 4],
+                                                  const float (&s)[BM / 8][4],
+                                                  const float (&dp)[BM / 8][4], const T* qt,
+                                                  const T* dot) {
+  unsigned pa[BM / 16][4], da[BM / 16][4];
+  #pragma unroll
+  for (int kk = 0; kk < BM / 16; ++kk) {
+    mma::acc_to_a<T>(pa[kk], s, kk);
+    mma::acc_to_a<T>(da[kk], dp, kk);
+  }
+  wgmma::fence();
+  #pragma unroll
+  for (int kk = 0; kk < BM / 16; ++kk) {  // reduce over 16 query rows per product
+    wgmma::Mma<T, D>::template rs<1>(dv, pa[kk], wgmma::desc_mn(dot + kk * 16 * 64, BM * 128), 1);
+    wgmma::Mma<T, D>::template rs<1>(dk, da[kk], wgmma::desc_mn(qt + kk * 16 * 64, BM * 128), 1);
+  }
+  wgmma::commit();
+}
+
+// dS^T into shared memory (keys as rows, 64 query columns in one swizzled panel): this
+// thread's accumulator rows `row` and row + 8 (the m16n8 layout).
+template <class T, int BN, int MT>
+__device__ __forceinline__ void wg_bwd_store_ds(T* dst, const float (&dp)[MT][4], int row, int lane) {
+  #pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    const int c = (lane % 4) * 2;
+    *reinterpret_cast<unsigned*>(dst + wgmma::sw128<BN>(row, mt) + c) = mma::pack2<T>(dp[mt][0], dp[mt][1]);
+    *reinterpret_cast<unsigned*>(dst + wgmma::sw128<BN>(row + 8, mt) + c) = mma::pack2<T>(dp[mt][2], dp[mt][3]);
+  }
+}
+
+// dQ = dS K (A = dS^T read M-major, B = K read N-major), 64 columns per warpgroup: with d = 128
+// warpgroup wg takes column panel wg over all keys; with d = 64 it takes its own 64 keys and
+// both warpgroups add. Issued as one group, then every group of the block's step is waited for
+// (dV's and dK's too) and the accumulators pinned. Returns dq's first column.
+template <class T, int D, int BN>
+__device__ __forceinline__ int wg_bwd_dq(float (&dq)[8][4], const T* dst, const T* ks, int wg,
+                                         float (&dk)[D / 8 * 4], float (&dv)[D / 8 * 4]) {
+  constexpr bool kSplitCols = D == 128;
+  const int col0 = kSplitCols ? wg * 64 : 0, key0 = kSplitCols ? 0 : wg * 64;
+  auto& dq_flat = reinterpret_cast<float(&)[32]>(dq);
+  wgmma::fence();
+  #pragma unroll
+  for (int kk = 0; kk < (kSplitCols ? BN : 64) / 16; ++kk) {  // 16 keys per product
+    const int key = key0 + kk * 16;
+    wgmma::Mma<T, 64>::template ss<1, 1>(dq_flat, wgmma::desc_mn(dst + key * 64, BN * 128),
+                                         wgmma::desc_mn(ks + (col0 / 64) * BN * 64 + key * 64, BN * 128),
+                                         kk > 0);
+  }
+  wgmma::commit();
+  wgmma::wait<0>();
+  wgmma::fence_regs(dq_flat);
+  wgmma::fence_regs(dk);
+  wgmma::fence_regs(dv);
+  return col0;
+}
+
+// This thread's dQ rows (times the scale) added to the float32 accumulator by float2 atomics.
+__device__ __forceinline__ void wg_bwd_add_dq(const AttnParams& p, const float (&dq)[8][4],
+                                              int64_t b, int64_t h, int64_t i0, int col0,
+                                              int warp, int lane) {
+  #pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t i = i0 + warp * 16 + lane / 4 + r * 8;
+    if (i >= p.Tq) continue;
+    float* row = p.dq.at<float>(b, i, h) + col0;
+    #pragma unroll
+    for (int dt = 0; dt < 8; ++dt) {
+      const int c = dt * 8 + (lane % 4) * 2;
+      atomicAdd(reinterpret_cast<float2*>(row + c),
+                make_float2(dq[dt][2 * r] * p.scale, dq[dt][2 * r + 1] * p.scale));
+    }
+  }
+}
+
 template <class T, int D, bool kDrop = false>
 __global__ void __launch_bounds__(kWgBwdThreads, 1) attention_bwd_wgmma(AttnParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -47,11 +171,9 @@ __global__ void __launch_bounds__(kWgBwdThreads, 1) attention_bwd_wgmma(AttnPara
   float* stats = reinterpret_cast<float*>(dst + BN * BM);  // [2][3][BM]: lse2, delta, w
 
   const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
-  const int64_t g = blockIdx.y, b = blockIdx.z;
-  const int64_t j0 = int64_t(blockIdx.x) * BN, j_last = min(p.Tk, j0 + BN) - 1;
-  const int64_t q_lo = p.query_lo(j0), q_hi = min(p.Tq, p.query_hi(j_last));
-  const int64_t mb0 = q_lo / BM, nq = q_hi > q_lo ? ceil_div(q_hi, BM) - mb0 : 0;
-  const int64_t iters = nq * p.group;
+  const WgBwdBlock<BN, BM> blk(p);
+  const int64_t g = blk.g, b = blk.b, j0 = blk.j0, j_last = blk.j_last, q_hi = blk.q_hi;
+  const int64_t mb0 = blk.mb0, nq = blk.nq, iters = blk.iters;
   // This warpgroup's keys [wj0, wj_last] and this thread's accumulator rows kr0, kr0 + 8.
   const int64_t wj0 = j0 + wg * 64, wj_last = min(j_last, wj0 + 63);
   const int64_t kr0 = wj0 + warp * 16 + lane / 4;
@@ -99,29 +221,20 @@ __global__ void __launch_bounds__(kWgBwdThreads, 1) attention_bwd_wgmma(AttnPara
     wgmma::fence();
     #pragma unroll
     for (int kk = 0; kk < KS; ++kk) {  // reduce over d: 16 columns per product
-      const int off_k = (kk / 4) * BN * 64 + (kk % 4) * 16, off_q = (kk / 4) * BM * 64 + (kk % 4) * 16;
-      wgmma::Mma<T, BM>::template ss<0, 0>(s_flat, wgmma::desc_k(kw + off_k),
-                                           wgmma::desc_k(qt + off_q), kk > 0);
-      wgmma::Mma<T, BM>::template ss<0, 0>(dp_flat, wgmma::desc_k(vw + off_k),
-                                           wgmma::desc_k(dot + off_q), kk > 0);
+      wg_bwd_scores_step<T, BN, BM>(s_flat, kw, qt, kk);
+      wg_bwd_scores_step<T, BN, BM>(dp_flat, vw, dot, kk);
     }
     wgmma::commit();
-    // Dropout's keep bits while the products run, bit 4 mt + e for s[mt][e]: per warp the
-    // accumulators are MT m16n8 fragments of the warp's 16 key rows and query columns
-    // i0 + 8 mt + ..., the layout DropKeep::frag_key_rows reads.
-    unsigned keep = 0;
-    if constexpr (kDrop)
-      #pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-        keep |= drop.frag_key_rows(uint64_t(b * p.H + h), i0 + mt * 8, wj0 + warp * 16) << (4 * mt);
+    // Dropout's keep bits while the products run (per warp the accumulators are MT m16n8
+    // fragments of the warp's 16 key rows and query columns i0 + 8 mt + ...).
+    const unsigned keep = wg_bwd_keep<kDrop, MT>(drop, uint64_t(b * p.H + h), i0, wj0 + warp * 16);
     wgmma::wait<0>();
     wgmma::fence_regs(s_flat);
     wgmma::fence_regs(dp_flat);
 
     // s <- w P (for dV), dp <- dS = w P (dP - delta) (for dK and dQ); with dropout w P Z and
     // w P (Z dP - delta).
-    const bool full = i0 >= p.query_lo(wj_last) && i0 + BM <= q_hi && wj0 + 63 < p.Tk &&
-                      i0 + BM <= p.query_hi(wj0);
+    const bool full = wg_bwd_full_tile<BM>(p, i0, q_hi, wj0, wj_last);
     auto ds = [&](auto masked) {  // the per-element mask only on tiles that cross a band edge
       #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
@@ -131,7 +244,7 @@ __global__ void __launch_bounds__(kWgBwdThreads, 1) attention_bwd_wgmma(AttnPara
           float pr = wgmma::ex2(s[mt][e] * sl2 - lse2[r]);
           if constexpr (decltype(masked)::value) {
             const int64_t i = i0 + r, j = kr0 + (e >> 1) * 8;
-            if (!(i < p.Tq && j < p.Tk && j >= p.key_lo(i) && j < p.key_hi(i))) pr = 0.f;
+            if (!wg_bwd_sees(p, i, j)) pr = 0.f;
           }
           const float pw = wr[r] * pr;
           if constexpr (kDrop) {
@@ -149,67 +262,13 @@ __global__ void __launch_bounds__(kWgBwdThreads, 1) attention_bwd_wgmma(AttnPara
     else
       ds(std::true_type{});
 
-    unsigned pa[BM / 16][4], da[BM / 16][4];
-    #pragma unroll
-    for (int kk = 0; kk < BM / 16; ++kk) {
-      acc_to_a<T>(pa[kk], s, kk);
-      acc_to_a<T>(da[kk], dp, kk);
-    }
-    wgmma::fence();
-    #pragma unroll
-    for (int kk = 0; kk < BM / 16; ++kk) {  // reduce over 16 query rows per product
-      wgmma::Mma<T, D>::template rs<1>(dv_flat, pa[kk],
-                                       wgmma::desc_mn(dot + kk * 16 * 64, BM * 128), 1);
-      wgmma::Mma<T, D>::template rs<1>(dk_flat, da[kk],
-                                       wgmma::desc_mn(qt + kk * 16 * 64, BM * 128), 1);
-    }
-    wgmma::commit();
-
-    // dS^T to shared memory (keys as rows, 64 query columns in one swizzled panel).
-    #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-      const int c = (lane % 4) * 2, row = wg * 64 + warp * 16 + lane / 4;
-      *reinterpret_cast<unsigned*>(dst + wgmma::sw128<BN>(row, mt) + c) =
-          pack2<T>(dp[mt][0], dp[mt][1]);
-      *reinterpret_cast<unsigned*>(dst + wgmma::sw128<BN>(row + 8, mt) + c) =
-          pack2<T>(dp[mt][2], dp[mt][3]);
-    }
+    wg_bwd_issue_dvdk<T, D, BM>(dv_flat, dk_flat, s, dp, qt, dot);
+    wg_bwd_store_ds<T, BN>(dst, dp, wg * 64 + warp * 16 + lane / 4, lane);
     wgmma::fence_async_smem();
     __syncthreads();
-
-    // dQ = dS K (A = dS^T read M-major, B = K read N-major), 64 columns per warpgroup: with
-    // d = 128 each warpgroup takes one 64-column panel over all keys; with d = 64 each takes
-    // its own 64 keys and both add.
-    constexpr bool kSplitCols = D == 128;
-    const int col0 = kSplitCols ? wg * 64 : 0, key0 = kSplitCols ? 0 : wg * 64;
     float dq[8][4] = {};
-    auto& dq_flat = reinterpret_cast<float(&)[32]>(dq);
-    wgmma::fence();
-    #pragma unroll
-    for (int kk = 0; kk < (kSplitCols ? BN : 64) / 16; ++kk) {  // 16 keys per product
-      const int key = key0 + kk * 16;
-      wgmma::Mma<T, 64>::template ss<1, 1>(dq_flat, wgmma::desc_mn(dst + key * 64, BN * 128),
-                                           wgmma::desc_mn(ks + (col0 / 64) * BN * 64 + key * 64,
-                                                          BN * 128),
-                                           kk > 0);
-    }
-    wgmma::commit();
-    wgmma::wait<0>();
-    wgmma::fence_regs(dq_flat);
-    wgmma::fence_regs(dk_flat);
-    wgmma::fence_regs(dv_flat);
-    #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int64_t i = i0 + warp * 16 + lane / 4 + r * 8;
-      if (i >= p.Tq) continue;
-      float* row = p.dq.at<float>(b, i, h) + col0;
-      #pragma unroll
-      for (int dt = 0; dt < 8; ++dt) {
-        const int c = dt * 8 + (lane % 4) * 2;
-        atomicAdd(reinterpret_cast<float2*>(row + c),
-                  make_float2(dq[dt][2 * r] * p.scale, dq[dt][2 * r + 1] * p.scale));
-      }
-    }
+    const int col0 = wg_bwd_dq<T, D, BN>(dq, dst, ks, wg, dk_flat, dv_flat);
+    wg_bwd_add_dq(p, dq, b, h, i0, col0, warp, lane);
     __syncthreads();  // the next prefetch overwrites this stage; the next dS^T this tile
   }
   cp_async_wait<0>();

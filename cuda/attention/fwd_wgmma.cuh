@@ -229,10 +229,6 @@ template <int BN> struct WgFwdBlock {
   }
 };
 
-__device__ __forceinline__ unsigned char* align1024(unsigned char* smem) {
-  return smem + (1024u - unsigned(__cvta_generic_to_shared(smem)) % 1024u) % 1024u;
-}
-
 template <class T, int D, int BN, bool kDrop = false>
 __global__ void __launch_bounds__(kWgThreads, 1) attention_fwd_wgmma(AttnParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -240,7 +236,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) attention_fwd_wgmma(AttnParams 
   constexpr int kBM = kWgBlockM, NT = BN / 8;
   static_assert(D % 64 == 0 && BN % 64 == 0, "whole 128-byte panels");
   extern __shared__ unsigned char smem_raw[];
-  T* qs = reinterpret_cast<T*>(align1024(smem_raw));  // kBM x D
+  T* qs = reinterpret_cast<T*>(wgmma::align1024(smem_raw));  // kBM x D
   T* ks = qs + kBM * D;                               // [2][BN x D]
   T* vs = ks + 2 * BN * D;                            // [2][BN x D]
   const int wg = threadIdx.x / 128;

@@ -59,7 +59,7 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
   constexpr unsigned kTileBytes = BN * D * 2, kQBytes = kBM * D * 2;
   static_assert(D % 64 == 0 && BN % 64 == 0, "whole 128-byte panels");
   extern __shared__ unsigned char smem_raw[];
-  T* qs = reinterpret_cast<T*>(align1024(smem_raw));  // kBM x D
+  T* qs = reinterpret_cast<T*>(wgmma::align1024(smem_raw));  // kBM x D
   T* ks = qs + kBM * D;                               // [S][BN x D]
   T* vs = ks + S * BN * D;                            // [S][BN x D]
   uint64_t* qbar = reinterpret_cast<uint64_t*>(vs + S * BN * D);

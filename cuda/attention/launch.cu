@@ -5,6 +5,7 @@
 // (TMA) forward does not, so with dropout `tma` takes the ping-pong forward.
 #include "attention/bwd_mma.cuh"
 #include "attention/bwd_wgmma.cuh"
+#include "attention/bwd_wgmma_ws.cuh"
 #include "attention/fwd_mma.cuh"
 #include "attention/fwd_wgmma.cuh"
 #include "attention/fwd_wgmma_pingpong.cuh"
@@ -116,10 +117,35 @@ template <class T, int D> void fwd_tensor_cores(const AttnParams& a, AttnKernel 
   check_launch("attention_fwd_mma");
 }
 
+// The warp-specialised backward, where TMA can describe the views and statistics and neither
+// ScanThrough nor row weights are asked for; false: the caller takes the lockstep one.
+template <class T, int D> bool bwd_wgmma_ws(const AttnParams& a, cudaStream_t s) {
+  BwdMaps maps;
+  const int64_t rows = a.B * a.H * a.Tq;
+  if (a.scan.link || a.w.data || a.Tk < 1 ||
+      !floats_tensor_map(&maps.lse, a.lse, rows, kWsStatBox) ||
+      !floats_tensor_map(&maps.delta, a.delta, rows, kWsStatBox) ||
+      !rows_tensor_map(&maps.q, a.q, a.B, a.Tq, a.H, D, kWgBwdBlockM) ||
+      !rows_tensor_map(&maps.dout, a.dout, a.B, a.Tq, a.H, D, kWgBwdBlockM) ||
+      !rows_tensor_map(&maps.k, a.k, a.B, a.Tk, a.G, D, kWgBwdBlockN) ||
+      !rows_tensor_map(&maps.v, a.v, a.B, a.Tk, a.G, D, kWgBwdBlockN))
+    return false;
+  auto kernel = a.dropout.active() ? attention_bwd_wgmma_ws<T, D, true> : attention_bwd_wgmma_ws<T, D>;
+  constexpr int smem = ws_bwd_smem_bytes<D>();
+  set_smem(kernel, smem);
+  const dim3 grid(unsigned(ceil_div(a.Tk, kWgBwdBlockN)), unsigned(a.G), unsigned(a.B));
+  kernel<<<grid, kWsBwdThreads, smem, s>>>(maps, a);
+  check_launch("attention_bwd_wgmma_ws");
+  return true;
+}
+
+// The backward on Hopper: warp-specialised with the `tma` kernels (the default), else the
+// lockstep kernel (also fastmka's ScanThrough and mka's weighted levels).
 template <class T, int D> bool bwd_wgmma(const AttnParams& a, AttnKernel kernel_choice,
                                          cudaStream_t s) {
   auto kernel = a.dropout.active() ? attention_bwd_wgmma<T, D, true> : attention_bwd_wgmma<T, D>;
   if (kernel_choice == AttnKernel::mma || !has_sm90a_image(kernel)) return false;
+  if (kernel_choice == AttnKernel::tma && bwd_wgmma_ws<T, D>(a, s)) return true;
   const int smem = wg_bwd_smem_bytes<D>() + (a.scan.dlam ? wg_bwd_dlam_smem_bytes<D>() : 0);
   set_smem(kernel, smem);
   if (a.Tk > 0) {

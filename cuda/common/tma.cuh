@@ -61,6 +61,20 @@ inline bool rows_tensor_map(CUtensorMap* map, const Rows& x, int64_t B, int64_t 
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+// The map of a dense float32 array of n elements read in boxes of `box` consecutive elements
+// (`box` a multiple of 4; a box starts at a multiple of 4 elements: 16 bytes, or the copy
+// traps); elements past n read as zeros. False where the driver refuses it (the caller takes another kernel).
+inline bool floats_tensor_map(CUtensorMap* map, const float* x, int64_t n, int box) {
+  const EncodeTiledFn encode = tensor_map_encoder();
+  if (!encode || n < 1 || n >= (int64_t(1) << 31) || box > 256) return false;
+  const cuuint64_t dims[1] = {cuuint64_t(n)};
+  const cuuint64_t strides[1] = {4};  // unused at rank 1
+  const cuuint32_t boxes[1] = {cuuint32_t(box)}, one[1] = {1};
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 1, const_cast<float*>(x), dims, strides,
+                boxes, one, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
+                CU_TENSOR_MAP_L2_PROMOTION_NONE, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
 // --- device -------------------------------------------------------------------------------
 
 namespace mbar {
@@ -85,6 +99,15 @@ __device__ __forceinline__ void load(void* dst, const CUtensorMap& map, int col,
       " [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(unsigned(__cvta_generic_to_shared(dst))),
       "l"(reinterpret_cast<uint64_t>(&map)), "r"(col), "r"(head), "r"(row), "r"(batch),
       "r"(mbar::addr(bar))
+      : "memory");
+}
+// The box of a floats_tensor_map starting at element `at` into shared memory at `dst` (128-byte
+// aligned); completes its bytes on bar.
+__device__ __forceinline__ void load_floats(void* dst, const CUtensorMap& map, int at, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.1d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2}], [%3];\n" ::"r"(unsigned(__cvta_generic_to_shared(dst))),
+      "l"(reinterpret_cast<uint64_t>(&map)), "r"(at), "r"(mbar::addr(bar))
       : "memory");
 }
 // Rows [row, row + R) of head `head` into an R x D sw128 tile (D / 64 panels, one box each).

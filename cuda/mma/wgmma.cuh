@@ -17,6 +17,11 @@ template <int R> __device__ __forceinline__ int sw128(int row, int chunk) {  // 
   return (chunk >> 3) * R * 64 + row * 64 + (((chunk & 7) ^ (row & 7)) << 3);
 }
 
+// The first 1024-byte aligned address of a dynamic shared-memory buffer (its panels' start).
+__device__ __forceinline__ unsigned char* align1024(unsigned char* smem) {
+  return smem + (1024u - unsigned(__cvta_generic_to_shared(smem)) % 1024u) % 1024u;
+}
+
 // Rows [r0, r0 + R) of head h of x (batch b) into a swizzled tile with cp.async; zeros past
 // row n. Each thread copies one fixed 16-byte column chunk of every (THREADS / chunks)-th row.
 template <int R, int D, int THREADS, class T>

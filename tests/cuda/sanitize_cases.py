@@ -27,8 +27,8 @@ def main():
                 ops.attention(q, k, v, True, None, 33).float().sum().backward()
                 ops.attention(q, k, v, False).float().sum().backward()
     # Attention dropout: on Hopper the wgmma kernels' dropout instantiations (ping-pong and
-    # lockstep forwards, the backward), the mma.sync ones, and the CUDA-core ones (float32).
-    for mode in ("pingpong", "lockstep", "mma"):
+    # lockstep forwards, both backwards), the mma.sync ones, and the CUDA-core ones (float32).
+    for mode in ("pingpong", "lockstep", "tma", "mma"):
         mka.set_kernels(attention=mode)
         for dtype in (torch.bfloat16, torch.float32):
             for d in (64, 128):

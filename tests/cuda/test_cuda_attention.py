@@ -161,12 +161,14 @@ def _kernel_names(fn) -> set[str]:
 def test_hopper_dispatch(T, mode, fwd, request):
     # The default build has sm_90a code: on Hopper the wgmma kernels must run (a silent fall-
     # back to the sm_80 kernels would only show as lost speed); attention="mma" forces mma.sync.
+    # The backward: warp-specialised with the tma kernels (the default), lockstep otherwise.
     if mode is not None:
         kernels_for_test(request, attention=mode)
     q = torch.randn(1, T, 2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(1, T, 1, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     names = _kernel_names(lambda: torch.ops.mka.attention(q, k, k, True).float().sum().backward())
     assert any(fwd in n for n in names), sorted(names)
-    bwd = "attention_bwd_mma<" if mode == "mma" else "attention_bwd_wgmma<"
+    bwd = {"mma": "attention_bwd_mma<", "pingpong": "attention_bwd_wgmma<",
+           "lockstep": "attention_bwd_wgmma<"}.get(mode, "attention_bwd_wgmma_ws<")
     assert any(bwd in n for n in names), sorted(names)
 

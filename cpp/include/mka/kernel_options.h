@@ -12,7 +12,7 @@ enum class AttnKernel : int {
   pingpong,  // wgmma; forward in a three-stage ping-pong pipeline
   lockstep,  // wgmma; forward in the two-stage lockstep pipeline
   mma,       // the sm_80 mma.sync kernels in both directions
-  tma,       // wgmma; forward warp-specialised: a TMA producer, two overlapped consumers
+  tma,       // wgmma; forward and backward warp-specialised: a TMA producer, two consumers
 };
 
 // The EMA-route scan's forward on the GPU.

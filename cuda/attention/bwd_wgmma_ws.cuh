@@ -1,0 +1,206 @@
+// Attention backward for Hopper, warp-specialised: the lockstep backward's tiles and products
+// (bwd_wgmma.cuh) with FlashAttention-3's schedule around them. Warpgroups 0 and 1 are the
+// consumers (64 keys each, dK and dV in registers); warpgroup 2 is the producer: one thread
+// loads K and V once and each query block's Q, dO and row statistics (lse, delta) by TMA into
+// two stages, and it gives its registers to the consumers (setmaxnreg). Every shared-memory
+// write the consumers wait for is TMA's, completing on an mbarrier. The consumers never issue
+// a copy or wait on a block-wide barrier in the loop:
+//   wait for the stage (mbarrier);
+//   S^T = K Q^T and dP^T = V dO^T as two wgmma groups: P's exponentials run under dP;
+//   dV += (w P)^T dO and dK += dS^T Q issued, then dS^T stored (two stages) while they run;
+//   one named barrier (d = 128: both consumers, whose dQ columns read every key's dS^T;
+//   d = 64: the warpgroup alone, each dQ sums its own keys), dQ = dS K issued;
+//   wait for all three, release the stage, add dQ by float2 atomics.
+// A consumer can run a query block ahead of the other; the stage and the dS^T buffer it
+// reuses are the other's two blocks back, which the barrier of the block between orders.
+// The write-out (put_dkdv_block) runs on the consumers alone: its barriers count 256 threads.
+// Not with ScanThrough (fastmka's backward keeps the lockstep kernel) nor row weights w (mka's
+// levels: the lockstep kernel).
+#pragma once
+#include "attention/bwd_wgmma.cuh"
+#include "common/tma.cuh"
+
+namespace mka::cuda {
+
+constexpr int kWsBwdThreads = 384;
+constexpr int kWsProducerRegs = 32, kWsConsumerRegs = 232;
+static_assert(128 * kWsProducerRegs + 2 * 128 * kWsConsumerRegs <=
+                  65536 / kWsBwdThreads / 8 * 8 * kWsBwdThreads,
+              "the producer's registers must cover the consumers' setmaxnreg");
+
+struct BwdMaps {
+  CUtensorMap q, dout, k, v;  // 64-column boxes of kWgBwdBlockM (q, dout) and kWgBwdBlockN rows
+  CUtensorMap lse, delta;     // (B * H * Tq) floats in boxes of kWsStatBox
+};
+
+// A query block's statistics start at any element, a TMA box at a multiple of 16 bytes: the
+// box starts up to 3 elements early and is 4 longer; each box has a 512-byte slot.
+constexpr int kWsStatBox = kWgBwdBlockM + 4, kWsStatSlot = 128;
+
+template <int D> constexpr int ws_bwd_smem_bytes() {
+  constexpr int BN = kWgBwdBlockN, BM = kWgBwdBlockM;
+  // K, V; Q, dO and dS^T in two stages; lse and delta in two stages; mbarriers (K/V; full and
+  // empty per stage); alignment slack.
+  return (2 * BN * D + 2 * 2 * BM * D + 2 * BN * BM) * 2 + 2 * 2 * kWsStatSlot * 4 + 5 * 8 + 1024;
+}
+
+__device__ __forceinline__ void consumers_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+template <class T, int D, bool kDrop = false>
+__global__ void __launch_bounds__(kWsBwdThreads, 1)
+    attention_bwd_wgmma_ws(const __grid_constant__ BwdMaps maps, AttnParams p) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using namespace mma;
+  constexpr int BN = kWgBwdBlockN, BM = kWgBwdBlockM, KS = D / 16, DT = D / 8, MT = BM / 8;
+  constexpr unsigned kKVBytes = 2 * BN * D * 2;                  // K + V
+  constexpr unsigned kQBytes = 2 * BM * D * 2 + 2 * kWsStatBox * 4;  // Q + dO + lse + delta
+  static_assert((D == 64 || D == 128) && BM == 64, "one 128-byte panel of dS^T per key row");
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* base = wgmma::align1024(smem_raw);
+  T* ks = reinterpret_cast<T*>(base);  // BN x D
+  T* vs = ks + BN * D;                 // BN x D
+  T* qs = vs + BN * D;                 // [2][BM x D]
+  T* dos = qs + 2 * BM * D;            // [2][BM x D]
+  T* dsts = dos + 2 * BM * D;          // [2][dS^T: BN x BM (one panel)]
+  float* stats = reinterpret_cast<float*>(dsts + 2 * BN * BM);  // [2][lse, delta][slot]
+  uint64_t* kvbar = reinterpret_cast<uint64_t*>(stats + 2 * 2 * kWsStatSlot);
+  uint64_t* full = kvbar + 1;  // [2]: the stage's Q, dO and statistics landed
+  uint64_t* empty = full + 2;  // [2]: every consumer warp is done with the stage
+
+  const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+  const WgBwdBlock<BN, BM> blk(p);
+  const int64_t g = blk.g, b = blk.b, j0 = blk.j0, j_last = blk.j_last, q_hi = blk.q_hi;
+  const int64_t mb0 = blk.mb0, nq = blk.nq, iters = blk.iters;
+
+  if (threadIdx.x == 0) {
+    mbar::init(kvbar, 1);
+    for (int st = 0; st < 2; ++st) mbar::init(full + st, 1), mbar::init(empty + st, 8);
+    mbar::fence_init();
+  }
+  __syncthreads();
+
+  if (wg == 2) {  // producer: one thread issues every load, the others have nothing to do
+    regs_down<kWsProducerRegs>();
+    if (threadIdx.x != 256) return;
+    tma::prefetch(maps.q), tma::prefetch(maps.dout), tma::prefetch(maps.k), tma::prefetch(maps.v);
+    mbar::arrive_expect_tx(kvbar, kKVBytes);
+    tma::load_tile<BN, D>(ks, maps.k, b, j0, g, kvbar);
+    tma::load_tile<BN, D>(vs, maps.v, b, j0, g, kvbar);
+    for (int64_t it = 0; it < iters; ++it) {
+      const int st = int(it & 1);
+      if (it >= 2) mbar::wait(empty + st, unsigned((it >> 1) - 1) & 1u);
+      const int64_t h = g * p.group + it / nq, i0 = (mb0 + it % nq) * BM;
+      // Statistics past Tq are the next head's (or zeros past the end): those rows are masked.
+      const int at = int((b * p.H + h) * p.Tq + i0) & ~3;
+      mbar::arrive_expect_tx(full + st, kQBytes);
+      tma::load_tile<BM, D>(qs + st * BM * D, maps.q, b, i0, h, full + st);
+      tma::load_tile<BM, D>(dos + st * BM * D, maps.dout, b, i0, h, full + st);
+      tma::load_floats(stats + st * 2 * kWsStatSlot, maps.lse, at, full + st);
+      tma::load_floats(stats + st * 2 * kWsStatSlot + kWsStatSlot, maps.delta, at, full + st);
+    }
+    return;
+  }
+
+  regs_up<kWsConsumerRegs>();
+  const int64_t wj0 = j0 + wg * 64, wj_last = min(j_last, wj0 + 63);
+  const int64_t kr0 = wj0 + warp * 16 + lane / 4;
+  const float sl2 = p.scale * 1.4426950408889634f;
+  const DropKeep drop(p.dropout);  // read only where kDrop
+  const KeyWeights key_w = key_weights<false>(p, b, j0);  // its latency hides behind the loop
+  float dk[DT][4] = {}, dv[DT][4] = {};
+  auto& dk_flat = reinterpret_cast<float(&)[DT * 4]>(dk);
+  auto& dv_flat = reinterpret_cast<float(&)[DT * 4]>(dv);
+  const T* kw = ks + wg * 64 * 64;  // this warpgroup's 64 key rows in panel 0
+  const T* vw = vs + wg * 64 * 64;
+  mbar::wait(kvbar, 0);
+
+  for (int64_t it = 0; it < iters; ++it) {
+    const int st = int(it & 1);
+    const int64_t h = g * p.group + it / nq, i0 = (mb0 + it % nq) * BM;
+    mbar::wait(full + st, unsigned(it >> 1) & 1u);
+    const T* qt = qs + st * BM * D;
+    const T* dot = dos + st * BM * D;
+    T* dst = dsts + st * BN * BM;
+    const float* lse = stats + st * 2 * kWsStatSlot + (int((b * p.H + h) * p.Tq + i0) & 3);
+    const float* delta = lse + kWsStatSlot;
+
+    float s[MT][4] = {}, dp[MT][4] = {};
+    auto& s_flat = reinterpret_cast<float(&)[MT * 4]>(s);
+    auto& dp_flat = reinterpret_cast<float(&)[MT * 4]>(dp);
+    wgmma::fence();
+    #pragma unroll
+    for (int kk = 0; kk < KS; ++kk) wg_bwd_scores_step<T, BN, BM>(s_flat, kw, qt, kk);  // S^T
+    wgmma::commit();
+    #pragma unroll
+    for (int kk = 0; kk < KS; ++kk) wg_bwd_scores_step<T, BN, BM>(dp_flat, vw, dot, kk);  // dP^T
+    wgmma::commit();
+    // Dropout's keep bits while the products run.
+    const unsigned keep = wg_bwd_keep<kDrop, MT>(drop, uint64_t(b * p.H + h), i0, wj0 + warp * 16);
+    wgmma::wait<1>();  // S^T (groups complete in order)
+    wgmma::fence_regs(s_flat);
+
+    // s <- P while dP^T runs (masked per element only on tiles that cross a band edge, which
+    // every tile with rows past Tq is).
+    const bool full_tile = wg_bwd_full_tile<BM>(p, i0, q_hi, wj0, wj_last);
+    auto weights = [&](auto masked) {
+      #pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = mt * 8 + (lane % 4) * 2 + (e & 1);
+          float pr = wgmma::ex2(fmaf(s[mt][e], sl2, -lse[r] * 1.4426950408889634f));
+          if constexpr (decltype(masked)::value) {
+            const int64_t i = i0 + r, j = kr0 + (e >> 1) * 8;
+            if (!wg_bwd_sees(p, i, j)) pr = 0.f;
+          }
+          s[mt][e] = pr;
+        }
+    };
+    if (full_tile)
+      weights(std::false_type{});
+    else
+      weights(std::true_type{});
+    wgmma::wait<0>();  // dP^T
+    wgmma::fence_regs(dp_flat);
+    // dp <- dS = P (dP - delta), s <- P for dV; with dropout P (Z dP - delta), P Z.
+    #pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+      #pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = mt * 8 + (lane % 4) * 2 + (e & 1);
+        if constexpr (kDrop) {
+          const unsigned kb = keep >> (4 * mt);
+          dp[mt][e] = s[mt][e] * (drop.apply(kb, e, dp[mt][e]) - delta[r]);
+          s[mt][e] = drop.apply(kb, e, s[mt][e]);
+        } else {
+          dp[mt][e] = s[mt][e] * (dp[mt][e] - delta[r]);
+        }
+      }
+
+    wg_bwd_issue_dvdk<T, D, BM>(dv_flat, dk_flat, s, dp, qt, dot);
+    wg_bwd_store_ds<T, BN>(dst, dp, wg * 64 + warp * 16 + lane / 4, lane);  // while dV, dK run
+    wgmma::fence_async_smem();
+    // dQ's products read dS^T of both halves at d = 128 (both consumers meet), of its own
+    // keys at d = 64 (its warpgroup only).
+    if constexpr (D == 128)
+      consumers_sync(1, 256);
+    else
+      consumers_sync(2 + wg, 128);
+    float dq[8][4] = {};
+    const int col0 = wg_bwd_dq<T, D, BN>(dq, dst, ks, wg, dk_flat, dv_flat);
+    __syncwarp();
+    if (lane == 0) mbar::arrive(empty + st);  // this warp's reads of Q, dO and the statistics
+    wg_bwd_add_dq(p, dq, b, h, i0, col0, warp, lane);
+  }
+
+  static_assert(dkdv_block_smem_bytes<D, BN>() <= ws_bwd_smem_bytes<D>() - 1024 - 5 * 8,
+                "the write-out stays clear of the mbarriers");
+  put_dkdv_block<T, D, BN, 256>(p, base, b, g, j0, dk, dv, key_w);
+#else
+  __trap();  // launched only where the binary has sm_90a code (see attention/launch.cu)
+#endif
+}
+
+}  // namespace mka::cuda
