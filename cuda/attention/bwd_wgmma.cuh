@@ -137,8 +137,10 @@ __device__ __forceinline__ int wg_bwd_dq(float (&dq)[8][4], const T* dst, const 
   return col0;
 }
 
-// This thread's dQ rows (times the scale) added to the float32 accumulator by float2 atomics.
-__device__ __forceinline__ void wg_bwd_add_dq(const AttnParams& p, const float (&dq)[8][4],
+// This thread's dQ rows (times the scale) added to the float32 accumulator by float2 atomics
+// (sm_90: a template, instantiated only by the sm_90a kernels).
+template <int DT>
+__device__ __forceinline__ void wg_bwd_add_dq(const AttnParams& p, const float (&dq)[DT][4],
                                               int64_t b, int64_t h, int64_t i0, int col0,
                                               int warp, int lane) {
   #pragma unroll
@@ -147,7 +149,7 @@ __device__ __forceinline__ void wg_bwd_add_dq(const AttnParams& p, const float (
     if (i >= p.Tq) continue;
     float* row = p.dq.at<float>(b, i, h) + col0;
     #pragma unroll
-    for (int dt = 0; dt < 8; ++dt) {
+    for (int dt = 0; dt < DT; ++dt) {
       const int c = dt * 8 + (lane % 4) * 2;
       atomicAdd(reinterpret_cast<float2*>(row + c),
                 make_float2(dq[dt][2 * r] * p.scale, dq[dt][2 * r + 1] * p.scale));
