@@ -108,8 +108,11 @@ def test_other_forward_kernels(mode, dtype, case, request):
                      f"out ({mode}, d={d})")
 
 
-# attention="mma" runs the mma.sync kernels of sm_80 in both directions on Hopper too: their
-# gradients, against the float64 reference (the default tests cover the wgmma backward).
+# The backwards plain attention does not take by default (the tests above run the warp-
+# specialised one on Hopper): attention="mma" runs the mma.sync kernels of sm_80 in both
+# directions, on Hopper too; "lockstep" the lockstep wgmma backward, which fastmka's
+# ScanThrough and mka's weighted levels run. Their gradients against the float64 reference.
+@pytest.mark.parametrize("mode", ["mma", "lockstep"])
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("case", [(2, 300, 300, 4, 2, True, None),
@@ -117,8 +120,8 @@ def test_other_forward_kernels(mode, dtype, case, request):
                                   (1, 150, 150, 2, 2, False, None),
                                   (1, 160, 60, 2, 1, True, None)],
                          ids=lambda c: "x".join(map(str, c)))
-def test_mma_backward(dtype, d, case, request):
-    kernels_for_test(request, attention="mma")
+def test_other_backward_kernels(mode, dtype, d, case, request):
+    kernels_for_test(request, attention=mode)
     _check_attention(dtype, d, case)
 
 
