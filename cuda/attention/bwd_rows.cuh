@@ -366,9 +366,9 @@ __device__ __forceinline__ void scan_through_block(const AttnParams& p, T* tiles
   }
 }
 
-// A barrier of the THREADS threads that run the write-out (the block's first THREADS: the
-// warp-specialised backward's producer warps have exited by then, so __syncthreads would not
-// order the consumers).
+// A barrier of the THREADS threads that run the write-out (the block's first THREADS): the
+// warp-specialised backward's producer warps take no part (they return early, one of them
+// after its last load), so __syncthreads, which counts every thread, cannot be used there.
 template <int THREADS> __device__ __forceinline__ void rows_sync() {
   asm volatile("bar.sync 0, %0;\n" ::"n"(THREADS) : "memory");
 }

@@ -11,8 +11,10 @@
 //   one named barrier (d = 128: both consumers, whose dQ columns read every key's dS^T;
 //   d = 64: the warpgroup alone, each dQ sums its own keys), dQ = dS K issued;
 //   wait for all three, release the stage, add dQ by float2 atomics.
-// A consumer can run a query block ahead of the other; the stage and the dS^T buffer it
-// reuses are the other's two blocks back, which the barrier of the block between orders.
+// A consumer can run a query block ahead of the other. The stage it refills waits for every
+// consumer warp's release (the empty mbarrier); at d = 128 the dS^T buffer it reuses is the
+// other's two blocks back, which the shared barrier of the block between orders (at d = 64
+// each warpgroup reads only its own rows of dS^T).
 // The write-out (put_dkdv_block) runs on the consumers alone: its barriers count 256 threads.
 // Not with ScanThrough (fastmka's backward keeps the lockstep kernel) nor row weights w (mka's
 // levels: the lockstep kernel).
@@ -92,7 +94,8 @@ __global__ void __launch_bounds__(kWsBwdThreads, 1)
       const int st = int(it & 1);
       if (it >= 2) mbar::wait(empty + st, unsigned((it >> 1) - 1) & 1u);
       const int64_t h = g * p.group + it / nq, i0 = (mb0 + it % nq) * BM;
-      // Statistics past Tq are the next head's (or zeros past the end): those rows are masked.
+      // Statistics past Tq are the next head's (or zeros past the end): the consumers mask
+      // those rows' P and take their delta as 0.
       const int at = int((b * p.H + h) * p.Tq + i0) & ~3;
       mbar::arrive_expect_tx(full + st, kQBytes);
       tma::load_tile<BM, D>(qs + st * BM * D, maps.q, b, i0, h, full + st);
@@ -164,18 +167,22 @@ __global__ void __launch_bounds__(kWsBwdThreads, 1)
       weights(std::true_type{});
     wgmma::wait<0>();  // dP^T
     wgmma::fence_regs(dp_flat);
-    // dp <- dS = P (dP - delta), s <- P for dV; with dropout P (Z dP - delta), P Z.
+    // dp <- dS = P (dP - delta), s <- P for dV; with dropout P (Z dP - delta), P Z. Rows past
+    // Tq hold another head's delta, which may be Inf or NaN (its dO's): 0 there, else 0 times
+    // it would reach dK through dS.
+    const bool past_tq = i0 + BM > p.Tq;
     #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
       #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = mt * 8 + (lane % 4) * 2 + (e & 1);
+        const float dl = past_tq && i0 + r >= p.Tq ? 0.f : delta[r];
         if constexpr (kDrop) {
           const unsigned kb = keep >> (4 * mt);
-          dp[mt][e] = s[mt][e] * (drop.apply(kb, e, dp[mt][e]) - delta[r]);
+          dp[mt][e] = s[mt][e] * (drop.apply(kb, e, dp[mt][e]) - dl);
           s[mt][e] = drop.apply(kb, e, s[mt][e]);
         } else {
-          dp[mt][e] = s[mt][e] * (dp[mt][e] - delta[r]);
+          dp[mt][e] = s[mt][e] * (dp[mt][e] - dl);
         }
       }
 
