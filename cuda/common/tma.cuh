@@ -63,7 +63,8 @@ inline bool rows_tensor_map(CUtensorMap* map, const Rows& x, int64_t B, int64_t 
 
 // The map of a dense float32 array of n elements read in boxes of `box` consecutive elements
 // (`box` a multiple of 4; a box starts at a multiple of 4 elements: 16 bytes, or the copy
-// traps); elements past n read as zeros. False where the driver refuses it (the caller takes another kernel).
+// traps); elements past n read as zeros. False where the driver refuses it (the caller takes
+// another kernel).
 inline bool floats_tensor_map(CUtensorMap* map, const float* x, int64_t n, int box) {
   const EncodeTiledFn encode = tensor_map_encoder();
   if (!encode || n < 1 || n >= (int64_t(1) << 31) || box > 256) return false;

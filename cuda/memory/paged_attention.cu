@@ -434,8 +434,9 @@ int64_t gcd64(int64_t x, int64_t y) { return y == 0 ? x : gcd64(y, x % y); }
 //
 // busy > 0 (the tensor-core MHA kernel at d = 128): where fewer blocks than `busy` would
 // run, the keys are split just enough to reach about that many, which keeps HBM saturated;
-// more splits only add partials and combine work (H100, B 1, 32k keys: 32 splits 55.8 us, the wave model's 49
-// 59.6; G 32, B 1, 4k: 8 splits 31.9 us, 12 34.2; B 16, 4k: 2 splits 100.8, 3 101.8). MKA's
+// more splits only add partials and combine work (H100, B 1, 32k keys: 32 splits 55.8 us,
+// the wave model's 49 59.6; G 32, B 1, 4k: 8 splits 31.9 us, 12 34.2; B 16, 4k: 2 splits
+// 100.8, 3 101.8). MKA's
 // kernel has more work per key and gains from every slot (B 1, 128k: 48 splits 218 us, 32
 // 240): it keeps the wave model, as does the CUDA-core kernel.
 void plan_splits(PagedArgs& a, int64_t capacity, int64_t slots, int64_t busy) {

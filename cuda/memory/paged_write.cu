@@ -5,7 +5,8 @@
 // is beta^len times the one before it plus its own); then each warp runs its chunk again from
 // its true start state, writing the state before every page's first token (the checkpoint
 // that lets the decode kernel rebuild EMA(k), EMA(v) without a scan). Up to 16 new tokens (a
-// decode step, a short verification) are one chunk and take one pass instead.
+// decode step, a short verification) are one chunk: its start state is the state before the
+// write, and the third pass alone does the work, copying the rows too.
 //
 // FastMKA's write (kFused) is the same three passes without the copy in the first: the third,
 // from each chunk's true start state, writes the fused rows lam0 x + lam1 EMA(x) (+ lam2 x3)
@@ -71,36 +72,42 @@ template <class T, bool kFused> __global__ void paged_write_kernel(const WriteAr
   const int64_t* is = is_v ? a.vin_s : a.kin_s;
   float* out = is_v ? a.v_out : a.k_out;
   const int64_t* os = is_v ? a.vout_s : a.kout_s;
-
-  // Up to 16 new tokens with the EMA (a decode step): one pass from the state before the
-  // write. The rows, the state and lam do not wait on each other, so their loads are in
-  // flight together, where the three passes below are three dependent load latencies (a
-  // FastMKA step at B 1, 4k cached tokens took 1.065x MHA's on an H100 with them).
-  if (ema && blockDim.y == 1) {
-    if (!active) return;
-    float s = in ? in[b * is[0] + g * is[1] + col] : 0.f;
-    const T* x3 = static_cast<const T*>(is_v ? a.v3 : a.k3);
-    const int64_t* s3 = is_v ? a.v3s : a.k3s;
-    float* ck = is_v ? a.vck : a.kck;
-    for (int t = 0; t < a.T; ++t) {
+  const T* x3 = static_cast<const T*>(is_v ? a.v3 : a.k3);
+  const int64_t* s3 = is_v ? a.v3s : a.k3s;
+  float* ck = is_v ? a.vck : a.kck;
+  // The third pass: tokens [u0, u1) from the EMA state s before u0, writing the fused rows
+  // (kFused) or the checkpoints (the state before each page's first token) and, with copy, the
+  // rows themselves; returns the state after them.
+  auto from_state = [&](float s, int u0, int u1, bool copy) {
+    for (int t = u0; t < u1; ++t) {
       const T xt = src[b * ss[0] + t * ss[1] + g * ss[2] + col];
       const int64_t pos = start + t;
-      T* dst = slot_of(pos);
       if constexpr (kFused) {
         const float x = to_f(xt);
         s = fmaf(beta, s, one_m * x);
         float y = a.lam[0].load(b, t, 0.f) * x + a.lam[1].load(b, t, 0.f) * s;
         if (x3) y = fmaf(a.lam[2].load(b, t, 0.f), to_f(x3[b * s3[0] + t * s3[1] + g * s3[2] + col]), y);
-        if (dst) *dst = from_f<T>(y);
+        if (T* dst = slot_of(pos)) *dst = from_f<T>(y);
       } else {
-        if (dst) {
-          *dst = xt;
+        if (T* dst = slot_of(pos)) {
+          if (copy) *dst = xt;
           if (pos % a.S == 0) ck[(int64_t(a.table[b * a.ts0 + pos / a.S * a.ts1]) * a.G + g) * d + col] = s;
         }
         s = fmaf(beta, s, one_m * to_f(xt));
       }
     }
-    out[b * os[0] + g * os[1] + col] = s;
+    return s;
+  };
+
+  // One chunk (up to 16 new tokens: a decode step) with the EMA: its start state is the state
+  // before the write, so the first two passes have nothing to do and the third runs alone,
+  // copying the rows too. Its loads (rows, state, lam) are in flight together, where the
+  // three passes were three dependent load latencies (a FastMKA step at B 1, 4k cached tokens
+  // took 1.065x MHA's on an H100 with them).
+  if (ema && blockDim.y == 1) {
+    if (!active) return;
+    const float s0 = in ? in[b * is[0] + g * is[1] + col] : 0.f;
+    out[b * os[0] + g * os[1] + col] = from_state(s0, 0, a.T, true);
     return;
   }
 
@@ -129,31 +136,8 @@ template <class T, bool kFused> __global__ void paged_write_kernel(const WriteAr
     out[b * os[0] + g * os[1] + col] = s;
   }
   __syncthreads();
-  if (!active) return;
-  float s = carry[w][threadIdx.x];
-  if constexpr (kFused) {
-    // Pass 3: the fused rows, from the chunk's true start state.
-    const T* x3 = static_cast<const T*>(is_v ? a.v3 : a.k3);
-    const int64_t* s3 = is_v ? a.v3s : a.k3s;
-    for (int t = t0; t < t1; ++t) {
-      const float x = to_f(src[b * ss[0] + t * ss[1] + g * ss[2] + col]);
-      s = fmaf(beta, s, one_m * x);
-      float y = a.lam[0].load(b, t, 0.f) * x + a.lam[1].load(b, t, 0.f) * s;
-      if (x3) y = fmaf(a.lam[2].load(b, t, 0.f), to_f(x3[b * s3[0] + t * s3[1] + g * s3[2] + col]), y);
-      if (T* dst = slot_of(start + t)) *dst = from_f<T>(y);
-    }
-    return;
-  }
-  // Pass 3: checkpoints (the state before each page's first token).
-  float* ck = is_v ? a.vck : a.kck;
-  for (int t = t0; t < t1; ++t) {
-    const int64_t pos = start + t, slot = pos / a.S;
-    if (pos == slot * a.S) {
-      const int page = a.table[b * a.ts0 + slot * a.ts1];
-      if (page >= 0 && page < a.P) ck[(int64_t(page) * a.G + g) * d + col] = s;
-    }
-    s = fmaf(beta, s, one_m * to_f(src[b * ss[0] + t * ss[1] + g * ss[2] + col]));
-  }
+  // Pass 3, from the chunk's true start state (the rows are copied already).
+  if (active) from_state(carry[w][threadIdx.x], t0, t1, false);
 }
 
 void strides3(int64_t (&dst)[3], const TensorRef& t) {
