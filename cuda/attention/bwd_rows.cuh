@@ -95,6 +95,13 @@ __device__ __forceinline__ void put_scan_sums(const AttnParams& p, const T* tile
   }
 }
 
+// A barrier of the THREADS threads that run the write-out (the block's first THREADS): the
+// warp-specialised backward's producer warps take no part (they return early, one of them
+// after its last load), so __syncthreads, which counts every thread, cannot be used there.
+template <int THREADS> __device__ __forceinline__ void rows_sync() {
+  asm volatile("bar.sync 0, %0;\n" ::"n"(THREADS) : "memory");
+}
+
 // ScanThrough works on V = d / 64 adjacent columns per thread (one 2- or 4-byte piece of a
 // row), 128 threads for both memories: half the instructions per column of one column per
 // thread. A thread's values travel as one float or float2 (ScanLane).
@@ -304,7 +311,7 @@ __device__ __forceinline__ void scan_through_block(const AttnParams& p, T* tiles
     #pragma unroll
     for (int v = 0; v < V; ++v) x_carry[v] = cin[v], x_share[v] = a[v];
   }
-  __syncthreads();
+  rows_sync<2 * BN>();  // the write-out's threads (2 per key)
   if (dlam && j0 + threadIdx.x / 2 < p.Tk)  // the block's sums: one atomic per key and level
     atomicAdd(sc.dlam + (b * p.Tk + j0) * 2 + threadIdx.x, acc[threadIdx.x]);
   if (!upper) {
@@ -338,7 +345,7 @@ __device__ __forceinline__ void scan_through_block(const AttnParams& p, T* tiles
       #pragma unroll
       for (int v = 0; v < V; ++v) cin[v] = beta * share[v] + bn * cin[v];
   }
-  __syncthreads();
+  rows_sync<2 * BN>();  // the write-out's threads (2 per key)
   if (upper)
     #pragma unroll
     for (int v = 0; v < V; ++v) cin[v] = x_carry[v];
@@ -364,13 +371,6 @@ __device__ __forceinline__ void scan_through_block(const AttnParams& p, T* tiles
     #pragma unroll
     for (int v = 0; v < V; ++v) ds[v] = sc.add_state ? ds[v] + a[v] : a[v];
   }
-}
-
-// A barrier of the THREADS threads that run the write-out (the block's first THREADS): the
-// warp-specialised backward's producer warps take no part (they return early, one of them
-// after its last load), so __syncthreads, which counts every thread, cannot be used there.
-template <int THREADS> __device__ __forceinline__ void rows_sync() {
-  asm volatile("bar.sync 0, %0;\n" ::"n"(THREADS) : "memory");
 }
 
 // Hands over a key block's dK (times the softmax scale) and dV, BN = 16 keys per warp, through

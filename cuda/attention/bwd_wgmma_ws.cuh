@@ -16,8 +16,10 @@
 // other's two blocks back, which the shared barrier of the block between orders (at d = 64
 // each warpgroup reads only its own rows of dS^T).
 // The write-out (put_dkdv_block) runs on the consumers alone: its barriers count 256 threads.
-// Not with ScanThrough (fastmka's backward keeps the lockstep kernel) nor row weights w (mka's
-// levels: the lockstep kernel).
+// Row weights w (mka's levels) arrive as a third statistics box, from a float32 copy of w
+// made before the kernel (ws_row_weights). ScanThrough (fastmka) runs in the write-out as in
+// the lockstep kernel; with its dlam the consumers stage x by cp.async before the loop, which
+// fits beside the stages at d = 64 only (d = 128 with dlam takes the lockstep kernel).
 #pragma once
 #include "attention/bwd_wgmma.cuh"
 #include "common/tma.cuh"
@@ -33,17 +35,31 @@ static_assert(128 * kWsProducerRegs + 2 * 128 * kWsConsumerRegs <=
 struct BwdMaps {
   CUtensorMap q, dout, k, v;  // 64-column boxes of kWgBwdBlockM (q, dout) and kWgBwdBlockN rows
   CUtensorMap lse, delta;     // (B * H * Tq) floats in boxes of kWsStatBox
+  CUtensorMap w;              // (B * Tq) floats, boxes of kWsStatBox: with row weights only
 };
 
 // A query block's statistics start at any element, a TMA box at a multiple of 16 bytes: the
 // box starts up to 3 elements early and is 4 longer; each box has a 512-byte slot.
 constexpr int kWsStatBox = kWgBwdBlockM + 4, kWsStatSlot = 128;
 
-template <int D> constexpr int ws_bwd_smem_bytes() {
+// The shared memory after the alignment: K, V; Q, dO and dS^T in two stages; lse, delta and w
+// in two stages; mbarriers (K/V; full and empty per stage); with ScanThrough's dlam its region
+// (wg_bwd_dlam_smem_bytes) from ws_bwd_dlam_at, 128-byte aligned.
+template <int D> constexpr int ws_bwd_bars_at() {
   constexpr int BN = kWgBwdBlockN, BM = kWgBwdBlockM;
-  // K, V; Q, dO and dS^T in two stages; lse and delta in two stages; mbarriers (K/V; full and
-  // empty per stage); alignment slack.
-  return (2 * BN * D + 2 * 2 * BM * D + 2 * BN * BM) * 2 + 2 * 2 * kWsStatSlot * 4 + 5 * 8 + 1024;
+  return (2 * BN * D + 2 * 2 * BM * D + 2 * BN * BM) * 2 + 2 * 3 * kWsStatSlot * 4;
+}
+template <int D> constexpr int ws_bwd_dlam_at() { return (ws_bwd_bars_at<D>() + 5 * 8 + 127) / 128 * 128; }
+template <int D> constexpr int ws_bwd_smem_bytes(bool dlam = false) {
+  return ws_bwd_dlam_at<D>() + (dlam ? wg_bwd_dlam_smem_bytes<D>() : 0) + 1024;  // + alignment
+}
+// Whether ScanThrough's dlam fits (227 KiB a block on Hopper): at d = 64 only.
+template <int D> constexpr bool ws_bwd_takes_dlam() { return ws_bwd_smem_bytes<D>(true) <= 227 * 1024; }
+
+// w as float32, contiguous (B * Tq): the warp-specialised backward's third statistics box.
+__global__ void ws_row_weights(TokenScalar w, float* out, int64_t Tq, int64_t n) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) out[i] = w.load(i / Tq, i % Tq, 1.f);
 }
 
 __device__ __forceinline__ void consumers_sync(int id, int threads) {
@@ -58,6 +74,7 @@ __global__ void __launch_bounds__(kWsBwdThreads, 1)
   constexpr int BN = kWgBwdBlockN, BM = kWgBwdBlockM, KS = D / 16, DT = D / 8, MT = BM / 8;
   constexpr unsigned kKVBytes = 2 * BN * D * 2;                  // K + V
   constexpr unsigned kQBytes = 2 * BM * D * 2 + 2 * kWsStatBox * 4;  // Q + dO + lse + delta
+  constexpr int kSlots = 3;  // statistics per stage: lse, delta, w
   static_assert((D == 64 || D == 128) && BM == 64, "one 128-byte panel of dS^T per key row");
   extern __shared__ unsigned char smem_raw[];
   unsigned char* base = wgmma::align1024(smem_raw);
@@ -66,8 +83,8 @@ __global__ void __launch_bounds__(kWsBwdThreads, 1)
   T* qs = vs + BN * D;                 // [2][BM x D]
   T* dos = qs + 2 * BM * D;            // [2][BM x D]
   T* dsts = dos + 2 * BM * D;          // [2][dS^T: BN x BM (one panel)]
-  float* stats = reinterpret_cast<float*>(dsts + 2 * BN * BM);  // [2][lse, delta][slot]
-  uint64_t* kvbar = reinterpret_cast<uint64_t*>(stats + 2 * 2 * kWsStatSlot);
+  float* stats = reinterpret_cast<float*>(dsts + 2 * BN * BM);  // [2][lse, delta, w][slot]
+  uint64_t* kvbar = reinterpret_cast<uint64_t*>(stats + 2 * kSlots * kWsStatSlot);
   uint64_t* full = kvbar + 1;  // [2]: the stage's Q, dO and statistics landed
   uint64_t* empty = full + 2;  // [2]: every consumer warp is done with the stage
 
@@ -75,6 +92,7 @@ __global__ void __launch_bounds__(kWsBwdThreads, 1)
   const WgBwdBlock<BN, BM> blk(p);
   const int64_t g = blk.g, b = blk.b, j0 = blk.j0, j_last = blk.j_last, q_hi = blk.q_hi;
   const int64_t mb0 = blk.mb0, nq = blk.nq, iters = blk.iters;
+  const bool has_w = p.w.data != nullptr;
 
   if (threadIdx.x == 0) {
     mbar::init(kvbar, 1);
@@ -97,11 +115,13 @@ __global__ void __launch_bounds__(kWsBwdThreads, 1)
       // Statistics past Tq are the next head's (or zeros past the end): the consumers mask
       // those rows' P and take their delta as 0.
       const int at = int((b * p.H + h) * p.Tq + i0) & ~3;
-      mbar::arrive_expect_tx(full + st, kQBytes);
+      float* stat = stats + st * kSlots * kWsStatSlot;
+      mbar::arrive_expect_tx(full + st, kQBytes + (has_w ? kWsStatBox * 4 : 0));
       tma::load_tile<BM, D>(qs + st * BM * D, maps.q, b, i0, h, full + st);
       tma::load_tile<BM, D>(dos + st * BM * D, maps.dout, b, i0, h, full + st);
-      tma::load_floats(stats + st * 2 * kWsStatSlot, maps.lse, at, full + st);
-      tma::load_floats(stats + st * 2 * kWsStatSlot + kWsStatSlot, maps.delta, at, full + st);
+      tma::load_floats(stat, maps.lse, at, full + st);
+      tma::load_floats(stat + kWsStatSlot, maps.delta, at, full + st);
+      if (has_w) tma::load_floats(stat + 2 * kWsStatSlot, maps.w, int(b * p.Tq + i0) & ~3, full + st);
     }
     return;
   }
@@ -111,7 +131,11 @@ __global__ void __launch_bounds__(kWsBwdThreads, 1)
   const int64_t kr0 = wj0 + warp * 16 + lane / 4;
   const float sl2 = p.scale * 1.4426950408889634f;
   const DropKeep drop(p.dropout);  // read only where kDrop
-  const KeyWeights key_w = key_weights<false>(p, b, j0);  // its latency hides behind the loop
+  const KeyWeights key_w = key_weights<true>(p, b, j0);  // its latency hides behind the loop
+  // ScanThrough's dlam: x staged by the consumers' copies while the loop runs.
+  constexpr int kDlamAt = ws_bwd_dlam_at<D>();
+  if constexpr (ws_bwd_takes_dlam<D>())
+    if (p.scan.dlam) scan_dlam_stage<T, D, BN, 256>(p, base + kDlamAt, b, g, j0, 0);
   float dk[DT][4] = {}, dv[DT][4] = {};
   auto& dk_flat = reinterpret_cast<float(&)[DT * 4]>(dk);
   auto& dv_flat = reinterpret_cast<float(&)[DT * 4]>(dv);
@@ -126,8 +150,9 @@ __global__ void __launch_bounds__(kWsBwdThreads, 1)
     const T* qt = qs + st * BM * D;
     const T* dot = dos + st * BM * D;
     T* dst = dsts + st * BN * BM;
-    const float* lse = stats + st * 2 * kWsStatSlot + (int((b * p.H + h) * p.Tq + i0) & 3);
+    const float* lse = stats + st * kSlots * kWsStatSlot + (int((b * p.H + h) * p.Tq + i0) & 3);
     const float* delta = lse + kWsStatSlot;
+    const float* wr = stats + st * kSlots * kWsStatSlot + 2 * kWsStatSlot + (int(b * p.Tq + i0) & 3);
 
     float s[MT][4] = {}, dp[MT][4] = {};
     auto& s_flat = reinterpret_cast<float(&)[MT * 4]>(s);
@@ -144,7 +169,7 @@ __global__ void __launch_bounds__(kWsBwdThreads, 1)
     wgmma::wait<1>();  // S^T (groups complete in order)
     wgmma::fence_regs(s_flat);
 
-    // s <- P while dP^T runs (masked per element only on tiles that cross a band edge, which
+    // s <- w P while dP^T runs (masked per element only on tiles that cross a band edge, which
     // every tile with rows past Tq is).
     const bool full_tile = wg_bwd_full_tile<BM>(p, i0, q_hi, wj0, wj_last);
     auto weights = [&](auto masked) {
@@ -154,6 +179,7 @@ __global__ void __launch_bounds__(kWsBwdThreads, 1)
         for (int e = 0; e < 4; ++e) {
           const int r = mt * 8 + (lane % 4) * 2 + (e & 1);
           float pr = wgmma::ex2(fmaf(s[mt][e], sl2, -lse[r] * 1.4426950408889634f));
+          if (has_w) pr *= wr[r];  // before the mask: past Tq w is another row's
           if constexpr (decltype(masked)::value) {
             const int64_t i = i0 + r, j = kr0 + (e >> 1) * 8;
             if (!wg_bwd_sees(p, i, j)) pr = 0.f;
@@ -167,7 +193,7 @@ __global__ void __launch_bounds__(kWsBwdThreads, 1)
       weights(std::true_type{});
     wgmma::wait<0>();  // dP^T
     wgmma::fence_regs(dp_flat);
-    // dp <- dS = P (dP - delta), s <- P for dV; with dropout P (Z dP - delta), P Z. Rows past
+    // dp <- dS = w P (dP - delta), s <- w P for dV; with dropout w P (Z dP - delta), w P Z. Rows past
     // Tq hold another head's delta, which may be Inf or NaN (its dO's): 0 there, else 0 times
     // it would reach dK through dS.
     const bool past_tq = i0 + BM > p.Tq;
@@ -202,9 +228,11 @@ __global__ void __launch_bounds__(kWsBwdThreads, 1)
     wg_bwd_add_dq(p, dq, b, h, i0, col0, warp, lane);
   }
 
-  static_assert(dkdv_block_smem_bytes<D, BN>() <= ws_bwd_smem_bytes<D>() - 1024 - 5 * 8,
-                "the write-out stays clear of the mbarriers");
-  put_dkdv_block<T, D, BN, 256>(p, base, b, g, j0, dk, dv, key_w);
+  if constexpr (ws_bwd_takes_dlam<D>())
+    if (p.scan.dlam) mma::cp_async_wait<0>();  // the write-out's first barrier publishes x
+  static_assert(dkdv_block_smem_bytes<D, BN, true>() <= ws_bwd_bars_at<D>(),
+                "the write-out stays clear of the mbarriers and dlam's region");
+  put_dkdv_block<T, D, BN, 256, true>(p, base, b, g, j0, dk, dv, key_w, base + kDlamAt);
 #else
   __trap();  // launched only where the binary has sm_90a code (see attention/launch.cu)
 #endif

@@ -117,21 +117,29 @@ template <class T, int D> void fwd_tensor_cores(const AttnParams& a, AttnKernel 
   check_launch("attention_fwd_mma");
 }
 
-// The warp-specialised backward, where TMA can describe the views and statistics and neither
-// ScanThrough nor row weights are asked for; false: the caller takes the lockstep one.
+// The warp-specialised backward, where TMA can describe the views and statistics (and d = 64
+// with ScanThrough's dlam: its shared memory); false: the caller takes the lockstep one.
 template <class T, int D> bool bwd_wgmma_ws(const AttnParams& a, cudaStream_t s) {
+  const bool dlam = a.scan.link && a.scan.dlam;
+  if (a.Tk < 1 || (dlam && !ws_bwd_takes_dlam<D>())) return false;
   BwdMaps maps;
-  const int64_t rows = a.B * a.H * a.Tq;
-  if (a.scan.link || a.w.data || a.Tk < 1 ||
-      !floats_tensor_map(&maps.lse, a.lse, rows, kWsStatBox) ||
+  const int64_t rows = a.B * a.H * a.Tq, w_rows = a.w.data ? a.B * a.Tq : 0;
+  Workspace w(size_t(w_rows) * 4, s, false);  // row weights as float32 (ws_row_weights)
+  if (!floats_tensor_map(&maps.lse, a.lse, rows, kWsStatBox) ||
       !floats_tensor_map(&maps.delta, a.delta, rows, kWsStatBox) ||
+      (w_rows && !floats_tensor_map(&maps.w, w.as<float>(), w_rows, kWsStatBox)) ||
       !rows_tensor_map(&maps.q, a.q, a.B, a.Tq, a.H, D, kWgBwdBlockM) ||
       !rows_tensor_map(&maps.dout, a.dout, a.B, a.Tq, a.H, D, kWgBwdBlockM) ||
       !rows_tensor_map(&maps.k, a.k, a.B, a.Tk, a.G, D, kWgBwdBlockN) ||
       !rows_tensor_map(&maps.v, a.v, a.B, a.Tk, a.G, D, kWgBwdBlockN))
     return false;
+  if (w_rows) {
+    ws_row_weights<<<unsigned(ceil_div(w_rows, int64_t(256))), 256, 0, s>>>(a.w, w.as<float>(), a.Tq,
+                                                                          w_rows);
+    check_launch("ws_row_weights");
+  }
   auto kernel = a.dropout.active() ? attention_bwd_wgmma_ws<T, D, true> : attention_bwd_wgmma_ws<T, D>;
-  constexpr int smem = ws_bwd_smem_bytes<D>();
+  const int smem = ws_bwd_smem_bytes<D>(dlam);
   set_smem(kernel, smem);
   const dim3 grid(unsigned(ceil_div(a.Tk, kWgBwdBlockN)), unsigned(a.G), unsigned(a.B));
   kernel<<<grid, kWsBwdThreads, smem, s>>>(maps, a);
@@ -140,7 +148,7 @@ template <class T, int D> bool bwd_wgmma_ws(const AttnParams& a, cudaStream_t s)
 }
 
 // The backward on Hopper: warp-specialised with the `tma` kernels (the default), else the
-// lockstep kernel (also fastmka's ScanThrough and mka's weighted levels).
+// lockstep kernel (also where TMA cannot describe a view, and d = 128 with ScanThrough's dlam).
 template <class T, int D> bool bwd_wgmma(const AttnParams& a, AttnKernel kernel_choice,
                                          cudaStream_t s) {
   auto kernel = a.dropout.active() ? attention_bwd_wgmma<T, D, true> : attention_bwd_wgmma<T, D>;

@@ -22,6 +22,15 @@ TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def kernel_names(fn) -> set[str]:
+    """The names of the CUDA kernels fn launches (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.key for e in prof.key_averages()}
+
+
 def rel_err(x: torch.Tensor, ref: torch.Tensor, zero_scale: float | None = None) -> float:
     """‖x − ref‖ / ‖ref‖; where the reference is exactly zero, relative to `zero_scale` if
     given (the size of the terms that cancel to that zero), else the absolute error."""

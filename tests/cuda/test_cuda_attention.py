@@ -7,7 +7,8 @@ import torch
 
 import mka  # noqa: F401  (registers torch.ops.mka)
 from mka import reference as R
-from cuda_checks import DTYPES, assert_close, check_op, kernels_for_test, rand, requires_cuda
+from cuda_checks import (DTYPES, assert_close, check_op, kernel_names, kernels_for_test, rand,
+                         requires_cuda)
 
 pytestmark = [requires_cuda, pytest.mark.cuda]
 
@@ -163,14 +164,6 @@ def test_more_blocks_than_sms(case, request):
              (q, k, v), (q64, k64, v64), torch.bfloat16, ("q", "k", "v"), gen)
 
 
-def _kernel_names(fn) -> set[str]:
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return {e.key for e in prof.key_averages()}
-
-
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
                     reason="needs a Hopper (sm_90) GPU")
 @pytest.mark.parametrize("T, mode, fwd", [(256, None, "attention_fwd_wgmma_tma<"),
@@ -188,7 +181,7 @@ def test_hopper_dispatch(T, mode, fwd, request):
         kernels_for_test(request, attention=mode)
     q = torch.randn(1, T, 2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(1, T, 1, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    names = _kernel_names(lambda: torch.ops.mka.attention(q, k, k, True).float().sum().backward())
+    names = kernel_names(lambda: torch.ops.mka.attention(q, k, k, True).float().sum().backward())
     assert any(fwd in n for n in names), sorted(names)
     bwd = {"mma": "attention_bwd_mma<", "pingpong": "attention_bwd_wgmma<",
            "lockstep": "attention_bwd_wgmma<"}.get(mode, "attention_bwd_wgmma_ws<")

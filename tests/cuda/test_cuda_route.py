@@ -7,8 +7,8 @@ import torch
 
 import mka  # noqa: F401
 from mka import reference as R
-from cuda_checks import (DTYPES, assert_close, check_op, kernels_for_test, rand, requires_cuda,
-                         softmax_rows)
+from cuda_checks import (DTYPES, assert_close, check_op, kernel_names, kernels_for_test, rand,
+                         requires_cuda, softmax_rows)
 
 pytestmark = [requires_cuda, pytest.mark.cuda]
 BETA = 0.9
@@ -176,13 +176,16 @@ def test_fastmka_level3_gradients_without_lam_gradient(T):
 # backward's write-out (ScanThrough: fastmka, with lam a constant or with its gradient
 # (fastmka_dlam), and mka's level 2), its key blocks chained by a look-back;
 # scan_through=False (and attention="mma") take the separate passes. Several key
-# blocks with a short last one, GQA, a window, Tq < Tk, and the states' gradients both ways.
+# blocks with a short last one, GQA, a window, Tq < Tk, and the states' gradients both ways;
+# in the warp-specialised backward (tma: mka's row weights, fastmka's ScanThrough, its dlam
+# at d = 64) and the lockstep one.
+@pytest.mark.parametrize("kernel", ["tma", "lockstep"])
 @pytest.mark.parametrize("through", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("op", ["fastmka", "fastmka_dlam", "mka"])
-def test_scan_through_attention_backward(op, d, dtype, through, request):
-    kernels_for_test(request, scan_through=through)
+def test_scan_through_attention_backward(op, d, dtype, through, kernel, request):
+    kernels_for_test(request, scan_through=through, attention=kernel)
     gen = torch.Generator().manual_seed(d + len(op) + (dtype == torch.float16))
     B, Tq, Tk, H, G = 2, 1000, 1100, 4, 2
     q, q64 = rand(gen, B, Tq, H, d, dtype=dtype)
@@ -279,3 +282,25 @@ def _check_route_fuse_l2_states(gen, B, T, G, d, dtype):
 @pytest.mark.parametrize("T", [3000, 5000, 9000])
 def test_route_fuse_long_sequences(T):
     _check_route_fuse_l2_states(torch.Generator().manual_seed(T), 1, T, 1, 64, torch.bfloat16)
+
+
+# On Hopper fastmka's ScanThrough and mka's weighted levels run in the warp-specialised
+# backward, but for fastmka's dlam at d = 128 (its staging does not fit beside the stages).
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="needs a Hopper (sm_90) GPU")
+@pytest.mark.parametrize("op, d, dlam, kernel", [("fastmka", 64, False, "attention_bwd_wgmma_ws<"),
+                                                 ("fastmka", 64, True, "attention_bwd_wgmma_ws<"),
+                                                 ("fastmka", 128, False, "attention_bwd_wgmma_ws<"),
+                                                 ("fastmka", 128, True, "attention_bwd_wgmma<"),
+                                                 ("mka", 64, True, "attention_bwd_wgmma_ws<"),
+                                                 ("mka", 128, True, "attention_bwd_wgmma_ws<")])
+def test_weighted_backward_dispatch(op, d, dlam, kernel):
+    B, T, H, G = 1, 300, 2, 1
+    q, k, v = (torch.randn(B, T, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for n in (H, G, G))
+    lam = torch.softmax(torch.randn(B, T, 2, device="cuda"), -1).bfloat16().requires_grad_(dlam)
+    fn = getattr(torch.ops.mka, op)
+    names = kernel_names(lambda: fn(q, k, v, lam, BETA)[0].float().sum().backward())
+    assert any(kernel in n for n in names), sorted(names)
+    if kernel == "attention_bwd_wgmma<":
+        assert not any("attention_bwd_wgmma_ws<" in n for n in names), sorted(names)
