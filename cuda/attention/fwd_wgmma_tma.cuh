@@ -10,6 +10,8 @@
 // consumers the tensor cores are handed over per issue (named barriers, as in the ping-pong
 // kernel), so one consumer's softmax runs during the other's products and the tensor cores
 // always have a queue. The producer gives its registers to the consumers (setmaxnreg).
+// With dropout (kDrop) a consumer makes a tile's keep bits while its products run and applies
+// them to the weights after the row sums, as the ping-pong kernel does.
 //
 // Two consumers at both head dims. At d = 64 a tile's exp2 work on the special-function units
 // takes as long as its products on the tensor cores, which is why FlashAttention-3 runs three
@@ -50,7 +52,7 @@ template <int D, int BN> constexpr int tma_fwd_smem_bytes() {
   return (kWgBlockM * D + kTmaStages * 2 * BN * D) * 2 + (1 + 4 * kTmaStages) * 8 + 1024;
 }
 
-template <class T, int D, int BN>
+template <class T, int D, int BN, bool kDrop = false>
 __global__ void __launch_bounds__(kTmaThreads, 1)
     attention_fwd_wgmma_tma(const __grid_constant__ FwdMaps maps, AttnParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -108,6 +110,7 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
   const bool arrives = threadIdx.x % 32 == 0;
   WgFwdRows<T, D, BN> rows;
   const float sl2 = p.scale * 1.4426950408889634f;
+  const DropKeep drop(p.dropout);  // read only where kDrop
   const T* qw = qs + cw * 64 * 64;  // this consumer's rows in panel 0 of the Q tile
   float s[NT][4] = {};
   unsigned pa[BN / 16][4];
@@ -121,10 +124,13 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
     turn_wait(cw);
     rows.issue_scores(s, qw, kBM, ks);
     turn_pass(cw);
+    // Dropout's keep bits while the scores run (Philox: integer work beside the products).
+    uint64_t keep = kDrop ? blk.keep_bits(drop, p, blk.n_begin) : 0;
     wgmma::wait<0>();
     wgmma::fence_regs(reinterpret_cast<float(&)[NT * 4]>(s));
     if (arrives) mbar::arrive(kempty);
     rows.weights(s, p, blk.row0, blk.n_begin * BN, blk.full(blk.n_begin), sl2, corr);
+    if constexpr (kDrop) rows.apply_keep(s, drop, keep);  // after the row sums (SPEC §3.5)
     rows.to_a(pa, s);  // O is still zero: no rescale
     for (int t = 1; t < tiles; ++t) {
       kr.next();
@@ -135,10 +141,12 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
       rows.issue_scores(s, qw, kBM, ks + kr.st * BN * D);  // S_t
       rows.issue_pv(pa, vs + vr.st * BN * D);              // O += P_{t-1} V_{t-1}
       turn_pass(cw);
+      if constexpr (kDrop) keep = blk.keep_bits(drop, p, n);
       wgmma::wait<1>();  // S_t done (groups complete in order)
       wgmma::fence_regs(reinterpret_cast<float(&)[NT * 4]>(s));
       if (arrives) mbar::arrive(kempty + kr.st);
       rows.weights(s, p, blk.row0, n * BN, blk.full(n), sl2, corr);
+      if constexpr (kDrop) rows.apply_keep(s, drop, keep);
       wgmma::wait<0>();  // O's product done: O and P's registers are free
       rows.fence_o();
       if (arrives) mbar::arrive(vempty + vr.st);

@@ -1,8 +1,7 @@
 // attention on the GPU: launchers. Half-precision inputs with 16-byte aligned rows take the
 // tensor-core kernels; float32 (and unaligned views) take the float32 CUDA-core kernels.
 // Attention dropout runs in the kernels' dropout instantiations (their kDrop flag). On Hopper
-// the wgmma backward and the ping-pong and lockstep forwards have one; the warp-specialised
-// (TMA) forward does not, so with dropout `tma` takes the ping-pong forward.
+// the wgmma backwards and forwards have one.
 #include "attention/bwd_mma.cuh"
 #include "attention/bwd_wgmma.cuh"
 #include "attention/bwd_wgmma_ws.cuh"
@@ -49,12 +48,15 @@ TensorRef kv_view(const Rows& x, const AttentionProblem& p) {
 // The Hopper (wgmma) kernels run where the loaded image is sm_90a code, i.e. on an sm_90
 // device of a build that includes arch 90a.
 template <class Kernel> bool has_sm90a_image(Kernel k) {
-  cudaFuncAttributes attr;
-  if (cudaFuncGetAttributes(&attr, k) != cudaSuccess) {
-    (void)cudaGetLastError();  // no image for this device: not an error of this call
-    return false;
-  }
-  return attr.binaryVersion == 90;
+  static KernelMemo images;  // per kernel and device: the query costs host time every call
+  return images.get(reinterpret_cast<const void*>(k), [&] {
+    cudaFuncAttributes attr;
+    if (cudaFuncGetAttributes(&attr, k) != cudaSuccess) {
+      (void)cudaGetLastError();  // no image for this device: not an error of this call
+      return 0;
+    }
+    return int(attr.binaryVersion == 90);
+  }) != 0;
 }
 
 // The warp-specialised forward, where TMA can describe the views (16-byte strides, a driver
@@ -66,7 +68,8 @@ template <class T, int D, int BN> bool fwd_wgmma_tma(const AttnParams& a, cudaSt
       !rows_tensor_map(&maps.v, a.v, a.B, a.Tk, a.G, D, BN))
     return false;
   constexpr int smem = tma_fwd_smem_bytes<D, BN>();
-  auto kernel = attention_fwd_wgmma_tma<T, D, BN>;
+  auto kernel = a.dropout.active() ? attention_fwd_wgmma_tma<T, D, BN, true>
+                                   : attention_fwd_wgmma_tma<T, D, BN>;
   set_smem(kernel, smem);
   const dim3 grid(unsigned(ceil_div(a.Tq, kWgBlockM)), unsigned(a.H), unsigned(a.B));
   kernel<<<grid, kTmaThreads, smem, s>>>(maps, a);
@@ -87,7 +90,7 @@ template <class T, int D> bool fwd_wgmma(const AttnParams& a, AttnKernel kernel_
   MKA_CHECK(plan.block_q == kWgBlockM && plan.block_k == BN,
             "attention: TilePlan (", plan.block_q, "x", plan.block_k,
             ") has no compiled wgmma kernel for head dim ", D);
-  if (kernel_choice == AttnKernel::tma && !drop && fwd_wgmma_tma<T, D, BN>(a, s)) return true;
+  if (kernel_choice == AttnKernel::tma && fwd_wgmma_tma<T, D, BN>(a, s)) return true;
   const bool pp = kernel_choice != AttnKernel::lockstep;
   const int smem = pp ? wg_fwd_smem_bytes<D, BN, 3>() : wg_fwd_smem_bytes<D, BN, 2>();
   auto kernel = pp ? (drop ? attention_fwd_wgmma_pp<T, D, BN, true> : attention_fwd_wgmma_pp<T, D, BN>)

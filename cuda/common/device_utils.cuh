@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <map>
 #include <mutex>
 #include <utility>
 
@@ -238,10 +239,55 @@ void launch_after(dim3 grid, dim3 block, size_t smem, cudaStream_t s, int device
   cfg.attrs = &attr, cfg.numAttrs = dependent[slot] ? 1 : 0;
   check_cuda(cudaLaunchKernelEx(&cfg, Kernel, std::forward<Args>(args)...), "cudaLaunchKernelEx");
 }
-// Lets kernel k use `bytes` of dynamic shared memory (needed past 48 KB less its static part).
+// A per-(kernel, device) memo of launch-time facts: a kernel's attributes stay as set (or as
+// compiled) for the process, so the launchers pay the runtime's query or setter (about a
+// microsecond of host time each, every call of every op) once per kernel and device.
+class KernelMemo {
+ public:
+  // The stored value of (kernel, current device), or make() stored and returned.
+  template <class Make> int get(const void* kernel, Make make) {
+    const Key key{kernel, current_device()};
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      const auto it = values_.find(key);
+      if (it != values_.end()) return it->second;
+    }
+    const int v = make();  // outside the lock: it may throw
+    std::lock_guard<std::mutex> lock(mu_);
+    return values_.emplace(key, v).first->second;
+  }
+  // Raises (kernel, current device)'s stored value to v; whether it was below (none stored:
+  // below).
+  bool raise(const void* kernel, int v) {
+    std::lock_guard<std::mutex> lock(mu_);
+    const auto it = values_.find(Key{kernel, current_device()});
+    return it == values_.end() || it->second < v;
+  }
+  void store(const void* kernel, int v) {
+    std::lock_guard<std::mutex> lock(mu_);
+    values_[Key{kernel, current_device()}] = v;
+  }
+
+ private:
+  using Key = std::pair<const void*, int>;
+  static int current_device() {
+    int device = 0;
+    check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+    return device;
+  }
+  std::mutex mu_;
+  std::map<Key, int> values_;
+};
+
+// Lets kernel k use `bytes` of dynamic shared memory (needed past 48 KB less its static part);
+// the attribute is a ceiling, so it is set only where a launch asks for more than before.
 template <class Kernel> void set_smem(Kernel k, int bytes) {
+  static KernelMemo ceilings;
+  const void* f = reinterpret_cast<const void*>(k);
+  if (!ceilings.raise(f, bytes)) return;
   check_cuda(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
              "cudaFuncSetAttribute (shared memory)");
+  ceilings.store(f, bytes);
 }
 
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -233,3 +233,23 @@ def test_recall_case_runs_and_its_implementations_agree():
     rows = {r["impl"]: r for r in results["rows"]}
     assert set(rows) == {"recall", "composite", "attention"}
     assert all(r["ms"]["fwd+bwd"] > 0 for r in rows.values())
+
+
+def test_train_profile_builds_every_row_alike(monkeypatch):
+    """bench/tools/train_profile.py: the baseline and both backends of mka's GPT are the same
+    recipe (same parameter count); without CUDA it says so."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "tools" / "train_profile.py"
+    spec = importlib.util.spec_from_file_location("bench_tool_train_profile", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    counts = {row: sum(p.numel() for p in module.build(row, 65, torch.device("cpu"))[0].parameters())
+              for row in ("baseline", "mka", "mka.torch")}
+    assert len(set(counts.values())) == 1, counts
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["train_profile.py"])
+    with pytest.raises(SystemExit, match="needs a CUDA device"):
+        module.main()

@@ -173,15 +173,18 @@ def test_more_blocks_than_sms(case, request):
                                           (256, "tma", "attention_fwd_wgmma_tma<"),
                                           (4096, "tma", "attention_fwd_wgmma_tma<"),
                                           (256, "mma", "attention_fwd_mma<")])
-def test_hopper_dispatch(T, mode, fwd, request):
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_hopper_dispatch(T, mode, fwd, p, request):
     # The default build has sm_90a code: on Hopper the wgmma kernels must run (a silent fall-
     # back to the sm_80 kernels would only show as lost speed); attention="mma" forces mma.sync.
-    # The backward: warp-specialised with the tma kernels (the default), lockstep otherwise.
+    # The backward: warp-specialised with the tma kernels (the default), lockstep otherwise;
+    # with dropout (p > 0) the same kernels (their dropout instantiations).
     if mode is not None:
         kernels_for_test(request, attention=mode)
     q = torch.randn(1, T, 2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(1, T, 1, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    names = kernel_names(lambda: torch.ops.mka.attention(q, k, k, True).float().sum().backward())
+    names = kernel_names(
+        lambda: torch.ops.mka.attention(q, k, k, True, None, None, p).float().sum().backward())
     assert any(fwd in n for n in names), sorted(names)
     bwd = {"mma": "attention_bwd_mma<", "pingpong": "attention_bwd_wgmma<",
            "lockstep": "attention_bwd_wgmma<"}.get(mode, "attention_bwd_wgmma_ws<")

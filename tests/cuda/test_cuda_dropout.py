@@ -180,8 +180,8 @@ def test_kernel_masks_are_the_reference_bit_for_bit(dtype, p, kernels):
     """With q = 0 every visible weight is 1 / Tk, so v = the identity (Tk = d) makes out[i, j]
     = Z[i, j] / Tk: the forward's mask itself; dout = the identity (Tq = d) makes dv[j, i] =
     Z[i, j] / Tk: the backward's. Both must equal the reference's, and keep 1 - p of 2M, for
-    every kernel choice (on Hopper: tma takes the ping-pong forward with dropout, lockstep
-    its own, both the wgmma backward; mma the sm_80 kernels)."""
+    every kernel choice (on Hopper: tma the warp-specialised forward and backward, lockstep
+    its own forward and the lockstep backward; mma the sm_80 kernels)."""
     B, H, T, d = 8, 16, 128, 128
     q = torch.zeros(B, T, H, d, device="cuda", dtype=dtype)
     k = torch.randn(B, T, H, d, device="cuda", dtype=dtype)
@@ -210,7 +210,7 @@ def test_same_seed_repeats_another_differs(dtype):
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 def test_every_kernel_choice_drops_alike(dtype, d):
-    # The wgmma kernels (tma's ping-pong fallback, pingpong, lockstep) and the mma.sync ones
+    # The wgmma kernels (tma's warp-specialised ones, pingpong, lockstep) and the mma.sync ones
     # drop the same weights: their outputs and gradients agree to rounding (the sums run in
     # other orders); ping-pong and lockstep share the per-tile math: the same output bits.
     q, k, v, dout = _cuda_qkv(("choice", str(dtype), d), dtype, 1, 300, 4, 2, d)
@@ -221,7 +221,6 @@ def test_every_kernel_choice_drops_alike(dtype, d):
             out = torch.ops.mka.attention(q, k, v, True, None, None, 0.25)
             results[mode] = (out, *torch.autograd.grad(out, (q, k, v), dout))
     assert torch.equal(results["pingpong"][0], results["lockstep"][0])
-    assert torch.equal(results["tma"][0], results["pingpong"][0])
     for mode in ("tma", "pingpong", "lockstep"):
         for what, x, ref in zip(("out", "dq", "dk", "dv"), results[mode], results["mma"]):
             assert_close(x, ref, dtype, f"{what} ({mode} against mma)")
