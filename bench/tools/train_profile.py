@@ -3,9 +3,10 @@
 recipe and batch, forward + backward + fused AdamW under bf16 autocast. Per model: wall time
 per step (the device synchronized around the timed steps), the sum of its CUDA kernels' time
 per step (torch.profiler; wall − kernels is where the GPU waited on the host), and the kernels
-that take the most time. Random token batches: the speed, not the loss, is measured.
+that take the most time; with --host also the host-side events (aten ops, CUDA runtime calls)
+with the most self time per step. Random token batches: the speed, not the loss, is measured.
 
-    python bench/tools/train_profile.py [--steps 20] [--top 12] [--rows baseline,mka,mka.torch]
+    python bench/tools/train_profile.py [--steps 20] [--top 12] [--rows baseline,mka,mka.torch] [--host]
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def step(model, opt, x, y) -> None:
     opt.zero_grad(set_to_none=True)
 
 
-def measure(row: str, steps: int, top: int, vocab: int = 65) -> None:
+def measure(row: str, steps: int, top: int, host: bool, vocab: int = 65) -> None:
     device = torch.device("cuda")
     torch.manual_seed(0)
     model, opt, r = build(row, vocab, device)
@@ -69,7 +70,8 @@ def measure(row: str, steps: int, top: int, vocab: int = 65) -> None:
         step(model, opt, x, y)
     torch.cuda.synchronize()
     wall = (time.perf_counter() - t0) / steps * 1e3
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    acts = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if host else [])
+    with profile(activities=acts) as prof:
         for _ in range(steps):
             step(model, opt, x, y)
         torch.cuda.synchronize()
@@ -83,6 +85,16 @@ def measure(row: str, steps: int, top: int, vocab: int = 65) -> None:
           f"kernels {kernels:.3f} ms per step (GPU busy {kernels / wall:.0%})")
     for name, ms in per.most_common(top):
         print(f"  {ms:7.3f} ms  {name[:110]}")
+    if host:
+        cpu = collections.Counter()
+        calls = collections.Counter()
+        for e in prof.key_averages():
+            if e.device_type == torch.autograd.DeviceType.CPU:
+                cpu[e.key] += e.self_cpu_time_total / 1e3 / steps
+                calls[e.key] += e.count / steps
+        print(f"  host: {sum(cpu.values()):.3f} ms of self time per step in profiled events")
+        for name, ms in cpu.most_common(top):
+            print(f"  {ms:7.3f} ms  {calls[name]:6.0f} calls  {name[:90]}")
 
 
 def main() -> int:
@@ -90,12 +102,13 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--rows", default="baseline,mka,mka.torch")
+    ap.add_argument("--host", action="store_true", help="also the host-side events")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("train_profile.py: needs a CUDA device")
     print(torch.cuda.get_device_name(), torch.__version__)
     for row in a.rows.split(","):
-        measure(row, a.steps, a.top)
+        measure(row, a.steps, a.top, a.host)
     return 0
 
 
