@@ -430,7 +430,7 @@ def _attn_args(q: Tensor, causal: bool, scale: _OptF, window: _OptI, dropout_p: 
     """q in the compute dtype and the attention options (op_args.h: AttnOptions); the
     dropout seed, a one-element int64 tensor, read on the host (it lives there)."""
     return {"q": _cast(q, cdt), "causal": causal, "scale": scale, "window": window,
-            "dropout_p": float(dropout_p), "seed": None if seed is None else int(seed[0])}
+            "dropout_p": float(dropout_p), "seed": None if seed is None else seed.item()}
 
 
 def _fastmka_fwd_impl(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, k3: _OptT,
