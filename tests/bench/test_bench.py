@@ -253,3 +253,20 @@ def test_train_profile_builds_every_row_alike(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["train_profile.py"])
     with pytest.raises(SystemExit, match="needs a CUDA device"):
         module.main()
+
+
+def test_short_seq_kernels_refuses_to_run_without_cuda(monkeypatch):
+    """bench/tools/short_seq_kernels.py loads on any machine and says it needs a CUDA device."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "tools" / "short_seq_kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_tool_short_seq_kernels", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.MODES == ("tma", "lockstep", "pingpong", "mma")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["short_seq_kernels.py"])
+    with pytest.raises(SystemExit, match="needs a CUDA device"):
+        module.main()
