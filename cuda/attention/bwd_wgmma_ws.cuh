@@ -57,7 +57,7 @@ template <int D> constexpr int ws_bwd_smem_bytes(bool dlam = false) {
 template <int D> constexpr bool ws_bwd_takes_dlam() { return ws_bwd_smem_bytes<D>(true) <= 227 * 1024; }
 
 // w as float32, contiguous (B * Tq): the warp-specialised backward's third statistics box.
-__global__ void ws_row_weights(TokenScalar w, float* out, int64_t Tq, int64_t n) {
+static __global__ void ws_row_weights(TokenScalar w, float* out, int64_t Tq, int64_t n) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < n) out[i] = w.load(i / Tq, i % Tq, 1.f);
 }
@@ -134,8 +134,9 @@ __global__ void __launch_bounds__(kWsBwdThreads, 1)
   const KeyWeights key_w = key_weights<true>(p, b, j0);  // its latency hides behind the loop
   // ScanThrough's dlam: x staged by the consumers' copies while the loop runs.
   constexpr int kDlamAt = ws_bwd_dlam_at<D>();
+  const bool dlam = p.scan.link && p.scan.dlam;  // as the launcher sized the shared memory
   if constexpr (ws_bwd_takes_dlam<D>())
-    if (p.scan.dlam) scan_dlam_stage<T, D, BN, 256>(p, base + kDlamAt, b, g, j0, 0);
+    if (dlam) scan_dlam_stage<T, D, BN, 256>(p, base + kDlamAt, b, g, j0, 0);
   float dk[DT][4] = {}, dv[DT][4] = {};
   auto& dk_flat = reinterpret_cast<float(&)[DT * 4]>(dk);
   auto& dv_flat = reinterpret_cast<float(&)[DT * 4]>(dv);
@@ -229,7 +230,7 @@ __global__ void __launch_bounds__(kWsBwdThreads, 1)
   }
 
   if constexpr (ws_bwd_takes_dlam<D>())
-    if (p.scan.dlam) mma::cp_async_wait<0>();  // the write-out's first barrier publishes x
+    if (dlam) mma::cp_async_wait<0>();  // the write-out's first barrier publishes x
   static_assert(dkdv_block_smem_bytes<D, BN, true>() <= ws_bwd_bars_at<D>(),
                 "the write-out stays clear of the mbarriers and dlam's region");
   put_dkdv_block<T, D, BN, 256, true>(p, base, b, g, j0, dk, dv, key_w, base + kDlamAt);

@@ -241,7 +241,8 @@ void launch_after(dim3 grid, dim3 block, size_t smem, cudaStream_t s, int device
 }
 // A per-(kernel, device) memo of launch-time facts: a kernel's attributes stay as set (or as
 // compiled) for the process, so the launchers pay the runtime's query or setter (about a
-// microsecond of host time each, every call of every op) once per kernel and device.
+// microsecond of host time each, every call of every op) once per kernel and device. Keyed by
+// the device number, i.e. its primary context (torch's): a cudaDeviceReset would leave it stale.
 class KernelMemo {
  public:
   // The stored value of (kernel, current device), or make() stored and returned.
@@ -256,16 +257,16 @@ class KernelMemo {
     std::lock_guard<std::mutex> lock(mu_);
     return values_.emplace(key, v).first->second;
   }
-  // Raises (kernel, current device)'s stored value to v; whether it was below (none stored:
-  // below).
-  bool raise(const void* kernel, int v) {
+  // Raises (kernel, current device)'s value to v, calling set() first, where it is below v
+  // (or none is stored); under one lock, so two threads raising the same kernel to different
+  // values can never leave the stored value above the one set last.
+  template <class Set> void raise(const void* kernel, int v, Set set) {
+    const Key key{kernel, current_device()};
     std::lock_guard<std::mutex> lock(mu_);
-    const auto it = values_.find(Key{kernel, current_device()});
-    return it == values_.end() || it->second < v;
-  }
-  void store(const void* kernel, int v) {
-    std::lock_guard<std::mutex> lock(mu_);
-    values_[Key{kernel, current_device()}] = v;
+    const auto it = values_.find(key);
+    if (it != values_.end() && it->second >= v) return;
+    set();  // may throw: nothing is stored then
+    values_[key] = v;
   }
 
  private:
@@ -283,11 +284,10 @@ class KernelMemo {
 // the attribute is a ceiling, so it is set only where a launch asks for more than before.
 template <class Kernel> void set_smem(Kernel k, int bytes) {
   static KernelMemo ceilings;
-  const void* f = reinterpret_cast<const void*>(k);
-  if (!ceilings.raise(f, bytes)) return;
-  check_cuda(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
-             "cudaFuncSetAttribute (shared memory)");
-  ceilings.store(f, bytes);
+  ceilings.raise(reinterpret_cast<const void*>(k), bytes, [&] {
+    check_cuda(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
+               "cudaFuncSetAttribute (shared memory)");
+  });
 }
 
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
