@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -23,18 +22,11 @@ from torch.profiler import ProfilerActivity, profile
 
 from mka.models import GPT, GPTConfig
 
-
-def _baseline():
-    path = Path(__file__).with_name("nanogpt_baseline.py")
-    spec = importlib.util.spec_from_file_location("nanogpt_baseline", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["nanogpt_baseline"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/tools is not a package
+import nanogpt_baseline as nb  # noqa: E402
 
 
 def build(row: str, vocab: int, device: torch.device):
-    nb = _baseline()
     r = nb.Recipe()
     if row == "baseline":
         model = nb.BaselineGPT(r, vocab)

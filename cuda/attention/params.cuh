@@ -26,7 +26,7 @@ struct AttnParams {
   float* delta = nullptr;  // (B, H, Tq): rowsum(dout * out), unweighted
   TokenScalar w;           // per query row weight on dout (mka); absent: 1
   ScanSums sums;           // made where asked for (the tensor-core kernels only)
-  ScanThrough scan;        // run where asked for (the wgmma kernel only)
+  ScanThrough scan;        // run where asked for (the wgmma kernels only)
   DropoutMask dropout;     // of the attention weights (attention/dropout.cuh applies it)
 
   // Bottom-right alignment (SPEC §1): row i sees key j iff key_lo(i) <= j < key_hi(i).

@@ -190,29 +190,30 @@ def test_shape_str():
     assert str(Shape(B=2, T=8, H=4, G=2, d=16)) == "B=2 T=8 H=4 G=2 d=16"
 
 
-@pytest.mark.parametrize("tool", ["host_overhead", "gpu_profile"])
-def test_tools_load_against_the_runner(tool):
-    """The GPU tools in bench/tools import the runner's names (they run only on CUDA)."""
+def _tool(name: str):
+    """bench/tools/<name>.py loaded as a module (bench/tools is not a package)."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[2] / "bench" / "tools" / f"{tool}.py"
-    spec = importlib.util.spec_from_file_location(f"bench_tool_{tool}", path)
+    path = Path(__file__).resolve().parents[2] / "bench" / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_tool_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("tool", ["host_overhead", "gpu_profile"])
+def test_tools_load_against_the_runner(tool):
+    """The GPU tools in bench/tools import the runner's names (they run only on CUDA)."""
+    module = _tool(tool)
     assert callable(module.main) and list(OPS.passes) == ["fwd", "fwd+bwd"]
 
 
 def test_hf_profile_refuses_to_run_without_cuda(monkeypatch, capsys):
     """bench/tools/hf_profile.py loads on any machine and says it needs a CUDA device."""
-    import importlib.util
     import sys
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[2] / "bench" / "tools" / "hf_profile.py"
-    spec = importlib.util.spec_from_file_location("bench_tool_hf_profile", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _tool("hf_profile")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(sys, "argv", ["hf_profile.py", "decode"])
     with pytest.raises(SystemExit) as e:
@@ -238,14 +239,9 @@ def test_recall_case_runs_and_its_implementations_agree():
 def test_train_profile_builds_every_row_alike(monkeypatch):
     """bench/tools/train_profile.py: the baseline and both backends of mka's GPT are the same
     recipe (same parameter count); without CUDA it says so."""
-    import importlib.util
     import sys
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[2] / "bench" / "tools" / "train_profile.py"
-    spec = importlib.util.spec_from_file_location("bench_tool_train_profile", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _tool("train_profile")
     counts = {row: sum(p.numel() for p in module.build(row, 65, torch.device("cpu"))[0].parameters())
               for row in ("baseline", "mka", "mka.torch")}
     assert len(set(counts.values())) == 1, counts
@@ -257,14 +253,9 @@ def test_train_profile_builds_every_row_alike(monkeypatch):
 
 def test_short_seq_kernels_refuses_to_run_without_cuda(monkeypatch):
     """bench/tools/short_seq_kernels.py loads on any machine and says it needs a CUDA device."""
-    import importlib.util
     import sys
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[2] / "bench" / "tools" / "short_seq_kernels.py"
-    spec = importlib.util.spec_from_file_location("bench_tool_short_seq_kernels", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _tool("short_seq_kernels")
     assert module.MODES == ("tma", "lockstep", "pingpong", "mma")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(sys, "argv", ["short_seq_kernels.py"])
