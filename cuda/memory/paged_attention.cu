@@ -14,7 +14,6 @@
 // the pages and writes NaN for its rows.
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <limits>
 #include <mutex>
 
@@ -472,37 +471,9 @@ template <auto Kernel> int64_t resident_slots(int smem, int device) {
   return int64_t(per_sm[device % 64]) * num_sms(device);
 }
 
-// Whether the tensor-core kernel's splits may merge in a cluster (paged_cluster.cuh): a
-// Hopper or later GPU running code compiled for sm_90 or later (the merge is compiled out
-// below it), unless MKA_DECODE_CLUSTER=0 (read per call: an A/B switch for measurements).
-template <auto Kernel> bool clusters_allowed(int device) {
-  static KernelMemo memo;
-  const char* e = std::getenv("MKA_DECODE_CLUSTER");
-  if (e && e[0] == '0') return false;
-  return memo.get(reinterpret_cast<const void*>(Kernel), [&] {
-    cudaFuncAttributes fa{};
-    return int(cc_major(device) >= 9 && cudaFuncGetAttributes(&fa, Kernel) == cudaSuccess &&
-               fa.ptxVersion >= 90);
-  }) != 0;
-}
-
-// Kernel<<<grid, kThreads, smem, s>>>(a) in clusters of (1, a.cluster, 1) blocks.
-template <auto Kernel>
-void launch_clustered(dim3 grid, int smem, cudaStream_t s, const PagedArgs& a) {
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = grid, cfg.blockDim = dim3(kThreads), cfg.dynamicSmemBytes = size_t(smem);
-  cfg.stream = s;
-  cudaLaunchAttribute attr{};
-  attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = 1, attr.val.clusterDim.y = unsigned(a.cluster), attr.val.clusterDim.z = 1;
-  cfg.attrs = &attr, cfg.numAttrs = 1;
-  check_cuda(cudaLaunchKernelEx(&cfg, Kernel, a), "cudaLaunchKernelEx (clusters)");
-}
-
 // Plans the splits, launches `Kernel` (either kernel: same grid and partials) and, with
-// several splits, the combine kernel — or, kCluster (the tensor-core kernel) with 2 to
-// kMaxCluster splits on sm_90, one cluster per row block that merges its splits itself.
-template <auto Kernel, class T, bool kEma, bool kFillHbm = false, bool kCluster = false>
+// several splits, the combine kernel.
+template <auto Kernel, class T, bool kEma, bool kFillHbm = false>
 void launch(PagedArgs& a, int smem, const char* name, int64_t capacity, int device,
             cudaStream_t s, int rows = kRows) {
   a.rows = rows;
@@ -516,17 +487,10 @@ void launch(PagedArgs& a, int smem, const char* name, int64_t capacity, int devi
   const int64_t blocks = int64_t(a.row_blocks) * a.B * a.G;
   MKA_CHECK(blocks < (int64_t(1) << 31), "paged_attention: too many blocks (B x G x row blocks = ",
             blocks, ")");
-  a.cluster = kCluster && a.splits > 1 && a.splits <= kMaxCluster && clusters_allowed<Kernel>(device)
-                  ? a.splits : 0;
-  const dim3 grid(unsigned(blocks), unsigned(a.splits));
-  if (a.cluster) {
-    launch_clustered<Kernel>(grid, smem, s, a);
-    return;
-  }
   Workspace ws(a.splits > 1 ? size_t(a.splits) * a.B * a.T * a.H * (kEma ? 2 : 1) * (a.dv + 2) * 4 : 0,
                s, false);
   a.ws = ws.as<float>();
-  Kernel<<<grid, kThreads, smem, s>>>(a);
+  Kernel<<<dim3(unsigned(blocks), unsigned(a.splits)), kThreads, smem, s>>>(a);
   check_launch(name);
   if (a.splits > 1) {
     // Launched while the blocks of the last wave still run; it waits for their partials.
@@ -557,9 +521,9 @@ template <class T> void dispatch(PagedArgs& a, int64_t capacity, int device, cud
         // MKA with at most 8 query rows per kv head, level 2 from level 1's scores: stacked.
         if constexpr (kEma)
           if (int64_t(a.T) * a.grp <= 8 && (!a.table || a.S % 16 == 0))
-            return launch<paged_attention_mma<T, D, true, true>, T, true, false, true>(
+            return launch<paged_attention_mma<T, D, true, true>, T, true>(
                 a, int(mma_smem_bytes<D, true, true>()), "paged_attention_mma", capacity, device, s, 8);
-        return launch<paged_attention_mma<T, D, kEma>, T, kEma, !kEma && D == 128, true>(
+        return launch<paged_attention_mma<T, D, kEma>, T, kEma, !kEma && D == 128>(
             a, int(mma_smem_bytes<D, kEma>()), "paged_attention_mma", capacity, device, s);
       }
     }

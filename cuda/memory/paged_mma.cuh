@@ -16,7 +16,6 @@
 // other page sizes turn the tile's rows into their EMA in place, one thread per column
 // (mma_tile_ema_serial), and run level 2 over them.
 #pragma once
-#include "memory/paged_cluster.cuh"
 #include "memory/paged_ema_mma.cuh"
 
 namespace mka::cuda::paged {
@@ -177,11 +176,6 @@ __global__ void __launch_bounds__(kThreads, kStack ? 3 : 1) paged_attention_mma(
   auto at = [](int l, int r) { return kStack ? r + 8 * l : l * 16 + r; };
   const float* mM = &rowM[0][0];
   const float* mL = &rowL[0][0];
-  if (a.cluster > 1) {  // the splits are this cluster's blocks: merged here, no partials
-    cluster_merge<T, D, kLevels, kRegLevels * 16>(a, bk.b, bk.g, bk.f0, bk.R, sO, &rowM[0][0],
-                                                  &rowL[0][0], bad, at);
-    return;
-  }
   const float nan = __int_as_float(0x7fc00000);
   for (int e = threadIdx.x; e < bk.R * D; e += kThreads) {
     const int r = e / D, x = e % D;

@@ -33,7 +33,6 @@ struct PagedArgs {
   float beta;
   int rows;  // query rows per block: kRows, or 8 where MKA's levels share the m16 tile
   int row_blocks, splits;
-  int cluster;   // > 1: the splits are one cluster's blocks, merged in it (paged_cluster.cuh)
   int64_t unit;  // a split is a whole number of these keys (tiles; pages too with level 2)
   float* ws;  // splits > 1: partials [split][b][t][h][level][dv + 2]
 };

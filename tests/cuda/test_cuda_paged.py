@@ -16,7 +16,7 @@ from mka import reference as R
 from mka.memory import paged_attention, paged_mka_attention, paged_write, paged_write_ema
 from mka.memory import torch_paged as TP
 from conftest import shuffled_block_table
-from cuda_checks import DTYPES, TOL, kernel_names, rel_err, requires_cuda
+from cuda_checks import DTYPES, TOL, rel_err, requires_cuda
 
 pytestmark = [requires_cuda, pytest.mark.cuda]
 
@@ -207,80 +207,3 @@ def test_dense_decode_shapes_take_the_decode_kernel(Tq, Tk, H, G, d, window, cau
     want = torch.autograd.grad(ref, ref_in, g)
     for a, b in zip(got, want):
         assert rel_err(a, b) < TOL[dtype]
-
-
-# Splits merged in a thread-block cluster (sm_90, 2 to 8 splits: cuda/memory/paged_cluster.cuh)
-# against the combine kernel (MKA_DECODE_CLUSTER=0) and the reference, on shapes whose split
-# plans take 2 to 8 splits on a 132-SM GPU (H100, H200): MHA at d 128 (~2 blocks per SM: B 1,
-# G 32 takes 8; ragged lengths with an empty sequence and a window) and d 64 (the wave model:
-# B 8, G 16 takes 4), MKA with stacked levels (3 splits) and with two accumulators (8), and a
-# bad page entry in a late split, which must make its sequence's rows NaN as with the combine.
-CLUSTER_CASES = [
-    ((4096,), 16, 32, 32, 128, 1, None, False),
-    ((4096, 3000, 0, 129), 16, 32, 8, 128, 1, 300, False),
-    ((2500,) * 8, 32, 16, 16, 64, 1, None, False),
-    ((4096,) * 16, 16, 32, 8, 128, 1, None, True),     # stacked levels (4 rows per kv head)
-    ((1000, 700), 16, 24, 2, 64, 1, None, True),        # two accumulators (12 rows)
-]
-
-
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
-                    reason="clusters need sm_90")
-@pytest.mark.parametrize("case", CLUSTER_CASES, ids=str)
-def test_cluster_merge_equals_the_combine_kernel(case, monkeypatch):
-    lens, S, H, G, d, Tq, window, ema = case
-    q, kp, vp, bt, n, starts, lam = _case(lens, S, H, G, d, d, Tq, seed=len(lens) + d)
-    dt = torch.bfloat16
-    q, kp, vp, lam = (_cuda(t, dt).double().cpu() for t in (q, kp, vp, lam))
-    states = [s.float().double() for s in
-              R.page_checkpoints(kp, vp, bt, n, 0.9, *(x[:len(lens)] for x in starts))]
-
-    def run(table):
-        args = [_cuda(t, dt) for t in (q, kp, vp)]
-        if ema:
-            return paged_mka_attention(*args, *(s.to("cuda", torch.float32) for s in states),
-                                       table, _cuda(n, dt), _cuda(lam, dt), 0.9, window=window)
-        return paged_attention(*args, table, _cuda(n, dt), window=window)
-
-    table = _cuda(bt, dt)
-    monkeypatch.setenv("MKA_DECODE_CLUSTER", "0")
-    names_off = kernel_names(lambda: run(table))
-    off = run(table)
-    monkeypatch.setenv("MKA_DECODE_CLUSTER", "1")
-    names_on = kernel_names(lambda: run(table))
-    on = run(table)
-    combine = [any("paged_combine_kernel" in k for k in names) for names in (names_on, names_off)]
-    assert combine == [False, True], (sorted(names_on), sorted(names_off))
-    ref = R.paged_attention(q, kp, vp, bt, n, window=window,
-                            **(dict(lam=lam, beta=0.9, k_page_states=states[0],
-                                    v_page_states=states[1]) if ema else {}))
-    assert rel_err(on, ref) < TOL[dt] and rel_err(on, off) < 4e-3
-    broken = table.clone()
-    broken[0, int(n[0]) // S - 1] = -1  # a page of sequence 0's last split
-    out = run(broken)
-    assert torch.isnan(out[0]).all() and torch.equal(out[1:], on[1:])
-
-
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
-                    reason="clusters need sm_90")
-def test_cluster_merge_takes_the_plan_of_a_few_splits(monkeypatch):
-    """B 1, G 32, d 128 splits a 4k cache into 2 x SMs / 32 blocks' worth (8 on 132 SMs): no
-    combine kernel with clusters; the logsumexp (mka.attention's decode path) is merged too."""
-    import mka
-    monkeypatch.setenv("MKA_DECODE_CLUSTER", "1")
-    gen = torch.Generator().manual_seed(5)
-    q, k, v = (torch.randn(1, T, 32, 128, generator=gen, dtype=torch.float64)
-               for T in (1, 4096, 4096))
-    x = [t.to("cuda", torch.bfloat16).requires_grad_() for t in (q, k, v)]
-    with torch.no_grad():
-        names = kernel_names(lambda: mka.attention(*x))
-    assert any("paged_attention_mma" in k for k in names), sorted(names)
-    assert not any("paged_combine_kernel" in k for k in names), sorted(names)
-    ref_in = [t.detach().double().cpu().requires_grad_() for t in x]
-    out = mka.attention(*x)
-    ref = R.attention(*ref_in)
-    assert rel_err(out, ref) < TOL[torch.bfloat16]
-    g = torch.randn(ref.shape, dtype=torch.float64)
-    for a, b in zip(torch.autograd.grad(out, x, g.to("cuda", torch.bfloat16)),
-                    torch.autograd.grad(ref, ref_in, g)):
-        assert rel_err(a, b) < TOL[torch.bfloat16]
