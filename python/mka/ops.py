@@ -118,11 +118,11 @@ def _lam(lam: Tensor, cdt: torch.dtype) -> Tensor:
     return _cast(lam, _lam_dtype(lam, cdt))
 
 
-def _like(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """An uninitialized contiguous tensor of t's shape and device in ``dtype``: a native op's
-    output. ``empty_like`` takes ~1.1 us of host time where ``new_empty(t.shape)`` takes
-    2.5-3.4 (the shape goes through Python's argument parsing); a fastmka forward and backward
-    make a dozen."""
+def _like(t: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """An uninitialized contiguous tensor of t's shape and device in ``dtype`` (t's if None):
+    a native op's output, real or fake. ``empty_like`` takes ~1.1 us of host time where
+    ``new_empty(t.shape)`` takes 2.5-3.4 (the shape goes through Python's argument parsing);
+    a fastmka forward and backward make a dozen."""
     return torch.empty_like(t, dtype=dtype, memory_format=torch.contiguous_format)
 
 
@@ -233,7 +233,7 @@ _attention_fwd = _custom_op(_attention_fwd_impl)
 @_attention_fwd.register_fake
 def _(q, k, v, causal, scale, window, dropout_p, seed, kernels):
     V.check_attention(q, k, v, scale, window, causal, dropout_p, seed)
-    return torch.empty_like(q, memory_format=torch.contiguous_format), _lse(q, state_dtype(q.dtype))
+    return _like(q), _lse(q, state_dtype(q.dtype))
 
 
 def _attention_bwd_impl(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
@@ -254,9 +254,9 @@ _attention_bwd = _custom_op(_attention_bwd_impl)
 
 @_attention_bwd.register_fake
 def _(q, k, v, out, lse, dout, causal, scale, window, dropout_p, seed, kernels):
-    return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            torch.empty_like(k, memory_format=torch.contiguous_format),
-            torch.empty_like(v, memory_format=torch.contiguous_format))
+    return (_like(q),
+            _like(k),
+            _like(v))
 
 
 def _attention_setup(ctx, inputs, output):
@@ -316,16 +316,15 @@ _route_fuse_fwd = _custom_op(_route_fuse_fwd_impl)
 @_route_fuse_fwd.register_fake
 def _(k, v, lam, beta, k3, v3, k_state, v_state, kernels):
     V.check_route(k, v, lam, beta, k3, v3, k_state, v_state, None, "(B, Tk, L)", True)
-    return (torch.empty_like(k, memory_format=torch.contiguous_format),
-            torch.empty_like(v, memory_format=torch.contiguous_format), *_states_out(k))
+    return (_like(k),
+            _like(v), *_states_out(k))
 
 
 def _route_grads_fake(k: Tensor, lam: Tensor, x3: _OptT, k_state: _OptT, v_state: _OptT,
                       need_dlam: bool = True):
-    like = lambda t: _empty(k) if t is None else torch.empty_like(  # noqa: E731
-        t, memory_format=torch.contiguous_format)
-    return (torch.empty_like(k, memory_format=torch.contiguous_format),
-            torch.empty_like(k, memory_format=torch.contiguous_format),
+    like = lambda t: _empty(k) if t is None else _like(t)  # noqa: E731
+    return (_like(k),
+            _like(k),
             like(lam if need_dlam else None), like(x3), like(x3), like(k_state), like(v_state))
 
 
@@ -469,7 +468,7 @@ def _(q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window, dropo
       kernels):
     _check_fastmka(q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window,
                    dropout_p, seed)
-    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+    return (_like(q),
             _lse(q, state_dtype(q.dtype)), *_states_out(k),
             *_fastmka_saved(q, k, _compute_dtype(q), kernels))
 
@@ -502,7 +501,7 @@ _fastmka_bwd = _custom_op(_fastmka_bwd_impl)
 @_fastmka_bwd.register_fake
 def _(q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window, dropout_p, seed, out,
       lse, dout, dk_state_out, dv_state_out, k_fused, v_fused, carry, need_dlam, kernels):
-    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+    return (_like(q),
             *_route_grads_fake(k, lam, k3, k_state, v_state, need_dlam))
 
 
@@ -579,7 +578,7 @@ def _(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window,
     L = _check_mka(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window,
                    dropout_p, seed)
     cdt = _compute_dtype(q)
-    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+    return (_like(q),
             *_mka_saved(q, L, cdt), *_states_out(k), _like(k, cdt),
             _like(v, cdt))
 
@@ -613,7 +612,7 @@ _mka_bwd = _custom_op(_mka_bwd_impl)
 @_mka_bwd.register_fake
 def _(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window, dropout_p, seed,
       o_levels, lse_levels, dout, dk_state_out, dv_state_out, k_ema, v_ema, kernels):
-    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+    return (_like(q),
             *_route_grads_fake(k, lam, mem_k, k_state, v_state))
 
 
