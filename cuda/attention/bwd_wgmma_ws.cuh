@@ -10,7 +10,11 @@
 //   dV += (w P)^T dO and dK += dS^T Q issued, then dS^T stored (two stages) while they run;
 //   one named barrier (d = 128: both consumers, whose dQ columns read every key's dS^T;
 //   d = 64: the warpgroup alone, each dQ sums its own keys), dQ = dS K issued;
-//   wait for all three, release the stage, add dQ by float2 atomics.
+//   wait for all three, release the stage; dQ (times the scale) into the warpgroup's float32
+//   panels in shared memory, and one thread adds them onto the float32 accumulator by TMA
+//   reductions (FlashAttention-3's dQ path: the L2 does the adds, the consumers issue no
+//   atomics). The issuing thread waits for its last reduction to have read the panels before
+//   the next block's dS^T barrier, after which they are overwritten.
 // A consumer can run a query block ahead of the other. The stage it refills waits for every
 // consumer warp's release (the empty mbarrier); at d = 128 the dS^T buffer it reuses is the
 // other's two blocks back, which the shared barrier of the block between orders (at d = 64
@@ -36,6 +40,7 @@ struct BwdMaps {
   CUtensorMap q, dout, k, v;  // 64-column boxes of kWgBwdBlockM (q, dout) and kWgBwdBlockN rows
   CUtensorMap lse, delta;     // (B * H * Tq) floats in boxes of kWsStatBox
   CUtensorMap w;              // (B * Tq) floats, boxes of kWsStatBox: with row weights only
+  CUtensorMap dq;             // the float32 accumulator (B, Tq, H, D): 32-column boxes of kWgBwdBlockM rows
 };
 
 // A query block's statistics start at any element, a TMA box at a multiple of 16 bytes: the
@@ -43,13 +48,16 @@ struct BwdMaps {
 constexpr int kWsStatBox = kWgBwdBlockM + 4, kWsStatSlot = 128;
 
 // The shared memory after the alignment: K, V; Q, dO and dS^T in two stages; lse, delta and w
-// in two stages; mbarriers (K/V; full and empty per stage); with ScanThrough's dlam its region
-// (wg_bwd_dlam_smem_bytes) from ws_bwd_dlam_at, 128-byte aligned.
+// in two stages; mbarriers (K/V; full and empty per stage); each consumer's dQ as two float32
+// sw128 panels (BM x 32), 1024-byte aligned; with ScanThrough's dlam its region
+// (wg_bwd_dlam_smem_bytes) from ws_bwd_dlam_at.
 template <int D> constexpr int ws_bwd_bars_at() {
   constexpr int BN = kWgBwdBlockN, BM = kWgBwdBlockM;
   return (2 * BN * D + 2 * 2 * BM * D + 2 * BN * BM) * 2 + 2 * 3 * kWsStatSlot * 4;
 }
-template <int D> constexpr int ws_bwd_dlam_at() { return (ws_bwd_bars_at<D>() + 5 * 8 + 127) / 128 * 128; }
+constexpr int kWsDqPanels = 2 * 2 * kWgBwdBlockM * 32 * 4;  // 2 consumers x 2 panels, bytes
+template <int D> constexpr int ws_bwd_dq_at() { return (ws_bwd_bars_at<D>() + 5 * 8 + 1023) / 1024 * 1024; }
+template <int D> constexpr int ws_bwd_dlam_at() { return ws_bwd_dq_at<D>() + kWsDqPanels; }
 template <int D> constexpr int ws_bwd_smem_bytes(bool dlam = false) {
   return ws_bwd_dlam_at<D>() + (dlam ? wg_bwd_dlam_smem_bytes<D>() : 0) + 1024;  // + alignment
 }
@@ -64,6 +72,25 @@ static __global__ void ws_row_weights(TokenScalar w, float* out, int64_t Tq, int
 
 __device__ __forceinline__ void consumers_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+// This thread's dQ fragment (64 rows x 64 columns per warpgroup, times the scale) into the
+// warpgroup's two float32 panels of 32 columns in the 128-byte swizzle the reduction's tensor
+// map reads: chunk c (16 bytes) of row r sits at chunk c ^ (r % 8), so a warp's float2 stores
+// of 8 rows fill all 32 banks twice (no conflicts).
+__device__ __forceinline__ void ws_stage_dq(float* panels, const float (&dq)[8][4], int warp,
+                                            int lane, float scale) {
+  #pragma unroll
+  for (int dt = 0; dt < 8; ++dt) {
+    float* panel = panels + (dt / 4) * kWgBwdBlockM * 32;
+    const int chunk = (dt % 4) * 2 + (lane % 4) / 2;
+    #pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = warp * 16 + lane / 4 + r * 8;
+      *reinterpret_cast<float2*>(panel + row * 32 + (chunk ^ (row % 8)) * 4 + (lane % 2) * 2) =
+          make_float2(dq[dt][2 * r] * scale, dq[dt][2 * r + 1] * scale);
+    }
+  }
 }
 
 template <class T, int D, bool kDrop = false>
@@ -84,6 +111,7 @@ __global__ void __launch_bounds__(kWsBwdThreads, 1)
   T* dos = qs + 2 * BM * D;            // [2][BM x D]
   T* dsts = dos + 2 * BM * D;          // [2][dS^T: BN x BM (one panel)]
   float* stats = reinterpret_cast<float*>(dsts + 2 * BN * BM);  // [2][lse, delta, w][slot]
+  float* dqs = reinterpret_cast<float*>(base + ws_bwd_dq_at<D>());  // [2 consumers][2 panels]
   uint64_t* kvbar = reinterpret_cast<uint64_t*>(stats + 2 * kSlots * kWsStatSlot);
   uint64_t* full = kvbar + 1;  // [2]: the stage's Q, dO and statistics landed
   uint64_t* empty = full + 2;  // [2]: every consumer warp is done with the stage
@@ -142,6 +170,8 @@ __global__ void __launch_bounds__(kWsBwdThreads, 1)
   auto& dv_flat = reinterpret_cast<float(&)[DT * 4]>(dv);
   const T* kw = ks + wg * 64 * 64;  // this warpgroup's 64 key rows in panel 0
   const T* vw = vs + wg * 64 * 64;
+  float* dqw = dqs + wg * 2 * BM * 32;  // this warpgroup's dQ panels
+  const bool dq_issuer = threadIdx.x % 128 == 0;
   mbar::wait(kvbar, 0);
 
   for (int64_t it = 0; it < iters; ++it) {
@@ -216,6 +246,7 @@ __global__ void __launch_bounds__(kWsBwdThreads, 1)
     wg_bwd_issue_dvdk<T, D, BM>(dv_flat, dk_flat, s, dp, qt, dot);
     wg_bwd_store_ds<T, BN>(dst, dp, wg * 64 + warp * 16 + lane / 4, lane);  // while dV, dK run
     wgmma::fence_async_smem();
+    if (dq_issuer) tma::wait_read<0>();  // the last block's dQ panels are read: free after the barrier
     // dQ's products read dS^T of both halves at d = 128 (both consumers meet), of its own
     // keys at d = 64 (its warpgroup only).
     if constexpr (D == 128)
@@ -226,7 +257,15 @@ __global__ void __launch_bounds__(kWsBwdThreads, 1)
     const int col0 = wg_bwd_dq<T, D, BN>(dq, dst, ks, wg, dk_flat, dv_flat);
     __syncwarp();
     if (lane == 0) mbar::arrive(empty + st);  // this warp's reads of Q, dO and the statistics
-    wg_bwd_add_dq(p, dq, b, h, i0, col0, warp, lane);
+    ws_stage_dq(dqw, dq, warp, lane, p.scale);
+    wgmma::fence_async_smem();  // the panels' writes before the reduction reads them
+    consumers_sync(4 + wg, 128);
+    if (dq_issuer) {
+      #pragma unroll
+      for (int c = 0; c < 2; ++c)
+        tma::reduce_add(maps.dq, dqw + c * BM * 32, col0 + c * 32, int(h), int(i0), int(b));
+      tma::commit();
+    }
   }
 
   if constexpr (ws_bwd_takes_dlam<D>())
@@ -234,6 +273,7 @@ __global__ void __launch_bounds__(kWsBwdThreads, 1)
   static_assert(dkdv_block_smem_bytes<D, BN, true>() <= ws_bwd_bars_at<D>(),
                 "the write-out stays clear of the mbarriers and dlam's region");
   put_dkdv_block<T, D, BN, 256, true>(p, base, b, g, j0, dk, dv, key_w, base + kDlamAt);
+  if (dq_issuer) tma::wait_done<0>();  // the reductions complete before the block retires
 #else
   __trap();  // launched only where the binary has sm_90a code (see attention/launch.cu)
 #endif

@@ -134,7 +134,8 @@ template <class T, int D> bool bwd_wgmma_ws(const AttnParams& a, cudaStream_t s)
       !rows_tensor_map(&maps.q, a.q, a.B, a.Tq, a.H, D, kWgBwdBlockM) ||
       !rows_tensor_map(&maps.dout, a.dout, a.B, a.Tq, a.H, D, kWgBwdBlockM) ||
       !rows_tensor_map(&maps.k, a.k, a.B, a.Tk, a.G, D, kWgBwdBlockN) ||
-      !rows_tensor_map(&maps.v, a.v, a.B, a.Tk, a.G, D, kWgBwdBlockN))
+      !rows_tensor_map(&maps.v, a.v, a.B, a.Tk, a.G, D, kWgBwdBlockN) ||
+      !rows_tensor_map_f32(&maps.dq, a.dq, a.B, a.Tq, a.H, D, kWgBwdBlockM))
     return false;
   if (w_rows) {
     ws_row_weights<<<unsigned(ceil_div(w_rows, int64_t(256))), 256, 0, s>>>(a.w, w.as<float>(), a.Tq,
@@ -256,7 +257,8 @@ ScanThroughScratch::ScanThroughScratch(const AttentionProblem& p, float beta, To
 bool attention_bwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows out,
                         const float* lse, Rows dout, TokenScalar w, Rows dq, Rows dk, Rows dv,
                         KVGrad kv_grad, cudaStream_t s, const float* delta_in,
-                        const ScanSums& sums, const ScanThrough& scan) {
+                        const ScanSums& sums, const ScanThrough& scan, bool zero_dq) {
+  MKA_CHECK(!zero_dq || !delta_in, "attention backward: zero_dq needs the delta kernel");
   if (p.B == 0) return false;
   MKA_CHECK(!scan.link || (p.Tq > 0 && p.H > 0 && p.Tk > 0),
             "attention backward: ScanThrough without queries or keys");
@@ -270,6 +272,7 @@ bool attention_bwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows 
   a.dout = dout, a.dq = dq, a.dk = dk, a.dv = dv, a.w = w, a.kv_grad = kv_grad;
   Workspace delta(delta_in ? 0 : size_t(p.B * p.H * p.Tq) * 4, s, false);
   a.delta = delta_in ? const_cast<float*>(delta_in) : delta.as<float>();
+  a.zero_dq = zero_dq;
   // With delta given, out is not read; dk, dv are written in 16-byte pieces.
   const bool tc = use_tensor_cores(p, {q, k, v, delta_in ? Rows{} : out, dout, dk, dv});
   // Both tensor-core kernels make the scan sums in their write-out (bwd_rows.cuh).
@@ -320,11 +323,12 @@ void attention_bwd(const AttentionProblem& p, const AttentionBwd& a) {
   auto s = static_cast<cudaStream_t>(a.launch.stream);
   // dq gathers every key block's share in float32 (atomics), rounded once at the end; a key
   // block's dk and dv come from one thread block, which adds or stores them itself.
-  Workspace dq_acc(size_t(p.B * p.Tq * p.H * p.d) * 4, s, true);
+  // (zeroed by the delta kernel: one launch fewer than a memset)
+  Workspace dq_acc(size_t(p.B * p.Tq * p.H * p.d) * 4, s, false);
   attention_bwd_rows(p, rows(a.q), rows(a.k), rows(a.v), rows(a.out),
                      static_cast<const float*>(a.lse.data), rows(a.dout), TokenScalar{},
                      dense_rows(dq_acc.as<float>(), p.Tq, p.H, p.d), rows(a.dk), rows(a.dv),
-                     a.accumulate ? KVGrad::add_io : KVGrad::store_io, s);
+                     a.accumulate ? KVGrad::add_io : KVGrad::store_io, s, nullptr, {}, {}, true);
   accumulate(dq_acc.as<float>(), a.dq, s, a.accumulate);
 }
 

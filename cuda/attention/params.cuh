@@ -24,6 +24,7 @@ struct AttnParams {
   Rows dout, dq, dk, dv;   // dq: dense float32 accumulator; dk, dv: as kv_grad says
   KVGrad kv_grad = KVGrad::store_io;
   float* delta = nullptr;  // (B, H, Tq): rowsum(dout * out), unweighted
+  bool zero_dq = false;    // the delta kernel also zeroes dq's rows (no memset launch)
   TokenScalar w;           // per query row weight on dout (mka); absent: 1
   ScanSums sums;           // made where asked for (the tensor-core kernels only)
   ScanThrough scan;        // run where asked for (the wgmma kernels only)

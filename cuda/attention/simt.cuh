@@ -76,7 +76,8 @@ attention_fwd_simt(AttnParams p) {
   if (lane == 0) p.lse_at(b, h)[i] = l > 0.f ? m + logf(l) : -INFINITY;
 }
 
-// delta[b, h, i] = <dout, out> of row (b, i, h), float32 (the softmax backward's row term).
+// delta[b, h, i] = <dout, out> of row (b, i, h), float32 (the softmax backward's row term);
+// with p.zero_dq, the row of the dq accumulator (dense float32) is zeroed too.
 template <class T, int V> __global__ void attention_bwd_delta(AttnParams p) {
   // V = 8: half a warp per row, 16-byte loads; V = 1 (unaligned views): a warp per row.
   constexpr int kLanes = V == 1 ? 32 : 16;
@@ -94,6 +95,10 @@ template <class T, int V> __global__ void attention_bwd_delta(AttnParams p) {
       load_v<V>(dO + c, y);
       #pragma unroll
       for (int e = 0; e < V; ++e) s += x[e] * y[e];
+    }
+    if (p.zero_dq) {
+      float* dq = p.dq.at<float>(b, i, h);
+      for (int64_t c = lane; c < p.d; c += kLanes) dq[c] = 0.f;
     }
   }
   #pragma unroll

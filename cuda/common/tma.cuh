@@ -1,7 +1,8 @@
 // Tensor Memory Access (sm_90): a (B, T, heads, d) view described once on the host as a
 // tensor map, and bulk copies of row tiles into 128-byte-swizzled shared memory that
-// complete on an mbarrier (by bytes, not by arrivals). One thread issues a whole tile, so
-// the threads that compute never spend issue slots or registers on addresses.
+// complete on an mbarrier (by bytes, not by arrivals), and float32 tiles added from shared
+// memory onto a view (bulk reductions). One thread issues a whole tile, so the threads that
+// compute never spend issue slots or registers on addresses.
 #pragma once
 #include <cuda.h>  // CUtensorMap and cuTensorMapEncodeTiled's signature; the entry point
                    // itself comes from the runtime, so nothing links libcuda
@@ -37,28 +38,41 @@ inline EncodeTiledFn tensor_map_encoder() {
   return fn;
 }
 
-// The map of a 16-bit (B, T, heads, D) view whose boxes are `rows` consecutive rows of one
-// head and 64 columns (one 128-byte panel of a sw128 tile): dims innermost first (d, heads,
-// T, B), coordinates (column, head, row, batch). Rows past T read as zeros. False where the
-// view cannot be described (the driver refuses it): the caller takes another kernel.
-inline bool rows_tensor_map(CUtensorMap* map, const Rows& x, int64_t B, int64_t T,
-                            int64_t heads, int64_t D, int rows) {
+// The map of a (B, T, heads, D) view whose boxes are `rows` consecutive rows of one head and
+// one 128-byte panel of columns (a sw128 tile's panel: 64 16-bit or 32 float32 columns): dims
+// innermost first (d, heads, T, B), coordinates (column, head, row, batch). Rows past T read
+// as zeros and are not written by reductions. False where the view cannot be described (the
+// driver refuses it): the caller takes another kernel.
+inline bool panel_tensor_map(CUtensorMap* map, void* data, int64_t sb, int64_t st, int64_t sh,
+                             int elem_bytes, int64_t B, int64_t T, int64_t heads, int64_t D,
+                             int rows) {
   const EncodeTiledFn encode = tensor_map_encoder();
   if (!encode || B < 1 || T < 1 || heads < 1 || rows > 256) return false;
   // A dimension of extent 1 is never stepped over; give it a stride the encoder accepts.
-  auto stride = [](int64_t elems, int64_t extent, uint64_t fallback) -> uint64_t {
-    return extent == 1 ? fallback : uint64_t(elems) * 2;
+  auto stride = [&](int64_t elems, int64_t extent, uint64_t fallback) -> uint64_t {
+    return extent == 1 ? fallback : uint64_t(elems) * uint64_t(elem_bytes);
   };
-  const uint64_t sh = stride(x.sh, heads, uint64_t(D) * 2);
-  const uint64_t st = stride(x.st, T, sh * uint64_t(heads));
-  const uint64_t sb = stride(x.sb, B, st * uint64_t(T));
+  const uint64_t s_h = stride(sh, heads, uint64_t(D) * elem_bytes);
+  const uint64_t s_t = stride(st, T, s_h * uint64_t(heads));
+  const uint64_t s_b = stride(sb, B, s_t * uint64_t(T));
   const cuuint64_t dims[4] = {cuuint64_t(D), cuuint64_t(heads), cuuint64_t(T), cuuint64_t(B)};
-  const cuuint64_t strides[3] = {sh, st, sb};
-  const cuuint32_t box[4] = {64, 1, cuuint32_t(rows), 1}, one[4] = {1, 1, 1, 1};
-  return encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT16, 4, x.data, dims, strides, box, one,
-                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+  const cuuint64_t strides[3] = {s_h, s_t, s_b};
+  const cuuint32_t box[4] = {cuuint32_t(128 / elem_bytes), 1, cuuint32_t(rows), 1};
+  const cuuint32_t one[4] = {1, 1, 1, 1};
+  return encode(map, elem_bytes == 2 ? CU_TENSOR_MAP_DATA_TYPE_UINT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT32,
+                4, data, dims, strides, box, one, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+// A 16-bit view's map (64-column boxes).
+inline bool rows_tensor_map(CUtensorMap* map, const Rows& x, int64_t B, int64_t T,
+                            int64_t heads, int64_t D, int rows) {
+  return panel_tensor_map(map, x.data, x.sb, x.st, x.sh, 2, B, T, heads, D, rows);
+}
+// A float32 view's map (32-column boxes): the target of the backward's dQ reductions.
+inline bool rows_tensor_map_f32(CUtensorMap* map, const Rows& x, int64_t B, int64_t T,
+                                int64_t heads, int64_t D, int rows) {
+  return panel_tensor_map(map, x.data, x.sb, x.st, x.sh, 4, B, T, heads, D, rows);
 }
 
 // The map of a dense float32 array of n elements read in boxes of `box` consecutive elements
@@ -118,6 +132,28 @@ __device__ __forceinline__ void load_tile(void* tile, const CUtensorMap& map, in
   #pragma unroll
   for (int c = 0; c < D / 64; ++c)
     load(static_cast<char*>(tile) + c * R * 128, map, c * 64, int(head), int(row), int(b), bar);
+}
+// Adds a float32 sw128 panel (`rows` x 32, at `src`, 1024-byte aligned) onto box (col, head,
+// row, batch) of `map` in global memory, element-wise (rows past T are dropped). The threads
+// that wrote `src` must have fenced their writes for the async proxy (fence.proxy.async) and
+// met the issuing thread at a barrier. Joins the issuing thread's open bulk group.
+__device__ __forceinline__ void reduce_add(const CUtensorMap& map, const void* src, int col,
+                                           int head, int row, int batch) {
+  asm volatile(
+      "cp.reduce.async.bulk.tensor.4d.global.shared::cta.add.tile.bulk_group"
+      " [%0, {%1, %2, %3, %4}], [%5];\n" ::"l"(reinterpret_cast<uint64_t>(&map)),
+      "r"(col), "r"(head), "r"(row), "r"(batch), "r"(unsigned(__cvta_generic_to_shared(src)))
+      : "memory");
+}
+// Closes the issuing thread's open bulk group.
+__device__ __forceinline__ void commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// Waits until at most N of the issuing thread's bulk groups still read shared memory.
+template <int N> __device__ __forceinline__ void wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+}
+// Waits until at most N of the issuing thread's bulk groups are incomplete (writes visible).
+template <int N> __device__ __forceinline__ void wait_done() {
+  asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
 }
 __device__ __forceinline__ void prefetch(const CUtensorMap& map) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&map)) : "memory");

@@ -39,10 +39,13 @@ void attention_fwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows 
 // kernels; returns whether they were made.
 // scan (optional, where attention_bwd_can_scan): the EMA scan's backward run through the
 // write-out; dk, dv are then the scan inputs' gradients.
+// zero_dq (with delta absent): dq (dense float32) is zeroed by the delta kernel, so the
+// caller's accumulator needs no memset of its own.
 bool attention_bwd_rows(const AttentionProblem& p, Rows q, Rows k, Rows v, Rows out,
                         const float* lse, Rows dout, TokenScalar w, Rows dq, Rows dk, Rows dv,
                         KVGrad kv_grad, cudaStream_t stream, const float* delta = nullptr,
-                        const ScanSums& sums = {}, const ScanThrough& scan = {});
+                        const ScanSums& sums = {}, const ScanThrough& scan = {},
+                        bool zero_dq = false);
 // Whether attention_bwd_rows can run ScanThrough for p with these views (q, k, v, dout, dk,
 // dv; out unless delta is given): the wgmma kernel runs, and a sequence has no more key
 // blocks than the GPU has SMs (a block waits on the blocks after it, which must start).

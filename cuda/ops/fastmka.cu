@@ -52,7 +52,7 @@ void fastmka_bwd(const AttentionProblem& ap, const RouteProblem& route, const Fa
   Fused f(ap, rp, a.saved, s);
   if (!a.saved.k.present())
     route_fuse_fwd_rows(rp, a.k, a.v, a.route, f.kr, f.vr, StateView{}, StateView{}, f.carry, s);
-  Workspace dq_acc(size_t(ap.B * ap.Tq * ap.H * ap.d) * 4, s, true);
+  Workspace dq_acc(size_t(ap.B * ap.Tq * ap.H * ap.d) * 4, s, false);  // zeroed by the delta kernel
   const Rows dq_rows = dense_rows(dq_acc.as<float>(), ap.Tq, ap.H, ap.d);
   const auto lse = static_cast<const float*>(a.lse.data);
   // Without level 3's gradients the scan's backward runs through the attention backward's
@@ -82,7 +82,7 @@ void fastmka_bwd(const AttentionProblem& ap, const RouteProblem& route, const Fa
     }
     attention_bwd_rows(ap, rows(a.q), f.kr, f.vr, rows(a.out), lse, rows(a.dout), TokenScalar{},
                        dq_rows, rows(a.dk), rows(a.dv), add ? KVGrad::add_io : KVGrad::store_io,
-                       s, nullptr, {}, through.scan);
+                       s, nullptr, {}, through.scan, true);
     accumulate(dq_acc.as<float>(), a.dq, s, add);
     if (dlam) accumulate(dlam_acc.as<float>(), g.dlam, s, add);
     return;
@@ -93,7 +93,7 @@ void fastmka_bwd(const AttentionProblem& ap, const RouteProblem& route, const Fa
   ScanSumsScratch sums(rp, a.route.lam, s);
   const bool made = attention_bwd_rows(ap, rows(a.q), f.kr, f.vr, rows(a.out), lse, rows(a.dout),
                                        TokenScalar{}, dq_rows, df.kr, df.vr, KVGrad::store_io, s,
-                                       nullptr, sums.sums);
+                                       nullptr, sums.sums, {}, true);
   accumulate(dq_acc.as<float>(), a.dq, s, add);
   route_fuse_bwd_rows(rp, a.k, a.v, a.route, df.kr, df.vr, state(a.dk_state_out),
                       state(a.dv_state_out), a.dk, a.dv, g, add, f.carry, s,

@@ -50,9 +50,10 @@ def main():
     kf, vf, kso, vso = ops.route_fuse(ku, v, lam2, 0.9)
     (kf.float().sum() + vf.float().sum()).backward()
     mk, mv = r(B, 20, G, d), r(B, 20, G, d)
-    # Both tensor-core backwards make the EMA scan's chunk sums for fastmka (lam with a
-    # gradient) and run mka's level-2 scan (wgmma: through its write-out).
-    for mode in ("pingpong", "mma"):
+    # The tensor-core backwards make the EMA scan's chunk sums for fastmka (lam with a
+    # gradient) and run mka's level-2 scan (wgmma: through its write-out); `tma` runs the
+    # warp-specialised backward with its row weights and dQ reductions.
+    for mode in ("tma", "pingpong", "mma"):
         mka.set_kernels(attention=mode)
         out, kso, vso = ops.fastmka(q, k, v, lam_k, 0.9, k3, v3, ks, vs)
         (out.float().sum() + kso.sum()).backward()
