@@ -77,7 +77,8 @@ __device__ __forceinline__ void consumers_sync(int id, int threads) {
 // This thread's dQ fragment (64 rows x 64 columns per warpgroup, times the scale) into the
 // warpgroup's two float32 panels of 32 columns in the 128-byte swizzle the reduction's tensor
 // map reads: chunk c (16 bytes) of row r sits at chunk c ^ (r % 8), so a warp's float2 stores
-// of 8 rows fill all 32 banks twice (no conflicts).
+// of 8 rows spread over all 32 banks (256 bytes in two wavefronts, unless the hardware splits
+// 8-byte stores by half-warp, where rows r and r ^ 1 share banks: not profiled).
 __device__ __forceinline__ void ws_stage_dq(float* panels, const float (&dq)[8][4], int warp,
                                             int lane, float scale) {
   #pragma unroll

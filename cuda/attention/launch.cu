@@ -321,9 +321,9 @@ void attention_fwd(const AttentionProblem& p, const AttentionFwd& a) {
 void attention_bwd(const AttentionProblem& p, const AttentionBwd& a) {
   DeviceGuard guard(a.q.device_id);
   auto s = static_cast<cudaStream_t>(a.launch.stream);
-  // dq gathers every key block's share in float32 (atomics), rounded once at the end; a key
-  // block's dk and dv come from one thread block, which adds or stores them itself.
-  // (zeroed by the delta kernel: one launch fewer than a memset)
+  // dq gathers every key block's share in float32 (atomics or TMA reductions), rounded once at
+  // the end; a key block's dk and dv come from one thread block, which adds or stores them
+  // itself. The delta kernel zeroes dq (one launch fewer than a memset).
   Workspace dq_acc(size_t(p.B * p.Tq * p.H * p.d) * 4, s, false);
   attention_bwd_rows(p, rows(a.q), rows(a.k), rows(a.v), rows(a.out),
                      static_cast<const float*>(a.lse.data), rows(a.dout), TokenScalar{},

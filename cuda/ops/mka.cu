@@ -161,7 +161,7 @@ void mka_bwd(const AttentionProblem& ap, const RouteProblem& rp, const MkaBwd& a
     if (g.dlam.present()) accumulate(dlam.as<float>(), g.dlam, s, add);
   }
   const auto level_delta = [&](int l) { return delta.as<float>() + l * level_rows; };
-  // dq: float32 accumulator over the levels' key blocks (atomics).
+  // dq: float32 accumulator over the levels' key blocks (atomics or TMA reductions).
   Workspace dq_acc(size_t(ap.B * ap.Tq * ap.H * ap.d) * 4, s, true);
   const Rows dq_rows = dense_rows(dq_acc.as<float>(), ap.Tq, ap.H, ap.d);
   const auto lse = [&](int l) { return lse_level(a.lse_levels, l); };
