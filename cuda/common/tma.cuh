@@ -43,36 +43,35 @@ inline EncodeTiledFn tensor_map_encoder() {
 // innermost first (d, heads, T, B), coordinates (column, head, row, batch). Rows past T read
 // as zeros and are not written by reductions. False where the view cannot be described (the
 // driver refuses it): the caller takes another kernel.
-inline bool panel_tensor_map(CUtensorMap* map, void* data, int64_t sb, int64_t st, int64_t sh,
-                             int elem_bytes, int64_t B, int64_t T, int64_t heads, int64_t D,
-                             int rows) {
+inline bool panel_tensor_map(CUtensorMap* map, const Rows& x, int elem_bytes, int64_t B,
+                             int64_t T, int64_t heads, int64_t D, int rows) {
   const EncodeTiledFn encode = tensor_map_encoder();
   if (!encode || B < 1 || T < 1 || heads < 1 || rows > 256) return false;
   // A dimension of extent 1 is never stepped over; give it a stride the encoder accepts.
   auto stride = [&](int64_t elems, int64_t extent, uint64_t fallback) -> uint64_t {
     return extent == 1 ? fallback : uint64_t(elems) * uint64_t(elem_bytes);
   };
-  const uint64_t s_h = stride(sh, heads, uint64_t(D) * elem_bytes);
-  const uint64_t s_t = stride(st, T, s_h * uint64_t(heads));
-  const uint64_t s_b = stride(sb, B, s_t * uint64_t(T));
+  const uint64_t sh = stride(x.sh, heads, uint64_t(D) * elem_bytes);
+  const uint64_t st = stride(x.st, T, sh * uint64_t(heads));
+  const uint64_t sb = stride(x.sb, B, st * uint64_t(T));
   const cuuint64_t dims[4] = {cuuint64_t(D), cuuint64_t(heads), cuuint64_t(T), cuuint64_t(B)};
-  const cuuint64_t strides[3] = {s_h, s_t, s_b};
+  const cuuint64_t strides[3] = {sh, st, sb};
   const cuuint32_t box[4] = {cuuint32_t(128 / elem_bytes), 1, cuuint32_t(rows), 1};
   const cuuint32_t one[4] = {1, 1, 1, 1};
   return encode(map, elem_bytes == 2 ? CU_TENSOR_MAP_DATA_TYPE_UINT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT32,
-                4, data, dims, strides, box, one, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                4, x.data, dims, strides, box, one, CU_TENSOR_MAP_INTERLEAVE_NONE,
                 CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 // A 16-bit view's map (64-column boxes).
 inline bool rows_tensor_map(CUtensorMap* map, const Rows& x, int64_t B, int64_t T,
                             int64_t heads, int64_t D, int rows) {
-  return panel_tensor_map(map, x.data, x.sb, x.st, x.sh, 2, B, T, heads, D, rows);
+  return panel_tensor_map(map, x, 2, B, T, heads, D, rows);
 }
 // A float32 view's map (32-column boxes): the target of the backward's dQ reductions.
 inline bool rows_tensor_map_f32(CUtensorMap* map, const Rows& x, int64_t B, int64_t T,
                                 int64_t heads, int64_t D, int rows) {
-  return panel_tensor_map(map, x.data, x.sb, x.st, x.sh, 4, B, T, heads, D, rows);
+  return panel_tensor_map(map, x, 4, B, T, heads, D, rows);
 }
 
 // The map of a dense float32 array of n elements read in boxes of `box` consecutive elements

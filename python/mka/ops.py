@@ -254,9 +254,7 @@ _attention_bwd = _custom_op(_attention_bwd_impl)
 
 @_attention_bwd.register_fake
 def _(q, k, v, out, lse, dout, causal, scale, window, dropout_p, seed, kernels):
-    return (_like(q),
-            _like(k),
-            _like(v))
+    return _like(q), _like(k), _like(v)
 
 
 def _attention_setup(ctx, inputs, output):
@@ -316,16 +314,14 @@ _route_fuse_fwd = _custom_op(_route_fuse_fwd_impl)
 @_route_fuse_fwd.register_fake
 def _(k, v, lam, beta, k3, v3, k_state, v_state, kernels):
     V.check_route(k, v, lam, beta, k3, v3, k_state, v_state, None, "(B, Tk, L)", True)
-    return (_like(k),
-            _like(v), *_states_out(k))
+    return _like(k), _like(v), *_states_out(k)
 
 
 def _route_grads_fake(k: Tensor, lam: Tensor, x3: _OptT, k_state: _OptT, v_state: _OptT,
                       need_dlam: bool = True):
     like = lambda t: _empty(k) if t is None else _like(t)  # noqa: E731
-    return (_like(k),
-            _like(k),
-            like(lam if need_dlam else None), like(x3), like(x3), like(k_state), like(v_state))
+    return (_like(k), _like(k), like(lam if need_dlam else None), like(x3), like(x3),
+            like(k_state), like(v_state))
 
 
 def _route_grads_alloc(k: Tensor, lam: Tensor, x3: _OptT, k_state: _OptT, v_state: _OptT,
@@ -468,8 +464,7 @@ def _(q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window, dropo
       kernels):
     _check_fastmka(q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window,
                    dropout_p, seed)
-    return (_like(q),
-            _lse(q, state_dtype(q.dtype)), *_states_out(k),
+    return (_like(q), _lse(q, state_dtype(q.dtype)), *_states_out(k),
             *_fastmka_saved(q, k, _compute_dtype(q), kernels))
 
 
@@ -501,8 +496,7 @@ _fastmka_bwd = _custom_op(_fastmka_bwd_impl)
 @_fastmka_bwd.register_fake
 def _(q, k, v, lam, beta, k3, v3, k_state, v_state, causal, scale, window, dropout_p, seed, out,
       lse, dout, dk_state_out, dv_state_out, k_fused, v_fused, carry, need_dlam, kernels):
-    return (_like(q),
-            *_route_grads_fake(k, lam, k3, k_state, v_state, need_dlam))
+    return _like(q), *_route_grads_fake(k, lam, k3, k_state, v_state, need_dlam)
 
 
 def _fastmka_setup(ctx, inputs, output):
@@ -578,9 +572,7 @@ def _(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window,
     L = _check_mka(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window,
                    dropout_p, seed)
     cdt = _compute_dtype(q)
-    return (_like(q),
-            *_mka_saved(q, L, cdt), *_states_out(k), _like(k, cdt),
-            _like(v, cdt))
+    return (_like(q), *_mka_saved(q, L, cdt), *_states_out(k), _like(k, cdt), _like(v, cdt))
 
 
 def _mka_bwd_impl(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, beta: float, mem_k: _OptT,
@@ -612,8 +604,7 @@ _mka_bwd = _custom_op(_mka_bwd_impl)
 @_mka_bwd.register_fake
 def _(q, k, v, lam, beta, mem_k, mem_v, k_state, v_state, causal, scale, window, dropout_p, seed,
       o_levels, lse_levels, dout, dk_state_out, dv_state_out, k_ema, v_ema, kernels):
-    return (_like(q),
-            *_route_grads_fake(k, lam, mem_k, k_state, v_state))
+    return _like(q), *_route_grads_fake(k, lam, mem_k, k_state, v_state)
 
 
 def _mka_setup(ctx, inputs, output):
