@@ -49,6 +49,13 @@ std::optional<int64_t> recall_scratch_from_environment() {
   return int64_t(n);
 }
 
+bool fwd_persistent_from_environment() {
+  const std::string v = env("MKA_CUDA_FWD_PERSISTENT");
+  MKA_CHECK(v.empty() || v == "0" || v == "1",
+            "MKA_CUDA_FWD_PERSISTENT: expected 0 or 1, got '", v, "'");
+  return v == "1";
+}
+
 std::optional<int> num_threads_from_environment() {
   const int n = std::atoi(env("MKA_NUM_THREADS").c_str());
   return n > 0 ? std::optional<int>(n) : std::nullopt;

@@ -73,8 +73,25 @@ __device__ __forceinline__ bool wg_bwd_full_tile(const AttnParams& p, int64_t i0
                                                  int64_t wj0, int64_t wj_last) {
   return i0 >= p.query_lo(wj_last) && i0 + BM <= q_hi && wj0 + 63 < p.Tk && i0 + BM <= p.query_hi(wj0);
 }
-__device__ __forceinline__ bool wg_bwd_sees(const AttnParams& p, int64_t i, int64_t j) {
-  return i < p.Tq && j < p.Tk && j >= p.key_lo(i) && j < p.key_hi(i);
+// The query rows i0 + r that see a thread's accumulator keys kr0 (k = 0) and kr0 + 8 (k = 1):
+// rlo[k] <= r < rhi[k], from query_lo(j) <= i < query_hi(j) (AttnParams; which also bounds i
+// by Tq; no row past Tk), clamped to [0, BM]. Made once per tile that crosses a band edge, so
+// its elements test a 32-bit row offset against two bounds instead of working out their query
+// row's 64-bit key bounds each. 32-bit positions: the launcher takes these kernels only for
+// Tq + Tk < 2^30 (in 64-bit the d = 128 dropout kernels spilled).
+template <int BM>
+__device__ __forceinline__ void wg_bwd_key_band(const AttnParams& p, int64_t kr0, int64_t i0,
+                                                int (&rlo)[2], int (&rhi)[2]) {
+  const int shift = int(p.Tk - p.Tq), tq = int(p.Tq), tk = int(p.Tk);
+  const int window = p.window > 0 ? int(min(p.window, p.Tq + p.Tk)) : 0;  // wider: no effect
+  #pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    const int j = int(kr0) + k * 8;
+    const int lo = p.causal ? max(0, j - shift) : 0;
+    const int hi = j >= tk ? 0 : window > 0 ? min(tq, j - shift + window) : tq;
+    rlo[k] = min(max(lo - int(i0), 0), BM);
+    rhi[k] = min(max(hi - int(i0), 0), BM);
+  }
 }
 
 // dV += (w P)^T dO and dK += dS^T Q (A from registers: s = w P, dp = dS; dO and Q read
@@ -172,7 +189,7 @@ __global__ void __launch_bounds__(kWgBwdThreads, 1) attention_bwd_wgmma(AttnPara
   T* dst = dos + 2 * BM * D;                      // dS^T: BN x BM (one panel)
   float* stats = reinterpret_cast<float*>(dst + BN * BM);  // [2][3][BM]: lse2, delta, w
 
-  const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+  const int wg = wgmma::warpgroup(), warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
   const WgBwdBlock<BN, BM> blk(p);
   const int64_t g = blk.g, b = blk.b, j0 = blk.j0, j_last = blk.j_last, q_hi = blk.q_hi;
   const int64_t mb0 = blk.mb0, nq = blk.nq, iters = blk.iters;
@@ -238,16 +255,16 @@ __global__ void __launch_bounds__(kWgBwdThreads, 1) attention_bwd_wgmma(AttnPara
     // w P (Z dP - delta).
     const bool full = wg_bwd_full_tile<BM>(p, i0, q_hi, wj0, wj_last);
     auto ds = [&](auto masked) {  // the per-element mask only on tiles that cross a band edge
+      int rlo[2], rhi[2];
+      if constexpr (decltype(masked)::value) wg_bwd_key_band<BM>(p, kr0, i0, rlo, rhi);
       #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
         #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int r = mt * 8 + (lane % 4) * 2 + (e & 1);
           float pr = wgmma::ex2(s[mt][e] * sl2 - lse2[r]);
-          if constexpr (decltype(masked)::value) {
-            const int64_t i = i0 + r, j = kr0 + (e >> 1) * 8;
-            if (!wg_bwd_sees(p, i, j)) pr = 0.f;
-          }
+          if constexpr (decltype(masked)::value)
+            if (r < rlo[e >> 1] || r >= rhi[e >> 1]) pr = 0.f;
           const float pw = wr[r] * pr;
           if constexpr (kDrop) {
             const unsigned kb = keep >> (4 * mt);

@@ -117,6 +117,8 @@ __global__ void __launch_bounds__(kWsBwdThreads, 1)
   uint64_t* full = kvbar + 1;  // [2]: the stage's Q, dO and statistics landed
   uint64_t* empty = full + 2;  // [2]: every consumer warp is done with the stage
 
+  // The warpgroup from threadIdx, not wgmma::warpgroup(): made uniform, it kept more values in
+  // registers across the loop and the d = 128 consumers spilled ~100 bytes.
   const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
   const WgBwdBlock<BN, BM> blk(p);
   const int64_t g = blk.g, b = blk.b, j0 = blk.j0, j_last = blk.j_last, q_hi = blk.q_hi;
@@ -205,6 +207,8 @@ __global__ void __launch_bounds__(kWsBwdThreads, 1)
     // every tile with rows past Tq is).
     const bool full_tile = wg_bwd_full_tile<BM>(p, i0, q_hi, wj0, wj_last);
     auto weights = [&](auto masked) {
+      int rlo[2], rhi[2];
+      if constexpr (decltype(masked)::value) wg_bwd_key_band<BM>(p, kr0, i0, rlo, rhi);
       #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
         #pragma unroll
@@ -212,10 +216,8 @@ __global__ void __launch_bounds__(kWsBwdThreads, 1)
           const int r = mt * 8 + (lane % 4) * 2 + (e & 1);
           float pr = wgmma::ex2(fmaf(s[mt][e], sl2, -lse[r] * 1.4426950408889634f));
           if (has_w) pr *= wr[r];  // before the mask: past Tq w is another row's
-          if constexpr (decltype(masked)::value) {
-            const int64_t i = i0 + r, j = kr0 + (e >> 1) * 8;
-            if (!wg_bwd_sees(p, i, j)) pr = 0.f;
-          }
+          if constexpr (decltype(masked)::value)
+            if (r < rlo[e >> 1] || r >= rhi[e >> 1]) pr = 0.f;
           s[mt][e] = pr;
         }
     };

@@ -33,13 +33,13 @@ template <class T, int D, int BN> struct WgFwdRows {
   __device__ __forceinline__ void issue_scores(float (&s)[NT][4], const T* qw, int q_rows,
                                                const T* kt) {
     auto& s_flat = reinterpret_cast<float(&)[NT * 4]>(s);
+    const uint64_t qd = wgmma::desc_k(qw), kd = wgmma::desc_k(kt);
     wgmma::fence();
     #pragma unroll
-    for (int kk = 0; kk < KS; ++kk) {  // 16 columns of d per product; 4 per 64-column panel
-      const T* qa = qw + (kk / 4) * q_rows * 64 + (kk % 4) * 16;
-      const T* kb = kt + (kk / 4) * BN * 64 + (kk % 4) * 16;
-      wgmma::Mma<T, BN>::template ss<0, 0>(s_flat, wgmma::desc_k(qa), wgmma::desc_k(kb), kk > 0);
-    }
+    for (int kk = 0; kk < KS; ++kk)  // 16 columns of d per product; 4 per 64-column panel
+      wgmma::Mma<T, BN>::template ss<0, 0>(s_flat,
+                                           wgmma::desc_at(qd, (kk / 4) * q_rows * 64 + (kk % 4) * 16),
+                                           wgmma::desc_at(kd, (kk / 4) * BN * 64 + (kk % 4) * 16), kk > 0);
     wgmma::commit();
   }
 
@@ -151,11 +151,11 @@ template <class T, int D, int BN> struct WgFwdRows {
   // Issues O += P V (vt: a V tile, read N-major). One commit group.
   __device__ __forceinline__ void issue_pv(const unsigned (&pa)[BN / 16][4], const T* vt) {
     auto& o_flat = reinterpret_cast<float(&)[DT * 4]>(o);
+    const uint64_t vd = wgmma::desc_mn(vt, BN * 128);
     wgmma::fence();
     #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk)  // 16 keys per product: two 8-row atoms of V
-      wgmma::Mma<T, D>::template rs<1>(o_flat, pa[kk], wgmma::desc_mn(vt + kk * 16 * 64, BN * 128),
-                                       1);
+      wgmma::Mma<T, D>::template rs<1>(o_flat, pa[kk], wgmma::desc_at(vd, kk * 16 * 64), 1);
     wgmma::commit();
   }
   __device__ __forceinline__ void fence_o() {
@@ -189,11 +189,19 @@ template <int BN> struct WgFwdBlock {
   int64_t band_lo, band_hi, any_lo, any_hi;
   bool wg_rows;
   // wg: which 64-row half of the block's query rows the calling warpgroup computes.
-  __device__ __forceinline__ WgFwdBlock(const AttnParams& p, int wg) {
+  __device__ __forceinline__ WgFwdBlock(const AttnParams& p, int wg)
+      : WgFwdBlock(p, wg, blockIdx.x, blockIdx.y, blockIdx.z, gridDim.x) {}
+  // Work item `item` of a persistent grid, numbered as the one-block-per-item grid
+  // (ceil(Tq / kWgBlockM), H, B) numbers its blocks: a head's query blocks together.
+  __device__ __forceinline__ WgFwdBlock(const AttnParams& p, int wg, unsigned item, unsigned nx)
+      : WgFwdBlock(p, wg, item % nx, (item / nx) % unsigned(p.H), item / nx / unsigned(p.H), nx) {}
+  // (x, h, b): block x of nx over the query rows of head h in batch b.
+  __device__ __forceinline__ WgFwdBlock(const AttnParams& p, int wg, int64_t x, int64_t h_,
+                                        int64_t b_, int64_t nx) {
     const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
     // Heavy (late, causal) query blocks first so the tail of the grid is short.
-    const int64_t mb = p.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
-    h = blockIdx.y, b = blockIdx.z, g = h / p.group;
+    const int64_t mb = p.causal ? nx - 1 - x : x;
+    h = h_, b = b_, g = h / p.group;
     i0 = mb * kWgBlockM;
     const int64_t i_last = min(p.Tq, i0 + kWgBlockM) - 1;
     const int64_t lo = p.key_lo(i0), hi = p.key_hi(i_last);
@@ -239,7 +247,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) attention_fwd_wgmma(AttnParams 
   T* qs = reinterpret_cast<T*>(wgmma::align1024(smem_raw));  // kBM x D
   T* ks = qs + kBM * D;                               // [2][BN x D]
   T* vs = ks + 2 * BN * D;                            // [2][BN x D]
-  const int wg = threadIdx.x / 128;
+  const int wg = wgmma::warpgroup();
   const WgFwdBlock<BN> blk(p, wg);
   const int64_t b = blk.b, g = blk.g;
 

@@ -32,7 +32,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) attention_fwd_wgmma_pp(AttnPara
   uint64_t* full = reinterpret_cast<uint64_t*>(vs + S * BN * D);  // [S]: tile landed
   uint64_t* empty = full + S;                                      // [S]: both done with it
   uint64_t* qbar = empty + S;
-  const int wg = threadIdx.x / 128;
+  const int wg = wgmma::warpgroup();
   const WgFwdBlock<BN> blk(p, wg);
   const int64_t b = blk.b, g = blk.g, tiles = blk.n_end - blk.n_begin;
 

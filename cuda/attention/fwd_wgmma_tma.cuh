@@ -36,6 +36,7 @@ static_assert(128 * kProducerRegs + 2 * 128 * kConsumerRegs <=
 
 struct FwdMaps {
   CUtensorMap q, k, v;  // 64-column boxes of kWgBlockM (q) and BN (k, v) rows
+  unsigned* next_item;  // the persistent kernel's item counter, zero at launch (else unused)
 };
 
 // A stage of the K/V ring and the phase its barriers complete in on this lap.
@@ -69,7 +70,7 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
   uint64_t* vfull = kfull + S;    // [S]
   uint64_t* kempty = vfull + S;   // [S]
   uint64_t* vempty = kempty + S;  // [S]
-  const int wg = threadIdx.x / 128;  // 0: producer; 1, 2: consumers of rows [64 (wg-1), +64)
+  const int wg = wgmma::warpgroup();  // 0: producer; 1, 2: consumers of rows [64 (wg-1), +64)
   const int cw = max(wg - 1, 0);
   const WgFwdBlock<BN> blk(p, cw);
   const int tiles = int(blk.n_end - blk.n_begin);

@@ -2,6 +2,8 @@
 // tensor-core kernels; float32 (and unaligned views) take the float32 CUDA-core kernels.
 // Attention dropout runs in the kernels' dropout instantiations (their kDrop flag). On Hopper
 // the wgmma backwards and forwards have one.
+#include <algorithm>
+
 #include "attention/bwd_mma.cuh"
 #include "attention/bwd_wgmma.cuh"
 #include "attention/bwd_wgmma_ws.cuh"
@@ -9,9 +11,11 @@
 #include "attention/fwd_wgmma.cuh"
 #include "attention/fwd_wgmma_pingpong.cuh"
 #include "attention/fwd_wgmma_tma.cuh"
+#include "attention/fwd_wgmma_tma_persistent.cuh"
 #include "attention/simt.cuh"
 #include "ops/building_blocks.h"
 #include "mka/cuda/kernels.h"
+#include "mka/environment.h"
 #include "mka/tile_plan.h"
 
 namespace mka::cuda {
@@ -67,11 +71,28 @@ template <class T, int D, int BN> bool fwd_wgmma_tma(const AttnParams& a, cudaSt
       !rows_tensor_map(&maps.k, a.k, a.B, a.Tk, a.G, D, BN) ||
       !rows_tensor_map(&maps.v, a.v, a.B, a.Tk, a.G, D, BN))
     return false;
+  static const bool persistent = fwd_persistent_from_environment();
+  if (persistent) {  // one block per SM, each taking items (128 query rows of one head) in turn
+    const int64_t items = ceil_div(a.Tq, kWgBlockM) * a.H * a.B;
+    if (items < 1 || items > int64_t(INT32_MAX)) return false;  // the counter stays in 32 bits
+    constexpr int smem = tma_fwd_persistent_smem_bytes<D, BN>();
+    auto kernel = a.dropout.active() ? attention_fwd_wgmma_tma_persistent<T, D, BN, true>
+                                     : attention_fwd_wgmma_tma_persistent<T, D, BN>;
+    set_smem(kernel, smem);
+    int device = 0;
+    check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+    Workspace next_item(sizeof(unsigned), s, true);
+    maps.next_item = next_item.as<unsigned>();
+    kernel<<<unsigned(std::min<int64_t>(items, num_sms(device))), kTmaThreads, smem, s>>>(maps, a);
+    check_launch("attention_fwd_wgmma_tma_persistent");
+    return true;
+  }
   constexpr int smem = tma_fwd_smem_bytes<D, BN>();
   auto kernel = a.dropout.active() ? attention_fwd_wgmma_tma<T, D, BN, true>
                                    : attention_fwd_wgmma_tma<T, D, BN>;
   set_smem(kernel, smem);
   const dim3 grid(unsigned(ceil_div(a.Tq, kWgBlockM)), unsigned(a.H), unsigned(a.B));
+  maps.next_item = nullptr;
   kernel<<<grid, kTmaThreads, smem, s>>>(maps, a);
   check_launch("attention_fwd_wgmma_tma");
   return true;
@@ -157,6 +178,8 @@ template <class T, int D> bool bwd_wgmma(const AttnParams& a, AttnKernel kernel_
                                          cudaStream_t s) {
   auto kernel = a.dropout.active() ? attention_bwd_wgmma<T, D, true> : attention_bwd_wgmma<T, D>;
   if (kernel_choice == AttnKernel::mma || !has_sm90a_image(kernel)) return false;
+  // 32-bit positions in their masks (wg_bwd_key_band) and statistics' TMA coordinates.
+  if (a.Tq + a.Tk >= (int64_t(1) << 30) || a.B * a.H * a.Tq >= (int64_t(1) << 31)) return false;
   if (kernel_choice == AttnKernel::tma && bwd_wgmma_ws<T, D>(a, s)) return true;
   const int smem = wg_bwd_smem_bytes<D>() + (a.scan.dlam ? wg_bwd_dlam_smem_bytes<D>() : 0);
   set_smem(kernel, smem);

@@ -280,6 +280,18 @@ class KernelMemo {
   std::map<Key, int> values_;
 };
 
+// The device's SM count, queried once per device (the query costs host time every call).
+inline int num_sms(int device) {
+  static std::once_flag once[64];
+  static int sms[64];
+  if (device < 0 || device >= 64) return 132;
+  std::call_once(once[device], [device] {
+    if (cudaDeviceGetAttribute(&sms[device], cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+      sms[device] = 132;
+  });
+  return sms[device];
+}
+
 // Lets kernel k use `bytes` of dynamic shared memory (needed past 48 KB less its static part);
 // the attribute is a ceiling, so it is set only where a launch asks for more than before.
 template <class Kernel> void set_smem(Kernel k, int bytes) {

@@ -411,17 +411,6 @@ __global__ void __launch_bounds__(kCombineThreads) paged_combine_kernel(const Pa
         L[0] > 0.f ? (m[0] + log2f(L[0])) / kLog2e : (L[0] != L[0] ? L[0] : -INFINITY);
 }
 
-int num_sms(int device) {
-  static std::once_flag once[64];
-  static int sms[64];
-  if (device >= 64) return 132;
-  std::call_once(once[device], [device] {
-    if (cudaDeviceGetAttribute(&sms[device], cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
-      sms[device] = 132;
-  });
-  return sms[device];
-}
-
 int64_t gcd64(int64_t x, int64_t y) { return y == 0 ? x : gcd64(y, x % y); }
 
 // Splits: a block's time is about its keys plus a fixed cost (Q, the merge, its partials;

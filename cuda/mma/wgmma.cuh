@@ -46,6 +46,10 @@ __device__ __forceinline__ uint64_t desc(const void* smem, uint32_t lbo, uint32_
   return uint64_t((a & 0x3FFFF) >> 4) | uint64_t(lbo >> 4) << 16 | uint64_t(sbo >> 4) << 32 |
          uint64_t(1) << 62;
 }
+// The descriptor of the tile `elems` 16-bit elements (a multiple of 8) past d's start: only
+// the start address moves. The k-steps and stages of a tile are constant offsets from one
+// descriptor made once, not a shared-address conversion and masking per product.
+__device__ __forceinline__ uint64_t desc_at(uint64_t d, int elems) { return d + uint64_t(elems >> 3); }
 // Operand whose reduction dim is contiguous (Q, K for Q K^T): 8-row atoms 1024 B apart; a
 // k16 step inside a panel advances the start by 32 bytes (the swizzle follows the address).
 __device__ __forceinline__ uint64_t desc_k(const void* smem) { return desc(smem, 16, 1024); }
@@ -53,6 +57,14 @@ __device__ __forceinline__ uint64_t desc_k(const void* smem) { return desc(smem,
 // N, 8-row atoms 1024 B apart along the reduction dim.
 __device__ __forceinline__ uint64_t desc_mn(const void* smem, uint32_t panel_bytes) {
   return desc(smem, panel_bytes, 1024);
+}
+
+// The calling thread's warpgroup, read from lane 0 so the compiler knows it is warp-uniform:
+// the shared addresses and descriptors made from it then live in uniform registers, computed
+// once per warp rather than by every thread (from threadIdx.x / 128 the compiler makes them
+// per thread).
+__device__ __forceinline__ int warpgroup() {
+  return __shfl_sync(0xffffffffu, int(threadIdx.x) / 128, 0);
 }
 
 // --- ordering ---------------------------------------------------------------------------

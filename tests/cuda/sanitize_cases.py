@@ -34,6 +34,11 @@ def main():
             for d in (64, 128):
                 q, k, v = r(B, Tq, H, d, dtype=dtype), r(B, Tk, G, d, dtype=dtype), r(B, Tk, G, d, dtype=dtype)
                 ops.attention(q, k, v, True, None, 33, 0.2).float().sum().backward()
+    # More query blocks than SMs (256), in several waves of blocks.
+    mka.set_kernels(attention="tma")
+    for d in (64, 128):
+        q, k, v = r(2, 1024, 16, d), r(2, 1024, 4, d), r(2, 1024, 4, d)
+        ops.attention(q, k, v, True, None, 300).float().sum().backward()
     mka.set_kernels(attention="pingpong")
     d = 64
     q, k, v = r(B, Tq, H, d), r(B, Tk, G, d), r(B, Tk, G, d)

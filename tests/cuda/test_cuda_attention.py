@@ -2,6 +2,10 @@
 dtypes, head dims, GQA, causal / non-causal / window, Tq != Tk (bottom-right), both the
 tensor-core path (aligned half inputs) and the CUDA-core path (float32, unaligned views)."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -147,18 +151,20 @@ def test_nonfinite_dout_stays_in_its_batch_element(mode, d, request):
 
 # More query blocks (and key blocks in backward) than an H100 has SMs: 1.9-2.3x, so blocks
 # run in several waves; Tq > Tk gives query blocks with no key tile.
+@pytest.mark.parametrize("mode", ["lockstep", "tma"])
+@pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("case", [(2, 1024, 1024, 16, 4, True, None),
                                   (2, 1024, 300, 16, 16, True, None),
                                   (2, 900, 1100, 16, 2, True, 200),
                                   (2, 1024, 1024, 16, 8, False, None)],
                          ids=lambda c: "x".join(map(str, c)))
-def test_more_blocks_than_sms(case, request):
-    kernels_for_test(request, attention="lockstep")
+def test_more_blocks_than_sms(case, d, mode, request):
+    kernels_for_test(request, attention=mode)
     B, Tq, Tk, H, G, causal, window = case
-    gen = torch.Generator().manual_seed(hash(case) % 2**31)
-    q, q64 = rand(gen, B, Tq, H, 64, dtype=torch.bfloat16)
-    k, k64 = rand(gen, B, Tk, G, 64, dtype=torch.bfloat16)
-    v, v64 = rand(gen, B, Tk, G, 64, dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(hash((case, d, mode)) % 2**31)
+    q, q64 = rand(gen, B, Tq, H, d, dtype=torch.bfloat16)
+    k, k64 = rand(gen, B, Tk, G, d, dtype=torch.bfloat16)
+    v, v64 = rand(gen, B, Tk, G, d, dtype=torch.bfloat16)
     check_op(lambda q, k, v: torch.ops.mka.attention(q, k, v, causal, None, window),
              lambda q, k, v: R.attention(q, k, v, causal, None, window),
              (q, k, v), (q64, k64, v64), torch.bfloat16, ("q", "k", "v"), gen)
@@ -190,3 +196,35 @@ def test_hopper_dispatch(T, mode, fwd, p, request):
            "lockstep": "attention_bwd_wgmma<"}.get(mode, "attention_bwd_wgmma_ws<")
     assert any(bwd in n for n in names), sorted(names)
 
+
+
+_PERSISTENT_CHILD = """
+import sys, torch, mka
+g = torch.Generator(device="cuda").manual_seed(5)
+q, k, v = (torch.randn(2, 1024, n, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+           for n in (16, 4, 4))
+with mka.use_kernels(attention="tma"):
+    out = torch.ops.mka.attention(q, k, v, True, None, 300)
+torch.save(out.cpu(), sys.argv[1])
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="needs a Hopper (sm_90) GPU")
+def test_fwd_persistent_variable(tmp_path):
+    # MKA_CUDA_FWD_PERSISTENT=1 runs the warp-specialised forward's persistent kernel, one
+    # block per SM taking 128-row query blocks from a counter, 0 (the default) one block per
+    # query block: each query block's arithmetic is the same, so the outputs are equal bit for
+    # bit (256 query blocks: more than the SMs). Other values raise at the first such call,
+    # naming the variable.
+    outs = []
+    for value in ("0", "1"):
+        path = tmp_path / f"out{value}.pt"
+        env = dict(os.environ, MKA_CUDA_FWD_PERSISTENT=value)
+        subprocess.run([sys.executable, "-c", _PERSISTENT_CHILD, str(path)], env=env, check=True)
+        outs.append(torch.load(path))
+    assert torch.equal(outs[0], outs[1])
+    bad = subprocess.run([sys.executable, "-c", _PERSISTENT_CHILD, str(tmp_path / "x.pt")],
+                         env=dict(os.environ, MKA_CUDA_FWD_PERSISTENT="2"), capture_output=True,
+                         text=True)
+    assert bad.returncode != 0 and "MKA_CUDA_FWD_PERSISTENT: expected 0 or 1" in bad.stderr

@@ -181,8 +181,9 @@ def test_kernel_masks_are_the_reference_bit_for_bit(dtype, p, kernels):
     = Z[i, j] / Tk: the forward's mask itself; dout = the identity (Tq = d) makes dv[j, i] =
     Z[i, j] / Tk: the backward's. Both must equal the reference's, and keep 1 - p of 2M, for
     every kernel choice (on Hopper: tma the warp-specialised forward and backward, lockstep
-    its own forward and the lockstep backward; mma the sm_80 kernels)."""
-    B, H, T, d = 8, 16, 128, 128
+    its own forward and the lockstep backward; mma the sm_80 kernels). 256 query blocks: more
+    than an H100 or H200 has SMs."""
+    B, H, T, d = 16, 16, 128, 128
     q = torch.zeros(B, T, H, d, device="cuda", dtype=dtype)
     k = torch.randn(B, T, H, d, device="cuda", dtype=dtype)
     eye = torch.eye(T, device="cuda", dtype=dtype)[None, :, None, :]

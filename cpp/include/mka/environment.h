@@ -20,6 +20,11 @@ KernelOptions kernel_options_from_environment();
 // positive integer raise. A knob for tests and memory-tight runs, read at the first call.
 std::optional<int64_t> recall_scratch_from_environment();
 
+// MKA_CUDA_FWD_PERSISTENT (0, 1): whether the Hopper warp-specialised forward runs one block
+// per query block (0, the default) or its persistent kernel, one block per SM taking query
+// blocks from a counter (1: opt-in); other values raise. Read at the first call.
+bool fwd_persistent_from_environment();
+
 // MKA_NUM_THREADS: a positive thread count, or nullopt (unset or not a positive integer).
 std::optional<int> num_threads_from_environment();
 
