@@ -174,8 +174,12 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
       rows.fence_o();
       if (arrives) mbar::arrive(vempty + vr.st);
       kr.next(), vr.next();  // the next item's first tile
-    } else if (arrives) {
-      mbar::arrive(qempty);
+    } else {
+      // No product ran to bring the warp's lanes together after their wait for Q: without
+      // this, lane 0's arrival could let the next Q land (and its phase complete) while a
+      // lane still polls this one's parity.
+      __syncwarp();
+      if (arrives) mbar::arrive(qempty);
     }
     rows.store(p, blk.b, blk.h, blk.row0);
   }
