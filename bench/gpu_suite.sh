@@ -16,6 +16,9 @@
 #   DECODE=1         also the decode table (mka bench --preset decode); DECODE_ARGS=... its flags
 #   GENERATE=1       also generation of the GPT variants, eager and with the decode step in a
 #                    CUDA graph (mka generate-bench --cuda-graph); GENERATE_ARGS=... its flags
+#   FWD_AB=1         also the opt-in persistent forward against the default one (the attention
+#                    A/B of bench/tools/attention_vs_cudnn.py under MKA_CUDA_FWD_PERSISTENT=0 and
+#                    1, two interleaved rounds, cuDNN once after them)
 #   DRAM=1           also decode with the DRAM tier at 16k..1M tokens (bench/tools/dram_tier.py);
 #                    DRAM_ARGS=... its flags (default: bf16, those contexts, resident up to 256k)
 set -uo pipefail
@@ -69,6 +72,10 @@ for tool in $([ "${SANITIZE:-1}" = 0 ] || echo memcheck racecheck); do
   timeout 300 compute-sanitizer --tool $tool --print-limit 20 python3 tests/cuda/sanitize_cases.py \
     > "$OUT/sanitize_$tool.log" 2>&1
   echo "$tool rc=$? : $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|HAZARD' "$OUT/sanitize_$tool.log" | tail -2 | tr '\n' ' ')" | tee -a "$LOG"
+  # The opt-in persistent forward (MKA_CUDA_FWD_PERSISTENT=1) takes the tma cases' forwards.
+  MKA_CUDA_FWD_PERSISTENT=1 timeout 300 compute-sanitizer --tool $tool --print-limit 20 \
+    python3 tests/cuda/sanitize_cases.py > "$OUT/sanitize_${tool}_persistent.log" 2>&1
+  echo "$tool (persistent forward) rc=$? : $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|HAZARD' "$OUT/sanitize_${tool}_persistent.log" | tail -2 | tr '\n' ' ')" | tee -a "$LOG"
 done
 
 step "benchmark (mka bench --preset gpu-suite ${BENCH_ARGS:-})"
@@ -98,6 +105,15 @@ if [ -n "${AB:-}" ]; then
   # shellcheck disable=SC2086
   python3 -m mka.cli bench --preset gpu-suite ${AB_ARGS:---impls attention,fastmka,mka} --ab $AB --json "$OUT/ab.json" \
     2>&1 | tee "$OUT/ab.log" | tee -a "$LOG"
+fi
+
+if [ "${FWD_AB:-0}" = 1 ]; then
+  step "persistent forward A/B (attention_vs_cudnn.py, MKA_CUDA_FWD_PERSISTENT=0/1)"
+  for round in 1 2; do
+    MKA_CUDA_FWD_PERSISTENT=0 python3 bench/tools/attention_vs_cudnn.py one-item 2>&1 | tee -a "$OUT/fwd_ab.log"
+    MKA_CUDA_FWD_PERSISTENT=1 python3 bench/tools/attention_vs_cudnn.py persist 2>&1 | tee -a "$OUT/fwd_ab.log"
+  done | tee -a "$LOG"
+  python3 bench/tools/attention_vs_cudnn.py cudnn-run --sdpa 2>&1 | grep cudnn | tee -a "$OUT/fwd_ab.log" "$LOG"
 fi
 
 if [ "${DRAM:-0}" = 1 ]; then
