@@ -53,12 +53,98 @@ template <int D, int BN> constexpr int tma_fwd_smem_bytes() {
   return (kWgBlockM * D + kTmaStages * 2 * BN * D) * 2 + (1 + 4 * kTmaStages) * 8 + 1024;
 }
 
+// The K/V ring's stages and their barriers, as the consumers see them.
+template <class T> struct TmaFwdRing {
+  const T* ks;  // [S][BN x D]
+  const T* vs;  // [S][BN x D]
+  uint64_t *kfull, *vfull, *kempty, *vempty;  // [S] each
+};
+
+// A consumer's (cw's) share of one block of 128 query rows, O left in rows: tile 0's scores
+// alone, then per tile t S_t = Q K_t^T issued with O += P_{t-1} V_{t-1} and tile t's softmax
+// weights made while both run, then the last P V. kr, vr: the ring positions of the block's
+// first K and V tiles, left on the next block's. qempty (the persistent kernel's; else null):
+// arrived on by each warp once the block's last scores have read Q.
+template <class T, int D, int BN, bool kDrop>
+__device__ __forceinline__ void tma_fwd_consume(WgFwdRows<T, D, BN>& rows, const WgFwdBlock<BN>& blk,
+                                                const AttnParams& p, int cw, const T* qw,
+                                                const TmaFwdRing<T>& r, Ring& kr, Ring& vr,
+                                                uint64_t* qempty) {
+  using namespace mma;
+  constexpr int kBM = kWgBlockM, NT = BN / 8;
+  // A warp is done with a stage once its wgmma.wait_group returned (warp-synchronous): its
+  // first lane arrives for it.
+  const bool arrives = threadIdx.x % 32 == 0;
+  const float sl2 = p.scale * 1.4426950408889634f;
+  const DropKeep drop(p.dropout);  // read only where kDrop
+  const int tiles = int(blk.n_end - blk.n_begin);
+  float s[NT][4] = {};
+  unsigned pa[BN / 16][4];
+  float corr[2];
+  if (tiles == 0) {
+    // No product brings the warp's lanes together after their wait for Q: without this, lane
+    // 0's arrival could let the next Q land (its phase complete) while a lane still polls.
+    __syncwarp();
+    if (qempty && arrives) mbar::arrive(qempty);
+    return;
+  }
+  // Tile 0: its scores alone.
+  mbar::wait(r.kfull + kr.st, kr.ph);
+  turn_wait(cw);
+  rows.issue_scores(s, qw, kBM, r.ks + kr.st * BN * D);
+  turn_pass(cw);
+  // Dropout's keep bits while the scores run (Philox: integer work beside the products).
+  uint64_t keep = kDrop ? blk.keep_bits(drop, p, blk.n_begin) : 0;
+  wgmma::wait<0>();
+  wgmma::fence_regs(reinterpret_cast<float(&)[NT * 4]>(s));
+  if (arrives) {
+    mbar::arrive(r.kempty + kr.st);
+    if (qempty && tiles == 1) mbar::arrive(qempty);  // the block's last read of Q
+  }
+  rows.weights(s, p, blk.row0, blk.n_begin * BN, blk.full(blk.n_begin), sl2, corr);
+  if constexpr (kDrop) rows.apply_keep(s, drop, keep);  // after the row sums (SPEC §3.5)
+  rows.to_a(pa, s);  // O is still zero: no rescale
+  for (int t = 1; t < tiles; ++t) {
+    kr.next();
+    const int64_t n = blk.n_begin + t;
+    mbar::wait(r.kfull + kr.st, kr.ph);
+    mbar::wait(r.vfull + vr.st, vr.ph);
+    turn_wait(cw);
+    rows.issue_scores(s, qw, kBM, r.ks + kr.st * BN * D);  // S_t
+    rows.issue_pv(pa, r.vs + vr.st * BN * D);              // O += P_{t-1} V_{t-1}
+    turn_pass(cw);
+    if constexpr (kDrop) keep = blk.keep_bits(drop, p, n);
+    wgmma::wait<1>();  // S_t done (groups complete in order)
+    wgmma::fence_regs(reinterpret_cast<float(&)[NT * 4]>(s));
+    if (arrives) {
+      mbar::arrive(r.kempty + kr.st);
+      if (qempty && t == tiles - 1) mbar::arrive(qempty);
+    }
+    rows.weights(s, p, blk.row0, n * BN, blk.full(n), sl2, corr);
+    if constexpr (kDrop) rows.apply_keep(s, drop, keep);
+    wgmma::wait<0>();  // O's product done: O and P's registers are free
+    rows.fence_o();
+    if (arrives) mbar::arrive(r.vempty + vr.st);
+    vr.next();
+    rows.rescale_o(corr);
+    rows.to_a(pa, s);
+  }
+  mbar::wait(r.vfull + vr.st, vr.ph);
+  turn_wait(cw);
+  rows.issue_pv(pa, r.vs + vr.st * BN * D);
+  turn_pass(cw);
+  wgmma::wait<0>();
+  rows.fence_o();
+  if (arrives) mbar::arrive(r.vempty + vr.st);
+  kr.next(), vr.next();  // the next block's first tile
+}
+
 template <class T, int D, int BN, bool kDrop = false>
 __global__ void __launch_bounds__(kTmaThreads, 1)
     attention_fwd_wgmma_tma(const __grid_constant__ FwdMaps maps, AttnParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace mma;
-  constexpr int kBM = kWgBlockM, NT = BN / 8, S = kTmaStages;
+  constexpr int kBM = kWgBlockM, S = kTmaStages;
   constexpr unsigned kTileBytes = BN * D * 2, kQBytes = kBM * D * 2;
   static_assert(D % 64 == 0 && BN % 64 == 0, "whole 128-byte panels");
   extern __shared__ unsigned char smem_raw[];
@@ -106,62 +192,12 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
   }
 
   regs_up<kConsumerRegs>();
-  // A warp is done with a stage once its wgmma.wait_group returned (warp-synchronous): its
-  // first lane arrives for it.
-  const bool arrives = threadIdx.x % 32 == 0;
   WgFwdRows<T, D, BN> rows;
-  const float sl2 = p.scale * 1.4426950408889634f;
-  const DropKeep drop(p.dropout);  // read only where kDrop
-  const T* qw = qs + cw * 64 * 64;  // this consumer's rows in panel 0 of the Q tile
-  float s[NT][4] = {};
-  unsigned pa[BN / 16][4];
-  float corr[2];
+  Ring kr, vr;
   mbar::wait(qbar, 0);
   if (cw == 1) turn_pass(cw);  // consumer 0 takes the first turn
-  if (tiles > 0) {
-    // Tile 0: its scores alone.
-    Ring kr, vr;  // the stages (and phases) of tile t's K and of tile t - 1's V
-    mbar::wait(kfull, 0);
-    turn_wait(cw);
-    rows.issue_scores(s, qw, kBM, ks);
-    turn_pass(cw);
-    // Dropout's keep bits while the scores run (Philox: integer work beside the products).
-    uint64_t keep = kDrop ? blk.keep_bits(drop, p, blk.n_begin) : 0;
-    wgmma::wait<0>();
-    wgmma::fence_regs(reinterpret_cast<float(&)[NT * 4]>(s));
-    if (arrives) mbar::arrive(kempty);
-    rows.weights(s, p, blk.row0, blk.n_begin * BN, blk.full(blk.n_begin), sl2, corr);
-    if constexpr (kDrop) rows.apply_keep(s, drop, keep);  // after the row sums (SPEC §3.5)
-    rows.to_a(pa, s);  // O is still zero: no rescale
-    for (int t = 1; t < tiles; ++t) {
-      kr.next();
-      const int64_t n = blk.n_begin + t;
-      mbar::wait(kfull + kr.st, kr.ph);
-      mbar::wait(vfull + vr.st, vr.ph);
-      turn_wait(cw);
-      rows.issue_scores(s, qw, kBM, ks + kr.st * BN * D);  // S_t
-      rows.issue_pv(pa, vs + vr.st * BN * D);              // O += P_{t-1} V_{t-1}
-      turn_pass(cw);
-      if constexpr (kDrop) keep = blk.keep_bits(drop, p, n);
-      wgmma::wait<1>();  // S_t done (groups complete in order)
-      wgmma::fence_regs(reinterpret_cast<float(&)[NT * 4]>(s));
-      if (arrives) mbar::arrive(kempty + kr.st);
-      rows.weights(s, p, blk.row0, n * BN, blk.full(n), sl2, corr);
-      if constexpr (kDrop) rows.apply_keep(s, drop, keep);
-      wgmma::wait<0>();  // O's product done: O and P's registers are free
-      rows.fence_o();
-      if (arrives) mbar::arrive(vempty + vr.st);
-      vr.next();
-      rows.rescale_o(corr);
-      rows.to_a(pa, s);
-    }
-    mbar::wait(vfull + vr.st, vr.ph);
-    turn_wait(cw);
-    rows.issue_pv(pa, vs + vr.st * BN * D);
-    turn_pass(cw);
-    wgmma::wait<0>();
-    rows.fence_o();
-  }
+  tma_fwd_consume<T, D, BN, kDrop>(rows, blk, p, cw, qs + cw * 64 * 64,
+                                   {ks, vs, kfull, vfull, kempty, vempty}, kr, vr, nullptr);
   if (cw == 0) turn_wait(cw);  // the other consumer's last hand-over
   rows.store(p, blk.b, blk.h, blk.row0);
 #else

@@ -37,7 +37,7 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
     attention_fwd_wgmma_tma_persistent(const __grid_constant__ FwdMaps maps, AttnParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace mma;
-  constexpr int kBM = kWgBlockM, NT = BN / 8, S = kTmaStages;
+  constexpr int kBM = kWgBlockM, S = kTmaStages;
   constexpr unsigned kTileBytes = BN * D * 2, kQBytes = kBM * D * 2;
   static_assert(D % 64 == 0 && BN % 64 == 0, "whole 128-byte panels");
   extern __shared__ unsigned char smem_raw[];
@@ -104,13 +104,9 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
   }
 
   regs_up<kConsumerRegs>();
-  // A warp is done with a stage once its wgmma.wait_group returned (warp-synchronous): its
-  // first lane arrives for it.
-  const bool arrives = threadIdx.x % 32 == 0;
-  const float sl2 = p.scale * 1.4426950408889634f;
-  const DropKeep drop(p.dropout);  // read only where kDrop
   const T* qw = qs + cw * 64 * 64;  // this consumer's rows in panel 0 of the Q tile
-  Ring kr, vr;  // the stages (and phases) of tile t's K and of tile t - 1's V, across items
+  const TmaFwdRing<T> ring{ks, vs, kfull, vfull, kempty, vempty};
+  Ring kr, vr;  // the stages (and phases) of the next K and V tiles, across items
   if (cw == 1) turn_pass(cw);  // consumer 0 takes the first turn
   for (unsigned k = 0;; ++k) {
     item_sync(kItemReady);
@@ -119,68 +115,8 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
     if (item >= items) break;
     mbar::wait(qfull, k & 1u);  // this item's Q
     const WgFwdBlock<BN> blk(p, cw, item, nx);
-    const int tiles = int(blk.n_end - blk.n_begin);
     WgFwdRows<T, D, BN> rows;
-    float s[NT][4] = {};
-    unsigned pa[BN / 16][4];
-    float corr[2];
-    if (tiles > 0) {
-      // Tile 0: its scores alone.
-      mbar::wait(kfull + kr.st, kr.ph);
-      turn_wait(cw);
-      rows.issue_scores(s, qw, kBM, ks + kr.st * BN * D);
-      turn_pass(cw);
-      // Dropout's keep bits while the scores run (Philox: integer work beside the products).
-      uint64_t keep = kDrop ? blk.keep_bits(drop, p, blk.n_begin) : 0;
-      wgmma::wait<0>();
-      wgmma::fence_regs(reinterpret_cast<float(&)[NT * 4]>(s));
-      if (arrives) {
-        mbar::arrive(kempty + kr.st);
-        if (tiles == 1) mbar::arrive(qempty);  // the item's last read of Q
-      }
-      rows.weights(s, p, blk.row0, blk.n_begin * BN, blk.full(blk.n_begin), sl2, corr);
-      if constexpr (kDrop) rows.apply_keep(s, drop, keep);  // after the row sums (SPEC §3.5)
-      rows.to_a(pa, s);  // O is still zero: no rescale
-      for (int t = 1; t < tiles; ++t) {
-        kr.next();
-        const int64_t n = blk.n_begin + t;
-        mbar::wait(kfull + kr.st, kr.ph);
-        mbar::wait(vfull + vr.st, vr.ph);
-        turn_wait(cw);
-        rows.issue_scores(s, qw, kBM, ks + kr.st * BN * D);  // S_t
-        rows.issue_pv(pa, vs + vr.st * BN * D);              // O += P_{t-1} V_{t-1}
-        turn_pass(cw);
-        if constexpr (kDrop) keep = blk.keep_bits(drop, p, n);
-        wgmma::wait<1>();  // S_t done (groups complete in order)
-        wgmma::fence_regs(reinterpret_cast<float(&)[NT * 4]>(s));
-        if (arrives) {
-          mbar::arrive(kempty + kr.st);
-          if (t == tiles - 1) mbar::arrive(qempty);
-        }
-        rows.weights(s, p, blk.row0, n * BN, blk.full(n), sl2, corr);
-        if constexpr (kDrop) rows.apply_keep(s, drop, keep);
-        wgmma::wait<0>();  // O's product done: O and P's registers are free
-        rows.fence_o();
-        if (arrives) mbar::arrive(vempty + vr.st);
-        vr.next();
-        rows.rescale_o(corr);
-        rows.to_a(pa, s);
-      }
-      mbar::wait(vfull + vr.st, vr.ph);
-      turn_wait(cw);
-      rows.issue_pv(pa, vs + vr.st * BN * D);
-      turn_pass(cw);
-      wgmma::wait<0>();
-      rows.fence_o();
-      if (arrives) mbar::arrive(vempty + vr.st);
-      kr.next(), vr.next();  // the next item's first tile
-    } else {
-      // No product ran to bring the warp's lanes together after their wait for Q: without
-      // this, lane 0's arrival could let the next Q land (and its phase complete) while a
-      // lane still polls this one's parity.
-      __syncwarp();
-      if (arrives) mbar::arrive(qempty);
-    }
+    tma_fwd_consume<T, D, BN, kDrop>(rows, blk, p, cw, qw, ring, kr, vr, qempty);
     rows.store(p, blk.b, blk.h, blk.row0);
   }
   if (cw == 0) turn_wait(cw);  // the other consumer's last hand-over
