@@ -56,6 +56,16 @@ bool fwd_persistent_from_environment() {
   return v == "1";
 }
 
+int decode_cluster_from_environment() {
+  const std::string v = env("MKA_CUDA_DECODE_CLUSTER");
+  if (v.empty()) return 0;
+  char* end = nullptr;
+  const long n = std::strtol(v.c_str(), &end, 10);
+  MKA_CHECK(end != v.c_str() && *end == '\0' && (n == 0 || (n >= 2 && n <= 16)),
+            "MKA_CUDA_DECODE_CLUSTER: expected 0 or an integer from 2 to 16, got '", v, "'");
+  return int(n);
+}
+
 std::optional<int> num_threads_from_environment() {
   const int n = std::atoi(env("MKA_NUM_THREADS").c_str());
   return n > 0 ? std::optional<int>(n) : std::nullopt;

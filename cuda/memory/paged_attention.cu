@@ -13,6 +13,7 @@
 // synchronise every step); a block that meets an invalid entry or length never reads outside
 // the pages and writes NaN for its rows.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <mutex>
@@ -20,6 +21,7 @@
 #include "memory/paged_mma.cuh"
 #include "memory/paged_params.cuh"
 #include "mka/cuda/kernels.h"
+#include "mka/environment.h"
 #include "mka/memory/paged_ops.h"
 
 namespace mka::cuda {
@@ -460,9 +462,60 @@ template <auto Kernel> int64_t resident_slots(int smem, int device) {
   return int64_t(per_sm[device % 64]) * num_sms(device);
 }
 
+// The largest cluster in which Kernel may merge its splits on this device: 0 where the device or
+// the code it runs predates sm_90 (clusters, distributed shared memory), else
+// MKA_CUDA_DECODE_CLUSTER (0 by default: opt-in; sizes above 8 are non-portable, allowed once
+// per kernel).
+template <auto Kernel> int cluster_limit(int device) {
+  static std::once_flag once[64];
+  static int limit[64];
+  const int slot = device % 64;
+  std::call_once(once[slot], [&] {
+    static const int wanted = decode_cluster_from_environment();
+    cudaFuncAttributes fa{};
+    const bool sm90 = cc_major(device) >= 9 && cudaFuncGetAttributes(&fa, Kernel) == cudaSuccess &&
+                      fa.ptxVersion >= 90;
+    limit[slot] = sm90 ? wanted : 0;
+    if (limit[slot] > 8 &&
+        cudaFuncSetAttribute(Kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
+      (void)cudaGetLastError();
+      limit[slot] = 8;
+    }
+  });
+  return limit[slot];
+}
+
+cudaLaunchConfig_t cluster_config(dim3 grid, int smem, cudaStream_t s, cudaLaunchAttribute& attr) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid, cfg.blockDim = dim3(kThreads), cfg.dynamicSmemBytes = smem, cfg.stream = s;
+  attr = cudaLaunchAttribute{};
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = 1, attr.val.clusterDim.y = grid.y, attr.val.clusterDim.z = 1;
+  cfg.attrs = &attr, cfg.numAttrs = 1;
+  return cfg;
+}
+
+// Whether a cluster of `size` blocks of Kernel fits on this device beside its shared memory
+// (the occupancy API, once per size and device; a fit is what the GPC's SMs can hold).
+template <auto Kernel> bool cluster_fits(int size, int smem, int device) {
+  static std::atomic<int8_t> fits[64][kMaxCluster + 1];  // 0 unknown, 1 yes, -1 no
+  std::atomic<int8_t>& f = fits[device % 64][size];
+  if (f.load(std::memory_order_relaxed) == 0) {
+    cudaLaunchAttribute attr;
+    cudaLaunchConfig_t cfg = cluster_config(dim3(1, unsigned(size)), smem, nullptr, attr);
+    int n = 0;
+    const bool ok = cudaOccupancyMaxActiveClusters(&n, Kernel, &cfg) == cudaSuccess && n > 0;
+    if (!ok) (void)cudaGetLastError();
+    f.store(ok ? 1 : -1, std::memory_order_relaxed);
+  }
+  return f.load(std::memory_order_relaxed) > 0;
+}
+
 // Plans the splits, launches `Kernel` (either kernel: same grid and partials) and, with
-// several splits, the combine kernel.
-template <auto Kernel, class T, bool kEma, bool kFillHbm = false>
+// several splits, the combine kernel — or, for a kernel that can (kCluster: the tensor-core
+// one) on sm_90 with at most the cluster limit of splits, the splits as one cluster that
+// merges them itself.
+template <auto Kernel, class T, bool kEma, bool kFillHbm = false, bool kCluster = false>
 void launch(PagedArgs& a, int smem, const char* name, int64_t capacity, int device,
             cudaStream_t s, int rows = kRows) {
   a.rows = rows;
@@ -476,10 +529,19 @@ void launch(PagedArgs& a, int smem, const char* name, int64_t capacity, int devi
   const int64_t blocks = int64_t(a.row_blocks) * a.B * a.G;
   MKA_CHECK(blocks < (int64_t(1) << 31), "paged_attention: too many blocks (B x G x row blocks = ",
             blocks, ")");
+  const dim3 grid(unsigned(blocks), unsigned(a.splits));
+  a.cluster = kCluster && a.splits > 1 && a.splits <= cluster_limit<Kernel>(device) &&
+              cluster_fits<Kernel>(a.splits, smem, device);
+  if (a.cluster) {
+    cudaLaunchAttribute attr;
+    const cudaLaunchConfig_t cfg = cluster_config(grid, smem, s, attr);
+    check_cuda(cudaLaunchKernelEx(&cfg, Kernel, a), name);
+    return;
+  }
   Workspace ws(a.splits > 1 ? size_t(a.splits) * a.B * a.T * a.H * (kEma ? 2 : 1) * (a.dv + 2) * 4 : 0,
                s, false);
   a.ws = ws.as<float>();
-  Kernel<<<dim3(unsigned(blocks), unsigned(a.splits)), kThreads, smem, s>>>(a);
+  Kernel<<<grid, kThreads, smem, s>>>(a);
   check_launch(name);
   if (a.splits > 1) {
     // Launched while the blocks of the last wave still run; it waits for their partials.
@@ -510,9 +572,9 @@ template <class T> void dispatch(PagedArgs& a, int64_t capacity, int device, cud
         // MKA with at most 8 query rows per kv head, level 2 from level 1's scores: stacked.
         if constexpr (kEma)
           if (int64_t(a.T) * a.grp <= 8 && (!a.table || a.S % 16 == 0))
-            return launch<paged_attention_mma<T, D, true, true>, T, true>(
+            return launch<paged_attention_mma<T, D, true, true>, T, true, false, true>(
                 a, int(mma_smem_bytes<D, true, true>()), "paged_attention_mma", capacity, device, s, 8);
-        return launch<paged_attention_mma<T, D, kEma>, T, kEma, !kEma && D == 128>(
+        return launch<paged_attention_mma<T, D, kEma>, T, kEma, !kEma && D == 128, true>(
             a, int(mma_smem_bytes<D, kEma>()), "paged_attention_mma", capacity, device, s);
       }
     }

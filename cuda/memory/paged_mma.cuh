@@ -4,9 +4,11 @@
 // double-buffered with cp.async, gathered through the block table; each of the 4 warps owns
 // 16 keys of a tile and keeps its own online softmax and output accumulator in registers (Q
 // fragments loaded once), so the warps never wait on each other inside a tile; at the end
-// they merge through shared memory. Each key and value byte is read once per (split, kv head)
-// and from shared memory once per warp (ldmatrix) — the CUDA-core kernel read each key row
-// once per query row, which bound it at a third of the bandwidth.
+// they merge through shared memory; the splits then write partials for the combine kernel or,
+// as one cluster, merge among themselves (paged_cluster_merge.cuh). Each key and value byte
+// is read once per (split, kv head) and from shared memory once per warp (ldmatrix) — the
+// CUDA-core kernel read each key row once per query row, which bound it at a third of the
+// bandwidth.
 //
 // The block table is read once per tile row, two tiles ahead (TileRows), not per 16-byte copy.
 //
@@ -16,6 +18,7 @@
 // other page sizes turn the tile's rows into their EMA in place, one thread per column
 // (mma_tile_ema_serial), and run level 2 over them.
 #pragma once
+#include "memory/paged_cluster_merge.cuh"
 #include "memory/paged_ema_mma.cuh"
 
 namespace mka::cuda::paged {
@@ -176,6 +179,8 @@ __global__ void __launch_bounds__(kThreads, kStack ? 3 : 1) paged_attention_mma(
   auto at = [](int l, int r) { return kStack ? r + 8 * l : l * 16 + r; };
   const float* mM = &rowM[0][0];
   const float* mL = &rowL[0][0];
+  static_assert(kLevels * 16 * kMaxCluster * 5 <= kMmaWarps * 16 * D * 4, "the weights fit in sW");
+  if (a.cluster) return cluster_merge<T, D, kLevels>(a, bk, sO, mM, mL, &bad, at, sW);
   const float nan = __int_as_float(0x7fc00000);
   for (int e = threadIdx.x; e < bk.R * D; e += kThreads) {
     const int r = e / D, x = e % D;

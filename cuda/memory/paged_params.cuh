@@ -12,6 +12,7 @@ constexpr int kTile = 64;  // keys per shared-memory tile
 constexpr int64_t kMinSplit = 128;  // keys a split gets at least (two tiles)
 constexpr int kMaxSplits = 1024;  // splits of one row (the combine keeps a weight per split)
 constexpr int kCombineThreads = 256;
+constexpr int kMaxCluster = 16;  // blocks of a cluster that merges its splits (non-portable > 8)
 constexpr float kLog2e = 1.4426950408889634f;
 
 struct PagedArgs {
@@ -35,6 +36,7 @@ struct PagedArgs {
   int row_blocks, splits;
   int64_t unit;  // a split is a whole number of these keys (tiles; pages too with level 2)
   float* ws;  // splits > 1: partials [split][b][t][h][level][dv + 2]
+  bool cluster;  // splits > 1 as one thread-block cluster that merges them itself (sm_90)
 };
 
 __device__ __forceinline__ int64_t key_hi(const PagedArgs& a, int64_t i, int64_t n) {

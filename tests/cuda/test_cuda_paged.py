@@ -207,3 +207,106 @@ def test_dense_decode_shapes_take_the_decode_kernel(Tq, Tk, H, G, d, window, cau
     want = torch.autograd.grad(ref, ref_in, g)
     for a, b in zip(got, want):
         assert rel_err(a, b) < TOL[dtype]
+
+
+# Runs the decode cases below in a fresh process (MKA_CUDA_DECODE_CLUSTER is read once) and
+# saves their inputs, outputs and whether a combine kernel ran.
+_CLUSTER_CHILD = r"""
+import sys, torch
+from mka.memory import paged_attention, paged_mka_attention
+from cuda_checks import kernel_names
+
+def case(lens, S, H, G, d, Tq, seed):
+    gen = torch.Generator().manual_seed(seed)
+    pages = [-(-n // S) for n in lens]
+    P, W = sum(pages) + 2, max(pages) + 1
+    order = torch.randperm(P, generator=gen).int()
+    bt = torch.full((len(lens), W), -1, dtype=torch.int32)
+    at = 0
+    for b, n in enumerate(pages):
+        bt[b, :n] = order[at:at + n]
+        at += n
+    x = [torch.randn(*s, generator=gen).to(torch.bfloat16)
+         for s in ((len(lens), Tq, H, d), (P, S, G, d), (P, S, G, d))]
+    states = [torch.randn(P, G, d, generator=gen) for _ in range(2)]
+    lam = torch.softmax(torch.randn(len(lens), Tq, 3, generator=gen), -1).to(torch.bfloat16)
+    return x + [bt, torch.tensor(lens, dtype=torch.int32)] + states + [lam]
+
+# (lens, page size, H, G, d, Tq, MKA): on 114-132 SMs the first four split 4-8 ways
+# (clusters at 8: MHA at d 128 fills ~2 blocks per SM, MKA's level 2 stacked and
+# not, a ragged batch with an empty sequence); the last, with a broken table entry, 10-11 ways
+# (clusters at 16).
+CASES = [((4096,), 16, 32, 32, 128, 1, False), ((2000, 1500, 100, 0), 16, 32, 8, 128, 1, False),
+         ((1000,) * 12, 16, 16, 8, 64, 1, True), ((900, 700), 32, 16, 4, 128, 3, True),
+         ((2500, 1800), 16, 24, 12, 128, 1, False)]
+saved, combine = [], []
+for i, (lens, S, H, G, d, Tq, mka) in enumerate(CASES):
+    q, kp, vp, bt, n, ks, vs, lam = case(lens, S, H, G, d, Tq, i)
+    if i == len(CASES) - 1:
+        bt[0, 140] = -1  # a broken entry in a late split: sequence 0's rows NaN, 1's exact
+    c = [t.cuda() for t in (q, kp, vp, bt, n, ks, vs, lam)]
+    run = ((lambda: paged_mka_attention(c[0], c[1], c[2], c[5], c[6], c[3], c[4], c[7], 0.9, window=50))
+           if mka else (lambda: paged_attention(*c[:5])))
+    out = run()
+    combine.append(any("paged_combine" in k for k in kernel_names(run)))
+    saved.append(dict(q=q, kp=kp, vp=vp, bt=bt, n=n, ks=ks, vs=vs, lam=lam, out=out.cpu()))
+# mka.attention over a contiguous cache takes the same kernel; its backward reads the lse.
+import mka
+gen = torch.Generator().manual_seed(7)
+x = [torch.randn(1, T, 32, 128, generator=gen).to(torch.bfloat16) for T in (1, 4096, 4096)]
+xc = [t.cuda().requires_grad_() for t in x]
+out = mka.attention(*xc)
+grads = torch.autograd.grad(out, xc, torch.ones_like(out))
+dense = dict(x=x, out=out.detach().cpu(), grads=[g.cpu() for g in grads])
+torch.save(dict(cases=saved, combine=combine, dense=dense), sys.argv[1])
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="needs a Hopper (sm_90) GPU")
+def test_decode_cluster_variable(tmp_path):
+    """MKA_CUDA_DECODE_CLUSTER: the splits of a decode call merged inside the tensor-core kernel
+    by a thread-block cluster (8, 16) or by the combine kernel (0, the default) — the same
+    outputs within rounding, no combine kernel where the cluster holds the splits, NaN rows
+    for a broken table entry either way; a bad value raises naming the variable."""
+    import os
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    runs = {}
+    for value in ("0", "8", "16"):
+        path = tmp_path / f"out{value}.pt"
+        env = dict(os.environ, MKA_CUDA_DECODE_CLUSTER=value,
+                   PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
+        subprocess.run([sys.executable, "-c", _CLUSTER_CHILD, str(path)], env=env, check=True)
+        runs[value] = torch.load(path)
+    assert all(runs["0"]["combine"])
+    assert runs["8"]["combine"][:4] == [False] * 4 and runs["16"]["combine"] == [False] * 5
+    for i, c in enumerate(runs["0"]["cases"]):
+        x = {k: v.double() if v.is_floating_point() else v for k, v in c.items()}
+        if i in (2, 3):  # the MKA cases
+            ref = R.paged_attention(x["q"], x["kp"], x["vp"], x["bt"], x["n"], window=50,
+                                    lam=x["lam"], beta=0.9, k_page_states=x["ks"],
+                                    v_page_states=x["vs"])
+        elif i == len(runs["0"]["cases"]) - 1:  # the broken entry: sequence 1 alone
+            ref = R.paged_attention(x["q"][1:], x["kp"], x["vp"], x["bt"][1:], x["n"][1:])
+        else:
+            ref = R.paged_attention(x["q"], x["kp"], x["vp"], x["bt"], x["n"])
+        for value, run in runs.items():
+            out = run["cases"][i]["out"]
+            if i == len(runs["0"]["cases"]) - 1:
+                assert torch.isnan(out[0]).all(), value
+                assert rel_err(out[1:], ref) < TOL[torch.bfloat16], value
+            else:
+                assert rel_err(out, ref) < TOL[torch.bfloat16], (i, value)
+    x = [t.double().requires_grad_() for t in runs["0"]["dense"]["x"]]
+    ref = R.attention(*x)
+    want = torch.autograd.grad(ref, x, torch.ones_like(ref))
+    for value, run in runs.items():
+        assert rel_err(run["dense"]["out"], ref) < TOL[torch.bfloat16], value
+        for got, w in zip(run["dense"]["grads"], want):
+            assert rel_err(got, w) < TOL[torch.bfloat16], value
+    bad = subprocess.run([sys.executable, "-c", _CLUSTER_CHILD, str(tmp_path / "x.pt")],
+                         env=dict(os.environ, MKA_CUDA_DECODE_CLUSTER="9x"), capture_output=True,
+                         text=True)
+    assert bad.returncode != 0 and "MKA_CUDA_DECODE_CLUSTER: expected 0 or" in bad.stderr

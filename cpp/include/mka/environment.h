@@ -25,6 +25,12 @@ std::optional<int64_t> recall_scratch_from_environment();
 // blocks from a counter (1: opt-in); other values raise. Read at the first call.
 bool fwd_persistent_from_environment();
 
+// MKA_CUDA_DECODE_CLUSTER (0, the default, or 2 to 16): the largest thread-block cluster in
+// which the tensor-core paged decode kernel merges its key splits itself (sm_90), so that no
+// combine kernel runs where the split plan gives at most that many splits; 0: always the
+// combine kernel. Other values raise. Read at the first call that splits keys on that kernel.
+int decode_cluster_from_environment();
+
 // MKA_NUM_THREADS: a positive thread count, or nullopt (unset or not a positive integer).
 std::optional<int> num_threads_from_environment();
 
