@@ -19,6 +19,10 @@
 #   FWD_AB=1         also the opt-in persistent forward against the default one (the attention
 #                    A/B of bench/tools/attention_vs_cudnn.py under MKA_CUDA_FWD_PERSISTENT=0 and
 #                    1, two interleaved rounds, cuDNN once after them)
+#   CLUSTER_AB=1     also paged decode with its key splits merged by the combine kernel against
+#                    thread-block clusters (MKA_CUDA_DECODE_CLUSTER=0, 2, 8, 16, and 16 with 16
+#                    forced splits by MKA_CUDA_DECODE_SPLITS), G 8 at B 1 and 16 over 4k and 32k
+#                    keys and G 32 at B 1 over 4k, in CUDA graphs with cuDNN beside, two rounds
 #   DRAM=1           also decode with the DRAM tier at 16k..1M tokens (bench/tools/dram_tier.py);
 #                    DRAM_ARGS=... its flags (default: bf16, those contexts, resident up to 256k)
 set -uo pipefail
@@ -114,6 +118,21 @@ if [ "${FWD_AB:-0}" = 1 ]; then
     MKA_CUDA_FWD_PERSISTENT=1 python3 bench/tools/attention_vs_cudnn.py persist 2>&1 | tee -a "$OUT/fwd_ab.log"
   done | tee -a "$LOG"
   python3 bench/tools/attention_vs_cudnn.py cudnn-run --sdpa 2>&1 | grep cudnn | tee -a "$OUT/fwd_ab.log" "$LOG"
+fi
+
+if [ "${CLUSTER_AB:-0}" = 1 ]; then
+  step "paged decode A/B: combine kernel against thread-block clusters"
+  dec="python3 -m mka.cli bench --cases decode --device cuda --dtype bfloat16 --heads 32 --head-dim 128 --cuda-graph --rounds 3 --reps 20 --impls paged,paged_mka,sdpa.cudnn"
+  for round in 1 2; do
+    for cfg in 0:0 2:0 8:0 16:0 16:16; do
+      cluster=${cfg%:*} splits=${cfg#*:}
+      echo "-- round $round, MKA_CUDA_DECODE_CLUSTER=$cluster MKA_CUDA_DECODE_SPLITS=$splits"
+      # shellcheck disable=SC2086
+      MKA_CUDA_DECODE_CLUSTER=$cluster MKA_CUDA_DECODE_SPLITS=$splits $dec --kv-heads 8 --batches 1,16 --seqs 4096,32768
+      # shellcheck disable=SC2086
+      MKA_CUDA_DECODE_CLUSTER=$cluster MKA_CUDA_DECODE_SPLITS=$splits $dec --kv-heads 32 --batches 1 --seqs 4096
+    done
+  done 2>&1 | tee "$OUT/cluster_ab.log" | tee -a "$LOG"
 fi
 
 if [ "${DRAM:-0}" = 1 ]; then

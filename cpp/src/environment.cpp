@@ -66,6 +66,16 @@ int decode_cluster_from_environment() {
   return int(n);
 }
 
+int decode_splits_from_environment() {
+  const std::string v = env("MKA_CUDA_DECODE_SPLITS");
+  if (v.empty()) return 0;
+  char* end = nullptr;
+  const long n = std::strtol(v.c_str(), &end, 10);
+  MKA_CHECK(end != v.c_str() && *end == '\0' && n >= 0 && n <= (1 << 20),
+            "MKA_CUDA_DECODE_SPLITS: expected 0 or a positive number of splits, got '", v, "'");
+  return int(n);
+}
+
 std::optional<int> num_threads_from_environment() {
   const int n = std::atoi(env("MKA_NUM_THREADS").c_str());
   return n > 0 ? std::optional<int>(n) : std::nullopt;

@@ -526,6 +526,10 @@ void launch(PagedArgs& a, int smem, const char* name, int64_t capacity, int devi
   const int64_t slots = resident_slots<Kernel>(smem, device);
   const int64_t busy = kFillHbm ? std::min<int64_t>(slots, 2 * num_sms(device)) : 0;
   plan_splits(a, capacity, slots, busy);
+  static const int forced = decode_splits_from_environment();  // tuning and tests
+  if (forced > 0)
+    a.splits = int(std::clamp<int64_t>(
+        forced, 1, std::max<int64_t>(1, std::min<int64_t>(kMaxSplits, ceil_div(capacity, kMinSplit)))));
   const int64_t blocks = int64_t(a.row_blocks) * a.B * a.G;
   MKA_CHECK(blocks < (int64_t(1) << 31), "paged_attention: too many blocks (B x G x row blocks = ",
             blocks, ")");

@@ -266,47 +266,55 @@ torch.save(dict(cases=saved, combine=combine, dense=dense), sys.argv[1])
                     reason="needs a Hopper (sm_90) GPU")
 def test_decode_cluster_variable(tmp_path):
     """MKA_CUDA_DECODE_CLUSTER: the splits of a decode call merged inside the tensor-core kernel
-    by a thread-block cluster (8, 16) or by the combine kernel (0, the default) — the same
-    outputs within rounding, no combine kernel where the cluster holds the splits, NaN rows
-    for a broken table entry either way; a bad value raises naming the variable."""
+    by a thread-block cluster (8, 16) or by the combine kernel (0, the default), at the plan's
+    split counts and at counts forced by MKA_CUDA_DECODE_SPLITS (1: no merge at all) — the
+    same outputs within rounding, no combine kernel where no merge or the cluster holds the
+    splits, NaN rows for a broken table entry either way; bad values raise naming the
+    variable."""
     import os
     import subprocess
     import sys
     here = os.path.dirname(os.path.abspath(__file__))
+    pythonpath = os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])
+    # (cluster, forced splits) -> whether each case ran a combine kernel
+    combos = {("0", "0"): [True] * 5, ("8", "0"): [False] * 4 + [True],
+              ("16", "0"): [False] * 5, ("16", "3"): [False] * 5, ("16", "16"): [False] * 5,
+              ("0", "16"): [True] * 5, ("16", "1"): [False] * 5}
     runs = {}
-    for value in ("0", "8", "16"):
-        path = tmp_path / f"out{value}.pt"
-        env = dict(os.environ, MKA_CUDA_DECODE_CLUSTER=value,
-                   PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
+    for (cluster, splits), combine in combos.items():
+        path = tmp_path / f"out{cluster}_{splits}.pt"
+        env = dict(os.environ, MKA_CUDA_DECODE_CLUSTER=cluster, MKA_CUDA_DECODE_SPLITS=splits,
+                   PYTHONPATH=pythonpath)
         subprocess.run([sys.executable, "-c", _CLUSTER_CHILD, str(path)], env=env, check=True)
-        runs[value] = torch.load(path)
-    assert all(runs["0"]["combine"])
-    assert runs["8"]["combine"][:4] == [False] * 4 and runs["16"]["combine"] == [False] * 5
-    for i, c in enumerate(runs["0"]["cases"]):
+        runs[cluster, splits] = run = torch.load(path)
+        assert run["combine"] == combine, (cluster, splits)
+    first = runs["0", "0"]["cases"]
+    for i, c in enumerate(first):
         x = {k: v.double() if v.is_floating_point() else v for k, v in c.items()}
         if i in (2, 3):  # the MKA cases
             ref = R.paged_attention(x["q"], x["kp"], x["vp"], x["bt"], x["n"], window=50,
                                     lam=x["lam"], beta=0.9, k_page_states=x["ks"],
                                     v_page_states=x["vs"])
-        elif i == len(runs["0"]["cases"]) - 1:  # the broken entry: sequence 1 alone
+        elif i == len(first) - 1:  # the broken entry: sequence 1 alone
             ref = R.paged_attention(x["q"][1:], x["kp"], x["vp"], x["bt"][1:], x["n"][1:])
         else:
             ref = R.paged_attention(x["q"], x["kp"], x["vp"], x["bt"], x["n"])
-        for value, run in runs.items():
+        for combo, run in runs.items():
             out = run["cases"][i]["out"]
-            if i == len(runs["0"]["cases"]) - 1:
-                assert torch.isnan(out[0]).all(), value
-                assert rel_err(out[1:], ref) < TOL[torch.bfloat16], value
+            if i == len(first) - 1:
+                assert torch.isnan(out[0]).all(), combo
+                assert rel_err(out[1:], ref) < TOL[torch.bfloat16], combo
             else:
-                assert rel_err(out, ref) < TOL[torch.bfloat16], (i, value)
-    x = [t.double().requires_grad_() for t in runs["0"]["dense"]["x"]]
+                assert rel_err(out, ref) < TOL[torch.bfloat16], (i, combo)
+    x = [t.double().requires_grad_() for t in runs["0", "0"]["dense"]["x"]]
     ref = R.attention(*x)
     want = torch.autograd.grad(ref, x, torch.ones_like(ref))
-    for value, run in runs.items():
-        assert rel_err(run["dense"]["out"], ref) < TOL[torch.bfloat16], value
+    for combo, run in runs.items():
+        assert rel_err(run["dense"]["out"], ref) < TOL[torch.bfloat16], combo
         for got, w in zip(run["dense"]["grads"], want):
-            assert rel_err(got, w) < TOL[torch.bfloat16], value
-    bad = subprocess.run([sys.executable, "-c", _CLUSTER_CHILD, str(tmp_path / "x.pt")],
-                         env=dict(os.environ, MKA_CUDA_DECODE_CLUSTER="9x"), capture_output=True,
-                         text=True)
-    assert bad.returncode != 0 and "MKA_CUDA_DECODE_CLUSTER: expected 0 or" in bad.stderr
+            assert rel_err(got, w) < TOL[torch.bfloat16], combo
+    for name, value in (("MKA_CUDA_DECODE_CLUSTER", "9x"), ("MKA_CUDA_DECODE_SPLITS", "-2")):
+        bad = subprocess.run([sys.executable, "-c", _CLUSTER_CHILD, str(tmp_path / "x.pt")],
+                             env=dict(os.environ, PYTHONPATH=pythonpath, **{name: value}),
+                             capture_output=True, text=True)
+        assert bad.returncode != 0 and f"{name}: expected 0 or" in bad.stderr

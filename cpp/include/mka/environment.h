@@ -31,6 +31,12 @@ bool fwd_persistent_from_environment();
 // combine kernel. Other values raise. Read at the first call that splits keys on that kernel.
 int decode_cluster_from_environment();
 
+// MKA_CUDA_DECODE_SPLITS (unset or 0: the split plan's; else a positive count): the number of
+// key splits of every CUDA paged decode call, capped at one per 128 keys of the capacity (and
+// at 1024) — for tuning the plan and for tests of the split and merge paths. Other values
+// raise. Read at the first CUDA decode call.
+int decode_splits_from_environment();
+
 // MKA_NUM_THREADS: a positive thread count, or nullopt (unset or not a positive integer).
 std::optional<int> num_threads_from_environment();
 
