@@ -9,6 +9,9 @@
 # Environment (all optional):
 #   OUT=DIR          where logs and results go (default /tmp/mka_gpu_suite_<UTC date>)
 #   TESTS=0          skip the tests;  SANITIZE=0  skip compute-sanitizer;  BENCH=0  skip the benchmark
+#   TEST_PATHS=...   the test folders or files to run (default "tests/cuda tests/ops tests/memory";
+#                    e.g. "tests/cuda/test_cuda_attention.py tests/cuda/test_cuda_paged.py" when
+#                    device time is short)
 #   BENCH_ARGS=...   extra flags for the benchmark, e.g. "--seqs 2k,8k --rounds 3"
 #   AB="SET SET..."  A/B kernel-option sets (mka bench --ab), e.g. AB="scan=1pass scan=3pass";
 #                    AB_ARGS=... extra flags for it (default "--impls attention,fastmka,mka")
@@ -59,7 +62,7 @@ python3 -c "import mka._C as C; print('built_with_cuda:', C.built_with_cuda())" 
 step "CUDA tests"
 [ "${TESTS:-1}" = 0 ] && echo "skipped (TESTS=0)" | tee -a "$LOG"
 # tests/memory: its CUDA cases only (-m cuda), the rest is the CPU suite's.
-for t in $([ "${TESTS:-1}" = 0 ] || echo tests/cuda tests/ops tests/memory); do
+for t in $([ "${TESTS:-1}" = 0 ] || echo "${TEST_PATHS:-tests/cuda tests/ops tests/memory}"); do
   log="$OUT/tests_$(basename "$t").log"
   sel=$([ "$t" = tests/memory ] && echo "-m cuda")
   # Separate runs on xdist workers: a crashed worker is reported and the rest still run. Two
