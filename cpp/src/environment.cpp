@@ -2,6 +2,7 @@
 
 #include <cerrno>
 #include <cstdlib>
+#include <optional>
 #include <string>
 
 #include "mka/error.h"
@@ -12,6 +13,15 @@ namespace {
 std::string env(const char* name) {
   const char* v = std::getenv(name);
   return v ? v : "";
+}
+
+// v as a whole base-10 integer in range of long long; nullopt otherwise.
+std::optional<long long> integer(const std::string& v) {
+  char* end = nullptr;
+  errno = 0;
+  const long long n = std::strtoll(v.c_str(), &end, 10);
+  if (end == v.c_str() || *end != '\0' || errno == ERANGE) return std::nullopt;
+  return n;
 }
 
 }  // namespace
@@ -41,12 +51,9 @@ KernelOptions kernel_options_from_environment() {
 std::optional<int64_t> recall_scratch_from_environment() {
   const std::string v = env("MKA_CUDA_RECALL_SCRATCH");
   if (v.empty()) return std::nullopt;
-  char* end = nullptr;
-  errno = 0;
-  const long long n = std::strtoll(v.c_str(), &end, 10);
-  MKA_CHECK(*end == '\0' && n > 0 && errno != ERANGE,
-            "MKA_CUDA_RECALL_SCRATCH: expected a positive number of bytes, got '", v, "'");
-  return int64_t(n);
+  const std::optional<long long> n = integer(v);
+  MKA_CHECK(n && *n > 0, "MKA_CUDA_RECALL_SCRATCH: expected a positive number of bytes, got '", v, "'");
+  return int64_t(*n);
 }
 
 bool fwd_persistent_from_environment() {
@@ -59,21 +66,19 @@ bool fwd_persistent_from_environment() {
 int decode_cluster_from_environment() {
   const std::string v = env("MKA_CUDA_DECODE_CLUSTER");
   if (v.empty()) return 0;
-  char* end = nullptr;
-  const long n = std::strtol(v.c_str(), &end, 10);
-  MKA_CHECK(end != v.c_str() && *end == '\0' && (n == 0 || (n >= 2 && n <= 16)),
+  const std::optional<long long> n = integer(v);
+  MKA_CHECK(n && (*n == 0 || (*n >= 2 && *n <= 16)),
             "MKA_CUDA_DECODE_CLUSTER: expected 0 or an integer from 2 to 16, got '", v, "'");
-  return int(n);
+  return int(*n);
 }
 
 int decode_splits_from_environment() {
   const std::string v = env("MKA_CUDA_DECODE_SPLITS");
   if (v.empty()) return 0;
-  char* end = nullptr;
-  const long n = std::strtol(v.c_str(), &end, 10);
-  MKA_CHECK(end != v.c_str() && *end == '\0' && n >= 0 && n <= (1 << 20),
+  const std::optional<long long> n = integer(v);
+  MKA_CHECK(n && *n >= 0 && *n <= (1 << 20),
             "MKA_CUDA_DECODE_SPLITS: expected 0 or a positive number of splits, got '", v, "'");
-  return int(n);
+  return int(*n);
 }
 
 std::optional<int> num_threads_from_environment() {

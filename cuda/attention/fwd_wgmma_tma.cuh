@@ -53,6 +53,32 @@ template <int D, int BN> constexpr int tma_fwd_smem_bytes() {
   return (kWgBlockM * D + kTmaStages * 2 * BN * D) * 2 + (1 + 4 * kTmaStages) * 8 + 1024;
 }
 
+// The TMA forwards' shared memory (tma_fwd_smem_bytes): Q (kWgBlockM x D) and the K and V
+// stages ([S][BN x D] each) in 128-byte-swizzled panels from a 1024-byte boundary, then the
+// mbarriers: kQBars for Q (full; the persistent kernel's empty too), full and empty per stage
+// of K and of V. after(): the first byte past them.
+template <class T, int D, int BN, int kQBars> struct TmaFwdSmem {
+  T *qs, *ks, *vs;
+  uint64_t *q, *kfull, *vfull, *kempty, *vempty;
+  __device__ __forceinline__ explicit TmaFwdSmem(unsigned char* raw) {
+    qs = reinterpret_cast<T*>(wgmma::align1024(raw));
+    ks = qs + kWgBlockM * D;
+    vs = ks + kTmaStages * BN * D;
+    q = reinterpret_cast<uint64_t*>(vs + kTmaStages * BN * D);
+    kfull = q + kQBars, vfull = kfull + kTmaStages;
+    kempty = vfull + kTmaStages, vempty = kempty + kTmaStages;
+  }
+  __device__ __forceinline__ void* after() const { return vempty + kTmaStages; }
+  // The stages' barriers, by one thread: a load lands once; a stage is free after one
+  // arrival per consumer warp.
+  __device__ __forceinline__ void init_stages() const {
+    for (int st = 0; st < kTmaStages; ++st) {
+      mbar::init(kfull + st, 1), mbar::init(vfull + st, 1);
+      mbar::init(kempty + st, 8), mbar::init(vempty + st, 8);
+    }
+  }
+};
+
 // The K/V ring's stages and their barriers, as the consumers see them.
 template <class T> struct TmaFwdRing {
   const T* ks;  // [S][BN x D]
@@ -148,14 +174,9 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
   constexpr unsigned kTileBytes = BN * D * 2, kQBytes = kBM * D * 2;
   static_assert(D % 64 == 0 && BN % 64 == 0, "whole 128-byte panels");
   extern __shared__ unsigned char smem_raw[];
-  T* qs = reinterpret_cast<T*>(wgmma::align1024(smem_raw));  // kBM x D
-  T* ks = qs + kBM * D;                               // [S][BN x D]
-  T* vs = ks + S * BN * D;                            // [S][BN x D]
-  uint64_t* qbar = reinterpret_cast<uint64_t*>(vs + S * BN * D);
-  uint64_t* kfull = qbar + 1;     // [S]
-  uint64_t* vfull = kfull + S;    // [S]
-  uint64_t* kempty = vfull + S;   // [S]
-  uint64_t* vempty = kempty + S;  // [S]
+  const TmaFwdSmem<T, D, BN, 1> sm(smem_raw);
+  T *qs = sm.qs, *ks = sm.ks, *vs = sm.vs;
+  uint64_t *qbar = sm.q, *kfull = sm.kfull, *vfull = sm.vfull, *kempty = sm.kempty, *vempty = sm.vempty;
   const int wg = wgmma::warpgroup();  // 0: producer; 1, 2: consumers of rows [64 (wg-1), +64)
   const int cw = max(wg - 1, 0);
   const WgFwdBlock<BN> blk(p, cw);
@@ -163,10 +184,7 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
 
   if (threadIdx.x == 0) {
     mbar::init(qbar, 1);
-    for (int st = 0; st < S; ++st) {
-      mbar::init(kfull + st, 1), mbar::init(vfull + st, 1);
-      mbar::init(kempty + st, 8), mbar::init(vempty + st, 8);  // one arrival per consumer warp
-    }
+    sm.init_stages();
     mbar::fence_init();
   }
   __syncthreads();

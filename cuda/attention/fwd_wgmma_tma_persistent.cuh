@@ -41,26 +41,18 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
   constexpr unsigned kTileBytes = BN * D * 2, kQBytes = kBM * D * 2;
   static_assert(D % 64 == 0 && BN % 64 == 0, "whole 128-byte panels");
   extern __shared__ unsigned char smem_raw[];
-  T* qs = reinterpret_cast<T*>(wgmma::align1024(smem_raw));  // kBM x D
-  T* ks = qs + kBM * D;                               // [S][BN x D]
-  T* vs = ks + S * BN * D;                            // [S][BN x D]
-  uint64_t* qfull = reinterpret_cast<uint64_t*>(vs + S * BN * D);
-  uint64_t* qempty = qfull + 1;
-  uint64_t* kfull = qempty + 1;   // [S]
-  uint64_t* vfull = kfull + S;    // [S]
-  uint64_t* kempty = vfull + S;   // [S]
-  uint64_t* vempty = kempty + S;  // [S]
-  unsigned* item_at = reinterpret_cast<unsigned*>(vempty + S);  // the current item
+  const TmaFwdSmem<T, D, BN, 2> sm(smem_raw);
+  T *qs = sm.qs, *ks = sm.ks, *vs = sm.vs;
+  uint64_t *qfull = sm.q, *qempty = sm.q + 1;
+  uint64_t *kfull = sm.kfull, *vfull = sm.vfull, *kempty = sm.kempty, *vempty = sm.vempty;
+  unsigned* item_at = static_cast<unsigned*>(sm.after());  // the current item
   const int wg = wgmma::warpgroup();  // 0: producer; 1, 2: consumers of rows [64 (wg-1), +64)
   const int cw = max(wg - 1, 0);
   const unsigned nx = unsigned(ceil_div(p.Tq, kBM)), items = nx * unsigned(p.H) * unsigned(p.B);
 
   if (threadIdx.x == 0) {
     mbar::init(qfull, 1), mbar::init(qempty, 8);  // one arrival per consumer warp
-    for (int st = 0; st < S; ++st) {
-      mbar::init(kfull + st, 1), mbar::init(vfull + st, 1);
-      mbar::init(kempty + st, 8), mbar::init(vempty + st, 8);
-    }
+    sm.init_stages();
     mbar::fence_init();
   }
   __syncthreads();

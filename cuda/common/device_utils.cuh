@@ -204,16 +204,37 @@ inline void check_cuda(cudaError_t e, const char* what) {
 // After every launch: a bad configuration surfaces here, not at the next sync.
 inline void check_launch(const char* kernel) { check_cuda(cudaGetLastError(), kernel); }
 
-// Compute capability major of a device (queried once per device).
-inline int cc_major(int device) {
+// A device attribute, queried once per device (the query costs host time every call);
+// `fallback` where the device number is out of range or the query fails.
+template <cudaDeviceAttr kAttr> int device_attribute(int device, int fallback) {
   static std::once_flag once[64];
-  static int major[64];
-  if (device < 0 || device >= 64) return 0;
-  std::call_once(once[device], [device] {
-    if (cudaDeviceGetAttribute(&major[device], cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess)
-      major[device] = 0;
+  static int value[64];
+  if (device < 0 || device >= 64) return fallback;
+  std::call_once(once[device], [device, fallback] {
+    if (cudaDeviceGetAttribute(&value[device], kAttr, device) != cudaSuccess) {
+      (void)cudaGetLastError();
+      value[device] = fallback;
+    }
   });
-  return major[device];
+  return value[device];
+}
+
+// Compute capability major of a device.
+inline int cc_major(int device) {
+  return device_attribute<cudaDevAttrComputeCapabilityMajor>(device, 0);
+}
+
+// Whether the code the device runs for Kernel was compiled for sm_90 or later: its ptxVersion
+// (compute_80 code JIT-compiled for a Hopper or later GPU has the sm_90 instructions, such as
+// griddepcontrol and clusters, compiled out). Not memoised: its callers keep the answer.
+template <auto Kernel> bool runs_sm90_code(int device) {
+  if (cc_major(device) < 9) return false;
+  cudaFuncAttributes fa{};
+  if (cudaFuncGetAttributes(&fa, Kernel) != cudaSuccess) {
+    (void)cudaGetLastError();  // no image for this device: not an error of the call
+    return false;
+  }
+  return fa.ptxVersion >= 90;
 }
 
 // Launches Kernel<<<grid, block, smem, s>>>(args...) as a programmatic dependent of the kernel
@@ -227,9 +248,7 @@ void launch_after(dim3 grid, dim3 block, size_t smem, cudaStream_t s, int device
   static bool dependent[64];
   const int slot = device >= 0 && device < 64 ? device : 0;
   std::call_once(once[slot], [&] {
-    cudaFuncAttributes fa{};
-    dependent[slot] = CUDART_VERSION >= 12030 && device == slot && cc_major(device) >= 9 &&
-                      cudaFuncGetAttributes(&fa, Kernel) == cudaSuccess && fa.ptxVersion >= 90;
+    dependent[slot] = CUDART_VERSION >= 12030 && device == slot && runs_sm90_code<Kernel>(device);
   });
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = grid, cfg.blockDim = block, cfg.dynamicSmemBytes = smem, cfg.stream = s;
@@ -280,17 +299,8 @@ class KernelMemo {
   std::map<Key, int> values_;
 };
 
-// The device's SM count, queried once per device (the query costs host time every call).
-inline int num_sms(int device) {
-  static std::once_flag once[64];
-  static int sms[64];
-  if (device < 0 || device >= 64) return 132;
-  std::call_once(once[device], [device] {
-    if (cudaDeviceGetAttribute(&sms[device], cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
-      sms[device] = 132;
-  });
-  return sms[device];
-}
+// The device's SM count (132, an H100's, where it cannot be queried).
+inline int num_sms(int device) { return device_attribute<cudaDevAttrMultiProcessorCount>(device, 132); }
 
 // Lets kernel k use `bytes` of dynamic shared memory (needed past 48 KB less its static part);
 // the attribute is a ceiling, so it is set only where a launch asks for more than before.

@@ -13,7 +13,6 @@
 // synchronise every step); a block that meets an invalid entry or length never reads outside
 // the pages and writes NaN for its rows.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <limits>
 #include <mutex>
@@ -462,29 +461,6 @@ template <auto Kernel> int64_t resident_slots(int smem, int device) {
   return int64_t(per_sm[device % 64]) * num_sms(device);
 }
 
-// The largest cluster in which Kernel may merge its splits on this device: 0 where the device or
-// the code it runs predates sm_90 (clusters, distributed shared memory), else
-// MKA_CUDA_DECODE_CLUSTER (0 by default: opt-in; sizes above 8 are non-portable, allowed once
-// per kernel).
-template <auto Kernel> int cluster_limit(int device) {
-  static std::once_flag once[64];
-  static int limit[64];
-  const int slot = device % 64;
-  std::call_once(once[slot], [&] {
-    static const int wanted = decode_cluster_from_environment();
-    cudaFuncAttributes fa{};
-    const bool sm90 = cc_major(device) >= 9 && cudaFuncGetAttributes(&fa, Kernel) == cudaSuccess &&
-                      fa.ptxVersion >= 90;
-    limit[slot] = sm90 ? wanted : 0;
-    if (limit[slot] > 8 &&
-        cudaFuncSetAttribute(Kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
-      (void)cudaGetLastError();
-      limit[slot] = 8;
-    }
-  });
-  return limit[slot];
-}
-
 cudaLaunchConfig_t cluster_config(dim3 grid, int smem, cudaStream_t s, cudaLaunchAttribute& attr) {
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = grid, cfg.blockDim = dim3(kThreads), cfg.dynamicSmemBytes = smem, cfg.stream = s;
@@ -495,20 +471,33 @@ cudaLaunchConfig_t cluster_config(dim3 grid, int smem, cudaStream_t s, cudaLaunc
   return cfg;
 }
 
-// Whether a cluster of `size` blocks of Kernel fits on this device beside its shared memory
-// (the occupancy API, once per size and device; a fit is what the GPC's SMs can hold).
-template <auto Kernel> bool cluster_fits(int size, int smem, int device) {
-  static std::atomic<int8_t> fits[64][kMaxCluster + 1];  // 0 unknown, 1 yes, -1 no
-  std::atomic<int8_t>& f = fits[device % 64][size];
-  if (f.load(std::memory_order_relaxed) == 0) {
-    cudaLaunchAttribute attr;
-    cudaLaunchConfig_t cfg = cluster_config(dim3(1, unsigned(size)), smem, nullptr, attr);
-    int n = 0;
-    const bool ok = cudaOccupancyMaxActiveClusters(&n, Kernel, &cfg) == cudaSuccess && n > 0;
-    if (!ok) (void)cudaGetLastError();
-    f.store(ok ? 1 : -1, std::memory_order_relaxed);
-  }
-  return f.load(std::memory_order_relaxed) > 0;
+// The largest cluster in which Kernel (with `smem` bytes of dynamic shared memory, set before)
+// may merge its splits on this device, worked out once per device: 0 where the code the device
+// runs predates sm_90 (clusters, distributed shared memory), else the largest size up to
+// MKA_CUDA_DECODE_CLUSTER (0 by default: opt-in) of which the occupancy API places a cluster
+// beside that shared memory (sizes above 8 are non-portable: allowed first).
+template <auto Kernel> int cluster_limit(int smem, int device) {
+  static std::once_flag once[64];
+  static int limit[64];
+  const int slot = device % 64;
+  std::call_once(once[slot], [&] {
+    static const int wanted = decode_cluster_from_environment();
+    int n = wanted > 1 && runs_sm90_code<Kernel>(device) ? wanted : 0;
+    if (n > 8 &&
+        cudaFuncSetAttribute(Kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
+      (void)cudaGetLastError();
+      n = 8;
+    }
+    for (; n > 1; --n) {  // a fit is what a GPC's SMs hold
+      cudaLaunchAttribute attr;
+      const cudaLaunchConfig_t cfg = cluster_config(dim3(1, unsigned(n)), smem, nullptr, attr);
+      int clusters = 0;
+      if (cudaOccupancyMaxActiveClusters(&clusters, Kernel, &cfg) == cudaSuccess && clusters > 0) break;
+      (void)cudaGetLastError();
+    }
+    limit[slot] = n > 1 ? n : 0;
+  });
+  return limit[slot];
 }
 
 // Plans the splits, launches `Kernel` (either kernel: same grid and partials) and, with
@@ -534,8 +523,7 @@ void launch(PagedArgs& a, int smem, const char* name, int64_t capacity, int devi
   MKA_CHECK(blocks < (int64_t(1) << 31), "paged_attention: too many blocks (B x G x row blocks = ",
             blocks, ")");
   const dim3 grid(unsigned(blocks), unsigned(a.splits));
-  a.cluster = kCluster && a.splits > 1 && a.splits <= cluster_limit<Kernel>(device) &&
-              cluster_fits<Kernel>(a.splits, smem, device);
+  a.cluster = kCluster && a.splits > 1 && a.splits <= cluster_limit<Kernel>(smem, device);
   if (a.cluster) {
     cudaLaunchAttribute attr;
     const cudaLaunchConfig_t cfg = cluster_config(grid, smem, s, attr);
