@@ -213,6 +213,7 @@ def test_dense_decode_shapes_take_the_decode_kernel(Tq, Tk, H, G, d, window, cau
 # saves their inputs, outputs and whether a combine kernel ran.
 _CLUSTER_CHILD = r"""
 import sys, torch
+from mka import reference as R
 from mka.memory import paged_attention, paged_mka_attention
 from cuda_checks import kernel_names
 
@@ -228,7 +229,11 @@ def case(lens, S, H, G, d, Tq, seed):
         at += n
     x = [torch.randn(*s, generator=gen).to(torch.bfloat16)
          for s in ((len(lens), Tq, H, d), (P, S, G, d), (P, S, G, d))]
-    states = [torch.randn(P, G, d, generator=gen) for _ in range(2)]
+    # the checkpoints paged_write_ema would leave: the kernel carries a split's EMA on from
+    # the checkpoint of its first page, so the checkpoints must be the EMA along the sequence
+    starts = [torch.randn(len(lens), G, d, generator=gen) for _ in range(2)]
+    states = [s.float() for s in R.page_checkpoints(x[1].double(), x[2].double(), bt,
+                                                   torch.tensor(lens), 0.9, *starts)]
     lam = torch.softmax(torch.randn(len(lens), Tq, 3, generator=gen), -1).to(torch.bfloat16)
     return x + [bt, torch.tensor(lens, dtype=torch.int32)] + states + [lam]
 
@@ -266,11 +271,11 @@ torch.save(dict(cases=saved, combine=combine, dense=dense), sys.argv[1])
                     reason="needs a Hopper (sm_90) GPU")
 def test_decode_cluster_variable(tmp_path):
     """MKA_CUDA_DECODE_CLUSTER: the splits of a decode call merged inside the tensor-core kernel
-    by a thread-block cluster (8, 16) or by the combine kernel (0, the default), at the plan's
-    split counts and at counts forced by MKA_CUDA_DECODE_SPLITS (1: no merge at all) — the
-    same outputs within rounding, no combine kernel where no merge or the cluster holds the
-    splits, NaN rows for a broken table entry either way; bad values raise naming the
-    variable."""
+    by a thread-block cluster (2, 8, 16) or by the combine kernel (0 or unset, the default), at
+    the plan's split counts and at counts forced by MKA_CUDA_DECODE_SPLITS (1: no merge at
+    all) — the same outputs within rounding, no combine kernel where no merge or the
+    cluster holds the splits, NaN rows for a broken table entry either way; bad values raise
+    naming the variable."""
     import os
     import subprocess
     import sys
@@ -279,7 +284,8 @@ def test_decode_cluster_variable(tmp_path):
     # (cluster, forced splits) -> whether each case ran a combine kernel
     combos = {("0", "0"): [True] * 5, ("8", "0"): [False] * 4 + [True],
               ("16", "0"): [False] * 5, ("16", "3"): [False] * 5, ("16", "16"): [False] * 5,
-              ("0", "16"): [True] * 5, ("16", "1"): [False] * 5}
+              ("0", "16"): [True] * 5, ("16", "1"): [False] * 5, ("2", "2"): [False] * 5,
+              ("", "0"): [True] * 5}
     runs = {}
     for (cluster, splits), combine in combos.items():
         path = tmp_path / f"out{cluster}_{splits}.pt"
