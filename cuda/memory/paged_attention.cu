@@ -294,7 +294,7 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(const PagedAr
 #pragma unroll
     for (int l = 0; l < kLevels; ++l) {
       const float li = sL[l * kRows + r];
-      const float w = kEma ? (l == 0 ? a.lam0 : a.lam1).load(b, i, 1.f) : 1.f;
+      const float w = level_weight(a, kEma ? 2 : 1, l, b, i);
       if (li > 0.f)
         for (int e = 0; e < 4; ++e) o[e] += acc[l][k][e] * (w / li);
     }
@@ -367,10 +367,7 @@ __global__ void __launch_bounds__(kCombineThreads) paged_combine_kernel(const Pa
   reduce(L, false);  // its barriers also publish sW
   float scale[kLevels];
 #pragma unroll
-  for (int l = 0; l < kLevels; ++l) {
-    const float w = kLevels == 2 ? (l == 0 ? a.lam0 : a.lam1).load(b, t, 1.f) : 1.f;
-    scale[l] = L[l] > 0.f ? w / L[l] : (L[l] != L[l] ? L[l] : 0.f);  // NaN: a bad page or length
-  }
+  for (int l = 0; l < kLevels; ++l) scale[l] = merged_scale(L[l], level_weight(a, kLevels, l, b, t));
   T* dst = static_cast<T*>(a.out) + b * a.os[0] + t * a.os[1] + h * a.os[2];
   const int cols = a.dv <= 32 ? 32 : a.dv <= 64 ? 64 : a.dv <= 128 ? 128 : 256;
   const int groups = kCombineThreads / cols, group = threadIdx.x / cols, x = threadIdx.x % cols;
@@ -407,9 +404,7 @@ __global__ void __launch_bounds__(kCombineThreads) paged_combine_kernel(const Pa
     }
     __syncthreads();
   }
-  if (a.lse && threadIdx.x == 0)
-    a.lse[(int64_t(b) * a.H + h) * a.T + t] =
-        L[0] > 0.f ? (m[0] + log2f(L[0])) / kLog2e : (L[0] != L[0] ? L[0] : -INFINITY);
+  if (a.lse && threadIdx.x == 0) a.lse[(int64_t(b) * a.H + h) * a.T + t] = merged_lse(m[0], L[0]);
 }
 
 int64_t gcd64(int64_t x, int64_t y) { return y == 0 ? x : gcd64(y, x % y); }
@@ -429,11 +424,18 @@ int64_t gcd64(int64_t x, int64_t y) { return y == 0 ? x : gcd64(y, x % y); }
 // 100.8, 3 101.8). MKA's
 // kernel has more work per key and gains from every slot (B 1, 128k: 48 splits 218 us, 32
 // 240): it keeps the wave model, as does the CUDA-core kernel.
+// MKA_CUDA_DECODE_SPLITS overrides the count (within the same caps) for tuning and tests.
 void plan_splits(PagedArgs& a, int64_t capacity, int64_t slots, int64_t busy) {
   const int64_t base = int64_t(a.row_blocks) * a.B * a.G;
-  const int64_t most = std::clamp<int64_t>(
-      std::min(ceil_div(capacity, kMinSplit), 4 * ceil_div(slots, base) + 1), 1, kMaxSplits);
+  // At least kMinSplit keys of the capacity a split, at most kMaxSplits splits.
+  const int64_t cap = std::clamp<int64_t>(ceil_div(capacity, kMinSplit), 1, kMaxSplits);
   a.unit = a.kst ? kTile / gcd64(kTile, a.S) * a.S : kTile;
+  static const int forced = decode_splits_from_environment();  // tuning and tests
+  if (forced > 0) {
+    a.splits = int(std::min<int64_t>(forced, cap));
+    return;
+  }
+  const int64_t most = std::min(cap, 4 * ceil_div(slots, base) + 1);
   if (busy > 0 && base < busy) {
     a.splits = int(std::clamp<int64_t>((busy + base / 2) / base, 1, most));
     return;
@@ -515,10 +517,6 @@ void launch(PagedArgs& a, int smem, const char* name, int64_t capacity, int devi
   const int64_t slots = resident_slots<Kernel>(smem, device);
   const int64_t busy = kFillHbm ? std::min<int64_t>(slots, 2 * num_sms(device)) : 0;
   plan_splits(a, capacity, slots, busy);
-  static const int forced = decode_splits_from_environment();  // tuning and tests
-  if (forced > 0)
-    a.splits = int(std::clamp<int64_t>(
-        forced, 1, std::max<int64_t>(1, std::min<int64_t>(kMaxSplits, ceil_div(capacity, kMinSplit)))));
   const int64_t blocks = int64_t(a.row_blocks) * a.B * a.G;
   MKA_CHECK(blocks < (int64_t(1) << 31), "paged_attention: too many blocks (B x G x row blocks = ",
             blocks, ")");

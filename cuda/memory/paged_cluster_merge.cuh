@@ -51,14 +51,11 @@ __device__ __forceinline__ void cluster_merge(const PagedArgs& a, const BlockKey
         L += ls[c] * e;
       }
     if (any_bad) L = nan;
-    const float w = kLevels == 2 ? (l == 0 ? a.lam0 : a.lam1).load(bk.b, i, 1.f) : 1.f;
-    const float scale = L > 0.f ? w / L : (L != L ? L : 0.f);
+    const float scale = merged_scale(L, level_weight(a, kLevels, l, bk.b, i));
 #pragma unroll
     for (int c = 0; c < kMaxCluster; ++c)
       if (c < C) fac[l][r][c] = ms[c] * scale, has[l][r][c] = ls[c] != 0.f;
-    if (l == 0 && me == 0 && a.lse)
-      a.lse[(int64_t(bk.b) * a.H + h) * a.T + i] =
-          L > 0.f ? (m + log2f(L)) / kLog2e : (L != L ? L : -INFINITY);
+    if (l == 0 && me == 0 && a.lse) a.lse[(int64_t(bk.b) * a.H + h) * a.T + i] = merged_lse(m, L);
   }
   __syncthreads();
   for (int e = me * kThreads + threadIdx.x; e < bk.R * D; e += C * kThreads) {

@@ -198,7 +198,7 @@ __global__ void __launch_bounds__(kThreads, kStack ? 3 : 1) paged_attention_mma(
 #pragma unroll
     for (int l = 0; l < kLevels; ++l) {
       const float L = mL[at(l, r)];
-      const float w = kEma ? (l == 0 ? a.lam0 : a.lam1).load(bk.b, i, 1.f) : 1.f;
+      const float w = level_weight(a, kEma ? 2 : 1, l, bk.b, i);
       if (L > 0.f) o += sO[at(l, r) * D + x] * (w / L);
     }
     static_cast<T*>(a.out)[bk.b * a.os[0] + i * a.os[1] + h * a.os[2] + x] = from_f<T>(bad ? nan : o);

@@ -39,6 +39,25 @@ struct PagedArgs {
   bool cluster;  // splits > 1 as one thread-block cluster that merges them itself (sm_90)
 };
 
+// Level l's weight in query row t of sequence b: lam's with MKA's two levels, else 1.
+__device__ __forceinline__ float level_weight(const PagedArgs& a, int levels, int l, int64_t b,
+                                              int64_t t) {
+  return levels == 2 ? (l == 0 ? a.lam0 : a.lam1).load(b, t, 1.f) : 1.f;
+}
+
+// A merge of splits (the combine kernel, a cluster): the factor of a row's weighted sum, w / L,
+// where L (the splits' exp-weighted sums) is positive; NaN where a bad page or length made L
+// NaN; 0 where no split had keys.
+__device__ __forceinline__ float merged_scale(float L, float w) {
+  return L > 0.f ? w / L : (L != L ? L : 0.f);
+}
+
+// The merged row's logsumexp (natural base) from its base-2 max m and sum L: NaN as L, -inf
+// where no split had keys.
+__device__ __forceinline__ float merged_lse(float m, float L) {
+  return L > 0.f ? (m + log2f(L)) / kLog2e : (L != L ? L : -INFINITY);
+}
+
 __device__ __forceinline__ int64_t key_hi(const PagedArgs& a, int64_t i, int64_t n) {
   if (!a.causal) return n;
   const int64_t x = i + (n - a.T) + 1;
