@@ -56,11 +56,20 @@ std::optional<int64_t> recall_scratch_from_environment() {
   return int64_t(*n);
 }
 
-bool fwd_persistent_from_environment() {
+std::optional<bool> fwd_persistent_from_environment() {
   const std::string v = env("MKA_CUDA_FWD_PERSISTENT");
   MKA_CHECK(v.empty() || v == "0" || v == "1",
             "MKA_CUDA_FWD_PERSISTENT: expected 0 or 1, got '", v, "'");
+  if (v.empty()) return std::nullopt;
   return v == "1";
+}
+
+std::optional<int> bwd_block_m_from_environment() {
+  const std::string v = env("MKA_CUDA_BWD_BLOCK_M");
+  MKA_CHECK(v.empty() || v == "64" || v == "128",
+            "MKA_CUDA_BWD_BLOCK_M: expected 64 or 128, got '", v, "'");
+  if (v.empty()) return std::nullopt;
+  return v == "64" ? 64 : 128;
 }
 
 int decode_cluster_from_environment() {

@@ -55,14 +55,17 @@ __device__ __forceinline__ void wg_bwd_scores_step(float (&acc)[BM / 8 * 4], con
 }
 
 // Dropout's keep bits of a warp's 16 key rows (from key j) against query rows i0 + 8 mt + ...:
-// bit 4 mt + e for s[mt][e], the layout DropKeep::frag_key_rows reads; 0 without dropout.
+// bit 4 mt + e for s[mt][e], the layout DropKeep::frag_key_rows reads (two words for 128 query
+// rows); 0 without dropout.
+template <int MT> using WgKeepBits = std::conditional_t<(MT > 8), uint64_t, unsigned>;
 template <bool kDrop, int MT>
-__device__ __forceinline__ unsigned wg_bwd_keep(const DropKeep& drop, uint64_t bh, int64_t i0,
-                                                int64_t j) {
-  unsigned keep = 0;
+__device__ __forceinline__ WgKeepBits<MT> wg_bwd_keep(const DropKeep& drop, uint64_t bh,
+                                                      int64_t i0, int64_t j) {
+  WgKeepBits<MT> keep = 0;
   if constexpr (kDrop)
     #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) keep |= drop.frag_key_rows(bh, i0 + mt * 8, j) << (4 * mt);
+    for (int mt = 0; mt < MT; ++mt)
+      keep |= WgKeepBits<MT>(drop.frag_key_rows(bh, i0 + mt * 8, j)) << (4 * mt);
   return keep;
 }
 
@@ -94,55 +97,65 @@ __device__ __forceinline__ void wg_bwd_key_band(const AttnParams& p, int64_t kr0
   }
 }
 
-// dV += (w P)^T dO and dK += dS^T Q (A from registers: s = w P, dp = dS; dO and Q read
-// N-major), issued as one wgmma group.
+// s = w P and dp = dS packed as A operands (16 query rows per kk) for dV's and dK's products.
+template <class T, int BM> struct WgBwdPacked {
+  unsigned pa[BM / 16][4], da[BM / 16][4];
+  __device__ __forceinline__ WgBwdPacked(const float (&s)[BM / 8][4], const float (&dp)[BM / 8][4]) {
+    #pragma unroll
+    for (int kk = 0; kk < BM / 16; ++kk) {
+      mma::acc_to_a<T>(pa[kk], s, kk);
+      mma::acc_to_a<T>(da[kk], dp, kk);
+    }
+  }
+};
+
+// dV += (w P)^T dO and dK += dS^T Q (A from registers; dO and Q read N-major), issued as one
+// wgmma group.
 template <class T, int D, int BM>
 __device__ __forceinline__ void wg_bwd_issue_dvdk(float (&dv)[D / 8 * 4], float (&dk)[D / 8 * 4],
-                                                  const float (&s)[BM / 8][4],
-                                                  const float (&dp)[BM / 8][4], const T* qt,
+                                                  const WgBwdPacked<T, BM>& a, const T* qt,
                                                   const T* dot) {
-  unsigned pa[BM / 16][4], da[BM / 16][4];
-  #pragma unroll
-  for (int kk = 0; kk < BM / 16; ++kk) {
-    mma::acc_to_a<T>(pa[kk], s, kk);
-    mma::acc_to_a<T>(da[kk], dp, kk);
-  }
   wgmma::fence();
   #pragma unroll
   for (int kk = 0; kk < BM / 16; ++kk) {  // reduce over 16 query rows per product
-    wgmma::Mma<T, D>::template rs<1>(dv, pa[kk], wgmma::desc_mn(dot + kk * 16 * 64, BM * 128), 1);
-    wgmma::Mma<T, D>::template rs<1>(dk, da[kk], wgmma::desc_mn(qt + kk * 16 * 64, BM * 128), 1);
+    wgmma::Mma<T, D>::template rs<1>(dv, a.pa[kk], wgmma::desc_mn(dot + kk * 16 * 64, BM * 128), 1);
+    wgmma::Mma<T, D>::template rs<1>(dk, a.da[kk], wgmma::desc_mn(qt + kk * 16 * 64, BM * 128), 1);
   }
   wgmma::commit();
 }
 
-// dS^T into shared memory (keys as rows, 64 query columns in one swizzled panel): this
-// thread's accumulator rows `row` and row + 8 (the m16n8 layout).
-template <class T, int BN, int MT>
-__device__ __forceinline__ void wg_bwd_store_ds(T* dst, const float (&dp)[MT][4], int row, int lane) {
+// dS^T into shared memory (keys as rows, 64 query columns per swizzled panel) from its packed
+// A operands: this thread's accumulator rows `row` and row + 8 (the m16n8 layout), query
+// columns 16 kk + 8 h + 2 (lane % 4) of da[kk][2 h] (row) and da[kk][2 h + 1] (row + 8).
+template <class T, int BN, int BM>
+__device__ __forceinline__ void wg_bwd_store_ds(T* dst, const WgBwdPacked<T, BM>& a, int row, int lane) {
   #pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-    const int c = (lane % 4) * 2;
-    *reinterpret_cast<unsigned*>(dst + wgmma::sw128<BN>(row, mt) + c) = mma::pack2<T>(dp[mt][0], dp[mt][1]);
-    *reinterpret_cast<unsigned*>(dst + wgmma::sw128<BN>(row + 8, mt) + c) = mma::pack2<T>(dp[mt][2], dp[mt][3]);
+  for (int mt = 0; mt < BM / 8; ++mt) {
+    const int c = (lane % 4) * 2, kk = mt / 2, h = mt % 2;
+    *reinterpret_cast<unsigned*>(dst + wgmma::sw128<BN>(row, mt) + c) = a.da[kk][2 * h];
+    *reinterpret_cast<unsigned*>(dst + wgmma::sw128<BN>(row + 8, mt) + c) = a.da[kk][2 * h + 1];
   }
 }
 
-// dQ = dS K (A = dS^T read M-major, B = K read N-major), 64 columns per warpgroup: with d = 128
-// warpgroup wg takes column panel wg over all keys; with d = 64 it takes its own 64 keys and
-// both warpgroups add. Issued as one group, then every group of the block's step is waited for
-// (dV's and dK's too) and the accumulators pinned. Returns dq's first column.
-template <class T, int D, int BN>
-__device__ __forceinline__ int wg_bwd_dq(float (&dq)[8][4], const T* dst, const T* ks, int wg,
-                                         float (&dk)[D / 8 * 4], float (&dv)[D / 8 * 4]) {
-  constexpr bool kSplitCols = D == 128;
-  const int col0 = kSplitCols ? wg * 64 : 0, key0 = kSplitCols ? 0 : wg * 64;
+// dQ = dS K (A = dS^T read M-major, B = K read N-major), a 64 x 64 tile per warpgroup: with
+// d = 128 warpgroup wg takes column panel wg over all keys; with d = 64 and BM = 128 it takes
+// row panel wg (query rows 64 wg ...) over all keys; with d = 64 and BM = 64 its own 64 keys,
+// and both warpgroups add. Issued as one group, then every group of the block's step is
+// waited for (dV's and dK's too) and the accumulators pinned. Returns dq's first column (x)
+// and first row in the query block (y).
+template <class T, int D, int BN, int BM = 64>
+__device__ __forceinline__ int2 wg_bwd_dq(float (&dq)[8][4], const T* dst, const T* ks, int wg,
+                                          float (&dk)[D / 8 * 4], float (&dv)[D / 8 * 4]) {
+  constexpr bool kSplitCols = D == 128, kSplitRows = BM == 128;
+  static_assert(!(kSplitCols && kSplitRows), "d = 128 takes 64 query rows");
+  const int col0 = kSplitCols ? wg * 64 : 0, row0 = kSplitRows ? wg * 64 : 0;
+  const int key0 = kSplitCols || kSplitRows ? 0 : wg * 64;
   auto& dq_flat = reinterpret_cast<float(&)[32]>(dq);
   wgmma::fence();
   #pragma unroll
-  for (int kk = 0; kk < (kSplitCols ? BN : 64) / 16; ++kk) {  // 16 keys per product
+  for (int kk = 0; kk < (kSplitCols || kSplitRows ? BN : 64) / 16; ++kk) {  // 16 keys per product
     const int key = key0 + kk * 16;
-    wgmma::Mma<T, 64>::template ss<1, 1>(dq_flat, wgmma::desc_mn(dst + key * 64, BN * 128),
+    wgmma::Mma<T, 64>::template ss<1, 1>(dq_flat, wgmma::desc_mn(dst + (row0 / 64) * BN * 64 + key * 64, BN * 128),
                                          wgmma::desc_mn(ks + (col0 / 64) * BN * 64 + key * 64, BN * 128),
                                          kk > 0);
   }
@@ -151,7 +164,7 @@ __device__ __forceinline__ int wg_bwd_dq(float (&dq)[8][4], const T* dst, const 
   wgmma::fence_regs(dq_flat);
   wgmma::fence_regs(dk);
   wgmma::fence_regs(dv);
-  return col0;
+  return make_int2(col0, row0);
 }
 
 // This thread's dQ rows (times the scale) added to the float32 accumulator by float2 atomics
@@ -281,12 +294,13 @@ __global__ void __launch_bounds__(kWgBwdThreads, 1) attention_bwd_wgmma(AttnPara
     else
       ds(std::true_type{});
 
-    wg_bwd_issue_dvdk<T, D, BM>(dv_flat, dk_flat, s, dp, qt, dot);
-    wg_bwd_store_ds<T, BN>(dst, dp, wg * 64 + warp * 16 + lane / 4, lane);
+    const WgBwdPacked<T, BM> packed(s, dp);
+    wg_bwd_issue_dvdk<T, D, BM>(dv_flat, dk_flat, packed, qt, dot);
+    wg_bwd_store_ds<T, BN, BM>(dst, packed, wg * 64 + warp * 16 + lane / 4, lane);
     wgmma::fence_async_smem();
     __syncthreads();
     float dq[8][4] = {};
-    const int col0 = wg_bwd_dq<T, D, BN>(dq, dst, ks, wg, dk_flat, dv_flat);
+    const int col0 = wg_bwd_dq<T, D, BN>(dq, dst, ks, wg, dk_flat, dv_flat).x;
     wg_bwd_add_dq(p, dq, b, h, i0, col0, warp, lane);
     __syncthreads();  // the next prefetch overwrites this stage; the next dS^T this tile
   }

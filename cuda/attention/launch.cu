@@ -71,8 +71,11 @@ template <class T, int D, int BN> bool fwd_wgmma_tma(const AttnParams& a, cudaSt
       !rows_tensor_map(&maps.k, a.k, a.B, a.Tk, a.G, D, BN) ||
       !rows_tensor_map(&maps.v, a.v, a.B, a.Tk, a.G, D, BN))
     return false;
-  static const bool persistent = fwd_persistent_from_environment();
-  if (persistent) {  // one block per SM, each taking items (128 query rows of one head) in turn
+  // Persistent up to 1024 keys: there a block's few tile steps leave its prologue and
+  // write-out exposed, which the persistent kernel's producer overlaps with the next item's
+  // loads (measured 1.05-1.08x at 1k causal, 0.91-0.96x from 4k on an H100: kernels.md §4).
+  static const std::optional<bool> persistent_env = fwd_persistent_from_environment();
+  if (persistent_env.value_or(a.Tk <= 1024)) {  // one block per SM, taking items (128 query rows of one head)
     const int64_t items = ceil_div(a.Tq, kWgBlockM) * a.H * a.B;
     if (items < 1 || items > int64_t(INT32_MAX)) return false;  // the counter stays in 32 bits
     constexpr int smem = tma_fwd_persistent_smem_bytes<D, BN>();
@@ -142,34 +145,43 @@ template <class T, int D> void fwd_tensor_cores(const AttnParams& a, AttnKernel 
 }
 
 // The warp-specialised backward, where TMA can describe the views and statistics (and d = 64
-// with ScanThrough's dlam: its shared memory); false: the caller takes the lockstep one.
-template <class T, int D> bool bwd_wgmma_ws(const AttnParams& a, cudaStream_t s) {
+// with ScanThrough's dlam: its shared memory); false: the caller takes the lockstep one. BM:
+// query rows per step (ws_bwd_block_m).
+template <class T, int D, int BM> bool bwd_wgmma_ws(const AttnParams& a, cudaStream_t s) {
   const bool dlam = a.scan.link && a.scan.dlam;
-  if (a.Tk < 1 || (dlam && !ws_bwd_takes_dlam<D>())) return false;
+  if (a.Tk < 1 || (dlam && !ws_bwd_takes_dlam<D, BM>())) return false;
   BwdMaps maps;
   const int64_t rows = a.B * a.H * a.Tq, w_rows = a.w.data ? a.B * a.Tq : 0;
   Workspace w(size_t(w_rows) * 4, s, false);  // row weights as float32 (ws_row_weights)
-  if (!floats_tensor_map(&maps.lse, a.lse, rows, kWsStatBox) ||
-      !floats_tensor_map(&maps.delta, a.delta, rows, kWsStatBox) ||
-      (w_rows && !floats_tensor_map(&maps.w, w.as<float>(), w_rows, kWsStatBox)) ||
-      !rows_tensor_map(&maps.q, a.q, a.B, a.Tq, a.H, D, kWgBwdBlockM) ||
-      !rows_tensor_map(&maps.dout, a.dout, a.B, a.Tq, a.H, D, kWgBwdBlockM) ||
+  constexpr int box = ws_stat_box<BM>();
+  if (!floats_tensor_map(&maps.lse, a.lse, rows, box) ||
+      !floats_tensor_map(&maps.delta, a.delta, rows, box) ||
+      (w_rows && !floats_tensor_map(&maps.w, w.as<float>(), w_rows, box)) ||
+      !rows_tensor_map(&maps.q, a.q, a.B, a.Tq, a.H, D, BM) ||
+      !rows_tensor_map(&maps.dout, a.dout, a.B, a.Tq, a.H, D, BM) ||
       !rows_tensor_map(&maps.k, a.k, a.B, a.Tk, a.G, D, kWgBwdBlockN) ||
       !rows_tensor_map(&maps.v, a.v, a.B, a.Tk, a.G, D, kWgBwdBlockN) ||
-      !rows_tensor_map_f32(&maps.dq, a.dq, a.B, a.Tq, a.H, D, kWgBwdBlockM))
+      !rows_tensor_map_f32(&maps.dq, a.dq, a.B, a.Tq, a.H, D, kWsDqRows))
     return false;
   if (w_rows) {
     ws_row_weights<<<unsigned(ceil_div(w_rows, int64_t(256))), 256, 0, s>>>(a.w, w.as<float>(), a.Tq,
                                                                           w_rows);
     check_launch("ws_row_weights");
   }
-  auto kernel = a.dropout.active() ? attention_bwd_wgmma_ws<T, D, true> : attention_bwd_wgmma_ws<T, D>;
-  const int smem = ws_bwd_smem_bytes<D>(dlam);
+  auto kernel = a.dropout.active() ? attention_bwd_wgmma_ws<T, D, BM, true> : attention_bwd_wgmma_ws<T, D, BM>;
+  const int smem = ws_bwd_smem_bytes<D, BM>(dlam);
   set_smem(kernel, smem);
   const dim3 grid(unsigned(ceil_div(a.Tk, kWgBwdBlockN)), unsigned(a.G), unsigned(a.B));
   kernel<<<grid, kWsBwdThreads, smem, s>>>(maps, a);
   check_launch("attention_bwd_wgmma_ws");
   return true;
+}
+template <class T, int D> bool bwd_wgmma_ws(const AttnParams& a, cudaStream_t s) {
+  const bool dlam = a.scan.link && a.scan.dlam;
+  static const int block_m = bwd_block_m_from_environment().value_or(0);
+  if constexpr (D == 64)
+    if (block_m != 64 && ws_bwd_block_m<D>(dlam) == 128) return bwd_wgmma_ws<T, D, 128>(a, s);
+  return bwd_wgmma_ws<T, D, 64>(a, s);
 }
 
 // The backward on Hopper: warp-specialised with the `tma` kernels (the default), else the

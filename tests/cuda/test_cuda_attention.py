@@ -172,21 +172,26 @@ def test_more_blocks_than_sms(case, d, mode, request):
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
                     reason="needs a Hopper (sm_90) GPU")
-@pytest.mark.parametrize("T, mode, fwd", [(256, None, "attention_fwd_wgmma_tma<"),
+@pytest.mark.parametrize("T, mode, fwd", [(256, None, "attention_fwd_wgmma_tma_persistent<"),
                                           (4096, None, "attention_fwd_wgmma_tma<"),
                                           (256, "pingpong", "attention_fwd_wgmma_pp<"),
                                           (256, "lockstep", "attention_fwd_wgmma<"),
-                                          (256, "tma", "attention_fwd_wgmma_tma<"),
+                                          (256, "tma", "attention_fwd_wgmma_tma_persistent<"),
                                           (4096, "tma", "attention_fwd_wgmma_tma<"),
                                           (256, "mma", "attention_fwd_mma<")])
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_hopper_dispatch(T, mode, fwd, p, request):
     # The default build has sm_90a code: on Hopper the wgmma kernels must run (a silent fall-
     # back to the sm_80 kernels would only show as lost speed); attention="mma" forces mma.sync.
+    # The tma forward is its persistent kernel up to 1024 keys (unless MKA_CUDA_FWD_PERSISTENT
+    # says otherwise).
     # The backward: warp-specialised with the tma kernels (the default), lockstep otherwise;
     # with dropout (p > 0) the same kernels (their dropout instantiations).
     if mode is not None:
         kernels_for_test(request, attention=mode)
+    persistent = os.environ.get("MKA_CUDA_FWD_PERSISTENT")
+    if "_tma" in fwd and persistent in ("0", "1"):
+        fwd = "attention_fwd_wgmma_tma_persistent<" if persistent == "1" else "attention_fwd_wgmma_tma<"
     q = torch.randn(1, T, 2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(1, T, 1, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     names = kernel_names(
@@ -213,10 +218,10 @@ torch.save(out.cpu(), sys.argv[1])
                     reason="needs a Hopper (sm_90) GPU")
 def test_fwd_persistent_variable(tmp_path):
     # MKA_CUDA_FWD_PERSISTENT=1 runs the warp-specialised forward's persistent kernel, one
-    # block per SM taking 128-row query blocks from a counter, 0 (the default) one block per
-    # query block: each query block's arithmetic is the same, so the outputs are equal bit for
-    # bit (256 query blocks: more than the SMs). Other values raise at the first such call,
-    # naming the variable.
+    # block per SM taking 128-row query blocks from a counter, 0 one block per query block
+    # (unset: persistent up to 1024 keys, as here): each query block's arithmetic is the same,
+    # so the outputs are equal bit for bit (256 query blocks: more than the SMs). Other values
+    # raise at the first such call, naming the variable.
     outs = []
     for value in ("0", "1"):
         path = tmp_path / f"out{value}.pt"
@@ -228,3 +233,60 @@ def test_fwd_persistent_variable(tmp_path):
                          env=dict(os.environ, MKA_CUDA_FWD_PERSISTENT="2"), capture_output=True,
                          text=True)
     assert bad.returncode != 0 and "MKA_CUDA_FWD_PERSISTENT: expected 0 or 1" in bad.stderr
+
+
+_BLOCK_M_CHILD = """
+import sys, torch, mka
+from cuda_checks import kernel_names
+g = torch.Generator(device="cuda").manual_seed(7)
+cases = [(2, 333, 333, 8, 2, True, None, 0.0), (1, 200, 460, 4, 4, True, 97, 0.0),
+         (2, 300, 300, 4, 1, False, None, 0.1), (1, 129, 129, 2, 2, True, None, 0.0)]
+saved = []
+for B, Tq, Tk, H, G, causal, window, p in cases:
+    q = torch.randn(B, Tq, H, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+    k, v = (torch.randn(B, Tk, G, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+            for _ in range(2))
+    dout = torch.randn(B, Tq, H, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    def step():
+        torch.manual_seed(11)  # the dropout seed
+        with mka.use_kernels(attention="tma"):
+            out = torch.ops.mka.attention(q, k, v, causal, None, window, p)
+        out.backward(dout)
+    names = kernel_names(step)
+    saved.append([x.grad.float().cpu() for x in (q, k, v)])
+    for x in (q, k, v):
+        x.grad = None
+    rows = sys.argv[2]
+    assert any(f"attention_bwd_wgmma_ws<__nv_bfloat16, 64, {rows}" in n for n in names), names
+torch.save(saved, sys.argv[1])
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="needs a Hopper (sm_90) GPU")
+def test_bwd_block_m_variable(tmp_path):
+    # MKA_CUDA_BWD_BLOCK_M picks the query rows per step of the d = 64 warp-specialised
+    # backward: 128 (the default; dQ split by rows) or 64 (dQ by each warpgroup's own keys).
+    # Both are checked against the reference by the tests above under the default; here the
+    # two agree within rounding (float32 sums in another order) on GQA, windows, Tq != Tk,
+    # dropout and sizes off the block grid, each launching the kernel it names. Other values
+    # raise naming the variable.
+    here = os.path.dirname(__file__)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
+    runs = {}
+    for value, rows in (("64", "64"), ("128", "128"), ("", "128")):
+        path = tmp_path / f"grads{value or 'unset'}.pt"
+        e = {k: v for k, v in env.items() if k != "MKA_CUDA_BWD_BLOCK_M"}
+        if value:
+            e["MKA_CUDA_BWD_BLOCK_M"] = value
+        subprocess.run([sys.executable, "-c", _BLOCK_M_CHILD, str(path), rows], env=e, check=True)
+        runs[value] = torch.load(path)
+    for case64, case128, case_unset in zip(runs["64"], runs["128"], runs[""]):
+        for name, a, b, c in zip(("dq", "dk", "dv"), case64, case128, case_unset):
+            assert torch.equal(b, c), name
+            err = (a - b).norm() / b.norm().clamp_min(1e-12)
+            assert err < 1e-2, (name, float(err))
+    bad = subprocess.run([sys.executable, "-c", _BLOCK_M_CHILD, str(tmp_path / "x.pt"), "64"],
+                         env=dict(env, MKA_CUDA_BWD_BLOCK_M="32"), capture_output=True, text=True)
+    assert bad.returncode != 0 and "MKA_CUDA_BWD_BLOCK_M: expected 64 or 128" in bad.stderr

@@ -21,9 +21,15 @@ KernelOptions kernel_options_from_environment();
 std::optional<int64_t> recall_scratch_from_environment();
 
 // MKA_CUDA_FWD_PERSISTENT (0, 1): whether the Hopper warp-specialised forward runs one block
-// per query block (0, the default) or its persistent kernel, one block per SM taking query
-// blocks from a counter (1: opt-in); other values raise. Read at the first call.
-bool fwd_persistent_from_environment();
+// per query block (0) or its persistent kernel, one block per SM taking query blocks from a
+// counter (1); nullopt (unset): the launcher's rule (persistent up to 1024 keys). Other values
+// raise. Read at the first call.
+std::optional<bool> fwd_persistent_from_environment();
+
+// MKA_CUDA_BWD_BLOCK_M (64, 128): the query rows per step of the Hopper warp-specialised
+// backward at d = 64 (128 by default; 64 with ScanThrough's dlam whatever it says); nullopt
+// (unset): the default. Other values raise. Read at the first call.
+std::optional<int> bwd_block_m_from_environment();
 
 // MKA_CUDA_DECODE_CLUSTER (0, the default, or 2 to 16): the largest thread-block cluster in
 // which the tensor-core paged decode kernel merges its key splits itself (sm_90), so that no
