@@ -49,9 +49,6 @@ struct BwdMaps {
   CUtensorMap dq;             // the float32 accumulator (B, Tq, H, D): 32-column boxes of kWsDqRows rows
 };
 
-// The query rows of a step: 128 at d = 64, 64 at d = 128 and for ScanThrough's dlam.
-template <int D> constexpr int ws_bwd_block_m(bool dlam) { return D == 64 && !dlam ? 128 : 64; }
-
 // A query block's statistics start at any element, a TMA box at a multiple of 16 bytes: the
 // box starts up to 3 elements early and is 4 longer; each box has a slot of a multiple of
 // 256 bytes.

@@ -74,10 +74,12 @@ template <class T, int D, int BN> bool fwd_wgmma_tma(const AttnParams& a, cudaSt
   // Persistent up to 1024 keys: there a block's few tile steps leave its prologue and
   // write-out exposed, which the persistent kernel's producer overlaps with the next item's
   // loads (measured 1.05-1.08x at 1k causal, 0.91-0.96x from 4k on an H100: kernels.md §4).
+  // Its item counter stays in 32 bits: more items take the one-block-per-item grid.
   static const std::optional<bool> persistent_env = fwd_persistent_from_environment();
-  if (persistent_env.value_or(a.Tk <= 1024)) {  // one block per SM, taking items (128 query rows of one head)
-    const int64_t items = ceil_div(a.Tq, kWgBlockM) * a.H * a.B;
-    if (items < 1 || items > int64_t(INT32_MAX)) return false;  // the counter stays in 32 bits
+  const int64_t items = ceil_div(a.Tq, kWgBlockM) * a.H * a.B;
+  if (persistent_env.value_or(a.Tk <= 1024) && items <= int64_t(INT32_MAX)) {
+    // one block per SM, taking items (128 query rows of one head)
+    if (items < 1) return false;
     constexpr int smem = tma_fwd_persistent_smem_bytes<D, BN>();
     auto kernel = a.dropout.active() ? attention_fwd_wgmma_tma_persistent<T, D, BN, true>
                                      : attention_fwd_wgmma_tma_persistent<T, D, BN>;
@@ -146,7 +148,7 @@ template <class T, int D> void fwd_tensor_cores(const AttnParams& a, AttnKernel 
 
 // The warp-specialised backward, where TMA can describe the views and statistics (and d = 64
 // with ScanThrough's dlam: its shared memory); false: the caller takes the lockstep one. BM:
-// query rows per step (ws_bwd_block_m).
+// query rows per step.
 template <class T, int D, int BM> bool bwd_wgmma_ws(const AttnParams& a, cudaStream_t s) {
   const bool dlam = a.scan.link && a.scan.dlam;
   if (a.Tk < 1 || (dlam && !ws_bwd_takes_dlam<D, BM>())) return false;
@@ -176,11 +178,12 @@ template <class T, int D, int BM> bool bwd_wgmma_ws(const AttnParams& a, cudaStr
   check_launch("attention_bwd_wgmma_ws");
   return true;
 }
+// 128 query rows per step at d = 64 (MKA_CUDA_BWD_BLOCK_M=64: 64), except with ScanThrough's
+// dlam, whose region fits only beside the 64-row stages; 64 at d = 128.
 template <class T, int D> bool bwd_wgmma_ws(const AttnParams& a, cudaStream_t s) {
-  const bool dlam = a.scan.link && a.scan.dlam;
-  static const int block_m = bwd_block_m_from_environment().value_or(0);
+  static const int block_m = bwd_block_m_from_environment().value_or(128);
   if constexpr (D == 64)
-    if (block_m != 64 && ws_bwd_block_m<D>(dlam) == 128) return bwd_wgmma_ws<T, D, 128>(a, s);
+    if (block_m == 128 && !(a.scan.link && a.scan.dlam)) return bwd_wgmma_ws<T, D, 128>(a, s);
   return bwd_wgmma_ws<T, D, 64>(a, s);
 }
 
